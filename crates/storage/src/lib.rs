@@ -1,0 +1,126 @@
+//! The I/O boundary of the storage path.
+//!
+//! The transaction log and the volume never call `std::fs` directly: they see a [`Dir`] (a
+//! directory of named files, e.g. `ROOT/resource-RES/`) and [`File`]s (a logfile, the backing
+//! disk). Two implementations exist:
+//!
+//! * [`real`]: `std::fs` plus `fdatasync`, `fallocate` and block-device ioctls;
+//! * [`mem`]: an in-memory world that remembers what was *synced* separately from what was
+//!   *written*, and can produce a crash image (everything not synced is lost) at every sync point.
+//!   The crash tests of `txlog` and `volume` run a workload once and then recover from each image.
+//!
+//! The contract mirrors POSIX: data written to a file is durable after [`File::sync_data`]; a
+//! newly created, renamed or removed *name* is durable after [`Dir::sync`].
+
+use std::io;
+use std::sync::Arc;
+
+pub mod mem;
+pub mod real;
+
+/// How [`Dir::open`] treats an existing or missing name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// The file must exist.
+    Existing,
+    /// Create it if missing.
+    Create,
+    /// It must not exist yet.
+    CreateNew,
+}
+
+/// A directory of files, addressed by plain names (no slashes).
+pub trait Dir: Send + Sync {
+    fn open(&self, name: &str, mode: OpenMode) -> io::Result<Arc<dyn File>>;
+    /// Names of the regular files in the directory, unsorted.
+    fn list(&self) -> io::Result<Vec<String>>;
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Atomically replaces `to` by `from`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable (fsync of the directory).
+    fn sync(&self) -> io::Result<()>;
+    /// Writes `data` to `name` atomically and durably: temporary file, sync, rename, sync dir.
+    fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let tmp = format!("{name}.tmp");
+        let f = self.open(&tmp, OpenMode::Create)?;
+        f.set_len(0)?;
+        f.write_at(data, 0)?;
+        f.sync_data()?;
+        drop(f);
+        self.rename(&tmp, name)?;
+        self.sync()
+    }
+    /// Reads a whole (small) file; `None` when it does not exist.
+    fn read_all(&self, name: &str) -> io::Result<Option<Vec<u8>>> {
+        let f = match self.open(name, OpenMode::Existing) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let len = usize::try_from(f.len()?).map_err(|_| io::Error::other("file too large"))?;
+        let mut buf = vec![0; len];
+        f.read_exact_at(&mut buf, 0)?;
+        Ok(Some(buf))
+    }
+}
+
+/// A file or block device with positional I/O. All methods take `&self` so that one handle can be
+/// shared between threads (reads on request threads, writes on the writeback thread).
+pub trait File: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `off`; returns how many (0 at or past the end).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `off`, extending a regular file if needed.
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()>;
+    fn len(&self) -> io::Result<u64>;
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros). Block devices refuse.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Makes `[off, off+len)` read as zeros. `punch` allows deallocating the range (a hole or a
+    /// device discard that guarantees zeros); either way the result reads as zeros.
+    fn write_zeroes(&self, off: u64, len: u64, punch: bool) -> io::Result<()>;
+
+    /// Reads exactly `buf.len()` bytes; a short file is an `UnexpectedEof` error.
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], off + done as u64)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("short read at offset {}", off + done as u64),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Writes zeros in bounded chunks: the fallback when a faster way to zero is refused.
+pub(crate) fn write_zeroes_slow(f: &dyn File, mut off: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let end = off + len;
+    while off < end {
+        let n = (end - off).min(CHUNK) as usize;
+        f.write_at(&zeros[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}
+
+/// Rejects names that would escape the directory.
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0')
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid file name {name:?}"),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,231 @@
+//! The real filesystem: `std::fs` with positional I/O, `fdatasync`, `fallocate` and, for block
+//! devices, `BLKZEROOUT`.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::{check_name, write_zeroes_slow, Dir, File, OpenMode};
+
+/// A directory on the real filesystem.
+#[derive(Debug, Clone)]
+pub struct RealDir {
+    path: PathBuf,
+}
+
+impl RealDir {
+    /// Opens (creating if needed, mode 0700) the directory at `path`.
+    pub fn create(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)?;
+        Ok(Self { path })
+    }
+    /// Opens an existing directory.
+    pub fn open(path: impl Into<PathBuf>) -> io::Result<Self> {
+        let path = path.into();
+        if !path.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not a directory", path.display()),
+            ));
+        }
+        Ok(Self { path })
+    }
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+impl Dir for RealDir {
+    fn open(&self, name: &str, mode: OpenMode) -> io::Result<Arc<dyn File>> {
+        check_name(name)?;
+        let mut o = OpenOptions::new();
+        o.read(true).write(true).mode(0o600);
+        match mode {
+            OpenMode::Existing => {}
+            OpenMode::Create => {
+                o.create(true);
+            }
+            OpenMode::CreateNew => {
+                o.create_new(true);
+            }
+        }
+        let f = o.open(self.path.join(name))?;
+        Ok(Arc::new(RealFile::new(f)?))
+    }
+
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.path)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                if let Some(n) = e.file_name().to_str() {
+                    out.push(n.to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn remove(&self, name: &str) -> io::Result<()> {
+        check_name(name)?;
+        fs::remove_file(self.path.join(name))
+    }
+
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        check_name(from)?;
+        check_name(to)?;
+        fs::rename(self.path.join(from), self.path.join(to))
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        fs::File::open(&self.path)?.sync_all()
+    }
+}
+
+/// A regular file or a block device.
+#[derive(Debug)]
+pub struct RealFile {
+    file: fs::File,
+    block_device: bool,
+}
+
+impl RealFile {
+    pub fn new(file: fs::File) -> io::Result<Self> {
+        let block_device = file.metadata()?.file_type().is_block_device();
+        Ok(Self { file, block_device })
+    }
+    pub fn is_block_device(&self) -> bool {
+        self.block_device
+    }
+}
+
+/// Opens a backing disk: a regular file or a block device, read-write. Does not create it: a
+/// missing disk is an operator error that must be reported, not papered over.
+pub fn open_disk(path: &Path) -> io::Result<Arc<RealFile>> {
+    let md = fs::metadata(path)?;
+    let ft = md.file_type();
+    if !(ft.is_file() || ft.is_block_device()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is neither a regular file nor a block device", path.display()),
+        ));
+    }
+    let f = OpenOptions::new().read(true).write(true).open(path)?;
+    Ok(Arc::new(RealFile::new(f)?))
+}
+
+// <linux/fs.h>: _IO(0x12, 127) = BLKZEROOUT takes u64[2] = {start, len}.
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+impl File for RealFile {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        loop {
+            match self.file.read_at(buf, off) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
+        }
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, off)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        if self.block_device {
+            // SAFETY: lseek on a valid fd; positional I/O elsewhere ignores the file offset.
+            let n = unsafe { libc::lseek(self.file.as_raw_fd(), 0, libc::SEEK_END) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(n as u64)
+        } else {
+            Ok(self.file.metadata()?.len())
+        }
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if self.block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cannot change the size of a block device",
+            ));
+        }
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, punch: bool) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range too large"));
+        };
+        let fits = !self.block_device && off.saturating_add(len) <= self.len()?;
+        // Punching a hole reads back as zeros on files and (since Linux 4.9) block devices;
+        // ZERO_RANGE keeps the space allocated.
+        let mode = if punch {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        if fits || self.block_device {
+            // SAFETY: plain syscall on a valid fd.
+            if unsafe { libc::fallocate(fd, mode, o, l) } == 0 {
+                return Ok(());
+            }
+        }
+        if self.block_device {
+            let range: [u64; 2] = [off, len];
+            // SAFETY: BLKZEROOUT reads two u64 from the pointer, which lives across the call.
+            if unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) } == 0 {
+                return Ok(());
+            }
+        }
+        write_zeroes_slow(self, off, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_and_file_roundtrip() {
+        let t = tempfile::tempdir().unwrap();
+        let d = RealDir::create(t.path().join("x")).unwrap();
+        let f = d.open("a", OpenMode::CreateNew).unwrap();
+        assert!(d.open("a", OpenMode::CreateNew).is_err());
+        f.write_at(b"hello world", 0).unwrap();
+        f.write_zeroes(2, 3, true).unwrap();
+        let mut b = [0u8; 11];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"he\0\0\0 world");
+        f.write_zeroes(0, 2, false).unwrap();
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"\0\0\0\0\0 world");
+        assert_eq!(f.len().unwrap(), 11);
+        d.write_atomic("pos", b"42").unwrap();
+        assert_eq!(d.read_all("pos").unwrap().unwrap(), b"42");
+        assert_eq!(d.read_all("nope").unwrap(), None);
+        let mut names = d.list().unwrap();
+        names.sort();
+        assert_eq!(names, vec!["a", "pos"]);
+        assert!(d.open("../evil", OpenMode::Create).is_err());
+        assert!(open_disk(t.path()).is_err());
+    }
+}
