@@ -1,0 +1,439 @@
+//! The appender: many writers, one background thread, one `fdatasync` per group.
+//!
+//! `append` encodes the record into an in-memory segment under a mutex and returns at once with
+//! the record's [`LogPos`]; that is what a plain (non-FUA) write needs before it is acknowledged.
+//! A background thread takes every pending segment, writes it with one `pwrite` per logfile and
+//! makes it durable with one `fdatasync`, then advances the *durable* position and wakes everybody
+//! waiting in [`Appender::sync_to`]. So N concurrent FLUSH/FUA requests cost one sync, not N (group
+//! commit, the leader being the thread).
+//!
+//! Rotation is decided at append time, so positions handed out are final: when a record would
+//! push the current logfile past `max_file_size` (or after [`Appender::rotate`]), the record goes
+//! to offset 0 of logfile N+1 and its sequence numbers restart at 1. The thread syncs logfile N,
+//! creates N+1 and syncs the directory before writing into N+1, so a durable record in N+1
+//! implies that N is complete on disk.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mars_config::HostName;
+use mars_storage::{Dir, File, OpenMode};
+
+use crate::format::{encode, Header, Kind};
+use crate::name::MAX_LOG_NO;
+use crate::{LogError, LogName, LogPos};
+
+/// Nanoseconds since the epoch; injected so that tests control the Lamport stamps.
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// The system clock as a [`Clock`].
+pub fn system_clock() -> Clock {
+    Arc::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+    })
+}
+
+#[derive(Clone)]
+pub struct AppenderConfig {
+    /// Rotate to a new logfile when the current one would grow beyond this. Default 1 GiB.
+    pub max_file_size: u64,
+    /// Start writing a group once this much is pending, even if nobody asked for a sync.
+    /// Default 1 MiB.
+    pub group_bytes: usize,
+    /// Longest time a record waits in memory before the thread writes and syncs it anyway, so
+    /// that writeback (which only applies durable records) keeps moving. Default 2 ms.
+    pub group_delay: Duration,
+    pub clock: Clock,
+}
+
+impl Default for AppenderConfig {
+    fn default() -> Self {
+        Self {
+            max_file_size: 1 << 30,
+            group_bytes: 1 << 20,
+            group_delay: Duration::from_millis(2),
+            clock: system_clock(),
+        }
+    }
+}
+
+/// Where an appended record went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Position of the record's first byte.
+    pub pos: LogPos,
+    /// Position just after the record: durable once `durable() >= end`.
+    pub end: LogPos,
+    pub seq: u64,
+    pub stamp: u64,
+}
+
+/// Encoded records for one logfile, starting at `offset` in it.
+struct Segment {
+    file: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+}
+
+struct State {
+    host: HostName,
+    pending: Vec<Segment>,
+    pending_bytes: usize,
+    oldest_pending: Option<Instant>,
+    /// Position after the last appended record.
+    appended: LogPos,
+    /// Next sequence number in the current logfile.
+    next_seq: u64,
+    last_stamp: u64,
+    /// Everything before this is on stable storage.
+    durable: LogPos,
+    /// Somebody waits for durability up to here.
+    sync_wanted: LogPos,
+    failed: Option<String>,
+    closing: bool,
+    spare: Vec<Vec<u8>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the thread.
+    work: Condvar,
+    /// Wakes sync waiters.
+    done: Condvar,
+    cfg: AppenderConfig,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The appending side of one resource's log.
+pub struct Appender {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Appender {
+    /// Starts appending into a new logfile `first_file` (which must not exist yet), written by
+    /// `host`. Stamps will be above `min_stamp` (the newest stamp recovered from the log).
+    pub fn start(
+        dir: Arc<dyn Dir>,
+        host: HostName,
+        first_file: u64,
+        min_stamp: u64,
+        cfg: AppenderConfig,
+    ) -> Result<Self, LogError> {
+        if first_file == 0 || first_file > MAX_LOG_NO {
+            return Err(LogError::Exhausted(first_file));
+        }
+        let name = LogName::new(first_file, host.clone());
+        let file = dir
+            .open(&name.to_string(), OpenMode::CreateNew)
+            .map_err(LogError::io(name.to_string(), "create"))?;
+        dir.sync().map_err(LogError::io(name.to_string(), "sync directory"))?;
+        let start = LogPos::new(first_file, 0);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                host,
+                pending: Vec::new(),
+                pending_bytes: 0,
+                oldest_pending: None,
+                appended: start,
+                next_seq: 1,
+                last_stamp: min_stamp,
+                durable: start,
+                sync_wanted: start,
+                failed: None,
+                closing: false,
+                spare: Vec::new(),
+            }),
+            work: Condvar::new(),
+            done: Condvar::new(),
+            cfg,
+        });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("txlog-sync".into())
+            .spawn(move || flusher(s2, dir, file, start.file))
+            .map_err(LogError::io("txlog-sync thread", "spawn"))?;
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Appends one record. Returns as soon as it is ordered in the log (not yet durable).
+    pub fn append(&self, kind: Kind, offset: u64, len: u64, payload: &[u8]) -> Result<Appended, LogError> {
+        let mut st = lock(&self.shared.state);
+        if let Some(f) = &st.failed {
+            return Err(LogError::Failed(f.clone()));
+        }
+        if st.closing {
+            return Err(LogError::Closed);
+        }
+        let stamp = (self.shared.cfg.clock)().max(st.last_stamp + 1);
+        let mut header = Header {
+            kind,
+            seq: st.next_seq,
+            stamp,
+            offset,
+            len,
+        };
+        crate::format::check(&header, payload)?;
+        let rec_len = header.record_len() as u64;
+        let full = st.appended.offset > 0
+            && st.appended.offset + rec_len > self.shared.cfg.max_file_size;
+        if full {
+            Self::begin_file(&mut st)?;
+            header.seq = 1;
+        }
+        let pos = st.appended;
+        let need_new = st.pending.last().is_none_or(|s| s.file != pos.file);
+        if need_new {
+            let bytes = st.spare.pop().unwrap_or_default();
+            st.pending.push(Segment {
+                file: pos.file,
+                offset: pos.offset,
+                bytes,
+            });
+        }
+        let seg = st.pending.last_mut().expect("just ensured");
+        encode(&header, payload, &mut seg.bytes)?;
+        st.appended.offset += rec_len;
+        st.pending_bytes += rec_len as usize;
+        st.next_seq = header.seq + 1;
+        st.last_stamp = stamp;
+        if st.oldest_pending.is_none() {
+            st.oldest_pending = Some(Instant::now());
+            self.shared.work.notify_one();
+        } else if st.pending_bytes >= self.shared.cfg.group_bytes {
+            self.shared.work.notify_one();
+        }
+        Ok(Appended {
+            pos,
+            end: st.appended,
+            seq: header.seq,
+            stamp,
+        })
+    }
+
+    /// Moves appending to the next logfile number (an empty segment tells the thread to create it).
+    fn begin_file(st: &mut State) -> Result<(), LogError> {
+        let next = st.appended.file + 1;
+        if next > MAX_LOG_NO {
+            return Err(LogError::Exhausted(next));
+        }
+        st.appended = LogPos::new(next, 0);
+        st.next_seq = 1;
+        st.pending.push(Segment {
+            file: next,
+            offset: 0,
+            bytes: Vec::new(),
+        });
+        if st.oldest_pending.is_none() {
+            st.oldest_pending = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Finishes the current logfile and starts the next one now (even if no record follows), so
+    /// that the finished file has its final length. Returns the new logfile's number.
+    pub fn rotate(&self) -> Result<u64, LogError> {
+        let target = {
+            let mut st = lock(&self.shared.state);
+            if let Some(f) = &st.failed {
+                return Err(LogError::Failed(f.clone()));
+            }
+            Self::begin_file(&mut st)?;
+            st.appended
+        };
+        self.sync_to(target)?;
+        Ok(target.file)
+    }
+
+    /// Blocks until everything before `upto` is durable.
+    pub fn sync_to(&self, upto: LogPos) -> Result<(), LogError> {
+        let mut st = lock(&self.shared.state);
+        if st.durable >= upto {
+            return Ok(());
+        }
+        if st.sync_wanted < upto {
+            st.sync_wanted = upto;
+        }
+        self.shared.work.notify_one();
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(LogError::Failed(f.clone()));
+            }
+            if st.durable >= upto {
+                return Ok(());
+            }
+            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Makes every record appended so far durable (the FLUSH of the block-device contract).
+    pub fn sync_all(&self) -> Result<LogPos, LogError> {
+        let upto = lock(&self.shared.state).appended;
+        self.sync_to(upto)?;
+        Ok(upto)
+    }
+
+    /// Position after the last appended record.
+    pub fn appended(&self) -> LogPos {
+        lock(&self.shared.state).appended
+    }
+
+    /// Everything before this position is on stable storage.
+    pub fn durable(&self) -> LogPos {
+        lock(&self.shared.state).durable
+    }
+
+    /// Waits until the durable position passes `seen` or `timeout` elapses; returns it.
+    pub fn wait_durable_beyond(&self, seen: LogPos, timeout: Duration) -> Result<LogPos, LogError> {
+        let deadline = Instant::now() + timeout;
+        let mut st = lock(&self.shared.state);
+        loop {
+            if let Some(f) = &st.failed {
+                return Err(LogError::Failed(f.clone()));
+            }
+            if st.durable > seen || st.closing {
+                return Ok(st.durable);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(st.durable);
+            }
+            st = self
+                .shared
+                .done
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// The current logfile's name.
+    pub fn current_file(&self) -> LogName {
+        let st = lock(&self.shared.state);
+        LogName::new(st.appended.file, st.host.clone())
+    }
+
+    /// Newest stamp handed out.
+    pub fn last_stamp(&self) -> u64 {
+        lock(&self.shared.state).last_stamp
+    }
+
+    /// Syncs everything and stops the thread. Returns the final position.
+    pub fn close(mut self) -> Result<LogPos, LogError> {
+        let r = self.sync_all();
+        self.stop();
+        r
+    }
+
+    fn stop(&mut self) {
+        lock(&self.shared.state).closing = true;
+        self.shared.work.notify_one();
+        self.shared.done.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Appender {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The thread: take pending segments, write, sync, publish.
+fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut file_no: u64) {
+    let cfg = shared.cfg.clone();
+    loop {
+        let (segments, target, host) = {
+            let mut st = lock(&shared.state);
+            loop {
+                if st.failed.is_some() {
+                    return;
+                }
+                let has = !st.pending.is_empty();
+                if has {
+                    let urgent = st.sync_wanted > st.durable
+                        || st.pending_bytes >= cfg.group_bytes
+                        || st.closing;
+                    let age = st.oldest_pending.map(|t| t.elapsed()).unwrap_or_default();
+                    if urgent || age >= cfg.group_delay {
+                        break;
+                    }
+                    let wait = cfg.group_delay - age;
+                    st = shared
+                        .work
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                } else if st.closing {
+                    return;
+                } else {
+                    st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            st.pending_bytes = 0;
+            st.oldest_pending = None;
+            (std::mem::take(&mut st.pending), st.appended, st.host.clone())
+        };
+        let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments);
+        let mut st = lock(&shared.state);
+        match result {
+            Ok(()) => {
+                st.durable = target;
+                for mut s in segments {
+                    if s.bytes.capacity() <= 4 * cfg.group_bytes && st.spare.len() < 4 {
+                        s.bytes.clear();
+                        st.spare.push(s.bytes);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!("transaction log failed: {e}");
+                st.failed = Some(e.to_string());
+            }
+        }
+        drop(st);
+        shared.done.notify_all();
+    }
+}
+
+fn write_group(
+    dir: &dyn Dir,
+    file: &mut Arc<dyn File>,
+    file_no: &mut u64,
+    host: &HostName,
+    segments: &[Segment],
+) -> Result<(), LogError> {
+    for seg in segments {
+        if seg.file != *file_no {
+            // Finish the old file before the new one exists: a durable record in N+1 must imply
+            // that N is complete.
+            let old = LogName::new(*file_no, host.clone()).to_string();
+            file.sync_data().map_err(LogError::io(&old, "fdatasync"))?;
+            let name = LogName::new(seg.file, host.clone()).to_string();
+            *file = dir
+                .open(&name, OpenMode::CreateNew)
+                .map_err(LogError::io(&name, "create"))?;
+            dir.sync().map_err(LogError::io(&name, "sync directory"))?;
+            *file_no = seg.file;
+        }
+        if !seg.bytes.is_empty() {
+            let name = LogName::new(seg.file, host.clone()).to_string();
+            file.write_at(&seg.bytes, seg.offset)
+                .map_err(LogError::io(&name, "write"))?;
+        }
+    }
+    let name = LogName::new(*file_no, host.clone()).to_string();
+    file.sync_data().map_err(LogError::io(&name, "fdatasync"))
+}
