@@ -177,7 +177,9 @@ mod tests {
             Err(NameError::BadStart { .. })
         ));
         assert_eq!(
-            HostName::from_system("Node1.example.com\n").unwrap().as_str(),
+            HostName::from_system("Node1.example.com\n")
+                .unwrap()
+                .as_str(),
             "node1"
         );
     }

@@ -11,9 +11,7 @@ pub enum SizeError {
 
 pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
-    let digits_end = t
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(t.len());
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
         return Err(SizeError::Syntax(s.to_owned()));

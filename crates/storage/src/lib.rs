@@ -115,8 +115,7 @@ pub(crate) fn write_zeroes_slow(f: &dyn File, mut off: u64, len: u64) -> io::Res
 
 /// Rejects names that would escape the directory.
 pub(crate) fn check_name(name: &str) -> io::Result<()> {
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0')
-    {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("invalid file name {name:?}"),

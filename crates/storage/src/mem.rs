@@ -171,9 +171,10 @@ impl Dir for MemDir {
         check_name(from)?;
         check_name(to)?;
         let mut g = lock(&self.world.inner);
-        let f = g.names.remove(from).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::NotFound, format!("{from} not found"))
-        })?;
+        let f = g
+            .names
+            .remove(from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{from} not found")))?;
         g.names.insert(to.to_owned(), f);
         Ok(())
     }

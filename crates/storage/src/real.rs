@@ -116,7 +116,10 @@ pub fn open_disk(path: &Path) -> io::Result<Arc<RealFile>> {
     if !(ft.is_file() || ft.is_block_device()) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} is neither a regular file nor a block device", path.display()),
+            format!(
+                "{} is neither a regular file nor a block device",
+                path.display()
+            ),
         ));
     }
     let f = OpenOptions::new().read(true).write(true).open(path)?;
@@ -173,7 +176,10 @@ impl File for RealFile {
         }
         let fd = self.file.as_raw_fd();
         let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) else {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "range too large"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "range too large",
+            ));
         };
         let fits = !self.block_device && off.saturating_add(len) <= self.len()?;
         // Punching a hole reads back as zeros on files and (since Linux 4.9) block devices;

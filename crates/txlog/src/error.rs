@@ -26,7 +26,9 @@ pub enum LogError {
         expected: u64,
         found: u64,
     },
-    #[error("{file}: logfile ends inside a record at offset {offset} although a later logfile exists")]
+    #[error(
+        "{file}: logfile ends inside a record at offset {offset} although a later logfile exists"
+    )]
     TruncatedMiddle { file: String, offset: u64 },
     #[error("logfile numbers are not contiguous: {prev} is followed by {next}")]
     Gap { prev: String, next: String },

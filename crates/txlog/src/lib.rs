@@ -109,7 +109,8 @@ pub fn recover(dir: &dyn Dir) -> Result<Recovered, LogError> {
             let f = dir
                 .open(&n, OpenMode::Existing)
                 .map_err(LogError::io(&n, "open"))?;
-            f.set_len(last.valid_len).map_err(LogError::io(&n, "truncate"))?;
+            f.set_len(last.valid_len)
+                .map_err(LogError::io(&n, "truncate"))?;
             f.sync_data().map_err(LogError::io(&n, "fdatasync"))?;
             tracing::info!(
                 "{n}: cut off a torn tail of {} bytes at offset {}",
@@ -134,7 +135,11 @@ pub fn replay<E: From<LogError>>(
     mut f: impl FnMut(LogPos, &Record) -> Result<(), E>,
 ) -> Result<(), E> {
     for fc in rec.files.iter().filter(|fc| fc.name.no >= from.file) {
-        let start = if fc.name.no == from.file { from.offset } else { 0 };
+        let start = if fc.name.no == from.file {
+            from.offset
+        } else {
+            0
+        };
         if start >= fc.valid_len {
             continue;
         }

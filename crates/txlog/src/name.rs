@@ -36,7 +36,9 @@ impl LogName {
         if num.len() != 9 || !num.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!("logfile name {s:?}: number must have 9 digits"));
         }
-        let no: u64 = num.parse().map_err(|e| format!("logfile name {s:?}: {e}"))?;
+        let no: u64 = num
+            .parse()
+            .map_err(|e| format!("logfile name {s:?}: {e}"))?;
         if no == 0 {
             return Err(format!("logfile name {s:?}: numbers start at 1"));
         }

@@ -134,7 +134,8 @@ impl Appender {
         let file = dir
             .open(&name.to_string(), OpenMode::CreateNew)
             .map_err(LogError::io(name.to_string(), "create"))?;
-        dir.sync().map_err(LogError::io(name.to_string(), "sync directory"))?;
+        dir.sync()
+            .map_err(LogError::io(name.to_string(), "sync directory"))?;
         let start = LogPos::new(first_file, 0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -167,7 +168,13 @@ impl Appender {
     }
 
     /// Appends one record. Returns as soon as it is ordered in the log (not yet durable).
-    pub fn append(&self, kind: Kind, offset: u64, len: u64, payload: &[u8]) -> Result<Appended, LogError> {
+    pub fn append(
+        &self,
+        kind: Kind,
+        offset: u64,
+        len: u64,
+        payload: &[u8],
+    ) -> Result<Appended, LogError> {
         let mut st = lock(&self.shared.state);
         if let Some(f) = &st.failed {
             return Err(LogError::Failed(f.clone()));
@@ -185,8 +192,11 @@ impl Appender {
         };
         crate::format::check(&header, payload)?;
         let rec_len = header.record_len() as u64;
-        let full = st.appended.offset > 0
-            && st.appended.offset + rec_len > self.shared.cfg.max_file_size;
+        // The thread sleeps without a timeout while nothing is pending: wake it on the first
+        // pending byte (before `begin_file` below marks the pending set as started).
+        let was_idle = st.oldest_pending.is_none();
+        let full =
+            st.appended.offset > 0 && st.appended.offset + rec_len > self.shared.cfg.max_file_size;
         if full {
             Self::begin_file(&mut st)?;
             header.seq = 1;
@@ -209,8 +219,8 @@ impl Appender {
         st.last_stamp = stamp;
         if st.oldest_pending.is_none() {
             st.oldest_pending = Some(Instant::now());
-            self.shared.work.notify_one();
-        } else if st.pending_bytes >= self.shared.cfg.group_bytes {
+        }
+        if was_idle || st.pending_bytes >= self.shared.cfg.group_bytes {
             self.shared.work.notify_one();
         }
         Ok(Appended {
@@ -384,7 +394,11 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
             }
             st.pending_bytes = 0;
             st.oldest_pending = None;
-            (std::mem::take(&mut st.pending), st.appended, st.host.clone())
+            (
+                std::mem::take(&mut st.pending),
+                st.appended,
+                st.host.clone(),
+            )
         };
         let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments);
         let mut st = lock(&shared.state);

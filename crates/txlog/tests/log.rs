@@ -42,7 +42,9 @@ fn append_sync_read_back_with_rotation() {
     let mut expect = Vec::new();
     for i in 0..100u64 {
         let data = vec![i as u8; 500 + i as usize];
-        let a = log.append(Kind::Write, i * 4096, data.len() as u64, &data).unwrap();
+        let a = log
+            .append(Kind::Write, i * 4096, data.len() as u64, &data)
+            .unwrap();
         expect.push((a.pos, data));
         if i % 10 == 0 {
             log.append(Kind::Zero, 1 << 30, 1 << 20, &[]).unwrap();
@@ -98,7 +100,10 @@ fn group_commit_many_writers_few_syncs() {
         t.join().unwrap();
     }
     let syncs = dir.sync_points() - before;
-    assert!(syncs < 1600, "{syncs} syncs for 1600 FUA writes: no grouping");
+    assert!(
+        syncs < 1600,
+        "{syncs} syncs for 1600 FUA writes: no grouping"
+    );
     assert_eq!(all_records(&dir).len(), 1600);
 }
 
@@ -106,7 +111,11 @@ fn write_log(dir: &MemDir, n: u64) -> Vec<LogPos> {
     let d: Arc<dyn Dir> = Arc::new(dir.clone());
     let log = Appender::start(d, host(), 1, 0, cfg(1 << 30)).unwrap();
     let pos = (0..n)
-        .map(|i| log.append(Kind::Write, i * 100, 100, &[7; 100]).unwrap().pos)
+        .map(|i| {
+            log.append(Kind::Write, i * 100, 100, &[7; 100])
+                .unwrap()
+                .pos
+        })
         .collect();
     log.close().unwrap();
     pos
@@ -141,7 +150,9 @@ fn corruption_in_the_middle_names_file_and_offset() {
     let dir = MemDir::new();
     let pos = write_log(&dir, 20);
     flip(&dir, "log-000000001-alpha", pos[5].offset + 38);
-    assert!(matches!(recover(&dir), Err(LogError::Corrupt { offset, .. }) if offset == pos[5].offset));
+    assert!(
+        matches!(recover(&dir), Err(LogError::Corrupt { offset, .. }) if offset == pos[5].offset)
+    );
 }
 
 #[test]
@@ -173,7 +184,10 @@ fn torn_tail_of_older_file_is_an_error() {
     log.close().unwrap();
     let f = dir.open("log-000000001-alpha", OpenMode::Existing).unwrap();
     f.set_len(f.len().unwrap() - 3).unwrap();
-    assert!(matches!(recover(&dir), Err(LogError::TruncatedMiddle { .. })));
+    assert!(matches!(
+        recover(&dir),
+        Err(LogError::TruncatedMiddle { .. })
+    ));
 }
 
 #[test]
@@ -222,7 +236,8 @@ fn crash_at_every_sync_point_keeps_confirmed_records() {
     assert!(images.len() > 20);
     for img in &images {
         let crashed = MemDir::from_image(img);
-        let rec = recover(&crashed).unwrap_or_else(|e| panic!("sync point {}: {e}", img.sync_point));
+        let rec =
+            recover(&crashed).unwrap_or_else(|e| panic!("sync point {}: {e}", img.sync_point));
         let mut got = Vec::new();
         replay::<LogError>(&crashed, &rec, LogPos::ZERO, |_, r| {
             got.push(r.header.offset / 1000);
@@ -235,7 +250,12 @@ fn crash_at_every_sync_point_keeps_confirmed_records() {
             .map(|(_, n)| *n)
             .max()
             .unwrap_or(0);
-        assert!(got.len() as u64 >= must, "sync point {}: {} < {must}", img.sync_point, got.len());
+        assert!(
+            got.len() as u64 >= must,
+            "sync point {}: {} < {must}",
+            img.sync_point,
+            got.len()
+        );
         assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
     }
 }

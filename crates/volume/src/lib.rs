@@ -1,0 +1,570 @@
+//! A log-structured volume: the primary's write path for one resource.
+//!
+//! ```text
+//!  write ─► append to the transaction log (memory, ordered) ─► insert into the index ─► ack
+//!  FLUSH ─► fdatasync of the log (grouped)                     FUA ─► same, for that write
+//!  read  ─► index (newest data) ─► gaps from the backing disk
+//!  writeback thread: durable records ─► sorted, coalesced pieces ─► disk ─► fdatasync ─►
+//!                    persist the writeback position ─► drop the pieces from memory
+//!  open after a crash: verify the log, replay from the writeback position, continue in a new
+//!                      logfile
+//! ```
+//!
+//! Memory for not-yet-written-back data is bounded by [`VolumeConfig::max_dirty`]: a writer that
+//! would exceed it waits for writeback; writes are never dropped.
+
+mod index;
+mod position;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mars_config::HostName;
+use mars_storage::{Dir, File};
+use mars_txlog::{Appender, AppenderConfig, Kind, LogError, LogName, LogPos};
+
+pub use index::Data;
+use index::{Collected, Index};
+pub use position::{read_position, write_position, POSITION_FILE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("backing disk: {op} at offset {offset}: {source}")]
+    Disk {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("request {offset}+{len} is beyond the end of the {size}-byte device")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+    #[error("backing disk has {disk} bytes, the volume needs {size}")]
+    DiskTooSmall { disk: u64, size: u64 },
+    #[error(
+        "writeback position {position} is beyond the end of the log ({end}): logfiles are missing"
+    )]
+    PositionBeyondLog { position: LogPos, end: LogPos },
+    #[error("writeback position file: {0}")]
+    BadPosition(String),
+    #[error("writeback failed earlier: {0}")]
+    WritebackFailed(String),
+    #[error("the volume is closed")]
+    Closed,
+}
+
+impl VolumeError {
+    /// The errno an NBD client should see.
+    pub fn errno(&self) -> i32 {
+        match self {
+            VolumeError::OutOfRange { .. } => 22, // EINVAL
+            VolumeError::Closed => 108,           // ESHUTDOWN
+            _ => 5,                               // EIO
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct VolumeConfig {
+    pub host: HostName,
+    /// Device size in bytes.
+    pub size: u64,
+    /// Bound on memory held by writes that are not yet written back. Default 256 MiB.
+    pub max_dirty: usize,
+    /// Longest pause between writeback rounds while there is no memory pressure. Longer pauses
+    /// coalesce more overwrites; shorter ones keep the log-to-disk lag small. Default 20 ms.
+    pub writeback_interval: Duration,
+    pub log: AppenderConfig,
+}
+
+impl VolumeConfig {
+    pub fn new(host: HostName, size: u64) -> Self {
+        Self {
+            host,
+            size,
+            max_dirty: 256 << 20,
+            writeback_interval: Duration::from_millis(20),
+            log: AppenderConfig::default(),
+        }
+    }
+}
+
+/// What happened while opening.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Records replayed onto the disk.
+    pub replayed: u64,
+    /// Position recovery started from.
+    pub from: LogPos,
+    /// A torn tail cut off the newest logfile: (file, bytes).
+    pub truncated: Option<(LogName, u64)>,
+    /// The logfile appends go to now.
+    pub current: Option<LogName>,
+}
+
+/// A snapshot of the volume's state, for `marsadm view` and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeStatus {
+    pub size: u64,
+    pub current_log: LogName,
+    pub appended: LogPos,
+    pub durable: LogPos,
+    pub written_back: LogPos,
+    pub dirty_bytes: u64,
+    pub pending_records: u64,
+    pub writes: u64,
+    pub error: Option<String>,
+}
+
+struct Shared {
+    cfg: VolumeConfig,
+    log: Appender,
+    disk: Arc<dyn File>,
+    dir: Arc<dyn Dir>,
+    index: Mutex<Index>,
+    /// Writers waiting for memory.
+    space: Condvar,
+    /// Wakes writeback early (memory pressure, close).
+    kick: Condvar,
+    written_back: Mutex<LogPos>,
+    failed: Mutex<Option<String>>,
+    closing: AtomicBool,
+    writes: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub struct Volume {
+    shared: Arc<Shared>,
+    writeback: Option<JoinHandle<()>>,
+}
+
+impl Volume {
+    /// Opens the volume whose log lives in `dir` on top of `disk`: verifies the log, replays it
+    /// from the persisted writeback position onto the disk, and starts a new logfile.
+    pub fn open(
+        cfg: VolumeConfig,
+        dir: Arc<dyn Dir>,
+        disk: Arc<dyn File>,
+    ) -> Result<(Self, OpenReport), VolumeError> {
+        let disk_len = disk.len().map_err(|source| VolumeError::Disk {
+            op: "size",
+            offset: 0,
+            source,
+        })?;
+        if disk_len < cfg.size {
+            return Err(VolumeError::DiskTooSmall {
+                disk: disk_len,
+                size: cfg.size,
+            });
+        }
+        let rec = mars_txlog::recover(&*dir)?;
+        let first = rec
+            .files
+            .first()
+            .map_or(LogPos::ZERO, |f| LogPos::new(f.name.no, 0));
+        let saved = read_position(&*dir)?;
+        let from = saved.map_or(first, |p| p.max(first));
+        let end = rec.end();
+        if from > end && !(from.offset == 0 && from.file == rec.next_file_no()) {
+            return Err(VolumeError::PositionBeyondLog {
+                position: from,
+                end,
+            });
+        }
+        let mut replayed = 0u64;
+        mars_txlog::replay::<VolumeError>(&*dir, &rec, from, |_, r| {
+            apply(
+                &*disk,
+                r.header.kind,
+                r.header.offset,
+                r.header.len,
+                &r.payload,
+            )?;
+            replayed += 1;
+            Ok(())
+        })?;
+        if replayed > 0 {
+            disk.sync_data().map_err(|source| VolumeError::Disk {
+                op: "fdatasync",
+                offset: 0,
+                source,
+            })?;
+        }
+        let next = rec.next_file_no();
+        let start = LogPos::new(next, 0);
+        let log = Appender::start(
+            dir.clone(),
+            cfg.host.clone(),
+            next,
+            rec.last_stamp(),
+            cfg.log.clone(),
+        )?;
+        // Everything before the new logfile is on the disk now.
+        write_position(&*dir, start)?;
+        if replayed > 0 || rec.truncated.is_some() {
+            tracing::info!(
+                "recovered: replayed {replayed} records from {from}, continuing in {}",
+                log.current_file()
+            );
+        }
+        let report = OpenReport {
+            replayed,
+            from,
+            truncated: rec.truncated.clone(),
+            current: Some(log.current_file()),
+        };
+        let shared = Arc::new(Shared {
+            cfg,
+            log,
+            disk,
+            dir,
+            index: Mutex::new(Index::default()),
+            space: Condvar::new(),
+            kick: Condvar::new(),
+            written_back: Mutex::new(start),
+            failed: Mutex::new(None),
+            closing: AtomicBool::new(false),
+            writes: AtomicU64::new(0),
+        });
+        let s2 = shared.clone();
+        let writeback = std::thread::Builder::new()
+            .name("writeback".into())
+            .spawn(move || writeback_loop(&s2))
+            .map_err(|source| VolumeError::Disk {
+                op: "spawn writeback thread",
+                offset: 0,
+                source,
+            })?;
+        Ok((
+            Self {
+                shared,
+                writeback: Some(writeback),
+            },
+            report,
+        ))
+    }
+
+    pub fn size(&self) -> u64 {
+        self.shared.cfg.size
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
+        let size = self.shared.cfg.size;
+        match offset.checked_add(len) {
+            Some(e) if e <= size => Ok(()),
+            _ => Err(VolumeError::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn check_failed(&self) -> Result<(), VolumeError> {
+        if self.shared.closing.load(Ordering::Acquire) {
+            return Err(VolumeError::Closed);
+        }
+        if let Some(e) = &*lock(&self.shared.failed) {
+            return Err(VolumeError::WritebackFailed(e.clone()));
+        }
+        Ok(())
+    }
+
+    /// Reads the newest data.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), VolumeError> {
+        self.check_range(offset, buf.len() as u64)?;
+        let gaps = lock(&self.shared.index).read(offset, buf);
+        for (a, b) in gaps {
+            let dst = &mut buf[(a - offset) as usize..(b - offset) as usize];
+            read_disk(&*self.shared.disk, a, dst)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset`. Returns once the write is ordered in the log and visible to
+    /// reads; with `fua`, once it is durable.
+    pub fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<LogPos, VolumeError> {
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return self.maybe_fua(fua);
+        }
+        let len = data.len() as u64;
+        // Split what a single record cannot carry.
+        let max = mars_txlog::format::MAX_PAYLOAD as usize;
+        let mut end = LogPos::ZERO;
+        let mut done = 0usize;
+        while done < data.len() {
+            let n = (data.len() - done).min(max);
+            let chunk = data.slice(done..done + n);
+            end = self.append(
+                Kind::Write,
+                offset + done as u64,
+                n as u64,
+                Data::Bytes(chunk),
+            )?;
+            done += n;
+        }
+        debug_assert_eq!(done as u64, len);
+        if fua {
+            self.shared.log.sync_to(end)?;
+        }
+        Ok(end)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros (a compact log record, no data).
+    pub fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<LogPos, VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return self.maybe_fua(fua);
+        }
+        let end = self.append(Kind::Zero, offset, len, Data::Zero { punch: may_trim })?;
+        if fua {
+            self.shared.log.sync_to(end)?;
+        }
+        Ok(end)
+    }
+
+    /// Discards a range. The result is defined (zeros) so that every replica stays identical.
+    pub fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<LogPos, VolumeError> {
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return self.maybe_fua(fua);
+        }
+        let end = self.append(Kind::Discard, offset, len, Data::Zero { punch: true })?;
+        if fua {
+            self.shared.log.sync_to(end)?;
+        }
+        Ok(end)
+    }
+
+    fn maybe_fua(&self, fua: bool) -> Result<LogPos, VolumeError> {
+        self.check_failed()?;
+        if fua {
+            Ok(self.shared.log.sync_all()?)
+        } else {
+            Ok(self.shared.log.appended())
+        }
+    }
+
+    fn append(&self, kind: Kind, offset: u64, len: u64, data: Data) -> Result<LogPos, VolumeError> {
+        self.check_failed()?;
+        let mem = match &data {
+            Data::Bytes(b) => b.len(),
+            Data::Zero { .. } => 0,
+        };
+        let max = self.shared.cfg.max_dirty;
+        let mut ix = lock(&self.shared.index);
+        while mem > 0 && ix.mem > 0 && ix.mem + mem > max {
+            self.shared.kick.notify_one();
+            ix = self
+                .shared
+                .space
+                .wait(ix)
+                .unwrap_or_else(|e| e.into_inner());
+            self.check_failed()?;
+        }
+        // Append and index under one lock: the index must reflect log order for overlapping
+        // writes.
+        let payload: &[u8] = match &data {
+            Data::Bytes(b) => b,
+            Data::Zero { .. } => &[],
+        };
+        let a = self.shared.log.append(kind, offset, len, payload)?;
+        ix.insert(offset, offset + len, a.pos, a.end, data);
+        self.shared.writes.fetch_add(1, Ordering::Relaxed);
+        Ok(a.end)
+    }
+
+    /// FLUSH: every write acknowledged so far is durable when this returns.
+    pub fn flush(&self) -> Result<LogPos, VolumeError> {
+        self.check_failed()?;
+        Ok(self.shared.log.sync_all()?)
+    }
+
+    /// Blocks until the log is durable up to `pos`.
+    pub fn sync_to(&self, pos: LogPos) -> Result<(), VolumeError> {
+        Ok(self.shared.log.sync_to(pos)?)
+    }
+
+    /// Closes the current logfile and continues in the next one; returns the new name.
+    pub fn rotate(&self) -> Result<LogName, VolumeError> {
+        self.check_failed()?;
+        self.shared.log.rotate()?;
+        Ok(self.shared.log.current_file())
+    }
+
+    pub fn status(&self) -> VolumeStatus {
+        let (dirty, pending) = {
+            let ix = lock(&self.shared.index);
+            (ix.mem as u64, ix.pending_records() as u64)
+        };
+        VolumeStatus {
+            size: self.shared.cfg.size,
+            current_log: self.shared.log.current_file(),
+            appended: self.shared.log.appended(),
+            durable: self.shared.log.durable(),
+            written_back: *lock(&self.shared.written_back),
+            dirty_bytes: dirty,
+            pending_records: pending,
+            writes: self.shared.writes.load(Ordering::Relaxed),
+            error: lock(&self.shared.failed).clone(),
+        }
+    }
+
+    /// Syncs the log, writes everything back, persists the final position and stops. After a
+    /// clean close, the next open replays nothing.
+    pub fn close(mut self) -> Result<LogPos, VolumeError> {
+        let end = self.shared.log.sync_all()?;
+        self.stop();
+        if let Some(e) = &*lock(&self.shared.failed) {
+            return Err(VolumeError::WritebackFailed(e.clone()));
+        }
+        Ok(end)
+    }
+
+    fn stop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        {
+            let _ix = lock(&self.shared.index);
+            self.shared.kick.notify_all();
+            self.shared.space.notify_all();
+        }
+        if let Some(t) = self.writeback.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn read_disk(disk: &dyn File, off: u64, dst: &mut [u8]) -> Result<(), VolumeError> {
+    let mut done = 0;
+    while done < dst.len() {
+        let n = disk
+            .read_at(&mut dst[done..], off + done as u64)
+            .map_err(|source| VolumeError::Disk {
+                op: "read",
+                offset: off + done as u64,
+                source,
+            })?;
+        if n == 0 {
+            // Past the end of a sparse or short backing file: reads as zeros.
+            dst[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Applies one record to the disk (replay and writeback share this).
+fn apply(
+    disk: &dyn File,
+    kind: Kind,
+    offset: u64,
+    len: u64,
+    payload: &[u8],
+) -> Result<(), VolumeError> {
+    let r = match kind {
+        Kind::Write => disk.write_at(payload, offset),
+        Kind::Zero => disk.write_zeroes(offset, len, false),
+        Kind::Discard => disk.write_zeroes(offset, len, true),
+    };
+    r.map_err(|source| VolumeError::Disk {
+        op: "write",
+        offset,
+        source,
+    })
+}
+
+/// Largest batch one writeback round takes, so that memory is released in steps.
+const WRITEBACK_BATCH: usize = 64 << 20;
+
+fn writeback_loop(s: &Shared) {
+    let mut seen = LogPos::ZERO;
+    loop {
+        let closing = s.closing.load(Ordering::Acquire);
+        let durable = s.log.durable();
+        let batch = {
+            let mut ix = lock(&s.index);
+            let pressure = ix.mem * 2 >= s.cfg.max_dirty;
+            if !closing && !pressure && durable == seen {
+                ix = s
+                    .kick
+                    .wait_timeout(ix, s.cfg.writeback_interval)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            let durable = s.log.durable();
+            seen = durable;
+            ix.collect(durable, WRITEBACK_BATCH)
+        };
+        if batch.position.is_none() {
+            if closing && lock(&s.index).is_empty() {
+                return;
+            }
+            // Records are pending but not yet durable: wait for the log instead of spinning.
+            let _ = s
+                .log
+                .wait_durable_beyond(seen, s.cfg.writeback_interval.max(Duration::from_millis(1)));
+            continue;
+        }
+        if let Err(e) = write_batch(s, &batch) {
+            tracing::error!("writeback failed: {e}");
+            *lock(&s.failed) = Some(e.to_string());
+            let _ix = lock(&s.index);
+            s.space.notify_all();
+            return;
+        }
+        let mut ix = lock(&s.index);
+        ix.release(&batch);
+        drop(ix);
+        s.space.notify_all();
+        if !s.closing.load(Ordering::Acquire) && s.cfg.writeback_interval > Duration::ZERO {
+            // Without pressure, let overwrites accumulate between rounds.
+            let ix = lock(&s.index);
+            if ix.mem * 2 < s.cfg.max_dirty {
+                let _ = s.kick.wait_timeout(ix, s.cfg.writeback_interval / 4);
+            }
+        }
+    }
+}
+
+fn write_batch(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
+    for p in &batch.pieces {
+        let r = match &p.data {
+            Data::Bytes(b) => s.disk.write_at(b, p.start),
+            Data::Zero { punch } => s.disk.write_zeroes(p.start, p.end - p.start, *punch),
+        };
+        r.map_err(|source| VolumeError::Disk {
+            op: "write",
+            offset: p.start,
+            source,
+        })?;
+    }
+    s.disk.sync_data().map_err(|source| VolumeError::Disk {
+        op: "fdatasync",
+        offset: 0,
+        source,
+    })?;
+    let pos = batch.position.expect("checked by caller");
+    let mut wb = lock(&s.written_back);
+    if pos > *wb {
+        write_position(&*s.dir, pos)?;
+        *wb = pos;
+    }
+    Ok(())
+}
