@@ -1,0 +1,175 @@
+//! The control protocol between `marsadm` and `marsd`.
+//!
+//! One request per connection to the Unix socket `ROOT/marsd.sock` (mode 0600: root only):
+//! the client writes one JSON [`Request`] followed by a newline, the daemon answers with one
+//! JSON [`Response`] followed by a newline and closes. JSON keeps the protocol debuggable with
+//! `socat` and lets `marsadm --json` print the daemon's own data.
+
+use std::path::PathBuf;
+
+use mars_config::ResourceName;
+use serde::{Deserialize, Serialize};
+
+/// File name of the control socket inside the root directory.
+pub const CONTROL_SOCKET: &str = "marsd.sock";
+/// File name of the NBD Unix socket inside the root directory (one socket, export name = RES).
+pub const NBD_SOCKET: &str = "nbd.sock";
+/// Longest request line the daemon reads; anything longer is refused.
+pub const MAX_REQUEST: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Request {
+    /// Liveness and identity of the daemon.
+    Ping,
+    /// Creates a new cluster with this host as its only member.
+    CreateCluster {
+        /// Address to advertise instead of the listen address.
+        ip: Option<String>,
+    },
+    /// Creates a resource on `disk` (absolute path); this host becomes its primary.
+    CreateResource {
+        res: ResourceName,
+        disk: PathBuf,
+        /// Bytes; default: the disk's size.
+        size: Option<u64>,
+    },
+    /// Status of one resource, or of all when `res` is `None`.
+    View { res: Option<ResourceName> },
+    /// Starts a new logfile for the resource.
+    LogRotate { res: ResourceName },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Response {
+    Ok { reply: Reply },
+    Error { kind: ErrorKind, message: String },
+}
+
+/// What kind of refusal, so scripts can tell "you asked wrongly" from "something broke".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request is invalid (bad name, size, state); nothing was changed.
+    Invalid,
+    /// The object does not exist.
+    NotFound,
+    /// The object exists already.
+    Exists,
+    /// An I/O or internal failure.
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Reply {
+    Pong {
+        host: String,
+        pid: u32,
+        version: String,
+    },
+    Done {
+        message: String,
+    },
+    View(ClusterView),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub uuid: String,
+    pub host: String,
+    /// Address peers reach this host at.
+    pub address: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub host: String,
+    pub cluster: Option<ClusterInfo>,
+    pub resources: Vec<ResourceView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceView {
+    pub name: String,
+    pub size: u64,
+    pub disk: PathBuf,
+    /// `Primary` or `Secondary`.
+    pub role: String,
+    /// Designated primary host.
+    pub primary: String,
+    /// MARS disk state: `UpToDate`, `DefectiveLog`, `Detached`, ...
+    pub disk_state: String,
+    /// MARS replication state: `Replicating` (primary serving), `Stopped`, ...
+    pub repl_state: String,
+    /// MARS flags field: one letter per switch (attach, sync, fetch, replay).
+    pub flags: String,
+    pub log: Option<LogView>,
+    pub nbd_unix_uri: Option<String>,
+    pub nbd_tcp_uri: Option<String>,
+    /// NBD connections currently using the device.
+    pub open_count: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogView {
+    /// Current logfile name.
+    pub current: String,
+    /// `file:offset` positions.
+    pub appended: String,
+    pub durable: String,
+    pub written_back: String,
+    /// Bytes of written data held in memory until writeback.
+    pub dirty_bytes: u64,
+    pub pending_records: u64,
+    pub writes: u64,
+    /// Logfiles present for this resource.
+    pub logfiles: u64,
+    /// Bytes occupied by those logfiles.
+    pub log_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("message longer than {MAX_REQUEST} bytes")]
+    TooLong,
+}
+
+/// Encodes a message as one line.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let mut v = serde_json::to_vec(msg).expect("API types always serialize");
+    v.push(b'\n');
+    v
+}
+
+/// Decodes one line.
+pub fn decode<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, ApiError> {
+    if line.len() > MAX_REQUEST {
+        return Err(ApiError::TooLong);
+    }
+    Ok(serde_json::from_slice(line)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let r = Request::CreateResource {
+            res: ResourceName::new("vm1").unwrap(),
+            disk: "/dev/vg/vm1".into(),
+            size: Some(1 << 30),
+        };
+        let line = encode(&r);
+        assert_eq!(decode::<Request>(line.trim_ascii_end()).unwrap(), r);
+        // Invalid names are refused at decode time, before the daemon acts on them.
+        assert!(decode::<Request>(br#"{"cmd":"view","res":"a/b"}"#).is_err());
+        assert!(decode::<Request>(br#"{"cmd":"nonsense"}"#).is_err());
+        assert!(decode::<Request>(b"\xff\xfe").is_err());
+    }
+}

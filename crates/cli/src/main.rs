@@ -1,0 +1,206 @@
+//! `marsadm`: the admin command line. Command names, arguments and the `view` vocabulary follow
+//! the original MARS `marsadm`, so that MARS operators feel at home.
+
+mod client;
+mod demo;
+mod view;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use mars_api::{Reply, Request};
+use mars_config::{parse_size, ResourceName};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "marsadm",
+    version,
+    about = "Administer mars: geo-redundant block replication"
+)]
+pub struct Cli {
+    /// Root directory of the marsd to talk to.
+    #[arg(
+        long,
+        env = "MARS_ROOT",
+        default_value = "/var/lib/mars",
+        global = true
+    )]
+    root: PathBuf,
+    /// Machine-readable output.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for the daemon.
+    #[arg(long, default_value_t = 30, global = true)]
+    timeout: u64,
+    /// Skip safety checks (reserved: no command uses it yet).
+    #[arg(long, global = true)]
+    force: bool,
+    /// Check a command without changing anything (reserved: refused by every command so far).
+    #[arg(long, global = true)]
+    dry_run: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create a new cluster with this host as its first member (run once).
+    CreateCluster {
+        /// Address to advertise to peers instead of marsd's --listen address.
+        #[arg(long)]
+        ip: Option<String>,
+    },
+    /// Create a resource on DISK (file or block device); this host becomes primary.
+    CreateResource {
+        res: String,
+        disk: PathBuf,
+        /// Logical size (K/M/G/T suffixes); default: the disk's size.
+        size: Option<String>,
+    },
+    /// Show the state of one resource, or of all.
+    View { res: Option<String> },
+    /// Close the current logfile and continue in a new one.
+    LogRotate { res: String },
+    /// Start a throw-away local mars host, write through NBD and show how to use it.
+    Demo(demo::DemoArgs),
+    /// view-MACRO RES: one value, e.g. `view-role vm1`, `view-nbd-uri vm1`.
+    #[command(external_subcommand)]
+    Other(Vec<String>),
+}
+
+fn resource(name: &str) -> Result<ResourceName> {
+    ResourceName::new(name).map_err(Into::into)
+}
+
+/// Paths are resolved here, because the daemon's working directory is not ours.
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if let Ok(c) = std::fs::canonicalize(p) {
+        return Ok(c);
+    }
+    Ok(std::env::current_dir()?.join(p))
+}
+
+impl Cli {
+    fn call(&self, req: &Request) -> Result<Reply> {
+        client::call(&self.root, req, Duration::from_secs(self.timeout))
+    }
+
+    fn no_dry_run(&self, what: &str) -> Result<()> {
+        if self.dry_run {
+            bail!("--dry-run is not supported by {what} yet; nothing was changed");
+        }
+        Ok(())
+    }
+
+    fn print_done(&self, reply: Reply) -> Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+        } else if let Reply::Done { message } = reply {
+            println!("{message}");
+        }
+        Ok(())
+    }
+
+    fn run(&self) -> Result<()> {
+        match &self.cmd {
+            Cmd::CreateCluster { ip } => {
+                self.no_dry_run("create-cluster")?;
+                let r = self.call(&Request::CreateCluster { ip: ip.clone() })?;
+                self.print_done(r)
+            }
+            Cmd::CreateResource { res, disk, size } => {
+                self.no_dry_run("create-resource")?;
+                let res = resource(res)?;
+                let size = size
+                    .as_deref()
+                    .map(parse_size)
+                    .transpose()
+                    .context("SIZE")?;
+                let disk = absolute(disk)?;
+                let r = self.call(&Request::CreateResource { res, disk, size })?;
+                self.print_done(r)
+            }
+            Cmd::View { res } => self.view(res.as_deref()),
+            Cmd::LogRotate { res } => {
+                self.no_dry_run("log-rotate")?;
+                let r = self.call(&Request::LogRotate {
+                    res: resource(res)?,
+                })?;
+                self.print_done(r)
+            }
+            Cmd::Demo(args) => demo::run(self, args),
+            Cmd::Other(args) => {
+                let cmd = &args[0];
+                let Some(mac) = cmd.strip_prefix("view-") else {
+                    bail!("unknown command {cmd:?}; see `marsadm --help`");
+                };
+                let [_, res] = &args[..] else {
+                    bail!("usage: marsadm {cmd} RES");
+                };
+                self.view_macro(mac, res)
+            }
+        }
+    }
+
+    fn view(&self, res: Option<&str>) -> Result<()> {
+        let all = matches!(res, None | Some("all"));
+        let res = if all {
+            None
+        } else {
+            res.map(resource).transpose()?
+        };
+        let Reply::View(v) = self.call(&Request::View { res })? else {
+            bail!("unexpected answer from marsd");
+        };
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            print!("{}", view::cluster_text(&v, all));
+        }
+        Ok(())
+    }
+
+    fn view_macro(&self, mac: &str, res: &str) -> Result<()> {
+        if !view::MACROS.contains(&mac) {
+            bail!(
+                "unknown view macro {mac:?}; known: {}",
+                view::MACROS.join(", ")
+            );
+        }
+        let name = resource(res)?;
+        let Reply::View(v) = self.call(&Request::View { res: Some(name) })? else {
+            bail!("unexpected answer from marsd");
+        };
+        let r = v.resources.first().context("daemon returned no resource")?;
+        let value = view::macro_value(r, mac)?;
+        if self.json {
+            println!("{}", serde_json::json!({ "resource": r.name, mac: value }));
+        } else {
+            println!("{value}");
+        }
+        Ok(())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("marsadm: {e:#}");
+            if cli.json {
+                let kind = e
+                    .downcast_ref::<client::Refused>()
+                    .map_or(mars_api::ErrorKind::Failed, |r| r.kind);
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": kind, "message": format!("{e:#}") })
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

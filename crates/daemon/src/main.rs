@@ -1,0 +1,127 @@
+//! `marsd`: the per-host daemon. It owns everything under its root directory, serves the
+//! resources' block devices over NBD and answers `marsadm` on the control socket.
+
+mod resource;
+mod root;
+mod serve;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use mars_config::{parse_size, HostName};
+
+use crate::resource::Tuning;
+use crate::state::Daemon;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "marsd",
+    version,
+    about = "mars daemon: geo-redundant block device replication"
+)]
+struct Args {
+    /// Directory holding all state of this host (logs, metadata, sockets).
+    #[arg(long, env = "MARS_ROOT", default_value = "/var/lib/mars")]
+    root: PathBuf,
+    /// This host's name in the cluster (default: the short hostname).
+    #[arg(long)]
+    host: Option<String>,
+    /// Peer address ADDR[:PORT] (default port 7777). Recorded as the address peers reach this
+    /// host at; the peer protocol itself arrives with cluster support.
+    #[arg(long, default_value = "0.0.0.0:7777")]
+    listen: String,
+    /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).
+    #[arg(long)]
+    nbd_listen: Option<SocketAddr>,
+    /// Configuration file (reserved; no settings are read from it yet).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where /dev/mars/RES devices appear (reserved for the block-device frontend).
+    #[arg(long, default_value = "/dev/mars")]
+    device_dir: PathBuf,
+    /// Memory per resource for written data not yet on the backing disk (K/M/G suffixes).
+    #[arg(long, default_value = "256M")]
+    max_dirty: String,
+    /// Rotate a logfile once it reaches this size.
+    #[arg(long, default_value = "1G")]
+    logrotate_size: String,
+}
+
+fn normalize_listen(s: &str) -> Result<String> {
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(s.to_string());
+    }
+    let with_port = format!("{s}:7777");
+    with_port
+        .parse::<SocketAddr>()
+        .map(|_| with_port)
+        .with_context(|| format!("--listen {s:?} is not ADDR[:PORT]"))
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MARS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("marsd: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let host = match &args.host {
+        Some(h) => HostName::new(h).context("--host")?,
+        None => {
+            let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            HostName::from_system(&raw).context(
+                "the machine's host name is not a valid mars host name; pass --host NAME",
+            )?
+        }
+    };
+    let listen = normalize_listen(&args.listen)?;
+    let max_dirty = parse_size(&args.max_dirty).context("--max-dirty")?;
+    let max_log_file = parse_size(&args.logrotate_size).context("--logrotate-size")?;
+    if max_log_file < 1 << 20 {
+        anyhow::bail!("--logrotate-size must be at least 1M");
+    }
+    if let Some(c) = &args.config {
+        if !c.exists() {
+            anyhow::bail!("--config {}: no such file", c.display());
+        }
+    }
+    let _ = &args.device_dir;
+    let root = if args.root.is_absolute() {
+        args.root.clone()
+    } else {
+        std::env::current_dir()?.join(&args.root)
+    };
+    let _lock = root::lock_root(&root)?;
+    tracing::info!(
+        "marsd {} starting as host {host} in {}",
+        env!("CARGO_PKG_VERSION"),
+        root.display()
+    );
+    let tuning = Tuning {
+        max_dirty: usize::try_from(max_dirty).context("--max-dirty too large")?,
+        max_log_file,
+    };
+    let daemon = Arc::new(Daemon::load(root, host, listen, args.nbd_listen, tuning)?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("marsd")
+        .build()?;
+    let result = rt.block_on(serve::run(daemon.clone()));
+    // Stop serving before closing volumes, so no request races the close.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    daemon.shutdown();
+    tracing::info!("marsd stopped");
+    result
+}

@@ -1,0 +1,133 @@
+//! The daemon's root directory and what is persisted in it.
+//!
+//! ```text
+//! ROOT/                       mode 0700
+//!   marsd.lock                flock'ed by the running daemon: one daemon per root
+//!   marsd.sock                control socket (0600), marsadm talks here
+//!   nbd.sock                  NBD Unix socket, export name = resource name
+//!   cluster.toml              cluster identity (create-cluster)
+//!   resource-RES/
+//!     resource.toml           name, disk, size
+//!     log-000000001-HOST ...  transaction log (see docs/log-format.md)
+//!     writeback               persisted writeback position
+//! ```
+//!
+//! The cluster and resource files are small TOML documents replaced atomically; the replicated
+//! metadata store replaces them when the cluster work lands.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use mars_config::{HostName, ResourceName};
+use serde::{Deserialize, Serialize};
+
+pub const CLUSTER_FILE: &str = "cluster.toml";
+pub const RESOURCE_FILE: &str = "resource.toml";
+const LOCK_FILE: &str = "marsd.lock";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClusterFile {
+    pub uuid: String,
+    pub host: HostName,
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ResourceFile {
+    pub name: ResourceName,
+    pub disk: PathBuf,
+    pub size: u64,
+    /// The host that created the resource and is its primary.
+    pub primary: HostName,
+}
+
+pub fn resource_dir(root: &Path, res: &ResourceName) -> PathBuf {
+    root.join(format!("resource-{res}"))
+}
+
+/// Creates the root (0700) if needed and takes the daemon lock; the returned file holds it.
+pub fn lock_root(root: &Path) -> Result<fs::File> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(root)
+        .with_context(|| format!("cannot create root directory {}", root.display()))?;
+    let path = root.join(LOCK_FILE);
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: flock on a valid descriptor that outlives the call.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let other = fs::read_to_string(&path).unwrap_or_default();
+        bail!(
+            "another marsd already runs on {} (pid {})",
+            root.display(),
+            other.trim()
+        );
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
+/// Writes a TOML file atomically (temporary file, fsync, rename, directory fsync).
+pub fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
+    let text = toml::to_string(value).context("serialize")?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(name))?;
+    fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
+    match fs::read_to_string(path) {
+        Ok(s) => {
+            Ok(Some(toml::from_str(&s).with_context(|| {
+                format!("{} is malformed", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Resource directories found under the root.
+pub fn resource_dirs(root: &Path) -> Result<Vec<(ResourceName, PathBuf)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(root).with_context(|| format!("cannot list {}", root.display()))? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(n) = name.to_str().and_then(|n| n.strip_prefix("resource-")) else {
+            continue;
+        };
+        if !e.file_type()?.is_dir() {
+            continue;
+        }
+        match ResourceName::new(n) {
+            Ok(r) => out.push((r, e.path())),
+            Err(err) => tracing::warn!("ignoring {}: {err}", e.path().display()),
+        }
+    }
+    out.sort();
+    Ok(out)
+}

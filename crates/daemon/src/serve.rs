@@ -1,0 +1,152 @@
+//! The sockets: control (marsadm), NBD over Unix and, optionally, NBD over TCP.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use mars_api::{Request, Response, CONTROL_SOCKET, MAX_REQUEST, NBD_SOCKET};
+use mars_nbd::{Exports, ServerConfig};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::state::{Daemon, DaemonExports};
+
+fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
+    // We hold the root lock, so a socket file here is a leftover of a dead daemon.
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
+    let control = bind_unix(&daemon.root.join(CONTROL_SOCKET), 0o600)?;
+    let nbd_unix = bind_unix(&daemon.root.join(NBD_SOCKET), 0o600)?;
+    let nbd_tcp = match daemon.nbd_tcp {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {a}"))?,
+        ),
+        None => None,
+    };
+    let exports: Arc<dyn Exports> = Arc::new(DaemonExports(daemon.clone()));
+    let cfg = Arc::new(ServerConfig::default());
+
+    {
+        let (exports, cfg) = (exports.clone(), cfg.clone());
+        tokio::spawn(async move {
+            loop {
+                match nbd_unix.accept().await {
+                    Ok((s, _)) => {
+                        let (e, c) = (exports.clone(), cfg.clone());
+                        tokio::spawn(async move {
+                            if let Err(err) = mars_nbd::serve(s, e, c).await {
+                                tracing::warn!("NBD connection (unix): {err}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::error!("NBD accept (unix): {e}"),
+                }
+            }
+        });
+    }
+    if let Some(l) = nbd_tcp {
+        let (exports, cfg) = (exports.clone(), cfg.clone());
+        tracing::info!("serving NBD on tcp {}", l.local_addr()?);
+        tokio::spawn(async move {
+            loop {
+                match l.accept().await {
+                    Ok((s, peer)) => {
+                        let _ = s.set_nodelay(true);
+                        let (e, c) = (exports.clone(), cfg.clone());
+                        tokio::spawn(async move {
+                            if let Err(err) = mars_nbd::serve(s, e, c).await {
+                                tracing::warn!("NBD connection from {peer}: {err}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::error!("NBD accept (tcp): {e}"),
+                }
+            }
+        });
+    }
+    {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            loop {
+                match control.accept().await {
+                    Ok((s, _)) => {
+                        let d = daemon.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = control_conn(d, s).await {
+                                tracing::warn!("control connection: {e:#}");
+                            }
+                        });
+                    }
+                    Err(e) => tracing::error!("control accept: {e}"),
+                }
+            }
+        });
+    }
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        "ready: control {}",
+        daemon.root.join(CONTROL_SOCKET).display()
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    Ok(())
+}
+
+async fn control_conn(daemon: Arc<Daemon>, s: UnixStream) -> Result<()> {
+    // The socket is 0600, and we check the peer too: only root or our own user may command us.
+    let cred = s.peer_cred()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let (r, mut w) = s.into_split();
+    if cred.uid() != 0 && cred.uid() != me {
+        tracing::warn!("refused control connection from uid {}", cred.uid());
+        let resp = Response::Error {
+            kind: mars_api::ErrorKind::Invalid,
+            message: "permission denied: marsd takes commands from root only".into(),
+        };
+        w.write_all(&mars_api::encode(&resp)).await?;
+        return Ok(());
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64 + 1);
+    reader.read_until(b'\n', &mut line).await?;
+    let resp = match mars_api::decode::<Request>(line.trim_ascii_end()) {
+        Err(e) => Response::Error {
+            kind: mars_api::ErrorKind::Invalid,
+            message: format!("bad request: {e}"),
+        },
+        Ok(req) => {
+            tracing::debug!("control request: {req:?}");
+            let d = daemon.clone();
+            match tokio::task::spawn_blocking(move || d.handle(req)).await {
+                Ok(Ok(reply)) => Response::Ok { reply },
+                Ok(Err(refusal)) => Response::Error {
+                    kind: refusal.0,
+                    message: refusal.1,
+                },
+                Err(e) => Response::Error {
+                    kind: mars_api::ErrorKind::Failed,
+                    message: format!("internal error: {e}"),
+                },
+            }
+        }
+    };
+    w.write_all(&mars_api::encode(&resp)).await?;
+    w.shutdown().await?;
+    Ok(())
+}

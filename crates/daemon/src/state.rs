@@ -1,0 +1,372 @@
+//! The daemon's in-memory state and the operations `marsadm` asks for.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use mars_api::{ClusterInfo, ClusterView, ErrorKind, Reply, Request};
+use mars_config::{format_size, HostName, ResourceName};
+use mars_nbd::{Export, Exports};
+
+use crate::resource::{Resource, Tuning};
+use crate::root::{self, ClusterFile, ResourceFile, CLUSTER_FILE, RESOURCE_FILE};
+
+/// MARS refuses resources of 64 KiB and less; so do we.
+pub const MIN_RESOURCE_SIZE: u64 = 64 << 10 | 1;
+
+pub struct Daemon {
+    pub root: PathBuf,
+    pub host: HostName,
+    pub listen: String,
+    pub nbd_tcp: Option<SocketAddr>,
+    pub tuning: Tuning,
+    cluster: Mutex<Option<ClusterFile>>,
+    resources: RwLock<BTreeMap<ResourceName, Arc<Resource>>>,
+    /// Serialises commands that change the configuration.
+    admin: Mutex<()>,
+}
+
+/// A refusal: what kind, and the one line the operator reads.
+#[derive(Debug)]
+pub struct Refusal(pub ErrorKind, pub String);
+
+type Outcome = Result<Reply, Refusal>;
+
+fn invalid(msg: impl Into<String>) -> Refusal {
+    Refusal(ErrorKind::Invalid, msg.into())
+}
+
+impl Daemon {
+    /// Loads the cluster file and opens every resource (running crash recovery).
+    pub fn load(
+        root: PathBuf,
+        host: HostName,
+        listen: String,
+        nbd_tcp: Option<SocketAddr>,
+        tuning: Tuning,
+    ) -> anyhow::Result<Self> {
+        let cluster: Option<ClusterFile> = root::read_toml(&root.join(CLUSTER_FILE))?;
+        if let Some(c) = &cluster {
+            if c.host != host {
+                anyhow::bail!(
+                    "{} belongs to host {:?}, but this daemon runs as {:?}; host names never change (use --host {})",
+                    root.display(),
+                    c.host.as_str(),
+                    host.as_str(),
+                    c.host
+                );
+            }
+        }
+        let mut resources = BTreeMap::new();
+        for (name, dir) in root::resource_dirs(&root)? {
+            let Some(cfg) = root::read_toml::<ResourceFile>(&dir.join(RESOURCE_FILE))? else {
+                tracing::warn!("{}: no {RESOURCE_FILE}, ignoring", dir.display());
+                continue;
+            };
+            if cfg.name != name {
+                anyhow::bail!("{}: names resource {:?}", dir.display(), cfg.name.as_str());
+            }
+            let r = Resource::open(cfg, dir, &host, tuning);
+            resources.insert(name, r);
+        }
+        Ok(Self {
+            root,
+            host,
+            listen,
+            nbd_tcp,
+            tuning,
+            cluster: Mutex::new(cluster),
+            resources: RwLock::new(resources),
+            admin: Mutex::new(()),
+        })
+    }
+
+    pub fn resource(&self, res: &ResourceName) -> Option<Arc<Resource>> {
+        self.resources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(res)
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Resource>> {
+        self.resources
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn nbd_unix_uri(&self, res: &str) -> String {
+        let sock = self.root.join(mars_api::NBD_SOCKET);
+        format!("nbd+unix:///{res}?socket={}", sock.display())
+    }
+
+    pub fn nbd_tcp_uri(&self, res: &str) -> Option<String> {
+        self.nbd_tcp.map(|a| {
+            let host = if a.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                a.ip().to_string()
+            };
+            format!("nbd://{host}:{}/{res}", a.port())
+        })
+    }
+
+    /// Executes one request. Blocking: call from a blocking thread.
+    pub fn handle(&self, req: Request) -> Outcome {
+        match req {
+            Request::Ping => Ok(Reply::Pong {
+                host: self.host.to_string(),
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            Request::CreateCluster { ip } => self.create_cluster(ip),
+            Request::CreateResource { res, disk, size } => self.create_resource(res, &disk, size),
+            Request::View { res } => self.view(res.as_ref()),
+            Request::LogRotate { res } => {
+                let r = self.resource(&res).ok_or_else(|| not_found(&res))?;
+                let v = r
+                    .volume()
+                    .ok_or_else(|| invalid(format!("resource {res} is not attached")))?;
+                let name = v
+                    .rotate()
+                    .map_err(|e| Refusal(ErrorKind::Failed, format!("log-rotate {res}: {e}")))?;
+                Ok(Reply::Done {
+                    message: format!("{res}: now logging to {name}"),
+                })
+            }
+        }
+    }
+
+    fn create_cluster(&self, ip: Option<String>) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cluster = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = &*cluster {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!(
+                    "this host already belongs to cluster {}; create-cluster runs once per cluster",
+                    c.uuid
+                ),
+            ));
+        }
+        let address = match ip {
+            Some(ip) => {
+                let bare = ip.rsplit_once(':').map_or(ip.as_str(), |(h, _)| h);
+                if bare.parse::<std::net::IpAddr>().is_err() {
+                    return Err(invalid(format!("--ip {ip:?} is not an IP address")));
+                }
+                ip
+            }
+            None => self.listen.clone(),
+        };
+        let c = ClusterFile {
+            uuid: new_uuid(),
+            host: self.host.clone(),
+            address,
+        };
+        root::write_toml(&self.root, CLUSTER_FILE, &c)
+            .map_err(|e| Refusal(ErrorKind::Failed, format!("{e:#}")))?;
+        let msg = format!(
+            "created cluster {} with host {} at {}",
+            c.uuid, c.host, c.address
+        );
+        *cluster = Some(c);
+        Ok(Reply::Done { message: msg })
+    }
+
+    fn create_resource(&self, res: ResourceName, disk: &Path, size: Option<u64>) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
+        {
+            return Err(invalid(
+                "this host is not in a cluster yet: run `marsadm create-cluster` first",
+            ));
+        }
+        if self.resource(&res).is_some() {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!("resource {res} already exists"),
+            ));
+        }
+        if !disk.is_absolute() {
+            return Err(invalid(format!(
+                "disk path {} must be absolute",
+                disk.display()
+            )));
+        }
+        let dir = root::resource_dir(&self.root, &res);
+        if dir.exists() {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!(
+                    "{} exists already (leftover of an old resource?)",
+                    dir.display()
+                ),
+            ));
+        }
+        if let Some(other) = self.all().into_iter().find(|r| r.cfg.disk == disk) {
+            return Err(invalid(format!(
+                "disk {} is already used by resource {}",
+                disk.display(),
+                other.cfg.name
+            )));
+        }
+        let disk_len = {
+            let f = mars_storage::real::open_disk(disk).map_err(|e| {
+                let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Invalid
+                };
+                Refusal(kind, format!("cannot use disk {}: {e}", disk.display()))
+            })?;
+            mars_storage::File::len(&*f)
+                .map_err(|e| invalid(format!("cannot size disk {}: {e}", disk.display())))?
+        };
+        let size = size.unwrap_or(disk_len);
+        if size < MIN_RESOURCE_SIZE {
+            return Err(invalid(format!(
+                "size {} is too small: a resource must be larger than 64 KiB",
+                format_size(size)
+            )));
+        }
+        if size % 512 != 0 {
+            return Err(invalid(format!(
+                "size {size} is not a multiple of 512 bytes"
+            )));
+        }
+        if size > disk_len {
+            return Err(invalid(format!(
+                "disk {} has {} ({disk_len} bytes), less than the requested {} ({size} bytes)",
+                disk.display(),
+                format_size(disk_len),
+                format_size(size)
+            )));
+        }
+        let cfg = ResourceFile {
+            name: res.clone(),
+            disk: disk.to_path_buf(),
+            size,
+            primary: self.host.clone(),
+        };
+        let created = (|| -> anyhow::Result<Arc<Resource>> {
+            std::fs::create_dir(&dir)?;
+            root::write_toml(&dir, RESOURCE_FILE, &cfg)?;
+            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning);
+            if let Some(e) = r.error() {
+                anyhow::bail!("{e}");
+            }
+            Ok(r)
+        })();
+        let r = match created {
+            Ok(r) => r,
+            Err(e) => {
+                // Leave nothing behind: a refused create changes nothing.
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(Refusal(
+                    ErrorKind::Failed,
+                    format!("cannot create resource {res}: {e:#}"),
+                ));
+            }
+        };
+        self.resources
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(res.clone(), r);
+        tracing::info!(
+            "created resource {res} on {} ({size} bytes)",
+            disk.display()
+        );
+        Ok(Reply::Done {
+            message: format!(
+                "created resource {res} on {} ({}); {} is primary; NBD: {}",
+                disk.display(),
+                format_size(size),
+                self.host,
+                self.nbd_unix_uri(res.as_str())
+            ),
+        })
+    }
+
+    fn view(&self, res: Option<&ResourceName>) -> Outcome {
+        let list = match res {
+            Some(r) => vec![self.resource(r).ok_or_else(|| not_found(r))?],
+            None => self.all(),
+        };
+        let resources = list
+            .iter()
+            .map(|r| {
+                let n = r.cfg.name.as_str();
+                r.view(&self.host, self.nbd_unix_uri(n), self.nbd_tcp_uri(n))
+            })
+            .collect();
+        let cluster = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|c| ClusterInfo {
+                uuid: c.uuid.clone(),
+                host: c.host.to_string(),
+                address: c.address.clone(),
+            });
+        Ok(Reply::View(ClusterView {
+            host: self.host.to_string(),
+            cluster,
+            resources,
+        }))
+    }
+
+    /// Closes every volume cleanly.
+    pub fn shutdown(&self) {
+        for r in self.all() {
+            r.close();
+        }
+    }
+}
+
+fn not_found(res: &ResourceName) -> Refusal {
+    Refusal(
+        ErrorKind::NotFound,
+        format!("resource {res} does not exist"),
+    )
+}
+
+fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
+}
+
+/// The NBD side sees the daemon as a set of exports: every attached resource, by name.
+pub struct DaemonExports(pub Arc<Daemon>);
+
+impl Exports for DaemonExports {
+    fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+        let res = ResourceName::new(name).ok()?;
+        self.0.resource(&res)?.export()
+    }
+    fn list(&self) -> Vec<String> {
+        self.0
+            .all()
+            .iter()
+            .filter(|r| r.volume().is_some())
+            .map(|r| r.cfg.name.to_string())
+            .collect()
+    }
+}
