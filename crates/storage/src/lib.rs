@@ -77,6 +77,12 @@ pub trait File: Send + Sync {
     }
     /// Truncates or extends (with zeros). Block devices refuse.
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserves space for `[0, len)` without changing the file's length, so that appending later
+    /// does not pay for block allocation on every write. Best effort: refusals are ignored.
+    fn preallocate(&self, _len: u64) {}
+    /// Hints that `[off, off+len)` will not be read soon (after it was synced), so the page cache
+    /// can drop it instead of evicting something useful. Best effort.
+    fn drop_cache(&self, _off: u64, _len: u64) {}
     /// Makes every completed write durable (fdatasync).
     fn sync_data(&self) -> io::Result<()>;
     /// Makes `[off, off+len)` read as zeros. `punch` allows deallocating the range (a hole or a

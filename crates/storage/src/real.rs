@@ -170,6 +170,23 @@ impl File for RealFile {
         self.file.sync_data()
     }
 
+    fn drop_cache(&self, off: u64, len: u64) {
+        if let (Ok(o), Ok(l)) = (i64::try_from(off), i64::try_from(len)) {
+            // SAFETY: plain syscall on a valid fd.
+            unsafe { libc::posix_fadvise(self.file.as_raw_fd(), o, l, libc::POSIX_FADV_DONTNEED) };
+        }
+    }
+
+    fn preallocate(&self, len: u64) {
+        if self.block_device {
+            return;
+        }
+        if let Ok(l) = i64::try_from(len) {
+            // SAFETY: plain syscall on a valid fd.
+            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, l) };
+        }
+    }
+
     fn write_zeroes(&self, off: u64, len: u64, punch: bool) -> io::Result<()> {
         if len == 0 {
             return Ok(());

@@ -134,6 +134,7 @@ impl Appender {
         let file = dir
             .open(&name.to_string(), OpenMode::CreateNew)
             .map_err(LogError::io(name.to_string(), "create"))?;
+        file.preallocate(cfg.max_file_size);
         dir.sync()
             .map_err(LogError::io(name.to_string(), "sync directory"))?;
         let start = LogPos::new(first_file, 0);
@@ -364,6 +365,7 @@ impl Drop for Appender {
 /// The thread: take pending segments, write, sync, publish.
 fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut file_no: u64) {
     let cfg = shared.cfg.clone();
+    let prealloc = cfg.max_file_size;
     loop {
         let (segments, target, host) = {
             let mut st = lock(&shared.state);
@@ -400,7 +402,7 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
                 st.host.clone(),
             )
         };
-        let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments);
+        let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments, prealloc);
         let mut st = lock(&shared.state);
         match result {
             Ok(()) => {
@@ -428,6 +430,7 @@ fn write_group(
     file_no: &mut u64,
     host: &HostName,
     segments: &[Segment],
+    prealloc: u64,
 ) -> Result<(), LogError> {
     for seg in segments {
         if seg.file != *file_no {
@@ -439,6 +442,8 @@ fn write_group(
             *file = dir
                 .open(&name, OpenMode::CreateNew)
                 .map_err(LogError::io(&name, "create"))?;
+            // Appending into reserved blocks is much cheaper than allocating on every group.
+            file.preallocate(prealloc);
             dir.sync().map_err(LogError::io(&name, "sync directory"))?;
             *file_no = seg.file;
         }
@@ -449,5 +454,12 @@ fn write_group(
         }
     }
     let name = LogName::new(*file_no, host.clone()).to_string();
-    file.sync_data().map_err(LogError::io(&name, "fdatasync"))
+    file.sync_data().map_err(LogError::io(&name, "fdatasync"))?;
+    // The log is read back only by recovery and (later) by fetching secondaries; keeping what
+    // was just written in the page cache would push the device's own data out.
+    if let Some(seg) = segments.last().filter(|s| s.file == *file_no) {
+        let first = segments.iter().find(|s| s.file == *file_no).unwrap_or(seg);
+        file.drop_cache(first.offset, seg.offset + seg.bytes.len() as u64 - first.offset);
+    }
+    Ok(())
 }
