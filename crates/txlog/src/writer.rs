@@ -459,7 +459,10 @@ fn write_group(
     // was just written in the page cache would push the device's own data out.
     if let Some(seg) = segments.last().filter(|s| s.file == *file_no) {
         let first = segments.iter().find(|s| s.file == *file_no).unwrap_or(seg);
-        file.drop_cache(first.offset, seg.offset + seg.bytes.len() as u64 - first.offset);
+        file.drop_cache(
+            first.offset,
+            seg.offset + seg.bytes.len() as u64 - first.offset,
+        );
     }
     Ok(())
 }

@@ -228,15 +228,24 @@ fn real_files_survive_reopen_and_refuse_bad_input() {
     let mut b = [0u8; 5];
     v.read(100, &mut b).unwrap();
     assert_eq!(&b, b"hello");
-    // No close: simulate a crash of the process (drop without close still writes back, so
-    // instead leak the volume and reopen from what is on disk).
-    std::mem::forget(v);
-    let (v2, report) = Volume::open(cfg(1 << 20), dir.clone(), disk.clone()).unwrap();
+    // A process crash leaves exactly what is in the files now: copy them while the volume
+    // runs, and recover from the copy.
+    let crash = t.path().join("crash");
+    std::fs::create_dir(&crash).unwrap();
+    for e in std::fs::read_dir(t.path().join("res")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), crash.join(e.file_name())).unwrap();
+    }
+    std::fs::copy(&disk_path, crash.join("disk.img")).unwrap();
+    let cdir: Arc<dyn Dir> = Arc::new(RealDir::open(&crash).unwrap());
+    let cdisk: Arc<dyn File> = open_disk(&crash.join("disk.img")).unwrap();
+    let (v2, report) = Volume::open(cfg(1 << 20), cdir, cdisk).unwrap();
     let mut b = [0u8; 5];
     v2.read(100, &mut b).unwrap();
     assert_eq!(&b, b"hello");
     assert!(report.current.is_some());
     v2.close().unwrap();
+    v.close().unwrap();
 
     let big = VolumeConfig::new(HostName::new("alpha").unwrap(), SIZE * 2);
     assert!(matches!(

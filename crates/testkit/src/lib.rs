@@ -1,0 +1,264 @@
+//! Test harness for end-to-end tests: real `marsd` processes with their own roots, driven only
+//! through the real `marsadm` binary and real NBD clients.
+//!
+//! The binaries are built on first use (`cargo build -p mars-daemon -p mars-cli`), so that
+//! `cargo test` alone is enough. Tools a test needs (`qemu-img`, `nbdinfo`, `fio` …) are checked
+//! with [`require`]: missing in CI (`CI=true`) is a failure, elsewhere the test is skipped with a
+//! message.
+
+pub mod nbd;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Directory holding the workspace's binaries (`target/debug`).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", "mars-daemon", "-p", "mars-cli"])
+            .current_dir(manifest)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building marsd and marsadm failed");
+        // The test executable lives in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("current_exe");
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>")
+            .to_path_buf()
+    })
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} missing", p.display());
+    p
+}
+
+/// Is `tool` installed? In CI a missing tool fails the test; elsewhere it is skipped.
+pub fn require(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is required in CI but not installed (see .ci/run)");
+        }
+        eprintln!("SKIPPED: {tool} is not installed");
+    }
+    found
+}
+
+/// A free TCP port on 127.0.0.1 (racy but fine for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+/// One mars host: a `marsd` process with its own root directory.
+pub struct Host {
+    pub name: String,
+    pub root: PathBuf,
+    pub nbd_port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Host {
+    /// Starts `marsd --root DIR/NAME/root --host NAME` with NBD also on a TCP port.
+    pub fn start(dir: &Path, name: &str) -> Host {
+        let base = dir.join(name);
+        std::fs::create_dir_all(&base).expect("mkdir");
+        let mut h = Host {
+            name: name.into(),
+            root: base.join("root"),
+            nbd_port: free_port(),
+            log: base.join("marsd.log"),
+            child: None,
+        };
+        h.spawn();
+        h
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let child = Command::new(bin("marsd"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--host", &self.name, "--listen", "127.0.0.1:7777"])
+            .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
+            .env("MARS_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn marsd");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let sock = self.root.join("marsd.sock");
+            if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok() {
+                // The NBD sockets are bound before the control socket accepts.
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("marsd exited with {st}: {}", self.log_text());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "marsd did not come up: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `marsadm --root ROOT ARGS…`.
+    pub fn marsadm(&self, args: &[&str]) -> Output {
+        Command::new(bin("marsadm"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .output()
+            .expect("run marsadm")
+    }
+
+    /// Runs marsadm and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.marsadm(args);
+        assert!(
+            o.status.success(),
+            "marsadm {args:?} failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).expect("utf8")
+    }
+
+    /// Runs marsadm and asserts it is refused with exactly one line on stderr; returns it.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let o = self.marsadm(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            !o.status.success(),
+            "marsadm {args:?} unexpectedly succeeded"
+        );
+        assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err:?}");
+        err
+    }
+
+    /// `marsadm view-MACRO RES`.
+    pub fn view(&self, mac: &str, res: &str) -> String {
+        self.ok(&[&format!("view-{mac}"), res]).trim().to_string()
+    }
+
+    /// `marsadm view --json`.
+    pub fn view_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["--json", "view"])).expect("json")
+    }
+
+    pub fn unix_uri(&self, res: &str) -> String {
+        format!(
+            "nbd+unix:///{res}?socket={}",
+            self.root.join("nbd.sock").display()
+        )
+    }
+
+    pub fn tcp_uri(&self, res: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{res}", self.nbd_port)
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.root.join("nbd.sock")
+    }
+
+    /// Creates a cluster and a file-backed resource of `size` bytes; returns the disk path.
+    pub fn create_resource(&self, res: &str, size: u64) -> PathBuf {
+        let disk = self.root.parent().expect("base").join(format!("{res}.img"));
+        let f = std::fs::File::create(&disk).expect("disk");
+        f.set_len(size).expect("size");
+        if self.view_json()["cluster"].is_null() {
+            self.ok(&["create-cluster"]);
+        }
+        self.ok(&["create-resource", res, disk.to_str().expect("utf8")]);
+        disk
+    }
+
+    /// SIGKILL: a crash of the daemon at this moment.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: a clean stop.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "still running");
+        self.spawn();
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command and asserts success; returns stdout.
+pub fn run(cmd: &mut Command) -> String {
+    let o = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        o.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A file of `len` random bytes.
+pub fn random_file(path: &Path, len: usize) {
+    use rand::RngCore;
+    let mut buf = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut buf);
+    std::fs::write(path, &buf).expect("write");
+}
