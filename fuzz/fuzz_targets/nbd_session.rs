@@ -33,7 +33,9 @@ impl MemExport {
         match offset.checked_add(len) {
             Some(end) if len > 0 && end <= SIZE as u64 => offset as usize..end as usize,
             _ => {
-                eprintln!("contract violation: {what} of {len} bytes at {offset} on a {SIZE}-byte export");
+                eprintln!(
+                    "contract violation: {what} of {len} bytes at {offset} on a {SIZE}-byte export"
+                );
                 std::process::abort();
             }
         }

@@ -10,8 +10,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let n = header.record_len();
-    assert!(n <= data.len(), "decode accepted a record longer than its input");
+    assert!(
+        n <= data.len(),
+        "decode accepted a record longer than its input"
+    );
     let mut out = Vec::with_capacity(n);
     encode(&header, &data[HEADER_LEN..n], &mut out).expect("a decoded record must re-encode");
-    assert_eq!(out, &data[..n], "re-encoding differs from the decoded bytes");
+    assert_eq!(
+        out,
+        &data[..n],
+        "re-encoding differs from the decoded bytes"
+    );
 });

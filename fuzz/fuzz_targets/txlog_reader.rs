@@ -30,11 +30,18 @@ fuzz_target!(|data: &[u8]| {
     .expect("a recovered log must replay");
 
     let counted: u64 = rec.files.iter().map(|f| f.records).sum();
-    assert_eq!(replayed, counted, "replay saw a different number of records");
+    assert_eq!(
+        replayed, counted,
+        "replay saw a different number of records"
+    );
     if replayed > 0 {
         assert_eq!(end, rec.end(), "replay ended elsewhere than recovery");
     } else {
-        assert_eq!(rec.end().offset, 0, "no records, yet a non-empty valid prefix");
+        assert_eq!(
+            rec.end().offset,
+            0,
+            "no records, yet a non-empty valid prefix"
+        );
     }
 
     let again = recover(&dir).expect("recovering a recovered log");

@@ -157,7 +157,7 @@ impl LogReader {
     /// Used to tell a torn tail (nothing valid follows) from damage in the middle.
     fn valid_record_after(&mut self, from: u64, min_seq: u64) -> Result<Option<u64>, LogError> {
         let mut probe = from + 1;
-        let mut chunk = vec![0u8; READ_AHEAD];
+        let mut chunk = vec![0u8; (self.end.saturating_sub(probe) as usize).min(READ_AHEAD)];
         while probe < self.end {
             let n = (self.end - probe).min(READ_AHEAD as u64) as usize;
             self.file
