@@ -39,6 +39,7 @@
 //! }
 //! ```
 
+mod aligned;
 mod error;
 mod export;
 mod handshake;

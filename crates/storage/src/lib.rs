@@ -75,6 +75,12 @@ pub trait File: Send + Sync {
     fn is_empty(&self) -> io::Result<bool> {
         Ok(self.len()? == 0)
     }
+    /// Like [`File::write_at`], but may bypass the page cache (O_DIRECT) when buffer address,
+    /// offset and length are suitably aligned. Durability still needs [`File::sync_data`]. The
+    /// default is the buffered write.
+    fn write_at_direct(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.write_at(buf, off)
+    }
     /// Truncates or extends (with zeros). Block devices refuse.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves space for `[0, len)` without changing the file's length, so that appending later

@@ -546,7 +546,7 @@ fn writeback_loop(s: &Shared) {
 fn write_batch(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
     for p in &batch.pieces {
         let r = match &p.data {
-            Data::Bytes(b) => s.disk.write_at(b, p.start),
+            Data::Bytes(b) => s.disk.write_at_direct(b, p.start),
             Data::Zero { punch } => s.disk.write_zeroes(p.start, p.end - p.start, *punch),
         };
         r.map_err(|source| VolumeError::Disk {
