@@ -12,6 +12,9 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::state::{Daemon, DaemonExports};
 
+/// How often logfiles that are no longer needed are looked for.
+const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
     // We hold the root lock, so a socket file here is a leftover of a dead daemon.
     let _ = std::fs::remove_file(path);
@@ -87,6 +90,19 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
                     }
                     Err(e) => tracing::error!("control accept: {e}"),
                 }
+            }
+        });
+    }
+
+    {
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + RECLAIM_INTERVAL;
+            let mut tick = tokio::time::interval_at(start, RECLAIM_INTERVAL);
+            loop {
+                tick.tick().await;
+                let d = daemon.clone();
+                let _ = tokio::task::spawn_blocking(move || d.reclaim_logs()).await;
             }
         });
     }

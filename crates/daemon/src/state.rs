@@ -325,6 +325,22 @@ impl Daemon {
         }))
     }
 
+    /// Log reclamation: deletes logfiles that every member has applied. Every resource has one
+    /// member so far (this host), so that is what writeback has put on the disk.
+    pub fn reclaim_logs(&self) {
+        for r in self.all() {
+            let Some(v) = r.volume() else { continue };
+            match v.reclaim_logs() {
+                Ok(removed) if !removed.is_empty() => {
+                    let names: Vec<String> = removed.iter().map(ToString::to_string).collect();
+                    tracing::info!("{}: deleted logfiles {}", r.cfg.name, names.join(", "));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("{}: log reclamation: {e}", r.cfg.name),
+            }
+        }
+    }
+
     /// Closes every volume cleanly.
     pub fn shutdown(&self) {
         for r in self.all() {

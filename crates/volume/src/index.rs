@@ -73,6 +73,8 @@ pub struct Index {
     shadowed: BTreeMap<LogPos, LogPos>,
     /// Memory held by pending records.
     pub mem: usize,
+    /// Newest target handed out by `collect`.
+    last_position: LogPos,
 }
 
 impl Index {
@@ -231,9 +233,17 @@ impl Index {
             }
         }
         pieces.sort_by_key(|p| p.start);
+        // With nothing left pending, every record before `durable` is covered: the position may
+        // move to `durable` itself, e.g. into a new logfile after a rotation, so that the old
+        // logfile counts as written back.
+        let target = match target {
+            _ if self.queue.is_empty() && durable > self.last_position => Some(durable),
+            t => t,
+        };
         let Some(target) = target else {
             return Collected::default();
         };
+        self.last_position = target;
         // Cuts by records that are now being written back are resolved.
         self.shadowed.retain(|_, by| *by > target);
         let position = match self.shadowed.keys().next() {

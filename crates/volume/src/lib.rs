@@ -402,6 +402,27 @@ impl Volume {
         Ok(self.shared.log.current_file())
     }
 
+    /// Deletes the logfiles whose every record is on the backing disk (all before the logfile
+    /// holding the writeback position, never the current one). Returns what was deleted.
+    ///
+    /// This is log reclamation for a resource whose only member is this host; with replicas, the
+    /// caller must also wait until every replica has replayed a logfile.
+    pub fn reclaim_logs(&self) -> Result<Vec<LogName>, VolumeError> {
+        let keep_from = {
+            let wb = *lock(&self.shared.written_back);
+            wb.file.min(self.shared.log.current_file().no)
+        };
+        let mut removed = Vec::new();
+        for name in mars_txlog::list_logs(&*self.shared.dir)? {
+            if name.no >= keep_from {
+                break;
+            }
+            mars_txlog::remove_log(&*self.shared.dir, &name)?;
+            removed.push(name);
+        }
+        Ok(removed)
+    }
+
     pub fn status(&self) -> VolumeStatus {
         let (dirty, pending) = {
             let ix = lock(&self.shared.index);
