@@ -63,7 +63,18 @@ fn step(title: &str) {
 }
 
 fn run_shown(cmd: &mut Command) -> Result<String> {
-    let shown = format!("{cmd:?}").replace('"', "");
+    let quote = |s: &std::ffi::OsStr| {
+        let s = s.to_string_lossy();
+        if s.contains([' ', '?', '&']) {
+            format!("'{s}'")
+        } else {
+            s.into_owned()
+        }
+    };
+    let shown = std::iter::once(quote(cmd.get_program()))
+        .chain(cmd.get_args().map(quote))
+        .collect::<Vec<_>>()
+        .join(" ");
     println!("$ {shown}");
     let out = cmd
         .output()
@@ -179,12 +190,13 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> Result<()> {
     print!("{}", crate::view::cluster_text(&v, true));
 
     step("use it");
+    let me = std::env::current_exe().map_or_else(|_| "marsadm".into(), |p| p.display().to_string());
     println!("  export MARS_ROOT={}", root.display());
-    println!("  marsadm view demo");
-    println!("  marsadm view-nbd-uri demo");
+    println!("  {me} view demo");
+    println!("  {me} view-nbd-uri demo");
     println!("  qemu-img info '{uri}'");
     println!("  nbdcopy /some/file '{uri}'");
-    println!("  marsadm log-rotate demo");
+    println!("  {me} log-rotate demo");
     if args.exit {
         step("stopping marsd (the log is synced and written back first)");
         return Ok(());

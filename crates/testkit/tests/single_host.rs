@@ -508,3 +508,30 @@ fn demo_runs_and_cleans_up() {
     assert!(out.contains("created resource demo"), "{out}");
     assert!(out.contains("demo [1/1]"), "{out}");
 }
+
+#[test]
+fn shipped_systemd_unit_verifies() {
+    if !require("systemd-analyze") {
+        return;
+    }
+    let t = tmp();
+    let unit = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../dist/marsd.service"
+    ))
+    .unwrap()
+    .replace(
+        "/usr/sbin/marsd",
+        mars_testkit::bin("marsd").to_str().unwrap(),
+    );
+    let path = t.path().join("marsd.service");
+    fs::write(&path, unit).unwrap();
+    let o = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    // Unknown keys only warn, so any output at all is a failure.
+    assert!(o.status.success() && err.trim().is_empty(), "{err}");
+}
