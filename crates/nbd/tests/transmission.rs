@@ -337,43 +337,48 @@ async fn panicking_export_gives_eio_and_the_connection_survives() {
     finish(server).await.unwrap();
 }
 
-#[tokio::test]
-async fn replies_complete_out_of_order() {
+/// Sends a slow READ (cookie 100, offset 0) and a fast one (cookie 200) and returns the cookies
+/// in the order the replies came.
+async fn reply_order_of_slow_then_fast_read(
+    delay: Option<Duration>,
+    cfg: ServerConfig,
+) -> Vec<u64> {
     let mut export = MemExport::new(1 << 20);
     export.slow_offset = Some(0);
+    if let Some(d) = delay {
+        export.slow_delay = d;
+    }
     let (_, exports) = single(export);
-    let (mut c, server) = spawn_server(exports, ServerConfig::default());
-    c.handshake_go("disk").await;
-    c.send_request(0, proto::CMD_READ, 100, 0, 512).await;
-    c.send_request(0, proto::CMD_READ, 200, 4096, 512).await;
-    assert_eq!(c.read_reply().await, (0, 200));
-    c.read_data(512).await;
-    assert_eq!(c.read_reply().await, (0, 100));
-    c.read_data(512).await;
-    c.disconnect().await;
-    finish(server).await.unwrap();
-}
-
-#[tokio::test]
-async fn max_in_flight_one_serialises() {
-    let mut export = MemExport::new(1 << 20);
-    export.slow_offset = Some(0);
-    export.slow_delay = Duration::from_millis(100);
-    let (_, exports) = single(export);
-    let cfg = ServerConfig {
-        max_in_flight: 1,
-        ..ServerConfig::default()
-    };
     let (mut c, server) = spawn_server(exports, cfg);
     c.handshake_go("disk").await;
     c.send_request(0, proto::CMD_READ, 100, 0, 512).await;
     c.send_request(0, proto::CMD_READ, 200, 4096, 512).await;
-    assert_eq!(c.read_reply().await, (0, 100));
-    c.read_data(512).await;
-    assert_eq!(c.read_reply().await, (0, 200));
-    c.read_data(512).await;
+    let mut order = Vec::new();
+    for _ in 0..2 {
+        let (err, cookie) = c.read_reply().await;
+        assert_eq!(err, 0);
+        c.read_data(512).await;
+        order.push(cookie);
+    }
     c.disconnect().await;
     finish(server).await.unwrap();
+    order
+}
+
+#[tokio::test]
+async fn replies_complete_out_of_order() {
+    let order = reply_order_of_slow_then_fast_read(None, ServerConfig::default()).await;
+    assert_eq!(order, vec![200, 100]);
+}
+
+#[tokio::test]
+async fn max_in_flight_one_serialises() {
+    let cfg = ServerConfig {
+        max_in_flight: 1,
+        ..ServerConfig::default()
+    };
+    let order = reply_order_of_slow_then_fast_read(Some(Duration::from_millis(100)), cfg).await;
+    assert_eq!(order, vec![100, 200]);
 }
 
 #[tokio::test]

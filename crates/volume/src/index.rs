@@ -124,17 +124,7 @@ impl Index {
                         data: keep_left,
                     },
                 );
-                if e.end > end {
-                    let right = e.data.slice((end - s) as usize, (e.end - s) as usize);
-                    self.map.insert(
-                        end,
-                        Extent {
-                            end: e.end,
-                            rec: e.rec,
-                            data: right,
-                        },
-                    );
-                }
+                self.keep_right(s, &e, end);
             }
         }
         // Extents starting inside the range.
@@ -142,17 +132,22 @@ impl Index {
         for s in inside {
             let e = self.map.remove(&s).expect("listed");
             self.note_shadow(e.rec, by);
-            if e.end > end {
-                let right = e.data.slice((end - s) as usize, (e.end - s) as usize);
-                self.map.insert(
-                    end,
-                    Extent {
-                        end: e.end,
-                        rec: e.rec,
-                        data: right,
-                    },
-                );
-            }
+            self.keep_right(s, &e, end);
+        }
+    }
+
+    /// Re-inserts the part of extent `e` (starting at `s`) that lies beyond `end`, if any.
+    fn keep_right(&mut self, s: u64, e: &Extent, end: u64) {
+        if e.end > end {
+            let right = e.data.slice((end - s) as usize, (e.end - s) as usize);
+            self.map.insert(
+                end,
+                Extent {
+                    end: e.end,
+                    rec: e.rec,
+                    data: right,
+                },
+            );
         }
     }
 

@@ -322,24 +322,28 @@ impl Volume {
         may_trim: bool,
         fua: bool,
     ) -> Result<LogPos, VolumeError> {
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return self.maybe_fua(fua);
-        }
-        let end = self.append(Kind::Zero, offset, len, Data::Zero { punch: may_trim })?;
-        if fua {
-            self.shared.log.sync_to(end)?;
-        }
-        Ok(end)
+        self.zero_range(Kind::Zero, offset, len, may_trim, fua)
     }
 
     /// Discards a range. The result is defined (zeros) so that every replica stays identical.
     pub fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<LogPos, VolumeError> {
+        self.zero_range(Kind::Discard, offset, len, true, fua)
+    }
+
+    /// A compact zero-range record (no data); `punch` lets writeback deallocate the range.
+    fn zero_range(
+        &self,
+        kind: Kind,
+        offset: u64,
+        len: u64,
+        punch: bool,
+        fua: bool,
+    ) -> Result<LogPos, VolumeError> {
         self.check_range(offset, len)?;
         if len == 0 {
             return self.maybe_fua(fua);
         }
-        let end = self.append(Kind::Discard, offset, len, Data::Zero { punch: true })?;
+        let end = self.append(kind, offset, len, Data::Zero { punch })?;
         if fua {
             self.shared.log.sync_to(end)?;
         }
