@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use crate::{check_name, Dir, File, OpenMode};
@@ -32,6 +33,13 @@ struct Inner {
 #[derive(Default)]
 struct World {
     inner: Mutex<Inner>,
+    /// Fault injection: writes (incl. zeroing) and syncs of every file fail with EIO.
+    fail_writes: AtomicBool,
+    fail_syncs: AtomicBool,
+}
+
+fn eio(what: &str) -> io::Error {
+    io::Error::other(format!("injected I/O error on {what}"))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -122,6 +130,13 @@ impl MemDir {
         lock(&self.world.inner).sync_points
     }
 
+    /// From now on, every write (`fail_writes`) and/or every sync (`fail_syncs`) of a file in
+    /// this directory fails with an I/O error, like a dying disk.
+    pub fn inject_faults(&self, fail_writes: bool, fail_syncs: bool) {
+        self.world.fail_writes.store(fail_writes, Ordering::SeqCst);
+        self.world.fail_syncs.store(fail_syncs, Ordering::SeqCst);
+    }
+
     /// Direct access to a file's current bytes (for tests that corrupt or inspect).
     pub fn contents(&self, name: &str) -> Option<Vec<u8>> {
         let g = lock(&self.world.inner);
@@ -201,6 +216,15 @@ pub struct MemFile {
     world: Weak<World>,
 }
 
+impl MemFile {
+    fn fault(&self, flag: fn(&World) -> &AtomicBool, what: &str) -> io::Result<()> {
+        match self.world.upgrade() {
+            Some(w) if flag(&w).load(Ordering::SeqCst) => Err(eio(what)),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl File for MemFile {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         let s = lock(&self.state);
@@ -216,6 +240,7 @@ impl File for MemFile {
     }
 
     fn write_at(&self, buf: &[u8], off: u64) -> io::Result<()> {
+        self.fault(|w| &w.fail_writes, "write")?;
         let off = usize::try_from(off).map_err(|_| io::Error::other("offset too large"))?;
         let mut s = lock(&self.state);
         let end = off + buf.len();
@@ -237,6 +262,7 @@ impl File for MemFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        self.fault(|w| &w.fail_syncs, "fdatasync")?;
         {
             let mut s = lock(&self.state);
             s.synced = s.data.clone();
@@ -248,6 +274,7 @@ impl File for MemFile {
     }
 
     fn write_zeroes(&self, off: u64, len: u64, _punch: bool) -> io::Result<()> {
+        self.fault(|w| &w.fail_writes, "write")?;
         let off = usize::try_from(off).map_err(|_| io::Error::other("offset too large"))?;
         let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
         let mut s = lock(&self.state);

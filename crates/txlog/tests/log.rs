@@ -259,3 +259,26 @@ fn crash_at_every_sync_point_keeps_confirmed_records() {
         assert_eq!(got, (0..got.len() as u64).collect::<Vec<_>>());
     }
 }
+
+/// A failing fdatasync must never be reported as durability: the waiter gets the error, and the
+/// log refuses everything afterwards instead of pretending.
+#[test]
+fn sync_failure_fails_waiters_and_every_later_append() {
+    let dir = MemDir::new();
+    let d: Arc<dyn Dir> = Arc::new(dir.clone());
+    let log = Appender::start(d, host(), 1, 0, cfg(1 << 30)).unwrap();
+    let a = log.append(Kind::Write, 0, 3, b"abc").unwrap();
+    log.sync_to(a.end).unwrap();
+    dir.inject_faults(false, true);
+    let b = log.append(Kind::Write, 3, 3, b"def").unwrap();
+    let err = log.sync_to(b.end).unwrap_err();
+    assert!(
+        matches!(err, LogError::Failed(ref m) if m.contains("injected")),
+        "{err}"
+    );
+    assert!(matches!(
+        log.append(Kind::Write, 6, 1, b"g"),
+        Err(LogError::Failed(_))
+    ));
+    assert!(log.durable() < b.end);
+}

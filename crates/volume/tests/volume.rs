@@ -292,3 +292,42 @@ fn reclaim_deletes_only_written_back_logfiles_and_recovery_still_works() {
     drop(v2);
     v.close().unwrap();
 }
+
+/// The backing disk starts failing: writeback stops and reports, nothing acknowledged is lost
+/// (it is all in the log), new writes are refused with an error, and after the disk is
+/// repaired a restart replays the log onto it.
+#[test]
+fn disk_write_errors_stop_writeback_without_losing_data() {
+    let logdir = MemDir::new();
+    let diskdir = MemDir::new();
+    let disk = mem_disk(&diskdir);
+    let d: Arc<dyn Dir> = Arc::new(logdir.clone());
+    let (v, _) = Volume::open(cfg(1 << 20), d.clone(), disk.clone()).unwrap();
+    v.write(0, Bytes::from_static(b"before"), true).unwrap();
+    diskdir.inject_faults(true, false);
+    v.write(100, Bytes::from_static(b"during"), true).unwrap();
+    let mut failed = false;
+    for _ in 0..500 {
+        if v.status().error.is_some() {
+            failed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(failed, "writeback did not notice the failing disk");
+    assert!(matches!(
+        v.write(200, Bytes::from_static(b"after"), false),
+        Err(VolumeError::WritebackFailed(_))
+    ));
+    assert!(v.status().error.unwrap().contains("injected"));
+    assert!(v.close().is_err());
+    diskdir.inject_faults(false, false);
+    let (v, report) = Volume::open(cfg(1 << 20), d, disk).unwrap();
+    assert!(report.replayed >= 1);
+    let mut b = [0u8; 6];
+    v.read(0, &mut b).unwrap();
+    assert_eq!(&b, b"before");
+    v.read(100, &mut b).unwrap();
+    assert_eq!(&b, b"during");
+    v.close().unwrap();
+}
