@@ -535,3 +535,25 @@ fn shipped_systemd_unit_verifies() {
     // Unknown keys only warn, so any output at all is a failure.
     assert!(o.status.success() && err.trim().is_empty(), "{err}");
 }
+
+#[test]
+fn missing_disk_leaves_the_resource_detached_and_the_daemon_serving_others() {
+    let t = tmp();
+    let mut h = Host::start(t.path(), "alpha");
+    let gone = h.create_resource("vm1", 8 * MIB);
+    h.create_resource("vm2", 8 * MIB);
+    h.stop();
+    fs::remove_file(&gone).unwrap();
+    h.start_again();
+    assert_eq!(h.view("diskstate", "vm1"), "Detached");
+    let err = h.view("error", "vm1");
+    assert!(
+        err.contains(gone.to_str().unwrap()) && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(h.refused(&["view-nbd-uri", "vm1"]).contains("not served"));
+    assert!(h.refused(&["log-rotate", "vm1"]).contains("not attached"));
+    assert_eq!(h.view("diskstate", "vm2"), "UpToDate");
+    let mut c = Client::connect(&h.nbd_socket(), "vm2").unwrap();
+    c.write(0, b"still serving", true).unwrap();
+}
