@@ -21,11 +21,12 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-targets=(txlog_decode txlog_reader nbd_session)
+targets=(txlog_decode txlog_reader nbd_session wire_frame)
 declare -A dict=(
     [txlog_decode]=dict/txlog.dict
     [txlog_reader]=dict/txlog.dict
     [nbd_session]=dict/nbd_session.dict
+    [wire_frame]=dict/wire.dict
 )
 
 cargo fuzz build

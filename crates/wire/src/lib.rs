@@ -1,0 +1,260 @@
+//! The peer protocol between `marsd` hosts, as bytes: encode and decode only, no sockets, so the
+//! same code runs over TCP today and inside mutual TLS later, and every decoder can be fuzzed.
+//!
+//! A connection carries one *stream kind* (metadata, log fetch, sync), so bulk transfers never
+//! queue in front of metadata. Both sides open with a [`Hello`]; each checks the other's
+//! (protocol version, cluster id, host name) and either continues with frames or sends one
+//! [`Message::Refuse`] frame with the reason and closes.
+//!
+//! ```text
+//! Hello (both directions, first bytes of a connection), little-endian:
+//!   off size field
+//!     0    8 magic          "MARSPEER"
+//!     8    2 version        PROTOCOL_VERSION
+//!    10    1 stream kind    1 = metadata, 2 = log fetch, 3 = sync
+//!    11    1 host length n  1..=64
+//!    12   16 cluster id     all zero while joining (cluster not known yet)
+//!    28    n host name
+//!
+//! Frame (after the hellos):
+//!   off size field
+//!     0    4 body length m  type + payload, at most MAX_FRAME
+//!     4    1 type           see Message
+//!     5  m-1 payload        per type, below
+//!   4+m    4 crc32c         of type + payload (catches our own bugs and broken middleboxes)
+//! ```
+//!
+//! Payload encodings use `u64`/`u32` little-endian integers and strings as `u32 length + UTF-8`.
+
+mod message;
+
+pub use message::{Entry, Message};
+
+use mars_config::HostName;
+
+pub const MAGIC: [u8; 8] = *b"MARSPEER";
+/// The protocol this code speaks. Peers must speak the same version (until a second one exists,
+/// there is nothing to negotiate).
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Size of a hello without the host name.
+pub const HELLO_FIXED: usize = 28;
+/// Largest frame body: a 32 MiB log chunk plus headroom.
+pub const MAX_FRAME: u32 = (32 << 20) + 4096;
+/// Frame overhead: length prefix and checksum.
+pub const FRAME_OVERHEAD: usize = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum StreamKind {
+    Meta = 1,
+    Fetch = 2,
+    Sync = 3,
+}
+
+impl StreamKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Meta),
+            2 => Some(Self::Fetch),
+            3 => Some(Self::Sync),
+            _ => None,
+        }
+    }
+}
+
+/// A cluster's identity: 16 random bytes, printed as a UUID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ClusterId(pub [u8; 16]);
+
+impl ClusterId {
+    /// The id a joining host sends before it knows the cluster.
+    pub const UNKNOWN: ClusterId = ClusterId([0; 16]);
+
+    pub fn parse(s: &str) -> Result<Self, WireError> {
+        let hex: String = s.chars().filter(|&c| c != '-').collect();
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(WireError::BadClusterId(s.to_owned()));
+        }
+        let mut b = [0u8; 16];
+        for (i, out) in b.iter_mut().enumerate() {
+            *out = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16)
+                .map_err(|_| WireError::BadClusterId(s.to_owned()))?;
+        }
+        Ok(Self(b))
+    }
+}
+
+impl std::fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h: String = self.0.iter().map(|x| format!("{x:02x}")).collect();
+        write!(
+            f,
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub kind: StreamKind,
+    pub cluster: ClusterId,
+    pub host: HostName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("not a mars peer (bad magic {0:02x?})")]
+    BadMagic([u8; 8]),
+    #[error("unknown stream kind {0}")]
+    BadStreamKind(u8),
+    #[error("bad host name in hello: {0}")]
+    BadHost(String),
+    #[error("bad cluster id {0:?}")]
+    BadClusterId(String),
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(u32),
+    #[error("empty frame")]
+    EmptyFrame,
+    #[error("frame checksum mismatch")]
+    BadChecksum,
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    #[error("malformed {what} message: {why}")]
+    Malformed { what: &'static str, why: String },
+}
+
+/// Why a peer's hello is refused; the text goes into the Refuse frame and the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("protocol version {theirs} is not supported (this host speaks {PROTOCOL_VERSION})")]
+    Version { theirs: u16 },
+    #[error("host {host} belongs to cluster {theirs}, this host to cluster {ours}")]
+    OtherCluster {
+        host: HostName,
+        theirs: ClusterId,
+        ours: ClusterId,
+    },
+}
+
+impl Hello {
+    pub fn new(kind: StreamKind, cluster: ClusterId, host: HostName) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            kind,
+            cluster,
+            host,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let h = self.host.as_str().as_bytes();
+        let mut v = Vec::with_capacity(HELLO_FIXED + h.len());
+        v.extend_from_slice(&MAGIC);
+        v.extend_from_slice(&self.version.to_le_bytes());
+        v.push(self.kind as u8);
+        v.push(h.len() as u8);
+        v.extend_from_slice(&self.cluster.0);
+        v.extend_from_slice(h);
+        v
+    }
+
+    /// Decodes a hello from the start of `buf`: `Ok(None)` if more bytes are needed, else the
+    /// hello and how many bytes it took.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Hello, usize)>, WireError> {
+        let m = buf.len().min(8);
+        if buf[..m] != MAGIC[..m] {
+            let mut got = [0u8; 8];
+            got[..m].copy_from_slice(&buf[..m]);
+            return Err(WireError::BadMagic(got));
+        }
+        if buf.len() < HELLO_FIXED {
+            return Ok(None);
+        }
+        let version = u16::from_le_bytes([buf[8], buf[9]]);
+        let kind = StreamKind::from_u8(buf[10]).ok_or(WireError::BadStreamKind(buf[10]))?;
+        let n = buf[11] as usize;
+        if buf.len() < HELLO_FIXED + n {
+            return Ok(None);
+        }
+        let mut cluster = [0u8; 16];
+        cluster.copy_from_slice(&buf[12..28]);
+        let name = std::str::from_utf8(&buf[28..28 + n])
+            .map_err(|_| WireError::BadHost("not UTF-8".into()))?;
+        let host = HostName::new(name).map_err(|e| WireError::BadHost(e.to_string()))?;
+        Ok(Some((
+            Hello {
+                version,
+                kind,
+                cluster: ClusterId(cluster),
+                host,
+            },
+            HELLO_FIXED + n,
+        )))
+    }
+
+    /// Checks a peer's hello against ours. A joining peer (unknown cluster) is accepted here;
+    /// whether it may join is the daemon's decision.
+    pub fn check_peer(&self, peer: &Hello) -> Result<(), Refusal> {
+        if peer.version != PROTOCOL_VERSION {
+            return Err(Refusal::Version {
+                theirs: peer.version,
+            });
+        }
+        if peer.cluster != self.cluster
+            && peer.cluster != ClusterId::UNKNOWN
+            && self.cluster != ClusterId::UNKNOWN
+        {
+            return Err(Refusal::OtherCluster {
+                host: peer.host.clone(),
+                theirs: peer.cluster,
+                ours: self.cluster,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Appends one frame carrying `msg` to `out`.
+pub fn encode_frame(msg: &Message, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    msg.encode(out);
+    let body_len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
+    let crc = crc32c::crc32c(&out[start + 4..]);
+    out.extend_from_slice(&crc.to_le_bytes());
+}
+
+/// Decodes one frame from the start of `buf`: `Ok(None)` if it is not complete yet, else the
+/// message and the number of bytes consumed. Never allocates more than the frame limit.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes"));
+    if len == 0 {
+        return Err(WireError::EmptyFrame);
+    }
+    if len > MAX_FRAME {
+        return Err(WireError::FrameTooLarge(len));
+    }
+    let total = FRAME_OVERHEAD + len as usize;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    let body = &buf[4..4 + len as usize];
+    let crc = u32::from_le_bytes(buf[4 + len as usize..total].try_into().expect("4 bytes"));
+    if crc32c::crc32c(body) != crc {
+        return Err(WireError::BadChecksum);
+    }
+    Ok(Some((Message::decode(body)?, total)))
+}
+
+#[cfg(test)]
+mod tests;
