@@ -1,0 +1,511 @@
+//! The store: last-writer-wins merge, ownership checks, seq bookkeeping, redb persistence.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use mars_config::HostName;
+use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, Stamp};
+use crate::key::{member_of_key, owner_of, validate_key, MAX_VALUE_LEN};
+use crate::{MetaError, Result};
+
+/// key → JSON [`Record`].
+const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
+/// seq of a key's last change → key (exactly one row per stored key).
+const SEQS: TableDefinition<u64, &str> = TableDefinition::new("seq_index");
+/// Small counters, see the `META_*` keys.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The last local seq handed out.
+const META_SEQ: &str = "seq";
+/// The clock's last stamp.
+const META_CLOCK: &str = "clock";
+/// The largest horizon passed to `gc_tombstones`.
+const META_GC_HORIZON: &str = "gc_horizon";
+
+/// One key's current state as replicated between hosts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub key: String,
+    /// `None` is a tombstone: the key was deleted.
+    pub value: Option<String>,
+    pub stamp: Stamp,
+    /// The host that wrote this entry.
+    pub origin: HostName,
+}
+
+impl Entry {
+    /// Whether this is a tombstone.
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    /// Whether this entry wins over `other` for the same key: higher stamp; on equal stamps the
+    /// greater origin host name; on equal stamp and origin (a malformed duplicate) the greater
+    /// value, a tombstone being the smallest. Identical entries do not supersede each other.
+    pub fn supersedes(&self, other: &Entry) -> bool {
+        self.rank() > other.rank()
+    }
+
+    fn rank(&self) -> (Stamp, &str, Option<&str>) {
+        (self.stamp, self.origin.as_str(), self.value.as_deref())
+    }
+}
+
+/// What the store keeps per key: the entry's fields plus the local seq of its last change.
+#[derive(Clone, Serialize, Deserialize)]
+struct Record {
+    value: Option<String>,
+    stamp: Stamp,
+    origin: HostName,
+    seq: u64,
+}
+
+/// The answer to [`Store::changes_since`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Changes {
+    /// Current entries (tombstones included) whose last change is after the requested seq, in
+    /// seq order.
+    pub entries: Vec<Entry>,
+    /// The asker has now seen everything up to this seq: the seq of the last entry returned if
+    /// `limit` cut the list short, else `local_seq`. Ask again from here.
+    pub up_to: u64,
+    /// The answering store's current seq. If it is below the seq asked for, that store was
+    /// replaced and the asker should start again from 0.
+    pub local_seq: u64,
+}
+
+impl Changes {
+    /// Whether nothing after `up_to` is left.
+    pub fn is_complete(&self) -> bool {
+        self.up_to == self.local_seq
+    }
+}
+
+/// What [`Store::apply_remote`] did with a batch.
+#[derive(Debug, Default)]
+pub struct ApplyReport {
+    /// Entries that won and were stored (each got a new local seq).
+    pub applied: usize,
+    /// Entries that lost against the stored entry (or are older than the GC horizon for a key
+    /// the store no longer holds).
+    pub ignored_older: usize,
+    /// Entries identical to the stored one.
+    pub duplicates: usize,
+    /// Entries refused: invalid key or value, origin not the key's owner, stamp too far in the
+    /// future. Nothing else in the batch is affected.
+    pub refused: Vec<(String, MetaError)>,
+}
+
+/// The replicated metadata store of one host. Writers take `&mut self`; the daemon wraps the
+/// store in a mutex.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    host: HostName,
+    clock: Clock,
+    seq: u64,
+    gc_horizon: Stamp,
+    /// Hosts with a live `ips/ip-HOST` key, plus this host.
+    members: BTreeSet<HostName>,
+}
+
+/// The three tables, opened in one write transaction.
+struct Tables<'t> {
+    entries: Table<'t, &'static str, &'static [u8]>,
+    seqs: Table<'t, u64, &'static str>,
+    meta: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Self> {
+        Ok(Tables {
+            entries: txn.open_table(ENTRIES)?,
+            seqs: txn.open_table(SEQS)?,
+            meta: txn.open_table(META)?,
+        })
+    }
+
+    fn load(&self, key: &str) -> Result<Option<Record>> {
+        self.entries
+            .get(key)?
+            .map(|v| decode(key, v.value()))
+            .transpose()
+    }
+
+    /// Stores `entry` as changed at `seq`, dropping the key's previous seq from the index.
+    fn store(&mut self, entry: &Entry, old_seq: Option<u64>, seq: u64) -> Result<()> {
+        if let Some(old) = old_seq {
+            self.seqs.remove(old)?;
+        }
+        let record = Record {
+            value: entry.value.clone(),
+            stamp: entry.stamp,
+            origin: entry.origin.clone(),
+            seq,
+        };
+        let bytes = serde_json::to_vec(&record).expect("a record always serializes");
+        self.entries.insert(entry.key.as_str(), bytes.as_slice())?;
+        self.seqs.insert(seq, entry.key.as_str())?;
+        Ok(())
+    }
+
+    fn meta(&self, name: &str) -> Result<u64> {
+        Ok(self.meta.get(name)?.map(|v| v.value()).unwrap_or(0))
+    }
+}
+
+fn decode(key: &str, bytes: &[u8]) -> Result<Record> {
+    serde_json::from_slice(bytes).map_err(|e| MetaError::Corrupt {
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn entry_of(key: &str, r: Record) -> Entry {
+    Entry {
+        key: key.to_owned(),
+        value: r.value,
+        stamp: r.stamp,
+        origin: r.origin,
+    }
+}
+
+fn check_value(key: &str, value: Option<&str>) -> Result<()> {
+    match value {
+        Some(v) if v.len() > MAX_VALUE_LEN => Err(MetaError::ValueTooLong {
+            key: key.to_owned(),
+            len: v.len(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in the redb file at `path` for host `host`. The seq counter
+    /// and the clock continue where they were; the clock never goes backwards, whatever `now`
+    /// says.
+    pub fn open(
+        path: impl AsRef<Path>,
+        host: HostName,
+        now: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Result<Self> {
+        Self::init(Database::create(path)?, host, now)
+    }
+
+    /// A store kept in memory (tests, simulation).
+    pub fn in_memory(
+        host: HostName,
+        now: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init(db, host, now)
+    }
+
+    fn init(
+        db: Database,
+        host: HostName,
+        now: impl Fn() -> u64 + Send + Sync + 'static,
+    ) -> Result<Self> {
+        let mut clock = Clock::new(Arc::new(now));
+        let txn = db.begin_write()?;
+        let (seq, gc_horizon) = {
+            let t = Tables::open(&txn)?;
+            clock.restore(t.meta(META_CLOCK)?);
+            (t.meta(META_SEQ)?, t.meta(META_GC_HORIZON)?)
+        };
+        txn.commit()?;
+        let mut store = Store {
+            db,
+            host,
+            clock,
+            seq,
+            gc_horizon,
+            members: BTreeSet::new(),
+        };
+        store.members = store
+            .list_prefix("ips/ip-")?
+            .iter()
+            .filter_map(|e| member_of_key(&e.key))
+            .collect();
+        store.members.insert(store.host.clone());
+        Ok(store)
+    }
+
+    /// The same store with another limit for stamps ahead of local real time (default 30 days).
+    pub fn with_max_future(mut self, max_future_ns: u64) -> Self {
+        self.clock = self.clock.with_max_future(max_future_ns);
+        self
+    }
+
+    /// This host.
+    pub fn host(&self) -> &HostName {
+        &self.host
+    }
+
+    /// The Lamport clock (its `last()` is the newest stamp issued or seen).
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    /// The local change counter: the seq of the last change applied to this store.
+    pub fn local_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The largest horizon tombstones were collected at (0: never).
+    pub fn gc_horizon(&self) -> Stamp {
+        self.gc_horizon
+    }
+
+    /// The members: hosts with a live `ips/ip-HOST` key, plus this host.
+    pub fn members(&self) -> &BTreeSet<HostName> {
+        &self.members
+    }
+
+    /// The owner of `key` under the current membership, `None` for a shared key.
+    pub fn owner_of(&self, key: &str) -> Option<HostName> {
+        owner_of(key, &self.members)
+    }
+
+    /// The stored entry for `key`; a deleted key shows as a tombstone (value `None`).
+    pub fn get(&self, key: &str) -> Result<Option<Entry>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let found = table.get(key)?;
+        found
+            .map(|v| decode(key, v.value()).map(|r| entry_of(key, r)))
+            .transpose()
+    }
+
+    /// The live value of `key` (`None` if absent or deleted).
+    pub fn value(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.get(key)?.and_then(|e| e.value))
+    }
+
+    /// Live entries whose key starts with `prefix`, in key order.
+    pub fn list_prefix(&self, prefix: &str) -> Result<Vec<Entry>> {
+        let mut all = self.list_prefix_with_tombstones(prefix)?;
+        all.retain(|e| !e.is_tombstone());
+        Ok(all)
+    }
+
+    /// Entries, tombstones included, whose key starts with `prefix`, in key order.
+    pub fn list_prefix_with_tombstones(&self, prefix: &str) -> Result<Vec<Entry>> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(ENTRIES)?;
+        let mut out = Vec::new();
+        for item in table.range(prefix..)? {
+            let (k, v) = item?;
+            let key = k.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            out.push(entry_of(key, decode(key, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Sets `key` to `value` with a new stamp. Refused for invalid keys or values and for keys
+    /// owned by another host.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<Entry> {
+        self.write_local(key, Some(value.to_owned()))
+    }
+
+    /// Deletes `key` by writing a tombstone with a new stamp (also if the key is unknown here: a
+    /// peer may hold it). Same refusals as [`Store::set`].
+    pub fn delete(&mut self, key: &str) -> Result<Entry> {
+        self.write_local(key, None)
+    }
+
+    fn write_local(&mut self, key: &str, value: Option<String>) -> Result<Entry> {
+        validate_key(key)?;
+        check_value(key, value.as_deref())?;
+        if let Some(owner) = self.owner_of(key) {
+            if owner != self.host {
+                return Err(MetaError::NotOwner {
+                    key: key.to_owned(),
+                    owner,
+                    writer: self.host.clone(),
+                });
+            }
+        }
+        let entry = Entry {
+            key: key.to_owned(),
+            value,
+            stamp: self.clock.tick(),
+            origin: self.host.clone(),
+        };
+        let seq = self.seq + 1;
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            let old = t.load(key)?;
+            // Every stored stamp has been seen by the clock, so a fresh tick always wins.
+            debug_assert!(old
+                .as_ref()
+                .is_none_or(|o| entry.supersedes(&entry_of(key, o.clone()))));
+            t.store(&entry, old.map(|o| o.seq), seq)?;
+            t.meta.insert(META_SEQ, seq)?;
+            t.meta.insert(META_CLOCK, self.clock.last())?;
+        }
+        txn.commit()?;
+        self.seq = seq;
+        self.note_membership(&entry);
+        Ok(entry)
+    }
+
+    fn note_membership(&mut self, entry: &Entry) {
+        note_membership(&mut self.members, &self.host, entry);
+    }
+
+    /// Merges entries received from a peer, in one transaction. Each entry is checked (key,
+    /// value, owner = origin for owned keys, stamp not too far in the future) and refused alone
+    /// if it fails; the others are merged by last-writer-wins and each winner gets a new local
+    /// seq. Applying the same batch twice changes nothing the second time.
+    pub fn apply_remote(&mut self, entries: &[Entry]) -> Result<ApplyReport> {
+        let mut report = ApplyReport::default();
+        if entries.is_empty() {
+            return Ok(report);
+        }
+        let mut seq = self.seq;
+        let mut members = self.members.clone();
+        let clock_before = self.clock.last();
+        let txn = self.db.begin_write()?;
+        {
+            let mut t = Tables::open(&txn)?;
+            for e in entries {
+                if let Err(reason) = self.admit(e, &members) {
+                    report.refused.push((e.key.clone(), reason));
+                    continue;
+                }
+                self.clock.observe(e.stamp)?;
+                let old = t.load(&e.key)?;
+                match &old {
+                    Some(o) => {
+                        let stored = entry_of(&e.key, o.clone());
+                        if stored == *e {
+                            report.duplicates += 1;
+                            continue;
+                        }
+                        if !e.supersedes(&stored) {
+                            report.ignored_older += 1;
+                            continue;
+                        }
+                    }
+                    None if e.stamp < self.gc_horizon => {
+                        report.ignored_older += 1;
+                        continue;
+                    }
+                    None => {}
+                }
+                seq += 1;
+                t.store(e, old.map(|o| o.seq), seq)?;
+                note_membership(&mut members, &self.host, e);
+                report.applied += 1;
+            }
+            if seq != self.seq {
+                t.meta.insert(META_SEQ, seq)?;
+            }
+            if self.clock.last() != clock_before {
+                t.meta.insert(META_CLOCK, self.clock.last())?;
+            }
+        }
+        txn.commit()?;
+        self.seq = seq;
+        self.members = members;
+        Ok(report)
+    }
+
+    fn admit(&self, e: &Entry, members: &BTreeSet<HostName>) -> Result<()> {
+        validate_key(&e.key)?;
+        check_value(&e.key, e.value.as_deref())?;
+        if let Some(owner) = owner_of(&e.key, members) {
+            if owner != e.origin {
+                return Err(MetaError::NotOwner {
+                    key: e.key.clone(),
+                    owner,
+                    writer: e.origin.clone(),
+                });
+            }
+        }
+        self.clock.check(e.stamp)
+    }
+
+    /// The entries changed after local seq `since`, at most `limit` of them, in seq order (see
+    /// [`Changes`]). Cost is proportional to the entries returned.
+    pub fn changes_since(&self, since: u64, limit: usize) -> Result<Changes> {
+        let txn = self.db.begin_read()?;
+        let seqs = txn.open_table(SEQS)?;
+        let entries = txn.open_table(ENTRIES)?;
+        let mut out = Vec::new();
+        let mut up_to = self.seq;
+        let mut last = since;
+        for item in seqs.range(since.saturating_add(1)..)? {
+            if out.len() == limit {
+                up_to = last;
+                break;
+            }
+            let (s, k) = item?;
+            let key = k.value();
+            let record = entries.get(key)?.ok_or_else(|| MetaError::Corrupt {
+                key: key.to_owned(),
+                reason: format!("seq index entry {} names a missing key", s.value()),
+            })?;
+            out.push(entry_of(key, decode(key, record.value())?));
+            last = s.value();
+        }
+        Ok(Changes {
+            entries: out,
+            up_to,
+            local_seq: self.seq,
+        })
+    }
+
+    /// Removes tombstones stamped before `horizon` and remembers the horizon, so that remote
+    /// updates older than it for keys the store does not hold are ignored from now on (no
+    /// resurrection; see the crate documentation for the trade-off). The clock observes the
+    /// horizon, so later local stamps are above it; a horizon too far in the future is refused.
+    /// Returns the number of tombstones removed. Costs a scan of the whole map.
+    pub fn gc_tombstones(&mut self, horizon: Stamp) -> Result<usize> {
+        self.clock.observe(horizon)?;
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut t = Tables::open(&txn)?;
+            let mut doomed = Vec::new();
+            for item in t.entries.iter()? {
+                let (k, v) = item?;
+                let r = decode(k.value(), v.value())?;
+                if r.value.is_none() && r.stamp < horizon {
+                    doomed.push((k.value().to_owned(), r.seq));
+                }
+            }
+            for (key, seq) in &doomed {
+                t.entries.remove(key.as_str())?;
+                t.seqs.remove(*seq)?;
+            }
+            t.meta
+                .insert(META_GC_HORIZON, self.gc_horizon.max(horizon))?;
+            t.meta.insert(META_CLOCK, self.clock.last())?;
+            doomed.len()
+        };
+        txn.commit()?;
+        self.gc_horizon = self.gc_horizon.max(horizon);
+        Ok(removed)
+    }
+}
+
+fn note_membership(members: &mut BTreeSet<HostName>, me: &HostName, entry: &Entry) {
+    if let Some(host) = member_of_key(&entry.key) {
+        if entry.is_tombstone() {
+            if host != *me {
+                members.remove(&host);
+            }
+        } else {
+            members.insert(host);
+        }
+    }
+}
