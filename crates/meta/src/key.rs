@@ -48,10 +48,15 @@ pub fn member_of_key(key: &str) -> Option<HostName> {
 
 /// The member that owns `key`, or `None` for a shared key.
 ///
-/// The segment nearest the leaf that ends in `-HOST` for a member `HOST` decides (the longest
+/// Membership keys `ips/ip-HOST` are shared. Otherwise the segment nearest the leaf that ends in `-HOST` for a member `HOST` decides (the longest
 /// such member name if several match); a leading `resource-RES` segment is a resource directory
 /// and never makes a key owned.
 pub fn owner_of(key: &str, members: &BTreeSet<HostName>) -> Option<HostName> {
+    // Membership is shared: a host announces itself, but any member must be able to remove a
+    // dead one (`lowlevel-delete-host`), as in MARS.
+    if member_of_key(key).is_some() {
+        return None;
+    }
     let segments: Vec<&str> = key.split('/').collect();
     segments
         .into_iter()
@@ -118,7 +123,8 @@ mod tests {
         let owner = |k| owner_of(k, &m).map(|h| h.to_string());
         assert_eq!(owner("resource-vm1/replay-alpha").as_deref(), Some("alpha"));
         assert_eq!(owner("actual-alpha/alive").as_deref(), Some("alpha"));
-        assert_eq!(owner("ips/ip-beta").as_deref(), Some("beta"));
+        // Membership is shared, so that a dead member can be removed by any other.
+        assert_eq!(owner("ips/ip-beta").as_deref(), None);
         assert_eq!(
             owner("resource-vm1/todo-beta/attach").as_deref(),
             Some("beta")
@@ -128,8 +134,11 @@ mod tests {
             Some("alpha")
         );
         // Longest member name wins; a bare host name is not a suffix match.
-        assert_eq!(owner("ips/ip-test-bap1").as_deref(), Some("test-bap1"));
-        assert_eq!(owner("ips/ip-x-bap1").as_deref(), Some("bap1"));
+        assert_eq!(
+            owner("actual-test-bap1/alive").as_deref(),
+            Some("test-bap1")
+        );
+        assert_eq!(owner("actual-x-bap1/alive").as_deref(), Some("bap1"));
         assert_eq!(owner("alpha"), None);
         assert_eq!(owner("ips/-alpha"), None);
         // Shared keys; `resource-vm1` names a resource even though vm1 is a host.

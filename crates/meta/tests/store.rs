@@ -94,11 +94,7 @@ fn lww_higher_stamp_wins_ties_broken_by_host_name() {
 #[test]
 fn local_write_of_foreign_owned_key_is_refused() {
     let (_t, mut a, _b) = pair();
-    for key in [
-        "actual-beta/alive",
-        "resource-vm1/replay-beta",
-        "ips/ip-beta",
-    ] {
+    for key in ["actual-beta/alive", "resource-vm1/replay-beta"] {
         let seq = a.local_seq();
         match a.set(key, "1") {
             Err(MetaError::NotOwner { owner, writer, .. }) => {
