@@ -34,13 +34,28 @@ pub enum Request {
         /// Bytes; default: the disk's size.
         size: Option<u64>,
     },
-    /// Status of one resource, or of all when `res` is `None`.
-    View { res: Option<ResourceName> },
+    /// Status of one resource, or of all when `res` is `None`. Members not heard from within
+    /// `window` seconds (default 60) are shown as not alive.
+    View {
+        res: Option<ResourceName>,
+        #[serde(default)]
+        window: Option<u64>,
+    },
+    /// Joins the cluster that the host at `peer` (ADDR[:PORT]) belongs to.
+    JoinCluster { peer: String },
+    /// Leaves the cluster (refused while this host holds resources).
+    LeaveCluster { timeout: u64 },
+    /// Waits until every member answered recently, at most `timeout` seconds.
+    WaitCluster { timeout: u64 },
+    /// Fetches every member's changes now.
+    UpdateCluster { timeout: u64 },
+    /// Removes a (dead) member from the cluster.
+    DeleteHost { host: String },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "kebab-case")]
 pub enum Response {
     Ok { reply: Reply },
@@ -61,7 +76,7 @@ pub enum ErrorKind {
     Failed,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Reply {
     Pong {
@@ -83,11 +98,29 @@ pub struct ClusterInfo {
     pub address: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterView {
     pub host: String,
     pub cluster: Option<ClusterInfo>,
+    #[serde(default)]
+    pub members: Vec<MemberView>,
     pub resources: Vec<ResourceView>,
+}
+
+/// One cluster member as this host sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberView {
+    pub host: String,
+    pub address: String,
+    pub this_host: bool,
+    /// Its liveness stamp is younger than the window.
+    pub alive: bool,
+    /// Seconds since the member's newest liveness stamp (its information's age).
+    pub age_secs: Option<f64>,
+    /// This host exchanged metadata with it directly within the last few seconds.
+    pub connected: bool,
+    /// Why the last exchange failed, if it did.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -108,10 +108,14 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> Result<()> {
     step("starting marsd (host demo) with a file-backed disk");
     std::fs::File::create(&disk)?.set_len(size)?;
     let log = std::fs::File::create(dir.join("marsd.log"))?;
+    // A free port, so that the demo runs beside a real marsd.
+    let peer_addr = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
     let child = Command::new(marsd_path())
         .arg("--root")
         .arg(&root)
-        .args(["--host", "demo", "--listen", "127.0.0.1:7777"])
+        .args(["--host", "demo", "--listen", &peer_addr])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -184,7 +188,15 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> Result<()> {
     }
 
     step("marsadm view demo");
-    let Reply::View(v) = client::call(&root, &Request::View { res: None }, t)? else {
+    let Reply::View(v) = client::call(
+        &root,
+        &Request::View {
+            res: None,
+            window: None,
+        },
+        t,
+    )?
+    else {
         bail!("unexpected answer from marsd");
     };
     print!("{}", crate::view::cluster_text(&v, true));

@@ -41,6 +41,9 @@ pub struct Cli {
     /// Check a command without changing anything (reserved: refused by every command so far).
     #[arg(long, global = true)]
     dry_run: bool,
+    /// Seconds after which a silent member counts as not alive in `view`.
+    #[arg(long, default_value_t = 60, global = true)]
+    window: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -53,6 +56,18 @@ enum Cmd {
         #[arg(long)]
         ip: Option<String>,
     },
+    /// Join the cluster that the host at PEER (ADDR[:PORT], default port 7777) belongs to.
+    JoinCluster { peer: String },
+    /// Leave the cluster (refused while this host holds resources).
+    LeaveCluster,
+    /// Wait until every member answered (at most --timeout seconds).
+    WaitCluster,
+    /// Fetch every member's metadata changes now.
+    UpdateCluster,
+    /// List the members and their addresses.
+    LowlevelLsHostIps,
+    /// Remove a dead member from the cluster.
+    LowlevelDeleteHost { host: String },
     /// Create a resource on DISK (file or block device); this host becomes primary.
     CreateResource {
         res: String,
@@ -123,6 +138,52 @@ impl Cli {
                 let r = self.call(&Request::CreateResource { res, disk, size })?;
                 self.print_done(r)
             }
+            Cmd::JoinCluster { peer } => {
+                self.no_dry_run("join-cluster")?;
+                let r = self.call(&Request::JoinCluster { peer: peer.clone() })?;
+                self.print_done(r)
+            }
+            Cmd::LeaveCluster => {
+                self.no_dry_run("leave-cluster")?;
+                let r = self.call(&Request::LeaveCluster {
+                    timeout: self.timeout,
+                })?;
+                self.print_done(r)
+            }
+            Cmd::WaitCluster => {
+                let r = self.call(&Request::WaitCluster {
+                    timeout: self.timeout,
+                })?;
+                self.print_done(r)
+            }
+            Cmd::UpdateCluster => {
+                let r = self.call(&Request::UpdateCluster {
+                    timeout: self.timeout,
+                })?;
+                self.print_done(r)
+            }
+            Cmd::LowlevelLsHostIps => {
+                let Reply::View(v) = self.call(&Request::View {
+                    res: None,
+                    window: Some(self.window),
+                })?
+                else {
+                    bail!("unexpected answer from marsd");
+                };
+                if self.json {
+                    println!("{}", serde_json::to_string_pretty(&v.members)?);
+                } else {
+                    for m in &v.members {
+                        println!("{} {}", m.host, m.address);
+                    }
+                }
+                Ok(())
+            }
+            Cmd::LowlevelDeleteHost { host } => {
+                self.no_dry_run("lowlevel-delete-host")?;
+                let r = self.call(&Request::DeleteHost { host: host.clone() })?;
+                self.print_done(r)
+            }
             Cmd::View { res } => self.view(res.as_deref()),
             Cmd::LogRotate { res } => {
                 self.no_dry_run("log-rotate")?;
@@ -152,7 +213,11 @@ impl Cli {
         } else {
             res.map(resource).transpose()?
         };
-        let Reply::View(v) = self.call(&Request::View { res })? else {
+        let Reply::View(v) = self.call(&Request::View {
+            res,
+            window: Some(self.window),
+        })?
+        else {
             bail!("unexpected answer from marsd");
         };
         if self.json {
@@ -171,7 +236,11 @@ impl Cli {
             );
         }
         let name = resource(res)?;
-        let Reply::View(v) = self.call(&Request::View { res: Some(name) })? else {
+        let Reply::View(v) = self.call(&Request::View {
+            res: Some(name),
+            window: None,
+        })?
+        else {
             bail!("unexpected answer from marsd");
         };
         let r = v.resources.first().context("daemon returned no resource")?;

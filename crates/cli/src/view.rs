@@ -51,7 +51,29 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
         match &v.cluster {
             Some(c) => {
                 s += &format!("--------- cluster {}\n", c.uuid);
-                s += &format!("    host {} at {} (this host)\n", c.host, c.address);
+                for m in &v.members {
+                    let state = if m.this_host {
+                        "this host".to_string()
+                    } else {
+                        let age = m
+                            .age_secs
+                            .map_or("never heard from".into(), |a| format!("info {a:.1}s old"));
+                        format!(
+                            "{}, {}, {age}{}",
+                            if m.alive { "alive" } else { "NOT ALIVE" },
+                            if m.connected {
+                                "connected"
+                            } else {
+                                "not connected"
+                            },
+                            m.error
+                                .as_ref()
+                                .map(|e| format!(", last error: {e}"))
+                                .unwrap_or_default()
+                        )
+                    };
+                    s += &format!("    host {} at {} ({state})\n", m.host, m.address);
+                }
             }
             None => s += &format!("host {} is not in a cluster yet\n", v.host),
         }

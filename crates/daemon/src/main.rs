@@ -1,6 +1,7 @@
 //! `marsd`: the per-host daemon. It owns everything under its root directory, serves the
 //! resources' block devices over NBD and answers `marsadm` on the control socket.
 
+mod cluster;
 mod resource;
 mod root;
 mod serve;

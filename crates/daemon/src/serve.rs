@@ -34,6 +34,12 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
         ),
         None => None,
     };
+    let peers = TcpListener::bind(&daemon.listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", daemon.listen))?;
+    tracing::info!("listening for peers on {}", daemon.listen);
+    tokio::spawn(crate::cluster::listen(daemon.clone(), peers));
+    tokio::spawn(crate::cluster::supervise(daemon.clone()));
     let exports: Arc<dyn Exports> = Arc::new(DaemonExports(daemon.clone()));
     let cfg = Arc::new(ServerConfig::default());
 
@@ -149,7 +155,21 @@ async fn control_conn(daemon: Arc<Daemon>, s: UnixStream) -> Result<()> {
         Ok(req) => {
             tracing::debug!("control request: {req:?}");
             let d = daemon.clone();
-            match tokio::task::spawn_blocking(move || d.handle(req)).await {
+            let secs = std::time::Duration::from_secs;
+            let outcome = match req {
+                Request::JoinCluster { peer } => Ok(crate::cluster::join(d, &peer).await),
+                Request::LeaveCluster { timeout } => {
+                    Ok(crate::cluster::leave(d, secs(timeout)).await)
+                }
+                Request::WaitCluster { timeout } => {
+                    Ok(crate::cluster::wait(d, secs(timeout)).await)
+                }
+                Request::UpdateCluster { timeout } => {
+                    Ok(crate::cluster::update(d, secs(timeout)).await)
+                }
+                req => tokio::task::spawn_blocking(move || d.handle(req)).await,
+            };
+            match outcome {
                 Ok(Ok(reply)) => Response::Ok { reply },
                 Ok(Err(refusal)) => Response::Error {
                     kind: refusal.0,

@@ -5,12 +5,17 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
+use anyhow::Context;
 use mars_api::{ClusterInfo, ClusterView, ErrorKind, Reply, Request};
 use mars_config::{format_size, HostName, ResourceName};
 use mars_nbd::{Export, Exports};
 
+use crate::cluster::{Cluster, MEMBER_PREFIX};
 use crate::resource::{Resource, Tuning};
 use crate::root::{self, ClusterFile, ResourceFile, CLUSTER_FILE, RESOURCE_FILE};
+
+/// The metadata store inside the root.
+pub const META_FILE: &str = "meta.redb";
 
 /// MARS refuses resources of 64 KiB and less; so do we.
 pub const MIN_RESOURCE_SIZE: u64 = 64 << 10 | 1;
@@ -21,7 +26,10 @@ pub struct Daemon {
     pub listen: String,
     pub nbd_tcp: Option<SocketAddr>,
     pub tuning: Tuning,
-    cluster: Mutex<Option<ClusterFile>>,
+    /// This host's cluster identity (`cluster.toml`), `None` before create/join-cluster.
+    identity: Mutex<Option<ClusterFile>>,
+    /// Replicated metadata and the peer side.
+    pub cluster: Cluster,
     resources: RwLock<BTreeMap<ResourceName, Arc<Resource>>>,
     /// Serialises commands that change the configuration.
     admin: Mutex<()>,
@@ -58,6 +66,12 @@ impl Daemon {
                 );
             }
         }
+        let store = mars_meta::Store::open(
+            root.join(META_FILE),
+            host.clone(),
+            mars_meta::system_time_ns,
+        )
+        .with_context(|| format!("cannot open {}", root.join(META_FILE).display()))?;
         let mut resources = BTreeMap::new();
         for (name, dir) in root::resource_dirs(&root)? {
             let Some(cfg) = root::read_toml::<ResourceFile>(&dir.join(RESOURCE_FILE))? else {
@@ -76,7 +90,8 @@ impl Daemon {
             listen,
             nbd_tcp,
             tuning,
-            cluster: Mutex::new(cluster),
+            identity: Mutex::new(cluster),
+            cluster: Cluster::new(store),
             resources: RwLock::new(resources),
             admin: Mutex::new(()),
         })
@@ -125,7 +140,15 @@ impl Daemon {
             }),
             Request::CreateCluster { ip } => self.create_cluster(ip),
             Request::CreateResource { res, disk, size } => self.create_resource(res, &disk, size),
-            Request::View { res } => self.view(res.as_ref()),
+            Request::View { res, window } => self.view(res.as_ref(), window.unwrap_or(60)),
+            Request::DeleteHost { host } => self.delete_host(&host),
+            Request::JoinCluster { .. }
+            | Request::LeaveCluster { .. }
+            | Request::WaitCluster { .. }
+            | Request::UpdateCluster { .. } => Err(Refusal(
+                ErrorKind::Failed,
+                "internal error: cluster commands are handled asynchronously".into(),
+            )),
             Request::LogRotate { res } => {
                 let r = self.resource(&res).ok_or_else(|| not_found(&res))?;
                 let v = r
@@ -143,7 +166,7 @@ impl Daemon {
 
     fn create_cluster(&self, ip: Option<String>) -> Outcome {
         let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let mut cluster = self.cluster.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cluster = self.identity.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = &*cluster {
             return Err(Refusal(
                 ErrorKind::Exists,
@@ -168,6 +191,10 @@ impl Daemon {
             host: self.host.clone(),
             address,
         };
+        self.cluster
+            .store()
+            .set(&format!("{MEMBER_PREFIX}{}", self.host), &c.address)
+            .map_err(|e| Refusal(ErrorKind::Failed, e.to_string()))?;
         root::write_toml(&self.root, CLUSTER_FILE, &c)
             .map_err(|e| Refusal(ErrorKind::Failed, format!("{e:#}")))?;
         let msg = format!(
@@ -181,7 +208,7 @@ impl Daemon {
     fn create_resource(&self, res: ResourceName, disk: &Path, size: Option<u64>) -> Outcome {
         let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
         if self
-            .cluster
+            .identity
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
@@ -296,7 +323,7 @@ impl Daemon {
         })
     }
 
-    fn view(&self, res: Option<&ResourceName>) -> Outcome {
+    fn view(&self, res: Option<&ResourceName>, window: u64) -> Outcome {
         let list = match res {
             Some(r) => vec![self.resource(r).ok_or_else(|| not_found(r))?],
             None => self.all(),
@@ -308,8 +335,14 @@ impl Daemon {
                 r.view(&self.host, self.nbd_unix_uri(n), self.nbd_tcp_uri(n))
             })
             .collect();
+        let members = if res.is_none() {
+            self.cluster
+                .member_views(&self.host, std::time::Duration::from_secs(window))
+        } else {
+            Vec::new()
+        };
         let cluster = self
-            .cluster
+            .identity
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -321,8 +354,81 @@ impl Daemon {
         Ok(Reply::View(ClusterView {
             host: self.host.to_string(),
             cluster,
+            members,
             resources,
         }))
+    }
+
+    /// The cluster id, once this host is in a cluster.
+    pub fn cluster_id(&self) -> Option<mars_wire::ClusterId> {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|c| mars_wire::ClusterId::parse(&c.uuid).ok())
+    }
+
+    /// The address peers reach this host at (`--ip` of create-cluster, else `--listen`).
+    pub fn advertised(&self) -> String {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or_else(|| self.listen.clone(), |c| c.address.clone())
+    }
+
+    /// Records the cluster this host joined.
+    pub fn set_cluster(&self, id: mars_wire::ClusterId, address: String) -> anyhow::Result<()> {
+        let c = ClusterFile {
+            uuid: id.to_string(),
+            host: self.host.clone(),
+            address,
+        };
+        root::write_toml(&self.root, CLUSTER_FILE, &c)?;
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = Some(c);
+        Ok(())
+    }
+
+    /// Forgets the cluster (leave-cluster): identity and replicated metadata.
+    pub fn forget_cluster(&self) -> anyhow::Result<()> {
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        std::fs::remove_file(self.root.join(CLUSTER_FILE))?;
+        let fresh = mars_meta::Store::in_memory(self.host.clone(), mars_meta::system_time_ns)?;
+        self.cluster.replace_store(fresh);
+        std::fs::remove_file(self.root.join(META_FILE))?;
+        let store = mars_meta::Store::open(
+            self.root.join(META_FILE),
+            self.host.clone(),
+            mars_meta::system_time_ns,
+        )?;
+        self.cluster.replace_store(store);
+        Ok(())
+    }
+
+    pub fn resource_names(&self) -> Vec<String> {
+        self.all().iter().map(|r| r.cfg.name.to_string()).collect()
+    }
+
+    /// `lowlevel-delete-host`: removes a (dead) member.
+    fn delete_host(&self, host: &str) -> Outcome {
+        let host = HostName::new(host).map_err(|e| invalid(e.to_string()))?;
+        if host == self.host {
+            return Err(invalid("cannot delete this host; use leave-cluster"));
+        }
+        if !self.cluster.members().contains_key(&host) {
+            return Err(Refusal(
+                ErrorKind::NotFound,
+                format!("host {host} is not a member of this cluster"),
+            ));
+        }
+        self.cluster
+            .store()
+            .delete(&format!("{MEMBER_PREFIX}{host}"))
+            .map_err(|e| Refusal(ErrorKind::Failed, e.to_string()))?;
+        self.cluster.poke.notify_waiters();
+        Ok(Reply::Done {
+            message: format!("removed host {host} from the cluster"),
+        })
     }
 
     /// Log reclamation: deletes logfiles that every member has applied. Every resource has one

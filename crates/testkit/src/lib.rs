@@ -58,7 +58,12 @@ pub fn require(tool: &str) -> bool {
 
 /// A free TCP port on 127.0.0.1 (racy but fine for tests).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+    free_port_on("127.0.0.1")
+}
+
+/// A free TCP port on a loopback address such as 127.0.0.2.
+pub fn free_port_on(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
         .and_then(|l| l.local_addr())
         .expect("bind")
         .port()
@@ -69,6 +74,8 @@ pub struct Host {
     pub name: String,
     pub root: PathBuf,
     pub nbd_port: u16,
+    /// Where peers reach this host (`--listen`).
+    pub peer_addr: String,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -76,12 +83,18 @@ pub struct Host {
 impl Host {
     /// Starts `marsd --root DIR/NAME/root --host NAME` with NBD also on a TCP port.
     pub fn start(dir: &Path, name: &str) -> Host {
+        Self::start_at(dir, name, "127.0.0.1")
+    }
+
+    /// Like [`Host::start`], listening for peers on `ip` (e.g. 127.0.0.2), a free port.
+    pub fn start_at(dir: &Path, name: &str, ip: &str) -> Host {
         let base = dir.join(name);
         std::fs::create_dir_all(&base).expect("mkdir");
         let mut h = Host {
             name: name.into(),
             root: base.join("root"),
             nbd_port: free_port(),
+            peer_addr: format!("{ip}:{}", free_port_on(ip)),
             log: base.join("marsd.log"),
             child: None,
         };
@@ -98,7 +111,7 @@ impl Host {
         let child = Command::new(bin("marsd"))
             .arg("--root")
             .arg(&self.root)
-            .args(["--host", &self.name, "--listen", "127.0.0.1:7777"])
+            .args(["--host", &self.name, "--listen", &self.peer_addr])
             .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
             .env("MARS_LOG", "info")
             .stdin(Stdio::null())
