@@ -1,0 +1,226 @@
+//! Several hosts on one machine (127.0.0.1, .2, .3 …), each a real `marsd`, forming a cluster
+//! through `marsadm` only: membership, metadata propagation and relay, liveness, refusals.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use mars_testkit::Host;
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("mars-cluster-")
+        .tempdir()
+        .expect("tempdir")
+}
+
+/// Member names as `lowlevel-ls-host-ips` lists them on `h`.
+fn members(h: &Host) -> Vec<String> {
+    h.ok(&["lowlevel-ls-host-ips"])
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_string())
+        .collect()
+}
+
+/// Waits until `cond` holds, at most `secs`; returns how long it took.
+fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    start.elapsed()
+}
+
+fn three(t: &std::path::Path) -> (Host, Host, Host) {
+    let a = Host::start_at(t, "a", "127.0.0.1");
+    let b = Host::start_at(t, "b", "127.0.0.2");
+    let c = Host::start_at(t, "c", "127.0.0.3");
+    a.ok(&["create-cluster"]);
+    b.ok(&["join-cluster", &a.peer_addr]);
+    // c joins through b: what c announces reaches a only by relay through b.
+    c.ok(&["join-cluster", &b.peer_addr]);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    (a, b, c)
+}
+
+#[test]
+fn three_hosts_join_and_see_each_other() {
+    let t = tmp();
+    let (a, b, c) = three(t.path());
+    for h in [&a, &b, &c] {
+        assert_eq!(members(h), ["a", "b", "c"], "on {}", h.name);
+    }
+    let ls = a.ok(&["lowlevel-ls-host-ips"]);
+    assert!(ls.contains(&format!("c {}", c.peer_addr)), "{ls}");
+    let v = c.view_json();
+    let ms = v["members"].as_array().unwrap();
+    assert_eq!(ms.len(), 3);
+    eventually(20, "every member alive and connected on c", || {
+        let v = c.view_json();
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["alive"] == true && m["connected"] == true)
+    });
+    let text = c.ok(&["view", "all"]);
+    assert!(text.contains("host a at 127.0.0.1:"), "{text}");
+    assert!(text.contains("alive, connected"), "{text}");
+    // All three agree on the cluster id.
+    let id = |h: &Host| {
+        h.view_json()["cluster"]["uuid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(id(&a), id(&b));
+    assert_eq!(id(&a), id(&c));
+}
+
+#[test]
+fn a_change_reaches_every_member_quickly_and_a_partitioned_member_catches_up() {
+    let t = tmp();
+    let (a, b, mut c) = three(t.path());
+    // A new member announced at c reaches a (two hops) quickly.
+    let d = Host::start_at(t.path(), "d", "127.0.0.4");
+    d.ok(&["join-cluster", &c.peer_addr]);
+    let took = eventually(30, "a learns about d", || {
+        members(&a).contains(&"d".to_string())
+    });
+    eprintln!("membership change reached the far member in {took:?}");
+    // c is cut off (stopped); meanwhile e joins through a. When c returns, it catches up.
+    c.stop();
+    let e = Host::start_at(t.path(), "e", "127.0.0.5");
+    e.ok(&["join-cluster", &a.peer_addr]);
+    eventually(30, "b learns about e", || {
+        members(&b).contains(&"e".to_string())
+    });
+    assert!(!c.root.join("nothing").exists());
+    c.start_again();
+    eventually(30, "c catches up with e", || {
+        members(&c).contains(&"e".to_string())
+    });
+    c.ok(&["--timeout", "30", "wait-cluster"]);
+    assert_eq!(members(&c), ["a", "b", "c", "d", "e"]);
+}
+
+#[test]
+fn dead_member_shows_not_alive_and_can_be_deleted() {
+    let t = tmp();
+    let (a, mut b, c) = three(t.path());
+    b.kill9();
+    eventually(30, "b reported not alive on a", || {
+        let v: serde_json::Value =
+            serde_json::from_str(&a.ok(&["--json", "--window", "2", "view", "all"])).unwrap();
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["host"] == "b" && m["alive"] == false && m["connected"] == false)
+    });
+    let text = a.ok(&["--window", "2", "view", "all"]);
+    assert!(
+        text.contains("host b at") && text.contains("NOT ALIVE"),
+        "{text}"
+    );
+    let err = a.refused(&["--timeout", "2", "wait-cluster"]);
+    assert!(err.contains("no answer") && err.contains('b'), "{err}");
+    a.ok(&["lowlevel-delete-host", "b"]);
+    eventually(30, "c forgets b", || {
+        !members(&c).contains(&"b".to_string())
+    });
+    assert_eq!(members(&a), ["a", "c"]);
+    a.ok(&["--timeout", "30", "wait-cluster"]);
+    assert!(a
+        .refused(&["lowlevel-delete-host", "b"])
+        .contains("not a member"));
+    assert!(a
+        .refused(&["lowlevel-delete-host", "a"])
+        .contains("leave-cluster"));
+}
+
+#[test]
+fn leave_cluster_is_refused_with_resources_and_propagates_otherwise() {
+    let t = tmp();
+    let (a, b, c) = three(t.path());
+    a.create_resource("vm1", 8 << 20);
+    assert!(a
+        .refused(&["leave-cluster"])
+        .contains("still holds resources"));
+    c.ok(&["leave-cluster"]);
+    eventually(30, "a and b forget c", || {
+        !members(&a).contains(&"c".to_string()) && !members(&b).contains(&"c".to_string())
+    });
+    assert!(c.ok(&["view", "all"]).contains("not in a cluster"));
+    // c can join again afterwards.
+    c.ok(&["join-cluster", &b.peer_addr]);
+    eventually(30, "a sees c again", || {
+        members(&a).contains(&"c".to_string())
+    });
+}
+
+#[test]
+fn wrong_joins_and_foreign_peers_are_refused() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let lonely = Host::start_at(t.path(), "lonely", "127.0.0.2");
+    // Nobody to join yet.
+    assert!(lonely
+        .refused(&["join-cluster", &a.peer_addr])
+        .contains("not in a cluster"));
+    assert!(a.refused(&["wait-cluster"]).contains("not in a cluster"));
+    a.ok(&["create-cluster"]);
+    // Unreachable peer: a clear error.
+    let err = lonely.refused(&["join-cluster", "127.0.0.9:1"]);
+    assert!(err.contains("127.0.0.9:1"), "{err}");
+    lonely.ok(&["join-cluster", &a.peer_addr]);
+    assert!(lonely
+        .refused(&["join-cluster", &a.peer_addr])
+        .contains("already belongs"));
+    // A second host with a name already in the cluster.
+    let twin = Host::start_at(t.path().join("twin").as_path(), "lonely", "127.0.0.3");
+    assert!(twin
+        .refused(&["join-cluster", &a.peer_addr])
+        .contains("already a member"));
+    // A host of another cluster talking to a: refused with the reason, and logged.
+    let other = Host::start_at(t.path(), "other", "127.0.0.4");
+    other.ok(&["create-cluster"]);
+    let foreign_id = other.view_json()["cluster"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut s = TcpStream::connect(&a.peer_addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let hello = mars_wire::Hello::new(
+        mars_wire::StreamKind::Meta,
+        mars_wire::ClusterId::parse(&foreign_id).unwrap(),
+        mars_config::HostName::new("other").unwrap(),
+    );
+    s.write_all(&hello.encode()).unwrap();
+    let mut got = Vec::new();
+    s.read_to_end(&mut got).unwrap();
+    let (_, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+    let (msg, _) = mars_wire::decode_frame(&got[n..]).unwrap().unwrap();
+    match msg {
+        mars_wire::Message::Refuse { reason } => {
+            assert!(reason.contains("belongs to cluster"), "{reason}")
+        }
+        m => panic!("expected a refusal, got {m:?}"),
+    }
+    eventually(10, "refusal logged", || {
+        a.log_text().contains("refused peer other")
+    });
+    // Garbage instead of a hello: the connection is dropped, the daemon lives on.
+    let mut s = TcpStream::connect(&a.peer_addr).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut sink = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.read_to_end(&mut sink);
+    a.ok(&["view", "all"]);
+}
