@@ -51,6 +51,10 @@ pub enum Request {
     UpdateCluster { timeout: u64 },
     /// Removes a (dead) member from the cluster.
     DeleteHost { host: String },
+    /// Experts: writes replicated metadata keys directly (one transaction).
+    SetLinks { pairs: Vec<(String, String)> },
+    /// Experts: reads one replicated metadata key.
+    GetLink { key: String },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
 }
@@ -88,6 +92,10 @@ pub enum Reply {
         message: String,
     },
     View(ClusterView),
+    /// A metadata value; `None` when the key does not exist (or was deleted).
+    Value {
+        value: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -68,6 +68,19 @@ enum Cmd {
     LowlevelLsHostIps,
     /// Remove a dead member from the cluster.
     LowlevelDeleteHost { host: String },
+    /// Set the cluster-wide limit of concurrent full syncs (0 = unlimited).
+    SetGlobalSyncLimitValue { n: u32 },
+    /// Show the cluster-wide limit of concurrent full syncs.
+    GetGlobalSyncLimitValue,
+    /// Experts: set a replicated metadata key.
+    #[command(hide = true)]
+    SetLink { key: String, value: String },
+    /// Experts: print a replicated metadata key.
+    #[command(hide = true)]
+    GetLink { key: String },
+    /// Experts and benchmarks: set many keys, read as `KEY VALUE` lines from standard input.
+    #[command(hide = true)]
+    LowlevelSetLinks,
     /// Create a resource on DISK (file or block device); this host becomes primary.
     CreateResource {
         res: String,
@@ -86,6 +99,9 @@ enum Cmd {
     Other(Vec<String>),
 }
 
+/// Replicated key of the global sync limit (MARS: `defaults/sync-limit`).
+const SYNC_LIMIT_KEY: &str = "defaults/sync-limit";
+
 fn resource(name: &str) -> Result<ResourceName> {
     ResourceName::new(name).map_err(Into::into)
 }
@@ -100,7 +116,9 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 impl Cli {
     fn call(&self, req: &Request) -> Result<Reply> {
-        client::call(&self.root, req, Duration::from_secs(self.timeout))
+        // Commands that wait (wait-cluster …) are bounded by the daemon with the same timeout;
+        // give its answer time to arrive.
+        client::call(&self.root, req, Duration::from_secs(self.timeout + 10))
     }
 
     fn no_dry_run(&self, what: &str) -> Result<()> {
@@ -184,6 +202,43 @@ impl Cli {
                 let r = self.call(&Request::DeleteHost { host: host.clone() })?;
                 self.print_done(r)
             }
+            Cmd::SetGlobalSyncLimitValue { n } => {
+                self.no_dry_run("set-global-sync-limit-value")?;
+                self.set_links(vec![(SYNC_LIMIT_KEY.into(), n.to_string())])
+            }
+            Cmd::GetGlobalSyncLimitValue => {
+                let v = self.get_link(SYNC_LIMIT_KEY)?;
+                println!("{}", v.unwrap_or_else(|| "0".into()));
+                Ok(())
+            }
+            Cmd::SetLink { key, value } => {
+                self.no_dry_run("set-link")?;
+                self.set_links(vec![(key.clone(), value.clone())])
+            }
+            Cmd::GetLink { key } => match self.get_link(key)? {
+                Some(v) => {
+                    println!("{v}");
+                    Ok(())
+                }
+                None => bail!("no metadata key {key:?}"),
+            },
+            Cmd::LowlevelSetLinks => {
+                let mut pairs = Vec::new();
+                for line in std::io::stdin().lines() {
+                    let line = line?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    let (k, v) = line
+                        .split_once(' ')
+                        .with_context(|| format!("line {line:?} is not `KEY VALUE`"))?;
+                    pairs.push((k.to_string(), v.to_string()));
+                }
+                for chunk in pairs.chunks(5000) {
+                    self.set_links(chunk.to_vec())?;
+                }
+                Ok(())
+            }
             Cmd::View { res } => self.view(res.as_deref()),
             Cmd::LogRotate { res } => {
                 self.no_dry_run("log-rotate")?;
@@ -203,6 +258,22 @@ impl Cli {
                 };
                 self.view_macro(mac, res)
             }
+        }
+    }
+
+    fn set_links(&self, pairs: Vec<(String, String)>) -> Result<()> {
+        let r = self.call(&Request::SetLinks { pairs })?;
+        if self.json {
+            self.print_done(r)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn get_link(&self, key: &str) -> Result<Option<String>> {
+        match self.call(&Request::GetLink { key: key.into() })? {
+            Reply::Value { value } => Ok(value),
+            _ => bail!("unexpected answer from marsd"),
         }
     }
 

@@ -142,6 +142,34 @@ impl Daemon {
             Request::CreateResource { res, disk, size } => self.create_resource(res, &disk, size),
             Request::View { res, window } => self.view(res.as_ref(), window.unwrap_or(60)),
             Request::DeleteHost { host } => self.delete_host(&host),
+            Request::SetLinks { pairs } => {
+                if self.cluster_id().is_none() {
+                    return Err(invalid("this host is not in a cluster"));
+                }
+                let refs: Vec<(&str, &str)> = pairs
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect();
+                let n = self
+                    .cluster
+                    .store()
+                    .set_many(&refs)
+                    .map_err(|e| invalid(e.to_string()))?
+                    .len();
+                self.cluster.poke.notify_waiters();
+                Ok(Reply::Done {
+                    message: format!("set {n} keys"),
+                })
+            }
+            Request::GetLink { key } => {
+                mars_meta::validate_key(&key).map_err(|e| invalid(e.to_string()))?;
+                let value = self
+                    .cluster
+                    .store()
+                    .value(&key)
+                    .map_err(|e| Refusal(ErrorKind::Failed, e.to_string()))?;
+                Ok(Reply::Value { value })
+            }
             Request::JoinCluster { .. }
             | Request::LeaveCluster { .. }
             | Request::WaitCluster { .. }

@@ -322,40 +322,69 @@ impl Store {
     }
 
     fn write_local(&mut self, key: &str, value: Option<String>) -> Result<Entry> {
-        validate_key(key)?;
-        check_value(key, value.as_deref())?;
-        if let Some(owner) = self.owner_of(key) {
-            if owner != self.host {
-                return Err(MetaError::NotOwner {
-                    key: key.to_owned(),
-                    owner,
-                    writer: self.host.clone(),
-                });
+        let mut e = self.write_local_many(&[(key, value)])?;
+        Ok(e.pop().expect("one entry written"))
+    }
+
+    /// Sets many keys in one transaction (all or nothing: any refusal changes nothing).
+    pub fn set_many(&mut self, pairs: &[(&str, &str)]) -> Result<Vec<Entry>> {
+        let pairs: Vec<(&str, Option<String>)> = pairs
+            .iter()
+            .map(|(k, v)| (*k, Some((*v).to_owned())))
+            .collect();
+        self.write_local_many(&pairs)
+    }
+
+    fn write_local_many(&mut self, pairs: &[(&str, Option<String>)]) -> Result<Vec<Entry>> {
+        for (key, value) in pairs {
+            validate_key(key)?;
+            check_value(key, value.as_deref())?;
+            if let Some(owner) = self.owner_of(key) {
+                if owner != self.host {
+                    return Err(MetaError::NotOwner {
+                        key: (*key).to_owned(),
+                        owner,
+                        writer: self.host.clone(),
+                    });
+                }
             }
         }
-        let entry = Entry {
-            key: key.to_owned(),
-            value,
-            stamp: self.clock.tick(),
-            origin: self.host.clone(),
-        };
-        let seq = self.seq + 1;
+        let clock_before = self.clock.clone();
+        let mut entries = Vec::with_capacity(pairs.len());
+        let mut seq = self.seq;
         let txn = self.db.begin_write()?;
-        {
+        let stored = (|| -> Result<()> {
             let mut t = Tables::open(&txn)?;
-            let old = t.load(key)?;
-            // Every stored stamp has been seen by the clock, so a fresh tick always wins.
-            debug_assert!(old
-                .as_ref()
-                .is_none_or(|o| entry.supersedes(&entry_of(key, o.clone()))));
-            t.store(&entry, old.map(|o| o.seq), seq)?;
+            for (key, value) in pairs {
+                let entry = Entry {
+                    key: (*key).to_owned(),
+                    value: value.clone(),
+                    stamp: self.clock.tick(),
+                    origin: self.host.clone(),
+                };
+                seq += 1;
+                let old = t.load(key)?;
+                // Every stored stamp has been seen by the clock, so a fresh tick always wins.
+                debug_assert!(old
+                    .as_ref()
+                    .is_none_or(|o| entry.supersedes(&entry_of(key, o.clone()))));
+                t.store(&entry, old.map(|o| o.seq), seq)?;
+                entries.push(entry);
+            }
             t.meta.insert(META_SEQ, seq)?;
             t.meta.insert(META_CLOCK, self.clock.last())?;
+            Ok(())
+        })();
+        if let Err(e) = stored {
+            self.clock = clock_before;
+            return Err(e);
         }
         txn.commit()?;
         self.seq = seq;
-        self.note_membership(&entry);
-        Ok(entry)
+        for e in &entries {
+            self.note_membership(e);
+        }
+        Ok(entries)
     }
 
     fn note_membership(&mut self, entry: &Entry) {

@@ -338,3 +338,19 @@ fn relay_through_third_host() {
     assert_eq!(c.get("resource-vm1/primary").unwrap().unwrap(), e);
     assert_eq!(c.local_seq(), 1);
 }
+
+#[test]
+fn set_many_is_one_all_or_nothing_change_set() {
+    let (_t, mut a, _b) = pair();
+    let seq = a.local_seq();
+    let written = a.set_many(&[("x/one", "1"), ("x/two", "2")]).unwrap();
+    assert_eq!(written.len(), 2);
+    assert!(written[1].stamp > written[0].stamp);
+    assert_eq!(a.local_seq(), seq + 2);
+    assert_eq!(a.value("x/two").unwrap().as_deref(), Some("2"));
+    // One refused key refuses the whole batch.
+    let seq = a.local_seq();
+    assert!(a.set_many(&[("x/three", "3"), ("bad key", "4")]).is_err());
+    assert_eq!(a.local_seq(), seq);
+    assert_eq!(a.value("x/three").unwrap(), None);
+}

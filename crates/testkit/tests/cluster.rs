@@ -224,3 +224,67 @@ fn wrong_joins_and_foreign_peers_are_refused() {
     let _ = s.read_to_end(&mut sink);
     a.ok(&["view", "all"]);
 }
+
+#[test]
+fn a_setting_written_on_one_host_is_read_on_the_others_and_a_restarted_host_catches_up() {
+    let t = tmp();
+    let (a, b, mut c) = three(t.path());
+    assert_eq!(b.ok(&["get-global-sync-limit-value"]).trim(), "0");
+    a.ok(&["set-global-sync-limit-value", "3"]);
+    let took = eventually(30, "b and c read the setting", || {
+        b.ok(&["get-global-sync-limit-value"]).trim() == "3"
+            && c.ok(&["get-global-sync-limit-value"]).trim() == "3"
+    });
+    // The goal is well under 2 s; tests do not fail on absolute times, so it is printed.
+    eprintln!("setting reached both other hosts in {took:?}");
+    // c is down while the setting changes twice; after its restart it has the newest value.
+    c.stop();
+    b.ok(&["set-global-sync-limit-value", "5"]);
+    a.ok(&["set-global-sync-limit-value", "7"]);
+    c.start_again();
+    eventually(30, "c catches up", || {
+        c.ok(&["get-global-sync-limit-value"]).trim() == "7"
+    });
+    eventually(30, "b agrees", || {
+        b.ok(&["get-global-sync-limit-value"]).trim() == "7"
+    });
+    assert!(a
+        .refused(&["set-link", "bad key", "x"])
+        .contains("invalid metadata key"));
+    assert!(a
+        .refused(&["set-link", "alive-b", "x"])
+        .contains("owned by host b"));
+}
+
+#[test]
+fn a_host_started_with_another_clusters_id_is_refused_and_says_so() {
+    let t = tmp();
+    let (a, _b, mut c) = three(t.path());
+    c.stop();
+    // c's identity is changed to another cluster (a misconfigured or restored host).
+    let file = c.root.join("cluster.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    let uuid = a.view_json()["cluster"]["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &file,
+        text.replace(&uuid, "00000000-1111-2222-3333-444444444444"),
+    )
+    .unwrap();
+    c.start_again();
+    eventually(30, "a logs the refusal", || {
+        a.log_text().contains("refused peer c") && a.log_text().contains("belongs to cluster")
+    });
+    eventually(30, "c says why", || {
+        let v = c.view_json();
+        v["members"].as_array().unwrap().iter().any(|m| {
+            m["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("belongs to cluster"))
+        })
+    });
+    let err = c.refused(&["--timeout", "2", "wait-cluster"]);
+    assert!(err.contains("belongs to cluster"), "{err}");
+}
