@@ -151,11 +151,21 @@ impl Cluster {
             .collect()
     }
 
-    fn stop_tasks(&self) {
+    pub fn stop_tasks(&self) {
         for (_, (_, t)) in std::mem::take(&mut *lock(&self.tasks)) {
             t.abort();
         }
     }
+}
+
+/// The two halves of a peer connection. Protocol code sees only these, so a TLS layer can wrap
+/// the TCP stream later without any change here.
+type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
 }
 
 /// Reads frames from a stream.
@@ -277,8 +287,7 @@ pub async fn listen(d: Arc<Daemon>, l: TcpListener) {
 }
 
 async fn serve_peer(d: Arc<Daemon>, s: TcpStream, from: SocketAddr) -> Result<()> {
-    let (r, mut w) = s.into_split();
-    let mut r = r;
+    let (mut r, mut w) = split_stream(s);
     let (peer, rest) = read_hello(&mut r).await?;
     let ours = our_hello(&d, StreamKind::Meta);
     let refusal = if ours.cluster == ClusterId::UNKNOWN {
@@ -369,8 +378,8 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
 /// A metadata connection to a peer, after the hellos.
 struct Session {
     peer: Hello,
-    w: tokio::net::tcp::OwnedWriteHalf,
-    frames: FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    w: BoxWrite,
+    frames: FrameReader<BoxRead>,
 }
 
 async fn connect(d: &Daemon, addr: &str, cluster: ClusterId) -> Result<Session> {
@@ -380,7 +389,7 @@ async fn connect(d: &Daemon, addr: &str, cluster: ClusterId) -> Result<Session> 
         .map_err(|_| anyhow!("connect to {sa}: timed out"))?
         .with_context(|| format!("connect to {sa}"))?;
     let _ = s.set_nodelay(true);
-    let (mut r, mut w) = s.into_split();
+    let (mut r, mut w) = split_stream(s);
     w.write_all(&Hello::new(StreamKind::Meta, cluster, d.host.clone()).encode())
         .await?;
     let (peer, rest) = read_hello(&mut r).await?;
@@ -469,8 +478,37 @@ async fn pull_session(d: &Arc<Daemon>, host: &HostName, addr: &str) -> Result<()
 /// Starts and stops pullers as membership changes, and refreshes our liveness stamp.
 pub async fn supervise(d: Arc<Daemon>) {
     let mut last_alive: Option<Instant> = None;
+    let mut last_gc: Option<Instant> = None;
+    let mut last_saved = BTreeMap::new();
+    load_seen(&d);
     loop {
         if d.cluster_id().is_some() {
+            if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
+                let d2 = d.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    let horizon = mars_meta::system_time_ns()
+                        .saturating_sub(TOMBSTONE_RETENTION.as_nanos() as u64);
+                    match d2.cluster.store().gc_tombstones(horizon) {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            "collected {n} metadata tombstones older than {TOMBSTONE_RETENTION:?}"
+                        ),
+                        Err(e) => tracing::warn!("tombstone collection: {e}"),
+                    }
+                })
+                .await;
+                last_gc = Some(Instant::now());
+            }
+            let seen: BTreeMap<HostName, u64> = lock(&d.cluster.peers)
+                .iter()
+                .map(|(h, p)| (h.clone(), p.seen))
+                .collect();
+            if seen != last_saved {
+                if let Err(e) = save_seen(&d, &seen) {
+                    tracing::warn!("cannot save peer positions: {e:#}");
+                }
+                last_saved = seen;
+            }
             if last_alive.is_none_or(|t| t.elapsed() >= ALIVE_EVERY) {
                 let d2 = d.clone();
                 let _ = tokio::task::spawn_blocking(move || {
@@ -501,6 +539,40 @@ pub async fn supervise(d: Arc<Daemon>) {
             d.cluster.stop_tasks();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
+/// is away longer than this must not bring deleted keys back, so it should rejoin.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const GC_EVERY: Duration = Duration::from_secs(3600);
+/// How far this host has read every member's changes, so that a restart asks for the news
+/// only, not for the whole map again.
+pub const SEEN_FILE: &str = "peers-seen.toml";
+
+fn save_seen(d: &Daemon, seen: &BTreeMap<HostName, u64>) -> Result<()> {
+    let table: BTreeMap<String, u64> = seen.iter().map(|(h, s)| (h.to_string(), *s)).collect();
+    crate::root::write_toml(&d.root, SEEN_FILE, &table)
+}
+
+fn load_seen(d: &Daemon) {
+    // Positions only mean something together with the store they were applied to.
+    if d.cluster.store().local_seq() == 0 {
+        return;
+    }
+    let table: BTreeMap<String, u64> = match crate::root::read_toml(&d.root.join(SEEN_FILE)) {
+        Ok(Some(t)) => t,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("ignoring saved peer positions: {e:#}");
+            return;
+        }
+    };
+    let mut peers = lock(&d.cluster.peers);
+    for (h, s) in table {
+        if let Ok(h) = HostName::new(&h) {
+            peers.entry(h).or_default().seen = s;
+        }
     }
 }
 
@@ -663,6 +735,8 @@ pub async fn leave(d: Arc<Daemon>, timeout: Duration) -> Result<Reply, Refusal> 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // No puller may record positions of the old membership after this point.
+    d.cluster.stop_tasks();
     let d2 = d.clone();
     tokio::task::spawn_blocking(move || d2.forget_cluster())
         .await

@@ -421,6 +421,7 @@ impl Daemon {
     pub fn forget_cluster(&self) -> anyhow::Result<()> {
         *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = None;
         std::fs::remove_file(self.root.join(CLUSTER_FILE))?;
+        let _ = std::fs::remove_file(self.root.join(crate::cluster::SEEN_FILE));
         let fresh = mars_meta::Store::in_memory(self.host.clone(), mars_meta::system_time_ns)?;
         self.cluster.replace_store(fresh);
         std::fs::remove_file(self.root.join(META_FILE))?;
