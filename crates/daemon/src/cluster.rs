@@ -92,6 +92,11 @@ impl Cluster {
         lock(&self.served).clear();
     }
 
+    pub fn clear_peers(&self) {
+        lock(&self.peers).clear();
+        lock(&self.served).clear();
+    }
+
     /// Members and their addresses, from the replicated `ips/ip-HOST` keys.
     pub fn members(&self) -> BTreeMap<HostName, String> {
         self.store()
@@ -452,6 +457,9 @@ async fn pull_session(d: &Arc<Daemon>, host: &HostName, addr: &str) -> Result<()
     loop {
         let since = lock(&d.cluster.peers).get(host).map_or(0, |p| p.seen);
         let (entries, upto) = s.pull(since).await?;
+        if d.cluster_id() != Some(cluster) {
+            bail!("this host left the cluster");
+        }
         let full = entries.len() as u32 >= PAGE;
         if !entries.is_empty() {
             let d2 = d.clone();
@@ -742,6 +750,9 @@ pub async fn leave(d: Arc<Daemon>, timeout: Duration) -> Result<Reply, Refusal> 
         .await
         .map_err(|e| refusal(ErrorKind::Failed, e.to_string()))?
         .map_err(|e| refusal(ErrorKind::Failed, format!("{e:#}")))?;
+    // A puller started in between is gone now too, and positions start from scratch.
+    d.cluster.stop_tasks();
+    d.cluster.clear_peers();
     Ok(Reply::Done {
         message: format!("{} left cluster {id}", d.host),
     })
