@@ -59,7 +59,7 @@ struct PeerState {
 pub struct Cluster {
     store: Mutex<Store>,
     peers: Mutex<BTreeMap<HostName, PeerState>>,
-    /// Highest change number each member asked us for (what it has seen of ours).
+    /// Highest change number sent to each member (what it has received of ours).
     served: Mutex<BTreeMap<HostName, u64>>,
     /// Wakes the pullers (update-cluster, a local change worth spreading at once).
     pub poke: tokio::sync::Notify,
@@ -315,22 +315,24 @@ async fn serve_peer(d: Arc<Daemon>, s: TcpStream, from: SocketAddr) -> Result<()
     loop {
         match frames.next().await? {
             Message::ChangesSince { since, limit } => {
-                let reply = {
+                let (reply, upto) = {
                     let store = d.cluster.store();
                     // A peer ahead of us saw an earlier incarnation of this store: resend all.
                     let from_seq = if since > store.local_seq() { 0 } else { since };
                     let c = store.changes_since(from_seq, limit.clamp(1, PAGE) as usize)?;
-                    Message::Changes {
+                    let reply = Message::Changes {
                         upto: c.up_to,
                         entries: c.entries.iter().map(to_wire).collect(),
-                    }
+                    };
+                    (reply, c.up_to)
                 };
-                {
-                    let mut served = lock(&d.cluster.served);
-                    let v = served.entry(peer.host.clone()).or_default();
-                    *v = (*v).max(since);
-                }
                 send(&mut w, &reply).await?;
+                w.flush().await?;
+                // Delivered to the peer's socket: what leave-cluster waits for (a peer that
+                // learns of the departure stops asking, so it never asks past it).
+                let mut served = lock(&d.cluster.served);
+                let v = served.entry(peer.host.clone()).or_default();
+                *v = (*v).max(upto);
             }
             Message::Changes { entries, .. } if joining => {
                 // A joining host announces itself; nothing else is taken from it.
