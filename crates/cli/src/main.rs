@@ -234,8 +234,19 @@ impl Cli {
                         .with_context(|| format!("line {line:?} is not `KEY VALUE`"))?;
                     pairs.push((k.to_string(), v.to_string()));
                 }
-                for chunk in pairs.chunks(5000) {
-                    self.set_links(chunk.to_vec())?;
+                // Requests are limited to 64 KiB: send batches below that.
+                let mut batch = Vec::new();
+                let mut bytes = 0;
+                for (k, v) in pairs {
+                    bytes += k.len() + v.len() + 8;
+                    batch.push((k, v));
+                    if bytes > 48 << 10 {
+                        self.set_links(std::mem::take(&mut batch))?;
+                        bytes = 0;
+                    }
+                }
+                if !batch.is_empty() {
+                    self.set_links(batch)?;
                 }
                 Ok(())
             }
