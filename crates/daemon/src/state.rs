@@ -492,16 +492,7 @@ fn not_found(res: &ResourceName) -> Refusal {
 }
 
 fn new_uuid() -> String {
-    let b: [u8; 16] = rand::random();
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    mars_wire::ClusterId(rand::random()).to_string()
 }
 
 /// The NBD side sees the daemon as a set of exports: every attached resource, by name.

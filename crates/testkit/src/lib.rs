@@ -56,6 +56,14 @@ pub fn require(tool: &str) -> bool {
     found
 }
 
+/// A temporary directory for one test, removed when dropped.
+pub fn tempdir(prefix: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir")
+}
+
 /// A free TCP port on 127.0.0.1 (racy but fine for tests).
 pub fn free_port() -> u16 {
     free_port_on("127.0.0.1")

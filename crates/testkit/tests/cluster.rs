@@ -8,10 +8,7 @@ use std::time::{Duration, Instant};
 use mars_testkit::Host;
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("mars-cluster-")
-        .tempdir()
-        .expect("tempdir")
+    mars_testkit::tempdir("mars-cluster-")
 }
 
 /// Member names as `lowlevel-ls-host-ips` lists them on `h`.

@@ -13,10 +13,7 @@ use rand::{Rng, SeedableRng};
 const MIB: u64 = 1 << 20;
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("mars-e2e-")
-        .tempdir()
-        .expect("tempdir")
+    mars_testkit::tempdir("mars-e2e-")
 }
 
 fn list(dir: &Path) -> Vec<String> {
