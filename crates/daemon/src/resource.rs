@@ -145,7 +145,7 @@ impl Resource {
                     Some(log),
                 )
             }
-            (None, Some((state, _))) => (state.clone(), "NotStarted".into(), "-----".into(), None),
+            (None, Some((state, _))) => (state.clone(), "NotStarted".into(), "------".into(), None),
             (None, None) => (
                 "Detached".into(),
                 "NotStarted".into(),
