@@ -363,17 +363,25 @@ async fn serve_peer(d: Arc<Daemon>, s: TcpStream, from: SocketAddr) -> Result<()
     }
 }
 
-/// Resolves ADDR[:PORT] (default port 7777).
-pub async fn resolve(addr: &str) -> Result<SocketAddr> {
-    let with_port = if addr.parse::<SocketAddr>().is_ok()
-        || addr
-            .rsplit_once(':')
-            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
-    {
+/// `ADDR[:PORT]` with the port made explicit (default 7777).
+pub fn with_default_port(addr: &str) -> String {
+    let has_port = addr.parse::<SocketAddr>().is_ok()
+        || (addr.parse::<std::net::Ipv6Addr>().is_err()
+            && addr
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()));
+    if has_port {
         addr.to_string()
+    } else if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{addr}]:{DEFAULT_PORT}")
     } else {
         format!("{addr}:{DEFAULT_PORT}")
-    };
+    }
+}
+
+/// Resolves ADDR[:PORT] (default port 7777).
+pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let with_port = with_default_port(addr);
     let mut addrs = tokio::net::lookup_host(&with_port)
         .await
         .with_context(|| format!("cannot resolve {addr}"))?;
@@ -763,4 +771,18 @@ pub async fn leave(d: Arc<Daemon>, timeout: Duration) -> Result<Reply, Refusal> 
 /// `update-cluster`: one fresh round with every member.
 pub async fn update(d: Arc<Daemon>, timeout: Duration) -> Result<Reply, Refusal> {
     wait(d, timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_port() {
+        let f = super::with_default_port;
+        assert_eq!(f("10.0.0.1"), "10.0.0.1:7777");
+        assert_eq!(f("10.0.0.1:9"), "10.0.0.1:9");
+        assert_eq!(f("::1"), "[::1]:7777");
+        assert_eq!(f("[::1]:9"), "[::1]:9");
+        assert_eq!(f("alpha.example"), "alpha.example:7777");
+        assert_eq!(f("alpha.example:9"), "alpha.example:9");
+    }
 }

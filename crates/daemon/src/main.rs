@@ -53,10 +53,7 @@ struct Args {
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(s.to_string());
-    }
-    let with_port = format!("{s}:7777");
+    let with_port = cluster::with_default_port(s);
     with_port
         .parse::<SocketAddr>()
         .map(|_| with_port)
