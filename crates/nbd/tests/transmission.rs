@@ -225,29 +225,20 @@ async fn unknown_commands_and_flags_are_einval() {
         );
     }
     // DF without structured replies, NO_HOLE/FAST_ZERO outside WRITE_ZEROES, unknown bits.
-    assert_eq!(
-        c.command(proto::CMD_FLAG_DF, proto::CMD_READ, 20, 0, 10)
-            .await,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.command(proto::CMD_FLAG_NO_HOLE, proto::CMD_TRIM, 21, 0, 10)
-            .await,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.command(proto::CMD_FLAG_FAST_ZERO, proto::CMD_FLUSH, 22, 0, 0)
-            .await,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.command(1 << 9, proto::CMD_WRITE_ZEROES, 23, 0, 10).await,
-        proto::EINVAL
-    );
-    assert_eq!(
-        c.command(1 << 15, proto::CMD_CACHE, 24, 0, 10).await,
-        proto::EINVAL
-    );
+    let bad_flags = [
+        (proto::CMD_FLAG_DF, proto::CMD_READ, 20, 10),
+        (proto::CMD_FLAG_NO_HOLE, proto::CMD_TRIM, 21, 10),
+        (proto::CMD_FLAG_FAST_ZERO, proto::CMD_FLUSH, 22, 0),
+        (1 << 9, proto::CMD_WRITE_ZEROES, 23, 10),
+        (1 << 15, proto::CMD_CACHE, 24, 10),
+    ];
+    for (flags, kind, cookie, len) in bad_flags {
+        assert_eq!(
+            c.command(flags, kind, cookie, 0, len).await,
+            proto::EINVAL,
+            "flags {flags:#x} on command {kind}"
+        );
+    }
     // A WRITE with a bad flag: refused, payload consumed.
     assert_eq!(
         c.write(proto::CMD_FLAG_NO_HOLE, 25, 0, &[9; 100]).await,
