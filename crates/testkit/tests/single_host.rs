@@ -218,6 +218,16 @@ fn nbdcopy_256mib_round_trip_survives_restart() {
     assert_eq!(sha(&out), want, "read back after restart differs");
 }
 
+/// Runs `qemu-io -f raw -c CMD … URI` and returns its output.
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in cmds {
+        cmd.args(["-c", c]);
+    }
+    run(cmd.arg(uri))
+}
+
 #[test]
 fn qemu_io_fua_write_zeroes_trim_flush() {
     if !require("qemu-io") {
@@ -237,12 +247,7 @@ fn qemu_io_fua_write_zeroes_trim_flush() {
         "write -P 0xdd 5000 3000", // unaligned
         "flush",
     ];
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in script {
-        cmd.args(["-c", c]);
-    }
-    let out = run(cmd.arg(&uri));
+    let out = qemu_io(&uri, &script);
     assert!(!out.contains("error"), "{out}");
     // Crash right after the flush: everything must come back from the log.
     h.kill9();
@@ -256,12 +261,7 @@ fn qemu_io_fua_write_zeroes_trim_flush() {
         "read -P 0 4M 64k",
         "read -P 0xcc 4160k 960k",
     ];
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in checks {
-        cmd.args(["-c", c]);
-    }
-    let out = run(cmd.arg(&uri));
+    let out = qemu_io(&uri, &checks);
     assert!(!out.contains("Pattern verification failed"), "{out}");
     assert_eq!(out.matches("read ").count(), checks.len(), "{out}");
 }
