@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use mars_config::{HostName, ResourceName};
+use mars_storage::real::RealDir;
+use mars_storage::Dir;
 use serde::{Deserialize, Serialize};
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
@@ -84,19 +86,9 @@ pub fn lock_root(root: &Path) -> Result<fs::File> {
 /// Writes a TOML file atomically (temporary file, fsync, rename, directory fsync).
 pub fn write_toml<T: Serialize>(dir: &Path, name: &str, value: &T) -> Result<()> {
     let text = toml::to_string(value).context("serialize")?;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    fs::File::open(dir)?.sync_all()?;
-    Ok(())
+    RealDir::open(dir)
+        .and_then(|d| d.write_atomic(name, text.as_bytes()))
+        .with_context(|| format!("cannot write {}", dir.join(name).display()))
 }
 
 pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>> {
