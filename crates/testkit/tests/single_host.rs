@@ -404,19 +404,24 @@ fn kill9_under_write_load_keeps_every_flushed_write() {
     assert_eq!(h.view("diskstate", "vm1"), "UpToDate");
 }
 
-#[test]
-fn corrupt_log_byte_is_refused_with_file_and_offset_and_torn_tail_is_cut() {
-    let t = tmp();
-    let mut h = Host::start(t.path(), "alpha");
-    h.create_resource("vm1", 16 * MIB);
+/// Writes 64 KiB blocks 0..64 of vm1 (block i filled with `base + i`), flushes, and kills marsd.
+fn write_64_blocks_flush_and_crash(h: &mut Host, base: u8) {
     let mut c = Client::connect(&h.nbd_socket(), "vm1").unwrap();
-    for i in 0..64u64 {
-        c.write(i * 65536, &vec![i as u8 + 1; 65536], false)
+    for i in 0..64u8 {
+        c.write(u64::from(i) * 65536, &vec![base + i; 65536], false)
             .unwrap();
     }
     c.flush().unwrap();
     drop(c);
     h.kill9();
+}
+
+#[test]
+fn corrupt_log_byte_is_refused_with_file_and_offset_and_torn_tail_is_cut() {
+    let t = tmp();
+    let mut h = Host::start(t.path(), "alpha");
+    h.create_resource("vm1", 16 * MIB);
+    write_64_blocks_flush_and_crash(&mut h, 1);
     let log = h.root.join("resource-vm1/log-000000001-alpha");
     let len = fs::metadata(&log).unwrap().len();
     assert!(len > 64 * 65536, "log holds the writes: {len}");
@@ -441,14 +446,7 @@ fn corrupt_log_byte_is_refused_with_file_and_offset_and_torn_tail_is_cut() {
     // One flipped byte in the middle of the logfile that was being written at the crash:
     // recovery refuses, names file and offset, changes nothing.
     h.start_again();
-    let mut c = Client::connect(&h.nbd_socket(), "vm1").unwrap();
-    for i in 0..64u64 {
-        c.write(i * 65536, &vec![i as u8 + 100; 65536], false)
-            .unwrap();
-    }
-    c.flush().unwrap();
-    drop(c);
-    h.kill9();
+    write_64_blocks_flush_and_crash(&mut h, 100);
     let dir = h.root.join("resource-vm1");
     let newest = list(&dir)
         .into_iter()
