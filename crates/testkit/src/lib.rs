@@ -69,12 +69,18 @@ pub fn free_port() -> u16 {
     free_port_on("127.0.0.1")
 }
 
-/// A free TCP port on a loopback address such as 127.0.0.2.
+/// A free TCP port on a loopback address such as 127.0.0.2. Chosen below Linux's ephemeral
+/// range (32768–60999), so that outgoing connections of other tests cannot take it between now
+/// and the daemon's bind; [`Host`] still retries if another test picked the same one.
 pub fn free_port_on(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind")
-        .port()
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    loop {
+        let port = rng.gen_range(20_000..32_000);
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// One mars host: a `marsd` process with its own root directory.
@@ -106,11 +112,31 @@ impl Host {
             log: base.join("marsd.log"),
             child: None,
         };
-        h.spawn();
-        h
+        // Another test may grab a port between our check and the daemon's bind: new ports.
+        for _ in 0..5 {
+            if h.spawn() {
+                return h;
+            }
+            h.nbd_port = free_port();
+            h.peer_addr = format!("{ip}:{}", free_port_on(ip));
+        }
+        panic!("marsd could not bind free ports: {}", h.log_text());
     }
 
-    fn spawn(&mut self) {
+    /// (Re)starts the daemon on this host's ports, retrying briefly while one is still taken
+    /// (a restarted host must keep its address).
+    fn spawn_same_ports(&mut self) {
+        for _ in 0..50 {
+            if self.spawn() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("marsd could not bind its ports: {}", self.log_text());
+    }
+
+    /// Starts marsd and waits until it serves; `false` if it exited because a port was taken.
+    fn spawn(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -128,20 +154,26 @@ impl Host {
             .spawn()
             .expect("spawn marsd");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let sock = self.root.join("marsd.sock");
             if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok() {
                 // The NBD sockets are bound before the control socket accepts.
-                return;
+                return true;
             }
             if let Some(c) = self.child.as_mut() {
                 if let Ok(Some(st)) = c.try_wait() {
-                    panic!("marsd exited with {st}: {}", self.log_text());
+                    self.child = None;
+                    let log = self.log_text();
+                    let last = log.lines().last().unwrap_or_default();
+                    if last.contains("Address already in use") {
+                        return false;
+                    }
+                    panic!("marsd exited with {st}: {log}");
                 }
             }
             assert!(
@@ -247,12 +279,12 @@ impl Host {
 
     pub fn restart(&mut self) {
         self.stop();
-        self.spawn();
+        self.spawn_same_ports();
     }
 
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "still running");
-        self.spawn();
+        self.spawn_same_ports();
     }
 }
 
