@@ -108,10 +108,14 @@ pub fn run(cli: &Cli, args: &DemoArgs) -> Result<()> {
     step("starting marsd (host demo) with a file-backed disk");
     std::fs::File::create(&disk)?.set_len(size)?;
     let log = std::fs::File::create(dir.join("marsd.log"))?;
-    // A free port, so that the demo runs beside a real marsd.
-    let peer_addr = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .to_string();
+    // A free port, so that the demo runs beside a real marsd; below the ephemeral range, so no
+    // outgoing connection takes it before marsd binds it.
+    let start = 20_000 + (std::process::id() % 10_000) as u16;
+    let port = (start..32_000)
+        .chain(20_000..start)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .context("no free port for the demo's peer listener")?;
+    let peer_addr = format!("127.0.0.1:{port}");
     let child = Command::new(marsd_path())
         .arg("--root")
         .arg(&root)
