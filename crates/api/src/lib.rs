@@ -57,6 +57,68 @@ pub enum Request {
     GetLink { key: String },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
+    /// Becomes a replica of an existing resource on `disk` (absolute path, at least the
+    /// resource's size); a full sync from the primary starts.
+    JoinResource { res: ResourceName, disk: PathBuf },
+    /// Stops being a member (secondary only); frees this host's logfiles.
+    LeaveResource {
+        res: ResourceName,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Destroys the resource cluster-wide: refused while other members remain unless `force`.
+    DeleteResource {
+        res: ResourceName,
+        #[serde(default)]
+        force: bool,
+    },
+    /// Grows the resource (primary only): to `size`, default the smallest member disk.
+    Resize {
+        res: ResourceName,
+        size: Option<u64>,
+    },
+    /// Turns local switches on or off: attach/detach, resume-/pause- fetch, replay, sync;
+    /// `up`/`down` are all four at once.
+    Switch {
+        res: ResourceName,
+        switches: Vec<SwitchKind>,
+        on: bool,
+    },
+    /// Experts: declares the local replica consistent without copying (the disk must already
+    /// equal the primary's, e.g. both freshly zeroed).
+    FakeSync { res: ResourceName },
+    /// Discards the local replica's state and fast-full-syncs it from the primary.
+    Invalidate { res: ResourceName },
+    /// Housekeeping for every resource: rotate the primary's log if it has data, delete
+    /// logfiles nobody needs.
+    Cron,
+}
+
+/// A local replication switch (MARS's `todo-HOST/*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwitchKind {
+    Attach,
+    Sync,
+    Fetch,
+    Replay,
+}
+
+impl SwitchKind {
+    pub const ALL: [SwitchKind; 4] = [
+        SwitchKind::Attach,
+        SwitchKind::Sync,
+        SwitchKind::Fetch,
+        SwitchKind::Replay,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SwitchKind::Attach => "attach",
+            SwitchKind::Sync => "sync",
+            SwitchKind::Fetch => "fetch",
+            SwitchKind::Replay => "replay",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -152,8 +214,74 @@ pub struct ResourceView {
     /// NBD connections currently using the device.
     pub open_count: u64,
     pub error: Option<String>,
+    /// The local replica is consistent (a full sync is not pending or running).
+    #[serde(default)]
+    pub consistent: bool,
+    /// Progress of the local full sync, log fetch and replay (absent when idle/not applicable).
+    #[serde(default)]
+    pub sync: Option<Progress>,
+    #[serde(default)]
+    pub fetch: Option<Progress>,
+    #[serde(default)]
+    pub replay: Option<Progress>,
+    /// Why replication on this host is stuck (replay stopped at damage, version mismatch,
+    /// logfiles gone so a full sync is needed …); `None` when it is not.
+    #[serde(default)]
+    pub stuck: Option<String>,
+    /// Every member of the resource as this host's metadata shows it (this host included).
+    #[serde(default)]
+    pub members: Vec<ReplicaView>,
 }
 
+/// Progress of a sync, fetch or replay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Bytes done and bytes in total (for fetch and replay: of the logfiles still to process).
+    pub done: u64,
+    pub total: u64,
+    /// Recent rate in bytes per second.
+    pub rate: u64,
+    /// Oldest and newest logfile number involved, if any.
+    pub logs: Option<(u64, u64)>,
+}
+
+impl Progress {
+    /// Bytes still to do.
+    pub fn rest(&self) -> u64 {
+        self.total.saturating_sub(self.done)
+    }
+    /// Seconds until done at the current rate (`None`: not moving).
+    pub fn remaining_secs(&self) -> Option<u64> {
+        if self.rest() == 0 {
+            Some(0)
+        } else if self.rate == 0 {
+            None
+        } else {
+            Some(self.rest().div_ceil(self.rate))
+        }
+    }
+}
+
+/// One member of a resource, from the replicated metadata.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub host: String,
+    pub disk: String,
+    /// `Primary`, `Secondary` (as the member itself reports it).
+    pub role: String,
+    pub disk_state: String,
+    pub repl_state: String,
+    pub flags: String,
+    /// Its liveness stamp is younger than the view window.
+    pub alive: bool,
+    pub consistent: bool,
+    /// Replay (secondary) or writeback (primary) position, `file:offset`.
+    pub applied: Option<String>,
+    /// Bytes of the primary's log this member has not applied yet (when known).
+    pub behind: Option<u64>,
+    pub sync: Option<Progress>,
+    pub stuck: Option<String>,
+}
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogView {
     /// Current logfile name.

@@ -55,7 +55,19 @@ impl fmt::Display for LogName {
 
 /// A byte position in the log of one resource: logfile number and offset inside it. Positions
 /// order naturally; the end of logfile N comes before the start of logfile N+1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct LogPos {
     pub file: u64,
     pub offset: u64,

@@ -6,6 +6,20 @@
 //! (protocol version, cluster id, host name) and either continues with frames or sends one
 //! [`Message::Refuse`] frame with the reason and closes.
 //!
+//! Which messages each stream kind carries (type bytes in [`Message`]'s table):
+//!
+//! - [`StreamKind::Meta`]: `Ping`/`Pong`, `ChangesSince`/`Changes` and `Notify` — metadata
+//!   gossip, request and answer in both directions.
+//! - [`StreamKind::Fetch`]: the replica sends one `FetchFrom`; the server then pushes a
+//!   `LogFile`, `LogData`… and `LogEnd` for each complete logfile (older ones first), then
+//!   `LogData` for the current one as it grows, without further requests. `LogGone` says a
+//!   requested logfile is no longer on the server.
+//! - [`StreamKind::Sync`]: the replica sends `SyncStart`, the server answers `SyncInfo` (size and
+//!   log position at sync start); then the replica sends a `SyncCheck` per chunk and the server
+//!   answers each with `SyncSame` or `SyncData`.
+//!
+//! `Refuse` may be sent on any stream, after which the sender closes it.
+//!
 //! ```text
 //! Hello (both directions, first bytes of a connection), little-endian:
 //!   off size field
@@ -24,7 +38,8 @@
 //!   4+m    4 crc32c         of type + payload (catches our own bugs and broken middleboxes)
 //! ```
 //!
-//! Payload encodings use `u64`/`u32` little-endian integers and strings as `u32 length + UTF-8`.
+//! Payload encodings use `u64`/`u32` little-endian integers, strings as `u32 length + UTF-8` and
+//! binary payloads (log data, device chunks) as `u32 length + bytes`.
 
 mod message;
 
@@ -38,8 +53,10 @@ pub const MAGIC: [u8; 8] = *b"MARSPEER";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
-/// Largest frame body: a 32 MiB log chunk plus headroom.
-pub const MAX_FRAME: u32 = (32 << 20) + 4096;
+/// Largest binary payload of one message (`LogData`, `SyncData`): 32 MiB.
+pub const MAX_DATA: u32 = 32 << 20;
+/// Largest frame body: a [`MAX_DATA`] chunk plus headroom.
+pub const MAX_FRAME: u32 = MAX_DATA + 4096;
 /// Frame overhead: length prefix and checksum.
 pub const FRAME_OVERHEAD: usize = 8;
 

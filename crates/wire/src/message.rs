@@ -8,10 +8,25 @@
 //! | 4 | ChangesSince | since: u64, limit: u32 |
 //! | 5 | Changes | upto: u64, count: u32, count × entry |
 //! | 6 | Notify | seq: u64 |
+//! | 10 | FetchFrom | res: str, file: u64, offset: u64 |
+//! | 11 | LogFile | file: u64, origin: str |
+//! | 12 | LogData | file: u64, offset: u64, data: bytes |
+//! | 13 | LogEnd | file: u64, len: u64 |
+//! | 14 | LogGone | file: u64, oldest: u64 |
+//! | 20 | SyncStart | res: str |
+//! | 21 | SyncInfo | size: u64, file: u64, offset: u64 |
+//! | 22 | SyncCheck | offset: u64, len: u32 (≥ 1), digest: 16 bytes |
+//! | 23 | SyncSame | offset: u64 |
+//! | 24 | SyncData | offset: u64, data: bytes |
 //!
+//! str = length: u32, UTF-8 (at most 64 KiB)\
+//! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
 //! entry = key: str, has_value: u8 (0/1), [value: str], stamp: u64, origin: str
+//!
+//! Types 1–6 belong to the metadata stream (Refuse may end any stream), 10–14 to the log fetch
+//! stream, 20–24 to the sync stream; see [`StreamKind`](crate::StreamKind).
 
-use crate::WireError;
+use crate::{WireError, MAX_DATA};
 
 /// One metadata entry as it travels (the store's own type lives in `meta`; this one only carries
 /// bytes, and the receiving store validates keys, hosts and stamps).
@@ -52,6 +67,70 @@ pub enum Message {
     Notify {
         seq: u64,
     },
+
+    // --- fetch stream: the replica asks once, the server then pushes without further requests ---
+    /// 10, replica → server: stream resource `res`'s log from logfile number `file` at byte
+    /// `offset`, and keep following it (older files first, then the current one as it grows).
+    FetchFrom {
+        res: String,
+        file: u64,
+        offset: u64,
+    },
+    /// 11, server → replica: the data that follows belongs to logfile `file` written by `origin`
+    /// (name `log-%09d-ORIGIN`).
+    LogFile {
+        file: u64,
+        origin: String,
+    },
+    /// 12, server → replica: bytes of logfile `file` starting at `offset`; always whole log
+    /// records. At most [`MAX_DATA`] bytes.
+    LogData {
+        file: u64,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// 13, server → replica: logfile `file` is complete with `len` bytes; the next one follows.
+    LogEnd {
+        file: u64,
+        len: u64,
+    },
+    /// 14, server → replica: logfile `file` is no longer present on the server; `oldest` is the
+    /// oldest one it still has (0: none).
+    LogGone {
+        file: u64,
+        oldest: u64,
+    },
+
+    // --- sync stream (fast full sync): the replica compares chunk digests, only differing chunks
+    // travel ---
+    /// 20, replica → server: start or resume a full sync of `res`.
+    SyncStart {
+        res: String,
+    },
+    /// 21, server → replica: device size and the log position (file, offset) at sync start;
+    /// replaying the log from there after the copy makes the replica consistent.
+    SyncInfo {
+        size: u64,
+        file: u64,
+        offset: u64,
+    },
+    /// 22, replica → server: "my chunk at offset/len has this digest" (xxh3-128 of the bytes,
+    /// 16 bytes little-endian of the u128). `len` is never 0.
+    SyncCheck {
+        offset: u64,
+        len: u32,
+        digest: [u8; 16],
+    },
+    /// 23, server → replica: the chunk is equal, nothing to copy.
+    SyncSame {
+        offset: u64,
+    },
+    /// 24, server → replica: the chunk differs; here are the server's bytes. At most
+    /// [`MAX_DATA`] bytes.
+    SyncData {
+        offset: u64,
+        data: Vec<u8>,
+    },
 }
 
 /// Longest string in a message (keys and values are small; a reason is a line).
@@ -60,6 +139,18 @@ const MAX_STR: u32 = 64 << 10;
 fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u32).to_le_bytes());
     out.extend_from_slice(s.as_bytes());
+}
+
+/// Binary payload: `u32` length, then the bytes. Callers keep `b` within [`MAX_DATA`]; a longer
+/// one would not fit a frame and is refused by the decoder.
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    debug_assert!(b.len() <= MAX_DATA as usize, "payload of {} bytes", b.len());
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn put_u64(out: &mut Vec<u8>, v: u64) {
+    out.extend_from_slice(&v.to_le_bytes());
 }
 
 struct Reader<'a> {
@@ -103,6 +194,24 @@ impl<'a> Reader<'a> {
         let b = self.take(n as usize)?;
         String::from_utf8(b.to_vec()).map_err(|_| self.err("string is not UTF-8"))
     }
+    /// A binary payload; its length is checked against the rest of the frame before anything is
+    /// allocated.
+    fn bytes(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = self.u32()?;
+        if n > MAX_DATA {
+            return Err(self.err(format!("payload of {n} bytes exceeds {MAX_DATA}")));
+        }
+        if n as usize > self.buf.len() {
+            return Err(self.err(format!(
+                "payload of {n} bytes, {} left in the frame",
+                self.buf.len()
+            )));
+        }
+        Ok(self.take(n as usize)?.to_vec())
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
     fn end(&self) -> Result<(), WireError> {
         if self.buf.is_empty() {
             Ok(())
@@ -121,6 +230,16 @@ impl Message {
             Message::ChangesSince { .. } => 4,
             Message::Changes { .. } => 5,
             Message::Notify { .. } => 6,
+            Message::FetchFrom { .. } => 10,
+            Message::LogFile { .. } => 11,
+            Message::LogData { .. } => 12,
+            Message::LogEnd { .. } => 13,
+            Message::LogGone { .. } => 14,
+            Message::SyncStart { .. } => 20,
+            Message::SyncInfo { .. } => 21,
+            Message::SyncCheck { .. } => 22,
+            Message::SyncSame { .. } => 23,
+            Message::SyncData { .. } => 24,
         }
     }
 
@@ -152,6 +271,48 @@ impl Message {
                 }
             }
             Message::Notify { seq } => out.extend_from_slice(&seq.to_le_bytes()),
+            Message::FetchFrom { res, file, offset } => {
+                put_str(out, res);
+                put_u64(out, *file);
+                put_u64(out, *offset);
+            }
+            Message::LogFile { file, origin } => {
+                put_u64(out, *file);
+                put_str(out, origin);
+            }
+            Message::LogData { file, offset, data } => {
+                put_u64(out, *file);
+                put_u64(out, *offset);
+                put_bytes(out, data);
+            }
+            Message::LogEnd { file, len } => {
+                put_u64(out, *file);
+                put_u64(out, *len);
+            }
+            Message::LogGone { file, oldest } => {
+                put_u64(out, *file);
+                put_u64(out, *oldest);
+            }
+            Message::SyncStart { res } => put_str(out, res),
+            Message::SyncInfo { size, file, offset } => {
+                put_u64(out, *size);
+                put_u64(out, *file);
+                put_u64(out, *offset);
+            }
+            Message::SyncCheck {
+                offset,
+                len,
+                digest,
+            } => {
+                put_u64(out, *offset);
+                out.extend_from_slice(&len.to_le_bytes());
+                out.extend_from_slice(digest);
+            }
+            Message::SyncSame { offset } => put_u64(out, *offset),
+            Message::SyncData { offset, data } => {
+                put_u64(out, *offset);
+                put_bytes(out, data);
+            }
         }
     }
 
@@ -164,6 +325,16 @@ impl Message {
             4 => "ChangesSince",
             5 => "Changes",
             6 => "Notify",
+            10 => "FetchFrom",
+            11 => "LogFile",
+            12 => "LogData",
+            13 => "LogEnd",
+            14 => "LogGone",
+            20 => "SyncStart",
+            21 => "SyncInfo",
+            22 => "SyncCheck",
+            23 => "SyncSame",
+            24 => "SyncData",
             other => return Err(WireError::UnknownType(other)),
         };
         let mut r = Reader { buf: rest, what };
@@ -200,7 +371,54 @@ impl Message {
                 }
                 Message::Changes { upto, entries }
             }
-            _ => Message::Notify { seq: r.u64()? },
+            6 => Message::Notify { seq: r.u64()? },
+            10 => Message::FetchFrom {
+                res: r.str()?,
+                file: r.u64()?,
+                offset: r.u64()?,
+            },
+            11 => Message::LogFile {
+                file: r.u64()?,
+                origin: r.str()?,
+            },
+            12 => Message::LogData {
+                file: r.u64()?,
+                offset: r.u64()?,
+                data: r.bytes()?,
+            },
+            13 => Message::LogEnd {
+                file: r.u64()?,
+                len: r.u64()?,
+            },
+            14 => Message::LogGone {
+                file: r.u64()?,
+                oldest: r.u64()?,
+            },
+            20 => Message::SyncStart { res: r.str()? },
+            21 => Message::SyncInfo {
+                size: r.u64()?,
+                file: r.u64()?,
+                offset: r.u64()?,
+            },
+            22 => {
+                let offset = r.u64()?;
+                let len = r.u32()?;
+                if len == 0 {
+                    return Err(r.err("chunk length 0"));
+                }
+                Message::SyncCheck {
+                    offset,
+                    len,
+                    digest: r.array()?,
+                }
+            }
+            23 => Message::SyncSame { offset: r.u64()? },
+            24 => Message::SyncData {
+                offset: r.u64()?,
+                data: r.bytes()?,
+            },
+            // Not reached: the type was checked above.
+            other => return Err(WireError::UnknownType(other)),
         };
         r.end()?;
         Ok(m)

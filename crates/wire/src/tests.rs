@@ -95,7 +95,278 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), proptest::collection::vec(arb_entry(), 0..20))
             .prop_map(|(upto, entries)| Message::Changes { upto, entries }),
         any::<u64>().prop_map(|seq| Message::Notify { seq }),
+        (".{0,40}", any::<u64>(), any::<u64>())
+            .prop_map(|(res, file, offset)| Message::FetchFrom { res, file, offset }),
+        (any::<u64>(), "[a-z]{0,10}").prop_map(|(file, origin)| Message::LogFile { file, origin }),
+        (any::<u64>(), any::<u64>(), arb_data())
+            .prop_map(|(file, offset, data)| Message::LogData { file, offset, data }),
+        (any::<u64>(), any::<u64>()).prop_map(|(file, len)| Message::LogEnd { file, len }),
+        (any::<u64>(), any::<u64>()).prop_map(|(file, oldest)| Message::LogGone { file, oldest }),
+        ".{0,40}".prop_map(|res| Message::SyncStart { res }),
+        (any::<u64>(), any::<u64>(), any::<u64>())
+            .prop_map(|(size, file, offset)| Message::SyncInfo { size, file, offset }),
+        (any::<u64>(), 1..=u32::MAX, any::<[u8; 16]>()).prop_map(|(offset, len, digest)| {
+            Message::SyncCheck {
+                offset,
+                len,
+                digest,
+            }
+        }),
+        any::<u64>().prop_map(|offset| Message::SyncSame { offset }),
+        (any::<u64>(), arb_data()).prop_map(|(offset, data)| Message::SyncData { offset, data }),
     ]
+}
+
+fn arb_data() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..300)
+}
+
+/// One of each fetch and sync message, with edge values.
+fn stream_messages() -> Vec<Message> {
+    vec![
+        Message::FetchFrom {
+            res: "vol0".into(),
+            file: 1,
+            offset: 0,
+        },
+        Message::FetchFrom {
+            res: String::new(),
+            file: u64::MAX,
+            offset: u64::MAX,
+        },
+        Message::LogFile {
+            file: 7,
+            origin: "alpha".into(),
+        },
+        Message::LogData {
+            file: 7,
+            offset: 4096,
+            data: (0..=255).collect(),
+        },
+        Message::LogData {
+            file: 7,
+            offset: 8192,
+            data: Vec::new(),
+        },
+        Message::LogEnd { file: 7, len: 8192 },
+        Message::LogGone { file: 3, oldest: 0 },
+        Message::LogGone { file: 3, oldest: 5 },
+        Message::SyncStart { res: "vol0".into() },
+        Message::SyncInfo {
+            size: 1 << 40,
+            file: 9,
+            offset: 123,
+        },
+        Message::SyncCheck {
+            offset: 0,
+            len: 1,
+            digest: [0xa5; 16],
+        },
+        Message::SyncCheck {
+            offset: u64::MAX,
+            len: u32::MAX,
+            digest: *b"0123456789abcdef",
+        },
+        Message::SyncSame { offset: 1 << 20 },
+        Message::SyncData {
+            offset: 1 << 20,
+            data: vec![1, 2, 3],
+        },
+        Message::SyncData {
+            offset: 0,
+            data: Vec::new(),
+        },
+    ]
+}
+
+fn body_of(m: &Message) -> Vec<u8> {
+    let mut b = Vec::new();
+    m.encode(&mut b);
+    b
+}
+
+fn frame_of_body(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(body);
+    f.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+    f
+}
+
+fn is_malformed(r: Result<Message, WireError>) -> bool {
+    matches!(r, Err(WireError::Malformed { .. }))
+}
+
+#[test]
+fn fetch_and_sync_messages_roundtrip() {
+    let msgs = stream_messages();
+    let mut stream = Vec::new();
+    for m in &msgs {
+        encode_frame(m, &mut stream);
+    }
+    let mut got = Vec::new();
+    let mut at = 0;
+    while at < stream.len() {
+        let (m, n) = decode_frame(&stream[at..]).unwrap().unwrap();
+        got.push(m);
+        at += n;
+    }
+    assert_eq!(got, msgs);
+    // The type bytes are part of the protocol.
+    let types: Vec<u8> = msgs.iter().map(|m| body_of(m)[0]).collect();
+    assert_eq!(
+        types,
+        [10, 10, 11, 12, 12, 13, 14, 14, 20, 21, 22, 22, 23, 24, 24]
+    );
+}
+
+#[test]
+fn fetch_and_sync_layouts() {
+    let b = body_of(&Message::LogData {
+        file: 2,
+        offset: 3,
+        data: vec![9, 8],
+    });
+    let mut want = vec![12];
+    want.extend_from_slice(&2u64.to_le_bytes());
+    want.extend_from_slice(&3u64.to_le_bytes());
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(&[9, 8]);
+    assert_eq!(b, want);
+    let digest = u128::to_le_bytes(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff);
+    let b = body_of(&Message::SyncCheck {
+        offset: 5,
+        len: 4096,
+        digest,
+    });
+    let mut want = vec![22];
+    want.extend_from_slice(&5u64.to_le_bytes());
+    want.extend_from_slice(&4096u32.to_le_bytes());
+    want.extend_from_slice(&digest);
+    assert_eq!(b, want);
+    let b = body_of(&Message::FetchFrom {
+        res: "r".into(),
+        file: 1,
+        offset: 2,
+    });
+    let mut want = vec![10, 1, 0, 0, 0, b'r'];
+    want.extend_from_slice(&1u64.to_le_bytes());
+    want.extend_from_slice(&2u64.to_le_bytes());
+    assert_eq!(b, want);
+}
+
+#[test]
+fn truncated_and_trailing_payloads_are_malformed() {
+    for m in stream_messages() {
+        let body = body_of(&m);
+        for cut in 1..body.len() {
+            assert!(
+                is_malformed(Message::decode(&body[..cut])),
+                "{m:?} cut at {cut}"
+            );
+        }
+        let mut long = body.clone();
+        long.push(0);
+        assert!(is_malformed(Message::decode(&long)), "{m:?} + 1 byte");
+        // Through a frame, too: a valid checksum does not make it valid.
+        assert!(matches!(
+            decode_frame(&frame_of_body(&long)),
+            Err(WireError::Malformed { .. })
+        ));
+    }
+}
+
+#[test]
+fn unknown_types_are_rejected() {
+    for t in [0u8, 7, 9, 15, 19, 25, 100, 255] {
+        let mut body = vec![t];
+        body.extend_from_slice(&[0; 32]);
+        assert_eq!(Message::decode(&body), Err(WireError::UnknownType(t)));
+        if t != 0 {
+            assert_eq!(
+                decode_frame(&frame_of_body(&body)),
+                Err(WireError::UnknownType(t))
+            );
+        }
+    }
+}
+
+#[test]
+fn payload_lengths_are_checked_before_allocating() {
+    for claimed in [1u32, 3, 1 << 20, MAX_DATA, MAX_DATA + 1, u32::MAX] {
+        // LogData claiming more bytes than the frame holds (it holds 2).
+        let mut body = vec![12];
+        body.extend_from_slice(&1u64.to_le_bytes());
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&claimed.to_le_bytes());
+        body.extend_from_slice(&[0xee, 0xee][..2.min(claimed as usize - 1)]);
+        assert!(is_malformed(Message::decode(&body)), "claimed {claimed}");
+        assert!(matches!(
+            decode_frame(&frame_of_body(&body)),
+            Err(WireError::Malformed { .. })
+        ));
+        // SyncData, same.
+        let mut body = vec![24];
+        body.extend_from_slice(&0u64.to_le_bytes());
+        body.extend_from_slice(&claimed.to_le_bytes());
+        assert!(is_malformed(Message::decode(&body)), "claimed {claimed}");
+    }
+    // A string length beyond the frame in the new messages, too.
+    let mut body = vec![20];
+    body.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert!(is_malformed(Message::decode(&body)));
+    let mut body = vec![11];
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&100u32.to_le_bytes());
+    body.extend_from_slice(b"abc");
+    assert!(is_malformed(Message::decode(&body)));
+    // Not UTF-8.
+    let mut body = vec![20];
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&[0xff, 0xfe]);
+    assert!(is_malformed(Message::decode(&body)));
+}
+
+#[test]
+fn sync_check_of_zero_bytes_is_malformed() {
+    let mut body = body_of(&Message::SyncCheck {
+        offset: 0,
+        len: 1,
+        digest: [0; 16],
+    });
+    body[9..13].copy_from_slice(&0u32.to_le_bytes());
+    assert!(is_malformed(Message::decode(&body)));
+    assert!(matches!(
+        decode_frame(&frame_of_body(&body)),
+        Err(WireError::Malformed { .. })
+    ));
+}
+
+#[test]
+fn largest_chunk_fits_a_frame() {
+    let data = vec![0x5a; MAX_DATA as usize];
+    for m in [
+        Message::LogData {
+            file: u64::MAX,
+            offset: u64::MAX,
+            data: data.clone(),
+        },
+        Message::SyncData {
+            offset: u64::MAX,
+            data,
+        },
+    ] {
+        let mut f = Vec::new();
+        encode_frame(&m, &mut f);
+        let (got, n) = decode_frame(&f).unwrap().unwrap();
+        assert_eq!(n, f.len());
+        assert!(got == m);
+    }
+    // One byte more is refused by the message decoder, whatever the frame limit.
+    let mut body = vec![24];
+    body.extend_from_slice(&0u64.to_le_bytes());
+    body.extend_from_slice(&(MAX_DATA + 1).to_le_bytes());
+    body.resize(body.len() + MAX_DATA as usize + 1, 0);
+    assert!(is_malformed(Message::decode(&body)));
 }
 
 proptest! {

@@ -1,0 +1,134 @@
+//! The replicated metadata schema of a resource (MARS's `/mars/resource-RES/` tree as keys).
+//!
+//! | key | owner | value |
+//! |---|---|---|
+//! | `resource-RES/size` | shared | logical size in bytes |
+//! | `resource-RES/primary` | shared | designated primary host, or `(none)` |
+//! | `resource-RES/data-HOST` | HOST | backing disk path; this key *is* the membership |
+//! | `resource-RES/todo-HOST/{attach,sync,fetch,replay}` | HOST | desired switch, `1` or `0` |
+//! | `resource-RES/actual-HOST` | HOST | JSON [`crate::Report`]: what HOST reports about itself |
+//! | `resource-RES/version-NNNNNNNNN-HOST` | HOST | version link of logfile N as HOST saw it |
+//! | `defaults/sync-limit` | shared | concurrent full syncs per host (0: unlimited) |
+//! | `defaults/unreachable-limit` | shared | seconds after which an unreachable member stops pinning logfiles |
+//!
+//! Ownership follows the `-HOST` suffix of the segment nearest the leaf (see `mars_meta`), so a
+//! host only ever writes its own `data-`, `todo-`, `actual-` and `version-` keys.
+
+use mars_config::{HostName, ResourceName};
+
+/// The value of `primary` when no host is designated.
+pub const NO_PRIMARY: &str = "(none)";
+
+pub const SYNC_LIMIT: &str = "defaults/sync-limit";
+pub const UNREACHABLE_LIMIT: &str = "defaults/unreachable-limit";
+/// Default for [`UNREACHABLE_LIMIT`]: a day. A member gone longer stops holding logfiles.
+pub const DEFAULT_UNREACHABLE_SECS: u64 = 24 * 3600;
+
+pub fn prefix(res: &ResourceName) -> String {
+    format!("resource-{res}/")
+}
+pub fn size(res: &ResourceName) -> String {
+    format!("resource-{res}/size")
+}
+pub fn primary(res: &ResourceName) -> String {
+    format!("resource-{res}/primary")
+}
+pub fn data(res: &ResourceName, host: &HostName) -> String {
+    format!("resource-{res}/data-{host}")
+}
+pub fn todo(res: &ResourceName, host: &HostName, switch: &str) -> String {
+    format!("resource-{res}/todo-{host}/{switch}")
+}
+pub fn actual(res: &ResourceName, host: &HostName) -> String {
+    format!("resource-{res}/actual-{host}")
+}
+pub fn version(res: &ResourceName, no: u64, host: &HostName) -> String {
+    format!("resource-{res}/version-{no:09}-{host}")
+}
+
+/// A key below `resource-RES/`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResourceKey {
+    Size,
+    Primary,
+    Data(HostName),
+    Todo(HostName, String),
+    Actual(HostName),
+    Version(u64, HostName),
+    Other,
+}
+
+/// Parses `key` if it belongs to some resource: `(resource, what)`.
+pub fn parse(key: &str) -> Option<(ResourceName, ResourceKey)> {
+    let rest = key.strip_prefix("resource-")?;
+    let (res, leaf) = rest.split_once('/')?;
+    let res = ResourceName::new(res).ok()?;
+    let host = |s: &str| HostName::new(s).ok();
+    let k = match leaf {
+        "size" => ResourceKey::Size,
+        "primary" => ResourceKey::Primary,
+        _ => {
+            if let Some(h) = leaf.strip_prefix("data-").and_then(host) {
+                ResourceKey::Data(h)
+            } else if let Some(h) = leaf.strip_prefix("actual-").and_then(host) {
+                ResourceKey::Actual(h)
+            } else if let Some((t, sw)) = leaf.strip_prefix("todo-").and_then(|t| t.split_once('/'))
+            {
+                match host(t) {
+                    Some(h) => ResourceKey::Todo(h, sw.to_string()),
+                    None => ResourceKey::Other,
+                }
+            } else if let Some(v) = leaf.strip_prefix("version-") {
+                match v.split_once('-') {
+                    Some((no, h)) if no.len() == 9 => match (no.parse::<u64>(), host(h)) {
+                        (Ok(no), Some(h)) => ResourceKey::Version(no, h),
+                        _ => ResourceKey::Other,
+                    },
+                    _ => ResourceKey::Other,
+                }
+            } else {
+                ResourceKey::Other
+            }
+        }
+    };
+    Some((res, k))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let r = ResourceName::new("vm1").unwrap();
+        let h = HostName::new("node-b").unwrap();
+        assert_eq!(parse(&size(&r)), Some((r.clone(), ResourceKey::Size)));
+        assert_eq!(parse(&primary(&r)), Some((r.clone(), ResourceKey::Primary)));
+        assert_eq!(
+            parse(&data(&r, &h)),
+            Some((r.clone(), ResourceKey::Data(h.clone())))
+        );
+        assert_eq!(
+            parse(&todo(&r, &h, "fetch")),
+            Some((r.clone(), ResourceKey::Todo(h.clone(), "fetch".into())))
+        );
+        assert_eq!(
+            parse(&actual(&r, &h)),
+            Some((r.clone(), ResourceKey::Actual(h.clone())))
+        );
+        assert_eq!(
+            parse(&version(&r, 42, &h)),
+            Some((r.clone(), ResourceKey::Version(42, h.clone())))
+        );
+        assert_eq!(version(&r, 42, &h), "resource-vm1/version-000000042-node-b");
+        assert_eq!(parse("ips/ip-a"), None);
+        assert_eq!(
+            parse("resource-vm1/version-42-a"),
+            Some((r.clone(), ResourceKey::Other))
+        );
+        assert_eq!(
+            parse("resource-a/b/c"),
+            Some((ResourceName::new("a").unwrap(), ResourceKey::Other))
+        );
+    }
+}

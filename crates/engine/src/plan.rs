@@ -1,0 +1,362 @@
+//! Decisions: log reclamation, the version-chain check between logfiles, and MARS's state names.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mars_config::{format_size, HostName};
+
+use crate::model::{ResourceMeta, Role};
+use crate::version;
+
+/// The lowest logfile number that some member still needs, so that every host may delete its
+/// logfiles below it (`None`: no member pins anything).
+///
+/// A member pins what its report says (`pin`). Members that never reported pin nothing (a new
+/// member starts its sync at the primary's current position). A member other than `me` whose
+/// newest liveness stamp is older than `limit` (or unknown, `None` in `ages`) no longer pins: it
+/// must not stall the others forever; when it returns, its logfiles are gone and it needs a
+/// full sync, which it then reports.
+pub fn reclaim_below(
+    meta: &ResourceMeta,
+    me: &HostName,
+    ages: &BTreeMap<HostName, Duration>,
+    limit: Duration,
+) -> Option<u64> {
+    meta.members
+        .iter()
+        .filter(|(h, _)| *h == me || ages.get(*h).is_some_and(|a| *a <= limit))
+        .filter_map(|(_, m)| m.report.as_ref()?.pin)
+        .min()
+}
+
+/// The outcome of checking logfile N's version link before replay moves on to N+1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChainCheck {
+    /// Our link equals the origin's: publish it and go on.
+    Ok(String),
+    /// The origin's link is not known yet (metadata still travelling).
+    Wait(String),
+    /// The histories differ: stop, with the reason.
+    Mismatch(String),
+}
+
+/// The link this host computes for logfile `no` (written by `origin`, replayed to `len`).
+/// Its previous link is our own for `no - 1`, else the designated primary's, else the
+/// origin's (a replica that started after a full sync adopts theirs), else empty.
+pub fn my_link(meta: &ResourceMeta, me: &HostName, no: u64, origin: &HostName, len: u64) -> String {
+    let prev = no
+        .checked_sub(1)
+        .and_then(|p| {
+            meta.version(p, me)
+                .or_else(|| meta.primary.as_ref().and_then(|h| meta.version(p, h)))
+                .or_else(|| meta.version(p, origin))
+        })
+        .unwrap_or("");
+    version::link(prev, no, origin, len)
+}
+
+/// May replay move past the end of logfile `no` (written by `origin`, `len` bytes replayed)?
+pub fn next_file_check(
+    meta: &ResourceMeta,
+    me: &HostName,
+    no: u64,
+    origin: &HostName,
+    len: u64,
+) -> ChainCheck {
+    let mine = my_link(meta, me, no, origin, len);
+    if origin == me {
+        return ChainCheck::Ok(mine);
+    }
+    match meta.version(no, origin) {
+        None => ChainCheck::Wait(format!(
+            "waiting for the version link of log-{no:09}-{origin}"
+        )),
+        Some(theirs) if theirs == mine => ChainCheck::Ok(mine),
+        Some(theirs) => ChainCheck::Mismatch(format!(
+            "version mismatch after log-{no:09}-{origin}: ours {mine}, {origin}'s {theirs} \
+             (different histories: check for split brain)"
+        )),
+    }
+}
+
+/// MARS's view fields of one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    pub disk_state: String,
+    pub repl_state: String,
+    pub flags: String,
+    /// Bytes of the primary's log the member has not applied.
+    pub behind: Option<u64>,
+}
+
+/// Derives disk state, replication state and flags of `host` from the metadata.
+/// `alive(h)`: h's liveness stamp is within the view window.
+pub fn member_state(
+    meta: &ResourceMeta,
+    host: &HostName,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> MemberState {
+    let Some(m) = meta.members.get(host) else {
+        return MemberState {
+            disk_state: "NotJoined".into(),
+            repl_state: "NotJoined".into(),
+            flags: "------".into(),
+            behind: None,
+        };
+    };
+    let Some(r) = &m.report else {
+        return MemberState {
+            disk_state: "NotPresent".into(),
+            repl_state: if alive(host) {
+                "NotStarted"
+            } else {
+                "UnResponsive"
+            }
+            .into(),
+            flags: "------".into(),
+            behind: None,
+        };
+    };
+    let t = m.todo;
+    let primary = r.role == Role::Primary;
+    let syncing = r.sync.is_some();
+    let behind = r.applied.and_then(|p| meta.bytes_after(p));
+    let fetch_behind = match (r.log_end, meta.primary_report().and_then(|p| p.log_end)) {
+        (Some(mine), Some(theirs)) => !primary && mine < theirs,
+        _ => false,
+    };
+    let replay_behind = match (r.applied, r.log_end) {
+        (Some(a), Some(e)) => !primary && a < e,
+        _ => false,
+    };
+    let disk_state = if !r.attached {
+        "Detached".to_string()
+    } else if let Some(s) = r.stuck.as_deref().filter(|s| s.contains("damaged")) {
+        format!("DefectiveLog[{}]", s.split(':').next().unwrap_or(s))
+    } else if r.needs_sync {
+        "Orphan".into()
+    } else if syncing || !r.consistent {
+        "InConsistent".into()
+    } else if primary && r.dirty_bytes > 0 {
+        format!("WriteBack[{}]", format_size(r.dirty_bytes))
+    } else if primary {
+        "UpToDate".into()
+    } else {
+        match (fetch_behind, replay_behind) {
+            (true, true) => "OutDated[FR]".into(),
+            (true, false) => "OutDated[F]".into(),
+            (false, true) => "OutDated[R]".into(),
+            (false, false) => "UpToDate".into(),
+        }
+    };
+    let primary_alive = meta.primary.as_ref().is_some_and(|p| alive(p));
+    let repl_state = if !alive(host) {
+        "UnResponsive"
+    } else if !r.attached {
+        "NotStarted"
+    } else if primary {
+        "Replicating"
+    } else if syncing && !t.sync {
+        "PausedSync"
+    } else if syncing && r.sync.as_ref().is_some_and(|s| s.running) {
+        "Syncing"
+    } else if !t.fetch {
+        "PausedFetch"
+    } else if !t.replay {
+        "PausedReplay"
+    } else if meta.primary.is_none() {
+        "NoPrimaryDesignated"
+    } else if !primary_alive {
+        "PrimaryUnreachable"
+    } else if r.needs_sync {
+        "Orphan"
+    } else if syncing {
+        "Syncing"
+    } else {
+        "Replaying"
+    }
+    .to_string();
+    // D C A S F R: uppercase = on and done, lowercase = on and in progress, '-' = off.
+    let flag = |on: bool, busy: bool, c: char| {
+        if !on {
+            '-'
+        } else if busy {
+            c.to_ascii_lowercase()
+        } else {
+            c
+        }
+    };
+    let flags: String = [
+        if !r.attached {
+            '-'
+        } else if primary {
+            'D'
+        } else {
+            'd'
+        },
+        if r.consistent && !syncing {
+            'C'
+        } else if syncing {
+            'c'
+        } else {
+            '-'
+        },
+        flag(t.attach, t.attach && !r.attached, 'A'),
+        flag(t.sync, syncing, 'S'),
+        flag(t.fetch, fetch_behind, 'F'),
+        flag(t.replay, replay_behind, 'R'),
+    ]
+    .into_iter()
+    .collect();
+    MemberState {
+        disk_state,
+        repl_state,
+        flags,
+        behind,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Member, Report, SyncReport, Todo};
+    use mars_config::ResourceName;
+    use mars_txlog::LogPos;
+
+    fn h(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
+    fn meta() -> ResourceMeta {
+        let mut m = ResourceMeta::empty(ResourceName::new("r").unwrap());
+        m.size = Some(1 << 20);
+        m.primary = Some(h("a"));
+        let prim = Report {
+            role: Role::Primary,
+            attached: true,
+            consistent: true,
+            applied: Some(LogPos::new(4, 50)),
+            log_end: Some(LogPos::new(4, 50)),
+            logs: vec![(3, 100), (4, 50)],
+            pin: Some(4),
+            ..Default::default()
+        };
+        m.members.insert(
+            h("a"),
+            Member {
+                disk: "/a".into(),
+                todo: Todo::default(),
+                report: Some(prim),
+            },
+        );
+        let sec = Report {
+            attached: true,
+            consistent: true,
+            applied: Some(LogPos::new(3, 40)),
+            log_end: Some(LogPos::new(4, 10)),
+            pin: Some(3),
+            ..Default::default()
+        };
+        m.members.insert(
+            h("b"),
+            Member {
+                disk: "/b".into(),
+                todo: Todo::default(),
+                report: Some(sec),
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn reclamation_waits_for_the_slowest_reachable_member() {
+        let m = meta();
+        let mut ages = BTreeMap::new();
+        ages.insert(h("b"), Duration::from_secs(5));
+        let limit = Duration::from_secs(60);
+        assert_eq!(reclaim_below(&m, &h("a"), &ages, limit), Some(3));
+        // b unreachable beyond the limit: it no longer pins.
+        ages.insert(h("b"), Duration::from_secs(61));
+        assert_eq!(reclaim_below(&m, &h("a"), &ages, limit), Some(4));
+        // Unknown age counts as unreachable, but a host always pins for itself.
+        assert_eq!(reclaim_below(&m, &h("b"), &BTreeMap::new(), limit), Some(3));
+    }
+
+    #[test]
+    fn states_and_flags() {
+        let mut m = meta();
+        let all = |_: &HostName| true;
+        let a = member_state(&m, &h("a"), &all);
+        assert_eq!(
+            (
+                a.disk_state.as_str(),
+                a.repl_state.as_str(),
+                a.flags.as_str()
+            ),
+            ("UpToDate", "Replicating", "DCASFR")
+        );
+        let b = member_state(&m, &h("b"), &all);
+        assert_eq!(
+            (
+                b.disk_state.as_str(),
+                b.repl_state.as_str(),
+                b.flags.as_str()
+            ),
+            ("OutDated[FR]", "Replaying", "dCASfr")
+        );
+        assert_eq!(b.behind, Some(60 + 50));
+        m.members.get_mut(&h("b")).unwrap().todo.replay = false;
+        let b = member_state(&m, &h("b"), &all);
+        assert_eq!(
+            (b.repl_state.as_str(), b.flags.as_str()),
+            ("PausedReplay", "dCASf-")
+        );
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.sync = Some(SyncReport {
+            start: None,
+            done: 0,
+            size: 1 << 20,
+            transferred: 0,
+            running: true,
+            rate: 0,
+        });
+        r.consistent = false;
+        let b = member_state(&m, &h("b"), &all);
+        assert_eq!(
+            (b.disk_state.as_str(), b.repl_state.as_str()),
+            ("InConsistent", "Syncing")
+        );
+        let none = |x: &HostName| x.as_str() == "b";
+        m.members
+            .get_mut(&h("b"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .sync = None;
+        m.members.get_mut(&h("b")).unwrap().todo.replay = true;
+        let b = member_state(&m, &h("b"), &none);
+        assert_eq!(b.repl_state, "PrimaryUnreachable");
+    }
+
+    #[test]
+    fn chain_check() {
+        let mut m = meta();
+        let (a, b) = (h("a"), h("b"));
+        assert!(matches!(
+            next_file_check(&m, &b, 3, &a, 100),
+            ChainCheck::Wait(_)
+        ));
+        let theirs = my_link(&m, &a, 3, &a, 100);
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(a.clone(), theirs.clone());
+        assert_eq!(next_file_check(&m, &b, 3, &a, 100), ChainCheck::Ok(theirs));
+        // A different length (the origin wrote more than we have): mismatch.
+        assert!(matches!(
+            next_file_check(&m, &b, 3, &a, 90),
+            ChainCheck::Mismatch(_)
+        ));
+    }
+}
