@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod view;
+mod wait;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use mars_api::{Reply, Request};
+use mars_api::{Reply, Request, SwitchKind};
 use mars_config::{parse_size, ResourceName};
 
 #[derive(Debug, Parser)]
@@ -32,10 +33,10 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds to wait for the daemon.
+    /// Seconds to wait for the daemon, or for the condition of wait-cluster and wait-resource.
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
-    /// Skip safety checks (reserved: no command uses it yet).
+    /// Skip safety checks: leave-resource, delete-resource.
     #[arg(long, global = true)]
     force: bool,
     /// Check a command without changing anything (reserved: refused by every command so far).
@@ -72,6 +73,10 @@ enum Cmd {
     SetGlobalSyncLimitValue { n: u32 },
     /// Show the cluster-wide limit of concurrent full syncs.
     GetGlobalSyncLimitValue,
+    /// Set after how many seconds of silence a member no longer holds back log deletion.
+    SetGlobalUnreachableLimitValue { seconds: u64 },
+    /// Show after how many seconds of silence a member no longer holds back log deletion.
+    GetGlobalUnreachableLimitValue,
     /// Experts: set a replicated metadata key.
     #[command(hide = true)]
     SetLink { key: String, value: String },
@@ -88,6 +93,65 @@ enum Cmd {
         /// Logical size (K/M/G/T suffixes); default: the disk's size.
         size: Option<String>,
     },
+    /// Become a replica of resource RES on DISK; a full sync overwrites DISK.
+    JoinResource { res: String, disk: PathBuf },
+    /// Stop being a member of RES (secondary only; --force skips the checks).
+    LeaveResource { res: String },
+    /// Destroy RES cluster-wide (refused while other members remain, unless --force).
+    DeleteResource { res: String },
+    /// Grow RES after its disks have grown (on the primary).
+    Resize {
+        res: String,
+        /// New size (K/M/G/T suffixes); default: the smallest member disk.
+        size: Option<String>,
+    },
+    /// Open the local disk of RES.
+    Attach { res: String },
+    /// Close the local disk of RES.
+    Detach { res: String },
+    /// Stop fetching logfiles from the primary.
+    #[command(
+        alias = "disconnect",
+        alias = "pause-fetch-local",
+        alias = "disconnect-local"
+    )]
+    PauseFetch { res: String },
+    /// Resume fetching logfiles from the primary.
+    #[command(
+        alias = "connect",
+        alias = "resume-fetch-local",
+        alias = "connect-local"
+    )]
+    ResumeFetch { res: String },
+    /// Freeze the local replica (logfiles keep arriving).
+    #[command(alias = "pause-replay-local")]
+    PauseReplay { res: String },
+    /// Continue replaying logfiles into the local replica.
+    #[command(alias = "resume-replay-local")]
+    ResumeReplay { res: String },
+    /// Pause the full sync of the local replica.
+    #[command(alias = "pause-sync-local")]
+    PauseSync { res: String },
+    /// Resume the full sync of the local replica where it paused.
+    #[command(alias = "resume-sync-local")]
+    ResumeSync { res: String },
+    /// attach + resume-sync + resume-fetch + resume-replay.
+    Up { res: String },
+    /// pause-sync + pause-fetch + pause-replay + detach.
+    Down { res: String },
+    /// Experts: declare the local replica consistent without copying.
+    #[command(hide = true)]
+    FakeSync { res: String },
+    /// Discard the local replica and fast-full-sync it from the primary.
+    Invalidate { res: String },
+    /// Housekeeping: rotate the primary's logfiles, delete those nobody needs.
+    Cron,
+    /// Wait until a condition holds on this host (at most --timeout seconds).
+    WaitResource {
+        res: String,
+        /// attach, fetch, replay, sync or uptodate, optionally with -on (default) or -off.
+        cond: String,
+    },
     /// Show the state of one resource, or of all.
     View { res: Option<String> },
     /// Close the current logfile and continue in a new one.
@@ -101,6 +165,12 @@ enum Cmd {
 
 /// Replicated key of the global sync limit (MARS: `defaults/sync-limit`).
 const SYNC_LIMIT_KEY: &str = "defaults/sync-limit";
+/// Replicated key of the seconds after which an unreachable member stops pinning logfiles.
+const UNREACHABLE_LIMIT_KEY: &str = "defaults/unreachable-limit";
+/// What the daemon uses while the key is unset (one day).
+const UNREACHABLE_LIMIT_DEFAULT: &str = "86400";
+/// How often `wait-resource` asks the daemon.
+const WAIT_INTERVAL: Duration = Duration::from_millis(200);
 
 fn resource(name: &str) -> Result<ResourceName> {
     ResourceName::new(name).map_err(Into::into)
@@ -112,6 +182,85 @@ fn absolute(p: &Path) -> Result<PathBuf> {
         return Ok(c);
     }
     Ok(std::env::current_dir()?.join(p))
+}
+
+/// The switch commands: (command name, RES, switches, on).
+fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bool)> {
+    use SwitchKind::{Attach, Fetch, Replay, Sync};
+    Some(match cmd {
+        Cmd::Attach { res } => ("attach", res, &[Attach], true),
+        Cmd::Detach { res } => ("detach", res, &[Attach], false),
+        Cmd::PauseFetch { res } => ("pause-fetch", res, &[Fetch], false),
+        Cmd::ResumeFetch { res } => ("resume-fetch", res, &[Fetch], true),
+        Cmd::PauseReplay { res } => ("pause-replay", res, &[Replay], false),
+        Cmd::ResumeReplay { res } => ("resume-replay", res, &[Replay], true),
+        Cmd::PauseSync { res } => ("pause-sync", res, &[Sync], false),
+        Cmd::ResumeSync { res } => ("resume-sync", res, &[Sync], true),
+        Cmd::Up { res } => ("up", res, &SwitchKind::ALL, true),
+        Cmd::Down { res } => ("down", res, &SwitchKind::ALL, false),
+        _ => return None,
+    })
+}
+
+/// The resource commands that are one request answered by `Done`: (command name, request).
+/// `None` for every other command.
+fn resource_request(cmd: &Cmd, force: bool) -> Result<Option<(&'static str, Request)>> {
+    if let Some((name, res, kinds, on)) = switch_of(cmd) {
+        let req = Request::Switch {
+            res: resource(res)?,
+            switches: kinds.to_vec(),
+            on,
+        };
+        return Ok(Some((name, req)));
+    }
+    Ok(Some(match cmd {
+        Cmd::JoinResource { res, disk } => (
+            "join-resource",
+            Request::JoinResource {
+                res: resource(res)?,
+                disk: absolute(disk)?,
+            },
+        ),
+        Cmd::LeaveResource { res } => (
+            "leave-resource",
+            Request::LeaveResource {
+                res: resource(res)?,
+                force,
+            },
+        ),
+        Cmd::DeleteResource { res } => (
+            "delete-resource",
+            Request::DeleteResource {
+                res: resource(res)?,
+                force,
+            },
+        ),
+        Cmd::Resize { res, size } => (
+            "resize",
+            Request::Resize {
+                res: resource(res)?,
+                size: size
+                    .as_deref()
+                    .map(parse_size)
+                    .transpose()
+                    .context("SIZE")?,
+            },
+        ),
+        Cmd::FakeSync { res } => (
+            "fake-sync",
+            Request::FakeSync {
+                res: resource(res)?,
+            },
+        ),
+        Cmd::Invalidate { res } => (
+            "invalidate",
+            Request::Invalidate {
+                res: resource(res)?,
+            },
+        ),
+        Cmd::Cron => ("cron", Request::Cron),
+        _ => return Ok(None),
+    }))
 }
 
 impl Cli {
@@ -211,6 +360,16 @@ impl Cli {
                 println!("{}", v.unwrap_or_else(|| "0".into()));
                 Ok(())
             }
+            Cmd::SetGlobalUnreachableLimitValue { seconds } => {
+                self.no_dry_run("set-global-unreachable-limit-value")?;
+                self.set_links(vec![(UNREACHABLE_LIMIT_KEY.into(), seconds.to_string())])
+            }
+            Cmd::GetGlobalUnreachableLimitValue => {
+                let v = self.get_link(UNREACHABLE_LIMIT_KEY)?;
+                println!("{}", v.unwrap_or_else(|| UNREACHABLE_LIMIT_DEFAULT.into()));
+                Ok(())
+            }
+            Cmd::WaitResource { res, cond } => self.wait_resource(res, cond),
             Cmd::SetLink { key, value } => {
                 self.no_dry_run("set-link")?;
                 self.set_links(vec![(key.clone(), value.clone())])
@@ -260,7 +419,9 @@ impl Cli {
             }
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Other(args) => {
-                let cmd = &args[0];
+                let Some(cmd) = args.first() else {
+                    bail!("no command given; see `marsadm --help`");
+                };
                 let Some(mac) = cmd.strip_prefix("view-") else {
                     bail!("unknown command {cmd:?}; see `marsadm --help`");
                 };
@@ -269,6 +430,15 @@ impl Cli {
                 };
                 self.view_macro(mac, res)
             }
+            // The resource commands: one request each, answered by `Done`.
+            other => match resource_request(other, self.force)? {
+                Some((name, req)) => {
+                    self.no_dry_run(name)?;
+                    let r = self.call(&req)?;
+                    self.print_done(r)
+                }
+                None => bail!("internal error: no request for {other:?}"),
+            },
         }
     }
 
@@ -306,6 +476,31 @@ impl Cli {
             println!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             print!("{}", view::cluster_text(&v, all));
+        }
+        Ok(())
+    }
+
+    /// Polls the local view of `res` until `cond` holds or --timeout passes.
+    fn wait_resource(&self, res: &str, cond: &str) -> Result<()> {
+        let cond = wait::Condition::parse(cond)?;
+        let name = resource(res)?;
+        let timeout = Duration::from_secs(self.timeout);
+        wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
+            // Bound each call by the time left, but give a busy daemon a moment to answer.
+            let call_timeout = left.max(Duration::from_secs(2));
+            let req = Request::View {
+                res: Some(name.clone()),
+                window: Some(self.window),
+            };
+            match client::call(&self.root, &req, call_timeout)? {
+                Reply::View(mut v) if !v.resources.is_empty() => Ok(v.resources.swap_remove(0)),
+                Reply::View(_) => bail!("daemon returned no resource"),
+                _ => bail!("unexpected answer from marsd"),
+            }
+        })?;
+        if self.json {
+            let reached = serde_json::json!({ "resource": res, "condition": cond.to_string() });
+            println!("{reached}");
         }
         Ok(())
     }
@@ -353,5 +548,130 @@ fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("marsadm").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn request(args: &[&str]) -> (&'static str, Request) {
+        let cli = parse(args);
+        resource_request(&cli.cmd, cli.force)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{args:?} sends no resource request"))
+    }
+
+    fn vm1() -> ResourceName {
+        resource("vm1").unwrap()
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn switch_commands_and_their_mars_aliases() {
+        use SwitchKind::{Attach, Fetch, Replay, Sync};
+        let cases: &[(&[&str], &[SwitchKind], bool)] = &[
+            (&["attach", "vm1"], &[Attach], true),
+            (&["detach", "vm1"], &[Attach], false),
+            (&["pause-fetch", "vm1"], &[Fetch], false),
+            (&["disconnect", "vm1"], &[Fetch], false),
+            (&["pause-fetch-local", "vm1"], &[Fetch], false),
+            (&["disconnect-local", "vm1"], &[Fetch], false),
+            (&["resume-fetch", "vm1"], &[Fetch], true),
+            (&["connect", "vm1"], &[Fetch], true),
+            (&["connect-local", "vm1"], &[Fetch], true),
+            (&["resume-fetch-local", "vm1"], &[Fetch], true),
+            (&["pause-replay", "vm1"], &[Replay], false),
+            (&["pause-replay-local", "vm1"], &[Replay], false),
+            (&["resume-replay-local", "vm1"], &[Replay], true),
+            (&["pause-sync-local", "vm1"], &[Sync], false),
+            (&["resume-sync", "vm1"], &[Sync], true),
+            (&["up", "vm1"], &SwitchKind::ALL, true),
+            (&["down", "vm1"], &SwitchKind::ALL, false),
+        ];
+        for (args, kinds, on) in cases {
+            let want = Request::Switch {
+                res: vm1(),
+                switches: kinds.to_vec(),
+                on: *on,
+            };
+            assert_eq!(request(args).1, want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn resource_lifecycle_requests() {
+        assert_eq!(
+            request(&["join-resource", "vm1", "/dev/vg/vm1"]).1,
+            Request::JoinResource {
+                res: vm1(),
+                disk: "/dev/vg/vm1".into()
+            }
+        );
+        let (name, req) = request(&["leave-resource", "vm1"]);
+        assert_eq!(name, "leave-resource");
+        assert_eq!(
+            req,
+            Request::LeaveResource {
+                res: vm1(),
+                force: false
+            }
+        );
+        assert_eq!(
+            request(&["--force", "delete-resource", "vm1"]).1,
+            Request::DeleteResource {
+                res: vm1(),
+                force: true
+            }
+        );
+        assert_eq!(
+            request(&["resize", "vm1", "2G"]).1,
+            Request::Resize {
+                res: vm1(),
+                size: Some(2 << 30)
+            }
+        );
+        assert_eq!(
+            request(&["resize", "vm1"]).1,
+            Request::Resize {
+                res: vm1(),
+                size: None
+            }
+        );
+        assert_eq!(
+            request(&["fake-sync", "vm1"]).1,
+            Request::FakeSync { res: vm1() }
+        );
+        assert_eq!(
+            request(&["invalidate", "vm1"]).1,
+            Request::Invalidate { res: vm1() }
+        );
+        assert_eq!(request(&["cron"]), ("cron", Request::Cron));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused_before_sending() {
+        for args in [
+            &["resize", "vm1", "lots"][..],
+            &["attach", "a/b"],
+            &["up", "all"],
+        ] {
+            let cli = parse(args);
+            assert!(resource_request(&cli.cmd, false).is_err(), "{args:?}");
+        }
+        // Other commands are not resource requests.
+        let cli = parse(&["view", "vm1"]);
+        assert!(resource_request(&cli.cmd, false).unwrap().is_none());
+        assert!(Cli::try_parse_from(["marsadm", "wait-resource", "vm1"]).is_err());
     }
 }

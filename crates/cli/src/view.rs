@@ -1,16 +1,170 @@
 //! `view` and `view-MACRO`: MARS-style status text.
 
 use anyhow::{bail, Result};
-use mars_api::{ClusterView, ResourceView};
+use mars_api::{ClusterView, Progress, ReplicaView, ResourceView, SwitchKind};
 use mars_config::format_size;
 
-/// The default view of one resource, after MARS's
-/// `%{res} [members/peers] diskstate replstate flags role primarynode`.
-pub fn resource_text(r: &ResourceView) -> String {
+/// Position of a switch's letter in MARS's six-letter flags field `DCASFR` (device/disk,
+/// consistent, attach, sync, fetch, replay).
+pub fn flag_index(k: SwitchKind) -> usize {
+    match k {
+        SwitchKind::Attach => 2,
+        SwitchKind::Sync => 3,
+        SwitchKind::Fetch => 4,
+        SwitchKind::Replay => 5,
+    }
+}
+
+/// The flag letter at `i`; a short or missing field reads as `-` (off), never a panic.
+pub fn flag(flags: &str, i: usize) -> char {
+    flags.chars().nth(i).unwrap_or('-')
+}
+
+/// The switch is on and its work is done (MARS `is-*`: uppercase letter).
+pub fn is_on(r: &ResourceView, k: SwitchKind) -> bool {
+    flag(&r.flags, flag_index(k)).is_ascii_uppercase()
+}
+
+/// The switch is on, done or not (MARS `todo-*`: any letter but `-`).
+pub fn todo_on(r: &ResourceView, k: SwitchKind) -> bool {
+    flag(&r.flags, flag_index(k)) != '-'
+}
+
+/// The local replica is up to date and replication is not stuck.
+pub fn is_uptodate(r: &ResourceView) -> bool {
+    r.disk_state == "UpToDate" && r.stuck.is_none()
+}
+
+/// `(alive, all)` members for the `[N/M]` header. A daemon that reports no member list
+/// still has this host as its one member.
+pub fn member_counts(r: &ResourceView) -> (usize, usize) {
+    if r.members.is_empty() {
+        return (1, 1);
+    }
+    let alive = r.members.iter().filter(|m| m.alive).count();
+    (alive, r.members.len())
+}
+
+const UNITS: [(u64, &str); 5] = [
+    (1 << 40, "TiB"),
+    (1 << 30, "GiB"),
+    (1 << 20, "MiB"),
+    (1 << 10, "KiB"),
+    (1, "B"),
+];
+
+/// The largest unit of which `n` holds at least `min_count`.
+fn unit(n: u64, min_count: u64) -> (u64, &'static str) {
+    UNITS
+        .into_iter()
+        .find(|(div, _)| n >= div.saturating_mul(min_count))
+        .unwrap_or((1, "B"))
+}
+
+/// `n` bytes in MARS style, without a space: `120.000MiB`, `512B`.
+fn human(n: u64, decimals: usize) -> String {
+    match unit(n, 1) {
+        (1, u) => format!("{n}{u}"),
+        (div, u) => format!("{:.decimals$}{u}", n as f64 / div as f64),
+    }
+}
+
+/// `hh:mm:ss`, or `--:--:--` when the work is not moving.
+fn hms(secs: Option<u64>) -> String {
+    match secs {
+        Some(s) => format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60),
+        None => "--:--:--".into(),
+    }
+}
+
+/// Percentage done; an empty job counts as complete.
+fn percent(p: &Progress) -> f64 {
+    if p.total == 0 {
+        return 100.0;
+    }
+    (p.done.min(p.total) as f64 * 100.0 / p.total as f64).min(100.0)
+}
+
+/// A 20-character progress bar: `[=====>..............]`.
+fn bar(pct: f64) -> String {
+    const WIDTH: usize = 20;
+    // Truncation is intended: a bar cell is filled only when reached.
+    let filled = ((pct / 100.0 * WIDTH as f64) as usize).min(WIDTH);
+    if filled == WIDTH {
+        return format!("[{}]", "=".repeat(WIDTH));
+    }
+    format!(
+        "[{}>{}]",
+        "=".repeat(filled),
+        ".".repeat(WIDTH - filled - 1)
+    )
+}
+
+/// ` rate: R remaining: hh:mm:ss[ logs: [a..b]]`, shared by all progress lines.
+fn rate_tail(p: &Progress) -> String {
     let mut s = format!(
-        "{} [1/1] {} {} {} {} {}\n",
-        r.name, r.disk_state, r.repl_state, r.flags, r.role, r.primary
+        " rate: {}/s remaining: {}",
+        human(p.rate, 2),
+        hms(p.remaining_secs())
     );
+    if let Some((a, b)) = p.logs {
+        s += &format!(" logs: [{a}..{b}]");
+    }
+    s
+}
+
+/// MARS's `sync-line`: `syncing: [=====>.....] 27.31% (280/1024)MiB rate: … remaining: …`.
+pub fn sync_line(p: &Progress) -> String {
+    let pct = percent(p);
+    // One unit for both numbers, chosen by the total so that it reads as e.g. (280/1024)MiB.
+    let (div, u) = unit(p.total, 10);
+    format!(
+        "syncing: {} {pct:.2}% ({}/{}){u}{}",
+        bar(pct),
+        p.done / div,
+        p.total / div,
+        rate_tail(p)
+    )
+}
+
+/// MARS's `fetch-line` / `replay-line`: `> fetch: 120.000MiB rate: … remaining: …`, the amount
+/// being what is still to do.
+pub fn work_line(what: &str, p: &Progress) -> String {
+    format!("> {what}: {}{}", human(p.rest(), 3), rate_tail(p))
+}
+
+fn fetch_line(r: &ResourceView) -> Option<String> {
+    r.fetch.as_ref().map(|p| work_line("fetch", p))
+}
+
+fn replay_line(r: &ResourceView) -> Option<String> {
+    r.replay.as_ref().map(|p| work_line("replay", p))
+}
+
+/// One line per member: `member HOST: diskstate replstate flags role [behind X] …`.
+pub fn member_line(m: &ReplicaView) -> String {
+    let mut s = format!(
+        "member {}: {} {} {} {}",
+        m.host, m.disk_state, m.repl_state, m.flags, m.role
+    );
+    if let Some(b) = m.behind.filter(|b| *b > 0) {
+        s += &format!(" behind {}", format_size(b));
+    }
+    if let Some(p) = &m.sync {
+        s += &format!(" sync {:.2}%", percent(p));
+    }
+    if !m.alive {
+        s += " NOT ALIVE";
+    }
+    if let Some(st) = &m.stuck {
+        s += &format!(" stuck: {st}");
+    }
+    s
+}
+
+/// Log, disk and NBD detail lines.
+fn detail_text(r: &ResourceView) -> String {
+    let mut s = String::new();
     if let Some(l) = &r.log {
         s += &format!(
             "    log: {} appended {} durable {} written-back {} dirty {} ({} logfiles, {})\n",
@@ -29,14 +183,38 @@ pub fn resource_text(r: &ResourceView) -> String {
         format_size(r.size),
         r.open_count
     );
-    if let Some(u) = &r.nbd_unix_uri {
+    for u in [&r.nbd_unix_uri, &r.nbd_tcp_uri].into_iter().flatten() {
         s += &format!("    nbd: {u}\n");
     }
-    if let Some(u) = &r.nbd_tcp_uri {
-        s += &format!("    nbd: {u}\n");
+    s
+}
+
+/// The default view of one resource, after MARS's
+/// `%{res} [members/peers] diskstate replstate flags role primarynode`, followed by the
+/// progress lines of unfinished work, details, problems and one line per member.
+pub fn resource_text(r: &ResourceView) -> String {
+    let (alive, all) = member_counts(r);
+    let mut s = format!(
+        "{} [{alive}/{all}] {} {} {} {} {}\n",
+        r.name, r.disk_state, r.repl_state, r.flags, r.role, r.primary
+    );
+    let progress = [
+        r.sync.as_ref().map(sync_line),
+        fetch_line(r),
+        replay_line(r),
+    ];
+    for line in progress.into_iter().flatten() {
+        s += &format!("    {line}\n");
+    }
+    s += &detail_text(r);
+    if let Some(st) = &r.stuck {
+        s += &format!("    STUCK: {st}\n");
     }
     if let Some(e) = &r.error {
         s += &format!("    ERROR: {e}\n");
+    }
+    for m in &r.members {
+        s += &format!("    {}\n", member_line(m));
     }
     s
 }
@@ -99,9 +277,70 @@ pub const MACROS: &[&str] = &[
     "is-primary",
     "writeback-rest",
     "error",
+    "sync-rest",
+    "fetch-rest",
+    "replay-rest",
+    "sync-pos",
+    "syncstatus",
+    "is-consistent",
+    "is-uptodate",
+    "is-attach",
+    "is-sync",
+    "is-fetch",
+    "is-replay",
+    "todo-attach",
+    "todo-sync",
+    "todo-fetch",
+    "todo-replay",
+    "members",
+    "stuck",
+    "sync-line",
+    "fetch-line",
+    "replay-line",
 ];
 
+fn bit(b: bool) -> String {
+    u8::from(b).to_string()
+}
+
+fn rest(p: &Option<Progress>) -> String {
+    p.as_ref().map_or(0, Progress::rest).to_string()
+}
+
+/// The switch named by an `is-*` / `todo-*` macro suffix.
+fn switch_named(name: &str) -> Option<SwitchKind> {
+    SwitchKind::ALL.into_iter().find(|k| k.as_str() == name)
+}
+
+/// Macros about replication progress and switches (the newer half of the vocabulary).
+fn replication_macro(r: &ResourceView, m: &str) -> Option<String> {
+    if let Some(k) = m.strip_prefix("is-").and_then(switch_named) {
+        return Some(bit(is_on(r, k)));
+    }
+    if let Some(k) = m.strip_prefix("todo-").and_then(switch_named) {
+        return Some(bit(todo_on(r, k)));
+    }
+    Some(match m {
+        "sync-rest" => rest(&r.sync),
+        "fetch-rest" => rest(&r.fetch),
+        "replay-rest" => rest(&r.replay),
+        // MARS's syncstatus: the sync cursor, which equals the size when no sync is running.
+        "sync-pos" | "syncstatus" => r.sync.as_ref().map_or(r.size, |p| p.done).to_string(),
+        "is-consistent" => bit(r.consistent),
+        "is-uptodate" => bit(is_uptodate(r)),
+        "members" => member_counts(r).1.to_string(),
+        "stuck" => r.stuck.clone().unwrap_or_default(),
+        "sync-line" => r.sync.as_ref().map(sync_line).unwrap_or_default(),
+        "fetch-line" => fetch_line(r).unwrap_or_default(),
+        "replay-line" => replay_line(r).unwrap_or_default(),
+        _ => return None,
+    })
+}
+
 pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
+    if let Some(v) = replication_macro(r, m) {
+        return Ok(v);
+    }
     Ok(match m {
         "role" => r.role.clone(),
         "primarynode" | "get-primary" => r.primary.clone(),
@@ -119,9 +358,224 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
         "disk" | "get-disk" => r.disk.display().to_string(),
         "size" | "resource-size" => r.size.to_string(),
         "device-opened" => r.open_count.to_string(),
-        "is-primary" => u8::from(r.role == "Primary").to_string(),
+        "is-primary" => bit(r.role == "Primary"),
         "writeback-rest" => r.log.as_ref().map_or(0, |l| l.dirty_bytes).to_string(),
         "error" => r.error.clone().unwrap_or_default(),
         other => bail!("unknown view macro {other:?}; known: {}", MACROS.join(", ")),
     })
+}
+
+/// Hand-built views for the tests of this crate.
+#[cfg(test)]
+pub mod fixtures {
+    use mars_api::{Progress, ReplicaView, ResourceView};
+
+    pub const MIB: u64 = 1 << 20;
+
+    pub fn progress(done: u64, total: u64, rate: u64) -> Progress {
+        Progress {
+            done,
+            total,
+            rate,
+            logs: None,
+        }
+    }
+
+    /// A secondary `vm1` of 1 GiB, attached and consistent, all switches on and done.
+    pub fn secondary() -> ResourceView {
+        ResourceView {
+            name: "vm1".into(),
+            size: 1024 * MIB,
+            disk: "/dev/vg/vm1".into(),
+            role: "Secondary".into(),
+            primary: "alpha".into(),
+            disk_state: "UpToDate".into(),
+            repl_state: "Replaying".into(),
+            flags: "dCASFR".into(),
+            log: None,
+            nbd_unix_uri: None,
+            nbd_tcp_uri: None,
+            open_count: 0,
+            error: None,
+            consistent: true,
+            sync: None,
+            fetch: None,
+            replay: None,
+            stuck: None,
+            members: Vec::new(),
+        }
+    }
+
+    pub fn member(host: &str, alive: bool) -> ReplicaView {
+        ReplicaView {
+            host: host.into(),
+            disk: format!("/dev/vg/{host}"),
+            role: "Secondary".into(),
+            disk_state: "UpToDate".into(),
+            repl_state: "Replaying".into(),
+            flags: "dCASFR".into(),
+            alive,
+            consistent: true,
+            applied: None,
+            behind: None,
+            sync: None,
+            stuck: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+
+    #[test]
+    fn header_counts_alive_members() {
+        let mut r = secondary();
+        assert!(
+            resource_text(&r).starts_with("vm1 [1/1] UpToDate Replaying dCASFR Secondary alpha\n")
+        );
+        r.members = vec![
+            member("alpha", true),
+            member("beta", false),
+            member("gamma", true),
+        ];
+        let text = resource_text(&r);
+        assert!(text.starts_with("vm1 [2/3] "), "{text}");
+        assert!(
+            text.contains("    member beta: UpToDate Replaying dCASFR Secondary NOT ALIVE\n"),
+            "{text}"
+        );
+        assert_eq!(macro_value(&r, "members").unwrap(), "3");
+    }
+
+    #[test]
+    fn sync_line_in_mars_style() {
+        let p = Progress {
+            done: 280 * MIB,
+            total: 1024 * MIB,
+            rate: 95 * MIB + MIB / 5,
+            logs: None,
+        };
+        // 280/1024 = 27.34%; rest 744 MiB at 95.2 MiB/s = 7.8 s.
+        assert_eq!(
+            sync_line(&p),
+            "syncing: [=====>..............] 27.34% (280/1024)MiB rate: 95.20MiB/s remaining: 00:00:08"
+        );
+        assert_eq!(bar(100.0), format!("[{}]", "=".repeat(20)));
+        assert_eq!(bar(0.0), format!("[>{}]", ".".repeat(19)));
+        // Small totals pick a smaller unit; an empty sync is complete, not a division by zero.
+        assert!(sync_line(&progress(512 << 10, MIB, 0)).contains("50.00% (512/1024)KiB"));
+        assert!(sync_line(&progress(0, 0, 0)).contains("100.00% (0/0)B"));
+    }
+
+    #[test]
+    fn work_lines_show_rest_rate_eta_and_logs() {
+        let mut p = progress(0, 120 * MIB, 40 * MIB);
+        assert_eq!(
+            work_line("fetch", &p),
+            "> fetch: 120.000MiB rate: 40.00MiB/s remaining: 00:00:03"
+        );
+        p.rate = 0;
+        p.logs = Some((2, 3));
+        assert_eq!(
+            work_line("replay", &p),
+            "> replay: 120.000MiB rate: 0B/s remaining: --:--:-- logs: [2..3]"
+        );
+        assert_eq!(hms(Some(100 * 3600 + 61)), "100:01:01");
+    }
+
+    #[test]
+    fn resource_text_shows_progress_stuck_and_members() {
+        let mut r = secondary();
+        r.disk_state = "OutDated[FR]".into();
+        r.flags = "dCASfr".into();
+        r.fetch = Some(progress(MIB, 3 * MIB, MIB));
+        r.replay = Some(progress(0, 5 * MIB, 0));
+        r.stuck = Some("version mismatch after log-000000003-alpha".into());
+        let mut m = member("beta", true);
+        m.behind = Some(3 * MIB);
+        m.sync = Some(progress(MIB, 4 * MIB, 0));
+        m.stuck = Some("logfiles gone".into());
+        r.members = vec![m];
+        let text = resource_text(&r);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "vm1 [1/1] OutDated[FR] Replaying dCASfr Secondary alpha"
+        );
+        assert_eq!(
+            lines[1],
+            "    > fetch: 2.000MiB rate: 1.00MiB/s remaining: 00:00:02"
+        );
+        assert_eq!(
+            lines[2],
+            "    > replay: 5.000MiB rate: 0B/s remaining: --:--:--"
+        );
+        assert_eq!(lines[3], "    disk: /dev/vg/vm1 size 1.00 GiB open 0");
+        assert_eq!(
+            lines[4],
+            "    STUCK: version mismatch after log-000000003-alpha"
+        );
+        assert_eq!(
+            lines[5],
+            "    member beta: UpToDate Replaying dCASFR Secondary behind 3.00 MiB sync 25.00% stuck: logfiles gone"
+        );
+        assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn replication_macros() {
+        let mut r = secondary();
+        let v = |r: &ResourceView, m: &str| macro_value(r, m).unwrap();
+        assert_eq!(v(&r, "sync-rest"), "0");
+        assert_eq!(v(&r, "sync-pos"), (1024 * MIB).to_string());
+        assert_eq!(v(&r, "is-consistent"), "1");
+        assert_eq!(v(&r, "is-uptodate"), "1");
+        assert_eq!(v(&r, "sync-line"), "");
+        assert_eq!(v(&r, "stuck"), "");
+        r.sync = Some(progress(100, 1000, 10));
+        r.fetch = Some(progress(5, 7, 0));
+        r.replay = Some(progress(7, 7, 0));
+        r.consistent = false;
+        r.flags = "d-asf-".into();
+        r.stuck = Some("damaged".into());
+        assert_eq!(v(&r, "sync-rest"), "900");
+        assert_eq!(v(&r, "syncstatus"), "100");
+        assert_eq!(v(&r, "fetch-rest"), "2");
+        assert_eq!(v(&r, "replay-rest"), "0");
+        assert_eq!(v(&r, "is-consistent"), "0");
+        assert_eq!(v(&r, "is-uptodate"), "0");
+        assert_eq!(v(&r, "stuck"), "damaged");
+        assert!(v(&r, "sync-line").starts_with("syncing: [==>"));
+        assert!(v(&r, "fetch-line").starts_with("> fetch: 2B "));
+        assert!(v(&r, "replay-line").starts_with("> replay: 0B "));
+        for (m, want) in [
+            ("is-attach", "0"),
+            ("todo-attach", "1"),
+            ("is-sync", "0"),
+            ("todo-sync", "1"),
+            ("is-fetch", "0"),
+            ("todo-fetch", "1"),
+            ("is-replay", "0"),
+            ("todo-replay", "0"),
+        ] {
+            assert_eq!(v(&r, m), want, "{m}");
+        }
+        // A malformed flags field reads as all off.
+        r.flags = "D".into();
+        assert_eq!(v(&r, "todo-replay"), "0");
+    }
+
+    #[test]
+    fn every_listed_macro_is_answered() {
+        let mut r = secondary();
+        r.nbd_unix_uri = Some("nbd+unix:///vm1?socket=/x".into());
+        r.nbd_tcp_uri = Some("nbd://h/vm1".into());
+        for m in MACROS {
+            assert!(macro_value(&r, m).is_ok(), "{m}");
+        }
+        assert!(macro_value(&r, "bogus").is_err());
+        assert!(macro_value(&r, "is-bogus").is_err());
+    }
 }

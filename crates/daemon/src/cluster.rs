@@ -137,6 +137,20 @@ impl Cluster {
             .collect()
     }
 
+    /// Age of every member's newest liveness stamp.
+    pub fn ages(&self) -> BTreeMap<HostName, Duration> {
+        let now = mars_meta::system_time_ns();
+        let members = self.members();
+        let store = self.store();
+        members
+            .into_keys()
+            .filter_map(|h| {
+                let stamp = store.get(&alive_key(&h)).ok().flatten()?.stamp;
+                Some((h, Duration::from_nanos(now.saturating_sub(stamp))))
+            })
+            .collect()
+    }
+
     /// Whether every other member answered within `since`.
     fn all_answered_since(&self, me: &HostName, since: Instant) -> Vec<String> {
         let peers = lock(&self.peers);
@@ -165,8 +179,8 @@ impl Cluster {
 
 /// The two halves of a peer connection. Protocol code sees only these, so a TLS layer can wrap
 /// the TCP stream later without any change here.
-type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
-type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+pub(crate) type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+pub(crate) type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
     let (r, w) = tokio::io::split(s);
@@ -174,7 +188,7 @@ fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, B
 }
 
 /// Reads frames from a stream.
-struct FrameReader<R> {
+pub(crate) struct FrameReader<R> {
     r: R,
     buf: Vec<u8>,
 }
@@ -184,23 +198,37 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self { r, buf: leftover }
     }
 
-    async fn next(&mut self) -> Result<Message> {
+    /// Bytes received but not yet decoded.
+    pub(crate) fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// The next message. Cancel-safe: bytes read so far stay buffered.
+    pub(crate) async fn next(&mut self) -> Result<Message> {
         loop {
             if let Some((m, n)) = decode_frame(&self.buf)? {
                 self.buf.drain(..n);
                 return Ok(m);
             }
-            let mut chunk = [0u8; 64 << 10];
-            let n = self.r.read(&mut chunk).await?;
+            // Large reads: log data and sync chunks arrive in frames of up to a few MiB.
+            let old = self.buf.len();
+            self.buf.resize(old + (256 << 10), 0);
+            let n = match self.r.read(&mut self.buf[old..]).await {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(old);
+                    return Err(e.into());
+                }
+            };
+            self.buf.truncate(old + n);
             if n == 0 {
                 bail!("connection closed");
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 }
 
-async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<()> {
+pub(crate) async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<()> {
     let mut out = Vec::new();
     encode_frame(m, &mut out);
     w.write_all(&out).await?;
@@ -299,8 +327,8 @@ async fn serve_peer(d: Arc<Daemon>, s: TcpStream, from: SocketAddr) -> Result<()
         Some("this host is not in a cluster".to_string())
     } else if let Err(r) = ours.check_peer(&peer) {
         Some(r.to_string())
-    } else if peer.kind != StreamKind::Meta {
-        Some(format!("stream kind {:?} is not served yet", peer.kind))
+    } else if peer.kind != StreamKind::Meta && peer.cluster == ClusterId::UNKNOWN {
+        Some("log and sync streams are for members only".to_string())
     } else {
         None
     };
@@ -312,6 +340,11 @@ async fn serve_peer(d: Arc<Daemon>, s: TcpStream, from: SocketAddr) -> Result<()
     }
     let joining = peer.cluster == ClusterId::UNKNOWN;
     let mut frames = FrameReader::new(r, rest);
+    match peer.kind {
+        StreamKind::Meta => {}
+        StreamKind::Fetch => return crate::logserve::serve_fetch(d, frames, w, peer.host).await,
+        StreamKind::Sync => return crate::logserve::serve_sync(d, frames, w, peer.host).await,
+    }
     loop {
         match frames.next().await? {
             Message::ChangesSince { since, limit } => {
@@ -390,14 +423,24 @@ pub async fn resolve(addr: &str) -> Result<SocketAddr> {
         .ok_or_else(|| anyhow!("{addr} resolves to nothing"))
 }
 
-/// A metadata connection to a peer, after the hellos.
-struct Session {
-    peer: Hello,
-    w: BoxWrite,
-    frames: FrameReader<BoxRead>,
+/// A connection to a peer, after the hellos.
+pub(crate) struct Session {
+    pub peer: Hello,
+    pub w: BoxWrite,
+    pub frames: FrameReader<BoxRead>,
 }
 
 async fn connect(d: &Daemon, addr: &str, cluster: ClusterId) -> Result<Session> {
+    connect_kind(d, addr, cluster, StreamKind::Meta).await
+}
+
+/// Connects to the member at `addr` for a stream of `kind`.
+pub(crate) async fn connect_kind(
+    d: &Daemon,
+    addr: &str,
+    cluster: ClusterId,
+    kind: StreamKind,
+) -> Result<Session> {
     let sa = resolve(addr).await?;
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sa))
         .await
@@ -405,11 +448,11 @@ async fn connect(d: &Daemon, addr: &str, cluster: ClusterId) -> Result<Session> 
         .with_context(|| format!("connect to {sa}"))?;
     let _ = s.set_nodelay(true);
     let (mut r, mut w) = split_stream(s);
-    w.write_all(&Hello::new(StreamKind::Meta, cluster, d.host.clone()).encode())
+    w.write_all(&Hello::new(kind, cluster, d.host.clone()).encode())
         .await?;
     let (peer, rest) = read_hello(&mut r).await?;
     let mut frames = FrameReader::new(r, rest);
-    let ours = Hello::new(StreamKind::Meta, cluster, d.host.clone());
+    let ours = Hello::new(kind, cluster, d.host.clone());
     if let Err(e) = ours.check_peer(&peer) {
         bail!("{addr}: {e}");
     }

@@ -2,6 +2,9 @@
 //! resources' block devices over NBD and answers `marsadm` on the control socket.
 
 mod cluster;
+mod lifecycle;
+mod logserve;
+mod replica;
 mod resource;
 mod root;
 mod serve;

@@ -7,13 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use mars_api::{LogView, ResourceView};
+use mars_api::{LogView, Progress, ReplicaView, ResourceView};
 use mars_config::HostName;
+use mars_engine::{Report, ResourceMeta, Role, Todo};
 use mars_nbd::Export;
 use mars_storage::real::{open_disk, RealDir};
 use mars_storage::{Dir, File};
 use mars_volume::{OpenReport, Volume, VolumeConfig, VolumeError};
 
+use crate::replica::Replica;
 use crate::root::ResourceFile;
 
 /// Volume tuning taken from the daemon's flags.
@@ -26,29 +28,79 @@ pub struct Tuning {
 pub struct Resource {
     pub cfg: ResourceFile,
     pub dir: PathBuf,
+    host: HostName,
+    tuning: Tuning,
+    /// Current logical size (grows with `resize`).
+    size: AtomicU64,
+    /// Open on the primary.
     volume: RwLock<Option<Arc<Volume>>>,
+    /// Present on a secondary.
+    replica: RwLock<Option<Arc<Replica>>>,
     /// Why the volume is not open (recovery refused, disk missing …).
     error: RwLock<Option<(String, String)>>,
     open_count: AtomicU64,
 }
 
 impl Resource {
-    /// Opens the resource's volume, running crash recovery. A failure leaves the resource
-    /// present but detached, with the reason shown by `view`.
-    pub fn open(cfg: ResourceFile, dir: PathBuf, host: &HostName, tuning: Tuning) -> Arc<Self> {
+    /// Sets up the resource in the role the metadata gives this host: the designated primary
+    /// opens its volume (running crash recovery), every other member opens its replica. A
+    /// failure leaves the resource present but detached, with the reason shown by `view`.
+    pub fn open(
+        cfg: ResourceFile,
+        dir: PathBuf,
+        host: &HostName,
+        tuning: Tuning,
+        meta: Arc<ResourceMeta>,
+    ) -> Arc<Self> {
+        let size = meta.size.unwrap_or(cfg.size).max(cfg.size);
         let r = Arc::new(Self {
             cfg,
             dir,
+            host: host.clone(),
+            tuning,
+            size: AtomicU64::new(size),
             volume: RwLock::new(None),
+            replica: RwLock::new(None),
             error: RwLock::new(None),
             open_count: AtomicU64::new(0),
         });
-        match open_volume(&r.cfg, &r.dir, host, tuning) {
+        let attach = meta.members.get(host).is_none_or(|m| m.todo.attach);
+        if meta.primary.as_ref() == Some(host) {
+            if attach {
+                r.attach_primary();
+            }
+        } else {
+            r.attach_secondary(meta);
+        }
+        r
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// NBD connections using the device now.
+    pub fn open_count(&self) -> u64 {
+        self.open_count.load(Ordering::Relaxed)
+    }
+
+    pub fn set_size(&self, size: u64) {
+        self.size.fetch_max(size, Ordering::Relaxed);
+    }
+
+    /// Opens the primary's volume (crash recovery included).
+    pub fn attach_primary(&self) {
+        if self.volume().is_some() {
+            return;
+        }
+        let mut cfg = self.cfg.clone();
+        cfg.size = self.size();
+        match open_volume(&cfg, &self.dir, &self.host, self.tuning) {
             Ok((v, report)) => {
                 if report.replayed > 0 || report.truncated.is_some() {
                     tracing::info!(
                         "{}: recovery replayed {} records from {}{}",
-                        r.cfg.name,
+                        self.cfg.name,
                         report.replayed,
                         report.from,
                         report
@@ -58,22 +110,50 @@ impl Resource {
                             .unwrap_or_default()
                     );
                 }
-                *r.volume.write().expect("fresh lock") = Some(Arc::new(v));
+                *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(v));
+                *self.error.write().unwrap_or_else(|e| e.into_inner()) = None;
             }
             Err(e) => {
                 let state = match &e {
                     OpenError::Volume(VolumeError::Log(_)) => "DefectiveLog",
                     _ => "Detached",
                 };
-                tracing::error!("{}: cannot attach: {e}", r.cfg.name);
-                *r.error.write().expect("fresh lock") = Some((state.into(), e.to_string()));
+                tracing::error!("{}: cannot attach: {e}", self.cfg.name);
+                *self.error.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some((state.into(), e.to_string()));
             }
         }
-        r
+    }
+
+    fn attach_secondary(&self, meta: Arc<ResourceMeta>) {
+        match Replica::open(
+            self.cfg.name.clone(),
+            self.host.clone(),
+            &self.dir,
+            &self.cfg.disk,
+            self.size(),
+            meta,
+        ) {
+            Ok(rep) => {
+                *self.replica.write().unwrap_or_else(|e| e.into_inner()) = Some(rep);
+            }
+            Err(e) => {
+                tracing::error!("{}: cannot open the replica: {e:#}", self.cfg.name);
+                *self.error.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(("Detached".into(), format!("{e:#}")));
+            }
+        }
     }
 
     pub fn volume(&self) -> Option<Arc<Volume>> {
         self.volume
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn replica(&self) -> Option<Arc<Replica>> {
+        self.replica
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -87,8 +167,16 @@ impl Resource {
             .map(|(_, m)| m.clone())
     }
 
-    /// Closes the volume cleanly (log synced, everything written back).
+    /// Closes the volume cleanly (log synced, everything written back) and stops the replica.
     pub fn close(&self) {
+        if let Some(rep) = self
+            .replica
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            rep.shutdown();
+        }
         let v = self
             .volume
             .write()
@@ -112,53 +200,170 @@ impl Resource {
         }
     }
 
-    pub fn view(&self, host: &HostName, unix_uri: String, tcp_uri: Option<String>) -> ResourceView {
-        let vol = self.volume();
-        let err = self.error.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let primary = self.cfg.primary == *host;
-        let (disk_state, repl_state, flags, log) = match (&vol, &err) {
-            (Some(v), _) => {
-                let s = v.status();
-                let (files, bytes) = log_usage(&self.dir);
-                let disk_state = if s.error.is_some() {
-                    "DefectiveDisk".to_string()
-                } else if s.written_back < s.appended && s.pending_records > 0 {
-                    format!("WriteBack[{}]", mars_config::format_size(s.dirty_bytes))
-                } else {
-                    "UpToDate".to_string()
-                };
-                let log = LogView {
-                    current: s.current_log.to_string(),
-                    appended: s.appended.to_string(),
-                    durable: s.durable.to_string(),
-                    written_back: s.written_back.to_string(),
-                    dirty_bytes: s.dirty_bytes,
-                    pending_records: s.pending_records,
-                    writes: s.writes,
-                    logfiles: files,
-                    log_bytes: bytes,
-                };
-                (
-                    disk_state,
-                    "Replicating".to_string(),
-                    "DCAS--".to_string(),
-                    Some(log),
-                )
-            }
-            (None, Some((state, _))) => (state.clone(), "NotStarted".into(), "------".into(), None),
-            (None, None) => (
-                "Detached".into(),
-                "NotStarted".into(),
-                "------".into(),
-                None,
-            ),
+    /// What this host reports about itself for this resource (`actual-HOST`).
+    pub fn report(&self, todo: &Todo) -> Report {
+        let mut rep = Report {
+            open_count: self.open_count.load(Ordering::Relaxed),
+            ..Default::default()
         };
+        if let Some(v) = self.volume() {
+            let s = v.status();
+            rep.role = Role::Primary;
+            rep.attached = true;
+            rep.consistent = true;
+            rep.applied = Some(s.written_back);
+            rep.log_end = Some(s.durable);
+            rep.pin = Some(s.written_back.file.min(s.current_log.no));
+            rep.dirty_bytes = s.dirty_bytes;
+            rep.disk_size = s.size;
+            rep.stuck = s.error.clone();
+            let mut logs = log_lengths(&self.dir);
+            // The current logfile counts up to its durable end (what replicas can fetch).
+            if let Some(last) = logs.last_mut() {
+                if last.0 == s.durable.file {
+                    last.1 = s.durable.offset;
+                }
+            }
+            let skip = logs.len().saturating_sub(64);
+            rep.logs = logs.split_off(skip);
+        } else if let Some(r) = self.replica() {
+            let s = r.status();
+            rep.role = Role::Secondary;
+            rep.attached = todo.attach;
+            rep.applied = Some(s.applied);
+            rep.log_end = s.fetched.or(Some(s.applied));
+            rep.sync = s.sync;
+            rep.consistent = s.consistent;
+            rep.pin = r.pin();
+            rep.needs_sync = s.needs_sync.is_some();
+            rep.stuck = s.stuck;
+            rep.fetch_rate = s.fetch_rate;
+            rep.replay_rate = s.replay_rate;
+            rep.disk_size = self.size();
+        } else {
+            rep.stuck = self.error();
+        }
+        rep
+    }
+
+    pub fn view(
+        &self,
+        meta: &ResourceMeta,
+        alive: &dyn Fn(&HostName) -> bool,
+        unix_uri: String,
+        tcp_uri: Option<String>,
+    ) -> ResourceView {
+        let vol = self.volume();
+        let rep = self.replica();
+        let err = self.error.read().unwrap_or_else(|e| e.into_inner()).clone();
+        // This host's line is computed from live local state, not from the last published report.
+        let todo = meta
+            .members
+            .get(&self.host)
+            .map(|m| m.todo)
+            .unwrap_or_default();
+        let mut local = meta.clone();
+        local.members.entry(self.host.clone()).or_default().report = Some(self.report(&todo));
+        let st = mars_engine::member_state(&local, &self.host, &|h| *h == self.host || alive(h));
+        let (mut disk_state, repl_state, flags) = (st.disk_state, st.repl_state, st.flags);
+        if let (None, None, Some((state, _))) = (&vol, &rep, &err) {
+            disk_state = state.clone();
+        }
+        let log = vol.as_ref().map(|v| {
+            let s = v.status();
+            let (files, bytes) = log_usage(&self.dir);
+            LogView {
+                current: s.current_log.to_string(),
+                appended: s.appended.to_string(),
+                durable: s.durable.to_string(),
+                written_back: s.written_back.to_string(),
+                dirty_bytes: s.dirty_bytes,
+                pending_records: s.pending_records,
+                writes: s.writes,
+                logfiles: files,
+                log_bytes: bytes,
+            }
+        });
+        let mut sync = None;
+        let mut fetch = None;
+        let mut replay = None;
+        let mut stuck = None;
+        let mut consistent = vol.is_some();
+        if let Some(r) = &rep {
+            let s = r.status();
+            consistent = s.consistent;
+            stuck = s.stuck.clone().or(s.fetch_error.clone());
+            sync = s.sync.as_ref().map(|y| Progress {
+                done: y.done,
+                total: y.size,
+                rate: y.rate,
+                logs: None,
+            });
+            let primary_end = meta.bytes_after(s.applied);
+            let fetched_rest = s.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
+            if let Some(total) = primary_end {
+                let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
+                fetch = Some(Progress {
+                    done: fetched,
+                    total,
+                    rate: s.fetch_rate,
+                    logs: Some(s.logs),
+                });
+                replay = Some(Progress {
+                    done: 0,
+                    total,
+                    rate: s.replay_rate,
+                    logs: Some(s.logs),
+                });
+            }
+        }
+        let members = meta
+            .members
+            .keys()
+            .map(|h| {
+                let m = if *h == self.host { &local } else { meta };
+                let st = mars_engine::member_state(m, h, &|x| *x == self.host || alive(x));
+                let mem = &m.members[h];
+                let r = mem.report.as_ref();
+                ReplicaView {
+                    host: h.to_string(),
+                    disk: mem.disk.clone(),
+                    role: match r.map(|r| r.role) {
+                        Some(Role::Primary) => "Primary",
+                        _ => "Secondary",
+                    }
+                    .into(),
+                    disk_state: st.disk_state,
+                    repl_state: st.repl_state,
+                    flags: st.flags,
+                    alive: *h == self.host || alive(h),
+                    consistent: r.is_some_and(|r| r.consistent),
+                    applied: r.and_then(|r| r.applied).map(|p| p.to_string()),
+                    behind: st.behind,
+                    sync: r.and_then(|r| r.sync.as_ref()).map(|y| Progress {
+                        done: y.done,
+                        total: y.size,
+                        rate: y.rate,
+                        logs: None,
+                    }),
+                    stuck: r.and_then(|r| r.stuck.clone()),
+                }
+            })
+            .collect();
         ResourceView {
             name: self.cfg.name.to_string(),
-            size: self.cfg.size,
+            size: self.size(),
             disk: self.cfg.disk.clone(),
-            role: if primary { "Primary" } else { "Secondary" }.into(),
-            primary: self.cfg.primary.to_string(),
+            role: if vol.is_some() {
+                "Primary"
+            } else {
+                "Secondary"
+            }
+            .into(),
+            primary: meta.primary.as_ref().map_or(
+                mars_engine::keys::NO_PRIMARY.to_string(),
+                ToString::to_string,
+            ),
             disk_state,
             repl_state,
             flags,
@@ -167,6 +372,12 @@ impl Resource {
             nbd_tcp_uri: vol.as_ref().and(tcp_uri),
             open_count: self.open_count.load(Ordering::Relaxed),
             error: err.map(|(_, m)| m),
+            consistent,
+            sync,
+            fetch,
+            replay,
+            stuck,
+            members,
         }
     }
 
@@ -179,6 +390,20 @@ impl Resource {
             vol,
         }))
     }
+}
+
+/// `(number, length)` of the logfiles in `dir`, oldest first.
+pub fn log_lengths(dir: &Path) -> Vec<(u64, u64)> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if let Ok(Some(n)) = mars_txlog::LogName::parse(&e.file_name().to_string_lossy()) {
+                v.push((n.no, e.metadata().map(|m| m.len()).unwrap_or(0)));
+            }
+        }
+    }
+    v.sort();
+    v
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -6,14 +6,16 @@
 //!   marsd.sock                control socket (0600), marsadm talks here
 //!   nbd.sock                  NBD Unix socket, export name = resource name
 //!   cluster.toml              cluster identity (create-cluster)
+//!   meta.redb                 replicated metadata (resources, members, roles: see mars-engine keys)
 //!   resource-RES/
-//!     resource.toml           name, disk, size
-//!     log-000000001-HOST ...  transaction log (see docs/log-format.md)
-//!     writeback               persisted writeback position
+//!     resource.toml           name, local disk, size at create/join
+//!     log-000000001-HOST ...  transaction log or fetched copies (see docs/log-format.md)
+//!     writeback               writeback (primary) or replay (secondary) position
+//!     sync.toml               a pending or running full sync (secondary)
+//!     needs-sync              why only a full sync can help (secondary)
 //! ```
 //!
-//! The cluster and resource files are small TOML documents replaced atomically; the replicated
-//! metadata store replaces them when the cluster work lands.
+//! The cluster and resource files are small TOML documents replaced atomically.
 
 use std::fs;
 use std::io::Write;
@@ -44,9 +46,9 @@ pub struct ClusterFile {
 pub struct ResourceFile {
     pub name: ResourceName,
     pub disk: PathBuf,
+    /// Size when this host created or joined the resource (the replicated `size` key is the
+    /// truth; it only grows).
     pub size: u64,
-    /// The host that created the resource and is its primary.
-    pub primary: HostName,
 }
 
 pub fn resource_dir(root: &Path, res: &ResourceName) -> PathBuf {

@@ -13,7 +13,6 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::state::{Daemon, DaemonExports};
 
 /// How often logfiles that are no longer needed are looked for.
-const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
     // We hold the root lock, so a socket file here is a leftover of a dead daemon.
@@ -100,18 +99,7 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
         });
     }
 
-    {
-        let daemon = daemon.clone();
-        tokio::spawn(async move {
-            let start = tokio::time::Instant::now() + RECLAIM_INTERVAL;
-            let mut tick = tokio::time::interval_at(start, RECLAIM_INTERVAL);
-            loop {
-                tick.tick().await;
-                let d = daemon.clone();
-                let _ = tokio::task::spawn_blocking(move || d.reclaim_logs()).await;
-            }
-        });
-    }
+    tokio::spawn(crate::lifecycle::reconcile_loop(daemon.clone()));
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     tracing::info!(

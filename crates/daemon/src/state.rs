@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::Context;
@@ -32,16 +33,27 @@ pub struct Daemon {
     pub cluster: Cluster,
     resources: RwLock<BTreeMap<ResourceName, Arc<Resource>>>,
     /// Serialises commands that change the configuration.
-    admin: Mutex<()>,
+    pub(crate) admin: Mutex<()>,
+    /// Full syncs running on this host (bounded by `defaults/sync-limit`).
+    syncs: Arc<AtomicUsize>,
+}
+
+/// A running full sync's place under the global limit; dropping it frees the place.
+pub struct SyncSlot(Arc<AtomicUsize>);
+
+impl Drop for SyncSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A refusal: what kind, and the one line the operator reads.
 #[derive(Debug)]
 pub struct Refusal(pub ErrorKind, pub String);
 
-type Outcome = Result<Reply, Refusal>;
+pub(crate) type Outcome = Result<Reply, Refusal>;
 
-fn invalid(msg: impl Into<String>) -> Refusal {
+pub(crate) fn invalid(msg: impl Into<String>) -> Refusal {
     Refusal(ErrorKind::Invalid, msg.into())
 }
 
@@ -81,7 +93,8 @@ impl Daemon {
             if cfg.name != name {
                 anyhow::bail!("{}: names resource {:?}", dir.display(), cfg.name.as_str());
             }
-            let r = Resource::open(cfg, dir, &host, tuning);
+            let meta = Arc::new(resource_meta(&store, &name)?);
+            let r = Resource::open(cfg, dir, &host, tuning, meta);
             resources.insert(name, r);
         }
         Ok(Self {
@@ -94,7 +107,48 @@ impl Daemon {
             cluster: Cluster::new(store),
             resources: RwLock::new(resources),
             admin: Mutex::new(()),
+            syncs: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// A place for one more full sync, unless `defaults/sync-limit` are running already.
+    pub fn sync_slot(&self) -> Option<SyncSlot> {
+        let limit: usize = self
+            .cluster
+            .store()
+            .value(mars_engine::keys::SYNC_LIMIT)
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let prev = self.syncs.fetch_add(1, Ordering::AcqRel);
+        if limit > 0 && prev >= limit {
+            self.syncs.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(SyncSlot(self.syncs.clone()))
+    }
+
+    /// What the metadata says about `res` now.
+    pub fn meta(&self, res: &ResourceName) -> mars_engine::ResourceMeta {
+        resource_meta(&self.cluster.store(), res).unwrap_or_else(|e| {
+            tracing::error!("cannot read the metadata of {res}: {e}");
+            mars_engine::ResourceMeta::empty(res.clone())
+        })
+    }
+
+    pub(crate) fn insert_resource(&self, r: Arc<Resource>) {
+        self.resources
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(r.cfg.name.clone(), r);
+    }
+
+    pub(crate) fn remove_resource(&self, res: &ResourceName) -> Option<Arc<Resource>> {
+        self.resources
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(res)
     }
 
     pub fn resource(&self, res: &ResourceName) -> Option<Arc<Resource>> {
@@ -105,7 +159,7 @@ impl Daemon {
             .cloned()
     }
 
-    fn all(&self) -> Vec<Arc<Resource>> {
+    pub(crate) fn all(&self) -> Vec<Arc<Resource>> {
         self.resources
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -177,6 +231,14 @@ impl Daemon {
                 ErrorKind::Failed,
                 "internal error: cluster commands are handled asynchronously".into(),
             )),
+            Request::JoinResource { res, disk } => self.join_resource(res, &disk),
+            Request::LeaveResource { res, force } => self.leave_resource(&res, force),
+            Request::DeleteResource { res, force } => self.delete_resource(&res, force),
+            Request::Resize { res, size } => self.resize(&res, size),
+            Request::Switch { res, switches, on } => self.switch(&res, &switches, on),
+            Request::FakeSync { res } => self.fake_sync(&res),
+            Request::Invalidate { res } => self.invalidate(&res),
+            Request::Cron => self.cron(),
             Request::LogRotate { res } => {
                 let r = self.resource(&res).ok_or_else(|| not_found(&res))?;
                 let v = r
@@ -251,6 +313,17 @@ impl Daemon {
                 format!("resource {res} already exists"),
             ));
         }
+        let known = self.meta(&res);
+        if known.exists() {
+            let members: Vec<String> = known.members.keys().map(ToString::to_string).collect();
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!(
+                    "resource {res} already exists in the cluster (members: {}); use join-resource",
+                    members.join(", ")
+                ),
+            ));
+        }
         if !disk.is_absolute() {
             return Err(invalid(format!(
                 "disk path {} must be absolute",
@@ -310,14 +383,44 @@ impl Daemon {
             name: res.clone(),
             disk: disk.to_path_buf(),
             size,
-            primary: self.host.clone(),
         };
+        let mut meta = mars_engine::ResourceMeta::empty(res.clone());
+        meta.size = Some(size);
+        meta.primary = Some(self.host.clone());
+        meta.members.insert(
+            self.host.clone(),
+            mars_engine::Member {
+                disk: disk.display().to_string(),
+                ..Default::default()
+            },
+        );
         let created = (|| -> anyhow::Result<Arc<Resource>> {
             std::fs::create_dir(&dir)?;
             root::write_toml(&dir, RESOURCE_FILE, &cfg)?;
-            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning);
+            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning, Arc::new(meta));
             if let Some(e) = r.error() {
                 anyhow::bail!("{e}");
+            }
+            let size_s = size.to_string();
+            let disk_s = disk.display().to_string();
+            let mut pairs = vec![
+                (mars_engine::keys::size(&res), size_s),
+                (mars_engine::keys::primary(&res), self.host.to_string()),
+                (mars_engine::keys::data(&res, &self.host), disk_s),
+            ];
+            for sw in mars_api::SwitchKind::ALL {
+                pairs.push((
+                    mars_engine::keys::todo(&res, &self.host, sw.as_str()),
+                    "1".into(),
+                ));
+            }
+            let refs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if let Err(e) = self.cluster.store().set_many(&refs) {
+                r.close();
+                anyhow::bail!("cannot record the resource in the metadata: {e}");
             }
             Ok(r)
         })();
@@ -332,10 +435,8 @@ impl Daemon {
                 ));
             }
         };
-        self.resources
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(res.clone(), r);
+        self.insert_resource(r);
+        self.cluster.poke.notify_waiters();
         tracing::info!(
             "created resource {res} on {} ({size} bytes)",
             disk.display()
@@ -356,11 +457,15 @@ impl Daemon {
             Some(r) => vec![self.resource(r).ok_or_else(|| not_found(r))?],
             None => self.all(),
         };
+        let ages = self.cluster.ages();
+        let win = std::time::Duration::from_secs(window);
+        let alive = |h: &HostName| ages.get(h).is_some_and(|a| *a <= win);
         let resources = list
             .iter()
             .map(|r| {
                 let n = r.cfg.name.as_str();
-                r.view(&self.host, self.nbd_unix_uri(n), self.nbd_tcp_uri(n))
+                let meta = self.meta(&r.cfg.name);
+                r.view(&meta, &alive, self.nbd_unix_uri(n), self.nbd_tcp_uri(n))
             })
             .collect();
         let members = if res.is_none() {
@@ -460,22 +565,6 @@ impl Daemon {
         })
     }
 
-    /// Log reclamation: deletes logfiles that every member has applied. Every resource has one
-    /// member so far (this host), so that is what writeback has put on the disk.
-    pub fn reclaim_logs(&self) {
-        for r in self.all() {
-            let Some(v) = r.volume() else { continue };
-            match v.reclaim_logs() {
-                Ok(removed) if !removed.is_empty() => {
-                    let names: Vec<String> = removed.iter().map(ToString::to_string).collect();
-                    tracing::info!("{}: deleted logfiles {}", r.cfg.name, names.join(", "));
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!("{}: log reclamation: {e}", r.cfg.name),
-            }
-        }
-    }
-
     /// Closes every volume cleanly.
     pub fn shutdown(&self) {
         for r in self.all() {
@@ -484,7 +573,21 @@ impl Daemon {
     }
 }
 
-fn not_found(res: &ResourceName) -> Refusal {
+/// Reads a resource's metadata from the store.
+pub fn resource_meta(
+    store: &mars_meta::Store,
+    res: &ResourceName,
+) -> anyhow::Result<mars_engine::ResourceMeta> {
+    let entries = store.list_prefix(&mars_engine::keys::prefix(res))?;
+    Ok(mars_engine::ResourceMeta::from_entries(
+        res.clone(),
+        entries
+            .iter()
+            .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v))),
+    ))
+}
+
+pub(crate) fn not_found(res: &ResourceName) -> Refusal {
     Refusal(
         ErrorKind::NotFound,
         format!("resource {res} does not exist"),

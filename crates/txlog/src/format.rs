@@ -364,3 +364,58 @@ mod tests {
         assert!(matches!(decode(b"XXXX"), Err(DecodeError::BadMagic(_))));
     }
 }
+
+/// What [`scan`] found in a buffer of records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scanned {
+    /// Bytes taken by complete records at the start of the buffer.
+    pub len: usize,
+    pub records: u64,
+    /// Sequence number of the last complete record.
+    pub last_seq: Option<u64>,
+}
+
+/// Walks the complete records at the start of `buf`. With `verify`, every record must decode
+/// and pass its checksum and the sequence numbers must continue from `next_seq` (when given);
+/// the first bad record is an error with its offset in `buf`. Without `verify`, only the length
+/// fields are used, to cut a buffer at a record boundary (log shipping sends whole records).
+pub fn scan(buf: &[u8], next_seq: Option<u64>, verify: bool) -> Result<Scanned, (usize, String)> {
+    let mut at = 0usize;
+    let mut records = 0;
+    let mut last_seq = None;
+    let mut expect = next_seq;
+    while buf.len() - at >= HEADER_LEN {
+        let rest = &buf[at..];
+        let len = if verify {
+            match decode(rest) {
+                Ok(h) => {
+                    if let Some(e) = expect {
+                        if h.seq != e {
+                            return Err((at, format!("sequence {} where {e} was expected", h.seq)));
+                        }
+                    }
+                    expect = Some(h.seq + 1);
+                    last_seq = Some(h.seq);
+                    h.record_len()
+                }
+                Err(DecodeError::Incomplete { .. }) => break,
+                Err(e) => return Err((at, e.to_string())),
+            }
+        } else {
+            let payload = u32_at(rest, OFF_PAYLOAD_LEN) as usize;
+            let n = HEADER_LEN + payload;
+            if rest.len() < n {
+                break;
+            }
+            last_seq = Some(u64_at(rest, OFF_SEQ));
+            n
+        };
+        at += len;
+        records += 1;
+    }
+    Ok(Scanned {
+        len: at,
+        records,
+        last_seq,
+    })
+}

@@ -134,6 +134,8 @@ struct Shared {
     failed: Mutex<Option<String>>,
     closing: AtomicBool,
     writes: AtomicU64,
+    /// Device size; grows with [`Volume::grow`].
+    size: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -199,6 +201,7 @@ impl Volume {
         }
         let next = rec.next_file_no();
         let start = LogPos::new(next, 0);
+        let cfg_size = cfg.size;
         let log = Appender::start(
             dir.clone(),
             cfg.host.clone(),
@@ -232,6 +235,7 @@ impl Volume {
             failed: Mutex::new(None),
             closing: AtomicBool::new(false),
             writes: AtomicU64::new(0),
+            size: AtomicU64::new(cfg_size),
         });
         let s2 = shared.clone();
         let writeback = std::thread::Builder::new()
@@ -252,11 +256,25 @@ impl Volume {
     }
 
     pub fn size(&self) -> u64 {
-        self.shared.cfg.size
+        self.shared.size.load(Ordering::Acquire)
+    }
+
+    /// Grows the device to `size` (never shrinks); the backing disk must be large enough.
+    pub fn grow(&self, size: u64) -> Result<(), VolumeError> {
+        let disk = self.shared.disk.len().map_err(|source| VolumeError::Disk {
+            op: "size",
+            offset: 0,
+            source,
+        })?;
+        if disk < size {
+            return Err(VolumeError::DiskTooSmall { disk, size });
+        }
+        self.shared.size.fetch_max(size, Ordering::AcqRel);
+        Ok(())
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), VolumeError> {
-        let size = self.shared.cfg.size;
+        let size = self.size();
         match offset.checked_add(len) {
             Some(e) if e <= size => Ok(()),
             _ => Err(VolumeError::OutOfRange { offset, len, size }),
@@ -406,15 +424,35 @@ impl Volume {
         Ok(self.shared.log.current_file())
     }
 
+    /// Waits (at most `timeout`) until the durable end of the log moves beyond `seen`; returns
+    /// the durable end. The log shipping server follows the log with this.
+    pub fn wait_durable_beyond(
+        &self,
+        seen: LogPos,
+        timeout: Duration,
+    ) -> Result<LogPos, VolumeError> {
+        Ok(self.shared.log.wait_durable_beyond(seen, timeout)?)
+    }
+
+    /// Rotates unless the current logfile is still empty; returns the position where the next
+    /// write will go (the start of the then current logfile). A full sync starts here.
+    pub fn rotate_if_used(&self) -> Result<LogPos, VolumeError> {
+        self.check_failed()?;
+        if self.shared.log.appended().offset > 0 {
+            self.shared.log.rotate()?;
+        }
+        Ok(LogPos::new(self.shared.log.current_file().no, 0))
+    }
+
     /// Deletes the logfiles whose every record is on the backing disk (all before the logfile
     /// holding the writeback position, never the current one). Returns what was deleted.
     ///
-    /// This is log reclamation for a resource whose only member is this host; with replicas, the
-    /// caller must also wait until every replica has replayed a logfile.
-    pub fn reclaim_logs(&self) -> Result<Vec<LogName>, VolumeError> {
+    /// `others_need`: the oldest logfile some replica still needs (nothing older is deleted).
+    pub fn reclaim_logs(&self, others_need: Option<u64>) -> Result<Vec<LogName>, VolumeError> {
         let keep_from = {
             let wb = *lock(&self.shared.written_back);
-            wb.file.min(self.shared.log.current_file().no)
+            let mine = wb.file.min(self.shared.log.current_file().no);
+            others_need.map_or(mine, |o| o.min(mine))
         };
         let mut removed = Vec::new();
         for name in mars_txlog::list_logs(&*self.shared.dir)? {
@@ -433,7 +471,7 @@ impl Volume {
             (ix.mem as u64, ix.pending_records() as u64)
         };
         VolumeStatus {
-            size: self.shared.cfg.size,
+            size: self.size(),
             current_log: self.shared.log.current_file(),
             appended: self.shared.log.appended(),
             durable: self.shared.log.durable(),
@@ -495,8 +533,8 @@ fn read_disk(disk: &dyn File, off: u64, dst: &mut [u8]) -> Result<(), VolumeErro
     Ok(())
 }
 
-/// Applies one record to the disk (replay and writeback share this).
-fn apply(
+/// Applies one record to the disk (recovery, writeback and a secondary's replay share this).
+pub fn apply(
     disk: &dyn File,
     kind: Kind,
     offset: u64,

@@ -276,7 +276,7 @@ fn reclaim_deletes_only_written_back_logfiles_and_recovery_still_works() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let removed = v.reclaim_logs().unwrap();
+    let removed = v.reclaim_logs(None).unwrap();
     assert_eq!(removed.len() as u64, current - 1, "{removed:?}");
     let left = mars_txlog::list_logs(&dir).unwrap();
     assert_eq!(left.first().unwrap().no, current);

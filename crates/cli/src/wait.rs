@@ -1,0 +1,251 @@
+//! `wait-resource RES COND`: waits for a local condition by polling the daemon's view.
+//!
+//! MARS spells the conditions `[attach/fetch/replay/sync][-on/-off]` (plus our `uptodate`);
+//! they are its `is-*` macros, so the condition logic here reads the same view fields.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use mars_api::{ResourceView, SwitchKind};
+
+use crate::view::{flag, flag_index, is_on, is_uptodate};
+
+/// What `wait-resource` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A switch's work (attach, sync, fetch, replay).
+    Switch(SwitchKind),
+    /// The local replica is `UpToDate` and not stuck.
+    UpToDate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Condition {
+    pub target: Target,
+    pub on: bool,
+}
+
+impl Condition {
+    /// Parses `attach`, `fetch-on`, `sync-off`, `uptodate` …; the plain word means `-on`.
+    pub fn parse(s: &str) -> Result<Condition> {
+        let (word, on) = match s.rsplit_once('-') {
+            Some((w, "on")) => (w, true),
+            Some((w, "off")) => (w, false),
+            _ => (s, true),
+        };
+        let target = match word {
+            "uptodate" => Target::UpToDate,
+            w => match SwitchKind::ALL.into_iter().find(|k| k.as_str() == w) {
+                Some(k) => Target::Switch(k),
+                None => bail!(
+                    "unknown condition {s:?}; use attach, fetch, replay, sync or uptodate, \
+                     optionally with -on or -off"
+                ),
+            },
+        };
+        Ok(Condition { target, on })
+    }
+
+    /// Does the local view `r` satisfy the condition?
+    pub fn holds(&self, r: &ResourceView) -> bool {
+        match (self.target, self.on) {
+            (Target::UpToDate, on) => is_uptodate(r) == on,
+            (Target::Switch(k), true) => switched_on_and_done(r, k),
+            // A detach is finished only when the disk is closed too (`D`/`d` gone), not as
+            // soon as the switch is off; the other switches have no such second letter.
+            (Target::Switch(SwitchKind::Attach), false) => {
+                flag(&r.flags, flag_index(SwitchKind::Attach)) == '-' && flag(&r.flags, 0) == '-'
+            }
+            (Target::Switch(k), false) => flag(&r.flags, flag_index(k)) == '-',
+        }
+    }
+}
+
+/// The `-on` condition of a switch: its letter is uppercase and its work is finished.
+fn switched_on_and_done(r: &ResourceView, k: SwitchKind) -> bool {
+    let idle = |p: &Option<mars_api::Progress>| p.as_ref().is_none_or(|p| p.rest() == 0);
+    match k {
+        SwitchKind::Attach => is_on(r, k),
+        SwitchKind::Fetch => is_on(r, k) && idle(&r.fetch),
+        SwitchKind::Replay => is_on(r, k) && idle(&r.replay),
+        // The sync letter says nothing about completion: ask the replica itself.
+        SwitchKind::Sync => r.consistent && r.sync.is_none(),
+    }
+}
+
+impl fmt::Display for Condition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = match self.target {
+            Target::Switch(k) => k.as_str(),
+            Target::UpToDate => "uptodate",
+        };
+        write!(f, "{word}-{}", if self.on { "on" } else { "off" })
+    }
+}
+
+/// The state shown when a wait gives up.
+pub fn state_text(r: &ResourceView) -> String {
+    let mut s = format!(
+        "disk state {}, replication state {}, flags {}",
+        r.disk_state, r.repl_state, r.flags
+    );
+    if let Some(st) = &r.stuck {
+        s += &format!(", stuck: {st}");
+    }
+    s
+}
+
+/// Calls `view` (given the time left) every `interval` until `cond` holds, at least once;
+/// fails with the last state seen after `timeout`.
+pub fn wait_until(
+    cond: Condition,
+    timeout: Duration,
+    interval: Duration,
+    mut view: impl FnMut(Duration) -> Result<ResourceView>,
+) -> Result<ResourceView> {
+    let start = Instant::now();
+    loop {
+        let r = view(timeout.saturating_sub(start.elapsed()))?;
+        if cond.holds(&r) {
+            return Ok(r);
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            bail!(
+                "{} did not reach {cond} within {}s: {}",
+                r.name,
+                timeout.as_secs(),
+                state_text(&r)
+            );
+        }
+        std::thread::sleep(interval.min(timeout - elapsed));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::view::fixtures::*;
+
+    fn c(s: &str) -> Condition {
+        Condition::parse(s).unwrap()
+    }
+
+    #[test]
+    fn parse_and_display() {
+        assert_eq!(
+            c("fetch"),
+            Condition {
+                target: Target::Switch(SwitchKind::Fetch),
+                on: true
+            }
+        );
+        assert_eq!(c("attach-off").to_string(), "attach-off");
+        assert_eq!(c("sync-on").to_string(), "sync-on");
+        assert_eq!(c("uptodate").to_string(), "uptodate-on");
+        for bad in [
+            "",
+            "-on",
+            "fetch-",
+            "fetch-maybe",
+            "primary",
+            "on",
+            "attach-on-off",
+        ] {
+            assert!(Condition::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn on_conditions() {
+        let mut r = secondary();
+        for s in ["attach", "fetch", "replay", "sync", "uptodate"] {
+            assert!(c(s).holds(&r), "{s}");
+            assert!(!c(&format!("{s}-off")).holds(&r), "{s}-off");
+        }
+        // Work in progress: lowercase letters, or progress still to go.
+        r.flags = "dCaSfr".into();
+        assert!(!c("attach").holds(&r));
+        assert!(!c("fetch").holds(&r));
+        assert!(!c("replay").holds(&r));
+        r.flags = "dCASFR".into();
+        r.fetch = Some(progress(1, 2, 0));
+        r.replay = Some(progress(2, 2, 0));
+        assert!(!c("fetch").holds(&r));
+        assert!(c("replay").holds(&r));
+        // Sync: consistent and no sync running.
+        r.sync = Some(progress(0, 10, 0));
+        assert!(!c("sync").holds(&r));
+        r.sync = None;
+        r.consistent = false;
+        assert!(!c("sync").holds(&r));
+        // Up to date but stuck is not up to date.
+        r.stuck = Some("replay stopped".into());
+        assert!(!c("uptodate").holds(&r));
+        assert!(c("uptodate-off").holds(&r));
+    }
+
+    #[test]
+    fn off_conditions() {
+        let mut r = secondary();
+        r.flags = "dCA---".into();
+        assert!(c("sync-off").holds(&r));
+        assert!(c("fetch-off").holds(&r));
+        assert!(c("replay-off").holds(&r));
+        // Attach switched off while the disk is still open: not detached yet.
+        r.flags = "dC----".into();
+        assert!(!c("attach-off").holds(&r));
+        r.flags = "------".into();
+        assert!(c("attach-off").holds(&r));
+        // A malformed flags field counts as all off rather than panicking.
+        r.flags = String::new();
+        assert!(c("attach-off").holds(&r));
+        assert!(!c("fetch").holds(&r));
+    }
+
+    #[test]
+    fn wait_polls_until_the_condition_holds() {
+        let mut n = 0;
+        let r = wait_until(
+            c("fetch"),
+            Duration::from_secs(10),
+            Duration::from_millis(1),
+            |_| {
+                n += 1;
+                let mut r = secondary();
+                r.fetch = Some(progress(n, 3, 0));
+                Ok(r)
+            },
+        )
+        .unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(r.fetch.unwrap().rest(), 0);
+    }
+
+    #[test]
+    fn wait_times_out_with_the_state() {
+        let mut r = secondary();
+        r.disk_state = "OutDated[F]".into();
+        r.flags = "dCASf-".into();
+        r.stuck = Some("primary unreachable".into());
+        let mut calls = 0;
+        let e = wait_until(c("fetch"), Duration::ZERO, Duration::from_secs(1), |_| {
+            calls += 1;
+            Ok(r.clone())
+        })
+        .unwrap_err();
+        assert_eq!(calls, 1);
+        assert_eq!(
+            e.to_string(),
+            "vm1 did not reach fetch-on within 0s: disk state OutDated[F], replication state \
+             Replaying, flags dCASf-, stuck: primary unreachable"
+        );
+        // Errors from the daemon end the wait at once.
+        let e = wait_until(c("sync"), Duration::from_secs(5), Duration::ZERO, |_| {
+            bail!("resource vm1 does not exist")
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("does not exist"));
+    }
+}

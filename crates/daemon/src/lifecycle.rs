@@ -1,0 +1,609 @@
+//! Resource lifecycle commands (join, leave, delete, resize, switches, invalidate, cron) and the
+//! reconcile loop that makes each local resource follow the replicated metadata.
+//!
+//! Commands only check their preconditions, change local files and write metadata ("todo");
+//! the reconcile loop, running every [`RECONCILE`], does the rest: starts and stops replica
+//! activities, publishes this host's report (`actual-HOST`) and version links, and deletes
+//! logfiles nobody needs any more. So a command's effect on other hosts arrives with the
+//! metadata, as in MARS.
+
+use std::collections::HashMap;
+use std::io::{Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mars_api::{ErrorKind, Reply, SwitchKind};
+use mars_config::{format_size, ResourceName};
+use mars_engine::{keys, plan, ResourceMeta};
+
+use crate::replica::Replica;
+use crate::resource::Resource;
+use crate::root::{self, ResourceFile, RESOURCE_FILE};
+use crate::state::{invalid, not_found, Daemon, Outcome, Refusal};
+
+/// How often every resource is reconciled with the metadata.
+pub const RECONCILE: Duration = Duration::from_millis(250);
+/// A report is republished at most this often while it keeps changing (rates, positions).
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+fn failed(msg: impl Into<String>) -> Refusal {
+    Refusal(ErrorKind::Failed, msg.into())
+}
+
+/// Length of a file or block device, without taking it exclusively.
+pub fn disk_len(path: &Path) -> std::io::Result<u64> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::End(0))
+}
+
+impl Daemon {
+    fn set_keys(&self, pairs: &[(String, String)]) -> Result<(), Refusal> {
+        let refs: Vec<(&str, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        self.cluster
+            .store()
+            .set_many(&refs)
+            .map_err(|e| failed(format!("cannot write metadata: {e}")))?;
+        self.cluster.poke.notify_waiters();
+        Ok(())
+    }
+
+    /// Deletes this host's own keys of a resource (data, todo, actual, version links).
+    fn delete_own_keys(&self, res: &ResourceName) -> anyhow::Result<()> {
+        let me = self.host.as_str();
+        let mut store = self.cluster.store();
+        let entries = store.list_prefix(&keys::prefix(res))?;
+        for e in entries {
+            let own = store.owner_of(&e.key).is_some_and(|o| o.as_str() == me);
+            if own {
+                store.delete(&e.key)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn join_resource(&self, res: ResourceName, disk: &Path) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        if self.cluster_id().is_none() {
+            return Err(invalid(
+                "this host is not in a cluster: run join-cluster first",
+            ));
+        }
+        if self.resource(&res).is_some() {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!("this host is already a member of {res}"),
+            ));
+        }
+        let meta = self.meta(&res);
+        let Some(size) = meta.size else {
+            return Err(Refusal(
+                ErrorKind::NotFound,
+                format!("resource {res} does not exist in the cluster (try update-cluster first)"),
+            ));
+        };
+        let Some(primary) = meta.primary.clone() else {
+            return Err(invalid(format!(
+                "resource {res} has no designated primary; run `marsadm primary {res}` on one member first"
+            )));
+        };
+        if meta.is_member(&self.host) {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!("the metadata lists this host as a member of {res} already (leftover? run leave-resource --force)"),
+            ));
+        }
+        if !disk.is_absolute() {
+            return Err(invalid(format!(
+                "disk path {} must be absolute",
+                disk.display()
+            )));
+        }
+        if let Some(other) = self.all().into_iter().find(|r| r.cfg.disk == disk) {
+            return Err(invalid(format!(
+                "disk {} is already used by resource {}",
+                disk.display(),
+                other.cfg.name
+            )));
+        }
+        let len = disk_len(disk).map_err(|e| {
+            let kind = if e.kind() == std::io::ErrorKind::NotFound {
+                ErrorKind::NotFound
+            } else {
+                ErrorKind::Invalid
+            };
+            Refusal(kind, format!("cannot use disk {}: {e}", disk.display()))
+        })?;
+        if len < size {
+            return Err(invalid(format!(
+                "disk {} has {} ({len} bytes), less than the size of {res}: {} ({size} bytes)",
+                disk.display(),
+                format_size(len),
+                format_size(size)
+            )));
+        }
+        let dir = root::resource_dir(&self.root, &res);
+        if dir.exists() {
+            return Err(Refusal(
+                ErrorKind::Exists,
+                format!(
+                    "{} exists already (leftover of an old resource?)",
+                    dir.display()
+                ),
+            ));
+        }
+        let cfg = ResourceFile {
+            name: res.clone(),
+            disk: disk.to_path_buf(),
+            size,
+        };
+        let created = (|| -> anyhow::Result<Arc<Resource>> {
+            std::fs::create_dir(&dir)?;
+            root::write_toml(&dir, RESOURCE_FILE, &cfg)?;
+            Replica::init_sync(&dir, size)?;
+            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning, Arc::new(meta));
+            if let Some(e) = r.error() {
+                anyhow::bail!("{e}");
+            }
+            Ok(r)
+        })();
+        let r = match created {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(failed(format!("cannot join {res}: {e:#}")));
+            }
+        };
+        let mut pairs = vec![(keys::data(&res, &self.host), disk.display().to_string())];
+        for sw in SwitchKind::ALL {
+            pairs.push((keys::todo(&res, &self.host, sw.as_str()), "1".into()));
+        }
+        if let Err(e) = self.set_keys(&pairs) {
+            r.close();
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        self.insert_resource(r);
+        tracing::info!(
+            "joined resource {res} on {}; full sync from {primary}",
+            disk.display()
+        );
+        Ok(Reply::Done {
+            message: format!(
+                "joined {res} on {} ({}); a full sync from {primary} starts (see `marsadm view {res}`)",
+                disk.display(),
+                format_size(size)
+            ),
+        })
+    }
+
+    pub(crate) fn leave_resource(&self, res: &ResourceName, force: bool) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.resource(res).ok_or_else(|| not_found(res))?;
+        let meta = self.meta(res);
+        if meta.primary.as_ref() == Some(&self.host) || r.volume().is_some() {
+            return Err(invalid(format!(
+                "this host is the primary of {res}: hand over first (`marsadm primary {res}` elsewhere), or delete-resource"
+            )));
+        }
+        let attached = meta.members.get(&self.host).is_some_and(|m| m.todo.attach);
+        if attached && !force {
+            return Err(invalid(format!(
+                "{res} is still attached here: run `marsadm down {res}` first (or leave-resource --force)"
+            )));
+        }
+        self.teardown(&r, "left")?;
+        Ok(Reply::Done {
+            message: format!(
+                "left {res}; its logfiles here are deleted, the disk {} is untouched",
+                r.cfg.disk.display()
+            ),
+        })
+    }
+
+    /// Stops a local resource, deletes its directory and this host's keys.
+    fn teardown(&self, r: &Arc<Resource>, why: &str) -> Result<(), Refusal> {
+        let res = r.cfg.name.clone();
+        r.close();
+        self.remove_resource(&res);
+        if let Err(e) = self.delete_own_keys(&res) {
+            tracing::error!("{res}: cannot delete this host's keys: {e}");
+        }
+        std::fs::remove_dir_all(&r.dir)
+            .map_err(|e| failed(format!("cannot remove {}: {e}", r.dir.display())))?;
+        self.cluster.poke.notify_waiters();
+        tracing::info!("{res}: {why}; removed {}", r.dir.display());
+        Ok(())
+    }
+
+    pub(crate) fn delete_resource(&self, res: &ResourceName, force: bool) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let meta = self.meta(res);
+        let local = self.resource(res);
+        if !meta.exists() && local.is_none() {
+            return Err(not_found(res));
+        }
+        let others: Vec<String> = meta
+            .members
+            .keys()
+            .filter(|h| **h != self.host)
+            .map(ToString::to_string)
+            .collect();
+        if !others.is_empty() && !force {
+            return Err(invalid(format!(
+                "{res} still has other members ({}): they must leave-resource first, or use delete-resource --force",
+                others.join(", ")
+            )));
+        }
+        if let Some(r) = &local {
+            if r.open_count() > 0 && !force {
+                return Err(invalid(format!(
+                    "the device of {res} is in use ({} open); close it first",
+                    r.open_count()
+                )));
+            }
+        }
+        {
+            let mut store = self.cluster.store();
+            for k in [keys::size(res), keys::primary(res)] {
+                store
+                    .delete(&k)
+                    .map_err(|e| failed(format!("cannot delete {k}: {e}")))?;
+            }
+        }
+        if let Some(r) = local {
+            self.teardown(&r, "deleted")?;
+        } else if let Err(e) = self.delete_own_keys(res) {
+            tracing::error!("{res}: {e}");
+        }
+        self.cluster.poke.notify_waiters();
+        Ok(Reply::Done {
+            message: if others.is_empty() {
+                format!("deleted {res}")
+            } else {
+                format!(
+                    "deleted {res}; members {} tear down when they learn it",
+                    others.join(", ")
+                )
+            },
+        })
+    }
+
+    pub(crate) fn resize(&self, res: &ResourceName, size: Option<u64>) -> Outcome {
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        let r = self.resource(res).ok_or_else(|| not_found(res))?;
+        let meta = self.meta(res);
+        let Some(vol) = r
+            .volume()
+            .filter(|_| meta.primary.as_ref() == Some(&self.host))
+        else {
+            return Err(invalid(format!("resize runs on the primary of {res}")));
+        };
+        let cur = vol.size();
+        // Every member's disk must hold the new size.
+        let mut smallest =
+            disk_len(&r.cfg.disk).map_err(|e| failed(format!("{}: {e}", r.cfg.disk.display())))?;
+        let mut smallest_host = self.host.to_string();
+        for (h, m) in &meta.members {
+            if *h == self.host {
+                continue;
+            }
+            match m.report.as_ref().map(|r| r.disk_size) {
+                Some(n) if n > 0 => {
+                    if n < smallest {
+                        smallest = n;
+                        smallest_host = h.to_string();
+                    }
+                }
+                _ => return Err(invalid(format!(
+                    "member {h} has not reported its disk size yet; try again when it is connected"
+                ))),
+            }
+        }
+        let new = size.unwrap_or(smallest) / 512 * 512;
+        if new <= cur {
+            return Err(invalid(format!(
+                "{res} has {} already; resize only grows (largest possible: {} on {smallest_host})",
+                format_size(cur),
+                format_size(smallest)
+            )));
+        }
+        if new > smallest {
+            return Err(invalid(format!(
+                "the disk of {smallest_host} has only {} ({smallest} bytes), less than {} ({new} bytes)",
+                format_size(smallest),
+                format_size(new)
+            )));
+        }
+        vol.grow(new)
+            .map_err(|e| failed(format!("resize {res}: {e}")))?;
+        r.set_size(new);
+        self.set_keys(&[(keys::size(res), new.to_string())])?;
+        Ok(Reply::Done {
+            message: format!(
+                "{res} grows from {} to {}; secondaries sync the new region",
+                format_size(cur),
+                format_size(new)
+            ),
+        })
+    }
+
+    pub(crate) fn switch(&self, res: &ResourceName, switches: &[SwitchKind], on: bool) -> Outcome {
+        let r = self.resource(res).ok_or_else(|| not_found(res))?;
+        if switches.is_empty() {
+            return Err(invalid("no switch given"));
+        }
+        if !on && switches.contains(&SwitchKind::Attach) && r.open_count() > 0 {
+            return Err(invalid(format!(
+                "the device of {res} is in use ({} open): close it before detaching",
+                r.open_count()
+            )));
+        }
+        let pairs: Vec<(String, String)> = switches
+            .iter()
+            .map(|s| {
+                (
+                    keys::todo(res, &self.host, s.as_str()),
+                    if on { "1" } else { "0" }.to_string(),
+                )
+            })
+            .collect();
+        self.set_keys(&pairs)?;
+        let names: Vec<&str> = switches.iter().map(|s| s.as_str()).collect();
+        Ok(Reply::Done {
+            message: format!(
+                "{res}: {} {}",
+                names.join(", "),
+                if on { "on" } else { "off" }
+            ),
+        })
+    }
+
+    fn secondary_replica(&self, res: &ResourceName, what: &str) -> Result<Arc<Replica>, Refusal> {
+        let r = self.resource(res).ok_or_else(|| not_found(res))?;
+        let meta = self.meta(res);
+        if meta.primary.as_ref() == Some(&self.host) || r.volume().is_some() {
+            return Err(invalid(format!(
+                "{what} runs on a secondary; this host is the primary of {res}"
+            )));
+        }
+        if meta.primary.is_none() {
+            return Err(invalid(format!(
+                "{res} has no designated primary to {what} from"
+            )));
+        }
+        r.replica().ok_or_else(|| {
+            invalid(format!(
+                "{res} is not set up here: {}",
+                r.error().unwrap_or_default()
+            ))
+        })
+    }
+
+    pub(crate) fn fake_sync(&self, res: &ResourceName) -> Outcome {
+        let rep = self.secondary_replica(res, "fake-sync")?;
+        rep.fake_sync()
+            .map_err(|e| invalid(format!("fake-sync {res}: {e:#}")))?;
+        Ok(Reply::Done {
+            message: format!("{res}: declared in sync without copying (expert mode: the disks must already be equal)"),
+        })
+    }
+
+    pub(crate) fn invalidate(&self, res: &ResourceName) -> Outcome {
+        let rep = self.secondary_replica(res, "invalidate")?;
+        rep.invalidate()
+            .map_err(|e| failed(format!("invalidate {res}: {e:#}")))?;
+        Ok(Reply::Done {
+            message: format!("{res}: replica invalidated; a fast full sync starts"),
+        })
+    }
+
+    /// `cron`: rotate where this host is primary and the log has data, then delete what nobody
+    /// needs (the reconcile loop would do the latter within a second anyway).
+    pub(crate) fn cron(&self) -> Outcome {
+        let mut lines = Vec::new();
+        for r in self.all() {
+            if let Some(v) = r.volume() {
+                let before = v.status().current_log;
+                match v.rotate_if_used() {
+                    Ok(p) if p.file != before.no => {
+                        lines.push(format!("{}: rotated to log {}", r.cfg.name, p.file))
+                    }
+                    Ok(_) => {}
+                    Err(e) => lines.push(format!("{}: rotate failed: {e}", r.cfg.name)),
+                }
+            }
+            let removed = self.reclaim(&r, &self.meta(&r.cfg.name));
+            if !removed.is_empty() {
+                lines.push(format!("{}: deleted {}", r.cfg.name, removed.join(", ")));
+            }
+        }
+        Ok(Reply::Done {
+            message: if lines.is_empty() {
+                "nothing to do".into()
+            } else {
+                lines.join("\n")
+            },
+        })
+    }
+
+    /// Deletes local logfiles that every member that still pins logs has applied.
+    fn reclaim(&self, r: &Resource, meta: &ResourceMeta) -> Vec<String> {
+        let limit = Duration::from_secs(
+            self.cluster
+                .store()
+                .value(keys::UNREACHABLE_LIMIT)
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(keys::DEFAULT_UNREACHABLE_SECS),
+        );
+        let below = plan::reclaim_below(meta, &self.host, &self.cluster.ages(), limit);
+        if let Some(v) = r.volume() {
+            // Never delete a logfile whose version link is not published yet: the chain
+            // continues from it.
+            let unlinked = crate::resource::log_lengths(&r.dir)
+                .into_iter()
+                .map(|(no, _)| no)
+                .find(|no| meta.version(*no, &self.host).is_none());
+            let below = match (below, unlinked) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match v.reclaim_logs(below) {
+                Ok(names) => names.iter().map(ToString::to_string).collect(),
+                Err(e) => {
+                    tracing::warn!("{}: log reclamation: {e}", r.cfg.name);
+                    Vec::new()
+                }
+            }
+        } else if let Some(rep) = r.replica() {
+            rep.reclaim(below)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// What the loop remembers between rounds.
+#[derive(Default)]
+pub struct Reconciler {
+    published: HashMap<ResourceName, (String, Instant)>,
+}
+
+impl Reconciler {
+    /// One round over every local resource. Blocking: run on a blocking thread.
+    pub fn round(&mut self, d: &Arc<Daemon>) {
+        let addrs = d.cluster.members();
+        for r in d.all() {
+            let name = r.cfg.name.clone();
+            let meta = d.meta(&name);
+            if !meta.exists() || !meta.is_member(&d.host) {
+                // Deleted cluster-wide, or our membership was removed by force.
+                let _g = d.admin.lock().unwrap_or_else(|e| e.into_inner());
+                if d.resource(&name).is_some() {
+                    let why = if meta.exists() {
+                        "no longer a member"
+                    } else {
+                        "deleted in the cluster"
+                    };
+                    if let Err(e) = d.teardown(&r, why) {
+                        tracing::error!("{name}: {}", e.1);
+                    }
+                }
+                self.published.remove(&name);
+                continue;
+            }
+            let todo = meta.members[&d.host].todo;
+            if let Some(size) = meta.size {
+                if size > r.size() {
+                    if let Some(v) = r.volume() {
+                        if let Err(e) = v.grow(size) {
+                            tracing::error!("{name}: cannot grow to {size}: {e}");
+                        }
+                    }
+                    r.set_size(size);
+                }
+            }
+            if let Some(v) = r.volume() {
+                if !todo.attach && r.open_count() == 0 {
+                    tracing::info!("{name}: detaching");
+                    r.close();
+                } else {
+                    publish_versions(d, &name, &r, &v, &meta);
+                }
+            } else if let Some(rep) = r.replica() {
+                let source = meta
+                    .primary
+                    .as_ref()
+                    .filter(|p| **p != d.host)
+                    .and_then(|p| addrs.get(p).map(|a| (p.clone(), a.clone())));
+                rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
+                rep.ensure_started(d);
+            } else if todo.attach && meta.primary.as_ref() == Some(&d.host) {
+                r.attach_primary();
+            }
+            let removed = d.reclaim(&r, &meta);
+            if !removed.is_empty() {
+                tracing::info!("{name}: deleted logfiles {}", removed.join(", "));
+            }
+            let mut report = r.report(&todo);
+            if report.disk_size == 0 || r.volume().is_none() {
+                report.disk_size = disk_len(&r.cfg.disk).unwrap_or(0);
+            } else {
+                report.disk_size = disk_len(&r.cfg.disk).unwrap_or(report.disk_size);
+            }
+            let json = report.to_json();
+            let due = match self.published.get(&name) {
+                Some((old, at)) => *old != json && at.elapsed() >= REPORT_EVERY,
+                None => true,
+            };
+            if due {
+                let key = keys::actual(&name, &d.host);
+                match d.cluster.store().set(&key, &json) {
+                    Ok(_) => {
+                        self.published.insert(name, (json, Instant::now()));
+                    }
+                    Err(e) => tracing::warn!("cannot publish {key}: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// The primary publishes the version link of each of its finished logfiles.
+fn publish_versions(
+    d: &Daemon,
+    res: &ResourceName,
+    r: &Resource,
+    v: &mars_volume::Volume,
+    meta: &ResourceMeta,
+) {
+    let current = v.status().current_log.no;
+    let mut meta = meta.clone();
+    let dir = r.dir.clone();
+    let names = match mars_storage::real::RealDir::open(&dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|dd| Ok(mars_txlog::list_logs(&dd)?))
+    {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("{res}: cannot list logfiles: {e}");
+            return;
+        }
+    };
+    for name in names.into_iter().filter(|n| n.no < current) {
+        if meta.version(name.no, &d.host).is_some() {
+            continue;
+        }
+        let len = match std::fs::metadata(dir.join(name.to_string())) {
+            Ok(m) => m.len(),
+            Err(_) => continue,
+        };
+        let link = plan::my_link(&meta, &d.host, name.no, &name.host, len);
+        let key = keys::version(res, name.no, &d.host);
+        if let Err(e) = d.cluster.store().set(&key, &link) {
+            tracing::warn!("{res}: cannot publish {key}: {e}");
+            return;
+        }
+        meta.versions
+            .entry(name.no)
+            .or_default()
+            .insert(d.host.clone(), link);
+    }
+}
+
+pub async fn reconcile_loop(d: Arc<Daemon>) {
+    let rec = Arc::new(std::sync::Mutex::new(Reconciler::default()));
+    loop {
+        tokio::time::sleep(RECONCILE).await;
+        let (d2, rec2) = (d.clone(), rec.clone());
+        let _ = tokio::task::spawn_blocking(move || {
+            rec2.lock().unwrap_or_else(|e| e.into_inner()).round(&d2);
+        })
+        .await;
+    }
+}

@@ -1,0 +1,334 @@
+//! The serving side of log shipping and full sync: what the primary does for its replicas.
+//!
+//! **Fetch stream.** The replica sends one `FetchFrom{res, file, offset}`; from then on this side
+//! pushes without being asked again: `LogFile` (name of the logfile), `LogData` chunks of whole
+//! records, `LogEnd` when a logfile is complete, then the next logfile, and finally it follows the
+//! current logfile as it grows. Only *durable* bytes are shipped, so a replica never holds a
+//! record that the primary could lose in a crash. Throughput is bounded by TCP flow control, not
+//! by round trips.
+//!
+//! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and answers
+//! `SyncInfo` with the device size and the start of the new logfile: replaying from there after
+//! the copy makes the replica consistent. Then each `SyncCheck` (a chunk's digest on the replica)
+//! is answered with `SyncSame` or with the chunk's bytes, read through the volume (so the newest
+//! data, written back or not). A second `SyncStart` on the same connection asks for the current
+//! log position: the replica must replay at least to there before it is consistent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use mars_config::{HostName, ResourceName};
+use mars_storage::real::RealDir;
+use mars_storage::{Dir, File, OpenMode};
+use mars_txlog::{LogName, LogPos};
+use mars_volume::Volume;
+use mars_wire::Message;
+use tokio::io::AsyncWriteExt;
+
+use crate::cluster::{send, BoxRead, BoxWrite, FrameReader};
+use crate::state::Daemon;
+
+/// Largest `LogData` chunk (more if a single record is larger).
+const CHUNK: usize = 4 << 20;
+/// Largest sync chunk a replica may ask about.
+pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
+
+/// One line about a message, without its payload (log data can be megabytes).
+pub fn describe(m: &Message) -> String {
+    match m {
+        Message::LogData { file, offset, data } => {
+            format!(
+                "LogData{{file {file}, offset {offset}, {} bytes}}",
+                data.len()
+            )
+        }
+        Message::SyncData { offset, data } => {
+            format!("SyncData{{offset {offset}, {} bytes}}", data.len())
+        }
+        Message::Changes { upto, entries } => {
+            format!("Changes{{upto {upto}, {} entries}}", entries.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn primary_volume(
+    d: &Daemon,
+    res: &str,
+) -> Result<(Arc<crate::resource::Resource>, Arc<Volume>), String> {
+    let name = ResourceName::new(res).map_err(|e| format!("bad resource name: {e}"))?;
+    let r = d
+        .resource(&name)
+        .ok_or_else(|| format!("resource {res} does not exist on {}", d.host))?;
+    let v = r
+        .volume()
+        .ok_or_else(|| format!("{} is not primary of {res} (no open volume)", d.host))?;
+    Ok((r, v))
+}
+
+async fn refuse(w: &mut BoxWrite, reason: String) -> Result<()> {
+    send(
+        w,
+        &Message::Refuse {
+            reason: reason.clone(),
+        },
+    )
+    .await?;
+    w.flush().await?;
+    bail!("refused: {reason}")
+}
+
+pub async fn serve_fetch(
+    d: Arc<Daemon>,
+    mut frames: FrameReader<BoxRead>,
+    mut w: BoxWrite,
+    peer: HostName,
+) -> Result<()> {
+    let (res, mut file_no, mut off) = match frames.next().await? {
+        Message::FetchFrom { res, file, offset } => (res, file, offset),
+        other => bail!("{peer} opened a fetch stream with {}", describe(&other)),
+    };
+    let (r, vol) = match primary_volume(&d, &res) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut w, e).await,
+    };
+    tracing::info!("{res}: {peer} fetches from log {file_no} offset {off}");
+    let dir: Arc<dyn Dir> = Arc::new(RealDir::open(&r.dir)?);
+    loop {
+        let logs = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || mars_txlog::list_logs(&*dir)).await??
+        };
+        let Some(name) = logs.iter().find(|n| n.no == file_no).cloned() else {
+            let oldest = logs.first().map_or(0, |n| n.no);
+            let newest = logs.last().map_or(0, |n| n.no);
+            if file_no < oldest || logs.is_empty() {
+                send(
+                    &mut w,
+                    &Message::LogGone {
+                        file: file_no,
+                        oldest,
+                    },
+                )
+                .await?;
+                w.flush().await?;
+                return Ok(());
+            }
+            if file_no == newest + 1 && off == 0 {
+                // The replica is ahead by an empty logfile that does not exist here yet.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            return refuse(
+                &mut w,
+                format!(
+                    "log {file_no} is beyond this host's newest log {newest}: different histories?"
+                ),
+            )
+            .await;
+        };
+        send(
+            &mut w,
+            &Message::LogFile {
+                file: file_no,
+                origin: name.host.to_string(),
+            },
+        )
+        .await?;
+        let f = dir
+            .open(&name.to_string(), OpenMode::Existing)
+            .with_context(|| format!("open {name}"))?;
+        off = ship_file(&vol, &name, f, off, &mut w).await?;
+        send(
+            &mut w,
+            &Message::LogEnd {
+                file: file_no,
+                len: off,
+            },
+        )
+        .await?;
+        file_no += 1;
+        off = 0;
+    }
+}
+
+/// Ships logfile `name` from `off` until it is complete; returns its length.
+async fn ship_file(
+    vol: &Arc<Volume>,
+    name: &LogName,
+    f: Arc<dyn File>,
+    mut off: u64,
+    w: &mut BoxWrite,
+) -> Result<u64> {
+    let mut durable = vol.status().durable;
+    loop {
+        let (limit, complete) = if durable.file > name.no {
+            (f.len()?, true)
+        } else if durable.file == name.no {
+            (durable.offset, false)
+        } else {
+            (0, false)
+        };
+        if off > limit && (complete || durable.file == name.no) {
+            bail!(
+                "the replica's copy of {name} has {off} bytes, this host only {limit}: different histories?"
+            );
+        }
+        if off < limit {
+            let want = ((limit - off) as usize).min(CHUNK);
+            let (data, n) = {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || read_records(&*f, off, want, limit)).await??
+            };
+            if n == 0 {
+                bail!("{name}: no whole record at offset {off}");
+            }
+            send(
+                w,
+                &Message::LogData {
+                    file: name.no,
+                    offset: off,
+                    data,
+                },
+            )
+            .await?;
+            off += n as u64;
+            continue;
+        }
+        if complete {
+            w.flush().await?;
+            return Ok(off);
+        }
+        w.flush().await?;
+        let v = vol.clone();
+        let seen = durable;
+        durable = tokio::task::spawn_blocking(move || {
+            v.wait_durable_beyond(seen, Duration::from_millis(500))
+        })
+        .await??;
+        if durable == seen {
+            // Also notices a rotation that wrote nothing yet.
+            durable = vol.status().durable;
+        }
+    }
+}
+
+/// Reads whole records starting at `off`: about `want` bytes, more if one record is larger,
+/// never beyond `limit`.
+fn read_records(f: &dyn File, off: u64, want: usize, limit: u64) -> Result<(Vec<u8>, usize)> {
+    let mut buf = vec![0u8; want];
+    f.read_exact_at(&mut buf, off)?;
+    let s = mars_txlog::format::scan(&buf, None, false).map_err(|(_, e)| anyhow!(e))?;
+    if s.len > 0 {
+        buf.truncate(s.len);
+        return Ok((buf, s.len));
+    }
+    // One record larger than `want`: read exactly that record.
+    if buf.len() < mars_txlog::format::HEADER_LEN {
+        bail!("short record header at {off}");
+    }
+    let h = mars_txlog::format::decode(&buf[..mars_txlog::format::HEADER_LEN]);
+    let need = match h {
+        Err(mars_txlog::DecodeError::Incomplete { needed, .. }) => needed,
+        Ok(h) => h.record_len(),
+        Err(e) => bail!("record at {off}: {e}"),
+    };
+    if off + need as u64 > limit {
+        bail!("record at {off} extends beyond the durable end {limit}");
+    }
+    let mut buf = vec![0u8; need];
+    f.read_exact_at(&mut buf, off)?;
+    Ok((buf, need))
+}
+
+pub async fn serve_sync(
+    d: Arc<Daemon>,
+    mut frames: FrameReader<BoxRead>,
+    mut w: BoxWrite,
+    peer: HostName,
+) -> Result<()> {
+    let res = match frames.next().await? {
+        Message::SyncStart { res } => res,
+        other => bail!("{peer} opened a sync stream with {}", describe(&other)),
+    };
+    let (_r, vol) = match primary_volume(&d, &res) {
+        Ok(x) => x,
+        Err(e) => return refuse(&mut w, e).await,
+    };
+    let start: LogPos = {
+        let v = vol.clone();
+        tokio::task::spawn_blocking(move || v.rotate_if_used()).await??
+    };
+    tracing::info!("{res}: full sync for {peer} starts at log position {start}");
+    send(
+        &mut w,
+        &Message::SyncInfo {
+            size: vol.size(),
+            file: start.file,
+            offset: start.offset,
+        },
+    )
+    .await?;
+    w.flush().await?;
+    loop {
+        let msg = frames.next().await?;
+        match msg {
+            Message::SyncCheck {
+                offset,
+                len,
+                digest,
+            } => {
+                if len > MAX_SYNC_CHUNK
+                    || offset
+                        .checked_add(u64::from(len))
+                        .is_none_or(|e| e > vol.size())
+                {
+                    return refuse(
+                        &mut w,
+                        format!(
+                            "sync chunk {offset}+{len} is outside the {}-byte device",
+                            vol.size()
+                        ),
+                    )
+                    .await;
+                }
+                let v = vol.clone();
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    v.read(offset, &mut buf).map(|_| buf)
+                })
+                .await??;
+                let ours = xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes();
+                let reply = if ours == digest {
+                    Message::SyncSame { offset }
+                } else {
+                    Message::SyncData { offset, data }
+                };
+                send(&mut w, &reply).await?;
+                // Flush only when the replica has nothing more queued for us: keeps frames
+                // batched while the window is full.
+                if frames.buffered() == 0 {
+                    w.flush().await?;
+                }
+            }
+            Message::SyncStart { .. } => {
+                let now = vol.status().appended;
+                send(
+                    &mut w,
+                    &Message::SyncInfo {
+                        size: vol.size(),
+                        file: now.file,
+                        offset: now.offset,
+                    },
+                )
+                .await?;
+                w.flush().await?;
+            }
+            other => bail!(
+                "unexpected message on the sync stream from {peer}: {}",
+                describe(&other)
+            ),
+        }
+    }
+}

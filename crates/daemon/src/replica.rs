@@ -1,0 +1,1132 @@
+//! A secondary's replica of one resource.
+//!
+//! ```text
+//!  primary ──fetch stream──► local copies log-N-ORIGIN (whole records, verified, fdatasync'ed)
+//!                                  │
+//!                                  ▼  replay thread: in log order, verified again
+//!                              local disk ──► `writeback` position (persisted after fdatasync)
+//!  primary ──sync stream───► local disk (fast full sync: only chunks whose digests differ)
+//! ```
+//!
+//! Three activities, each switchable (`todo-HOST/{fetch,replay,sync}`):
+//! - **fetch** (async task) resumes at the end of the newest local copy after any disconnect;
+//! - **replay** (thread) applies records up to what fetch made durable, and moves from logfile N
+//!   to N+1 only when its version link for N equals the origin's;
+//! - **sync** (async task) copies the device while the primary keeps writing; replay then runs
+//!   from the log position recorded at sync start, and the replica is consistent once replay
+//!   passes the primary's log position at the end of the copy.
+//!
+//! Files in the resource directory besides the logs: `writeback` (replay position, shared
+//! format with the primary's writeback position, so the same directory can become a primary),
+//! `sync.toml` (a pending or running full sync) and `needs-sync` (why only a full sync helps).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mars_config::{HostName, ResourceName};
+use mars_engine::plan::{next_file_check, ChainCheck};
+use mars_engine::{ResourceMeta, SyncReport, Todo};
+use mars_storage::real::RealDir;
+use mars_storage::{Dir, File, OpenMode};
+use mars_txlog::{LogError, LogName, LogPos, LogReader};
+use mars_wire::{Message, StreamKind};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::logserve::describe;
+use crate::state::Daemon;
+
+pub const SYNC_FILE: &str = "sync.toml";
+pub const NEEDS_SYNC_FILE: &str = "needs-sync";
+/// Bytes per sync chunk: the unit of digest comparison.
+const SYNC_CHUNK: u64 = 1 << 20;
+/// Sync chunks in flight: keeps a long link busy without a round trip per chunk.
+const SYNC_WINDOW: usize = 32;
+/// Progress of the copy is persisted (after fdatasync) every this many bytes.
+const SYNC_PERSIST: u64 = 64 << 20;
+/// Replay syncs the disk and persists its position at least every this many bytes.
+const REPLAY_BATCH: u64 = 64 << 20;
+/// Fetch makes received data durable at least every this many bytes …
+const FETCH_SYNC_BYTES: u64 = 8 << 20;
+/// … or when the stream pauses this long.
+const FETCH_SYNC_IDLE: Duration = Duration::from_millis(10);
+
+/// A full sync in progress, as persisted in `sync.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncFile {
+    /// Log position at sync start (from the primary); replay starts here.
+    pub start: Option<LogPos>,
+    /// The device below this offset is copied.
+    pub done: u64,
+    /// Bytes to copy.
+    pub size: u64,
+    /// The primary's log position when the copy ended; consistent once replay passes it.
+    pub end: Option<LogPos>,
+    #[serde(default)]
+    pub transferred: u64,
+}
+
+#[derive(Debug, Clone)]
+struct LocalLog {
+    origin: HostName,
+    /// Durable (fdatasync'ed, verified) length.
+    len: u64,
+    /// `LogEnd` was received (or a later logfile exists).
+    complete: bool,
+}
+
+/// Bytes per second over a sliding few seconds.
+#[derive(Debug, Default, Clone)]
+pub struct Rate {
+    window: Vec<(Instant, u64)>,
+}
+
+impl Rate {
+    fn add(&mut self, n: u64) {
+        let now = Instant::now();
+        self.window.push((now, n));
+        self.window
+            .retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
+    }
+    pub fn per_sec(&self) -> u64 {
+        let Some((first, _)) = self.window.first() else {
+            return 0;
+        };
+        let secs = first.elapsed().as_secs_f64().max(1.0);
+        (self.window.iter().map(|(_, n)| n).sum::<u64>() as f64 / secs) as u64
+    }
+}
+
+struct State {
+    todo: Todo,
+    attached: bool,
+    meta: Arc<ResourceMeta>,
+    /// The host to fetch and sync from (designated primary) and its address.
+    source: Option<(HostName, String)>,
+    size: u64,
+    files: BTreeMap<u64, LocalLog>,
+    applied: LogPos,
+    fetch_error: Option<String>,
+    /// Replay stopped: damage, version mismatch. Cleared by repair or invalidate.
+    stuck: Option<String>,
+    /// Replay waits for something that will come (a version link).
+    waiting: Option<String>,
+    /// Damage found by replay at this position: fetch truncates there and fetches again.
+    repair: Option<LogPos>,
+    sync: Option<SyncFile>,
+    needs_sync: Option<String>,
+    /// Bumped whenever local logfiles are removed behind fetch's back (invalidate, repair):
+    /// a fetch session that sees a new generation stops.
+    generation: u64,
+    fetch_rate: Rate,
+    replay_rate: Rate,
+    sync_rate: Rate,
+    sync_running: bool,
+    repairs: u64,
+}
+
+pub struct Replica {
+    pub res: ResourceName,
+    me: HostName,
+    dir: PathBuf,
+    ldir: Arc<dyn Dir>,
+    disk: Arc<dyn File>,
+    st: Mutex<State>,
+    /// Wakes the replay thread.
+    wake: Condvar,
+    /// Wakes fetch and sync (switch changes, repair, invalidate).
+    kick: Notify,
+    stop: AtomicBool,
+    started: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the daemon shows and reports about a replica.
+#[derive(Debug, Clone)]
+pub struct ReplicaStatus {
+    pub applied: LogPos,
+    pub fetched: Option<LogPos>,
+    pub logs: (u64, u64),
+    pub sync: Option<SyncReport>,
+    pub consistent: bool,
+    pub needs_sync: Option<String>,
+    pub stuck: Option<String>,
+    pub fetch_error: Option<String>,
+    pub fetch_rate: u64,
+    pub replay_rate: u64,
+}
+
+impl Replica {
+    /// Opens the replica state in `dir` on `disk`: verifies the local log copies (cutting a torn
+    /// tail; damage in the middle is cut there and fetched again).
+    pub fn open(
+        res: ResourceName,
+        me: HostName,
+        dir: &Path,
+        disk_path: &Path,
+        size: u64,
+        meta: Arc<ResourceMeta>,
+    ) -> Result<Arc<Self>> {
+        let ldir: Arc<dyn Dir> = Arc::new(RealDir::open(dir)?);
+        let disk: Arc<dyn File> = mars_storage::real::open_disk(disk_path)
+            .with_context(|| format!("disk {}", disk_path.display()))?;
+        let dlen = disk.len()?;
+        if dlen < size {
+            bail!(
+                "disk {} has {dlen} bytes, the resource needs {size}",
+                disk_path.display()
+            );
+        }
+        let names = match mars_txlog::list_logs(&*ldir) {
+            Ok(n) => n,
+            Err(e) => {
+                // Gaps or duplicates among local copies: start over from the oldest run.
+                tracing::warn!("{res}: local logfiles: {e}; discarding them");
+                for n in ldir.list()? {
+                    if let Ok(Some(_)) = LogName::parse(&n) {
+                        ldir.remove(&n)?;
+                    }
+                }
+                ldir.sync()?;
+                Vec::new()
+            }
+        };
+        let mut files = BTreeMap::new();
+        let count = names.len();
+        for (i, name) in names.into_iter().enumerate() {
+            let f = ldir.open(&name.to_string(), OpenMode::Existing)?;
+            let valid = match mars_txlog::check_file(f.clone(), &name) {
+                Ok(c) => c.valid_len,
+                Err(LogError::Corrupt { offset, reason, .. }) => {
+                    tracing::warn!("{res}: {name} damaged at {offset} ({reason}); fetching it again from there");
+                    offset
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if valid < f.len()? {
+                f.set_len(valid)?;
+                f.sync_data()?;
+            }
+            files.insert(
+                name.no,
+                LocalLog {
+                    origin: name.host.clone(),
+                    len: valid,
+                    complete: i + 1 < count,
+                },
+            );
+        }
+        let applied = mars_volume::read_position(&*ldir)?.unwrap_or_else(|| {
+            files
+                .keys()
+                .next()
+                .map_or(LogPos::ZERO, |n| LogPos::new(*n, 0))
+        });
+        let sync: Option<SyncFile> = crate::root::read_toml(&dir.join(SYNC_FILE))?;
+        let needs_sync = std::fs::read_to_string(dir.join(NEEDS_SYNC_FILE)).ok();
+        Ok(Arc::new(Self {
+            res,
+            me,
+            dir: dir.to_path_buf(),
+            ldir,
+            disk,
+            st: Mutex::new(State {
+                todo: Todo::default(),
+                attached: true,
+                meta,
+                source: None,
+                size,
+                files,
+                applied,
+                fetch_error: None,
+                stuck: None,
+                waiting: None,
+                repair: None,
+                sync,
+                needs_sync,
+                generation: 0,
+                fetch_rate: Rate::default(),
+                replay_rate: Rate::default(),
+                sync_rate: Rate::default(),
+                sync_running: false,
+                repairs: 0,
+            }),
+            wake: Condvar::new(),
+            kick: Notify::new(),
+            stop: AtomicBool::new(false),
+            started: AtomicBool::new(false),
+        }))
+    }
+
+    /// Marks a new replica (join-resource): everything must be copied.
+    pub fn init_sync(dir: &Path, size: u64) -> Result<()> {
+        crate::root::write_toml(
+            dir,
+            SYNC_FILE,
+            &SyncFile {
+                start: None,
+                done: 0,
+                size,
+                end: None,
+                transferred: 0,
+            },
+        )
+    }
+
+    /// Starts the fetch and sync tasks and the replay thread (once).
+    pub fn ensure_started(self: &Arc<Self>, d: &Arc<Daemon>) {
+        if self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(d);
+        let rt = tokio::runtime::Handle::current();
+        rt.spawn(self.clone().fetch_loop(weak.clone()));
+        rt.spawn(self.clone().sync_loop(weak.clone()));
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("replay-{}", self.res))
+            .spawn(move || me.replay_loop(weak));
+    }
+
+    pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.kick.notify_waiters();
+        let _g = lock(&self.st);
+        self.wake.notify_all();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// New facts from the metadata (called by the reconcile loop).
+    pub fn update(
+        &self,
+        todo: Todo,
+        meta: Arc<ResourceMeta>,
+        source: Option<(HostName, String)>,
+        size: u64,
+    ) {
+        let mut st = lock(&self.st);
+        let changed = st.todo != todo || st.source != source;
+        st.todo = todo;
+        st.attached = todo.attach;
+        st.meta = meta;
+        st.source = source;
+        if size > st.size {
+            // Grown (resize): copy just the new region.
+            let old = st.size;
+            st.size = size;
+            let s = st.sync.get_or_insert(SyncFile {
+                start: None,
+                done: old,
+                size,
+                end: None,
+                transferred: 0,
+            });
+            s.size = size;
+            s.end = None;
+            let s = s.clone();
+            if let Err(e) = crate::root::write_toml(&self.dir, SYNC_FILE, &s) {
+                tracing::error!("{}: cannot persist the sync state: {e:#}", self.res);
+            }
+        }
+        drop(st);
+        self.wake.notify_all();
+        if changed {
+            self.kick.notify_waiters();
+        }
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let st = lock(&self.st);
+        let fetched = st
+            .files
+            .iter()
+            .next_back()
+            .map(|(no, f)| LogPos::new(*no, f.len));
+        let consistent = st.sync.is_none() && st.needs_sync.is_none();
+        ReplicaStatus {
+            applied: st.applied,
+            fetched,
+            logs: (
+                st.files.keys().next().copied().unwrap_or(0),
+                st.files.keys().next_back().copied().unwrap_or(0),
+            ),
+            sync: st.sync.as_ref().map(|s| SyncReport {
+                start: s.start,
+                done: s.done,
+                size: s.size,
+                transferred: s.transferred,
+                running: st.sync_running,
+                rate: st.sync_rate.per_sec(),
+            }),
+            consistent,
+            needs_sync: st.needs_sync.clone(),
+            stuck: st
+                .stuck
+                .clone()
+                .or_else(|| st.needs_sync.clone())
+                .or_else(|| st.waiting.clone()),
+            fetch_error: st.fetch_error.clone(),
+            fetch_rate: st.fetch_rate.per_sec(),
+            replay_rate: st.replay_rate.per_sec(),
+        }
+    }
+
+    /// The oldest logfile this replica still needs (`None`: it needs none, e.g. before its sync
+    /// started or when only a full sync helps).
+    pub fn pin(&self) -> Option<u64> {
+        let st = lock(&self.st);
+        if st.needs_sync.is_some() {
+            return None;
+        }
+        match &st.sync {
+            Some(s) => s.start.map(|p| p.file.min(st.applied.file)),
+            None => Some(st.applied.file),
+        }
+    }
+
+    /// Deletes local logfiles below `below` that replay has finished with.
+    pub fn reclaim(&self, below: Option<u64>) -> Vec<String> {
+        let mut st = lock(&self.st);
+        let mine = st.applied.file;
+        let limit = below.map_or(mine, |b| b.min(mine));
+        let victims: Vec<u64> = st.files.range(..limit).map(|(n, _)| *n).collect();
+        let mut removed = Vec::new();
+        for no in victims {
+            let f = st.files.remove(&no).expect("listed");
+            let name = LogName::new(no, f.origin);
+            match mars_txlog::remove_log(&*self.ldir, &name) {
+                Ok(()) => removed.push(name.to_string()),
+                Err(e) => tracing::warn!("{}: cannot delete {name}: {e}", self.res),
+            }
+        }
+        removed
+    }
+
+    /// `invalidate` (and `join-resource`): forget the local state, full-sync from scratch.
+    pub fn invalidate(&self) -> Result<()> {
+        let mut st = lock(&self.st);
+        st.generation += 1;
+        for (no, f) in std::mem::take(&mut st.files) {
+            let name = LogName::new(no, f.origin);
+            let _ = self.ldir.remove(&name.to_string());
+        }
+        self.ldir.sync()?;
+        let s = SyncFile {
+            start: None,
+            done: 0,
+            size: st.size,
+            end: None,
+            transferred: 0,
+        };
+        crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;
+        let _ = std::fs::remove_file(self.dir.join(NEEDS_SYNC_FILE));
+        st.sync = Some(s);
+        st.needs_sync = None;
+        st.stuck = None;
+        st.waiting = None;
+        st.repair = None;
+        st.fetch_error = None;
+        drop(st);
+        self.kick.notify_waiters();
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// `fake-sync`: declare the replica consistent without copying.
+    pub fn fake_sync(&self) -> Result<()> {
+        let mut st = lock(&self.st);
+        let Some(s) = st.sync.clone() else {
+            return Ok(());
+        };
+        let start = s.start.ok_or_else(|| {
+            anyhow!("the sync has not started yet (no log position from the primary)")
+        })?;
+        // Replay from the start position: consistent once it reaches the present.
+        let end = st
+            .meta
+            .primary_report()
+            .and_then(|p| p.log_end)
+            .unwrap_or(start);
+        let s = SyncFile {
+            done: s.size,
+            end: Some(end.max(start)),
+            ..s
+        };
+        crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;
+        st.sync = Some(s);
+        drop(st);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    fn set_needs_sync(&self, why: String) {
+        tracing::error!("{}: {why}", self.res);
+        let _ = std::fs::write(self.dir.join(NEEDS_SYNC_FILE), &why);
+        lock(&self.st).needs_sync = Some(why);
+    }
+
+    async fn wait_kick(&self, d: Duration) {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => {},
+            _ = self.kick.notified() => {},
+        }
+    }
+
+    // ---------------------------------------------------------------- fetch
+
+    async fn fetch_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let Some(daemon) = d.upgrade() else { return };
+            let source = {
+                let st = lock(&self.st);
+                let ready = st.todo.fetch
+                    && st.attached
+                    && st.needs_sync.is_none()
+                    && st.sync.as_ref().is_none_or(|s| s.start.is_some());
+                if ready {
+                    st.source.clone()
+                } else {
+                    None
+                }
+            };
+            let Some((host, addr)) = source else {
+                drop(daemon);
+                self.wait_kick(Duration::from_millis(200)).await;
+                continue;
+            };
+            if host == self.me {
+                drop(daemon);
+                self.wait_kick(Duration::from_millis(200)).await;
+                continue;
+            }
+            match self.fetch_session(&daemon, &host, &addr).await {
+                Ok(()) => {
+                    backoff = Duration::from_millis(100);
+                    lock(&self.st).fetch_error = None;
+                }
+                Err(e) => {
+                    let msg = format!("fetch from {host}: {e:#}");
+                    let first = {
+                        let mut st = lock(&self.st);
+                        let first = st.fetch_error.as_deref() != Some(&msg);
+                        st.fetch_error = Some(msg.clone());
+                        first
+                    };
+                    if first {
+                        tracing::warn!("{}: {msg}", self.res);
+                    }
+                    drop(daemon);
+                    self.wait_kick(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    }
+
+    /// Applies a repair request: cut the damaged copy at the damage and drop later copies.
+    fn do_repair(&self) -> Result<()> {
+        let mut st = lock(&self.st);
+        let Some(at) = st.repair.take() else {
+            return Ok(());
+        };
+        let later: Vec<u64> = st.files.range(at.file + 1..).map(|(n, _)| *n).collect();
+        for no in later {
+            let f = st.files.remove(&no).expect("listed");
+            self.ldir.remove(&LogName::new(no, f.origin).to_string())?;
+        }
+        if let Some(f) = st.files.get_mut(&at.file) {
+            let name = LogName::new(at.file, f.origin.clone()).to_string();
+            let file = self.ldir.open(&name, OpenMode::Existing)?;
+            file.set_len(at.offset)?;
+            file.sync_data()?;
+            f.len = at.offset;
+            f.complete = false;
+        }
+        self.ldir.sync()?;
+        st.stuck = None;
+        st.repairs += 1;
+        tracing::info!(
+            "{}: cut the damaged local log at {at}; fetching it again",
+            self.res
+        );
+        Ok(())
+    }
+
+    async fn fetch_session(&self, d: &Arc<Daemon>, host: &HostName, addr: &str) -> Result<()> {
+        tokio::task::block_in_place(|| self.do_repair())?;
+        let (gen, from) = {
+            let st = lock(&self.st);
+            let from = match st.files.iter().next_back() {
+                Some((no, f)) => LogPos::new(*no, f.len),
+                None => {
+                    let base = st
+                        .sync
+                        .as_ref()
+                        .and_then(|s| s.start)
+                        .map_or(st.applied, |s| s.min(st.applied));
+                    LogPos::new(base.file.max(1), 0)
+                }
+            };
+            (st.generation, from)
+        };
+        let cluster = d.cluster_id().ok_or_else(|| anyhow!("not in a cluster"))?;
+        let mut s = crate::cluster::connect_kind(d, addr, cluster, StreamKind::Fetch).await?;
+        if s.peer.host != *host {
+            bail!("{addr} answers as {}, expected {host}", s.peer.host);
+        }
+        crate::cluster::send(
+            &mut s.w,
+            &Message::FetchFrom {
+                res: self.res.to_string(),
+                file: from.file,
+                offset: from.offset,
+            },
+        )
+        .await?;
+        let mut cur: Option<(u64, Arc<dyn File>, Option<u64>)> = None;
+        let mut unsynced: u64 = 0;
+        loop {
+            let msg = tokio::select! {
+                m = s.frames.next() => m?,
+                _ = tokio::time::sleep(FETCH_SYNC_IDLE), if unsynced > 0 => {
+                    self.make_durable(&mut cur, &mut unsynced)?;
+                    continue;
+                }
+                _ = self.kick.notified() => {
+                    self.make_durable(&mut cur, &mut unsynced)?;
+                    let st = lock(&self.st);
+                    if st.generation != gen || !st.todo.fetch || !st.attached
+                        || st.source.as_ref().map(|s| &s.0) != Some(host) || st.repair.is_some() {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            if self.stopped() {
+                return Ok(());
+            }
+            match msg {
+                Message::LogFile { file, origin } => {
+                    self.make_durable(&mut cur, &mut unsynced)?;
+                    let origin = HostName::new(&origin).map_err(|e| anyhow!("bad origin: {e}"))?;
+                    let f = tokio::task::block_in_place(|| self.open_copy(gen, file, &origin))?;
+                    cur = Some((file, f.0, f.1));
+                }
+                Message::LogData { file, offset, data } => {
+                    let Some((no, f, next_seq)) = cur.as_mut() else {
+                        bail!("log data before a log name");
+                    };
+                    if *no != file {
+                        bail!("log data for {file} while receiving {no}");
+                    }
+                    let have = lock(&self.st).files.get(&file).map_or(0, |l| l.len) + unsynced;
+                    if offset != have {
+                        bail!("log data for {file} at {offset}, expected {have}");
+                    }
+                    // Verify on arrival: checksums and contiguous sequence numbers.
+                    let scan =
+                        mars_txlog::format::scan(&data, *next_seq, true).map_err(|(at, why)| {
+                            anyhow!(
+                                "log {file} from {host} is damaged at {}: {why}",
+                                offset + at as u64
+                            )
+                        })?;
+                    if scan.len != data.len() {
+                        bail!(
+                            "log {file}: {} bytes at {offset} are not whole records",
+                            data.len()
+                        );
+                    }
+                    if let Some(last) = scan.last_seq {
+                        *next_seq = Some(last + 1);
+                    }
+                    tokio::task::block_in_place(|| f.write_at(&data, offset))?;
+                    unsynced += data.len() as u64;
+                    if unsynced >= FETCH_SYNC_BYTES {
+                        self.make_durable(&mut cur, &mut unsynced)?;
+                    }
+                }
+                Message::LogEnd { file, len } => {
+                    self.make_durable(&mut cur, &mut unsynced)?;
+                    let mut st = lock(&self.st);
+                    if st.generation != gen {
+                        return Ok(());
+                    }
+                    let l = st
+                        .files
+                        .get_mut(&file)
+                        .ok_or_else(|| anyhow!("end of log {file}, which is not here"))?;
+                    if l.len != len {
+                        bail!(
+                            "log {file} ends at {len} on {host}, but {} bytes arrived",
+                            l.len
+                        );
+                    }
+                    l.complete = true;
+                    drop(st);
+                    self.wake.notify_all();
+                    cur = None;
+                }
+                Message::LogGone { file, oldest } => {
+                    self.set_needs_sync(format!(
+                        "log {file} is gone on {host} (its oldest is {oldest}): this replica was away too long; \
+                         a full sync is needed (marsadm invalidate {})",
+                        self.res
+                    ));
+                    return Ok(());
+                }
+                Message::Refuse { reason } => bail!("{reason}"),
+                other => bail!("unexpected {}", describe(&other)),
+            }
+        }
+    }
+
+    /// Opens (or creates) the local copy of logfile `no`; returns it and the sequence number
+    /// its next record must carry (when known).
+    fn open_copy(
+        &self,
+        gen: u64,
+        no: u64,
+        origin: &HostName,
+    ) -> Result<(Arc<dyn File>, Option<u64>)> {
+        let mut st = lock(&self.st);
+        if st.generation != gen {
+            bail!("local logs were reset");
+        }
+        let name = LogName::new(no, origin.clone());
+        if let Some(l) = st.files.get(&no) {
+            if l.origin != *origin {
+                let msg = format!(
+                    "the primary's log {no} is {name}, ours is {}: the histories differ (split brain?)",
+                    LogName::new(no, l.origin.clone())
+                );
+                st.stuck = Some(msg.clone());
+                bail!(msg);
+            }
+            let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
+            let next = if l.len == 0 {
+                Some(1)
+            } else {
+                let c = mars_txlog::check_file(f.clone(), &name)?;
+                Some(c.last_seq + 1)
+            };
+            return Ok((f, next));
+        }
+        if let Some((&last, _)) = st.files.iter().next_back() {
+            if no != last + 1 {
+                bail!("the primary sends log {no} after our log {last}");
+            }
+            if let Some(l) = st.files.get_mut(&last) {
+                l.complete = true;
+            }
+        }
+        let f = self.ldir.open(&name.to_string(), OpenMode::CreateNew)?;
+        self.ldir.sync()?;
+        st.files.insert(
+            no,
+            LocalLog {
+                origin: origin.clone(),
+                len: 0,
+                complete: false,
+            },
+        );
+        Ok((f, Some(1)))
+    }
+
+    fn make_durable(
+        &self,
+        cur: &mut Option<(u64, Arc<dyn File>, Option<u64>)>,
+        unsynced: &mut u64,
+    ) -> Result<()> {
+        if *unsynced == 0 {
+            return Ok(());
+        }
+        let Some((no, f, _)) = cur.as_ref() else {
+            return Ok(());
+        };
+        tokio::task::block_in_place(|| f.sync_data())?;
+        let mut st = lock(&self.st);
+        if let Some(l) = st.files.get_mut(no) {
+            l.len += *unsynced;
+        }
+        st.fetch_rate.add(*unsynced);
+        *unsynced = 0;
+        drop(st);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- replay
+
+    fn replay_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        enum Step {
+            Wait,
+            Apply(LogName, u64, u64),
+            Finish(u64, HostName, u64),
+        }
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let step = {
+                let st = lock(&self.st);
+                let copying = st.sync.as_ref().is_some_and(|s| s.end.is_none());
+                if !st.todo.replay
+                    || !st.attached
+                    || st.needs_sync.is_some()
+                    || st.stuck.is_some()
+                    || copying
+                {
+                    Step::Wait
+                } else {
+                    match st.files.get(&st.applied.file) {
+                        None => Step::Wait,
+                        Some(f) if st.applied.offset < f.len => Step::Apply(
+                            LogName::new(st.applied.file, f.origin.clone()),
+                            st.applied.offset,
+                            f.len,
+                        ),
+                        Some(f) if f.complete => {
+                            Step::Finish(st.applied.file, f.origin.clone(), f.len)
+                        }
+                        Some(_) => Step::Wait,
+                    }
+                }
+            };
+            match step {
+                Step::Wait => {
+                    let st = lock(&self.st);
+                    let _ = self.wake.wait_timeout(st, Duration::from_millis(200));
+                }
+                Step::Apply(name, from, to) => {
+                    if let Err(e) = self.apply(&name, from, to) {
+                        let msg = format!("replay stopped: {name} damaged: {e:#}");
+                        tracing::error!("{}: {msg}", self.res);
+                        let mut st = lock(&self.st);
+                        st.stuck = Some(msg);
+                        if let Some(at) = damage_offset(&e) {
+                            st.repair = Some(LogPos::new(name.no, at));
+                            st.generation += 1;
+                        }
+                        drop(st);
+                        self.kick.notify_waiters();
+                    }
+                }
+                Step::Finish(no, origin, len) => {
+                    let meta = lock(&self.st).meta.clone();
+                    match next_file_check(&meta, &self.me, no, &origin, len) {
+                        ChainCheck::Ok(link) => {
+                            if let Some(d) = d.upgrade() {
+                                let key = mars_engine::keys::version(&self.res, no, &self.me);
+                                if let Err(e) = d.cluster.store().set(&key, &link) {
+                                    tracing::error!("{}: cannot publish {key}: {e}", self.res);
+                                    std::thread::sleep(Duration::from_millis(200));
+                                    continue;
+                                }
+                            }
+                            let next = LogPos::new(no + 1, 0);
+                            if let Err(e) = mars_volume::write_position(&*self.ldir, next) {
+                                tracing::error!(
+                                    "{}: cannot persist the replay position: {e}",
+                                    self.res
+                                );
+                                std::thread::sleep(Duration::from_millis(500));
+                                continue;
+                            }
+                            let mut st = lock(&self.st);
+                            st.applied = next;
+                            st.waiting = None;
+                            self.check_consistent(&mut st);
+                        }
+                        ChainCheck::Wait(why) => {
+                            let mut st = lock(&self.st);
+                            st.waiting = Some(why);
+                            let _ = self.wake.wait_timeout(st, Duration::from_millis(200));
+                        }
+                        ChainCheck::Mismatch(why) => {
+                            tracing::error!("{}: replay stopped: {why}", self.res);
+                            lock(&self.st).stuck = Some(format!("replay stopped: {why}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies records `[from, to)` of `name` to the disk, persisting the position in batches.
+    fn apply(&self, name: &LogName, from: u64, to: u64) -> Result<()> {
+        let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
+        let mut r = LogReader::new(f, name, from, to, None);
+        let mut pos = from;
+        let mut batch = 0u64;
+        let flush = |pos: u64| -> Result<()> {
+            self.disk.sync_data()?;
+            let p = LogPos::new(name.no, pos);
+            mars_volume::write_position(&*self.ldir, p)?;
+            let mut st = lock(&self.st);
+            st.applied = p;
+            self.check_consistent(&mut st);
+            Ok(())
+        };
+        while let Some(rec) = r.next_record()? {
+            mars_volume::apply(
+                &*self.disk,
+                rec.header.kind,
+                rec.header.offset,
+                rec.header.len,
+                &rec.payload,
+            )?;
+            let n = rec.header.record_len() as u64;
+            pos += n;
+            batch += n;
+            lock(&self.st).replay_rate.add(n);
+            if batch >= REPLAY_BATCH || self.stopped() {
+                flush(pos)?;
+                batch = 0;
+                if self.stopped() || !lock(&self.st).todo.replay {
+                    return Ok(());
+                }
+            }
+        }
+        flush(pos)
+    }
+
+    /// After a sync copy, the replica becomes consistent once replay passed the end position.
+    fn check_consistent(&self, st: &mut State) {
+        let done = matches!(&st.sync, Some(SyncFile { end: Some(end), .. }) if st.applied >= *end);
+        if done {
+            let _ = std::fs::remove_file(self.dir.join(SYNC_FILE));
+            let _ = self.ldir.sync();
+            st.sync = None;
+            tracing::info!(
+                "{}: full sync complete, the replica is consistent",
+                self.res
+            );
+        }
+    }
+
+    // ---------------------------------------------------------------- sync
+
+    async fn sync_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if self.stopped() {
+                return;
+            }
+            let Some(daemon) = d.upgrade() else { return };
+            let source = {
+                let st = lock(&self.st);
+                let ready = st.todo.sync
+                    && st.attached
+                    && st.needs_sync.is_none()
+                    && st.sync.as_ref().is_some_and(|s| s.end.is_none());
+                if ready {
+                    st.source.clone().filter(|(h, _)| *h != self.me)
+                } else {
+                    None
+                }
+            };
+            let Some((host, addr)) = source else {
+                drop(daemon);
+                self.wait_kick(Duration::from_millis(300)).await;
+                continue;
+            };
+            let Some(_slot) = daemon.sync_slot() else {
+                drop(daemon);
+                self.wait_kick(Duration::from_millis(500)).await;
+                continue;
+            };
+            lock(&self.st).sync_running = true;
+            let r = self.sync_session(&daemon, &host, &addr).await;
+            lock(&self.st).sync_running = false;
+            match r {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!("{}: sync from {host}: {e:#}", self.res);
+                    drop(daemon);
+                    self.wait_kick(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(3));
+                }
+            }
+        }
+    }
+
+    async fn sync_session(&self, d: &Arc<Daemon>, host: &HostName, addr: &str) -> Result<()> {
+        let cluster = d.cluster_id().ok_or_else(|| anyhow!("not in a cluster"))?;
+        let mut s = crate::cluster::connect_kind(d, addr, cluster, StreamKind::Sync).await?;
+        if s.peer.host != *host {
+            bail!("{addr} answers as {}, expected {host}", s.peer.host);
+        }
+        let start_msg = Message::SyncStart {
+            res: self.res.to_string(),
+        };
+        crate::cluster::send(&mut s.w, &start_msg).await?;
+        let (psize, pfile, poff) = match s.frames.next().await? {
+            Message::SyncInfo { size, file, offset } => (size, file, offset),
+            Message::Refuse { reason } => bail!("{reason}"),
+            other => bail!("unexpected {}", describe(&other)),
+        };
+        let (mut done, size) = {
+            let mut st = lock(&self.st);
+            let Some(sf) = st.sync.as_mut() else {
+                return Ok(());
+            };
+            if sf.start.is_none() {
+                let start = LogPos::new(pfile, poff);
+                sf.start = Some(start);
+                // Replay begins at the sync start once the copy is complete.
+                mars_volume::write_position(&*self.ldir, start)?;
+                st.applied = start;
+                let sf = st.sync.clone().expect("set above");
+                crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+                tracing::info!(
+                    "{}: full sync from {host} starts; log position {start}",
+                    self.res
+                );
+            }
+            let sf = st.sync.as_ref().expect("checked");
+            (sf.done, sf.size.min(psize))
+        };
+        self.kick.notify_waiters();
+        let mut next = done;
+        let mut inflight: std::collections::VecDeque<(u64, u64)> = Default::default();
+        let mut since_persist = 0u64;
+        let mut transferred = 0u64;
+        loop {
+            while inflight.len() < SYNC_WINDOW && next < size {
+                let len = SYNC_CHUNK.min(size - next);
+                let digest = tokio::task::block_in_place(|| -> Result<[u8; 16]> {
+                    let mut buf = vec![0u8; len as usize];
+                    read_full(&*self.disk, next, &mut buf)?;
+                    Ok(xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes())
+                })?;
+                crate::cluster::send(
+                    &mut s.w,
+                    &Message::SyncCheck {
+                        offset: next,
+                        len: len as u32,
+                        digest,
+                    },
+                )
+                .await?;
+                inflight.push_back((next, len));
+                next += len;
+            }
+            let Some(&(off, len)) = inflight.front() else {
+                break;
+            };
+            let msg = tokio::select! {
+                m = s.frames.next() => m?,
+                _ = self.kick.notified() => {
+                    let st = lock(&self.st);
+                    if !st.todo.sync || !st.attached || st.sync.is_none() {
+                        drop(st);
+                        self.persist_sync(done, transferred)?;
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Message::SyncSame { offset } if offset == off => {}
+                Message::SyncData { offset, data } if offset == off => {
+                    if data.len() as u64 != len {
+                        bail!("sync chunk at {off}: {} bytes for {len}", data.len());
+                    }
+                    tokio::task::block_in_place(|| self.disk.write_at(&data, off))?;
+                    transferred += len;
+                }
+                Message::Refuse { reason } => bail!("{reason}"),
+                other => bail!("unexpected {} (expected chunk {off})", describe(&other)),
+            }
+            inflight.pop_front();
+            done = off + len;
+            since_persist += len;
+            lock(&self.st).sync_rate.add(len);
+            {
+                let mut st = lock(&self.st);
+                if let Some(sf) = st.sync.as_mut() {
+                    sf.done = done;
+                }
+            }
+            if since_persist >= SYNC_PERSIST {
+                tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
+                transferred = 0;
+                since_persist = 0;
+            }
+        }
+        // The copy is complete: ask where the primary's log is now.
+        crate::cluster::send(&mut s.w, &start_msg).await?;
+        let end = match s.frames.next().await? {
+            Message::SyncInfo { file, offset, .. } => LogPos::new(file, offset),
+            other => bail!("unexpected {}", describe(&other)),
+        };
+        tokio::task::block_in_place(|| -> Result<()> {
+            self.disk.sync_data()?;
+            let mut st = lock(&self.st);
+            if let Some(sf) = st.sync.as_mut() {
+                sf.done = size;
+                sf.transferred += transferred;
+                sf.end = Some(end);
+                let sf = sf.clone();
+                crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+                tracing::info!(
+                    "{}: sync copy complete ({} transferred); consistent after replaying to {end}",
+                    self.res,
+                    mars_config::format_size(sf.transferred)
+                );
+            }
+            self.check_consistent(&mut st);
+            Ok(())
+        })?;
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    fn persist_sync(&self, done: u64, transferred: u64) -> Result<()> {
+        self.disk.sync_data()?;
+        let mut st = lock(&self.st);
+        if let Some(sf) = st.sync.as_mut() {
+            sf.done = done;
+            sf.transferred += transferred;
+            let sf = sf.clone();
+            crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_full(f: &dyn File, off: u64, buf: &mut [u8]) -> Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], off + done as u64)?;
+        if n == 0 {
+            buf[done..].fill(0);
+            break;
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// Where a replay error says the log is damaged.
+fn damage_offset(e: &anyhow::Error) -> Option<u64> {
+    match e.downcast_ref::<LogError>()? {
+        LogError::Corrupt { offset, .. } | LogError::Sequence { offset, .. } => Some(*offset),
+        _ => None,
+    }
+}
