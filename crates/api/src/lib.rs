@@ -228,6 +228,10 @@ pub struct ResourceView {
     /// logfiles gone so a full sync is needed …); `None` when it is not.
     #[serde(default)]
     pub stuck: Option<String>,
+    /// Secondary: milliseconds since the primary last confirmed over the fetch stream that this
+    /// replica has everything durable there (`None`: no confirmation while connected).
+    #[serde(default)]
+    pub caught_up_ms: Option<u64>,
     /// Every member of the resource as this host's metadata shows it (this host included).
     #[serde(default)]
     pub members: Vec<ReplicaView>,

@@ -402,6 +402,7 @@ pub mod fixtures {
             fetch: None,
             replay: None,
             stuck: None,
+            caught_up_ms: None,
             members: Vec::new(),
         }
     }

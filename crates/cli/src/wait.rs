@@ -48,8 +48,24 @@ impl Condition {
     }
 
     /// Does the local view `r` satisfy the condition?
+    #[cfg(test)]
     pub fn holds(&self, r: &ResourceView) -> bool {
+        self.holds_after(r, None)
+    }
+
+    /// Like [`Condition::holds`]; for `uptodate` on a secondary after waiting `waited`, the
+    /// primary's confirmation that the replica has all its data must also be younger than the
+    /// wait, so that writes finished before the wait began are included.
+    pub fn holds_after(&self, r: &ResourceView, waited: Option<Duration>) -> bool {
         match (self.target, self.on) {
+            (Target::UpToDate, true) if r.role == "Secondary" => {
+                let fresh = match (waited, r.caught_up_ms) {
+                    (Some(w), Some(ms)) => u128::from(ms) < w.as_millis(),
+                    (None, _) => true,
+                    (Some(_), None) => false,
+                };
+                is_uptodate(r) && fresh
+            }
             (Target::UpToDate, on) => is_uptodate(r) == on,
             (Target::Switch(k), true) => switched_on_and_done(r, k),
             // A detach is finished only when the disk is closed too (`D`/`d` gone), not as
@@ -106,8 +122,9 @@ pub fn wait_until(
 ) -> Result<ResourceView> {
     let start = Instant::now();
     loop {
-        let r = view(timeout.saturating_sub(start.elapsed()))?;
-        if cond.holds(&r) {
+        let waited = start.elapsed();
+        let r = view(timeout.saturating_sub(waited))?;
+        if cond.holds_after(&r, Some(waited)) {
             return Ok(r);
         }
         let elapsed = start.elapsed();

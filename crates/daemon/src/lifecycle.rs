@@ -298,9 +298,11 @@ impl Daemon {
                         smallest_host = h.to_string();
                     }
                 }
-                _ => return Err(invalid(format!(
+                _ => {
+                    return Err(invalid(format!(
                     "member {h} has not reported its disk size yet; try again when it is connected"
-                ))),
+                )))
+                }
             }
         }
         let new = size.unwrap_or(smallest) / 512 * 512;
@@ -531,11 +533,8 @@ impl Reconciler {
                 tracing::info!("{name}: deleted logfiles {}", removed.join(", "));
             }
             let mut report = r.report(&todo);
-            if report.disk_size == 0 || r.volume().is_none() {
-                report.disk_size = disk_len(&r.cfg.disk).unwrap_or(0);
-            } else {
-                report.disk_size = disk_len(&r.cfg.disk).unwrap_or(report.disk_size);
-            }
+            // The physical disk size: `resize` grows to the smallest member disk.
+            report.disk_size = disk_len(&r.cfg.disk).unwrap_or(report.disk_size);
             let json = report.to_json();
             let due = match self.published.get(&name) {
                 Some((old, at)) => *old != json && at.elapsed() >= REPORT_EVERY,

@@ -5,7 +5,9 @@
 //! records, `LogEnd` when a logfile is complete, then the next logfile, and finally it follows the
 //! current logfile as it grows. Only *durable* bytes are shipped, so a replica never holds a
 //! record that the primary could lose in a crash. Throughput is bounded by TCP flow control, not
-//! by round trips.
+//! by round trips. Whenever the replica has everything durable here (and at least every second
+//! while idle), an empty `LogData` at the current end says so: the replica may call itself
+//! up to date only on this confirmation.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and answers
 //! `SyncInfo` with the device size and the start of the new logfile: replaying from there after
@@ -162,6 +164,7 @@ async fn ship_file(
     w: &mut BoxWrite,
 ) -> Result<u64> {
     let mut durable = vol.status().durable;
+    let mut confirmed: Option<(u64, std::time::Instant)> = None;
     loop {
         let (limit, complete) = if durable.file > name.no {
             (f.len()?, true)
@@ -199,6 +202,19 @@ async fn ship_file(
         if complete {
             w.flush().await?;
             return Ok(off);
+        }
+        // Caught up: confirm it (again after a second of silence, as a keepalive).
+        if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= Duration::from_secs(1)) {
+            send(
+                w,
+                &Message::LogData {
+                    file: name.no,
+                    offset: off,
+                    data: Vec::new(),
+                },
+            )
+            .await?;
+            confirmed = Some((off, std::time::Instant::now()));
         }
         w.flush().await?;
         let v = vol.clone();

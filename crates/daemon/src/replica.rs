@@ -54,6 +54,9 @@ const REPLAY_BATCH: u64 = 64 << 20;
 const FETCH_SYNC_BYTES: u64 = 8 << 20;
 /// … or when the stream pauses this long.
 const FETCH_SYNC_IDLE: Duration = Duration::from_millis(10);
+/// The primary confirms "caught up" every second while idle; a confirmation older than this
+/// means the link is gone or the replica is behind.
+const CAUGHT_UP_VALID: Duration = Duration::from_secs(3);
 
 /// A full sync in progress, as persisted in `sync.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +130,8 @@ struct State {
     sync_rate: Rate,
     sync_running: bool,
     repairs: u64,
+    /// The primary's last "you have everything" over the fetch stream: when and where.
+    caught_up: Option<(Instant, LogPos)>,
 }
 
 pub struct Replica {
@@ -161,6 +166,8 @@ pub struct ReplicaStatus {
     pub fetch_error: Option<String>,
     pub fetch_rate: u64,
     pub replay_rate: u64,
+    /// Milliseconds since the primary confirmed that `fetched` is its durable end.
+    pub caught_up_ms: Option<u64>,
 }
 
 impl Replica {
@@ -257,6 +264,7 @@ impl Replica {
                 sync_rate: Rate::default(),
                 sync_running: false,
                 repairs: 0,
+                caught_up: None,
             }),
             wake: Condvar::new(),
             kick: Notify::new(),
@@ -378,6 +386,10 @@ impl Replica {
             fetch_error: st.fetch_error.clone(),
             fetch_rate: st.fetch_rate.per_sec(),
             replay_rate: st.replay_rate.per_sec(),
+            caught_up_ms: st
+                .caught_up
+                .filter(|(t, p)| Some(*p) == fetched && t.elapsed() < CAUGHT_UP_VALID)
+                .map(|(t, _)| t.elapsed().as_millis() as u64),
         }
     }
 
@@ -625,6 +637,15 @@ impl Replica {
                     let origin = HostName::new(&origin).map_err(|e| anyhow!("bad origin: {e}"))?;
                     let f = tokio::task::block_in_place(|| self.open_copy(gen, file, &origin))?;
                     cur = Some((file, f.0, f.1));
+                }
+                Message::LogData { file, offset, data } if data.is_empty() => {
+                    // "You have everything durable here."
+                    self.make_durable(&mut cur, &mut unsynced)?;
+                    let mut st = lock(&self.st);
+                    let have = st.files.get(&file).map(|l| LogPos::new(file, l.len));
+                    if have == Some(LogPos::new(file, offset)) {
+                        st.caught_up = Some((Instant::now(), LogPos::new(file, offset)));
+                    }
                 }
                 Message::LogData { file, offset, data } => {
                     let Some((no, f, next_seq)) = cur.as_mut() else {
@@ -988,9 +1009,12 @@ impl Replica {
             if sf.start.is_none() {
                 let start = LogPos::new(pfile, poff);
                 sf.start = Some(start);
-                // Replay begins at the sync start once the copy is complete.
-                mars_volume::write_position(&*self.ldir, start)?;
-                st.applied = start;
+                if sf.done == 0 {
+                    // A full copy: replay begins at the sync start once the copy is complete.
+                    // (A partial copy after a resize keeps replaying from where it is.)
+                    mars_volume::write_position(&*self.ldir, start)?;
+                    st.applied = start;
+                }
                 let sf = st.sync.clone().expect("set above");
                 crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
                 tracing::info!(

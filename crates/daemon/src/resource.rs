@@ -239,6 +239,7 @@ impl Resource {
             rep.stuck = s.stuck;
             rep.fetch_rate = s.fetch_rate;
             rep.replay_rate = s.replay_rate;
+            rep.caught_up = todo.fetch && s.caught_up_ms.is_some();
             rep.disk_size = self.size();
         } else {
             rep.stuck = self.error();
@@ -289,8 +290,10 @@ impl Resource {
         let mut replay = None;
         let mut stuck = None;
         let mut consistent = vol.is_some();
+        let mut caught_up_ms = None;
         if let Some(r) = &rep {
             let s = r.status();
+            caught_up_ms = s.caught_up_ms;
             consistent = s.consistent;
             stuck = s.stuck.clone().or(s.fetch_error.clone());
             sync = s.sync.as_ref().map(|y| Progress {
@@ -377,6 +380,7 @@ impl Resource {
             fetch,
             replay,
             stuck,
+            caught_up_ms,
             members,
         }
     }

@@ -104,6 +104,9 @@ pub struct Report {
     pub dirty_bytes: u64,
     pub fetch_rate: u64,
     pub replay_rate: u64,
+    /// Secondary: the primary recently confirmed over the fetch stream that this replica has
+    /// fetched everything durable there.
+    pub caught_up: bool,
 }
 
 impl Report {

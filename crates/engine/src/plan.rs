@@ -121,10 +121,9 @@ pub fn member_state(
     let primary = r.role == Role::Primary;
     let syncing = r.sync.is_some();
     let behind = r.applied.and_then(|p| meta.bytes_after(p));
-    let fetch_behind = match (r.log_end, meta.primary_report().and_then(|p| p.log_end)) {
-        (Some(mine), Some(theirs)) => !primary && mine < theirs,
-        _ => false,
-    };
+    // Only the primary can say that a replica has everything: without its recent
+    // confirmation a secondary counts as behind (paused fetch, lost link …).
+    let fetch_behind = !primary && !r.caught_up;
     let replay_behind = match (r.applied, r.log_end) {
         (Some(a), Some(e)) => !primary && a < e,
         _ => false,
@@ -251,6 +250,7 @@ mod tests {
         );
         let sec = Report {
             attached: true,
+            caught_up: false,
             consistent: true,
             applied: Some(LogPos::new(3, 40)),
             log_end: Some(LogPos::new(4, 10)),
