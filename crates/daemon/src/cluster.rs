@@ -191,11 +191,17 @@ fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, B
 pub(crate) struct FrameReader<R> {
     r: R,
     buf: Vec<u8>,
+    /// Read buffer: log data and sync chunks arrive in frames of up to a few MiB.
+    chunk: Box<[u8]>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(r: R, leftover: Vec<u8>) -> Self {
-        Self { r, buf: leftover }
+        Self {
+            r,
+            buf: leftover,
+            chunk: vec![0u8; 256 << 10].into_boxed_slice(),
+        }
     }
 
     /// Bytes received but not yet decoded.
@@ -203,27 +209,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.len()
     }
 
-    /// The next message. Cancel-safe: bytes read so far stay buffered.
+    /// The next message. Cancel-safe: a read cancelled while pending has read nothing, and
+    /// whatever was read is appended to the buffer before the next await.
     pub(crate) async fn next(&mut self) -> Result<Message> {
         loop {
             if let Some((m, n)) = decode_frame(&self.buf)? {
                 self.buf.drain(..n);
                 return Ok(m);
             }
-            // Large reads: log data and sync chunks arrive in frames of up to a few MiB.
-            let old = self.buf.len();
-            self.buf.resize(old + (256 << 10), 0);
-            let n = match self.r.read(&mut self.buf[old..]).await {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(old);
-                    return Err(e.into());
-                }
-            };
-            self.buf.truncate(old + n);
+            let n = self.r.read(&mut self.chunk).await?;
             if n == 0 {
                 bail!("connection closed");
             }
+            self.buf.extend_from_slice(&self.chunk[..n]);
         }
     }
 }

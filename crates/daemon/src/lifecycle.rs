@@ -561,7 +561,9 @@ fn publish_versions(
     v: &mars_volume::Volume,
     meta: &ResourceMeta,
 ) {
-    let current = v.status().current_log.no;
+    // Logfile N is complete on disk once the log is durable somewhere in N+1 (the appender
+    // finishes N before it writes into N+1); appends may have moved on earlier.
+    let complete_below = v.status().durable.file;
     let mut meta = meta.clone();
     let dir = r.dir.clone();
     let names = match mars_storage::real::RealDir::open(&dir)
@@ -574,7 +576,7 @@ fn publish_versions(
             return;
         }
     };
-    for name in names.into_iter().filter(|n| n.no < current) {
+    for name in names.into_iter().filter(|n| n.no < complete_below) {
         if meta.version(name.no, &d.host).is_some() {
             continue;
         }

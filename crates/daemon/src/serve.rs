@@ -12,7 +12,6 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::state::{Daemon, DaemonExports};
 
-/// How often logfiles that are no longer needed are looked for.
 
 fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
     // We hold the root lock, so a socket file here is a leftover of a dead daemon.

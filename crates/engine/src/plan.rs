@@ -148,7 +148,7 @@ pub fn member_state(
             (false, false) => "UpToDate".into(),
         }
     };
-    let primary_alive = meta.primary.as_ref().is_some_and(|p| alive(p));
+    let primary_alive = meta.primary.as_ref().is_some_and(alive);
     let repl_state = if !alive(host) {
         "UnResponsive"
     } else if !r.attached {

@@ -160,11 +160,245 @@ fn join_sync_fetch_replay_converge() {
         assert_eq!(h.view("primarynode", "r"), "a");
     }
     let v = cl.a.ok(&["view", "r"]);
-    println!("{v}\n{}", cl.b.ok(&["view", "r"]));
     assert!(
         v.contains("r [3/3] UpToDate Replicating DCASFR Primary a"),
         "{v}"
     );
-    let _ = fill_random;
-    let _ = logfiles;
+}
+
+/// Runs `cron` on every host until each keeps at most one logfile (the one in use).
+fn logs_reclaimed_everywhere(hosts: &[&Host]) {
+    eventually(30, "old logfiles deleted on every host", || {
+        hosts.iter().all(|h| {
+            h.ok(&["cron"]);
+            logfiles(h).len() <= 1
+        })
+    });
+}
+
+#[test]
+fn one_gib_written_while_two_replicas_sync_with_rotation_and_cron() {
+    let t = tmp();
+    let size: u64 = 1 << 30;
+    let (cl, da) = cluster(t.path(), size);
+    let db = join(&cl.b, size);
+    let dc = join(&cl.c, size);
+    // Rotation and housekeeping while the writes and the syncs run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rot = {
+        let (stop, root) = (stop.clone(), cl.a.root.clone());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let adm = |args: &[&str]| {
+                    Command::new(mars_testkit::bin("marsadm"))
+                        .arg("--root")
+                        .arg(&root)
+                        .args(args)
+                        .output()
+                        .unwrap()
+                };
+                assert!(adm(&["log-rotate", "r"]).status.success());
+                assert!(adm(&["cron"]).status.success());
+                n += 1;
+                std::thread::sleep(Duration::from_millis(300));
+            }
+            n
+        })
+    };
+    fill_random(&cl.a, t.path(), size as usize);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rotations = rot.join().unwrap();
+    assert!(rotations > 0);
+    for h in [&cl.b, &cl.c] {
+        wait_uptodate(h, 180);
+    }
+    eventually(60, "written back", || {
+        cl.a.view("diskstate", "r") == "UpToDate"
+    });
+    for (h, d) in [(&cl.b, &db), (&cl.c, &dc)] {
+        assert!(same(&da, d, size), "{} differs from a", h.name);
+    }
+    logs_reclaimed_everywhere(&[&cl.a, &cl.b, &cl.c]);
+    println!("{rotations} rotations during the writes");
+}
+
+#[test]
+fn lifecycle_refusals_change_nothing() {
+    let t = tmp();
+    let size = 16 << 20;
+    let (cl, _da) = cluster(t.path(), size);
+    // Too small a disk.
+    let small = cl.b.root.parent().unwrap().join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(size / 2)
+        .unwrap();
+    eventually(20, "resource known on b", || {
+        let o =
+            cl.b.marsadm(&["join-resource", "r", small.to_str().unwrap()]);
+        String::from_utf8_lossy(&o.stderr).contains("less than the size")
+    });
+    assert!(!cl.b.root.join("resource-r").exists());
+    // Unknown resource, missing disk.
+    let e =
+        cl.b.refused(&["join-resource", "nosuch", small.to_str().unwrap()]);
+    assert!(e.contains("does not exist"), "{e}");
+    let e = cl.b.refused(&["join-resource", "r", "/nonexistent/disk"]);
+    assert!(e.contains("/nonexistent/disk"), "{e}");
+    // The name exists in the cluster: create-resource elsewhere is refused.
+    let other = new_disk(&cl.c, size);
+    let e =
+        cl.c.refused(&["create-resource", "r", other.to_str().unwrap()]);
+    assert!(e.contains("already exists"), "{e}");
+    let db = join(&cl.b, size);
+    let e = cl.b.refused(&["join-resource", "r", db.to_str().unwrap()]);
+    assert!(e.contains("already a member"), "{e}");
+    // The primary cannot leave; a secondary must be down first.
+    let e = cl.a.refused(&["leave-resource", "r"]);
+    assert!(e.contains("primary"), "{e}");
+    let e = cl.b.refused(&["leave-resource", "r"]);
+    assert!(e.contains("down"), "{e}");
+    // Delete is refused while other members remain (once a has heard of b).
+    eventually(20, "a knows b", || {
+        cl.a.view_json()["resources"][0]["members"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 2
+    });
+    let e = cl.a.refused(&["delete-resource", "r"]);
+    assert!(e.contains("other members"), "{e}");
+    // Resize only grows, and not beyond the smallest member disk.
+    wait_uptodate(&cl.b, 30);
+    let e = cl.a.refused(&["resize", "r", "8M"]);
+    assert!(e.contains("only grows"), "{e}");
+    let e = cl.a.refused(&["resize", "r", "1G"]);
+    assert!(e.contains("less than"), "{e}");
+    let e = cl.b.refused(&["resize", "r"]);
+    assert!(e.contains("primary"), "{e}");
+    // Invalidate and fake-sync are for secondaries.
+    assert!(cl.a.refused(&["invalidate", "r"]).contains("secondary"));
+    assert_eq!(cl.a.view("diskstate", "r"), "UpToDate");
+    // Leaving properly: down, then leave; the others stop listing b.
+    cl.b.ok(&["down", "r"]);
+    cl.b.ok(&["leave-resource", "r"]);
+    assert!(!cl.b.root.join("resource-r").exists());
+    eventually(20, "a forgets b", || {
+        cl.a.view_json()["resources"][0]["members"]
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    });
+    // Now a may delete it.
+    cl.a.ok(&["delete-resource", "r"]);
+    assert!(!cl.a.root.join("resource-r").exists());
+}
+
+#[test]
+fn fast_full_sync_transfers_only_differing_chunks() {
+    let t = tmp();
+    let size: u64 = 256 << 20;
+    let (cl, da) = cluster(t.path(), size);
+    fill_random(&cl.a, t.path(), size as usize);
+    eventually(30, "written back", || {
+        cl.a.view("diskstate", "r") == "UpToDate"
+    });
+    // b's disk: a's contents with 3 of its 256 chunks of 1 MiB different (~1%).
+    let db = new_disk(&cl.b, size);
+    std::fs::copy(&da, &db).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+        for i in 0..3u64 {
+            f.write_all_at(&[0x5a; 4096], (i * 97 + 11) << 20).unwrap();
+        }
+    }
+    cl.b.ok(&["join-resource", "r", db.to_str().unwrap()]);
+    wait_uptodate(&cl.b, 60);
+    assert!(same(&da, &db, size));
+    let log = cl.b.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("sync copy complete"))
+        .expect("sync line");
+    assert!(line.contains("(3.00 MiB transferred)"), "{line}");
+    // And a fresh all-zero disk syncs correctly too.
+    let dc = join(&cl.c, size);
+    wait_uptodate(&cl.c, 60);
+    assert!(same(&da, &dc, size));
+}
+
+#[test]
+fn unreachable_member_stops_pinning_logs_and_needs_invalidate() {
+    let t = tmp();
+    let size: u64 = 32 << 20;
+    let (mut cl, da) = cluster(t.path(), size);
+    let db = join(&cl.b, size);
+    let dc = join(&cl.c, size);
+    wait_uptodate(&cl.b, 30);
+    wait_uptodate(&cl.c, 30);
+    cl.a.ok(&["set-global-unreachable-limit-value", "3"]);
+    cl.c.stop();
+    for i in 0..4u64 {
+        write_random(&cl.a, t.path(), i << 20, 1 << 20);
+        cl.a.ok(&["log-rotate", "r"]);
+    }
+    wait_uptodate(&cl.b, 30);
+    // c is gone for longer than the limit: a and b delete what only c still needed.
+    std::thread::sleep(Duration::from_secs(4));
+    logs_reclaimed_everywhere(&[&cl.a, &cl.b]);
+    cl.c.start_again();
+    eventually(30, "c reports that it needs a full sync", || {
+        cl.c.view("diskstate", "r") == "Orphan"
+    });
+    let v = cl.c.ok(&["view", "r"]);
+    assert!(v.contains("invalidate"), "{v}");
+    cl.c.ok(&["invalidate", "r"]);
+    wait_uptodate(&cl.c, 60);
+    assert!(same(&da, &dc, size));
+    assert!(same(&da, &db, size));
+}
+
+#[test]
+fn resize_grows_and_secondaries_sync_the_new_region() {
+    let t = tmp();
+    let (cl, da) = cluster(t.path(), 16 << 20);
+    let db = join(&cl.b, 16 << 20);
+    wait_uptodate(&cl.b, 30);
+    for d in [&da, &db] {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d)
+            .unwrap()
+            .set_len(32 << 20)
+            .unwrap();
+    }
+    // b must report its grown disk before the primary accepts.
+    eventually(20, "resize accepted", || {
+        cl.a.marsadm(&["resize", "r"]).status.success()
+    });
+    eventually(20, "size propagated", || {
+        cl.b.view("size", "r") == (32u64 << 20).to_string()
+    });
+    write_random(&cl.a, t.path(), 24 << 20, 4 << 20);
+    wait_uptodate(&cl.b, 30);
+    eventually(20, "written back", || {
+        cl.a.view("diskstate", "r") == "UpToDate"
+    });
+    assert!(same(&da, &db, 32 << 20));
+}
+
+#[test]
+fn delete_resource_force_tears_down_every_member() {
+    let t = tmp();
+    let (cl, _da) = cluster(t.path(), 16 << 20);
+    join(&cl.b, 16 << 20);
+    wait_uptodate(&cl.b, 30);
+    cl.a.ok(&["--force", "delete-resource", "r"]);
+    eventually(20, "b tears down", || {
+        !cl.b.root.join("resource-r").exists()
+    });
+    assert!(cl.b.refused(&["view", "r"]).contains("does not exist"));
 }
