@@ -480,6 +480,8 @@ impl Reconciler {
     /// One round over every local resource. Blocking: run on a blocking thread.
     pub fn round(&mut self, d: &Arc<Daemon>) {
         let addrs = d.cluster.members();
+        let free = free_space(&d.root);
+        let space_low = free.is_some_and(|f| f < d.tuning.min_free_space);
         for r in d.all() {
             let name = r.cfg.name.clone();
             let meta = d.meta(&name);
@@ -525,6 +527,9 @@ impl Reconciler {
                     .and_then(|p| addrs.get(p).map(|a| (p.clone(), a.clone())));
                 rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
                 rep.ensure_started(d);
+                if space_low {
+                    rep.drop_logs_for_space(free.unwrap_or(0), d.tuning.min_free_space);
+                }
             } else if todo.attach && meta.primary.as_ref() == Some(&d.host) {
                 r.attach_primary();
             }
@@ -551,6 +556,17 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Bytes available to us in the filesystem holding `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// The primary publishes the version link of each of its finished logfiles.

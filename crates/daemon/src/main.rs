@@ -53,6 +53,10 @@ struct Args {
     /// Rotate a logfile once it reaches this size.
     #[arg(long, default_value = "1G")]
     logrotate_size: String,
+    /// Free space the root must keep. Below it, secondaries drop their logfiles and stop
+    /// fetching (they no longer hold logs for the others and need a full sync later).
+    #[arg(long, env = "MARS_MIN_FREE_SPACE", default_value = "1G")]
+    min_free_space: String,
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
@@ -115,6 +119,7 @@ fn run(args: Args) -> Result<()> {
     let tuning = Tuning {
         max_dirty: usize::try_from(max_dirty).context("--max-dirty too large")?,
         max_log_file,
+        min_free_space: parse_size(&args.min_free_space).context("--min-free-space")?,
     };
     let daemon = Arc::new(Daemon::load(root, host, listen, args.nbd_listen, tuning)?);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -481,6 +481,33 @@ impl Replica {
         Ok(())
     }
 
+    /// The root runs out of space: stop fetching and drop every local logfile, so that this
+    /// replica holds nothing back here and pins nothing on the others. Only a full sync
+    /// (`invalidate`) brings it back.
+    pub fn drop_logs_for_space(&self, free: u64, min: u64) {
+        {
+            let mut st = lock(&self.st);
+            if st.needs_sync.is_some() && st.files.is_empty() {
+                return;
+            }
+            st.generation += 1;
+            for (no, f) in std::mem::take(&mut st.files) {
+                let _ = self.ldir.remove(&LogName::new(no, f.origin).to_string());
+            }
+            let _ = self.ldir.sync();
+        }
+        self.kick.notify_waiters();
+        if lock(&self.st).needs_sync.is_none() {
+            self.set_needs_sync(format!(
+                "the root has only {} free (minimum {}): dropped the local logfiles; \
+                 a full sync is needed once there is space (marsadm invalidate {})",
+                mars_config::format_size(free),
+                mars_config::format_size(min),
+                self.res
+            ));
+        }
+    }
+
     fn set_needs_sync(&self, why: String) {
         tracing::error!("{}: {why}", self.res);
         let _ = std::fs::write(self.dir.join(NEEDS_SYNC_FILE), &why);

@@ -23,6 +23,8 @@ use crate::root::ResourceFile;
 pub struct Tuning {
     pub max_dirty: usize,
     pub max_log_file: u64,
+    /// Free space the root keeps; below it secondaries drop their logfiles.
+    pub min_free_space: u64,
 }
 
 pub struct Resource {

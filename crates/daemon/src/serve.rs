@@ -12,7 +12,6 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::state::{Daemon, DaemonExports};
 
-
 fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
     // We hold the root lock, so a socket file here is a leftover of a dead daemon.
     let _ = std::fs::remove_file(path);

@@ -92,6 +92,8 @@ pub struct Host {
     pub peer_addr: String,
     log: PathBuf,
     child: Option<Child>,
+    /// Extra environment for marsd (e.g. `MARS_MIN_FREE_SPACE`); applies to later restarts.
+    pub env: Vec<(String, String)>,
 }
 
 impl Host {
@@ -102,6 +104,11 @@ impl Host {
 
     /// Like [`Host::start`], listening for peers on `ip` (e.g. 127.0.0.2), a free port.
     pub fn start_at(dir: &Path, name: &str, ip: &str) -> Host {
+        Self::start_with_env(dir, name, ip, &[])
+    }
+
+    /// Like [`Host::start_at`], with extra environment variables for marsd.
+    pub fn start_with_env(dir: &Path, name: &str, ip: &str, env: &[(&str, &str)]) -> Host {
         let base = dir.join(name);
         std::fs::create_dir_all(&base).expect("mkdir");
         let mut h = Host {
@@ -111,6 +118,10 @@ impl Host {
             peer_addr: format!("{ip}:{}", free_port_on(ip)),
             log: base.join("marsd.log"),
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         // Another test may grab a port between our check and the daemon's bind: new ports.
         for _ in 0..5 {
@@ -148,6 +159,7 @@ impl Host {
             .args(["--host", &self.name, "--listen", &self.peer_addr])
             .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
             .env("MARS_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
             .stderr(log)

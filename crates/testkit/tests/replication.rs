@@ -402,3 +402,38 @@ fn delete_resource_force_tears_down_every_member() {
     });
     assert!(cl.b.refused(&["view", "r"]).contains("does not exist"));
 }
+
+#[test]
+fn secondary_low_on_space_drops_its_logs_and_does_not_hold_back_the_others() {
+    let t = tmp();
+    let size: u64 = 32 << 20;
+    let (mut cl, da) = cluster(t.path(), size);
+    let db = join(&cl.b, size);
+    let dc = join(&cl.c, size);
+    wait_uptodate(&cl.b, 30);
+    wait_uptodate(&cl.c, 30);
+    // c's root "fills up": a minimum free space it cannot have.
+    cl.c.stop();
+    cl.c.env = vec![("MARS_MIN_FREE_SPACE".into(), "1000T".into())];
+    cl.c.start_again();
+    eventually(30, "c gives up its logs", || {
+        cl.c.view("diskstate", "r") == "Orphan"
+    });
+    assert!(logfiles(&cl.c).is_empty());
+    assert!(cl.c.ok(&["view", "r"]).contains("free"));
+    for i in 0..3u64 {
+        write_random(&cl.a, t.path(), i << 20, 1 << 20);
+        cl.a.ok(&["log-rotate", "r"]);
+    }
+    wait_uptodate(&cl.b, 30);
+    // a and b are not held back by c.
+    logs_reclaimed_everywhere(&[&cl.a, &cl.b]);
+    // Space is back: invalidate brings c home.
+    cl.c.stop();
+    cl.c.env.clear();
+    cl.c.start_again();
+    cl.c.ok(&["invalidate", "r"]);
+    wait_uptodate(&cl.c, 60);
+    assert!(same(&da, &dc, size));
+    assert!(same(&da, &db, size));
+}

@@ -750,3 +750,41 @@ fn pause_fetch_during_heavy_stream_stops_fetch() {
     w.finish();
     assert_converged(&a, &b, &da, &db, size);
 }
+
+#[test]
+fn zz_experiment() {
+    let t = tmp();
+    let size = 256 * MIB;
+    let (a, b, _da, _db) = pair_in_sync(t.path(), size);
+    let w = Writer::start_chunked(&a, t.path(), size, 16 * MIB);
+    for round in 0..8 {
+        w.wait_more(1);
+        b.ok(&["pause-fetch", "r"]);
+        std::thread::sleep(Duration::from_secs(2));
+        let l0 = newest_log(&b);
+        w.wait_more(2);
+        let l1 = newest_log(&b);
+        println!(
+            "round {round}: 2s after pause, during writes: {l0:?} -> {l1:?} {}",
+            if l0 == l1 {
+                "stopped"
+            } else {
+                "STILL FETCHING"
+            }
+        );
+        if l0 != l1 {
+            // Does it ever stop? Let the stream go idle, then one more write.
+            let n = w.count();
+            let _ = n;
+            std::thread::sleep(Duration::from_secs(5));
+            let l2 = newest_log(&b);
+            w.wait_more(1);
+            std::thread::sleep(Duration::from_secs(1));
+            println!("   5s later {l2:?} -> {:?}", newest_log(&b));
+        }
+        b.ok(&["resume-fetch", "r"]);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    w.finish();
+    let _ = a;
+}
