@@ -283,6 +283,13 @@ impl Daemon {
             return Err(invalid(format!("resize runs on the primary of {res}")));
         };
         let cur = vol.size();
+        if let Some(s) = size.filter(|s| *s <= cur) {
+            return Err(invalid(format!(
+                "{res} has {} already; resize only grows (asked for {})",
+                format_size(cur),
+                format_size(s)
+            )));
+        }
         // Every member's disk must hold the new size.
         let mut smallest =
             disk_len(&r.cfg.disk).map_err(|e| failed(format!("{}: {e}", r.cfg.disk.display())))?;
@@ -432,8 +439,38 @@ impl Daemon {
         })
     }
 
-    /// Deletes local logfiles that every member that still pins logs has applied.
+    /// Deletes local logfiles that every member that still pins logs has applied, and this
+    /// host's version links older than the logfile before the oldest one anybody keeps (the
+    /// chain check of logfile N needs the link of N-1, as in MARS).
     fn reclaim(&self, r: &Resource, meta: &ResourceMeta) -> Vec<String> {
+        let removed = self.reclaim_logs(r, meta);
+        let oldest_local = crate::resource::log_lengths(&r.dir).first().map(|x| x.0);
+        let floor = match (self.pinned_below(r, meta), oldest_local) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(floor) = floor {
+            let stale: Vec<u64> = meta
+                .versions
+                .range(..floor.saturating_sub(1))
+                .filter(|(_, hosts)| hosts.contains_key(&self.host))
+                .map(|(no, _)| *no)
+                .collect();
+            if !stale.is_empty() {
+                let mut store = self.cluster.store();
+                for no in stale {
+                    if let Err(e) = store.delete(&keys::version(&r.cfg.name, no, &self.host)) {
+                        tracing::warn!("{}: cannot delete version link {no}: {e}", r.cfg.name);
+                        break;
+                    }
+                }
+            }
+        }
+        removed
+    }
+
+    /// The oldest logfile some member still needs (reports and transient pins).
+    fn pinned_below(&self, r: &Resource, meta: &ResourceMeta) -> Option<u64> {
         let limit = Duration::from_secs(
             self.cluster
                 .store()
@@ -444,6 +481,14 @@ impl Daemon {
                 .unwrap_or(keys::DEFAULT_UNREACHABLE_SECS),
         );
         let below = plan::reclaim_below(meta, &self.host, &self.cluster.ages(), limit);
+        match (below, self.transient_pin(&r.cfg.name, meta)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn reclaim_logs(&self, r: &Resource, meta: &ResourceMeta) -> Vec<String> {
+        let below = self.pinned_below(r, meta);
         if let Some(v) = r.volume() {
             // Never delete a logfile whose version link is not published yet: the chain
             // continues from it.

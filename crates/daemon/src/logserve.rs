@@ -268,7 +268,7 @@ pub async fn serve_sync(
         Message::SyncStart { res } => res,
         other => bail!("{peer} opened a sync stream with {}", describe(&other)),
     };
-    let (_r, vol) = match primary_volume(&d, &res) {
+    let (r, vol) = match primary_volume(&d, &res) {
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
@@ -276,6 +276,8 @@ pub async fn serve_sync(
         let v = vol.clone();
         tokio::task::spawn_blocking(move || v.rotate_if_used()).await??
     };
+    // Keep the logfiles from `start` on until the replica's report pins them.
+    d.pin_for(&r.cfg.name, &peer, start.file);
     tracing::info!("{res}: full sync for {peer} starts at log position {start}");
     send(
         &mut w,

@@ -36,6 +36,10 @@ pub struct Daemon {
     pub(crate) admin: Mutex<()>,
     /// Full syncs running on this host (bounded by `defaults/sync-limit`).
     syncs: Arc<AtomicUsize>,
+    /// Logfiles a replica needs before its report says so: a sync served here starts at a
+    /// logfile that must survive until the replica's first report arrives. (resource, host) →
+    /// (logfile, when).
+    pub(crate) transient_pins: Mutex<BTreeMap<(ResourceName, HostName), (u64, std::time::Instant)>>,
 }
 
 /// A running full sync's place under the global limit; dropping it frees the place.
@@ -108,7 +112,42 @@ impl Daemon {
             resources: RwLock::new(resources),
             admin: Mutex::new(()),
             syncs: Arc::new(AtomicUsize::new(0)),
+            transient_pins: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Remembers that `host` needs logfile `no` of `res` and later (see `transient_pins`).
+    pub fn pin_for(&self, res: &ResourceName, host: &HostName, no: u64) {
+        self.transient_pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((res.clone(), host.clone()), (no, std::time::Instant::now()));
+    }
+
+    /// The oldest logfile of `res` pinned transiently. A pin ends when the replica's report
+    /// carries its own pin (or after a minute at the latest).
+    pub fn transient_pin(
+        &self,
+        res: &ResourceName,
+        meta: &mars_engine::ResourceMeta,
+    ) -> Option<u64> {
+        let mut pins = self
+            .transient_pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pins.retain(|(r, h), (_, t)| {
+            let reported = r == res
+                && meta
+                    .members
+                    .get(h)
+                    .and_then(|m| m.report.as_ref())
+                    .is_some_and(|rep| rep.pin.is_some() || rep.needs_sync);
+            !reported && t.elapsed() < std::time::Duration::from_secs(60)
+        });
+        pins.iter()
+            .filter(|((r, _), _)| r == res)
+            .map(|(_, (no, _))| *no)
+            .min()
     }
 
     /// A place for one more full sync, unless `defaults/sync-limit` are running already.

@@ -246,7 +246,12 @@ fn lifecycle_refusals_change_nothing() {
     assert!(e.contains("does not exist"), "{e}");
     let e = cl.b.refused(&["join-resource", "r", "/nonexistent/disk"]);
     assert!(e.contains("/nonexistent/disk"), "{e}");
-    // The name exists in the cluster: create-resource elsewhere is refused.
+    // The name exists in the cluster: create-resource elsewhere is refused (once c knows it).
+    eventually(20, "c knows r", || {
+        cl.c.marsadm(&["get-link", "resource-r/size"])
+            .status
+            .success()
+    });
     let other = new_disk(&cl.c, size);
     let e =
         cl.c.refused(&["create-resource", "r", other.to_str().unwrap()]);
