@@ -638,6 +638,7 @@ impl Replica {
         .await?;
         let mut cur: Option<(u64, Arc<dyn File>, Option<u64>)> = None;
         let mut unsynced: u64 = 0;
+        let mut connected = false;
         loop {
             let msg = tokio::select! {
                 m = s.frames.next() => m?,
@@ -657,6 +658,11 @@ impl Replica {
             };
             if self.stopped() {
                 return Ok(());
+            }
+            if !connected {
+                // The primary answers: an earlier connection error is history now.
+                connected = true;
+                lock(&self.st).fetch_error = None;
             }
             match msg {
                 Message::LogFile { file, origin } => {

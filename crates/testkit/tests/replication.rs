@@ -442,3 +442,33 @@ fn secondary_low_on_space_drops_its_logs_and_does_not_hold_back_the_others() {
     assert!(same(&da, &dc, size));
     assert!(same(&da, &db, size));
 }
+
+#[test]
+fn primary_killed_under_writes_recovers_and_secondaries_catch_up() {
+    let t = tmp();
+    let size: u64 = 128 << 20;
+    let (mut cl, da) = cluster(t.path(), size);
+    let db = join(&cl.b, size);
+    wait_uptodate(&cl.b, 30);
+    // A writer that keeps going until the primary dies under it.
+    let src = t.path().join("burst.img");
+    random_file(&src, size as usize);
+    let mut writer = Command::new("nbdcopy")
+        .arg(&src)
+        .arg(cl.a.unix_uri("r"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    cl.a.kill9();
+    let _ = writer.wait();
+    cl.a.start_again();
+    // What the primary recovered is the truth; the secondary must end equal to it.
+    write_random(&cl.a, t.path(), 0, 1 << 20);
+    wait_uptodate(&cl.b, 60);
+    eventually(20, "written back", || {
+        cl.a.view("diskstate", "r") == "UpToDate"
+    });
+    assert!(same(&da, &db, size));
+    assert_eq!(cl.b.view("flags", "r"), "dCASFR");
+}
