@@ -93,7 +93,7 @@ impl Daemon {
         if meta.is_member(&self.host) {
             return Err(Refusal(
                 ErrorKind::Exists,
-                format!("the metadata lists this host as a member of {res} already (leftover? run leave-resource --force)"),
+                format!("the metadata lists this host as a member of {res} already (a leftover? `marsadm leave-resource --force {res}` forgets it)"),
             ));
         }
         if !disk.is_absolute() {
@@ -182,8 +182,19 @@ impl Daemon {
 
     pub(crate) fn leave_resource(&self, res: &ResourceName, force: bool) -> Outcome {
         let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
-        let r = self.resource(res).ok_or_else(|| not_found(res))?;
         let meta = self.meta(res);
+        let Some(r) = self.resource(res) else {
+            // No local state, but the metadata may still list us: forget that with --force.
+            if force && meta.is_member(&self.host) && meta.primary.as_ref() != Some(&self.host) {
+                self.delete_own_keys(res)
+                    .map_err(|e| failed(format!("cannot delete this host's keys: {e}")))?;
+                self.cluster.poke.notify_waiters();
+                return Ok(Reply::Done {
+                    message: format!("forgot this host's leftover membership of {res}"),
+                });
+            }
+            return Err(not_found(res));
+        };
         if meta.primary.as_ref() == Some(&self.host) || r.volume().is_some() {
             return Err(invalid(format!(
                 "this host is the primary of {res}: hand over first (`marsadm primary {res}` elsewhere), or delete-resource"
@@ -361,6 +372,11 @@ impl Daemon {
             })
             .collect();
         self.set_keys(&pairs)?;
+        if let Some(rep) = r.replica() {
+            if let Some(m) = self.meta(res).members.get(&self.host) {
+                rep.set_todo(m.todo);
+            }
+        }
         let names: Vec<&str> = switches.iter().map(|s| s.as_str()).collect();
         Ok(Reply::Done {
             message: format!(

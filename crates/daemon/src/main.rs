@@ -34,8 +34,8 @@ struct Args {
     /// This host's name in the cluster (default: the short hostname).
     #[arg(long)]
     host: Option<String>,
-    /// Peer address ADDR[:PORT] (default port 7777). Recorded as the address peers reach this
-    /// host at; the peer protocol itself arrives with cluster support.
+    /// Peer address ADDR[:PORT] (default port 7777): metadata, log fetch and full sync streams
+    /// of the other members arrive here; also the address advertised to them.
     #[arg(long, default_value = "0.0.0.0:7777")]
     listen: String,
     /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).

@@ -314,6 +314,16 @@ impl Replica {
         self.stop.load(Ordering::Acquire)
     }
 
+    /// A switch changed here: take it at once instead of at the next reconcile round.
+    pub fn set_todo(&self, todo: Todo) {
+        let mut st = lock(&self.st);
+        st.todo = todo;
+        st.attached = todo.attach;
+        drop(st);
+        self.wake.notify_all();
+        self.kick.notify_waiters();
+    }
+
     /// New facts from the metadata (called by the reconcile loop).
     pub fn update(
         &self,
@@ -648,15 +658,16 @@ impl Replica {
                 }
                 _ = self.kick.notified() => {
                     self.make_durable(&mut cur, &mut unsynced)?;
-                    let st = lock(&self.st);
-                    if st.generation != gen || !st.todo.fetch || !st.attached
-                        || st.source.as_ref().map(|s| &s.0) != Some(host) || st.repair.is_some() {
+                    if self.fetch_must_stop(gen, host) {
                         return Ok(());
                     }
                     continue;
                 }
             };
-            if self.stopped() {
+            // A kick may have come while the previous message was handled (nothing waited for
+            // it then): look at the switches after every message, not only when woken.
+            if self.fetch_must_stop(gen, host) {
+                self.make_durable(&mut cur, &mut unsynced)?;
                 return Ok(());
             }
             if !connected {
@@ -747,6 +758,18 @@ impl Replica {
                 other => bail!("unexpected {}", describe(&other)),
             }
         }
+    }
+
+    /// The fetch session must end: paused, detached, another source, or local copies reset.
+    fn fetch_must_stop(&self, gen: u64, host: &HostName) -> bool {
+        let st = lock(&self.st);
+        self.stopped()
+            || st.generation != gen
+            || !st.todo.fetch
+            || !st.attached
+            || st.needs_sync.is_some()
+            || st.source.as_ref().map(|s| &s.0) != Some(host)
+            || st.repair.is_some()
     }
 
     /// Opens (or creates) the local copy of logfile `no`; returns it and the sequence number
@@ -1089,15 +1112,18 @@ impl Replica {
             let msg = tokio::select! {
                 m = s.frames.next() => m?,
                 _ = self.kick.notified() => {
-                    let st = lock(&self.st);
-                    if !st.todo.sync || !st.attached || st.sync.is_none() {
-                        drop(st);
-                        self.persist_sync(done, transferred)?;
+                    if self.sync_must_stop() {
+                        tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
                         return Ok(());
                     }
                     continue;
                 }
             };
+            // As for fetch: a pause may have arrived while we were busy.
+            if self.sync_must_stop() {
+                tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
+                return Ok(());
+            }
             match msg {
                 Message::SyncSame { offset } if offset == off => {}
                 Message::SyncData { offset, data } if offset == off => {
@@ -1152,6 +1178,15 @@ impl Replica {
         })?;
         self.wake.notify_all();
         Ok(())
+    }
+
+    fn sync_must_stop(&self) -> bool {
+        let st = lock(&self.st);
+        self.stopped()
+            || !st.todo.sync
+            || !st.attached
+            || st.sync.is_none()
+            || st.needs_sync.is_some()
     }
 
     fn persist_sync(&self, done: u64, transferred: u64) -> Result<()> {

@@ -132,6 +132,9 @@ pub fn member_state(
         "Detached".to_string()
     } else if let Some(s) = r.stuck.as_deref().filter(|s| s.contains("damaged")) {
         format!("DefectiveLog[{}]", s.split(':').next().unwrap_or(s))
+    } else if primary && r.stuck.is_some() {
+        // The primary reports an I/O error of its volume (writeback or log).
+        "DefectiveDisk".into()
     } else if r.needs_sync {
         "Orphan".into()
     } else if syncing || !r.consistent {
