@@ -470,18 +470,21 @@ impl Replica {
         let Some(s) = st.sync.clone() else {
             return Ok(());
         };
-        let start = s.start.ok_or_else(|| {
-            anyhow!("the sync has not started yet (no log position from the primary)")
+        // The disks are declared equal as of the primary's current log position (unless a
+        // sync already got one): replay goes on from there.
+        let now = st.meta.primary_report().and_then(|p| p.log_end);
+        let start = s.start.or(now).ok_or_else(|| {
+            anyhow!("the primary's log position is not known here yet (is it reachable?)")
         })?;
-        // Replay from the start position: consistent once it reaches the present.
-        let end = st
-            .meta
-            .primary_report()
-            .and_then(|p| p.log_end)
-            .unwrap_or(start);
+        let end = now.unwrap_or(start).max(start);
+        if s.start.is_none() || s.done == 0 {
+            mars_volume::write_position(&*self.ldir, start)?;
+            st.applied = start;
+        }
         let s = SyncFile {
+            start: Some(start),
             done: s.size,
-            end: Some(end.max(start)),
+            end: Some(end),
             ..s
         };
         crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;

@@ -472,3 +472,60 @@ fn primary_killed_under_writes_recovers_and_secondaries_catch_up() {
     assert!(same(&da, &db, size));
     assert_eq!(cl.b.view("flags", "r"), "dCASFR");
 }
+
+#[test]
+fn sync_limit_runs_one_full_sync_at_a_time() {
+    let t = tmp();
+    let size: u64 = 256 << 20;
+    let (cl, _da) = cluster(t.path(), size);
+    let d2 = cl.a.create_resource("s", size);
+    // Random data so that the copies take a while and differ from b's zero disks.
+    fill_random(&cl.a, t.path(), size as usize);
+    let src = t.path().join("s.src");
+    random_file(&src, size as usize);
+    run(Command::new("nbdcopy").arg(&src).arg(cl.a.unix_uri("s")));
+    cl.a.ok(&["set-global-sync-limit-value", "1"]);
+    eventually(20, "limit known on b", || {
+        cl.b.ok(&["get-global-sync-limit-value"]).trim() == "1"
+    });
+    let _db = join(&cl.b, size);
+    let db2 = cl.b.root.parent().unwrap().join("s.img");
+    std::fs::File::create(&db2).unwrap().set_len(size).unwrap();
+    cl.b.ok(&["join-resource", "s", db2.to_str().unwrap()]);
+    // Never both copying at once: one of them stands at 0 until the other is done.
+    let pos = |res: &str| -> u64 { cl.b.view("sync-pos", res).parse().unwrap_or(0) };
+    let start = Instant::now();
+    let mut overlap = false;
+    while start.elapsed() < Duration::from_secs(120) {
+        let (p1, p2) = (pos("r"), pos("s"));
+        if p1 > 0 && p1 < size && p2 > 0 && p2 < size {
+            overlap = true;
+        }
+        if p1 == size && p2 == size {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!overlap, "two syncs ran at once with a limit of 1");
+    wait_uptodate(&cl.b, 60);
+    assert!(same(&d2, &db2, size));
+}
+
+#[test]
+fn fake_sync_declares_equal_disks_consistent() {
+    let t = tmp();
+    let size: u64 = 64 << 20;
+    let (cl, da) = cluster(t.path(), size);
+    // Both disks are all zeros: an expert may skip the copy.
+    let db = join(&cl.b, size);
+    cl.b.ok(&["pause-sync", "r"]);
+    cl.b.ok(&["fake-sync", "r"]);
+    cl.b.ok(&["resume-sync", "r"]);
+    write_random(&cl.a, t.path(), 5 << 20, 3 << 20);
+    wait_uptodate(&cl.b, 30);
+    eventually(20, "written back", || {
+        cl.a.view("diskstate", "r") == "UpToDate"
+    });
+    assert!(same(&da, &db, size));
+    assert_eq!(cl.b.view("is-consistent", "r"), "1");
+}
