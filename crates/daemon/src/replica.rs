@@ -798,6 +798,12 @@ impl Replica {
                 bail!(msg);
             }
             let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
+            // Bytes beyond the durable length are from a session that ended before syncing
+            // them: drop them, the server sends them again from `len`.
+            if f.len()? > l.len {
+                f.set_len(l.len)?;
+                f.sync_data()?;
+            }
             let next = if l.len == 0 {
                 Some(1)
             } else {
