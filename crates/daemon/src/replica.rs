@@ -82,21 +82,30 @@ struct LocalLog {
     complete: bool,
 }
 
-/// Bytes per second over a sliding few seconds.
+/// Bytes per second over the last few seconds, in buckets of 100 ms (cheap per record: replay
+/// adds every record).
 #[derive(Debug, Default, Clone)]
 pub struct Rate {
-    window: Vec<(Instant, u64)>,
+    window: std::collections::VecDeque<(Instant, u64)>,
 }
 
 impl Rate {
     fn add(&mut self, n: u64) {
         let now = Instant::now();
-        self.window.push((now, n));
-        self.window
-            .retain(|(t, _)| now.duration_since(*t) < Duration::from_secs(5));
+        match self.window.back_mut() {
+            Some((t, sum)) if now.duration_since(*t) < Duration::from_millis(100) => *sum += n,
+            _ => self.window.push_back((now, n)),
+        }
+        while self
+            .window
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(5))
+        {
+            self.window.pop_front();
+        }
     }
     pub fn per_sec(&self) -> u64 {
-        let Some((first, _)) = self.window.first() else {
+        let Some((first, _)) = self.window.front() else {
             return 0;
         };
         let secs = first.elapsed().as_secs_f64().max(1.0);
@@ -959,6 +968,7 @@ impl Replica {
         let mut r = LogReader::new(f, name, from, to, None);
         let mut pos = from;
         let mut batch = 0u64;
+        let mut unreported = 0u64;
         let flush = |pos: u64| -> Result<()> {
             self.disk.sync_data()?;
             let p = LogPos::new(name.no, pos);
@@ -979,15 +989,25 @@ impl Replica {
             let n = rec.header.record_len() as u64;
             pos += n;
             batch += n;
-            lock(&self.st).replay_rate.add(n);
-            if batch >= REPLAY_BATCH || self.stopped() {
-                flush(pos)?;
-                batch = 0;
-                if self.stopped() || !lock(&self.st).todo.replay {
-                    return Ok(());
+            unreported += n;
+            // Every MiB: account the rate and notice a pause (without a lock per record).
+            if unreported >= 1 << 20 {
+                let paused = {
+                    let mut st = lock(&self.st);
+                    st.replay_rate.add(unreported);
+                    !st.todo.replay || !st.attached
+                };
+                unreported = 0;
+                if paused || self.stopped() {
+                    return flush(pos);
                 }
             }
+            if batch >= REPLAY_BATCH {
+                flush(pos)?;
+                batch = 0;
+            }
         }
+        lock(&self.st).replay_rate.add(unreported);
         flush(pos)
     }
 
