@@ -48,6 +48,7 @@ impl Daemon {
             .set_many(&refs)
             .map_err(|e| failed(format!("cannot write metadata: {e}")))?;
         self.cluster.poke.notify_waiters();
+        self.reconcile_now.notify_one();
         Ok(())
     }
 
@@ -167,6 +168,7 @@ impl Daemon {
             return Err(e);
         }
         self.insert_resource(r);
+        self.reconcile_now.notify_one();
         tracing::info!(
             "joined resource {res} on {}; full sync from {primary}",
             disk.display()
@@ -497,7 +499,7 @@ impl Daemon {
                 .unwrap_or(keys::DEFAULT_UNREACHABLE_SECS),
         );
         let below = plan::reclaim_below(meta, &self.host, &self.cluster.ages(), limit);
-        match (below, self.transient_pin(&r.cfg.name, meta)) {
+        match (below, self.transient_pin(&r.cfg.name, meta, limit)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -534,7 +536,23 @@ impl Daemon {
 /// What the loop remembers between rounds.
 #[derive(Default)]
 pub struct Reconciler {
-    published: HashMap<ResourceName, (String, Instant)>,
+    /// Per resource: the last published report, its state part, and when.
+    published: HashMap<ResourceName, (String, String, Instant)>,
+}
+
+/// The parts of a report that others act on (as opposed to progress and rates).
+fn state_of(r: &mars_engine::Report) -> String {
+    format!(
+        "{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        r.role,
+        r.attached,
+        r.consistent,
+        r.sync.as_ref().map(|s| (s.start, s.end_known())),
+        r.pin,
+        r.needs_sync,
+        r.stuck,
+        r.caught_up
+    )
 }
 
 impl Reconciler {
@@ -602,15 +620,20 @@ impl Reconciler {
             // The physical disk size: `resize` grows to the smallest member disk.
             report.disk_size = disk_len(&r.cfg.disk).unwrap_or(report.disk_size);
             let json = report.to_json();
+            let state = state_of(&report);
+            // State changes go out at once (others decide on them: pins, consistency);
+            // moving positions and rates at most every REPORT_EVERY.
             let due = match self.published.get(&name) {
-                Some((old, at)) => *old != json && at.elapsed() >= REPORT_EVERY,
+                Some((old, old_state, at)) => {
+                    *old_state != state || (*old != json && at.elapsed() >= REPORT_EVERY)
+                }
                 None => true,
             };
             if due {
                 let key = keys::actual(&name, &d.host);
                 match d.cluster.store().set(&key, &json) {
                     Ok(_) => {
-                        self.published.insert(name, (json, Instant::now()));
+                        self.published.insert(name, (json, state, Instant::now()));
                     }
                     Err(e) => tracing::warn!("cannot publish {key}: {e}"),
                 }
@@ -677,7 +700,10 @@ fn publish_versions(
 pub async fn reconcile_loop(d: Arc<Daemon>) {
     let rec = Arc::new(std::sync::Mutex::new(Reconciler::default()));
     loop {
-        tokio::time::sleep(RECONCILE).await;
+        tokio::select! {
+            _ = tokio::time::sleep(RECONCILE) => {},
+            _ = d.reconcile_now.notified() => {},
+        }
         let (d2, rec2) = (d.clone(), rec.clone());
         let _ = tokio::task::spawn_blocking(move || {
             rec2.lock().unwrap_or_else(|e| e.into_inner()).round(&d2);

@@ -33,6 +33,9 @@ use crate::state::Daemon;
 
 /// Largest `LogData` chunk (more if a single record is larger).
 const CHUNK: usize = 4 << 20;
+/// While a replica is caught up, the confirmation is repeated this often: `wait-resource
+/// uptodate` needs one younger than its start.
+const CONFIRM_EVERY: Duration = Duration::from_millis(200);
 /// Largest sync chunk a replica may ask about.
 pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
 
@@ -203,8 +206,8 @@ async fn ship_file(
             w.flush().await?;
             return Ok(off);
         }
-        // Caught up: confirm it (again after a second of silence, as a keepalive).
-        if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= Duration::from_secs(1)) {
+        // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive).
+        if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
             send(
                 w,
                 &Message::LogData {
@@ -219,10 +222,8 @@ async fn ship_file(
         w.flush().await?;
         let v = vol.clone();
         let seen = durable;
-        durable = tokio::task::spawn_blocking(move || {
-            v.wait_durable_beyond(seen, Duration::from_millis(500))
-        })
-        .await??;
+        durable = tokio::task::spawn_blocking(move || v.wait_durable_beyond(seen, CONFIRM_EVERY))
+            .await??;
         if durable == seen {
             // Also notices a rotation that wrote nothing yet.
             durable = vol.status().durable;

@@ -51,7 +51,7 @@ const SYNC_PERSIST: u64 = 64 << 20;
 /// Replay syncs the disk and persists its position at least every this many bytes.
 const REPLAY_BATCH: u64 = 64 << 20;
 /// Fetch makes received data durable at least every this many bytes …
-const FETCH_SYNC_BYTES: u64 = 8 << 20;
+const FETCH_SYNC_BYTES: u64 = 64 << 20;
 /// … or when the stream pauses this long.
 const FETCH_SYNC_IDLE: Duration = Duration::from_millis(10);
 /// The primary confirms "caught up" every second while idle; a confirmation older than this

@@ -40,6 +40,8 @@ pub struct Daemon {
     /// logfile that must survive until the replica's first report arrives. (resource, host) →
     /// (logfile, when).
     pub(crate) transient_pins: Mutex<BTreeMap<(ResourceName, HostName), (u64, std::time::Instant)>>,
+    /// Runs a reconcile round now instead of at the next tick (a command changed something).
+    pub(crate) reconcile_now: tokio::sync::Notify,
 }
 
 /// A running full sync's place under the global limit; dropping it frees the place.
@@ -113,6 +115,7 @@ impl Daemon {
             admin: Mutex::new(()),
             syncs: Arc::new(AtomicUsize::new(0)),
             transient_pins: Mutex::new(BTreeMap::new()),
+            reconcile_now: tokio::sync::Notify::new(),
         })
     }
 
@@ -130,12 +133,18 @@ impl Daemon {
         &self,
         res: &ResourceName,
         meta: &mars_engine::ResourceMeta,
+        unreachable_limit: std::time::Duration,
     ) -> Option<u64> {
+        let ages = self.cluster.ages();
         let mut pins = self
             .transient_pins
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         pins.retain(|(r, h), (_, t)| {
+            // Like a report's pin, a transient one does not hold logs for an unreachable host.
+            if ages.get(h).is_none_or(|a| *a > unreachable_limit) {
+                return false;
+            }
             let reported = r == res
                 && meta
                     .members
@@ -476,6 +485,7 @@ impl Daemon {
         };
         self.insert_resource(r);
         self.cluster.poke.notify_waiters();
+        self.reconcile_now.notify_one();
         tracing::info!(
             "created resource {res} on {} ({size} bytes)",
             disk.display()

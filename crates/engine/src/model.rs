@@ -76,6 +76,13 @@ pub struct SyncReport {
     pub rate: u64,
 }
 
+impl SyncReport {
+    /// Whether the copy is complete (only replay is left before consistency).
+    pub fn end_known(&self) -> bool {
+        self.done >= self.size && !self.running
+    }
+}
+
 /// The "actual" side: what a member reports about itself (`resource-RES/actual-HOST`, JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(default)]

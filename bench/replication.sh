@@ -1,0 +1,287 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): replication throughput, two marsd on 127.0.0.1 (a, primary) and
+# 127.0.0.2 (b, secondary) sharing one disk, each figure printed next to a peer measured in the
+# same run. Nothing here passes or fails on absolute numbers.
+#
+#   bench/replication.sh [DIR]      DIR: where the files go (default /var/tmp); it must be on the
+#                                   disk under test. A fresh subdirectory is made and removed.
+#
+# 1. Catch-up: b is up to date, pauses fetching, a takes a burst of BURST random bytes through
+#    NBD (nbdcopy from nbdkit's random plugin) and writes it back; then b resumes fetching and is
+#    timed until `wait-resource r uptodate`. Peer: fio sequential 1 MiB O_DIRECT writes of a
+#    BURST-sized file on the same filesystem with a final fsync, at queue depth 1 and 16.
+#    (Catching up writes every byte twice on b: once into the fetched logfile, once on replay.)
+# 2. Fast full sync: a's disk holds SYNC_SIZE random bytes; b's disk is a copy with CHANGED_PCT %
+#    of its 1 MiB blocks (random ones) overwritten with other random data. Timed: join-resource
+#    on b until `wait-resource r uptodate`; then the disks are compared. Peer: the same
+#    1 %-different file brought up to date by rsync's delta algorithm over TCP on loopback
+#    (rsync daemon on 127.0.0.2; --inplace --no-whole-file --ignore-times, and --fsync when this
+#    rsync has it, as marsd syncs the disk at the end too).
+#
+# Env: BURST (2G), SYNC_SIZE (4G), CHANGED_PCT (1), PORT (17790; uses PORT..PORT+2),
+#      MARS_BIN (directory holding marsd and marsadm; when unset the script runs
+#      `cargo build --release -p mars-daemon -p mars-cli` and uses ${CARGO_TARGET_DIR:-target}/release),
+#      KEEP=1 (keep the files and marsd logs for a look afterwards),
+#      DROP_CACHES=1 (root only: drop the page cache before every timed step; default: warm cache,
+#      the files were just written).
+# Timing granularity: marsadm wait-resource polls every 0.2 s.
+set -euo pipefail
+PARENT=${1:-${BENCH_DIR:-/var/tmp}}
+BURST=${BURST:-2G}
+SYNC_SIZE=${SYNC_SIZE:-4G}
+CHANGED_PCT=${CHANGED_PCT:-1}
+PORT=${PORT:-17790}
+DROP_CACHES=${DROP_CACHES:-0}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+MIB=1048576
+
+for t in fio rsync nbdcopy nbdkit jq cmp shuf bc numfmt; do
+  command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install fio rsync libnbd-bin nbdkit jq bc)"; exit 1; }
+done
+if [ -n "${MARS_BIN:-}" ]; then
+  BIN=$MARS_BIN
+else
+  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
+  BIN=${CARGO_TARGET_DIR:-$HERE/target}/release
+fi
+[ "$DROP_CACHES" != 1 ] || [ "$(id -u)" = 0 ] || { echo "bench: DROP_CACHES=1 needs root"; exit 1; }
+for b in marsd marsadm; do [ -x "$BIN/$b" ] || { echo "bench: $BIN/$b missing"; exit 1; }; done
+
+BURST_B=$(numfmt --from=iec "$BURST")
+SYNC_B=$(numfmt --from=iec "$SYNC_SIZE")
+for v in "$BURST_B" "$SYNC_B"; do
+  [ $((v % MIB)) -eq 0 ] && [ "$v" -gt 0 ] || { echo "bench: BURST and SYNC_SIZE must be multiples of 1M"; exit 1; }
+done
+
+mkdir -p "$PARENT"
+DIR=$(mktemp -d "$PARENT/mars-bench-repl-XXXXXX")
+declare -A PID
+RSYNCD=""
+CHILD=""
+stop_hosts() {
+  for h in "${!PID[@]}"; do kill "${PID[$h]}" 2>/dev/null || true; done
+  for h in "${!PID[@]}"; do wait "${PID[$h]}" 2>/dev/null || true; unset "PID[$h]"; done
+}
+cleanup() {
+  if [ -n "$CHILD" ]; then kill "$CHILD" 2>/dev/null || true; wait "$CHILD" 2>/dev/null || true; fi
+  stop_hosts
+  if [ -n "$RSYNCD" ]; then kill "$RSYNCD" 2>/dev/null || true; wait "$RSYNCD" 2>/dev/null || true; fi
+  if [ "${KEEP:-0}" = 1 ]; then echo "bench: kept $DIR" >&2; else rm -rf "$DIR"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+drop_caches() {
+  sync
+  if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+}
+# adm HOST ARGS…: marsadm on host a or b of the current part.
+adm() { local h=$1; shift; "$BIN/marsadm" --root "$PART/$h/root" "$@"; }
+# start_host NAME IP PORT
+start_host() {
+  local h=$1 ip=$2 port=$3
+  mkdir -p "$PART/$h"
+  MARS_LOG=info "$BIN/marsd" --root "$PART/$h/root" --host "$h" --listen "$ip:$port" 2>"$PART/$h/marsd.log" &
+  PID[$h]=$!
+  for _ in $(seq 200); do
+    [ -S "$PART/$h/root/marsd.sock" ] && adm "$h" view >/dev/null 2>&1 && return 0
+    kill -0 "${PID[$h]}" 2>/dev/null || break
+    sleep 0.05
+  done
+  echo "bench: marsd $h did not come up:"; cat "$PART/$h/marsd.log"; exit 1
+}
+# A cluster of a (127.0.0.1) and b (127.0.0.2); a creates resource r on DISK.
+cluster_with_resource() {
+  local port=$1 disk=$2
+  start_host a 127.0.0.1 "$port"
+  start_host b 127.0.0.2 "$port"
+  adm a create-cluster >/dev/null
+  adm a create-resource r "$disk" >/dev/null
+  adm b join-cluster "127.0.0.1:$port" >/dev/null
+  adm a --timeout 60 wait-cluster >/dev/null
+  adm b --timeout 60 wait-cluster >/dev/null
+  # b must know the resource before join-resource (and before any timer starts).
+  for _ in $(seq 400); do
+    [ "$(adm b get-link resource-r/primary 2>/dev/null)" = a ] && return 0
+    sleep 0.05
+  done
+  echo "bench: resource r never reached b"; exit 1
+}
+# bg CMD…: runs CMD in the background and waits, so that a signal reaches our trap at once.
+bg() {
+  local rc=0
+  "$@" &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return $rc
+}
+# Waits for `wait-resource r uptodate` on host h; gives up early if the replica reports STUCK.
+uptodate_or_die() {
+  local h=$1 secs=$2 rc=0
+  local why="not up to date after $secs s"
+  adm "$h" --timeout "$secs" wait-resource r uptodate &
+  CHILD=$!
+  while kill -0 "$CHILD" 2>/dev/null; do
+    if adm "$h" view r 2>/dev/null | grep -q STUCK; then
+      kill "$CHILD" 2>/dev/null || true
+      why="stuck"
+      break
+    fi
+    sleep 0.5 &
+    wait $! || true
+  done
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  if [ "$rc" != 0 ]; then
+    echo "bench: $h $why"
+    for x in a b; do echo "--- view on $x"; adm "$x" view r || true; echo "--- tail of $x's log"; tail -20 "$PART/$x/marsd.log"; done
+    exit 1
+  fi
+}
+written_back() {
+  for _ in $(seq 6000); do
+    [ "$(adm a view-diskstate r 2>/dev/null)" = UpToDate ] && return 0
+    sleep 0.05
+  done
+  echo "bench: a never wrote its log back to its disk"; adm a view r; exit 1
+}
+# CPU seconds (user + system) used so far by process $1.
+cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Epoch seconds of the first line of marsd log $1 matching $2 (marsd logs RFC 3339 UTC times).
+log_at() {
+  local t
+  t=$(grep -m1 -- "$2" "$1" | cut -d' ' -f1)
+  [ -n "$t" ] && date -d "$t" +%s.%N || echo "$3"
+}
+same() { cmp -s "$1" "$2" && echo yes || echo "NO (cmp: $(cmp "$1" "$2" 2>&1 | head -1))"; }
+
+echo "bench: files under $DIR ($(df --output=fstype,source "$DIR" | tail -1 | tr -s " ")); page cache: $([ "$DROP_CACHES" = 1 ] && echo dropped before each timed step || echo warm)" >&2
+
+# ---------------------------------------------------------------- 1. catch-up after a burst
+PART=$DIR/p1
+mkdir -p "$PART"
+# Fully allocated disks, like fio's file below, so nobody pays for block allocation.
+fallocate -l "$BURST_B" "$PART/a.img"
+fallocate -l "$BURST_B" "$PART/b.img"
+cluster_with_resource "$PORT" "$PART/a.img"
+adm b join-resource r "$PART/b.img" >/dev/null
+uptodate_or_die b 600
+adm b pause-fetch r >/dev/null
+adm b --timeout 30 wait-resource r fetch-off
+echo "bench: 1. writing the $BURST burst on a (b's fetch paused)" >&2
+s=$(now)
+bg nbdcopy --flush -- [ nbdkit random "$BURST_B" seed=1 ] "nbd+unix:///r?socket=$PART/a/root/nbd.sock"
+e=$(now)
+T_BURST=$(calc "$e - $s")
+# On real hosts a's writeback happens on another disk; here it would compete with b's catch-up.
+written_back
+drop_caches
+echo "bench: 1. b catching up" >&2
+# Did the pause hold? What b already has of the burst would flatter the rate.
+PRE=$(find "$PART/b/root/resource-r" -name 'log-*' -printf '%s\n' | awk '{n += $1} END {print n + 0}')
+CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
+s=$(now)
+adm b resume-fetch r >/dev/null
+uptodate_or_die b 3600
+e=$(now)
+T_CATCHUP=$(calc "$e - $s")
+CPU_A=$(calc "$(cpu "${PID[a]}") - $CA"); CPU_B=$(calc "$(cpu "${PID[b]}") - $CB")
+EQ1=$(same "$PART/a.img" "$PART/b.img")
+stop_hosts
+[ "${KEEP:-0}" = 1 ] || rm -rf "$PART"
+
+echo "bench: 1. fio on the raw filesystem" >&2
+fio_mibs() {
+  fio --name=raw --filename="$DIR/fio.dat" --rw=write --bs=1M --direct=1 --size="$BURST_B" \
+      --ioengine=libaio --iodepth="$1" --end_fsync=1 --output-format=json --output="$DIR/fio.json" >/dev/null
+  rm -f "$DIR/fio.dat"
+  calc "$(sed -n '/^{/,$p' "$DIR/fio.json" | jq '.jobs[0].write.bw_bytes') / $MIB"
+}
+drop_caches
+FIO1=$(fio_mibs 1)
+drop_caches
+FIO16=$(fio_mibs 16)
+
+# ---------------------------------------------------------------- 2. fast full sync vs rsync
+PART=$DIR/p2
+mkdir -p "$PART"
+echo "bench: 2. preparing $SYNC_SIZE disks" >&2
+nbdcopy -- [ nbdkit random "$SYNC_B" seed=2 ] "$PART/a.img"
+# The 1 %-different file: a copy of it goes to marsd, this one later to rsync.
+cp "$PART/a.img" "$PART/b-rsync.img"
+BLOCKS=$((SYNC_B / MIB))
+NCHANGED=$(awk -v b="$BLOCKS" -v p="$CHANGED_PCT" 'BEGIN { n = int(b * p / 100); print (n < 1 ? 1 : n) }')
+for i in $(shuf -i 0-$((BLOCKS - 1)) -n "$NCHANGED"); do
+  dd if=/dev/urandom of="$PART/b-rsync.img" bs=1M count=1 seek="$i" conv=notrunc status=none
+done
+cp "$PART/b-rsync.img" "$PART/b.img"
+cluster_with_resource $((PORT + 1)) "$PART/a.img"
+drop_caches
+echo "bench: 2. mars fast full sync" >&2
+CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
+s=$(now)
+adm b join-resource r "$PART/b.img" >/dev/null
+uptodate_or_die b 3600
+e=$(now)
+T_MARS=$(calc "$e - $s")
+e2=$e; s2=$s
+CPU2_A=$(calc "$(cpu "${PID[a]}") - $CA"); CPU2_B=$(calc "$(cpu "${PID[b]}") - $CB")
+L_START=$(log_at "$PART/b/marsd.log" "full sync from a starts" "$s")
+L_COPIED=$(log_at "$PART/b/marsd.log" "sync copy complete" "$L_START")
+L_CONSISTENT=$(log_at "$PART/b/marsd.log" "the replica is consistent" "$L_COPIED")
+MARS_XFER=$(sed -n 's/.*sync copy complete (\(.*\) transferred).*/\1/p' "$PART/b/marsd.log" | tail -1)
+stop_hosts
+EQ2=$(same "$PART/a.img" "$PART/b.img")
+[ "${KEEP:-0}" = 1 ] || rm -f "$PART/b.img"
+
+echo "bench: 2. rsync" >&2
+RPORT=$((PORT + 2))
+cat >"$PART/rsyncd.conf" <<EOF
+use chroot = no
+uid = $(id -u)
+gid = $(id -g)
+[b]
+  path = $PART
+  read only = no
+EOF
+rsync --daemon --no-detach --address=127.0.0.2 --port="$RPORT" --config="$PART/rsyncd.conf" \
+      --log-file="$PART/rsyncd.log" &
+RSYNCD=$!
+for _ in $(seq 100); do rsync "rsync://127.0.0.2:$RPORT/" >/dev/null 2>&1 && break; sleep 0.05; done
+RSYNC_OPTS=(--inplace --no-whole-file --ignore-times --stats)
+# (grep without -q: an early exit would SIGPIPE rsync and fail the pipeline under pipefail)
+rsync --help 2>/dev/null | grep -- '--fsync' >/dev/null && RSYNC_OPTS+=(--fsync)
+drop_caches
+s=$(now)
+bg rsync "${RSYNC_OPTS[@]}" "$PART/a.img" "rsync://127.0.0.2:$RPORT/b/b-rsync.img" >"$PART/rsync.stats"
+e=$(now)
+T_RSYNC=$(calc "$e - $s")
+RSYNC_LITERAL=$(sed -n 's/^Literal data: \(.*\)$/\1/p' "$PART/rsync.stats")
+RSYNC_SENT=$(sed -n 's/^Total bytes sent: \(.*\)$/\1/p' "$PART/rsync.stats")
+EQ3=$(same "$PART/a.img" "$PART/b-rsync.img")
+
+# ---------------------------------------------------------------- report
+CATCHUP=$(calc "$BURST_B / $MIB / $T_CATCHUP")
+printf '\n1. catch-up after a %s burst (same disk for a, b and fio)\n' "$BURST"
+printf '   burst written on a through NBD (nbdcopy --flush):   %7.2f s  %7.0f MiB/s\n' "$T_BURST" "$(calc "$BURST_B / $MIB / $T_BURST")"
+printf '   b: resume-fetch until wait-resource uptodate:       %7.2f s  %7.0f MiB/s   replicas equal: %s\n' "$T_CATCHUP" "$CATCHUP" "$EQ1"
+printf '   logfile bytes b held before resume-fetch: %s%s\n' "$(numfmt --to=iec "$PRE")" \
+  "$([ "$PRE" -gt $((BURST_B / 100)) ] && echo "  <- pause-fetch did not hold: the rate above is flattered")"
+printf '   CPU used meanwhile: a %.2f s, b %.2f s (%d cores)\n' "$CPU_A" "$CPU_B" "$(nproc)"
+printf '   raw disk, fio seq 1M writes O_DIRECT QD1 + fsync:             %7.0f MiB/s\n' "$FIO1"
+printf '   raw disk, fio seq 1M writes O_DIRECT QD16 + fsync:            %7.0f MiB/s\n' "$FIO16"
+printf '   catch-up / raw disk:  %.2fx of QD1, %.2fx of QD16   (aim: >= 0.5x)\n' \
+  "$(calc "$CATCHUP / $FIO1")" "$(calc "$CATCHUP / $FIO16")"
+printf '\n2. fast full sync of %s, %d of %d 1 MiB blocks differ (%s %%)\n' "$SYNC_SIZE" "$NCHANGED" "$BLOCKS" "$CHANGED_PCT"
+printf '   mars join-resource until wait-resource uptodate:    %7.2f s   transferred %s (b'"'"'s log)   disks equal: %s\n' \
+  "$T_MARS" "${MARS_XFER:-?}" "$EQ2"
+printf '     join -> sync starts %.2f s, copy %.2f s, -> consistent %.2f s, -> uptodate seen %.2f s (times from b'"'"'s log)\n' \
+  "$(calc "$L_START - $s2")" "$(calc "$L_COPIED - $L_START")" "$(calc "$L_CONSISTENT - $L_COPIED")" "$(calc "$e2 - $L_CONSISTENT")"
+printf '     CPU used: a %.2f s, b %.2f s\n' "$CPU2_A" "$CPU2_B"
+printf '   rsync daemon on 127.0.0.2, push, %s:\n' "${RSYNC_OPTS[*]}"
+printf '                                                       %7.2f s   literal data %s, %s bytes sent   files equal: %s\n' \
+  "$T_RSYNC" "${RSYNC_LITERAL:-?}" "${RSYNC_SENT:-?}" "$EQ3"
+printf '   mars faster than rsync: %.2fx   (aim: >= 3x)\n' "$(calc "$T_RSYNC / $T_MARS")"
