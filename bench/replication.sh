@@ -24,7 +24,7 @@
 #      KEEP=1 (keep the files and marsd logs for a look afterwards),
 #      DROP_CACHES=1 (root only: drop the page cache before every timed step; default: warm cache,
 #      the files were just written).
-# Timing granularity: marsadm wait-resource polls every 0.2 s.
+# Timing granularity: marsadm wait-resource polls every 0.05 s.
 set -euo pipefail
 PARENT=${1:-${BENCH_DIR:-/var/tmp}}
 BURST=${BURST:-2G}

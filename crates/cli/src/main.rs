@@ -170,7 +170,7 @@ const UNREACHABLE_LIMIT_KEY: &str = "defaults/unreachable-limit";
 /// What the daemon uses while the key is unset (one day).
 const UNREACHABLE_LIMIT_DEFAULT: &str = "86400";
 /// How often `wait-resource` asks the daemon.
-const WAIT_INTERVAL: Duration = Duration::from_millis(200);
+const WAIT_INTERVAL: Duration = Duration::from_millis(50);
 
 fn resource(name: &str) -> Result<ResourceName> {
     ResourceName::new(name).map_err(Into::into)

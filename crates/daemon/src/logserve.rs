@@ -35,7 +35,7 @@ use crate::state::Daemon;
 const CHUNK: usize = 4 << 20;
 /// While a replica is caught up, the confirmation is repeated this often: `wait-resource
 /// uptodate` needs one younger than its start.
-const CONFIRM_EVERY: Duration = Duration::from_millis(200);
+const CONFIRM_EVERY: Duration = Duration::from_millis(100);
 /// Largest sync chunk a replica may ask about.
 pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
 
@@ -168,6 +168,7 @@ async fn ship_file(
 ) -> Result<u64> {
     let mut durable = vol.status().durable;
     let mut confirmed: Option<(u64, std::time::Instant)> = None;
+    let mut ahead: Option<(u64, ReadTask)> = None;
     loop {
         let (limit, complete) = if durable.file > name.no {
             (f.len()?, true)
@@ -182,13 +183,17 @@ async fn ship_file(
             );
         }
         if off < limit {
-            let want = ((limit - off) as usize).min(CHUNK);
-            let (data, n) = {
-                let f = f.clone();
-                tokio::task::spawn_blocking(move || read_records(&*f, off, want, limit)).await??
+            let (data, n) = match ahead.take() {
+                Some((at, task)) if at == off => task.await??,
+                _ => read_ahead(&f, off, limit).await??,
             };
             if n == 0 {
                 bail!("{name}: no whole record at offset {off}");
+            }
+            // Read the next chunk while this one travels: disk and link work at the same time.
+            let next = off + n as u64;
+            if next < limit {
+                ahead = Some((next, read_ahead(&f, next, limit)));
             }
             send(
                 w,
@@ -229,6 +234,15 @@ async fn ship_file(
             durable = vol.status().durable;
         }
     }
+}
+
+type ReadTask = tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>;
+
+/// Starts reading the chunk at `off` on a blocking thread.
+fn read_ahead(f: &Arc<dyn File>, off: u64, limit: u64) -> ReadTask {
+    let f = f.clone();
+    let want = ((limit - off) as usize).min(CHUNK);
+    tokio::task::spawn_blocking(move || read_records(&*f, off, want, limit))
 }
 
 /// Reads whole records starting at `off`: about `want` bytes, more if one record is larger,

@@ -660,16 +660,18 @@ impl Replica {
         .await?;
         let mut cur: Option<(u64, Arc<dyn File>, Option<u64>)> = None;
         let mut unsynced: u64 = 0;
+        // A background fdatasync of the current copy: (bytes it covers, its task).
+        let mut inflight: Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)> = None;
         let mut connected = false;
         loop {
             let msg = tokio::select! {
                 m = s.frames.next() => m?,
-                _ = tokio::time::sleep(FETCH_SYNC_IDLE), if unsynced > 0 => {
-                    self.make_durable(&mut cur, &mut unsynced)?;
+                _ = tokio::time::sleep(FETCH_SYNC_IDLE), if unsynced > 0 || inflight.is_some() => {
+                    self.make_durable(&mut cur, &mut unsynced, &mut inflight).await?;
                     continue;
                 }
                 _ = self.kick.notified() => {
-                    self.make_durable(&mut cur, &mut unsynced)?;
+                    self.make_durable(&mut cur, &mut unsynced, &mut inflight).await?;
                     if self.fetch_must_stop(gen, host) {
                         return Ok(());
                     }
@@ -679,7 +681,8 @@ impl Replica {
             // A kick may have come while the previous message was handled (nothing waited for
             // it then): look at the switches after every message, not only when woken.
             if self.fetch_must_stop(gen, host) {
-                self.make_durable(&mut cur, &mut unsynced)?;
+                self.make_durable(&mut cur, &mut unsynced, &mut inflight)
+                    .await?;
                 return Ok(());
             }
             if !connected {
@@ -689,14 +692,16 @@ impl Replica {
             }
             match msg {
                 Message::LogFile { file, origin } => {
-                    self.make_durable(&mut cur, &mut unsynced)?;
+                    self.make_durable(&mut cur, &mut unsynced, &mut inflight)
+                        .await?;
                     let origin = HostName::new(&origin).map_err(|e| anyhow!("bad origin: {e}"))?;
                     let f = tokio::task::block_in_place(|| self.open_copy(gen, file, &origin))?;
                     cur = Some((file, f.0, f.1));
                 }
                 Message::LogData { file, offset, data } if data.is_empty() => {
                     // "You have everything durable here."
-                    self.make_durable(&mut cur, &mut unsynced)?;
+                    self.make_durable(&mut cur, &mut unsynced, &mut inflight)
+                        .await?;
                     let mut st = lock(&self.st);
                     let have = st.files.get(&file).map(|l| LogPos::new(file, l.len));
                     if have == Some(LogPos::new(file, offset)) {
@@ -710,7 +715,9 @@ impl Replica {
                     if *no != file {
                         bail!("log data for {file} while receiving {no}");
                     }
-                    let have = lock(&self.st).files.get(&file).map_or(0, |l| l.len) + unsynced;
+                    let have = lock(&self.st).files.get(&file).map_or(0, |l| l.len)
+                        + inflight.as_ref().map_or(0, |(n, _)| *n)
+                        + unsynced;
                     if offset != have {
                         bail!("log data for {file} at {offset}, expected {have}");
                     }
@@ -734,11 +741,13 @@ impl Replica {
                     tokio::task::block_in_place(|| f.write_at(&data, offset))?;
                     unsynced += data.len() as u64;
                     if unsynced >= FETCH_SYNC_BYTES {
-                        self.make_durable(&mut cur, &mut unsynced)?;
+                        self.sync_in_background(&cur, &mut unsynced, &mut inflight)
+                            .await?;
                     }
                 }
                 Message::LogEnd { file, len } => {
-                    self.make_durable(&mut cur, &mut unsynced)?;
+                    self.make_durable(&mut cur, &mut unsynced, &mut inflight)
+                        .await?;
                     let mut st = lock(&self.st);
                     if st.generation != gen {
                         return Ok(());
@@ -842,27 +851,68 @@ impl Replica {
         Ok((f, Some(1)))
     }
 
-    fn make_durable(
+    /// Makes everything received for the current copy durable and accounts it (waits for a
+    /// background sync first).
+    async fn make_durable(
         &self,
         cur: &mut Option<(u64, Arc<dyn File>, Option<u64>)>,
         unsynced: &mut u64,
+        inflight: &mut Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
     ) -> Result<()> {
-        if *unsynced == 0 {
-            return Ok(());
-        }
         let Some((no, f, _)) = cur.as_ref() else {
             return Ok(());
         };
-        tokio::task::block_in_place(|| f.sync_data())?;
-        let mut st = lock(&self.st);
-        if let Some(l) = st.files.get_mut(no) {
-            l.len += *unsynced;
+        if let Some((covered, task)) = inflight.take() {
+            task.await??;
+            self.account(*no, covered);
         }
-        st.fetch_rate.add(*unsynced);
+        if *unsynced > 0 {
+            tokio::task::block_in_place(|| f.sync_data())?;
+            self.account(*no, *unsynced);
+            *unsynced = 0;
+        }
+        Ok(())
+    }
+
+    /// Starts an fdatasync of what was received so far on a blocking thread, so that receiving
+    /// goes on meanwhile (the link and the disk work at the same time). One at a time: if the
+    /// previous one is still running, it is waited for only once twice the batch piled up.
+    async fn sync_in_background(
+        &self,
+        cur: &Option<(u64, Arc<dyn File>, Option<u64>)>,
+        unsynced: &mut u64,
+        inflight: &mut Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
+    ) -> Result<()> {
+        let Some((no, f, _)) = cur.as_ref() else {
+            return Ok(());
+        };
+        if let Some((covered, task)) = inflight.take() {
+            if task.is_finished() || *unsynced >= 2 * FETCH_SYNC_BYTES {
+                task.await??;
+                self.account(*no, covered);
+            } else {
+                *inflight = Some((covered, task));
+                return Ok(());
+            }
+        }
+        let f = f.clone();
+        *inflight = Some((
+            *unsynced,
+            tokio::task::spawn_blocking(move || f.sync_data()),
+        ));
         *unsynced = 0;
+        Ok(())
+    }
+
+    /// `n` more bytes of logfile `no` are durable here.
+    fn account(&self, no: u64, n: u64) {
+        let mut st = lock(&self.st);
+        if let Some(l) = st.files.get_mut(&no) {
+            l.len += n;
+        }
+        st.fetch_rate.add(n);
         drop(st);
         self.wake.notify_all();
-        Ok(())
     }
 
     // ---------------------------------------------------------------- replay
