@@ -507,27 +507,32 @@ impl Replica {
     /// replica holds nothing back here and pins nothing on the others. Only a full sync
     /// (`invalidate`) brings it back.
     pub fn drop_logs_for_space(&self, free: u64, min: u64) {
-        {
+        let why = {
             let mut st = lock(&self.st);
             if st.needs_sync.is_some() && st.files.is_empty() {
                 return;
             }
+            // Under one lock: mark first, so that a running fetch cannot create a new copy
+            // (open_copy checks both) after the old ones are gone.
             st.generation += 1;
+            let why = st.needs_sync.clone().unwrap_or_else(|| {
+                format!(
+                    "the root has only {} free (minimum {}): dropped the local logfiles; \
+                     a full sync is needed once there is space (marsadm invalidate {})",
+                    mars_config::format_size(free),
+                    mars_config::format_size(min),
+                    self.res
+                )
+            });
+            st.needs_sync = Some(why.clone());
             for (no, f) in std::mem::take(&mut st.files) {
                 let _ = self.ldir.remove(&LogName::new(no, f.origin).to_string());
             }
             let _ = self.ldir.sync();
-        }
+            why
+        };
         self.kick.notify_waiters();
-        if lock(&self.st).needs_sync.is_none() {
-            self.set_needs_sync(format!(
-                "the root has only {} free (minimum {}): dropped the local logfiles; \
-                 a full sync is needed once there is space (marsadm invalidate {})",
-                mars_config::format_size(free),
-                mars_config::format_size(min),
-                self.res
-            ));
-        }
+        self.set_needs_sync(why);
     }
 
     fn set_needs_sync(&self, why: String) {
@@ -802,7 +807,7 @@ impl Replica {
         origin: &HostName,
     ) -> Result<(Arc<dyn File>, Option<u64>)> {
         let mut st = lock(&self.st);
-        if st.generation != gen {
+        if st.generation != gen || st.needs_sync.is_some() {
             bail!("local logs were reset");
         }
         let name = LogName::new(no, origin.clone());
