@@ -6,7 +6,9 @@
 //! with [`require`]: missing in CI (`CI=true`) is a failure, elsewhere the test is skipped with a
 //! message.
 
+pub mod lab;
 pub mod nbd;
+pub mod repl;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -94,6 +96,8 @@ pub struct Host {
     child: Option<Child>,
     /// Extra environment for marsd (e.g. `MARS_MIN_FREE_SPACE`); applies to later restarts.
     pub env: Vec<(String, String)>,
+    /// Command prefix marsd runs under, e.g. `ip netns exec NS` (it must exec marsd in place).
+    pub wrap: Vec<String>,
 }
 
 impl Host {
@@ -122,6 +126,7 @@ impl Host {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrap: Vec::new(),
         };
         // Another test may grab a port between our check and the daemon's bind: new ports.
         for _ in 0..5 {
@@ -153,7 +158,15 @@ impl Host {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(bin("marsd"))
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("marsd"));
+                c
+            }
+            None => Command::new(bin("marsd")),
+        };
+        let child = cmd
             .arg("--root")
             .arg(&self.root)
             .args(["--host", &self.name, "--listen", &self.peer_addr])

@@ -3,13 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use mars_testkit::repl::{eventually, tmp};
 use mars_testkit::Host;
-
-fn tmp() -> tempfile::TempDir {
-    mars_testkit::tempdir("mars-cluster-")
-}
 
 /// Member names as `lowlevel-ls-host-ips` lists them on `h`.
 fn members(h: &Host) -> Vec<String> {
@@ -17,19 +14,6 @@ fn members(h: &Host) -> Vec<String> {
         .lines()
         .map(|l| l.split_whitespace().next().unwrap().to_string())
         .collect()
-}
-
-/// Waits until `cond` holds, at most `secs`; returns how long it took.
-fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    start.elapsed()
 }
 
 fn three(t: &std::path::Path) -> (Host, Host, Host) {

@@ -5,24 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use mars_testkit::{random_file, run, Host};
-
-fn tmp() -> tempfile::TempDir {
-    mars_testkit::tempdir("mars-repl-")
-}
-
-/// Waits until `cond` holds, at most `secs`.
-fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
+use mars_testkit::repl::{
+    eventually, fill_random, first_difference, join, logfiles, new_disk, tmp, wait_uptodate,
+    write_random,
+};
+use mars_testkit::{random_file, Host};
 
 struct Cluster {
     a: Host,
@@ -44,108 +31,22 @@ fn cluster(t: &Path, size: u64) -> (Cluster, PathBuf) {
     (Cluster { a, b, c }, disk)
 }
 
-/// A fresh all-zero disk file for `h`.
-fn new_disk(h: &Host, size: u64) -> PathBuf {
-    let p = h.root.parent().unwrap().join("r.img");
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
-
-fn join(h: &Host, size: u64) -> PathBuf {
-    let d = new_disk(h, size);
-    // The resource may not have reached h's metadata yet.
-    eventually(20, "resource visible", || {
-        h.marsadm(&["join-resource", "r", d.to_str().unwrap()])
-            .status
-            .success()
-    });
-    d
-}
-
-/// Writes `len` random bytes at `offset` through NBD on `h`.
-fn write_random(h: &Host, dir: &Path, offset: u64, len: usize) {
-    let src = dir.join(format!("src-{offset}"));
-    random_file(&src, len);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c"])
-        .arg(format!("write -s {} {offset} {len}", src.display()))
-        .arg(h.unix_uri("r")));
-    std::fs::remove_file(src).unwrap();
-}
-
-/// Copies a whole random image onto the device through NBD (nbdcopy, parallel requests).
-fn fill_random(h: &Host, dir: &Path, len: usize) {
-    let src = dir.join("fill.img");
-    random_file(&src, len);
-    run(Command::new("nbdcopy").arg(&src).arg(h.unix_uri("r")));
-    std::fs::remove_file(src).unwrap();
-}
-
-/// First `size` bytes of two disks are equal.
-fn same(a: &Path, b: &Path, size: u64) -> bool {
-    use std::io::Read;
-    let mut fa = std::fs::File::open(a).unwrap();
-    let mut fb = std::fs::File::open(b).unwrap();
-    let mut ba = vec![0u8; 4 << 20];
-    let mut bb = vec![0u8; 4 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(ba.len() as u64) as usize;
-        fa.read_exact(&mut ba[..n]).unwrap();
-        fb.read_exact(&mut bb[..n]).unwrap();
-        if ba[..n] != bb[..n] {
-            return false;
-        }
-        left -= n as u64;
-    }
-    true
-}
-
-fn wait_uptodate(h: &Host, secs: u64) {
-    let o = h.marsadm(&[
-        "--timeout",
-        &secs.to_string(),
-        "wait-resource",
-        "r",
-        "uptodate",
-    ]);
-    assert!(
-        o.status.success(),
-        "{} not up to date: {}{}\n{}",
-        h.name,
-        String::from_utf8_lossy(&o.stderr),
-        h.ok(&["view", "r"]),
-        h.log_text()
-    );
-}
-
-fn logfiles(h: &Host) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(h.root.join("resource-r"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("log-"))
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn join_sync_fetch_replay_converge() {
     let t = tmp();
     let size = 64 << 20;
     let (cl, da) = cluster(t.path(), size);
-    write_random(&cl.a, t.path(), 0, 8 << 20);
-    let db = join(&cl.b, size);
-    let dc = join(&cl.c, size);
+    write_random(&cl.a, "r", t.path(), 0, 8 << 20);
+    let db = join(&cl.b, "r", size);
+    let dc = join(&cl.c, "r", size);
     // Writes while the replicas sync.
     for i in 0..8u64 {
-        write_random(&cl.a, t.path(), (i * 7 + 3) << 20, 1 << 20);
+        write_random(&cl.a, "r", t.path(), (i * 7 + 3) << 20, 1 << 20);
     }
     cl.a.ok(&["log-rotate", "r"]);
-    write_random(&cl.a, t.path(), 40 << 20, 2 << 20);
+    write_random(&cl.a, "r", t.path(), 40 << 20, 2 << 20);
     for h in [&cl.b, &cl.c] {
-        wait_uptodate(h, 60);
+        wait_uptodate(h, "r", 60);
     }
     cl.a.ok(&["--timeout", "10", "wait-resource", "r", "uptodate"]);
     // The primary's disk may lag its log: compare after writeback.
@@ -153,7 +54,12 @@ fn join_sync_fetch_replay_converge() {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
     for (h, d) in [(&cl.b, &db), (&cl.c, &dc)] {
-        assert!(same(&da, d, size), "{} differs from a", h.name);
+        assert_eq!(
+            first_difference(&da, d, size),
+            None,
+            "{} differs from a",
+            h.name
+        );
         assert_eq!(h.view("replstate", "r"), "Replaying");
         assert_eq!(h.view("flags", "r"), "dCASFR");
         assert_eq!(h.view("role", "r"), "Secondary");
@@ -174,7 +80,7 @@ fn logs_reclaimed_everywhere(hosts: &[&Host]) {
             .iter()
             .map(|h| {
                 h.ok(&["cron"]);
-                (h.name.clone(), logfiles(h))
+                (h.name.clone(), logfiles(h, "r"))
             })
             .collect();
         if left.iter().all(|(_, l)| l.len() <= 1) {
@@ -194,8 +100,8 @@ fn one_gib_written_while_two_replicas_sync_with_rotation_and_cron() {
     let t = tmp();
     let size: u64 = 1 << 30;
     let (cl, da) = cluster(t.path(), size);
-    let db = join(&cl.b, size);
-    let dc = join(&cl.c, size);
+    let db = join(&cl.b, "r", size);
+    let dc = join(&cl.c, "r", size);
     // Rotation and housekeeping while the writes and the syncs run.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rot = {
@@ -219,18 +125,23 @@ fn one_gib_written_while_two_replicas_sync_with_rotation_and_cron() {
             n
         })
     };
-    fill_random(&cl.a, t.path(), size as usize);
+    fill_random(&cl.a, "r", t.path(), size as usize);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rotations = rot.join().unwrap();
     assert!(rotations > 0);
     for h in [&cl.b, &cl.c] {
-        wait_uptodate(h, 180);
+        wait_uptodate(h, "r", 180);
     }
     eventually(60, "written back", || {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
     for (h, d) in [(&cl.b, &db), (&cl.c, &dc)] {
-        assert!(same(&da, d, size), "{} differs from a", h.name);
+        assert_eq!(
+            first_difference(&da, d, size),
+            None,
+            "{} differs from a",
+            h.name
+        );
     }
     logs_reclaimed_everywhere(&[&cl.a, &cl.b, &cl.c]);
     println!("{rotations} rotations during the writes");
@@ -242,11 +153,7 @@ fn lifecycle_refusals_change_nothing() {
     let size = 16 << 20;
     let (cl, _da) = cluster(t.path(), size);
     // Too small a disk.
-    let small = cl.b.root.parent().unwrap().join("small.img");
-    std::fs::File::create(&small)
-        .unwrap()
-        .set_len(size / 2)
-        .unwrap();
+    let small = new_disk(&cl.b, "small", size / 2);
     eventually(20, "resource known on b", || {
         let o =
             cl.b.marsadm(&["join-resource", "r", small.to_str().unwrap()]);
@@ -265,11 +172,11 @@ fn lifecycle_refusals_change_nothing() {
             .status
             .success()
     });
-    let other = new_disk(&cl.c, size);
+    let other = new_disk(&cl.c, "r", size);
     let e =
         cl.c.refused(&["create-resource", "r", other.to_str().unwrap()]);
     assert!(e.contains("already exists"), "{e}");
-    let db = join(&cl.b, size);
+    let db = join(&cl.b, "r", size);
     let e = cl.b.refused(&["join-resource", "r", db.to_str().unwrap()]);
     assert!(e.contains("already a member"), "{e}");
     // The primary cannot leave; a secondary must be down first.
@@ -288,7 +195,7 @@ fn lifecycle_refusals_change_nothing() {
     let e = cl.a.refused(&["delete-resource", "r"]);
     assert!(e.contains("other members"), "{e}");
     // Resize only grows, and not beyond the smallest member disk.
-    wait_uptodate(&cl.b, 30);
+    wait_uptodate(&cl.b, "r", 30);
     let e = cl.a.refused(&["resize", "r", "8M"]);
     assert!(e.contains("only grows"), "{e}");
     let e = cl.a.refused(&["resize", "r", "1G"]);
@@ -319,12 +226,12 @@ fn fast_full_sync_transfers_only_differing_chunks() {
     let t = tmp();
     let size: u64 = 256 << 20;
     let (cl, da) = cluster(t.path(), size);
-    fill_random(&cl.a, t.path(), size as usize);
+    fill_random(&cl.a, "r", t.path(), size as usize);
     eventually(30, "written back", || {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
     // b's disk: a's contents with 3 of its 256 chunks of 1 MiB different (~1%).
-    let db = new_disk(&cl.b, size);
+    let db = new_disk(&cl.b, "r", size);
     std::fs::copy(&da, &db).unwrap();
     {
         use std::os::unix::fs::FileExt;
@@ -334,8 +241,8 @@ fn fast_full_sync_transfers_only_differing_chunks() {
         }
     }
     cl.b.ok(&["join-resource", "r", db.to_str().unwrap()]);
-    wait_uptodate(&cl.b, 60);
-    assert!(same(&da, &db, size));
+    wait_uptodate(&cl.b, "r", 60);
+    assert_eq!(first_difference(&da, &db, size), None);
     let log = cl.b.log_text();
     let line = log
         .lines()
@@ -343,9 +250,9 @@ fn fast_full_sync_transfers_only_differing_chunks() {
         .expect("sync line");
     assert!(line.contains("(3.00 MiB transferred)"), "{line}");
     // And a fresh all-zero disk syncs correctly too.
-    let dc = join(&cl.c, size);
-    wait_uptodate(&cl.c, 60);
-    assert!(same(&da, &dc, size));
+    let dc = join(&cl.c, "r", size);
+    wait_uptodate(&cl.c, "r", 60);
+    assert_eq!(first_difference(&da, &dc, size), None);
 }
 
 #[test]
@@ -353,17 +260,17 @@ fn unreachable_member_stops_pinning_logs_and_needs_invalidate() {
     let t = tmp();
     let size: u64 = 32 << 20;
     let (mut cl, da) = cluster(t.path(), size);
-    let db = join(&cl.b, size);
-    let dc = join(&cl.c, size);
-    wait_uptodate(&cl.b, 30);
-    wait_uptodate(&cl.c, 30);
+    let db = join(&cl.b, "r", size);
+    let dc = join(&cl.c, "r", size);
+    wait_uptodate(&cl.b, "r", 30);
+    wait_uptodate(&cl.c, "r", 30);
     cl.a.ok(&["set-global-unreachable-limit-value", "3"]);
     cl.c.stop();
     for i in 0..4u64 {
-        write_random(&cl.a, t.path(), i << 20, 1 << 20);
+        write_random(&cl.a, "r", t.path(), i << 20, 1 << 20);
         cl.a.ok(&["log-rotate", "r"]);
     }
-    wait_uptodate(&cl.b, 30);
+    wait_uptodate(&cl.b, "r", 30);
     // c is gone for longer than the limit: a and b delete what only c still needed.
     std::thread::sleep(Duration::from_secs(4));
     logs_reclaimed_everywhere(&[&cl.a, &cl.b]);
@@ -374,17 +281,17 @@ fn unreachable_member_stops_pinning_logs_and_needs_invalidate() {
     let v = cl.c.ok(&["view", "r"]);
     assert!(v.contains("invalidate"), "{v}");
     cl.c.ok(&["invalidate", "r"]);
-    wait_uptodate(&cl.c, 60);
-    assert!(same(&da, &dc, size));
-    assert!(same(&da, &db, size));
+    wait_uptodate(&cl.c, "r", 60);
+    assert_eq!(first_difference(&da, &dc, size), None);
+    assert_eq!(first_difference(&da, &db, size), None);
 }
 
 #[test]
 fn resize_grows_and_secondaries_sync_the_new_region() {
     let t = tmp();
     let (cl, da) = cluster(t.path(), 16 << 20);
-    let db = join(&cl.b, 16 << 20);
-    wait_uptodate(&cl.b, 30);
+    let db = join(&cl.b, "r", 16 << 20);
+    wait_uptodate(&cl.b, "r", 30);
     for d in [&da, &db] {
         std::fs::OpenOptions::new()
             .write(true)
@@ -400,20 +307,20 @@ fn resize_grows_and_secondaries_sync_the_new_region() {
     eventually(20, "size propagated", || {
         cl.b.view("size", "r") == (32u64 << 20).to_string()
     });
-    write_random(&cl.a, t.path(), 24 << 20, 4 << 20);
-    wait_uptodate(&cl.b, 30);
+    write_random(&cl.a, "r", t.path(), 24 << 20, 4 << 20);
+    wait_uptodate(&cl.b, "r", 30);
     eventually(20, "written back", || {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
-    assert!(same(&da, &db, 32 << 20));
+    assert_eq!(first_difference(&da, &db, 32 << 20), None);
 }
 
 #[test]
 fn delete_resource_force_tears_down_every_member() {
     let t = tmp();
     let (cl, _da) = cluster(t.path(), 16 << 20);
-    join(&cl.b, 16 << 20);
-    wait_uptodate(&cl.b, 30);
+    join(&cl.b, "r", 16 << 20);
+    wait_uptodate(&cl.b, "r", 30);
     cl.a.ok(&["--force", "delete-resource", "r"]);
     eventually(20, "b tears down", || {
         !cl.b.root.join("resource-r").exists()
@@ -426,10 +333,10 @@ fn secondary_low_on_space_drops_its_logs_and_does_not_hold_back_the_others() {
     let t = tmp();
     let size: u64 = 32 << 20;
     let (mut cl, da) = cluster(t.path(), size);
-    let db = join(&cl.b, size);
-    let dc = join(&cl.c, size);
-    wait_uptodate(&cl.b, 30);
-    wait_uptodate(&cl.c, 30);
+    let db = join(&cl.b, "r", size);
+    let dc = join(&cl.c, "r", size);
+    wait_uptodate(&cl.b, "r", 30);
+    wait_uptodate(&cl.c, "r", 30);
     // c's root "fills up": a minimum free space it cannot have.
     cl.c.stop();
     cl.c.env = vec![("MARS_MIN_FREE_SPACE".into(), "1000T".into())];
@@ -437,13 +344,13 @@ fn secondary_low_on_space_drops_its_logs_and_does_not_hold_back_the_others() {
     eventually(30, "c gives up its logs", || {
         cl.c.view("diskstate", "r") == "Orphan"
     });
-    assert!(logfiles(&cl.c).is_empty());
+    assert!(logfiles(&cl.c, "r").is_empty());
     assert!(cl.c.ok(&["view", "r"]).contains("free"));
     for i in 0..3u64 {
-        write_random(&cl.a, t.path(), i << 20, 1 << 20);
+        write_random(&cl.a, "r", t.path(), i << 20, 1 << 20);
         cl.a.ok(&["log-rotate", "r"]);
     }
-    wait_uptodate(&cl.b, 30);
+    wait_uptodate(&cl.b, "r", 30);
     // a and b are not held back by c.
     logs_reclaimed_everywhere(&[&cl.a, &cl.b]);
     // Space is back: invalidate brings c home.
@@ -451,9 +358,9 @@ fn secondary_low_on_space_drops_its_logs_and_does_not_hold_back_the_others() {
     cl.c.env.clear();
     cl.c.start_again();
     cl.c.ok(&["invalidate", "r"]);
-    wait_uptodate(&cl.c, 60);
-    assert!(same(&da, &dc, size));
-    assert!(same(&da, &db, size));
+    wait_uptodate(&cl.c, "r", 60);
+    assert_eq!(first_difference(&da, &dc, size), None);
+    assert_eq!(first_difference(&da, &db, size), None);
 }
 
 #[test]
@@ -461,8 +368,8 @@ fn primary_killed_under_writes_recovers_and_secondaries_catch_up() {
     let t = tmp();
     let size: u64 = 128 << 20;
     let (mut cl, da) = cluster(t.path(), size);
-    let db = join(&cl.b, size);
-    wait_uptodate(&cl.b, 30);
+    let db = join(&cl.b, "r", size);
+    wait_uptodate(&cl.b, "r", 30);
     // A writer that keeps going until the primary dies under it.
     let src = t.path().join("burst.img");
     random_file(&src, size as usize);
@@ -477,12 +384,12 @@ fn primary_killed_under_writes_recovers_and_secondaries_catch_up() {
     let _ = writer.wait();
     cl.a.start_again();
     // What the primary recovered is the truth; the secondary must end equal to it.
-    write_random(&cl.a, t.path(), 0, 1 << 20);
-    wait_uptodate(&cl.b, 60);
+    write_random(&cl.a, "r", t.path(), 0, 1 << 20);
+    wait_uptodate(&cl.b, "r", 60);
     eventually(20, "written back", || {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
-    assert!(same(&da, &db, size));
+    assert_eq!(first_difference(&da, &db, size), None);
     assert_eq!(cl.b.view("flags", "r"), "dCASFR");
 }
 
@@ -493,17 +400,14 @@ fn sync_limit_runs_one_full_sync_at_a_time() {
     let (cl, _da) = cluster(t.path(), size);
     let d2 = cl.a.create_resource("s", size);
     // Random data so that the copies take a while and differ from b's zero disks.
-    fill_random(&cl.a, t.path(), size as usize);
-    let src = t.path().join("s.src");
-    random_file(&src, size as usize);
-    run(Command::new("nbdcopy").arg(&src).arg(cl.a.unix_uri("s")));
+    fill_random(&cl.a, "r", t.path(), size as usize);
+    fill_random(&cl.a, "s", t.path(), size as usize);
     cl.a.ok(&["set-global-sync-limit-value", "1"]);
     eventually(20, "limit known on b", || {
         cl.b.ok(&["get-global-sync-limit-value"]).trim() == "1"
     });
-    let _db = join(&cl.b, size);
-    let db2 = cl.b.root.parent().unwrap().join("s.img");
-    std::fs::File::create(&db2).unwrap().set_len(size).unwrap();
+    let _db = join(&cl.b, "r", size);
+    let db2 = new_disk(&cl.b, "s", size);
     cl.b.ok(&["join-resource", "s", db2.to_str().unwrap()]);
     // Never both copying at once: one of them stands at 0 until the other is done.
     let pos = |res: &str| -> u64 { cl.b.view("sync-pos", res).parse().unwrap_or(0) };
@@ -520,8 +424,8 @@ fn sync_limit_runs_one_full_sync_at_a_time() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(!overlap, "two syncs ran at once with a limit of 1");
-    wait_uptodate(&cl.b, 60);
-    assert!(same(&d2, &db2, size));
+    wait_uptodate(&cl.b, "r", 60);
+    assert_eq!(first_difference(&d2, &db2, size), None);
 }
 
 #[test]
@@ -530,15 +434,15 @@ fn fake_sync_declares_equal_disks_consistent() {
     let size: u64 = 64 << 20;
     let (cl, da) = cluster(t.path(), size);
     // Both disks are all zeros: an expert may skip the copy.
-    let db = join(&cl.b, size);
+    let db = join(&cl.b, "r", size);
     cl.b.ok(&["pause-sync", "r"]);
     cl.b.ok(&["fake-sync", "r"]);
     cl.b.ok(&["resume-sync", "r"]);
-    write_random(&cl.a, t.path(), 5 << 20, 3 << 20);
-    wait_uptodate(&cl.b, 30);
+    write_random(&cl.a, "r", t.path(), 5 << 20, 3 << 20);
+    wait_uptodate(&cl.b, "r", 30);
     eventually(20, "written back", || {
         cl.a.view("diskstate", "r") == "UpToDate"
     });
-    assert!(same(&da, &db, size));
+    assert_eq!(first_difference(&da, &db, size), None);
     assert_eq!(cl.b.view("is-consistent", "r"), "1");
 }

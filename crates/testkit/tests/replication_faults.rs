@@ -9,38 +9,24 @@
 //! flight may still land: the tests wait for the effect (a position that stops moving), not for
 //! the flag alone.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mars_testkit::{random_file, run, Host};
+use mars_testkit::repl::{
+    eventually, fill_random, first_difference, join, logfiles, tail, tmp, wait_uptodate,
+    write_random, write_random_uri,
+};
+use mars_testkit::Host;
 
 const MIB: u64 = 1 << 20;
 /// Comfortably longer than the daemon's reconcile round (250 ms), which carries a switch
 /// change from the metadata to the replica's tasks.
 const SETTLE: Duration = Duration::from_secs(1);
-
-fn tmp() -> tempfile::TempDir {
-    mars_testkit::tempdir("mars-faults-")
-}
-
-/// Waits until `cond` holds, at most `secs`.
-fn eventually(secs: u64, what: &str, mut cond: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
 
 /// Like [`eventually`], with both hosts' state in the failure message.
 fn eventually_on(a: &Host, b: &Host, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
@@ -58,11 +44,6 @@ fn eventually_on(a: &Host, b: &Host, secs: u64, what: &str, mut cond: impl FnMut
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// Primary `a` with resource `r` of `size` bytes and a second cluster member `b` (not joined).
 fn pair(t: &Path, size: u64) -> (Host, Host, PathBuf) {
     let a = Host::start_at(t, "a", "127.0.0.1");
@@ -75,59 +56,13 @@ fn pair(t: &Path, size: u64) -> (Host, Host, PathBuf) {
     (a, b, disk)
 }
 
-/// A fresh all-zero disk file for `h`.
-fn new_disk(h: &Host, size: u64) -> PathBuf {
-    let p = h.root.parent().unwrap().join("r.img");
-    std::fs::File::create(&p).unwrap().set_len(size).unwrap();
-    p
-}
-
-fn join(h: &Host, size: u64) -> PathBuf {
-    let d = new_disk(h, size);
-    // The resource may not have reached h's metadata yet.
-    eventually(20, "resource visible", || {
-        h.marsadm(&["join-resource", "r", d.to_str().unwrap()])
-            .status
-            .success()
-    });
-    d
-}
-
 /// `pair` and `b` joined and up to date.
 fn pair_in_sync(t: &Path, size: u64) -> (Host, Host, PathBuf, PathBuf) {
     let (a, b, da) = pair(t, size);
-    write_random(&a, t, 0, 4 << 20);
-    let db = join(&b, size);
-    wait_uptodate(&b, 60);
+    write_random(&a, "r", t, 0, 4 << 20);
+    let db = join(&b, "r", size);
+    wait_uptodate(&b, "r", 60);
     (a, b, da, db)
-}
-
-/// Writes `len` random bytes at `offset` through NBD at `uri`.
-fn write_random_uri(uri: &str, src: &Path, offset: u64, len: usize) {
-    random_file(src, len);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c"])
-        .arg(format!("write -s {} {offset} {len}", src.display()))
-        .arg(uri));
-    std::fs::remove_file(src).unwrap();
-}
-
-/// Writes `len` random bytes at `offset` through NBD on `h`.
-fn write_random(h: &Host, dir: &Path, offset: u64, len: usize) {
-    write_random_uri(
-        &h.unix_uri("r"),
-        &dir.join(format!("src-{offset}")),
-        offset,
-        len,
-    );
-}
-
-/// Copies a whole random image onto the device through NBD (nbdcopy, parallel requests).
-fn fill_random(h: &Host, dir: &Path, len: usize) {
-    let src = dir.join("fill.img");
-    random_file(&src, len);
-    run(Command::new("nbdcopy").arg(&src).arg(h.unix_uri("r")));
-    std::fs::remove_file(src).unwrap();
 }
 
 /// A thread writing 1 MiB of random data after 1 MiB through NBD until stopped.
@@ -195,54 +130,9 @@ impl Drop for Writer {
     }
 }
 
-/// Offset of the first differing 4 KiB block of two disks (within `size`); `None`: the first
-/// `size` bytes are equal.
-fn first_difference(a: &Path, b: &Path, size: u64) -> Option<u64> {
-    let mut fa = std::fs::File::open(a).unwrap();
-    let mut fb = std::fs::File::open(b).unwrap();
-    let mut ba = vec![0u8; 4 << 20];
-    let mut bb = vec![0u8; 4 << 20];
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(ba.len() as u64) as usize;
-        fa.read_exact(&mut ba[..n]).unwrap();
-        fb.read_exact(&mut bb[..n]).unwrap();
-        if ba[..n] != bb[..n] {
-            let blk = (0..n)
-                .step_by(4096)
-                .find(|&i| {
-                    let e = (i + 4096).min(n);
-                    ba[i..e] != bb[i..e]
-                })
-                .unwrap();
-            return Some(at + blk as u64);
-        }
-        at += n as u64;
-    }
-    None
-}
-
-fn wait_uptodate(h: &Host, secs: u64) {
-    let o = h.marsadm(&[
-        "--timeout",
-        &secs.to_string(),
-        "wait-resource",
-        "r",
-        "uptodate",
-    ]);
-    assert!(
-        o.status.success(),
-        "{} not up to date: {}{}\n{}",
-        h.name,
-        String::from_utf8_lossy(&o.stderr),
-        h.ok(&["view", "r"]),
-        tail(&h.log_text(), 60)
-    );
-}
-
 /// `b` up to date, `a` written back, both disks byte-equal, log copies as long as the origin's.
 fn assert_converged(a: &Host, b: &Host, da: &Path, db: &Path, size: u64) {
-    wait_uptodate(b, 60);
+    wait_uptodate(b, "r", 60);
     // The primary's disk may lag its log: compare after writeback.
     eventually_on(a, b, 30, "a written back", || {
         a.view("diskstate", "r") == "UpToDate"
@@ -259,7 +149,7 @@ fn assert_converged(a: &Host, b: &Host, da: &Path, db: &Path, size: u64) {
     assert_eq!(b.view("flags", "r"), "dCASFR");
     assert_eq!(b.view("stuck", "r"), "");
     // Every local log copy is as long as the primary's logfile of the same name.
-    for name in logfiles(b) {
+    for name in logfiles(b, "r") {
         let pa = a.root.join("resource-r").join(&name);
         if let Ok(m) = std::fs::metadata(&pa) {
             assert_eq!(
@@ -273,20 +163,9 @@ fn assert_converged(a: &Host, b: &Host, da: &Path, db: &Path, size: u64) {
     }
 }
 
-fn logfiles(h: &Host) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(h.root.join("resource-r"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("log-"))
-        .collect();
-    v.sort();
-    v
-}
-
 /// Name and length of `h`'s newest logfile.
 fn newest_log(h: &Host) -> (String, u64) {
-    let name = logfiles(h).pop().expect("a logfile");
+    let name = logfiles(h, "r").pop().expect("a logfile");
     let len = std::fs::metadata(h.root.join("resource-r").join(&name))
         .map(|m| m.len())
         .unwrap_or(0);
@@ -476,8 +355,8 @@ fn kill9_secondary_during_sync_resumes_without_starting_over() {
     let size = 256 * MIB;
     let (a, mut b, da) = pair(t.path(), size);
     // All of the device differs from b's zeros: every chunk must be copied.
-    fill_random(&a, t.path(), size as usize);
-    let db = join(&b, size);
+    fill_random(&a, "r", t.path(), size as usize);
+    let db = join(&b, "r", size);
     // Catch the sync after it persisted some progress (every 64 MiB) and before it finished.
     let mut caught = None;
     let start = Instant::now();
@@ -591,9 +470,9 @@ fn damaged_local_copy(pick: impl Fn(&[Rec]) -> usize) {
     let (a, b, da, db) = pair_in_sync(t.path(), size);
     // Batch 1, replicated and applied.
     for i in 0..4u64 {
-        write_random(&a, t.path(), (i * 5 + 2) * MIB, MIB as usize);
+        write_random(&a, "r", t.path(), (i * 5 + 2) * MIB, MIB as usize);
     }
-    wait_uptodate(&b, 60);
+    wait_uptodate(&b, "r", 60);
     let snapshot = t.path().join("snapshot.img");
     std::fs::copy(&db, &snapshot).unwrap();
     let (name1, len1) = newest_log(&b);
@@ -608,7 +487,7 @@ fn damaged_local_copy(pick: impl Fn(&[Rec]) -> usize) {
     std::thread::sleep(SETTLE);
     // Batch 2: distinct regions, not yet replayed on b.
     for i in 0..6u64 {
-        write_random(&a, t.path(), (i * 6 + 30) * MIB, MIB as usize);
+        write_random(&a, "r", t.path(), (i * 6 + 30) * MIB, MIB as usize);
     }
     let alen = std::fs::metadata(&ra).unwrap().len();
     assert!(alen > len1, "batch 2 went to {name1}");
@@ -768,8 +647,8 @@ fn pause_sync_during_sync_stops_copy_then_resume_completes() {
     // Big enough that the copy outlasts a reconcile round or two on this machine (~2 s).
     let size = 512 * MIB;
     let (a, b, da) = pair(t.path(), size);
-    fill_random(&a, t.path(), size as usize);
-    let db = join(&b, size);
+    fill_random(&a, "r", t.path(), size as usize);
+    let db = join(&b, "r", size);
     let sync_pos = || -> u64 { b.view("sync-pos", "r").parse().unwrap() };
     eventually_on(&a, &b, 30, "sync runs", || sync_pos() > 0);
     b.ok(&["pause-sync", "r"]);
