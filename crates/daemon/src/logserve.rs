@@ -5,9 +5,9 @@
 //! records, `LogEnd` when a logfile is complete, then the next logfile, and finally it follows the
 //! current logfile as it grows. Only *durable* bytes are shipped, so a replica never holds a
 //! record that the primary could lose in a crash. Throughput is bounded by TCP flow control, not
-//! by round trips. Whenever the replica has everything durable here (and at least every second
-//! while idle), an empty `LogData` at the current end says so: the replica may call itself
-//! up to date only on this confirmation.
+//! by round trips. Whenever the replica has everything durable here (and every 100 ms while
+//! idle), `LogCaughtUp` with the current end and this host's clock says so: the replica may
+//! call itself up to date only on this confirmation, and only as of its stamp.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and answers
 //! `SyncInfo` with the device size and the start of the new logfile: replaying from there after
@@ -215,10 +215,10 @@ async fn ship_file(
         if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
             send(
                 w,
-                &Message::LogData {
+                &Message::LogCaughtUp {
                     file: name.no,
                     offset: off,
-                    data: Vec::new(),
+                    stamp: mars_meta::system_time_ns(),
                 },
             )
             .await?;

@@ -139,8 +139,9 @@ struct State {
     sync_rate: Rate,
     sync_running: bool,
     repairs: u64,
-    /// The primary's last "you have everything" over the fetch stream: when and where.
-    caught_up: Option<(Instant, LogPos)>,
+    /// The primary's last "you have everything" over the fetch stream: its wall clock (ns) when
+    /// it sent it, and the position.
+    caught_up: Option<(u64, LogPos)>,
 }
 
 pub struct Replica {
@@ -405,10 +406,13 @@ impl Replica {
             fetch_error: st.fetch_error.clone(),
             fetch_rate: st.fetch_rate.per_sec(),
             replay_rate: st.replay_rate.per_sec(),
+            // Age by the primary's clock stamp, not by arrival: a confirmation delayed in the
+            // stream must not cover writes that finished after it was sent.
             caught_up_ms: st
                 .caught_up
-                .filter(|(t, p)| Some(*p) == fetched && t.elapsed() < CAUGHT_UP_VALID)
-                .map(|(t, _)| t.elapsed().as_millis() as u64),
+                .filter(|(_, p)| Some(*p) == fetched)
+                .map(|(stamp, _)| mars_meta::system_time_ns().saturating_sub(stamp) / 1_000_000)
+                .filter(|ms| *ms < CAUGHT_UP_VALID.as_millis() as u64),
         }
     }
 
@@ -703,14 +707,18 @@ impl Replica {
                     let f = tokio::task::block_in_place(|| self.open_copy(gen, file, &origin))?;
                     cur = Some((file, f.0, f.1));
                 }
-                Message::LogData { file, offset, data } if data.is_empty() => {
-                    // "You have everything durable here."
+                Message::LogCaughtUp {
+                    file,
+                    offset,
+                    stamp,
+                } => {
+                    // "You have everything durable here, as of `stamp`."
                     self.make_durable(&mut cur, &mut unsynced, &mut inflight)
                         .await?;
                     let mut st = lock(&self.st);
                     let have = st.files.get(&file).map(|l| LogPos::new(file, l.len));
                     if have == Some(LogPos::new(file, offset)) {
-                        st.caught_up = Some((Instant::now(), LogPos::new(file, offset)));
+                        st.caught_up = Some((stamp, LogPos::new(file, offset)));
                     }
                 }
                 Message::LogData { file, offset, data } => {

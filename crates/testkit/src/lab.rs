@@ -7,6 +7,9 @@
 //!   nftables table `bridge mlab` whose forward chain carries the partition and loss rules;
 //! - netns `mlab-PID-N-HOST` per host (`a`, `b`, …) holds `lo` and `eth0` (the other end of
 //!   `pHOST`) with address `10.77.N.I/24`, and runs `ip netns exec NS marsd --listen IP:7777`.
+//!   Its `eth0` sends one TCP segment per packet (no 64 KiB GSO packets: loss and shaping act
+//!   per packet, as on a wire), and its route sets a minimum TCP retransmission timeout of
+//!   5 ms (the lab's round trip is ~0.1 ms; see the comment in [`Lab::new`]).
 //!
 //! Nothing is created in the initial network namespace, so labs of parallel tests (and of
 //! parallel test processes) never collide even though they reuse interface names and subnets.
@@ -135,8 +138,8 @@ impl Lab {
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             // The lab's round trip is ~0.1 ms: TCP's default minimum retransmission timeout of
-            // 200 ms would be 2000 round trips (on a WAN it is a few), and make lossy links
-            // crawl (30% loss: a few KiB/s). 5 ms keeps the proportion of a WAN.
+            // 200 ms would be 2000 round trips (on a WAN it is a few) and make lossy links crawl
+            // (30% loss towards a host: ~70 KiB/s; with 5 ms: ~1 MiB/s).
             let net = format!("10.77.{subnet}.0/24");
             ip(&[
                 "-n", &ns, "route", "replace", &net, "dev", "eth0", "proto", "kernel", "scope",
@@ -260,8 +263,7 @@ impl Lab {
     /// egress: the switch port towards the host, the host's `eth0` towards the switch).
     pub fn limit(&self, i: usize, mbit: u32) {
         assert!(mbit > 0);
-        // A burst of ~10 ms at the rate, at least 64 KiB (one GSO segment); tbf splits larger
-        // segments.
+        // A burst of ~10 ms at the rate, at least 64 KiB.
         let burst = (u64::from(mbit) * 1_000_000 / 8 / 100).max(64 << 10);
         for (ns, dev) in [(&self.sw, port(i)), (&self.nets[i], "eth0".to_string())] {
             crate::run(Command::new("tc").args([

@@ -44,6 +44,8 @@ fn join_sync_fetch_replay_converge() {
         write_random(&cl.a, "r", t.path(), (i * 7 + 3) << 20, 1 << 20);
     }
     cl.a.ok(&["log-rotate", "r"]);
+    // One request of the largest record size (32 MiB payload): it must travel in one frame.
+    write_random(&cl.a, "r", t.path(), 16 << 20, 32 << 20);
     write_random(&cl.a, "r", t.path(), 40 << 20, 2 << 20);
     for h in [&cl.b, &cl.c] {
         wait_uptodate(h, "r", 60);
@@ -198,8 +200,10 @@ fn lifecycle_refusals_change_nothing() {
     wait_uptodate(&cl.b, "r", 30);
     let e = cl.a.refused(&["resize", "r", "8M"]);
     assert!(e.contains("only grows"), "{e}");
-    let e = cl.a.refused(&["resize", "r", "1G"]);
-    assert!(e.contains("less than"), "{e}");
+    // (once a has b's report with its disk size: until then it says it must wait for it)
+    eventually(20, "resize beyond b's disk refused for its size", || {
+        cl.a.refused(&["resize", "r", "1G"]).contains("less than")
+    });
     let e = cl.b.refused(&["resize", "r"]);
     assert!(e.contains("primary"), "{e}");
     // Invalidate and fake-sync are for secondaries.

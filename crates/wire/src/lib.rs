@@ -53,8 +53,9 @@ pub const MAGIC: [u8; 8] = *b"MARSPEER";
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
-/// Largest binary payload of one message (`LogData`, `SyncData`): 32 MiB.
-pub const MAX_DATA: u32 = 32 << 20;
+/// Largest binary payload of one message (`LogData`, `SyncData`): 33 MiB, so that one log
+/// record of the largest size (32 MiB payload + header) always fits.
+pub const MAX_DATA: u32 = 33 << 20;
 /// Largest frame body: a [`MAX_DATA`] chunk plus headroom.
 pub const MAX_FRAME: u32 = MAX_DATA + 4096;
 /// Frame overhead: length prefix and checksum.

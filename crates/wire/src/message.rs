@@ -13,6 +13,7 @@
 //! | 12 | LogData | file: u64, offset: u64, data: bytes |
 //! | 13 | LogEnd | file: u64, len: u64 |
 //! | 14 | LogGone | file: u64, oldest: u64 |
+//! | 15 | LogCaughtUp | file: u64, offset: u64, stamp: u64 |
 //! | 20 | SyncStart | res: str |
 //! | 21 | SyncInfo | size: u64, file: u64, offset: u64 |
 //! | 22 | SyncCheck | offset: u64, len: u32 (≥ 1), digest: 16 bytes |
@@ -99,6 +100,15 @@ pub enum Message {
     LogGone {
         file: u64,
         oldest: u64,
+    },
+    /// 15, server → replica: everything durable here ends at `file`/`offset`, as of the
+    /// server's wall clock `stamp` (ns since the epoch). A replica holding exactly that much is
+    /// up to date as of `stamp`; the stamp (not the arrival time) tells whether a write
+    /// finished before some moment is included.
+    LogCaughtUp {
+        file: u64,
+        offset: u64,
+        stamp: u64,
     },
 
     // --- sync stream (fast full sync): the replica compares chunk digests, only differing chunks
@@ -235,6 +245,7 @@ impl Message {
             Message::LogData { .. } => 12,
             Message::LogEnd { .. } => 13,
             Message::LogGone { .. } => 14,
+            Message::LogCaughtUp { .. } => 15,
             Message::SyncStart { .. } => 20,
             Message::SyncInfo { .. } => 21,
             Message::SyncCheck { .. } => 22,
@@ -293,6 +304,15 @@ impl Message {
                 put_u64(out, *file);
                 put_u64(out, *oldest);
             }
+            Message::LogCaughtUp {
+                file,
+                offset,
+                stamp,
+            } => {
+                put_u64(out, *file);
+                put_u64(out, *offset);
+                put_u64(out, *stamp);
+            }
             Message::SyncStart { res } => put_str(out, res),
             Message::SyncInfo { size, file, offset } => {
                 put_u64(out, *size);
@@ -330,6 +350,7 @@ impl Message {
             12 => "LogData",
             13 => "LogEnd",
             14 => "LogGone",
+            15 => "LogCaughtUp",
             20 => "SyncStart",
             21 => "SyncInfo",
             22 => "SyncCheck",
@@ -393,6 +414,11 @@ impl Message {
             14 => Message::LogGone {
                 file: r.u64()?,
                 oldest: r.u64()?,
+            },
+            15 => Message::LogCaughtUp {
+                file: r.u64()?,
+                offset: r.u64()?,
+                stamp: r.u64()?,
             },
             20 => Message::SyncStart { res: r.str()? },
             21 => Message::SyncInfo {

@@ -102,6 +102,13 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(file, offset, data)| Message::LogData { file, offset, data }),
         (any::<u64>(), any::<u64>()).prop_map(|(file, len)| Message::LogEnd { file, len }),
         (any::<u64>(), any::<u64>()).prop_map(|(file, oldest)| Message::LogGone { file, oldest }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(file, offset, stamp)| {
+            Message::LogCaughtUp {
+                file,
+                offset,
+                stamp,
+            }
+        }),
         ".{0,40}".prop_map(|res| Message::SyncStart { res }),
         (any::<u64>(), any::<u64>(), any::<u64>())
             .prop_map(|(size, file, offset)| Message::SyncInfo { size, file, offset }),
@@ -151,6 +158,11 @@ fn stream_messages() -> Vec<Message> {
         Message::LogEnd { file: 7, len: 8192 },
         Message::LogGone { file: 3, oldest: 0 },
         Message::LogGone { file: 3, oldest: 5 },
+        Message::LogCaughtUp {
+            file: 3,
+            offset: 96,
+            stamp: 1_700_000_000_000_000_000,
+        },
         Message::SyncStart { res: "vol0".into() },
         Message::SyncInfo {
             size: 1 << 40,
@@ -215,7 +227,7 @@ fn fetch_and_sync_messages_roundtrip() {
     let types: Vec<u8> = msgs.iter().map(|m| body_of(m)[0]).collect();
     assert_eq!(
         types,
-        [10, 10, 11, 12, 12, 13, 14, 14, 20, 21, 22, 22, 23, 24, 24]
+        [10, 10, 11, 12, 12, 13, 14, 14, 15, 20, 21, 22, 22, 23, 24, 24]
     );
 }
 
@@ -277,7 +289,7 @@ fn truncated_and_trailing_payloads_are_malformed() {
 
 #[test]
 fn unknown_types_are_rejected() {
-    for t in [0u8, 7, 9, 15, 19, 25, 100, 255] {
+    for t in [0u8, 7, 9, 16, 19, 25, 100, 255] {
         let mut body = vec![t];
         body.extend_from_slice(&[0; 32]);
         assert_eq!(Message::decode(&body), Err(WireError::UnknownType(t)));
