@@ -166,6 +166,9 @@ async fn ship_file(
     mut off: u64,
     w: &mut BoxWrite,
 ) -> Result<u64> {
+    // `durable_stamp` is taken just before `durable` is read: at that moment nothing beyond
+    // `durable` was durable, which is what a caught-up confirmation may promise.
+    let mut durable_stamp = mars_meta::system_time_ns();
     let mut durable = vol.status().durable;
     let mut confirmed: Option<(u64, std::time::Instant)> = None;
     let mut ahead: Option<(u64, ReadTask)> = None;
@@ -213,12 +216,14 @@ async fn ship_file(
         }
         // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive).
         if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
+            // (stamped with the time `durable` was read, not the sending time: writes that
+            // finished in between must not count as included)
             send(
                 w,
                 &Message::LogCaughtUp {
                     file: name.no,
                     offset: off,
-                    stamp: mars_meta::system_time_ns(),
+                    stamp: durable_stamp,
                 },
             )
             .await?;
@@ -227,12 +232,10 @@ async fn ship_file(
         w.flush().await?;
         let v = vol.clone();
         let seen = durable;
-        durable = tokio::task::spawn_blocking(move || v.wait_durable_beyond(seen, CONFIRM_EVERY))
-            .await??;
-        if durable == seen {
-            // Also notices a rotation that wrote nothing yet.
-            durable = vol.status().durable;
-        }
+        tokio::task::spawn_blocking(move || v.wait_durable_beyond(seen, CONFIRM_EVERY)).await??;
+        // Read again after the stamp (this also notices a rotation that wrote nothing yet).
+        durable_stamp = mars_meta::system_time_ns();
+        durable = vol.status().durable;
     }
 }
 

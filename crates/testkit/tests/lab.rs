@@ -566,19 +566,10 @@ fn thirty_percent_packet_loss_still_converges() {
 }
 
 /// `wait-resource RES uptodate` on a secondary must cover every write completed on the primary
-/// before the wait began. Over a lossy link it often returns while the newest writes are still
-/// missing on the secondary.
-///
-/// Suspected cause: the primary's caught-up confirmation (an empty `LogData` at its durable end,
-/// sent every 100 ms while the replica has everything) counts as fresh from the moment the
-/// replica *receives* it (`caught_up = (Instant::now(), pos)` in crates/daemon/src/replica.rs;
-/// `caught_up_ms < waited` in crates/cli/src/wait.rs). A confirmation sent before the last
-/// writes became durable, delayed in the network (TCP retransmission, latency) and received
-/// after the wait began, matches the replica's fetched end (the newer data follows it in the
-/// stream) and satisfies the wait.
+/// before the wait began, also when the link delays delivery. (It did not while the primary's
+/// caught-up confirmation counted from its arrival, or carried its sending time while the
+/// durable end it confirmed had been read earlier: now it carries the time that end was read.)
 #[test]
-#[ignore = "still fails after the fix that stamps caught-up confirmations with the primary's \
-            clock: wait-resource uptodate can return before the latest writes on a lossy link"]
 fn wait_resource_uptodate_on_a_lossy_link_covers_every_earlier_write() {
     let Some(lab) = lab(2) else { return };
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
