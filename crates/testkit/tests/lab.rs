@@ -8,7 +8,6 @@
 //!
 //! MARS references: mars.md §5 (the network scenarios of the original test suite).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mars_testkit::lab::Lab;
+use mars_testkit::repl::{
+    fill_random, first_difference, tail, wait_uptodate, write_random, write_random_uri,
+};
 use mars_testkit::{random_file, require, run, Host};
 
 const MIB: u64 = 1 << 20;
@@ -57,11 +59,6 @@ fn eventually(
         std::thread::sleep(Duration::from_millis(50));
     }
     start.elapsed()
-}
-
-fn tail(s: &str, n: usize) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `view-MACRO r`.
@@ -108,43 +105,15 @@ fn join(a: &Host, h: &Host, size: u64) -> PathBuf {
 fn pair_in_sync(lab: &Lab, size: u64) -> (PathBuf, PathBuf) {
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
     let da = pair(lab, size);
-    write_random(a, lab.path(), 0, 4 << 20);
+    write_random(a, "r", lab.path(), 0, 4 << 20);
     let db = join(a, b, size);
-    wait_uptodate(b, 60);
+    wait_uptodate(b, "r", 60);
     assert_eq!(
         states(b),
         ("UpToDate".into(), "Replaying".into(), "dCASFR".into())
     );
     assert_eq!(view(a, "replstate"), "Replicating");
     (da, db)
-}
-
-/// Writes `len` random bytes at `offset` through NBD at `uri`, staged in file `src`.
-fn write_random_uri(uri: &str, src: &Path, offset: u64, len: usize) {
-    random_file(src, len);
-    run(Command::new("qemu-io")
-        .args(["-f", "raw", "-c"])
-        .arg(format!("write -s {} {offset} {len}", src.display()))
-        .arg(uri));
-    std::fs::remove_file(src).expect("remove source");
-}
-
-/// Writes `len` random bytes at `offset` of `r` through NBD on `h`.
-fn write_random(h: &Host, dir: &Path, offset: u64, len: usize) {
-    write_random_uri(
-        &h.unix_uri("r"),
-        &dir.join(format!("src-{offset}")),
-        offset,
-        len,
-    );
-}
-
-/// Copies a whole random image of `len` bytes onto `r` through NBD on `h` (nbdcopy).
-fn fill_random(h: &Host, dir: &Path, len: usize) {
-    let src = dir.join("fill.img");
-    random_file(&src, len);
-    run(Command::new("nbdcopy").arg(&src).arg(h.unix_uri("r")));
-    std::fs::remove_file(src).expect("remove source");
 }
 
 /// A thread writing 1 MiB of random data after 1 MiB to `r` through NBD until stopped.
@@ -214,57 +183,15 @@ impl Drop for Writer {
     }
 }
 
-/// Offset of the first differing 4 KiB block of two disks within `size`; `None`: equal.
-fn first_difference(a: &Path, b: &Path, size: u64) -> Option<u64> {
-    let mut fa = std::fs::File::open(a).expect("open a");
-    let mut fb = std::fs::File::open(b).expect("open b");
-    let mut ba = vec![0u8; 4 << 20];
-    let mut bb = vec![0u8; 4 << 20];
-    let mut at = 0u64;
-    while at < size {
-        let n = (size - at).min(ba.len() as u64) as usize;
-        fa.read_exact(&mut ba[..n]).expect("read a");
-        fb.read_exact(&mut bb[..n]).expect("read b");
-        if ba[..n] != bb[..n] {
-            let blk = (0..n)
-                .step_by(4096)
-                .find(|&i| ba[i..(i + 4096).min(n)] != bb[i..(i + 4096).min(n)])
-                .expect("a differing block");
-            return Some(at + blk as u64);
-        }
-        at += n as u64;
-    }
-    None
-}
-
-fn wait_uptodate(h: &Host, secs: u64) {
-    let o = h.marsadm(&[
-        "--timeout",
-        &secs.to_string(),
-        "wait-resource",
-        "r",
-        "uptodate",
-    ]);
-    assert!(
-        o.status.success(),
-        "{} not up to date: {}{}\n{}",
-        h.name,
-        String::from_utf8_lossy(&o.stderr),
-        h.ok(&["view", "r"]),
-        tail(&h.log_text(), 60)
-    );
-}
-
 /// `b` converged on `a`: `wait-resource uptodate` succeeds within `secs`, `a` is written back,
 /// both disks become byte-equal, both show their healthy states.
 ///
-/// Equality is polled, not checked once right after the wait: on a lossy or recovering link the
-/// wait can return before `b` has everything (see
-/// `wait_resource_uptodate_on_a_lossy_link_covers_every_earlier_write`); that is reported here
-/// and tested there.
+/// Equality is polled rather than checked once right after the wait; whether the wait alone
+/// covers every earlier write is tested by
+/// `wait_resource_uptodate_on_a_lossy_link_covers_every_earlier_write`.
 fn assert_converged(lab: &Lab, da: &Path, db: &Path, size: u64, secs: u64) {
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
-    wait_uptodate(b, secs);
+    wait_uptodate(b, "r", secs);
     // The primary's disk may lag its log: compare after writeback.
     eventually(a, b, 30, "a written back", || {
         view(a, "diskstate") == "UpToDate"
@@ -404,7 +331,7 @@ fn network_cut_during_full_sync_resumes_and_converges() {
     let size = 128 * MIB;
     let da = pair(&lab, size);
     // Every chunk differs from b's zeros: all of it crosses the link.
-    fill_random(a, lab.path(), size as usize);
+    fill_random(a, "r", lab.path(), size as usize);
     // Slow enough (~5 s for the copy) to cut it in the middle.
     lab.limit(1, 200);
     let db = join(a, b, size);
@@ -483,7 +410,7 @@ fn one_way_partition_then_heal_converges() {
     lab.partition_one_way(0, 1);
     let start = Instant::now();
     for i in 0..8u64 {
-        write_random(a, lab.path(), (i * 5 + 8) * MIB, MIB as usize);
+        write_random(a, "r", lab.path(), (i * 5 + 8) * MIB, MIB as usize);
     }
     println!(
         "8 MiB written on a in {:?} during the partition",
@@ -535,7 +462,7 @@ fn thirty_percent_packet_loss_still_converges() {
     lab.loss_to(1, 30);
     let start = Instant::now();
     for i in 0..8u64 {
-        write_random(a, lab.path(), (i * 7 + 4) * MIB, 4 * MIB as usize);
+        write_random(a, "r", lab.path(), (i * 7 + 4) * MIB, 4 * MIB as usize);
     }
     println!(
         "32 MiB written on a in {:?} with 30% loss towards b",
@@ -558,7 +485,7 @@ fn thirty_percent_packet_loss_still_converges() {
         32.0 / fetched.as_secs_f64(),
         start.elapsed()
     );
-    wait_uptodate(b, 60);
+    wait_uptodate(b, "r", 60);
     assert_eq!(view(b, "replstate"), "Replaying");
     assert_eq!(view(b, "diskstate"), "UpToDate");
     lab.heal();
@@ -590,7 +517,7 @@ fn wait_resource_uptodate_on_a_lossy_link_covers_every_earlier_write() {
                 .arg(a.unix_uri("r")));
             written.push((off, data));
         }
-        wait_uptodate(b, 60);
+        wait_uptodate(b, "r", 60);
         // Right after the wait: b's disk holds what a acknowledged before it.
         use std::os::unix::fs::FileExt;
         let f = std::fs::File::open(&db).expect("b's disk");
@@ -625,7 +552,7 @@ fn bandwidth_limit_is_respected_by_catch_up() {
     let before = newest_log(b);
     let start = Instant::now();
     for i in 0..8u64 {
-        write_random(a, lab.path(), (i * 7 + 4) * MIB, 4 * MIB as usize);
+        write_random(a, "r", lab.path(), (i * 7 + 4) * MIB, 4 * MIB as usize);
     }
     let local = start.elapsed();
     let target = newest_log(a);
