@@ -92,6 +92,21 @@ pub enum Request {
     /// Housekeeping for every resource: rotate the primary's log if it has data, delete
     /// logfiles nobody needs.
     Cron,
+    /// Makes this host the primary of `res`: a planned handover (waits up to `timeout`
+    /// seconds for the old primary's device to close and for it to leave the role), or with
+    /// `force` a failover with what this replica has replayed (fetch must be paused first).
+    Primary {
+        res: ResourceName,
+        #[serde(default)]
+        force: bool,
+        timeout: u64,
+    },
+    /// Sets the designated primary to `(none)`: the primary leaves its role once its device
+    /// is closed; secondaries stop fetching.
+    Secondary { res: ResourceName },
+    /// Deletes this host's logfiles and version links that no longer belong to the resource's
+    /// history (leftovers of a split brain) on a secondary; a full sync follows.
+    LogPurgeAll { res: ResourceName },
 }
 
 /// A local replication switch (MARS's `todo-HOST/*`).
@@ -235,6 +250,25 @@ pub struct ResourceView {
     /// Every member of the resource as this host's metadata shows it (this host included).
     #[serde(default)]
     pub members: Vec<ReplicaView>,
+    /// The members' histories have forked.
+    #[serde(default)]
+    pub split_brain: Option<SplitBrainView>,
+}
+
+/// A split brain as the version links show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitBrainView {
+    /// The first logfile number where the histories differ (0: two hosts act as primary and
+    /// the logfiles do not show it yet).
+    pub logfile: u64,
+    pub sides: Vec<SplitSide>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitSide {
+    pub hosts: Vec<String>,
+    /// Log bytes of this history from the fork on: lost if it is discarded.
+    pub bytes: u64,
 }
 
 /// Progress of a sync, fetch or replay.

@@ -36,7 +36,7 @@ pub struct Cli {
     /// Seconds to wait for the daemon, or for the condition of wait-cluster and wait-resource.
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
-    /// Skip safety checks: leave-resource, delete-resource.
+    /// Skip safety checks: leave-resource, delete-resource; `primary --force` fails over.
     #[arg(long, global = true)]
     force: bool,
     /// Check a command without changing anything (reserved: refused by every command so far).
@@ -144,6 +144,16 @@ enum Cmd {
     FakeSync { res: String },
     /// Discard the local replica and fast-full-sync it from the primary.
     Invalidate { res: String },
+    /// Make this host the primary of RES: a planned handover (waits up to --timeout for the
+    /// old primary's device to close), or with --force a failover with what this replica has
+    /// replayed (run pause-fetch first).
+    Primary { res: String },
+    /// Set the designated primary to (none): the primary leaves its role once its device is
+    /// closed (discouraged except before leave-resource or delete-resource).
+    Secondary { res: String },
+    /// On a secondary: delete local logfiles and this host's version links outside the
+    /// primary's history (split-brain leftovers); a fast full sync follows.
+    LogPurgeAll { res: String },
     /// Housekeeping: rotate the primary's logfiles, delete those nobody needs.
     Cron,
     /// Wait until a condition holds on this host (at most --timeout seconds).
@@ -204,7 +214,11 @@ fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bo
 
 /// The resource commands that are one request answered by `Done`: (command name, request).
 /// `None` for every other command.
-fn resource_request(cmd: &Cmd, force: bool) -> Result<Option<(&'static str, Request)>> {
+fn resource_request(
+    cmd: &Cmd,
+    force: bool,
+    timeout: u64,
+) -> Result<Option<(&'static str, Request)>> {
     if let Some((name, res, kinds, on)) = switch_of(cmd) {
         let req = Request::Switch {
             res: resource(res)?,
@@ -259,6 +273,26 @@ fn resource_request(cmd: &Cmd, force: bool) -> Result<Option<(&'static str, Requ
             },
         ),
         Cmd::Cron => ("cron", Request::Cron),
+        Cmd::Primary { res } => (
+            "primary",
+            Request::Primary {
+                res: resource(res)?,
+                force,
+                timeout,
+            },
+        ),
+        Cmd::Secondary { res } => (
+            "secondary",
+            Request::Secondary {
+                res: resource(res)?,
+            },
+        ),
+        Cmd::LogPurgeAll { res } => (
+            "log-purge-all",
+            Request::LogPurgeAll {
+                res: resource(res)?,
+            },
+        ),
         _ => return Ok(None),
     }))
 }
@@ -431,7 +465,7 @@ impl Cli {
                 self.view_macro(mac, res)
             }
             // The resource commands: one request each, answered by `Done`.
-            other => match resource_request(other, self.force)? {
+            other => match resource_request(other, self.force, self.timeout)? {
                 Some((name, req)) => {
                     self.no_dry_run(name)?;
                     let r = self.call(&req)?;
@@ -563,7 +597,7 @@ mod tests {
 
     fn request(args: &[&str]) -> (&'static str, Request) {
         let cli = parse(args);
-        resource_request(&cli.cmd, cli.force)
+        resource_request(&cli.cmd, cli.force, cli.timeout)
             .unwrap()
             .unwrap_or_else(|| panic!("{args:?} sends no resource request"))
     }
@@ -667,11 +701,11 @@ mod tests {
             &["up", "all"],
         ] {
             let cli = parse(args);
-            assert!(resource_request(&cli.cmd, false).is_err(), "{args:?}");
+            assert!(resource_request(&cli.cmd, false, 30).is_err(), "{args:?}");
         }
         // Other commands are not resource requests.
         let cli = parse(&["view", "vm1"]);
-        assert!(resource_request(&cli.cmd, false).unwrap().is_none());
+        assert!(resource_request(&cli.cmd, false, 30).unwrap().is_none());
         assert!(Cli::try_parse_from(["marsadm", "wait-resource", "vm1"]).is_err());
     }
 }

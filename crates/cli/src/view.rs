@@ -207,6 +207,9 @@ pub fn resource_text(r: &ResourceView) -> String {
         s += &format!("    {line}\n");
     }
     s += &detail_text(r);
+    if let Some(sb) = &r.split_brain {
+        s += &format!("    {}\n", split_brain_text(&r.name, sb));
+    }
     if let Some(st) = &r.stuck {
         s += &format!("    STUCK: {st}\n");
     }
@@ -217,6 +220,31 @@ pub fn resource_text(r: &ResourceView) -> String {
         s += &format!("    {}\n", member_line(m));
     }
     s
+}
+
+/// MARS's split-brain warning with what each history would lose if discarded.
+pub fn split_brain_text(res: &str, sb: &mars_api::SplitBrainView) -> String {
+    let sides: Vec<String> = sb
+        .sides
+        .iter()
+        .map(|side| {
+            format!(
+                "[{}] {} after the fork",
+                side.hosts.join(" "),
+                format_size(side.bytes)
+            )
+        })
+        .collect();
+    let at = if sb.logfile == 0 {
+        "two hosts act as primary".to_string()
+    } else {
+        format!("histories differ from logfile {}", sb.logfile)
+    };
+    format!(
+        "SPLIT BRAIN of resource '{res}': {at}; {}. Resolve: keep one side as primary, \
+         `marsadm invalidate {res}` on each host of the other",
+        sides.join(" vs ")
+    )
 }
 
 pub fn cluster_text(v: &ClusterView, all: bool) -> String {
@@ -297,6 +325,8 @@ pub const MACROS: &[&str] = &[
     "sync-line",
     "fetch-line",
     "replay-line",
+    "is-split-brain",
+    "split-brain",
 ];
 
 fn bit(b: bool) -> String {
@@ -333,6 +363,12 @@ fn replication_macro(r: &ResourceView, m: &str) -> Option<String> {
         "sync-line" => r.sync.as_ref().map(sync_line).unwrap_or_default(),
         "fetch-line" => fetch_line(r).unwrap_or_default(),
         "replay-line" => replay_line(r).unwrap_or_default(),
+        "is-split-brain" => bit(r.split_brain.is_some()),
+        "split-brain" => r
+            .split_brain
+            .as_ref()
+            .map(|sb| split_brain_text(&r.name, sb))
+            .unwrap_or_default(),
         _ => return None,
     })
 }
@@ -404,6 +440,7 @@ pub mod fixtures {
             stuck: None,
             caught_up_ms: None,
             members: Vec::new(),
+            split_brain: None,
         }
     }
 

@@ -152,7 +152,8 @@ impl Cluster {
     }
 
     /// Whether every other member answered within `since`.
-    fn all_answered_since(&self, me: &HostName, since: Instant) -> Vec<String> {
+    /// Members other than `me` that have not answered since `since`.
+    pub(crate) fn all_answered_since(&self, me: &HostName, since: Instant) -> Vec<String> {
         let peers = lock(&self.peers);
         self.members()
             .into_keys()

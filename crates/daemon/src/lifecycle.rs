@@ -38,7 +38,7 @@ pub fn disk_len(path: &Path) -> std::io::Result<u64> {
 }
 
 impl Daemon {
-    fn set_keys(&self, pairs: &[(String, String)]) -> Result<(), Refusal> {
+    pub(crate) fn set_keys(&self, pairs: &[(String, String)]) -> Result<(), Refusal> {
         let refs: Vec<(&str, &str)> = pairs
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -145,7 +145,14 @@ impl Daemon {
             std::fs::create_dir(&dir)?;
             root::write_toml(&dir, RESOURCE_FILE, &cfg)?;
             Replica::init_sync(&dir, size)?;
-            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning, Arc::new(meta));
+            let r = Resource::open(
+                cfg,
+                dir.clone(),
+                &self.host,
+                self.tuning,
+                Arc::new(meta),
+                false,
+            );
             if let Some(e) = r.error() {
                 anyhow::bail!("{e}");
             }
@@ -421,6 +428,12 @@ impl Daemon {
 
     pub(crate) fn invalidate(&self, res: &ResourceName) -> Outcome {
         let rep = self.secondary_replica(res, "invalidate")?;
+        // This host's links that contradict the primary's history go first: they are what
+        // shows a split brain, and this replica gives up that history now.
+        let meta = self.meta(res);
+        if let Some(p) = meta.primary.clone() {
+            self.purge_own_links(res, &meta, Some(&p))?;
+        }
         rep.invalidate()
             .map_err(|e| failed(format!("invalidate {res}: {e:#}")))?;
         Ok(Reply::Done {
@@ -526,6 +539,16 @@ impl Daemon {
                 }
             }
         } else if let Some(rep) = r.replica() {
+            // Nor a copy whose link this host has not published (the chain check of the next
+            // logfile needs it, and nobody else may have it).
+            let unlinked = crate::resource::log_lengths(&r.dir)
+                .into_iter()
+                .map(|(no, _)| no)
+                .find(|no| meta.version(*no, &self.host).is_none());
+            let below = match (below, unlinked) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             rep.reclaim(below)
         } else {
             Vec::new()
@@ -533,18 +556,43 @@ impl Daemon {
     }
 }
 
+/// A member counts as reachable for role decisions if its liveness stamp is this young
+/// (stamps are renewed every 2 s).
+const ALIVE_WINDOW: Duration = Duration::from_secs(10);
+/// After a restart, a host that was primary waits at most this long for the other members'
+/// metadata before it takes up the role again.
+const STALE_PRIMARY_WAIT: Duration = Duration::from_secs(10);
+/// The designated primary must have been this host for this long before it opens its volume:
+/// concurrent `primary` commands for different hosts settle (last writer wins) meanwhile.
+const PROMOTE_SETTLE: Duration = Duration::from_millis(500);
+
+fn plan_source(
+    meta: &ResourceMeta,
+    me: &mars_config::HostName,
+    fetched: Option<mars_txlog::LogPos>,
+    alive: &dyn Fn(&mars_config::HostName) -> bool,
+) -> Option<mars_config::HostName> {
+    mars_engine::fetch_source(meta, me, fetched, alive)
+}
+
 /// What the loop remembers between rounds.
 #[derive(Default)]
 pub struct Reconciler {
     /// Per resource: the last published report, its state part, and when.
     published: HashMap<ResourceName, (String, String, Instant)>,
+    /// Since when this host has been the designated primary of a resource it replicates.
+    designated_since: HashMap<ResourceName, Instant>,
+    /// Resources whose primary role stays here only because the device is open (logged once).
+    remains: std::collections::HashSet<ResourceName>,
 }
 
 /// The parts of a report that others act on (as opposed to progress and rates).
 fn state_of(r: &mars_engine::Report) -> String {
     format!(
-        "{:?}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        r.forked,
         r.role,
+        r.open_count,
         r.attached,
         r.consistent,
         r.sync.as_ref().map(|s| (s.start, s.end_known())),
@@ -556,9 +604,92 @@ fn state_of(r: &mars_engine::Report) -> String {
 }
 
 impl Reconciler {
+    /// The designated primary elsewhere and our device closed: leave the role and publish the
+    /// version links of every logfile (all complete now), so the next primary's replicas can
+    /// move past our last one.
+    fn step_down(&mut self, d: &Arc<Daemon>, r: &Arc<Resource>, meta: &ResourceMeta) {
+        let name = &r.cfg.name;
+        self.remains.remove(name);
+        // Commands see the resource either as primary or as replica, never in between.
+        let _g = d.admin.lock().unwrap_or_else(|e| e.into_inner());
+        tracing::info!(
+            "{name}: leaving the primary role ({} is the designated primary)",
+            meta.primary
+                .as_ref()
+                .map_or("(none)".to_string(), ToString::to_string)
+        );
+        match r.step_down(Arc::new(meta.clone())) {
+            Ok(()) => {
+                publish_versions(d, name, r, u64::MAX, meta, false);
+                if let Some(rep) = r.replica() {
+                    rep.ensure_started(d);
+                }
+            }
+            Err(e) => tracing::error!("{name}: cannot leave the primary role: {e:#}"),
+        }
+    }
+
+    /// This host is the designated primary but holds a replica: open the volume once the
+    /// role rules allow it (see `mars_engine::roles`). Returns whether it became primary.
+    fn try_promote(
+        &mut self,
+        d: &Arc<Daemon>,
+        r: &Arc<Resource>,
+        rep: &Arc<Replica>,
+        meta: &ResourceMeta,
+        alive: &dyn Fn(&mars_config::HostName) -> bool,
+    ) -> bool {
+        let name = &r.cfg.name;
+        let since = *self
+            .designated_since
+            .entry(name.clone())
+            .or_insert_with(Instant::now);
+        let st = rep.status();
+        if !st.consistent {
+            rep.set_role_wait(Some(format!(
+                "designated primary, but the replica is inconsistent ({}): cannot take over",
+                st.needs_sync.as_deref().unwrap_or("full sync not finished")
+            )));
+            return false;
+        }
+        let forced = r.dir.join(crate::resource::FORCE_MARKER).exists();
+        if forced && rep.replay_pending() {
+            rep.set_role_wait(Some("replaying what was fetched before taking over".into()));
+            return false;
+        }
+        match mars_engine::promotion(meta, &d.host, st.applied, forced, alive) {
+            mars_engine::Promotion::Wait(why) => {
+                rep.set_role_wait(Some(why));
+                false
+            }
+            mars_engine::Promotion::Go if since.elapsed() < PROMOTE_SETTLE => false,
+            mars_engine::Promotion::Go => {
+                let _g = d.admin.lock().unwrap_or_else(|e| e.into_inner());
+                match r.promote() {
+                    Ok(at) => {
+                        tracing::info!(
+                            "{name}: primary now{}, continuing after {at}",
+                            if forced { " (forced)" } else { "" }
+                        );
+                        self.designated_since.remove(name);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::error!("{name}: cannot become primary: {e:#}");
+                        false
+                    }
+                }
+            }
+        }
+    }
+
     /// One round over every local resource. Blocking: run on a blocking thread.
     pub fn round(&mut self, d: &Arc<Daemon>) {
         let addrs = d.cluster.members();
+        // Before the metadata is read: a primary role found on disk is taken up only with
+        // metadata at least as fresh as every member's answer since the restart.
+        let fresh = d.cluster.all_answered_since(&d.host, d.started).is_empty()
+            || d.started.elapsed() > STALE_PRIMARY_WAIT;
         let free = free_space(&d.root);
         let space_low = free.is_some_and(|f| f < d.tuning.min_free_space);
         for r in d.all() {
@@ -591,26 +722,74 @@ impl Reconciler {
                     r.set_size(size);
                 }
             }
+            let me_designated = meta.primary.as_ref() == Some(&d.host);
+            r.set_designated(me_designated);
+            if !me_designated {
+                self.designated_since.remove(&name);
+            }
             if let Some(v) = r.volume() {
-                if !todo.attach && r.open_count() == 0 {
-                    tracing::info!("{name}: detaching");
-                    r.close();
+                if !me_designated {
+                    // Fenced once another host acts as the designated primary (a forced
+                    // switch while our device is open): the application must not go on
+                    // writing a history that is no longer the resource's.
+                    let other_acting = meta.primary.as_ref().is_some_and(|p| {
+                        meta.members
+                            .get(p)
+                            .and_then(|m| m.report.as_ref())
+                            .is_some_and(|rep| rep.role == mars_engine::Role::Primary)
+                    });
+                    r.set_fenced(other_acting);
+                    if r.open_count() == 0 {
+                        drop(v);
+                        self.step_down(d, &r, &meta);
+                    } else if self.remains.insert(name.clone()) {
+                        tracing::warn!(
+                            "{name}: {} is the designated primary now, but the device is open here ({}): \
+                             staying primary until it is closed",
+                            meta.primary.as_ref().map_or("(none)".to_string(), ToString::to_string),
+                            r.open_count()
+                        );
+                    }
                 } else {
-                    publish_versions(d, &name, &r, &v, &meta);
+                    self.remains.remove(&name);
+                    r.set_fenced(false);
+                    if !todo.attach && r.open_count() == 0 {
+                        tracing::info!("{name}: detaching");
+                        r.close();
+                    } else {
+                        publish_versions(d, &name, &r, v.status().durable.file, &meta, false);
+                    }
                 }
             } else if let Some(rep) = r.replica() {
-                let source = meta
-                    .primary
-                    .as_ref()
-                    .filter(|p| **p != d.host)
-                    .and_then(|p| addrs.get(p).map(|a| (p.clone(), a.clone())));
+                let ages = d.cluster.ages();
+                let alive =
+                    |h: &mars_config::HostName| ages.get(h).is_some_and(|a| *a <= ALIVE_WINDOW);
+                let st = rep.status();
+                if me_designated && todo.attach && self.try_promote(d, &r, &rep, &meta, &alive) {
+                    continue;
+                }
+                let source = plan_source(&meta, &d.host, st.fetched, &alive)
+                    .and_then(|p| addrs.get(&p).map(|a| (p.clone(), a.clone())));
                 rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
                 rep.ensure_started(d);
+                if let Some(&(newest, _)) = crate::resource::log_lengths(&r.dir).last() {
+                    publish_versions(d, &name, &r, newest, &meta, true);
+                }
                 if space_low {
                     rep.drop_logs_for_space(free.unwrap_or(0), d.tuning.min_free_space);
                 }
-            } else if todo.attach && meta.primary.as_ref() == Some(&d.host) {
-                r.attach_primary();
+            } else if todo.attach && me_designated {
+                // Taken up (after a restart) once every other member answered, or after a
+                // while if some stay silent (they may be down for good).
+                if fresh {
+                    r.attach_primary();
+                }
+            } else if !me_designated && r.error().is_none() {
+                // Restarted as the old primary, but another host took over meanwhile.
+                r.attach_secondary(Arc::new(meta.clone()));
+                if let Some(rep) = r.replica() {
+                    rep.ensure_started(d);
+                }
             }
             let removed = d.reclaim(&r, &meta);
             if !removed.is_empty() {
@@ -654,16 +833,21 @@ fn free_space(path: &Path) -> Option<u64> {
 }
 
 /// The primary publishes the version link of each of its finished logfiles.
+/// Publishes this host's version link of each of its logfiles below `complete_below` that has
+/// none yet. A primary passes its durable logfile number: logfile N is complete on disk once
+/// the log is durable somewhere in N+1 (the appender finishes N before it writes into N+1).
+/// A primary that just left its role passes `u64::MAX`: all its logfiles are complete.
+///
+/// `own_only`: a replica publishes only for logfiles it wrote itself as primary before (a
+/// restarted ex-primary whose replay starts beyond them); replay publishes the others.
 fn publish_versions(
     d: &Daemon,
     res: &ResourceName,
     r: &Resource,
-    v: &mars_volume::Volume,
+    complete_below: u64,
     meta: &ResourceMeta,
+    own_only: bool,
 ) {
-    // Logfile N is complete on disk once the log is durable somewhere in N+1 (the appender
-    // finishes N before it writes into N+1); appends may have moved on earlier.
-    let complete_below = v.status().durable.file;
     let mut meta = meta.clone();
     let dir = r.dir.clone();
     let names = match mars_storage::real::RealDir::open(&dir)
@@ -676,7 +860,10 @@ fn publish_versions(
             return;
         }
     };
-    for name in names.into_iter().filter(|n| n.no < complete_below) {
+    for name in names
+        .into_iter()
+        .filter(|n| n.no < complete_below && (!own_only || n.host == d.host))
+    {
         if meta.version(name.no, &d.host).is_some() {
             continue;
         }
@@ -684,7 +871,10 @@ fn publish_versions(
             Ok(m) => m.len(),
             Err(_) => continue,
         };
-        let link = plan::my_link(&meta, &d.host, name.no, &name.host, len);
+        let Some(link) = plan::my_link(&meta, &d.host, name.no, &name.host, len) else {
+            // The previous link has not arrived yet: later.
+            return;
+        };
         let key = keys::version(res, name.no, &d.host);
         if let Err(e) = d.cluster.store().set(&key, &link) {
             tracing::warn!("{res}: cannot publish {key}: {e}");

@@ -72,6 +72,84 @@ fn primary_volume(
     Ok((r, v))
 }
 
+fn upgrade(v: &std::sync::Weak<Volume>) -> Result<Arc<Volume>> {
+    v.upgrade()
+        .ok_or_else(|| anyhow!("this host left the primary role"))
+}
+
+/// Whether `len` bytes are all of logfile `no`, by the version links published for it (its
+/// writer's and those of hosts that replayed it agree on the length).
+fn complete_by_link(d: &Daemon, res: &ResourceName, no: u64, len: u64) -> bool {
+    let meta = d.meta(res);
+    let Some(links) = meta.versions.get(&no) else {
+        return false;
+    };
+    !links.is_empty()
+        && links
+            .values()
+            .all(|l| mars_engine::version::len_of(l) == Some(len))
+}
+
+/// Where the fetch server's logfiles come from: the primary's log (durable part), or a
+/// replica's verified copies. The latter serves the catch-up during a handover: the old
+/// primary has left its role and its final logfile is complete here, and the new primary must
+/// have every byte of it before it opens its volume.
+#[derive(Clone)]
+enum LogSource {
+    /// Weak: a primary that leaves its role closes the volume, and a fetch session must not
+    /// keep it open (the session ends instead; the replica reconnects to the new source).
+    Volume(std::sync::Weak<Volume>),
+    Replica(Arc<crate::replica::Replica>),
+}
+
+impl LogSource {
+    fn open(d: &Daemon, res: &str) -> Result<(Arc<crate::resource::Resource>, Self), String> {
+        let name = ResourceName::new(res).map_err(|e| format!("bad resource name: {e}"))?;
+        let r = d
+            .resource(&name)
+            .ok_or_else(|| format!("resource {res} does not exist on {}", d.host))?;
+        if let Some(v) = r.volume() {
+            return Ok((r, LogSource::Volume(Arc::downgrade(&v))));
+        }
+        match r.replica() {
+            Some(rep) => Ok((r, LogSource::Replica(rep))),
+            None => Err(format!("{res} is not set up on {}", d.host)),
+        }
+    }
+
+    /// How much of logfile `no` may be shipped now, and whether that is all of it.
+    fn limit(&self, no: u64, f: &dyn File) -> Result<(u64, bool)> {
+        Ok(match self {
+            LogSource::Volume(v) => {
+                let durable = upgrade(v)?.status().durable;
+                if durable.file > no {
+                    (f.len()?, true)
+                } else if durable.file == no {
+                    (durable.offset, false)
+                } else {
+                    (0, false)
+                }
+            }
+            LogSource::Replica(rep) => rep.copy_state(no).unwrap_or((0, false)),
+        })
+    }
+
+    /// Waits until more may be shipped (or `timeout`).
+    async fn wait_beyond(&self, no: u64, seen: u64, timeout: Duration) -> Result<()> {
+        match self {
+            LogSource::Volume(v) => {
+                let v = upgrade(v)?;
+                let at = LogPos::new(no, seen).min(v.status().durable);
+                tokio::task::spawn_blocking(move || v.wait_durable_beyond(at, timeout)).await??;
+            }
+            LogSource::Replica(_) => {
+                tokio::time::sleep(timeout.min(Duration::from_millis(50))).await
+            }
+        }
+        Ok(())
+    }
+}
+
 async fn refuse(w: &mut BoxWrite, reason: String) -> Result<()> {
     send(
         w,
@@ -94,7 +172,7 @@ pub async fn serve_fetch(
         Message::FetchFrom { res, file, offset } => (res, file, offset),
         other => bail!("{peer} opened a fetch stream with {}", describe(&other)),
     };
-    let (r, vol) = match primary_volume(&d, &res) {
+    let (r, src) = match LogSource::open(&d, &res) {
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
@@ -108,6 +186,19 @@ pub async fn serve_fetch(
         let Some(name) = logs.iter().find(|n| n.no == file_no).cloned() else {
             let oldest = logs.first().map_or(0, |n| n.no);
             let newest = logs.last().map_or(0, |n| n.no);
+            if logs.is_empty() && matches!(src, LogSource::Replica(_)) {
+                // A replica that has nothing yet (it just left the primary role, or reclaimed
+                // everything): nothing to serve, but nothing is lost either.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            if file_no + 1 == oldest && complete_by_link(&d, &r.cfg.name, file_no, off) {
+                // The replica has all of a logfile deleted here since: its length matches the
+                // version link, so it goes on with the next one.
+                file_no = oldest;
+                off = 0;
+                continue;
+            }
             if file_no < oldest || logs.is_empty() {
                 send(
                     &mut w,
@@ -144,7 +235,10 @@ pub async fn serve_fetch(
         let f = dir
             .open(&name.to_string(), OpenMode::Existing)
             .with_context(|| format!("open {name}"))?;
-        off = ship_file(&vol, &name, f, off, &mut w).await?;
+        off = match ship_file(&r, &src, &name, f, off, &mut w).await? {
+            Ok(len) => len,
+            Err(diverged) => return refuse(&mut w, diverged).await,
+        };
         send(
             &mut w,
             &Message::LogEnd {
@@ -158,32 +252,31 @@ pub async fn serve_fetch(
     }
 }
 
-/// Ships logfile `name` from `off` until it is complete; returns its length.
+/// Ships logfile `name` from `off` until it is complete; returns its length, or (inner error)
+/// why the replica's copy cannot belong to this history.
 async fn ship_file(
-    vol: &Arc<Volume>,
+    r: &crate::resource::Resource,
+    src: &LogSource,
     name: &LogName,
     f: Arc<dyn File>,
     mut off: u64,
     w: &mut BoxWrite,
-) -> Result<u64> {
-    // `durable_stamp` is taken just before `durable` is read: at that moment nothing beyond
-    // `durable` was durable, which is what a caught-up confirmation may promise.
-    let mut durable_stamp = mars_meta::system_time_ns();
-    let mut durable = vol.status().durable;
+) -> Result<std::result::Result<u64, String>> {
+    // The stamp is taken just before the limit is read: at that moment nothing beyond it was
+    // durable, which is what a caught-up confirmation may promise.
+    let mut stamp = mars_meta::system_time_ns();
+    let (mut limit, mut complete) = src.limit(name.no, &*f)?;
     let mut confirmed: Option<(u64, std::time::Instant)> = None;
     let mut ahead: Option<(u64, ReadTask)> = None;
     loop {
-        let (limit, complete) = if durable.file > name.no {
-            (f.len()?, true)
-        } else if durable.file == name.no {
-            (durable.offset, false)
-        } else {
-            (0, false)
-        };
-        if off > limit && (complete || durable.file == name.no) {
-            bail!(
-                "the replica's copy of {name} has {off} bytes, this host only {limit}: different histories?"
-            );
+        if r.leaving() {
+            bail!("this host is leaving the primary role");
+        }
+        if off > limit && (complete || limit > 0) {
+            return Ok(Err(format!(
+                "the replica's copy of {name} has {off} bytes, this host only {limit}: \
+                 different histories (split brain?)"
+            )));
         }
         if off < limit {
             let (data, n) = match ahead.take() {
@@ -212,30 +305,28 @@ async fn ship_file(
         }
         if complete {
             w.flush().await?;
-            return Ok(off);
+            return Ok(Ok(off));
         }
         // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive).
         if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
-            // (stamped with the time `durable` was read, not the sending time: writes that
+            // (stamped with the time the limit was read, not the sending time: writes that
             // finished in between must not count as included)
             send(
                 w,
                 &Message::LogCaughtUp {
                     file: name.no,
                     offset: off,
-                    stamp: durable_stamp,
+                    stamp,
                 },
             )
             .await?;
             confirmed = Some((off, std::time::Instant::now()));
         }
         w.flush().await?;
-        let v = vol.clone();
-        let seen = durable;
-        tokio::task::spawn_blocking(move || v.wait_durable_beyond(seen, CONFIRM_EVERY)).await??;
+        src.wait_beyond(name.no, off, CONFIRM_EVERY).await?;
         // Read again after the stamp (this also notices a rotation that wrote nothing yet).
-        durable_stamp = mars_meta::system_time_ns();
-        durable = vol.status().durable;
+        stamp = mars_meta::system_time_ns();
+        (limit, complete) = src.limit(name.no, &*f)?;
     }
 }
 
@@ -290,6 +381,8 @@ pub async fn serve_sync(
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
+    // Held weakly between messages: a primary leaving its role must be able to close it.
+    let weak = Arc::downgrade(&vol);
     let start: LogPos = {
         let v = vol.clone();
         tokio::task::spawn_blocking(move || v.rotate_if_used()).await??
@@ -307,8 +400,12 @@ pub async fn serve_sync(
     )
     .await?;
     w.flush().await?;
+    drop(vol);
     loop {
         let msg = frames.next().await?;
+        let Some(vol) = weak.upgrade().filter(|_| !r.leaving()) else {
+            return refuse(&mut w, format!("{} left the primary role of {res}", d.host)).await;
+        };
         match msg {
             Message::SyncCheck {
                 offset,

@@ -6,6 +6,7 @@ mod lifecycle;
 mod logserve;
 mod replica;
 mod resource;
+mod roles;
 mod root;
 mod serve;
 mod state;

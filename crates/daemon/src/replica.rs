@@ -22,7 +22,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -127,6 +127,10 @@ struct State {
     stuck: Option<String>,
     /// Replay waits for something that will come (a version link).
     waiting: Option<String>,
+    /// Designated primary, but not allowed to take over yet: why.
+    role_wait: Option<String>,
+    /// The source's history differs from ours from this logfile on (split brain).
+    forked: Option<u64>,
     /// Damage found by replay at this position: fetch truncates there and fetches again.
     repair: Option<LogPos>,
     sync: Option<SyncFile>,
@@ -157,6 +161,17 @@ pub struct Replica {
     kick: Notify,
     stop: AtomicBool,
     started: AtomicBool,
+    /// Fetch task, sync task and replay thread still running (a promotion waits for zero).
+    active: AtomicUsize,
+}
+
+/// Counts a running activity of a replica until dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +193,8 @@ pub struct ReplicaStatus {
     pub replay_rate: u64,
     /// Milliseconds since the primary confirmed that `fetched` is its durable end.
     pub caught_up_ms: Option<u64>,
+    /// Our history differs from the source's from this logfile on.
+    pub forked: Option<u64>,
 }
 
 impl Replica {
@@ -265,6 +282,8 @@ impl Replica {
                 fetch_error: None,
                 stuck: None,
                 waiting: None,
+                role_wait: None,
+                forked: None,
                 repair: None,
                 sync,
                 needs_sync,
@@ -280,6 +299,7 @@ impl Replica {
             kick: Notify::new(),
             stop: AtomicBool::new(false),
             started: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
         }))
     }
 
@@ -304,6 +324,8 @@ impl Replica {
             return;
         }
         let weak = Arc::downgrade(d);
+        // Counted before they start, so that a stop right after sees them.
+        self.active.fetch_add(3, Ordering::AcqRel);
         let rt = tokio::runtime::Handle::current();
         rt.spawn(self.clone().fetch_loop(weak.clone()));
         rt.spawn(self.clone().sync_loop(weak.clone()));
@@ -322,6 +344,74 @@ impl Replica {
 
     fn stopped(&self) -> bool {
         self.stop.load(Ordering::Acquire)
+    }
+
+    /// Stops fetch, sync and replay and waits until none of them touches the directory or the
+    /// disk any more; false on timeout.
+    pub fn stop_and_wait(&self, timeout: Duration) -> bool {
+        self.shutdown();
+        let deadline = Instant::now() + timeout;
+        while self.active.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            self.kick.notify_waiters();
+            self.wake.notify_all();
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
+    }
+
+    /// Before this directory becomes a primary's (replica stopped): everything fetched beyond
+    /// the replay position is cut off, so the volume continues exactly from what the disk
+    /// holds. Returns that position.
+    pub fn cut_for_promotion(&self) -> Result<LogPos> {
+        let mut st = lock(&self.st);
+        let at = st.applied;
+        let later: Vec<u64> = st.files.range(at.file + 1..).map(|(n, _)| *n).collect();
+        for no in later {
+            let f = st.files.remove(&no).expect("listed");
+            let name = LogName::new(no, f.origin);
+            tracing::warn!("{}: promotion drops the unreplayed copy {name}", self.res);
+            self.ldir.remove(&name.to_string())?;
+        }
+        if let Some(f) = st.files.get(&at.file).cloned() {
+            let name = LogName::new(at.file, f.origin.clone());
+            let file = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
+            if at.offset == 0 {
+                drop(file);
+                st.files.remove(&at.file);
+                self.ldir.remove(&name.to_string())?;
+            } else if file.len()? > at.offset {
+                tracing::warn!(
+                    "{}: promotion cuts {name} at the replay position {}",
+                    self.res,
+                    at.offset
+                );
+                file.set_len(at.offset)?;
+                file.sync_data()?;
+            }
+        }
+        self.ldir.sync()?;
+        mars_volume::write_position(&*self.ldir, at)?;
+        Ok(at)
+    }
+
+    /// Why this designated primary may not take over yet (`None`: it may, or is not designated).
+    pub fn set_role_wait(&self, why: Option<String>) {
+        lock(&self.st).role_wait = why;
+    }
+
+    /// Fetched but not yet replayed bytes remain (a forced switch waits for replay first).
+    pub fn replay_pending(&self) -> bool {
+        let st = lock(&self.st);
+        if !st.todo.replay || st.stuck.is_some() {
+            return false;
+        }
+        st.files
+            .iter()
+            .next_back()
+            .is_some_and(|(no, f)| LogPos::new(*no, f.len) > st.applied)
     }
 
     /// A switch changed here: take it at once instead of at the next reconcile round.
@@ -344,6 +434,9 @@ impl Replica {
     ) {
         let mut st = lock(&self.st);
         let changed = st.todo != todo || st.source != source;
+        if meta.primary.as_ref() != Some(&self.me) {
+            st.role_wait = None;
+        }
         st.todo = todo;
         st.attached = todo.attach;
         st.meta = meta;
@@ -402,6 +495,7 @@ impl Replica {
                 .stuck
                 .clone()
                 .or_else(|| st.needs_sync.clone())
+                .or_else(|| st.role_wait.clone())
                 .or_else(|| st.waiting.clone()),
             fetch_error: st.fetch_error.clone(),
             fetch_rate: st.fetch_rate.per_sec(),
@@ -413,7 +507,17 @@ impl Replica {
                 .filter(|(_, p)| Some(*p) == fetched)
                 .map(|(stamp, _)| mars_meta::system_time_ns().saturating_sub(stamp) / 1_000_000)
                 .filter(|ms| *ms < CAUGHT_UP_VALID.as_millis() as u64),
+            forked: st.forked,
         }
+    }
+
+    /// Durable length of the local copy of logfile `no` and whether it is complete (for
+    /// serving it to another replica).
+    pub fn copy_state(&self, no: u64) -> Option<(u64, bool)> {
+        let st = lock(&self.st);
+        let newest = *st.files.keys().next_back()?;
+        let l = st.files.get(&no)?;
+        Some((l.len, l.complete || no < newest))
     }
 
     /// The oldest logfile this replica still needs (`None`: it needs none, e.g. before its sync
@@ -468,6 +572,7 @@ impl Replica {
         st.sync = Some(s);
         st.needs_sync = None;
         st.stuck = None;
+        st.forked = None;
         st.waiting = None;
         st.repair = None;
         st.fetch_error = None;
@@ -555,6 +660,7 @@ impl Replica {
     // ---------------------------------------------------------------- fetch
 
     async fn fetch_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        let _running = Running(&self.active);
         let mut backoff = Duration::from_millis(100);
         loop {
             if self.stopped() {
@@ -788,7 +894,12 @@ impl Replica {
                     ));
                     return Ok(());
                 }
-                Message::Refuse { reason } => bail!("{reason}"),
+                Message::Refuse { reason } => {
+                    if reason.contains("different histories") {
+                        lock(&self.st).forked = Some(from.file);
+                    }
+                    bail!("{reason}")
+                }
                 other => bail!("unexpected {}", describe(&other)),
             }
         }
@@ -819,6 +930,17 @@ impl Replica {
             bail!("local logs were reset");
         }
         let name = LogName::new(no, origin.clone());
+        if let Some(l) = st
+            .files
+            .get(&no)
+            .filter(|l| l.origin != *origin && l.len == 0)
+        {
+            // An empty copy carries no history (a logfile its writer never wrote to, e.g. the
+            // old primary's last one at a handover): replace it.
+            let old = LogName::new(no, l.origin.clone());
+            self.ldir.remove(&old.to_string())?;
+            st.files.remove(&no);
+        }
         if let Some(l) = st.files.get(&no) {
             if l.origin != *origin {
                 let msg = format!(
@@ -826,6 +948,7 @@ impl Replica {
                     LogName::new(no, l.origin.clone())
                 );
                 st.stuck = Some(msg.clone());
+                st.forked = Some(no);
                 bail!(msg);
             }
             let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
@@ -931,6 +1054,7 @@ impl Replica {
     // ---------------------------------------------------------------- replay
 
     fn replay_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        let _running = Running(&self.active);
         enum Step {
             Wait,
             Apply(LogName, u64, u64),
@@ -1017,7 +1141,9 @@ impl Replica {
                         }
                         ChainCheck::Mismatch(why) => {
                             tracing::error!("{}: replay stopped: {why}", self.res);
-                            lock(&self.st).stuck = Some(format!("replay stopped: {why}"));
+                            let mut st = lock(&self.st);
+                            st.stuck = Some(format!("replay stopped: {why}"));
+                            st.forked = Some(no);
                         }
                     }
                 }
@@ -1091,6 +1217,7 @@ impl Replica {
     // ---------------------------------------------------------------- sync
 
     async fn sync_loop(self: Arc<Self>, d: Weak<Daemon>) {
+        let _running = Running(&self.active);
         let mut backoff = Duration::from_millis(200);
         loop {
             if self.stopped() {

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
@@ -41,18 +41,37 @@ pub struct Resource {
     /// Why the volume is not open (recovery refused, disk missing …).
     error: RwLock<Option<(String, String)>>,
     open_count: AtomicU64,
+    /// This host is the designated primary: only then are new opens of the device accepted.
+    designated: AtomicBool,
+    /// Another host took over as designated primary while this one still acts as primary
+    /// (its device is open): writes fail until the device is closed and the role is left.
+    fenced: AtomicBool,
+    /// The primary role is being left: fetch and sync sessions end so the volume can close.
+    leaving: AtomicBool,
 }
+
+/// Present in a resource directory while it holds a replica (removed when it becomes
+/// primary): a restarted daemon that finds itself designated primary with this file still has
+/// to catch up before it may open its volume.
+pub const REPLICA_MARKER: &str = "replica";
+/// Present while a forced switch (`primary --force`) is pending here.
+pub const FORCE_MARKER: &str = "force-primary";
 
 impl Resource {
     /// Sets up the resource in the role the metadata gives this host: the designated primary
     /// opens its volume (running crash recovery), every other member opens its replica. A
     /// failure leaves the resource present but detached, with the reason shown by `view`.
+    ///
+    /// `defer_primary`: at daemon start with other cluster members, a primary role found in
+    /// the local metadata is taken up by the reconcile loop only once the metadata is fresh
+    /// (another host may have taken over while this one was down).
     pub fn open(
         cfg: ResourceFile,
         dir: PathBuf,
         host: &HostName,
         tuning: Tuning,
         meta: Arc<ResourceMeta>,
+        defer_primary: bool,
     ) -> Arc<Self> {
         let size = meta.size.unwrap_or(cfg.size).max(cfg.size);
         let r = Arc::new(Self {
@@ -65,10 +84,13 @@ impl Resource {
             replica: RwLock::new(None),
             error: RwLock::new(None),
             open_count: AtomicU64::new(0),
+            designated: AtomicBool::new(meta.primary.as_ref() == Some(host)),
+            fenced: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
         });
         let attach = meta.members.get(host).is_none_or(|m| m.todo.attach);
-        if meta.primary.as_ref() == Some(host) {
-            if attach {
+        if meta.primary.as_ref() == Some(host) && !r.dir.join(REPLICA_MARKER).exists() {
+            if attach && !defer_primary {
                 r.attach_primary();
             }
         } else {
@@ -127,7 +149,13 @@ impl Resource {
         }
     }
 
-    fn attach_secondary(&self, meta: Arc<ResourceMeta>) {
+    pub fn attach_secondary(&self, meta: Arc<ResourceMeta>) {
+        if let Err(e) = mark(&self.dir, REPLICA_MARKER, true) {
+            tracing::error!(
+                "{}: cannot mark the directory as a replica: {e}",
+                self.cfg.name
+            );
+        }
         match Replica::open(
             self.cfg.name.clone(),
             self.host.clone(),
@@ -179,27 +207,126 @@ impl Resource {
         {
             rep.shutdown();
         }
-        let v = self
+        if let Err(v) = self.close_volume() {
+            // Connections still hold it: sync the log at least; writeback finishes when the
+            // last holder drops it, and recovery covers the rest.
+            if let Err(e) = v.flush() {
+                tracing::error!("{}: flush at close: {e}", self.cfg.name);
+            }
+        }
+    }
+
+    /// Takes the volume and closes it; gives it back if somebody still holds it after a
+    /// few seconds (fetch and sync sessions hold it only for a moment at a time).
+    fn close_volume(&self) -> Result<(), Arc<Volume>> {
+        let taken = self
             .volume
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(v) = v {
+        let Some(mut v) = taken else {
+            return Ok(());
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
             match Arc::try_unwrap(v) {
-                Ok(v) => {
-                    if let Err(e) = v.close() {
+                Ok(vol) => {
+                    if let Err(e) = vol.close() {
                         tracing::error!("{}: close: {e}", self.cfg.name);
                     }
+                    return Ok(());
                 }
-                Err(v) => {
-                    // Connections still hold it: sync the log at least; writeback finishes
-                    // when the last holder drops it, and recovery covers the rest.
-                    if let Err(e) = v.flush() {
-                        tracing::error!("{}: flush at close: {e}", self.cfg.name);
-                    }
+                Err(still) if std::time::Instant::now() < deadline => {
+                    v = still;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
                 }
+                Err(still) => return Err(still),
             }
         }
+    }
+
+    pub fn set_designated(&self, on: bool) {
+        self.designated.store(on, Ordering::Relaxed);
+    }
+
+    pub fn set_fenced(&self, on: bool) {
+        if self.fenced.swap(on, Ordering::Relaxed) != on && on {
+            tracing::error!(
+                "{}: another host is the primary now, but the device is still open here: \
+                 writes fail until it is closed (split brain)",
+                self.cfg.name
+            );
+        }
+    }
+
+    pub fn fenced(&self) -> bool {
+        self.fenced.load(Ordering::Relaxed)
+    }
+
+    /// The primary role is being left (serving sessions must let go of the volume).
+    pub fn leaving(&self) -> bool {
+        self.leaving.load(Ordering::Acquire)
+    }
+
+    /// Leaves the primary role (the device is closed): the log is synced and everything
+    /// written back, then the directory becomes a replica that follows the new primary. The
+    /// caller publishes the version links of the now complete logfiles.
+    pub fn step_down(&self, meta: Arc<ResourceMeta>) -> anyhow::Result<()> {
+        if self.volume().is_none() {
+            return Ok(());
+        }
+        self.leaving.store(true, Ordering::Release);
+        let closed = self.close_volume();
+        self.leaving.store(false, Ordering::Release);
+        if let Err(v) = closed {
+            *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(v);
+            anyhow::bail!("the volume is still in use");
+        }
+        // A logfile we started but never wrote to is no history: drop it, or the next primary's
+        // logfile with the same number would look like a fork.
+        drop_empty_own_tail(&self.dir, &self.host)?;
+        // Everything is written back: the replica starts at the end of the last logfile, which
+        // is what this host reports as its log end (the next primary must have all of it).
+        let d = mars_storage::real::RealDir::open(&self.dir)?;
+        if let (Some(&(no, len)), Some(pos)) = (
+            log_lengths(&self.dir).last(),
+            mars_volume::read_position(&d)?,
+        ) {
+            if pos.file > no {
+                mars_volume::write_position(&d, mars_txlog::LogPos::new(no, len))?;
+            }
+        }
+        self.fenced.store(false, Ordering::Relaxed);
+        self.attach_secondary(meta);
+        match self.error() {
+            Some(e) if self.replica().is_none() => anyhow::bail!("{e}"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Takes over the primary role: stops the replica (waiting for its tasks), cuts what was
+    /// fetched beyond the replay position (a forced switch takes what it has replayed; a
+    /// planned one has replayed everything), and opens the volume, which continues in a new
+    /// logfile.
+    pub fn promote(&self) -> anyhow::Result<mars_txlog::LogPos> {
+        let Some(rep) = self.replica() else {
+            anyhow::bail!("no replica to promote");
+        };
+        if !rep.stop_and_wait(std::time::Duration::from_secs(10)) {
+            anyhow::bail!("the replica's tasks did not stop in time");
+        }
+        let at = rep.cut_for_promotion()?;
+        *self.replica.write().unwrap_or_else(|e| e.into_inner()) = None;
+        mark(&self.dir, REPLICA_MARKER, false)?;
+        self.attach_primary();
+        if self.volume().is_none() {
+            // Back to a replica, with the reason visible.
+            let err = self.error().unwrap_or_default();
+            mark(&self.dir, REPLICA_MARKER, true)?;
+            anyhow::bail!("cannot open the volume: {err}");
+        }
+        let _ = mark(&self.dir, FORCE_MARKER, false);
+        Ok(at)
     }
 
     /// What this host reports about itself for this resource (`actual-HOST`).
@@ -242,6 +369,7 @@ impl Resource {
             rep.fetch_rate = s.fetch_rate;
             rep.replay_rate = s.replay_rate;
             rep.caught_up = todo.fetch && s.caught_up_ms.is_some();
+            rep.forked = s.forked;
             rep.disk_size = self.size();
         } else {
             rep.stuck = self.error();
@@ -384,11 +512,26 @@ impl Resource {
             stuck,
             caught_up_ms,
             members,
+            split_brain: mars_engine::split_brain(&local).map(|sb| mars_api::SplitBrainView {
+                logfile: sb.logfile,
+                sides: sb
+                    .sides
+                    .into_iter()
+                    .map(|s| mars_api::SplitSide {
+                        hosts: s.hosts.iter().map(ToString::to_string).collect(),
+                        bytes: s.bytes,
+                    })
+                    .collect(),
+            }),
         }
     }
 
-    /// An export handle for one NBD connection; dropping it lowers the open count.
+    /// An export handle for one NBD connection; dropping it lowers the open count. Only the
+    /// designated primary accepts new opens.
     pub fn export(self: &Arc<Self>) -> Option<Arc<dyn Export>> {
+        if !self.designated.load(Ordering::Relaxed) {
+            return None;
+        }
         let vol = self.volume()?;
         self.open_count.fetch_add(1, Ordering::Relaxed);
         Some(Arc::new(Connection {
@@ -396,6 +539,37 @@ impl Resource {
             vol,
         }))
     }
+}
+
+/// Creates (`on`) or removes a marker file in the resource directory, durably.
+pub fn mark(dir: &Path, name: &str, on: bool) -> io::Result<()> {
+    let p = dir.join(name);
+    if on == p.exists() {
+        return Ok(());
+    }
+    if on {
+        std::fs::write(&p, b"")?;
+    } else {
+        std::fs::remove_file(&p)?;
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Removes the newest logfile if it is this host's and empty.
+fn drop_empty_own_tail(dir: &Path, me: &HostName) -> io::Result<()> {
+    let mut names: Vec<mars_txlog::LogName> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter_map(|e| mars_txlog::LogName::parse(&e.file_name().to_string_lossy()).ok()?)
+        .collect();
+    names.sort_by_key(|n| n.no);
+    if let Some(last) = names.last().filter(|n| n.host == *me) {
+        let p = dir.join(last.to_string());
+        if std::fs::metadata(&p)?.len() == 0 {
+            std::fs::remove_file(&p)?;
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 /// `(number, length)` of the logfiles in `dir`, oldest first.
@@ -473,6 +647,16 @@ fn io_err(e: VolumeError) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }
 
+impl Connection {
+    fn check_fenced(&self) -> io::Result<()> {
+        if self.res.fenced() {
+            // EIO: the filesystem above sees a failed write, as on a disk that went away.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
 impl Export for Connection {
     fn size(&self) -> u64 {
         self.vol.size()
@@ -487,18 +671,21 @@ impl Export for Connection {
         self.vol.read(offset, buf).map_err(io_err)
     }
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
         self.vol
             .write(offset, data, fua)
             .map(|_| ())
             .map_err(io_err)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
         self.vol
             .write_zeroes(offset, len, may_trim, fua)
             .map(|_| ())
             .map_err(io_err)
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
         self.vol
             .discard(offset, len, fua)
             .map(|_| ())

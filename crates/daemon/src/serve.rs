@@ -153,6 +153,11 @@ async fn control_conn(daemon: Arc<Daemon>, s: UnixStream) -> Result<()> {
                 Request::UpdateCluster { timeout } => {
                     Ok(crate::cluster::update(d, secs(timeout)).await)
                 }
+                Request::Primary {
+                    res,
+                    force,
+                    timeout,
+                } => Ok(crate::roles::primary(d, res, force, secs(timeout)).await),
                 req => tokio::task::spawn_blocking(move || d.handle(req)).await,
             };
             match outcome {

@@ -42,6 +42,9 @@ pub struct Daemon {
     pub(crate) transient_pins: Mutex<BTreeMap<(ResourceName, HostName), (u64, std::time::Instant)>>,
     /// Runs a reconcile round now instead of at the next tick (a command changed something).
     pub(crate) reconcile_now: tokio::sync::Notify,
+    /// When this daemon started: a primary role found on disk is taken up only once every
+    /// other member answered since (the cluster may have moved on while we were down).
+    pub(crate) started: std::time::Instant,
 }
 
 /// A running full sync's place under the global limit; dropping it frees the place.
@@ -91,6 +94,11 @@ impl Daemon {
         )
         .with_context(|| format!("cannot open {}", root.join(META_FILE).display()))?;
         let mut resources = BTreeMap::new();
+        let others = store
+            .list_prefix(crate::cluster::MEMBER_PREFIX)?
+            .iter()
+            .filter_map(|e| mars_meta::member_of_key(&e.key))
+            .any(|h| h != host);
         for (name, dir) in root::resource_dirs(&root)? {
             let Some(cfg) = root::read_toml::<ResourceFile>(&dir.join(RESOURCE_FILE))? else {
                 tracing::warn!("{}: no {RESOURCE_FILE}, ignoring", dir.display());
@@ -100,7 +108,7 @@ impl Daemon {
                 anyhow::bail!("{}: names resource {:?}", dir.display(), cfg.name.as_str());
             }
             let meta = Arc::new(resource_meta(&store, &name)?);
-            let r = Resource::open(cfg, dir, &host, tuning, meta);
+            let r = Resource::open(cfg, dir, &host, tuning, meta, others);
             resources.insert(name, r);
         }
         Ok(Self {
@@ -116,6 +124,7 @@ impl Daemon {
             syncs: Arc::new(AtomicUsize::new(0)),
             transient_pins: Mutex::new(BTreeMap::new()),
             reconcile_now: tokio::sync::Notify::new(),
+            started: std::time::Instant::now(),
         })
     }
 
@@ -287,6 +296,9 @@ impl Daemon {
             Request::FakeSync { res } => self.fake_sync(&res),
             Request::Invalidate { res } => self.invalidate(&res),
             Request::Cron => self.cron(),
+            Request::Secondary { res } => self.secondary(&res),
+            Request::LogPurgeAll { res } => self.log_purge_all(&res),
+            Request::Primary { .. } => Err(invalid("primary is handled asynchronously")),
             Request::LogRotate { res } => {
                 let r = self.resource(&res).ok_or_else(|| not_found(&res))?;
                 let v = r
@@ -445,7 +457,14 @@ impl Daemon {
         let created = (|| -> anyhow::Result<Arc<Resource>> {
             std::fs::create_dir(&dir)?;
             root::write_toml(&dir, RESOURCE_FILE, &cfg)?;
-            let r = Resource::open(cfg, dir.clone(), &self.host, self.tuning, Arc::new(meta));
+            let r = Resource::open(
+                cfg,
+                dir.clone(),
+                &self.host,
+                self.tuning,
+                Arc::new(meta),
+                false,
+            );
             if let Some(e) = r.error() {
                 anyhow::bail!("{e}");
             }

@@ -114,6 +114,9 @@ pub struct Report {
     /// Secondary: the primary recently confirmed over the fetch stream that this replica has
     /// fetched everything durable there.
     pub caught_up: bool,
+    /// Secondary: its history differs from its source's from this logfile on (the source has
+    /// another logfile of that number, or less of it than we have).
+    pub forked: Option<u64>,
 }
 
 impl Report {

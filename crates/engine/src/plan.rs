@@ -42,17 +42,24 @@ pub enum ChainCheck {
 
 /// The link this host computes for logfile `no` (written by `origin`, replayed to `len`).
 /// Its previous link is our own for `no - 1`, else the designated primary's, else the
-/// origin's (a replica that started after a full sync adopts theirs), else empty.
-pub fn my_link(meta: &ResourceMeta, me: &HostName, no: u64, origin: &HostName, len: u64) -> String {
-    let prev = no
-        .checked_sub(1)
-        .and_then(|p| {
-            meta.version(p, me)
-                .or_else(|| meta.primary.as_ref().and_then(|h| meta.version(p, h)))
-                .or_else(|| meta.version(p, origin))
-        })
-        .unwrap_or("");
-    version::link(prev, no, origin, len)
+/// origin's (a replica that started after a full sync adopts theirs). `None` while none of
+/// them is known (the metadata has not arrived yet): only logfile 1 starts a chain, and a link
+/// computed without its predecessor would look like a different history.
+pub fn my_link(
+    meta: &ResourceMeta,
+    me: &HostName,
+    no: u64,
+    origin: &HostName,
+    len: u64,
+) -> Option<String> {
+    let prev = match no.checked_sub(1).filter(|p| *p > 0) {
+        None => "",
+        Some(p) => meta
+            .version(p, me)
+            .or_else(|| meta.primary.as_ref().and_then(|h| meta.version(p, h)))
+            .or_else(|| meta.version(p, origin))?,
+    };
+    Some(version::link(prev, no, origin, len))
 }
 
 /// May replay move past the end of logfile `no` (written by `origin`, `len` bytes replayed)?
@@ -63,7 +70,12 @@ pub fn next_file_check(
     origin: &HostName,
     len: u64,
 ) -> ChainCheck {
-    let mine = my_link(meta, me, no, origin, len);
+    let Some(mine) = my_link(meta, me, no, origin, len) else {
+        return ChainCheck::Wait(format!(
+            "waiting for the version link of logfile {}",
+            no - 1
+        ));
+    };
     if origin == me {
         return ChainCheck::Ok(mine);
     }
@@ -156,8 +168,14 @@ pub fn member_state(
         "UnResponsive"
     } else if !r.attached {
         "NotStarted"
+    } else if primary && meta.primary.as_ref() != Some(host) {
+        // Another host (or nobody) is designated, but the device is still open here.
+        "RemainsPrimary"
     } else if primary {
         "Replicating"
+    } else if meta.primary.as_ref() == Some(host) {
+        // Designated, still catching up (or waiting for the old primary to leave).
+        "NotYetPrimary"
     } else if syncing && !t.sync {
         "PausedSync"
     } else if syncing && r.sync.as_ref().is_some_and(|s| s.running) {
@@ -350,7 +368,13 @@ mod tests {
             next_file_check(&m, &b, 3, &a, 100),
             ChainCheck::Wait(_)
         ));
-        let theirs = my_link(&m, &a, 3, &a, 100);
+        // Without the link of logfile 2, nobody can compute the one of 3.
+        assert_eq!(my_link(&m, &a, 3, &a, 100), None);
+        m.versions
+            .entry(2)
+            .or_default()
+            .insert(a.clone(), version::link("", 2, &a, 50));
+        let theirs = my_link(&m, &a, 3, &a, 100).expect("link");
         m.versions
             .entry(3)
             .or_default()

@@ -58,10 +58,12 @@ pub fn require(tool: &str) -> bool {
     found
 }
 
-/// A temporary directory for one test, removed when dropped.
+/// A temporary directory for one test, removed when dropped (kept when `MARS_KEEP_TMP` is set,
+/// for looking at the daemons' logs after a failure).
 pub fn tempdir(prefix: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(prefix)
+        .disable_cleanup(std::env::var_os("MARS_KEEP_TMP").is_some())
         .tempdir()
         .expect("tempdir")
 }

@@ -387,6 +387,11 @@ fn primary_killed_under_writes_recovers_and_secondaries_catch_up() {
     cl.a.kill9();
     let _ = writer.wait();
     cl.a.start_again();
+    // With other members, a restarted primary takes up its role once their metadata arrived
+    // (another host may have taken over meanwhile).
+    eventually(20, "a primary again", || {
+        cl.a.view("role", "r") == "Primary"
+    });
     // What the primary recovered is the truth; the secondary must end equal to it.
     write_random(&cl.a, "r", t.path(), 0, 1 << 20);
     wait_uptodate(&cl.b, "r", 60);

@@ -174,7 +174,11 @@ impl Volume {
         let saved = read_position(&*dir)?;
         let from = saved.map_or(first, |p| p.max(first));
         let end = rec.end();
-        if from > end && !(from.offset == 0 && from.file == rec.next_file_no()) {
+        // No logfiles at all and the position at the start of one: everything is on the disk
+        // (a replica that reclaimed every replayed logfile and now becomes primary); the log
+        // continues at that number.
+        let empty_start = rec.files.is_empty() && from.offset == 0 && from.file > 0;
+        if from > end && !(from.offset == 0 && from.file == rec.next_file_no()) && !empty_start {
             return Err(VolumeError::PositionBeyondLog {
                 position: from,
                 end,
@@ -199,7 +203,11 @@ impl Volume {
                 source,
             })?;
         }
-        let next = rec.next_file_no();
+        let next = if empty_start {
+            from.file
+        } else {
+            rec.next_file_no()
+        };
         let start = LogPos::new(next, 0);
         let cfg_size = cfg.size;
         let log = Appender::start(

@@ -1,0 +1,419 @@
+//! Role commands: `primary` (planned handover), `primary --force` (failover), `secondary` and
+//! `log-purge-all`.
+//!
+//! As in MARS, the command only checks, writes the designated primary and waits; the reconcile
+//! loops do the work (`lifecycle.rs`): the old primary leaves the role once its device is
+//! closed, and the new one opens its volume once the rules of `mars_engine::roles` allow it.
+//! A planned handover, as this command drives it:
+//!
+//! ```text
+//! phase 0   checks: member, consistent, up, not stuck, no split brain, old primary reachable
+//! phase 0b  wait until the old primary's device is closed (open count 0)     ─┐ timeout:
+//! phase 1   primary := me                                                     │ refused,
+//! phase 2   wait until the old primary has left the role   ─ timeout: primary := old again
+//! phase 3   wait until this host has replayed its last byte and opened its volume
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mars_api::{ErrorKind, Reply};
+use mars_config::{HostName, ResourceName};
+use mars_engine::{keys, ResourceMeta, Role};
+
+use crate::resource::{mark, FORCE_MARKER};
+use crate::state::{invalid, not_found, Daemon, Refusal};
+
+/// How often the command looks at the metadata while it waits.
+const POLL: Duration = Duration::from_millis(100);
+
+fn failed(msg: impl Into<String>) -> Refusal {
+    Refusal(ErrorKind::Failed, msg.into())
+}
+
+fn acting_primaries(meta: &ResourceMeta, me: &HostName) -> Vec<HostName> {
+    mars_engine::roles::actual_primaries(meta, me)
+        .cloned()
+        .collect()
+}
+
+fn open_count(meta: &ResourceMeta, h: &HostName) -> u64 {
+    meta.members
+        .get(h)
+        .and_then(|m| m.report.as_ref())
+        .map_or(0, |r| r.open_count)
+}
+
+/// Waits until `done` holds or the deadline passes.
+async fn wait_for(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+pub async fn primary(
+    d: Arc<Daemon>,
+    res: ResourceName,
+    force: bool,
+    timeout: Duration,
+) -> Result<Reply, Refusal> {
+    let deadline = Instant::now() + timeout;
+    let me = d.host.clone();
+    let r = d.resource(&res).ok_or_else(|| not_found(&res))?;
+    let meta = d.meta(&res);
+    // Taken under the admin lock: a role change in progress is never seen half done.
+    let (volume, replica) = {
+        let _g = d.admin.lock().unwrap_or_else(|e| e.into_inner());
+        (r.volume().is_some(), r.replica())
+    };
+    if volume {
+        if meta.primary.as_ref() == Some(&me) {
+            return Ok(Reply::Done {
+                message: format!("{me} is the primary of {res} already"),
+            });
+        }
+        // Still acting as primary (device open) while another host or nobody is designated.
+        if !force {
+            return Err(invalid(format!(
+                "this host still acts as primary of {res} (device open) while {} is designated: \
+                 `primary --force {res}` takes the role back, and the other side's writes become \
+                 a split brain",
+                meta.primary
+                    .as_ref()
+                    .map_or("(none)".to_string(), ToString::to_string)
+            )));
+        }
+        d.set_keys(&[(keys::primary(&res), me.to_string())])?;
+        return Ok(Reply::Done {
+            message: format!(
+                "{res}: took the primary role back by force; if another host wrote meanwhile, \
+                 resolve the split brain there (`marsadm invalidate {res}`)"
+            ),
+        });
+    }
+    let Some(rep) = replica else {
+        return Err(invalid(format!(
+            "{res} is not set up here: {}",
+            r.error().unwrap_or_default()
+        )));
+    };
+    let st = rep.status();
+    if !st.consistent {
+        return Err(invalid(format!(
+            "the replica of {res} here is inconsistent ({}): it can never become primary, \
+             not even with --force",
+            st.needs_sync
+                .as_deref()
+                .unwrap_or("the full sync has not finished")
+        )));
+    }
+    let todo = meta
+        .members
+        .get(&me)
+        .map(|m| m.todo)
+        .ok_or_else(|| invalid(format!("this host is not a member of {res}")))?;
+    if !todo.attach {
+        return Err(invalid(format!(
+            "{res} is detached here: run `marsadm up {res}` first"
+        )));
+    }
+    if force {
+        forced(d, res, r, rep, todo, deadline).await
+    } else {
+        planned(d, res, r, rep, meta, todo, deadline).await
+    }
+}
+
+async fn forced(
+    d: Arc<Daemon>,
+    res: ResourceName,
+    r: Arc<crate::resource::Resource>,
+    rep: Arc<crate::replica::Replica>,
+    todo: mars_engine::Todo,
+    deadline: Instant,
+) -> Result<Reply, Refusal> {
+    let me = d.host.clone();
+    if todo.fetch {
+        return Err(invalid(format!(
+            "a forced switch takes what this replica has: pause fetching first \
+             (`marsadm pause-fetch {res}` or `disconnect`), then `primary --force {res}`"
+        )));
+    }
+    if !todo.replay {
+        return Err(invalid(format!(
+            "replay is paused here: `marsadm resume-replay {res}` first (what is fetched is \
+             replayed before the switch)"
+        )));
+    }
+    let _ = rep;
+    mark(&r.dir, FORCE_MARKER, true)
+        .map_err(|e| failed(format!("cannot mark the forced switch: {e}")))?;
+    d.set_keys(&[(keys::primary(&res), me.to_string())])?;
+    tracing::warn!("{res}: forced switch to primary requested");
+    let promoted = {
+        let r = r.clone();
+        wait_for(deadline, move || r.volume().is_some()).await
+    };
+    if !promoted {
+        let why = r
+            .replica()
+            .and_then(|rep| rep.status().stuck)
+            .unwrap_or_default();
+        return Err(failed(format!(
+            "{me} is the designated primary of {res}, but not acting yet: {why} (it takes \
+             over by itself; see `marsadm view {res}`)"
+        )));
+    }
+    // As in MARS (since stable113): fetching resumes by itself, for when this host is a
+    // secondary again.
+    d.set_keys(&[(keys::todo(&res, &me, "fetch"), "1".into())])?;
+    let others = acting_primaries(&d.meta(&res), &me);
+    let warning = if others.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; {} still acts as primary: SPLIT BRAIN until it closes its device and is \
+             resolved (`marsadm invalidate {res}` there)",
+            others
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Ok(Reply::Done {
+        message: format!("{res}: {me} is primary now (forced){warning}"),
+    })
+}
+
+async fn planned(
+    d: Arc<Daemon>,
+    res: ResourceName,
+    r: Arc<crate::resource::Resource>,
+    rep: Arc<crate::replica::Replica>,
+    meta: ResourceMeta,
+    todo: mars_engine::Todo,
+    deadline: Instant,
+) -> Result<Reply, Refusal> {
+    let me = d.host.clone();
+    if !todo.fetch || !todo.replay {
+        return Err(invalid(format!(
+            "fetch and replay must be on for a handover: `marsadm up {res}` (or `primary --force` \
+             for a failover)"
+        )));
+    }
+    if let Some(sb) = mars_engine::split_brain(&meta) {
+        return Err(invalid(format!(
+            "{res} has a split brain (histories differ from logfile {}): resolve it first \
+             (`marsadm view {res}`)",
+            sb.logfile
+        )));
+    }
+    if let Some(s) = rep
+        .status()
+        .stuck
+        .filter(|s| s.contains("mismatch") || s.contains("differ") || s.contains("damaged"))
+    {
+        return Err(invalid(format!("replication of {res} is stuck here: {s}")));
+    }
+    let acting = acting_primaries(&meta, &me);
+    let connected: Vec<String> = d
+        .cluster
+        .member_views(&me, Duration::from_secs(60))
+        .into_iter()
+        .filter(|m| m.connected)
+        .map(|m| m.host)
+        .collect();
+    for a in &acting {
+        if !connected.contains(&a.to_string()) {
+            return Err(invalid(format!(
+                "{a} acts as primary of {res} but is not reachable: a planned handover needs it; \
+                 for a failover run `marsadm pause-fetch {res}` and `marsadm primary --force {res}`"
+            )));
+        }
+    }
+    let old = acting.first().cloned();
+    // Phase 0b: the old primary's device must be closed.
+    if let Some(a) = &old {
+        let d2 = d.clone();
+        let (res2, a2) = (res.clone(), a.clone());
+        let closed = wait_for(deadline, move || open_count(&d2.meta(&res2), &a2) == 0).await;
+        if !closed {
+            return Err(invalid(format!(
+                "the device of {res} is still in use on {a} ({} open): close it (umount, stop \
+                 the application) and try again; {a} stays primary",
+                open_count(&d.meta(&res), a)
+            )));
+        }
+    }
+    // Phase 1.
+    d.set_keys(&[(keys::primary(&res), me.to_string())])?;
+    tracing::info!(
+        "{res}: handover to {me}{}",
+        old.as_ref()
+            .map(|a| format!(" from {a}"))
+            .unwrap_or_default()
+    );
+    // Phase 2: the old primary leaves the role; otherwise it stays primary (compensation).
+    if let Some(a) = &old {
+        let d2 = d.clone();
+        let (res2, a2) = (res.clone(), a.clone());
+        let left = wait_for(deadline, move || {
+            let m = d2.meta(&res2);
+            m.members
+                .get(&a2)
+                .and_then(|x| x.report.as_ref())
+                .is_none_or(|rep| rep.role != Role::Primary)
+                || m.primary.as_ref() != Some(&d2.host)
+        })
+        .await;
+        let now = d.meta(&res);
+        if now.primary.as_ref() != Some(&me) {
+            return Err(failed(format!(
+                "another primary command won: {} is the designated primary of {res}",
+                now.primary
+                    .as_ref()
+                    .map_or("(none)".to_string(), ToString::to_string)
+            )));
+        }
+        if !left {
+            d.set_keys(&[(keys::primary(&res), a.to_string())])?;
+            let open = open_count(&d.meta(&res), a);
+            return Err(failed(if open > 0 {
+                format!(
+                    "the device of {res} is still in use on {a} ({open} open): close it (umount, \
+                     stop the application) and try again; {a} stays primary"
+                )
+            } else {
+                format!("{a} did not leave the primary role in time: {a} stays primary of {res}")
+            }));
+        }
+    }
+    // Phase 3: catch up and take over.
+    let became = {
+        let (r2, d2, res2, me2) = (r.clone(), d.clone(), res.clone(), me.clone());
+        wait_for(deadline, move || {
+            r2.volume().is_some() || d2.meta(&res2).primary.as_ref() != Some(&me2)
+        })
+        .await
+    };
+    let now = d.meta(&res);
+    if now.primary.as_ref() != Some(&me) {
+        return Err(failed(format!(
+            "another primary command won: {} is the designated primary of {res}",
+            now.primary
+                .as_ref()
+                .map_or("(none)".to_string(), ToString::to_string)
+        )));
+    }
+    if !became {
+        let why = r
+            .replica()
+            .and_then(|rep| rep.status().stuck)
+            .unwrap_or_default();
+        return Err(failed(format!(
+            "{me} is the designated primary of {res} but still catching up: {why} (it takes \
+             over by itself; see `marsadm view {res}`)"
+        )));
+    }
+    Ok(Reply::Done {
+        message: format!(
+            "{res}: {me} is primary now{}",
+            old.map(|a| format!(" (handed over from {a}, nothing lost)"))
+                .unwrap_or_default()
+        ),
+    })
+}
+
+impl Daemon {
+    /// `secondary RES`: nobody is the designated primary any more.
+    pub(crate) fn secondary(&self, res: &ResourceName) -> Result<Reply, Refusal> {
+        let meta = self.meta(res);
+        if !meta.exists() {
+            return Err(not_found(res));
+        }
+        if let Some(r) = self.resource(res) {
+            if r.open_count() > 0 {
+                return Err(invalid(format!(
+                    "the device of {res} is in use here ({} open): close it first",
+                    r.open_count()
+                )));
+            }
+        }
+        self.set_keys(&[(keys::primary(res), keys::NO_PRIMARY.to_string())])?;
+        Ok(Reply::Done {
+            message: format!(
+                "{res}: no designated primary now; the primary leaves its role once its device \
+                 is closed and secondaries stop fetching. Discouraged except before \
+                 leave-resource/delete-resource: `marsadm primary {res}` restores service"
+            ),
+        })
+    }
+
+    /// `log-purge-all RES` on a secondary: forget this host's version links that contradict
+    /// the designated primary's history and every local logfile, then fast-full-sync.
+    pub(crate) fn log_purge_all(&self, res: &ResourceName) -> Result<Reply, Refusal> {
+        let r = self.resource(res).ok_or_else(|| not_found(res))?;
+        let meta = self.meta(res);
+        if r.volume().is_some() || meta.primary.as_ref() == Some(&self.host) {
+            return Err(invalid(format!(
+                "log-purge-all runs on a secondary; this host is the primary of {res}"
+            )));
+        }
+        let Some(p) = meta.primary.clone() else {
+            return Err(invalid(format!(
+                "{res} has no designated primary to resync from"
+            )));
+        };
+        let rep = r.replica().ok_or_else(|| {
+            invalid(format!(
+                "{res} is not set up here: {}",
+                r.error().unwrap_or_default()
+            ))
+        })?;
+        let purged = self.purge_own_links(res, &meta, Some(&p))?;
+        rep.invalidate()
+            .map_err(|e| failed(format!("log-purge-all {res}: {e:#}")))?;
+        Ok(Reply::Done {
+            message: format!(
+                "{res}: purged the local logfiles and {purged} version link(s) outside {p}'s \
+                 history; a fast full sync from {p} starts"
+            ),
+        })
+    }
+
+    /// Deletes this host's version links: all of them (`keep_agreeing_with = None`), or those
+    /// that differ from (or are missing at) the given host's. Returns how many.
+    pub(crate) fn purge_own_links(
+        &self,
+        res: &ResourceName,
+        meta: &ResourceMeta,
+        keep_agreeing_with: Option<&HostName>,
+    ) -> Result<usize, Refusal> {
+        let mut store = self.cluster.store();
+        let mut n = 0;
+        for (no, links) in &meta.versions {
+            let Some(mine) = links.get(&self.host) else {
+                continue;
+            };
+            let agrees = keep_agreeing_with
+                .and_then(|h| links.get(h))
+                .is_some_and(|theirs| theirs == mine);
+            if !agrees {
+                store
+                    .delete(&keys::version(res, *no, &self.host))
+                    .map_err(|e| failed(format!("cannot delete a version link: {e}")))?;
+                n += 1;
+            }
+        }
+        drop(store);
+        self.cluster.poke.notify_waiters();
+        Ok(n)
+    }
+}

@@ -1,0 +1,392 @@
+//! Roles: whom a replica follows, when a host may take over the primary role, and whether the
+//! members' histories have forked (split brain).
+//!
+//! The *designated* primary is the single value of `resource-RES/primary`; the *actual* primary
+//! is a member reporting `role: primary` (it has its volume open). They differ during a
+//! handover (the old one has not left yet, the new one is still catching up), after a forced
+//! failover while the old primary still has its device open, and after `secondary`.
+//!
+//! A planned handover to B, as every host sees it in the metadata:
+//!
+//! ```text
+//!  B: primary=B ──► A: designated elsewhere, device closed ─► leaves the role (log complete,
+//!                     version links published, becomes a replica)
+//!  B: nobody else acts as primary, replayed up to the newest end any member reports
+//!     ─► opens its volume in a new logfile ─► A and the others follow B
+//! ```
+//!
+//! A forced switch skips the waiting: B takes what it has replayed. If the old primary wrote
+//! more, the histories fork; the version links (one per logfile and host) then differ, which is
+//! how [`split_brain`] finds it.
+
+use std::collections::BTreeMap;
+
+use mars_config::HostName;
+use mars_txlog::LogPos;
+
+use crate::model::{ResourceMeta, Role};
+use crate::version;
+
+/// Members other than `me` that report acting as primary.
+pub fn actual_primaries<'a>(
+    meta: &'a ResourceMeta,
+    me: &'a HostName,
+) -> impl Iterator<Item = &'a HostName> + 'a {
+    meta.members.iter().filter_map(move |(h, m)| {
+        (h != me && m.report.as_ref().is_some_and(|r| r.role == Role::Primary)).then_some(h)
+    })
+}
+
+/// The member a replica on `me` fetches from, given the end of its newest local copy.
+///
+/// 1. The designated primary once it acts as primary;
+/// 2. otherwise a member that still acts as primary (an old primary whose device is still
+///    open, or one that has not yet left during a handover: the new one catches up from it);
+/// 3. otherwise, while nobody acts as primary (handover in progress, or after `secondary`),
+///    the reachable member that reports the newest log end beyond ours: the last primary's
+///    final logfile is complete there and the next primary must have all of it.
+pub fn fetch_source(
+    meta: &ResourceMeta,
+    me: &HostName,
+    fetched: Option<LogPos>,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Option<HostName> {
+    let acting: Vec<&HostName> = actual_primaries(meta, me).collect();
+    if let Some(p) = meta.primary.as_ref().filter(|p| acting.contains(p)) {
+        return Some(p.clone());
+    }
+    if let Some(p) = acting.iter().find(|h| alive(h)).or(acting.first()) {
+        return Some((*p).clone());
+    }
+    meta.members
+        .iter()
+        .filter(|(h, _)| *h != me && alive(h))
+        .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
+        .filter(|(end, _)| fetched.is_none_or(|f| *end > f))
+        .max()
+        .map(|(_, h)| h.clone())
+}
+
+/// May the designated primary `me`, a replica that has applied everything before `applied`,
+/// open its volume now?
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Promotion {
+    Go,
+    /// Not yet: the reason is shown as the replication state's detail.
+    Wait(String),
+}
+
+/// Planned: every other member has left the primary role, and this replica has applied
+/// everything any reachable member reports (the old primary's final log end). Forced: at once,
+/// with what is applied (the caller cuts anything fetched beyond).
+pub fn promotion(
+    meta: &ResourceMeta,
+    me: &HostName,
+    applied: LogPos,
+    forced: bool,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Promotion {
+    if forced {
+        return Promotion::Go;
+    }
+    if let Some(p) = actual_primaries(meta, me).next() {
+        return Promotion::Wait(format!("waiting for {p} to leave the primary role"));
+    }
+    let newest = meta
+        .members
+        .iter()
+        .filter(|(h, _)| *h != me && alive(h))
+        .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
+        .max();
+    match newest {
+        Some((end, h)) if end > applied => Promotion::Wait(format!(
+            "catching up with {h}: applied {applied}, {h} has {end}"
+        )),
+        _ => Promotion::Go,
+    }
+}
+
+/// Two or more histories after a common point.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SplitBrain {
+    /// The first logfile whose links differ (or 0 when only the roles tell: two hosts act as
+    /// primary).
+    pub logfile: u64,
+    /// One entry per history: its hosts and the log bytes it has from the fork on (what would
+    /// be lost by discarding it).
+    pub sides: Vec<Side>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Side {
+    pub hosts: Vec<HostName>,
+    pub bytes: u64,
+}
+
+/// Compares the version links of all members: the first logfile number for which two members
+/// published different links is the fork. Also a fork: two members acting as primary at once
+/// (a forced switch while the old primary still has its device open), before any link shows it.
+pub fn split_brain(meta: &ResourceMeta) -> Option<SplitBrain> {
+    for (no, links) in &meta.versions {
+        // Only members count: a leftover link of a host that left is no history anybody has.
+        let mut groups: BTreeMap<&str, Vec<HostName>> = BTreeMap::new();
+        for (h, l) in links {
+            if meta.is_member(h) {
+                groups
+                    .entry(version::hash_of(l).unwrap_or(l))
+                    .or_default()
+                    .push(h.clone());
+            }
+        }
+        if groups.len() < 2 {
+            continue;
+        }
+        let sides = groups
+            .into_values()
+            .map(|hosts| {
+                let bytes = amount_from(meta, &hosts[0], *no);
+                Side { hosts, bytes }
+            })
+            .collect();
+        return Some(SplitBrain {
+            logfile: *no,
+            sides,
+        });
+    }
+    // Replicas that found their source's history different before any link shows it (their
+    // logfile of the fork is not complete yet): they form one side, the rest the other.
+    let forked: Vec<(&HostName, u64)> = meta
+        .members
+        .iter()
+        .filter_map(|(h, m)| Some((h, m.report.as_ref()?.forked?)))
+        .collect();
+    if let Some(at) = forked.iter().map(|(_, n)| *n).min() {
+        let (lost, kept): (Vec<&HostName>, Vec<&HostName>) = meta
+            .members
+            .keys()
+            .partition(|h| forked.iter().any(|(f, _)| f == h));
+        let side = |hosts: Vec<&HostName>| Side {
+            bytes: hosts.first().map_or(0, |h| {
+                amount_from(meta, h, at).max(log_bytes_from(meta, h, at))
+            }),
+            hosts: hosts.into_iter().cloned().collect(),
+        };
+        return Some(SplitBrain {
+            logfile: at,
+            sides: vec![side(kept), side(lost)],
+        });
+    }
+    let acting: Vec<HostName> = meta
+        .members
+        .iter()
+        .filter(|(_, m)| m.report.as_ref().is_some_and(|r| r.role == Role::Primary))
+        .map(|(h, _)| h.clone())
+        .collect();
+    if acting.len() > 1 {
+        return Some(SplitBrain {
+            logfile: 0,
+            sides: acting
+                .into_iter()
+                .map(|h| Side {
+                    hosts: vec![h],
+                    bytes: 0,
+                })
+                .collect(),
+        });
+    }
+    None
+}
+
+/// Bytes a member reports having from logfile `from` on (its log end), when its links do not
+/// tell yet.
+fn log_bytes_from(meta: &ResourceMeta, host: &HostName, from: u64) -> u64 {
+    match meta
+        .members
+        .get(host)
+        .and_then(|m| m.report.as_ref()?.log_end)
+    {
+        Some(end) if end.file == from => end.offset,
+        _ => 0,
+    }
+}
+
+/// Bytes of `host`'s history from logfile `from` on: its published links, plus what its
+/// report says beyond the last link (the growing logfile of a primary).
+fn amount_from(meta: &ResourceMeta, host: &HostName, from: u64) -> u64 {
+    let mut n = 0;
+    let mut last = from;
+    for (no, links) in meta.versions.range(from..) {
+        if let Some(len) = links.get(host).and_then(|l| version::len_of(l)) {
+            n += len;
+            last = *no;
+        }
+    }
+    if let Some(r) = meta.members.get(host).and_then(|m| m.report.as_ref()) {
+        for &(no, len) in &r.logs {
+            if no > last {
+                n += len;
+            }
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Member, Report};
+    use mars_config::ResourceName;
+
+    fn h(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
+    fn member(role: Role, end: Option<LogPos>) -> Member {
+        Member {
+            report: Some(Report {
+                role,
+                attached: true,
+                consistent: true,
+                log_end: end,
+                applied: end,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn meta(primary: &str) -> ResourceMeta {
+        let mut m = ResourceMeta::empty(ResourceName::new("r").unwrap());
+        m.size = Some(1 << 20);
+        m.primary = HostName::new(primary).ok();
+        m
+    }
+
+    const ALL: &dyn Fn(&HostName) -> bool = &|_| true;
+
+    #[test]
+    fn a_replica_follows_the_acting_designated_primary() {
+        let mut m = meta("a");
+        m.members
+            .insert(h("a"), member(Role::Primary, Some(LogPos::new(3, 10))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(3, 5))));
+        m.members
+            .insert(h("c"), member(Role::Secondary, Some(LogPos::new(3, 5))));
+        assert_eq!(fetch_source(&m, &h("b"), None, ALL), Some(h("a")));
+        // Handover to b: a still acts as primary, so b and c keep fetching from a.
+        m.primary = Some(h("b"));
+        assert_eq!(fetch_source(&m, &h("b"), None, ALL), Some(h("a")));
+        assert_eq!(fetch_source(&m, &h("c"), None, ALL), Some(h("a")));
+        // a left: b catches up from whoever has the newest end; a itself has nobody ahead.
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(3, 10))));
+        let b_has = Some(LogPos::new(3, 5));
+        assert_eq!(fetch_source(&m, &h("b"), b_has, ALL), Some(h("a")));
+        assert_eq!(
+            fetch_source(&m, &h("a"), Some(LogPos::new(3, 10)), ALL),
+            None
+        );
+        // An unreachable member is not a source.
+        assert_eq!(fetch_source(&m, &h("b"), b_has, &|x| *x != h("a")), None);
+        // b acts as primary: everybody follows it.
+        m.members
+            .insert(h("b"), member(Role::Primary, Some(LogPos::new(4, 0))));
+        assert_eq!(fetch_source(&m, &h("a"), None, ALL), Some(h("b")));
+        assert_eq!(fetch_source(&m, &h("c"), None, ALL), Some(h("b")));
+    }
+
+    #[test]
+    fn planned_promotion_waits_for_the_old_primary_and_its_last_byte() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Primary, Some(LogPos::new(3, 10))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(3, 10))));
+        let at = LogPos::new(3, 10);
+        assert!(matches!(
+            promotion(&m, &h("b"), at, false, ALL),
+            Promotion::Wait(w) if w.contains("leave the primary role")
+        ));
+        // Forced: at once.
+        assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(3, 20))));
+        assert!(matches!(
+            promotion(&m, &h("b"), at, false, ALL),
+            Promotion::Wait(w) if w.contains("catching up with a")
+        ));
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(3, 20), false, ALL),
+            Promotion::Go
+        );
+    }
+
+    #[test]
+    fn differing_links_are_a_split_brain_with_amounts() {
+        let mut m = meta("b");
+        for x in ["a", "b", "c"] {
+            m.members.insert(h(x), member(Role::Secondary, None));
+        }
+        let l3 = version::link("", 3, &h("a"), 100);
+        let a4 = version::link(&l3, 4, &h("a"), 500);
+        let b4 = version::link(&l3, 4, &h("a"), 200);
+        let b5 = version::link(&b4, 5, &h("b"), 50);
+        for x in ["a", "b", "c"] {
+            m.versions.entry(3).or_default().insert(h(x), l3.clone());
+        }
+        assert_eq!(split_brain(&m), None);
+        m.versions.entry(4).or_default().insert(h("a"), a4.clone());
+        m.versions.entry(4).or_default().insert(h("c"), a4);
+        assert_eq!(split_brain(&m), None, "one history, some members behind");
+        m.versions.entry(4).or_default().insert(h("b"), b4);
+        m.versions.entry(5).or_default().insert(h("b"), b5);
+        let sb = split_brain(&m).expect("split brain");
+        assert_eq!(sb.logfile, 4);
+        assert_eq!(sb.sides.len(), 2);
+        let side_a = sb.sides.iter().find(|s| s.hosts.contains(&h("a"))).unwrap();
+        assert_eq!(side_a.hosts, vec![h("a"), h("c")]);
+        assert_eq!(side_a.bytes, 500);
+        let side_b = sb.sides.iter().find(|s| s.hosts.contains(&h("b"))).unwrap();
+        assert_eq!(side_b.bytes, 250);
+        // A host that left does not count.
+        m.members.remove(&h("b"));
+        assert_eq!(split_brain(&m), None);
+    }
+
+    #[test]
+    fn replicas_that_found_a_different_history_are_one_side() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(2, 700))));
+        m.members
+            .insert(h("b"), member(Role::Primary, Some(LogPos::new(2, 100))));
+        m.members
+            .insert(h("c"), member(Role::Secondary, Some(LogPos::new(2, 700))));
+        assert_eq!(split_brain(&m), None);
+        for x in ["a", "c"] {
+            m.members
+                .get_mut(&h(x))
+                .unwrap()
+                .report
+                .as_mut()
+                .unwrap()
+                .forked = Some(2);
+        }
+        let sb = split_brain(&m).expect("split brain");
+        assert_eq!(sb.logfile, 2);
+        assert_eq!(sb.sides[0].hosts, vec![h("b")]);
+        assert_eq!(sb.sides[1].hosts, vec![h("a"), h("c")]);
+        assert_eq!(sb.sides[1].bytes, 700);
+    }
+
+    #[test]
+    fn two_acting_primaries_are_a_split_brain() {
+        let mut m = meta("b");
+        m.members.insert(h("a"), member(Role::Primary, None));
+        m.members.insert(h("b"), member(Role::Primary, None));
+        let sb = split_brain(&m).expect("split brain");
+        assert_eq!(sb.logfile, 0);
+        assert_eq!(sb.sides.len(), 2);
+    }
+}

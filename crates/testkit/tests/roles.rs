@@ -1,0 +1,375 @@
+//! Roles end to end: planned handover, forced failover, split brain and its resolution,
+//! `secondary`. Real `marsd` on 127.0.0.1–3 with file-backed disks, driven through `marsadm`,
+//! data written with real NBD clients and replicas compared byte for byte.
+//!
+//! MARS references: mars.md §2.2 (planned handover), §2.3 (failover), §2.4 (`secondary`),
+//! §2.5 (split-brain resolution), §5 (the forced-switch matrix).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mars_testkit::nbd::Client;
+use mars_testkit::repl::{
+    eventually, first_difference, join, tail, tmp, wait_uptodate, write_random,
+};
+use mars_testkit::Host;
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+
+struct Cluster {
+    hosts: Vec<Host>,
+    disks: Vec<PathBuf>,
+}
+
+impl Cluster {
+    /// `n` hosts; host 0 creates `r` and writes 4 MiB, the others join and catch up.
+    fn new(t: &Path, n: usize) -> Cluster {
+        let names = ["a", "b", "c"];
+        let hosts: Vec<Host> = (0..n)
+            .map(|i| Host::start_at(t, names[i], &format!("127.0.0.{}", i + 1)))
+            .collect();
+        let mut disks = vec![hosts[0].create_resource("r", SIZE)];
+        for h in &hosts[1..] {
+            h.ok(&["join-cluster", &hosts[0].peer_addr]);
+        }
+        for h in &hosts {
+            h.ok(&["--timeout", "30", "wait-cluster"]);
+        }
+        write_random(&hosts[0], "r", t, 0, 4 << 20);
+        for h in &hosts[1..] {
+            disks.push(join(h, "r", SIZE));
+        }
+        for h in &hosts[1..] {
+            wait_uptodate(h, "r", 60);
+        }
+        Cluster { hosts, disks }
+    }
+
+    fn dump(&self) -> String {
+        let mut s = String::new();
+        // The version links as the first host sees them: where histories fork.
+        for no in 1..6 {
+            for h in &self.hosts {
+                let key = format!("resource-r/version-{no:09}-{}", h.name);
+                let o = self.hosts[0].marsadm(&["get-link", &key]);
+                if o.status.success() {
+                    s += &format!("{key} = {}", String::from_utf8_lossy(&o.stdout));
+                }
+            }
+        }
+        for h in &self.hosts {
+            s += &format!(
+                "--- {}: {}--- its log:\n{}\n",
+                h.name,
+                h.marsadm(&["view", "r"]).stdout_text(),
+                tail(&h.log_text(), 30)
+            );
+        }
+        s
+    }
+
+    fn wait(&self, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+        let start = std::time::Instant::now();
+        while !cond() {
+            if start.elapsed() > Duration::from_secs(secs) {
+                panic!("timed out: {what}\n{}", self.dump());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Host `p` is primary everywhere's view and serves its device.
+    fn wait_primary(&self, p: usize) {
+        let name = self.hosts[p].name.clone();
+        self.wait(60, &format!("{name} primary"), || {
+            self.hosts[p].view("role", "r") == "Primary"
+                && self
+                    .hosts
+                    .iter()
+                    .all(|h| h.view("primarynode", "r") == name)
+        });
+    }
+
+    /// Every other host is up to date with primary `p` and all disks are equal to `p`'s; no
+    /// host sees a split brain (once the members' reports have travelled).
+    fn assert_converged(&self, p: usize) {
+        self.wait(30, "no split brain seen anywhere", || {
+            self.hosts
+                .iter()
+                .all(|h| h.view("is-split-brain", "r") == "0")
+        });
+        for (i, h) in self.hosts.iter().enumerate() {
+            if i != p {
+                wait_uptodate(h, "r", 60);
+            }
+        }
+        self.wait(30, "primary written back", || {
+            self.hosts[p].view("diskstate", "r") == "UpToDate"
+        });
+        for (i, h) in self.hosts.iter().enumerate() {
+            if i == p {
+                continue;
+            }
+            if let Some(at) = first_difference(&self.disks[p], &self.disks[i], SIZE) {
+                panic!(
+                    "{} differs from the primary {} at {at}\n{}",
+                    h.name,
+                    self.hosts[p].name,
+                    self.dump()
+                );
+            }
+            assert_eq!(h.view("role", "r"), "Secondary", "{}", h.name);
+            assert_eq!(h.view("flags", "r"), "dCASFR", "{}", h.name);
+        }
+    }
+}
+
+trait Text {
+    fn stdout_text(&self) -> String;
+}
+
+impl Text for std::process::Output {
+    fn stdout_text(&self) -> String {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&self.stdout),
+            String::from_utf8_lossy(&self.stderr)
+        )
+    }
+}
+
+fn equal(a: &Path, b: &Path) -> bool {
+    first_difference(a, b, SIZE).is_none()
+}
+
+#[test]
+fn planned_handover_there_and_back_loses_no_write() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 3);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    // Writes on a, then a handover to b while the writer pauses: b's device equals a's last
+    // state, nothing waited for fetch before the command.
+    for i in 0..8 {
+        write_random(a, "r", t.path(), 4 * MIB + i * MIB, MIB as usize);
+    }
+    let out = b.ok(&["--timeout", "60", "primary", "r"]);
+    assert!(out.contains("primary now"), "{out}");
+    c.wait_primary(1);
+    assert_eq!(a.view("role", "r"), "Secondary");
+    c.wait(30, "a written back and equal to b", || {
+        equal(&c.disks[0], &c.disks[1])
+    });
+    // A second `primary` on the primary is a no-op.
+    let again = b.ok(&["primary", "r"]);
+    assert!(again.contains("already"), "{again}");
+    // Writes on b reach a and c; then back to a.
+    for i in 0..8 {
+        write_random(b, "r", t.path(), 12 * MIB + i * MIB, MIB as usize);
+    }
+    c.assert_converged(1);
+    let out = a.ok(&["--timeout", "60", "primary", "r"]);
+    assert!(out.contains("handed over from b"), "{out}");
+    c.wait_primary(0);
+    write_random(a, "r", t.path(), 20 * MIB, MIB as usize);
+    c.assert_converged(0);
+    // b's old device is gone: the NBD export refuses.
+    assert!(Client::connect(&b.nbd_socket(), "r").is_err());
+}
+
+#[test]
+fn handover_is_refused_while_the_old_primary_device_is_open() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 2);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let mut conn = Client::connect(&a.nbd_socket(), "r").expect("nbd connect");
+    conn.write(0, &[7u8; 4096], false).expect("write");
+    c.wait(10, "a reports the open device", || {
+        a.view("device-opened", "r") == "1"
+    });
+    let msg = b.refused(&["--timeout", "3", "primary", "r"]);
+    assert!(msg.contains("in use on a"), "{msg}");
+    assert_eq!(a.view("role", "r"), "Primary");
+    assert_eq!(b.view("primarynode", "r"), "a");
+    // The connection still writes: nothing changed.
+    conn.write(4096, &[8u8; 4096], false)
+        .expect("write after refusal");
+    conn.flush().expect("flush");
+    conn.disconnect().expect("disconnect");
+    b.ok(&["--timeout", "60", "primary", "r"]);
+    c.wait_primary(1);
+    c.assert_converged(1);
+    let mut buf = vec![0u8; 8192];
+    let mut check = Client::connect(&b.nbd_socket(), "r").expect("connect b");
+    check.read(0, &mut buf).expect("read");
+    assert!(buf[..4096].iter().all(|x| *x == 7) && buf[4096..].iter().all(|x| *x == 8));
+    check.disconnect().unwrap();
+}
+
+#[test]
+fn forced_switch_needs_paused_fetch_and_a_consistent_replica() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 2);
+    let b = &c.hosts[1];
+    let msg = b.refused(&["primary", "--force", "r"]);
+    assert!(msg.contains("pause"), "{msg}");
+    // An inconsistent replica (in the middle of a full sync) is refused even with --force.
+    b.ok(&["pause-sync", "r"]);
+    b.ok(&["invalidate", "r"]);
+    b.ok(&["pause-fetch", "r"]);
+    let msg = b.refused(&["primary", "--force", "r"]);
+    assert!(msg.contains("inconsistent"), "{msg}");
+    assert_eq!(b.view("primarynode", "r"), "a");
+    b.ok(&["up", "r"]);
+    wait_uptodate(b, "r", 60);
+}
+
+#[test]
+fn failover_after_primary_crash_then_old_primary_rejoins_cleanly() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 2);
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
+    wait_uptodate(&c.hosts[1], "r", 60);
+    c.hosts[0].kill9();
+    let b = &c.hosts[1];
+    b.ok(&["pause-fetch", "r"]);
+    let out = b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    assert!(out.contains("primary now"), "{out}");
+    assert_eq!(b.view("role", "r"), "Primary");
+    assert_eq!(b.view("todo-fetch", "r"), "1", "fetch resumes by itself");
+    write_random(b, "r", t.path(), 16 * MIB, 2 * MIB as usize);
+    c.hosts[0].start_again();
+    c.wait(30, "a back as secondary", || {
+        c.hosts[0].view("role", "r") == "Secondary"
+    });
+    c.assert_converged(1);
+}
+
+#[test]
+fn failover_with_unfetched_writes_is_a_split_brain_resolved_by_invalidate() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 2);
+    let b = &c.hosts[1];
+    b.ok(&["pause-fetch", "r"]);
+    // Writes b never sees.
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
+    c.hosts[0].kill9();
+    let b = &c.hosts[1];
+    b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    write_random(b, "r", t.path(), 16 * MIB, MIB as usize);
+    c.hosts[0].start_again();
+    c.wait(30, "split brain visible on both", || {
+        c.hosts.iter().all(|h| h.view("is-split-brain", "r") == "1")
+    });
+    let view = c.hosts[1].ok(&["view", "r"]);
+    assert!(view.contains("SPLIT BRAIN"), "{view}");
+    // a stays as it was (consistent, outdated) until resolved.
+    assert_eq!(c.hosts[0].view("role", "r"), "Secondary");
+    let msg = c.hosts[0].refused(&["primary", "r"]);
+    assert!(msg.contains("split brain"), "{msg}");
+    c.hosts[0].ok(&["invalidate", "r"]);
+    c.assert_converged(1);
+}
+
+#[test]
+fn split_brain_resolved_towards_the_old_primary() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 2);
+    c.hosts[1].ok(&["pause-fetch", "r"]);
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
+    c.hosts[0].kill9();
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
+    c.hosts[0].start_again();
+    c.wait(30, "split brain", || {
+        c.hosts[0].view("is-split-brain", "r") == "1"
+    });
+    // The operator keeps a's version: a takes over by force, b gives up its history.
+    let a = &c.hosts[0];
+    a.ok(&["pause-fetch", "r"]);
+    a.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.wait_primary(0);
+    c.hosts[1].ok(&["invalidate", "r"]);
+    c.assert_converged(0);
+}
+
+#[test]
+fn third_member_that_followed_the_losing_side_is_resolvable() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 3);
+    // b stops fetching; c keeps following a, so it gets writes b never sees.
+    c.hosts[1].ok(&["pause-fetch", "r"]);
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
+    wait_uptodate(&c.hosts[2], "r", 60);
+    c.hosts[0].kill9();
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
+    c.hosts[0].start_again();
+    c.wait(30, "split brain with a and c on one side", || {
+        let v = c.hosts[1].view("split-brain", "r");
+        v.contains("[a c]") || v.contains("[c]")
+    });
+    c.hosts[2].ok(&["invalidate", "r"]);
+    c.hosts[0].ok(&["invalidate", "r"]);
+    c.assert_converged(1);
+}
+
+#[test]
+fn secondary_then_primary_restores_service() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 2);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let out = a.ok(&["secondary", "r"]);
+    assert!(
+        out.contains("(none)") || out.contains("no designated primary"),
+        "{out}"
+    );
+    c.wait(30, "nobody primary", || {
+        a.view("role", "r") == "Secondary" && b.view("replstate", "r") == "NoPrimaryDesignated"
+    });
+    assert_eq!(a.view("primarynode", "r"), "(none)");
+    a.ok(&["--timeout", "60", "primary", "r"]);
+    c.wait_primary(0);
+    write_random(a, "r", t.path(), 8 * MIB, MIB as usize);
+    c.assert_converged(0);
+}
+
+#[test]
+fn concurrent_primary_commands_end_with_exactly_one_primary() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 3);
+    let (b, cc) = (&c.hosts[1], &c.hosts[2]);
+    let (ob, oc) = std::thread::scope(|s| {
+        let jb = s.spawn(|| b.marsadm(&["--timeout", "60", "primary", "r"]));
+        let jc = s.spawn(|| cc.marsadm(&["--timeout", "60", "primary", "r"]));
+        (jb.join().unwrap(), jc.join().unwrap())
+    });
+    let winners: Vec<usize> = [(1, &ob), (2, &oc)]
+        .into_iter()
+        .filter(|(_, o)| o.status.success())
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        !winners.is_empty(),
+        "no command succeeded: {}\n{}",
+        ob.stdout_text(),
+        oc.stdout_text()
+    );
+    // Whatever the commands said, the metadata settles on one primary.
+    std::thread::sleep(Duration::from_secs(2));
+    let p = c.hosts[0].view("primarynode", "r");
+    let idx = c.hosts.iter().position(|h| h.name == p).expect("a primary");
+    c.wait_primary(idx);
+    c.wait(30, "exactly one acting primary", || {
+        c.hosts
+            .iter()
+            .filter(|h| h.view("role", "r") == "Primary")
+            .count()
+            == 1
+    });
+    write_random(&c.hosts[idx], "r", t.path(), 8 * MIB, MIB as usize);
+    c.assert_converged(idx);
+    eventually(5, "no split brain", || {
+        c.hosts.iter().all(|h| h.view("is-split-brain", "r") == "0")
+    });
+}
