@@ -1,0 +1,392 @@
+//! The only module that touches the file system: finding and loading templates, listing
+//! existing unit names, and writing generated files atomically.
+//!
+//! Search path (MARS `@MARS_PATH`): `$MARS_PATH` (colon-separated) if set, else `.`,
+//! `$HOME/.marsadm`, `/etc/marsadm`, `/usr/lib/marsadm`, `/usr/local/lib/marsadm`. In each
+//! entry the subdirectory `systemd-templates/` is used if it exists, else the entry itself. Only
+//! files named `*.<suffix>` with a recognised suffix ([`crate::generate::SUFFIXES`]) and not
+//! starting with `.` (a shell glob would not list them either) are templates; the first hit per
+//! file name wins.
+
+use std::collections::BTreeSet;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use thiserror::Error;
+
+use crate::generate::{natural_cmp, GeneratedFile, Template, TemplateSet, SUFFIXES};
+use crate::markers::Markers;
+
+/// Subdirectory of each search-path entry that holds templates (`$SYSTEMD_SUBDIR`).
+pub const TEMPLATE_SUBDIR: &str = "systemd-templates";
+/// The system unit directories whose unit names count as existing (`$SYSTEMD_SYSTEM_DIRS`).
+pub const SYSTEM_UNIT_DIRS: [&str; 3] = [
+    "/etc/systemd/system",
+    "/run/systemd/system",
+    "/usr/lib/systemd/system",
+];
+/// The first line of every generated file starts with this (after a shebang line).
+pub const GENERATED_MARK: &str = "### GENERATED FROM: ";
+
+/// A file-system error with the path it concerns.
+#[derive(Debug, Error)]
+pub enum FsError {
+    /// I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// A template is not UTF-8.
+    #[error("{0}: template is not valid UTF-8")]
+    NotUtf8(PathBuf),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> FsError + '_ {
+    move |source| FsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The template search path: `mars_path` (the value of `$MARS_PATH`) if non-empty, else MARS's
+/// default list with `home` (`$HOME`) and `etc_marsadm` (`/etc/marsadm`).
+pub fn search_path(
+    mars_path: Option<&str>,
+    home: Option<&Path>,
+    etc_marsadm: &Path,
+) -> Vec<PathBuf> {
+    if let Some(p) = mars_path.filter(|p| !p.is_empty()) {
+        return p
+            .split(':')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect();
+    }
+    let mut dirs = vec![PathBuf::from(".")];
+    if let Some(home) = home {
+        dirs.push(home.join(".marsadm"));
+    }
+    dirs.push(etc_marsadm.to_path_buf());
+    dirs.push("/usr/lib/marsadm".into());
+    dirs.push("/usr/local/lib/marsadm".into());
+    dirs
+}
+
+fn has_unit_suffix(name: &str) -> bool {
+    !name.starts_with('.')
+        && name
+            .rsplit_once('.')
+            .is_some_and(|(stem, suffix)| !stem.is_empty() && SUFFIXES.contains(&suffix))
+}
+
+/// Regular files (following symlinks) in `dir` with a recognised suffix, in natural order.
+fn unit_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, FsError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let path = entry.path();
+        if has_unit_suffix(&name) && path.is_file() {
+            out.push((name, path));
+        }
+    }
+    out.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+    Ok(out)
+}
+
+fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
+    match meta.modified().map(|t| t.duration_since(UNIX_EPOCH)) {
+        Ok(Ok(d)) => d.as_secs() as i64,
+        Ok(Err(e)) => -(e.duration().as_secs() as i64),
+        Err(_) => 0,
+    }
+}
+
+/// Loads the templates from `search_path` (see the module docs). Missing entries are skipped.
+pub fn load_templates(search_path: &[PathBuf]) -> Result<TemplateSet, FsError> {
+    let mut seen = BTreeSet::new();
+    let mut list = Vec::new();
+    for entry in search_path {
+        let sub = entry.join(TEMPLATE_SUBDIR);
+        let dir = if sub.is_dir() { sub } else { entry.clone() };
+        if !dir.is_dir() {
+            continue;
+        }
+        for (name, path) in unit_files(&dir)? {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+            let text = String::from_utf8(bytes).map_err(|_| FsError::NotUtf8(path.clone()))?;
+            list.push(Template {
+                name,
+                path: path.display().to_string(),
+                text,
+                mtime: mtime_secs(&meta),
+            });
+        }
+    }
+    // Names are unique by construction.
+    Ok(TemplateSet::new(list).unwrap_or_default())
+}
+
+/// Unit names found in `dirs` (missing ones skipped), except in `exclude` (our own output
+/// directories: `/run/systemd/system` is both a system directory and MARS's target).
+pub fn existing_unit_names(
+    dirs: &[PathBuf],
+    exclude: &[PathBuf],
+) -> Result<BTreeSet<String>, FsError> {
+    let mut names = BTreeSet::new();
+    for dir in dirs {
+        if exclude.iter().any(|e| e == dir) || !dir.is_dir() {
+            continue;
+        }
+        names.extend(unit_files(dir)?.into_iter().map(|(name, _)| name));
+    }
+    Ok(names)
+}
+
+/// What [`write_generated`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteReport {
+    /// Files created or replaced (content or mode differed).
+    pub changed: Vec<String>,
+    /// Files already up to date.
+    pub unchanged: Vec<String>,
+}
+
+impl WriteReport {
+    /// Whether systemd needs a `daemon-reload`.
+    pub fn any_changed(&self) -> bool {
+        !self.changed.is_empty()
+    }
+}
+
+/// Writes each file to its [`GeneratedFile::path`] unless identical content with the right mode
+/// is already there. A write goes to `.tmp.<pid>.<name>.tmp` in the same directory (created if
+/// missing), gets its mode (units 0444, scripts 0544) and the template's mtime, is synced, and
+/// is renamed over the target, so systemd never reads a half-written unit.
+pub fn write_generated(files: &[GeneratedFile]) -> Result<WriteReport, FsError> {
+    let mut report = WriteReport::default();
+    for f in files {
+        let path = Path::new(&f.path);
+        let mode = f.dir.mode();
+        if let Ok(old) = std::fs::read(path) {
+            let same_mode =
+                std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+            if old == f.content.as_bytes() && same_mode {
+                report.unchanged.push(f.name.clone());
+                continue;
+            }
+        }
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let tmp = dir.join(format!(".tmp.{}.{}.tmp", std::process::id(), f.name));
+        // A leftover from a crashed run may be read-only; remove it rather than fail.
+        let _ = std::fs::remove_file(&tmp);
+        let result = (|| -> io::Result<()> {
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&tmp)?;
+            out.write_all(f.content.as_bytes())?;
+            // The umask may have cut the mode.
+            out.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            let stamp = if f.mtime >= 0 {
+                UNIX_EPOCH + Duration::from_secs(f.mtime as u64)
+            } else {
+                UNIX_EPOCH - Duration::from_secs(f.mtime.unsigned_abs())
+            };
+            out.set_times(
+                std::fs::FileTimes::new()
+                    .set_modified(stamp)
+                    .set_accessed(SystemTime::now()),
+            )?;
+            out.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(source) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(FsError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+        report.changed.push(f.name.clone());
+    }
+    Ok(report)
+}
+
+/// A generated file found in an output directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// Unit name.
+    pub name: String,
+    /// Path.
+    pub path: PathBuf,
+    /// Its markers (the caller needs `KEEP_RUNNING` to decide between stop and disable).
+    pub markers: Markers,
+}
+
+/// Files in `dir` that carry our header (first or second line starts with
+/// [`GENERATED_MARK`]) and whose names are not in `keep`: what a full regeneration no longer
+/// produced. Nothing is deleted here.
+pub fn stale_instances(dir: &Path, keep: &BTreeSet<String>) -> Result<Vec<Instance>, FsError> {
+    let mut out = Vec::new();
+    if !dir.is_dir() {
+        return Ok(out);
+    }
+    for (name, path) in unit_files(dir)? {
+        if keep.contains(&name) {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if text.lines().take(2).any(|l| l.starts_with(GENERATED_MARK)) {
+            out.push(Instance {
+                name,
+                path,
+                markers: Markers::parse(&text),
+            });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{Config, Generator, WantedUnit};
+
+    #[test]
+    fn search_path_order() {
+        let p = search_path(None, Some(Path::new("/home/u")), Path::new("/etc/marsadm"));
+        let want: Vec<PathBuf> = [
+            ".",
+            "/home/u/.marsadm",
+            "/etc/marsadm",
+            "/usr/lib/marsadm",
+            "/usr/local/lib/marsadm",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+        assert_eq!(p, want);
+        assert_eq!(
+            search_path(Some("/a::/b"), None, Path::new("/e")),
+            [PathBuf::from("/a"), PathBuf::from("/b")]
+        );
+        assert_eq!(
+            search_path(Some(""), None, Path::new("/e"))[0],
+            PathBuf::from(".")
+        );
+    }
+
+    #[test]
+    fn load_prefers_subdir_and_first_hit() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::create_dir(a.path().join(TEMPLATE_SUBDIR)).unwrap();
+        std::fs::write(a.path().join(TEMPLATE_SUBDIR).join("x.service"), "A").unwrap();
+        std::fs::write(a.path().join("ignored.service"), "not in subdir").unwrap();
+        std::fs::write(b.path().join("x.service"), "B").unwrap();
+        std::fs::write(b.path().join("y.script"), "Y").unwrap();
+        std::fs::write(b.path().join("z.txt"), "no suffix").unwrap();
+        std::fs::write(b.path().join(".hidden.service"), "hidden").unwrap();
+        std::fs::write(b.path().join("README"), "no suffix").unwrap();
+        let set =
+            load_templates(&[a.path().into(), b.path().into(), "/nonexistent".into()]).unwrap();
+        let names: Vec<&str> = set.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        assert_eq!(set.get("x.service").unwrap().text, "A");
+        assert_eq!(set.get("y.script").unwrap().text, "Y");
+        assert!(set.get("x.service").unwrap().mtime > 0);
+    }
+
+    #[test]
+    fn existing_units_skip_excluded() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(a.path().join("mars.mount"), "").unwrap();
+        std::fs::write(b.path().join("generated.service"), "").unwrap();
+        let names =
+            existing_unit_names(&[a.path().into(), b.path().into()], &[b.path().into()]).unwrap();
+        assert_eq!(names, BTreeSet::from(["mars.mount".to_string()]));
+    }
+
+    #[test]
+    fn writes_atomically_and_reports_changes() {
+        let out = tempfile::tempdir().unwrap();
+        let templates = TemplateSet::new(vec![
+            Template {
+                mtime: 1_600_000_000,
+                ..Template::new("a.service", "[Unit]\n# ALWAYS_START\n")
+            },
+            Template::new("b-@{res}.script", "#!/bin/sh\n# KEEP_RUNNING\nexit 0\n"),
+        ])
+        .unwrap();
+        let config = Config {
+            unit_dir: out.path().join("units").display().to_string(),
+            scripts_dir: out.path().join("scripts").display().to_string(),
+            ..Config::default()
+        };
+        let generator = Generator::new(&templates, &config, Default::default(), vec!["r".into()]);
+        let generation = generator
+            .generate(&[WantedUnit {
+                res: "r".into(),
+                unit: "b-r.script".into(),
+            }])
+            .unwrap();
+        let report = write_generated(&generation.files).unwrap();
+        assert_eq!(report.changed, ["a.service", "b-r.script"]);
+        let unit = out.path().join("units/a.service");
+        let meta = std::fs::metadata(&unit).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+        assert_eq!(mtime_secs(&meta), 1_600_000_000);
+        let script = out.path().join("scripts/b-r.script");
+        assert_eq!(
+            std::fs::metadata(&script).unwrap().permissions().mode() & 0o777,
+            0o544
+        );
+        assert!(std::fs::read_to_string(&script)
+            .unwrap()
+            .starts_with("#!/bin/sh\n### GENERATED FROM: b-@{res}.script\n"));
+
+        // Second run: nothing changed, so no daemon-reload.
+        let report = write_generated(&generation.files).unwrap();
+        assert!(!report.any_changed());
+        assert_eq!(report.unchanged.len(), 2);
+
+        // A changed template rewrites the read-only file.
+        let mut changed = generation.files.clone();
+        changed[0].content.push_str("# more\n");
+        assert_eq!(write_generated(&changed).unwrap().changed, ["a.service"]);
+        // No temporary files left behind.
+        let leftovers: Vec<_> = std::fs::read_dir(out.path().join("units"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(leftovers.len(), 1);
+
+        // Stale instances: our header, not kept; foreign files are ignored.
+        std::fs::write(out.path().join("units/foreign.service"), "[Unit]\n").unwrap();
+        let stale = stale_instances(&out.path().join("units"), &BTreeSet::new()).unwrap();
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].markers.always_start);
+        let stale = stale_instances(&out.path().join("scripts"), &BTreeSet::new()).unwrap();
+        assert!(stale[0].markers.keep_running);
+        let keep = BTreeSet::from(["a.service".to_string()]);
+        assert!(stale_instances(&out.path().join("units"), &keep)
+            .unwrap()
+            .is_empty());
+    }
+}
