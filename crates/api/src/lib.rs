@@ -224,6 +224,12 @@ pub struct ResourceView {
     /// MARS flags field: one letter per switch (attach, sync, fetch, replay).
     pub flags: String,
     pub log: Option<LogView>,
+    /// The local block device (`/dev/mars/RES`), on the primary when the daemon serves one.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Why the local block device could not be set up.
+    #[serde(default)]
+    pub device_error: Option<String>,
     pub nbd_unix_uri: Option<String>,
     pub nbd_tcp_uri: Option<String>,
     /// NBD connections currently using the device.

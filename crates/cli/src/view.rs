@@ -183,6 +183,12 @@ fn detail_text(r: &ResourceView) -> String {
         format_size(r.size),
         r.open_count
     );
+    if let Some(dev) = &r.device {
+        s += &format!("    device: {dev}\n");
+    }
+    if let Some(e) = &r.device_error {
+        s += &format!("    DEVICE ERROR: {e}\n");
+    }
     for u in [&r.nbd_unix_uri, &r.nbd_tcp_uri].into_iter().flatten() {
         s += &format!("    nbd: {u}\n");
     }
@@ -327,6 +333,7 @@ pub const MACROS: &[&str] = &[
     "replay-line",
     "is-split-brain",
     "split-brain",
+    "device",
 ];
 
 fn bit(b: bool) -> String {
@@ -383,6 +390,10 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
         "diskstate" => r.disk_state.clone(),
         "replstate" => r.repl_state.clone(),
         "flags" => r.flags.clone(),
+        "device" => match &r.device {
+            Some(d) => d.clone(),
+            None => bail!("resource {} has no local device on this host", r.name),
+        },
         "nbd-uri" => match &r.nbd_unix_uri {
             Some(u) => u.clone(),
             None => bail!("resource {} is not served (not attached)", r.name),
@@ -429,6 +440,8 @@ pub mod fixtures {
             repl_state: "Replaying".into(),
             flags: "dCASFR".into(),
             log: None,
+            device: None,
+            device_error: None,
             nbd_unix_uri: None,
             nbd_tcp_uri: None,
             open_count: 0,
@@ -610,9 +623,13 @@ mod tests {
         let mut r = secondary();
         r.nbd_unix_uri = Some("nbd+unix:///vm1?socket=/x".into());
         r.nbd_tcp_uri = Some("nbd://h/vm1".into());
+        r.device = Some("/dev/mars/vm1".into());
         for m in MACROS {
             assert!(macro_value(&r, m).is_ok(), "{m}");
         }
+        // No device here: empty output and an error exit, as MARS's view-device.
+        r.device = None;
+        assert!(macro_value(&r, "device").is_err());
         assert!(macro_value(&r, "bogus").is_err());
         assert!(macro_value(&r, "is-bogus").is_err());
     }

@@ -149,7 +149,7 @@ impl Daemon {
                 cfg,
                 dir.clone(),
                 &self.host,
-                self.tuning,
+                self.tuning.clone(),
                 Arc::new(meta),
                 false,
             );

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use mars_config::{parse_size, HostName};
 
-use crate::resource::Tuning;
+use crate::resource::{DeviceMode, Tuning};
 use crate::state::Daemon;
 
 #[derive(Debug, Parser)]
@@ -45,9 +45,14 @@ struct Args {
     /// Configuration file (reserved; no settings are read from it yet).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Where /dev/mars/RES devices appear (reserved for the block-device frontend).
-    #[arg(long, default_value = "/dev/mars")]
+    /// Where the primary's block devices appear (DIR/RES). Several daemons on one machine need
+    /// different directories.
+    #[arg(long, env = "MARS_DEVICE_DIR", default_value = "/dev/mars")]
     device_dir: PathBuf,
+    /// How a primary's resource appears as a local block device: `auto` (the FUSE+loop device
+    /// where FUSE and loop devices work, else none), `fuse-loop`, or `none` (NBD sockets only).
+    #[arg(long, env = "MARS_DEVICE", default_value = "auto")]
+    device: String,
     /// Memory per resource for written data not yet on the backing disk (K/M/G suffixes).
     #[arg(long, default_value = "256M")]
     max_dirty: String,
@@ -105,7 +110,29 @@ fn run(args: Args) -> Result<()> {
             anyhow::bail!("--config {}: no such file", c.display());
         }
     }
-    let _ = &args.device_dir;
+    let device = match args.device.as_str() {
+        "none" => DeviceMode::None,
+        "fuse-loop" => {
+            mars_blockdev::check_support()
+                .map_err(|e| anyhow::anyhow!("--device fuse-loop: {e}"))?;
+            DeviceMode::FuseLoop
+        }
+        "auto" => match mars_blockdev::check_support() {
+            Ok(()) => DeviceMode::FuseLoop,
+            Err(e) => {
+                tracing::info!("no local block devices ({e}); resources are served over NBD");
+                DeviceMode::None
+            }
+        },
+        "nbd" => anyhow::bail!(
+            "--device nbd: attaching the kernel NBD driver is not supported by this build; \
+             use fuse-loop, auto or none"
+        ),
+        other => anyhow::bail!("--device {other:?}: expected auto, fuse-loop or none"),
+    };
+    if !args.device_dir.is_absolute() {
+        anyhow::bail!("--device-dir must be an absolute path");
+    }
     let root = if args.root.is_absolute() {
         args.root.clone()
     } else {
@@ -117,10 +144,19 @@ fn run(args: Args) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         root.display()
     );
+    if device != DeviceMode::None {
+        // Leftovers of a daemon that crashed: FUSE mounts and loop devices nobody serves.
+        match mars_blockdev::cleanup_stale(&args.device_dir) {
+            Ok(rep) => tracing::debug!("device cleanup: {rep:?}"),
+            Err(e) => tracing::warn!("cleanup of {}: {e}", args.device_dir.display()),
+        }
+    }
     let tuning = Tuning {
         max_dirty: usize::try_from(max_dirty).context("--max-dirty too large")?,
         max_log_file,
         min_free_space: parse_size(&args.min_free_space).context("--min-free-space")?,
+        device,
+        device_dir: args.device_dir.clone().into(),
     };
     let daemon = Arc::new(Daemon::load(root, host, listen, args.nbd_listen, tuning)?);
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -19,12 +19,24 @@ use crate::replica::Replica;
 use crate::root::ResourceFile;
 
 /// Volume tuning taken from the daemon's flags.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Tuning {
     pub max_dirty: usize,
     pub max_log_file: u64,
     /// Free space the root keeps; below it secondaries drop their logfiles.
     pub min_free_space: u64,
+    /// How the primary's device appears under `device_dir` (`None`: NBD sockets only).
+    pub device: DeviceMode,
+    pub device_dir: Arc<Path>,
+}
+
+/// How a primary's resource appears as a local block device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceMode {
+    /// No local device: NBD sockets only.
+    None,
+    /// A FUSE file behind a direct-I/O loop device (`mars_blockdev`).
+    FuseLoop,
 }
 
 pub struct Resource {
@@ -45,9 +57,13 @@ pub struct Resource {
     designated: AtomicBool,
     /// Another host took over as designated primary while this one still acts as primary
     /// (its device is open): writes fail until the device is closed and the role is left.
-    fenced: AtomicBool,
+    fenced: Arc<AtomicBool>,
     /// The primary role is being left: fetch and sync sessions end so the volume can close.
     leaving: AtomicBool,
+    /// The local block device of the primary (`DEVICE_DIR/RES`).
+    device: std::sync::Mutex<Option<mars_blockdev::Device>>,
+    /// Why the device could not be set up, if it could not.
+    device_error: RwLock<Option<String>>,
 }
 
 /// Present in a resource directory while it holds a replica (removed when it becomes
@@ -85,8 +101,10 @@ impl Resource {
             error: RwLock::new(None),
             open_count: AtomicU64::new(0),
             designated: AtomicBool::new(meta.primary.as_ref() == Some(host)),
-            fenced: AtomicBool::new(false),
+            fenced: Arc::new(AtomicBool::new(false)),
             leaving: AtomicBool::new(false),
+            device: std::sync::Mutex::new(None),
+            device_error: RwLock::new(None),
         });
         let attach = meta.members.get(host).is_none_or(|m| m.todo.attach);
         if meta.primary.as_ref() == Some(host) && !r.dir.join(REPLICA_MARKER).exists() {
@@ -103,13 +121,103 @@ impl Resource {
         self.size.load(Ordering::Relaxed)
     }
 
-    /// NBD connections using the device now.
+    /// Users of the resource now: NBD connections plus openers of the local block device
+    /// (a mounted filesystem counts as one).
     pub fn open_count(&self) -> u64 {
-        self.open_count.load(Ordering::Relaxed)
+        let dev = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |d| d.open_count() as u64);
+        self.open_count.load(Ordering::Relaxed) + dev
+    }
+
+    /// Path of the local block device, while there is one.
+    pub fn device_path(&self) -> Option<PathBuf> {
+        self.device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|d| d.node_path().to_path_buf())
+    }
+
+    /// Sets up `DEVICE_DIR/RES` for the freshly opened volume (primary only). A failure is
+    /// reported in `view`; NBD keeps working.
+    fn attach_device(&self, vol: Arc<Volume>) {
+        if self.tuning.device == DeviceMode::None {
+            return;
+        }
+        let mut slot = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let export = Arc::new(DeviceExport {
+            vol,
+            fenced: self.fenced.clone(),
+            name: self.cfg.name.to_string(),
+        });
+        let res = std::fs::create_dir_all(&self.tuning.device_dir)
+            .map_err(|e| format!("{}: {e}", self.tuning.device_dir.display()))
+            .and_then(|()| {
+                mars_blockdev::Device::attach(
+                    export,
+                    &self.tuning.device_dir,
+                    self.cfg.name.as_str(),
+                    &mars_blockdev::DeviceOptions::default(),
+                )
+                .map_err(|e| e.to_string())
+            });
+        match res {
+            Ok(d) => {
+                tracing::info!(
+                    "{}: device {} ({})",
+                    self.cfg.name,
+                    d.node_path().display(),
+                    d.loop_path().display()
+                );
+                *slot = Some(d);
+                *self.device_error.write().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(e) => {
+                tracing::error!("{}: cannot set up the block device: {e}", self.cfg.name);
+                *self.device_error.write().unwrap_or_else(|e| e.into_inner()) = Some(e);
+            }
+        }
+    }
+
+    /// Removes the local block device; refused (it stays) while it is in use.
+    pub fn detach_device(&self) -> anyhow::Result<()> {
+        let mut slot = self.device.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = slot.take() else {
+            return Ok(());
+        };
+        match d.detach() {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                *slot = e.device.map(|b| *b);
+                anyhow::bail!("{}", e.error)
+            }
+        }
+    }
+
+    pub fn grow_device(&self, size: u64) {
+        if let Some(d) = self
+            .device
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            if let Err(e) = d.grow(size) {
+                tracing::error!("{}: cannot grow the device: {e}", self.cfg.name);
+            }
+        }
     }
 
     pub fn set_size(&self, size: u64) {
-        self.size.fetch_max(size, Ordering::Relaxed);
+        if self.size.fetch_max(size, Ordering::Relaxed) < size {
+            self.grow_device(size);
+        }
     }
 
     /// Opens the primary's volume (crash recovery included).
@@ -119,7 +227,7 @@ impl Resource {
         }
         let mut cfg = self.cfg.clone();
         cfg.size = self.size();
-        match open_volume(&cfg, &self.dir, &self.host, self.tuning) {
+        match open_volume(&cfg, &self.dir, &self.host, &self.tuning) {
             Ok((v, report)) => {
                 if report.replayed > 0 || report.truncated.is_some() {
                     tracing::info!(
@@ -134,8 +242,10 @@ impl Resource {
                             .unwrap_or_default()
                     );
                 }
-                *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(v));
+                let v = Arc::new(v);
+                *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(v.clone());
                 *self.error.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.attach_device(v);
             }
             Err(e) => {
                 let state = match &e {
@@ -199,6 +309,11 @@ impl Resource {
 
     /// Closes the volume cleanly (log synced, everything written back) and stops the replica.
     pub fn close(&self) {
+        if let Err(e) = self.detach_device() {
+            tracing::error!("{}: device: {e}", self.cfg.name);
+            // Still held by somebody: drop it anyway (its users see I/O errors from now on).
+            drop(self.device.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
         if let Some(rep) = self
             .replica
             .write()
@@ -275,11 +390,13 @@ impl Resource {
         if self.volume().is_none() {
             return Ok(());
         }
+        self.detach_device()?;
         self.leaving.store(true, Ordering::Release);
         let closed = self.close_volume();
         self.leaving.store(false, Ordering::Release);
         if let Err(v) = closed {
-            *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(v);
+            *self.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(v.clone());
+            self.attach_device(v);
             anyhow::bail!("the volume is still in use");
         }
         // A logfile we started but never wrote to is no history: drop it, or the next primary's
@@ -332,7 +449,7 @@ impl Resource {
     /// What this host reports about itself for this resource (`actual-HOST`).
     pub fn report(&self, todo: &Todo) -> Report {
         let mut rep = Report {
-            open_count: self.open_count.load(Ordering::Relaxed),
+            open_count: self.open_count(),
             ..Default::default()
         };
         if let Some(v) = self.volume() {
@@ -501,9 +618,15 @@ impl Resource {
             repl_state,
             flags,
             log,
+            device: self.device_path().map(|p| p.display().to_string()),
+            device_error: self
+                .device_error
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             nbd_unix_uri: vol.as_ref().map(|_| unix_uri),
             nbd_tcp_uri: vol.as_ref().and(tcp_uri),
-            open_count: self.open_count.load(Ordering::Relaxed),
+            open_count: self.open_count(),
             error: err.map(|(_, m)| m),
             consistent,
             sync,
@@ -512,17 +635,19 @@ impl Resource {
             stuck,
             caught_up_ms,
             members,
-            split_brain: mars_engine::split_brain(&local).map(|sb| mars_api::SplitBrainView {
-                logfile: sb.logfile,
-                sides: sb
-                    .sides
-                    .into_iter()
-                    .map(|s| mars_api::SplitSide {
-                        hosts: s.hosts.iter().map(ToString::to_string).collect(),
-                        bytes: s.bytes,
-                    })
-                    .collect(),
-            }),
+            split_brain: mars_engine::split_brain(&local, &|h| *h == self.host || alive(h)).map(
+                |sb| mars_api::SplitBrainView {
+                    logfile: sb.logfile,
+                    sides: sb
+                        .sides
+                        .into_iter()
+                        .map(|s| mars_api::SplitSide {
+                            hosts: s.hosts.iter().map(ToString::to_string).collect(),
+                            bytes: s.bytes,
+                        })
+                        .collect(),
+                },
+            ),
         }
     }
 
@@ -600,7 +725,7 @@ pub fn open_volume(
     cfg: &ResourceFile,
     dir: &Path,
     host: &HostName,
-    tuning: Tuning,
+    tuning: &Tuning,
 ) -> Result<(Volume, OpenReport), OpenError> {
     let disk: Arc<dyn File> = open_disk(&cfg.disk).map_err(|source| OpenError::Disk {
         path: cfg.disk.display().to_string(),
@@ -628,6 +753,62 @@ fn log_usage(dir: &Path) -> (u64, u64) {
         }
     }
     (n, bytes)
+}
+
+/// The local block device's view of the volume: requests from the FUSE file go straight to
+/// the volume (no NBD hop). It does not count as an opener: the device's own users do.
+struct DeviceExport {
+    vol: Arc<Volume>,
+    fenced: Arc<AtomicBool>,
+    name: String,
+}
+
+impl DeviceExport {
+    fn check_fenced(&self) -> io::Result<()> {
+        if self.fenced.load(Ordering::Relaxed) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        Ok(())
+    }
+}
+
+impl Export for DeviceExport {
+    fn size(&self) -> u64 {
+        self.vol.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn description(&self) -> String {
+        format!("mars resource {}", self.name)
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.vol.read(offset, buf).map_err(io_err)
+    }
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
+        self.vol
+            .write(offset, data, fua)
+            .map(|_| ())
+            .map_err(io_err)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
+        self.vol
+            .write_zeroes(offset, len, may_trim, fua)
+            .map(|_| ())
+            .map_err(io_err)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.check_fenced()?;
+        self.vol
+            .discard(offset, len, fua)
+            .map(|_| ())
+            .map_err(io_err)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.vol.flush().map(|_| ()).map_err(io_err)
+    }
 }
 
 /// One NBD connection's view of the resource.

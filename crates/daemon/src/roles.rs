@@ -173,7 +173,11 @@ async fn forced(
     // As in MARS (since stable113): fetching resumes by itself, for when this host is a
     // secondary again.
     d.set_keys(&[(keys::todo(&res, &me, "fetch"), "1".into())])?;
-    let others = acting_primaries(&d.meta(&res), &me);
+    let ages = d.cluster.ages();
+    let others: Vec<HostName> = acting_primaries(&d.meta(&res), &me)
+        .into_iter()
+        .filter(|h| ages.get(h).is_some_and(|a| *a <= Duration::from_secs(10)))
+        .collect();
     let warning = if others.is_empty() {
         String::new()
     } else {
@@ -208,7 +212,10 @@ async fn planned(
              for a failover)"
         )));
     }
-    if let Some(sb) = mars_engine::split_brain(&meta) {
+    let ages = d.cluster.ages();
+    let alive =
+        |h: &HostName| *h == me || ages.get(h).is_some_and(|a| *a <= Duration::from_secs(10));
+    if let Some(sb) = mars_engine::split_brain(&meta, &alive) {
         return Err(invalid(format!(
             "{res} has a split brain (histories differ from logfile {}): resolve it first \
              (`marsadm view {res}`)",

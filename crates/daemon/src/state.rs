@@ -108,7 +108,7 @@ impl Daemon {
                 anyhow::bail!("{}: names resource {:?}", dir.display(), cfg.name.as_str());
             }
             let meta = Arc::new(resource_meta(&store, &name)?);
-            let r = Resource::open(cfg, dir, &host, tuning, meta, others);
+            let r = Resource::open(cfg, dir, &host, tuning.clone(), meta, others);
             resources.insert(name, r);
         }
         Ok(Self {
@@ -461,7 +461,7 @@ impl Daemon {
                 cfg,
                 dir.clone(),
                 &self.host,
-                self.tuning,
+                self.tuning.clone(),
                 Arc::new(meta),
                 false,
             );

@@ -125,8 +125,10 @@ pub struct Side {
 
 /// Compares the version links of all members: the first logfile number for which two members
 /// published different links is the fork. Also a fork: two members acting as primary at once
-/// (a forced switch while the old primary still has its device open), before any link shows it.
-pub fn split_brain(meta: &ResourceMeta) -> Option<SplitBrain> {
+/// (a forced switch while the old primary still has its device open), before any link shows it;
+/// only reachable ones count there (`alive`): a primary that died keeps its last report, which
+/// says nothing about a fork until it returns.
+pub fn split_brain(meta: &ResourceMeta, alive: &dyn Fn(&HostName) -> bool) -> Option<SplitBrain> {
     for (no, links) in &meta.versions {
         // Only members count: a leftover link of a host that left is no history anybody has.
         let mut groups: BTreeMap<&str, Vec<HostName>> = BTreeMap::new();
@@ -161,10 +163,21 @@ pub fn split_brain(meta: &ResourceMeta) -> Option<SplitBrain> {
         .filter_map(|(h, m)| Some((h, m.report.as_ref()?.forked?)))
         .collect();
     if let Some(at) = forked.iter().map(|(_, n)| *n).min() {
-        let (lost, kept): (Vec<&HostName>, Vec<&HostName>) = meta
+        let lost: Vec<&HostName> = forked.iter().map(|(h, _)| *h).collect();
+        // The other side: the designated primary and whoever its source confirmed as caught
+        // up; a member that has not compared yet (just back, not connected) is on neither.
+        let kept: Vec<&HostName> = meta
             .members
-            .keys()
-            .partition(|h| forked.iter().any(|(f, _)| f == h));
+            .iter()
+            .filter(|(h, m)| {
+                !lost.contains(h)
+                    && (meta.primary.as_ref() == Some(*h)
+                        || m.report
+                            .as_ref()
+                            .is_some_and(|r| r.caught_up || r.role == Role::Primary))
+            })
+            .map(|(h, _)| h)
+            .collect();
         let side = |hosts: Vec<&HostName>| Side {
             bytes: hosts.first().map_or(0, |h| {
                 amount_from(meta, h, at).max(log_bytes_from(meta, h, at))
@@ -179,7 +192,7 @@ pub fn split_brain(meta: &ResourceMeta) -> Option<SplitBrain> {
     let acting: Vec<HostName> = meta
         .members
         .iter()
-        .filter(|(_, m)| m.report.as_ref().is_some_and(|r| r.role == Role::Primary))
+        .filter(|(h, m)| alive(h) && m.report.as_ref().is_some_and(|r| r.role == Role::Primary))
         .map(|(h, _)| h.clone())
         .collect();
     if acting.len() > 1 {
@@ -335,13 +348,17 @@ mod tests {
         for x in ["a", "b", "c"] {
             m.versions.entry(3).or_default().insert(h(x), l3.clone());
         }
-        assert_eq!(split_brain(&m), None);
+        assert_eq!(split_brain(&m, ALL), None);
         m.versions.entry(4).or_default().insert(h("a"), a4.clone());
         m.versions.entry(4).or_default().insert(h("c"), a4);
-        assert_eq!(split_brain(&m), None, "one history, some members behind");
+        assert_eq!(
+            split_brain(&m, ALL),
+            None,
+            "one history, some members behind"
+        );
         m.versions.entry(4).or_default().insert(h("b"), b4);
         m.versions.entry(5).or_default().insert(h("b"), b5);
-        let sb = split_brain(&m).expect("split brain");
+        let sb = split_brain(&m, ALL).expect("split brain");
         assert_eq!(sb.logfile, 4);
         assert_eq!(sb.sides.len(), 2);
         let side_a = sb.sides.iter().find(|s| s.hosts.contains(&h("a"))).unwrap();
@@ -351,7 +368,7 @@ mod tests {
         assert_eq!(side_b.bytes, 250);
         // A host that left does not count.
         m.members.remove(&h("b"));
-        assert_eq!(split_brain(&m), None);
+        assert_eq!(split_brain(&m, ALL), None);
     }
 
     #[test]
@@ -363,7 +380,7 @@ mod tests {
             .insert(h("b"), member(Role::Primary, Some(LogPos::new(2, 100))));
         m.members
             .insert(h("c"), member(Role::Secondary, Some(LogPos::new(2, 700))));
-        assert_eq!(split_brain(&m), None);
+        assert_eq!(split_brain(&m, ALL), None);
         for x in ["a", "c"] {
             m.members
                 .get_mut(&h(x))
@@ -373,7 +390,7 @@ mod tests {
                 .unwrap()
                 .forked = Some(2);
         }
-        let sb = split_brain(&m).expect("split brain");
+        let sb = split_brain(&m, ALL).expect("split brain");
         assert_eq!(sb.logfile, 2);
         assert_eq!(sb.sides[0].hosts, vec![h("b")]);
         assert_eq!(sb.sides[1].hosts, vec![h("a"), h("c")]);
@@ -385,8 +402,10 @@ mod tests {
         let mut m = meta("b");
         m.members.insert(h("a"), member(Role::Primary, None));
         m.members.insert(h("b"), member(Role::Primary, None));
-        let sb = split_brain(&m).expect("split brain");
+        let sb = split_brain(&m, ALL).expect("split brain");
         assert_eq!(sb.logfile, 0);
         assert_eq!(sb.sides.len(), 2);
+        // A dead primary's last report is no evidence.
+        assert_eq!(split_brain(&m, &|x| *x != h("a")), None);
     }
 }

@@ -174,6 +174,13 @@ impl Host {
             .args(["--host", &self.name, "--listen", &self.peer_addr])
             .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
             .env("MARS_LOG", "info")
+            // No local block devices unless a test asks for them (env MARS_DEVICE), and then
+            // in this host's own directory: daemons on one machine must never collide.
+            .env("MARS_DEVICE", "none")
+            .env(
+                "MARS_DEVICE_DIR",
+                self.root.parent().expect("base").join("dev"),
+            )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup"))
@@ -253,6 +260,14 @@ impl Host {
     /// `marsadm view-MACRO RES`.
     pub fn view(&self, mac: &str, res: &str) -> String {
         self.ok(&[&format!("view-{mac}"), res]).trim().to_string()
+    }
+
+    /// The local block device of `res` on this host (`view-device`), if there is one.
+    pub fn device(&self, res: &str) -> Option<PathBuf> {
+        let o = self.marsadm(&["view-device", res]);
+        o.status
+            .success()
+            .then(|| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
     }
 
     /// `marsadm view --json`.

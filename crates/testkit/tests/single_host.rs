@@ -505,6 +505,17 @@ fn demo_runs_and_cleans_up() {
     ]));
     assert!(out.contains("created resource demo"), "{out}");
     assert!(out.contains("demo [1/1]"), "{out}");
+    // The roles half: handover, failover, split brain and its resolution, all verified.
+    assert!(out.contains("beta is primary now"), "{out}");
+    assert!(out.contains("SPLIT BRAIN of resource 'demo'"), "{out}");
+    assert_eq!(out.matches(": all identical").count(), 2, "{out}");
+    assert!(!out.contains("MISMATCH"), "{out}");
+    // Nothing stays mounted below the demo's directory (devices, FUSE mounts).
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap();
+    assert!(
+        !mounts.contains(dir.to_str().unwrap()),
+        "left mounted: {mounts}"
+    );
 }
 
 #[test]

@@ -28,6 +28,8 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::{client, Cli};
 
+mod roles;
+
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Directory for the demo (default: a new temporary directory, removed afterwards).
@@ -136,11 +138,15 @@ fn walkthrough(
     cl.alpha().adm(&["view", RES])?;
 
     step("verifying alpha's device (read through NBD) and the replicas' disks, byte for byte");
-    let verified = verify(cl, &image)?;
+    let verified = verify(cl, 0, &image)?;
+
+    verified.result()?;
+
+    let roles = roles::handover_and_failover(cl, &mut image)?;
 
     step("summary");
     print_summary(&before, &during.written, &times, size, &verified, started);
-    verified.result()?;
+    roles.print();
 
     if exit {
         return Ok(());
@@ -330,14 +336,18 @@ fn wait_uptodate(cl: &Cluster, deadline: Instant) -> Result<()> {
 /// `wait-resource demo COND` on beta and gamma at once (a sequential wait would add the
 /// primary's confirmation interval once per replica), within the deadline.
 fn wait_for(cl: &Cluster, deadline: Instant, cond: &str) -> Result<()> {
+    wait_on(&cl.replicas(), deadline, cond)
+}
+
+/// `wait-resource demo COND` on `hosts` at once, within the deadline.
+fn wait_on(hosts: &[&Host], deadline: Instant, cond: &str) -> Result<()> {
     let timeout = secs_left(deadline);
     let args = ["--timeout", &timeout, "wait-resource", RES, cond];
-    for h in cl.replicas() {
+    for h in hosts {
         h.show(&args);
     }
     let outputs: Vec<Result<Output>> = std::thread::scope(|s| {
-        let waits: Vec<_> = cl
-            .replicas()
+        let waits: Vec<_> = hosts
             .iter()
             .map(|h| s.spawn(move || h.adm_quiet(&args)))
             .collect();
@@ -346,7 +356,7 @@ fn wait_for(cl: &Cluster, deadline: Instant, cond: &str) -> Result<()> {
             .map(|w| w.join().unwrap_or_else(|_| bail!("a wait panicked")))
             .collect()
     });
-    for (h, out) in cl.replicas().iter().zip(outputs) {
+    for (h, out) in hosts.iter().zip(outputs) {
         h.printed(&args, out?).with_context(|| {
             format!(
                 "{} did not reach {cond} within the demo's --timeout (raise it for a large \
@@ -361,7 +371,7 @@ fn wait_for(cl: &Cluster, deadline: Instant, cond: &str) -> Result<()> {
 /// Sleeps up to `d`, less once no replica is syncing any more.
 fn pause_while_syncing(cl: &Cluster, d: Duration) -> Result<()> {
     let end = Instant::now() + d;
-    while Instant::now() < end && cl.replicas().iter().any(Host::syncing) {
+    while Instant::now() < end && cl.replicas().iter().any(|h| h.syncing()) {
         pause(Duration::from_millis(50))?;
     }
     Ok(())
@@ -444,26 +454,31 @@ impl Verification {
 
 /// Reads alpha's device through NBD and the replicas' disks chunk by chunk: alpha's device must
 /// hold what was written, each replica what alpha's device holds. Prints a checksum per copy.
-fn verify(cl: &Cluster, image: &Image) -> Result<Verification> {
+fn verify(cl: &Cluster, primary: usize, image: &Image) -> Result<Verification> {
     let start = Instant::now();
-    let mut nbd = Nbd::connect(&cl.alpha().nbd_socket(), RES)?;
+    let p = &cl.hosts[primary];
+    let mut nbd = Nbd::connect(&p.nbd_socket(), RES)?;
     if nbd.size != image.size() {
         bail!(
-            "alpha exports {} bytes, the demo created {}",
+            "{} exports {} bytes, the demo created {}",
+            p.name,
             nbd.size,
             image.size()
         );
     }
     let mut disks = Vec::new();
     let mut copies = vec![Compared::new(
-        "alpha",
+        p.name,
         "device, read through NBD".into(),
         "what was written",
     )];
-    for h in cl.replicas() {
+    for (i, h) in cl.hosts.iter().enumerate() {
+        if i == primary {
+            continue;
+        }
         let disk = h.disk();
         disks.push(File::open(&disk).with_context(|| format!("open {}", disk.display()))?);
-        copies.push(Compared::new(h.name, cl.relative(&disk), "alpha's device"));
+        copies.push(Compared::new(h.name, cl.relative(&disk), p.against()));
     }
     let (mut device, mut want, mut replica) =
         (vec![0u8; CHUNK], vec![0u8; CHUNK], vec![0u8; CHUNK]);
@@ -558,6 +573,7 @@ fn print_usage(cl: &Cluster, dir: &DemoDir) {
 /// Per chunk, the round of the last write to it (0: never written, all zeros). Each round
 /// writes its own pseudo-random data, so a copy that missed a write, or applied two in the
 /// wrong order, differs.
+#[derive(Clone)]
 struct Image {
     rounds: Vec<u32>,
 }
@@ -638,8 +654,18 @@ impl Cluster {
         &self.hosts[0]
     }
 
-    fn replicas(&self) -> &[Host] {
-        &self.hosts[1..]
+    fn replicas(&self) -> Vec<&Host> {
+        self.hosts[1..].iter().collect()
+    }
+
+    /// Every host but `primary`.
+    fn others(&self, primary: usize) -> Vec<&Host> {
+        self.hosts
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != primary)
+            .map(|(_, h)| h)
+            .collect()
     }
 
     /// `path` relative to the demo directory, for display.
@@ -676,6 +702,7 @@ impl Cluster {
         if stopped > 0 {
             println!("{stopped} marsd stopped in {}", secs(start.elapsed()));
         }
+        unmount_below(&self.dir);
     }
 
     fn print_log_tails(&self) {
@@ -683,6 +710,26 @@ impl Cluster {
             let log = std::fs::read_to_string(h.log()).unwrap_or_default();
             eprintln!("--- last lines of {}:", self.relative(&h.log()));
             eprintln!("{}", tail(&log, 8));
+        }
+    }
+}
+
+/// Lazily unmounts whatever is still mounted below `dir`: a device's FUSE mount left by a
+/// daemon that was killed (the demo kills one on purpose) must not keep the directory busy.
+fn unmount_below(dir: &Path) {
+    let base = dir.to_string_lossy().into_owned();
+    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<String> = table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&base))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        if let Ok(c) = std::ffi::CString::new(p) {
+            // SAFETY: umount2(2) with a valid C string; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
     }
 }
@@ -747,6 +794,37 @@ impl Host {
         self.base.join("root")
     }
 
+    /// What a replica's disk is compared with when this host is primary.
+    fn against(&self) -> &'static str {
+        match self.name {
+            "alpha" => "alpha's device",
+            "beta" => "beta's device",
+            _ => "gamma's device",
+        }
+    }
+
+    /// SIGKILL: the machine dies; nothing is synced or written back.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts marsd again on the same ports (the host keeps its address).
+    fn restart(&mut self, marsd: &Path, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Started::Ready = self.spawn(marsd, timeout)? {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("marsd on {} could not get its ports back", self.name);
+            }
+            pause(Duration::from_millis(100))?;
+        }
+    }
+
     fn disk(&self) -> PathBuf {
         self.base.join("demo.img")
     }
@@ -788,6 +866,7 @@ impl Host {
         let log_start = log.metadata()?.len() as usize;
         let nbd_listen = format!("127.0.0.1:{}", self.nbd_port);
         let root = self.root();
+        let device_dir = self.base.join("dev");
         let args = [
             "--root",
             path_arg(&root)?,
@@ -801,6 +880,10 @@ impl Host {
             // few hundred MiB must not fail on a small /tmp.
             "--min-free-space",
             "64M",
+            // The primary's block device (as root: FUSE + loop) in this host's directory, so
+            // that the demo never touches /dev/mars.
+            "--device-dir",
+            path_arg(&device_dir)?,
         ];
         let shown = display_args(&self.dir, &args);
         let mut cmd = Command::new(marsd);

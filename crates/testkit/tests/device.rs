@@ -1,0 +1,324 @@
+//! `/dev/mars/RES` end to end: the primary's local block device (FUSE file behind a direct-I/O
+//! loop device), real filesystems on it through handover and failover, fio with verification,
+//! and the refusal of a handover while a filesystem is mounted.
+//!
+//! Each daemon has its own device directory (`BASE/HOST/dev`), so that several daemons on one
+//! machine never collide. Needs root, /dev/fuse and loop devices: in CI a missing capability
+//! fails, elsewhere the tests are skipped with the reason.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use mars_testkit::repl::{eventually, first_difference, join, tail, tmp, wait_uptodate};
+use mars_testkit::{random_file, require, run, Host};
+
+const MIB: u64 = 1 << 20;
+/// Device size: mkfs.xfs wants at least 300 MB.
+const SIZE: u64 = 320 * MIB;
+
+/// Whether this machine can run the device tests (root, FUSE, loop devices).
+fn supported() -> bool {
+    let ok = unsafe { libc::geteuid() } == 0
+        && Path::new("/dev/fuse").exists()
+        && Path::new("/dev/loop-control").exists();
+    if !ok {
+        assert!(
+            !std::env::var("CI").is_ok_and(|v| v == "true"),
+            "CI must run the device tests as root with /dev/fuse and loop devices"
+        );
+        eprintln!("SKIP: needs root, /dev/fuse and /dev/loop-control");
+    }
+    ok
+}
+
+/// Lazily unmounts everything still mounted below `base` when dropped (also after a panic),
+/// so the temporary directory can go and no stale mount outlives the test.
+struct Mounts(PathBuf);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        let base = self.0.to_string_lossy().into_owned();
+        let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let mut points: Vec<String> = table
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .map(|p| p.replace("\\040", " "))
+            .filter(|p| p.starts_with(&base))
+            .collect();
+        // Deepest first: a filesystem on the device before the device's FUSE mount.
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        for p in points {
+            let _ = Command::new("umount").arg("-l").arg(&p).status();
+        }
+    }
+}
+
+fn host(t: &Path, name: &str, ip: &str) -> Host {
+    Host::start_with_env(t, name, ip, &[("MARS_DEVICE", "fuse-loop")])
+}
+
+/// Primary `a` and secondary `b` of resource `r`, in sync; `a` serves `/…/a/dev/r`.
+fn pair(t: &Path) -> (Host, Host, PathBuf, PathBuf) {
+    let a = host(t, "a", "127.0.0.1");
+    let b = host(t, "b", "127.0.0.2");
+    let da = a.create_resource("r", SIZE);
+    b.ok(&["join-cluster", &a.peer_addr]);
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let db = join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    (a, b, da, db)
+}
+
+fn device(h: &Host) -> PathBuf {
+    let mut dev = None;
+    eventually(30, "the device appears", || {
+        dev = h.device("r");
+        dev.as_ref().is_some_and(|d| d.exists())
+    });
+    dev.expect("device")
+}
+
+fn mkfs(fs: &str, dev: &Path) {
+    let mut c = Command::new(format!("mkfs.{fs}"));
+    match fs {
+        "ext4" => c.args(["-q", "-F"]),
+        _ => c.args(["-q", "-f"]),
+    };
+    run(c.arg(dev));
+}
+
+fn mount(dev: &Path, at: &Path) {
+    std::fs::create_dir_all(at).expect("mountpoint");
+    run(Command::new("mount").arg(dev).arg(at));
+}
+
+fn umount(at: &Path) {
+    run(Command::new("umount").arg(at));
+}
+
+/// A tree of random files under `dir` (`n` files in a few subdirectories).
+fn write_tree(dir: &Path, tag: &str, n: usize) {
+    for i in 0..n {
+        let sub = dir.join(format!("{tag}-{}", i % 4));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        random_file(&sub.join(format!("f{i}")), 4096 * (1 + i % 37));
+    }
+}
+
+/// Path → xxh3 of the content, for every file below `dir`.
+fn manifest(dir: &Path) -> BTreeMap<String, u128> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, u128>) {
+        for e in std::fs::read_dir(dir).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                if e.file_name() != "lost+found" {
+                    walk(base, &p, out);
+                }
+            } else {
+                let data = std::fs::read(&p).expect("read");
+                let rel = p.strip_prefix(base).expect("below").display().to_string();
+                out.insert(rel, xxhash_rust::xxh3::xxh3_128(&data));
+            }
+        }
+    }
+    let mut m = BTreeMap::new();
+    walk(dir, dir, &mut m);
+    m
+}
+
+/// `fsck -n` of a filesystem image (a replica's disk file): clean.
+fn fsck_clean(fs: &str, img: &Path) {
+    let out = match fs {
+        "ext4" => Command::new("e2fsck").args(["-n", "-f"]).arg(img).output(),
+        _ => Command::new("xfs_repair")
+            .args(["-n", "-f"])
+            .arg(img)
+            .output(),
+    }
+    .expect("fsck");
+    assert!(
+        out.status.success(),
+        "fsck of {} ({fs}) not clean: {}{}",
+        img.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn assert_equal(a: &Path, b: &Path, ha: &Host, hb: &Host) {
+    if let Some(at) = first_difference(a, b, SIZE) {
+        panic!(
+            "disks differ at {at}\n{}\n{}\n{}",
+            ha.ok(&["view", "r"]),
+            hb.ok(&["view", "r"]),
+            tail(&hb.log_text(), 30)
+        );
+    }
+}
+
+/// A filesystem made on a's device survives a planned handover to b and a failover back to a;
+/// every replica is clean and equal after convergence.
+fn filesystem_through_handover_and_failover(fs: &str) {
+    if !supported() || !require(&format!("mkfs.{fs}")) {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, da, db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+
+    // On a: filesystem, a file tree, sync, umount.
+    let dev_a = device(&a);
+    assert!(
+        dev_a.starts_with(t.path().join("a").join("dev")),
+        "{dev_a:?}"
+    );
+    mkfs(fs, &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 40);
+    run(&mut Command::new("sync"));
+    let m1 = manifest(&mnt);
+    umount(&mnt);
+
+    // Planned handover: the tree is identical on b.
+    b.ok(&["--timeout", "60", "primary", "r"]);
+    eventually(30, "a's device gone", || {
+        a.device("r").is_none() && !dev_a.exists()
+    });
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m1, "the tree after the handover");
+    write_tree(&mnt, "second", 30);
+    run(&mut Command::new("sync"));
+    let m2 = manifest(&mnt);
+    umount(&mnt);
+    wait_uptodate(&a, "r", 60);
+    eventually(30, "b written back", || {
+        b.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&db, &da, &b, &a);
+    fsck_clean(fs, &da);
+
+    // Failover: b dies, a takes over with what it has (everything: it was up to date).
+    b.kill9();
+    a.ok(&["pause-fetch", "r"]);
+    a.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m2, "the tree after the failover");
+    write_tree(&mnt, "third", 10);
+    run(&mut Command::new("sync"));
+    umount(&mnt);
+    // b comes back as a secondary of the same history and catches up.
+    b.start_again();
+    wait_uptodate(&b, "r", 60);
+    eventually(30, "a written back", || {
+        a.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&da, &db, &a, &b);
+    fsck_clean(fs, &db);
+    assert_eq!(b.view("is-split-brain", "r"), "0");
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn ext4_through_handover_and_failover() {
+    filesystem_through_handover_and_failover("ext4");
+}
+
+#[test]
+fn xfs_through_handover_and_failover() {
+    filesystem_through_handover_and_failover("xfs");
+}
+
+#[test]
+fn handover_is_refused_while_a_filesystem_is_mounted() {
+    if !supported() || !require("mkfs.ext4") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, da, db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev = device(&a);
+    mkfs("ext4", &dev);
+    mount(&dev, &mnt);
+    // A writer keeps a file open on the mounted filesystem.
+    let mut f = std::fs::File::create(mnt.join("open-file")).expect("create");
+    std::io::Write::write_all(&mut f, &[1u8; 65536]).expect("write");
+    f.sync_all().expect("fsync");
+    eventually(10, "a reports the open device", || {
+        a.view("device-opened", "r") != "0"
+    });
+    let msg = b.refused(&["--timeout", "3", "primary", "r"]);
+    assert!(msg.contains("in use on a"), "{msg}");
+    assert_eq!(a.view("role", "r"), "Primary");
+    // Nothing changed: the file still takes writes.
+    std::io::Write::write_all(&mut f, &[2u8; 65536]).expect("write after the refusal");
+    f.sync_all().expect("fsync");
+    drop(f);
+    let m = manifest(&mnt);
+    umount(&mnt);
+    b.ok(&["--timeout", "60", "primary", "r"]);
+    let devb = device(&b);
+    mount(&devb, &mnt);
+    assert_eq!(manifest(&mnt), m);
+    umount(&mnt);
+    wait_uptodate(&a, "r", 60);
+    eventually(30, "b written back", || {
+        b.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&db, &da, &b, &a);
+    a.stop();
+    b.stop();
+}
+
+#[test]
+fn fio_verify_on_the_device_then_replicas_equal() {
+    if !supported() || !require("fio") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, da, db) = pair(t.path());
+    let dev = device(&a);
+    for (name, rw, bs) in [("rand4k", "randwrite", "4k"), ("seq1m", "write", "1M")] {
+        let out = Command::new("fio")
+            .args([
+                &format!("--name={name}"),
+                &format!("--filename={}", dev.display()),
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=16",
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                "--size=32M",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+            ])
+            .output()
+            .expect("fio");
+        assert!(
+            out.status.success(),
+            "fio {name}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    wait_uptodate(&b, "r", 60);
+    eventually(30, "a written back", || {
+        a.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&da, &db, &a, &b);
+    // The device's users are counted: none now.
+    assert_eq!(a.view("device-opened", "r"), "0");
+    std::thread::sleep(Duration::from_millis(10));
+    a.stop();
+    b.stop();
+}
