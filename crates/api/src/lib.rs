@@ -107,6 +107,11 @@ pub enum Request {
     /// Deletes this host's logfiles and version links that no longer belong to the resource's
     /// history (leftovers of a split brain) on a secondary; a full sync follows.
     LogPurgeAll { res: ResourceName },
+    /// Emergency mode for `res` on this host once its logfiles take more than `pct` percent of
+    /// the root filesystem (0: no limit; free space alone decides).
+    SetEmergencyLimit { res: ResourceName, pct: u8 },
+    /// This host's emergency limit for `res` (percent, 0: none).
+    GetEmergencyLimit { res: ResourceName },
 }
 
 /// A local replication switch (MARS's `todo-HOST/*`).

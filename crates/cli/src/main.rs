@@ -154,6 +154,11 @@ enum Cmd {
     /// On a secondary: delete local logfiles and this host's version links outside the
     /// primary's history (split-brain leftovers); a fast full sync follows.
     LogPurgeAll { res: String },
+    /// Enter emergency mode for RES on this host once its logfiles take more than PCT percent
+    /// of the root filesystem (0: no limit).
+    SetEmergencyLimit { res: String, pct: u8 },
+    /// This host's emergency limit for RES (percent; 0: none).
+    GetEmergencyLimit { res: String },
     /// Housekeeping: rotate the primary's logfiles, delete those nobody needs.
     Cron,
     /// Wait until a condition holds on this host (at most --timeout seconds).
@@ -290,6 +295,19 @@ fn resource_request(
         Cmd::LogPurgeAll { res } => (
             "log-purge-all",
             Request::LogPurgeAll {
+                res: resource(res)?,
+            },
+        ),
+        Cmd::SetEmergencyLimit { res, pct } => (
+            "set-emergency-limit",
+            Request::SetEmergencyLimit {
+                res: resource(res)?,
+                pct: *pct,
+            },
+        ),
+        Cmd::GetEmergencyLimit { res } => (
+            "get-emergency-limit",
+            Request::GetEmergencyLimit {
                 res: resource(res)?,
             },
         ),

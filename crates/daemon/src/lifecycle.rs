@@ -683,6 +683,80 @@ impl Reconciler {
         }
     }
 
+    /// Space pressure on a primary (MARS's emergency mode): below `emergency_free_space` free
+    /// in the root, or with the resource's logfiles above its `set-emergency-limit` share of
+    /// the root, writes go straight to the disk and the log stops growing; replicas stop where
+    /// they are. Once `min_free_space` is free again, the log continues after a hole of one
+    /// logfile number (replicas cannot cross it: `invalidate` brings them back) and the old
+    /// logfiles are deleted.
+    fn emergency(
+        &mut self,
+        d: &Arc<Daemon>,
+        r: &Arc<Resource>,
+        v: &Arc<mars_volume::Volume>,
+        meta: &ResourceMeta,
+        free: Option<u64>,
+    ) {
+        let name = &r.cfg.name;
+        let limit_hit = meta
+            .members
+            .get(&d.host)
+            .and_then(|m| m.emergency_limit)
+            .and_then(|pct| {
+                let total = total_space(&d.root)?;
+                let (_, used) = crate::resource::log_usage(&r.dir);
+                Some(used.saturating_mul(100) > total.saturating_mul(u64::from(pct)))
+            })
+            .unwrap_or(false);
+        let low = free.is_some_and(|f| f < d.tuning.emergency_free_space) || limit_hit;
+        if low && !v.passthrough() {
+            match v.enter_passthrough(Duration::from_secs(5)) {
+                Ok(()) => {
+                    let _ = crate::resource::mark(&r.dir, crate::resource::EMERGENCY_MARKER, true);
+                    tracing::error!(
+                        "{name}: EMERGENCY MODE: {} free in the root{}: writes go straight to the \
+                         disk, replication has stopped; free space, then `marsadm invalidate {name}` \
+                         on the secondaries",
+                        free.map_or("?".into(), format_size),
+                        if limit_hit {
+                            " (the resource's logfiles exceed its emergency limit)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                Err(e) => tracing::error!("{name}: cannot enter emergency mode: {e}"),
+            }
+        } else if v.passthrough() && free.is_none_or(|f| f >= d.tuning.min_free_space) {
+            match v.restart_log_after_gap() {
+                Ok(no) => {
+                    let _ = std::fs::write(
+                        r.dir.join(crate::resource::CHAIN_START_FILE),
+                        no.to_string(),
+                    );
+                    let _ = crate::resource::mark(&r.dir, crate::resource::EMERGENCY_MARKER, false);
+                    tracing::warn!(
+                        "{name}: space is back: emergency mode ends, the log continues at {no} after \
+                         a hole; secondaries need `marsadm invalidate {name}`"
+                    );
+                }
+                Err(e) => tracing::error!("{name}: cannot leave emergency mode: {e}"),
+            }
+        }
+        // The chain restarts at the logfile after the hole: tell the others.
+        if let Some(no) = std::fs::read_to_string(r.dir.join(crate::resource::CHAIN_START_FILE))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+        {
+            if meta.chain_starts.get(&d.host) != Some(&no) {
+                let key = keys::chain_start(name, &d.host);
+                if let Err(e) = d.cluster.store().set(&key, &no.to_string()) {
+                    tracing::warn!("{name}: cannot publish {key}: {e}");
+                }
+            }
+        }
+    }
+
     /// One round over every local resource. Blocking: run on a blocking thread.
     pub fn round(&mut self, d: &Arc<Daemon>) {
         let addrs = d.cluster.members();
@@ -753,6 +827,7 @@ impl Reconciler {
                 } else {
                     self.remains.remove(&name);
                     r.set_fenced(false);
+                    self.emergency(d, &r, &v, &meta, free);
                     if !todo.attach && r.open_count() == 0 {
                         tracing::info!("{name}: detaching");
                         r.close();
@@ -819,6 +894,17 @@ impl Reconciler {
             }
         }
     }
+}
+
+/// Size of the filesystem holding `path`.
+fn total_space(path: &Path) -> Option<u64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_blocks as u64 * st.f_frsize as u64)
 }
 
 /// Bytes available to us in the filesystem holding `path`.

@@ -72,6 +72,14 @@ fn primary_volume(
     Ok((r, v))
 }
 
+fn emergency_refusal(d: &Daemon, res: &str) -> String {
+    format!(
+        "{} is in emergency mode for {res} (its root is nearly full): replication has stopped; \
+         after space is freed there, `marsadm invalidate {res}` on each secondary",
+        d.host
+    )
+}
+
 fn upgrade(v: &std::sync::Weak<Volume>) -> Result<Arc<Volume>> {
     v.upgrade()
         .ok_or_else(|| anyhow!("this host left the primary role"))
@@ -176,6 +184,9 @@ pub async fn serve_fetch(
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
+    if r.volume().is_some_and(|v| v.passthrough()) {
+        return refuse(&mut w, emergency_refusal(&d, &res)).await;
+    }
     tracing::info!("{res}: {peer} fetches from log {file_no} offset {off}");
     let dir: Arc<dyn Dir> = Arc::new(RealDir::open(&r.dir)?);
     loop {
@@ -271,6 +282,12 @@ async fn ship_file(
     loop {
         if r.leaving() {
             bail!("this host is leaving the primary role");
+        }
+        if r.volume().is_some_and(|v| v.passthrough()) {
+            return Ok(Err(format!(
+                "the primary entered emergency mode for {}: replication has stopped",
+                r.cfg.name
+            )));
         }
         if off > limit && (complete || limit > 0) {
             return Ok(Err(format!(
@@ -381,6 +398,9 @@ pub async fn serve_sync(
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
+    if vol.passthrough() {
+        return refuse(&mut w, emergency_refusal(&d, &res)).await;
+    }
     // Held weakly between messages: a primary leaving its role must be able to close it.
     let weak = Arc::downgrade(&vol);
     let start: LogPos = {
@@ -403,6 +423,9 @@ pub async fn serve_sync(
     drop(vol);
     loop {
         let msg = frames.next().await?;
+        if weak.upgrade().is_some_and(|v| v.passthrough()) {
+            return refuse(&mut w, emergency_refusal(&d, &res)).await;
+        }
         let Some(vol) = weak.upgrade().filter(|_| !r.leaving()) else {
             return refuse(&mut w, format!("{} left the primary role of {res}", d.host)).await;
         };

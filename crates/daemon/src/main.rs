@@ -63,6 +63,11 @@ struct Args {
     /// fetching (they no longer hold logs for the others and need a full sync later).
     #[arg(long, env = "MARS_MIN_FREE_SPACE", default_value = "1G")]
     min_free_space: String,
+    /// Free space below which primaries enter emergency mode: writes go straight to the disk,
+    /// replication stops at a hole in the log (default: half of --min-free-space). They leave
+    /// it when --min-free-space is free again.
+    #[arg(long, env = "MARS_EMERGENCY_FREE_SPACE")]
+    emergency_free_space: Option<String>,
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
@@ -151,10 +156,19 @@ fn run(args: Args) -> Result<()> {
             Err(e) => tracing::warn!("cleanup of {}: {e}", args.device_dir.display()),
         }
     }
+    let min_free_space = parse_size(&args.min_free_space).context("--min-free-space")?;
+    let emergency_free_space = match &args.emergency_free_space {
+        Some(s) => parse_size(s).context("--emergency-free-space")?,
+        None => min_free_space / 2,
+    };
+    if emergency_free_space > min_free_space {
+        anyhow::bail!("--emergency-free-space must not exceed --min-free-space");
+    }
     let tuning = Tuning {
         max_dirty: usize::try_from(max_dirty).context("--max-dirty too large")?,
         max_log_file,
-        min_free_space: parse_size(&args.min_free_space).context("--min-free-space")?,
+        min_free_space,
+        emergency_free_space,
         device,
         device_dir: args.device_dir.clone().into(),
     };

@@ -25,6 +25,9 @@ pub struct Tuning {
     pub max_log_file: u64,
     /// Free space the root keeps; below it secondaries drop their logfiles.
     pub min_free_space: u64,
+    /// Below this much free space in the root, primaries enter emergency mode; they leave it
+    /// once `min_free_space` is free again.
+    pub emergency_free_space: u64,
     /// How the primary's device appears under `device_dir` (`None`: NBD sockets only).
     pub device: DeviceMode,
     pub device_dir: Arc<Path>,
@@ -72,6 +75,12 @@ pub struct Resource {
 pub const REPLICA_MARKER: &str = "replica";
 /// Present while a forced switch (`primary --force`) is pending here.
 pub const FORCE_MARKER: &str = "force-primary";
+/// Present while this primary is in emergency mode (writes bypass the log). Found at open (a
+/// restart in emergency mode), the log continues after a hole before anything is written.
+pub const EMERGENCY_MARKER: &str = "emergency";
+/// The logfile number where this host's log last continued after a hole (published as
+/// `chain-start-HOST`).
+pub const CHAIN_START_FILE: &str = "chain-start";
 
 impl Resource {
     /// Sets up the resource in the role the metadata gives this host: the designated primary
@@ -229,6 +238,26 @@ impl Resource {
         cfg.size = self.size();
         match open_volume(&cfg, &self.dir, &self.host, &self.tuning) {
             Ok((v, report)) => {
+                if self.dir.join(EMERGENCY_MARKER).exists() {
+                    // Restarted in emergency mode: writes bypassed the log, so the log must not
+                    // simply continue; replicas have to stop at a hole.
+                    match v.restart_log_after_gap() {
+                        Ok(no) => {
+                            tracing::warn!(
+                                "{}: was in emergency mode: the log continues at {no} after a hole",
+                                self.cfg.name
+                            );
+                            let _ = std::fs::write(self.dir.join(CHAIN_START_FILE), no.to_string());
+                            let _ = mark(&self.dir, EMERGENCY_MARKER, false);
+                        }
+                        Err(e) => {
+                            tracing::error!("{}: cannot restart the log: {e}", self.cfg.name);
+                            *self.error.write().unwrap_or_else(|e| e.into_inner()) =
+                                Some(("Detached".into(), e.to_string()));
+                            return;
+                        }
+                    }
+                }
                 if report.replayed > 0 || report.truncated.is_some() {
                     tracing::info!(
                         "{}: recovery replayed {} records from {}{}",
@@ -463,6 +492,7 @@ impl Resource {
             rep.dirty_bytes = s.dirty_bytes;
             rep.disk_size = s.size;
             rep.stuck = s.error.clone();
+            rep.emergency = v.passthrough();
             let mut logs = log_lengths(&self.dir);
             // The current logfile counts up to its durable end (what replicas can fetch).
             if let Some(last) = logs.last_mut() {
@@ -741,7 +771,7 @@ pub fn open_volume(
     Ok(Volume::open(vc, d, disk)?)
 }
 
-fn log_usage(dir: &Path) -> (u64, u64) {
+pub fn log_usage(dir: &Path) -> (u64, u64) {
     let mut n = 0;
     let mut bytes = 0;
     if let Ok(rd) = std::fs::read_dir(dir) {

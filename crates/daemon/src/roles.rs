@@ -363,6 +363,30 @@ impl Daemon {
         })
     }
 
+    /// `set-emergency-limit RES PCT` (this host's key).
+    pub(crate) fn set_emergency_limit(
+        &self,
+        res: &ResourceName,
+        pct: u8,
+    ) -> Result<Reply, Refusal> {
+        if pct > 100 {
+            return Err(invalid(format!("{pct} is not a percentage (0..=100)")));
+        }
+        if !self.meta(res).is_member(&self.host) {
+            return Err(not_found(res));
+        }
+        self.set_keys(&[(keys::emergency_limit(res, &self.host), pct.to_string())])?;
+        Ok(Reply::Done {
+            message: if pct == 0 {
+                format!("{res}: no emergency limit here; free space alone decides")
+            } else {
+                format!(
+                    "{res}: emergency mode here once its logfiles take more than {pct}% of the root"
+                )
+            },
+        })
+    }
+
     /// `log-purge-all RES` on a secondary: forget this host's version links that contradict
     /// the designated primary's history and every local logfile, then fast-full-sync.
     pub(crate) fn log_purge_all(&self, res: &ResourceName) -> Result<Reply, Refusal> {

@@ -298,6 +298,17 @@ impl Daemon {
             Request::Cron => self.cron(),
             Request::Secondary { res } => self.secondary(&res),
             Request::LogPurgeAll { res } => self.log_purge_all(&res),
+            Request::SetEmergencyLimit { res, pct } => self.set_emergency_limit(&res, pct),
+            Request::GetEmergencyLimit { res } => {
+                let meta = self.meta(&res);
+                if !meta.is_member(&self.host) {
+                    return Err(not_found(&res));
+                }
+                let pct = meta.members[&self.host].emergency_limit.unwrap_or(0);
+                Ok(Reply::Done {
+                    message: pct.to_string(),
+                })
+            }
             Request::Primary { .. } => Err(invalid("primary is handled asynchronously")),
             Request::LogRotate { res } => {
                 let r = self.resource(&res).ok_or_else(|| not_found(&res))?;

@@ -8,6 +8,8 @@
 //! | `resource-RES/todo-HOST/{attach,sync,fetch,replay}` | HOST | desired switch, `1` or `0` |
 //! | `resource-RES/actual-HOST` | HOST | JSON [`crate::Report`]: what HOST reports about itself |
 //! | `resource-RES/version-NNNNNNNNN-HOST` | HOST | version link of logfile N as HOST saw it |
+//! | `resource-RES/chain-start-HOST` | HOST | logfile number where HOST's log continued after a deliberate hole (emergency mode): its version chain starts anew there |
+//! | `resource-RES/emergency-limit-HOST` | HOST | `set-emergency-limit`: emergency mode once the resource's logfiles take more than this percentage of HOST's root filesystem (0: off) |
 //! | `defaults/sync-limit` | shared | concurrent full syncs per host (0: unlimited) |
 //! | `defaults/unreachable-limit` | shared | seconds after which an unreachable member stops pinning logfiles |
 //!
@@ -42,6 +44,14 @@ pub fn todo(res: &ResourceName, host: &HostName, switch: &str) -> String {
 pub fn actual(res: &ResourceName, host: &HostName) -> String {
     format!("resource-{res}/actual-{host}")
 }
+pub fn chain_start(res: &ResourceName, host: &HostName) -> String {
+    format!("resource-{res}/chain-start-{host}")
+}
+
+pub fn emergency_limit(res: &ResourceName, host: &HostName) -> String {
+    format!("resource-{res}/emergency-limit-{host}")
+}
+
 pub fn version(res: &ResourceName, no: u64, host: &HostName) -> String {
     format!("resource-{res}/version-{no:09}-{host}")
 }
@@ -55,6 +65,8 @@ pub enum ResourceKey {
     Todo(HostName, String),
     Actual(HostName),
     Version(u64, HostName),
+    ChainStart(HostName),
+    EmergencyLimit(HostName),
     Other,
 }
 
@@ -72,6 +84,10 @@ pub fn parse(key: &str) -> Option<(ResourceName, ResourceKey)> {
                 ResourceKey::Data(h)
             } else if let Some(h) = leaf.strip_prefix("actual-").and_then(host) {
                 ResourceKey::Actual(h)
+            } else if let Some(h) = leaf.strip_prefix("chain-start-").and_then(host) {
+                ResourceKey::ChainStart(h)
+            } else if let Some(h) = leaf.strip_prefix("emergency-limit-").and_then(host) {
+                ResourceKey::EmergencyLimit(h)
             } else if let Some((t, sw)) = leaf.strip_prefix("todo-").and_then(|t| t.split_once('/'))
             {
                 match host(t) {
@@ -103,6 +119,14 @@ mod tests {
         let r = ResourceName::new("vm1").unwrap();
         let h = HostName::new("node-b").unwrap();
         assert_eq!(parse(&size(&r)), Some((r.clone(), ResourceKey::Size)));
+        assert_eq!(
+            parse(&chain_start(&r, &h)),
+            Some((r.clone(), ResourceKey::ChainStart(h.clone())))
+        );
+        assert_eq!(
+            parse(&emergency_limit(&r, &h)),
+            Some((r.clone(), ResourceKey::EmergencyLimit(h.clone())))
+        );
         assert_eq!(parse(&primary(&r)), Some((r.clone(), ResourceKey::Primary)));
         assert_eq!(
             parse(&data(&r, &h)),

@@ -117,6 +117,9 @@ pub struct Report {
     /// Secondary: its history differs from its source's from this logfile on (the source has
     /// another logfile of that number, or less of it than we have).
     pub forked: Option<u64>,
+    /// Primary: in emergency mode (root nearly full): writes bypass the log, replication has
+    /// stopped at a hole in the logfile numbers.
+    pub emergency: bool,
 }
 
 impl Report {
@@ -134,6 +137,9 @@ pub struct Member {
     pub disk: String,
     pub todo: Todo,
     pub report: Option<Report>,
+    /// `set-emergency-limit`: percent of the root filesystem the resource's logfiles may take
+    /// on this member before it enters emergency mode (`None` or 0: no limit).
+    pub emergency_limit: Option<u8>,
 }
 
 /// Everything the metadata says about one resource.
@@ -146,6 +152,9 @@ pub struct ResourceMeta {
     pub members: BTreeMap<HostName, Member>,
     /// Version links: logfile number → host → link.
     pub versions: BTreeMap<u64, BTreeMap<HostName, String>>,
+    /// Per host: the logfile where its log continued after a deliberate hole; the version
+    /// chain starts anew there.
+    pub chain_starts: BTreeMap<HostName, u64>,
 }
 
 impl ResourceMeta {
@@ -156,6 +165,7 @@ impl ResourceMeta {
             primary: None,
             members: BTreeMap::new(),
             versions: BTreeMap::new(),
+            chain_starts: BTreeMap::new(),
         }
     }
 
@@ -168,6 +178,7 @@ impl ResourceMeta {
         let mut m = Self::empty(name);
         let mut todos: Vec<(HostName, String, bool)> = Vec::new();
         let mut reports: Vec<(HostName, Report)> = Vec::new();
+        let mut limits: Vec<(HostName, Option<u8>)> = Vec::new();
         for (k, v) in entries {
             let Some((res, key)) = keys::parse(k) else {
                 continue;
@@ -190,6 +201,12 @@ impl ResourceMeta {
                 ResourceKey::Version(no, h) => {
                     m.versions.entry(no).or_default().insert(h, v.to_string());
                 }
+                ResourceKey::ChainStart(h) => {
+                    if let Ok(no) = v.parse() {
+                        m.chain_starts.insert(h, no);
+                    }
+                }
+                ResourceKey::EmergencyLimit(h) => limits.push((h, v.parse().ok())),
                 ResourceKey::Other => {}
             }
         }
@@ -201,6 +218,11 @@ impl ResourceMeta {
         for (h, r) in reports {
             if let Some(mem) = m.members.get_mut(&h) {
                 mem.report = Some(r);
+            }
+        }
+        for (h, pct) in limits {
+            if let Some(mem) = m.members.get_mut(&h) {
+                mem.emergency_limit = pct.filter(|p| *p > 0);
             }
         }
         m

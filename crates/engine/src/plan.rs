@@ -43,8 +43,9 @@ pub enum ChainCheck {
 /// The link this host computes for logfile `no` (written by `origin`, replayed to `len`).
 /// Its previous link is our own for `no - 1`, else the designated primary's, else the
 /// origin's (a replica that started after a full sync adopts theirs). `None` while none of
-/// them is known (the metadata has not arrived yet): only logfile 1 starts a chain, and a link
-/// computed without its predecessor would look like a different history.
+/// them is known (the metadata has not arrived yet): only logfile 1 and a logfile after a
+/// deliberate hole (the origin's `chain-start`) start a chain, and a link computed without its
+/// predecessor would look like a different history.
 pub fn my_link(
     meta: &ResourceMeta,
     me: &HostName,
@@ -52,7 +53,8 @@ pub fn my_link(
     origin: &HostName,
     len: u64,
 ) -> Option<String> {
-    let prev = match no.checked_sub(1).filter(|p| *p > 0) {
+    let restart = meta.chain_starts.get(origin) == Some(&no);
+    let prev = match no.checked_sub(1).filter(|p| *p > 0 && !restart) {
         None => "",
         Some(p) => meta
             .version(p, me)
@@ -142,6 +144,8 @@ pub fn member_state(
     };
     let disk_state = if !r.attached {
         "Detached".to_string()
+    } else if primary && r.emergency {
+        "EmergencyMode".to_string()
     } else if let Some(s) = r.stuck.as_deref().filter(|s| s.contains("damaged")) {
         format!("DefectiveLog[{}]", s.split(':').next().unwrap_or(s))
     } else if primary && r.stuck.is_some() {
@@ -168,6 +172,8 @@ pub fn member_state(
         "UnResponsive"
     } else if !r.attached {
         "NotStarted"
+    } else if primary && r.emergency {
+        "EmergencyMode"
     } else if primary && meta.primary.as_ref() != Some(host) {
         // Another host (or nobody) is designated, but the device is still open here.
         "RemainsPrimary"
@@ -267,6 +273,7 @@ mod tests {
                 disk: "/a".into(),
                 todo: Todo::default(),
                 report: Some(prim),
+                emergency_limit: None,
             },
         );
         let sec = Report {
@@ -284,6 +291,7 @@ mod tests {
                 disk: "/b".into(),
                 todo: Todo::default(),
                 report: Some(sec),
+                emergency_limit: None,
             },
         );
         m

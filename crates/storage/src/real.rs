@@ -227,6 +227,16 @@ impl File for RealFile {
         if self.block_device {
             return;
         }
+        // Never more than an eighth of the free space: on a small or nearly full filesystem a
+        // large reservation (ext4 may allocate part of it and then fail) would take the space
+        // that the log itself and the low-space handling need.
+        // SAFETY: fstatvfs fills the struct we pass, on a valid fd.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::fstatvfs(self.file.as_raw_fd(), &mut st) } != 0 {
+            return;
+        }
+        let free = st.f_bavail as u64 * st.f_frsize as u64;
+        let len = len.min(free / 8);
         if let Ok(l) = i64::try_from(len) {
             // SAFETY: plain syscall on a valid fd.
             unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, l) };

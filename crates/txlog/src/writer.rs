@@ -251,6 +251,23 @@ impl Appender {
         Ok(())
     }
 
+    /// Like [`Appender::rotate`], but leaves `skip` logfile numbers out: a deliberate hole in
+    /// the sequence (emergency mode), which no replica can fetch across, so that replicas stop
+    /// consistent at the hole while the primary's writes bypass the log.
+    pub fn rotate_skipping(&self, skip: u64) -> Result<u64, LogError> {
+        let target = {
+            let mut st = lock(&self.shared.state);
+            if let Some(f) = &st.failed {
+                return Err(LogError::Failed(f.clone()));
+            }
+            st.appended.file = st.appended.file.saturating_add(skip);
+            Self::begin_file(&mut st)?;
+            st.appended
+        };
+        self.sync_to(target)?;
+        Ok(target.file)
+    }
+
     /// Finishes the current logfile and starts the next one now (even if no record follows), so
     /// that the finished file has its final length. Returns the new logfile's number.
     pub fn rotate(&self) -> Result<u64, LogError> {

@@ -55,6 +55,8 @@ pub enum VolumeError {
     WritebackFailed(String),
     #[error("the volume is closed")]
     Closed,
+    #[error("the volume is busy: {0}")]
+    Busy(String),
 }
 
 impl VolumeError {
@@ -136,6 +138,9 @@ struct Shared {
     writes: AtomicU64,
     /// Device size; grows with [`Volume::grow`].
     size: AtomicU64,
+    /// Emergency mode: writes go straight to the disk, not to the log (which is not growing
+    /// any more, so replicas fall behind for good). Switched under the index lock.
+    passthrough: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -244,6 +249,7 @@ impl Volume {
             closing: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             size: AtomicU64::new(cfg_size),
+            passthrough: AtomicBool::new(false),
         });
         let s2 = shared.clone();
         let writeback = std::thread::Builder::new()
@@ -336,6 +342,7 @@ impl Volume {
         debug_assert_eq!(done as u64, len);
         if fua {
             self.shared.log.sync_to(end)?;
+            self.sync_disk_in_passthrough()?;
         }
         Ok(end)
     }
@@ -372,6 +379,7 @@ impl Volume {
         let end = self.append(kind, offset, len, Data::Zero { punch })?;
         if fua {
             self.shared.log.sync_to(end)?;
+            self.sync_disk_in_passthrough()?;
         }
         Ok(end)
     }
@@ -379,6 +387,7 @@ impl Volume {
     fn maybe_fua(&self, fua: bool) -> Result<LogPos, VolumeError> {
         self.check_failed()?;
         if fua {
+            self.sync_disk_in_passthrough()?;
             Ok(self.shared.log.sync_all()?)
         } else {
             Ok(self.shared.log.appended())
@@ -393,6 +402,17 @@ impl Volume {
         };
         let max = self.shared.cfg.max_dirty;
         let mut ix = lock(&self.shared.index);
+        if self.shared.passthrough.load(Ordering::Acquire) {
+            // Emergency mode: straight to the disk (the index is empty, reads see the disk).
+            let payload: &[u8] = match &data {
+                Data::Bytes(b) => b,
+                Data::Zero { .. } => &[],
+            };
+            apply(&*self.shared.disk, kind, offset, len, payload)?;
+            self.shared.writes.fetch_add(1, Ordering::Relaxed);
+            drop(ix);
+            return Ok(self.shared.log.appended());
+        }
         while mem > 0 && ix.mem > 0 && ix.mem + mem > max {
             self.shared.kick.notify_one();
             ix = self
@@ -417,7 +437,91 @@ impl Volume {
     /// FLUSH: every write acknowledged so far is durable when this returns.
     pub fn flush(&self) -> Result<LogPos, VolumeError> {
         self.check_failed()?;
+        self.sync_disk_in_passthrough()?;
         Ok(self.shared.log.sync_all()?)
+    }
+
+    /// In emergency mode writes are durable once the disk is synced.
+    fn sync_disk_in_passthrough(&self) -> Result<(), VolumeError> {
+        if self.shared.passthrough.load(Ordering::Acquire) {
+            self.shared
+                .disk
+                .sync_data()
+                .map_err(|source| VolumeError::Disk {
+                    op: "fdatasync",
+                    offset: 0,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Emergency mode is on: writes bypass the log.
+    pub fn passthrough(&self) -> bool {
+        self.shared.passthrough.load(Ordering::Acquire)
+    }
+
+    /// Enters emergency mode: makes the log durable, writes everything back, and from then on
+    /// sends writes straight to the disk (MARS: "all IO goes directly to the disk"). The log
+    /// stops growing, so it uses no more space. Fails (nothing changed) if writeback does not
+    /// empty the memory within `timeout`.
+    pub fn enter_passthrough(&self, timeout: Duration) -> Result<(), VolumeError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            self.check_failed()?;
+            self.shared.log.sync_all()?;
+            {
+                let ix = lock(&self.shared.index);
+                if ix.pending_records() == 0 {
+                    self.shared.passthrough.store(true, Ordering::Release);
+                    return Ok(());
+                }
+                self.shared.kick.notify_all();
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(VolumeError::Busy("writeback did not finish in time".into()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Leaves emergency mode (or completes one interrupted by a restart): the log continues
+    /// after a deliberate hole of one logfile number, and every older logfile is deleted (all
+    /// of it is on the disk). Replicas cannot fetch across the hole: they stay consistent where
+    /// they are until a full sync. Returns the number of the new logfile.
+    pub fn restart_log_after_gap(&self) -> Result<u64, VolumeError> {
+        self.shared.log.sync_all()?;
+        let ix = lock(&self.shared.index);
+        if ix.pending_records() > 0 {
+            return Err(VolumeError::Busy(
+                "records are still waiting for writeback".into(),
+            ));
+        }
+        self.shared
+            .disk
+            .sync_data()
+            .map_err(|source| VolumeError::Disk {
+                op: "fdatasync",
+                offset: 0,
+                source,
+            })?;
+        let next = self.shared.log.rotate_skipping(1)?;
+        self.shared.passthrough.store(false, Ordering::Release);
+        let start = LogPos::new(next, 0);
+        write_position(&*self.shared.dir, start)?;
+        *lock(&self.shared.written_back) = start;
+        drop(ix);
+        for name in mars_txlog::list_logs_unchecked(&*self.shared.dir)? {
+            if name.no < next {
+                mars_txlog::remove_log(&*self.shared.dir, &name)?;
+            }
+        }
+        self.shared.dir.sync().map_err(|source| VolumeError::Disk {
+            op: "directory sync",
+            offset: 0,
+            source,
+        })?;
+        Ok(next)
     }
 
     /// Blocks until the log is durable up to `pos`.

@@ -331,3 +331,58 @@ fn disk_write_errors_stop_writeback_without_losing_data() {
     assert_eq!(&b, b"during");
     v.close().unwrap();
 }
+
+/// Emergency mode: after everything is written back, writes go straight to the disk (the log
+/// stops growing); flushed ones survive a crash. Leaving it continues the log after a hole and
+/// deletes the older logfiles; a reopen replays nothing and sees every write.
+#[test]
+fn passthrough_writes_bypass_the_log_and_survive_a_crash_and_the_log_restarts_after_a_hole() {
+    let dir = MemDir::new();
+    let disk = mem_disk(&dir);
+    let d: Arc<dyn Dir> = Arc::new(dir.clone());
+    let (v, _) = Volume::open(cfg(1 << 20), d.clone(), disk.clone()).unwrap();
+    for i in 0..8u64 {
+        v.write(i * 1000, Bytes::from(vec![i as u8 + 1; 1000]), false)
+            .unwrap();
+    }
+    v.enter_passthrough(Duration::from_secs(10)).unwrap();
+    assert!(v.passthrough());
+    let log_before = v.status().appended;
+    for i in 8..16u64 {
+        v.write(i * 1000, Bytes::from(vec![i as u8 + 1; 1000]), false)
+            .unwrap();
+    }
+    v.write_zeroes(0, 1000, false, false).unwrap();
+    v.flush().unwrap();
+    assert_eq!(v.status().appended, log_before, "the log did not grow");
+    let model: Vec<u8> = (0..SIZE)
+        .map(|o| match o {
+            0..1000 => 0,
+            o if o < 16_000 => (o / 1000) as u8 + 1,
+            _ => 0,
+        })
+        .collect();
+    assert!(read_all(&v) == model);
+    // A crash now: the flushed passthrough writes are on the disk.
+    let crashed = MemDir::from_image(&dir.crash_image());
+    let cdisk = crashed.open("disk", OpenMode::Existing).unwrap();
+    let (v2, _) = Volume::open(cfg(1 << 20), Arc::new(crashed), cdisk).unwrap();
+    assert!(read_all(&v2) == model);
+    drop(v2);
+    // Leaving: a hole of one logfile number, older logfiles gone, logging again.
+    let before = v.status().current_log.no;
+    let next = v.restart_log_after_gap().unwrap();
+    assert_eq!(next, before + 2);
+    assert!(!v.passthrough());
+    let names = mars_txlog::list_logs(&dir).unwrap();
+    assert_eq!(names.iter().map(|n| n.no).collect::<Vec<_>>(), vec![next]);
+    v.write(20_000, Bytes::from(vec![9u8; 1000]), true).unwrap();
+    assert_eq!(v.status().durable.file, next);
+    v.close().unwrap();
+    let (v3, rep) = Volume::open(cfg(1 << 20), d, disk).unwrap();
+    assert_eq!(rep.replayed, 0);
+    let mut m = model;
+    m[20_000..21_000].fill(9);
+    assert!(read_all(&v3) == m);
+    v3.close().unwrap();
+}

@@ -1,0 +1,150 @@
+//! Space pressure on the primary (MARS's emergency mode, mars.md §1.10): the primary's root is a
+//! small loop-mounted filesystem that the log fills up. Writes never fail; replication stops
+//! consistent at a hole in the logfile numbers; after space is freed the log continues and
+//! `invalidate` brings the secondary back.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mars_testkit::repl::{eventually, first_difference, join, tail, tmp, wait_uptodate};
+use mars_testkit::{run, Host};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 48 * MIB;
+
+/// A small ext4 filesystem mounted at `at` (unmounted, with its loop device, when dropped).
+struct SmallFs {
+    at: PathBuf,
+}
+
+impl SmallFs {
+    fn new(img: &Path, at: &Path, size: u64) -> Option<SmallFs> {
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI runs as root"
+            );
+            eprintln!("SKIP: mounting a small root needs root");
+            return None;
+        }
+        std::fs::File::create(img).unwrap().set_len(size).unwrap();
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
+        std::fs::create_dir_all(at).unwrap();
+        run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(at));
+        Some(SmallFs {
+            at: at.to_path_buf(),
+        })
+    }
+
+    fn free(&self) -> u64 {
+        let c = std::ffi::CString::new(self.at.to_str().unwrap()).unwrap();
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+fn write_at(h: &Host, t: &Path, off: u64, len: usize) {
+    mars_testkit::repl::write_random(h, "r", t, off, len);
+}
+
+#[test]
+fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
+    let t = tmp();
+    // a's root lives on a 256 MiB filesystem; emergency below 40 MiB free, back above 56 MiB.
+    let Some(small) = SmallFs::new(&t.path().join("a-root.img"), &t.path().join("a"), 256 * MIB)
+    else {
+        return;
+    };
+    let mut a = Host::start_with_env(
+        t.path(),
+        "a",
+        "127.0.0.1",
+        &[
+            ("MARS_MIN_FREE_SPACE", "56M"),
+            ("MARS_EMERGENCY_FREE_SPACE", "40M"),
+        ],
+    );
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    // a's disk is not on the small filesystem: only its log is.
+    let da = t.path().join("a-disk.img");
+    std::fs::File::create(&da).unwrap().set_len(SIZE).unwrap();
+    a.ok(&["create-cluster"]);
+    a.ok(&["create-resource", "r", da.to_str().unwrap()]);
+    b.ok(&["join-cluster", &a.peer_addr]);
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let db = join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    // A ballast file leaves ~70 MiB; the log then fills the rest.
+    let ballast = small.at.join("ballast");
+    let keep = small.free().saturating_sub(70 * MIB);
+    std::fs::File::create(&ballast).unwrap().set_len(0).unwrap();
+    run(Command::new("fallocate")
+        .args(["-l", &keep.to_string()])
+        .arg(&ballast));
+    // b stops fetching, so the log cannot be deleted and grows until a runs out of space.
+    b.ok(&["pause-fetch", "r"]);
+    let mut written = 0u64;
+    while a.view("diskstate", "r") != "EmergencyMode" {
+        assert!(
+            written < 400 * MIB,
+            "no emergency mode after {written} bytes; free {}\n{}\n{}",
+            small.free(),
+            a.ok(&["view", "r"]),
+            tail(&a.log_text(), 20)
+        );
+        // Writes keep succeeding whatever the space: the helper panics if one fails.
+        write_at(&a, t.path(), (written % SIZE) / MIB * MIB, 4 * MIB as usize);
+        written += 4 * MIB;
+    }
+    assert_eq!(a.view("replstate", "r"), "EmergencyMode");
+    let view = a.ok(&["view", "r"]);
+    assert!(view.contains("EmergencyMode"), "{view}");
+    // In emergency mode writes go to the disk, not the log: they keep succeeding and the
+    // root does not fill up further.
+    let free_before = small.free();
+    for i in 0..8 {
+        write_at(&a, t.path(), i * 4 * MIB, 4 * MIB as usize);
+    }
+    assert!(small.free() + MIB >= free_before, "the log still grows");
+    // The secondary stays consistent where it is: it cannot fetch past the primary's state.
+    b.ok(&["resume-fetch", "r"]);
+    eventually(20, "b sees that replication stopped", || {
+        b.view("stuck", "r").contains("emergency") || b.ok(&["view", "r"]).contains("emergency")
+    });
+    assert_eq!(b.view("is-consistent", "r"), "1");
+    // Space comes back: the log continues after a hole; b cannot cross it and needs a resync.
+    std::fs::remove_file(&ballast).unwrap();
+    eventually(30, "a leaves emergency mode", || {
+        a.view("diskstate", "r") != "EmergencyMode"
+    });
+    write_at(&a, t.path(), 0, MIB as usize);
+    b.ok(&["invalidate", "r"]);
+    wait_uptodate(&b, "r", 120);
+    eventually(30, "a written back", || {
+        a.view("diskstate", "r") == "UpToDate"
+    });
+    if let Some(at) = first_difference(&da, &db, SIZE) {
+        panic!(
+            "b differs at {at}\n{}\n{}",
+            a.ok(&["view", "r"]),
+            b.ok(&["view", "r"])
+        );
+    }
+    assert_eq!(b.view("is-split-brain", "r"), "0");
+    // A restart keeps the disk and the log consistent.
+    a.stop();
+    a.start_again();
+    eventually(30, "a primary again", || a.view("role", "r") == "Primary");
+    write_at(&a, t.path(), 8 * MIB, MIB as usize);
+    wait_uptodate(&b, "r", 60);
+    a.stop();
+}
