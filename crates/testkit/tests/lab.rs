@@ -586,3 +586,52 @@ fn bandwidth_limit_is_respected_by_catch_up() {
     lab.heal();
     assert_converged(&lab, &da, &db, size, 60);
 }
+
+/// Forced failover while the old primary is alive in a partition (MARS §2.3): both write. When
+/// the partition heals, the old primary learns that another host took over: its writes fail
+/// from then on (fenced), the split brain is reported, and once its device is closed it leaves
+/// the role; `invalidate` there makes it a copy of the new primary.
+#[test]
+fn forced_failover_during_a_partition_then_heal_fences_the_old_primary_and_invalidate_resolves() {
+    let Some(lab) = lab(2) else { return };
+    let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
+    let size = 32 * MIB;
+    let (da, db) = pair_in_sync(&lab, size);
+    let mut conn = mars_testkit::nbd::Client::connect(&a.nbd_socket(), "r").expect("nbd");
+    conn.write(0, &[1u8; 65536], true).expect("write on a");
+
+    lab.cut(0);
+    wait_primary_unreachable(&lab);
+    b.ok(&["pause-fetch", "r"]);
+    b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    assert_eq!(view(b, "role"), "Primary");
+    // Both write: a does not know yet.
+    conn.write(65536, &[2u8; 65536], true)
+        .expect("a still writes in its partition");
+    write_random(b, "r", lab.path(), 8 * MIB, MIB as usize);
+
+    lab.restore(0);
+    // a hears that b is the primary now: its device's writes fail.
+    let fenced = eventually(a, b, 30, "a fences its writes", || {
+        conn.write(131072, &[3u8; 4096], true).is_err()
+    });
+    println!("a fenced {fenced:?} after the partition healed");
+    eventually(a, b, 30, "split brain reported on b", || {
+        view(b, "is-split-brain") == "1"
+    });
+    drop(conn);
+    eventually(a, b, 30, "a left the primary role", || {
+        view(a, "role") == "Secondary"
+    });
+    a.ok(&["invalidate", "r"]);
+    wait_uptodate(a, "r", 60);
+    eventually(a, b, 30, "b written back", || {
+        view(b, "diskstate") == "UpToDate"
+    });
+    if let Some(at) = first_difference(&db, &da, size) {
+        panic!("a differs from b at {at}");
+    }
+    eventually(a, b, 30, "no split brain left", || {
+        view(a, "is-split-brain") == "0" && view(b, "is-split-brain") == "0"
+    });
+}
