@@ -791,6 +791,8 @@ impl Reconciler {
                     rep.ensure_started(d);
                 }
             }
+            // The stack follows the role; the device is "present" while this host serves it.
+            crate::systemd::tick(d, &r, &meta, r.volume().is_some());
             let removed = d.reclaim(&r, &meta);
             if !removed.is_empty() {
                 tracing::info!("{name}: deleted logfiles {}", removed.join(", "));
@@ -897,6 +899,7 @@ pub async fn reconcile_loop(d: Arc<Daemon>) {
         let (d2, rec2) = (d.clone(), rec.clone());
         let _ = tokio::task::spawn_blocking(move || {
             rec2.lock().unwrap_or_else(|e| e.into_inner()).round(&d2);
+            *d2.last_round.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         })
         .await;
     }

@@ -120,7 +120,12 @@ impl UnitStatus {
 /// |---|---|---|---|
 /// | me | yes | me | start the start unit |
 /// | me | yes | someone else / nobody | nothing (a handover is under way) |
+/// | me | no | me | nothing (the device appears soon: taking over, or marsd restarting) |
 /// | anything else | — | — | stop the stop unit |
+///
+/// The third row differs from MARS, which stops the stack whenever the device is absent: a
+/// restarted `marsd` serves the device again a moment later, and tearing down the stack of
+/// the designated primary for that would turn every daemon restart into an outage.
 ///
 /// `None` when no stack is configured. Idempotent: the daemon runs the op again only when
 /// its inputs (op, unit, want entry) change, after a failure (with backoff), or on
@@ -133,14 +138,12 @@ pub fn want_op(
 ) -> Option<(UnitOp, String)> {
     let start = sd.start_unit.as_ref()?;
     let stop = sd.stop().unwrap_or(start);
-    if sd.want.as_ref() == Some(me) && device_present {
-        if primary == Some(me) {
-            Some((UnitOp::Start, start.clone()))
-        } else {
-            None
-        }
-    } else {
-        Some((UnitOp::Stop, stop.to_string()))
+    let wanted_here = sd.want.as_ref() == Some(me);
+    let designated = primary == Some(me);
+    match (wanted_here, device_present, designated) {
+        (true, true, true) => Some((UnitOp::Start, start.clone())),
+        (true, true, false) | (true, false, true) => None,
+        _ => Some((UnitOp::Stop, stop.to_string())),
     }
 }
 
@@ -171,8 +174,11 @@ mod tests {
         // want == me, device, not (yet) designated: nothing.
         assert_eq!(want_op(&sd(Some("a")), &a, Some(&b), true), None);
         assert_eq!(want_op(&sd(Some("a")), &a, None, true), None);
-        // want == me without the device: stop (the new primary before it takes over).
-        assert_eq!(want_op(&sd(Some("a")), &a, Some(&a), false), stop);
+        // want == me without the device: stop (the new primary before the handover) …
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&b), false), stop);
+        assert_eq!(want_op(&sd(Some("a")), &a, None, false), stop);
+        // … but the designated primary waits for its device (taking over, or restarting).
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&a), false), None);
         // Someone else wanted: stop, whatever the role.
         assert_eq!(want_op(&sd(Some("b")), &a, Some(&a), true), stop);
         assert_eq!(want_op(&sd(Some("b")), &a, Some(&b), false), stop);
