@@ -377,20 +377,16 @@ pub struct Regenerated {
     pub warnings: Vec<String>,
 }
 
-/// The variables templates see besides `res` and `resdir`: MARS's `host`, `mars` (here the
-/// root directory, which holds `resource-RES/` as `/mars` does), `ip` and `cmd`.
+/// The variables templates see besides `res` and `resdir` (`mars_unitgen::host_vars`): `mars`
+/// is the root directory, which holds `resource-RES/` as `/mars` does in MARS; `ip` is the
+/// address peers reach this host at, without the port.
 pub fn host_vars(host: &str, root: &Path, advertised: &str) -> Vars {
     let ip = advertised
         .rsplit_once(':')
         .map_or(advertised, |(ip, _)| ip)
         .trim_start_matches('[')
         .trim_end_matches(']');
-    Vars::from([
-        ("host".to_string(), host.to_string()),
-        ("mars".to_string(), root.display().to_string()),
-        ("ip".to_string(), ip.to_string()),
-        ("cmd".to_string(), "systemd-trigger".to_string()),
-    ])
+    mars_unitgen::host_vars(host, &root.display().to_string(), ip)
 }
 
 /// Regenerates the units of every local resource with a configured stack (plus the plain
