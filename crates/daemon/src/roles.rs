@@ -297,15 +297,32 @@ async fn planned(
         }
     }
     let old = acting.first().cloned();
-    // Phase 0 with a systemd stack: it moves first. The old primary stops it when it sees
-    // the want elsewhere; if that fails, it is wanted there again and restarts.
+    // Phase 0 with a systemd stack: it moves first. Every other host that may run it stops it
+    // when it sees the want here: the acting primary, the designated one (its report may not
+    // have arrived yet), and any host whose last operation was a start. If one fails, the
+    // stack is wanted where it was again, and restarts there.
     let stack = meta.systemd.configured();
+    let holders: Vec<HostName> = meta
+        .members
+        .keys()
+        .filter(|h| **h != me)
+        .filter(|h| {
+            acting.contains(h)
+                || meta.primary.as_ref() == Some(*h)
+                || meta
+                    .systemd
+                    .status
+                    .get(*h)
+                    .is_some_and(|st| st.op == mars_engine::UnitOp::Start)
+        })
+        .cloned()
+        .collect();
     let want_stamp = if stack {
         set_want(&d, &res, me.as_str())?
     } else {
         0
     };
-    if let (true, Some(a)) = (stack, &old) {
+    for a in holders.iter().filter(|_| stack) {
         let stop = mars_engine::UnitOp::Stop;
         let result = {
             let (d2, res2, a2) = (d.clone(), res.clone(), a.clone());
@@ -329,10 +346,18 @@ async fn planned(
             )),
         };
         if let Some(why) = why {
-            set_want(&d, &res, a.as_str())?;
+            // Back to where it ran: the acting primary, else the designated one, else the
+            // want as it was.
+            let back = old
+                .clone()
+                .or_else(|| meta.primary.clone().filter(|p| *p != me))
+                .map(|h| h.to_string())
+                .or_else(|| meta.systemd.want_raw.clone())
+                .unwrap_or_else(|| keys::NO_PRIMARY.to_string());
+            set_want(&d, &res, &back)?;
             tracing::warn!("{res}: handover to {me} aborted: {why}");
             return Err(failed(format!(
-                "{why}: {a} stays primary and starts its stack again"
+                "{why}: {back} stays primary and starts its stack again"
             )));
         }
     }

@@ -449,7 +449,7 @@ pub fn regenerate(d: &Daemon) -> Result<Regenerated, SystemdError> {
     }
     if report.any_changed() || !removed.is_empty() {
         tracing::info!(
-            "systemd: generated {} changed, {} removed: daemon-reload",
+            "systemd: changed [{}], removed [{}]: daemon-reload",
             report.changed.join(" "),
             removed.join(" ")
         );
