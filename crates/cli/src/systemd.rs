@@ -57,7 +57,11 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
     let host = args.host.clone().unwrap_or_else(short_hostname);
     let output = absolute(&args.output)?;
     let scripts = absolute(args.scripts_output.as_ref().unwrap_or(&args.output))?;
-    let search = ufs::search_path(Some(&args.templates), None, Path::new("/etc/marsadm"));
+    // Absolute, so the `### GENERATED FROM:` header names the template wherever it is read.
+    let search = ufs::search_path(Some(&args.templates), None, Path::new("/etc/marsadm"))
+        .iter()
+        .map(|p| absolute(p))
+        .collect::<Result<Vec<_>>>()?;
     let templates = ufs::load_templates(&search).context("loading templates")?;
     templates.check()?;
     let own = [output.clone(), scripts.clone()];

@@ -381,3 +381,47 @@ fn check_generate(a: &Node, tpl: &Path, t: &Path) {
     assert_eq!(strip_header(&by_marsd), strip_header(&by_cli));
     a.host.ok(&["set-systemd-unit", RES, ""]);
 }
+
+/// The shipped default templates (`dist/systemd-templates`) generate units that systemd
+/// accepts without a single complaint (checked inside a box: `systemd-analyze verify` leaves
+/// files in /run).
+#[test]
+fn shipped_templates_generate_valid_units() {
+    if !sdbox::available() {
+        return;
+    }
+    let dir = tmp();
+    let t = dir.path();
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist");
+    let out = t.join("units");
+    let o = std::process::Command::new(mars_testkit::bin("marsadm"))
+        .args(["--root", "/nonexistent", "systemd-generate", RES, "DEFAULT"])
+        .arg("--templates")
+        .arg(&dist)
+        .arg("--output")
+        .arg(&out)
+        .args(["--host", "alpha"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(stdout.contains("vol-web\\x2d1.mount"), "{stdout}");
+    assert!(stdout.contains("vol-web\\x2d1-app.service"), "{stdout}");
+    let b = SdBox::boot(&t.join("boxes"), &[t]);
+    let files = list(&out);
+    let mut args = vec!["systemd-analyze".to_string(), "verify".to_string()];
+    args.extend(files.iter().map(|f| out.join(f).display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = b.exec(&args);
+    // Unknown keys only warn: any output is a failure.
+    assert!(
+        o.status.success() && o.stderr.is_empty(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
