@@ -367,9 +367,16 @@ async fn planned(
         let (res2, a2) = (res.clone(), a.clone());
         let closed = wait_for(deadline, move || open_count(&d2.meta(&res2), &a2) == 0).await;
         if !closed {
+            // Compensation: the stack stopped for nothing; it runs on the old primary again.
+            let restarted = if stack {
+                set_want(&d, &res, a.as_str())?;
+                " and starts its stack again"
+            } else {
+                ""
+            };
             return Err(invalid(format!(
                 "the device of {res} is still in use on {a} ({} open): close it (umount, stop \
-                 the application) and try again; {a} stays primary",
+                 the application) and try again; {a} stays primary{restarted}",
                 open_count(&d.meta(&res), a)
             )));
         }
