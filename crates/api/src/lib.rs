@@ -112,6 +112,20 @@ pub enum Request {
     SetEmergencyLimit { res: ResourceName, pct: u8 },
     /// This host's emergency limit for `res` (percent, 0: none).
     GetEmergencyLimit { res: ResourceName },
+    /// Configures the resource's systemd stack: `start` is a unit name or a marker name such as
+    /// `DEFAULT` (the template marked `DEFAULT_START`); `stop` defaults to the start unit. An
+    /// empty `start` removes both units and the want. Sets the want to the designated primary.
+    SetSystemdUnit {
+        res: ResourceName,
+        start: String,
+        #[serde(default)]
+        stop: Option<String>,
+    },
+    /// Sets where the stack should run: a member, or `(none)` (stopped everywhere).
+    SetSystemdWant { res: ResourceName, want: String },
+    /// Regenerates the units now and, for `res` (or every resource when `None`), runs the want
+    /// operations again even if nothing changed.
+    SystemdTrigger { res: Option<ResourceName> },
 }
 
 /// A local replication switch (MARS's `todo-HOST/*`).
@@ -264,6 +278,18 @@ pub struct ResourceView {
     /// The members' histories have forked.
     #[serde(default)]
     pub split_brain: Option<SplitBrainView>,
+    /// The systemd stack, when one is configured.
+    #[serde(default)]
+    pub systemd: Option<SystemdView>,
+}
+
+/// A resource's systemd stack as the metadata shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemdView {
+    pub start_unit: String,
+    pub stop_unit: String,
+    /// Where the stack should run: a host, `(none)`, or `None` when unset.
+    pub want: Option<String>,
 }
 
 /// A split brain as the version links show it.
@@ -330,6 +356,9 @@ pub struct ReplicaView {
     pub behind: Option<u64>,
     pub sync: Option<Progress>,
     pub stuck: Option<String>,
+    /// Its last systemd start/stop, e.g. `start app.service: ok` (when it ran one).
+    #[serde(default)]
+    pub systemd: Option<String>,
 }
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogView {

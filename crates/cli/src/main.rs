@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod systemd;
 mod view;
 mod wait;
 
@@ -171,6 +172,26 @@ enum Cmd {
     View { res: Option<String> },
     /// Close the current logfile and continue in a new one.
     LogRotate { res: String },
+    /// Configure the systemd stack of RES: START is the unit at its top (or a marker name such
+    /// as DEFAULT: the template marked DEFAULT_START), STOP the unit right above the device
+    /// (default: START). "" removes both and the want. The stack is wanted on the primary.
+    SetSystemdUnit {
+        res: String,
+        start: String,
+        stop: Option<String>,
+    },
+    /// Show the start and stop unit of RES.
+    GetSystemdUnit { res: String },
+    /// Set where the systemd stack of RES runs: a member, or (none) to stop it everywhere.
+    SetSystemdWant { res: String, host: String },
+    /// Show where the systemd stack of RES should run.
+    GetSystemdWant { res: String },
+    /// Regenerate the units now and run the start/stop of RES (or of every resource) again.
+    #[command(alias = "systemd-trigger-extern")]
+    SystemdTrigger { res: Option<String> },
+    /// Generate the units of RES from templates into a directory and print what was written;
+    /// no daemon, no systemctl (for checking templates).
+    SystemdGenerate(systemd::GenerateArgs),
     /// Start a throw-away local mars host, write through NBD and show how to use it.
     Demo(demo::DemoArgs),
     /// view-MACRO RES: one value, e.g. `view-role vm1`, `view-nbd-uri vm1`.
@@ -309,6 +330,27 @@ fn resource_request(
             "get-emergency-limit",
             Request::GetEmergencyLimit {
                 res: resource(res)?,
+            },
+        ),
+        Cmd::SetSystemdUnit { res, start, stop } => (
+            "set-systemd-unit",
+            Request::SetSystemdUnit {
+                res: resource(res)?,
+                start: start.clone(),
+                stop: stop.clone(),
+            },
+        ),
+        Cmd::SetSystemdWant { res, host } => (
+            "set-systemd-want",
+            Request::SetSystemdWant {
+                res: resource(res)?,
+                want: host.clone(),
+            },
+        ),
+        Cmd::SystemdTrigger { res } => (
+            "systemd-trigger",
+            Request::SystemdTrigger {
+                res: res.as_deref().map(resource).transpose()?,
             },
         ),
         _ => return Ok(None),
@@ -469,6 +511,24 @@ impl Cli {
                 })?;
                 self.print_done(r)
             }
+            Cmd::GetSystemdUnit { res } => {
+                let res = resource(res)?;
+                let start = self.get_link(&systemd::key(&res, "systemd-start-unit"))?;
+                let stop = self.get_link(&systemd::key(&res, "systemd-stop-unit"))?;
+                if let Some(start) = start.filter(|s| !s.is_empty()) {
+                    let stop = stop.filter(|s| !s.is_empty()).unwrap_or(start.clone());
+                    println!("{start} {stop}");
+                }
+                Ok(())
+            }
+            Cmd::GetSystemdWant { res } => {
+                let res = resource(res)?;
+                if let Some(w) = self.get_link(&systemd::key(&res, "systemd-want"))? {
+                    println!("{w}");
+                }
+                Ok(())
+            }
+            Cmd::SystemdGenerate(args) => systemd::generate(&self.root, args, self.json),
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Other(args) => {
                 let Some(cmd) = args.first() else {
@@ -709,6 +769,41 @@ mod tests {
             Request::Invalidate { res: vm1() }
         );
         assert_eq!(request(&["cron"]), ("cron", Request::Cron));
+    }
+
+    #[test]
+    fn systemd_requests() {
+        assert_eq!(
+            request(&["set-systemd-unit", "vm1", "app-vm1.service"]).1,
+            Request::SetSystemdUnit {
+                res: vm1(),
+                start: "app-vm1.service".into(),
+                stop: None
+            }
+        );
+        assert_eq!(
+            request(&["set-systemd-unit", "vm1", ""]).1,
+            Request::SetSystemdUnit {
+                res: vm1(),
+                start: String::new(),
+                stop: None
+            }
+        );
+        assert_eq!(
+            request(&["set-systemd-want", "vm1", "(none)"]).1,
+            Request::SetSystemdWant {
+                res: vm1(),
+                want: "(none)".into()
+            }
+        );
+        assert_eq!(
+            request(&["systemd-trigger"]).1,
+            Request::SystemdTrigger { res: None }
+        );
+        assert_eq!(
+            request(&["systemd-trigger-extern", "vm1"]).1,
+            Request::SystemdTrigger { res: Some(vm1()) }
+        );
     }
 
     #[test]

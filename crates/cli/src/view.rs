@@ -159,7 +159,20 @@ pub fn member_line(m: &ReplicaView) -> String {
     if let Some(st) = &m.stuck {
         s += &format!(" stuck: {st}");
     }
+    if let Some(sd) = &m.systemd {
+        s += &format!(" systemd: {sd}");
+    }
     s
+}
+
+/// `systemd: start app.service stop mnt.mount want beta`, when a stack is configured.
+pub fn systemd_line(sd: &mars_api::SystemdView) -> String {
+    format!(
+        "systemd: start {} stop {} want {}",
+        sd.start_unit,
+        sd.stop_unit,
+        sd.want.as_deref().unwrap_or("(unset)")
+    )
 }
 
 /// Log, disk and NBD detail lines.
@@ -221,6 +234,9 @@ pub fn resource_text(r: &ResourceView) -> String {
     }
     if let Some(e) = &r.error {
         s += &format!("    ERROR: {e}\n");
+    }
+    if let Some(sd) = &r.systemd {
+        s += &format!("    {}\n", systemd_line(sd));
     }
     for m in &r.members {
         s += &format!("    {}\n", member_line(m));
@@ -334,6 +350,8 @@ pub const MACROS: &[&str] = &[
     "is-split-brain",
     "split-brain",
     "device",
+    "systemd-unit",
+    "systemd-want",
 ];
 
 fn bit(b: bool) -> String {
@@ -408,6 +426,17 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
         "is-primary" => bit(r.role == "Primary"),
         "writeback-rest" => r.log.as_ref().map_or(0, |l| l.dirty_bytes).to_string(),
         "error" => r.error.clone().unwrap_or_default(),
+        // MARS prints the start and the stop unit; empty when no stack is configured.
+        "systemd-unit" => r
+            .systemd
+            .as_ref()
+            .map(|sd| format!("{} {}", sd.start_unit, sd.stop_unit))
+            .unwrap_or_default(),
+        "systemd-want" => r
+            .systemd
+            .as_ref()
+            .and_then(|sd| sd.want.clone())
+            .unwrap_or_default(),
         other => bail!("unknown view macro {other:?}; known: {}", MACROS.join(", ")),
     })
 }
@@ -454,6 +483,7 @@ pub mod fixtures {
             caught_up_ms: None,
             members: Vec::new(),
             split_brain: None,
+            systemd: None,
         }
     }
 
@@ -471,6 +501,7 @@ pub mod fixtures {
             behind: None,
             sync: None,
             stuck: None,
+            systemd: None,
         }
     }
 }
@@ -498,6 +529,40 @@ mod tests {
             "{text}"
         );
         assert_eq!(macro_value(&r, "members").unwrap(), "3");
+    }
+
+    #[test]
+    fn systemd_want_and_member_status() {
+        let mut r = secondary();
+        assert_eq!(macro_value(&r, "systemd-unit").unwrap(), "");
+        r.systemd = Some(mars_api::SystemdView {
+            start_unit: "app.service".into(),
+            stop_unit: "mnt-vm1.mount".into(),
+            want: Some("alpha".into()),
+        });
+        let mut a = member("alpha", true);
+        a.systemd = Some("start app.service: ok".into());
+        let mut b = member("beta", true);
+        b.systemd = Some("stop mnt-vm1.mount: exit 1".into());
+        r.members = vec![a, b];
+        let text = resource_text(&r);
+        assert!(
+            text.contains("    systemd: start app.service stop mnt-vm1.mount want alpha\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("member alpha: UpToDate Replaying dCASFR Secondary systemd: start app.service: ok\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("systemd: stop mnt-vm1.mount: exit 1\n"),
+            "{text}"
+        );
+        assert_eq!(
+            macro_value(&r, "systemd-unit").unwrap(),
+            "app.service mnt-vm1.mount"
+        );
+        assert_eq!(macro_value(&r, "systemd-want").unwrap(), "alpha");
     }
 
     #[test]

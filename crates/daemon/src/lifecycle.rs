@@ -866,6 +866,14 @@ impl Reconciler {
                     rep.ensure_started(d);
                 }
             }
+            // The stack follows the role; the device is "present" while this host serves it.
+            // The stack may start once the device it uses exists: the local block device where
+            // the daemon serves one, otherwise the open volume (NBD export).
+            let device_present = match d.tuning.device {
+                crate::resource::DeviceMode::None => r.volume().is_some(),
+                crate::resource::DeviceMode::FuseLoop => r.device_path().is_some(),
+            };
+            crate::systemd::tick(d, &r, &meta, device_present);
             let removed = d.reclaim(&r, &meta);
             if !removed.is_empty() {
                 tracing::info!("{name}: deleted logfiles {}", removed.join(", "));
@@ -983,6 +991,7 @@ pub async fn reconcile_loop(d: Arc<Daemon>) {
         let (d2, rec2) = (d.clone(), rec.clone());
         let _ = tokio::task::spawn_blocking(move || {
             rec2.lock().unwrap_or_else(|e| e.into_inner()).round(&d2);
+            *d2.last_round.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         })
         .await;
     }

@@ -10,9 +10,10 @@ mod roles;
 mod root;
 mod serve;
 mod state;
+mod systemd;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -68,6 +69,31 @@ struct Args {
     /// it when --min-free-space is free again.
     #[arg(long, env = "MARS_EMERGENCY_FREE_SPACE")]
     emergency_free_space: Option<String>,
+    /// Template search path, colon-separated; each entry's `systemd-templates/` subdirectory is
+    /// used if it exists (default as MARS: ., ~/.marsadm, /etc/marsadm, /usr/lib/marsadm,
+    /// /usr/local/lib/marsadm).
+    #[arg(long, env = "MARS_PATH")]
+    systemd_templates: Option<String>,
+    /// Where generated units go.
+    #[arg(
+        long,
+        env = "MARS_SYSTEMD_UNIT_DIR",
+        default_value = "/run/systemd/system"
+    )]
+    systemd_unit_dir: PathBuf,
+    /// Where generated `.script` pseudo-units go (/run is often mounted noexec).
+    #[arg(
+        long,
+        env = "MARS_SYSTEMD_SCRIPTS_DIR",
+        default_value = "/etc/marsadm/systemd-generated-scripts"
+    )]
+    systemd_scripts_dir: PathBuf,
+    /// The systemctl to run (tests point this at a wrapper that enters a container).
+    #[arg(long, env = "MARS_SYSTEMCTL", default_value = "systemctl")]
+    systemctl: PathBuf,
+    /// Seconds one systemctl call or script may take before it is killed.
+    #[arg(long, default_value_t = 300)]
+    systemd_timeout: u64,
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
@@ -76,6 +102,14 @@ fn normalize_listen(s: &str) -> Result<String> {
         .parse::<SocketAddr>()
         .map(|_| with_port)
         .with_context(|| format!("--listen {s:?} is not ADDR[:PORT]"))
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
 }
 
 fn main() {
@@ -138,11 +172,7 @@ fn run(args: Args) -> Result<()> {
     if !args.device_dir.is_absolute() {
         anyhow::bail!("--device-dir must be an absolute path");
     }
-    let root = if args.root.is_absolute() {
-        args.root.clone()
-    } else {
-        std::env::current_dir()?.join(&args.root)
-    };
+    let root = absolute(&args.root)?;
     let _lock = root::lock_root(&root)?;
     tracing::info!(
         "marsd {} starting as host {host} in {}",
@@ -172,7 +202,22 @@ fn run(args: Args) -> Result<()> {
         device,
         device_dir: args.device_dir.clone().into(),
     };
-    let daemon = Arc::new(Daemon::load(root, host, listen, args.nbd_listen, tuning)?);
+    let mut systemd = systemd::Settings::mars_defaults();
+    if let Some(p) = args.systemd_templates.as_deref().filter(|p| !p.is_empty()) {
+        systemd.search_path = mars_unitgen::fs::search_path(Some(p), None, Path::new("/"));
+    }
+    systemd.unit_dir = absolute(&args.systemd_unit_dir)?;
+    systemd.scripts_dir = absolute(&args.systemd_scripts_dir)?;
+    systemd.systemctl = args.systemctl.clone();
+    systemd.timeout = std::time::Duration::from_secs(args.systemd_timeout.max(1));
+    let daemon = Arc::new(Daemon::load(
+        root,
+        host,
+        listen,
+        args.nbd_listen,
+        tuning,
+        systemd,
+    )?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marsd")

@@ -627,6 +627,7 @@ impl Resource {
                         logs: None,
                     }),
                     stuck: r.and_then(|r| r.stuck.clone()),
+                    systemd: meta.systemd.status.get(h).map(|st| st.summary()),
                 }
             })
             .collect();
@@ -678,6 +679,15 @@ impl Resource {
                         .collect(),
                 },
             ),
+            systemd: meta
+                .systemd
+                .start_unit
+                .as_ref()
+                .map(|start| mars_api::SystemdView {
+                    start_unit: start.clone(),
+                    stop_unit: meta.systemd.stop().unwrap_or(start).to_string(),
+                    want: meta.systemd.want_raw.clone(),
+                }),
         }
     }
 

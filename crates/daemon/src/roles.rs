@@ -8,11 +8,20 @@
 //!
 //! ```text
 //! phase 0   checks: member, consistent, up, not stuck, no split brain, old primary reachable
+//!           with a systemd stack: want := me, wait for the old primary's stop result
+//!           ─ failed or timeout: want := old (its stack starts again), refused
 //! phase 0b  wait until the old primary's device is closed (open count 0)     ─┐ timeout:
 //! phase 1   primary := me                                                     │ refused,
 //! phase 2   wait until the old primary has left the role   ─ timeout: primary := old again
+//!                                                            (and want := old)
 //! phase 3   wait until this host has replayed its last byte and opened its volume
+//! phase 5   with a systemd stack: wait for this host's start result (reported, not fatal)
 //! ```
+//!
+//! So in a planned handover exactly one host runs the stack at any moment: the new primary
+//! starts it (`systemd.rs`, want == primary == me and the device served) only after the old one
+//! reported its stop and left the role. A failover (`--force`) sets the want as well; the old
+//! primary stops its stack whenever it learns that it is no longer wanted.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +51,35 @@ fn open_count(meta: &ResourceMeta, h: &HostName) -> u64 {
         .get(h)
         .and_then(|m| m.report.as_ref())
         .map_or(0, |r| r.open_count)
+}
+
+/// Writes `systemd-want` (this host's write, so it carries a fresh Lamport stamp) and returns
+/// the stamp: the stop result a handover waits for must be for this write, not an older one.
+fn set_want(d: &Daemon, res: &ResourceName, host: &str) -> Result<u64, Refusal> {
+    let e = d
+        .cluster
+        .store()
+        .set(&keys::systemd_want(res), host)
+        .map_err(|e| failed(format!("cannot write the systemd want: {e}")))?;
+    d.cluster.poke.notify_waiters();
+    d.reconcile_now.notify_one();
+    Ok(e.stamp)
+}
+
+/// `host`'s result of `op` done for the want written with `stamp` (or later), once it exists.
+fn unit_result(
+    d: &Daemon,
+    res: &ResourceName,
+    host: &HostName,
+    op: mars_engine::UnitOp,
+    stamp: u64,
+) -> Option<mars_engine::UnitStatus> {
+    d.meta(res)
+        .systemd
+        .status
+        .get(host)
+        .filter(|st| st.op == op && st.want_stamp >= stamp)
+        .cloned()
 }
 
 /// Waits until `done` holds or the deadline passes.
@@ -74,6 +112,16 @@ pub async fn primary(
     };
     if volume {
         if meta.primary.as_ref() == Some(&me) {
+            // Idempotent, and as in MARS it restarts a stack stopped by `set-systemd-want
+            // (none)` or wanted elsewhere.
+            if meta.systemd.configured() && meta.systemd.want.as_ref() != Some(&me) {
+                set_want(&d, &res, me.as_str())?;
+                return Ok(Reply::Done {
+                    message: format!(
+                        "{me} is the primary of {res} already; its systemd stack is wanted here again"
+                    ),
+                });
+            }
             return Ok(Reply::Done {
                 message: format!("{me} is the primary of {res} already"),
             });
@@ -89,7 +137,11 @@ pub async fn primary(
                     .map_or("(none)".to_string(), ToString::to_string)
             )));
         }
-        d.set_keys(&[(keys::primary(&res), me.to_string())])?;
+        let mut back = vec![(keys::primary(&res), me.to_string())];
+        if meta.systemd.configured() {
+            back.push((keys::systemd_want(&res), me.to_string()));
+        }
+        d.set_keys(&back)?;
         return Ok(Reply::Done {
             message: format!(
                 "{res}: took the primary role back by force; if another host wrote meanwhile, \
@@ -154,7 +206,13 @@ async fn forced(
     let _ = rep;
     mark(&r.dir, FORCE_MARKER, true)
         .map_err(|e| failed(format!("cannot mark the forced switch: {e}")))?;
-    d.set_keys(&[(keys::primary(&res), me.to_string())])?;
+    let mut keys_now = vec![(keys::primary(&res), me.to_string())];
+    // The stack follows: it starts here once the device is served, and the old primary stops
+    // it whenever it learns of this (fencing it meanwhile is the operator's job, as in MARS).
+    if d.meta(&res).systemd.configured() {
+        keys_now.push((keys::systemd_want(&res), me.to_string()));
+    }
+    d.set_keys(&keys_now)?;
     tracing::warn!("{res}: forced switch to primary requested");
     let promoted = {
         let r = r.clone();
@@ -246,15 +304,86 @@ async fn planned(
         }
     }
     let old = acting.first().cloned();
+    // Phase 0 with a systemd stack: it moves first. Every other host that may run it stops it
+    // when it sees the want here: the acting primary, the designated one (its report may not
+    // have arrived yet), and any host whose last operation was a start. If one fails, the
+    // stack is wanted where it was again, and restarts there.
+    let stack = meta.systemd.configured();
+    let holders: Vec<HostName> = meta
+        .members
+        .keys()
+        .filter(|h| **h != me)
+        .filter(|h| {
+            acting.contains(h)
+                || meta.primary.as_ref() == Some(*h)
+                || meta
+                    .systemd
+                    .status
+                    .get(*h)
+                    .is_some_and(|st| st.op == mars_engine::UnitOp::Start)
+        })
+        .cloned()
+        .collect();
+    let want_stamp = if stack {
+        set_want(&d, &res, me.as_str())?
+    } else {
+        0
+    };
+    for a in holders.iter().filter(|_| stack) {
+        let stop = mars_engine::UnitOp::Stop;
+        let result = {
+            let (d2, res2, a2) = (d.clone(), res.clone(), a.clone());
+            let mut found = None;
+            wait_for(deadline, || {
+                found = unit_result(&d2, &res2, &a2, stop, want_stamp);
+                found.is_some()
+            })
+            .await;
+            found
+        };
+        let why = match result {
+            Some(st) if st.ok() => None,
+            Some(st) => Some(format!(
+                "the stack of {res} did not stop on {a} ({})",
+                st.summary()
+            )),
+            None => Some(format!(
+                "{a} did not report stopping the stack of {res} ({}) in time",
+                meta.systemd.stop().unwrap_or_default()
+            )),
+        };
+        if let Some(why) = why {
+            // Back to where it ran: the acting primary, else the designated one, else the
+            // want as it was.
+            let back = old
+                .clone()
+                .or_else(|| meta.primary.clone().filter(|p| *p != me))
+                .map(|h| h.to_string())
+                .or_else(|| meta.systemd.want_raw.clone())
+                .unwrap_or_else(|| keys::NO_PRIMARY.to_string());
+            set_want(&d, &res, &back)?;
+            tracing::warn!("{res}: handover to {me} aborted: {why}");
+            return Err(failed(format!(
+                "{why}: {back} stays primary and starts its stack again"
+            )));
+        }
+    }
     // Phase 0b: the old primary's device must be closed.
     if let Some(a) = &old {
         let d2 = d.clone();
         let (res2, a2) = (res.clone(), a.clone());
         let closed = wait_for(deadline, move || open_count(&d2.meta(&res2), &a2) == 0).await;
         if !closed {
+            // Compensation: the stack stopped for nothing; it runs on the old primary again.
+            let restarted = if stack {
+                set_want(&d, &res, a.as_str())?;
+                " and starts its stack again"
+            } else {
+                ""
+            };
             return Err(invalid(format!(
                 "the device of {res} is still in use on {a} ({} open): close it (umount, stop \
-                 the application) and try again; {a} stays primary",
+                 the application) and try again; {a} stays primary{restarted}",
                 open_count(&d.meta(&res), a)
             )));
         }
@@ -290,7 +419,11 @@ async fn planned(
             )));
         }
         if !left {
-            d.set_keys(&[(keys::primary(&res), a.to_string())])?;
+            let mut back = vec![(keys::primary(&res), a.to_string())];
+            if stack {
+                back.push((keys::systemd_want(&res), a.to_string()));
+            }
+            d.set_keys(&back)?;
             let open = open_count(&d.meta(&res), a);
             return Err(failed(if open > 0 {
                 format!(
@@ -329,9 +462,27 @@ async fn planned(
              over by itself; see `marsadm view {res}`)"
         )));
     }
+    // Phase 5: the stack starts here now; say how that went (the role switch stands anyway).
+    let stack_note = if stack {
+        let (d2, res2, me2) = (d.clone(), res.clone(), me.clone());
+        let start = mars_engine::UnitOp::Start;
+        let mut found = None;
+        wait_for(deadline, || {
+            found = unit_result(&d2, &res2, &me2, start, want_stamp);
+            found.is_some()
+        })
+        .await;
+        match found {
+            Some(st) if st.ok() => format!("; stack started ({})", st.unit),
+            Some(st) => format!("; starting the stack FAILED ({}), retrying", st.summary()),
+            None => "; the stack has not started yet".to_string(),
+        }
+    } else {
+        String::new()
+    };
     Ok(Reply::Done {
         message: format!(
-            "{res}: {me} is primary now{}",
+            "{res}: {me} is primary now{}{stack_note}",
             old.map(|a| format!(" (handed over from {a}, nothing lost)"))
                 .unwrap_or_default()
         ),

@@ -99,7 +99,14 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
 
     tokio::spawn(crate::lifecycle::reconcile_loop(daemon.clone()));
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status_text(&daemon)),
+        ],
+    );
+    tokio::spawn(watchdog(daemon.clone()));
     tracing::info!(
         "ready: control {}",
         daemon.root.join(CONTROL_SOCKET).display()
@@ -113,6 +120,67 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
     tracing::info!("stopping");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     Ok(())
+}
+
+/// `STATUS=` for `systemctl status marsd`: how many resources, and which this host serves.
+fn status_text(d: &Daemon) -> String {
+    let all = d.all();
+    let primary: Vec<String> = all
+        .iter()
+        .filter(|r| r.volume().is_some())
+        .map(|r| r.cfg.name.to_string())
+        .collect();
+    format!(
+        "host {}: {} resource(s), primary of {}",
+        d.host,
+        all.len(),
+        if primary.is_empty() {
+            "none".to_string()
+        } else {
+            primary.join(" ")
+        }
+    )
+}
+
+/// Under `WatchdogSec=`, pings systemd at half the interval, but only while the reconcile loop
+/// keeps finishing rounds: a loop stuck on a lock or in I/O stops the pings, and systemd
+/// restarts us (the loop is what fails over stacks and publishes our state). Also refreshes
+/// `STATUS=` every few seconds.
+async fn watchdog(d: Arc<Daemon>) {
+    let mut usec = 0u64;
+    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    let interval = if enabled {
+        std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(100))
+    } else {
+        std::time::Duration::from_secs(5)
+    };
+    // A round normally takes well below a second; allow for a slow one before giving up.
+    let stuck_after = std::time::Duration::from_micros(usec)
+        .max(std::time::Duration::from_secs(10))
+        .min(std::time::Duration::from_secs(120));
+    if enabled {
+        tracing::info!("systemd watchdog: pinging every {interval:?}");
+    }
+    loop {
+        tokio::time::sleep(interval).await;
+        let last = *d.last_round.lock().unwrap_or_else(|e| e.into_inner());
+        let d2 = d.clone();
+        let status = tokio::task::spawn_blocking(move || status_text(&d2))
+            .await
+            .unwrap_or_default();
+        let mut states = vec![sd_notify::NotifyState::Status(&status)];
+        if enabled {
+            if last.elapsed() < stuck_after {
+                states.push(sd_notify::NotifyState::Watchdog);
+            } else {
+                tracing::error!(
+                    "the reconcile loop has not finished a round for {:?}: no watchdog ping",
+                    last.elapsed()
+                );
+            }
+        }
+        let _ = sd_notify::notify(false, &states);
+    }
 }
 
 async fn control_conn(daemon: Arc<Daemon>, s: UnixStream) -> Result<()> {

@@ -45,6 +45,10 @@ pub struct Daemon {
     /// When this daemon started: a primary role found on disk is taken up only once every
     /// other member answered since (the cluster may have moved on while we were down).
     pub(crate) started: std::time::Instant,
+    /// Unit generation and the resources' systemd stacks.
+    pub systemd: crate::systemd::Systemd,
+    /// When the reconcile loop last finished a round (for the systemd watchdog).
+    pub(crate) last_round: Mutex<std::time::Instant>,
 }
 
 /// A running full sync's place under the global limit; dropping it frees the place.
@@ -74,6 +78,7 @@ impl Daemon {
         listen: String,
         nbd_tcp: Option<SocketAddr>,
         tuning: Tuning,
+        systemd: crate::systemd::Settings,
     ) -> anyhow::Result<Self> {
         let cluster: Option<ClusterFile> = root::read_toml(&root.join(CLUSTER_FILE))?;
         if let Some(c) = &cluster {
@@ -125,6 +130,8 @@ impl Daemon {
             transient_pins: Mutex::new(BTreeMap::new()),
             reconcile_now: tokio::sync::Notify::new(),
             started: std::time::Instant::now(),
+            systemd: crate::systemd::Systemd::new(systemd),
+            last_round: Mutex::new(std::time::Instant::now()),
         })
     }
 
@@ -310,6 +317,11 @@ impl Daemon {
                 })
             }
             Request::Primary { .. } => Err(invalid("primary is handled asynchronously")),
+            Request::SetSystemdUnit { res, start, stop } => {
+                self.set_systemd_unit(&res, &start, stop.as_deref())
+            }
+            Request::SetSystemdWant { res, want } => self.set_systemd_want(&res, &want),
+            Request::SystemdTrigger { res } => self.systemd_trigger(res.as_ref()),
             Request::LogRotate { res } => {
                 let r = self.resource(&res).ok_or_else(|| not_found(&res))?;
                 let v = r

@@ -10,11 +10,18 @@
 //! | `resource-RES/version-NNNNNNNNN-HOST` | HOST | version link of logfile N as HOST saw it |
 //! | `resource-RES/chain-start-HOST` | HOST | logfile number where HOST's log continued after a deliberate hole (emergency mode): its version chain starts anew there |
 //! | `resource-RES/emergency-limit-HOST` | HOST | `set-emergency-limit`: emergency mode once the resource's logfiles take more than this percentage of HOST's root filesystem (0: off) |
+//! | `resource-RES/systemd-start-unit` | shared | unit started where the stack should run (`set-systemd-unit`) |
+//! | `resource-RES/systemd-stop-unit` | shared | unit stopped everywhere else |
+//! | `resource-RES/systemd-want` | shared | host that should run the stack, or `(none)` |
+//! | `resource-RES/systemd-status-HOST` | HOST | JSON [`crate::systemd::UnitStatus`]: HOST's last start/stop |
 //! | `defaults/sync-limit` | shared | concurrent full syncs per host (0: unlimited) |
 //! | `defaults/unreachable-limit` | shared | seconds after which an unreachable member stops pinning logfiles |
 //!
 //! Ownership follows the `-HOST` suffix of the segment nearest the leaf (see `mars_meta`), so a
-//! host only ever writes its own `data-`, `todo-`, `actual-` and `version-` keys.
+//! host only ever writes its own `data-`, `todo-`, `actual-`, `version-` and `systemd-status-`
+//! keys. The shared `systemd-*` keys end in `-unit` and `-want`: a member named `unit` or `want`
+//! would own them (and `set-systemd-unit` is refused on other hosts then); MARS host names are
+//! rarely that short, so we accept the quirk rather than rename MARS's keys.
 
 use mars_config::{HostName, ResourceName};
 
@@ -55,6 +62,18 @@ pub fn emergency_limit(res: &ResourceName, host: &HostName) -> String {
 pub fn version(res: &ResourceName, no: u64, host: &HostName) -> String {
     format!("resource-{res}/version-{no:09}-{host}")
 }
+pub fn systemd_start_unit(res: &ResourceName) -> String {
+    format!("resource-{res}/systemd-start-unit")
+}
+pub fn systemd_stop_unit(res: &ResourceName) -> String {
+    format!("resource-{res}/systemd-stop-unit")
+}
+pub fn systemd_want(res: &ResourceName) -> String {
+    format!("resource-{res}/systemd-want")
+}
+pub fn systemd_status(res: &ResourceName, host: &HostName) -> String {
+    format!("resource-{res}/systemd-status-{host}")
+}
 
 /// A key below `resource-RES/`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +86,10 @@ pub enum ResourceKey {
     Version(u64, HostName),
     ChainStart(HostName),
     EmergencyLimit(HostName),
+    SystemdStartUnit,
+    SystemdStopUnit,
+    SystemdWant,
+    SystemdStatus(HostName),
     Other,
 }
 
@@ -79,6 +102,9 @@ pub fn parse(key: &str) -> Option<(ResourceName, ResourceKey)> {
     let k = match leaf {
         "size" => ResourceKey::Size,
         "primary" => ResourceKey::Primary,
+        "systemd-start-unit" => ResourceKey::SystemdStartUnit,
+        "systemd-stop-unit" => ResourceKey::SystemdStopUnit,
+        "systemd-want" => ResourceKey::SystemdWant,
         _ => {
             if let Some(h) = leaf.strip_prefix("data-").and_then(host) {
                 ResourceKey::Data(h)
@@ -88,6 +114,8 @@ pub fn parse(key: &str) -> Option<(ResourceName, ResourceKey)> {
                 ResourceKey::ChainStart(h)
             } else if let Some(h) = leaf.strip_prefix("emergency-limit-").and_then(host) {
                 ResourceKey::EmergencyLimit(h)
+            } else if let Some(h) = leaf.strip_prefix("systemd-status-").and_then(host) {
+                ResourceKey::SystemdStatus(h)
             } else if let Some((t, sw)) = leaf.strip_prefix("todo-").and_then(|t| t.split_once('/'))
             {
                 match host(t) {
@@ -145,6 +173,22 @@ mod tests {
             Some((r.clone(), ResourceKey::Version(42, h.clone())))
         );
         assert_eq!(version(&r, 42, &h), "resource-vm1/version-000000042-node-b");
+        assert_eq!(
+            parse(&systemd_status(&r, &h)),
+            Some((r.clone(), ResourceKey::SystemdStatus(h.clone())))
+        );
+        assert_eq!(
+            parse(&systemd_start_unit(&r)),
+            Some((r.clone(), ResourceKey::SystemdStartUnit))
+        );
+        assert_eq!(
+            parse(&systemd_stop_unit(&r)),
+            Some((r.clone(), ResourceKey::SystemdStopUnit))
+        );
+        assert_eq!(
+            parse(&systemd_want(&r)),
+            Some((r.clone(), ResourceKey::SystemdWant))
+        );
         assert_eq!(parse("ips/ip-a"), None);
         assert_eq!(
             parse("resource-vm1/version-42-a"),

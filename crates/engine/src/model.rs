@@ -155,6 +155,8 @@ pub struct ResourceMeta {
     /// Per host: the logfile where its log continued after a deliberate hole; the version
     /// chain starts anew there.
     pub chain_starts: BTreeMap<HostName, u64>,
+    /// The systemd stack: units, want, each host's last operation.
+    pub systemd: crate::systemd::SystemdMeta,
 }
 
 impl ResourceMeta {
@@ -166,6 +168,7 @@ impl ResourceMeta {
             members: BTreeMap::new(),
             versions: BTreeMap::new(),
             chain_starts: BTreeMap::new(),
+            systemd: Default::default(),
         }
     }
 
@@ -207,6 +210,22 @@ impl ResourceMeta {
                     }
                 }
                 ResourceKey::EmergencyLimit(h) => limits.push((h, v.parse().ok())),
+                // An empty unit is `set-systemd-unit RES ""` written by an older peer: none.
+                ResourceKey::SystemdStartUnit => {
+                    m.systemd.start_unit = Some(v.to_string()).filter(|u| !u.is_empty())
+                }
+                ResourceKey::SystemdStopUnit => {
+                    m.systemd.stop_unit = Some(v.to_string()).filter(|u| !u.is_empty())
+                }
+                ResourceKey::SystemdWant => {
+                    m.systemd.want = crate::systemd::SystemdMeta::parse_want(v);
+                    m.systemd.want_raw = Some(v.to_string());
+                }
+                ResourceKey::SystemdStatus(h) => {
+                    if let Some(st) = crate::systemd::UnitStatus::from_json(v) {
+                        m.systemd.status.insert(h, st);
+                    }
+                }
                 ResourceKey::Other => {}
             }
         }
@@ -289,6 +308,9 @@ mod tests {
             ("resource-r/todo-c/fetch".into(), "0".into()),
             ("resource-r/actual-a".into(), rep),
             ("resource-r/version-000000003-a".into(), "x".into()),
+            ("resource-r/systemd-start-unit".into(), "app.service".into()),
+            ("resource-r/systemd-want".into(), "b".into()),
+            ("resource-r/systemd-status-b".into(), "garbage".into()),
             ("resource-other/size".into(), "5".into()),
         ];
         let m = ResourceMeta::from_entries(r, e.iter().map(|(k, v)| (k.as_str(), v.as_str())));
@@ -298,6 +320,11 @@ mod tests {
         assert!(!m.members[&b].todo.fetch);
         assert!(m.members[&b].todo.replay);
         assert_eq!(m.version(3, &a), Some("x"));
+        assert_eq!(m.systemd.start_unit.as_deref(), Some("app.service"));
+        assert_eq!(m.systemd.stop(), Some("app.service"));
+        assert_eq!(m.systemd.want, Some(b.clone()));
+        // A malformed status is ignored, not an error.
+        assert!(m.systemd.status.is_empty());
         assert_eq!(m.bytes_after(LogPos::new(3, 40)), Some(110));
         assert_eq!(m.bytes_after(LogPos::new(5, 0)), Some(0));
     }

@@ -9,6 +9,7 @@
 pub mod lab;
 pub mod nbd;
 pub mod repl;
+pub mod sdbox;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -139,6 +140,28 @@ impl Host {
             h.peer_addr = format!("{ip}:{}", free_port_on(ip));
         }
         panic!("marsd could not bind free ports: {}", h.log_text());
+    }
+
+    /// A host whose `marsd` runs elsewhere (e.g. as a service in a systemd box): the handle
+    /// talks to it through the control socket in `root` and reads its log file, but neither
+    /// starts nor stops it.
+    pub fn external(
+        name: &str,
+        root: PathBuf,
+        peer_addr: String,
+        nbd_port: u16,
+        log: PathBuf,
+    ) -> Host {
+        Host {
+            name: name.into(),
+            root,
+            nbd_port,
+            peer_addr,
+            log,
+            child: None,
+            env: Vec::new(),
+            wrap: Vec::new(),
+        }
     }
 
     /// (Re)starts the daemon on this host's ports, retrying briefly while one is still taken

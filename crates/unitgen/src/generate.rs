@@ -160,6 +160,19 @@ pub const SPECIAL_UNITS: &[&str] = &[
     "system-update-cleanup.service",
 ];
 
+/// The host-wide variables templates see besides `res` and `resdir` (MARS's marsadm defines
+/// them): `host`, `mars` (the directory holding `resource-RES/`), `ip` (the host's address) and
+/// `cmd` (MARS: the marsadm command; `systemd-trigger`, the one that generates). `marsd` and
+/// `marsadm systemd-generate` both use this, so they write the same files.
+pub fn host_vars(host: &str, mars: &str, ip: &str) -> Vars {
+    Vars::from([
+        ("host".to_string(), host.to_string()),
+        ("mars".to_string(), mars.to_string()),
+        ("ip".to_string(), ip.to_string()),
+        ("cmd".to_string(), "systemd-trigger".to_string()),
+    ])
+}
+
 /// MARS's `alphanum_cmp`: digit runs compare as numbers (zero-padded to 12 places), the rest
 /// byte-wise.
 pub fn natural_cmp(a: &str, b: &str) -> Ordering {

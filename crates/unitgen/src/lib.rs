@@ -60,8 +60,8 @@ pub use error::{Error, EscapeError, ExpandError, Location, MacroError, TemplateE
 pub use escape::{escape, escape_path};
 pub use expand::Expander;
 pub use generate::{
-    Config, GeneratedFile, Generation, Generator, Lookup, TargetDir, Template, TemplateSet,
-    UnitChoice, WantedUnit,
+    host_vars, Config, GeneratedFile, Generation, Generator, Lookup, TargetDir, Template,
+    TemplateSet, UnitChoice, WantedUnit,
 };
 pub use macros::Vars;
 pub use markers::Markers;

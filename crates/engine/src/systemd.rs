@@ -1,0 +1,228 @@
+//! The systemd interface as data and one decision (MARS `systemd-trigger` "want operations",
+//! mars.md §4.3): which unit this host starts or stops for a resource.
+//!
+//! The replicated keys ([`crate::keys`]): `systemd-start-unit` (the tip of the stack),
+//! `systemd-stop-unit` (its bottom, right above the device), `systemd-want` (the host that
+//! should run the stack, or `(none)`), and per host `systemd-status-HOST` with the result of
+//! HOST's last operation ([`UnitStatus`]), which a handover waits for.
+//!
+//! [`want_op`] is the rule; the daemon performs it (`crates/daemon/src/systemd.rs`).
+
+use std::collections::BTreeMap;
+
+use mars_config::HostName;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::NO_PRIMARY;
+
+/// What the metadata says about a resource's systemd stack.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemdMeta {
+    /// Start unit; `None` when no stack is configured (key missing or empty).
+    pub start_unit: Option<String>,
+    /// Stop unit; defaults to the start unit.
+    pub stop_unit: Option<String>,
+    /// Where the stack should run: `Some(host)`, or `None` for `(none)` / no key.
+    pub want: Option<HostName>,
+    /// The raw value of `systemd-want` (for display: `(none)` vs. missing).
+    pub want_raw: Option<String>,
+    /// Each host's last operation.
+    pub status: BTreeMap<HostName, UnitStatus>,
+}
+
+impl SystemdMeta {
+    /// Whether a stack is configured (`set-systemd-unit` with a non-empty start unit).
+    pub fn configured(&self) -> bool {
+        self.start_unit.is_some()
+    }
+
+    /// The stop unit, falling back to the start unit as MARS does.
+    pub fn stop(&self) -> Option<&str> {
+        self.stop_unit.as_deref().or(self.start_unit.as_deref())
+    }
+
+    /// Parses `systemd-want`: a host name, or `(none)` (any invalid value counts as none:
+    /// better to stop a stack everywhere than to run it on a host nobody named).
+    pub fn parse_want(v: &str) -> Option<HostName> {
+        if v == NO_PRIMARY {
+            return None;
+        }
+        HostName::new(v).ok()
+    }
+}
+
+/// Start or stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnitOp {
+    Start,
+    Stop,
+}
+
+impl UnitOp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnitOp::Start => "start",
+            UnitOp::Stop => "stop",
+        }
+    }
+}
+
+/// The result of one start or stop on one host (`systemd-status-HOST`, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitStatus {
+    pub op: UnitOp,
+    pub unit: String,
+    /// Exit status of `systemctl` or the script; `None` when it could not run or was killed
+    /// (then `error` says why).
+    pub code: Option<i32>,
+    /// When it finished, milliseconds since the Unix epoch (this host's clock).
+    pub time_ms: u64,
+    /// The `systemd-want` value the operation was done for.
+    #[serde(default)]
+    pub want: Option<String>,
+    /// The Lamport stamp of that `systemd-want` entry: a handover waits for a stop done for
+    /// its own write of the want, not for an older one.
+    #[serde(default)]
+    pub want_stamp: u64,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl UnitStatus {
+    pub fn ok(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("statuses always serialize")
+    }
+
+    pub fn from_json(s: &str) -> Option<Self> {
+        serde_json::from_str(s).ok()
+    }
+
+    /// `stop mnt-r.mount: ok` / `start app.service: exit 1` for `view`.
+    pub fn summary(&self) -> String {
+        let result = match (self.code, &self.error) {
+            (Some(0), _) => "ok".to_string(),
+            (Some(c), _) => format!("exit {c}"),
+            (None, Some(e)) => e.clone(),
+            (None, None) => "failed".to_string(),
+        };
+        format!("{} {}: {result}", self.op.as_str(), self.unit)
+    }
+}
+
+/// What one host should do about a resource's stack right now (MARS want operations):
+///
+/// | want | device here | designated primary | op |
+/// |---|---|---|---|
+/// | me | yes | me | start the start unit |
+/// | me | yes | someone else / nobody | nothing (a handover is under way) |
+/// | me | no | me | nothing (the device appears soon: taking over, or marsd restarting) |
+/// | anything else | — | — | stop the stop unit |
+///
+/// The third row differs from MARS, which stops the stack whenever the device is absent: a
+/// restarted `marsd` serves the device again a moment later, and tearing down the stack of
+/// the designated primary for that would turn every daemon restart into an outage.
+///
+/// `None` when no stack is configured. Idempotent: the daemon runs the op again only when
+/// its inputs (op, unit, want entry) change, after a failure (with backoff), or on
+/// `systemd-trigger`.
+pub fn want_op(
+    sd: &SystemdMeta,
+    me: &HostName,
+    primary: Option<&HostName>,
+    device_present: bool,
+) -> Option<(UnitOp, String)> {
+    let start = sd.start_unit.as_ref()?;
+    let stop = sd.stop().unwrap_or(start);
+    let wanted_here = sd.want.as_ref() == Some(me);
+    let designated = primary == Some(me);
+    match (wanted_here, device_present, designated) {
+        (true, true, true) => Some((UnitOp::Start, start.clone())),
+        (true, true, false) | (true, false, true) => None,
+        _ => Some((UnitOp::Stop, stop.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn h(s: &str) -> HostName {
+        HostName::new(s).unwrap()
+    }
+
+    fn sd(want: Option<&str>) -> SystemdMeta {
+        SystemdMeta {
+            start_unit: Some("app.service".into()),
+            stop_unit: Some("mnt.mount".into()),
+            want: want.map(h),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_decision_table() {
+        let (a, b) = (h("a"), h("b"));
+        let start = Some((UnitOp::Start, "app.service".to_string()));
+        let stop = Some((UnitOp::Stop, "mnt.mount".to_string()));
+        // want == me, device, designated: start.
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&a), true), start);
+        // want == me, device, not (yet) designated: nothing.
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&b), true), None);
+        assert_eq!(want_op(&sd(Some("a")), &a, None, true), None);
+        // want == me without the device: stop (the new primary before the handover) …
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&b), false), stop);
+        assert_eq!(want_op(&sd(Some("a")), &a, None, false), stop);
+        // … but the designated primary waits for its device (taking over, or restarting).
+        assert_eq!(want_op(&sd(Some("a")), &a, Some(&a), false), None);
+        // Someone else wanted: stop, whatever the role.
+        assert_eq!(want_op(&sd(Some("b")), &a, Some(&a), true), stop);
+        assert_eq!(want_op(&sd(Some("b")), &a, Some(&b), false), stop);
+        // (none): stop everywhere.
+        assert_eq!(want_op(&sd(None), &a, Some(&a), true), stop);
+        // Nothing configured: never touch systemd.
+        assert_eq!(want_op(&SystemdMeta::default(), &a, Some(&a), true), None);
+    }
+
+    #[test]
+    fn stop_unit_defaults_to_start_unit() {
+        let s = SystemdMeta {
+            start_unit: Some("app.service".into()),
+            want: Some(h("b")),
+            ..Default::default()
+        };
+        assert_eq!(
+            want_op(&s, &h("a"), Some(&h("a")), true),
+            Some((UnitOp::Stop, "app.service".to_string()))
+        );
+    }
+
+    #[test]
+    fn want_values_and_status_json() {
+        assert_eq!(SystemdMeta::parse_want("(none)"), None);
+        assert_eq!(SystemdMeta::parse_want("b"), Some(h("b")));
+        assert_eq!(SystemdMeta::parse_want("not a host"), None);
+        let st = UnitStatus {
+            op: UnitOp::Stop,
+            unit: "mnt.mount".into(),
+            code: Some(1),
+            time_ms: 5,
+            want: Some("b".into()),
+            want_stamp: 7,
+            error: None,
+        };
+        assert_eq!(UnitStatus::from_json(&st.to_json()), Some(st.clone()));
+        assert_eq!(st.summary(), "stop mnt.mount: exit 1");
+        assert!(UnitStatus::from_json("{").is_none());
+        let killed = UnitStatus {
+            code: None,
+            error: Some("timed out after 5s".into()),
+            ..st
+        };
+        assert_eq!(killed.summary(), "stop mnt.mount: timed out after 5s");
+    }
+}
