@@ -58,6 +58,10 @@ pub struct Lab {
     nets: Vec<String>,
     /// The hosts' addresses, in host order.
     ips: Vec<String>,
+    /// The addresses the daemons listen on for peers (the bridge's, or the WAN link's).
+    peer_ips: Vec<String>,
+    /// A userspace long-distance link between hosts 0 and 1 ([`Lab::new_wan`]).
+    wan: Option<crate::wan::WanLink>,
     /// Temporary directory with the hosts' roots and scratch files; removed on drop.
     dir: Option<tempfile::TempDir>,
 }
@@ -81,6 +85,18 @@ impl Lab {
     /// Builds `n` hosts (`a`, `b`, …) on one bridge and starts `marsd` in each; `None` when the
     /// lab cannot run here (see [`available`]). The hosts are not in a cluster yet.
     pub fn new(n: usize) -> Option<Lab> {
+        Self::build(n, None)
+    }
+
+    /// Two hosts whose peer traffic crosses a long-distance link made in userspace: TAP
+    /// interfaces `wan0` (10.78.N.1 and .2) joined by a forwarder that delays every frame by
+    /// `shape` in each direction, optionally limited to `mbit` (see [`crate::wan`]). The bridge
+    /// stays for faults on `eth0`, but the daemons listen and connect on `wan0`.
+    pub fn new_wan(shape: crate::wan::Shape, mbit: Option<u32>) -> Option<Lab> {
+        Self::build(2, Some((shape, mbit)))
+    }
+
+    fn build(n: usize, wan: Option<(crate::wan::Shape, Option<u32>)>) -> Option<Lab> {
         assert!((1..=26).contains(&n), "1 to 26 hosts");
         if !available() {
             return None;
@@ -100,6 +116,8 @@ impl Lab {
             sw: format!("{id}-sw"),
             nets: Vec::new(),
             ips: Vec::new(),
+            peer_ips: Vec::new(),
+            wan: None,
             id,
             dir: Some(dir),
         };
@@ -150,6 +168,19 @@ impl Lab {
         for i in 0..n {
             lab.wait_link(i);
         }
+        lab.peer_ips = lab.ips.clone();
+        if let Some((shape, mbit)) = wan {
+            let (a, b) = (format!("10.78.{subnet}.1"), format!("10.78.{subnet}.2"));
+            lab.wan = Some(crate::wan::WanLink::new(
+                &lab.nets[0],
+                &lab.nets[1],
+                &format!("{a}/24"),
+                &format!("{b}/24"),
+                shape,
+                mbit,
+            ));
+            lab.peer_ips = vec![a, b];
+        }
         for i in 0..n {
             let h = lab.spawn_host(i);
             lab.hosts.push(h);
@@ -166,7 +197,7 @@ impl Lab {
             root: base.join("root"),
             // The namespace's own loopback: any port is free there.
             nbd_port: 10809,
-            peer_addr: format!("{}:{PEER_PORT}", self.ips[i]),
+            peer_addr: format!("{}:{PEER_PORT}", self.peer_ips[i]),
             log: base.join("marsd.log"),
             child: None,
             env: Vec::new(),
@@ -348,6 +379,7 @@ impl Drop for Lab {
         for h in &mut self.hosts {
             h.kill9();
         }
+        drop(self.wan.take());
         for ns in self.nets.iter().chain([&self.sw]) {
             remove_netns(ns);
         }

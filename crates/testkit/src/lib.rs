@@ -10,6 +10,7 @@ pub mod lab;
 pub mod nbd;
 pub mod repl;
 pub mod sdbox;
+pub mod wan;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
