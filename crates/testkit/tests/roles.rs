@@ -373,3 +373,57 @@ fn concurrent_primary_commands_end_with_exactly_one_primary() {
         c.hosts.iter().all(|h| h.view("is-split-brain", "r") == "0")
     });
 }
+
+/// A split brain where both sides rotated their logs around the switch (the old primary before
+/// it died, the new one right after taking over): the fork is still found and resolved.
+#[test]
+fn split_brain_with_log_rotation_on_both_sides_resolved_by_invalidate() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 2);
+    c.hosts[1].ok(&["pause-fetch", "r"]);
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, MIB as usize);
+    c.hosts[0].ok(&["log-rotate", "r"]);
+    write_random(&c.hosts[0], "r", t.path(), 10 * MIB, MIB as usize);
+    c.hosts[0].kill9();
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.hosts[1].ok(&["log-rotate", "r"]);
+    write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
+    c.hosts[1].ok(&["log-rotate", "r"]);
+    c.hosts[0].start_again();
+    c.wait(30, "split brain seen by a", || {
+        c.hosts[0].view("is-split-brain", "r") == "1"
+    });
+    c.hosts[0].ok(&["invalidate", "r"]);
+    c.assert_converged(1);
+}
+
+/// The other resolutions of MARS: `leave-resource` + `join-resource` on the losing host, and
+/// `log-purge-all` for a host with leftovers.
+#[test]
+fn split_brain_resolved_by_leave_and_join_and_by_log_purge_all() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 3);
+    // b and c stop fetching; a writes what neither has, then dies; b takes over.
+    c.hosts[1].ok(&["pause-fetch", "r"]);
+    c.hosts[2].ok(&["pause-fetch", "r"]);
+    write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
+    c.hosts[0].kill9();
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
+    c.hosts[2].ok(&["resume-fetch", "r"]);
+    c.hosts[0].start_again();
+    c.wait(30, "split brain seen by a", || {
+        c.hosts[0].view("is-split-brain", "r") == "1"
+    });
+    // a: leave and join again on its old disk (a full sync makes it b's copy).
+    let a = &c.hosts[0];
+    a.ok(&["down", "r"]);
+    a.ok(&["leave-resource", "r"]);
+    let disk = c.disks[0].to_str().unwrap().to_string();
+    c.wait(30, "a can join again", || {
+        a.marsadm(&["join-resource", "r", &disk]).status.success()
+    });
+    // c was consistent with b all along; log-purge-all still resyncs it cleanly.
+    c.hosts[2].ok(&["log-purge-all", "r"]);
+    c.assert_converged(1);
+}
