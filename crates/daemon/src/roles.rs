@@ -203,6 +203,13 @@ async fn forced(
              replayed before the switch)"
         )));
     }
+    if let Some(why) = rep.status().stuck.filter(|s| s.contains("damaged")) {
+        return Err(invalid(format!(
+            "the local log copy of {res} is damaged after the replay position ({why}): a forced \
+             switch would drop what follows; resume fetching to repair it from the primary, or \
+             recreate the resource from the best disk"
+        )));
+    }
     let _ = rep;
     mark(&r.dir, FORCE_MARKER, true)
         .map_err(|e| failed(format!("cannot mark the forced switch: {e}")))?;

@@ -427,3 +427,53 @@ fn split_brain_resolved_by_leave_and_join_and_by_log_purge_all() {
     c.hosts[2].ok(&["log-purge-all", "r"]);
     c.assert_converged(1);
 }
+
+/// The would-be new primary's log copy is damaged after its replay position: `primary --force`
+/// refuses (it would silently drop what follows the damage); resuming fetch repairs the copy
+/// from the primary and the replica converges.
+#[test]
+fn forced_switch_refused_when_the_local_log_is_damaged_after_the_replay_position() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 2);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    b.ok(&["pause-replay", "r"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let newest = || {
+        let names = mars_testkit::repl::logfiles(b, "r");
+        let n = names.last().expect("a logfile").clone();
+        let len = std::fs::metadata(b.root.join("resource-r").join(&n))
+            .unwrap()
+            .len();
+        (n, len)
+    };
+    let (name, replayed) = newest();
+    for i in 0..4 {
+        write_random(a, "r", t.path(), (8 + i) * MIB, MIB as usize);
+    }
+    c.wait(30, "b fetched the writes", || {
+        let (n, l) = newest();
+        n == name && l > replayed + 3 * MIB
+    });
+    b.ok(&["pause-fetch", "r"]);
+    std::thread::sleep(Duration::from_secs(1));
+    // Flip bytes in the middle of what b fetched but has not replayed.
+    let (_, len) = newest();
+    let path = b.root.join("resource-r").join(&name);
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let at = replayed + (len - replayed) / 2;
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 64], at).unwrap();
+    f.sync_all().unwrap();
+    b.ok(&["resume-replay", "r"]);
+    c.wait(30, "b's replay stops at the damage", || {
+        b.view("diskstate", "r").starts_with("DefectiveLog")
+    });
+    let msg = b.refused(&["primary", "--force", "r"]);
+    assert!(msg.contains("damaged"), "{msg}");
+    assert_eq!(b.view("primarynode", "r"), "a");
+    b.ok(&["resume-fetch", "r"]);
+    c.assert_converged(0);
+}
