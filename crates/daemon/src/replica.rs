@@ -437,6 +437,11 @@ impl Replica {
         if meta.primary.as_ref() != Some(&self.me) {
             st.role_wait = None;
         }
+        if st.source.as_ref().map(|s| &s.0) != source.as_ref().map(|s| &s.0) {
+            // "You have everything" was the previous source's word (found by mars-sim): the new
+            // one must say it again before this replica counts as up to date.
+            st.caught_up = None;
+        }
         st.todo = todo;
         st.attached = todo.attach;
         st.meta = meta;
