@@ -395,7 +395,14 @@ async fn planned(
             )));
         }
     }
-    // Phase 1.
+    // Phase 1, unless this replica became inconsistent meanwhile (a resize starts a sync of
+    // the new region): the old primary would leave and nobody could take over.
+    if !rep.status().consistent {
+        return Err(invalid(format!(
+            "the replica of {res} here started a sync meanwhile (a resize?): wait until it is up \
+             to date (`marsadm wait-resource {res} uptodate`), then try again"
+        )));
+    }
     d.set_keys(&[(keys::primary(&res), me.to_string())])?;
     tracing::info!(
         "{res}: handover to {me}{}",
@@ -464,6 +471,15 @@ async fn planned(
             .replica()
             .and_then(|rep| rep.status().stuck)
             .unwrap_or_default();
+        if let Some(a) = &old {
+            // Compensation: the old primary has all the data; it takes the role back rather
+            // than leave the resource without a primary while this host cannot catch up.
+            d.set_keys(&[(keys::primary(&res), a.to_string())])?;
+            return Err(failed(format!(
+                "{me} could not take over {res} in time ({why}): {a} is the designated primary \
+                 again"
+            )));
+        }
         return Err(failed(format!(
             "{me} is the designated primary of {res} but still catching up: {why} (it takes \
              over by itself; see `marsadm view {res}`)"

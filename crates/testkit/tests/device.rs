@@ -387,6 +387,8 @@ fn resize_grow_with(fs: &str) {
     run(&mut Command::new("sync"));
     let m = manifest(&mnt);
     umount(&mnt);
+    // b syncs the new region first; a handover waits for a consistent replica.
+    wait_uptodate(&b, "r", 60);
     b.ok(&["--timeout", "60", "primary", "r"]);
     let devb = device(&b);
     mount(&devb, &mnt);
