@@ -63,6 +63,14 @@ pub fn my_link(
 }
 
 /// May replay move past the end of logfile `no` (written by `origin`, `len` bytes replayed)?
+///
+/// A logfile this host wrote itself (as primary, before it became a replica again) is
+/// compared with the designated primary's link instead: the next logfile comes from the
+/// resource's current history, and if that history does not contain our logfile as we have it
+/// (a failover from behind, a split brain), replay must stop here, before it applies a single
+/// record of a logfile that continues another history. While the designated primary has not
+/// published its link for `no` (it is still replaying it, or its logfile of that number is
+/// still growing), replay waits. With nobody designated there is nobody to compare with.
 pub fn next_file_check(
     meta: &ResourceMeta,
     me: &HostName,
@@ -77,7 +85,19 @@ pub fn next_file_check(
         ));
     };
     if origin == me {
-        return ChainCheck::Ok(mine);
+        let Some(p) = meta.primary.as_ref().filter(|p| *p != me) else {
+            return ChainCheck::Ok(mine);
+        };
+        return match meta.version(no, p) {
+            None => ChainCheck::Wait(format!(
+                "waiting for the designated primary {p}'s version link of log-{no:09}-{origin}"
+            )),
+            Some(theirs) if theirs == mine => ChainCheck::Ok(mine),
+            Some(theirs) => ChainCheck::Mismatch(format!(
+                "version mismatch after our own log-{no:09}-{origin}: ours {mine}, the \
+                 designated primary {p}'s {theirs} (different histories: check for split brain)"
+            )),
+        };
     }
     match meta.version(no, origin) {
         None => ChainCheck::Wait(format!(
@@ -358,6 +378,49 @@ mod tests {
         m.members.get_mut(&h("b")).unwrap().todo.replay = true;
         let b = member_state(&m, &h("b"), &none);
         assert_eq!(b.repl_state, "PrimaryUnreachable");
+    }
+
+    /// A host that wrote logfile N itself and is a replica now (a restarted ex-primary, or one
+    /// that left the role) may go on to N+1 only if the designated primary's history has the
+    /// same N: found by the simulation (`mars-sim`), where an old primary restarted after a
+    /// forced failover replayed its own last logfile, moved on without any comparison and
+    /// applied the new primary's next logfile on top of its own divergent one.
+    #[test]
+    fn own_logfile_is_checked_against_the_designated_primary() {
+        let mut m = meta();
+        let (a, b) = (h("a"), h("b"));
+        let l4 = version::link("", 4, &a, 50);
+        m.versions.entry(4).or_default().insert(a.clone(), l4.clone());
+        // b wrote logfile 5 (19 records) as primary; a took over by force with only the
+        // first 6 of them and is the designated primary now; b replays as a replica.
+        m.primary = Some(a.clone());
+        let b5_long = version::link(&l4, 5, &b, 19);
+        let a5_short = version::link(&l4, 5, &b, 6);
+        m.versions.entry(4).or_default().insert(b.clone(), l4.clone());
+        m.versions.entry(5).or_default().insert(b.clone(), b5_long.clone());
+        // No link of the designated primary for 5 yet: wait, do not move on.
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Wait(w) if w.contains("designated primary a")
+        ));
+        m.versions.entry(5).or_default().insert(a.clone(), a5_short);
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Mismatch(_)
+        ));
+        // Same history: go on.
+        m.versions.entry(5).or_default().insert(a.clone(), b5_long.clone());
+        assert_eq!(next_file_check(&m, &b, 5, &b, 19), ChainCheck::Ok(b5_long));
+        // The designated primary itself (and a resource without one) checks nothing more.
+        assert!(matches!(
+            next_file_check(&m, &a, 6, &a, 3),
+            ChainCheck::Ok(_)
+        ));
+        m.primary = None;
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 7),
+            ChainCheck::Ok(_)
+        ));
     }
 
     #[test]

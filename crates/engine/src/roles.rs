@@ -77,8 +77,15 @@ pub enum Promotion {
 }
 
 /// Planned: every other member has left the primary role, and this replica has applied
-/// everything any reachable member reports (the old primary's final log end). Forced: at once,
-/// with what is applied (the caller cuts anything fetched beyond).
+/// everything any member reports (the old primary's final log end). Forced: at once, with what
+/// is applied (the caller cuts anything fetched beyond).
+///
+/// A member that is unreachable right now still counts: its last report may be the old
+/// primary's final log end, and going without it would drop acknowledged writes in what the
+/// operator asked to be a handover without loss (found by the simulation, `mars-sim`: the old
+/// primary left its role and was cut off, or the new primary had just restarted and heard
+/// nobody yet, and the promotion went ahead from an older position). `alive` only words the
+/// reason; accepting the loss is what `primary --force` is for.
 pub fn promotion(
     meta: &ResourceMeta,
     me: &HostName,
@@ -95,12 +102,16 @@ pub fn promotion(
     let newest = meta
         .members
         .iter()
-        .filter(|(h, _)| *h != me && alive(h))
+        .filter(|(h, _)| *h != me)
         .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
         .max();
     match newest {
-        Some((end, h)) if end > applied => Promotion::Wait(format!(
+        Some((end, h)) if end > applied && alive(h) => Promotion::Wait(format!(
             "catching up with {h}: applied {applied}, {h} has {end}"
+        )),
+        Some((end, h)) if end > applied => Promotion::Wait(format!(
+            "{h} reported log end {end}, beyond ours ({applied}), and is unreachable: a \
+             handover without loss needs it (`primary --force` takes over without it)"
         )),
         _ => Promotion::Go,
     }
@@ -318,6 +329,32 @@ mod tests {
         ));
         assert_eq!(
             promotion(&m, &h("b"), LogPos::new(3, 20), false, ALL),
+            Promotion::Go
+        );
+    }
+
+    /// The old primary left its role and is unreachable now (cut off, or this host has just
+    /// restarted and heard nobody yet): a planned promotion must still wait for its final log
+    /// end. Found by the simulation (`mars-sim`), where the new primary went ahead from an
+    /// older position and flushed writes of the old primary were lost in a handover.
+    #[test]
+    fn planned_promotion_waits_for_an_unreachable_old_primary() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(4, 10))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(4, 8))));
+        let nobody: &dyn Fn(&HostName) -> bool = &|_| false;
+        assert!(matches!(
+            promotion(&m, &h("b"), LogPos::new(4, 8), false, nobody),
+            Promotion::Wait(w) if w.contains("unreachable") && w.contains("--force")
+        ));
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(4, 8), true, nobody),
+            Promotion::Go
+        );
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(4, 10), false, nobody),
             Promotion::Go
         );
     }
