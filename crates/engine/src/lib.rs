@@ -13,5 +13,7 @@ pub mod roles;
 pub mod version;
 
 pub use model::{Member, Report, ResourceMeta, Role, SyncReport, Todo};
-pub use plan::{member_state, next_file_check, reclaim_below, ChainCheck, MemberState};
+pub use plan::{
+    entry_check, member_state, next_file_check, reclaim_below, ChainCheck, MemberState,
+};
 pub use roles::{fetch_source, promotion, split_brain, Promotion, SplitBrain};

@@ -29,6 +29,10 @@ pub fn reclaim_below(
         .min()
 }
 
+/// Every [`ChainCheck::Wait`] reason names the version link it waits for with these words, so
+/// that [`member_state`] can tell from a report's `stuck` that the chain is not verified yet.
+pub const LINK_WAIT: &str = "version link";
+
 /// The outcome of checking logfile N's version link before replay moves on to N+1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainCheck {
@@ -111,6 +115,36 @@ pub fn next_file_check(
     }
 }
 
+/// May replay start applying logfile `no`, written by `origin` (another host), on top of our
+/// logfile `no - 1`? Only if `origin`'s history has the same logfile `no - 1`: their links for
+/// it must be equal. [`next_file_check`] compares at the *end* of a logfile, with the link of
+/// that logfile's origin; this check covers the step into a logfile of a different origin,
+/// whose predecessor the two hosts may hold differently (a host that left the primary role
+/// after its last logfile was reclaimed, then followed a host of another history). Without it
+/// the records of the new logfile are applied first and the mismatch found only at its end.
+/// Found by the simulation (`mars-sim`).
+///
+/// Nothing to compare (first logfile, our own, or we have no link for `no - 1`, as after a full
+/// sync that started at `no`): go. The origin's link not known yet: wait.
+pub fn entry_check(meta: &ResourceMeta, me: &HostName, no: u64, origin: &HostName) -> ChainCheck {
+    let Some(prev) = no.checked_sub(1).filter(|p| *p > 0) else {
+        return ChainCheck::Ok(String::new());
+    };
+    let Some(mine) = meta.version(prev, me).filter(|_| origin != me) else {
+        return ChainCheck::Ok(String::new());
+    };
+    match meta.version(prev, origin) {
+        None => ChainCheck::Wait(format!(
+            "waiting for {origin}'s version link of logfile {prev} before log-{no:09}-{origin}"
+        )),
+        Some(theirs) if theirs == mine => ChainCheck::Ok(mine.to_string()),
+        Some(theirs) => ChainCheck::Mismatch(format!(
+            "log-{no:09}-{origin} continues another history: our link of logfile {prev} is \
+             {mine}, {origin}'s {theirs} (different histories: check for split brain)"
+        )),
+    }
+}
+
 /// MARS's view fields of one member.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberState {
@@ -154,8 +188,14 @@ pub fn member_state(
     let syncing = r.sync.is_some();
     let behind = r.applied.and_then(|p| meta.bytes_after(p));
     // Only the primary can say that a replica has everything: without its recent
-    // confirmation a secondary counts as behind (paused fetch, lost link …).
-    let fetch_behind = !primary && !r.caught_up;
+    // confirmation a secondary counts as behind (paused fetch, lost link …). The confirmation
+    // is about positions only: a replica that found its history different from its source's
+    // (`forked`) is behind whatever the positions say (found by the simulation, `mars-sim`: a
+    // replica forked at logfile N was confirmed at the start of N+1 and showed `UpToDate`).
+    // Likewise a replica whose replay waits for a version link: whether its history is the
+    // source's is not known yet.
+    let unverified = r.stuck.as_deref().is_some_and(|s| s.contains(LINK_WAIT));
+    let fetch_behind = !primary && (!r.caught_up || r.forked.is_some() || unverified);
     let replay_behind = match (r.applied, r.log_end) {
         (Some(a), Some(e)) => !primary && a < e,
         _ => false,
@@ -390,14 +430,23 @@ mod tests {
         let mut m = meta();
         let (a, b) = (h("a"), h("b"));
         let l4 = version::link("", 4, &a, 50);
-        m.versions.entry(4).or_default().insert(a.clone(), l4.clone());
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), l4.clone());
         // b wrote logfile 5 (19 records) as primary; a took over by force with only the
         // first 6 of them and is the designated primary now; b replays as a replica.
         m.primary = Some(a.clone());
         let b5_long = version::link(&l4, 5, &b, 19);
         let a5_short = version::link(&l4, 5, &b, 6);
-        m.versions.entry(4).or_default().insert(b.clone(), l4.clone());
-        m.versions.entry(5).or_default().insert(b.clone(), b5_long.clone());
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(b.clone(), l4.clone());
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(b.clone(), b5_long.clone());
         // No link of the designated primary for 5 yet: wait, do not move on.
         assert!(matches!(
             next_file_check(&m, &b, 5, &b, 19),
@@ -409,7 +458,10 @@ mod tests {
             ChainCheck::Mismatch(_)
         ));
         // Same history: go on.
-        m.versions.entry(5).or_default().insert(a.clone(), b5_long.clone());
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(a.clone(), b5_long.clone());
         assert_eq!(next_file_check(&m, &b, 5, &b, 19), ChainCheck::Ok(b5_long));
         // The designated primary itself (and a resource without one) checks nothing more.
         assert!(matches!(
@@ -421,6 +473,67 @@ mod tests {
             next_file_check(&m, &b, 5, &b, 7),
             ChainCheck::Ok(_)
         ));
+    }
+
+    /// Stepping into a logfile of another origin needs that origin's link of the previous
+    /// logfile to equal ours (see [`entry_check`]).
+    #[test]
+    fn entering_a_logfile_of_another_history_is_refused_before_any_record() {
+        let mut m = meta();
+        let (a, b) = (h("a"), h("b"));
+        let ours = version::link("", 3, &a, 7);
+        let theirs = version::link("", 3, &b, 4);
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(a.clone(), ours.clone());
+        // Nothing known of b's logfile 3 yet: wait.
+        assert!(matches!(entry_check(&m, &a, 4, &b), ChainCheck::Wait(_)));
+        m.versions.entry(3).or_default().insert(b.clone(), theirs);
+        assert!(matches!(
+            entry_check(&m, &a, 4, &b),
+            ChainCheck::Mismatch(w) if w.contains("another history")
+        ));
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(b.clone(), ours.clone());
+        assert_eq!(entry_check(&m, &a, 4, &b), ChainCheck::Ok(ours));
+        // Our own logfile, the first one, or no link of ours to compare: go.
+        assert!(matches!(entry_check(&m, &a, 4, &a), ChainCheck::Ok(_)));
+        assert!(matches!(entry_check(&m, &a, 1, &b), ChainCheck::Ok(_)));
+        assert!(matches!(entry_check(&m, &h("c"), 4, &b), ChainCheck::Ok(_)));
+    }
+
+    /// A replica whose history differs from its source's is never `UpToDate`, even when the
+    /// primary confirmed its position.
+    #[test]
+    fn a_forked_replica_is_not_up_to_date() {
+        let mut m = meta();
+        let all = |_: &HostName| true;
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.caught_up = true;
+        r.applied = Some(LogPos::new(4, 10));
+        r.log_end = Some(LogPos::new(4, 10));
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "UpToDate");
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.forked = Some(3);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        // Waiting for a link: not verified yet, so not up to date either.
+        m.members
+            .get_mut(&h("b"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .forked = None;
+        let ChainCheck::Wait(why) = next_file_check(&m, &h("b"), 3, &h("a"), 100) else {
+            panic!("nobody has published a link yet: wait");
+        };
+        assert!(why.contains(LINK_WAIT));
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.stuck = Some(why);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
     }
 
     #[test]

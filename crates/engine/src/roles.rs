@@ -99,6 +99,16 @@ pub fn promotion(
     if let Some(p) = actual_primaries(meta, me).next() {
         return Promotion::Wait(format!("waiting for {p} to leave the primary role"));
     }
+    // Log ends of different histories cannot be compared: ours may look ahead of a side whose
+    // writes would then be dropped without anybody choosing so (found by the simulation,
+    // `mars-sim`: a handover started before the split brain showed completed after it).
+    if let Some(sb) = split_brain(meta) {
+        return Promotion::Wait(format!(
+            "split brain from logfile {}: resolve it first (`invalidate` the other side) or \
+             take over with `primary --force`",
+            sb.logfile
+        ));
+    }
     let newest = meta
         .members
         .iter()
@@ -331,6 +341,31 @@ mod tests {
             promotion(&m, &h("b"), LogPos::new(3, 20), false, ALL),
             Promotion::Go
         );
+    }
+
+    /// Members on different histories (their links differ, or a replica found its source's
+    /// history different): a planned promotion waits for the operator to resolve it.
+    #[test]
+    fn planned_promotion_waits_while_histories_differ() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(5, 3))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(6, 13))));
+        let at = LogPos::new(6, 13);
+        assert_eq!(promotion(&m, &h("b"), at, false, ALL), Promotion::Go);
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .forked = Some(5);
+        assert!(matches!(
+            promotion(&m, &h("b"), at, false, ALL),
+            Promotion::Wait(w) if w.contains("split brain from logfile 5")
+        ));
+        assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
     }
 
     /// The old primary left its role and is unreachable now (cut off, or this host has just

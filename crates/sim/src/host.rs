@@ -120,7 +120,9 @@ pub enum Local {
     /// Not a member (never joined, or left).
     None,
     /// Was primary, restarted: neither volume nor replica open yet (the reconcile loop decides).
-    Closed { wb: LogPos },
+    Closed {
+        wb: LogPos,
+    },
     Primary(Vol),
     Replica(Rep),
 }
@@ -215,8 +217,11 @@ pub struct Ctx<'a> {
 
 impl Ctx<'_> {
     pub fn note(&mut self, s: String) {
-        self.trace
-            .push(format!("{:>8.2}s {:>4} {s}", self.now as f64 / 1000.0, self.step));
+        self.trace.push(format!(
+            "{:>8.2}s {:>4} {s}",
+            self.now as f64 / 1000.0,
+            self.step
+        ));
     }
 }
 
@@ -458,7 +463,11 @@ impl Host {
         };
         let mut wb = v.wb;
         for (no, f) in self.logs.range(wb.file..) {
-            let from = if *no == wb.file { wb.offset as usize } else { 0 };
+            let from = if *no == wb.file {
+                wb.offset as usize
+            } else {
+                0
+            };
             for id in f.recs.iter().take(f.durable).skip(from) {
                 self.disk.insert(cx.ghost.info(*id).block, *id);
             }
@@ -600,6 +609,23 @@ impl Host {
                     let alive = self.alive_fn(now);
                     roles::fetch_source(&meta, &me, self.fetched(), &alive)
                 };
+                let restart_sync = !cx.cfg.sync_survives_source_change
+                    && source.is_some()
+                    && self.rep().is_some_and(|r| {
+                        r.source.is_some()
+                            && r.source != source
+                            && r.sync.as_ref().is_some_and(|s| s.start.is_some())
+                    });
+                if restart_sync {
+                    // The copy and the start position came from another host, perhaps of
+                    // another history: start over from the new source.
+                    let gen = self.rep().map_or(0, |r| r.gen) + 1;
+                    cx.note(format!(
+                        "{me}: sync source changed: the full sync starts over"
+                    ));
+                    self.start_as_new_replica();
+                    self.rep_mut().gen = gen;
+                }
                 if let Local::Replica(r) = &mut self.local {
                     if r.source != source {
                         r.fetch_until = 0;
@@ -619,7 +645,8 @@ impl Host {
                     // A primary role found on disk is taken up only with metadata at least as
                     // fresh as every member's answer since the restart.
                     let fresh = all.iter().filter(|h| **h != me).all(|h| {
-                        !meta.is_member(h) || self.heard.get(h).is_some_and(|t| *t >= self.started_at)
+                        !meta.is_member(h)
+                            || self.heard.get(h).is_some_and(|t| *t >= self.started_at)
                     }) || now - self.started_at > STALE_PRIMARY_WAIT;
                     if fresh {
                         self.open_volume(wb, cx);
@@ -628,7 +655,8 @@ impl Host {
                 } else if !me_designated {
                     // Restarted as the old primary, another host took over meanwhile.
                     self.write_back_all(wb, cx);
-                    self.become_replica();
+                    let end = self.end_of_log(wb);
+                    self.become_replica(end);
                     cx.note(format!("{me}: restarted ex-primary attaches as replica"));
                 }
             }
@@ -653,16 +681,30 @@ impl Host {
     /// own logfiles would do; the simulation does it at once, see the crate docs).
     fn write_back_all(&mut self, wb: LogPos, cx: &Ctx) {
         for (no, f) in self.logs.range(wb.file..) {
-            let skip = if *no == wb.file { wb.offset as usize } else { 0 };
+            let skip = if *no == wb.file {
+                wb.offset as usize
+            } else {
+                0
+            };
             for id in f.recs.iter().take(f.durable).skip(skip) {
                 self.disk.insert(cx.ghost.info(*id).block, *id);
             }
         }
     }
 
+    /// Where the disk is once every durable record after `wb` is written back.
+    fn end_of_log(&self, wb: LogPos) -> LogPos {
+        match self.newest() {
+            Some((n, f)) if LogPos::new(n, f.durable as u64) > wb => {
+                LogPos::new(n, f.durable as u64)
+            }
+            _ => wb,
+        }
+    }
+
     /// The volume is closed: the log continues as a replica at its end (`Resource::step_down`
     /// after `close_volume`).
-    fn become_replica(&mut self) {
+    fn become_replica(&mut self, wb: LogPos) {
         // A logfile we started but never wrote to is no history: drop it, or the next
         // primary's logfile with the same number would look like a fork.
         if let Some((no, f)) = self.newest() {
@@ -671,11 +713,20 @@ impl Host {
             }
         }
         if std::env::var("SIM_DEBUG").is_ok() {
-            eprintln!("DEBUG {} become_replica logs {:?}", self.name, self.logs.iter().map(|(n,f)| (*n, f.origin.to_string(), f.recs.len(), f.complete)).collect::<Vec<_>>());
+            eprintln!(
+                "DEBUG {} become_replica logs {:?}",
+                self.name,
+                self.logs
+                    .iter()
+                    .map(|(n, f)| (*n, f.origin.to_string(), f.recs.len(), f.complete))
+                    .collect::<Vec<_>>()
+            );
         }
+        // Everything is written back: the replica starts at the end of the last logfile (what
+        // this host reports as its log end), or where the disk is if no logfile is left.
         let applied = self
             .newest()
-            .map_or(LogPos::new(1, 0), |(n, f)| LogPos::new(n, f.recs.len() as u64));
+            .map_or(wb, |(n, f)| LogPos::new(n, f.recs.len() as u64));
         self.local = Local::Replica(Rep::new(applied, None, false));
     }
 
@@ -689,7 +740,8 @@ impl Host {
             f.durable = f.recs.len();
         }
         self.write_back_all(wb, cx);
-        self.become_replica();
+        let end = self.end_of_log(wb);
+        self.become_replica(end);
         cx.ghost.last_step_down = self.tl.as_ref().map(|tl| StepDown {
             host: self.name.clone(),
             len: tl.len(),
@@ -720,9 +772,7 @@ impl Host {
         let forced = self.forced_marker;
         let pending = r.stuck.is_none()
             && meta.members[&self.name].todo.replay
-            && self
-                .fetched()
-                .is_some_and(|f| f > r.applied);
+            && self.fetched().is_some_and(|f| f > r.applied);
         if forced && pending {
             self.rep_mut().role_wait = Some("replaying what was fetched before taking over".into());
             return false;
@@ -824,7 +874,10 @@ impl Host {
                 return;
             };
             self.set(&keys::version(&res(), no, &me), &link);
-            meta.versions.entry(no).or_default().insert(me.clone(), link);
+            meta.versions
+                .entry(no)
+                .or_default()
+                .insert(me.clone(), link);
         }
     }
 
@@ -1032,7 +1085,14 @@ impl Host {
     /// The serving side of a fetch request (`serve_fetch` / `ship_file`).
     pub fn serve_fetch(&mut self, file: u64, off: u64, gen: u64, now: u64) -> Option<Body> {
         if std::env::var("SIM_DEBUG").is_ok() {
-            eprintln!("DEBUG {} serve_fetch {file}:{off} logs {:?}", self.name, self.logs.iter().map(|(n,f)| (*n, f.origin.to_string(), f.recs.len(), f.complete)).collect::<Vec<_>>());
+            eprintln!(
+                "DEBUG {} serve_fetch {file}:{off} logs {:?}",
+                self.name,
+                self.logs
+                    .iter()
+                    .map(|(n, f)| (*n, f.origin.to_string(), f.recs.len(), f.complete))
+                    .collect::<Vec<_>>()
+            );
         }
         let primary = match &self.local {
             Local::Primary(_) => true,
@@ -1160,7 +1220,11 @@ impl Host {
             |f: &LogFile| f.durable
         };
         for (no, f) in self.logs.range(wb.file..) {
-            let skip = if *no == wb.file { wb.offset as usize } else { 0 };
+            let skip = if *no == wb.file {
+                wb.offset as usize
+            } else {
+                0
+            };
             for id in f.recs.iter().take(upto(f)).skip(skip) {
                 disk.insert(cx.ghost.info(*id).block, *id);
             }
@@ -1186,7 +1250,9 @@ impl Host {
             Body::Meta(changes) => {
                 self.pull_until.remove(from);
                 if let Some(c) = changes {
-                    self.store.apply_remote(&c.entries).expect("in-memory store");
+                    self.store
+                        .apply_remote(&c.entries)
+                        .expect("in-memory store");
                     let seen = self.seen.entry(from.clone()).or_insert(0);
                     *seen = (*seen).max(c.up_to);
                 }
@@ -1253,17 +1319,26 @@ impl Host {
                 }
                 for seg in segs {
                     if std::env::var("SIM_DEBUG").is_ok() {
-                        eprintln!("DEBUG {me} got seg {} {} off {} n {} end {} from {from}", seg.file, seg.origin, seg.off, seg.recs.len(), seg.end);
+                        eprintln!(
+                            "DEBUG {me} got seg {} {} off {} n {} end {} from {from}",
+                            seg.file,
+                            seg.origin,
+                            seg.off,
+                            seg.recs.len(),
+                            seg.end
+                        );
                     }
                     let file = seg.file;
                     // open_copy
-                    if self
-                        .logs
-                        .get(&file)
-                        .is_some_and(|l| l.origin != seg.origin && l.recs.is_empty())
-                    {
-                        // An empty copy carries no history (a logfile its writer never wrote
-                        // to): replace it.
+                    // An empty copy carries no history (a logfile its writer never wrote
+                    // to): replace it — unless replay has already moved past it, which took
+                    // its (empty) history: another logfile of that number is then a fork.
+                    let passed = r.applied.file > file;
+                    if self.logs.get(&file).is_some_and(|l| {
+                        l.origin != seg.origin
+                            && l.recs.is_empty()
+                            && (!passed || cx.cfg.replace_replayed_empty_copy)
+                    }) {
                         self.logs.remove(&file);
                     }
                     if let Some(l) = self.logs.get(&file) {
@@ -1308,15 +1383,16 @@ impl Host {
                         l.complete = true;
                     }
                     if caught_up {
-                        r.caught_up = Some((
-                            stamp,
-                            LogPos::new(file, l.recs.len() as u64),
-                            from.clone(),
-                        ));
+                        r.caught_up =
+                            Some((stamp, LogPos::new(file, l.recs.len() as u64), from.clone()));
                     }
                 }
             }
-            Body::FetchRefuse { reason, from: at, gen } => {
+            Body::FetchRefuse {
+                reason,
+                from: at,
+                gen,
+            } => {
                 r.fetch_until = 0;
                 if gen == r.gen && reason.contains("different histories") {
                     if r.forked.is_none() {
@@ -1384,6 +1460,22 @@ impl Host {
             let Some(f) = self.logs.get(&r.applied.file) else {
                 return;
             };
+            // Entering a logfile of another origin: its predecessor must be ours too.
+            if r.applied.offset == 0 && !cx.cfg.skip_chain_check {
+                match plan::entry_check(&meta, &me, r.applied.file, &f.origin) {
+                    ChainCheck::Ok(_) => {}
+                    ChainCheck::Wait(why) => {
+                        r.waiting = Some(why);
+                        return;
+                    }
+                    ChainCheck::Mismatch(why) => {
+                        cx.note(format!("{me}: replay stopped: {why}"));
+                        r.stuck = Some(format!("replay stopped: {why}"));
+                        r.forked = Some(r.applied.file);
+                        return;
+                    }
+                }
+            }
             if (r.applied.offset as usize) < f.recs.len() {
                 if budget == 0 {
                     return;
@@ -1458,7 +1550,12 @@ impl Host {
         }
         let gen = self.rep().map_or(0, |r| r.gen) + 1;
         // The operator discards this host's history: its writes need not survive elsewhere.
-        if cx.ghost.last_step_down.as_ref().is_some_and(|s| s.host == self.name) {
+        if cx
+            .ghost
+            .last_step_down
+            .as_ref()
+            .is_some_and(|s| s.host == self.name)
+        {
             cx.ghost.last_step_down = None;
         }
         self.start_as_new_replica();
@@ -1488,7 +1585,12 @@ impl Host {
         for k in own {
             self.store.delete(&k).expect("own key");
         }
-        if cx.ghost.last_step_down.as_ref().is_some_and(|s| s.host == self.name) {
+        if cx
+            .ghost
+            .last_step_down
+            .as_ref()
+            .is_some_and(|s| s.host == self.name)
+        {
             cx.ghost.last_step_down = None;
         }
         self.teardown();

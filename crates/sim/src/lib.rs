@@ -31,6 +31,16 @@ pub struct SimConfig {
     /// simulation found this (see the crate docs). Off: the copy carries only durable data and
     /// ends at the durable position, the behaviour the fix must give.
     pub sync_serves_unsynced_data: bool,
+    /// The replica's `open_copy` as `daemon/src/replica.rs` has it today: an empty local copy
+    /// of logfile N from another origin is replaced even when replay has already moved past
+    /// it, so the records of the new N are never applied while the replica reports the new
+    /// history's position. Off: such a copy is a fork (the fix).
+    pub replace_replayed_empty_copy: bool,
+    /// A full sync in progress keeps its start position and copied data when its source
+    /// changes (`sync_session` in `daemon/src/replica.rs` resumes against whoever is the
+    /// source now): after a failover to another history, the replica replays the new
+    /// primary's logfiles over the old primary's copy. Off: the sync starts over (the fix).
+    pub sync_survives_source_change: bool,
 }
 
 /// What happened in a run, for coverage reports.

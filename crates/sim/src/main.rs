@@ -28,11 +28,13 @@ fn main() -> ExitCode {
             "--skip-chain-check" => cfg.skip_chain_check = true,
             "--planned-promotion-ignores-others" => cfg.planned_promotion_ignores_others = true,
             "--sync-serves-unsynced-data" => cfg.sync_serves_unsynced_data = true,
+            "--replace-replayed-empty-copy" => cfg.replace_replayed_empty_copy = true,
+            "--sync-survives-source-change" => cfg.sync_survives_source_change = true,
             other => {
                 eprintln!(
                     "unknown argument {other}; usage: mars-sim [--seeds N] [--steps M] \
                      [--first S] [--seed S] [--skip-chain-check] \
-                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data]"
+                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change]"
                 );
                 return ExitCode::from(2);
             }

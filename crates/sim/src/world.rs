@@ -152,8 +152,11 @@ impl World {
     }
 
     fn note(&mut self, s: String) {
-        self.trace
-            .push(format!("{:>8.2}s {:>4} {s}", self.now as f64 / 1000.0, self.step_no));
+        self.trace.push(format!(
+            "{:>8.2}s {:>4} {s}",
+            self.now as f64 / 1000.0,
+            self.step_no
+        ));
     }
 
     /// Runs `f` with a host and the context it may touch; queues what it sent.
@@ -650,7 +653,9 @@ impl World {
         }
         self.stats.up_to_date_checks += 1;
         let Some(tl) = &host.tl else {
-            return Err(format!("{me} reports UpToDate without a consistent timeline"));
+            return Err(format!(
+                "{me} reports UpToDate without a consistent timeline"
+            ));
         };
         let p = &self.hosts[self.idx(&confirmer)];
         let Some(ptl) = &p.tl else {
