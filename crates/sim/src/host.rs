@@ -712,16 +712,6 @@ impl Host {
                 self.logs.remove(&no);
             }
         }
-        if std::env::var("SIM_DEBUG").is_ok() {
-            eprintln!(
-                "DEBUG {} become_replica logs {:?}",
-                self.name,
-                self.logs
-                    .iter()
-                    .map(|(n, f)| (*n, f.origin.to_string(), f.recs.len(), f.complete))
-                    .collect::<Vec<_>>()
-            );
-        }
         // Everything is written back: the replica starts at the end of the last logfile (what
         // this host reports as its log end), or where the disk is if no logfile is left.
         let applied = self
@@ -1084,16 +1074,6 @@ impl Host {
 
     /// The serving side of a fetch request (`serve_fetch` / `ship_file`).
     pub fn serve_fetch(&mut self, file: u64, off: u64, gen: u64, now: u64) -> Option<Body> {
-        if std::env::var("SIM_DEBUG").is_ok() {
-            eprintln!(
-                "DEBUG {} serve_fetch {file}:{off} logs {:?}",
-                self.name,
-                self.logs
-                    .iter()
-                    .map(|(n, f)| (*n, f.origin.to_string(), f.recs.len(), f.complete))
-                    .collect::<Vec<_>>()
-            );
-        }
         let primary = match &self.local {
             Local::Primary(_) => true,
             Local::Replica(_) => false,
@@ -1114,9 +1094,6 @@ impl Host {
                         .values()
                         .all(|l| mars_engine::version::len_of(l) == Some(off))
             });
-            if std::env::var("SIM_DEBUG").is_ok() {
-                eprintln!("DEBUG links of {file}: {:?}", meta.versions.get(&file));
-            }
             if file + 1 == oldest && by_link {
                 // The replica has all of a logfile deleted here since: go on with the next.
                 file = oldest;
@@ -1258,9 +1235,6 @@ impl Host {
                 }
             }
             Body::FetchReq { file, off, gen } => {
-                if std::env::var("SIM_DEBUG").is_ok() {
-                    eprintln!("DEBUG req from {from}");
-                }
                 if let Some(b) = self.serve_fetch(file, off, gen, cx.now) {
                     cx.out.push(Msg {
                         from: self.name.clone(),
@@ -1318,16 +1292,6 @@ impl Host {
                     return;
                 }
                 for seg in segs {
-                    if std::env::var("SIM_DEBUG").is_ok() {
-                        eprintln!(
-                            "DEBUG {me} got seg {} {} off {} n {} end {} from {from}",
-                            seg.file,
-                            seg.origin,
-                            seg.off,
-                            seg.recs.len(),
-                            seg.end
-                        );
-                    }
                     let file = seg.file;
                     // open_copy
                     // An empty copy carries no history (a logfile its writer never wrote
