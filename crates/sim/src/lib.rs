@@ -1,5 +1,88 @@
 //! Deterministic simulation of the replication engine and the replicated metadata.
-//! (Full model description below, to be completed.)
+//!
+//! One `u64` seed decides everything: four simulated hosts (`a` … `d`) run one resource, a
+//! simulated network carries metadata and log data between them, faults and operator commands
+//! arrive at random, and after every step the invariants below are checked. A failing seed is
+//! reported with its trace and runs again identically (`cargo run -p mars-sim --release --
+//! --seed S`). `cargo test -p mars-sim` runs 200 fixed seeds; the binary is the soak runner
+//! (`--seeds N --steps M`, prints seeds per second).
+//!
+//! # The model
+//!
+//! * **Time** advances 250 ms per step (one reconcile round of the daemon). Each step: up to
+//!   two random events, delivery of the messages that are due, anti-entropy pulls, and on
+//!   every running host: the role command in progress, the reconcile round, replay, fetch and
+//!   sync requests, writeback.
+//! * **Metadata** is the real thing: each host has a `mars_meta::Store` (redb in memory) whose
+//!   clock is the simulated time plus a per-host skew of up to ±2 s. Hosts pull "changes after
+//!   N" from each other over the lossy network, one question in flight per pair; the answer is
+//!   taken when the question is sent and may arrive late, reordered or not at all.
+//! * **Every replication decision is `mars_engine`'s**: `fetch_source`, `promotion`,
+//!   `next_file_check` and `entry_check`, `my_link`, `reclaim_below`, `split_brain` and
+//!   `member_state`, called where the daemon calls them (`host.rs` names the daemon function
+//!   each piece mirrors). The simulation does not depend on `crates/daemon`.
+//! * **The log** is a map of logfiles, each a list of records; a record is an id into a table
+//!   that knows which block it writes (its data is the id). Offsets count records. A primary
+//!   appends (acknowledged at once), makes records durable by group commit or FLUSH, writes
+//!   durable records back to its disk, rotates on `cron` and at sync start, and publishes the
+//!   version link of each complete logfile. A replica fetches only durable records, verified
+//!   by position (the daemon checks each chunk against the end of its copy, so a lost, late or
+//!   repeated answer is dropped), replays them onto its disk and crosses logfile boundaries
+//!   only on the engine's say. The disk is a map block → record id.
+//! * **Crashes** lose what was not durable: the primary's unsynced log tail and everything in
+//!   memory (fetch state, caught-up confirmations, the view of who is alive, pending
+//!   commands). Metadata (redb commits), logfiles up to their durable length, the disk, the
+//!   writeback and replay positions and the sync state survive.
+//! * **Faults and commands**: message loss (0–30 %), delays of up to six steps (reordering),
+//!   one-way and two-way link cuts and their healing, crashes and restarts; writes, FLUSH,
+//!   group commit, log rotation, pause/resume of fetch and replay, `join-resource`,
+//!   `leave-resource`, `invalidate`, `secondary`, application start/stop on the primary, the
+//!   planned handover (`primary`, with the daemon's phases: the old primary's device closes,
+//!   `primary := me`, the old primary leaves its role or gets it back after the timeout, the
+//!   new one catches up and opens its volume), and the forced failover (`pause-fetch`,
+//!   `primary --force`: takes what it replayed; a still-open old primary keeps writing, a split
+//!   brain). Every 100 steps and at the end a *settle* phase heals the network, restarts every
+//!   host, closes devices left open on hosts no longer designated and lets things run.
+//!
+//! # Invariants (checked after every step, `world.rs`)
+//!
+//! The simulation keeps ghost state the hosts never read (`ghost.rs`): every record with the
+//! record it followed in its writer's history, so all primaries' histories form a tree, and
+//! per host its *timeline*, the records its data is built from.
+//!
+//! 1. **No replica applies a record past a fork**: each applied record must be the next one of
+//!    the replica's timeline in the tree (or the same record again, when replay after a full
+//!    sync re-applies what the copy had), so a replica's history is always a prefix of one
+//!    primary history.
+//! 2. **UpToDate means equal**: a replica that `member_state` calls `UpToDate` (computed from
+//!    its current report) holds exactly the history of the primary that confirmed it, up to
+//!    its replay position, and its disk is that history's content.
+//! 3. **Flushed writes survive**: every write acknowledged before a completed FLUSH is still
+//!    in the timeline of the host that flushed it, across crashes (only an `invalidate` or
+//!    `leave-resource` of that host, the operator's choice, may drop it).
+//! 4. **Planned handovers lose nothing**: a host promoted without `--force` holds the whole
+//!    history of the last primary that left its role cleanly.
+//! 5. After each settle phase: **the metadata converged** (every store holds the same entries,
+//!    stamps and origins once all messages are delivered and anti-entropy ran to its
+//!    fixpoint), **at most one host acts as primary and it is the designated one**, and every
+//!    consistent replica's disk is its timeline's content.
+//!
+//! # Simplified against the daemon, and why
+//!
+//! * Writes, syncs, writeback and replay steps are atomic: the byte-level crash behaviour of
+//!   the log and the volume is what `mars_txlog`'s and `mars_volume`'s crash-image tests cover
+//!   (`mars_storage::mem`); here only "durable or not" per record matters. A replica's fetched
+//!   records are durable on arrival (the daemon accounts fetched bytes after its fdatasync).
+//! * A full sync is two messages (start position, then the whole copy with its end position)
+//!   instead of digest-compared chunks; resumption and rate limits are not modelled. A
+//!   restarted ex-primary that becomes a replica writes its log back at once instead of
+//!   replaying it (same outcome).
+//! * Liveness is "heard from within 10 s" on any message, instead of `alive` stamps.
+//! * No resize, no space pressure or emergency mode, no systemd; the application is one
+//!   "device open" flag on the primary; `--force` on an acting primary takes the role back.
+//! * Three behaviours of the daemon as it is today are bugs the simulation found
+//!   ([`SimConfig`]); by default it runs the fixed behaviour, the switches bring the daemon's
+//!   back, and tests show that the invariants catch them.
 
 mod ghost;
 mod host;
