@@ -195,7 +195,14 @@ pub fn member_state(
     // Likewise a replica whose replay waits for a version link: whether its history is the
     // source's is not known yet.
     let unverified = r.stuck.as_deref().is_some_and(|s| s.contains(LINK_WAIT));
-    let fetch_behind = !primary && (!r.caught_up || r.forked.is_some() || unverified);
+    // And one whose published links differ from the designated primary's: another history,
+    // even while its replay (paused, say) has not noticed yet.
+    let diverged = meta.primary.as_ref().is_some_and(|p| {
+        meta.versions
+            .values()
+            .any(|links| matches!((links.get(host), links.get(p)), (Some(a), Some(b)) if a != b))
+    });
+    let fetch_behind = !primary && (!r.caught_up || r.forked.is_some() || unverified || diverged);
     let replay_behind = match (r.applied, r.log_end) {
         (Some(a), Some(e)) => !primary && a < e,
         _ => false,
@@ -519,6 +526,20 @@ mod tests {
         let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
         r.forked = Some(3);
         assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        // Its published link of some logfile differs from the designated primary's.
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(h("a"), version::link("", 3, &h("a"), 100));
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(h("b"), version::link("", 3, &h("b"), 100));
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.forked = None;
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.versions.remove(&3);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "UpToDate");
         // Waiting for a link: not verified yet, so not up to date either.
         m.members
             .get_mut(&h("b"))

@@ -381,6 +381,46 @@ impl Host {
         matches!(&self.local, Local::Primary(v) if v.open)
     }
 
+    /// One line about this host's state, for the trace of a failing seed.
+    pub fn describe(&self) -> String {
+        let logs: Vec<String> = self
+            .logs
+            .iter()
+            .map(|(n, f)| {
+                format!(
+                    "{n}-{}:{}{}",
+                    f.origin,
+                    f.recs.len(),
+                    if f.complete { "c" } else { "" }
+                )
+            })
+            .collect();
+        let role = match &self.local {
+            Local::None => "not a member".to_string(),
+            Local::Closed { wb } => format!("closed wb {wb}"),
+            Local::Primary(v) => format!("primary wb {} open {}", v.wb, v.open),
+            Local::Replica(r) => format!(
+                "replica applied {} sync {:?} needs_sync {} forked {:?} stuck {:?} waiting \
+                 {:?} caught_up {:?} source {:?}",
+                r.applied,
+                r.sync.as_ref().map(|s| (s.start, s.end)),
+                r.needs_sync,
+                r.forked,
+                r.stuck,
+                r.waiting,
+                r.caught_up.as_ref().map(|c| (c.0, c.1)),
+                r.source
+            ),
+        };
+        format!(
+            "{} up {}: {role}; logs [{}]; timeline {:?}",
+            self.name,
+            self.up,
+            logs.join(" "),
+            self.tl.as_ref().map(|t| (t.len(), t.last().copied()))
+        )
+    }
+
     // ------------------------------------------------------------ crash and restart
 
     /// Power loss: what was not synced is gone, and so is everything in memory.

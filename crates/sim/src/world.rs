@@ -768,6 +768,30 @@ pub fn run(seed: u64, steps: u64, cfg: SimConfig) -> Outcome {
         }
         if let Err(e) = r {
             w.note(format!("VIOLATION: {e}"));
+            for i in 0..w.hosts.len() {
+                let line = format!("  state of {}", w.hosts[i].describe());
+                w.trace.push(line);
+                let meta = w.hosts[i].meta();
+                let links: Vec<String> = meta
+                    .versions
+                    .iter()
+                    .map(|(no, l)| {
+                        let hosts: Vec<String> = l
+                            .iter()
+                            .map(|(h, v)| {
+                                let hash = mars_engine::version::hash_of(v).unwrap_or(v);
+                                format!("{h}={}", &hash[..6.min(hash.len())])
+                            })
+                            .collect();
+                        format!("{no}:{}", hosts.join(","))
+                    })
+                    .collect();
+                w.trace.push(format!(
+                    "    its metadata: primary {:?}, links {}",
+                    meta.primary,
+                    links.join(" ")
+                ));
+            }
             error = Some(e);
             break;
         }
