@@ -34,6 +34,9 @@ pub struct StepDown {
 pub struct Ghost {
     recs: Vec<RecInfo>,
     pub last_step_down: Option<StepDown>,
+    /// Completed promotions (coverage figures).
+    pub planned_promotions: u64,
+    pub forced_promotions: u64,
     /// Violations found while the step ran (replay past a fork …); checked after the step.
     pub violations: Vec<String>,
 }

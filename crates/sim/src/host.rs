@@ -878,6 +878,11 @@ impl Host {
             // Forced: whatever the others had beyond our replay position may be lost.
             cx.ghost.last_step_down = None;
         }
+        if forced {
+            cx.ghost.forced_promotions += 1;
+        } else {
+            cx.ghost.planned_promotions += 1;
+        }
         self.open_volume(at, cx);
         self.forced_marker = false;
         self.designated_since = None;
@@ -1005,9 +1010,10 @@ impl Host {
                 rep.attached = todo.attach;
                 rep.applied = Some(r.applied);
                 rep.log_end = fetched.or(Some(r.applied));
+                // Progress is not modelled: the copy is all (1 of 1) or nothing.
                 rep.sync = r.sync.as_ref().map(|s| SyncReport {
                     start: s.start,
-                    done: if s.end.is_some() { 1 } else { 0 },
+                    done: u64::from(s.end.is_some()),
                     size: 1,
                     transferred: 0,
                     running: s.end.is_none(),
@@ -1088,7 +1094,9 @@ impl Host {
         if !todo.attach || r.needs_sync {
             return;
         }
-        if todo.fetch && r.fetch_until <= cx.now {
+        // Fetching waits for the sync's start position: it begins there.
+        let ready = r.sync.as_ref().is_none_or(|s| s.start.is_some());
+        if todo.fetch && ready && r.fetch_until <= cx.now {
             r.fetch_until = cx.now + REQUEST_TIMEOUT;
             cx.out.push(Msg {
                 from: me.clone(),

@@ -132,8 +132,11 @@ pub struct Stats {
     pub writes: u64,
     pub flushes: u64,
     pub crashes: u64,
+    /// Role commands issued (planned, forced) and promotions completed (without, with force).
     pub handovers: u64,
     pub failovers: u64,
+    pub planned_promotions: u64,
+    pub forced_promotions: u64,
     pub invalidates: u64,
     pub joins: u64,
     pub leaves: u64,

@@ -69,6 +69,8 @@ fn main() -> ExitCode {
         total.crashes += s.crashes;
         total.handovers += s.handovers;
         total.failovers += s.failovers;
+        total.planned_promotions += s.planned_promotions;
+        total.forced_promotions += s.forced_promotions;
         total.invalidates += s.invalidates;
         total.joins += s.joins;
         total.leaves += s.leaves;

@@ -808,6 +808,8 @@ pub fn run(seed: u64, steps: u64, cfg: SimConfig) -> Outcome {
         }
     }
     w.stats.end_states = end_states;
+    w.stats.planned_promotions = w.ghost.planned_promotions;
+    w.stats.forced_promotions = w.ghost.forced_promotions;
     Outcome {
         seed,
         error,
