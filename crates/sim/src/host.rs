@@ -177,6 +177,9 @@ pub enum Body {
     },
     SyncInfo {
         start: LogPos,
+        /// The source's version link of the logfile before `start`: the history the copy
+        /// continues (the fix; the daemon's `SyncInfo` has no such field today).
+        prev_link: Option<String>,
         gen: u64,
     },
     SyncCopy {
@@ -1238,7 +1241,23 @@ impl Host {
             let start = self.rotate_if_used();
             self.transient_pins
                 .insert(peer.clone(), (start.file, cx.now + TRANSIENT_PIN));
-            return Some(Body::SyncInfo { start, gen });
+            let prev = start.file - 1;
+            let prev_link = if prev == 0 {
+                None
+            } else {
+                let meta = self.meta();
+                meta.version(prev, &self.name)
+                    .map(str::to_string)
+                    .or_else(|| {
+                        let f = self.logs.get(&prev)?;
+                        plan::my_link(&meta, &self.name, prev, &f.origin, f.recs.len() as u64)
+                    })
+            };
+            return Some(Body::SyncInfo {
+                start,
+                prev_link,
+                gen,
+            });
         }
         // Chunks are read through the volume: the newest data, written back or not.
         let mut disk = self.disk.clone();
@@ -1422,17 +1441,28 @@ impl Host {
                     "{me}: log {file} is gone on {from}: needs a full sync"
                 ));
             }
-            Body::SyncInfo { start, gen } => {
+            Body::SyncInfo {
+                start,
+                prev_link,
+                gen,
+            } => {
                 r.sync_until = 0;
                 if gen != r.gen {
                     return;
                 }
+                let mut adopt = None;
                 if let Some(s) = &mut r.sync {
                     if s.start.is_none() {
                         s.start = Some(start);
                         r.applied = start;
                         cx.note(format!("{me}: full sync from {from} starts at {start}"));
+                        adopt = prev_link.filter(|_| !cx.cfg.sync_adopts_primary_link_later);
                     }
+                }
+                // The copy continues the source's history after logfile start-1: that link is
+                // ours from now on, so the chain checks compare against the right history.
+                if let Some(link) = adopt {
+                    self.set(&keys::version(&res(), start.file - 1, &me), &link);
                 }
             }
             Body::SyncCopy { disk, tl, end, gen } => {

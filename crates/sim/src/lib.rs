@@ -124,6 +124,12 @@ pub struct SimConfig {
     /// source now): after a failover to another history, the replica replays the new
     /// primary's logfiles over the old primary's copy. Off: the sync starts over (the fix).
     pub sync_survives_source_change: bool,
+    /// A replica after a full sync starting at logfile N has no link of N-1 of its own and,
+    /// as the daemon does today (`plan::my_link`'s fallback), takes the *current* designated
+    /// primary's when it needs one: after a failover to another history it cannot see that
+    /// its copy continues a different logfile N-1. Off: the sync source sends its link of N-1
+    /// with the start position and the replica publishes it as its own (the fix).
+    pub sync_adopts_primary_link_later: bool,
 }
 
 /// What happened in a run, for coverage reports.

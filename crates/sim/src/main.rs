@@ -30,11 +30,12 @@ fn main() -> ExitCode {
             "--sync-serves-unsynced-data" => cfg.sync_serves_unsynced_data = true,
             "--replace-replayed-empty-copy" => cfg.replace_replayed_empty_copy = true,
             "--sync-survives-source-change" => cfg.sync_survives_source_change = true,
+            "--sync-adopts-primary-link-later" => cfg.sync_adopts_primary_link_later = true,
             other => {
                 eprintln!(
                     "unknown argument {other}; usage: mars-sim [--seeds N] [--steps M] \
                      [--first S] [--seed S] [--skip-chain-check] \
-                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change]"
+                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later]"
                 );
                 return ExitCode::from(2);
             }
