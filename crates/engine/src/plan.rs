@@ -202,7 +202,20 @@ pub fn member_state(
             .values()
             .any(|links| matches!((links.get(host), links.get(p)), (Some(a), Some(b)) if a != b))
     });
-    let fetch_behind = !primary && (!r.caught_up || r.forked.is_some() || unverified || diverged);
+    // The confirmation must come from the resource's primary: the designated one, acting. A
+    // host that still acts without being designated (its device open after a forced switch)
+    // confirms its own history, which may not be the resource's (found by the simulation,
+    // `mars-sim`: a designated replica confirmed by such a host looked UpToDate).
+    let designated_acts = meta.primary.as_ref().is_some_and(|p| {
+        p != host
+            && meta
+                .members
+                .get(p)
+                .and_then(|m| m.report.as_ref())
+                .is_some_and(|pr| pr.role == Role::Primary)
+    });
+    let fetch_behind = !primary
+        && (!r.caught_up || r.forked.is_some() || unverified || diverged || !designated_acts);
     let replay_behind = match (r.applied, r.log_end) {
         (Some(a), Some(e)) => !primary && a < e,
         _ => false,
@@ -540,6 +553,25 @@ mod tests {
         assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
         m.versions.remove(&3);
         assert_eq!(member_state(&m, &h("b"), &all).disk_state, "UpToDate");
+        // Confirmed, but the designated primary does not act (or is b itself): not up to date.
+        m.primary = Some(h("b"));
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.primary = Some(h("a"));
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .role = Role::Secondary;
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .role = Role::Primary;
         // Waiting for a link: not verified yet, so not up to date either.
         m.members
             .get_mut(&h("b"))
