@@ -676,6 +676,10 @@ impl Host {
                     if r.source != source {
                         r.fetch_until = 0;
                         r.sync_until = 0;
+                        // A confirmation speaks for the host that gave it.
+                        if !cx.cfg.caught_up_survives_source_change {
+                            r.caught_up = None;
+                        }
                     }
                     r.source = source;
                     if !me_designated {

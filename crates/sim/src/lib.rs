@@ -135,6 +135,10 @@ pub struct SimConfig {
     /// its copy continues a different logfile N-1. Off: the sync source sends its link of N-1
     /// with the start position and the replica publishes it as its own (the fix).
     pub sync_adopts_primary_link_later: bool,
+    /// The replica keeps the last caught-up confirmation when its fetch source changes (the
+    /// daemon keeps `caught_up` until it is 3 s old, whoever sent it): for those seconds a
+    /// confirmation by the old source counts for the new one. Off: it is dropped (the fix).
+    pub caught_up_survives_source_change: bool,
 }
 
 /// What happened in a run, for coverage reports.

@@ -31,11 +31,12 @@ fn main() -> ExitCode {
             "--replace-replayed-empty-copy" => cfg.replace_replayed_empty_copy = true,
             "--sync-survives-source-change" => cfg.sync_survives_source_change = true,
             "--sync-adopts-primary-link-later" => cfg.sync_adopts_primary_link_later = true,
+            "--caught-up-survives-source-change" => cfg.caught_up_survives_source_change = true,
             other => {
                 eprintln!(
                     "unknown argument {other}; usage: mars-sim [--seeds N] [--steps M] \
                      [--first S] [--seed S] [--skip-chain-check] \
-                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later]"
+                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later] [--caught-up-survives-source-change]"
                 );
                 return ExitCode::from(2);
             }
