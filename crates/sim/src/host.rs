@@ -215,6 +215,9 @@ pub struct Msg {
 pub struct Ctx<'a> {
     pub now: u64,
     pub step: u64,
+    /// Ghost: another host acts as primary right now (a step-down then follows a forced
+    /// switch, whose loss the operator accepted, and is no clean handover).
+    pub others_acting: bool,
     pub cfg: &'a SimConfig,
     pub ghost: &'a mut Ghost,
     pub out: &'a mut Vec<Msg>,
@@ -782,11 +785,15 @@ impl Host {
         self.write_back_all(wb, cx);
         let end = self.end_of_log(wb);
         self.become_replica(end);
-        cx.ghost.last_step_down = self.tl.as_ref().map(|tl| StepDown {
-            host: self.name.clone(),
-            len: tl.len(),
-            last: tl.last().copied(),
-        });
+        cx.ghost.last_step_down =
+            self.tl
+                .as_ref()
+                .filter(|_| !cx.others_acting)
+                .map(|tl| StepDown {
+                    host: self.name.clone(),
+                    len: tl.len(),
+                    last: tl.last().copied(),
+                });
         cx.note(format!(
             "{}: leaves the primary role ({} designated), log ends at {}",
             self.name,

@@ -163,10 +163,16 @@ impl World {
     fn with_host<R>(&mut self, i: usize, f: impl FnOnce(&mut Host, &mut Ctx) -> R) -> R {
         let mut out = Vec::new();
         let mut trace = Vec::new();
+        let others_acting = self
+            .hosts
+            .iter()
+            .enumerate()
+            .any(|(k, x)| k != i && x.is_primary());
         let r = {
             let mut cx = Ctx {
                 now: self.now,
                 step: self.step_no,
+                others_acting,
                 cfg: &self.cfg,
                 ghost: &mut self.ghost,
                 out: &mut out,
