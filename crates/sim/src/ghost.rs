@@ -4,7 +4,7 @@
 //! must always be a path from the root of that tree. The checks in `check.rs` compare hosts
 //! against this bookkeeping; no host decision ever reads it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use mars_config::HostName;
 use mars_txlog::LogPos;
@@ -34,6 +34,8 @@ pub struct StepDown {
 pub struct Ghost {
     recs: Vec<RecInfo>,
     pub last_step_down: Option<StepDown>,
+    /// Hosts that acted as primary when another took over by force.
+    pub forced_out: BTreeSet<HostName>,
     /// Completed promotions (coverage figures).
     pub planned_promotions: u64,
     pub forced_promotions: u64,

@@ -215,9 +215,8 @@ pub struct Msg {
 pub struct Ctx<'a> {
     pub now: u64,
     pub step: u64,
-    /// Ghost: another host acts as primary right now (a step-down then follows a forced
-    /// switch, whose loss the operator accepted, and is no clean handover).
-    pub others_acting: bool,
+    /// Ghost: the other hosts acting as primary right now.
+    pub others_acting: Vec<HostName>,
     pub cfg: &'a SimConfig,
     pub ghost: &'a mut Ghost,
     pub out: &'a mut Vec<Msg>,
@@ -710,6 +709,7 @@ impl Host {
                     self.write_back_all(wb, cx);
                     let end = self.end_of_log(wb);
                     self.become_replica(end);
+                    cx.ghost.forced_out.remove(&me);
                     cx.note(format!("{me}: restarted ex-primary attaches as replica"));
                 }
             }
@@ -785,15 +785,13 @@ impl Host {
         self.write_back_all(wb, cx);
         let end = self.end_of_log(wb);
         self.become_replica(end);
-        cx.ghost.last_step_down =
-            self.tl
-                .as_ref()
-                .filter(|_| !cx.others_acting)
-                .map(|tl| StepDown {
-                    host: self.name.clone(),
-                    len: tl.len(),
-                    last: tl.last().copied(),
-                });
+        // A primary pushed out by a forced switch leaves a history the operator gave up.
+        let forced_out = cx.ghost.forced_out.remove(&self.name);
+        cx.ghost.last_step_down = self.tl.as_ref().filter(|_| !forced_out).map(|tl| StepDown {
+            host: self.name.clone(),
+            len: tl.len(),
+            last: tl.last().copied(),
+        });
         cx.note(format!(
             "{}: leaves the primary role ({} designated), log ends at {}",
             self.name,
@@ -889,9 +887,13 @@ impl Host {
                 }
             }
         } else {
-            // Forced: whatever the others had beyond our replay position may be lost.
+            // Forced: whatever the others had beyond our replay position may be lost, also
+            // what a primary still acting now writes until it leaves.
             cx.ghost.last_step_down = None;
+            cx.ghost.forced_out.extend(cx.others_acting.iter().cloned());
         }
+        // A new history of ours begins: an old mark of having been pushed out no longer holds.
+        cx.ghost.forced_out.remove(&me);
         if forced {
             cx.ghost.forced_promotions += 1;
         } else {

@@ -80,10 +80,10 @@
 //! * Liveness is "heard from within 10 s" on any message, instead of `alive` stamps.
 //! * No resize, no space pressure or emergency mode, no systemd; the application is one
 //!   "device open" flag on the primary; `--force` on an acting primary takes the role back.
-//! * Four behaviours of the daemon as it is today are bugs the simulation found (the full
+//! * Five behaviours of the daemon as it is today are bugs the simulation found (the full
 //!   sync's copy of unsynced data, a replaced empty copy that replay had passed, a sync kept
 //!   across a change of source, a synced replica's missing link of the logfile before its
-//!   start; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
+//!   start, a caught-up confirmation kept across a change of source; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
 //!   switches bring the daemon's back, and tests show that the invariants catch them. The
 //!   engine bugs it found are fixed in `mars_engine` itself (`entry_check`, the own-logfile
 //!   case of `next_file_check`, `promotion`, `member_state`), each with a unit test there;

@@ -167,7 +167,9 @@ impl World {
             .hosts
             .iter()
             .enumerate()
-            .any(|(k, x)| k != i && x.is_primary());
+            .filter(|(k, x)| *k != i && x.is_primary())
+            .map(|(_, x)| x.name.clone())
+            .collect();
         let r = {
             let mut cx = Ctx {
                 now: self.now,
