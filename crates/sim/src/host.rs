@@ -151,6 +151,10 @@ pub enum Body {
     FetchReq {
         file: u64,
         off: u64,
+        /// The asker's version link of logfile `file - 1` (the fix: the daemon's `FetchFrom`
+        /// carries none, so the server cannot see that the asker's history differs before
+        /// `file`).
+        prev_link: Option<String>,
         gen: u64,
     },
     /// Logfile pieces in order: the asked-for one from the asked offset and, once it is
@@ -1101,6 +1105,12 @@ impl Host {
             }
         };
         let me = self.name.clone();
+        let prev_link = from_pos
+            .file
+            .checked_sub(1)
+            .and_then(|p| meta.version(p, &me))
+            .filter(|_| !cx.cfg.fetch_request_without_history)
+            .map(str::to_string);
         let Local::Replica(r) = &mut self.local else {
             return;
         };
@@ -1120,6 +1130,7 @@ impl Host {
                 body: Body::FetchReq {
                     file: from_pos.file,
                     off: from_pos.offset,
+                    prev_link,
                     gen: r.gen,
                 },
             });
@@ -1140,7 +1151,14 @@ impl Host {
     }
 
     /// The serving side of a fetch request (`serve_fetch` / `ship_file`).
-    pub fn serve_fetch(&mut self, file: u64, off: u64, gen: u64, now: u64) -> Option<Body> {
+    pub fn serve_fetch(
+        &mut self,
+        file: u64,
+        off: u64,
+        gen: u64,
+        now: u64,
+        cx_cfg_lengths_only: bool,
+    ) -> Option<Body> {
         let primary = match &self.local {
             Local::Primary(_) => true,
             Local::Replica(_) => false,
@@ -1155,11 +1173,16 @@ impl Host {
                 return None;
             }
             let meta = self.meta();
+            // `complete_by_link`: the daemon compares lengths only; the fix wants every link of
+            // the logfile equal to this host's own (same length *and* same history).
+            let lengths_only = cx_cfg_lengths_only;
             let by_link = meta.versions.get(&file).is_some_and(|links| {
+                let mine = links.get(&self.name);
                 !links.is_empty()
                     && links
                         .values()
                         .all(|l| mars_engine::version::len_of(l) == Some(off))
+                    && (lengths_only || mine.is_some_and(|m| links.values().all(|l| l == m)))
             });
             if file + 1 == oldest && by_link {
                 // The replica has all of a logfile deleted here since: go on with the next.
@@ -1317,8 +1340,36 @@ impl Host {
                     *seen = (*seen).max(c.up_to);
                 }
             }
-            Body::FetchReq { file, off, gen } => {
-                if let Some(b) = self.serve_fetch(file, off, gen, cx.now) {
+            Body::FetchReq {
+                file,
+                off,
+                prev_link,
+                gen,
+            } => {
+                let meta = self.meta();
+                let ours = file
+                    .checked_sub(1)
+                    .and_then(|p| meta.version(p, &self.name));
+                if let (Some(theirs), Some(ours)) = (&prev_link, ours) {
+                    if theirs != ours {
+                        cx.out.push(Msg {
+                            from: self.name.clone(),
+                            to: from.clone(),
+                            body: Body::FetchRefuse {
+                                reason: format!(
+                                    "the asker's logfile {} is not ours: different histories",
+                                    file - 1
+                                ),
+                                from: file,
+                                gen,
+                            },
+                        });
+                        return;
+                    }
+                }
+                if let Some(b) =
+                    self.serve_fetch(file, off, gen, cx.now, cx.cfg.complete_by_link_lengths_only)
+                {
                     cx.out.push(Msg {
                         from: self.name.clone(),
                         to: from.clone(),

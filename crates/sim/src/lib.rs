@@ -80,10 +80,12 @@
 //! * Liveness is "heard from within 10 s" on any message, instead of `alive` stamps.
 //! * No resize, no space pressure or emergency mode, no systemd; the application is one
 //!   "device open" flag on the primary; `--force` on an acting primary takes the role back.
-//! * Five behaviours of the daemon as it is today are bugs the simulation found (the full
+//! * Seven behaviours of the daemon as it is today are bugs the simulation found (the full
 //!   sync's copy of unsynced data, a replaced empty copy that replay had passed, a sync kept
 //!   across a change of source, a synced replica's missing link of the logfile before its
-//!   start, a caught-up confirmation kept across a change of source; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
+//!   start, a caught-up confirmation kept across a change of source, the fetch server's
+//!   length-only `complete_by_link`, a fetch request that says nothing about the asker's
+//!   history; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
 //!   switches bring the daemon's back, and tests show that the invariants catch them. The
 //!   engine bugs it found are fixed in `mars_engine` itself (`entry_check`, the own-logfile
 //!   case of `next_file_check`, `promotion`, `member_state`), each with a unit test there;
@@ -139,6 +141,18 @@ pub struct SimConfig {
     /// daemon keeps `caught_up` until it is 3 s old, whoever sent it): for those seconds a
     /// confirmation by the old source counts for the new one. Off: it is dropped (the fix).
     pub caught_up_survives_source_change: bool,
+    /// The fetch server lets a replica skip past a logfile it has deleted when every version
+    /// link of that logfile records the replica's length (`complete_by_link` in
+    /// `daemon/src/logserve.rs`): lengths only, so a replica holding another history's
+    /// logfile of the same length goes on with this host's next one. Off: all links must be
+    /// equal to this host's own (the fix).
+    pub complete_by_link_lengths_only: bool,
+    /// The replica's fetch request carries only a position (`FetchFrom` today): the server
+    /// never learns that the asker's logfile before the requested one differs from its own,
+    /// and its "you have everything" confirms a position on another history. Off: the request
+    /// carries the asker's link of that logfile and the server refuses on a mismatch (the
+    /// fix).
+    pub fetch_request_without_history: bool,
 }
 
 /// What happened in a run, for coverage reports.

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                 eprintln!(
                     "unknown argument {other}; usage: mars-sim [--seeds N] [--steps M] \
                      [--first S] [--seed S] [--skip-chain-check] \
-                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later] [--caught-up-survives-source-change]"
+                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later] [--caught-up-survives-source-change] [--complete-by-link-lengths-only] [--fetch-request-without-history]"
                 );
                 return ExitCode::from(2);
             }
