@@ -720,7 +720,7 @@ impl Host {
             Local::None => {}
         }
         let meta = self.meta();
-        self.reclaim(&meta, now);
+        self.reclaim(&meta, now, cx.cfg.link_reclaim_uses_published_pin);
         self.publish_report(&todo, now);
     }
 
@@ -962,7 +962,7 @@ impl Host {
     }
 
     /// Deletes logfiles nobody needs and this host's version links below them.
-    fn reclaim(&mut self, meta: &ResourceMeta, now: u64) {
+    fn reclaim(&mut self, meta: &ResourceMeta, now: u64, cx_cfg_published_pin_only: bool) {
         let below = self.pinned_below(meta, now);
         let unlinked = self
             .logs
@@ -983,7 +983,18 @@ impl Host {
             self.logs.remove(&no);
         }
         let oldest_local = self.logs.keys().next().copied();
-        if let Some(floor) = min_opt(self.pinned_below(meta, now), oldest_local) {
+        // What this host needs itself, now (its published pin may be a round or more old: a
+        // restarted ex-primary publishes none while it waits): the chain check of its replay
+        // position needs the link before it.
+        let own_need = match &self.local {
+            Local::Replica(r) if !cx_cfg_published_pin_only => Some(r.applied.file),
+            _ => None,
+        };
+        let floor = min_opt(
+            min_opt(self.pinned_below(meta, now), oldest_local),
+            own_need,
+        );
+        if let Some(floor) = floor {
             let stale: Vec<u64> = meta
                 .versions
                 .range(..floor.saturating_sub(1))

@@ -80,12 +80,12 @@
 //! * Liveness is "heard from within 10 s" on any message, instead of `alive` stamps.
 //! * No resize, no space pressure or emergency mode, no systemd; the application is one
 //!   "device open" flag on the primary; `--force` on an acting primary takes the role back.
-//! * Seven behaviours of the daemon as it is today are bugs the simulation found (the full
+//! * Eight behaviours of the daemon as it is today are bugs the simulation found (the full
 //!   sync's copy of unsynced data, a replaced empty copy that replay had passed, a sync kept
 //!   across a change of source, a synced replica's missing link of the logfile before its
 //!   start, a caught-up confirmation kept across a change of source, the fetch server's
 //!   length-only `complete_by_link`, a fetch request that says nothing about the asker's
-//!   history; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
+//!   history, link reclamation by a stale own pin; see [`SimConfig`]). By default the simulation runs the fixed behaviour, the
 //!   switches bring the daemon's back, and tests show that the invariants catch them. The
 //!   engine bugs it found are fixed in `mars_engine` itself (`entry_check`, the own-logfile
 //!   case of `next_file_check`, `promotion`, `member_state`), each with a unit test there;
@@ -153,6 +153,12 @@ pub struct SimConfig {
     /// carries the asker's link of that logfile and the server refuses on a mismatch (the
     /// fix).
     pub fetch_request_without_history: bool,
+    /// A host deletes its own version links below the oldest logfile anybody pins, counting
+    /// its own *published* pin (`Daemon::reclaim`): a restarted ex-primary that waited as
+    /// designated primary published no pin, deletes the link its replay position needs once
+    /// it becomes a replica, and then cannot see that the next logfile continues another
+    /// history. Off: its current replay position counts too (the fix).
+    pub link_reclaim_uses_published_pin: bool,
 }
 
 /// What happened in a run, for coverage reports.

@@ -7,6 +7,44 @@ use std::time::Instant;
 
 use mars_sim::{run, SimConfig};
 
+/// The [`SimConfig`] switches by their command-line names (`--NAME`).
+const SWITCHES: [(&str, fn(&mut SimConfig) -> &mut bool); 10] = [
+    ("skip-chain-check", |c| &mut c.skip_chain_check),
+    ("planned-promotion-ignores-others", |c| {
+        &mut c.planned_promotion_ignores_others
+    }),
+    ("sync-serves-unsynced-data", |c| {
+        &mut c.sync_serves_unsynced_data
+    }),
+    ("replace-replayed-empty-copy", |c| {
+        &mut c.replace_replayed_empty_copy
+    }),
+    ("sync-survives-source-change", |c| {
+        &mut c.sync_survives_source_change
+    }),
+    ("sync-adopts-primary-link-later", |c| {
+        &mut c.sync_adopts_primary_link_later
+    }),
+    ("caught-up-survives-source-change", |c| {
+        &mut c.caught_up_survives_source_change
+    }),
+    ("complete-by-link-lengths-only", |c| {
+        &mut c.complete_by_link_lengths_only
+    }),
+    ("fetch-request-without-history", |c| {
+        &mut c.fetch_request_without_history
+    }),
+    ("link-reclaim-uses-published-pin", |c| {
+        &mut c.link_reclaim_uses_published_pin
+    }),
+];
+
+fn switch_of<'a>(cfg: &'a mut SimConfig, arg: &str) -> Option<&'a mut bool> {
+    let name = arg.strip_prefix("--")?;
+    let (_, field) = SWITCHES.iter().find(|(n, _)| *n == name)?;
+    Some(field(cfg))
+}
+
 fn main() -> ExitCode {
     let mut seeds = 1000u64;
     let mut steps = 400u64;
@@ -25,18 +63,19 @@ fn main() -> ExitCode {
             "--steps" => steps = num("--steps"),
             "--first" => first = num("--first"),
             "--seed" => single = Some(num("--seed")),
-            "--skip-chain-check" => cfg.skip_chain_check = true,
-            "--planned-promotion-ignores-others" => cfg.planned_promotion_ignores_others = true,
-            "--sync-serves-unsynced-data" => cfg.sync_serves_unsynced_data = true,
-            "--replace-replayed-empty-copy" => cfg.replace_replayed_empty_copy = true,
-            "--sync-survives-source-change" => cfg.sync_survives_source_change = true,
-            "--sync-adopts-primary-link-later" => cfg.sync_adopts_primary_link_later = true,
-            "--caught-up-survives-source-change" => cfg.caught_up_survives_source_change = true,
             other => {
+                if let Some(flag) = switch_of(&mut cfg, other) {
+                    *flag = true;
+                    continue;
+                }
                 eprintln!(
                     "unknown argument {other}; usage: mars-sim [--seeds N] [--steps M] \
-                     [--first S] [--seed S] [--skip-chain-check] \
-                     [--planned-promotion-ignores-others] [--sync-serves-unsynced-data] [--replace-replayed-empty-copy] [--sync-survives-source-change] [--sync-adopts-primary-link-later] [--caught-up-survives-source-change] [--complete-by-link-lengths-only] [--fetch-request-without-history]"
+                     [--first S] [--seed S] [{}]",
+                    SWITCHES
+                        .iter()
+                        .map(|(name, _)| format!("--{name}"))
+                        .collect::<Vec<_>>()
+                        .join("] [")
                 );
                 return ExitCode::from(2);
             }
