@@ -7,8 +7,11 @@ use std::time::Instant;
 
 use mars_sim::{run, SimConfig};
 
+/// Where a switch lives in the configuration.
+type Field = fn(&mut SimConfig) -> &mut bool;
+
 /// The [`SimConfig`] switches by their command-line names (`--NAME`).
-const SWITCHES: [(&str, fn(&mut SimConfig) -> &mut bool); 10] = [
+const SWITCHES: [(&str, Field); 10] = [
     ("skip-chain-check", |c| &mut c.skip_chain_check),
     ("planned-promotion-ignores-others", |c| {
         &mut c.planned_promotion_ignores_others

@@ -110,16 +110,18 @@ fn daemon_sync_of_unsynced_data_is_caught() {
     assert!(o.error.is_some());
 }
 
-/// The daemon's `open_copy` as it is today replaces an empty copy that replay already passed.
+/// The daemon's full sync as it is today keeps its start position and copy when its source
+/// changes: after a failover to another history, the replica replays the new primary's
+/// logfiles over the old primary's copy.
 #[test]
-fn daemon_replacing_a_replayed_empty_copy_is_caught() {
+fn daemon_sync_across_a_source_change_is_caught() {
     let o = first_failure(
         SimConfig {
-            replace_replayed_empty_copy: true,
+            sync_survives_source_change: true,
             ..SimConfig::default()
         },
-        150,
+        100,
     )
-    .expect("some seed replaces an empty logfile that replay has passed");
+    .expect("some seed changes the sync source to another history mid-sync");
     assert!(o.error.is_some());
 }
