@@ -123,8 +123,98 @@ pub fn promotion(
             "{h} reported log end {end}, beyond ours ({applied}), and is unreachable: a \
              handover without loss needs it (`primary --force` takes over without it)"
         )),
-        _ => Promotion::Go,
+        _ => behind_in_our_history(meta, me, alive),
     }
+}
+
+/// Positions of different histories compare as if they were one: a member whose log end is
+/// "behind" ours may hold writes of another branch (the last primary after a forced failover,
+/// while we are the branch it replaced). Its log end must lie in our history as far as the
+/// version links tell; found by the simulation (`mars-sim`, seed 2444), where a planned
+/// promotion revived an abandoned branch once the links of the fork had been reclaimed.
+/// A member whose full sync runs (after `invalidate` or `join-resource`) gave up its history
+/// and does not count. One that needs a sync but has not started it does: "its logfiles are
+/// gone at the source" is also what a member of another branch hears (seed 3700). A member
+/// that is unreachable counts only if the links show another history (nothing can be verified
+/// about it, and a dead member must not block handovers forever).
+fn behind_in_our_history(
+    meta: &ResourceMeta,
+    me: &HostName,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Promotion {
+    for (h, m) in meta.members.iter().filter(|(h, _)| *h != me) {
+        let Some(r) = m.report.as_ref() else {
+            continue;
+        };
+        let Some(end) = r
+            .log_end
+            .filter(|_| r.consistent || r.needs_sync && r.sync.is_none())
+        else {
+            continue;
+        };
+        match in_our_history(meta, me, h, end) {
+            Some(true) => {}
+            Some(false) => {
+                return Promotion::Wait(format!(
+                    "{h}'s log end {end} is on another history than ours: resolve the split \
+                     brain first (`invalidate` there) or take over with `primary --force`"
+                ))
+            }
+            None if alive(h) => {
+                return Promotion::Wait(format!(
+                    "cannot tell from the version links whether {h}'s log end {end} is in our \
+                     history (waiting for links; `primary --force` takes over regardless)"
+                ))
+            }
+            None => {}
+        }
+    }
+    Promotion::Go
+}
+
+/// Whether `host`'s log end lies in `me`'s history, by the version links of its logfile or
+/// the one before: equal to ours, or equal to those of a witness whose links equal ours at
+/// that logfile or later (links chain, so equality later implies equality before). `None`:
+/// the links cannot tell (`host` has published none there, or nobody ties them to ours).
+/// Agreement on the logfile before the end's is taken as enough (the catch-up rule already
+/// holds us at or beyond the end): only two hosts writing the same logfile number on one
+/// history (a fork exactly at a logfile start) would slip through.
+fn in_our_history(
+    meta: &ResourceMeta,
+    me: &HostName,
+    host: &HostName,
+    end: LogPos,
+) -> Option<bool> {
+    if meta
+        .versions
+        .values()
+        .all(|links| !links.contains_key(host))
+    {
+        // Nothing published (a new member before its first logfile): nothing to lose.
+        return Some(true);
+    }
+    for no in [end.file, end.file.saturating_sub(1)] {
+        let Some(theirs) = meta.version(no, host) else {
+            continue;
+        };
+        if let Some(ours) = meta.version(no, me) {
+            return Some(ours == theirs);
+        }
+        let witnessed = meta.versions[&no]
+            .iter()
+            .filter(|(_, l)| l.as_str() == theirs)
+            .any(|(w, _)| {
+                meta.versions.range(no..).any(|(_, links)| {
+                    matches!((links.get(w), links.get(me)), (Some(a), Some(b)) if a == b)
+                })
+            });
+        if witnessed {
+            return Some(true);
+        }
+        // Our link of that logfile is not there yet (we have replayed up to its end but not
+        // past it, as at a handover): the logfile before decides.
+    }
+    None
 }
 
 /// Two or more histories after a common point.
@@ -366,6 +456,70 @@ mod tests {
             Promotion::Wait(w) if w.contains("split brain from logfile 5")
         ));
         assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
+    }
+
+    /// A member "behind" us by position but on a branch we do not have (the last primary
+    /// after a forced failover, while we are the old branch): a planned promotion must not
+    /// go. Found by the simulation (`mars-sim`, seed 2444).
+    #[test]
+    fn planned_promotion_does_not_revive_an_abandoned_branch() {
+        let (a, b, c) = (h("a"), h("b"), h("c"));
+        let mut m = meta("a");
+        m.members
+            .insert(a.clone(), member(Role::Secondary, Some(LogPos::new(7, 0))));
+        m.members
+            .insert(b.clone(), member(Role::Secondary, Some(LogPos::new(4, 24))));
+        let l3 = version::link("", 3, &b, 36);
+        let b4 = version::link(&l3, 4, &b, 24);
+        let a6 = version::link("", 6, &a, 5);
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(b.clone(), l3.clone());
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(b.clone(), b4.clone());
+        m.versions.entry(6).or_default().insert(a.clone(), a6);
+        let at = LogPos::new(7, 0);
+        // Nothing ties b's logfile 4 to a's history: wait while b is reachable.
+        assert!(matches!(
+            promotion(&m, &a, at, false, ALL),
+            Promotion::Wait(w) if w.contains("cannot tell")
+        ));
+        // b gone for good: it cannot block the handover.
+        assert_eq!(promotion(&m, &a, at, false, &|x| *x != b), Promotion::Go);
+        // a's own link of logfile 4 differs: another history (a split brain, by the links).
+        let a4 = version::link(&l3, 4, &a, 30);
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), a4.clone());
+        assert!(matches!(
+            promotion(&m, &a, at, false, &|x| *x != b),
+            Promotion::Wait(w) if w.contains("split brain")
+        ));
+        // Same history, shown directly…
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), b4.clone());
+        assert_eq!(promotion(&m, &a, at, false, ALL), Promotion::Go);
+        // …or through a witness: c has b's logfile 4 and shares a later link with a.
+        m.versions.get_mut(&4).unwrap().remove(&a);
+        m.members
+            .insert(c.clone(), member(Role::Secondary, Some(LogPos::new(6, 0))));
+        let c5 = version::link(&b4, 5, &c, 9);
+        m.versions.entry(4).or_default().insert(c.clone(), b4);
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(c.clone(), c5.clone());
+        m.versions.entry(5).or_default().insert(a.clone(), c5);
+        assert_eq!(promotion(&m, &a, at, false, ALL), Promotion::Go);
+        // A forced promotion does not ask.
+        m.versions.get_mut(&5).unwrap().remove(&a);
+        assert_eq!(promotion(&m, &a, at, true, ALL), Promotion::Go);
     }
 
     /// The old primary left its role and is unreachable now (cut off, or this host has just

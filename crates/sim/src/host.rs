@@ -1776,7 +1776,11 @@ impl Host {
                     cx.note(format!("{me}: primary command done"));
                     self.cmd = None;
                 } else if meta.primary.as_ref() != Some(&me) || cx.now >= deadline {
-                    cx.note(format!("{me}: primary command gave up waiting"));
+                    let why = self
+                        .rep()
+                        .and_then(|r| r.role_wait.clone().or_else(|| r.stuck.clone()))
+                        .unwrap_or_else(|| "another host is designated".into());
+                    cx.note(format!("{me}: primary command gave up waiting: {why}"));
                     self.cmd = None;
                 }
             }

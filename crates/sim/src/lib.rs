@@ -95,17 +95,16 @@
 //!   replica that never catches up, fails no check (the coverage figures of the soak runner
 //!   show that handovers, failovers and `UpToDate` replicas do happen).
 //!
-//! # Known open finding
+//! # What it found
 //!
-//! Seed 2444 (`--steps 400`) still fails: after a forced failover to `b`, the old primary
-//! `a` comes back, its links of the logfiles where the histories forked have been reclaimed,
-//! and a later *planned* `primary` on `a` goes ahead because `a`'s log position is beyond
-//! `b`'s on another history (`promotion` compares positions; `split_brain` sees no logfile
-//! with two different links). `b`'s flushed writes are lost in what was asked to be a
-//! lossless handover. A fix needs `promotion` to prove that every member's log end lies in
-//! our history (equal links at or before it, directly or through a host whose links equal
-//! ours later on) and to wait otherwise; not done yet, because without a progress check here
-//! the cost of such a rule (handovers blocked by long-gone members) would go unseen.
+//! Engine decisions, fixed in `mars_engine` with unit tests: a replica left its own logfile
+//! without comparing it with the designated primary's (`next_file_check`); nothing checked
+//! the step into a logfile of another origin (`entry_check`, new); a planned promotion
+//! ignored unreachable members, went ahead during a split brain, and compared log positions
+//! of different histories, reviving an abandoned branch (`promotion`); `member_state` called a
+//! replica `UpToDate` on a positional confirmation although it had forked, its links differed
+//! from the designated primary's, its chain check was waiting, or the confirming host was not
+//! the designated primary. Daemon behaviours: the switches of [`SimConfig`].
 
 mod ghost;
 mod host;
