@@ -200,6 +200,7 @@ pub struct Stats {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub seed: u64,
+    pub steps: u64,
     /// The first invariant violated, if any.
     pub error: Option<String>,
     /// Every event, one line each: the same seed gives the same trace.
@@ -213,13 +214,14 @@ impl Outcome {
         let skip = self.trace.len().saturating_sub(lines);
         format!(
             "seed {} failed: {}\n--- last {} of {} trace lines ---\n{}\n--- replay with: \
-             cargo run -p mars-sim --release -- --seed {} ---",
+             cargo run -p mars-sim --release -- --seed {} --steps {} ---",
             self.seed,
             self.error.as_deref().unwrap_or("(no violation)"),
             self.trace.len() - skip,
             self.trace.len(),
             self.trace[skip..].join("\n"),
-            self.seed
+            self.seed,
+            self.steps
         )
     }
 }

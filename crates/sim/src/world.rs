@@ -820,6 +820,7 @@ pub fn run(seed: u64, steps: u64, cfg: SimConfig) -> Outcome {
     w.stats.forced_promotions = w.ghost.forced_promotions;
     Outcome {
         seed,
+        steps,
         error,
         trace: w.trace,
         stats: w.stats,
