@@ -73,6 +73,8 @@ pub struct SyncState {
     pub end: Option<LogPos>,
     /// Ghost: the timeline of the primary's data the copy carried.
     pub copy_tl: Option<Vec<u64>>,
+    /// The host that gave the start position (persisted with it).
+    pub from: Option<HostName>,
 }
 
 #[derive(Debug, Clone)]
@@ -621,6 +623,7 @@ impl Host {
                 start: None,
                 end: None,
                 copy_tl: None,
+                from: None,
             }),
             false,
         ));
@@ -667,9 +670,9 @@ impl Host {
                 let restart_sync = !cx.cfg.sync_survives_source_change
                     && source.is_some()
                     && self.rep().is_some_and(|r| {
-                        r.source.is_some()
-                            && r.source != source
-                            && r.sync.as_ref().is_some_and(|s| s.start.is_some())
+                        r.sync
+                            .as_ref()
+                            .is_some_and(|s| s.start.is_some() && s.from != source)
                     });
                 if restart_sync {
                     // The copy and the start position came from another host, perhaps of

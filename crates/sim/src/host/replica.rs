@@ -445,6 +445,7 @@ impl Host {
                 if let Some(s) = &mut r.sync {
                     if s.start.is_none() {
                         s.start = Some(start);
+                        s.from = Some(from.clone());
                         r.applied = start;
                         cx.note(format!("{me}: full sync from {from} starts at {start}"));
                         adopt = prev_link.filter(|_| !cx.cfg.sync_adopts_primary_link_later);
