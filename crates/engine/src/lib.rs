@@ -14,6 +14,8 @@ pub mod systemd;
 pub mod version;
 
 pub use model::{Member, Report, ResourceMeta, Role, SyncReport, Todo};
-pub use plan::{member_state, next_file_check, reclaim_below, ChainCheck, MemberState};
+pub use plan::{
+    entry_check, member_state, next_file_check, reclaim_below, ChainCheck, MemberState,
+};
 pub use roles::{fetch_source, promotion, split_brain, Promotion, SplitBrain};
 pub use systemd::{want_op, SystemdMeta, UnitOp, UnitStatus};

@@ -29,6 +29,10 @@ pub fn reclaim_below(
         .min()
 }
 
+/// Every [`ChainCheck::Wait`] reason names the version link it waits for with these words, so
+/// that [`member_state`] can tell from a report's `stuck` that the chain is not verified yet.
+pub const LINK_WAIT: &str = "version link";
+
 /// The outcome of checking logfile N's version link before replay moves on to N+1.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChainCheck {
@@ -65,6 +69,14 @@ pub fn my_link(
 }
 
 /// May replay move past the end of logfile `no` (written by `origin`, `len` bytes replayed)?
+///
+/// A logfile this host wrote itself (as primary, before it became a replica again) is
+/// compared with the designated primary's link instead: the next logfile comes from the
+/// resource's current history, and if that history does not contain our logfile as we have it
+/// (a failover from behind, a split brain), replay must stop here, before it applies a single
+/// record of a logfile that continues another history. While the designated primary has not
+/// published its link for `no` (it is still replaying it, or its logfile of that number is
+/// still growing), replay waits. With nobody designated there is nobody to compare with.
 pub fn next_file_check(
     meta: &ResourceMeta,
     me: &HostName,
@@ -79,7 +91,19 @@ pub fn next_file_check(
         ));
     };
     if origin == me {
-        return ChainCheck::Ok(mine);
+        let Some(p) = meta.primary.as_ref().filter(|p| *p != me) else {
+            return ChainCheck::Ok(mine);
+        };
+        return match meta.version(no, p) {
+            None => ChainCheck::Wait(format!(
+                "waiting for the designated primary {p}'s version link of log-{no:09}-{origin}"
+            )),
+            Some(theirs) if theirs == mine => ChainCheck::Ok(mine),
+            Some(theirs) => ChainCheck::Mismatch(format!(
+                "version mismatch after our own log-{no:09}-{origin}: ours {mine}, the \
+                 designated primary {p}'s {theirs} (different histories: check for split brain)"
+            )),
+        };
     }
     match meta.version(no, origin) {
         None => ChainCheck::Wait(format!(
@@ -89,6 +113,36 @@ pub fn next_file_check(
         Some(theirs) => ChainCheck::Mismatch(format!(
             "version mismatch after log-{no:09}-{origin}: ours {mine}, {origin}'s {theirs} \
              (different histories: check for split brain)"
+        )),
+    }
+}
+
+/// May replay start applying logfile `no`, written by `origin` (another host), on top of our
+/// logfile `no - 1`? Only if `origin`'s history has the same logfile `no - 1`: their links for
+/// it must be equal. [`next_file_check`] compares at the *end* of a logfile, with the link of
+/// that logfile's origin; this check covers the step into a logfile of a different origin,
+/// whose predecessor the two hosts may hold differently (a host that left the primary role
+/// after its last logfile was reclaimed, then followed a host of another history). Without it
+/// the records of the new logfile are applied first and the mismatch found only at its end.
+/// Found by the simulation (`mars-sim`).
+///
+/// Nothing to compare (first logfile, our own, or we have no link for `no - 1`, as after a full
+/// sync that started at `no`): go. The origin's link not known yet: wait.
+pub fn entry_check(meta: &ResourceMeta, me: &HostName, no: u64, origin: &HostName) -> ChainCheck {
+    let Some(prev) = no.checked_sub(1).filter(|p| *p > 0) else {
+        return ChainCheck::Ok(String::new());
+    };
+    let Some(mine) = meta.version(prev, me).filter(|_| origin != me) else {
+        return ChainCheck::Ok(String::new());
+    };
+    match meta.version(prev, origin) {
+        None => ChainCheck::Wait(format!(
+            "waiting for {origin}'s version link of logfile {prev} before log-{no:09}-{origin}"
+        )),
+        Some(theirs) if theirs == mine => ChainCheck::Ok(mine.to_string()),
+        Some(theirs) => ChainCheck::Mismatch(format!(
+            "log-{no:09}-{origin} continues another history: our link of logfile {prev} is \
+             {mine}, {origin}'s {theirs} (different histories: check for split brain)"
         )),
     }
 }
@@ -136,8 +190,34 @@ pub fn member_state(
     let syncing = r.sync.is_some();
     let behind = r.applied.and_then(|p| meta.bytes_after(p));
     // Only the primary can say that a replica has everything: without its recent
-    // confirmation a secondary counts as behind (paused fetch, lost link …).
-    let fetch_behind = !primary && !r.caught_up;
+    // confirmation a secondary counts as behind (paused fetch, lost link …). The confirmation
+    // is about positions only: a replica that found its history different from its source's
+    // (`forked`) is behind whatever the positions say (found by the simulation, `mars-sim`: a
+    // replica forked at logfile N was confirmed at the start of N+1 and showed `UpToDate`).
+    // Likewise a replica whose replay waits for a version link: whether its history is the
+    // source's is not known yet.
+    let unverified = r.stuck.as_deref().is_some_and(|s| s.contains(LINK_WAIT));
+    // And one whose published links differ from the designated primary's: another history,
+    // even while its replay (paused, say) has not noticed yet.
+    let diverged = meta.primary.as_ref().is_some_and(|p| {
+        meta.versions
+            .values()
+            .any(|links| matches!((links.get(host), links.get(p)), (Some(a), Some(b)) if a != b))
+    });
+    // The confirmation must come from the resource's primary: the designated one, acting. A
+    // host that still acts without being designated (its device open after a forced switch)
+    // confirms its own history, which may not be the resource's (found by the simulation,
+    // `mars-sim`: a designated replica confirmed by such a host looked UpToDate).
+    let designated_acts = meta.primary.as_ref().is_some_and(|p| {
+        p != host
+            && meta
+                .members
+                .get(p)
+                .and_then(|m| m.report.as_ref())
+                .is_some_and(|pr| pr.role == Role::Primary)
+    });
+    let fetch_behind = !primary
+        && (!r.caught_up || r.forked.is_some() || unverified || diverged || !designated_acts);
     let replay_behind = match (r.applied, r.log_end) {
         (Some(a), Some(e)) => !primary && a < e,
         _ => false,
@@ -366,6 +446,155 @@ mod tests {
         m.members.get_mut(&h("b")).unwrap().todo.replay = true;
         let b = member_state(&m, &h("b"), &none);
         assert_eq!(b.repl_state, "PrimaryUnreachable");
+    }
+
+    /// A host that wrote logfile N itself and is a replica now (a restarted ex-primary, or one
+    /// that left the role) may go on to N+1 only if the designated primary's history has the
+    /// same N: found by the simulation (`mars-sim`), where an old primary restarted after a
+    /// forced failover replayed its own last logfile, moved on without any comparison and
+    /// applied the new primary's next logfile on top of its own divergent one.
+    #[test]
+    fn own_logfile_is_checked_against_the_designated_primary() {
+        let mut m = meta();
+        let (a, b) = (h("a"), h("b"));
+        let l4 = version::link("", 4, &a, 50);
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), l4.clone());
+        // b wrote logfile 5 (19 records) as primary; a took over by force with only the
+        // first 6 of them and is the designated primary now; b replays as a replica.
+        m.primary = Some(a.clone());
+        let b5_long = version::link(&l4, 5, &b, 19);
+        let a5_short = version::link(&l4, 5, &b, 6);
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(b.clone(), l4.clone());
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(b.clone(), b5_long.clone());
+        // No link of the designated primary for 5 yet: wait, do not move on.
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Wait(w) if w.contains("designated primary a")
+        ));
+        m.versions.entry(5).or_default().insert(a.clone(), a5_short);
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Mismatch(_)
+        ));
+        // Same history: go on.
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(a.clone(), b5_long.clone());
+        assert_eq!(next_file_check(&m, &b, 5, &b, 19), ChainCheck::Ok(b5_long));
+        // The designated primary itself (and a resource without one) checks nothing more.
+        assert!(matches!(
+            next_file_check(&m, &a, 6, &a, 3),
+            ChainCheck::Ok(_)
+        ));
+        m.primary = None;
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 7),
+            ChainCheck::Ok(_)
+        ));
+    }
+
+    /// Stepping into a logfile of another origin needs that origin's link of the previous
+    /// logfile to equal ours (see [`entry_check`]).
+    #[test]
+    fn entering_a_logfile_of_another_history_is_refused_before_any_record() {
+        let mut m = meta();
+        let (a, b) = (h("a"), h("b"));
+        let ours = version::link("", 3, &a, 7);
+        let theirs = version::link("", 3, &b, 4);
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(a.clone(), ours.clone());
+        // Nothing known of b's logfile 3 yet: wait.
+        assert!(matches!(entry_check(&m, &a, 4, &b), ChainCheck::Wait(_)));
+        m.versions.entry(3).or_default().insert(b.clone(), theirs);
+        assert!(matches!(
+            entry_check(&m, &a, 4, &b),
+            ChainCheck::Mismatch(w) if w.contains("another history")
+        ));
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(b.clone(), ours.clone());
+        assert_eq!(entry_check(&m, &a, 4, &b), ChainCheck::Ok(ours));
+        // Our own logfile, the first one, or no link of ours to compare: go.
+        assert!(matches!(entry_check(&m, &a, 4, &a), ChainCheck::Ok(_)));
+        assert!(matches!(entry_check(&m, &a, 1, &b), ChainCheck::Ok(_)));
+        assert!(matches!(entry_check(&m, &h("c"), 4, &b), ChainCheck::Ok(_)));
+    }
+
+    /// A replica whose history differs from its source's is never `UpToDate`, even when the
+    /// primary confirmed its position.
+    #[test]
+    fn a_forked_replica_is_not_up_to_date() {
+        let mut m = meta();
+        let all = |_: &HostName| true;
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.caught_up = true;
+        r.applied = Some(LogPos::new(4, 10));
+        r.log_end = Some(LogPos::new(4, 10));
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "UpToDate");
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.forked = Some(3);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        // Its published link of some logfile differs from the designated primary's.
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(h("a"), version::link("", 3, &h("a"), 100));
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(h("b"), version::link("", 3, &h("b"), 100));
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.forked = None;
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.versions.remove(&3);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "UpToDate");
+        // Confirmed, but the designated primary does not act (or is b itself): not up to date.
+        m.primary = Some(h("b"));
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.primary = Some(h("a"));
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .role = Role::Secondary;
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .role = Role::Primary;
+        // Waiting for a link: not verified yet, so not up to date either.
+        m.members
+            .get_mut(&h("b"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .forked = None;
+        let ChainCheck::Wait(why) = next_file_check(&m, &h("b"), 3, &h("a"), 100) else {
+            panic!("nobody has published a link yet: wait");
+        };
+        assert!(why.contains(LINK_WAIT));
+        let r = m.members.get_mut(&h("b")).unwrap().report.as_mut().unwrap();
+        r.stuck = Some(why);
+        assert_eq!(member_state(&m, &h("b"), &all).disk_state, "OutDated[F]");
     }
 
     #[test]

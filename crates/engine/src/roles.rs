@@ -77,8 +77,15 @@ pub enum Promotion {
 }
 
 /// Planned: every other member has left the primary role, and this replica has applied
-/// everything any reachable member reports (the old primary's final log end). Forced: at once,
-/// with what is applied (the caller cuts anything fetched beyond).
+/// everything any member reports (the old primary's final log end). Forced: at once, with what
+/// is applied (the caller cuts anything fetched beyond).
+///
+/// A member that is unreachable right now still counts: its last report may be the old
+/// primary's final log end, and going without it would drop acknowledged writes in what the
+/// operator asked to be a handover without loss (found by the simulation, `mars-sim`: the old
+/// primary left its role and was cut off, or the new primary had just restarted and heard
+/// nobody yet, and the promotion went ahead from an older position). `alive` only words the
+/// reason; accepting the loss is what `primary --force` is for.
 pub fn promotion(
     meta: &ResourceMeta,
     me: &HostName,
@@ -92,18 +99,122 @@ pub fn promotion(
     if let Some(p) = actual_primaries(meta, me).next() {
         return Promotion::Wait(format!("waiting for {p} to leave the primary role"));
     }
+    // Log ends of different histories cannot be compared: ours may look ahead of a side whose
+    // writes would then be dropped without anybody choosing so (found by the simulation,
+    // `mars-sim`: a handover started before the split brain showed completed after it).
+    if let Some(sb) = split_brain(meta) {
+        return Promotion::Wait(format!(
+            "split brain from logfile {}: resolve it first (`invalidate` the other side) or \
+             take over with `primary --force`",
+            sb.logfile
+        ));
+    }
     let newest = meta
         .members
         .iter()
-        .filter(|(h, _)| *h != me && alive(h))
+        .filter(|(h, _)| *h != me)
         .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
         .max();
     match newest {
-        Some((end, h)) if end > applied => Promotion::Wait(format!(
+        Some((end, h)) if end > applied && alive(h) => Promotion::Wait(format!(
             "catching up with {h}: applied {applied}, {h} has {end}"
         )),
-        _ => Promotion::Go,
+        Some((end, h)) if end > applied => Promotion::Wait(format!(
+            "{h} reported log end {end}, beyond ours ({applied}), and is unreachable: a \
+             handover without loss needs it (`primary --force` takes over without it)"
+        )),
+        _ => behind_in_our_history(meta, me, alive),
     }
+}
+
+/// Positions of different histories compare as if they were one: a member whose log end is
+/// "behind" ours may hold writes of another branch (the last primary after a forced failover,
+/// while we are the branch it replaced). Its log end must lie in our history as far as the
+/// version links tell; found by the simulation (`mars-sim`, seed 2444), where a planned
+/// promotion revived an abandoned branch once the links of the fork had been reclaimed.
+/// A member whose full sync runs (after `invalidate` or `join-resource`) gave up its history
+/// and does not count. One that needs a sync but has not started it does: "its logfiles are
+/// gone at the source" is also what a member of another branch hears (seed 3700). A member
+/// that is unreachable counts only if the links show another history (nothing can be verified
+/// about it, and a dead member must not block handovers forever).
+fn behind_in_our_history(
+    meta: &ResourceMeta,
+    me: &HostName,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Promotion {
+    for (h, m) in meta.members.iter().filter(|(h, _)| *h != me) {
+        let Some(r) = m.report.as_ref() else {
+            continue;
+        };
+        let Some(end) = r
+            .log_end
+            .filter(|_| r.consistent || r.needs_sync && r.sync.is_none())
+        else {
+            continue;
+        };
+        match in_our_history(meta, me, h, end) {
+            Some(true) => {}
+            Some(false) => {
+                return Promotion::Wait(format!(
+                    "{h}'s log end {end} is on another history than ours: resolve the split \
+                     brain first (`invalidate` there) or take over with `primary --force`"
+                ))
+            }
+            None if alive(h) => {
+                return Promotion::Wait(format!(
+                    "cannot tell from the version links whether {h}'s log end {end} is in our \
+                     history (waiting for links; `primary --force` takes over regardless)"
+                ))
+            }
+            None => {}
+        }
+    }
+    Promotion::Go
+}
+
+/// Whether `host`'s log end lies in `me`'s history, by the version links of its logfile or
+/// the one before: equal to ours, or equal to those of a witness whose links equal ours at
+/// that logfile or later (links chain, so equality later implies equality before). `None`:
+/// the links cannot tell (`host` has published none there, or nobody ties them to ours).
+/// Agreement on the logfile before the end's is taken as enough (the catch-up rule already
+/// holds us at or beyond the end): only two hosts writing the same logfile number on one
+/// history (a fork exactly at a logfile start) would slip through.
+fn in_our_history(
+    meta: &ResourceMeta,
+    me: &HostName,
+    host: &HostName,
+    end: LogPos,
+) -> Option<bool> {
+    if meta
+        .versions
+        .values()
+        .all(|links| !links.contains_key(host))
+    {
+        // Nothing published (a new member before its first logfile): nothing to lose.
+        return Some(true);
+    }
+    for no in [end.file, end.file.saturating_sub(1)] {
+        let Some(theirs) = meta.version(no, host) else {
+            continue;
+        };
+        if let Some(ours) = meta.version(no, me) {
+            return Some(ours == theirs);
+        }
+        let witnessed = meta.versions[&no]
+            .iter()
+            .filter(|(_, l)| l.as_str() == theirs)
+            .any(|(w, _)| {
+                meta.versions.range(no..).any(|(_, links)| {
+                    matches!((links.get(w), links.get(me)), (Some(a), Some(b)) if a == b)
+                })
+            });
+        if witnessed {
+            return Some(true);
+        }
+        // Our link of that logfile is not there yet (we have replayed up to its end but not
+        // past it, as at a handover): the logfile before decides.
+    }
+    None
 }
 
 /// Two or more histories after a common point.
@@ -331,6 +442,121 @@ mod tests {
         ));
         assert_eq!(
             promotion(&m, &h("b"), LogPos::new(3, 20), false, ALL),
+            Promotion::Go
+        );
+    }
+
+    /// Members on different histories (their links differ, or a replica found its source's
+    /// history different): a planned promotion waits for the operator to resolve it.
+    #[test]
+    fn planned_promotion_waits_while_histories_differ() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(5, 3))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(6, 13))));
+        let at = LogPos::new(6, 13);
+        assert_eq!(promotion(&m, &h("b"), at, false, ALL), Promotion::Go);
+        m.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .forked = Some(5);
+        assert!(matches!(
+            promotion(&m, &h("b"), at, false, ALL),
+            Promotion::Wait(w) if w.contains("split brain from logfile 5")
+        ));
+        assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
+    }
+
+    /// A member "behind" us by position but on a branch we do not have (the last primary
+    /// after a forced failover, while we are the old branch): a planned promotion must not
+    /// go. Found by the simulation (`mars-sim`, seed 2444).
+    #[test]
+    fn planned_promotion_does_not_revive_an_abandoned_branch() {
+        let (a, b, c) = (h("a"), h("b"), h("c"));
+        let mut m = meta("a");
+        m.members
+            .insert(a.clone(), member(Role::Secondary, Some(LogPos::new(7, 0))));
+        m.members
+            .insert(b.clone(), member(Role::Secondary, Some(LogPos::new(4, 24))));
+        let l3 = version::link("", 3, &b, 36);
+        let b4 = version::link(&l3, 4, &b, 24);
+        let a6 = version::link("", 6, &a, 5);
+        m.versions
+            .entry(3)
+            .or_default()
+            .insert(b.clone(), l3.clone());
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(b.clone(), b4.clone());
+        m.versions.entry(6).or_default().insert(a.clone(), a6);
+        let at = LogPos::new(7, 0);
+        // Nothing ties b's logfile 4 to a's history: wait while b is reachable.
+        assert!(matches!(
+            promotion(&m, &a, at, false, ALL),
+            Promotion::Wait(w) if w.contains("cannot tell")
+        ));
+        // b gone for good: it cannot block the handover.
+        assert_eq!(promotion(&m, &a, at, false, &|x| *x != b), Promotion::Go);
+        // a's own link of logfile 4 differs: another history (a split brain, by the links).
+        let a4 = version::link(&l3, 4, &a, 30);
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), a4.clone());
+        assert!(matches!(
+            promotion(&m, &a, at, false, &|x| *x != b),
+            Promotion::Wait(w) if w.contains("split brain")
+        ));
+        // Same history, shown directly…
+        m.versions
+            .entry(4)
+            .or_default()
+            .insert(a.clone(), b4.clone());
+        assert_eq!(promotion(&m, &a, at, false, ALL), Promotion::Go);
+        // …or through a witness: c has b's logfile 4 and shares a later link with a.
+        m.versions.get_mut(&4).unwrap().remove(&a);
+        m.members
+            .insert(c.clone(), member(Role::Secondary, Some(LogPos::new(6, 0))));
+        let c5 = version::link(&b4, 5, &c, 9);
+        m.versions.entry(4).or_default().insert(c.clone(), b4);
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(c.clone(), c5.clone());
+        m.versions.entry(5).or_default().insert(a.clone(), c5);
+        assert_eq!(promotion(&m, &a, at, false, ALL), Promotion::Go);
+        // A forced promotion does not ask.
+        m.versions.get_mut(&5).unwrap().remove(&a);
+        assert_eq!(promotion(&m, &a, at, true, ALL), Promotion::Go);
+    }
+
+    /// The old primary left its role and is unreachable now (cut off, or this host has just
+    /// restarted and heard nobody yet): a planned promotion must still wait for its final log
+    /// end. Found by the simulation (`mars-sim`), where the new primary went ahead from an
+    /// older position and flushed writes of the old primary were lost in a handover.
+    #[test]
+    fn planned_promotion_waits_for_an_unreachable_old_primary() {
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(4, 10))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(4, 8))));
+        let nobody: &dyn Fn(&HostName) -> bool = &|_| false;
+        assert!(matches!(
+            promotion(&m, &h("b"), LogPos::new(4, 8), false, nobody),
+            Promotion::Wait(w) if w.contains("unreachable") && w.contains("--force")
+        ));
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(4, 8), true, nobody),
+            Promotion::Go
+        );
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(4, 10), false, nobody),
             Promotion::Go
         );
     }
