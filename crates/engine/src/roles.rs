@@ -102,7 +102,7 @@ pub fn promotion(
     // Log ends of different histories cannot be compared: ours may look ahead of a side whose
     // writes would then be dropped without anybody choosing so (found by the simulation,
     // `mars-sim`: a handover started before the split brain showed completed after it).
-    if let Some(sb) = split_brain(meta) {
+    if let Some(sb) = split_brain(meta, alive) {
         return Promotion::Wait(format!(
             "split brain from logfile {}: resolve it first (`invalidate` the other side) or \
              take over with `primary --force`",
@@ -123,7 +123,7 @@ pub fn promotion(
             "{h} reported log end {end}, beyond ours ({applied}), and is unreachable: a \
              handover without loss needs it (`primary --force` takes over without it)"
         )),
-        _ => behind_in_our_history(meta, me, alive),
+        _ => behind_in_our_history(meta, me, applied, alive),
     }
 }
 
@@ -140,6 +140,7 @@ pub fn promotion(
 fn behind_in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
+    applied: LogPos,
     alive: &dyn Fn(&HostName) -> bool,
 ) -> Promotion {
     for (h, m) in meta.members.iter().filter(|(h, _)| *h != me) {
@@ -152,7 +153,7 @@ fn behind_in_our_history(
         else {
             continue;
         };
-        match in_our_history(meta, me, h, end) {
+        match in_our_history(meta, me, applied, h, end) {
             Some(true) => {}
             Some(false) => {
                 return Promotion::Wait(format!(
@@ -182,6 +183,7 @@ fn behind_in_our_history(
 fn in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
+    applied: LogPos,
     host: &HostName,
     end: LogPos,
 ) -> Option<bool> {
@@ -199,6 +201,34 @@ fn in_our_history(
         };
         if let Some(ours) = meta.version(no, me) {
             return Some(ours == theirs);
+        }
+        // We never had that logfile: we started replaying after it (a full sync), and our chain
+        // continues from the link of it that we adopted (`plan::my_link`: the designated
+        // primary's, else its writer's). If that is theirs, their end lies in our history.
+        let ours_start = meta
+            .versions
+            .iter()
+            .find(|(_, links)| links.contains_key(me))
+            .map(|(n, _)| *n);
+        if ours_start.is_none_or(|first| first == no + 1) && applied.file > no {
+            let adopted = meta
+                .primary
+                .as_ref()
+                .and_then(|p| meta.version(no, p))
+                .or_else(|| version::origin_of(theirs).and_then(|o| meta.version(no, &o)));
+            if let Some(adopted) = adopted {
+                return Some(adopted == theirs);
+            }
+        }
+        // Not published by us yet, but we replayed exactly to that logfile's end (a handover:
+        // the old primary's last logfile, which it completed when it left): the link we would
+        // publish decides (the chain makes equal links mean one history).
+        if let (Some(len), Some(origin)) = (version::len_of(theirs), version::origin_of(theirs)) {
+            if applied == LogPos::new(no, len) {
+                if let Some(ours) = crate::plan::my_link(meta, me, no, &origin, len) {
+                    return Some(ours == theirs);
+                }
+            }
         }
         let witnessed = meta.versions[&no]
             .iter()
@@ -621,6 +651,32 @@ mod tests {
         assert_eq!(sb.sides[0].hosts, vec![h("b")]);
         assert_eq!(sb.sides[1].hosts, vec![h("a"), h("c")]);
         assert_eq!(sb.sides[1].bytes, 700);
+    }
+
+    #[test]
+    fn handover_of_the_first_logfile_goes_by_the_link_we_would_publish() {
+        // a created the resource and leaves after logfile 1; b replayed all of it but has not
+        // published its link (it does so only when it moves on).
+        let mut m = meta("b");
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(1, 300))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(1, 300))));
+        let l1 = version::link("", 1, &h("a"), 300);
+        m.versions.entry(1).or_default().insert(h("a"), l1);
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(1, 300), false, ALL),
+            Promotion::Go
+        );
+        // A different length is another history: wait (the catch-up rule aside).
+        let other = version::link("", 1, &h("a"), 200);
+        m.versions.entry(1).or_default().insert(h("a"), other);
+        m.members
+            .insert(h("a"), member(Role::Secondary, Some(LogPos::new(1, 200))));
+        assert!(matches!(
+            promotion(&m, &h("b"), LogPos::new(1, 200), false, ALL),
+            Promotion::Go | Promotion::Wait(_)
+        ));
     }
 
     #[test]

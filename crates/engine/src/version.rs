@@ -27,6 +27,13 @@ pub fn hash_of(link: &str) -> Option<&str> {
     link.split_once(',').map(|(h, _)| h)
 }
 
+/// The writer of the logfile a link is about (`HASH,log-N-ORIGIN,LEN`).
+pub fn origin_of(link: &str) -> Option<HostName> {
+    let name = link.split(',').nth(1)?;
+    let (_, origin) = name.strip_prefix("log-")?.split_once('-')?;
+    HostName::new(origin).ok()
+}
+
 /// The final length a link records.
 pub fn len_of(link: &str) -> Option<u64> {
     link.rsplit_once(',').and_then(|(_, l)| l.parse().ok())
@@ -35,6 +42,14 @@ pub fn len_of(link: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origin_of_a_link() {
+        let a = HostName::new("node-a").unwrap();
+        let l = link("", 7, &a, 99);
+        assert_eq!(origin_of(&l), Some(a));
+        assert_eq!(origin_of("garbage"), None);
+    }
 
     #[test]
     fn chain() {

@@ -458,7 +458,7 @@ impl World {
             Some("inconsistent".to_string())
         } else if !todo.fetch || !todo.replay {
             Some("fetch and replay must be on".into())
-        } else if let Some(sb) = mars_engine::split_brain(&meta) {
+        } else if let Some(sb) = mars_engine::split_brain(&meta, &|_| true) {
             Some(format!("split brain from logfile {}", sb.logfile))
         } else if r.stuck.as_ref().is_some_and(|s| {
             s.contains("mismatch") || s.contains("differ") || s.contains("damaged")

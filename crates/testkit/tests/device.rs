@@ -387,7 +387,11 @@ fn resize_grow_with(fs: &str) {
     run(&mut Command::new("sync"));
     let m = manifest(&mnt);
     umount(&mnt);
-    // b syncs the new region first; a handover waits for a consistent replica.
+    // b syncs the new region first (once it learned the new size); a handover waits for a
+    // consistent replica.
+    eventually(30, "b knows the new size", || {
+        b.view("size", "r") == bigger.to_string()
+    });
     wait_uptodate(&b, "r", 60);
     b.ok(&["--timeout", "60", "primary", "r"]);
     let devb = device(&b);
