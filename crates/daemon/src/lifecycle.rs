@@ -397,6 +397,9 @@ impl Daemon {
     }
 
     fn secondary_replica(&self, res: &ResourceName, what: &str) -> Result<Arc<Replica>, Refusal> {
+        // A role change in progress (leaving the primary role) holds this lock until the
+        // replica exists: wait for it rather than see neither volume nor replica.
+        drop(self.admin.lock().unwrap_or_else(|e| e.into_inner()));
         let r = self.resource(res).ok_or_else(|| not_found(res))?;
         let meta = self.meta(res);
         if meta.primary.as_ref() == Some(&self.host) || r.volume().is_some() {

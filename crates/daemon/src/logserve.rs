@@ -86,16 +86,18 @@ fn upgrade(v: &std::sync::Weak<Volume>) -> Result<Arc<Volume>> {
 }
 
 /// Whether `len` bytes are all of logfile `no`, by the version links published for it (its
-/// writer's and those of hosts that replayed it agree on the length).
+/// writer's and those of hosts that replayed it).
 fn complete_by_link(d: &Daemon, res: &ResourceName, no: u64, len: u64) -> bool {
     let meta = d.meta(res);
     let Some(links) = meta.versions.get(&no) else {
         return false;
     };
-    !links.is_empty()
-        && links
-            .values()
-            .all(|l| mars_engine::version::len_of(l) == Some(len))
+    // One history (all links equal, not merely of equal length: found by mars-sim) of
+    // exactly that length.
+    let mut all = links.values();
+    all.next().is_some_and(|first| {
+        mars_engine::version::len_of(first) == Some(len) && all.all(|l| l == first)
+    })
 }
 
 /// Where the fetch server's logfiles come from: the primary's log (durable part), or a
@@ -469,7 +471,11 @@ pub async fn serve_sync(
                 }
             }
             Message::SyncStart { .. } => {
-                let now = vol.status().appended;
+                // The copy read the newest data, durable or not: make it all durable before
+                // naming the position the replica must replay to, or a crash of this host
+                // could take back writes the replica already holds (found by mars-sim).
+                let v = vol.clone();
+                let now = tokio::task::spawn_blocking(move || v.flush()).await??;
                 send(
                     &mut w,
                     &Message::SyncInfo {

@@ -564,6 +564,8 @@ impl Daemon {
     /// `log-purge-all RES` on a secondary: forget this host's version links that contradict
     /// the designated primary's history and every local logfile, then fast-full-sync.
     pub(crate) fn log_purge_all(&self, res: &ResourceName) -> Result<Reply, Refusal> {
+        // Wait for a role change in progress (see `secondary_replica`).
+        drop(self.admin.lock().unwrap_or_else(|e| e.into_inner()));
         let r = self.resource(res).ok_or_else(|| not_found(res))?;
         let meta = self.meta(res);
         if r.volume().is_some() || meta.primary.as_ref() == Some(&self.host) {
