@@ -95,9 +95,33 @@ pub fn next_file_check(
             return ChainCheck::Ok(mine);
         };
         return match meta.version(no, p) {
-            None => ChainCheck::Wait(format!(
-                "waiting for the designated primary {p}'s version link of log-{no:09}-{origin}"
-            )),
+            // The designated primary never had this logfile: it acts as primary and its oldest
+            // logfile is younger (it joined by a full sync after it; it cannot have deleted it,
+            // since we still pin it), so no link of it will ever come. If nobody else has
+            // another link for it, there is nothing to diverge from here (the end of the next
+            // logfile is checked against its writer's link, which chains on ours).
+            None => {
+                let never_had = meta
+                    .members
+                    .get(p)
+                    .and_then(|m| m.report.as_ref())
+                    .filter(|r| r.role == Role::Primary)
+                    .and_then(|r| r.logs.first())
+                    .is_some_and(|(oldest, _)| *oldest > no);
+                let others: Vec<&String> = meta
+                    .versions
+                    .get(&no)
+                    .map(|l| l.iter().filter(|(h, _)| *h != me).map(|(_, v)| v).collect())
+                    .unwrap_or_default();
+                if never_had && (others.is_empty() || others.iter().any(|l| **l == mine)) {
+                    ChainCheck::Ok(mine)
+                } else {
+                    ChainCheck::Wait(format!(
+                        "waiting for the designated primary {p}'s version link of \
+                         log-{no:09}-{origin}"
+                    ))
+                }
+            }
             Some(theirs) if theirs == mine => ChainCheck::Ok(mine),
             Some(theirs) => ChainCheck::Mismatch(format!(
                 "version mismatch after our own log-{no:09}-{origin}: ours {mine}, the \
@@ -490,7 +514,22 @@ mod tests {
             .entry(5)
             .or_default()
             .insert(a.clone(), b5_long.clone());
-        assert_eq!(next_file_check(&m, &b, 5, &b, 19), ChainCheck::Ok(b5_long));
+        assert_eq!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Ok(b5_long.clone())
+        );
+        // A designated primary that never had logfile 5 (its oldest is 6: it joined later)
+        // publishes no link for it: nothing to wait for.
+        m.versions.get_mut(&5).unwrap().remove(&a);
+        m.members.get_mut(&a).unwrap().report.as_mut().unwrap().logs = vec![(6, 10)];
+        assert!(matches!(
+            next_file_check(&m, &b, 5, &b, 19),
+            ChainCheck::Ok(_)
+        ));
+        m.versions
+            .entry(5)
+            .or_default()
+            .insert(a.clone(), b5_long.clone());
         // The designated primary itself (and a resource without one) checks nothing more.
         assert!(matches!(
             next_file_check(&m, &a, 6, &a, 3),
