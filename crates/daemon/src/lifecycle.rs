@@ -907,29 +907,27 @@ impl Reconciler {
     }
 }
 
-/// Size of the filesystem holding `path`.
-fn total_space(path: &Path) -> Option<u64> {
+/// `statvfs(2)` of the filesystem holding `path`.
+fn statvfs(path: &Path) -> Option<libc::statvfs> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
     // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
         return None;
     }
-    Some(st.f_blocks as u64 * st.f_frsize as u64)
+    Some(st)
+}
+
+/// Size of the filesystem holding `path`.
+fn total_space(path: &Path) -> Option<u64> {
+    statvfs(path).map(|st| st.f_blocks * st.f_frsize)
 }
 
 /// Bytes available to us in the filesystem holding `path`.
 fn free_space(path: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
+    statvfs(path).map(|st| st.f_bavail * st.f_frsize)
 }
 
-/// The primary publishes the version link of each of its finished logfiles.
 /// Publishes this host's version link of each of its logfiles below `complete_below` that has
 /// none yet. A primary passes its durable logfile number: logfile N is complete on disk once
 /// the log is durable somewhere in N+1 (the appender finishes N before it writes into N+1).

@@ -161,10 +161,11 @@ impl Resource {
         if slot.is_some() {
             return;
         }
-        let export = Arc::new(DeviceExport {
+        let export = Arc::new(VolumeExport {
             vol,
             fenced: self.fenced.clone(),
             name: self.cfg.name.to_string(),
+            _opener: None,
         });
         let res = std::fs::create_dir_all(&self.tuning.device_dir)
             .map_err(|e| format!("{}: {e}", self.tuning.device_dir.display()))
@@ -401,10 +402,6 @@ impl Resource {
                 self.cfg.name
             );
         }
-    }
-
-    pub fn fenced(&self) -> bool {
-        self.fenced.load(Ordering::Relaxed)
     }
 
     /// The primary role is being left (serving sessions must let go of the volume).
@@ -699,9 +696,11 @@ impl Resource {
         }
         let vol = self.volume()?;
         self.open_count.fetch_add(1, Ordering::Relaxed);
-        Some(Arc::new(Connection {
-            res: self.clone(),
+        Some(Arc::new(VolumeExport {
             vol,
+            fenced: self.fenced.clone(),
+            name: self.cfg.name.to_string(),
+            _opener: Some(Opener(self.clone())),
         }))
     }
 }
@@ -795,71 +794,24 @@ pub fn log_usage(dir: &Path) -> (u64, u64) {
     (n, bytes)
 }
 
-/// The local block device's view of the volume: requests from the FUSE file go straight to
-/// the volume (no NBD hop). It does not count as an opener: the device's own users do.
-struct DeviceExport {
+/// A view of the volume for one user of the resource: an NBD connection, or the local block
+/// device (whose requests from the FUSE file go straight to the volume, no NBD hop). Writes
+/// fail once the resource is fenced.
+struct VolumeExport {
     vol: Arc<Volume>,
     fenced: Arc<AtomicBool>,
     name: String,
+    /// NBD connections count as openers until dropped; the block device does not (its own
+    /// users do).
+    _opener: Option<Opener>,
 }
 
-impl DeviceExport {
-    fn check_fenced(&self) -> io::Result<()> {
-        if self.fenced.load(Ordering::Relaxed) {
-            return Err(io::Error::from_raw_os_error(libc::EIO));
-        }
-        Ok(())
-    }
-}
+/// One counted opener of a resource; dropping it lowers the open count.
+struct Opener(Arc<Resource>);
 
-impl Export for DeviceExport {
-    fn size(&self) -> u64 {
-        self.vol.size()
-    }
-    fn read_only(&self) -> bool {
-        false
-    }
-    fn description(&self) -> String {
-        format!("mars resource {}", self.name)
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.vol.read(offset, buf).map_err(io_err)
-    }
-    fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()> {
-        self.check_fenced()?;
-        self.vol
-            .write(offset, data, fua)
-            .map(|_| ())
-            .map_err(io_err)
-    }
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
-        self.check_fenced()?;
-        self.vol
-            .write_zeroes(offset, len, may_trim, fua)
-            .map(|_| ())
-            .map_err(io_err)
-    }
-    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
-        self.check_fenced()?;
-        self.vol
-            .discard(offset, len, fua)
-            .map(|_| ())
-            .map_err(io_err)
-    }
-    fn flush(&self) -> io::Result<()> {
-        self.vol.flush().map(|_| ()).map_err(io_err)
-    }
-}
-
-/// One NBD connection's view of the resource.
-struct Connection {
-    res: Arc<Resource>,
-    vol: Arc<Volume>,
-}
-
-impl Drop for Connection {
+impl Drop for Opener {
     fn drop(&mut self) {
-        self.res.open_count.fetch_sub(1, Ordering::Relaxed);
+        self.0.open_count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -868,9 +820,9 @@ fn io_err(e: VolumeError) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
 }
 
-impl Connection {
+impl VolumeExport {
     fn check_fenced(&self) -> io::Result<()> {
-        if self.res.fenced() {
+        if self.fenced.load(Ordering::Relaxed) {
             // EIO: the filesystem above sees a failed write, as on a disk that went away.
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
@@ -878,7 +830,7 @@ impl Connection {
     }
 }
 
-impl Export for Connection {
+impl Export for VolumeExport {
     fn size(&self) -> u64 {
         self.vol.size()
     }
@@ -886,7 +838,7 @@ impl Export for Connection {
         false
     }
     fn description(&self) -> String {
-        format!("mars resource {}", self.res.cfg.name)
+        format!("mars resource {}", self.name)
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.vol.read(offset, buf).map_err(io_err)
