@@ -479,10 +479,15 @@ impl Daemon {
     fn reclaim(&self, r: &Resource, meta: &ResourceMeta) -> Vec<String> {
         let removed = self.reclaim_logs(r, meta);
         let oldest_local = crate::resource::log_lengths(&r.dir).first().map(|x| x.0);
-        let floor = match (self.pinned_below(r, meta), oldest_local) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        // What this host needs itself, now: the chain check at its replay position needs the
+        // link before it. Its published pin may be a round or more old (a restarted
+        // ex-primary publishes none while it waits as designated primary), and deleting that
+        // link would hide that the next logfile continues another history (found by mars-sim).
+        let own_need = r.replica().map(|rep| rep.status().applied.file);
+        let floor = [self.pinned_below(r, meta), oldest_local, own_need]
+            .into_iter()
+            .flatten()
+            .min();
         if let Some(floor) = floor {
             let stale: Vec<u64> = meta
                 .versions
@@ -592,7 +597,8 @@ pub struct Reconciler {
 /// The parts of a report that others act on (as opposed to progress and rates).
 fn state_of(r: &mars_engine::Report) -> String {
     format!(
-        "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        "{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        r.designation,
         r.forked,
         r.role,
         r.open_count,
@@ -848,7 +854,13 @@ impl Reconciler {
                 }
                 let source = plan_source(&meta, &d.host, st.fetched, &alive)
                     .and_then(|p| addrs.get(&p).map(|a| (p.clone(), a.clone())));
-                rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
+                if rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0)) {
+                    // The abandoned copy's links (the one adopted at its start) would read
+                    // as a history this host no longer holds.
+                    if let Err(e) = d.purge_own_links(&name, &meta, None) {
+                        tracing::warn!("{name}: {}", e.1);
+                    }
+                }
                 rep.ensure_started(d);
                 if let Some(&(newest, _)) = crate::resource::log_lengths(&r.dir).last() {
                     publish_versions(d, &name, &r, newest, &meta, true);
@@ -882,6 +894,7 @@ impl Reconciler {
                 tracing::info!("{name}: deleted logfiles {}", removed.join(", "));
             }
             let mut report = r.report(&todo);
+            report.designation = meta.designation;
             // The physical disk size: `resize` grows to the smallest member disk.
             report.disk_size = disk_len(&r.cfg.disk).unwrap_or(report.disk_size);
             let json = report.to_json();

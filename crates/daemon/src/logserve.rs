@@ -1,7 +1,8 @@
 //! The serving side of log shipping and full sync: what the primary does for its replicas.
 //!
-//! **Fetch stream.** The replica sends one `FetchFrom{res, file, offset}`; from then on this side
-//! pushes without being asked again: `LogFile` (name of the logfile), `LogData` chunks of whole
+//! **Fetch stream.** The replica sends one `FetchFrom{res, file, offset, prev_link}` (refused
+//! when `prev_link`, the replica's link of logfile `file - 1`, differs from ours); from then on
+//! this side pushes without being asked again: `LogFile` (name of the logfile), `LogData` chunks of whole
 //! records, `LogEnd` when a logfile is complete, then the next logfile, and finally it follows the
 //! current logfile as it grows. Only *durable* bytes are shipped, so a replica never holds a
 //! record that the primary could lose in a crash. Throughput is bounded by TCP flow control, not
@@ -10,7 +11,8 @@
 //! call itself up to date only on this confirmation, and only as of its stamp.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and answers
-//! `SyncInfo` with the device size and the start of the new logfile: replaying from there after
+//! `SyncInfo` with the device size, the start of the new logfile and our link of the logfile
+//! before it (the replica adopts it: its copy continues our history): replaying from there after
 //! the copy makes the replica consistent. Then each `SyncCheck` (a chunk's digest on the replica)
 //! is answered with `SyncSame` or with the chunk's bytes, read through the volume (so the newest
 //! data, written back or not). A second `SyncStart` on the same connection asks for the current
@@ -100,6 +102,41 @@ fn complete_by_link(d: &Daemon, res: &ResourceName, no: u64, len: u64) -> bool {
     })
 }
 
+/// The asker's link of logfile `file - 1` against ours: a different one means its copies
+/// continue another history, and serving it (or confirming "you have everything") would speak
+/// for a position on a history this host does not hold (found by mars-sim). Either link
+/// missing: nothing to compare, the chain checks at the logfile boundaries decide.
+fn history_differs(d: &Daemon, res: &ResourceName, file: u64, theirs: &str) -> Option<String> {
+    let prev = file.checked_sub(1).filter(|p| *p > 0)?;
+    if theirs.is_empty() {
+        return None;
+    }
+    let meta = d.meta(res);
+    let ours = meta.version(prev, &d.host)?;
+    (ours != theirs).then(|| {
+        format!(
+            "the asker's logfile {prev} is not this host's ({theirs} here {ours}): different \
+             histories (split brain?)"
+        )
+    })
+}
+
+/// This host's version link of logfile `no` as published, or as it will be published (a
+/// logfile just completed by rotation): what a full sync starting at `no + 1` continues.
+fn own_link(d: &Daemon, r: &crate::resource::Resource, no: u64) -> Option<String> {
+    let meta = d.meta(&r.cfg.name);
+    if let Some(l) = meta.version(no, &d.host) {
+        return Some(l.to_string());
+    }
+    let dir = RealDir::open(&r.dir).ok()?;
+    let name = mars_txlog::list_logs(&dir)
+        .ok()?
+        .into_iter()
+        .find(|n| n.no == no)?;
+    let len = std::fs::metadata(r.dir.join(name.to_string())).ok()?.len();
+    mars_engine::plan::my_link(&meta, &d.host, no, &name.host, len)
+}
+
 /// Where the fetch server's logfiles come from: the primary's log (durable part), or a
 /// replica's verified copies. The latter serves the catch-up during a handover: the old
 /// primary has left its role and its final logfile is complete here, and the new primary must
@@ -178,14 +215,22 @@ pub async fn serve_fetch(
     mut w: BoxWrite,
     peer: HostName,
 ) -> Result<()> {
-    let (res, mut file_no, mut off) = match frames.next().await? {
-        Message::FetchFrom { res, file, offset } => (res, file, offset),
+    let (res, mut file_no, mut off, prev_link) = match frames.next().await? {
+        Message::FetchFrom {
+            res,
+            file,
+            offset,
+            prev_link,
+        } => (res, file, offset, prev_link),
         other => bail!("{peer} opened a fetch stream with {}", describe(&other)),
     };
     let (r, src) = match LogSource::open(&d, &res) {
         Ok(x) => x,
         Err(e) => return refuse(&mut w, e).await,
     };
+    if let Some(why) = history_differs(&d, &r.cfg.name, file_no, &prev_link) {
+        return refuse(&mut w, why).await;
+    }
     if r.volume().is_some_and(|v| v.passthrough()) {
         return refuse(&mut w, emergency_refusal(&d, &res)).await;
     }
@@ -412,12 +457,22 @@ pub async fn serve_sync(
     // Keep the logfiles from `start` on until the replica's report pins them.
     d.pin_for(&r.cfg.name, &peer, start.file);
     tracing::info!("{res}: full sync for {peer} starts at log position {start}");
+    let prev_link = match start.file.checked_sub(1).filter(|p| *p > 0) {
+        Some(prev) => {
+            let (d2, r2) = (d.clone(), r.clone());
+            tokio::task::spawn_blocking(move || own_link(&d2, &r2, prev))
+                .await?
+                .unwrap_or_default()
+        }
+        None => String::new(),
+    };
     send(
         &mut w,
         &Message::SyncInfo {
             size: vol.size(),
             file: start.file,
             offset: start.offset,
+            prev_link,
         },
     )
     .await?;
@@ -482,6 +537,7 @@ pub async fn serve_sync(
                         size: vol.size(),
                         file: now.file,
                         offset: now.offset,
+                        prev_link: String::new(),
                     },
                 )
                 .await?;

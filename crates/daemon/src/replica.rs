@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use mars_config::{HostName, ResourceName};
-use mars_engine::plan::{next_file_check, ChainCheck};
+use mars_engine::plan::{entry_check, next_file_check, ChainCheck};
 use mars_engine::{ResourceMeta, SyncReport, Todo};
 use mars_storage::real::RealDir;
 use mars_storage::{Dir, File, OpenMode};
@@ -71,6 +71,12 @@ pub struct SyncFile {
     pub end: Option<LogPos>,
     #[serde(default)]
     pub transferred: u64,
+    /// The host that gave `start` (and the data copied so far). A copy from one host and a log
+    /// from another may belong to different histories (a failover in between): when the
+    /// source changes, the sync starts over (found by mars-sim). `None` in files written
+    /// before this field existed: taken as the current source.
+    #[serde(default)]
+    pub from: Option<HostName>,
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +133,13 @@ struct State {
     stuck: Option<String>,
     /// Replay waits for something that will come (a version link).
     waiting: Option<String>,
+    /// `waiting` comes from the check on entering a logfile (cleared when it passes).
+    entry_waiting: bool,
+    /// The link of logfile N-1 a full sync starting at N adopted, and the host that sent it:
+    /// that host's link, known here before its own publication of it arrives (the check on
+    /// entering logfile N would otherwise wait for it, and the replica would flap from
+    /// `UpToDate` back to waiting right after the sync).
+    adopted: Option<(u64, HostName, String)>,
     /// Designated primary, but not allowed to take over yet: why.
     role_wait: Option<String>,
     /// The source's history differs from ours from this logfile on (split brain).
@@ -282,6 +295,8 @@ impl Replica {
                 fetch_error: None,
                 stuck: None,
                 waiting: None,
+                entry_waiting: false,
+                adopted: None,
                 role_wait: None,
                 forked: None,
                 repair: None,
@@ -314,6 +329,7 @@ impl Replica {
                 size,
                 end: None,
                 transferred: 0,
+                from: None,
             },
         )
     }
@@ -424,14 +440,16 @@ impl Replica {
         self.kick.notify_waiters();
     }
 
-    /// New facts from the metadata (called by the reconcile loop).
+    /// New facts from the metadata (called by the reconcile loop). Returns true when a full
+    /// sync in progress had to start over because its source changed: the caller then deletes
+    /// this host's version links, which spoke for the abandoned copy.
     pub fn update(
         &self,
         todo: Todo,
         meta: Arc<ResourceMeta>,
         source: Option<(HostName, String)>,
         size: u64,
-    ) {
+    ) -> bool {
         let mut st = lock(&self.st);
         let changed = st.todo != todo || st.source != source;
         if meta.primary.as_ref() != Some(&self.me) {
@@ -441,6 +459,29 @@ impl Replica {
             // "You have everything" was the previous source's word (found by mars-sim): the new
             // one must say it again before this replica counts as up to date.
             st.caught_up = None;
+        }
+        let new_host = source.as_ref().map(|s| &s.0);
+        let restart = st.sync.as_ref().is_some_and(|sf| {
+            sf.start.is_some()
+                && sf.from.is_some()
+                && new_host.is_some()
+                && sf.from.as_ref() != new_host
+        });
+        if restart {
+            // The copy so far and the log position it starts from came from another host,
+            // perhaps of another history (a failover in between): replaying the new source's
+            // log over that copy would mix two histories (found by mars-sim). Start over; the
+            // digest comparison keeps the cost to reading the disk where the data agrees.
+            let old = st.sync.as_ref().and_then(|sf| sf.from.clone());
+            tracing::warn!(
+                "{}: the sync source changed from {} to {}: the full sync starts over",
+                self.res,
+                old.map_or_else(|| "?".into(), |h| h.to_string()),
+                new_host.map_or_else(|| "?".into(), |h| h.to_string()),
+            );
+            if let Err(e) = self.reset_locked(&mut st) {
+                tracing::error!("{}: cannot restart the sync: {e:#}", self.res);
+            }
         }
         st.todo = todo;
         st.attached = todo.attach;
@@ -456,6 +497,7 @@ impl Replica {
                 size,
                 end: None,
                 transferred: 0,
+                from: None,
             });
             s.size = size;
             s.end = None;
@@ -466,9 +508,10 @@ impl Replica {
         }
         drop(st);
         self.wake.notify_all();
-        if changed {
+        if changed || restart {
             self.kick.notify_waiters();
         }
+        restart
     }
 
     pub fn status(&self) -> ReplicaStatus {
@@ -559,6 +602,16 @@ impl Replica {
     /// `invalidate` (and `join-resource`): forget the local state, full-sync from scratch.
     pub fn invalidate(&self) -> Result<()> {
         let mut st = lock(&self.st);
+        self.reset_locked(&mut st)?;
+        drop(st);
+        self.kick.notify_waiters();
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// Forgets local copies and sync progress: a full sync from scratch follows. Fetch and
+    /// sync sessions see the new generation and end.
+    fn reset_locked(&self, st: &mut State) -> Result<()> {
         st.generation += 1;
         for (no, f) in std::mem::take(&mut st.files) {
             let name = LogName::new(no, f.origin);
@@ -571,6 +624,7 @@ impl Replica {
             size: st.size,
             end: None,
             transferred: 0,
+            from: None,
         };
         crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;
         let _ = std::fs::remove_file(self.dir.join(NEEDS_SYNC_FILE));
@@ -579,11 +633,10 @@ impl Replica {
         st.stuck = None;
         st.forked = None;
         st.waiting = None;
+        st.entry_waiting = false;
         st.repair = None;
         st.fetch_error = None;
-        drop(st);
-        self.kick.notify_waiters();
-        self.wake.notify_all();
+        st.caught_up = None;
         Ok(())
     }
 
@@ -764,6 +817,15 @@ impl Replica {
             };
             (st.generation, from)
         };
+        // Our link of the logfile before: the server refuses if its own differs (our copies
+        // continue another history), instead of confirming a position on it. Read from the
+        // store, not from the replica's copy of the metadata: a sync may have adopted a link,
+        // or invalidate purged ours, since the last reconcile round.
+        let prev_link = from
+            .file
+            .checked_sub(1)
+            .and_then(|p| d.meta(&self.res).version(p, &self.me).map(str::to_string))
+            .unwrap_or_default();
         let cluster = d.cluster_id().ok_or_else(|| anyhow!("not in a cluster"))?;
         let mut s = crate::cluster::connect_kind(d, addr, cluster, StreamKind::Fetch).await?;
         if s.peer.host != *host {
@@ -775,6 +837,7 @@ impl Replica {
                 res: self.res.to_string(),
                 file: from.file,
                 offset: from.offset,
+                prev_link,
             },
         )
         .await?;
@@ -935,10 +998,14 @@ impl Replica {
             bail!("local logs were reset");
         }
         let name = LogName::new(no, origin.clone());
+        // Replay has moved past our copy of `no`: it took that (empty) logfile's history, and
+        // another logfile of that number is a fork (found by mars-sim: replacing it left the
+        // new records unapplied while the replica reported the new history's position).
+        let passed = st.applied.file > no;
         if let Some(l) = st
             .files
             .get(&no)
-            .filter(|l| l.origin != *origin && l.len == 0)
+            .filter(|l| l.origin != *origin && l.len == 0 && !passed)
         {
             // An empty copy carries no history (a logfile its writer never wrote to, e.g. the
             // old primary's last one at a handover): replace it.
@@ -1063,14 +1130,15 @@ impl Replica {
         enum Step {
             Wait,
             Apply(LogName, u64, u64),
-            Finish(u64, HostName, u64),
+            /// Logfile, origin, length, generation of the local copies.
+            Finish(u64, HostName, u64, u64),
         }
         loop {
             if self.stopped() {
                 return;
             }
             let step = {
-                let st = lock(&self.st);
+                let mut st = lock(&self.st);
                 let copying = st.sync.as_ref().is_some_and(|s| s.end.is_none());
                 if !st.todo.replay
                     || !st.attached
@@ -1080,7 +1148,47 @@ impl Replica {
                 {
                     Step::Wait
                 } else {
+                    let entry = match st.files.get(&st.applied.file) {
+                        // Entering a logfile of another origin: its predecessor must be
+                        // ours too (`entry_check`, found by mars-sim).
+                        Some(f) if st.applied.offset == 0 => {
+                            let no = st.applied.file;
+                            match &st.adopted {
+                                Some((prev, from, link))
+                                    if *prev + 1 == no
+                                        && *from == f.origin
+                                        && st.meta.version(*prev, &self.me) == Some(link)
+                                        && st.meta.version(*prev, from).is_none() =>
+                                {
+                                    ChainCheck::Ok(link.clone())
+                                }
+                                _ => entry_check(&st.meta, &self.me, no, &f.origin),
+                            }
+                        }
+                        _ => ChainCheck::Ok(String::new()),
+                    };
+                    let go = match entry {
+                        ChainCheck::Ok(_) => {
+                            if st.entry_waiting {
+                                st.entry_waiting = false;
+                                st.waiting = None;
+                            }
+                            true
+                        }
+                        ChainCheck::Wait(why) => {
+                            st.waiting = Some(why);
+                            st.entry_waiting = true;
+                            false
+                        }
+                        ChainCheck::Mismatch(why) => {
+                            tracing::error!("{}: replay stopped: {why}", self.res);
+                            st.stuck = Some(format!("replay stopped: {why}"));
+                            st.forked = Some(st.applied.file);
+                            false
+                        }
+                    };
                     match st.files.get(&st.applied.file) {
+                        _ if !go => Step::Wait,
                         None => Step::Wait,
                         Some(f) if st.applied.offset < f.len => Step::Apply(
                             LogName::new(st.applied.file, f.origin.clone()),
@@ -1088,7 +1196,7 @@ impl Replica {
                             f.len,
                         ),
                         Some(f) if f.complete => {
-                            Step::Finish(st.applied.file, f.origin.clone(), f.len)
+                            Step::Finish(st.applied.file, f.origin.clone(), f.len, st.generation)
                         }
                         Some(_) => Step::Wait,
                     }
@@ -1113,10 +1221,15 @@ impl Replica {
                         self.kick.notify_waiters();
                     }
                 }
-                Step::Finish(no, origin, len) => {
+                Step::Finish(no, origin, len, gen) => {
                     let meta = lock(&self.st).meta.clone();
                     match next_file_check(&meta, &self.me, no, &origin, len) {
                         ChainCheck::Ok(link) => {
+                            if lock(&self.st).generation != gen {
+                                // The copies were reset (invalidate, a sync restart): this
+                                // link would speak for a history we no longer hold.
+                                continue;
+                            }
                             if let Some(d) = d.upgrade() {
                                 let key = mars_engine::keys::version(&self.res, no, &self.me);
                                 if let Err(e) = d.cluster.store().set(&key, &link) {
@@ -1169,6 +1282,8 @@ impl Replica {
             mars_volume::write_position(&*self.ldir, p)?;
             let mut st = lock(&self.st);
             st.applied = p;
+            // Whatever replay waited for (an entry check) is past.
+            st.waiting = None;
             self.check_consistent(&mut st);
             Ok(())
         };
@@ -1276,16 +1391,55 @@ impl Replica {
             res: self.res.to_string(),
         };
         crate::cluster::send(&mut s.w, &start_msg).await?;
-        let (psize, pfile, poff) = match s.frames.next().await? {
-            Message::SyncInfo { size, file, offset } => (size, file, offset),
+        let (psize, pfile, poff, prev_link) = match s.frames.next().await? {
+            Message::SyncInfo {
+                size,
+                file,
+                offset,
+                prev_link,
+            } => (size, file, offset, prev_link),
             Message::Refuse { reason } => bail!("{reason}"),
             other => bail!("unexpected {}", describe(&other)),
         };
+        let gen = {
+            let st = lock(&self.st);
+            let Some(sf) = st.sync.as_ref() else {
+                return Ok(());
+            };
+            if sf.start.is_some() && sf.from.as_ref().is_some_and(|f| f != host) {
+                // The reconcile loop restarts the sync when it sees the new source.
+                bail!("the sync began from another host; it starts over");
+            }
+            if sf.start.is_none() && pfile > 1 && !prev_link.is_empty() {
+                // The copy continues the source's history after logfile pfile-1: its link is
+                // ours from now on, so that the chain checks (entering logfile pfile, fetch
+                // requests, split-brain detection) compare against the history the data
+                // belongs to, not against whoever is primary later (found by mars-sim).
+                // Published before the start is persisted: a crash in between only repeats it.
+                let key = mars_engine::keys::version(&self.res, pfile - 1, &self.me);
+                drop(st);
+                d.cluster
+                    .store()
+                    .set(&key, &prev_link)
+                    .map_err(|e| anyhow!("cannot publish {key}: {e}"))?;
+                let mut st = lock(&self.st);
+                st.adopted = Some((pfile - 1, host.clone(), prev_link.clone()));
+                st.generation
+            } else {
+                st.generation
+            }
+        };
         let (mut done, size) = {
             let mut st = lock(&self.st);
+            if st.generation != gen {
+                return Ok(());
+            }
             let Some(sf) = st.sync.as_mut() else {
                 return Ok(());
             };
+            if sf.from.is_none() {
+                sf.from = Some(host.clone());
+            }
             if sf.start.is_none() {
                 let start = LogPos::new(pfile, poff);
                 sf.start = Some(start);
@@ -1336,16 +1490,16 @@ impl Replica {
             let msg = tokio::select! {
                 m = s.frames.next() => m?,
                 _ = self.kick.notified() => {
-                    if self.sync_must_stop() {
-                        tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
+                    if self.sync_must_stop(gen, host) {
+                        tokio::task::block_in_place(|| self.persist_sync(gen, done, transferred))?;
                         return Ok(());
                     }
                     continue;
                 }
             };
             // As for fetch: a pause may have arrived while we were busy.
-            if self.sync_must_stop() {
-                tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
+            if self.sync_must_stop(gen, host) {
+                tokio::task::block_in_place(|| self.persist_sync(gen, done, transferred))?;
                 return Ok(());
             }
             match msg {
@@ -1366,12 +1520,15 @@ impl Replica {
             lock(&self.st).sync_rate.add(len);
             {
                 let mut st = lock(&self.st);
+                if st.generation != gen {
+                    return Ok(());
+                }
                 if let Some(sf) = st.sync.as_mut() {
                     sf.done = done;
                 }
             }
             if since_persist >= SYNC_PERSIST {
-                tokio::task::block_in_place(|| self.persist_sync(done, transferred))?;
+                tokio::task::block_in_place(|| self.persist_sync(gen, done, transferred))?;
                 transferred = 0;
                 since_persist = 0;
             }
@@ -1380,11 +1537,15 @@ impl Replica {
         crate::cluster::send(&mut s.w, &start_msg).await?;
         let end = match s.frames.next().await? {
             Message::SyncInfo { file, offset, .. } => LogPos::new(file, offset),
+            Message::Refuse { reason } => bail!("{reason}"),
             other => bail!("unexpected {}", describe(&other)),
         };
         tokio::task::block_in_place(|| -> Result<()> {
             self.disk.sync_data()?;
             let mut st = lock(&self.st);
+            if st.generation != gen {
+                return Ok(());
+            }
             if let Some(sf) = st.sync.as_mut() {
                 sf.done = size;
                 sf.transferred += transferred;
@@ -1404,18 +1565,24 @@ impl Replica {
         Ok(())
     }
 
-    fn sync_must_stop(&self) -> bool {
+    fn sync_must_stop(&self, gen: u64, host: &HostName) -> bool {
         let st = lock(&self.st);
         self.stopped()
+            || st.generation != gen
+            || st.source.as_ref().map(|s| &s.0) != Some(host)
             || !st.todo.sync
             || !st.attached
             || st.sync.is_none()
             || st.needs_sync.is_some()
     }
 
-    fn persist_sync(&self, done: u64, transferred: u64) -> Result<()> {
+    /// Persists the copy's progress, unless the sync was reset meanwhile (`gen`).
+    fn persist_sync(&self, gen: u64, done: u64, transferred: u64) -> Result<()> {
         self.disk.sync_data()?;
         let mut st = lock(&self.st);
+        if st.generation != gen {
+            return Ok(());
+        }
         if let Some(sf) = st.sync.as_mut() {
             sf.done = done;
             sf.transferred += transferred;

@@ -670,12 +670,15 @@ pub fn resource_meta(
     res: &ResourceName,
 ) -> anyhow::Result<mars_engine::ResourceMeta> {
     let entries = store.list_prefix(&mars_engine::keys::prefix(res))?;
-    Ok(mars_engine::ResourceMeta::from_entries(
+    let mut meta = mars_engine::ResourceMeta::from_entries(
         res.clone(),
         entries
             .iter()
             .filter_map(|e| e.value.as_deref().map(|v| (e.key.as_str(), v))),
-    ))
+    );
+    let key = mars_engine::keys::primary(res);
+    meta.designation = entries.iter().find(|e| e.key == key).map_or(0, |e| e.stamp);
+    Ok(meta)
 }
 
 pub(crate) fn not_found(res: &ResourceName) -> Refusal {

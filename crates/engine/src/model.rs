@@ -120,6 +120,11 @@ pub struct Report {
     /// Primary: in emergency mode (root nearly full): writes bypass the log, replication has
     /// stopped at a hole in the logfile numbers.
     pub emergency: bool,
+    /// The designation ([`ResourceMeta::designation`]) the member knew when it made this
+    /// report. A planned promotion waits until every reachable member reports under its own
+    /// designation: an older report may predate a short primary period of that member whose
+    /// writes the new primary never saw (found by mars-sim, seed 4122).
+    pub designation: u64,
 }
 
 impl Report {
@@ -149,6 +154,10 @@ pub struct ResourceMeta {
     pub size: Option<u64>,
     /// The designated primary; `None` for `(none)` or no key.
     pub primary: Option<HostName>,
+    /// The Lamport stamp of the designated-primary key: every `primary`, `primary --force` and
+    /// `secondary` makes a new one, the same on every host. 0: no key. Set by the caller of
+    /// [`ResourceMeta::from_entries`] from the store (the entries carry no stamps).
+    pub designation: u64,
     pub members: BTreeMap<HostName, Member>,
     /// Version links: logfile number → host → link.
     pub versions: BTreeMap<u64, BTreeMap<HostName, String>>,
@@ -165,6 +174,7 @@ impl ResourceMeta {
             name,
             size: None,
             primary: None,
+            designation: 0,
             members: BTreeMap::new(),
             versions: BTreeMap::new(),
             chain_starts: BTreeMap::new(),

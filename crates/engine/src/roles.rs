@@ -99,6 +99,19 @@ pub fn promotion(
     if let Some(p) = actual_primaries(meta, me).next() {
         return Promotion::Wait(format!("waiting for {p} to leave the primary role"));
     }
+    // A report made before the member learnt of this designation may predate a primary
+    // period of its own (it became primary, wrote, and is leaving again for us): its log end
+    // would be too old to wait for (found by mars-sim, seed 4122). Unreachable members cannot
+    // report; the rules below treat their last word.
+    if let Some((h, _)) = meta.members.iter().find(|(h, m)| {
+        *h != me
+            && alive(h)
+            && m.report
+                .as_ref()
+                .is_some_and(|r| r.designation < meta.designation)
+    }) {
+        return Promotion::Wait(format!("waiting for {h} to report under this designation"));
+    }
     // Log ends of different histories cannot be compared: ours may look ahead of a side whose
     // writes would then be dropped without anybody choosing so (found by the simulation,
     // `mars-sim`: a handover started before the split brain showed completed after it).
@@ -448,6 +461,45 @@ mod tests {
             .insert(h("b"), member(Role::Primary, Some(LogPos::new(4, 0))));
         assert_eq!(fetch_source(&m, &h("a"), None, ALL), Some(h("b")));
         assert_eq!(fetch_source(&m, &h("c"), None, ALL), Some(h("b")));
+    }
+
+    /// Seed 4122 of mars-sim: `a` was primary for a moment (became primary, wrote, and leaves
+    /// for `b` at once); `b`'s view of `a` is a report from before that period. Until `a`
+    /// reports under the designation that names `b`, `b` cannot know what `a` wrote.
+    #[test]
+    fn planned_promotion_waits_for_reports_under_its_designation() {
+        let mut m = meta("b");
+        m.designation = 200;
+        let mut a = member(Role::Secondary, Some(LogPos::new(3, 5)));
+        a.report.as_mut().unwrap().designation = 100;
+        m.members.insert(h("a"), a);
+        let mut b = member(Role::Secondary, Some(LogPos::new(3, 5)));
+        b.report.as_mut().unwrap().designation = 100;
+        m.members.insert(h("b"), b);
+        let applied = LogPos::new(3, 5);
+        match promotion(&m, &h("b"), applied, false, ALL) {
+            Promotion::Wait(why) => assert!(why.contains("a to report"), "{why}"),
+            Promotion::Go => panic!("went on a report from before the designation"),
+        }
+        // Forced: at once, whatever the reports.
+        assert_eq!(promotion(&m, &h("b"), applied, true, ALL), Promotion::Go);
+        // An unreachable member cannot report: the other rules decide on its last word.
+        assert_eq!(
+            promotion(&m, &h("b"), applied, false, &|x| *x != h("a")),
+            Promotion::Go
+        );
+        // a reports under the new designation, with the writes of its short primary period.
+        let mut a = member(Role::Secondary, Some(LogPos::new(3, 9)));
+        a.report.as_mut().unwrap().designation = 200;
+        m.members.insert(h("a"), a);
+        assert!(matches!(
+            promotion(&m, &h("b"), applied, false, ALL),
+            Promotion::Wait(why) if why.contains("catching up with a")
+        ));
+        assert_eq!(
+            promotion(&m, &h("b"), LogPos::new(3, 9), false, ALL),
+            Promotion::Go
+        );
     }
 
     #[test]

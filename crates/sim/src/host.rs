@@ -187,7 +187,7 @@ pub enum Body {
     SyncInfo {
         start: LogPos,
         /// The source's version link of the logfile before `start`: the history the copy
-        /// continues (the fix; the daemon's `SyncInfo` has no such field today).
+        /// continues (the fix: `SyncInfo::prev_link` in the daemon).
         prev_link: Option<String>,
         gen: u64,
     },
@@ -277,7 +277,8 @@ fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
 /// The parts of a report others act on (`state_of` in the daemon): published at once.
 fn state_of(r: &Report) -> String {
     format!(
-        "{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        "{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}",
+        r.designation,
         r.forked,
         r.role,
         r.open_count,
@@ -327,12 +328,15 @@ impl Host {
             .store
             .list_prefix(&keys::prefix(&res()))
             .expect("in-memory store");
-        let m = ResourceMeta::from_entries(
+        let mut m = ResourceMeta::from_entries(
             res(),
             entries
                 .iter()
                 .filter_map(|e| Some((e.key.as_str(), e.value.as_deref()?))),
         );
+        // As `daemon/src/state.rs::resource_meta`: the designation is the primary key's stamp.
+        let key = keys::primary(&res());
+        m.designation = entries.iter().find(|e| e.key == key).map_or(0, |e| e.stamp);
         self.meta_cache = Some((seq, m.clone()));
         m
     }
@@ -1084,7 +1088,8 @@ impl Host {
     }
 
     fn publish_report(&mut self, todo: &mars_engine::Todo, now: u64) {
-        let report = self.report(todo, now);
+        let mut report = self.report(todo, now);
+        report.designation = self.meta().designation;
         let json = report.to_json();
         let state = state_of(&report);
         let due = match &self.published {

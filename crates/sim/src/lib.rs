@@ -80,17 +80,16 @@
 //! * Liveness is "heard from within 10 s" on any message, instead of `alive` stamps.
 //! * No resize, no space pressure or emergency mode, no systemd; the application is one
 //!   "device open" flag on the primary; `--force` on an acting primary takes the role back.
-//! * Eight behaviours of the daemon as it is today are bugs the simulation found: the full
-//!   sync's copy of unsynced data, a replaced empty copy that replay had passed, a sync kept
-//!   across a change of source, a synced replica's missing link of the logfile before its
-//!   start, a caught-up confirmation kept across a change of source, the fetch server's
-//!   length-only `complete_by_link`, a fetch request that says nothing about the asker's
-//!   history, link reclamation by a stale own pin (see [`SimConfig`]). By default the
-//!   simulation runs the fixed behaviour, the switches bring the daemon's back, and tests
-//!   show that the invariants catch them. The engine bugs it found are fixed in `mars_engine`
-//!   itself (`entry_check`, the own-logfile case of `next_file_check`, `promotion`,
-//!   `member_state`), each with a unit test there; the daemon does not call `entry_check`
-//!   yet.
+//! * Eight behaviours the daemon had are bugs the simulation found: the full sync's copy of
+//!   unsynced data, a replaced empty copy that replay had passed, a sync kept across a change
+//!   of source, a synced replica's missing link of the logfile before its start, a caught-up
+//!   confirmation kept across a change of source, the fetch server's length-only
+//!   `complete_by_link`, a fetch request that says nothing about the asker's history, link
+//!   reclamation by a stale own pin (see [`SimConfig`]). All are fixed in the daemon now; by
+//!   default the simulation runs the fixed behaviour, the switches bring the old one back, and
+//!   tests show that the invariants catch them. The engine bugs it found are fixed in
+//!   `mars_engine` itself (`entry_check`, the own-logfile case of `next_file_check`,
+//!   `promotion`, `member_state`), each with a unit test there.
 //! * Only safety is checked, not progress: a designated primary that never takes over, or a
 //!   replica that never catches up, fails no check (the coverage figures of the soak runner
 //!   show that handovers, failovers and `UpToDate` replicas do happen).
@@ -106,16 +105,16 @@
 //! from the designated primary's, its chain check was waiting, or the confirming host was not
 //! the designated primary. Daemon behaviours: the switches of [`SimConfig`].
 //!
-//! # Known open finding
+//! # Fixed: seed 4122
 //!
-//! Seed 4122 (`--steps 400`, found by the soak runner, not in the test seeds) still fails:
-//! `c` runs `primary` while, in its metadata, nobody acts as primary; in fact `a` has just
-//! become primary and written two records. `a` leaves the role for `c` at once, and `c`,
-//! whose view of `a` is still the report from before (a secondary at an older position),
-//! promotes without `a`'s records. Every decision was taken on metadata that was right a
-//! second earlier: `promotion` cannot know about a primary period it never saw. A fix needs
-//! the reports to say which designation they were made under, and a planned promotion to
-//! wait until every reachable member has reported under its own designation.
+//! Seed 4122 (`--steps 400`, found by the soak runner) failed until reports carried their
+//! designation: `c` ran `primary` while, in its metadata, nobody acted as primary; in fact `a`
+//! had just become primary and written two records. `a` left the role for `c` at once, and
+//! `c`, whose view of `a` was still the report from before (a secondary at an older position),
+//! promoted without `a`'s records. Every decision was taken on metadata that was right a
+//! second earlier. Now each report says under which designation (the primary key's Lamport
+//! stamp) it was made, and a planned promotion waits until every reachable member has
+//! reported under its own (`mars_engine::roles::promotion`).
 
 mod ghost;
 mod host;
@@ -131,7 +130,7 @@ pub const COMMAND_TIMEOUT: u64 = 30_000;
 
 /// Variants of the simulated system. The default is the system as built with the daemon bugs
 /// the simulation found fixed; the first two switches break the engine on purpose, the others
-/// bring back the daemon's current behaviour, to show that the invariants catch them.
+/// bring back the daemon's behaviour before each fix, to show that the invariants catch them.
 #[derive(Debug, Clone, Default)]
 pub struct SimConfig {
     /// Replay moves past a logfile whose version link differs from the origin's (the chain
@@ -140,14 +139,14 @@ pub struct SimConfig {
     /// A planned promotion goes at once, without waiting for the old primary to leave and
     /// for its last byte (`mars_engine::roles::promotion` ignored).
     pub planned_promotion_ignores_others: bool,
-    /// The full sync as `daemon/src/logserve.rs` serves it today: chunks are read through the
+    /// The full sync as `daemon/src/logserve.rs` served it before the fix: chunks are read through the
     /// volume (newest data, durable or not) and the copy ends at the *appended* position. A
     /// primary crash after the copy loses records the replica's disk already holds, and the
     /// replica still becomes consistent once replay passes the (shorter) logfile: the
     /// simulation found this (see the crate docs). Off: the copy carries only durable data and
     /// ends at the durable position, the behaviour the fix must give.
     pub sync_serves_unsynced_data: bool,
-    /// The replica's `open_copy` as `daemon/src/replica.rs` has it today: an empty local copy
+    /// The replica's `open_copy` as `daemon/src/replica.rs` had it before the fix: an empty local copy
     /// of logfile N from another origin is replaced even when replay has already moved past
     /// it, so the records of the new N are never applied while the replica reports the new
     /// history's position. Off: such a copy is a fork (the fix).
@@ -158,7 +157,7 @@ pub struct SimConfig {
     /// primary's logfiles over the old primary's copy. Off: the sync starts over (the fix).
     pub sync_survives_source_change: bool,
     /// A replica after a full sync starting at logfile N has no link of N-1 of its own and,
-    /// as the daemon does today (`plan::my_link`'s fallback), takes the *current* designated
+    /// as the daemon did before the fix (`plan::my_link`'s fallback), takes the *current* designated
     /// primary's when it needs one: after a failover to another history it cannot see that
     /// its copy continues a different logfile N-1. Off: the sync source sends its link of N-1
     /// with the start position and the replica publishes it as its own (the fix).
@@ -173,7 +172,7 @@ pub struct SimConfig {
     /// logfile of the same length goes on with this host's next one. Off: all links must be
     /// equal to this host's own (the fix).
     pub complete_by_link_lengths_only: bool,
-    /// The replica's fetch request carries only a position (`FetchFrom` today): the server
+    /// The replica's fetch request carries only a position (`FetchFrom` before the fix): the server
     /// never learns that the asker's logfile before the requested one differs from its own,
     /// and its "you have everything" confirms a position on another history. Off: the request
     /// carries the asker's link of that logfile and the server refuses on a mismatch (the

@@ -120,7 +120,8 @@ impl Cluster {
                 );
             }
             assert_eq!(h.view("role", "r"), "Secondary", "{}", h.name);
-            assert_eq!(h.view("flags", "r"), "dCASFR", "{}", h.name);
+            let flags = h.view("flags", "r");
+            assert_eq!(flags, "dCASFR", "{}\n{}", h.name, self.dump());
         }
     }
 }

@@ -48,9 +48,10 @@ pub use message::{Entry, Message};
 use mars_config::HostName;
 
 pub const MAGIC: [u8; 8] = *b"MARSPEER";
-/// The protocol this code speaks. Peers must speak the same version (until a second one exists,
-/// there is nothing to negotiate).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol this code speaks. Peers must speak the same version (there is nothing to
+/// negotiate: hosts of a cluster are upgraded together). 2: `FetchFrom` and `SyncInfo` carry a
+/// version link.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
 /// Largest binary payload of one message (`LogData`, `SyncData`): 33 MiB, so that one log

@@ -8,14 +8,14 @@
 //! | 4 | ChangesSince | since: u64, limit: u32 |
 //! | 5 | Changes | upto: u64, count: u32, count × entry |
 //! | 6 | Notify | seq: u64 |
-//! | 10 | FetchFrom | res: str, file: u64, offset: u64 |
+//! | 10 | FetchFrom | res: str, file: u64, offset: u64, prev_link: str |
 //! | 11 | LogFile | file: u64, origin: str |
 //! | 12 | LogData | file: u64, offset: u64, data: bytes |
 //! | 13 | LogEnd | file: u64, len: u64 |
 //! | 14 | LogGone | file: u64, oldest: u64 |
 //! | 15 | LogCaughtUp | file: u64, offset: u64, stamp: u64 |
 //! | 20 | SyncStart | res: str |
-//! | 21 | SyncInfo | size: u64, file: u64, offset: u64 |
+//! | 21 | SyncInfo | size: u64, file: u64, offset: u64, prev_link: str |
 //! | 22 | SyncCheck | offset: u64, len: u32 (≥ 1), digest: 16 bytes |
 //! | 23 | SyncSame | offset: u64 |
 //! | 24 | SyncData | offset: u64, data: bytes |
@@ -72,10 +72,14 @@ pub enum Message {
     // --- fetch stream: the replica asks once, the server then pushes without further requests ---
     /// 10, replica → server: stream resource `res`'s log from logfile number `file` at byte
     /// `offset`, and keep following it (older files first, then the current one as it grows).
+    /// `prev_link` is the asker's version link of logfile `file - 1` (empty: it has none): the
+    /// server refuses when its own link of that logfile differs, since the asker's copy then
+    /// continues another history and "you have everything" would confirm a position there.
     FetchFrom {
         res: String,
         file: u64,
         offset: u64,
+        prev_link: String,
     },
     /// 11, server → replica: the data that follows belongs to logfile `file` written by `origin`
     /// (name `log-%09d-ORIGIN`).
@@ -118,11 +122,14 @@ pub enum Message {
         res: String,
     },
     /// 21, server → replica: device size and the log position (file, offset) at sync start;
-    /// replaying the log from there after the copy makes the replica consistent.
+    /// replaying the log from there after the copy makes the replica consistent. `prev_link` is
+    /// the server's version link of logfile `file - 1` (empty: none, or not known yet): the copy
+    /// continues that history, so the replica takes the link as its own for its chain checks.
     SyncInfo {
         size: u64,
         file: u64,
         offset: u64,
+        prev_link: String,
     },
     /// 22, replica → server: "my chunk at offset/len has this digest" (xxh3-128 of the bytes,
     /// 16 bytes little-endian of the u128). `len` is never 0.
@@ -282,10 +289,16 @@ impl Message {
                 }
             }
             Message::Notify { seq } => out.extend_from_slice(&seq.to_le_bytes()),
-            Message::FetchFrom { res, file, offset } => {
+            Message::FetchFrom {
+                res,
+                file,
+                offset,
+                prev_link,
+            } => {
                 put_str(out, res);
                 put_u64(out, *file);
                 put_u64(out, *offset);
+                put_str(out, prev_link);
             }
             Message::LogFile { file, origin } => {
                 put_u64(out, *file);
@@ -314,10 +327,16 @@ impl Message {
                 put_u64(out, *stamp);
             }
             Message::SyncStart { res } => put_str(out, res),
-            Message::SyncInfo { size, file, offset } => {
+            Message::SyncInfo {
+                size,
+                file,
+                offset,
+                prev_link,
+            } => {
                 put_u64(out, *size);
                 put_u64(out, *file);
                 put_u64(out, *offset);
+                put_str(out, prev_link);
             }
             Message::SyncCheck {
                 offset,
@@ -397,6 +416,7 @@ impl Message {
                 res: r.str()?,
                 file: r.u64()?,
                 offset: r.u64()?,
+                prev_link: r.str()?,
             },
             11 => Message::LogFile {
                 file: r.u64()?,
@@ -425,6 +445,7 @@ impl Message {
                 size: r.u64()?,
                 file: r.u64()?,
                 offset: r.u64()?,
+                prev_link: r.str()?,
             },
             22 => {
                 let offset = r.u64()?;

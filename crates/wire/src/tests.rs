@@ -95,8 +95,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), proptest::collection::vec(arb_entry(), 0..20))
             .prop_map(|(upto, entries)| Message::Changes { upto, entries }),
         any::<u64>().prop_map(|seq| Message::Notify { seq }),
-        (".{0,40}", any::<u64>(), any::<u64>())
-            .prop_map(|(res, file, offset)| Message::FetchFrom { res, file, offset }),
+        (".{0,40}", any::<u64>(), any::<u64>(), "[0-9a-f,]{0,60}").prop_map(
+            |(res, file, offset, prev_link)| Message::FetchFrom {
+                res,
+                file,
+                offset,
+                prev_link
+            }
+        ),
         (any::<u64>(), "[a-z]{0,10}").prop_map(|(file, origin)| Message::LogFile { file, origin }),
         (any::<u64>(), any::<u64>(), arb_data())
             .prop_map(|(file, offset, data)| Message::LogData { file, offset, data }),
@@ -110,8 +116,14 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }
         }),
         ".{0,40}".prop_map(|res| Message::SyncStart { res }),
-        (any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(|(size, file, offset)| Message::SyncInfo { size, file, offset }),
+        (any::<u64>(), any::<u64>(), any::<u64>(), "[0-9a-f,]{0,60}").prop_map(
+            |(size, file, offset, prev_link)| Message::SyncInfo {
+                size,
+                file,
+                offset,
+                prev_link
+            }
+        ),
         (any::<u64>(), 1..=u32::MAX, any::<[u8; 16]>()).prop_map(|(offset, len, digest)| {
             Message::SyncCheck {
                 offset,
@@ -135,11 +147,13 @@ fn stream_messages() -> Vec<Message> {
             res: "vol0".into(),
             file: 1,
             offset: 0,
+            prev_link: String::new(),
         },
         Message::FetchFrom {
             res: String::new(),
             file: u64::MAX,
             offset: u64::MAX,
+            prev_link: "0123456789abcdef,4096,alpha".into(),
         },
         Message::LogFile {
             file: 7,
@@ -168,6 +182,13 @@ fn stream_messages() -> Vec<Message> {
             size: 1 << 40,
             file: 9,
             offset: 123,
+            prev_link: String::new(),
+        },
+        Message::SyncInfo {
+            size: 0,
+            file: 2,
+            offset: 0,
+            prev_link: "0123456789abcdef,4096,alpha".into(),
         },
         Message::SyncCheck {
             offset: 0,
@@ -227,7 +248,7 @@ fn fetch_and_sync_messages_roundtrip() {
     let types: Vec<u8> = msgs.iter().map(|m| body_of(m)[0]).collect();
     assert_eq!(
         types,
-        [10, 10, 11, 12, 12, 13, 14, 14, 15, 20, 21, 22, 22, 23, 24, 24]
+        [10, 10, 11, 12, 12, 13, 14, 14, 15, 20, 21, 21, 22, 22, 23, 24, 24]
     );
 }
 
@@ -259,10 +280,12 @@ fn fetch_and_sync_layouts() {
         res: "r".into(),
         file: 1,
         offset: 2,
+        prev_link: "ab".into(),
     });
     let mut want = vec![10, 1, 0, 0, 0, b'r'];
     want.extend_from_slice(&1u64.to_le_bytes());
     want.extend_from_slice(&2u64.to_le_bytes());
+    want.extend_from_slice(&[2, 0, 0, 0, b'a', b'b']);
     assert_eq!(b, want);
 }
 
