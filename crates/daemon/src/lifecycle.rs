@@ -412,12 +412,7 @@ impl Daemon {
                 "{res} has no designated primary to {what} from"
             )));
         }
-        r.replica().ok_or_else(|| {
-            invalid(format!(
-                "{res} is not set up here: {}",
-                r.error().unwrap_or_default()
-            ))
-        })
+        wait_replica(&r, res)
     }
 
     pub(crate) fn fake_sync(&self, res: &ResourceName) -> Outcome {
@@ -992,6 +987,27 @@ fn publish_versions(
             .entry(name.no)
             .or_default()
             .insert(d.host.clone(), link);
+    }
+}
+
+/// The local replica of `r`. Right after a start (or a role change) the reconcile loop sets it
+/// up within a round or two: wait for it (a few seconds) instead of refusing a command typed a
+/// moment early.
+pub(crate) fn wait_replica(r: &Resource, res: &ResourceName) -> Result<Arc<Replica>, Refusal> {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Some(rep) = r.replica() {
+            return Ok(rep);
+        }
+        if let Some(e) = r.error() {
+            return Err(invalid(format!("{res} is not set up here: {e}")));
+        }
+        if Instant::now() >= until {
+            return Err(invalid(format!(
+                "{res} is not attached here yet (`marsadm view {res}` shows its state)"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -149,11 +149,9 @@ pub async fn primary(
             ),
         });
     }
-    let Some(rep) = replica else {
-        return Err(invalid(format!(
-            "{res} is not set up here: {}",
-            r.error().unwrap_or_default()
-        )));
+    let rep = match replica {
+        Some(rep) => rep,
+        None => crate::lifecycle::wait_replica(&r, &res)?,
     };
     let st = rep.status();
     if !st.consistent {
@@ -578,12 +576,7 @@ impl Daemon {
                 "{res} has no designated primary to resync from"
             )));
         };
-        let rep = r.replica().ok_or_else(|| {
-            invalid(format!(
-                "{res} is not set up here: {}",
-                r.error().unwrap_or_default()
-            ))
-        })?;
+        let rep = crate::lifecycle::wait_replica(&r, res)?;
         let purged = self.purge_own_links(res, &meta, Some(&p))?;
         rep.invalidate()
             .map_err(|e| failed(format!("log-purge-all {res}: {e:#}")))?;

@@ -688,3 +688,78 @@ fn long_distance_link_50ms_rtt_catch_up_and_handover() {
     });
     assert!(first_difference(&db, &da, size).is_none(), "a differs");
 }
+
+/// A full sync whose source fails over to another history starts over: `b` is copying from
+/// `a` (slowly, its link limited) when `a` dies with writes `c` never fetched, and `c` takes
+/// over by force. Resuming the copy from `c` on top of `a`'s start position and data would mix
+/// two histories (found by mars-sim); `b` must start over from `c` and end equal to `c`.
+#[test]
+fn full_sync_whose_source_fails_over_to_another_history_starts_over() {
+    let Some(mut lab) = lab(3) else { return };
+    let size = 64 * MIB;
+    let (da, dc) = {
+        let (a, c) = (&lab.hosts[0], &lab.hosts[2]);
+        let da = a.create_resource("r", size);
+        lab.hosts[1].ok(&["join-cluster", &a.peer_addr]);
+        c.ok(&["join-cluster", &a.peer_addr]);
+        for h in &lab.hosts {
+            h.ok(&["--timeout", "30", "wait-cluster"]);
+        }
+        fill_random(a, "r", lab.path(), size as usize);
+        let dc = join(a, c, size);
+        wait_uptodate(c, "r", 60);
+        // a writes what c never gets.
+        c.ok(&["pause-fetch", "r"]);
+        write_random(a, "r", lab.path(), 0, 8 << 20);
+        (da, dc)
+    };
+    // b copies from a at 40 Mbit/s: 64 MiB take about 13 s.
+    lab.limit(1, 40);
+    let db = join(&lab.hosts[0], &lab.hosts[1], size);
+    {
+        let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
+        eventually(a, b, 30, "b's sync from a copies", || {
+            b.log_text().contains("full sync from a starts")
+                && b.view_json()["resources"][0]["sync"]["done"]
+                    .as_u64()
+                    .is_some_and(|d| d > 0)
+        });
+    }
+    lab.hosts[0].kill9();
+    let (b, c) = (&lab.hosts[1], &lab.hosts[2]);
+    c.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    write_random(c, "r", lab.path(), 16 << 20, 4 << 20);
+    eventually(c, b, 30, "b starts its sync over from c", || {
+        b.log_text().contains("the sync source changed from a to c")
+    });
+    lab.heal();
+    wait_uptodate(b, "r", 120);
+    eventually(c, b, 30, "c written back", || {
+        view(c, "diskstate") == "UpToDate"
+    });
+    if let Some(at) = first_difference(&dc, &db, size) {
+        panic!("b differs from c at {at}");
+    }
+    assert_eq!(
+        states(b),
+        ("UpToDate".into(), "Replaying".into(), "dCASFR".into())
+    );
+    // a's last logfile (completed when b's sync started) holds writes c never had: a split
+    // brain with a on its own side, resolved by invalidating a once it is back.
+    lab.hosts[0].start_again();
+    let (a, b, c) = (&lab.hosts[0], &lab.hosts[1], &lab.hosts[2]);
+    eventually(a, b, 30, "a reports the split brain", || {
+        view(a, "is-split-brain") == "1"
+    });
+    // Right after the restart: the command waits until the replica is set up.
+    a.ok(&["invalidate", "r"]);
+    wait_uptodate(a, "r", 60);
+    if let Some(at) = first_difference(&dc, &da, size) {
+        panic!("a differs from c at {at}");
+    }
+    for h in [a, b, c] {
+        eventually(a, b, 30, "no split brain left", || {
+            view(h, "is-split-brain") == "0"
+        });
+    }
+}
