@@ -849,13 +849,7 @@ impl Reconciler {
                 }
                 let source = plan_source(&meta, &d.host, st.fetched, &alive)
                     .and_then(|p| addrs.get(&p).map(|a| (p.clone(), a.clone())));
-                if rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0)) {
-                    // The abandoned copy's links (the one adopted at its start) would read
-                    // as a history this host no longer holds.
-                    if let Err(e) = d.purge_own_links(&name, &meta, None) {
-                        tracing::warn!("{name}: {}", e.1);
-                    }
-                }
+                rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
                 rep.ensure_started(d);
                 if let Some(&(newest, _)) = crate::resource::log_lengths(&r.dir).last() {
                     publish_versions(d, &name, &r, newest, &meta, true);

@@ -140,6 +140,10 @@ struct State {
     /// entering logfile N would otherwise wait for it, and the replica would flap from
     /// `UpToDate` back to waiting right after the sync).
     adopted: Option<(u64, HostName, String)>,
+    /// A sync restarted because its source changed: this host's version links speak for the
+    /// abandoned copy and are deleted before the new sync adopts its source's (in that order:
+    /// deleting later could delete the adopted link).
+    purge_links: bool,
     /// Designated primary, but not allowed to take over yet: why.
     role_wait: Option<String>,
     /// The source's history differs from ours from this logfile on (split brain).
@@ -297,6 +301,7 @@ impl Replica {
                 waiting: None,
                 entry_waiting: false,
                 adopted: None,
+                purge_links: false,
                 role_wait: None,
                 forked: None,
                 repair: None,
@@ -440,16 +445,14 @@ impl Replica {
         self.kick.notify_waiters();
     }
 
-    /// New facts from the metadata (called by the reconcile loop). Returns true when a full
-    /// sync in progress had to start over because its source changed: the caller then deletes
-    /// this host's version links, which spoke for the abandoned copy.
+    /// New facts from the metadata (called by the reconcile loop).
     pub fn update(
         &self,
         todo: Todo,
         meta: Arc<ResourceMeta>,
         source: Option<(HostName, String)>,
         size: u64,
-    ) -> bool {
+    ) {
         let mut st = lock(&self.st);
         let changed = st.todo != todo || st.source != source;
         if meta.primary.as_ref() != Some(&self.me) {
@@ -479,8 +482,9 @@ impl Replica {
                 old.map_or_else(|| "?".into(), |h| h.to_string()),
                 new_host.map_or_else(|| "?".into(), |h| h.to_string()),
             );
-            if let Err(e) = self.reset_locked(&mut st) {
-                tracing::error!("{}: cannot restart the sync: {e:#}", self.res);
+            match self.reset_locked(&mut st) {
+                Ok(()) => st.purge_links = true,
+                Err(e) => tracing::error!("{}: cannot restart the sync: {e:#}", self.res),
             }
         }
         st.todo = todo;
@@ -511,7 +515,6 @@ impl Replica {
         if changed || restart {
             self.kick.notify_waiters();
         }
-        restart
     }
 
     pub fn status(&self) -> ReplicaStatus {
@@ -1401,6 +1404,15 @@ impl Replica {
             Message::Refuse { reason } => bail!("{reason}"),
             other => bail!("unexpected {}", describe(&other)),
         };
+        if std::mem::take(&mut lock(&self.st).purge_links) {
+            let meta = d.meta(&self.res);
+            if let Err(e) =
+                tokio::task::block_in_place(|| d.purge_own_links(&self.res, &meta, None))
+            {
+                lock(&self.st).purge_links = true;
+                bail!("cannot delete this host's version links: {}", e.1);
+            }
+        }
         let gen = {
             let st = lock(&self.st);
             let Some(sf) = st.sync.as_ref() else {
