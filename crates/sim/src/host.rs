@@ -224,8 +224,8 @@ pub struct Msg {
 pub struct Ctx<'a> {
     pub now: u64,
     pub step: u64,
-    /// Ghost: the other hosts acting as primary right now.
-    pub others_acting: Vec<HostName>,
+    /// Ghost: every other host (a forced switch gives up their histories).
+    pub others: Vec<HostName>,
     pub cfg: &'a SimConfig,
     pub ghost: &'a mut Ghost,
     pub out: &'a mut Vec<Msg>,
@@ -904,7 +904,9 @@ impl Host {
             // Forced: whatever the others had beyond our replay position may be lost, also
             // what a primary still acting now writes until it leaves.
             cx.ghost.last_step_down = None;
-            cx.ghost.forced_out.extend(cx.others_acting.iter().cloned());
+            // Every other history is given up: also that of a host down now that comes back
+            // acting as primary on stale metadata and then leaves for us (seed 5564).
+            cx.ghost.forced_out.extend(cx.others.iter().cloned());
         }
         // A new history of ours begins: an old mark of having been pushed out no longer holds.
         cx.ghost.forced_out.remove(&me);

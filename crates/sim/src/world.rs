@@ -163,18 +163,18 @@ impl World {
     fn with_host<R>(&mut self, i: usize, f: impl FnOnce(&mut Host, &mut Ctx) -> R) -> R {
         let mut out = Vec::new();
         let mut trace = Vec::new();
-        let others_acting = self
+        let others = self
             .hosts
             .iter()
             .enumerate()
-            .filter(|(k, x)| *k != i && x.is_primary())
+            .filter(|(k, _)| *k != i)
             .map(|(_, x)| x.name.clone())
             .collect();
         let r = {
             let mut cx = Ctx {
                 now: self.now,
                 step: self.step_no,
-                others_acting,
+                others,
                 cfg: &self.cfg,
                 ghost: &mut self.ghost,
                 out: &mut out,
@@ -513,8 +513,18 @@ impl World {
         };
         match &host.local {
             Local::Primary(_) if meta.primary.as_ref() != Some(&me) => {
-                // Still acting: takes the role back by force.
+                // Still acting: takes the role back by force. Every other history is given up
+                // (also that of a host down right now that comes back acting as primary on
+                // stale metadata and leaves the role again: found at seed 5564).
                 host.set(&keys::primary(&res()), me.as_str());
+                let others: Vec<HostName> = self
+                    .hosts
+                    .iter()
+                    .filter(|h| h.name != me)
+                    .map(|h| h.name.clone())
+                    .collect();
+                self.ghost.last_step_down = None;
+                self.ghost.forced_out.extend(others);
                 self.note(format!("{me}: primary --force (takes the role back)"));
                 self.stats.failovers += 1;
             }
