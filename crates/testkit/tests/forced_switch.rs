@@ -664,14 +664,10 @@ impl Run {
 
     /// Waits until `h` shows (diskstate, replstate, flags) = `want`.
     fn wait_states(&self, h: &Host, want: (&str, &str, &str)) {
-        self.wait(
-            30,
-            &format!("{} in state {want:?} (is {:?})", h.name, states(h)),
-            || {
-                let s = states(h);
-                (s.0.as_str(), s.1.as_str(), s.2.as_str()) == want
-            },
-        );
+        self.wait(30, &format!("{} in state {want:?}", h.name), || {
+            let s = states(h);
+            (s.0.as_str(), s.1.as_str(), s.2.as_str()) == want
+        });
     }
 
     fn wait_role(&self, h: &Host, role: &str) {
@@ -796,9 +792,10 @@ fn run(s: Scenario) {
     r.wait_states(b, SECONDARY_OK);
     r.wait_states(a, PRIMARY_OK);
     // b's chain starts from a's link of the logfile before b's first (b joined by a full
-    // sync): a forced switch before that link reached b leaves b's history without links for
-    // good (a daemon bug, see `..._before_the_new_primary_knows_the_link_before_its_first_logfile`).
-    // The matrix switches after it arrived.
+    // sync): a forced switch before that link reached b can leave b's history without links
+    // for good (a daemon bug, the race described at
+    // `not_connected_idle_new_primary_wins_when_its_first_logfile_is_its_own`). The matrix
+    // switches after the link arrived.
     let first = logfiles(b, "r")
         .first()
         .and_then(|n| n[4..13].parse::<u64>().ok())
