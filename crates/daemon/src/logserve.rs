@@ -330,6 +330,14 @@ async fn ship_file(
         if r.leaving() {
             bail!("this host is leaving the primary role");
         }
+        if let LogSource::Replica(rep) = src {
+            // The replica whose copies this session serves was replaced: this host took the
+            // primary role (its newer logfiles are not in those copies) or was set up again.
+            // Its confirmations would say "caught up" at the end of a copy forever.
+            if !r.replica().is_some_and(|cur| Arc::ptr_eq(&cur, rep)) {
+                bail!("the replica serving this session is gone (this host's role changed)");
+            }
+        }
         if r.volume().is_some_and(|v| v.passthrough()) {
             return Ok(Err(format!(
                 "the primary entered emergency mode for {}: replication has stopped",

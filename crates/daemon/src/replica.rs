@@ -423,10 +423,13 @@ impl Replica {
         lock(&self.st).role_wait = why;
     }
 
-    /// Fetched but not yet replayed bytes remain (a forced switch waits for replay first).
+    /// Fetched but not yet replayed bytes remain that replay can apply (a forced switch waits
+    /// for replay first). Not while replay waits for a version link at a logfile's end: the
+    /// origin of that link may be unreachable for good (the very reason for the forced
+    /// switch), and the switch takes what was replayed.
     pub fn replay_pending(&self) -> bool {
         let st = lock(&self.st);
-        if !st.todo.replay || st.stuck.is_some() {
+        if !st.todo.replay || st.stuck.is_some() || st.waiting.is_some() {
             return false;
         }
         st.files

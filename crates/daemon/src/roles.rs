@@ -111,6 +111,24 @@ pub async fn primary(
         (r.volume().is_some(), r.replica())
     };
     if volume {
+        if meta.primary.as_ref() == Some(&me) && force {
+            // Designated as far as this host knows, but in a partition the other side may have
+            // designated another host since (its own forced switch). The operator's forced
+            // choice is written again with a fresh stamp, so it wins over that older one when
+            // the metadata meets; without this, the older designation won and this host left
+            // the role the operator had just confirmed.
+            let mut again = vec![(keys::primary(&res), me.to_string())];
+            if meta.systemd.configured() {
+                again.push((keys::systemd_want(&res), me.to_string()));
+            }
+            d.set_keys(&again)?;
+            return Ok(Reply::Done {
+                message: format!(
+                    "{me} is the primary of {res} already; the designation is written again \
+                     (it wins over one made elsewhere before, e.g. during a partition)"
+                ),
+            });
+        }
         if meta.primary.as_ref() == Some(&me) {
             // Idempotent, and as in MARS it restarts a stack stopped by `set-systemd-want
             // (none)` or wanted elsewhere.

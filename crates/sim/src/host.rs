@@ -830,6 +830,7 @@ impl Host {
         }
         let forced = self.forced_marker;
         let pending = r.stuck.is_none()
+            && r.waiting.is_none()
             && meta.members[&self.name].todo.replay
             && self.fetched().is_some_and(|f| f > r.applied);
         if forced && pending {

@@ -4,6 +4,9 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::{random_file, run, Host};
@@ -70,6 +73,89 @@ pub fn write_random(h: &Host, res: &str, dir: &Path, offset: u64, len: usize) {
         offset,
         len,
     );
+}
+
+/// A thread writing random chunks to a resource through NBD (qemu-io, one process per write)
+/// until stopped: chunk `i` goes to slot `(7i + 1) mod (size / chunk)`, which strides over the
+/// device so that regions are rewritten now and then.
+pub struct Writer {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Writes of 1 MiB to `res` on `h`, one after the other without a pause; `dir` holds the
+    /// staged source file.
+    pub fn start(h: &Host, res: &str, dir: &Path, size: u64) -> Writer {
+        Self::start_with(h, res, dir, size, 1 << 20, Duration::ZERO)
+    }
+
+    /// Writes of `chunk` bytes with `pause` after each (a pause limits the rate: a backlog
+    /// piles up, not gigabytes of logs).
+    pub fn start_with(
+        h: &Host,
+        res: &str,
+        dir: &Path,
+        size: u64,
+        chunk: u64,
+        pause: Duration,
+    ) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let uri = h.unix_uri(res);
+        let src = dir.join("writer-src");
+        let (s, c) = (stop.clone(), count.clone());
+        let slots = size / chunk;
+        let handle = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !s.load(Ordering::Acquire) {
+                let off = ((i * 7 + 1) % slots) * chunk;
+                write_random_uri(&uri, &src, off, chunk as usize);
+                i += 1;
+                c.store(i, Ordering::Release);
+                if !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            }
+        });
+        Writer {
+            stop,
+            count,
+            handle: Some(handle),
+        }
+    }
+
+    /// Writes done so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Waits until at least `n` more writes were done (30 s at most: a deadlock guard).
+    pub fn wait_more(&self, n: u64) {
+        let want = self.count() + n;
+        eventually(30, "background writes", || self.count() >= want);
+    }
+
+    /// Stops the thread; returns the number of writes done.
+    pub fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.handle
+            .take()
+            .expect("thread")
+            .join()
+            .expect("writer thread");
+        self.count()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 /// Copies a whole random image of `len` bytes onto `res` through NBD on `h` (nbdcopy, parallel).

@@ -10,14 +10,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mars_testkit::lab::Lab;
 use mars_testkit::repl::{
-    fill_random, first_difference, tail, wait_uptodate, write_random, write_random_uri,
+    fill_random, first_difference, tail, wait_uptodate, write_random, Writer,
 };
 use mars_testkit::{random_file, require, run, Host};
 
@@ -28,6 +25,9 @@ const MIB: u64 = 1 << 20;
 const WINDOW: &str = "3";
 /// Longer than a reconcile round (250 ms), which carries a switch to the replica's tasks.
 const SETTLE: Duration = Duration::from_secs(1);
+/// The background writer's pause after each 1 MiB: about 30 MiB/s, enough to pile up a
+/// backlog, not gigabytes of logs.
+const PACE: Duration = Duration::from_millis(25);
 
 /// The lab with `n` hosts, or `None` (skip) when it or the NBD tools cannot run here.
 fn lab(n: usize) -> Option<Lab> {
@@ -114,73 +114,6 @@ fn pair_in_sync(lab: &Lab, size: u64) -> (PathBuf, PathBuf) {
     );
     assert_eq!(view(a, "replstate"), "Replicating");
     (da, db)
-}
-
-/// A thread writing 1 MiB of random data after 1 MiB to `r` through NBD until stopped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(h: &Host, dir: &Path, size: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let uri = h.unix_uri("r");
-        let src = dir.join("writer-src");
-        let (s, c) = (stop.clone(), count.clone());
-        let slots = size / MIB;
-        let handle = std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !s.load(Ordering::Acquire) {
-                // Strides over the device so that regions are rewritten now and then.
-                let off = ((i * 7 + 1) % slots) * MIB;
-                write_random_uri(&uri, &src, off, MIB as usize);
-                i += 1;
-                c.store(i, Ordering::Release);
-                // About 30 MiB/s: enough to pile up a backlog, not gigabytes of logs.
-                std::thread::sleep(Duration::from_millis(25));
-            }
-        });
-        Writer {
-            stop,
-            count,
-            handle: Some(handle),
-        }
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
-    }
-
-    /// Waits until at least `n` more writes were done.
-    fn wait_more(&self, n: u64) {
-        let want = self.count() + n;
-        let start = Instant::now();
-        while self.count() < want {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "background writes stalled"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.handle.take().expect("thread").join().expect("writer");
-        self.count()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// `b` converged on `a`: `wait-resource uptodate` succeeds within `secs`, `a` is written back,
@@ -280,7 +213,7 @@ fn network_cut_for_seconds_during_writes_then_secondary_converges() {
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
     let size = 64 * MIB;
     let (da, db) = pair_in_sync(&lab, size);
-    let w = Writer::start(a, lab.path(), size);
+    let w = Writer::start_with(a, "r", lab.path(), size, MIB, PACE);
     w.wait_more(2);
 
     lab.cut(1);

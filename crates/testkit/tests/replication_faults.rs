@@ -12,14 +12,10 @@
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mars_testkit::repl::{
-    eventually, fill_random, first_difference, join, logfiles, tail, tmp, wait_uptodate,
-    write_random, write_random_uri,
+    fill_random, first_difference, join, logfiles, tail, tmp, wait_uptodate, write_random, Writer,
 };
 use mars_testkit::Host;
 
@@ -28,7 +24,7 @@ const MIB: u64 = 1 << 20;
 /// change from the metadata to the replica's tasks.
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// Like [`eventually`], with both hosts' state in the failure message.
+/// Like `repl::eventually`, with both hosts' state in the failure message.
 fn eventually_on(a: &Host, b: &Host, secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
@@ -63,71 +59,6 @@ fn pair_in_sync(t: &Path, size: u64) -> (Host, Host, PathBuf, PathBuf) {
     let db = join(&b, "r", size);
     wait_uptodate(&b, "r", 60);
     (a, b, da, db)
-}
-
-/// A thread writing 1 MiB of random data after 1 MiB through NBD until stopped.
-struct Writer {
-    stop: Arc<AtomicBool>,
-    count: Arc<AtomicU64>,
-    handle: Option<JoinHandle<()>>,
-}
-
-impl Writer {
-    fn start(h: &Host, dir: &Path, size: u64) -> Writer {
-        Self::start_chunked(h, dir, size, MIB)
-    }
-
-    /// Writes of `chunk` bytes each.
-    fn start_chunked(h: &Host, dir: &Path, size: u64, chunk: u64) -> Writer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let count = Arc::new(AtomicU64::new(0));
-        let uri = h.unix_uri("r");
-        let src = dir.join("writer-src");
-        let (s, c) = (stop.clone(), count.clone());
-        let slots = size / chunk;
-        let handle = std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !s.load(Ordering::Acquire) {
-                // Strides over the device so that regions are rewritten now and then.
-                let off = ((i * 7 + 1) % slots) * chunk;
-                write_random_uri(&uri, &src, off, chunk as usize);
-                i += 1;
-                c.store(i, Ordering::Release);
-            }
-        });
-        Writer {
-            stop,
-            count,
-            handle: Some(handle),
-        }
-    }
-
-    /// Waits until at least `n` more writes were done.
-    fn wait_more(&self, n: u64) {
-        let want = self.count.load(Ordering::Acquire) + n;
-        eventually(30, "background writes", || {
-            self.count.load(Ordering::Acquire) >= want
-        });
-    }
-
-    fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.handle.take().unwrap().join().expect("writer thread");
-        self.count.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
 }
 
 /// `b` up to date, `a` written back, both disks byte-equal, log copies as long as the origin's.
@@ -263,7 +194,7 @@ fn pause_replay_then_fetch(replay_first: bool) {
     let t = tmp();
     let size = 64 * MIB;
     let (a, b, da, db) = pair_in_sync(t.path(), size);
-    let w = Writer::start(&a, t.path(), size);
+    let w = Writer::start(&a, "r", t.path(), size);
     w.wait_more(2);
 
     b.ok(&["pause-replay", "r"]);
@@ -412,7 +343,7 @@ fn kill9_during_stream(paused_replay: bool) {
         std::thread::sleep(SETTLE);
     }
     let wb = writeback(&b);
-    let w = Writer::start(&a, t.path(), size);
+    let w = Writer::start(&a, "r", t.path(), size);
     let (name, len) = newest_log(&b);
     eventually_on(&a, &b, 20, "b fetches", || {
         let (n, l) = newest_log(&b);
@@ -566,7 +497,7 @@ fn torn_tail(garbage: impl Fn(&Path, &Path) -> Vec<u8>) {
     let t = tmp();
     let size = 64 * MIB;
     let (a, mut b, da, db) = pair_in_sync(t.path(), size);
-    let w = Writer::start(&a, t.path(), size);
+    let w = Writer::start(&a, "r", t.path(), size);
     let (name, len) = newest_log(&b);
     eventually_on(&a, &b, 20, "b fetches", || {
         let (n, l) = newest_log(&b);
@@ -623,7 +554,7 @@ fn pause_fetch_during_heavy_stream_stops_fetch() {
     let t = tmp();
     let size = 256 * MIB;
     let (a, b, da, db) = pair_in_sync(t.path(), size);
-    let w = Writer::start_chunked(&a, t.path(), size, 16 * MIB);
+    let w = Writer::start_with(&a, "r", t.path(), size, 16 * MIB, Duration::ZERO);
     for round in 0..5 {
         w.wait_more(1);
         b.ok(&["pause-fetch", "r"]);
