@@ -328,30 +328,19 @@ fn crashed_idle_old_primary_wins_rotation_on_new_during_split_reconnect_after_re
     run(Scenario::new(Crashed, Idle, Old, NewDuringSplit, After));
 }
 
-// daemon bugs found by the matrix (not fixed here: version-link handling and reclamation)
+// daemon bugs found by the matrix
 
 /// The new primary's first logfile is its own: it joined by a full sync that started at
 /// logfile 2, the old primary wrote nothing into logfile 2 before the link was cut, and the
-/// forced switch opens `log-000000002-b`. Its link needs a predecessor, the link of logfile 1,
-/// which only `a` has; `engine::plan::my_link` looks for it at this host, the designated
-/// primary and the logfile's origin, all `b` here, so `b` never publishes a version link, for
-/// this logfile or any later one. After the heal, `a` (nothing diverged) replays `2-b` and
-/// waits forever for "the version link of log-000000002-b" (`OutDated[FR]`, `Replaying`,
-/// flags `dCASfr`). Deterministic. The matrix does not hit it: the old primary always writes
-/// after the join.
-///
-/// A related race, which the matrix's setup avoids by waiting until `b` knows `a`'s link of
-/// the logfile before its first: when `b` holds a copy of `a`'s logfile 2 (with data) but had
-/// not received `a`'s link of logfile 1 before the cut, it cannot publish its link of 2 at the
-/// forced switch; after the heal `a` reclaims its link of 1 before `b` has pulled it (the
-/// floor comes from `b`'s published pin, which is past 2), and again `b`'s chain stays
-/// unpublished; seen once in about six runs of
-/// `not_connected_idle_new_primary_wins_rotation_on_old_during_split_reconnect_before_resolution`
-/// before the setup waited.
+/// forced switch opens `log-000000002-b`. Its version link needs a predecessor, the link of
+/// logfile 1, which `b` never replayed. Before the sync start carried the source's link of
+/// that logfile (`SyncInfo::prev_link`, adopted as `b`'s own), `engine::plan::my_link` found
+/// none at `b`, the designated primary or the origin (all `b`), `b` never published a version
+/// link, and after the heal `a` replayed `2-b` and waited forever for "the version link of
+/// log-000000002-b" (`OutDated[FR]`, `Replaying`, `dCASfr`). The same happened when `b` held a
+/// copy of `a`'s logfile 2 but had not received `a`'s link of logfile 1 before the cut, and `a`
+/// reclaimed that link after the heal.
 #[test]
-#[ignore = "daemon bug: a forced primary whose first logfile is its own (joined by full sync, \
-            nothing fetched since) never publishes version links: my_link finds no predecessor; \
-            its secondaries wait forever for the link of that logfile"]
 fn not_connected_idle_new_primary_wins_when_its_first_logfile_is_its_own() {
     if !mars_testkit::lab::available() {
         return;
@@ -383,7 +372,6 @@ fn not_connected_idle_new_primary_wins_when_its_first_logfile_is_its_own() {
         b.marsadm(&["join-resource", "r", &disk_b]).status.success()
     });
     r.wait_uptodate(b);
-    r.wait(10, "b knows a's link of log 1", || knows_link(b, 1, "a"));
     r.lab.cut(0);
     r.step("a's link cut; a wrote nothing since b joined");
     r.wait(15, "b reports the primary unreachable", || {
