@@ -531,7 +531,18 @@ fn replica_restart_with_torn_local_log_tail_recovers() {
 fn replica_restart_with_partial_real_record_at_local_log_tail_recovers() {
     // The first 100 bytes of the record that follows on a: a valid header, a cut payload.
     torn_tail(|la, lb| {
-        let at = std::fs::metadata(lb).unwrap().len();
+        // The kill may itself have cut b's last write in the middle of a record (the kernel
+        // stops a large write to a regular file between pages on SIGKILL); start from the end
+        // of b's last whole record so that the appended bytes are a header and a cut payload.
+        let at = records(lb, 0)
+            .last()
+            .map_or(0, |r| r.at + HEADER_LEN + r.payload_len);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(lb)
+            .unwrap()
+            .set_len(at)
+            .unwrap();
         let mut v = vec![0u8; 100];
         let f = std::fs::File::open(la).unwrap();
         f.read_exact_at(&mut v, at)
