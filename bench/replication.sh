@@ -18,7 +18,10 @@
 #    (rsync daemon on 127.0.0.2; --inplace --no-whole-file --ignore-times, and --fsync when this
 #    rsync has it, as marsd syncs the disk at the end too).
 #
-# Env: BURST (2G), SYNC_SIZE (4G), CHANGED_PCT (1), PORT (17790; uses PORT..PORT+2),
+# Every timed step runs ROUNDS times (each mars round on fresh data; fio and rsync alike) and
+# the median is reported with the spread: single runs on a shared VM vary by half.
+#
+# Env: BURST (2G), SYNC_SIZE (4G), CHANGED_PCT (1), ROUNDS (3), PORT (17790; uses PORT..PORT+2),
 #      MARS_BIN (directory holding marsd and marsadm; when unset the script runs
 #      `cargo build --release -p mars-daemon -p mars-cli` and uses ${CARGO_TARGET_DIR:-target}/release),
 #      KEEP=1 (keep the files and marsd logs for a look afterwards),
@@ -30,6 +33,7 @@ PARENT=${1:-${BENCH_DIR:-/var/tmp}}
 BURST=${BURST:-2G}
 SYNC_SIZE=${SYNC_SIZE:-4G}
 CHANGED_PCT=${CHANGED_PCT:-1}
+ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-17790}
 DROP_CACHES=${DROP_CACHES:-0}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -73,6 +77,9 @@ trap 'exit 130' INT TERM
 
 now() { date +%s.%N; }
 calc() { echo "$*" | bc -l; }
+# median / min / max of the numbers given as arguments
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
+spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f..%.2f", lo, hi}'; }
 drop_caches() {
   sync
   if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
@@ -124,13 +131,17 @@ uptodate_or_die() {
   local why="not up to date after $secs s"
   adm "$h" --timeout "$secs" wait-resource r uptodate &
   CHILD=$!
+  # Look for STUCK every 0.5 s, but notice the end of the wait within 0.02 s: the times
+  # measured here end when this function returns.
+  local n=0
   while kill -0 "$CHILD" 2>/dev/null; do
-    if adm "$h" view r 2>/dev/null | grep -q STUCK; then
+    if [ $((n % 25)) = 24 ] && adm "$h" view r 2>/dev/null | grep -q STUCK; then
       kill "$CHILD" 2>/dev/null || true
       why="stuck"
       break
     fi
-    sleep 0.5 &
+    n=$((n + 1))
+    sleep 0.02 &
     wait $! || true
   done
   wait "$CHILD" || rc=$?
@@ -156,6 +167,8 @@ log_at() {
   t=$(grep -m1 -- "$2" "$1" | cut -d' ' -f1)
   [ -n "$t" ] && date -d "$t" +%s.%N || echo "$3"
 }
+# Bytes in host $1's logfiles of resource r.
+logbytes() { find "$PART/$1/root/resource-r" -name 'log-*' -printf '%s\n' | awk '{n += $1} END {print n + 0}'; }
 same() { cmp -s "$1" "$2" && echo yes || echo "NO (cmp: $(cmp "$1" "$2" 2>&1 | head -1))"; }
 
 echo "bench: files under $DIR ($(df --output=fstype,source "$DIR" | tail -1 | tr -s " ")); page cache: $([ "$DROP_CACHES" = 1 ] && echo dropped before each timed step || echo warm)" >&2
@@ -169,26 +182,36 @@ fallocate -l "$BURST_B" "$PART/b.img"
 cluster_with_resource "$PORT" "$PART/a.img"
 adm b join-resource r "$PART/b.img" >/dev/null
 uptodate_or_die b 600
-adm b pause-fetch r >/dev/null
-adm b --timeout 30 wait-resource r fetch-off
-echo "bench: 1. writing the $BURST burst on a (b's fetch paused)" >&2
-s=$(now)
-bg nbdcopy --flush -- [ nbdkit random "$BURST_B" seed=1 ] "nbd+unix:///r?socket=$PART/a/root/nbd.sock"
-e=$(now)
-T_BURST=$(calc "$e - $s")
-# On real hosts a's writeback happens on another disk; here it would compete with b's catch-up.
-written_back
-drop_caches
-echo "bench: 1. b catching up" >&2
-# Did the pause hold? What b already has of the burst would flatter the rate.
-PRE=$(find "$PART/b/root/resource-r" -name 'log-*' -printf '%s\n' | awk '{n += $1} END {print n + 0}')
-CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
-s=$(now)
-adm b resume-fetch r >/dev/null
-uptodate_or_die b 3600
-e=$(now)
-T_CATCHUP=$(calc "$e - $s")
-CPU_A=$(calc "$(cpu "${PID[a]}") - $CA"); CPU_B=$(calc "$(cpu "${PID[b]}") - $CB")
+T_BURSTS=(); T_CATCHUPS=(); CPU_AS=(); CPU_BS=(); PRE=0
+for round in $(seq "$ROUNDS"); do
+  adm b pause-fetch r >/dev/null
+  adm b --timeout 30 wait-resource r fetch-off
+  B0=$(logbytes b)
+  echo "bench: 1. round $round: writing the $BURST burst on a (b's fetch paused)" >&2
+  s=$(now)
+  bg nbdcopy --flush -- [ nbdkit random "$BURST_B" seed="$round" ] "nbd+unix:///r?socket=$PART/a/root/nbd.sock"
+  e=$(now)
+  T_BURSTS+=("$(calc "$e - $s")")
+  # On real hosts a's writeback happens on another disk; here it would compete with b's catch-up.
+  written_back
+  drop_caches
+  echo "bench: 1. round $round: b catching up" >&2
+  # Did the pause hold? What b already has of the burst would flatter the rate.
+  P=$(($(logbytes b) - B0))
+  [ "$P" -le "$PRE" ] || PRE=$P
+  CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
+  s=$(now)
+  adm b resume-fetch r >/dev/null
+  uptodate_or_die b 3600
+  e=$(now)
+  T_CATCHUPS+=("$(calc "$e - $s")")
+  CPU_AS+=("$(calc "$(cpu "${PID[a]}") - $CA")"); CPU_BS+=("$(calc "$(cpu "${PID[b]}") - $CB")")
+  # Rotate so that the replayed logfiles can go before the next burst.
+  adm a cron >/dev/null
+done
+T_BURST=$(median "${T_BURSTS[@]}")
+T_CATCHUP=$(median "${T_CATCHUPS[@]}")
+CPU_A=$(median "${CPU_AS[@]}"); CPU_B=$(median "${CPU_BS[@]}")
 EQ1=$(same "$PART/a.img" "$PART/b.img")
 stop_hosts
 [ "${KEEP:-0}" = 1 ] || rm -rf "$PART"
@@ -200,10 +223,14 @@ fio_mibs() {
   rm -f "$DIR/fio.dat"
   calc "$(sed -n '/^{/,$p' "$DIR/fio.json" | jq '.jobs[0].write.bw_bytes') / $MIB"
 }
-drop_caches
-FIO1=$(fio_mibs 1)
-drop_caches
-FIO16=$(fio_mibs 16)
+FIO1S=(); FIO16S=()
+for round in $(seq "$ROUNDS"); do
+  drop_caches
+  FIO1S+=("$(fio_mibs 1)")
+  drop_caches
+  FIO16S+=("$(fio_mibs 16)")
+done
+FIO1=$(median "${FIO1S[@]}"); FIO16=$(median "${FIO16S[@]}")
 
 # ---------------------------------------------------------------- 2. fast full sync vs rsync
 PART=$DIR/p2
@@ -217,27 +244,35 @@ NCHANGED=$(awk -v b="$BLOCKS" -v p="$CHANGED_PCT" 'BEGIN { n = int(b * p / 100);
 for i in $(shuf -i 0-$((BLOCKS - 1)) -n "$NCHANGED"); do
   dd if=/dev/urandom of="$PART/b-rsync.img" bs=1M count=1 seek="$i" conv=notrunc status=none
 done
-cp "$PART/b-rsync.img" "$PART/b.img"
-cluster_with_resource $((PORT + 1)) "$PART/a.img"
-drop_caches
-echo "bench: 2. mars fast full sync" >&2
-CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
-s=$(now)
-adm b join-resource r "$PART/b.img" >/dev/null
-uptodate_or_die b 3600
-e=$(now)
-T_MARS=$(calc "$e - $s")
-e2=$e; s2=$s
-CPU2_A=$(calc "$(cpu "${PID[a]}") - $CA"); CPU2_B=$(calc "$(cpu "${PID[b]}") - $CB")
-L_START=$(log_at "$PART/b/marsd.log" "full sync from a starts" "$s")
+mv "$PART/b-rsync.img" "$PART/b-orig.img"
+T_MARSS=(); CPU2_AS=(); CPU2_BS=(); EQ2=yes
+for round in $(seq "$ROUNDS"); do
+  rm -rf "$PART/a" "$PART/b"
+  cp "$PART/b-orig.img" "$PART/b.img"
+  cluster_with_resource $((PORT + 1)) "$PART/a.img"
+  drop_caches
+  echo "bench: 2. round $round: mars fast full sync" >&2
+  CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
+  s=$(now)
+  adm b join-resource r "$PART/b.img" >/dev/null
+  uptodate_or_die b 3600
+  e=$(now)
+  T_MARSS+=("$(calc "$e - $s")")
+  e2=$e; s2=$s
+  CPU2_AS+=("$(calc "$(cpu "${PID[a]}") - $CA")"); CPU2_BS+=("$(calc "$(cpu "${PID[b]}") - $CB")")
+  stop_hosts
+  E=$(same "$PART/a.img" "$PART/b.img")
+  [ "$E" = yes ] || EQ2="$E (round $round)"
+done
+T_MARS=$(median "${T_MARSS[@]}")
+CPU2_A=$(median "${CPU2_AS[@]}"); CPU2_B=$(median "${CPU2_BS[@]}")
+# The phases of the last round, from b's log.
+L_START=$(log_at "$PART/b/marsd.log" "full sync from a starts" "$s2")
 L_COPIED=$(log_at "$PART/b/marsd.log" "sync copy complete" "$L_START")
 L_CONSISTENT=$(log_at "$PART/b/marsd.log" "the replica is consistent" "$L_COPIED")
 MARS_XFER=$(sed -n 's/.*sync copy complete (\(.*\) transferred).*/\1/p' "$PART/b/marsd.log" | tail -1)
-stop_hosts
-EQ2=$(same "$PART/a.img" "$PART/b.img")
 [ "${KEEP:-0}" = 1 ] || rm -f "$PART/b.img"
 
-echo "bench: 2. rsync" >&2
 RPORT=$((PORT + 2))
 cat >"$PART/rsyncd.conf" <<EOF
 use chroot = no
@@ -254,34 +289,47 @@ for _ in $(seq 100); do rsync "rsync://127.0.0.2:$RPORT/" >/dev/null 2>&1 && bre
 RSYNC_OPTS=(--inplace --no-whole-file --ignore-times --stats)
 # (grep without -q: an early exit would SIGPIPE rsync and fail the pipeline under pipefail)
 rsync --help 2>/dev/null | grep -- '--fsync' >/dev/null && RSYNC_OPTS+=(--fsync)
-drop_caches
-s=$(now)
-bg rsync "${RSYNC_OPTS[@]}" "$PART/a.img" "rsync://127.0.0.2:$RPORT/b/b-rsync.img" >"$PART/rsync.stats"
-e=$(now)
-T_RSYNC=$(calc "$e - $s")
+T_RSYNCS=(); EQ3=yes
+for round in $(seq "$ROUNDS"); do
+  cp "$PART/b-orig.img" "$PART/b-rsync.img"
+  drop_caches
+  echo "bench: 2. round $round: rsync" >&2
+  s=$(now)
+  bg rsync "${RSYNC_OPTS[@]}" "$PART/a.img" "rsync://127.0.0.2:$RPORT/b/b-rsync.img" >"$PART/rsync.stats"
+  e=$(now)
+  T_RSYNCS+=("$(calc "$e - $s")")
+  E=$(same "$PART/a.img" "$PART/b-rsync.img")
+  [ "$E" = yes ] || EQ3="$E (round $round)"
+done
+T_RSYNC=$(median "${T_RSYNCS[@]}")
 RSYNC_LITERAL=$(sed -n 's/^Literal data: \(.*\)$/\1/p' "$PART/rsync.stats")
 RSYNC_SENT=$(sed -n 's/^Total bytes sent: \(.*\)$/\1/p' "$PART/rsync.stats")
-EQ3=$(same "$PART/a.img" "$PART/b-rsync.img")
 
 # ---------------------------------------------------------------- report
 CATCHUP=$(calc "$BURST_B / $MIB / $T_CATCHUP")
+RATIO1=(); for t in "${T_CATCHUPS[@]}"; do RATIO1+=("$(calc "$BURST_B / $MIB / $t / $FIO1")"); done
+RATIO2=(); for i in "${!T_MARSS[@]}"; do RATIO2+=("$(calc "${T_RSYNCS[$i]} / ${T_MARSS[$i]}")"); done
+printf '\nmedians of %d rounds (spread min..max)\n' "$ROUNDS"
 printf '\n1. catch-up after a %s burst (same disk for a, b and fio)\n' "$BURST"
 printf '   burst written on a through NBD (nbdcopy --flush):   %7.2f s  %7.0f MiB/s\n' "$T_BURST" "$(calc "$BURST_B / $MIB / $T_BURST")"
-printf '   b: resume-fetch until wait-resource uptodate:       %7.2f s  %7.0f MiB/s   replicas equal: %s\n' "$T_CATCHUP" "$CATCHUP" "$EQ1"
-printf '   logfile bytes b held before resume-fetch: %s%s\n' "$(numfmt --to=iec "$PRE")" \
+printf '   b: resume-fetch until wait-resource uptodate:       %7.2f s  %7.0f MiB/s   (%s s)   replicas equal: %s\n' \
+  "$T_CATCHUP" "$CATCHUP" "$(spread "${T_CATCHUPS[@]}")" "$EQ1"
+printf '   logfile bytes b fetched while paused: %s%s\n' "$(numfmt --to=iec "$PRE")" \
   "$([ "$PRE" -gt $((BURST_B / 100)) ] && echo "  <- pause-fetch did not hold: the rate above is flattered")"
 printf '   CPU used meanwhile: a %.2f s, b %.2f s (%d cores)\n' "$CPU_A" "$CPU_B" "$(nproc)"
-printf '   raw disk, fio seq 1M writes O_DIRECT QD1 + fsync:             %7.0f MiB/s\n' "$FIO1"
-printf '   raw disk, fio seq 1M writes O_DIRECT QD16 + fsync:            %7.0f MiB/s\n' "$FIO16"
-printf '   catch-up / raw disk:  %.2fx of QD1, %.2fx of QD16   (aim: >= 0.5x)\n' \
-  "$(calc "$CATCHUP / $FIO1")" "$(calc "$CATCHUP / $FIO16")"
+printf '   raw disk, fio seq 1M writes O_DIRECT QD1 + fsync:             %7.0f MiB/s   (%s)\n' "$FIO1" "$(spread "${FIO1S[@]}")"
+printf '   raw disk, fio seq 1M writes O_DIRECT QD16 + fsync:            %7.0f MiB/s   (%s)\n' "$FIO16" "$(spread "${FIO16S[@]}")"
+printf '   catch-up / raw disk:  %.2fx of QD1, %.2fx of QD16   (per round vs median QD1: %s; aim: >= 0.5x)\n' \
+  "$(calc "$CATCHUP / $FIO1")" "$(calc "$CATCHUP / $FIO16")" "$(spread "${RATIO1[@]}")"
+printf '   (b writes every byte twice, into its log copy and on replay, on the disk a reads from:\n'
+printf '    0.5x of one writer is the ceiling on one disk)\n'
 printf '\n2. fast full sync of %s, %d of %d 1 MiB blocks differ (%s %%)\n' "$SYNC_SIZE" "$NCHANGED" "$BLOCKS" "$CHANGED_PCT"
-printf '   mars join-resource until wait-resource uptodate:    %7.2f s   transferred %s (b'"'"'s log)   disks equal: %s\n' \
-  "$T_MARS" "${MARS_XFER:-?}" "$EQ2"
-printf '     join -> sync starts %.2f s, copy %.2f s, -> consistent %.2f s, -> uptodate seen %.2f s (times from b'"'"'s log)\n' \
+printf '   mars join-resource until wait-resource uptodate:    %7.2f s   (%s s)   transferred %s (b'"'"'s log)   disks equal: %s\n' \
+  "$T_MARS" "$(spread "${T_MARSS[@]}")" "${MARS_XFER:-?}" "$EQ2"
+printf '     last round: join -> sync starts %.2f s, copy %.2f s, -> consistent %.2f s, -> uptodate seen %.2f s (times from b'"'"'s log)\n' \
   "$(calc "$L_START - $s2")" "$(calc "$L_COPIED - $L_START")" "$(calc "$L_CONSISTENT - $L_COPIED")" "$(calc "$e2 - $L_CONSISTENT")"
 printf '     CPU used: a %.2f s, b %.2f s\n' "$CPU2_A" "$CPU2_B"
 printf '   rsync daemon on 127.0.0.2, push, %s:\n' "${RSYNC_OPTS[*]}"
-printf '                                                       %7.2f s   literal data %s, %s bytes sent   files equal: %s\n' \
-  "$T_RSYNC" "${RSYNC_LITERAL:-?}" "${RSYNC_SENT:-?}" "$EQ3"
-printf '   mars faster than rsync: %.2fx   (aim: >= 3x)\n' "$(calc "$T_RSYNC / $T_MARS")"
+printf '                                                       %7.2f s   (%s s)   literal data %s, %s bytes sent   files equal: %s\n' \
+  "$T_RSYNC" "$(spread "${T_RSYNCS[@]}")" "${RSYNC_LITERAL:-?}" "${RSYNC_SENT:-?}" "$EQ3"
+printf '   mars faster than rsync: %.2fx   (round by round: %s; aim: >= 3x)\n' "$(calc "$T_RSYNC / $T_MARS")" "$(spread "${RATIO2[@]}")"

@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mars_api::{ErrorKind, MemberView, Reply};
 use mars_config::HostName;
 use mars_meta::Store;
-use mars_wire::{decode_frame, encode_frame, ClusterId, Hello, Message, StreamKind};
+use mars_wire::{decode_frame, ClusterId, Hello, Message, StreamKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -191,46 +191,63 @@ fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, B
 /// Reads frames from a stream.
 pub(crate) struct FrameReader<R> {
     r: R,
+    /// Received bytes; `buf[start..]` is not decoded yet. Reused for the whole connection, so
+    /// that megabyte frames do not each take fresh memory.
     buf: Vec<u8>,
-    /// Read buffer: log data and sync chunks arrive in frames of up to a few MiB.
-    chunk: Box<[u8]>,
+    start: usize,
 }
+
+/// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
+/// to a few MiB; a whole frame's room is made as soon as its length is known).
+const READ_AT_LEAST: usize = 256 << 10;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     fn new(r: R, leftover: Vec<u8>) -> Self {
         Self {
             r,
             buf: leftover,
-            chunk: vec![0u8; 256 << 10].into_boxed_slice(),
+            start: 0,
         }
     }
 
     /// Bytes received but not yet decoded.
     pub(crate) fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next message. Cancel-safe: a read cancelled while pending has read nothing, and
-    /// whatever was read is appended to the buffer before the next await.
+    /// whatever was read is in the buffer before the next await.
     pub(crate) async fn next(&mut self) -> Result<Message> {
         loop {
-            if let Some((m, n)) = decode_frame(&self.buf)? {
-                self.buf.drain(..n);
+            let pending = &self.buf[self.start..];
+            if let Some((m, n)) = decode_frame(pending)? {
+                self.start += n;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
                 return Ok(m);
             }
-            let n = self.r.read(&mut self.chunk).await?;
-            if n == 0 {
+            // Room for the rest of this frame (received straight into the buffer: no second
+            // copy), with the incomplete frame moved to the front first.
+            let want = mars_wire::frame_len(pending).map_or(0, |l| l - pending.len());
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            self.buf.reserve(want.max(READ_AT_LEAST));
+            if self.r.read_buf(&mut self.buf).await? == 0 {
                 bail!("connection closed");
             }
-            self.buf.extend_from_slice(&self.chunk[..n]);
         }
     }
 }
 
+/// Sends one frame; a large payload goes to the socket from where it lies (vectored write).
 pub(crate) async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<()> {
-    let mut out = Vec::new();
-    encode_frame(m, &mut out);
-    w.write_all(&out).await?;
+    let f = mars_wire::frame_parts(m);
+    let mut frame = bytes::Buf::chain(bytes::Buf::chain(f.head.as_slice(), f.payload), &f.crc[..]);
+    w.write_all_buf(&mut frame).await?;
     Ok(())
 }
 

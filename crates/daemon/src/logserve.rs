@@ -326,6 +326,9 @@ async fn ship_file(
     let (mut limit, mut complete) = src.limit(name.no, &*f)?;
     let mut confirmed: Option<(u64, std::time::Instant)> = None;
     let mut ahead: Option<(u64, ReadTask)> = None;
+    // Chunk buffers go round (read, sent, read into again): fresh megabytes per chunk cost
+    // more than the copy itself where first-touched memory is slow (a VM).
+    let mut spare: Vec<Vec<u8>> = Vec::new();
     loop {
         if r.leaving() {
             bail!("this host is leaving the primary role");
@@ -353,7 +356,7 @@ async fn ship_file(
         if off < limit {
             let (data, n) = match ahead.take() {
                 Some((at, task)) if at == off => task.await??,
-                _ => read_ahead(&f, off, limit).await??,
+                _ => read_ahead(&f, off, limit, spare.pop()).await??,
             };
             if n == 0 {
                 bail!("{name}: no whole record at offset {off}");
@@ -361,17 +364,17 @@ async fn ship_file(
             // Read the next chunk while this one travels: disk and link work at the same time.
             let next = off + n as u64;
             if next < limit {
-                ahead = Some((next, read_ahead(&f, next, limit)));
+                ahead = Some((next, read_ahead(&f, next, limit, spare.pop())));
             }
-            send(
-                w,
-                &Message::LogData {
-                    file: name.no,
-                    offset: off,
-                    data,
-                },
-            )
-            .await?;
+            let msg = Message::LogData {
+                file: name.no,
+                offset: off,
+                data,
+            };
+            send(w, &msg).await?;
+            if let Message::LogData { data, .. } = msg {
+                spare.push(data);
+            }
             off += n as u64;
             continue;
         }
@@ -404,17 +407,25 @@ async fn ship_file(
 
 type ReadTask = tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>;
 
-/// Starts reading the chunk at `off` on a blocking thread.
-fn read_ahead(f: &Arc<dyn File>, off: u64, limit: u64) -> ReadTask {
+/// Starts reading the chunk at `off` on a blocking thread, into `buf` if one is given.
+fn read_ahead(f: &Arc<dyn File>, off: u64, limit: u64, buf: Option<Vec<u8>>) -> ReadTask {
     let f = f.clone();
     let want = ((limit - off) as usize).min(CHUNK);
-    tokio::task::spawn_blocking(move || read_records(&*f, off, want, limit))
+    tokio::task::spawn_blocking(move || {
+        read_records(&*f, off, want, limit, buf.unwrap_or_default())
+    })
 }
 
-/// Reads whole records starting at `off`: about `want` bytes, more if one record is larger,
-/// never beyond `limit`.
-fn read_records(f: &dyn File, off: u64, want: usize, limit: u64) -> Result<(Vec<u8>, usize)> {
-    let mut buf = vec![0u8; want];
+/// Reads whole records starting at `off` into `buf`: about `want` bytes, more if one record is
+/// larger, never beyond `limit`.
+fn read_records(
+    f: &dyn File,
+    off: u64,
+    want: usize,
+    limit: u64,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, usize)> {
+    buf.resize(want, 0);
     f.read_exact_at(&mut buf, off)?;
     let s = mars_txlog::format::scan(&buf, None, false).map_err(|(_, e)| anyhow!(e))?;
     if s.len > 0 {
@@ -434,7 +445,7 @@ fn read_records(f: &dyn File, off: u64, want: usize, limit: u64) -> Result<(Vec<
     if off + need as u64 > limit {
         bail!("record at {off} extends beyond the durable end {limit}");
     }
-    let mut buf = vec![0u8; need];
+    buf.resize(need, 0);
     f.read_exact_at(&mut buf, off)?;
     Ok((buf, need))
 }
@@ -486,75 +497,152 @@ pub async fn serve_sync(
     .await?;
     w.flush().await?;
     drop(vol);
+    // Chunks are read and hashed on a thread of their own, in request order, while this task
+    // keeps receiving requests and sending replies: disk, hashing and network overlap.
+    let (jobs, job_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (reply_tx, mut replies) = tokio::sync::mpsc::channel(4);
+    {
+        let weak = weak.clone();
+        tokio::task::spawn_blocking(move || sync_worker(weak, job_rx, reply_tx));
+    }
+    let mut outstanding = 0usize;
     loop {
-        let msg = frames.next().await?;
-        if weak.upgrade().is_some_and(|v| v.passthrough()) {
-            return refuse(&mut w, emergency_refusal(&d, &res)).await;
-        }
-        let Some(vol) = weak.upgrade().filter(|_| !r.leaving()) else {
-            return refuse(&mut w, format!("{} left the primary role of {res}", d.host)).await;
-        };
-        match msg {
-            Message::SyncCheck {
-                offset,
-                len,
-                digest,
-            } => {
-                if len > MAX_SYNC_CHUNK
-                    || offset
-                        .checked_add(u64::from(len))
-                        .is_none_or(|e| e > vol.size())
-                {
+        tokio::select! {
+            msg = frames.next() => {
+                let msg = msg?;
+                if weak.upgrade().is_some_and(|v| v.passthrough()) {
+                    return refuse(&mut w, emergency_refusal(&d, &res)).await;
+                }
+                let Some(vol) = weak.upgrade().filter(|_| !r.leaving()) else {
+                    return refuse(&mut w, format!("{} left the primary role of {res}", d.host))
+                        .await;
+                };
+                let job = match msg {
+                    Message::SyncCheck {
+                        offset,
+                        len,
+                        digest,
+                    } => {
+                        if len > MAX_SYNC_CHUNK
+                            || offset
+                                .checked_add(u64::from(len))
+                                .is_none_or(|e| e > vol.size())
+                        {
+                            return refuse(
+                                &mut w,
+                                format!(
+                                    "sync chunk {offset}+{len} is outside the {}-byte device",
+                                    vol.size()
+                                ),
+                            )
+                            .await;
+                        }
+                        SyncJob::Check {
+                            offset,
+                            len,
+                            digest,
+                        }
+                    }
+                    Message::SyncStart { .. } => SyncJob::End,
+                    other => bail!(
+                        "unexpected message on the sync stream from {peer}: {}",
+                        describe(&other)
+                    ),
+                };
+                outstanding += 1;
+                if outstanding > MAX_SYNC_OUTSTANDING {
                     return refuse(
                         &mut w,
-                        format!(
-                            "sync chunk {offset}+{len} is outside the {}-byte device",
-                            vol.size()
-                        ),
+                        format!("more than {MAX_SYNC_OUTSTANDING} sync requests unanswered"),
                     )
                     .await;
                 }
-                let v = vol.clone();
-                let data = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    v.read(offset, &mut buf).map(|_| buf)
-                })
-                .await??;
-                let ours = xxhash_rust::xxh3::xxh3_128(&data).to_le_bytes();
-                let reply = if ours == digest {
-                    Message::SyncSame { offset }
-                } else {
-                    Message::SyncData { offset, data }
-                };
+                if jobs.send(job).is_err() {
+                    bail!("the sync worker for {peer} ended");
+                }
+            }
+            reply = replies.recv() => {
+                let reply = reply.ok_or_else(|| anyhow!("the sync worker for {peer} ended"))??;
+                outstanding -= 1;
+                if let Message::Refuse { reason } = reply {
+                    return refuse(&mut w, reason).await;
+                }
                 send(&mut w, &reply).await?;
-                // Flush only when the replica has nothing more queued for us: keeps frames
-                // batched while the window is full.
-                if frames.buffered() == 0 {
+                // Flush only when nothing else is ready: keeps frames batched.
+                if replies.is_empty() && frames.buffered() == 0 {
                     w.flush().await?;
                 }
             }
-            Message::SyncStart { .. } => {
+        }
+    }
+}
+
+/// Most sync requests a replica may have unanswered (it keeps a window of 32 chunks).
+const MAX_SYNC_OUTSTANDING: usize = 256;
+
+/// What the sync worker does for one request, in the order the requests came.
+enum SyncJob {
+    /// Compare the chunk with the replica's digest: `SyncSame`, or `SyncData` with our bytes.
+    Check {
+        offset: u64,
+        len: u32,
+        digest: [u8; 16],
+    },
+    /// The copy is complete: name the log position the replica must replay to (`SyncInfo`).
+    End,
+}
+
+/// Answers sync jobs until either channel closes. One read buffer for the whole session: a
+/// fresh megabyte per chunk cost more than reading and hashing it where first touches of new
+/// memory are slow (a VM).
+fn sync_worker(
+    vol: std::sync::Weak<Volume>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<SyncJob>,
+    replies: tokio::sync::mpsc::Sender<Result<Message>>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(job) = jobs.blocking_recv() {
+        let reply = match upgrade(&vol) {
+            Err(e) => Ok(Message::Refuse {
+                reason: e.to_string(),
+            }),
+            Ok(vol) => match job {
+                SyncJob::Check {
+                    offset,
+                    len,
+                    digest,
+                } => {
+                    buf.resize(len as usize, 0);
+                    vol.read(offset, &mut buf)
+                        .map_err(anyhow::Error::from)
+                        .map(|()| {
+                            if xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes() == digest {
+                                Message::SyncSame { offset }
+                            } else {
+                                Message::SyncData {
+                                    offset,
+                                    data: buf.clone(),
+                                }
+                            }
+                        })
+                }
                 // The copy read the newest data, durable or not: make it all durable before
                 // naming the position the replica must replay to, or a crash of this host
                 // could take back writes the replica already holds (found by mars-sim).
-                let v = vol.clone();
-                let now = tokio::task::spawn_blocking(move || v.flush()).await??;
-                send(
-                    &mut w,
-                    &Message::SyncInfo {
-                        size: vol.size(),
-                        file: now.file,
-                        offset: now.offset,
-                        prev_link: String::new(),
-                    },
-                )
-                .await?;
-                w.flush().await?;
-            }
-            other => bail!(
-                "unexpected message on the sync stream from {peer}: {}",
-                describe(&other)
-            ),
+                SyncJob::End => {
+                    vol.flush()
+                        .map_err(anyhow::Error::from)
+                        .map(|now| Message::SyncInfo {
+                            size: vol.size(),
+                            file: now.file,
+                            offset: now.offset,
+                            prev_link: String::new(),
+                        })
+                }
+            },
+        };
+        if replies.blocking_send(reply).is_err() {
+            return;
         }
     }
 }

@@ -1293,13 +1293,13 @@ impl Replica {
             self.check_consistent(&mut st);
             Ok(())
         };
-        while let Some(rec) = r.next_record()? {
+        while let Some(rec) = r.next_ref()? {
             mars_volume::apply(
                 &*self.disk,
                 rec.header.kind,
                 rec.header.offset,
                 rec.header.len,
-                &rec.payload,
+                rec.payload,
             )?;
             let n = rec.header.record_len() as u64;
             pos += n;
@@ -1479,31 +1479,38 @@ impl Replica {
         let mut inflight: std::collections::VecDeque<(u64, u64)> = Default::default();
         let mut since_persist = 0u64;
         let mut transferred = 0u64;
+        // The local disk is read and hashed on a thread of its own, at most a window ahead of
+        // what was sent, so that this work overlaps with the stream and the server's hashing
+        // (it ends when this session drops the receiver).
+        let mut digests = {
+            let (tx, rx) = tokio::sync::mpsc::channel(SYNC_WINDOW);
+            let disk = self.disk.clone();
+            tokio::task::spawn_blocking(move || hash_chunks(&*disk, done, size, &tx));
+            rx
+        };
         loop {
-            while inflight.len() < SYNC_WINDOW && next < size {
-                let len = SYNC_CHUNK.min(size - next);
-                let digest = tokio::task::block_in_place(|| -> Result<[u8; 16]> {
-                    let mut buf = vec![0u8; len as usize];
-                    read_full(&*self.disk, next, &mut buf)?;
-                    Ok(xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes())
-                })?;
-                crate::cluster::send(
-                    &mut s.w,
-                    &Message::SyncCheck {
-                        offset: next,
-                        len: len as u32,
-                        digest,
-                    },
-                )
-                .await?;
-                inflight.push_back((next, len));
-                next += len;
-            }
-            let Some(&(off, len)) = inflight.front() else {
+            if inflight.is_empty() && next >= size {
                 break;
-            };
+            }
             let msg = tokio::select! {
-                m = s.frames.next() => m?,
+                d = digests.recv(), if inflight.len() < SYNC_WINDOW && next < size => {
+                    let (at, len, digest) =
+                        d.ok_or_else(|| anyhow!("the sync's hashing thread ended"))??;
+                    debug_assert_eq!(at, next);
+                    crate::cluster::send(
+                        &mut s.w,
+                        &Message::SyncCheck {
+                            offset: at,
+                            len: len as u32,
+                            digest,
+                        },
+                    )
+                    .await?;
+                    inflight.push_back((at, len));
+                    next = at + len;
+                    continue;
+                }
+                m = s.frames.next(), if !inflight.is_empty() => m?,
                 _ = self.kick.notified() => {
                     if self.sync_must_stop(gen, host) {
                         tokio::task::block_in_place(|| self.persist_sync(gen, done, transferred))?;
@@ -1511,6 +1518,9 @@ impl Replica {
                     }
                     continue;
                 }
+            };
+            let Some(&(off, len)) = inflight.front() else {
+                bail!("sync reply without a request: {}", describe(&msg));
             };
             // As for fetch: a pause may have arrived while we were busy.
             if self.sync_must_stop(gen, host) {
@@ -1605,6 +1615,31 @@ impl Replica {
             crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
         }
         Ok(())
+    }
+}
+
+/// Reads and hashes (xxh3-128) `f` in [`SYNC_CHUNK`]s from `from` to `size`, sending
+/// `(offset, len, digest)` in order; stops at the first error (sent too) or when the receiver
+/// is gone. One buffer for every chunk: new memory costs more than the hashing where first
+/// touches are slow (a VM).
+fn hash_chunks(
+    f: &dyn File,
+    from: u64,
+    size: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<(u64, u64, [u8; 16])>>,
+) {
+    let mut buf = vec![0u8; SYNC_CHUNK.min(size.saturating_sub(from)) as usize];
+    let mut at = from;
+    while at < size {
+        let len = SYNC_CHUNK.min(size - at);
+        let b = &mut buf[..len as usize];
+        let r =
+            read_full(f, at, b).map(|()| (at, len, xxhash_rust::xxh3::xxh3_128(b).to_le_bytes()));
+        let failed = r.is_err();
+        if tx.blocking_send(r).is_err() || failed {
+            return;
+        }
+        at += len;
     }
 }
 

@@ -25,7 +25,7 @@ use mars_storage::{Dir, OpenMode};
 pub use error::LogError;
 pub use format::{DecodeError, Header, Kind};
 pub use name::{LogName, LogPos, MAX_LOG_NO};
-pub use reader::{check_file, FileCheck, LogReader, Record};
+pub use reader::{check_file, FileCheck, LogReader, Record, RecordRef};
 pub use writer::{system_clock, Appended, Appender, AppenderConfig, Clock};
 
 /// The logfiles in `dir`, sorted, without checking the sequence (for cleaning up around a

@@ -24,6 +24,15 @@ pub struct Record {
     pub payload: Vec<u8>,
 }
 
+/// One record as read from a logfile, its payload borrowed from the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub header: Header,
+    /// Byte offset of the record inside its logfile.
+    pub file_offset: u64,
+    pub payload: &'a [u8],
+}
+
 /// How a read attempt at some offset ended without a record.
 #[derive(Debug)]
 pub enum Stop {
@@ -104,6 +113,36 @@ impl LogReader {
 
     /// The next record, or why there is none.
     pub fn try_next(&mut self) -> Result<Result<Record, Stop>, LogError> {
+        Ok(self.try_next_ref()?.map(|r| Record {
+            header: r.header,
+            file_offset: r.file_offset,
+            payload: r.payload.to_vec(),
+        }))
+    }
+
+    /// Like [`LogReader::try_next`], but the payload stays in the reader's read-ahead buffer
+    /// (valid until the next call): replay copies it once, straight to where it goes.
+    pub fn try_next_ref(&mut self) -> Result<Result<RecordRef<'_>, Stop>, LogError> {
+        Ok(self.advance()?.map(|(h, at)| self.record_ref(h, at)))
+    }
+
+    /// [`LogReader::next_record`] without copying the payload (see [`LogReader::try_next_ref`]).
+    pub fn next_ref(&mut self) -> Result<Option<RecordRef<'_>>, LogError> {
+        let pos = self.pos;
+        match self.advance()? {
+            Ok((h, at)) => Ok(Some(self.record_ref(h, at))),
+            Err(Stop::End) => Ok(None),
+            Err(Stop::Bad(reason)) => Err(LogError::Corrupt {
+                file: self.name.clone(),
+                offset: pos,
+                reason,
+            }),
+        }
+    }
+
+    /// Reads and verifies the record at the current position and moves past it; returns its
+    /// header and file offset (its bytes are in `buf`).
+    fn advance(&mut self) -> Result<Result<(Header, u64), Stop>, LogError> {
         if self.pos >= self.end {
             return Ok(Err(Stop::End));
         }
@@ -114,29 +153,33 @@ impl LogReader {
             Err(e) => return Ok(Err(Stop::Bad(e))),
         };
         let whole = self.fill(needed.min(HEADER_LEN + MAX_PAYLOAD as usize))?;
-        match decode(whole) {
-            Ok(h) => {
-                let payload = whole[HEADER_LEN..h.record_len()].to_vec();
-                if let Some(expected) = self.next_seq {
-                    if h.seq != expected {
-                        return Err(LogError::Sequence {
-                            file: self.name.clone(),
-                            offset: self.pos,
-                            expected,
-                            found: h.seq,
-                        });
-                    }
-                }
-                let rec = Record {
-                    header: h,
-                    file_offset: self.pos,
-                    payload,
-                };
-                self.pos += h.record_len() as u64;
-                self.next_seq = Some(h.seq + 1);
-                Ok(Ok(rec))
+        let h = match decode(whole) {
+            Ok(h) => h,
+            Err(e) => return Ok(Err(Stop::Bad(e))),
+        };
+        if let Some(expected) = self.next_seq {
+            if h.seq != expected {
+                return Err(LogError::Sequence {
+                    file: self.name.clone(),
+                    offset: self.pos,
+                    expected,
+                    found: h.seq,
+                });
             }
-            Err(e) => Ok(Err(Stop::Bad(e))),
+        }
+        let at = self.pos;
+        self.pos += h.record_len() as u64;
+        self.next_seq = Some(h.seq + 1);
+        Ok(Ok((h, at)))
+    }
+
+    /// The record `advance` just passed; its bytes are still in `buf` (`fill` made them so).
+    fn record_ref(&self, header: Header, file_offset: u64) -> RecordRef<'_> {
+        let o = (file_offset - self.buf.start) as usize;
+        RecordRef {
+            header,
+            file_offset,
+            payload: &self.buf.data[o + HEADER_LEN..o + header.record_len()],
         }
     }
 

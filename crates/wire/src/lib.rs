@@ -241,13 +241,45 @@ impl Hello {
 
 /// Appends one frame carrying `msg` to `out`.
 pub fn encode_frame(msg: &Message, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[0; 4]);
-    msg.encode(out);
-    let body_len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&body_len.to_le_bytes());
-    let crc = crc32c::crc32c(&out[start + 4..]);
-    out.extend_from_slice(&crc.to_le_bytes());
+    let f = frame_parts(msg);
+    out.reserve(f.head.len() + f.payload.len() + f.crc.len());
+    out.extend_from_slice(&f.head);
+    out.extend_from_slice(f.payload);
+    out.extend_from_slice(&f.crc);
+}
+
+/// One frame in three pieces, to be sent in this order: a large binary payload (log data, a
+/// device chunk) is written from where it lies instead of being copied into the frame first.
+#[derive(Debug)]
+pub struct FrameParts<'a> {
+    /// Body length, type and every field up to the payload (its length included).
+    pub head: Vec<u8>,
+    /// The binary payload of `LogData`/`SyncData`; empty for other messages.
+    pub payload: &'a [u8],
+    /// crc32c of type + payload fields, as in [`encode_frame`].
+    pub crc: [u8; 4],
+}
+
+/// The frame carrying `msg`, in pieces (see [`FrameParts`]).
+pub fn frame_parts(msg: &Message) -> FrameParts<'_> {
+    let mut head = Vec::with_capacity(64);
+    head.extend_from_slice(&[0; 4]);
+    let payload = msg.encode_split(&mut head);
+    let body_len = (head.len() - 4 + payload.len()) as u32;
+    head[..4].copy_from_slice(&body_len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[4..]), payload);
+    FrameParts {
+        head,
+        payload,
+        crc: crc.to_le_bytes(),
+    }
+}
+
+/// The length of the frame that starts `buf`, once its length field has arrived (so that a
+/// reader can make room for all of it at once).
+pub fn frame_len(buf: &[u8]) -> Option<usize> {
+    let len = u32::from_le_bytes(buf.get(..4)?.try_into().expect("4 bytes"));
+    Some(FRAME_OVERHEAD + len.min(MAX_FRAME) as usize)
 }
 
 /// Decodes one frame from the start of `buf`: `Ok(None)` if it is not complete yet, else the

@@ -161,9 +161,14 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
 /// Binary payload: `u32` length, then the bytes. Callers keep `b` within [`MAX_DATA`]; a longer
 /// one would not fit a frame and is refused by the decoder.
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    put_len(out, b);
+    out.extend_from_slice(b);
+}
+
+/// The `u32` length that precedes a binary payload.
+fn put_len(out: &mut Vec<u8>, b: &[u8]) {
     debug_assert!(b.len() <= MAX_DATA as usize, "payload of {} bytes", b.len());
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    out.extend_from_slice(b);
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -258,6 +263,30 @@ impl Message {
             Message::SyncCheck { .. } => 22,
             Message::SyncSame { .. } => 23,
             Message::SyncData { .. } => 24,
+        }
+    }
+
+    /// Encodes the message into `out`, except that the binary payload of `LogData` and
+    /// `SyncData` (always the last field) is left out after its length and returned instead.
+    pub(crate) fn encode_split<'a>(&'a self, out: &mut Vec<u8>) -> &'a [u8] {
+        match self {
+            Message::LogData { file, offset, data } => {
+                out.push(self.type_byte());
+                put_u64(out, *file);
+                put_u64(out, *offset);
+                put_len(out, data);
+                data
+            }
+            Message::SyncData { offset, data } => {
+                out.push(self.type_byte());
+                put_u64(out, *offset);
+                put_len(out, data);
+                data
+            }
+            _ => {
+                self.encode(out);
+                &[]
+            }
         }
     }
 

@@ -441,3 +441,46 @@ proptest! {
         let _ = Message::decode(&b);
     }
 }
+
+#[test]
+fn frame_parts_leave_the_payload_where_it_lies() {
+    let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+    for m in [
+        Message::LogData {
+            file: 42,
+            offset: 4096,
+            data: data.clone(),
+        },
+        Message::SyncData {
+            offset: 1 << 20,
+            data: data.clone(),
+        },
+        Message::SyncSame { offset: 7 },
+    ] {
+        let f = frame_parts(&m);
+        let payload_here = !f.payload.is_empty();
+        assert_eq!(payload_here, !matches!(m, Message::SyncSame { .. }));
+        if payload_here {
+            assert_eq!(f.payload.as_ptr(), data_of(&m).as_ptr(), "not copied");
+        }
+        let mut joined = f.head.clone();
+        joined.extend_from_slice(f.payload);
+        joined.extend_from_slice(&f.crc);
+        let mut whole = Vec::new();
+        encode_frame(&m, &mut whole);
+        assert_eq!(joined, whole);
+        assert_eq!(frame_len(&joined), Some(joined.len()));
+        assert_eq!(frame_len(&joined[..3]), None);
+        assert_eq!(
+            decode_frame(&joined).unwrap(),
+            Some((m.clone(), joined.len()))
+        );
+    }
+}
+
+fn data_of(m: &Message) -> &[u8] {
+    match m {
+        Message::LogData { data, .. } | Message::SyncData { data, .. } => data,
+        _ => &[],
+    }
+}
