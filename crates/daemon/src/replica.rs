@@ -1143,8 +1143,19 @@ impl Replica {
             if self.stopped() {
                 return;
             }
+            // At the start of a logfile the entry check compares version links. This host's
+            // own links are read from the store, where this host alone writes them: the
+            // replica's copy of the metadata lags it by up to a reconcile round, and a full sync
+            // that purged and adopted links at its start may finish within that round (then
+            // replay judged the next logfile by our link from before the purge: a false fork).
+            let at_entry = {
+                let st = lock(&self.st);
+                st.applied.offset == 0 && st.files.contains_key(&st.applied.file)
+            };
+            let fresh = at_entry.then(|| self.fresh_meta(&d)).flatten();
             let step = {
                 let mut st = lock(&self.st);
+                let meta = fresh.unwrap_or_else(|| st.meta.clone());
                 let copying = st.sync.as_ref().is_some_and(|s| s.end.is_none());
                 if !st.todo.replay
                     || !st.attached
@@ -1163,12 +1174,12 @@ impl Replica {
                                 Some((prev, from, link))
                                     if *prev + 1 == no
                                         && *from == f.origin
-                                        && st.meta.version(*prev, &self.me) == Some(link)
-                                        && st.meta.version(*prev, from).is_none() =>
+                                        && meta.version(*prev, &self.me) == Some(link)
+                                        && meta.version(*prev, from).is_none() =>
                                 {
                                     ChainCheck::Ok(link.clone())
                                 }
-                                _ => entry_check(&st.meta, &self.me, no, &f.origin),
+                                _ => entry_check(&meta, &self.me, no, &f.origin),
                             }
                         }
                         _ => ChainCheck::Ok(String::new()),
@@ -1228,7 +1239,11 @@ impl Replica {
                     }
                 }
                 Step::Finish(no, origin, len, gen) => {
-                    let meta = lock(&self.st).meta.clone();
+                    // Our link of the logfile before, which ours of this one chains on: from
+                    // the store (see the entry check above).
+                    let meta = self
+                        .fresh_meta(&d)
+                        .unwrap_or_else(|| lock(&self.st).meta.clone());
                     match next_file_check(&meta, &self.me, no, &origin, len) {
                         ChainCheck::Ok(link) => {
                             if lock(&self.st).generation != gen {
@@ -1273,6 +1288,14 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// The resource's metadata as the store holds it now (`None` once the daemon is gone, or
+    /// if the store cannot be read: then the replica's copy has to do).
+    fn fresh_meta(&self, d: &Weak<Daemon>) -> Option<Arc<ResourceMeta>> {
+        let d = d.upgrade()?;
+        let meta = crate::state::resource_meta(&d.cluster.store(), &self.res);
+        meta.ok().map(Arc::new)
     }
 
     /// Applies records `[from, to)` of `name` to the disk, persisting the position in batches.

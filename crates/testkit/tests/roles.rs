@@ -478,3 +478,78 @@ fn forced_switch_refused_when_the_local_log_is_damaged_after_the_replay_position
     b.ok(&["resume-fetch", "r"]);
     c.assert_converged(0);
 }
+
+/// MARS's `no_full_replay` cell of the forced-switch matrix: the log the new primary would take
+/// over is destroyed after its replay position while the old primary is gone, so
+/// `primary --force` must refuse; the operator recreates the resource from the replica's disk
+/// (`delete-resource --force`, `create-resource` on the same disk), which keeps what was
+/// replayed and serves it. The old primary, back later, must not take its stale history into
+/// the new resource: it stays a secondary that sees a split brain, and `invalidate` brings it
+/// into the new resource by full sync.
+#[test]
+fn forced_switch_refused_on_a_destroyed_log_then_the_resource_is_recreated() {
+    let t = tmp();
+    let mut c = Cluster::new(t.path(), 2);
+    let b = &c.hosts[1];
+    b.ok(&["pause-replay", "r"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let names = mars_testkit::repl::logfiles(b, "r");
+    let name = names.last().expect("a logfile").clone();
+    let path = b.root.join("resource-r").join(&name);
+    let replayed = std::fs::metadata(&path).unwrap().len();
+    for i in 0..4 {
+        write_random(&c.hosts[0], "r", t.path(), (8 + i) * MIB, MIB as usize);
+    }
+    c.wait(30, "b fetched the writes", || {
+        std::fs::metadata(&path).unwrap().len() > replayed + 3 * MIB
+    });
+    c.hosts[0].kill9();
+    let b = &c.hosts[1];
+    b.ok(&["pause-fetch", "r"]);
+    // Destroy what b fetched after its replay position.
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let at = replayed + (len - replayed) / 2;
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 64], at).unwrap();
+    f.sync_all().unwrap();
+    b.ok(&["resume-replay", "r"]);
+    c.wait(30, "b's replay stops at the damage", || {
+        b.view("diskstate", "r").starts_with("DefectiveLog")
+    });
+    let msg = b.refused(&["primary", "--force", "r"]);
+    assert!(msg.contains("damaged"), "{msg}");
+
+    // Recreate the resource on b's disk: what b replayed is kept and served.
+    let before = std::fs::read(&c.disks[1]).unwrap();
+    b.ok(&["--force", "delete-resource", "r"]);
+    b.ok(&["create-resource", "r", c.disks[1].to_str().unwrap()]);
+    c.wait(30, "b primary of the new r", || {
+        b.view("role", "r") == "Primary"
+    });
+    let mut client = Client::connect(&b.nbd_socket(), "r").unwrap();
+    let mut served = vec![0u8; SIZE as usize];
+    client.read(0, &mut served).unwrap();
+    assert!(
+        served == before,
+        "the recreated resource serves what b had replayed"
+    );
+    drop(client);
+    write_random(b, "r", t.path(), 16 * MIB, 2 * MIB as usize);
+
+    // The old primary comes back: its membership key still names it, but its history (the
+    // writes b never replayed) is not the new resource's. It must not serve, nor be taken
+    // for up to date: a split brain, resolved by invalidate like any other.
+    c.hosts[0].start_again();
+    c.wait(
+        30,
+        "a back as a secondary that sees the split brain",
+        || {
+            c.hosts[0].view("role", "r") == "Secondary"
+                && c.hosts.iter().all(|h| h.view("is-split-brain", "r") == "1")
+        },
+    );
+    assert_eq!(c.hosts[0].view("primarynode", "r"), "b");
+    assert!(c.hosts[0].device("r").is_none(), "a serves no device");
+    c.hosts[0].ok(&["invalidate", "r"]);
+    c.assert_converged(1);
+}
