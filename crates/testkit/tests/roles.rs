@@ -435,48 +435,55 @@ fn split_brain_resolved_by_leave_and_join_and_by_log_purge_all() {
 #[test]
 fn forced_switch_refused_when_the_local_log_is_damaged_after_the_replay_position() {
     let t = tmp();
-    let c = Cluster::new(t.path(), 2);
-    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let mut c = Cluster::new(t.path(), 2);
+    damage_the_unreplayed_log_and_force(&mut c, t.path(), false);
+    assert_eq!(c.hosts[1].view("primarynode", "r"), "a");
+    c.hosts[1].ok(&["resume-fetch", "r"]);
+    c.assert_converged(0);
+}
+
+/// b pauses replay, fetches 4 MiB more of a's writes, pauses fetch (after a was killed, with
+/// `kill_a`); the middle of what b fetched but did not replay is overwritten; b's replay stops
+/// there (`DefectiveLog`), and `primary --force` on b is refused: it would drop what follows.
+fn damage_the_unreplayed_log_and_force(c: &mut Cluster, t: &Path, kill_a: bool) {
+    let b = &c.hosts[1];
     b.ok(&["pause-replay", "r"]);
     std::thread::sleep(Duration::from_secs(1));
-    let newest = || {
-        let names = mars_testkit::repl::logfiles(b, "r");
-        let n = names.last().expect("a logfile").clone();
-        let len = std::fs::metadata(b.root.join("resource-r").join(&n))
-            .unwrap()
-            .len();
-        (n, len)
-    };
-    let (name, replayed) = newest();
+    let names = mars_testkit::repl::logfiles(b, "r");
+    let name = names.last().expect("a logfile").clone();
+    let path = b.root.join("resource-r").join(&name);
+    let replayed = std::fs::metadata(&path).unwrap().len();
     for i in 0..4 {
-        write_random(a, "r", t.path(), (8 + i) * MIB, MIB as usize);
+        write_random(&c.hosts[0], "r", t, (8 + i) * MIB, MIB as usize);
     }
     c.wait(30, "b fetched the writes", || {
-        let (n, l) = newest();
-        n == name && l > replayed + 3 * MIB
+        logfiles_of(&c.hosts[1]).last() == Some(&name)
+            && std::fs::metadata(&path).unwrap().len() > replayed + 3 * MIB
     });
+    if kill_a {
+        c.hosts[0].kill9();
+    }
+    let b = &c.hosts[1];
     b.ok(&["pause-fetch", "r"]);
     std::thread::sleep(Duration::from_secs(1));
     // Flip bytes in the middle of what b fetched but has not replayed.
-    let (_, len) = newest();
-    let path = b.root.join("resource-r").join(&name);
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let at = replayed + (len - replayed) / 2;
     std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 64], at).unwrap();
     f.sync_all().unwrap();
     b.ok(&["resume-replay", "r"]);
     c.wait(30, "b's replay stops at the damage", || {
-        b.view("diskstate", "r").starts_with("DefectiveLog")
+        c.hosts[1]
+            .view("diskstate", "r")
+            .starts_with("DefectiveLog")
     });
-    let msg = b.refused(&["primary", "--force", "r"]);
+    let msg = c.hosts[1].refused(&["primary", "--force", "r"]);
     assert!(msg.contains("damaged"), "{msg}");
-    assert_eq!(b.view("primarynode", "r"), "a");
-    b.ok(&["resume-fetch", "r"]);
-    c.assert_converged(0);
+}
+
+fn logfiles_of(h: &Host) -> Vec<String> {
+    mars_testkit::repl::logfiles(h, "r")
 }
 
 /// MARS's `no_full_replay` cell of the forced-switch matrix: the log the new primary would take
@@ -490,34 +497,8 @@ fn forced_switch_refused_when_the_local_log_is_damaged_after_the_replay_position
 fn forced_switch_refused_on_a_destroyed_log_then_the_resource_is_recreated() {
     let t = tmp();
     let mut c = Cluster::new(t.path(), 2);
+    damage_the_unreplayed_log_and_force(&mut c, t.path(), true);
     let b = &c.hosts[1];
-    b.ok(&["pause-replay", "r"]);
-    std::thread::sleep(Duration::from_secs(1));
-    let names = mars_testkit::repl::logfiles(b, "r");
-    let name = names.last().expect("a logfile").clone();
-    let path = b.root.join("resource-r").join(&name);
-    let replayed = std::fs::metadata(&path).unwrap().len();
-    for i in 0..4 {
-        write_random(&c.hosts[0], "r", t.path(), (8 + i) * MIB, MIB as usize);
-    }
-    c.wait(30, "b fetched the writes", || {
-        std::fs::metadata(&path).unwrap().len() > replayed + 3 * MIB
-    });
-    c.hosts[0].kill9();
-    let b = &c.hosts[1];
-    b.ok(&["pause-fetch", "r"]);
-    // Destroy what b fetched after its replay position.
-    let len = std::fs::metadata(&path).unwrap().len();
-    let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-    let at = replayed + (len - replayed) / 2;
-    std::os::unix::fs::FileExt::write_all_at(&f, &[0x55; 64], at).unwrap();
-    f.sync_all().unwrap();
-    b.ok(&["resume-replay", "r"]);
-    c.wait(30, "b's replay stops at the damage", || {
-        b.view("diskstate", "r").starts_with("DefectiveLog")
-    });
-    let msg = b.refused(&["primary", "--force", "r"]);
-    assert!(msg.contains("damaged"), "{msg}");
 
     // Recreate the resource on b's disk: what b replayed is kept and served.
     let before = std::fs::read(&c.disks[1]).unwrap();
