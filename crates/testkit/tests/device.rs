@@ -304,6 +304,8 @@ fn fio_verify_on_the_device_then_replicas_equal() {
                 "--do_verify=1",
                 "--verify_fatal=1",
             ])
+            // fio saves its verify state in the working directory: keep it out of the tree.
+            .current_dir(t.path())
             .output()
             .expect("fio");
         assert!(
