@@ -501,7 +501,7 @@ fn damage_the_unreplayed_log_and_force(c: &mut Cluster, t: &Path, kill_a: bool) 
         write_random(&c.hosts[0], "r", t, (8 + i) * MIB, MIB as usize);
     }
     c.wait(30, "b fetched the writes", || {
-        logfiles_of(&c.hosts[1]).last() == Some(&name)
+        mars_testkit::repl::logfiles(&c.hosts[1], "r").last() == Some(&name)
             && std::fs::metadata(&path).unwrap().len() > replayed + 3 * MIB
     });
     if kill_a {
@@ -524,10 +524,6 @@ fn damage_the_unreplayed_log_and_force(c: &mut Cluster, t: &Path, kill_a: bool) 
     });
     let msg = c.hosts[1].refused(&["primary", "--force", "r"]);
     assert!(msg.contains("damaged"), "{msg}");
-}
-
-fn logfiles_of(h: &Host) -> Vec<String> {
-    mars_testkit::repl::logfiles(h, "r")
 }
 
 /// MARS's `no_full_replay` cell of the forced-switch matrix: the log the new primary would take

@@ -33,6 +33,17 @@ pub struct RecordRef<'a> {
     pub payload: &'a [u8],
 }
 
+impl RecordRef<'_> {
+    /// The record with its payload copied out of the reader.
+    pub fn to_record(&self) -> Record {
+        Record {
+            header: self.header,
+            file_offset: self.file_offset,
+            payload: self.payload.to_vec(),
+        }
+    }
+}
+
 /// How a read attempt at some offset ended without a record.
 #[derive(Debug)]
 pub enum Stop {
@@ -113,20 +124,14 @@ impl LogReader {
 
     /// The next record, or why there is none.
     pub fn try_next(&mut self) -> Result<Result<Record, Stop>, LogError> {
-        Ok(self.try_next_ref()?.map(|r| Record {
-            header: r.header,
-            file_offset: r.file_offset,
-            payload: r.payload.to_vec(),
-        }))
+        Ok(self
+            .advance()?
+            .map(|(h, at)| self.record_ref(h, at).to_record()))
     }
 
-    /// Like [`LogReader::try_next`], but the payload stays in the reader's read-ahead buffer
-    /// (valid until the next call): replay copies it once, straight to where it goes.
-    pub fn try_next_ref(&mut self) -> Result<Result<RecordRef<'_>, Stop>, LogError> {
-        Ok(self.advance()?.map(|(h, at)| self.record_ref(h, at)))
-    }
-
-    /// [`LogReader::next_record`] without copying the payload (see [`LogReader::try_next_ref`]).
+    /// [`LogReader::next_record`] without copying the payload: it stays in the reader's
+    /// read-ahead buffer (valid until the next call), and replay copies it once, straight to
+    /// where it goes.
     pub fn next_ref(&mut self) -> Result<Option<RecordRef<'_>>, LogError> {
         let pos = self.pos;
         match self.advance()? {
@@ -185,15 +190,7 @@ impl LogReader {
 
     /// The next record; `None` at the clean end; any damage is an error naming file and offset.
     pub fn next_record(&mut self) -> Result<Option<Record>, LogError> {
-        match self.try_next()? {
-            Ok(r) => Ok(Some(r)),
-            Err(Stop::End) => Ok(None),
-            Err(Stop::Bad(reason)) => Err(LogError::Corrupt {
-                file: self.name.clone(),
-                offset: self.pos,
-                reason,
-            }),
-        }
+        Ok(self.next_ref()?.map(|r| r.to_record()))
     }
 
     /// Is there a valid record anywhere after `from` (with a sequence number above `min_seq`)?

@@ -158,14 +158,9 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
 }
 
-/// Binary payload: `u32` length, then the bytes. Callers keep `b` within [`MAX_DATA`]; a longer
-/// one would not fit a frame and is refused by the decoder.
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    put_len(out, b);
-    out.extend_from_slice(b);
-}
-
-/// The `u32` length that precedes a binary payload.
+/// The `u32` length of a binary payload, which follows it (sent apart: see
+/// [`Message::encode_split`]). Callers keep `b` within [`MAX_DATA`]; a longer one would not fit
+/// a frame and is refused by the decoder.
 fn put_len(out: &mut Vec<u8>, b: &[u8]) {
     debug_assert!(b.len() <= MAX_DATA as usize, "payload of {} bytes", b.len());
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
@@ -267,30 +262,9 @@ impl Message {
     }
 
     /// Encodes the message into `out`, except that the binary payload of `LogData` and
-    /// `SyncData` (always the last field) is left out after its length and returned instead.
-    pub(crate) fn encode_split<'a>(&'a self, out: &mut Vec<u8>) -> &'a [u8] {
-        match self {
-            Message::LogData { file, offset, data } => {
-                out.push(self.type_byte());
-                put_u64(out, *file);
-                put_u64(out, *offset);
-                put_len(out, data);
-                data
-            }
-            Message::SyncData { offset, data } => {
-                out.push(self.type_byte());
-                put_u64(out, *offset);
-                put_len(out, data);
-                data
-            }
-            _ => {
-                self.encode(out);
-                &[]
-            }
-        }
-    }
-
-    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
+    /// `SyncData` (always the last field) is left out after its length and returned: the
+    /// frame writer sends it from where it lies.
+    pub(crate) fn encode_split(&self, out: &mut Vec<u8>) -> &[u8] {
         out.push(self.type_byte());
         match self {
             Message::Refuse { reason } => put_str(out, reason),
@@ -336,7 +310,8 @@ impl Message {
             Message::LogData { file, offset, data } => {
                 put_u64(out, *file);
                 put_u64(out, *offset);
-                put_bytes(out, data);
+                put_len(out, data);
+                return data;
             }
             Message::LogEnd { file, len } => {
                 put_u64(out, *file);
@@ -379,9 +354,11 @@ impl Message {
             Message::SyncSame { offset } => put_u64(out, *offset),
             Message::SyncData { offset, data } => {
                 put_u64(out, *offset);
-                put_bytes(out, data);
+                put_len(out, data);
+                return data;
             }
         }
+        &[]
     }
 
     pub(crate) fn decode(body: &[u8]) -> Result<Message, WireError> {

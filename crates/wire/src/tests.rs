@@ -214,7 +214,8 @@ fn stream_messages() -> Vec<Message> {
 
 fn body_of(m: &Message) -> Vec<u8> {
     let mut b = Vec::new();
-    m.encode(&mut b);
+    let payload = m.encode_split(&mut b).to_vec();
+    b.extend_from_slice(&payload);
     b
 }
 
