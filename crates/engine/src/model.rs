@@ -38,7 +38,7 @@ impl Todo {
             _ => return None,
         })
     }
-    fn set(&mut self, switch: &str, on: bool) {
+    pub(crate) fn set(&mut self, switch: &str, on: bool) {
         match switch {
             "attach" => self.attach = on,
             "sync" => self.sync = on,
@@ -125,6 +125,8 @@ pub struct Report {
     /// designation: an older report may predate a short primary period of that member whose
     /// writes the new primary never saw (found by mars-sim, seed 4122).
     pub designation: u64,
+    /// What `stuck` is about (absent in reports of older versions: then the text decides).
+    pub stuck_kind: Option<crate::reason::StuckKind>,
 }
 
 impl Report {
@@ -180,6 +182,27 @@ impl ResourceMeta {
             chain_starts: BTreeMap::new(),
             systemd: Default::default(),
         }
+    }
+
+    /// Builds the resource from store entries `(key, value, stamp)`: like
+    /// [`ResourceMeta::from_entries`], plus the Lamport stamps decisions need (the
+    /// designation's and the systemd want's).
+    pub fn from_stamped<'a>(
+        name: ResourceName,
+        entries: impl IntoIterator<Item = (&'a str, &'a str, u64)>,
+    ) -> Self {
+        let entries: Vec<(&str, &str, u64)> = entries.into_iter().collect();
+        let mut m = Self::from_entries(name, entries.iter().map(|(k, v, _)| (*k, *v)));
+        let primary = keys::primary(&m.name);
+        let want = keys::systemd_want(&m.name);
+        for (k, _, stamp) in &entries {
+            if *k == primary {
+                m.designation = *stamp;
+            } else if *k == want {
+                m.systemd.want_stamp = *stamp;
+            }
+        }
+        m
     }
 
     /// Builds the resource from its keys (anything not below `resource-RES/` is ignored).

@@ -6,6 +6,7 @@ use std::time::Duration;
 use mars_config::{format_size, HostName};
 
 use crate::model::{ResourceMeta, Role};
+use crate::reason::StuckKind;
 use crate::version;
 
 /// The lowest logfile number that some member still needs, so that every host may delete its
@@ -25,6 +26,20 @@ pub fn reclaim_below(
     meta.members
         .iter()
         .filter(|(h, _)| *h == me || ages.get(*h).is_some_and(|a| *a <= limit))
+        .filter_map(|(_, m)| m.report.as_ref()?.pin)
+        .min()
+}
+
+/// [`reclaim_below`] with the members that still pin given as a predicate (the engine's
+/// liveness: reachable within `defaults/unreachable-limit`).
+pub fn reclaim_below_by(
+    meta: &ResourceMeta,
+    me: &HostName,
+    pinning: &dyn Fn(&HostName) -> bool,
+) -> Option<u64> {
+    meta.members
+        .iter()
+        .filter(|(h, _)| *h == me || pinning(h))
         .filter_map(|(_, m)| m.report.as_ref()?.pin)
         .min()
 }
@@ -220,7 +235,16 @@ pub fn member_state(
     // replica forked at logfile N was confirmed at the start of N+1 and showed `UpToDate`).
     // Likewise a replica whose replay waits for a version link: whether its history is the
     // source's is not known yet.
-    let unverified = r.stuck.as_deref().is_some_and(|s| s.contains(LINK_WAIT));
+    let kind = r.stuck_kind;
+    let unverified = match kind {
+        Some(k) => k == StuckKind::LinkWait,
+        // A report of an older version: its text tells.
+        None => r.stuck.as_deref().is_some_and(|s| s.contains(LINK_WAIT)),
+    };
+    let damaged = match kind {
+        Some(k) => k == StuckKind::Damaged,
+        None => r.stuck.as_deref().is_some_and(|s| s.contains("damaged")),
+    };
     // And one whose published links differ from the designated primary's: another history,
     // even while its replay (paused, say) has not noticed yet.
     let diverged = meta.primary.as_ref().is_some_and(|p| {
@@ -250,7 +274,7 @@ pub fn member_state(
         "Detached".to_string()
     } else if primary && r.emergency {
         "EmergencyMode".to_string()
-    } else if let Some(s) = r.stuck.as_deref().filter(|s| s.contains("damaged")) {
+    } else if let Some(s) = r.stuck.as_deref().filter(|_| damaged) {
         format!("DefectiveLog[{}]", s.split(':').next().unwrap_or(s))
     } else if primary && r.stuck.is_some() {
         // The primary reports an I/O error of its volume (writeback or log).

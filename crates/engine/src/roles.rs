@@ -25,6 +25,7 @@ use mars_config::HostName;
 use mars_txlog::LogPos;
 
 use crate::model::{ResourceMeta, Role};
+use crate::reason::PromotionWait;
 use crate::version;
 
 /// Members other than `me` that report acting as primary.
@@ -73,7 +74,7 @@ pub fn fetch_source(
 pub enum Promotion {
     Go,
     /// Not yet: the reason is shown as the replication state's detail.
-    Wait(String),
+    Wait(PromotionWait),
 }
 
 /// Planned: every other member has left the primary role, and this replica has applied
@@ -97,7 +98,7 @@ pub fn promotion(
         return Promotion::Go;
     }
     if let Some(p) = actual_primaries(meta, me).next() {
-        return Promotion::Wait(format!("waiting for {p} to leave the primary role"));
+        return Promotion::Wait(PromotionWait::OldPrimaryActs(p.clone()));
     }
     // A report made before the member learnt of this designation may predate a primary
     // period of its own (it became primary, wrote, and is leaving again for us): its log end
@@ -110,17 +111,26 @@ pub fn promotion(
                 .as_ref()
                 .is_some_and(|r| r.designation < meta.designation)
     }) {
-        return Promotion::Wait(format!("waiting for {h} to report under this designation"));
+        return Promotion::Wait(PromotionWait::NoReport(h.clone()));
+    }
+    // A report made under a *newer* designation than ours: another `primary` command was
+    // written after ours and wins (last writer wins) once its entry reaches us. This is what
+    // lets a planned promotion go without a settle time: every reachable member has reported
+    // exactly this designation.
+    if let Some((h, _)) = meta.members.iter().find(|(h, m)| {
+        *h != me
+            && alive(h)
+            && m.report
+                .as_ref()
+                .is_some_and(|r| r.designation > meta.designation)
+    }) {
+        return Promotion::Wait(PromotionWait::NewerDesignation(h.clone()));
     }
     // Log ends of different histories cannot be compared: ours may look ahead of a side whose
     // writes would then be dropped without anybody choosing so (found by the simulation,
     // `mars-sim`: a handover started before the split brain showed completed after it).
     if let Some(sb) = split_brain(meta, alive) {
-        return Promotion::Wait(format!(
-            "split brain from logfile {}: resolve it first (`invalidate` the other side) or \
-             take over with `primary --force`",
-            sb.logfile
-        ));
+        return Promotion::Wait(PromotionWait::SplitBrain(sb.logfile));
     }
     let newest = meta
         .members
@@ -129,13 +139,16 @@ pub fn promotion(
         .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
         .max();
     match newest {
-        Some((end, h)) if end > applied && alive(h) => Promotion::Wait(format!(
-            "catching up with {h}: applied {applied}, {h} has {end}"
-        )),
-        Some((end, h)) if end > applied => Promotion::Wait(format!(
-            "{h} reported log end {end}, beyond ours ({applied}), and is unreachable: a \
-             handover without loss needs it (`primary --force` takes over without it)"
-        )),
+        Some((end, h)) if end > applied && alive(h) => Promotion::Wait(PromotionWait::CatchingUp {
+            host: h.clone(),
+            applied,
+            end,
+        }),
+        Some((end, h)) if end > applied => Promotion::Wait(PromotionWait::UnreachableAhead {
+            host: h.clone(),
+            applied,
+            end,
+        }),
         _ => behind_in_our_history(meta, me, applied, alive),
     }
 }
@@ -169,16 +182,16 @@ fn behind_in_our_history(
         match in_our_history(meta, me, applied, h, end) {
             Some(true) => {}
             Some(false) => {
-                return Promotion::Wait(format!(
-                    "{h}'s log end {end} is on another history than ours: resolve the split \
-                     brain first (`invalidate` there) or take over with `primary --force`"
-                ))
+                return Promotion::Wait(PromotionWait::OtherHistory {
+                    host: h.clone(),
+                    end,
+                })
             }
             None if alive(h) => {
-                return Promotion::Wait(format!(
-                    "cannot tell from the version links whether {h}'s log end {end} is in our \
-                     history (waiting for links; `primary --force` takes over regardless)"
-                ))
+                return Promotion::Wait(PromotionWait::CannotTell {
+                    host: h.clone(),
+                    end,
+                })
             }
             None => {}
         }
@@ -478,7 +491,7 @@ mod tests {
         m.members.insert(h("b"), b);
         let applied = LogPos::new(3, 5);
         match promotion(&m, &h("b"), applied, false, ALL) {
-            Promotion::Wait(why) => assert!(why.contains("a to report"), "{why}"),
+            Promotion::Wait(why) => assert!(why.to_string().contains("a to report"), "{why}"),
             Promotion::Go => panic!("went on a report from before the designation"),
         }
         // Forced: at once, whatever the reports.
@@ -494,7 +507,7 @@ mod tests {
         m.members.insert(h("a"), a);
         assert!(matches!(
             promotion(&m, &h("b"), applied, false, ALL),
-            Promotion::Wait(why) if why.contains("catching up with a")
+            Promotion::Wait(why) if why.to_string().contains("catching up with a")
         ));
         assert_eq!(
             promotion(&m, &h("b"), LogPos::new(3, 9), false, ALL),
@@ -512,7 +525,7 @@ mod tests {
         let at = LogPos::new(3, 10);
         assert!(matches!(
             promotion(&m, &h("b"), at, false, ALL),
-            Promotion::Wait(w) if w.contains("leave the primary role")
+            Promotion::Wait(w) if w.to_string().contains("leave the primary role")
         ));
         // Forced: at once.
         assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
@@ -520,7 +533,7 @@ mod tests {
             .insert(h("a"), member(Role::Secondary, Some(LogPos::new(3, 20))));
         assert!(matches!(
             promotion(&m, &h("b"), at, false, ALL),
-            Promotion::Wait(w) if w.contains("catching up with a")
+            Promotion::Wait(w) if w.to_string().contains("catching up with a")
         ));
         assert_eq!(
             promotion(&m, &h("b"), LogPos::new(3, 20), false, ALL),
@@ -548,7 +561,7 @@ mod tests {
             .forked = Some(5);
         assert!(matches!(
             promotion(&m, &h("b"), at, false, ALL),
-            Promotion::Wait(w) if w.contains("split brain from logfile 5")
+            Promotion::Wait(w) if w.to_string().contains("split brain from logfile 5")
         ));
         assert_eq!(promotion(&m, &h("b"), at, true, ALL), Promotion::Go);
     }
@@ -580,7 +593,7 @@ mod tests {
         // Nothing ties b's logfile 4 to a's history: wait while b is reachable.
         assert!(matches!(
             promotion(&m, &a, at, false, ALL),
-            Promotion::Wait(w) if w.contains("cannot tell")
+            Promotion::Wait(w) if w.to_string().contains("cannot tell")
         ));
         // b gone for good: it cannot block the handover.
         assert_eq!(promotion(&m, &a, at, false, &|x| *x != b), Promotion::Go);
@@ -592,7 +605,7 @@ mod tests {
             .insert(a.clone(), a4.clone());
         assert!(matches!(
             promotion(&m, &a, at, false, &|x| *x != b),
-            Promotion::Wait(w) if w.contains("split brain")
+            Promotion::Wait(w) if w.to_string().contains("split brain")
         ));
         // Same history, shown directly…
         m.versions
@@ -631,7 +644,7 @@ mod tests {
         let nobody: &dyn Fn(&HostName) -> bool = &|_| false;
         assert!(matches!(
             promotion(&m, &h("b"), LogPos::new(4, 8), false, nobody),
-            Promotion::Wait(w) if w.contains("unreachable") && w.contains("--force")
+            Promotion::Wait(w) if w.to_string().contains("unreachable") && w.to_string().contains("--force")
         ));
         assert_eq!(
             promotion(&m, &h("b"), LogPos::new(4, 8), true, nobody),

@@ -26,6 +26,9 @@ pub struct SystemdMeta {
     pub want: Option<HostName>,
     /// The raw value of `systemd-want` (for display: `(none)` vs. missing).
     pub want_raw: Option<String>,
+    /// The Lamport stamp of the `systemd-want` entry (0: none), set from the store like
+    /// [`crate::ResourceMeta::designation`]: an operation is done for one write of the want.
+    pub want_stamp: u64,
     /// Each host's last operation.
     pub status: BTreeMap<HostName, UnitStatus>,
 }

@@ -43,15 +43,15 @@
 
 mod message;
 
-pub use message::{Entry, Message};
+pub use message::{Entry, Message, RefuseKind};
 
 use mars_config::HostName;
 
 pub const MAGIC: [u8; 8] = *b"MARSPEER";
 /// The protocol this code speaks. Peers must speak the same version (there is nothing to
 /// negotiate: hosts of a cluster are upgraded together). 2: `FetchFrom` and `SyncInfo` carry a
-/// version link.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// version link. 3: `Refuse` carries a [`RefuseKind`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
 /// Largest binary payload of one message (`LogData`, `SyncData`): 33 MiB, so that one log

@@ -2,7 +2,7 @@
 //!
 //! | type | message | payload |
 //! |---|---|---|
-//! | 1 | Refuse | reason: str |
+//! | 1 | Refuse | kind: u8 ([`RefuseKind`]), reason: str |
 //! | 2 | Ping | stamp: u64 |
 //! | 3 | Pong | stamp: u64 |
 //! | 4 | ChangesSince | since: u64, limit: u32 |
@@ -40,10 +40,47 @@ pub struct Entry {
     pub origin: String,
 }
 
+/// What a refusal is about, so that the other side acts on the kind and never on the text.
+/// Unknown codes (from a newer peer) decode as [`RefuseKind::Other`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum RefuseKind {
+    /// Anything else (the reason says what).
+    Other = 0,
+    /// The resource is not set up on the serving host (or not in the role asked for).
+    NotHere = 1,
+    /// The asker's history differs from the server's: a fork (split brain).
+    History = 2,
+    /// The server's primary is in emergency mode: replication has stopped.
+    Emergency = 3,
+    /// The server left the primary role during the session.
+    Left = 4,
+    /// The asker broke a limit of the protocol (too many requests in flight, a chunk outside
+    /// the device).
+    Limit = 5,
+    /// The hello was refused (other cluster, version, not a member).
+    Hello = 6,
+}
+
+impl RefuseKind {
+    pub fn from_code(c: u8) -> RefuseKind {
+        match c {
+            1 => RefuseKind::NotHere,
+            2 => RefuseKind::History,
+            3 => RefuseKind::Emergency,
+            4 => RefuseKind::Left,
+            5 => RefuseKind::Limit,
+            6 => RefuseKind::Hello,
+            _ => RefuseKind::Other,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
-    /// The sender refuses the connection; it closes after this frame.
+    /// The sender refuses the connection (or request); it closes after this frame.
     Refuse {
+        kind: RefuseKind,
         reason: String,
     },
     /// Liveness and Lamport clock exchange.
@@ -267,7 +304,10 @@ impl Message {
     pub(crate) fn encode_split(&self, out: &mut Vec<u8>) -> &[u8] {
         out.push(self.type_byte());
         match self {
-            Message::Refuse { reason } => put_str(out, reason),
+            Message::Refuse { kind, reason } => {
+                out.push(*kind as u8);
+                put_str(out, reason)
+            }
             Message::Ping { stamp } | Message::Pong { stamp } => {
                 out.extend_from_slice(&stamp.to_le_bytes())
             }
@@ -385,7 +425,10 @@ impl Message {
         };
         let mut r = Reader { buf: rest, what };
         let m = match t {
-            1 => Message::Refuse { reason: r.str()? },
+            1 => Message::Refuse {
+                kind: RefuseKind::from_code(r.u8()?),
+                reason: r.str()?,
+            },
             2 => Message::Ping { stamp: r.u64()? },
             3 => Message::Pong { stamp: r.u64()? },
             4 => Message::ChangesSince {

@@ -87,7 +87,10 @@ fn arb_entry() -> impl Strategy<Value = message::Entry> {
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        ".{0,80}".prop_map(|reason| Message::Refuse { reason }),
+        (0u8..8, ".{0,80}").prop_map(|(k, reason)| Message::Refuse {
+            kind: crate::RefuseKind::from_code(k),
+            reason
+        }),
         any::<u64>().prop_map(|stamp| Message::Ping { stamp }),
         any::<u64>().prop_map(|stamp| Message::Pong { stamp }),
         (any::<u64>(), any::<u32>())
