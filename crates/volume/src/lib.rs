@@ -28,7 +28,7 @@ use mars_txlog::{Appender, AppenderConfig, Kind, LogError, LogName, LogPos};
 
 pub use index::Data;
 use index::{Collected, Index};
-pub use position::{read_position, write_position, POSITION_FILE};
+pub use position::{format_position, parse_position, read_position, write_position, POSITION_FILE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
