@@ -656,7 +656,14 @@ impl Reconciler {
             )));
             return false;
         }
-        let forced = r.dir.join(crate::resource::FORCE_MARKER).exists();
+        let forced = match r.marker(mars_replica::Marker::ForcePrimary) {
+            Ok(on) => on,
+            Err(e) => {
+                // Not knowing whether the switch is forced, it does not happen.
+                rep.set_role_wait(Some(format!("designated primary, but: {e}")));
+                return false;
+            }
+        };
         if forced && rep.replay_pending() {
             rep.set_role_wait(Some("replaying what was fetched before taking over".into()));
             return false;
@@ -714,9 +721,20 @@ impl Reconciler {
             .unwrap_or(false);
         let low = free.is_some_and(|f| f < d.tuning.emergency_free_space) || limit_hit;
         if low && !v.passthrough() {
-            match v.enter_passthrough(Duration::from_secs(5)) {
+            // The marker first: a restart in emergency mode must find it, or the log would go
+            // on as if no write had bypassed it.
+            let entered = r
+                .set_marker(mars_replica::Marker::Emergency, true)
+                .map_err(|e| format!("cannot set the emergency marker: {e}"))
+                .and_then(|()| {
+                    v.enter_passthrough(Duration::from_secs(5)).map_err(|e| {
+                        // Not in emergency mode after all: the marker goes again.
+                        r.clear_emergency_marker();
+                        e.to_string()
+                    })
+                });
+            match entered {
                 Ok(()) => {
-                    let _ = crate::resource::mark(&r.dir, crate::resource::EMERGENCY_MARKER, true);
                     tracing::error!(
                         "{name}: EMERGENCY MODE: {} free in the root{}: writes go straight to the \
                          disk, replication has stopped; free space, then `marsadm invalidate {name}` \
@@ -734,24 +752,22 @@ impl Reconciler {
         } else if v.passthrough() && free.is_none_or(|f| f >= d.tuning.min_free_space) {
             match v.restart_log_after_gap() {
                 Ok(no) => {
-                    let _ = std::fs::write(
-                        r.dir.join(crate::resource::CHAIN_START_FILE),
-                        no.to_string(),
-                    );
-                    let _ = crate::resource::mark(&r.dir, crate::resource::EMERGENCY_MARKER, false);
                     tracing::warn!(
                         "{name}: space is back: emergency mode ends, the log continues at {no} after \
                          a hole; secondaries need `marsadm invalidate {name}`"
                     );
+                    if let Err(e) = r.record_chain_start(no) {
+                        tracing::error!(
+                            "{name}: cannot record the chain start {no}: {e} (retried; the \
+                             emergency marker stays until it is recorded)"
+                        );
+                    }
                 }
                 Err(e) => tracing::error!("{name}: cannot leave emergency mode: {e}"),
             }
         }
         // The chain restarts at the logfile after the hole: tell the others.
-        if let Some(no) = std::fs::read_to_string(r.dir.join(crate::resource::CHAIN_START_FILE))
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-        {
+        if let Some(no) = r.chain_start() {
             if meta.chain_starts.get(&d.host) != Some(&no) {
                 let key = keys::chain_start(name, &d.host);
                 if let Err(e) = d.cluster.store().set(&key, &no.to_string()) {
@@ -790,6 +806,8 @@ impl Reconciler {
                 continue;
             }
             let todo = meta.members[&d.host].todo;
+            // Control files that failed to be written where the operation went on anyway.
+            r.retry_control_files();
             if let Some(size) = meta.size {
                 if size > r.size() {
                     if let Some(v) = r.volume() {

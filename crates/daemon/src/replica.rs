@@ -19,9 +19,11 @@
 //! Files in the resource directory besides the logs: `writeback` (replay position, shared
 //! format with the primary's writeback position, so the same directory can become a primary),
 //! `sync.toml` (a pending or running full sync) and `needs-sync` (why only a full sync helps).
+//! Every local file operation (the copies, replay, the sync's disk side, the control files) is
+//! `mars_replica`'s; this module decides when, and runs the network side.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -30,26 +32,24 @@ use anyhow::{anyhow, bail, Context, Result};
 use mars_config::{HostName, ResourceName};
 use mars_engine::plan::{entry_check, next_file_check, ChainCheck};
 use mars_engine::{ResourceMeta, SyncReport, Todo};
+use mars_replica::control;
+use mars_replica::sync::{chunk_len, hash_chunk};
+use mars_replica::{Copies, CopyAppender, Replay, ReplayEvent};
 use mars_storage::real::RealDir;
-use mars_storage::{Dir, File, OpenMode};
-use mars_txlog::{LogError, LogName, LogPos, LogReader};
+use mars_storage::{Dir, File};
+use mars_txlog::{LogName, LogPos};
 use mars_wire::{Message, StreamKind};
-use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::logserve::describe;
 use crate::state::Daemon;
 
-pub const SYNC_FILE: &str = "sync.toml";
-pub const NEEDS_SYNC_FILE: &str = "needs-sync";
-/// Bytes per sync chunk: the unit of digest comparison.
-const SYNC_CHUNK: u64 = 1 << 20;
+pub use mars_replica::SyncFile;
+
 /// Sync chunks in flight: keeps a long link busy without a round trip per chunk.
 const SYNC_WINDOW: usize = 32;
 /// Progress of the copy is persisted (after fdatasync) every this many bytes.
 const SYNC_PERSIST: u64 = 64 << 20;
-/// Replay syncs the disk and persists its position at least every this many bytes.
-const REPLAY_BATCH: u64 = 64 << 20;
 /// Fetch makes received data durable at least every this many bytes …
 const FETCH_SYNC_BYTES: u64 = 64 << 20;
 /// … or when the stream pauses this long.
@@ -57,36 +57,6 @@ const FETCH_SYNC_IDLE: Duration = Duration::from_millis(10);
 /// The primary confirms "caught up" every second while idle; a confirmation older than this
 /// means the link is gone or the replica is behind.
 const CAUGHT_UP_VALID: Duration = Duration::from_secs(3);
-
-/// A full sync in progress, as persisted in `sync.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SyncFile {
-    /// Log position at sync start (from the primary); replay starts here.
-    pub start: Option<LogPos>,
-    /// The device below this offset is copied.
-    pub done: u64,
-    /// Bytes to copy.
-    pub size: u64,
-    /// The primary's log position when the copy ended; consistent once replay passes it.
-    pub end: Option<LogPos>,
-    #[serde(default)]
-    pub transferred: u64,
-    /// The host that gave `start` (and the data copied so far). A copy from one host and a log
-    /// from another may belong to different histories (a failover in between): when the
-    /// source changes, the sync starts over (found by mars-sim). `None` in files written
-    /// before this field existed: taken as the current source.
-    #[serde(default)]
-    pub from: Option<HostName>,
-}
-
-#[derive(Debug, Clone)]
-struct LocalLog {
-    origin: HostName,
-    /// Durable (fdatasync'ed, verified) length.
-    len: u64,
-    /// `LogEnd` was received (or a later logfile exists).
-    complete: bool,
-}
 
 /// Bytes per second over the last few seconds, in buckets of 100 ms (cheap per record: replay
 /// adds every record).
@@ -126,7 +96,8 @@ struct State {
     /// The host to fetch and sync from (designated primary) and its address.
     source: Option<(HostName, String)>,
     size: u64,
-    files: BTreeMap<u64, LocalLog>,
+    /// The verified local copies (number → origin, durable length, complete).
+    copies: Copies,
     applied: LogPos,
     fetch_error: Option<String>,
     /// Replay stopped: damage, version mismatch. Cleared by repair or invalidate.
@@ -152,6 +123,12 @@ struct State {
     repair: Option<LogPos>,
     sync: Option<SyncFile>,
     needs_sync: Option<String>,
+    /// `needs_sync` is not persisted yet (writing `needs-sync` failed): retried every
+    /// reconcile round.
+    needs_sync_unsaved: bool,
+    /// Failures to persist a control file where the replica went on, by what failed: logged
+    /// once, shown as stuck, retried every reconcile round and removed when a retry succeeds.
+    persist_errors: BTreeMap<&'static str, String>,
     /// Bumped whenever local logfiles are removed behind fetch's back (invalidate, repair):
     /// a fetch session that sees a new generation stops.
     generation: u64,
@@ -168,7 +145,6 @@ struct State {
 pub struct Replica {
     pub res: ResourceName,
     me: HostName,
-    dir: PathBuf,
     ldir: Arc<dyn Dir>,
     disk: Arc<dyn File>,
     st: Mutex<State>,
@@ -181,6 +157,16 @@ pub struct Replica {
     /// Fetch task, sync task and replay thread still running (a promotion waits for zero).
     active: AtomicUsize,
 }
+
+// What failed to be persisted (`State::persist_errors`).
+const RESTART: &str = "sync restart";
+const RESIZE: &str = "resize";
+const NEEDS_SYNC: &str = "needs-sync";
+const SYNC_DONE: &str = "sync.toml removal";
+const DROP_LOGS: &str = "dropping logfiles";
+
+/// A background fdatasync of a copy; its result is the copy's new durable length.
+type SyncTask = tokio::task::JoinHandle<mars_replica::Result<u64>>;
 
 /// Counts a running activity of a replica until dropped.
 struct Running<'a>(&'a AtomicUsize);
@@ -235,57 +221,35 @@ impl Replica {
                 disk_path.display()
             );
         }
-        let names = match mars_txlog::list_logs(&*ldir) {
-            Ok(n) => n,
-            Err(e) => {
-                // Gaps or duplicates among local copies: start over from the oldest run.
-                tracing::warn!("{res}: local logfiles: {e}; discarding them");
-                for n in ldir.list()? {
-                    if let Ok(Some(_)) = LogName::parse(&n) {
-                        ldir.remove(&n)?;
-                    }
-                }
-                ldir.sync()?;
-                Vec::new()
-            }
-        };
-        let mut files = BTreeMap::new();
-        let count = names.len();
-        for (i, name) in names.into_iter().enumerate() {
-            let f = ldir.open(&name.to_string(), OpenMode::Existing)?;
-            let valid = match mars_txlog::check_file(f.clone(), &name) {
-                Ok(c) => c.valid_len,
-                Err(LogError::Corrupt { offset, reason, .. }) => {
-                    tracing::warn!("{res}: {name} damaged at {offset} ({reason}); fetching it again from there");
-                    offset
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if valid < f.len()? {
-                f.set_len(valid)?;
-                f.sync_data()?;
-            }
-            files.insert(
-                name.no,
-                LocalLog {
-                    origin: name.host.clone(),
-                    len: valid,
-                    complete: i + 1 < count,
-                },
+        let (copies, report) = Copies::open(ldir.clone())?;
+        if let Some((why, names)) = &report.discarded {
+            // Gaps or duplicates among local copies: start over from the oldest run.
+            tracing::warn!(
+                "{res}: local logfiles: {why}; discarded them ({} files)",
+                names.len()
             );
         }
-        let applied = mars_volume::read_position(&*ldir)?.unwrap_or_else(|| {
-            files
-                .keys()
-                .next()
-                .map_or(LogPos::ZERO, |n| LogPos::new(*n, 0))
-        });
-        let sync: Option<SyncFile> = crate::root::read_toml(&dir.join(SYNC_FILE))?;
-        let needs_sync = std::fs::read_to_string(dir.join(NEEDS_SYNC_FILE)).ok();
+        for cut in &report.cut {
+            match &cut.damage {
+                Some(reason) => tracing::warn!(
+                    "{res}: {} damaged at {} ({reason}); fetching it again from there",
+                    cut.name,
+                    cut.at
+                ),
+                None => tracing::info!(
+                    "{res}: cut a torn tail of {} bytes off {}",
+                    cut.removed,
+                    cut.name
+                ),
+            }
+        }
+        let applied = control::read_position(&*ldir)?
+            .unwrap_or_else(|| copies.oldest().map_or(LogPos::ZERO, |n| LogPos::new(n, 0)));
+        let sync = control::read_sync(&*ldir)?;
+        let needs_sync = control::read_needs_sync(&*ldir)?;
         Ok(Arc::new(Self {
             res,
             me,
-            dir: dir.to_path_buf(),
             ldir,
             disk,
             st: Mutex::new(State {
@@ -294,7 +258,7 @@ impl Replica {
                 meta,
                 source: None,
                 size,
-                files,
+                copies,
                 applied,
                 fetch_error: None,
                 stuck: None,
@@ -307,6 +271,8 @@ impl Replica {
                 repair: None,
                 sync,
                 needs_sync,
+                needs_sync_unsaved: false,
+                persist_errors: BTreeMap::new(),
                 generation: 0,
                 fetch_rate: Rate::default(),
                 replay_rate: Rate::default(),
@@ -325,18 +291,9 @@ impl Replica {
 
     /// Marks a new replica (join-resource): everything must be copied.
     pub fn init_sync(dir: &Path, size: u64) -> Result<()> {
-        crate::root::write_toml(
-            dir,
-            SYNC_FILE,
-            &SyncFile {
-                start: None,
-                done: 0,
-                size,
-                end: None,
-                transferred: 0,
-                from: None,
-            },
-        )
+        let d = RealDir::open(dir).with_context(|| format!("{}", dir.display()))?;
+        control::write_sync(&d, &SyncFile::pending(0, size))?;
+        Ok(())
     }
 
     /// Starts the fetch and sync tasks and the replay thread (once).
@@ -389,32 +346,17 @@ impl Replica {
     pub fn cut_for_promotion(&self) -> Result<LogPos> {
         let mut st = lock(&self.st);
         let at = st.applied;
-        let later: Vec<u64> = st.files.range(at.file + 1..).map(|(n, _)| *n).collect();
-        for no in later {
-            let f = st.files.remove(&no).expect("listed");
-            let name = LogName::new(no, f.origin);
+        let cut = st.copies.cut_for_promotion(at)?;
+        for name in cut.dropped.iter().filter(|n| n.no > at.file) {
             tracing::warn!("{}: promotion drops the unreplayed copy {name}", self.res);
-            self.ldir.remove(&name.to_string())?;
         }
-        if let Some(f) = st.files.get(&at.file).cloned() {
-            let name = LogName::new(at.file, f.origin.clone());
-            let file = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
-            if at.offset == 0 {
-                drop(file);
-                st.files.remove(&at.file);
-                self.ldir.remove(&name.to_string())?;
-            } else if file.len()? > at.offset {
-                tracing::warn!(
-                    "{}: promotion cuts {name} at the replay position {}",
-                    self.res,
-                    at.offset
-                );
-                file.set_len(at.offset)?;
-                file.sync_data()?;
-            }
+        if let Some((name, _)) = &cut.cut {
+            tracing::warn!(
+                "{}: promotion cuts {name} at the replay position {}",
+                self.res,
+                at.offset
+            );
         }
-        self.ldir.sync()?;
-        mars_volume::write_position(&*self.ldir, at)?;
         Ok(at)
     }
 
@@ -432,10 +374,7 @@ impl Replica {
         if !st.todo.replay || st.stuck.is_some() || st.waiting.is_some() {
             return false;
         }
-        st.files
-            .iter()
-            .next_back()
-            .is_some_and(|(no, f)| LogPos::new(*no, f.len) > st.applied)
+        st.copies.end().is_some_and(|end| end > st.applied)
     }
 
     /// A switch changed here: take it at once instead of at the next reconcile round.
@@ -473,6 +412,7 @@ impl Replica {
                 && new_host.is_some()
                 && sf.from.as_ref() != new_host
         });
+        // Control files that could not be persisted are retried here, every round.
         if restart {
             // The copy so far and the log position it starts from came from another host,
             // perhaps of another history (a failover in between): replaying the new source's
@@ -487,7 +427,9 @@ impl Replica {
             );
             match self.reset_locked(&mut st) {
                 Ok(()) => st.purge_links = true,
-                Err(e) => tracing::error!("{}: cannot restart the sync: {e:#}", self.res),
+                Err(e) => {
+                    self.persist_failed(&mut st, RESTART, format!("cannot restart the sync: {e:#}"))
+                }
             }
         }
         st.todo = todo;
@@ -495,24 +437,30 @@ impl Replica {
         st.meta = meta;
         st.source = source;
         if size > st.size {
-            // Grown (resize): copy just the new region.
-            let old = st.size;
-            st.size = size;
-            let s = st.sync.get_or_insert(SyncFile {
-                start: None,
-                done: old,
-                size,
-                end: None,
-                transferred: 0,
-                from: None,
-            });
+            // Grown (resize): copy just the new region. Taken only once persisted.
+            let mut s = st
+                .sync
+                .clone()
+                .unwrap_or_else(|| SyncFile::pending(st.size, size));
             s.size = size;
             s.end = None;
-            let s = s.clone();
-            if let Err(e) = crate::root::write_toml(&self.dir, SYNC_FILE, &s) {
-                tracing::error!("{}: cannot persist the sync state: {e:#}", self.res);
+            match control::write_sync(&*self.ldir, &s) {
+                Ok(()) => {
+                    st.size = size;
+                    st.sync = Some(s);
+                    self.persist_ok(&mut st, RESIZE);
+                }
+                Err(e) => self.persist_failed(
+                    &mut st,
+                    RESIZE,
+                    format!("cannot persist the sync state for the new size: {e}"),
+                ),
             }
         }
+        if st.needs_sync_unsaved {
+            self.persist_needs_sync(&mut st);
+        }
+        self.check_consistent(&mut st);
         drop(st);
         self.wake.notify_all();
         if changed || restart {
@@ -522,18 +470,14 @@ impl Replica {
 
     pub fn status(&self) -> ReplicaStatus {
         let st = lock(&self.st);
-        let fetched = st
-            .files
-            .iter()
-            .next_back()
-            .map(|(no, f)| LogPos::new(*no, f.len));
+        let fetched = st.copies.end();
         let consistent = st.sync.is_none() && st.needs_sync.is_none();
         ReplicaStatus {
             applied: st.applied,
             fetched,
             logs: (
-                st.files.keys().next().copied().unwrap_or(0),
-                st.files.keys().next_back().copied().unwrap_or(0),
+                st.copies.oldest().unwrap_or(0),
+                st.copies.newest().unwrap_or(0),
             ),
             sync: st.sync.as_ref().map(|s| SyncReport {
                 start: s.start,
@@ -548,6 +492,7 @@ impl Replica {
             stuck: st
                 .stuck
                 .clone()
+                .or_else(|| st.persist_errors.values().next().cloned())
                 .or_else(|| st.needs_sync.clone())
                 .or_else(|| st.role_wait.clone())
                 .or_else(|| st.waiting.clone()),
@@ -569,8 +514,8 @@ impl Replica {
     /// serving it to another replica).
     pub fn copy_state(&self, no: u64) -> Option<(u64, bool)> {
         let st = lock(&self.st);
-        let newest = *st.files.keys().next_back()?;
-        let l = st.files.get(&no)?;
+        let newest = st.copies.newest()?;
+        let l = st.copies.get(no)?;
         Some((l.len, l.complete || no < newest))
     }
 
@@ -592,14 +537,17 @@ impl Replica {
         let mut st = lock(&self.st);
         let mine = st.applied.file;
         let limit = below.map_or(mine, |b| b.min(mine));
-        let victims: Vec<u64> = st.files.range(..limit).map(|(n, _)| *n).collect();
+        let victims: Vec<u64> = st.copies.files().range(..limit).map(|(n, _)| *n).collect();
         let mut removed = Vec::new();
+        // Oldest first, each removal durable, and none after a failure: what is left stays a
+        // contiguous run.
         for no in victims {
-            let f = st.files.remove(&no).expect("listed");
-            let name = LogName::new(no, f.origin);
-            match mars_txlog::remove_log(&*self.ldir, &name) {
-                Ok(()) => removed.push(name.to_string()),
-                Err(e) => tracing::warn!("{}: cannot delete {name}: {e}", self.res),
+            match st.copies.remove(no) {
+                Ok(name) => removed.push(name.to_string()),
+                Err(e) => {
+                    tracing::warn!("{}: cannot delete a local logfile: {e}", self.res);
+                    break;
+                }
             }
         }
         removed
@@ -619,23 +567,17 @@ impl Replica {
     /// sync sessions see the new generation and end.
     fn reset_locked(&self, st: &mut State) -> Result<()> {
         st.generation += 1;
-        for (no, f) in std::mem::take(&mut st.files) {
-            let name = LogName::new(no, f.origin);
-            let _ = self.ldir.remove(&name.to_string());
-        }
-        self.ldir.sync()?;
-        let s = SyncFile {
-            start: None,
-            done: 0,
-            size: st.size,
-            end: None,
-            transferred: 0,
-            from: None,
-        };
-        crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;
-        let _ = std::fs::remove_file(self.dir.join(NEEDS_SYNC_FILE));
+        // The copies go (durably) before the new sync state is written: a fresh sync must never
+        // find old copies to fetch on from.
+        st.copies.remove_all()?;
+        let s = SyncFile::pending(0, st.size);
+        control::write_sync(&*self.ldir, &s)?;
         st.sync = Some(s);
+        control::remove_needs_sync(&*self.ldir)?;
         st.needs_sync = None;
+        st.needs_sync_unsaved = false;
+        // What failed before concerned the state just replaced (a resize is retried still).
+        st.persist_errors.retain(|k, _| *k == RESIZE);
         st.stuck = None;
         st.forked = None;
         st.waiting = None;
@@ -660,7 +602,7 @@ impl Replica {
         })?;
         let end = now.unwrap_or(start).max(start);
         if s.start.is_none() || s.done == 0 {
-            mars_volume::write_position(&*self.ldir, start)?;
+            control::write_position(&*self.ldir, start)?;
             st.applied = start;
         }
         let s = SyncFile {
@@ -669,7 +611,7 @@ impl Replica {
             end: Some(end),
             ..s
         };
-        crate::root::write_toml(&self.dir, SYNC_FILE, &s)?;
+        control::write_sync(&*self.ldir, &s)?;
         st.sync = Some(s);
         drop(st);
         self.wake.notify_all();
@@ -680,9 +622,9 @@ impl Replica {
     /// replica holds nothing back here and pins nothing on the others. Only a full sync
     /// (`invalidate`) brings it back.
     pub fn drop_logs_for_space(&self, free: u64, min: u64) {
-        let why = {
+        let (why, first) = {
             let mut st = lock(&self.st);
-            if st.needs_sync.is_some() && st.files.is_empty() {
+            if st.needs_sync.is_some() && st.copies.is_empty() {
                 return;
             }
             // Under one lock: mark first, so that a running fetch cannot create a new copy
@@ -697,21 +639,67 @@ impl Replica {
                     self.res
                 )
             });
+            let first = st.needs_sync.is_none();
             st.needs_sync = Some(why.clone());
-            for (no, f) in std::mem::take(&mut st.files) {
-                let _ = self.ldir.remove(&LogName::new(no, f.origin).to_string());
+            match st.copies.remove_all() {
+                Ok(_) => self.persist_ok(&mut st, DROP_LOGS),
+                // Retried next round (the copies are not all gone).
+                Err(e) => self.persist_failed(
+                    &mut st,
+                    DROP_LOGS,
+                    format!("cannot drop the local logfiles: {e}"),
+                ),
             }
-            let _ = self.ldir.sync();
-            why
+            (why, first)
         };
         self.kick.notify_waiters();
-        self.set_needs_sync(why);
+        if first {
+            self.set_needs_sync(why);
+        }
     }
 
+    /// Only a full sync helps: stop, and persist why (retried every reconcile round until it
+    /// is persisted).
     fn set_needs_sync(&self, why: String) {
         tracing::error!("{}: {why}", self.res);
-        let _ = std::fs::write(self.dir.join(NEEDS_SYNC_FILE), &why);
-        lock(&self.st).needs_sync = Some(why);
+        let mut st = lock(&self.st);
+        st.needs_sync = Some(why);
+        self.persist_needs_sync(&mut st);
+    }
+
+    /// Writes `needs-sync` (the replica stops either way); on failure it stays unsaved and
+    /// `update` tries again.
+    fn persist_needs_sync(&self, st: &mut State) {
+        let saved = match &st.needs_sync {
+            Some(why) => control::write_needs_sync(&*self.ldir, why),
+            None => Ok(()),
+        };
+        match saved {
+            Ok(()) => {
+                st.needs_sync_unsaved = false;
+                self.persist_ok(st, NEEDS_SYNC);
+            }
+            Err(e) => {
+                st.needs_sync_unsaved = true;
+                self.persist_failed(st, NEEDS_SYNC, format!("cannot persist needs-sync: {e}"));
+            }
+        }
+    }
+
+    /// A control file could not be persisted (`what` failed): logged (once per distinct
+    /// failure) and shown as stuck until a retry succeeds.
+    fn persist_failed(&self, st: &mut State, what: &'static str, msg: String) {
+        if st.persist_errors.get(what) != Some(&msg) {
+            tracing::error!("{}: {msg} (retried)", self.res);
+        }
+        st.persist_errors.insert(what, msg);
+    }
+
+    /// What failed to be persisted before (`what`) is persisted now.
+    fn persist_ok(&self, st: &mut State, what: &'static str) {
+        if st.persist_errors.remove(what).is_some() {
+            tracing::info!("{}: persisted now ({what})", self.res);
+        }
     }
 
     async fn wait_kick(&self, d: Duration) {
@@ -778,25 +766,14 @@ impl Replica {
     }
 
     /// Applies a repair request: cut the damaged copy at the damage and drop later copies.
+    /// On a failure the request stays, for the next session.
     fn do_repair(&self) -> Result<()> {
         let mut st = lock(&self.st);
-        let Some(at) = st.repair.take() else {
+        let Some(at) = st.repair else {
             return Ok(());
         };
-        let later: Vec<u64> = st.files.range(at.file + 1..).map(|(n, _)| *n).collect();
-        for no in later {
-            let f = st.files.remove(&no).expect("listed");
-            self.ldir.remove(&LogName::new(no, f.origin).to_string())?;
-        }
-        if let Some(f) = st.files.get_mut(&at.file) {
-            let name = LogName::new(at.file, f.origin.clone()).to_string();
-            let file = self.ldir.open(&name, OpenMode::Existing)?;
-            file.set_len(at.offset)?;
-            file.sync_data()?;
-            f.len = at.offset;
-            f.complete = false;
-        }
-        self.ldir.sync()?;
+        st.copies.truncate(at)?;
+        st.repair = None;
         st.stuck = None;
         st.repairs += 1;
         tracing::info!(
@@ -810,8 +787,8 @@ impl Replica {
         tokio::task::block_in_place(|| self.do_repair())?;
         let (gen, from) = {
             let st = lock(&self.st);
-            let from = match st.files.iter().next_back() {
-                Some((no, f)) => LogPos::new(*no, f.len),
+            let from = match st.copies.end() {
+                Some(end) => end,
                 None => {
                     let base = st
                         .sync
@@ -847,10 +824,11 @@ impl Replica {
             },
         )
         .await?;
-        let mut cur: Option<(u64, Arc<dyn File>, Option<u64>)> = None;
+        let mut cur: Option<CopyAppender> = None;
+        // Bytes appended to `cur` since the last sync started.
         let mut unsynced: u64 = 0;
-        // A background fdatasync of the current copy: (bytes it covers, its task).
-        let mut inflight: Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)> = None;
+        // A background fdatasync of the current copy (its result: the durable length).
+        let mut inflight: Option<SyncTask> = None;
         let mut connected = false;
         loop {
             let msg = tokio::select! {
@@ -884,8 +862,9 @@ impl Replica {
                     self.make_durable(&mut cur, &mut unsynced, &mut inflight)
                         .await?;
                     let origin = HostName::new(&origin).map_err(|e| anyhow!("bad origin: {e}"))?;
-                    let f = tokio::task::block_in_place(|| self.open_copy(gen, file, &origin))?;
-                    cur = Some((file, f.0, f.1));
+                    cur = Some(tokio::task::block_in_place(|| {
+                        self.open_copy(gen, file, &origin)
+                    })?);
                 }
                 Message::LogCaughtUp {
                     file,
@@ -896,42 +875,22 @@ impl Replica {
                     self.make_durable(&mut cur, &mut unsynced, &mut inflight)
                         .await?;
                     let mut st = lock(&self.st);
-                    let have = st.files.get(&file).map(|l| LogPos::new(file, l.len));
+                    let have = st.copies.get(file).map(|l| LogPos::new(file, l.len));
                     if have == Some(LogPos::new(file, offset)) {
                         st.caught_up = Some((stamp, LogPos::new(file, offset)));
                     }
                 }
                 Message::LogData { file, offset, data } => {
-                    let Some((no, f, next_seq)) = cur.as_mut() else {
+                    let Some(app) = cur.as_mut() else {
                         bail!("log data before a log name");
                     };
-                    if *no != file {
-                        bail!("log data for {file} while receiving {no}");
+                    if app.name().no != file {
+                        bail!("log data for {file} while receiving {}", app.name().no);
                     }
-                    let have = lock(&self.st).files.get(&file).map_or(0, |l| l.len)
-                        + inflight.as_ref().map_or(0, |(n, _)| *n)
-                        + unsynced;
-                    if offset != have {
-                        bail!("log data for {file} at {offset}, expected {have}");
-                    }
-                    // Verify on arrival: checksums and contiguous sequence numbers.
-                    let scan =
-                        mars_txlog::format::scan(&data, *next_seq, true).map_err(|(at, why)| {
-                            anyhow!(
-                                "log {file} from {host} is damaged at {}: {why}",
-                                offset + at as u64
-                            )
-                        })?;
-                    if scan.len != data.len() {
-                        bail!(
-                            "log {file}: {} bytes at {offset} are not whole records",
-                            data.len()
-                        );
-                    }
-                    if let Some(last) = scan.last_seq {
-                        *next_seq = Some(last + 1);
-                    }
-                    tokio::task::block_in_place(|| f.write_at(&data, offset))?;
+                    // Verified on arrival: whole records, checksums, contiguous sequence
+                    // numbers, at the end of what arrived so far.
+                    tokio::task::block_in_place(|| app.append(offset, &data))
+                        .with_context(|| format!("log data from {host}"))?;
                     unsynced += data.len() as u64;
                     if unsynced >= FETCH_SYNC_BYTES {
                         self.sync_in_background(&cur, &mut unsynced, &mut inflight)
@@ -946,8 +905,8 @@ impl Replica {
                         return Ok(());
                     }
                     let l = st
-                        .files
-                        .get_mut(&file)
+                        .copies
+                        .get(file)
                         .ok_or_else(|| anyhow!("end of log {file}, which is not here"))?;
                     if l.len != len {
                         bail!(
@@ -955,7 +914,7 @@ impl Replica {
                             l.len
                         );
                     }
-                    l.complete = true;
+                    st.copies.mark_complete(file)?;
                     drop(st);
                     self.wake.notify_all();
                     cur = None;
@@ -991,98 +950,61 @@ impl Replica {
             || st.repair.is_some()
     }
 
-    /// Opens (or creates) the local copy of logfile `no`; returns it and the sequence number
-    /// its next record must carry (when known).
-    fn open_copy(
-        &self,
-        gen: u64,
-        no: u64,
-        origin: &HostName,
-    ) -> Result<(Arc<dyn File>, Option<u64>)> {
+    /// Opens (or creates) the local copy of logfile `no` for appending what arrives.
+    fn open_copy(&self, gen: u64, no: u64, origin: &HostName) -> Result<CopyAppender> {
         let mut st = lock(&self.st);
         if st.generation != gen || st.needs_sync.is_some() {
             bail!("local logs were reset");
         }
-        let name = LogName::new(no, origin.clone());
         // Replay has moved past our copy of `no`: it took that (empty) logfile's history, and
         // another logfile of that number is a fork (found by mars-sim: replacing it left the
         // new records unapplied while the replica reported the new history's position).
         let passed = st.applied.file > no;
-        if let Some(l) = st
-            .files
-            .get(&no)
-            .filter(|l| l.origin != *origin && l.len == 0 && !passed)
+        if st
+            .copies
+            .get(no)
+            .is_some_and(|l| l.origin != *origin && l.len == 0 && !passed)
         {
             // An empty copy carries no history (a logfile its writer never wrote to, e.g. the
             // old primary's last one at a handover): replace it.
-            let old = LogName::new(no, l.origin.clone());
-            self.ldir.remove(&old.to_string())?;
-            st.files.remove(&no);
+            st.copies.remove_empty(no)?;
         }
-        if let Some(l) = st.files.get(&no) {
-            if l.origin != *origin {
+        match st.copies.append(no, origin) {
+            Ok(app) => Ok(app),
+            Err(mars_replica::Error::OtherOrigin { no, have, want }) => {
                 let msg = format!(
-                    "the primary's log {no} is {name}, ours is {}: the histories differ (split brain?)",
-                    LogName::new(no, l.origin.clone())
+                    "the primary's log {no} is {want}, ours is {have}: the histories differ (split brain?)"
                 );
                 st.stuck = Some(msg.clone());
                 st.forked = Some(no);
-                bail!(msg);
+                bail!(msg)
             }
-            let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
-            // Bytes beyond the durable length are from a session that ended before syncing
-            // them: drop them, the server sends them again from `len`.
-            if f.len()? > l.len {
-                f.set_len(l.len)?;
-                f.sync_data()?;
+            Err(mars_replica::Error::NotNext { no, newest }) => {
+                bail!("the primary sends log {no} after our log {newest}")
             }
-            let next = if l.len == 0 {
-                Some(1)
-            } else {
-                let c = mars_txlog::check_file(f.clone(), &name)?;
-                Some(c.last_seq + 1)
-            };
-            return Ok((f, next));
+            Err(e) => Err(e.into()),
         }
-        if let Some((&last, _)) = st.files.iter().next_back() {
-            if no != last + 1 {
-                bail!("the primary sends log {no} after our log {last}");
-            }
-            if let Some(l) = st.files.get_mut(&last) {
-                l.complete = true;
-            }
-        }
-        let f = self.ldir.open(&name.to_string(), OpenMode::CreateNew)?;
-        self.ldir.sync()?;
-        st.files.insert(
-            no,
-            LocalLog {
-                origin: origin.clone(),
-                len: 0,
-                complete: false,
-            },
-        );
-        Ok((f, Some(1)))
     }
 
     /// Makes everything received for the current copy durable and accounts it (waits for a
     /// background sync first).
     async fn make_durable(
         &self,
-        cur: &mut Option<(u64, Arc<dyn File>, Option<u64>)>,
+        cur: &mut Option<CopyAppender>,
         unsynced: &mut u64,
-        inflight: &mut Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
+        inflight: &mut Option<SyncTask>,
     ) -> Result<()> {
-        let Some((no, f, _)) = cur.as_ref() else {
+        let Some(app) = cur.as_ref() else {
             return Ok(());
         };
-        if let Some((covered, task)) = inflight.take() {
-            task.await??;
-            self.account(*no, covered);
+        let no = app.name().no;
+        if let Some(task) = inflight.take() {
+            let len = task.await??;
+            self.account(no, len);
         }
         if *unsynced > 0 {
-            tokio::task::block_in_place(|| f.sync_data())?;
-            self.account(*no, *unsynced);
+            let len = tokio::task::block_in_place(|| app.sync())?;
+            self.account(no, len);
             *unsynced = 0;
         }
         Ok(())
@@ -1093,38 +1015,35 @@ impl Replica {
     /// previous one is still running, it is waited for only once twice the batch piled up.
     async fn sync_in_background(
         &self,
-        cur: &Option<(u64, Arc<dyn File>, Option<u64>)>,
+        cur: &Option<CopyAppender>,
         unsynced: &mut u64,
-        inflight: &mut Option<(u64, tokio::task::JoinHandle<std::io::Result<()>>)>,
+        inflight: &mut Option<SyncTask>,
     ) -> Result<()> {
-        let Some((no, f, _)) = cur.as_ref() else {
+        let Some(app) = cur.as_ref() else {
             return Ok(());
         };
-        if let Some((covered, task)) = inflight.take() {
+        if let Some(task) = inflight.take() {
             if task.is_finished() || *unsynced >= 2 * FETCH_SYNC_BYTES {
-                task.await??;
-                self.account(*no, covered);
+                let len = task.await??;
+                self.account(app.name().no, len);
             } else {
-                *inflight = Some((covered, task));
+                *inflight = Some(task);
                 return Ok(());
             }
         }
-        let f = f.clone();
-        *inflight = Some((
-            *unsynced,
-            tokio::task::spawn_blocking(move || f.sync_data()),
-        ));
+        let sync = app.pending_sync();
+        *inflight = Some(tokio::task::spawn_blocking(move || sync.run()));
         *unsynced = 0;
         Ok(())
     }
 
-    /// `n` more bytes of logfile `no` are durable here.
-    fn account(&self, no: u64, n: u64) {
+    /// Logfile `no` is durable here up to `len`.
+    fn account(&self, no: u64, len: u64) {
         let mut st = lock(&self.st);
-        if let Some(l) = st.files.get_mut(&no) {
-            l.len += n;
+        let before = st.copies.get(no).map_or(len, |l| l.len);
+        if st.copies.note_durable(no, len) {
+            st.fetch_rate.add(len.saturating_sub(before));
         }
-        st.fetch_rate.add(n);
         drop(st);
         self.wake.notify_all();
     }
@@ -1150,7 +1069,7 @@ impl Replica {
             // replay judged the next logfile by our link from before the purge: a false fork).
             let at_entry = {
                 let st = lock(&self.st);
-                st.applied.offset == 0 && st.files.contains_key(&st.applied.file)
+                st.applied.offset == 0 && st.copies.get(st.applied.file).is_some()
             };
             let fresh = at_entry.then(|| self.fresh_meta(&d)).flatten();
             let step = {
@@ -1165,7 +1084,7 @@ impl Replica {
                 {
                     Step::Wait
                 } else {
-                    let entry = match st.files.get(&st.applied.file) {
+                    let entry = match st.copies.get(st.applied.file) {
                         // Entering a logfile of another origin: its predecessor must be
                         // ours too (`entry_check`, found by mars-sim).
                         Some(f) if st.applied.offset == 0 => {
@@ -1204,7 +1123,7 @@ impl Replica {
                             false
                         }
                     };
-                    match st.files.get(&st.applied.file) {
+                    match st.copies.get(st.applied.file) {
                         _ if !go => Step::Wait,
                         None => Step::Wait,
                         Some(f) if st.applied.offset < f.len => Step::Apply(
@@ -1230,7 +1149,7 @@ impl Replica {
                         tracing::error!("{}: {msg}", self.res);
                         let mut st = lock(&self.st);
                         st.stuck = Some(msg);
-                        if let Some(at) = damage_offset(&e) {
+                        if let Some(at) = e.damage_offset() {
                             st.repair = Some(LogPos::new(name.no, at));
                             st.generation += 1;
                         }
@@ -1260,7 +1179,7 @@ impl Replica {
                                 }
                             }
                             let next = LogPos::new(no + 1, 0);
-                            if let Err(e) = mars_volume::write_position(&*self.ldir, next) {
+                            if let Err(e) = control::write_position(&*self.ldir, next) {
                                 tracing::error!(
                                     "{}: cannot persist the replay position: {e}",
                                     self.res
@@ -1298,68 +1217,47 @@ impl Replica {
         meta.ok().map(Arc::new)
     }
 
-    /// Applies records `[from, to)` of `name` to the disk, persisting the position in batches.
-    fn apply(&self, name: &LogName, from: u64, to: u64) -> Result<()> {
-        let f = self.ldir.open(&name.to_string(), OpenMode::Existing)?;
-        let mut r = LogReader::new(f, name, from, to, None);
-        let mut pos = from;
-        let mut batch = 0u64;
-        let mut unreported = 0u64;
-        let flush = |pos: u64| -> Result<()> {
-            self.disk.sync_data()?;
-            let p = LogPos::new(name.no, pos);
-            mars_volume::write_position(&*self.ldir, p)?;
-            let mut st = lock(&self.st);
-            st.applied = p;
-            // Whatever replay waited for (an entry check) is past.
-            st.waiting = None;
-            self.check_consistent(&mut st);
-            Ok(())
+    /// Applies records `[from, to)` of `name` to the disk, persisting the position in batches
+    /// (the disk synced first); stops early, persisted, when replay is paused or detached.
+    fn apply(&self, name: &LogName, from: u64, to: u64) -> mars_replica::Result<LogPos> {
+        let replay = Replay::new(&*self.ldir, &*self.disk);
+        let mut should_stop = || {
+            let st = lock(&self.st);
+            !st.todo.replay || !st.attached || self.stopped()
         };
-        while let Some(rec) = r.next_ref()? {
-            mars_volume::apply(
-                &*self.disk,
-                rec.header.kind,
-                rec.header.offset,
-                rec.header.len,
-                rec.payload,
-            )?;
-            let n = rec.header.record_len() as u64;
-            pos += n;
-            batch += n;
-            unreported += n;
-            // Every MiB: account the rate and notice a pause (without a lock per record).
-            if unreported >= 1 << 20 {
-                let paused = {
-                    let mut st = lock(&self.st);
-                    st.replay_rate.add(unreported);
-                    !st.todo.replay || !st.attached
-                };
-                unreported = 0;
-                if paused || self.stopped() {
-                    return flush(pos);
-                }
+        let mut progress = |ev| match ev {
+            ReplayEvent::Applied(n) => lock(&self.st).replay_rate.add(n),
+            ReplayEvent::Persisted(p) => {
+                let mut st = lock(&self.st);
+                st.applied = p;
+                // Whatever replay waited for (an entry check) is past.
+                st.waiting = None;
+                self.check_consistent(&mut st);
             }
-            if batch >= REPLAY_BATCH {
-                flush(pos)?;
-                batch = 0;
-            }
-        }
-        lock(&self.st).replay_rate.add(unreported);
-        flush(pos)
+        };
+        replay.apply(name, from, to, &mut should_stop, &mut progress)
     }
 
-    /// After a sync copy, the replica becomes consistent once replay passed the end position.
+    /// Until `sync.toml` is removed (durably) the replica stays inconsistent; a failed
+    /// removal is retried every reconcile round (`update`).
     fn check_consistent(&self, st: &mut State) {
-        let done = matches!(&st.sync, Some(SyncFile { end: Some(end), .. }) if st.applied >= *end);
-        if done {
-            let _ = std::fs::remove_file(self.dir.join(SYNC_FILE));
-            let _ = self.ldir.sync();
-            st.sync = None;
-            tracing::info!(
-                "{}: full sync complete, the replica is consistent",
-                self.res
-            );
+        if !sync_done(st) {
+            return;
+        }
+        match control::remove_sync(&*self.ldir) {
+            Ok(()) => {
+                st.sync = None;
+                self.persist_ok(st, SYNC_DONE);
+                tracing::info!(
+                    "{}: full sync complete, the replica is consistent",
+                    self.res
+                );
+            }
+            Err(e) => self.persist_failed(
+                st,
+                SYNC_DONE,
+                format!("the full sync is complete, but it cannot be recorded: {e}"),
+            ),
         }
     }
 
@@ -1479,16 +1377,18 @@ impl Replica {
                 sf.from = Some(host.clone());
             }
             if sf.start.is_none() {
+                // Taken only once persisted: position first, then the sync state.
                 let start = LogPos::new(pfile, poff);
-                sf.start = Some(start);
-                if sf.done == 0 {
+                let mut new = sf.clone();
+                new.start = Some(start);
+                if new.done == 0 {
                     // A full copy: replay begins at the sync start once the copy is complete.
                     // (A partial copy after a resize keeps replaying from where it is.)
-                    mars_volume::write_position(&*self.ldir, start)?;
+                    control::write_position(&*self.ldir, start)?;
                     st.applied = start;
                 }
-                let sf = st.sync.clone().expect("set above");
-                crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+                control::write_sync(&*self.ldir, &new)?;
+                st.sync = Some(new);
                 tracing::info!(
                     "{}: full sync from {host} starts; log position {start}",
                     self.res
@@ -1556,7 +1456,9 @@ impl Replica {
                     if data.len() as u64 != len {
                         bail!("sync chunk at {off}: {} bytes for {len}", data.len());
                     }
-                    tokio::task::block_in_place(|| self.disk.write_at(&data, off))?;
+                    tokio::task::block_in_place(|| {
+                        mars_replica::sync::write_chunk(&*self.disk, off, &data)
+                    })?;
                     transferred += len;
                 }
                 Message::Refuse { reason } => bail!("{reason}"),
@@ -1589,17 +1491,18 @@ impl Replica {
             other => bail!("unexpected {}", describe(&other)),
         };
         tokio::task::block_in_place(|| -> Result<()> {
-            self.disk.sync_data()?;
+            mars_replica::sync::sync_disk(&*self.disk)?;
             let mut st = lock(&self.st);
             if st.generation != gen {
                 return Ok(());
             }
-            if let Some(sf) = st.sync.as_mut() {
+            if let Some(mut sf) = st.sync.clone() {
                 sf.done = size;
                 sf.transferred += transferred;
                 sf.end = Some(end);
-                let sf = sf.clone();
-                crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+                // Taken only once persisted (the copy is durable on the disk already).
+                control::write_sync(&*self.ldir, &sf)?;
+                st.sync = Some(sf.clone());
                 tracing::info!(
                     "{}: sync copy complete ({} transferred); consistent after replaying to {end}",
                     self.res,
@@ -1625,25 +1528,31 @@ impl Replica {
     }
 
     /// Persists the copy's progress, unless the sync was reset meanwhile (`gen`).
+    /// The disk is synced first: `done` never claims chunks that are not durable.
     fn persist_sync(&self, gen: u64, done: u64, transferred: u64) -> Result<()> {
-        self.disk.sync_data()?;
+        mars_replica::sync::sync_disk(&*self.disk)?;
         let mut st = lock(&self.st);
         if st.generation != gen {
             return Ok(());
         }
-        if let Some(sf) = st.sync.as_mut() {
+        if let Some(mut sf) = st.sync.clone() {
             sf.done = done;
             sf.transferred += transferred;
-            let sf = sf.clone();
-            crate::root::write_toml(&self.dir, SYNC_FILE, &sf)?;
+            control::write_sync(&*self.ldir, &sf)?;
+            st.sync = Some(sf);
         }
         Ok(())
     }
 }
 
-/// Reads and hashes (xxh3-128) `f` in [`SYNC_CHUNK`]s from `from` to `size`, sending
-/// `(offset, len, digest)` in order; stops at the first error (sent too) or when the receiver
-/// is gone. One buffer for every chunk: new memory costs more than the hashing where first
+/// A full sync's copy is complete and replay passed its end: `sync.toml` can go.
+fn sync_done(st: &State) -> bool {
+    matches!(&st.sync, Some(SyncFile { end: Some(end), .. }) if st.applied >= *end)
+}
+
+/// Reads and hashes (xxh3-128) `f` in [`mars_replica::sync::SYNC_CHUNK`]s from `from` to
+/// `size`, sending `(offset, len, digest)` in order; stops at the first error (sent too) or
+/// when the receiver is gone. One buffer for every chunk: new memory costs more than the hashing where first
 /// touches are slow (a VM).
 fn hash_chunks(
     f: &dyn File,
@@ -1651,38 +1560,18 @@ fn hash_chunks(
     size: u64,
     tx: &tokio::sync::mpsc::Sender<Result<(u64, u64, [u8; 16])>>,
 ) {
-    let mut buf = vec![0u8; SYNC_CHUNK.min(size.saturating_sub(from)) as usize];
+    let mut buf = vec![0u8; chunk_len(from, size) as usize];
     let mut at = from;
     while at < size {
-        let len = SYNC_CHUNK.min(size - at);
+        let len = chunk_len(at, size);
         let b = &mut buf[..len as usize];
-        let r =
-            read_full(f, at, b).map(|()| (at, len, xxhash_rust::xxh3::xxh3_128(b).to_le_bytes()));
+        let r = hash_chunk(f, at, b)
+            .map(|digest| (at, len, digest))
+            .map_err(anyhow::Error::from);
         let failed = r.is_err();
         if tx.blocking_send(r).is_err() || failed {
             return;
         }
         at += len;
-    }
-}
-
-fn read_full(f: &dyn File, off: u64, buf: &mut [u8]) -> Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let n = f.read_at(&mut buf[done..], off + done as u64)?;
-        if n == 0 {
-            buf[done..].fill(0);
-            break;
-        }
-        done += n;
-    }
-    Ok(())
-}
-
-/// Where a replay error says the log is damaged.
-fn damage_offset(e: &anyhow::Error) -> Option<u64> {
-    match e.downcast_ref::<LogError>()? {
-        LogError::Corrupt { offset, .. } | LogError::Sequence { offset, .. } => Some(*offset),
-        _ => None,
     }
 }

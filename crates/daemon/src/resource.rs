@@ -1,16 +1,18 @@
 //! One resource on this host: its configuration, its volume (when attached) and the NBD export
 //! in front of it.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::Bytes;
 use mars_api::{LogView, Progress, ReplicaView, ResourceView};
 use mars_config::HostName;
 use mars_engine::{Report, ResourceMeta, Role, Todo};
 use mars_nbd::Export;
+use mars_replica::control::{self, ControlState, Marker};
 use mars_storage::real::{open_disk, RealDir};
 use mars_storage::{Dir, File};
 use mars_volume::{OpenReport, Volume, VolumeConfig, VolumeError};
@@ -67,20 +69,36 @@ pub struct Resource {
     device: std::sync::Mutex<Option<mars_blockdev::Device>>,
     /// Why the device could not be set up, if it could not.
     device_error: RwLock<Option<String>>,
+    /// The durable `chain-start`: where this host's log last continued after a hole.
+    chain_start: Mutex<Option<u64>>,
+    /// Control files that could not be written where the operation went on anyway: retried
+    /// every reconcile round (`retry_control_files`). Markers (wanted state) …
+    pending_markers: Mutex<HashMap<Marker, bool>>,
+    /// … and a chain start to record (the emergency marker stays until it is).
+    pending_chain_start: Mutex<Option<u64>>,
 }
 
-/// Present in a resource directory while it holds a replica (removed when it becomes
-/// primary): a restarted daemon that finds itself designated primary with this file still has
-/// to catch up before it may open its volume.
-pub const REPLICA_MARKER: &str = "replica";
-/// Present while a forced switch (`primary --force`) is pending here.
-pub const FORCE_MARKER: &str = "force-primary";
-/// Present while this primary is in emergency mode (writes bypass the log). Found at open (a
-/// restart in emergency mode), the log continues after a hole before anything is written.
-pub const EMERGENCY_MARKER: &str = "emergency";
-/// The logfile number where this host's log last continued after a hole (published as
-/// `chain-start-HOST`).
-pub const CHAIN_START_FILE: &str = "chain-start";
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The resource directory as the control files see it.
+fn control_dir(dir: &Path) -> Result<RealDir, mars_replica::Error> {
+    RealDir::open(dir).map_err(|source| mars_replica::Error::Io {
+        file: dir.display().to_string(),
+        op: "open",
+        source,
+    })
+}
+
+/// What the marker's presence means, for messages.
+fn marker_meaning(m: Marker) -> &'static str {
+    match m {
+        Marker::Replica => "replica",
+        Marker::ForcePrimary => "forced-switch",
+        Marker::Emergency => "emergency",
+    }
+}
 
 impl Resource {
     /// Sets up the resource in the role the metadata gives this host: the designated primary
@@ -99,6 +117,24 @@ impl Resource {
         defer_primary: bool,
     ) -> Arc<Self> {
         let size = meta.size.unwrap_or(cfg.size).max(cfg.size);
+        // What the control files say a restart does (markers: `mars_replica::control`).
+        let ctl = control_dir(&dir)
+            .and_then(|d| control::read_all(&d))
+            .unwrap_or_else(|e| {
+                tracing::error!("{}: {e}", cfg.name);
+                // The replica marker alone decides the role here; unreadable means replica (a
+                // replica never takes up the primary role without catching up).
+                let replica = control_dir(&dir)
+                    .and_then(|d| control::marker(&d, Marker::Replica))
+                    .unwrap_or_else(|e| {
+                        tracing::error!("{}: {e}", cfg.name);
+                        true
+                    });
+                ControlState {
+                    replica,
+                    ..ControlState::default()
+                }
+            });
         let r = Arc::new(Self {
             cfg,
             dir,
@@ -114,9 +150,12 @@ impl Resource {
             leaving: AtomicBool::new(false),
             device: std::sync::Mutex::new(None),
             device_error: RwLock::new(None),
+            chain_start: Mutex::new(ctl.chain_start),
+            pending_markers: Mutex::new(HashMap::new()),
+            pending_chain_start: Mutex::new(None),
         });
         let attach = meta.members.get(host).is_none_or(|m| m.todo.attach);
-        if meta.primary.as_ref() == Some(host) && !r.dir.join(REPLICA_MARKER).exists() {
+        if meta.primary.as_ref() == Some(host) && !ctl.replica {
             if attach && !defer_primary {
                 r.attach_primary();
             }
@@ -128,6 +167,86 @@ impl Resource {
 
     pub fn size(&self) -> u64 {
         self.size.load(Ordering::Relaxed)
+    }
+
+    /// Is the marker present in the resource directory?
+    pub fn marker(&self, m: Marker) -> Result<bool, mars_replica::Error> {
+        control::marker(&control_dir(&self.dir)?, m)
+    }
+
+    /// Sets or clears a marker durably; a failure is returned, and the caller does not go on.
+    /// (It supersedes a pending retry of the same marker.)
+    pub fn set_marker(&self, m: Marker, on: bool) -> Result<(), mars_replica::Error> {
+        lock(&self.pending_markers).remove(&m);
+        control::set_marker(&control_dir(&self.dir)?, m, on)
+    }
+
+    /// Sets or clears a marker durably where the operation goes on anyway: a failure is
+    /// logged and retried every reconcile round until it succeeds.
+    fn set_marker_or_retry(&self, m: Marker, on: bool) {
+        if let Err(e) = self.set_marker(m, on) {
+            tracing::error!(
+                "{}: cannot {} the {} marker: {e} (retried)",
+                self.cfg.name,
+                if on { "set" } else { "clear" },
+                marker_meaning(m)
+            );
+            lock(&self.pending_markers).insert(m, on);
+        }
+    }
+
+    /// Emergency mode was not entered after all: the marker goes (retried on failure).
+    pub fn clear_emergency_marker(&self) {
+        self.set_marker_or_retry(Marker::Emergency, false);
+    }
+
+    /// The log continued after a hole at `no` (emergency mode ended): records `chain-start`,
+    /// then clears the emergency marker. On failure the chain start is retried every
+    /// reconcile round, and the emergency marker stays until it is recorded (a restart
+    /// meanwhile makes another hole, which is safe).
+    pub fn record_chain_start(&self, no: u64) -> Result<(), mars_replica::Error> {
+        let written = control_dir(&self.dir).and_then(|d| control::write_chain_start(&d, no));
+        if let Err(e) = written {
+            *lock(&self.pending_chain_start) = Some(no);
+            return Err(e);
+        }
+        *lock(&self.chain_start) = Some(no);
+        *lock(&self.pending_chain_start) = None;
+        self.set_marker_or_retry(Marker::Emergency, false);
+        Ok(())
+    }
+
+    /// Where this host's log last continued after a hole (durably recorded).
+    pub fn chain_start(&self) -> Option<u64> {
+        *lock(&self.chain_start)
+    }
+
+    /// Retries the control-file writes that failed where the operation went on (called every
+    /// reconcile round); success is logged, a failure again only stays pending.
+    pub fn retry_control_files(&self) {
+        let pending = *lock(&self.pending_chain_start);
+        if let Some(no) = pending {
+            if self.record_chain_start(no).is_ok() {
+                tracing::info!("{}: recorded the chain start {no}", self.cfg.name);
+            }
+        }
+        let markers: Vec<(Marker, bool)> = lock(&self.pending_markers)
+            .iter()
+            .map(|(m, on)| (*m, *on))
+            .collect();
+        for (m, on) in markers {
+            match self.set_marker(m, on) {
+                Ok(()) => tracing::info!(
+                    "{}: {} the {} marker",
+                    self.cfg.name,
+                    if on { "set" } else { "cleared" },
+                    marker_meaning(m)
+                ),
+                Err(_) => {
+                    lock(&self.pending_markers).entry(m).or_insert(on);
+                }
+            }
+        }
     }
 
     /// Users of the resource now: NBD connections plus openers of the local block device
@@ -237,9 +356,19 @@ impl Resource {
         }
         let mut cfg = self.cfg.clone();
         cfg.size = self.size();
+        // Not knowing whether it was in emergency mode, the log must not be continued.
+        let emergency = match self.marker(Marker::Emergency) {
+            Ok(on) => on,
+            Err(e) => {
+                tracing::error!("{}: cannot attach: {e}", self.cfg.name);
+                *self.error.write().unwrap_or_else(|e| e.into_inner()) =
+                    Some(("Detached".into(), e.to_string()));
+                return;
+            }
+        };
         match open_volume(&cfg, &self.dir, &self.host, &self.tuning) {
             Ok((v, report)) => {
-                if self.dir.join(EMERGENCY_MARKER).exists() {
+                if emergency {
                     // Restarted in emergency mode: writes bypassed the log, so the log must not
                     // simply continue; replicas have to stop at a hole.
                     match v.restart_log_after_gap() {
@@ -248,8 +377,13 @@ impl Resource {
                                 "{}: was in emergency mode: the log continues at {no} after a hole",
                                 self.cfg.name
                             );
-                            let _ = std::fs::write(self.dir.join(CHAIN_START_FILE), no.to_string());
-                            let _ = mark(&self.dir, EMERGENCY_MARKER, false);
+                            if let Err(e) = self.record_chain_start(no) {
+                                tracing::error!(
+                                    "{}: cannot record the chain start {no}: {e} (retried; the \
+                                     emergency marker stays until it is recorded)",
+                                    self.cfg.name
+                                );
+                            }
                         }
                         Err(e) => {
                             tracing::error!("{}: cannot restart the log: {e}", self.cfg.name);
@@ -290,12 +424,7 @@ impl Resource {
     }
 
     pub fn attach_secondary(&self, meta: Arc<ResourceMeta>) {
-        if let Err(e) = mark(&self.dir, REPLICA_MARKER, true) {
-            tracing::error!(
-                "{}: cannot mark the directory as a replica: {e}",
-                self.cfg.name
-            );
-        }
+        self.set_marker_or_retry(Marker::Replica, true);
         match Replica::open(
             self.cfg.name.clone(),
             self.host.clone(),
@@ -427,16 +556,15 @@ impl Resource {
         }
         // A logfile we started but never wrote to is no history: drop it, or the next primary's
         // logfile with the same number would look like a fork.
-        drop_empty_own_tail(&self.dir, &self.host)?;
+        let d = control_dir(&self.dir)?;
+        mars_replica::copies::drop_empty_tail(&d, &self.host)?;
         // Everything is written back: the replica starts at the end of the last logfile, which
         // is what this host reports as its log end (the next primary must have all of it).
-        let d = mars_storage::real::RealDir::open(&self.dir)?;
-        if let (Some(&(no, len)), Some(pos)) = (
-            log_lengths(&self.dir).last(),
-            mars_volume::read_position(&d)?,
-        ) {
+        if let (Some(&(no, len)), Some(pos)) =
+            (log_lengths(&self.dir).last(), control::read_position(&d)?)
+        {
             if pos.file > no {
-                mars_volume::write_position(&d, mars_txlog::LogPos::new(no, len))?;
+                control::write_position(&d, mars_txlog::LogPos::new(no, len))?;
             }
         }
         self.fenced.store(false, Ordering::Relaxed);
@@ -458,17 +586,20 @@ impl Resource {
         if !rep.stop_and_wait(std::time::Duration::from_secs(10)) {
             anyhow::bail!("the replica's tasks did not stop in time");
         }
+        // The cut is durable before the marker goes; a crash or a failure in between repeats
+        // the cut at the next promotion (it is idempotent).
         let at = rep.cut_for_promotion()?;
+        self.set_marker(Marker::Replica, false)
+            .map_err(|e| anyhow::anyhow!("cannot clear the replica marker: {e}"))?;
         *self.replica.write().unwrap_or_else(|e| e.into_inner()) = None;
-        mark(&self.dir, REPLICA_MARKER, false)?;
         self.attach_primary();
         if self.volume().is_none() {
             // Back to a replica, with the reason visible.
             let err = self.error().unwrap_or_default();
-            mark(&self.dir, REPLICA_MARKER, true)?;
+            self.set_marker_or_retry(Marker::Replica, true);
             anyhow::bail!("cannot open the volume: {err}");
         }
-        let _ = mark(&self.dir, FORCE_MARKER, false);
+        self.set_marker_or_retry(Marker::ForcePrimary, false);
         Ok(at)
     }
 
@@ -703,37 +834,6 @@ impl Resource {
             _opener: Some(Opener(self.clone())),
         }))
     }
-}
-
-/// Creates (`on`) or removes a marker file in the resource directory, durably.
-pub fn mark(dir: &Path, name: &str, on: bool) -> io::Result<()> {
-    let p = dir.join(name);
-    if on == p.exists() {
-        return Ok(());
-    }
-    if on {
-        std::fs::write(&p, b"")?;
-    } else {
-        std::fs::remove_file(&p)?;
-    }
-    std::fs::File::open(dir)?.sync_all()
-}
-
-/// Removes the newest logfile if it is this host's and empty.
-fn drop_empty_own_tail(dir: &Path, me: &HostName) -> io::Result<()> {
-    let mut names: Vec<mars_txlog::LogName> = std::fs::read_dir(dir)?
-        .flatten()
-        .filter_map(|e| mars_txlog::LogName::parse(&e.file_name().to_string_lossy()).ok()?)
-        .collect();
-    names.sort_by_key(|n| n.no);
-    if let Some(last) = names.last().filter(|n| n.host == *me) {
-        let p = dir.join(last.to_string());
-        if std::fs::metadata(&p)?.len() == 0 {
-            std::fs::remove_file(&p)?;
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-    }
-    Ok(())
 }
 
 /// `(number, length)` of the logfiles in `dir`, oldest first.

@@ -30,7 +30,6 @@ use mars_api::{ErrorKind, Reply};
 use mars_config::{HostName, ResourceName};
 use mars_engine::{keys, ResourceMeta, Role};
 
-use crate::resource::{mark, FORCE_MARKER};
 use crate::state::{invalid, not_found, Daemon, Refusal};
 
 /// How often the command looks at the metadata while it waits.
@@ -227,7 +226,7 @@ async fn forced(
         )));
     }
     let _ = rep;
-    mark(&r.dir, FORCE_MARKER, true)
+    r.set_marker(mars_replica::Marker::ForcePrimary, true)
         .map_err(|e| failed(format!("cannot mark the forced switch: {e}")))?;
     let mut keys_now = vec![(keys::primary(&res), me.to_string())];
     // The stack follows: it starts here once the device is served, and the old primary stops

@@ -13,7 +13,12 @@
 //!     writeback               writeback (primary) or replay (secondary) position
 //!     sync.toml               a pending or running full sync (secondary)
 //!     needs-sync              why only a full sync can help (secondary)
+//!     chain-start             where this host's log continued after an emergency hole
+//!     replica, force-primary, emergency    markers: present = on
 //! ```
+//!
+//! The files of `resource-RES/` besides `resource.toml` are written and read only through
+//! `mars_replica` (`control.rs` has their layouts).
 //!
 //! The cluster and resource files are small TOML documents replaced atomically.
 

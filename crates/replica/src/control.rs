@@ -407,6 +407,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Whatever bytes a control file holds, reading never panics: a value or an error
+        /// naming the file.
+        #[test]
+        fn arbitrary_content_never_panics(
+            which in 0usize..4,
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let file = [POSITION_FILE, SYNC_FILE, NEEDS_SYNC_FILE, CHAIN_START_FILE][which];
+            let d = MemDir::new();
+            put(&d, file, &data);
+            if let Err(e) = read_all(&d) {
+                proptest::prop_assert!(e.to_string().contains(file), "{}", e);
+            }
+        }
+    }
+
     #[test]
     fn empty_needs_sync_still_needs_a_sync() {
         let d = MemDir::new();

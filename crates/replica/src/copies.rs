@@ -441,6 +441,29 @@ impl Copies {
     }
 }
 
+/// When a primary leaves its role: removes the newest logfile of `dir` if `origin` wrote it and
+/// it is empty (a logfile started but never written to is no history; kept, the next primary's
+/// logfile with the same number would look like a fork), durably. Returns its name if removed.
+pub fn drop_empty_tail(dir: &dyn Dir, origin: &HostName) -> Result<Option<LogName>> {
+    let Some(last) = mars_txlog::list_logs_unchecked(dir)?.pop() else {
+        return Ok(None);
+    };
+    if last.host != *origin {
+        return Ok(None);
+    }
+    let s = last.to_string();
+    let f = dir
+        .open(&s, OpenMode::Existing)
+        .map_err(Error::io(&s, "open"))?;
+    if f.len().map_err(Error::io(&s, "stat"))? != 0 {
+        return Ok(None);
+    }
+    drop(f);
+    dir.remove(&s).map_err(Error::io(&s, "remove"))?;
+    dir.sync().map_err(Error::io(&s, "sync directory"))?;
+    Ok(Some(last))
+}
+
 /// Appends verified records to one copy. Obtained from [`Copies::append`]; it does not borrow
 /// the [`Copies`], so receiving can go on while others look at them. The durable length it
 /// reaches is reported back with [`Copies::note_durable`].
@@ -746,6 +769,26 @@ mod tests {
         assert!(c3.is_empty());
         assert!(matches!(c.remove(3), Err(Error::NoCopy(3))));
         assert!(matches!(c.mark_complete(3), Err(Error::NoCopy(3))));
+    }
+
+    #[test]
+    fn empty_own_tail() {
+        let d = MemDir::new();
+        let (mut c, _) = open(&d);
+        let a = host("alpha");
+        let mut w = c.append(1, &a).unwrap();
+        w.append(0, &records(1, 1)).unwrap();
+        w.sync().unwrap();
+        assert_eq!(drop_empty_tail(&d, &a).unwrap(), None, "not empty");
+        c.append(2, &a).unwrap();
+        assert_eq!(
+            drop_empty_tail(&d, &host("beta")).unwrap(),
+            None,
+            "not ours"
+        );
+        assert_eq!(drop_empty_tail(&d, &a).unwrap().map(|n| n.no), Some(2));
+        let (c, _) = open(&MemDir::from_image(&d.crash_image()));
+        assert_eq!(c.newest(), Some(1));
     }
 
     #[test]
