@@ -1,27 +1,48 @@
-//! `marsd`: the per-host daemon. It owns everything under its root directory, serves the
-//! resources' block devices over NBD and answers `marsadm` on the control socket.
+//! `marsd`: the per-host daemon, and its composition root. It owns everything under its root
+//! directory, serves the resources' block devices over NBD and answers `marsadm` on the control
+//! socket.
+//!
+//! The modules, in layers that only point down (a test in `tests/layering.rs` fails on an
+//! upward import or a cycle):
+//!
+//! ```text
+//!  main (this file: builds everything, binds the sockets, wires the peer stream handlers)
+//!   → control/ (socket, dispatch, view)        nbd (exports)
+//!     → host (identity + registry of resource actors; liveness, space, addresses)
+//!       → resource/ (one actor per resource: engine + executor)
+//!         → replication/ (fetch, replay, sync sessions; fetch and sync servers)   systemd
+//!           → local/ (volume, export, device, replica directory)   meta/ (store thread, cluster)
+//!             → peer (frames, connect, listen)   identity   root
+//! ```
 
-mod cluster;
-mod lifecycle;
-mod logserve;
-mod replica;
+mod control;
+mod host;
+mod identity;
+mod local;
+mod meta;
+mod nbd;
+mod peer;
+mod replication;
 mod resource;
-mod roles;
 mod root;
-mod serve;
-mod state;
 mod systemd;
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use mars_config::{parse_size, HostName};
+use mars_wire::{ClusterId, StreamKind};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, SignalKind};
 
-use crate::resource::{DeviceMode, Tuning};
-use crate::state::Daemon;
+use crate::host::Host;
+use crate::identity::Identity;
+use crate::local::Tuning;
+use crate::replication::serve::{Lookup, Served};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -97,7 +118,7 @@ struct Args {
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
-    let with_port = cluster::with_default_port(s);
+    let with_port = peer::with_default_port(s);
     with_port
         .parse::<SocketAddr>()
         .map(|_| with_port)
@@ -150,17 +171,17 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let device = match args.device.as_str() {
-        "none" => DeviceMode::None,
+        "none" => crate::local::DeviceMode::None,
         "fuse-loop" => {
             mars_blockdev::check_support()
                 .map_err(|e| anyhow::anyhow!("--device fuse-loop: {e}"))?;
-            DeviceMode::FuseLoop
+            crate::local::DeviceMode::FuseLoop
         }
         "auto" => match mars_blockdev::check_support() {
-            Ok(()) => DeviceMode::FuseLoop,
+            Ok(()) => crate::local::DeviceMode::FuseLoop,
             Err(e) => {
                 tracing::info!("no local block devices ({e}); resources are served over NBD");
-                DeviceMode::None
+                crate::local::DeviceMode::None
             }
         },
         "nbd" => anyhow::bail!(
@@ -179,7 +200,7 @@ fn run(args: Args) -> Result<()> {
         env!("CARGO_PKG_VERSION"),
         root.display()
     );
-    if device != DeviceMode::None {
+    if device != crate::local::DeviceMode::None {
         // Leftovers of a daemon that crashed: FUSE mounts and loop devices nobody serves.
         match mars_blockdev::cleanup_stale(&args.device_dir) {
             Ok(rep) => tracing::debug!("device cleanup: {rep:?}"),
@@ -210,22 +231,223 @@ fn run(args: Args) -> Result<()> {
     systemd.scripts_dir = absolute(&args.systemd_scripts_dir)?;
     systemd.systemctl = args.systemctl.clone();
     systemd.timeout = std::time::Duration::from_secs(args.systemd_timeout.max(1));
-    let daemon = Arc::new(Daemon::load(
+    let cluster: Option<root::ClusterFile> = root::read_toml(&root.join(root::CLUSTER_FILE))?;
+    if let Some(c) = &cluster {
+        if c.host != host {
+            anyhow::bail!(
+                "{} belongs to host {:?}, but this daemon runs as {:?}; host names never change (use --host {})",
+                root.display(),
+                c.host.as_str(),
+                host.as_str(),
+                c.host
+            );
+        }
+    }
+    let store_file = mars_meta::Store::open(
+        root.join(meta::META_FILE),
+        host.clone(),
+        mars_meta::system_time_ns,
+    )
+    .with_context(|| format!("cannot open {}", root.join(meta::META_FILE).display()))?;
+    raise_open_files();
+    let ident = Arc::new(Identity::new(
         root,
         host,
         listen,
         args.nbd_listen,
-        tuning,
-        systemd,
-    )?);
+        cluster,
+    ));
+    let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marsd")
         .build()?;
-    let result = rt.block_on(serve::run(daemon.clone()));
-    // Stop serving before closing volumes, so no request races the close.
+    let result = rt.block_on(serve(ident, store_file, tuning, systemd));
+    // Stop serving before anything else is dropped, so no request races the close.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
-    daemon.shutdown();
     tracing::info!("marsd stopped");
     result
+}
+
+/// Binds a Unix socket (removing a leftover: we hold the root lock, so a socket file here is a
+/// dead daemon's).
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// The peer streams, by kind, to the layers that serve them.
+struct PeerHandlers {
+    host: Arc<Host>,
+    lookup: Arc<dyn Lookup>,
+}
+
+impl peer::Handlers for PeerHandlers {
+    fn me(&self) -> (HostName, ClusterId) {
+        (
+            self.host.ident.host.clone(),
+            self.host.ident.cluster_id().unwrap_or(ClusterId::UNKNOWN),
+        )
+    }
+
+    fn serve(&self, kind: StreamKind, conn: peer::Incoming) -> peer::ServeFuture {
+        let me = self.host.ident.host.clone();
+        match kind {
+            StreamKind::Meta => Box::pin(self.host.cluster.clone().serve(conn)),
+            StreamKind::Fetch => {
+                Box::pin(replication::serve::serve_fetch(self.lookup.clone(), me, conn))
+            }
+            StreamKind::Sync => {
+                Box::pin(replication::serve::serve_sync(self.lookup.clone(), me, conn))
+            }
+        }
+    }
+}
+
+/// The servers find resources in the registry.
+struct HostLookup(Arc<Host>);
+
+impl Lookup for HostLookup {
+    fn served(&self, res: &str) -> Option<Served> {
+        let name = mars_config::ResourceName::new(res).ok()?;
+        Some(self.0.get(&name)?.served())
+    }
+}
+
+async fn serve(
+    ident: Arc<Identity>,
+    store: mars_meta::Store,
+    tuning: Tuning,
+    systemd: Arc<systemd::Systemd>,
+) -> Result<()> {
+    let store = meta::MetaStore::start(store)?;
+    let host = Host::new(ident.clone(), store, tuning, systemd);
+    host.load_resources().await?;
+    // Every listener is bound before the control socket: a client that can talk to the control
+    // socket finds the NBD sockets and the peer port serving (the backlog accepts at once).
+    let nbd_unix = bind_unix(&ident.root.join(mars_api::NBD_SOCKET), 0o600)?;
+    let nbd_tcp = match ident.nbd_tcp {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for NBD on {a}"))?,
+        ),
+        None => None,
+    };
+    let peers = TcpListener::bind(&ident.listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {}", ident.listen))?;
+    tracing::info!("listening for peers on {}", ident.listen);
+    let handlers: Arc<dyn peer::Handlers> = Arc::new(PeerHandlers {
+        host: host.clone(),
+        lookup: Arc::new(HostLookup(host.clone())),
+    });
+    tokio::spawn(peer::listen(peers, handlers));
+    tokio::spawn(host.cluster.clone().supervise());
+    tokio::spawn(host.clone().run());
+    tokio::spawn(nbd::serve_unix(host.clone(), nbd_unix));
+    if let Some(l) = nbd_tcp {
+        tracing::info!("serving NBD on tcp {}", l.local_addr()?);
+        tokio::spawn(nbd::serve_tcp(host.clone(), l));
+    }
+    // Exports the resources will serve are open before this host says it is ready: a
+    // primary role found on disk that waits for the other members is the exception (it is
+    // not served until they answered).
+    host.wait_settled(std::time::Duration::from_secs(60)).await;
+    let control = bind_unix(&ident.root.join(mars_api::CONTROL_SOCKET), 0o600)?;
+    tokio::spawn(control::serve(host.clone(), control));
+    let _ = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status_text(&host)),
+        ],
+    );
+    tokio::spawn(watchdog(host.clone()));
+    tracing::info!(
+        "ready: control {}",
+        ident.root.join(mars_api::CONTROL_SOCKET).display()
+    );
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("stopping");
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    host.shutdown().await;
+    Ok(())
+}
+
+/// `STATUS=` for `systemctl status marsd`: how many resources, and which this host serves.
+fn status_text(host: &Host) -> String {
+    let all = host.all();
+    let primary: Vec<String> = all
+        .iter()
+        .filter(|r| r.shared.volume().is_some())
+        .map(|r| r.name.to_string())
+        .collect();
+    format!(
+        "host {}: {} resource(s), primary of {}",
+        host.ident.host,
+        all.len(),
+        if primary.is_empty() {
+            "none".to_string()
+        } else {
+            primary.join(" ")
+        }
+    )
+}
+
+/// Under `WatchdogSec=`, pings systemd at half the interval, but only while the host keeps
+/// measuring (its loop goes through the store's thread: a store stuck in I/O stops the pings,
+/// and systemd restarts us). Also refreshes `STATUS=` every few seconds.
+async fn watchdog(host: Arc<Host>) {
+    let mut usec = 0u64;
+    let enabled = sd_notify::watchdog_enabled(false, &mut usec);
+    let interval = if enabled {
+        std::time::Duration::from_micros(usec / 2).max(std::time::Duration::from_millis(100))
+    } else {
+        std::time::Duration::from_secs(5)
+    };
+    let stuck_after = std::time::Duration::from_micros(usec)
+        .max(std::time::Duration::from_secs(10))
+        .min(std::time::Duration::from_secs(120));
+    if enabled {
+        tracing::info!("systemd watchdog: pinging every {interval:?}");
+    }
+    loop {
+        tokio::time::sleep(interval).await;
+        let status = status_text(&host);
+        let mut states = vec![sd_notify::NotifyState::Status(&status)];
+        if enabled {
+            let last = host.last_measured();
+            if last.elapsed() < stuck_after {
+                states.push(sd_notify::NotifyState::Watchdog);
+            } else {
+                tracing::error!(
+                    "the host loop has not measured for {:?}: no watchdog ping",
+                    last.elapsed()
+                );
+            }
+        }
+        let _ = sd_notify::notify(false, &states);
+    }
+}
+
+/// Every resource holds a few descriptors (its disk, directory, logfiles, peer connections):
+/// the soft limit goes up to the hard one, so that a host with many resources does not run
+/// out at the default 1024.
+fn raise_open_files() {
+    // SAFETY: getrlimit/setrlimit on a valid struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }

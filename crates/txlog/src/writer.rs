@@ -98,6 +98,9 @@ struct State {
     spare: Vec<Vec<u8>>,
 }
 
+/// Called with the new durable end after every group commit (see [`Appender::on_durable`]).
+pub type DurableHook = Arc<dyn Fn(LogPos) + Send + Sync>;
+
 struct Shared {
     state: Mutex<State>,
     /// Wakes the thread.
@@ -105,6 +108,7 @@ struct Shared {
     /// Wakes sync waiters.
     done: Condvar,
     cfg: AppenderConfig,
+    on_durable: Mutex<Option<DurableHook>>,
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -156,6 +160,7 @@ impl Appender {
             work: Condvar::new(),
             done: Condvar::new(),
             cfg,
+            on_durable: Mutex::new(None),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
@@ -281,6 +286,13 @@ impl Appender {
         };
         self.sync_to(target)?;
         Ok(target.file)
+    }
+
+    /// Calls `hook` with the new durable end after every group commit, on the log's own
+    /// thread (it must not block): lets an async server follow the log without a thread per
+    /// follower.
+    pub fn on_durable(&self, hook: DurableHook) {
+        *self.shared.on_durable.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// Blocks until everything before `upto` is durable.
@@ -421,6 +433,7 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
         };
         let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments, prealloc);
         let mut st = lock(&shared.state);
+        let ok = result.is_ok();
         match result {
             Ok(()) => {
                 st.durable = target;
@@ -438,6 +451,12 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
         }
         drop(st);
         shared.done.notify_all();
+        if ok {
+            let hook = shared.on_durable.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(h) = hook {
+                h(target);
+            }
+        }
     }
 }
 

@@ -546,6 +546,12 @@ impl Volume {
         Ok(self.shared.log.wait_durable_beyond(seen, timeout)?)
     }
 
+    /// Calls `hook` with the new durable end after every group commit of the log (on the log's
+    /// thread; it must not block).
+    pub fn on_durable(&self, hook: mars_txlog::writer::DurableHook) {
+        self.shared.log.on_durable(hook);
+    }
+
     /// Rotates unless the current logfile is still empty; returns the position where the next
     /// write will go (the start of the then current logfile). A full sync starts here.
     pub fn rotate_if_used(&self) -> Result<LogPos, VolumeError> {

@@ -399,6 +399,13 @@ impl ResourceEngine {
                 if let Local::Primary(p) = &mut self.local {
                     p.reclaiming = false;
                 }
+                // The measurements are older than the deletion: forget the deleted logfiles
+                // there, or the next pass would ask for them again.
+                if let Some(v) = self.stats.volume.as_mut() {
+                    v.logs.retain(|l| {
+                        !removed.contains(&mars_txlog::LogName::new(l.no, l.origin.clone()).to_string())
+                    });
+                }
                 if !removed.is_empty() {
                     let msg = format!("deleted logfiles {}", removed.join(", "));
                     self.log(Level::Info, msg);
@@ -710,8 +717,14 @@ impl ResourceEngine {
                 // The volume keeps what is not written back and its current logfile itself.
                 let keep = v.written_back.file.min(v.current);
                 let effective = floor.map_or(keep, |f| f.min(keep));
-                if !p.reclaiming && v.logs.first().is_some_and(|l| l.no < effective) {
+                // Once per floor: the volume may keep a logfile for reasons of its own (not
+                // written back yet), and asking again would change nothing.
+                if !p.reclaiming
+                    && effective > p.reclaimed_to
+                    && v.logs.first().is_some_and(|l| l.no < effective)
+                {
                     p.reclaiming = true;
+                    p.reclaimed_to = effective;
                     self.out.push(Command::ReclaimLogs { below: floor });
                 }
             }

@@ -271,8 +271,8 @@ impl ResourceEngine {
                     self.reply(
                         id,
                         Err(OpError::invalid(format!(
-                            "log-rotate runs on the primary of {res}; this host is not acting \
-                             as primary"
+                            "resource {res} is not attached here as primary (log-rotate runs on \
+                             the primary)"
                         ))),
                     );
                 }

@@ -18,6 +18,8 @@ pub(super) struct Primary {
     pub remains_logged: bool,
     /// A `ReclaimLogs` is running.
     pub reclaiming: bool,
+    /// The floor the last `ReclaimLogs` was given.
+    pub reclaimed_to: u64,
 }
 
 impl Primary {
@@ -28,6 +30,7 @@ impl Primary {
             emergency_busy: false,
             remains_logged: false,
             reclaiming: false,
+            reclaimed_to: 0,
         }
     }
 

@@ -69,6 +69,9 @@ pub struct Status {
     pub device: Option<Result<String, String>>,
     pub repairs: u64,
     pub size: u64,
+    /// The resource has set itself up after a start: its volume or replica is open, or it
+    /// knows why not (an error, a detached or deferred primary role).
+    pub settled: bool,
 }
 
 impl ResourceEngine {
@@ -213,6 +216,7 @@ impl ResourceEngine {
             device: None,
             repairs: 0,
             size: self.size,
+            settled: self.settled(),
         };
         match &self.local {
             Local::Idle { error: Some(e) } => {
@@ -231,6 +235,24 @@ impl ResourceEngine {
             _ => {}
         }
         st
+    }
+
+    fn settled(&self) -> bool {
+        if !self.started || !self.meta_known {
+            return false;
+        }
+        match &self.local {
+            Local::Busy(_) => false,
+            // A primary role found on disk that waits for the other members' metadata (or is
+            // detached) is settled; anything else idle is about to open something.
+            Local::Idle { error: None } => {
+                self.is_designated()
+                    && !self.facts.replica_marker
+                    && (!self.todo().attach || !self.live.fresh)
+                    || !self.meta.is_member(&self.me)
+            }
+            _ => true,
+        }
     }
 
     /// A transient pin held for `host`, if any (for tests and `view`).

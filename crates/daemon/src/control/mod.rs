@@ -1,0 +1,131 @@
+//! The control socket (`ROOT/marsd.sock`, 0600, root or our own user only): one JSON request
+//! per connection, one dispatch. Cluster commands (`cluster.rs`) go to the metadata layer;
+//! resource commands (`resources.rs`) create or join resources here and hand everything else
+//! to the resource's actor as an engine operation; `view.rs` reads the actors' snapshots.
+
+mod cluster;
+mod resources;
+mod view;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use mars_api::{ErrorKind, Reply, Request, Response, MAX_REQUEST};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::host::Host;
+
+/// A refusal: what kind, and the one line the operator reads.
+pub type Outcome = Result<Reply, (ErrorKind, String)>;
+
+pub fn invalid(msg: impl Into<String>) -> (ErrorKind, String) {
+    (ErrorKind::Invalid, msg.into())
+}
+
+pub fn failed(msg: impl Into<String>) -> (ErrorKind, String) {
+    (ErrorKind::Failed, msg.into())
+}
+
+pub fn not_found(res: &mars_config::ResourceName) -> (ErrorKind, String) {
+    (
+        ErrorKind::NotFound,
+        format!("resource {res} does not exist"),
+    )
+}
+
+pub fn done(message: impl Into<String>) -> Outcome {
+    Ok(Reply::Done {
+        message: message.into(),
+    })
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(host: Arc<Host>, l: UnixListener) {
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let h = host.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = connection(h, s).await {
+                        tracing::warn!("control connection: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("control accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn connection(host: Arc<Host>, s: UnixStream) -> Result<()> {
+    // The socket is 0600, and we check the peer too: only root or our own user may command us.
+    let cred = s.peer_cred()?;
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    let (r, mut w) = s.into_split();
+    if cred.uid() != 0 && cred.uid() != me {
+        tracing::warn!("refused control connection from uid {}", cred.uid());
+        let resp = Response::Error {
+            kind: ErrorKind::Invalid,
+            message: "permission denied: marsd takes commands from root only".into(),
+        };
+        w.write_all(&mars_api::encode(&resp)).await?;
+        return Ok(());
+    }
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64 + 1);
+    reader.read_until(b'\n', &mut line).await?;
+    let resp = match mars_api::decode::<Request>(line.trim_ascii_end()) {
+        Err(e) => Response::Error {
+            kind: ErrorKind::Invalid,
+            message: format!("bad request: {e}"),
+        },
+        Ok(req) => {
+            tracing::debug!("control request: {req:?}");
+            match dispatch(&host, req).await {
+                Ok(reply) => Response::Ok { reply },
+                Err((kind, message)) => Response::Error { kind, message },
+            }
+        }
+    };
+    w.write_all(&mars_api::encode(&resp)).await?;
+    w.shutdown().await?;
+    Ok(())
+}
+
+async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
+    let secs = Duration::from_secs;
+    match req {
+        Request::Ping => Ok(Reply::Pong {
+            host: host.ident.host.to_string(),
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        Request::View { res, window } => {
+            let window = secs(window.unwrap_or(60));
+            let list = match &res {
+                Some(r) => vec![host.get(r).ok_or_else(|| not_found(r))?],
+                None => host.all(),
+            };
+            Ok(Reply::View(view::view(host, list, res.is_none(), window).await))
+        }
+        Request::CreateCluster { ip } => cluster::create(host, ip).await,
+        Request::JoinCluster { peer } => cluster::join(host, &peer).await,
+        Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout)).await,
+        Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
+            cluster::wait(host, secs(timeout)).await
+        }
+        Request::DeleteHost { host: h } => cluster::delete_host(host, &h).await,
+        Request::SetLinks { pairs } => cluster::set_links(host, pairs).await,
+        Request::GetLink { key } => cluster::get_link(host, &key).await,
+        Request::CreateResource { res, disk, size } => {
+            resources::create(host, res, &disk, size).await
+        }
+        Request::JoinResource { res, disk } => resources::join(host, res, &disk).await,
+        other => resources::op(host, other).await,
+    }
+}

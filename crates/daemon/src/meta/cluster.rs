@@ -1,0 +1,680 @@
+//! Cluster membership and metadata propagation between hosts.
+//!
+//! Every host keeps the replicated metadata in its own store and *pulls*: for every other
+//! member (the `ips/ip-HOST` keys) a task keeps a metadata connection open and asks "your
+//! changes after N", applying what comes back. Changes learned from a third host get new local
+//! numbers, so they are relayed to whoever pulls from us. A member cut off for an hour simply
+//! asks for more when the link returns: the cost is the number of changes, never the size of
+//! the map.
+//!
+//! Pulls are driven by pushes: the serving side sends `Notify` on the open connection whenever
+//! its store changes, and the puller asks at once; without one it asks every [`POLL`] anyway.
+//! So a change reaches the other members within a round trip, not a polling interval.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use mars_api::MemberView;
+use mars_config::HostName;
+use mars_wire::{ClusterId, Message, StreamKind};
+use tokio::io::AsyncWriteExt;
+use tokio::task::JoinHandle;
+
+use super::store::MetaStore;
+use crate::identity::Identity;
+use crate::peer::{self, send, Incoming};
+use crate::root::ClusterFile;
+
+/// How often each member is asked for changes when it did not notify us.
+pub const POLL: Duration = Duration::from_millis(1000);
+/// How often this host refreshes its liveness stamp.
+pub const ALIVE_EVERY: Duration = Duration::from_secs(2);
+/// Entries per answer.
+const PAGE: u32 = 1000;
+/// A member that answered within this time counts as connected (`view`).
+const CONNECTED_WINDOW: Duration = Duration::from_secs(3);
+/// A pull without an answer within this time: the connection is given up.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MEMBER_PREFIX: &str = "ips/ip-";
+/// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
+/// is away longer than this must not bring deleted keys back, so it should rejoin.
+const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+const GC_EVERY: Duration = Duration::from_secs(3600);
+/// How far this host has read every member's changes, so that a restart asks for the news
+/// only, not for the whole map again.
+pub const SEEN_FILE: &str = "peers-seen.toml";
+
+pub fn alive_key(host: &HostName) -> String {
+    format!("alive-{host}")
+}
+
+#[derive(Debug, Default, Clone)]
+struct PeerState {
+    last_ok: Option<Instant>,
+    error: Option<String>,
+    /// Everything of theirs up to this number is applied here.
+    seen: u64,
+}
+
+/// The cluster side of the daemon.
+pub struct Cluster {
+    pub store: MetaStore,
+    ident: Arc<Identity>,
+    peers: Mutex<BTreeMap<HostName, PeerState>>,
+    /// Highest change number sent to each member (what it has received of ours).
+    served: Mutex<BTreeMap<HostName, u64>>,
+    /// Wakes the pullers (update-cluster, wait-cluster).
+    pub poke: tokio::sync::Notify,
+    tasks: Mutex<BTreeMap<HostName, (String, JoinHandle<()>)>>,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn to_wire(e: &mars_meta::Entry) -> mars_wire::Entry {
+    mars_wire::Entry {
+        key: e.key.clone(),
+        value: e.value.clone(),
+        stamp: e.stamp,
+        origin: e.origin.to_string(),
+    }
+}
+
+fn from_wire(entries: Vec<mars_wire::Entry>) -> Vec<mars_meta::Entry> {
+    entries
+        .into_iter()
+        .filter_map(|e| match HostName::new(&e.origin) {
+            Ok(origin) => Some(mars_meta::Entry {
+                key: e.key,
+                value: e.value,
+                stamp: e.stamp,
+                origin,
+            }),
+            Err(err) => {
+                tracing::warn!("dropping metadata entry {:?}: origin {err}", e.key);
+                None
+            }
+        })
+        .collect()
+}
+
+impl Cluster {
+    pub fn new(store: MetaStore, ident: Arc<Identity>) -> Cluster {
+        Cluster {
+            store,
+            ident,
+            peers: Mutex::default(),
+            served: Mutex::default(),
+            poke: tokio::sync::Notify::new(),
+            tasks: Mutex::default(),
+            started: Instant::now(),
+        }
+    }
+
+    /// Members and their addresses, from the replicated `ips/ip-HOST` keys.
+    pub async fn members(&self) -> BTreeMap<HostName, String> {
+        self.store
+            .call(|s| {
+                s.list_prefix(MEMBER_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|e| {
+                        let h = mars_meta::member_of_key(&e.key)?;
+                        Some((h, e.value.unwrap_or_default()))
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Every member's newest liveness stamp (ns of its Lamport clock, which follows wall time).
+    pub async fn alive_stamps(&self) -> BTreeMap<HostName, u64> {
+        self.store
+            .call(|s| {
+                let members: Vec<HostName> = s
+                    .list_prefix(MEMBER_PREFIX)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|e| mars_meta::member_of_key(&e.key))
+                    .collect();
+                members
+                    .into_iter()
+                    .filter_map(|h| {
+                        let stamp = s.get(&alive_key(&h)).ok().flatten()?.stamp;
+                        Some((h, stamp))
+                    })
+                    .collect()
+            })
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Age of every member's newest liveness stamp.
+    pub async fn ages(&self) -> BTreeMap<HostName, Duration> {
+        let now = mars_meta::system_time_ns();
+        self.alive_stamps()
+            .await
+            .into_iter()
+            .map(|(h, s)| (h, Duration::from_nanos(now.saturating_sub(s))))
+            .collect()
+    }
+
+    pub async fn member_views(&self, window: Duration) -> Vec<MemberView> {
+        let me = self.ident.host.clone();
+        let ages = self.ages().await;
+        let peers = lock(&self.peers).clone();
+        self.members()
+            .await
+            .into_iter()
+            .map(|(h, address)| {
+                let age = ages.get(&h).map(Duration::as_secs_f64);
+                let p = peers.get(&h);
+                let this = h == me;
+                MemberView {
+                    host: h.to_string(),
+                    address,
+                    this_host: this,
+                    alive: this || age.is_some_and(|a| a <= window.as_secs_f64()),
+                    age_secs: if this { Some(0.0) } else { age },
+                    connected: this
+                        || p.and_then(|p| p.last_ok)
+                            .is_some_and(|t| t.elapsed() < CONNECTED_WINDOW),
+                    error: p.and_then(|p| p.error.clone()),
+                }
+            })
+            .collect()
+    }
+
+    /// Members other than this host that have not answered since `since`.
+    pub async fn not_answered_since(&self, since: Instant) -> Vec<String> {
+        let me = self.ident.host.clone();
+        let members = self.members().await;
+        let peers = lock(&self.peers);
+        members
+            .into_keys()
+            .filter(|h| *h != me)
+            .filter(|h| {
+                peers
+                    .get(h)
+                    .and_then(|p| p.last_ok)
+                    .is_none_or(|t| t < since)
+            })
+            .map(|h| match peers.get(&h).and_then(|p| p.error.clone()) {
+                Some(e) => format!("{h} ({e})"),
+                None => h.to_string(),
+            })
+            .collect()
+    }
+
+    /// Every other member answered since this daemon started (or there is none).
+    pub async fn fresh(&self) -> bool {
+        self.not_answered_since(self.started).await.is_empty()
+    }
+
+    pub fn stop_tasks(&self) {
+        for (_, (_, t)) in std::mem::take(&mut *lock(&self.tasks)) {
+            t.abort();
+        }
+    }
+
+    fn clear_peers(&self) {
+        lock(&self.peers).clear();
+        lock(&self.served).clear();
+    }
+
+    async fn apply(&self, from: &HostName, entries: Vec<mars_wire::Entry>) -> Result<usize> {
+        let entries = from_wire(entries);
+        let report = self
+            .store
+            .call(move |s| s.apply_remote(&entries))
+            .await??;
+        for (key, why) in &report.refused {
+            tracing::warn!("refused metadata {key:?} from {from}: {why}");
+        }
+        Ok(report.applied)
+    }
+
+    // ------------------------------------------------------------ serving
+
+    /// A metadata stream from `conn.peer`: answers its pulls, and tells it whenever our store
+    /// changed so that it pulls again at once.
+    pub async fn serve(self: Arc<Self>, conn: Incoming) -> Result<()> {
+        let Incoming {
+            peer,
+            from,
+            mut w,
+            mut frames,
+        } = conn;
+        let joining = peer.cluster == ClusterId::UNKNOWN;
+        let mut seq = self.store.watch_seq();
+        // What the peer has asked up to: a Notify only when there is more.
+        let mut answered: Option<u64> = None;
+        loop {
+            let msg = tokio::select! {
+                m = frames.next() => m?,
+                changed = seq.changed() => {
+                    changed?;
+                    let now = *seq.borrow_and_update();
+                    if answered.is_some_and(|a| now > a) {
+                        send(&mut w, &Message::Notify { seq: now }).await?;
+                        w.flush().await?;
+                    }
+                    continue;
+                }
+            };
+            match msg {
+                Message::ChangesSince { since, limit } => {
+                    let (reply, upto) = self
+                        .store
+                        .call(move |s| {
+                            // A peer ahead of us saw an earlier incarnation of this store:
+                            // resend all.
+                            let from_seq = if since > s.local_seq() { 0 } else { since };
+                            let c = s.changes_since(from_seq, limit.clamp(1, PAGE) as usize)?;
+                            Ok::<_, mars_meta::MetaError>((
+                                Message::Changes {
+                                    upto: c.up_to,
+                                    entries: c.entries.iter().map(to_wire).collect(),
+                                },
+                                c.up_to,
+                            ))
+                        })
+                        .await??;
+                    send(&mut w, &reply).await?;
+                    w.flush().await?;
+                    answered = Some(upto);
+                    // Delivered to the peer's socket: what leave-cluster waits for (a peer
+                    // that learns of the departure stops asking, so it never asks past it).
+                    let mut served = lock(&self.served);
+                    let v = served.entry(peer.host.clone()).or_default();
+                    *v = (*v).max(upto);
+                }
+                Message::Changes { entries, .. } if joining => {
+                    // A joining host announces itself; nothing else is taken from it.
+                    let own = format!("{MEMBER_PREFIX}{}", peer.host);
+                    let (mine, other): (Vec<_>, Vec<_>) = entries
+                        .into_iter()
+                        .partition(|e| e.key == own && e.origin == peer.host.as_str());
+                    if !other.is_empty() {
+                        tracing::warn!(
+                            "ignored {} entries pushed by joining host {}",
+                            other.len(),
+                            peer.host
+                        );
+                    }
+                    self.apply(&peer.host, mine).await?;
+                    tracing::info!("host {} at {from} joined the cluster", peer.host);
+                    self.poke.notify_waiters();
+                }
+                Message::Ping { stamp } => {
+                    let now = self
+                        .store
+                        .call(move |s| s.clock().now().max(stamp))
+                        .await?;
+                    send(&mut w, &Message::Pong { stamp: now }).await?;
+                    w.flush().await?;
+                }
+                Message::Refuse { reason, .. } => bail!("peer {} refused: {reason}", peer.host),
+                other => bail!("unexpected message from {}: {other:?}", peer.host),
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ pulling
+
+    /// Keeps pulling from one member, reconnecting with backoff.
+    async fn pull_loop(self: Arc<Self>, host: HostName, addr: String) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let err = match self.pull_session(&host, &addr).await {
+                Ok(()) => unreachable!("a pull session ends with an error"),
+                Err(e) => e,
+            };
+            let msg = format!("{err:#}");
+            let first = {
+                let mut peers = lock(&self.peers);
+                let p = peers.entry(host.clone()).or_default();
+                let first = p.error.as_deref() != Some(&msg);
+                p.error = Some(msg.clone());
+                first
+            };
+            if first {
+                tracing::warn!("metadata from {host} at {addr}: {msg}");
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(3));
+        }
+    }
+
+    async fn pull_session(&self, host: &HostName, addr: &str) -> Result<()> {
+        let cluster = self
+            .ident
+            .cluster_id()
+            .ok_or_else(|| anyhow!("not in a cluster"))?;
+        let mut s = peer::connect(addr, &self.ident.host, cluster, StreamKind::Meta).await?;
+        if s.peer.host != *host {
+            bail!("{addr} answers as host {}, expected {host}", s.peer.host);
+        }
+        loop {
+            let since = lock(&self.peers).get(host).map_or(0, |p| p.seen);
+            send(&mut s.w, &Message::ChangesSince { since, limit: PAGE }).await?;
+            s.w.flush().await?;
+            let (entries, upto) = loop {
+                match s.frames.next_within(ANSWER_TIMEOUT).await? {
+                    Message::Changes { upto, entries } => break (entries, upto),
+                    // A notification sent while we asked: the answer covers it.
+                    Message::Notify { .. } => continue,
+                    Message::Refuse { reason, .. } => bail!("{host} refused: {reason}"),
+                    other => bail!("unexpected answer from {host}: {other:?}"),
+                }
+            };
+            if self.ident.cluster_id() != Some(cluster) {
+                bail!("this host left the cluster");
+            }
+            let full = entries.len() as u32 >= PAGE;
+            if !entries.is_empty() {
+                self.apply(host, entries).await?;
+            }
+            {
+                let mut peers = lock(&self.peers);
+                let p = peers.entry(host.clone()).or_default();
+                p.seen = upto;
+                p.last_ok = Some(Instant::now());
+                p.error = None;
+            }
+            if !full {
+                tokio::select! {
+                    _ = tokio::time::sleep(POLL) => {},
+                    _ = self.poke.notified() => {},
+                    m = s.frames.next() => match m? {
+                        Message::Notify { .. } => {}
+                        Message::Refuse { reason, .. } => bail!("{host} refused: {reason}"),
+                        other => bail!("unexpected message from {host}: {other:?}"),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Starts and stops pullers as membership changes, refreshes our liveness stamp, collects
+    /// old tombstones and saves how far every member was read.
+    pub async fn supervise(self: Arc<Self>) {
+        let mut last_alive: Option<Instant> = None;
+        let mut last_gc: Option<Instant> = None;
+        let mut last_saved = BTreeMap::new();
+        self.load_seen().await;
+        let mut global = self.store.watch_global();
+        loop {
+            if self.ident.cluster_id().is_some() {
+                if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
+                    let horizon = mars_meta::system_time_ns()
+                        .saturating_sub(TOMBSTONE_RETENTION.as_nanos() as u64);
+                    match self.store.call(move |s| s.gc_tombstones(horizon)).await {
+                        Ok(Ok(0)) => {}
+                        Ok(Ok(n)) => tracing::info!(
+                            "collected {n} metadata tombstones older than {TOMBSTONE_RETENTION:?}"
+                        ),
+                        Ok(Err(e)) => tracing::warn!("tombstone collection: {e}"),
+                        Err(_) => return,
+                    }
+                    last_gc = Some(Instant::now());
+                }
+                let seen: BTreeMap<HostName, u64> = lock(&self.peers)
+                    .iter()
+                    .map(|(h, p)| (h.clone(), p.seen))
+                    .collect();
+                if seen != last_saved {
+                    if let Err(e) = self.save_seen(&seen) {
+                        tracing::warn!("cannot save peer positions: {e:#}");
+                    }
+                    last_saved = seen;
+                }
+                if last_alive.is_none_or(|t| t.elapsed() >= ALIVE_EVERY) {
+                    let key = alive_key(&self.ident.host);
+                    if let Ok(Err(e)) = self.store.call(move |s| s.set(&key, "1").map(|_| ())).await {
+                        tracing::warn!("liveness stamp: {e}");
+                    }
+                    last_alive = Some(Instant::now());
+                }
+                let members = self.members().await;
+                let mut tasks = lock(&self.tasks);
+                tasks.retain(|h, (addr, t)| {
+                    let keep = members.get(h) == Some(addr) && !t.is_finished();
+                    if !keep {
+                        t.abort();
+                    }
+                    keep
+                });
+                for (h, addr) in members {
+                    if h != self.ident.host && !tasks.contains_key(&h) {
+                        let t = tokio::spawn(self.clone().pull_loop(h.clone(), addr.clone()));
+                        tasks.insert(h, (addr, t));
+                    }
+                }
+            } else {
+                self.stop_tasks();
+            }
+            // Membership changes are metadata changes: look again then, or for the next stamp.
+            tokio::select! {
+                _ = tokio::time::sleep(ALIVE_EVERY / 2) => {},
+                _ = global.changed() => {},
+            }
+        }
+    }
+
+    fn save_seen(&self, seen: &BTreeMap<HostName, u64>) -> Result<()> {
+        let table: BTreeMap<String, u64> =
+            seen.iter().map(|(h, s)| (h.to_string(), *s)).collect();
+        crate::root::write_toml(&self.ident.root, SEEN_FILE, &table)
+    }
+
+    async fn load_seen(&self) {
+        // Positions only mean something together with the store they were applied to.
+        if self.store.call(|s| s.local_seq()).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let table: BTreeMap<String, u64> =
+            match crate::root::read_toml(&self.ident.root.join(SEEN_FILE)) {
+                Ok(Some(t)) => t,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!("ignoring saved peer positions: {e:#}");
+                    return;
+                }
+            };
+        let mut peers = lock(&self.peers);
+        for (h, s) in table {
+            if let Ok(h) = HostName::new(&h) {
+                peers.entry(h).or_default().seen = s;
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ membership commands
+
+    /// `join-cluster PEER`: learns the cluster from a member, copies its metadata, announces
+    /// itself. Returns the message for the operator.
+    pub async fn join(&self, peer_addr: &str) -> Result<String, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        if let Some(id) = self.ident.cluster_id() {
+            return Err((
+                ErrorKind::Exists,
+                format!("this host already belongs to cluster {id}; leave-cluster first"),
+            ));
+        }
+        let failed = |e: anyhow::Error| {
+            (
+                ErrorKind::Failed,
+                format!("join-cluster {peer_addr}: {e:#}"),
+            )
+        };
+        let mut s = peer::connect(peer_addr, &self.ident.host, ClusterId::UNKNOWN, StreamKind::Meta)
+            .await
+            .map_err(failed)?;
+        let cluster = s.peer.cluster;
+        let mut since = 0;
+        let mut all = Vec::new();
+        loop {
+            send(&mut s.w, &Message::ChangesSince { since, limit: PAGE })
+                .await
+                .map_err(failed)?;
+            let (entries, upto) = loop {
+                match s.frames.next_within(ANSWER_TIMEOUT).await.map_err(failed)? {
+                    Message::Changes { upto, entries } => break (entries, upto),
+                    Message::Notify { .. } => continue,
+                    Message::Refuse { reason, .. } => {
+                        return Err(failed(anyhow!("{} refused: {reason}", s.peer.host)))
+                    }
+                    other => return Err(failed(anyhow!("unexpected answer: {other:?}"))),
+                }
+            };
+            let done = (entries.len() as u32) < PAGE;
+            all.extend(entries);
+            since = upto;
+            if done {
+                break;
+            }
+        }
+        let own = format!("{MEMBER_PREFIX}{}", self.ident.host);
+        if all.iter().any(|e| e.key == own && e.value.is_some()) {
+            return Err((
+                ErrorKind::Exists,
+                format!(
+                    "a host named {} is already a member of cluster {cluster}",
+                    self.ident.host
+                ),
+            ));
+        }
+        let from = s.peer.host.clone();
+        self.apply(&from, all).await.map_err(failed)?;
+        let address = self.ident.advertised();
+        self.ident
+            .set_cluster(ClusterFile {
+                uuid: cluster.to_string(),
+                host: self.ident.host.clone(),
+                address: address.clone(),
+            })
+            .map_err(failed)?;
+        let (k, v) = (own.clone(), address.clone());
+        let entry = self
+            .store
+            .call(move |st| st.set(&k, &v))
+            .await
+            .map_err(|e| failed(e.into()))?
+            .map_err(|e| failed(e.into()))?;
+        lock(&self.peers).insert(
+            s.peer.host.clone(),
+            PeerState {
+                seen: since,
+                last_ok: Some(Instant::now()),
+                ..PeerState::default()
+            },
+        );
+        send(
+            &mut s.w,
+            &Message::Changes {
+                upto: 0,
+                entries: vec![to_wire(&entry)],
+            },
+        )
+        .await
+        .map_err(failed)?;
+        // Give the peer a moment to take the announcement before the connection closes.
+        let _ = s.w.shutdown().await;
+        let members: Vec<String> = self
+            .members()
+            .await
+            .into_keys()
+            .map(|h| h.to_string())
+            .collect();
+        Ok(format!(
+            "joined cluster {cluster} via {} as {} at {address}; members: {}",
+            s.peer.host,
+            self.ident.host,
+            members.join(", ")
+        ))
+    }
+
+    /// `wait-cluster`: until every member answered after the call started.
+    pub async fn wait(&self, timeout: Duration) -> Result<String, String> {
+        let start = Instant::now();
+        self.poke.notify_waiters();
+        loop {
+            let missing = self.not_answered_since(start).await;
+            if missing.is_empty() {
+                return Ok(format!(
+                    "all {} members answered",
+                    self.members().await.len()
+                ));
+            }
+            if start.elapsed() >= timeout {
+                return Err(format!(
+                    "no answer within {}s from: {}",
+                    timeout.as_secs(),
+                    missing.join(", ")
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.poke.notify_waiters();
+        }
+    }
+
+    /// `leave-cluster` after the caller checked that no resource is held: announces the
+    /// departure, waits until the other members have fetched it, then forgets the cluster.
+    pub async fn leave(&self, timeout: Duration) -> Result<String, String> {
+        let Some(id) = self.ident.cluster_id() else {
+            return Err("this host is not in a cluster".into());
+        };
+        let me = self.ident.host.clone();
+        let others: Vec<HostName> = self
+            .members()
+            .await
+            .into_keys()
+            .filter(|h| *h != me)
+            .collect();
+        let key = format!("{MEMBER_PREFIX}{me}");
+        let seq = self
+            .store
+            .call(move |s| s.delete(&key).map(|_| s.local_seq()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        loop {
+            let served = lock(&self.served).clone();
+            let pending: Vec<String> = others
+                .iter()
+                .filter(|h| served.get(*h).is_none_or(|&s| s < seq))
+                .map(ToString::to_string)
+                .collect();
+            if pending.is_empty() || start.elapsed() >= timeout {
+                if !pending.is_empty() {
+                    tracing::warn!("left without confirmation from {}", pending.join(", "));
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // No puller may record positions of the old membership after this point.
+        self.stop_tasks();
+        self.ident.forget_cluster().map_err(|e| format!("{e:#}"))?;
+        let _ = std::fs::remove_file(self.ident.root.join(SEEN_FILE));
+        let fresh = mars_meta::Store::in_memory(me.clone(), mars_meta::system_time_ns)
+            .map_err(|e| e.to_string())?;
+        self.store.replace(fresh).await.map_err(|e| e.to_string())?;
+        let path = self.ident.root.join(super::META_FILE);
+        std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let store = mars_meta::Store::open(&path, me.clone(), mars_meta::system_time_ns)
+            .map_err(|e| e.to_string())?;
+        self.store.replace(store).await.map_err(|e| e.to_string())?;
+        // A puller started in between is gone now too, and positions start from scratch.
+        self.stop_tasks();
+        self.clear_peers();
+        Ok(format!("{me} left cluster {id}"))
+    }
+}

@@ -1,0 +1,12 @@
+//! The replicated metadata on this host: the store and its owner thread (`store.rs`), and the
+//! cluster around it: membership, liveness stamps, pulling and serving changes, join and leave
+//! (`cluster.rs`).
+
+pub mod cluster;
+pub mod store;
+
+pub use cluster::Cluster;
+pub use store::MetaStore;
+
+/// The metadata store inside the root.
+pub const META_FILE: &str = "meta.redb";

@@ -1,0 +1,73 @@
+//! The NBD sockets: the Unix socket `ROOT/nbd.sock` (always) and TCP (`--nbd-listen`). The
+//! export name is the resource name; only a resource whose volume is open here and which is
+//! designated to this host accepts new connections.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mars_config::ResourceName;
+use mars_nbd::{Export, Exports, ServerConfig};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::host::Host;
+
+/// The NBD side sees the daemon as a set of exports: every attached resource, by name.
+pub struct HostExports(pub Arc<Host>);
+
+impl Exports for HostExports {
+    fn get(&self, name: &str) -> Option<Arc<dyn Export>> {
+        let res = ResourceName::new(name).ok()?;
+        self.0.get(&res)?.shared.export()
+    }
+    fn list(&self) -> Vec<String> {
+        self.0
+            .all()
+            .iter()
+            .filter(|r| r.shared.volume().is_some())
+            .map(|r| r.name.to_string())
+            .collect()
+    }
+}
+
+pub async fn serve_unix(host: Arc<Host>, l: UnixListener) {
+    let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
+    let cfg = Arc::new(ServerConfig::default());
+    loop {
+        match l.accept().await {
+            Ok((s, _)) => {
+                let (e, c) = (exports.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    if let Err(err) = mars_nbd::serve(s, e, c).await {
+                        tracing::warn!("NBD connection (unix): {err}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("NBD accept (unix): {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
+    let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
+    let cfg = Arc::new(ServerConfig::default());
+    loop {
+        match l.accept().await {
+            Ok((s, peer)) => {
+                let _ = s.set_nodelay(true);
+                let (e, c) = (exports.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    if let Err(err) = mars_nbd::serve(s, e, c).await {
+                        tracing::warn!("NBD connection from {peer}: {err}");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!("NBD accept (tcp): {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,305 @@
+//! The peer port as streams of frames: connecting (with the hello in both directions),
+//! accepting (a listener that hands each stream to the handler of its kind), and reading and
+//! writing frames. Protocol code sees only `AsyncRead`/`AsyncWrite` halves, so a TLS layer can
+//! wrap the TCP stream later without any change above.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use mars_config::HostName;
+use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Default port peers listen on.
+pub const DEFAULT_PORT: u16 = 7777;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most peer connections served at once; more are closed at once (a peer opens a handful per
+/// resource it replicates).
+const MAX_CONNECTIONS: usize = 16_384;
+
+pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
+pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
+
+fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
+
+/// Reads frames from a stream.
+pub struct FrameReader<R> {
+    r: R,
+    /// Received bytes; `buf[start..]` is not decoded yet. Reused for the whole connection, so
+    /// that megabyte frames do not each take fresh memory.
+    buf: Vec<u8>,
+    start: usize,
+}
+
+/// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
+/// to a few MiB; a whole frame's room is made as soon as its length is known).
+const READ_AT_LEAST: usize = 256 << 10;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(r: R, leftover: Vec<u8>) -> Self {
+        Self {
+            r,
+            buf: leftover,
+            start: 0,
+        }
+    }
+
+    /// Bytes received but not yet decoded.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next message. Cancel-safe: a read cancelled while pending has read nothing, and
+    /// whatever was read is in the buffer before the next await.
+    pub async fn next(&mut self) -> Result<Message> {
+        loop {
+            let pending = &self.buf[self.start..];
+            if let Some((m, n)) = decode_frame(pending)? {
+                self.start += n;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                }
+                return Ok(m);
+            }
+            // Room for the rest of this frame (received straight into the buffer: no second
+            // copy), with the incomplete frame moved to the front first.
+            let want = mars_wire::frame_len(pending).map_or(0, |l| l - pending.len());
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            self.buf.reserve(want.max(READ_AT_LEAST));
+            if self.r.read_buf(&mut self.buf).await? == 0 {
+                bail!("connection closed");
+            }
+        }
+    }
+
+    /// The next message within `limit`.
+    pub async fn next_within(&mut self, limit: Duration) -> Result<Message> {
+        tokio::time::timeout(limit, self.next())
+            .await
+            .map_err(|_| anyhow!("no message within {limit:?}"))?
+    }
+}
+
+/// Sends one frame; a large payload goes to the socket from where it lies (vectored write).
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<()> {
+    let f = mars_wire::frame_parts(m);
+    let mut frame = bytes::Buf::chain(bytes::Buf::chain(f.head.as_slice(), f.payload), &f.crc[..]);
+    w.write_all_buf(&mut frame).await?;
+    Ok(())
+}
+
+/// Sends a refusal and flushes; the caller closes.
+pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, kind: RefuseKind, reason: String) -> Result<()> {
+    send(w, &Message::Refuse { kind, reason }).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads the peer's hello; returns it and any bytes read beyond it.
+async fn read_hello<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Hello, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let fut = async {
+        loop {
+            if let Some((h, n)) = Hello::decode(&buf)? {
+                return Ok::<_, anyhow::Error>((h, buf[n..].to_vec()));
+            }
+            let mut chunk = [0u8; 256];
+            let n = r.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed during hello");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, fut)
+        .await
+        .map_err(|_| anyhow!("no hello within {HELLO_TIMEOUT:?}"))?
+}
+
+/// `ADDR[:PORT]` with the port made explicit (default 7777).
+pub fn with_default_port(addr: &str) -> String {
+    let has_port = addr.parse::<SocketAddr>().is_ok()
+        || (addr.parse::<std::net::Ipv6Addr>().is_err()
+            && addr
+                .rsplit_once(':')
+                .is_some_and(|(_, p)| p.parse::<u16>().is_ok()));
+    if has_port {
+        addr.to_string()
+    } else if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{addr}]:{DEFAULT_PORT}")
+    } else {
+        format!("{addr}:{DEFAULT_PORT}")
+    }
+}
+
+/// Resolves ADDR[:PORT] (default port 7777).
+pub async fn resolve(addr: &str) -> Result<SocketAddr> {
+    let with_port = with_default_port(addr);
+    let mut addrs = tokio::net::lookup_host(&with_port)
+        .await
+        .with_context(|| format!("cannot resolve {addr}"))?;
+    addrs
+        .next()
+        .ok_or_else(|| anyhow!("{addr} resolves to nothing"))
+}
+
+/// A connection to a peer, after the hellos.
+pub struct Session {
+    pub peer: Hello,
+    pub w: BoxWrite,
+    pub frames: FrameReader<BoxRead>,
+}
+
+/// Connects as `me` to the member at `addr` for a stream of `kind`.
+pub async fn connect(addr: &str, me: &HostName, cluster: ClusterId, kind: StreamKind) -> Result<Session> {
+    let sa = resolve(addr).await?;
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sa))
+        .await
+        .map_err(|_| anyhow!("connect to {sa}: timed out"))?
+        .with_context(|| format!("connect to {sa}"))?;
+    let _ = s.set_nodelay(true);
+    let (mut r, mut w) = split_stream(s);
+    let ours = Hello::new(kind, cluster, me.clone());
+    w.write_all(&ours.encode()).await?;
+    let (peer, rest) = read_hello(&mut r).await?;
+    let mut frames = FrameReader::new(r, rest);
+    if let Err(e) = ours.check_peer(&peer) {
+        bail!("{addr}: {e}");
+    }
+    // A refusing peer sends its reason right after its hello.
+    if peer.cluster == ClusterId::UNKNOWN {
+        if let Ok(Ok(Message::Refuse { reason, .. })) =
+            tokio::time::timeout(Duration::from_secs(2), frames.next()).await
+        {
+            bail!("{} at {addr} refused: {reason}", peer.host);
+        }
+        bail!("{} at {addr} is not in a cluster", peer.host);
+    }
+    Ok(Session { peer, w, frames })
+}
+
+/// An accepted stream after the hellos: the peer's hello and the halves.
+pub struct Incoming {
+    pub peer: Hello,
+    pub from: SocketAddr,
+    pub w: BoxWrite,
+    pub frames: FrameReader<BoxRead>,
+}
+
+pub type ServeFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// What the listener needs from the layers above: our hello, and a handler per stream kind.
+pub trait Handlers: Send + Sync + 'static {
+    /// This host's name and cluster (`UNKNOWN` before it belongs to one).
+    fn me(&self) -> (HostName, ClusterId);
+    fn serve(&self, kind: StreamKind, conn: Incoming) -> ServeFuture;
+}
+
+/// Accepts peer connections until the task is dropped.
+pub async fn listen(l: TcpListener, h: Arc<dyn Handlers>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut error_logged = false;
+    loop {
+        match l.accept().await {
+            Ok((s, from)) => {
+                error_logged = false;
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    tracing::warn!("peer connection from {from} dropped: {MAX_CONNECTIONS} open");
+                    continue;
+                };
+                let _ = s.set_nodelay(true);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    if let Err(e) = accept(h, s, from).await {
+                        tracing::debug!("peer connection from {from}: {e:#}");
+                    }
+                });
+            }
+            Err(e) => {
+                // Out of descriptors, say: back off instead of spinning on the error.
+                if !error_logged {
+                    tracing::error!("peer accept: {e}");
+                    error_logged = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<()> {
+    let (mut r, mut w) = split_stream(s);
+    let (peer, rest) = read_hello(&mut r).await?;
+    let (me, cluster) = h.me();
+    let ours = Hello::new(StreamKind::Meta, cluster, me);
+    let refusal = if cluster == ClusterId::UNKNOWN {
+        Some("this host is not in a cluster".to_string())
+    } else if let Err(r) = ours.check_peer(&peer) {
+        Some(r.to_string())
+    } else if peer.kind != StreamKind::Meta && peer.cluster == ClusterId::UNKNOWN {
+        Some("log and sync streams are for members only".to_string())
+    } else {
+        None
+    };
+    w.write_all(&ours.encode()).await?;
+    if let Some(reason) = refusal {
+        tracing::warn!("refused peer {} at {from}: {reason}", peer.host);
+        refuse(&mut w, RefuseKind::Hello, reason).await?;
+        return Ok(());
+    }
+    let kind = peer.kind;
+    let conn = Incoming {
+        peer,
+        from,
+        w,
+        frames: FrameReader::new(r, rest),
+    };
+    h.serve(kind, conn).await
+}
+
+/// One line about a message, without its payload (log data can be megabytes).
+pub fn describe(m: &Message) -> String {
+    match m {
+        Message::LogData { file, offset, data } => {
+            format!(
+                "LogData{{file {file}, offset {offset}, {} bytes}}",
+                data.len()
+            )
+        }
+        Message::SyncData { offset, data } => {
+            format!("SyncData{{offset {offset}, {} bytes}}", data.len())
+        }
+        Message::Changes { upto, entries } => {
+            format!("Changes{{upto {upto}, {} entries}}", entries.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_port() {
+        let f = super::with_default_port;
+        assert_eq!(f("10.0.0.1"), "10.0.0.1:7777");
+        assert_eq!(f("10.0.0.1:9"), "10.0.0.1:9");
+        assert_eq!(f("::1"), "[::1]:7777");
+        assert_eq!(f("[::1]:9"), "[::1]:9");
+        assert_eq!(f("alpha.example"), "alpha.example:7777");
+        assert_eq!(f("alpha.example:9"), "alpha.example:9");
+    }
+}

@@ -1,0 +1,295 @@
+//! A fetch session: streams the source's logfiles into the local copies.
+//!
+//! The replica asks once (`FetchFrom` with its position and its version link of the logfile
+//! before); the source then pushes `LogFile`, `LogData` (whole records), `LogEnd`, the next
+//! logfile, and follows the current one as it grows, confirming with `LogCaughtUp` whenever
+//! this replica has everything durable there. Each chunk is verified on arrival (checksums,
+//! contiguous sequence numbers, offset = end of the copy) and counts as fetched only after its
+//! `fdatasync` here; syncs run in the background while receiving goes on.
+//!
+//! Which logfile may be appended to or created is the engine's decision: the session reports
+//! `FetchEvent::Offer` and waits for the `CopyDecision` the actor forwards.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Result};
+use mars_config::{HostName, ResourceName};
+use mars_engine::resource::{CopyDecision, Event, FetchEvent, SessionId};
+use mars_replica::{CopyAppender, CopySync};
+use mars_txlog::LogPos;
+use mars_wire::{ClusterId, Message, StreamKind};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use super::{Rates, Sink, Stop};
+use crate::local::ReplicaDir;
+use crate::peer;
+
+/// Received data is made durable at least every this many bytes …
+const SYNC_BYTES: u64 = 64 << 20;
+/// … or when the stream pauses this long.
+const SYNC_IDLE: Duration = Duration::from_millis(10);
+/// A source silent for this long is gone (it confirms at least every second while idle).
+const SILENCE: Duration = Duration::from_secs(15);
+/// How long the session waits for the engine's decision about a logfile.
+const DECISION_WAIT: Duration = Duration::from_secs(30);
+
+/// What one fetch session needs.
+pub struct FetchJob {
+    pub id: SessionId,
+    pub res: ResourceName,
+    pub me: HostName,
+    pub cluster: ClusterId,
+    pub source: HostName,
+    pub addr: String,
+    pub from: LogPos,
+    pub prev_link: String,
+    pub replica: Arc<ReplicaDir>,
+    pub rates: Arc<Rates>,
+    pub sink: Sink,
+    pub stop: Stop,
+    pub decisions: mpsc::Receiver<(u64, CopyDecision)>,
+}
+
+/// Runs the session until it ends or is stopped; its end is reported as
+/// `FetchEvent::Ended`.
+pub async fn run(mut job: FetchJob) {
+    let id = job.id;
+    let sink = job.sink.clone();
+    let stop = job.stop.clone();
+    let r = tokio::select! {
+        r = session(&mut job) => r,
+        _ = stop.wait() => Ok(()),
+    };
+    // Whatever is durable but not yet accounted stays uncounted: the next session truncates
+    // the copy to what the engine knows and fetches it again.
+    let error = r.err().map(|e| format!("{e:#}"));
+    let _ = sink.send(Event::Fetch(id, FetchEvent::Ended { error })).await;
+}
+
+/// The copy being received, and its durability.
+struct Current {
+    no: u64,
+    /// `None` only while it is on a blocking thread.
+    w: Option<CopyAppender>,
+    /// Appended but not yet synced.
+    unsynced: u64,
+    /// A background fdatasync and the length it makes durable.
+    inflight: Option<(u64, tokio::task::JoinHandle<mars_replica::Result<u64>>)>,
+    /// Durable and reported.
+    reported: u64,
+}
+
+async fn emit(job: &FetchJob, e: FetchEvent) -> Result<()> {
+    job.sink
+        .send(Event::Fetch(job.id, e))
+        .await
+        .map_err(|_| anyhow!("the resource's actor is gone"))
+}
+
+async fn session(job: &mut FetchJob) -> Result<()> {
+    let mut s = peer::connect(&job.addr, &job.me, job.cluster, StreamKind::Fetch).await?;
+    if s.peer.host != job.source {
+        bail!("{} answers as {}, expected {}", job.addr, s.peer.host, job.source);
+    }
+    peer::send(
+        &mut s.w,
+        &Message::FetchFrom {
+            res: job.res.to_string(),
+            file: job.from.file,
+            offset: job.from.offset,
+            prev_link: job.prev_link.clone(),
+        },
+    )
+    .await?;
+    s.w.flush().await?;
+    let mut cur: Option<Current> = None;
+    let mut connected = false;
+    loop {
+        let busy = cur
+            .as_ref()
+            .is_some_and(|c| c.unsynced > 0 || c.inflight.is_some());
+        let msg = tokio::select! {
+            m = s.frames.next_within(SILENCE) => m?,
+            _ = tokio::time::sleep(SYNC_IDLE), if busy => {
+                make_durable(job, &mut cur).await?;
+                continue;
+            }
+        };
+        if !connected {
+            connected = true;
+            emit(job, FetchEvent::Connected).await?;
+        }
+        match msg {
+            Message::LogFile { file, origin } => {
+                make_durable(job, &mut cur).await?;
+                let origin = HostName::new(&origin).map_err(|e| anyhow!("bad origin: {e}"))?;
+                emit(
+                    job,
+                    FetchEvent::Offer {
+                        no: file,
+                        origin: origin.clone(),
+                    },
+                )
+                .await?;
+                let decision = wait_decision(job, file).await?;
+                let replica = job.replica.clone();
+                let w = tokio::task::spawn_blocking(move || -> Result<Option<CopyAppender>> {
+                    let mut c = replica.copies();
+                    match decision {
+                        CopyDecision::Reject => Ok(None),
+                        CopyDecision::ReplaceEmpty { .. } => {
+                            c.remove_empty(file)?;
+                            Ok(Some(c.append(file, &origin)?))
+                        }
+                        CopyDecision::Append | CopyDecision::Create => {
+                            Ok(Some(c.append(file, &origin)?))
+                        }
+                    }
+                })
+                .await??;
+                let Some(w) = w else {
+                    return Ok(());
+                };
+                let reported = w.end();
+                cur = Some(Current {
+                    no: file,
+                    w: Some(w),
+                    unsynced: 0,
+                    inflight: None,
+                    reported,
+                });
+            }
+            Message::LogData { file, offset, data } => {
+                let Some(c) = cur.as_mut() else {
+                    bail!("log data before a log name");
+                };
+                if c.no != file {
+                    bail!("log data for {file} while receiving {}", c.no);
+                }
+                let n = data.len() as u64;
+                // Verified on arrival (checksums, sequence numbers, offset); written on a
+                // blocking thread, the appender going there and back.
+                let mut w = c.w.take().ok_or_else(|| anyhow!("no appender"))?;
+                let (w, r) = tokio::task::spawn_blocking(move || {
+                    let r = w.append(offset, &data);
+                    (w, r)
+                })
+                .await?;
+                c.w = Some(w);
+                r.map_err(|e| anyhow!("log {file} from {}: {e}", job.source))?;
+                c.unsynced += n;
+                if c.unsynced >= SYNC_BYTES {
+                    sync_in_background(job, c).await?;
+                }
+            }
+            Message::LogEnd { file, len } => {
+                make_durable(job, &mut cur).await?;
+                if cur.as_ref().map(|c| c.no) == Some(file) {
+                    cur = None;
+                }
+                emit(job, FetchEvent::End { no: file, len }).await?;
+            }
+            Message::LogCaughtUp {
+                file,
+                offset,
+                stamp,
+            } => {
+                // "You have everything durable here, as of `stamp`."
+                make_durable(job, &mut cur).await?;
+                emit(
+                    job,
+                    FetchEvent::CaughtUp {
+                        pos: LogPos::new(file, offset),
+                        stamp,
+                    },
+                )
+                .await?;
+            }
+            Message::LogGone { file, oldest } => {
+                emit(job, FetchEvent::Gone { file, oldest }).await?;
+                return Ok(());
+            }
+            Message::Refuse { kind, reason } => {
+                emit(
+                    job,
+                    FetchEvent::Refused {
+                        kind,
+                        reason: reason.clone(),
+                    },
+                )
+                .await?;
+                bail!("{reason}");
+            }
+            other => bail!("unexpected {}", peer::describe(&other)),
+        }
+    }
+}
+
+/// The engine's answer about logfile `no`.
+async fn wait_decision(job: &mut FetchJob, no: u64) -> Result<CopyDecision> {
+    let deadline = tokio::time::Instant::now() + DECISION_WAIT;
+    loop {
+        let d = tokio::time::timeout_at(deadline, job.decisions.recv())
+            .await
+            .map_err(|_| anyhow!("no decision about log {no}"))?
+            .ok_or_else(|| anyhow!("the resource's actor is gone"))?;
+        if d.0 == no {
+            return Ok(d.1);
+        }
+    }
+}
+
+/// Starts an fdatasync of what was received so far on a blocking thread, so that receiving
+/// goes on meanwhile (the link and the disk work at the same time). One at a time: if the
+/// previous one is still running, it is waited for only once twice the batch piled up.
+async fn sync_in_background(job: &FetchJob, c: &mut Current) -> Result<()> {
+    if let Some((covered, task)) = c.inflight.take() {
+        if task.is_finished() || c.unsynced >= 2 * SYNC_BYTES {
+            let len = task.await??;
+            account(job, c, len.max(covered)).await?;
+        } else {
+            c.inflight = Some((covered, task));
+            return Ok(());
+        }
+    }
+    let sync: CopySync = c.w.as_ref().ok_or_else(|| anyhow!("no appender"))?.pending_sync();
+    let upto = sync.upto();
+    c.inflight = Some((upto, tokio::task::spawn_blocking(move || sync.run())));
+    c.unsynced = 0;
+    Ok(())
+}
+
+/// Makes everything received for the current copy durable and reports it.
+async fn make_durable(job: &FetchJob, cur: &mut Option<Current>) -> Result<()> {
+    let Some(c) = cur.as_mut() else {
+        return Ok(());
+    };
+    if let Some((covered, task)) = c.inflight.take() {
+        let len = task.await??;
+        account(job, c, len.max(covered)).await?;
+    }
+    if c.unsynced > 0 {
+        let sync = c.w.as_ref().ok_or_else(|| anyhow!("no appender"))?.pending_sync();
+        let len = tokio::task::spawn_blocking(move || sync.run()).await??;
+        c.unsynced = 0;
+        account(job, c, len).await?;
+    }
+    Ok(())
+}
+
+/// `len` bytes of the current copy are durable here.
+async fn account(job: &FetchJob, c: &mut Current, len: u64) -> Result<()> {
+    if len <= c.reported {
+        return Ok(());
+    }
+    let n = len - c.reported;
+    c.reported = len;
+    let still_there = job.replica.copies().note_durable(c.no, len);
+    if !still_there {
+        bail!("the local copy of log {} was removed", c.no);
+    }
+    Rates::add(&job.rates.fetch, n);
+    emit(job, FetchEvent::Durable { no: c.no, len }).await
+}

@@ -1,0 +1,637 @@
+//! The serving side of log shipping and full sync: what this host does for other hosts'
+//! replicas. Every decision (refuse, serve, skip, gone, wait, another history) is
+//! `mars_engine::serve`'s; this file moves the bytes.
+//!
+//! **Fetch stream.** After one `FetchFrom`, this side pushes without being asked again:
+//! `LogFile`, `LogData` chunks of whole records, `LogEnd` when a logfile is complete, then the
+//! next, and finally it follows the current logfile as it grows. Only *durable* bytes are
+//! shipped. Whenever the replica has everything durable here (and every [`CONFIRM_EVERY`]
+//! while idle), `LogCaughtUp` with the current end and this host's clock says so. Throughput is
+//! bounded by TCP flow control, not by round trips: the next chunk is read while one travels.
+//!
+//! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and
+//! answers `SyncInfo` with the device size, the start of the new logfile and our link of the
+//! logfile before it; the resource keeps that logfile until the replica's report pins it.
+//! Each `SyncCheck` is answered with `SyncSame` or with the chunk's bytes, read through the
+//! volume (the newest data) by a worker thread in request order. A second `SyncStart` asks for
+//! the log position after a flush: the replica must replay at least to there.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mars_config::{HostName, ResourceName};
+use mars_engine::resource::Event;
+use mars_engine::serve::{self as decide, Next, ServerRole};
+use mars_engine::ResourceMeta;
+use mars_storage::real::RealDir;
+use mars_storage::{Dir, File, OpenMode};
+use mars_txlog::{LogName, LogPos};
+use mars_volume::Volume;
+use mars_wire::{Message, RefuseKind};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use super::Sink;
+use crate::local::Shared;
+use crate::peer::{self, refuse, send, BoxWrite, Incoming};
+
+/// Largest `LogData` chunk (more if a single record is larger).
+const CHUNK: usize = 4 << 20;
+/// While a replica is caught up, the confirmation is repeated this often (also a keepalive).
+pub const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+/// Largest sync chunk a replica may ask about.
+pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
+/// Most sync requests a replica may have unanswered (it keeps a window of 32 chunks).
+const MAX_SYNC_OUTSTANDING: usize = 256;
+/// How long a session waits for the replica's next request.
+const REQUEST_WAIT: Duration = Duration::from_secs(120);
+
+/// What the servers see of a resource's state (published by its actor after every event).
+#[derive(Debug, Clone)]
+pub struct ServeView {
+    pub role: ServerRole,
+    pub meta: Arc<ResourceMeta>,
+    /// The replica's copies: number, durable length, complete.
+    pub copies: Vec<(u64, u64, bool)>,
+    /// Changes whenever the replica is replaced (a role change, a reopen).
+    pub replica_gen: u64,
+}
+
+impl ServeView {
+    pub fn empty(res: ResourceName) -> ServeView {
+        ServeView {
+            role: ServerRole::None,
+            meta: Arc::new(ResourceMeta::empty(res)),
+            copies: Vec::new(),
+            replica_gen: 0,
+        }
+    }
+
+    fn copy_state(&self, no: u64) -> Option<(u64, bool)> {
+        let newest = self.copies.last()?.0;
+        self.copies
+            .iter()
+            .find(|c| c.0 == no)
+            .map(|c| (c.1, c.2 || no < newest))
+    }
+}
+
+/// A resource as the servers reach it.
+#[derive(Clone)]
+pub struct Served {
+    pub shared: Arc<Shared>,
+    pub dir: PathBuf,
+    pub view: watch::Receiver<Arc<ServeView>>,
+    pub events: Sink,
+}
+
+/// Finds a resource by name (the registry, wired by the composition root).
+pub trait Lookup: Send + Sync {
+    fn served(&self, res: &str) -> Option<Served>;
+}
+
+async fn refused(w: &mut BoxWrite, kind: RefuseKind, reason: String) -> Result<()> {
+    refuse(w, kind, reason.clone()).await?;
+    bail!("refused: {reason}")
+}
+
+// ---------------------------------------------------------------- fetch
+
+/// Where a fetch session's logfiles come from: the primary's log (durable part), or a
+/// replica's verified copies (the catch-up during a handover: the old primary has left and
+/// its final logfile is complete here; the new primary must have every byte of it).
+enum Source {
+    Volume(Weak<Volume>),
+    Replica(u64),
+}
+
+pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -> Result<()> {
+    let Incoming {
+        peer,
+        mut w,
+        mut frames,
+        ..
+    } = conn;
+    let peer = peer.host;
+    let (res, mut file_no, mut off, prev_link) = match frames.next_within(REQUEST_WAIT).await? {
+        Message::FetchFrom {
+            res,
+            file,
+            offset,
+            prev_link,
+        } => (res, file, offset, prev_link),
+        other => bail!("{peer} opened a fetch stream with {}", peer::describe(&other)),
+    };
+    let Some(served) = lookup.served(&res) else {
+        return refused(
+            &mut w,
+            RefuseKind::NotHere,
+            format!("resource {res} does not exist on {me}"),
+        )
+        .await;
+    };
+    let view = served.view.borrow().clone();
+    if let Err((kind, why)) = decide::fetch_start(view.role, &view.meta, &me, file_no, &prev_link) {
+        return refused(&mut w, kind, why).await;
+    }
+    let src = match view.role {
+        ServerRole::Primary { .. } => match served.shared.volume() {
+            Some(v) => Source::Volume(Arc::downgrade(&v)),
+            None => {
+                return refused(&mut w, RefuseKind::NotHere, format!("{res} is not open on {me}"))
+                    .await
+            }
+        },
+        _ => Source::Replica(view.replica_gen),
+    };
+    tracing::info!("{res}: {peer} fetches from log {file_no} offset {off}");
+    let dir: Arc<dyn Dir> = Arc::new(RealDir::open(&served.dir)?);
+    let mut ctx = Ship {
+        durable_rx: served.shared.durable.subscribe(),
+        view_rx: served.view.clone(),
+        served,
+        src,
+        me,
+    };
+    loop {
+        let logs = {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || mars_txlog::list_logs(&*dir)).await??
+        };
+        let view = ctx.served.view.borrow().clone();
+        match decide::next_file(&logs, file_no, off, view.role, &view.meta, &ctx.me, false) {
+            Next::Serve(name) => {
+                send(
+                    &mut w,
+                    &Message::LogFile {
+                        file: file_no,
+                        origin: name.host.to_string(),
+                    },
+                )
+                .await?;
+                let f = dir
+                    .open(&name.to_string(), OpenMode::Existing)
+                    .with_context(|| format!("open {name}"))?;
+                off = match ctx.ship_file(&name, f, off, &mut w).await? {
+                    Ok(len) => len,
+                    Err((kind, why)) => return refused(&mut w, kind, why).await,
+                };
+                send(
+                    &mut w,
+                    &Message::LogEnd {
+                        file: file_no,
+                        len: off,
+                    },
+                )
+                .await?;
+                file_no += 1;
+                off = 0;
+            }
+            Next::Skip { to } => {
+                file_no = to;
+                off = 0;
+            }
+            Next::Wait => {
+                w.flush().await?;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                ctx.check()?;
+            }
+            Next::Gone { oldest } => {
+                send(
+                    &mut w,
+                    &Message::LogGone {
+                        file: file_no,
+                        oldest,
+                    },
+                )
+                .await?;
+                w.flush().await?;
+                return Ok(());
+            }
+            Next::Refuse((kind, why)) => return refused(&mut w, kind, why).await,
+        }
+    }
+}
+
+struct Ship {
+    served: Served,
+    src: Source,
+    me: HostName,
+    /// Followed for the whole session, so that no change between reading the limit and
+    /// waiting is missed.
+    durable_rx: watch::Receiver<LogPos>,
+    view_rx: watch::Receiver<Arc<ServeView>>,
+}
+
+type Refusal = (RefuseKind, String);
+
+impl Ship {
+    /// The session must end: this host left the role it served in.
+    fn check(&self) -> Result<()> {
+        if self.served.shared.leaving.load(std::sync::atomic::Ordering::Acquire) {
+            bail!("this host is leaving the primary role");
+        }
+        match &self.src {
+            Source::Volume(v) => {
+                if v.upgrade().is_none() {
+                    bail!("this host left the primary role");
+                }
+            }
+            Source::Replica(gen) => {
+                // The replica whose copies this session serves was replaced: this host took
+                // the primary role (its newer logfiles are not in those copies) or was set up
+                // again. Its confirmations would say "caught up" at the end of a copy forever.
+                let v = self.served.view.borrow();
+                if v.replica_gen != *gen || v.role != ServerRole::Replica {
+                    bail!("the replica serving this session is gone (this host's role changed)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// How much of logfile `no` may be shipped now, and whether that is all of it.
+    fn limit(&mut self, no: u64, f: &dyn File) -> Result<(u64, bool)> {
+        Ok(match &self.src {
+            Source::Volume(_) => {
+                let durable = *self.durable_rx.borrow_and_update();
+                if durable.file > no {
+                    (f.len()?, true)
+                } else if durable.file == no {
+                    (durable.offset, false)
+                } else {
+                    (0, false)
+                }
+            }
+            Source::Replica(_) => self
+                .view_rx
+                .borrow_and_update()
+                .copy_state(no)
+                .unwrap_or((0, false)),
+        })
+    }
+
+    /// Waits until more may be shipped (or `timeout`).
+    async fn wait_beyond(&mut self, timeout: Duration) {
+        match &self.src {
+            Source::Volume(_) => {
+                let _ = tokio::time::timeout(timeout, self.durable_rx.changed()).await;
+            }
+            Source::Replica(_) => {
+                let _ = tokio::time::timeout(timeout, self.view_rx.changed()).await;
+            }
+        }
+    }
+
+    /// Ships logfile `name` from `off` until it is complete; returns its length, or (inner
+    /// error) why the replica's copy cannot belong to this history.
+    async fn ship_file(
+        &mut self,
+        name: &LogName,
+        f: Arc<dyn File>,
+        mut off: u64,
+        w: &mut BoxWrite,
+    ) -> Result<std::result::Result<u64, Refusal>> {
+        // The stamp is taken just before the limit is read: at that moment nothing beyond it
+        // was durable, which is what a caught-up confirmation may promise.
+        let mut stamp = mars_meta::system_time_ns();
+        let (mut limit, mut complete) = self.limit(name.no, &*f)?;
+        let mut confirmed: Option<(u64, Instant)> = None;
+        let mut ahead: Option<(u64, ReadTask)> = None;
+        // Chunk buffers go round (read, sent, read into again): fresh megabytes per chunk cost
+        // more than the copy itself where first-touched memory is slow (a VM).
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        loop {
+            self.check()?;
+            let role = self.served.view.borrow().role;
+            if let ServerRole::Primary { passthrough: true } = role {
+                return Ok(Err((
+                    RefuseKind::Emergency,
+                    format!(
+                        "the primary entered emergency mode for {}: replication has stopped",
+                        self.served.shared.name
+                    ),
+                )));
+            }
+            if let Some(why) = decide::asker_ahead(name, off, limit, complete) {
+                return Ok(Err((RefuseKind::History, why)));
+            }
+            if off < limit {
+                let (data, n) = match ahead.take() {
+                    Some((at, task)) if at == off => task.await??,
+                    _ => read_ahead(&f, off, limit, spare.pop()).await??,
+                };
+                if n == 0 {
+                    bail!("{name}: no whole record at offset {off}");
+                }
+                // Read the next chunk while this one travels: disk and link work at once.
+                let next = off + n as u64;
+                if next < limit {
+                    ahead = Some((next, read_ahead(&f, next, limit, spare.pop())));
+                }
+                let msg = Message::LogData {
+                    file: name.no,
+                    offset: off,
+                    data,
+                };
+                send(w, &msg).await?;
+                if let Message::LogData { data, .. } = msg {
+                    spare.push(data);
+                }
+                off += n as u64;
+                continue;
+            }
+            if complete {
+                w.flush().await?;
+                return Ok(Ok(off));
+            }
+            // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive),
+            // stamped with the time the limit was read, not the sending time: writes that
+            // finished in between must not count as included.
+            if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
+                send(
+                    w,
+                    &Message::LogCaughtUp {
+                        file: name.no,
+                        offset: off,
+                        stamp,
+                    },
+                )
+                .await?;
+                confirmed = Some((off, Instant::now()));
+            }
+            w.flush().await?;
+            self.wait_beyond(CONFIRM_EVERY).await;
+            // Read again after the stamp (this also notices a rotation that wrote nothing yet).
+            stamp = mars_meta::system_time_ns();
+            (limit, complete) = self.limit(name.no, &*f)?;
+        }
+    }
+}
+
+type ReadTask = tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>;
+
+/// Starts reading the chunk at `off` on a blocking thread, into `buf` if one is given.
+fn read_ahead(f: &Arc<dyn File>, off: u64, limit: u64, buf: Option<Vec<u8>>) -> ReadTask {
+    let f = f.clone();
+    let want = ((limit - off) as usize).min(CHUNK);
+    tokio::task::spawn_blocking(move || {
+        read_records(&*f, off, want, limit, buf.unwrap_or_default())
+    })
+}
+
+/// Reads whole records starting at `off` into `buf`: about `want` bytes, more if one record is
+/// larger, never beyond `limit`.
+fn read_records(
+    f: &dyn File,
+    off: u64,
+    want: usize,
+    limit: u64,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, usize)> {
+    buf.resize(want, 0);
+    f.read_exact_at(&mut buf, off)?;
+    let s = mars_txlog::format::scan(&buf, None, false).map_err(|(_, e)| anyhow!(e))?;
+    if s.len > 0 {
+        buf.truncate(s.len);
+        return Ok((buf, s.len));
+    }
+    // One record larger than `want`: read exactly that record.
+    if buf.len() < mars_txlog::format::HEADER_LEN {
+        bail!("short record header at {off}");
+    }
+    let h = mars_txlog::format::decode(&buf[..mars_txlog::format::HEADER_LEN]);
+    let need = match h {
+        Err(mars_txlog::DecodeError::Incomplete { needed, .. }) => needed,
+        Ok(h) => h.record_len(),
+        Err(e) => bail!("record at {off}: {e}"),
+    };
+    if off + need as u64 > limit {
+        bail!("record at {off} extends beyond the durable end {limit}");
+    }
+    buf.resize(need, 0);
+    f.read_exact_at(&mut buf, off)?;
+    Ok((buf, need))
+}
+
+// ---------------------------------------------------------------- sync
+
+pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -> Result<()> {
+    let Incoming {
+        peer,
+        mut w,
+        mut frames,
+        ..
+    } = conn;
+    let peer = peer.host;
+    let res = match frames.next_within(REQUEST_WAIT).await? {
+        Message::SyncStart { res } => res,
+        other => bail!("{peer} opened a sync stream with {}", peer::describe(&other)),
+    };
+    let Some(served) = lookup.served(&res) else {
+        return refused(
+            &mut w,
+            RefuseKind::NotHere,
+            format!("resource {res} does not exist on {me}"),
+        )
+        .await;
+    };
+    let view = served.view.borrow().clone();
+    if let Err((kind, why)) = decide::sync_start(view.role, &me, &res) {
+        return refused(&mut w, kind, why).await;
+    }
+    let Some(vol) = served.shared.volume() else {
+        return refused(
+            &mut w,
+            RefuseKind::NotHere,
+            format!("{me} is not primary of {res} (no open volume)"),
+        )
+        .await;
+    };
+    // Held weakly between messages: a primary leaving its role must be able to close it.
+    let weak = Arc::downgrade(&vol);
+    let start: LogPos = {
+        let v = vol.clone();
+        tokio::task::spawn_blocking(move || v.rotate_if_used()).await??
+    };
+    // Keep the logfiles from `start` on until the replica's report pins them.
+    let _ = served
+        .events
+        .send(Event::ServingSync {
+            peer: peer.clone(),
+            start_file: start.file,
+        })
+        .await;
+    tracing::info!("{res}: full sync for {peer} starts at log position {start}");
+    let prev_link = match start.file.checked_sub(1).filter(|p| *p > 0) {
+        Some(prev) => {
+            let dir = served.dir.clone();
+            let local = tokio::task::spawn_blocking(move || {
+                crate::local::volume::logs_in(&dir)
+                    .into_iter()
+                    .find(|l| l.no == prev)
+            })
+            .await?;
+            let meta = served.view.borrow().meta.clone();
+            decide::own_link(&meta, &me, prev, local.as_ref().map(|l| (&l.origin, l.len)))
+                .unwrap_or_default()
+        }
+        None => String::new(),
+    };
+    send(
+        &mut w,
+        &Message::SyncInfo {
+            size: vol.size(),
+            file: start.file,
+            offset: start.offset,
+            prev_link,
+        },
+    )
+    .await?;
+    w.flush().await?;
+    drop(vol);
+    // Chunks are read and hashed on a thread of their own, in request order, while this task
+    // keeps receiving requests and sending replies: disk, hashing and network overlap.
+    let (jobs, job_rx) = tokio::sync::mpsc::channel(MAX_SYNC_OUTSTANDING);
+    let (reply_tx, mut replies) = tokio::sync::mpsc::channel(4);
+    {
+        let weak = weak.clone();
+        tokio::task::spawn_blocking(move || sync_worker(weak, job_rx, reply_tx));
+    }
+    let mut outstanding = 0usize;
+    loop {
+        tokio::select! {
+            msg = frames.next_within(REQUEST_WAIT) => {
+                let msg = msg?;
+                let role = served.view.borrow().role;
+                if let ServerRole::Primary { passthrough: true } = role {
+                    let why = format!(
+                        "{me} is in emergency mode for {res}: replication has stopped"
+                    );
+                    return refused(&mut w, RefuseKind::Emergency, why).await;
+                }
+                let leaving = served.shared.leaving.load(std::sync::atomic::Ordering::Acquire);
+                let Some(vol) = weak.upgrade().filter(|_| !leaving) else {
+                    let why = format!("{me} left the primary role of {res}");
+                    return refused(&mut w, RefuseKind::Left, why).await;
+                };
+                let job = match msg {
+                    Message::SyncCheck {
+                        offset,
+                        len,
+                        digest,
+                    } => {
+                        if len > MAX_SYNC_CHUNK
+                            || offset
+                                .checked_add(u64::from(len))
+                                .is_none_or(|e| e > vol.size())
+                        {
+                            let why = format!(
+                                "sync chunk {offset}+{len} is outside the {}-byte device",
+                                vol.size()
+                            );
+                            return refused(&mut w, RefuseKind::Limit, why).await;
+                        }
+                        SyncJob::Check {
+                            offset,
+                            len,
+                            digest,
+                        }
+                    }
+                    Message::SyncStart { .. } => SyncJob::End,
+                    other => bail!(
+                        "unexpected message on the sync stream from {peer}: {}",
+                        peer::describe(&other)
+                    ),
+                };
+                outstanding += 1;
+                if outstanding > MAX_SYNC_OUTSTANDING {
+                    let why = format!("more than {MAX_SYNC_OUTSTANDING} sync requests unanswered");
+                    return refused(&mut w, RefuseKind::Limit, why).await;
+                }
+                if jobs.send(job).await.is_err() {
+                    bail!("the sync worker for {peer} ended");
+                }
+            }
+            reply = replies.recv() => {
+                let reply = reply.ok_or_else(|| anyhow!("the sync worker for {peer} ended"))??;
+                outstanding -= 1;
+                if let Message::Refuse { kind, reason } = reply {
+                    return refused(&mut w, kind, reason).await;
+                }
+                send(&mut w, &reply).await?;
+                // Flush only when nothing else is ready: keeps frames batched.
+                if replies.is_empty() && frames.buffered() == 0 {
+                    w.flush().await?;
+                }
+            }
+        }
+    }
+}
+
+/// What the sync worker does for one request, in the order the requests came.
+enum SyncJob {
+    /// Compare the chunk with the replica's digest: `SyncSame`, or `SyncData` with our bytes.
+    Check {
+        offset: u64,
+        len: u32,
+        digest: [u8; 16],
+    },
+    /// The copy is complete: name the log position the replica must replay to (`SyncInfo`).
+    End,
+}
+
+/// Answers sync jobs until either channel closes. One read buffer for the whole session.
+fn sync_worker(
+    vol: Weak<Volume>,
+    mut jobs: tokio::sync::mpsc::Receiver<SyncJob>,
+    replies: tokio::sync::mpsc::Sender<Result<Message>>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(job) = jobs.blocking_recv() {
+        let reply = match vol.upgrade() {
+            None => Ok(Message::Refuse {
+                kind: RefuseKind::Left,
+                reason: "this host left the primary role".into(),
+            }),
+            Some(vol) => match job {
+                SyncJob::Check {
+                    offset,
+                    len,
+                    digest,
+                } => {
+                    buf.resize(len as usize, 0);
+                    vol.read(offset, &mut buf)
+                        .map_err(anyhow::Error::from)
+                        .map(|()| {
+                            if mars_replica::sync::digest(&buf) == digest {
+                                Message::SyncSame { offset }
+                            } else {
+                                Message::SyncData {
+                                    offset,
+                                    data: buf.clone(),
+                                }
+                            }
+                        })
+                }
+                // The copy read the newest data, durable or not: make it all durable before
+                // naming the position the replica must replay to, or a crash of this host
+                // could take back writes the replica already holds (found by mars-sim).
+                SyncJob::End => vol
+                    .flush()
+                    .map_err(anyhow::Error::from)
+                    .map(|now| Message::SyncInfo {
+                        size: vol.size(),
+                        file: now.file,
+                        offset: now.offset,
+                        prev_link: String::new(),
+                    }),
+            },
+        };
+        if replies.blocking_send(reply).is_err() {
+            return;
+        }
+    }
+}
