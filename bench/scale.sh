@@ -31,6 +31,9 @@
 #                                         FILE, or to stdout after the table
 #
 # Env: SIZE (2M; must be above 64 KiB), PORT (17810), IDLE (20), SETTLE (10), ROUNDS (9),
+#      LOGROTATE (4M: marsd --logrotate-size; a primary reserves that much disk space for each
+#      resource's current logfile, so the default of 1G would need N GiB on the primary's root,
+#      twice over here where a and b share one filesystem),
 #      POLL (1), SETUP_LIMIT (1800: seconds that creating + joining may take; beyond that the
 #      run stops, reports how far it got and the rates, and exits 3),
 #      PARALLEL (8: K of `primary --parallel K all` where marsadm has it),
@@ -60,9 +63,10 @@ ROUNDS=${ROUNDS:-9}
 POLL=${POLL:-1}
 SETUP_LIMIT=${SETUP_LIMIT:-1800}
 PARALLEL=${PARALLEL:-8}
+LOGROTATE=${LOGROTATE:-4M}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
-for t in jq bc awk truncate getconf; do
+for t in jq bc awk truncate getconf numfmt df du; do
   command -v "$t" >/dev/null || { echo "bench: $t is not installed (apt-get install jq bc)" >&2; exit 1; }
 done
 if [ -n "${MARS_BIN:-}" ]; then
@@ -89,6 +93,15 @@ if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt $((N * 10 + 256)) ]; then
 fi
 
 DIR=$(mktemp -d "${TMPDIR:-/tmp}/mars-scale-XXXXXX")
+# Space: each primary logfile reserves LOGROTATE (a for all N, then b after the handover), the
+# disks are sparse, and below 1 GiB free (marsd's --min-free-space) secondaries drop their logs.
+NEED_KB=$(( ( 2 * N * $(numfmt --from=iec "$LOGROTATE") + 3 * 1024 * 1024 * 1024 ) / 1024 ))
+AVAIL_KB=$(df -Pk "$DIR" | awk 'NR == 2 {print $4}')
+if [ "$AVAIL_KB" -lt "$NEED_KB" ]; then
+  rmdir "$DIR"
+  echo "bench: $((AVAIL_KB / 1024)) MiB free under ${TMPDIR:-/tmp}, this run needs about $((NEED_KB / 1024)) MiB (LOGROTATE=$LOGROTATE per resource and host, plus 3 GiB); set TMPDIR or LOGROTATE" >&2
+  exit 1
+fi
 HOSTS=(a b c)
 declare -A PID IP
 IP[a]=127.0.0.1; IP[b]=127.0.0.2; IP[c]=127.0.0.3
@@ -133,11 +146,12 @@ alive() {
 }
 
 T0=$(now)
-say "N=$N resources of $SIZE, directory $DIR, open-file limit $NOFILE, $(nproc) cores"
+say "N=$N resources of $SIZE, directory $DIR ($((AVAIL_KB / 1024)) MiB free), open-file limit $NOFILE, $(nproc) cores, logrotate $LOGROTATE"
 i=0
 for h in "${HOSTS[@]}"; do
   mkdir -p "$DIR/$h/disks"
-  "$BIN/marsd" --root "$DIR/$h/root" --host "$h" --listen "${IP[$h]}:$PORT" --device none 2>"$DIR/$h/marsd.log" &
+  "$BIN/marsd" --root "$DIR/$h/root" --host "$h" --listen "${IP[$h]}:$PORT" --device none \
+    --logrotate-size "$LOGROTATE" 2>"$DIR/$h/marsd.log" &
   PID[$h]=$!
   i=$((i + 1))
 done
@@ -171,11 +185,12 @@ join_all() {
 joined() { cat "$DIR/$1/joined" 2>/dev/null || echo 0; }
 declare -A UPTODATE=([b]=0 [c]=0) STUCK=([b]=0 [c]=0)
 
+rootmib() { du -sk "$DIR/$1/root" 2>/dev/null | awk '{printf "%d", $1 / 1024}'; }
 # Snapshot of the daemons' threads, RSS and open files (for the report of an aborted setup).
 snapshot() {
   local h out=""
   for h in "${HOSTS[@]}"; do
-    out+="$h: $(status_kb "$h" Threads) threads, $(( $(status_kb "$h" VmRSS) / 1024 )) MiB, $(fds "$h") fds; "
+    out+="$h: $(status_kb "$h" Threads) threads, $(( $(status_kb "$h" VmRSS) / 1024 )) MiB, $(fds "$h") fds, root $(rootmib "$h") MiB on disk; "
   done
   echo "${out%; }"
 }
@@ -371,6 +386,8 @@ say "b is designated and acting primary of $B_PRIMARY/$N (a still acting primary
 
 # ---------------------------------------------------------------- report
 WALL=$(calc "$(now) - $T0")
+declare -A DU
+for h in "${HOSTS[@]}"; do DU[$h]=$(rootmib "$h"); done
 declare -A WARN ERR
 for h in "${HOSTS[@]}"; do WARN[$h]=$(logcount "$h" WARN); ERR[$h]=$(logcount "$h" ERROR); done
 HO_EACH=$(calc "$T_HANDOVER / $N")
@@ -389,6 +406,8 @@ HO_EACH=$(calc "$T_HANDOVER / $N")
   printf '  handover a -> b, %s:\n' "$HO_MODE"
   printf '                                            %8.1f s   %6.3f s per resource; b primary of %d/%d, a still primary of %d; refused %d\n' \
     "$T_HANDOVER" "$HO_EACH" "$B_PRIMARY" "$N" "$A_PRIMARY" "$HO_FAILED"
+  printf '  disk space of each root at the end:      a %d MiB, b %d MiB, c %d MiB (logfiles reserve up to LOGROTATE=%s each)\n' \
+    "${DU[a]}" "${DU[b]}" "${DU[c]}" "$LOGROTATE"
   printf '  marsd WARN/ERROR lines before the handover: a %d/%d, b %d/%d, c %d/%d; during it: a %d/%d, b %d/%d, c %d/%d\n' \
     "${WARN0[a]}" "${ERR0[a]}" "${WARN0[b]}" "${ERR0[b]}" "${WARN0[c]}" "${ERR0[c]}" \
     $((WARN[a] - WARN0[a])) $((ERR[a] - ERR0[a])) $((WARN[b] - WARN0[b])) $((ERR[b] - ERR0[b])) \
@@ -410,8 +429,10 @@ JSON=$(jq -n \
   --argjson err_a "${ERR[a]}" --argjson err_b "${ERR[b]}" --argjson err_c "${ERR[c]}" \
   --argjson warn0_a "${WARN0[a]}" --argjson warn0_b "${WARN0[b]}" --argjson warn0_c "${WARN0[c]}" \
   --argjson err0_a "${ERR0[a]}" --argjson err0_b "${ERR0[b]}" --argjson err0_c "${ERR0[c]}" \
-  --argjson wall "$WALL" \
-  '{n: $n, size: $size, cores: $cores,
+  --argjson wall "$WALL" --arg logrotate "$LOGROTATE" \
+  --argjson du_a "${DU[a]}" --argjson du_b "${DU[b]}" --argjson du_c "${DU[c]}" \
+  '{n: $n, size: $size, cores: $cores, logrotate: $logrotate,
+    root_mib_at_end: {a: $du_a, b: $du_b, c: $du_c},
     create_secs: $create, join_uptodate_secs: $uptodate, joins_issued_secs: $joined, joins_refused: $join_failed,
     idle: {secs: $idle, settle_secs: $settle,
            a: {cpu_pct: $cpu_a, rss_kib: $rss_a, threads: $thr_a, open_files: $fds_a},
