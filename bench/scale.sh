@@ -131,9 +131,29 @@ die() { echo "bench: $*" >&2; exit 1; }
 adm() { local h=$1; shift; "$BIN/marsadm" --root "$DIR/$h/root" "$@"; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 W=${#N}; [ "$W" -ge 3 ] || W=3
-res() { printf "r%0${W}d" "$1"; }
-# The resources' view on host $1, as JSON (one daemon call).
-jview() { adm "$1" --json --timeout 60 view all 2>/dev/null; }
+res() { printf "r%0${W}d\n" "$1"; }
+# states HOST [RES...] >FILE: one line per resource, "NAME DISKSTATE ROLE PRIMARY STUCK" (STUCK
+# 1 or 0); without RES every resource. One `view all` call while its answer fits marsadm's
+# message limit (64 KiB: about 50 resources), otherwise one `view RES` call per resource.
+# Not to be called in $(...): it remembers in VIEW_ALL that `view all` failed.
+VIEW_ALL=1
+VIEW_ALL_ERR=""
+JQ_STATE='select(.resources) | .resources[] | "\(.name) \(.disk_state) \(.role) \(.primary) \(if .stuck then 1 else 0 end)"'
+states() {
+  local h=$1 out r k
+  shift
+  if [ "$VIEW_ALL" = 1 ]; then
+    if out=$(adm "$h" --json --timeout 60 view all 2>"$DIR/view-all.err"); then
+      jq -r "$JQ_STATE" <<<"$out"
+      return 0
+    fi
+    VIEW_ALL=0
+    VIEW_ALL_ERR=$(head -1 "$DIR/view-all.err")
+    say "\`marsadm view all\` on $h failed ($VIEW_ALL_ERR); asking for each resource from now on"
+  fi
+  if [ $# = 0 ]; then set -- $(for k in $(seq "$N"); do res "$k"; done); fi
+  for r in "$@"; do adm "$h" --json --timeout 60 view "$r" 2>/dev/null || true; done | jq -r "$JQ_STATE"
+}
 # ticks HOST: CPU ticks (utime + stime) of that marsd so far.
 ticks() { awk '{print $14 + $15}' "/proc/${PID[$1]}/stat"; }
 status_kb() { awk -v k="$2:" '$1 == k {print $2}' "/proc/${PID[$1]}/status"; }
@@ -254,6 +274,8 @@ T_KNOWN=$(calc "$(now) - $T_CREATE0 - $T_CREATE")
 say "b and c know all $N resources ($(printf '%.1f' "$T_KNOWN") s after the last create)"
 
 # ---------------------------------------------------------------- join on b and c
+# Each host's resources not seen UpToDate yet; a resource seen UpToDate once counts as done.
+for h in b c; do for k in $(seq "$N"); do res "$k"; done >"$DIR/$h/pending"; done
 T_JOIN0=$(now)
 for h in b c; do join_all "$h" & JOBS+=($!); done
 while :; do
@@ -261,9 +283,13 @@ while :; do
   done_all=1
   line=""
   for h in b c; do
-    v=$(jview "$h") || v='{"resources":[]}'
-    UPTODATE[$h]=$(jq '[.resources[] | select(.disk_state == "UpToDate")] | length' <<<"$v")
-    STUCK[$h]=$(jq '[.resources[] | select(.stuck != null)] | length' <<<"$v")
+    # shellcheck disable=SC2046 # one name per word
+    states "$h" $(cat "$DIR/$h/pending") >"$DIR/$h/states"
+    awk '$2 == "UpToDate" {print $1}' "$DIR/$h/states" >"$DIR/$h/uptodate-now"
+    grep -vxFf "$DIR/$h/uptodate-now" "$DIR/$h/pending" >"$DIR/$h/pending.new" || true
+    mv "$DIR/$h/pending.new" "$DIR/$h/pending"
+    UPTODATE[$h]=$(( N - $(wc -l <"$DIR/$h/pending") ))
+    STUCK[$h]=$(awk '$5 == 1' "$DIR/$h/states" | wc -l)
     line+="$h: joined $(joined "$h")/$N, UpToDate ${UPTODATE[$h]}, stuck ${STUCK[$h]}; "
     [ "${UPTODATE[$h]}" -ge "$N" ] || done_all=0
   done
@@ -375,13 +401,14 @@ T_HANDOVER=$(calc "$(now) - $s")
 [ -s "$DIR/primary-failed" ] && say "primary refused for $HO_FAILED: $(head -3 "$DIR/primary-failed" | tr '\n' ' ')"
 # Verify: b designated and acting primary of every resource (a may take a moment to step down;
 # the handover time above does not include this check).
-for _ in $(seq 120); do
-  v=$(jview b) || v='{"resources":[]}'
-  B_PRIMARY=$(jq '[.resources[] | select(.role == "Primary" and .primary == "b")] | length' <<<"$v")
+for _ in $(seq 60); do
+  states b >"$DIR/b/states"
+  B_PRIMARY=$(awk '$3 == "Primary" && $4 == "b"' "$DIR/b/states" | wc -l)
   [ "$B_PRIMARY" -ge "$N" ] && break
-  sleep 0.5
+  sleep 1
 done
-A_PRIMARY=$(jview a | jq '[.resources[] | select(.role == "Primary")] | length')
+states a >"$DIR/a/states"
+A_PRIMARY=$(awk '$3 == "Primary"' "$DIR/a/states" | wc -l)
 say "b is designated and acting primary of $B_PRIMARY/$N (a still acting primary of $A_PRIMARY)"
 
 # ---------------------------------------------------------------- report
@@ -408,6 +435,7 @@ HO_EACH=$(calc "$T_HANDOVER / $N")
     "$T_HANDOVER" "$HO_EACH" "$B_PRIMARY" "$N" "$A_PRIMARY" "$HO_FAILED"
   printf '  disk space of each root at the end:      a %d MiB, b %d MiB, c %d MiB (logfiles reserve up to LOGROTATE=%s each)\n' \
     "${DU[a]}" "${DU[b]}" "${DU[c]}" "$LOGROTATE"
+  printf '  marsadm view all:                          %s\n' "$([ "$VIEW_ALL" = 1 ] && echo ok || echo "FAILS: $VIEW_ALL_ERR")"
   printf '  marsd WARN/ERROR lines before the handover: a %d/%d, b %d/%d, c %d/%d; during it: a %d/%d, b %d/%d, c %d/%d\n' \
     "${WARN0[a]}" "${ERR0[a]}" "${WARN0[b]}" "${ERR0[b]}" "${WARN0[c]}" "${ERR0[c]}" \
     $((WARN[a] - WARN0[a])) $((ERR[a] - ERR0[a])) $((WARN[b] - WARN0[b])) $((ERR[b] - ERR0[b])) \
@@ -429,10 +457,11 @@ JSON=$(jq -n \
   --argjson err_a "${ERR[a]}" --argjson err_b "${ERR[b]}" --argjson err_c "${ERR[c]}" \
   --argjson warn0_a "${WARN0[a]}" --argjson warn0_b "${WARN0[b]}" --argjson warn0_c "${WARN0[c]}" \
   --argjson err0_a "${ERR0[a]}" --argjson err0_b "${ERR0[b]}" --argjson err0_c "${ERR0[c]}" \
-  --argjson wall "$WALL" --arg logrotate "$LOGROTATE" \
+  --argjson wall "$WALL" --arg logrotate "$LOGROTATE" --arg view_all_err "$VIEW_ALL_ERR" \
   --argjson du_a "${DU[a]}" --argjson du_b "${DU[b]}" --argjson du_c "${DU[c]}" \
   '{n: $n, size: $size, cores: $cores, logrotate: $logrotate,
     root_mib_at_end: {a: $du_a, b: $du_b, c: $du_c},
+    view_all_error: (if $view_all_err == "" then null else $view_all_err end),
     create_secs: $create, join_uptodate_secs: $uptodate, joins_issued_secs: $joined, joins_refused: $join_failed,
     idle: {secs: $idle, settle_secs: $settle,
            a: {cpu_pct: $cpu_a, rss_kib: $rss_a, threads: $thr_a, open_files: $fds_a},
