@@ -166,6 +166,8 @@ alive() {
 }
 
 T0=$(now)
+# The machine may be shared: its load average goes into the report, timings depend on it.
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 say "N=$N resources of $SIZE, directory $DIR ($((AVAIL_KB / 1024)) MiB free), open-file limit $NOFILE, $(nproc) cores, logrotate $LOGROTATE"
 i=0
 for h in "${HOSTS[@]}"; do
@@ -440,7 +442,8 @@ HO_EACH=$(calc "$T_HANDOVER / $N")
     "${WARN0[a]}" "${ERR0[a]}" "${WARN0[b]}" "${ERR0[b]}" "${WARN0[c]}" "${ERR0[c]}" \
     $((WARN[a] - WARN0[a])) $((ERR[a] - ERR0[a])) $((WARN[b] - WARN0[b])) $((ERR[b] - ERR0[b])) \
     $((WARN[c] - WARN0[c])) $((ERR[c] - ERR0[c]))
-  printf '  wall time (after the build):              %8.1f s\n' "$WALL"
+  printf '  wall time (after the build):              %8.1f s   (load average at the start %s, at the end %s)\n' \
+    "$WALL" "$LOAD0" "$(cut -d' ' -f1-3 /proc/loadavg)"
 }
 JSON=$(jq -n \
   --argjson n "$N" --arg size "$SIZE" --argjson cores "$(nproc)" \
@@ -457,7 +460,7 @@ JSON=$(jq -n \
   --argjson err_a "${ERR[a]}" --argjson err_b "${ERR[b]}" --argjson err_c "${ERR[c]}" \
   --argjson warn0_a "${WARN0[a]}" --argjson warn0_b "${WARN0[b]}" --argjson warn0_c "${WARN0[c]}" \
   --argjson err0_a "${ERR0[a]}" --argjson err0_b "${ERR0[b]}" --argjson err0_c "${ERR0[c]}" \
-  --argjson wall "$WALL" --arg logrotate "$LOGROTATE" --arg view_all_err "$VIEW_ALL_ERR" \
+  --argjson wall "$WALL" --arg load0 "$LOAD0" --arg load1 "$(cut -d' ' -f1-3 /proc/loadavg)" --arg logrotate "$LOGROTATE" --arg view_all_err "$VIEW_ALL_ERR" \
   --argjson du_a "${DU[a]}" --argjson du_b "${DU[b]}" --argjson du_c "${DU[c]}" \
   '{n: $n, size: $size, cores: $cores, logrotate: $logrotate,
     root_mib_at_end: {a: $du_a, b: $du_b, c: $du_c},
@@ -472,7 +475,7 @@ JSON=$(jq -n \
                a_still_primary: $a_primary, refused: $ho_failed},
     log_lines: {before_handover: {a: {warn: $warn0_a, error: $err0_a}, b: {warn: $warn0_b, error: $err0_b}, c: {warn: $warn0_c, error: $err0_c}},
                 total: {a: {warn: $warn_a, error: $err_a}, b: {warn: $warn_b, error: $err_b}, c: {warn: $warn_c, error: $err_c}}},
-    wall_secs: $wall}')
+    wall_secs: $wall, loadavg: {start: $load0, end: $load1}}')
 if [ -n "$JSON_OUT" ]; then
   echo "$JSON" >"$JSON_OUT"
   echo "  figures as JSON: $JSON_OUT"
