@@ -38,7 +38,10 @@
 #      run stops, reports how far it got and the rates, and exits 3),
 #      PARALLEL (8: K of `primary --parallel K all` where marsadm has it),
 #      MARS_BIN (directory holding marsd and marsadm; default: cargo build --release),
-#      KEEP=1 (keep the directory with the marsd logs), TMPDIR (where the directory goes).
+#      KEEP=1 (keep the directory with the marsd logs), TMPDIR (where the directory goes),
+#      HOLD (0: seconds to keep the idle cluster as it is after the idle measurement, with the
+#      daemons' PIDs printed, for `perf top -p PID` or `top -H -p PID` by hand; not in the wall
+#      time).
 # Progress lines go to stderr, the table to stdout.
 set -euo pipefail
 T_START=$(date +%s.%N)
@@ -64,6 +67,7 @@ POLL=${POLL:-1}
 SETUP_LIMIT=${SETUP_LIMIT:-1800}
 PARALLEL=${PARALLEL:-8}
 LOGROTATE=${LOGROTATE:-4M}
+HOLD=${HOLD:-0}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 for t in jq bc awk truncate getconf numfmt df du; do
@@ -331,6 +335,10 @@ for h in "${HOSTS[@]}"; do
   FDS[$h]=$(fds "$h")
 done
 alive
+if [ "$HOLD" != 0 ]; then
+  say "HOLD: idle cluster kept for $HOLD s; marsd PIDs a ${PID[a]}, b ${PID[b]}, c ${PID[c]}"
+  sleep "$HOLD"
+fi
 say "idle CPU: a $(printf '%.1f' "${CPU[a]}") %, b $(printf '%.1f' "${CPU[b]}") %, c $(printf '%.1f' "${CPU[c]}") % of one core; threads ${THR[a]}/${THR[b]}/${THR[c]}"
 
 # ---------------------------------------------------------------- metadata propagation
@@ -414,7 +422,7 @@ A_PRIMARY=$(awk '$3 == "Primary"' "$DIR/a/states" | wc -l)
 say "b is designated and acting primary of $B_PRIMARY/$N (a still acting primary of $A_PRIMARY)"
 
 # ---------------------------------------------------------------- report
-WALL=$(calc "$(now) - $T0")
+WALL=$(calc "$(now) - $T0 - $HOLD")
 declare -A DU
 for h in "${HOSTS[@]}"; do DU[$h]=$(rootmib "$h"); done
 declare -A WARN ERR
