@@ -37,6 +37,8 @@
 #      POLL (1), SETUP_LIMIT (1800: seconds that creating + joining may take; beyond that the
 #      run stops, reports how far it got and the rates, and exits 3),
 #      PARALLEL (8: K of `primary --parallel K all` where marsadm has it),
+#      HANDOVER_LIMIT (1200: seconds the handover may take; the sequential fallback stops there
+#      and reports how many resources moved and the time per resource),
 #      MARS_BIN (directory holding marsd and marsadm; default: cargo build --release),
 #      KEEP=1 (keep the directory with the marsd logs), TMPDIR (where the directory goes),
 #      HOLD (0: seconds to keep the idle cluster as it is after the idle measurement, with the
@@ -68,6 +70,7 @@ SETUP_LIMIT=${SETUP_LIMIT:-1800}
 PARALLEL=${PARALLEL:-8}
 LOGROTATE=${LOGROTATE:-4M}
 HOLD=${HOLD:-0}
+HANDOVER_LIMIT=${HANDOVER_LIMIT:-1200}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 for t in jq bc awk truncate getconf numfmt df du; do
@@ -289,8 +292,10 @@ while :; do
   done_all=1
   line=""
   for h in b c; do
+    # Only the resources whose join-resource was issued (names sort in creation order).
+    j=$(joined "$h")
     # shellcheck disable=SC2046 # one name per word
-    states "$h" $(cat "$DIR/$h/pending") >"$DIR/$h/states"
+    states "$h" $(awk -v last="$(res "$j")" '$1 <= last' "$DIR/$h/pending") >"$DIR/$h/states"
     awk '$2 == "UpToDate" {print $1}' "$DIR/$h/states" >"$DIR/$h/uptodate-now"
     grep -vxFf "$DIR/$h/uptodate-now" "$DIR/$h/pending" >"$DIR/$h/pending.new" || true
     mv "$DIR/$h/pending.new" "$DIR/$h/pending"
@@ -339,7 +344,7 @@ if [ "$HOLD" != 0 ]; then
   say "HOLD: idle cluster kept for $HOLD s; marsd PIDs a ${PID[a]}, b ${PID[b]}, c ${PID[c]}"
   sleep "$HOLD"
 fi
-say "idle CPU: a $(printf '%.1f' "${CPU[a]}") %, b $(printf '%.1f' "${CPU[b]}") %, c $(printf '%.1f' "${CPU[c]}") % of one core; threads ${THR[a]}/${THR[b]}/${THR[c]}"
+say "idle CPU: a $(printf '%.1f' "${CPU[a]}") %, b $(printf '%.1f' "${CPU[b]}") %, c $(printf '%.1f' "${CPU[c]}") % of one core; threads ${THR[a]}/${THR[b]}/${THR[c]}; RSS $((RSS[a] / 1024))/$((RSS[b] / 1024))/$((RSS[c] / 1024)) MiB; open files ${FDS[a]}/${FDS[b]}/${FDS[c]}"
 
 # ---------------------------------------------------------------- metadata propagation
 PROBE=$(res 1)
@@ -370,15 +375,14 @@ PROP_CMD=$(median "${CMDT[@]}")
 say "propagation: median $(printf '%.0f' "$PROP_MED") ms, worst $(printf '%.0f' "$PROP_MAX") ms"
 
 # ---------------------------------------------------------------- handover to b
-# Does this marsadm have `primary all`? With --parallel in its help, use it; otherwise try the
-# plain form and look at the refusal: today's marsadm refuses "all" as a reserved resource
-# name before it asks the daemon, so nothing changed and the one-at-a-time loop follows.
 # marsd's warnings and errors so far (the handover adds expected ones: fetch connections to
 # the old primary close).
 logcount() { grep -c " $2 " "$DIR/$1/marsd.log" || true; }
 declare -A WARN0 ERR0
 for h in "${HOSTS[@]}"; do WARN0[$h]=$(logcount "$h" WARN); ERR0[$h]=$(logcount "$h" ERROR); done
-HO_TIMEOUT=$(( N * 5 + 120 ))
+# Does this marsadm have `primary all`? With --parallel in its help, use it; otherwise try the
+# plain form and look at the refusal: today's marsadm refuses "all" as a reserved resource
+# name before it asks the daemon, so nothing changed and the one-at-a-time loop follows.
 if adm b primary --help 2>&1 | grep -q -- '--parallel'; then
   HO_CMD=(primary --parallel "$PARALLEL" all); HO_MODE="primary --parallel $PARALLEL all"
 else
@@ -386,21 +390,35 @@ else
 fi
 say "handover of $N resources a -> b: trying \`marsadm ${HO_CMD[*]}\` on b"
 HO_FAILED=0
+HO_DONE=$N
+HO_STOPPED=0
 s=$(now)
 rc=0
-adm b --timeout "$HO_TIMEOUT" "${HO_CMD[@]}" >"$DIR/primary-all.out" 2>&1 || rc=$?
+adm b --timeout "$HANDOVER_LIMIT" "${HO_CMD[@]}" >"$DIR/primary-all.out" 2>&1 || rc=$?
 if [ "$rc" != 0 ]; then
   if grep -qiE 'reserved word|unexpected argument|invalid value|unrecognized' "$DIR/primary-all.out"; then
     say "not supported ($(head -1 "$DIR/primary-all.out")): sequential fallback, \`marsadm primary RES\` one at a time"
     HO_MODE="sequential fallback (marsadm primary RES, one at a time)"
     s=$(now)
+    last_say=$s
     for k in $(seq "$N"); do
       r=$(res "$k")
       if ! out=$(adm b --timeout 120 primary "$r" 2>&1); then
         HO_FAILED=$((HO_FAILED + 1))
         echo "$r: $out" >>"$DIR/primary-failed"
       fi
-      [ $((k % STEP)) != 0 ] || say "primary on b: $k/$N ($(printf '%.2f' "$(calc "($(now) - $s) / $k")") s each)"
+      t=$(now)
+      el=$(calc "$t - $s")
+      if [ $((k % STEP)) = 0 ] || [ "$(calc "$t - $last_say > 30")" = 1 ]; then
+        say "primary on b: $k/$N ($(printf '%.2f' "$(calc "$el / $k")") s each)"
+        last_say=$t
+      fi
+      if [ "$k" -lt "$N" ] && [ "$(calc "$el > $HANDOVER_LIMIT")" = 1 ]; then
+        HO_DONE=$k
+        HO_STOPPED=1
+        say "HANDOVER_LIMIT of $HANDOVER_LIMIT s reached: stopping the handover after $k of $N"
+        break
+      fi
     done
   else
     HO_FAILED=-1
@@ -409,13 +427,14 @@ if [ "$rc" != 0 ]; then
 fi
 T_HANDOVER=$(calc "$(now) - $s")
 [ -s "$DIR/primary-failed" ] && say "primary refused for $HO_FAILED: $(head -3 "$DIR/primary-failed" | tr '\n' ' ')"
-# Verify: b designated and acting primary of every resource (a may take a moment to step down;
-# the handover time above does not include this check).
-for _ in $(seq 60); do
+# Verify: b designated and acting primary of every resource handed over (a may take a moment
+# to step down; the handover time above does not include this check).
+say "checking the roles on a and b"
+for _ in $(seq 10); do
   states b >"$DIR/b/states"
   B_PRIMARY=$(awk '$3 == "Primary" && $4 == "b"' "$DIR/b/states" | wc -l)
-  [ "$B_PRIMARY" -ge "$N" ] && break
-  sleep 1
+  [ "$B_PRIMARY" -ge "$HO_DONE" ] && break
+  sleep 2
 done
 states a >"$DIR/a/states"
 A_PRIMARY=$(awk '$3 == "Primary"' "$DIR/a/states" | wc -l)
@@ -427,7 +446,7 @@ declare -A DU
 for h in "${HOSTS[@]}"; do DU[$h]=$(rootmib "$h"); done
 declare -A WARN ERR
 for h in "${HOSTS[@]}"; do WARN[$h]=$(logcount "$h" WARN); ERR[$h]=$(logcount "$h" ERROR); done
-HO_EACH=$(calc "$T_HANDOVER / $N")
+HO_EACH=$(calc "$T_HANDOVER / $HO_DONE")
 {
   printf '\nmars scale: N=%d resources of %s on 3 hosts (loopback, %d cores, --device none)\n' "$N" "$SIZE" "$(nproc)"
   printf '  create all on a (one at a time):          %8.1f s   %6.3f s each\n' "$T_CREATE" "$(calc "$T_CREATE / $N")"
@@ -440,7 +459,8 @@ HO_EACH=$(calc "$T_HANDOVER / $N")
   done
   printf '  setting on c visible on a and b:          %8.0f ms median, %.0f ms worst of %d (%s on %s; the command itself %.0f ms)\n' \
     "$PROP_MED" "$PROP_MAX" "$ROUNDS" "pause-fetch/resume-fetch" "$PROBE" "$PROP_CMD"
-  printf '  handover a -> b, %s:\n' "$HO_MODE"
+  printf '  handover a -> b, %s:%s\n' "$HO_MODE" \
+    "$([ "$HO_STOPPED" = 0 ] || echo " STOPPED at HANDOVER_LIMIT=$HANDOVER_LIMIT s after $HO_DONE of $N")"
   printf '                                            %8.1f s   %6.3f s per resource; b primary of %d/%d, a still primary of %d; refused %d\n' \
     "$T_HANDOVER" "$HO_EACH" "$B_PRIMARY" "$N" "$A_PRIMARY" "$HO_FAILED"
   printf '  disk space of each root at the end:      a %d MiB, b %d MiB, c %d MiB (logfiles reserve up to LOGROTATE=%s each)\n' \
@@ -464,6 +484,7 @@ JSON=$(jq -n \
   --argjson prop_med "$PROP_MED" --argjson prop_max "$PROP_MAX" --argjson prop_cmd "$PROP_CMD" --argjson rounds "$ROUNDS" \
   --arg ho_mode "$HO_MODE" --argjson ho "$T_HANDOVER" --argjson ho_each "$HO_EACH" \
   --argjson b_primary "$B_PRIMARY" --argjson a_primary "$A_PRIMARY" --argjson ho_failed "$HO_FAILED" \
+  --argjson ho_done "$HO_DONE" --argjson ho_stopped "$HO_STOPPED" --argjson ho_limit "$HANDOVER_LIMIT" \
   --argjson warn_a "${WARN[a]}" --argjson warn_b "${WARN[b]}" --argjson warn_c "${WARN[c]}" \
   --argjson err_a "${ERR[a]}" --argjson err_b "${ERR[b]}" --argjson err_c "${ERR[c]}" \
   --argjson warn0_a "${WARN0[a]}" --argjson warn0_b "${WARN0[b]}" --argjson warn0_c "${WARN0[c]}" \
@@ -479,7 +500,8 @@ JSON=$(jq -n \
            b: {cpu_pct: $cpu_b, rss_kib: $rss_b, threads: $thr_b, open_files: $fds_b},
            c: {cpu_pct: $cpu_c, rss_kib: $rss_c, threads: $thr_c, open_files: $fds_c}},
     propagation_ms: {median: $prop_med, worst: $prop_max, rounds: $rounds, command_ms: $prop_cmd},
-    handover: {mode: $ho_mode, secs: $ho, per_resource_secs: $ho_each, b_primary: $b_primary,
+    handover: {mode: $ho_mode, secs: $ho, attempted: $ho_done, stopped_at_limit: ($ho_stopped == 1),
+               limit_secs: $ho_limit, per_resource_secs: $ho_each, b_primary: $b_primary,
                a_still_primary: $a_primary, refused: $ho_failed},
     log_lines: {before_handover: {a: {warn: $warn0_a, error: $err0_a}, b: {warn: $warn0_b, error: $err0_b}, c: {warn: $warn0_c, error: $err0_c}},
                 total: {a: {warn: $warn_a, error: $err_a}, b: {warn: $warn_b, error: $err_b}, c: {warn: $warn_c, error: $err_c}}},
