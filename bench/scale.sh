@@ -6,7 +6,9 @@
 #   create            time for `create-resource` of all N on a, one after the other
 #   join+uptodate     from the first `join-resource` until every resource is UpToDate on b and
 #                     on c (b and c join in parallel, each one resource at a time; polled with
-#                     `marsadm --json view` every POLL s, so this figure is rounded up to that)
+#                     `marsadm --json view` every POLL s, so this figure is rounded up to that;
+#                     where `view all` fails, one call per resource not yet up to date makes a
+#                     poll itself take seconds: the table gives the average poll period)
 #   idle, per daemon  after everything settled (SETTLE s): CPU over IDLE s in % of ONE core
 #                     (utime+stime from /proc/PID/stat), then RSS (VmRSS), threads
 #                     (/proc/PID/status) and open files (/proc/PID/fd). An idle cluster should
@@ -287,7 +289,9 @@ say "b and c know all $N resources ($(printf '%.1f' "$T_KNOWN") s after the last
 for h in b c; do for k in $(seq "$N"); do res "$k"; done >"$DIR/$h/pending"; done
 T_JOIN0=$(now)
 for h in b c; do join_all "$h" & JOBS+=($!); done
+POLLS=0
 while :; do
+  POLLS=$((POLLS + 1))
   alive
   done_all=1
   line=""
@@ -450,8 +454,8 @@ HO_EACH=$(calc "$T_HANDOVER / $HO_DONE")
 {
   printf '\nmars scale: N=%d resources of %s on 3 hosts (loopback, %d cores, --device none)\n' "$N" "$SIZE" "$(nproc)"
   printf '  create all on a (one at a time):          %8.1f s   %6.3f s each\n' "$T_CREATE" "$(calc "$T_CREATE / $N")"
-  printf '  join on b and c until all UpToDate:       %8.1f s   (joins issued in %.1f s; polled every %s s; refused joins: %d)\n' \
-    "$T_UPTODATE" "$T_JOINED" "$POLL" "$JOIN_FAILED"
+  printf '  join on b and c until all UpToDate:       %8.1f s   (joins issued in %.1f s; polled about every %.1f s; refused joins: %d)\n' \
+    "$T_UPTODATE" "$T_JOINED" "$(calc "$T_UPTODATE / $POLLS")" "$JOIN_FAILED"
   printf '  idle, after %s s settling, over %s s:\n' "$SETTLE" "$IDLE"
   printf '    host   CPU %% of one core      RSS MiB   threads   open files\n'
   for h in "${HOSTS[@]}"; do
