@@ -388,7 +388,10 @@ impl Drop for Lab {
             remove_netns(ns);
         }
         if let Some(d) = self.dir.take() {
-            let _ = d.close();
+            // (Dropped, not closed, when kept: `close` removes it whatever the builder said.)
+            if std::env::var_os("MARS_KEEP_TMP").is_none() {
+                let _ = d.close();
+            }
         }
     }
 }
