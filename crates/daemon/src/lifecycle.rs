@@ -426,14 +426,18 @@ impl Daemon {
 
     pub(crate) fn invalidate(&self, res: &ResourceName) -> Outcome {
         let rep = self.secondary_replica(res, "invalidate")?;
-        // This host's links that contradict the primary's history go first: they are what
-        // shows a split brain, and this replica gives up that history now.
+        // This host's links that contradict the primary's history go: they are what shows a
+        // split brain, and this replica gives up that history now. Under the admin lock and
+        // after the local copies are gone: the reconcile loop publishes links of this host's
+        // own logfiles it finds without one (under the same lock), and one that listed them
+        // before the reset would publish a purged link again, a split brain that stays.
+        let _g = self.admin.lock().unwrap_or_else(|e| e.into_inner());
+        rep.invalidate()
+            .map_err(|e| failed(format!("invalidate {res}: {e:#}")))?;
         let meta = self.meta(res);
         if let Some(p) = meta.primary.clone() {
             self.purge_own_links(res, &meta, Some(&p))?;
         }
-        rep.invalidate()
-            .map_err(|e| failed(format!("invalidate {res}: {e:#}")))?;
         Ok(Reply::Done {
             message: format!("{res}: replica invalidated; a fast full sync starts"),
         })
@@ -869,8 +873,12 @@ impl Reconciler {
                     .and_then(|p| addrs.get(&p).map(|a| (p.clone(), a.clone())));
                 rep.update(todo, Arc::new(meta.clone()), source, meta.size.unwrap_or(0));
                 rep.ensure_started(d);
-                if let Some(&(newest, _)) = crate::resource::log_lengths(&r.dir).last() {
-                    publish_versions(d, &name, &r, newest, &meta, true);
+                {
+                    // Not while `invalidate` resets the copies and purges their links.
+                    let _g = d.admin.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(&(newest, _)) = crate::resource::log_lengths(&r.dir).last() {
+                        publish_versions(d, &name, &r, newest, &meta, true);
+                    }
                 }
                 if space_low {
                     rep.drop_logs_for_space(free.unwrap_or(0), d.tuning.min_free_space);

@@ -669,7 +669,12 @@ impl Resource {
             .map(|m| m.todo)
             .unwrap_or_default();
         let mut local = meta.clone();
-        local.members.entry(self.host.clone()).or_default().report = Some(self.report(&todo));
+        // Our report as of now, made under the designation we know (as the reconcile loop
+        // publishes it): rules that trust only reports under the current designation (the
+        // primary's current logfile in `split_brain`) must not discount our own.
+        let mut now = self.report(&todo);
+        now.designation = meta.designation;
+        local.members.entry(self.host.clone()).or_default().report = Some(now);
         let st = mars_engine::member_state(&local, &self.host, &|h| *h == self.host || alive(h));
         let (mut disk_state, repl_state, flags) = (st.disk_state, st.repl_state, st.flags);
         if let (None, None, Some((state, _))) = (&vol, &rep, &err) {

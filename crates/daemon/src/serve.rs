@@ -20,8 +20,13 @@ fn bind_unix(path: &std::path::Path, mode: u32) -> Result<UnixListener> {
     Ok(l)
 }
 
+/// Serves until SIGTERM/SIGINT. Readiness has one meaning: every resource was recovered (in
+/// `Daemon::load`, before this runs: the exports of this host's primaries exist) and every
+/// listener — NBD over Unix and TCP, the peer port — is bound and accepting. The control socket
+/// is bound only after all of them, and READY=1 is sent after that, so a `marsadm` answer (or a
+/// successful connect) implies the daemon serves everything. Until then the socket files of a
+/// killed predecessor refuse connections (ECONNREFUSED), which a client can tell from "up".
 pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
-    let control = bind_unix(&daemon.root.join(CONTROL_SOCKET), 0o600)?;
     let nbd_unix = bind_unix(&daemon.root.join(NBD_SOCKET), 0o600)?;
     let nbd_tcp = match daemon.nbd_tcp {
         Some(a) => Some(
@@ -78,6 +83,8 @@ pub async fn run(daemon: Arc<Daemon>) -> Result<()> {
             }
         });
     }
+    // Last: accepting here is the daemon's "ready" (see above).
+    let control = bind_unix(&daemon.root.join(CONTROL_SOCKET), 0o600)?;
     {
         let daemon = daemon.clone();
         tokio::spawn(async move {
