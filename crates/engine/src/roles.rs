@@ -322,6 +322,9 @@ pub fn split_brain(meta: &ResourceMeta, alive: &dyn Fn(&HostName) -> bool) -> Op
             sides,
         });
     }
+    if let Some(sb) = beyond_the_primary(meta) {
+        return Some(sb);
+    }
     // Replicas that found their source's history different before any link shows it (their
     // logfile of the fork is not complete yet): they form one side, the rest the other.
     let forked: Vec<(&HostName, u64)> = meta
@@ -379,6 +382,59 @@ pub fn split_brain(meta: &ResourceMeta, alive: &dyn Fn(&HostName) -> bool) -> Op
 
 /// Bytes a member reports having from logfile `from` on (its log end), when its links do not
 /// tell yet.
+/// A member's version link at or beyond the designated primary's current logfile, written by
+/// another origin: that member holds a logfile the primary's history does not have there.
+///
+/// The designated primary, acting and reporting under the current designation (so in its
+/// current primary period), writes its current logfile `M` (its report's `log_end.file`)
+/// itself, and every logfile of the resource's history from its promotion on is its own. A
+/// member whose link for some `N >= M` names another origin holds more than the primary, or a
+/// logfile of another origin at the same number: another history. Its links are published,
+/// so this shows as soon as they and the primary's report arrive — before that member ever
+/// fetches (its fetch is refused for the same reason), and without a gap between "two
+/// acting primaries" and the member's `forked` report (found by `forced_switch.rs`, crashed
+/// idle old primary that takes the role back with an empty new logfile while the other side
+/// rotated and wrote during the split: the split brain vanished from the winner's view for
+/// the moment between the loser's step-down and its `forked` report). A stale report only
+/// makes `M` smaller, but the primary's logfiles from its promotion on are all its own.
+fn beyond_the_primary(meta: &ResourceMeta) -> Option<SplitBrain> {
+    let p = meta.primary.as_ref()?;
+    let rep = meta.members.get(p)?.report.as_ref()?;
+    if rep.role != Role::Primary || rep.designation != meta.designation {
+        return None;
+    }
+    let current = rep.log_end?.file;
+    let mut fork: Option<(u64, Vec<HostName>)> = None;
+    for (no, links) in meta.versions.range(current..) {
+        let others: Vec<HostName> = links
+            .iter()
+            .filter(|(h, l)| {
+                *h != p && meta.is_member(h) && version::origin_of(l).is_some_and(|o| o != *p)
+            })
+            .map(|(h, _)| h.clone())
+            .collect();
+        if !others.is_empty() {
+            fork = Some((*no, others));
+            break;
+        }
+    }
+    let (at, lost) = fork?;
+    let bytes = |h: &HostName| amount_from(meta, h, at).max(log_bytes_from(meta, h, at));
+    Some(SplitBrain {
+        logfile: at,
+        sides: vec![
+            Side {
+                bytes: bytes(p),
+                hosts: vec![p.clone()],
+            },
+            Side {
+                bytes: lost.first().map_or(0, bytes),
+                hosts: lost,
+            },
+        ],
+    })
+}
+
 fn log_bytes_from(meta: &ResourceMeta, host: &HostName, from: u64) -> u64 {
     match meta
         .members
@@ -742,6 +798,80 @@ mod tests {
             promotion(&m, &h("b"), LogPos::new(1, 200), false, ALL),
             Promotion::Go | Promotion::Wait(_)
         ));
+    }
+
+    /// `forced_switch.rs`, crashed idle old primary `a` that takes the role back: `a`
+    /// restarted alone in a new, empty logfile 3 while `b` (forced primary during the split)
+    /// wrote logfiles 3 and 4 and, stepping down, published their links. No logfile number
+    /// has links of both, nobody acts twice any more, `b` has not fetched yet: the links of
+    /// another origin at and beyond `a`'s current logfile are the fork.
+    #[test]
+    fn links_of_another_origin_beyond_the_primarys_current_logfile_are_a_split_brain() {
+        let mut m = meta("a");
+        m.designation = 7;
+        m.members
+            .insert(h("a"), member(Role::Primary, Some(LogPos::new(3, 0))));
+        m.members
+            .insert(h("b"), member(Role::Secondary, Some(LogPos::new(4, 250))));
+        for x in ["a", "b"] {
+            m.members
+                .get_mut(&h(x))
+                .unwrap()
+                .report
+                .as_mut()
+                .unwrap()
+                .designation = 7;
+        }
+        let l2 = version::link("", 2, &h("a"), 100);
+        let b3 = version::link(&l2, 3, &h("b"), 300);
+        let b4 = version::link(&b3, 4, &h("b"), 250);
+        for x in ["a", "b"] {
+            m.versions.entry(2).or_default().insert(h(x), l2.clone());
+        }
+        assert_eq!(split_brain(&m, ALL), None, "one history so far");
+        m.versions.entry(3).or_default().insert(h("b"), b3);
+        m.versions.entry(4).or_default().insert(h("b"), b4);
+        let sb = split_brain(&m, ALL).expect("split brain");
+        assert_eq!(sb.logfile, 3);
+        assert_eq!(sb.sides[0].hosts, vec![h("a")]);
+        assert_eq!(sb.sides[1].hosts, vec![h("b")]);
+        assert_eq!(sb.sides[1].bytes, 550);
+        // The primary's own logfiles, replayed by b, are its history (a report that lags
+        // behind a rotation included).
+        let mut one = m.clone();
+        let a3 = version::link(&l2, 3, &h("a"), 300);
+        let a4 = version::link(&a3, 4, &h("a"), 250);
+        one.versions.insert(3, [(h("b"), a3)].into());
+        one.versions.insert(4, [(h("b"), a4)].into());
+        assert_eq!(split_brain(&one, ALL), None);
+        // Links below the primary's current logfile are compared by the rule for links.
+        let mut below = m.clone();
+        below
+            .members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .log_end = Some(LogPos::new(5, 0));
+        assert_eq!(split_brain(&below, ALL), None);
+        // A report from before the current designation says nothing about the primary's
+        // current period, nor does a designated primary that does not act.
+        let mut stale = m.clone();
+        stale.designation = 8;
+        assert_eq!(split_brain(&stale, ALL), None);
+        let mut idle = m.clone();
+        idle.members
+            .get_mut(&h("a"))
+            .unwrap()
+            .report
+            .as_mut()
+            .unwrap()
+            .role = Role::Secondary;
+        assert_eq!(split_brain(&idle, ALL), None);
+        // A host that left does not count.
+        m.members.remove(&h("b"));
+        assert_eq!(split_brain(&m, ALL), None);
     }
 
     #[test]

@@ -105,8 +105,12 @@ impl Lab {
         STALE.call_once(remove_stale);
         let num = LABS.fetch_add(1, Ordering::Relaxed);
         let id = format!("{PREFIX}{}-{num}", std::process::id());
+        // Kept when `MARS_KEEP_TMP` is set (the daemons' logs after a failure), as `tempdir`;
+        // named `kept-mlab-…` then, which the stale cleanup leaves alone.
+        let keep = std::env::var_os("MARS_KEEP_TMP").is_some();
         let dir = tempfile::Builder::new()
-            .prefix(&format!("{id}-"))
+            .prefix(&format!("{}{id}-", if keep { "kept-" } else { "" }))
+            .disable_cleanup(keep)
             .tempdir()
             .expect("lab tempdir");
         // Every namespace shares a subnet number with the lab; they are isolated anyway.
@@ -384,7 +388,10 @@ impl Drop for Lab {
             remove_netns(ns);
         }
         if let Some(d) = self.dir.take() {
-            let _ = d.close();
+            // (Dropped, not closed, when kept: `close` removes it whatever the builder said.)
+            if std::env::var_os("MARS_KEEP_TMP").is_none() {
+                let _ = d.close();
+            }
         }
     }
 }

@@ -18,6 +18,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use mars_api::{Reply, Request, Response, CONTROL_SOCKET};
+
 /// Directory holding the workspace's binaries (`target/debug`).
 pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
@@ -218,9 +220,11 @@ impl Host {
     fn wait_ready(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let sock = self.root.join("marsd.sock");
-            if sock.exists() && std::os::unix::net::UnixStream::connect(&sock).is_ok() {
-                // The NBD sockets are bound before the control socket accepts.
+            // marsd binds its control socket after every other listener and only once its
+            // resources are recovered, so an answer means it serves NBD and peers. A connect
+            // alone is not enough: it may reach the socket file of a killed predecessor (refused)
+            // or queue in a backlog.
+            if self.ping() {
                 return true;
             }
             if let Some(c) = self.child.as_mut() {
@@ -241,6 +245,32 @@ impl Host {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Does the daemon answer a `Ping` on its control socket (one request line, one reply line)?
+    pub fn ping(&self) -> bool {
+        use std::io::{BufRead, Write};
+        let Ok(s) = std::os::unix::net::UnixStream::connect(self.root.join(CONTROL_SOCKET)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        if (&s).write_all(&mars_api::encode(&Request::Ping)).is_err() {
+            return false;
+        }
+        let mut line = Vec::new();
+        if std::io::BufReader::new(&s)
+            .read_until(b'\n', &mut line)
+            .is_err()
+        {
+            return false;
+        }
+        matches!(
+            mars_api::decode::<Response>(line.trim_ascii_end()),
+            Ok(Response::Ok {
+                reply: Reply::Pong { .. }
+            })
+        )
     }
 
     pub fn log_text(&self) -> String {
