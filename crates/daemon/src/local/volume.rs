@@ -61,9 +61,11 @@ pub struct Shared {
     /// NBD connections (the device's own openers are counted by the device).
     pub nbd_opens: Arc<AtomicU64>,
     pub device: Mutex<Option<mars_blockdev::Device>>,
-    /// Something changed that the actor should measure now (an opener came or went, the log
-    /// became durable further).
+    /// The log became durable further: the actor measures soon (at most every few hundred
+    /// milliseconds).
     pub poke: Arc<tokio::sync::Notify>,
+    /// An opener came or went: the actor measures at once (a handover decides on it).
+    pub opened: Arc<tokio::sync::Notify>,
     /// The primary role is being left: fetch and sync sessions serving from the volume let go
     /// of it so that it can close.
     pub leaving: AtomicBool,
@@ -81,6 +83,7 @@ impl Shared {
             nbd_opens: Arc::new(AtomicU64::new(0)),
             device: Mutex::new(None),
             poke: Arc::new(tokio::sync::Notify::new()),
+            opened: Arc::new(tokio::sync::Notify::new()),
             leaving: AtomicBool::new(false),
             durable: tokio::sync::watch::channel(mars_txlog::LogPos::ZERO).0,
         }
@@ -121,14 +124,14 @@ impl Shared {
         }
         let vol = self.volume()?;
         self.nbd_opens.fetch_add(1, Ordering::Relaxed);
-        self.poke.notify_one();
+        self.opened.notify_one();
         Some(Arc::new(VolumeExport {
             vol,
             fenced: self.fenced.clone(),
             name: self.name.to_string(),
             _opener: Some(Opener {
                 count: self.nbd_opens.clone(),
-                poke: self.poke.clone(),
+                poke: self.opened.clone(),
             }),
         }))
     }

@@ -100,6 +100,11 @@ impl Executor {
                 let sh = self.shared.clone();
                 let tuning = self.env.tuning.clone();
                 let closed = blocking(move || -> Result<(), String> {
+                    // The engine decided on a measurement; an opener that came since wins.
+                    let open = sh.open_count();
+                    if open > 0 {
+                        return Err(format!("the device is in use ({open} open)"));
+                    }
                     sh.detach_device()?;
                     sh.leaving.store(true, Ordering::Release);
                     let r = sh.close_volume();

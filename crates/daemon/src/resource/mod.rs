@@ -235,6 +235,7 @@ impl Actor {
         let mut live_rx = env.liveness.clone();
         let mut space_rx = env.space.clone();
         let poke = self.exec.shared.poke.clone();
+        let opened = self.exec.shared.opened.clone();
         let mut shutdown_done: Option<oneshot::Sender<()>> = None;
         let mut next_op = 1u64;
         // The start: the metadata, who is reachable, the local facts, first measurements.
@@ -290,6 +291,7 @@ impl Actor {
                         space_rx.borrow_and_update();
                         Event::Stats(self.stats().await)
                     }
+                    _ = opened.notified() => Event::Stats(self.stats().await),
                     _ = poke.notified() => {
                         let at = self.last_stats.map_or(Instant::now(), |t| t + POKE_EVERY);
                         self.stats_due = Some(self.stats_due.map_or(at, |d| d.min(at)));

@@ -129,6 +129,12 @@ pub struct ResourceEngine {
     stats: Stats,
     /// When `stats` were measured.
     stats_at: u64,
+    /// Events handled so far, and at which of them the statistics and the metadata last
+    /// came: decisions on the open count want measurements taken after the metadata changed
+    /// (a device opened a moment ago may not be in older ones).
+    seq: u64,
+    stats_seq: u64,
+    meta_seq: u64,
     /// The resource's size as this host knows it (grows with `resize`).
     size: u64,
     facts: LocalFacts,
@@ -170,6 +176,9 @@ impl ResourceEngine {
             live: Liveness::default(),
             stats: Stats::default(),
             stats_at: 0,
+            seq: 0,
+            stats_seq: 0,
+            meta_seq: 0,
             size: 0,
             facts: LocalFacts::default(),
             started: false,
@@ -321,6 +330,7 @@ impl ResourceEngine {
     // ---------------------------------------------------------------- events
 
     fn handle(&mut self, ev: Event) {
+        self.seq += 1;
         match ev {
             Event::Started(facts) => {
                 self.size = self.size.max(facts.size);
@@ -331,11 +341,13 @@ impl ResourceEngine {
             Event::Meta(meta) => {
                 self.meta = meta;
                 self.meta_known = true;
+                self.meta_seq = self.seq;
             }
             Event::Liveness(l) => self.live = l,
             Event::Stats(s) => {
                 self.stats = s;
                 self.stats_at = self.now.ms;
+                self.stats_seq = self.seq;
                 if let (Local::Primary(p), Some(v)) = (&mut self.local, &self.stats.volume) {
                     p.passthrough = v.passthrough;
                 }

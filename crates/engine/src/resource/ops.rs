@@ -134,10 +134,12 @@ impl ResourceEngine {
                 if let Err(e) = self.secondary_guard("invalidate") {
                     return self.reply(id, Err(e));
                 }
-                // This host's links that contradict the primary's history go first: they are
-                // what shows a split brain, and this replica gives up that history now.
-                self.purge_own_links(true);
+                // The local copies go first, then this host's links that contradict the
+                // primary's history (they are what shows a split brain, and this replica gives
+                // up that history now): a crash in between must not leave copies that would
+                // publish those links again.
                 self.reset_replica();
+                self.purge_own_links(true);
                 self.reply(
                     id,
                     Ok(format!(
@@ -150,8 +152,8 @@ impl ResourceEngine {
                     return self.reply(id, Err(e));
                 }
                 let p = self.meta.primary.clone().expect("guarded");
-                let purged = self.purge_own_links(true);
                 self.reset_replica();
+                let purged = self.purge_own_links(true);
                 self.reply(
                     id,
                     Ok(format!(

@@ -117,10 +117,14 @@ impl ResourceEngine {
         }
     }
 
-    /// Statistics recent enough to decide on the open count (the executor sends fresh ones
-    /// when it changes; a stale value is looked at again at the next tick).
-    pub(super) fn stats_fresh(&self) -> bool {
-        self.now.ms.saturating_sub(self.stats_at) <= self.cfg.timing.busy_tick * 2
+    /// Measurements recent enough to decide on the open count: taken after the metadata last
+    /// changed (the executor measures at once when asked). Otherwise they are asked for now.
+    pub(super) fn stats_fresh(&mut self) -> bool {
+        if self.stats_seq > self.meta_seq {
+            return true;
+        }
+        self.wake_at(self.now.ms);
+        false
     }
 
     fn set_fenced(&mut self, on: bool) {

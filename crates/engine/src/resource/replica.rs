@@ -336,6 +336,12 @@ impl ResourceEngine {
         if self.is_designated() && todo.attach && self.try_promote() {
             return;
         }
+        if !self.is_designated() {
+            // Why it did not take over is moot once another host is designated.
+            if let Some(r) = self.rep() {
+                r.role_wait = None;
+            }
+        }
         let fetched = self.replica().and_then(Replica::fetched);
         let source = crate::roles::fetch_source(&self.meta, &self.me, fetched, &|h| self.alive(h));
         self.set_source(source);
