@@ -23,6 +23,9 @@ use crate::systemd::Systemd;
 
 /// How often liveness and free space are measured.
 const MEASURE_EVERY: Duration = Duration::from_secs(1);
+/// How often the backing disks' sizes are looked at (a grown disk is measured by its
+/// resource then: `resize` decides on the members' reported sizes).
+const DISKS_EVERY: u32 = 5;
 
 pub struct Host {
     pub ident: Arc<Identity>,
@@ -171,9 +174,15 @@ impl Host {
         let mut global = self.store.watch_global();
         let mut tick = tokio::time::interval(MEASURE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks = 0u32;
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    ticks += 1;
+                    if ticks % DISKS_EVERY == 0 {
+                        self.look_at_disks().await;
+                    }
+                }
                 _ = global.changed() => {}
                 Some(name) = ended.recv() => {
                     let mut reg = self.registry.write().unwrap_or_else(|e| e.into_inner());
@@ -212,6 +221,24 @@ impl Host {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Pokes every resource whose backing disk changed size.
+    async fn look_at_disks(&self) {
+        let all = self.all();
+        let _ = tokio::task::spawn_blocking(move || {
+            for h in all {
+                let now = crate::resource::disk_len(&h.disk).unwrap_or(0);
+                let before = h
+                    .shared
+                    .disk_size
+                    .swap(now, std::sync::atomic::Ordering::Relaxed);
+                if before != now {
+                    h.shared.opened.notify_one();
+                }
+            }
+        })
+        .await;
     }
 
     async fn measure(&self) {

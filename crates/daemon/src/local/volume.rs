@@ -69,6 +69,9 @@ pub struct Shared {
     /// The primary role is being left: fetch and sync sessions serving from the volume let go
     /// of it so that it can close.
     pub leaving: AtomicBool,
+    /// The backing disk's size as last seen (the host looks now and then: a grown disk is
+    /// what `resize` waits for).
+    pub disk_size: AtomicU64,
     /// The durable end of the open volume's log (fetch servers follow it).
     pub durable: tokio::sync::watch::Sender<mars_txlog::LogPos>,
 }
@@ -85,6 +88,7 @@ impl Shared {
             poke: Arc::new(tokio::sync::Notify::new()),
             opened: Arc::new(tokio::sync::Notify::new()),
             leaving: AtomicBool::new(false),
+            disk_size: AtomicU64::new(0),
             durable: tokio::sync::watch::channel(mars_txlog::LogPos::ZERO).0,
         }
     }

@@ -110,8 +110,9 @@ impl ResourceEngine {
             // Logfile N is complete once the log is durable somewhere in N+1 (the appender
             // finishes N before it writes into N+1).
             self.publish_versions(&v.logs, v.durable.file, false);
-            // A primary being written to reports its moving positions.
-            if self.report.moving() {
+            // A primary being written to reports its moving positions; dirty data is written
+            // back without an event, so its measurements are renewed until it is all on disk.
+            if self.report.moving() || v.dirty_bytes > 0 || v.written_back < v.durable {
                 self.wake_at(self.now.ms + self.cfg.timing.report_every);
             }
         }
