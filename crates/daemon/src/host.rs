@@ -196,6 +196,11 @@ impl Host {
         }
     }
 
+    /// The engine's timing constants.
+    pub fn engine_timing(&self) -> &Timing {
+        &self.env.cfg.timing
+    }
+
     pub fn last_measured(&self) -> std::time::Instant {
         *self.measured.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -189,7 +189,7 @@ fn wrong_joins_and_foreign_peers_are_refused() {
     let (_, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
     let (msg, _) = mars_wire::decode_frame(&got[n..]).unwrap().unwrap();
     match msg {
-        mars_wire::Message::Refuse { reason } => {
+        mars_wire::Message::Refuse { reason, .. } => {
             assert!(reason.contains("belongs to cluster"), "{reason}")
         }
         m => panic!("expected a refusal, got {m:?}"),

@@ -184,7 +184,14 @@ async fn resource_view(
         fetch,
         replay,
         stuck,
-        caught_up_ms: st.caught_up_ms,
+        // Its age now, not when the snapshot was made: `wait-resource uptodate` compares it
+        // with how long it has waited.
+        caught_up_ms: st
+            .caught_up_stamp
+            .map(|stamp| mars_meta::system_time_ns().saturating_sub(stamp) / 1_000_000)
+            .filter(|ms| {
+                *ms < host.engine_timing().caught_up_valid && st.caught_up_ms.is_some()
+            }),
         members,
         split_brain: mars_engine::split_brain(&local, &here).map(|sb| SplitBrainView {
             logfile: sb.logfile,

@@ -207,6 +207,8 @@ async fn session(job: &mut FetchJob) -> Result<()> {
                 )
                 .await?;
             }
+            // The source waits for a logfile to begin: it is alive.
+            Message::Ping { .. } => {}
             Message::LogGone { file, oldest } => {
                 emit(job, FetchEvent::Gone { file, oldest }).await?;
                 return Ok(());

@@ -148,6 +148,7 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
     };
     tracing::info!("{res}: {peer} fetches from log {file_no} offset {off}");
     let dir: Arc<dyn Dir> = Arc::new(RealDir::open(&served.dir)?);
+    let mut last_keepalive = Instant::now();
     let mut ctx = Ship {
         durable_rx: served.shared.durable.subscribe(),
         view_rx: served.view.clone(),
@@ -194,6 +195,12 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
                 off = 0;
             }
             Next::Wait => {
+                // Nothing to send yet: a keepalive now and then, so that the replica can tell
+                // a waiting source from a dead one.
+                if last_keepalive.elapsed() >= CONFIRM_EVERY {
+                    send(&mut w, &Message::Ping { stamp: 0 }).await?;
+                    last_keepalive = Instant::now();
+                }
                 w.flush().await?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 ctx.check()?;

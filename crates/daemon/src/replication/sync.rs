@@ -27,8 +27,10 @@ use crate::peer;
 
 /// Sync chunks in flight: keeps a long link busy without a round trip per chunk.
 const WINDOW: usize = 32;
-/// Progress of the copy is made durable and reported every this many bytes.
+/// Progress of the copy is made durable and reported every this many bytes …
 const PERSIST: u64 = 64 << 20;
+/// … and shown (not durable) every this many.
+const SHOW: u64 = 4 << 20;
 /// How long the source may take to answer.
 const ANSWER: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -118,6 +120,7 @@ async fn session(job: SyncJob) -> Result<()> {
     let mut next = done;
     let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
     let mut since_persist = 0u64;
+    let mut since_shown = 0u64;
     let mut transferred = 0u64;
     // The local disk is read and hashed on a thread of its own, at most a window ahead of what
     // was sent, so that this work overlaps with the stream and the source's hashing (it ends
@@ -180,13 +183,37 @@ async fn session(job: SyncJob) -> Result<()> {
         inflight.pop_front();
         done = off + len;
         since_persist += len;
+        since_shown += len;
         Rates::add(&rates.sync, len);
         if since_persist >= PERSIST {
             let d = disk.clone();
             tokio::task::spawn_blocking(move || disk_sync::sync_disk(&*d)).await??;
-            emit(&sink, id, SyncEvent::Progress { done, transferred }).await?;
+            emit(
+                &sink,
+                id,
+                SyncEvent::Progress {
+                    done,
+                    transferred,
+                    durable: true,
+                },
+            )
+            .await?;
             transferred = 0;
             since_persist = 0;
+            since_shown = 0;
+        } else if since_shown >= SHOW {
+            // For `view` only: not durable yet.
+            emit(
+                &sink,
+                id,
+                SyncEvent::Progress {
+                    done,
+                    transferred: 0,
+                    durable: false,
+                },
+            )
+            .await?;
+            since_shown = 0;
         }
     }
     // The copy is complete: ask where the source's log is now.

@@ -193,9 +193,14 @@ pub enum SyncEvent {
         start: LogPos,
         prev_link: String,
     },
-    /// The copy is durable on the disk up to `done`; `transferred` bytes travelled since the
-    /// last report.
-    Progress { done: u64, transferred: u64 },
+    /// The copy reached `done`; `transferred` bytes travelled since the last durable report.
+    /// `durable`: the disk is synced up to there (the progress may be persisted); otherwise it
+    /// is only shown.
+    Progress {
+        done: u64,
+        transferred: u64,
+        durable: bool,
+    },
     /// The copy is complete (disk synced); the source's log position at its end.
     Copied { end: LogPos, transferred: u64 },
     /// No place for another sync on this host (`defaults/sync-limit`).

@@ -89,6 +89,8 @@ pub struct Replica {
     sync_backoff: u64,
     /// The source's answer to the sync start arrived: the copy runs.
     pub(super) sync_running: bool,
+    /// How far the running copy got (shown; only `sync.done` is durable).
+    pub(super) sync_shown: u64,
     pub(super) repairs: u64,
     next_session: SessionId,
 }
@@ -134,6 +136,7 @@ impl Replica {
             sync_retry_at: 0,
             sync_backoff: cfg.timing.sync_backoff_min,
             sync_running: false,
+            sync_shown: 0,
             repairs: 0,
             next_session: 1,
         }
@@ -191,6 +194,15 @@ impl Replica {
         let newest = *self.copies.keys().next_back()?;
         let c = self.copies.get(&no)?;
         Some((c.len, c.complete || no < newest))
+    }
+
+    /// The stamp (the source's wall clock, ns) of the confirmation that this replica holds
+    /// everything durable there, while it is about the current end of the copies.
+    pub fn caught_up_stamp(&self) -> Option<u64> {
+        let fetched = self.fetched();
+        self.caught_up
+            .filter(|(_, p)| Some(*p) == fetched)
+            .map(|(stamp, _)| stamp)
     }
 
     /// The source confirmed, within `valid_ms` of `wall_ns`, that this replica holds everything
@@ -994,7 +1006,20 @@ impl ResourceEngine {
                     );
                 }
             }
-            SyncEvent::Progress { done, transferred } => {
+            SyncEvent::Progress {
+                done,
+                transferred,
+                durable: false,
+            } => {
+                let _ = transferred;
+                r.sync_shown = r.sync_shown.max(done);
+            }
+            SyncEvent::Progress {
+                done,
+                transferred,
+                durable: true,
+            } => {
+                r.sync_shown = r.sync_shown.max(done);
                 if let Some(sf) = r.sync.as_mut() {
                     sf.done = done.min(sf.size);
                     sf.transferred += transferred;

@@ -59,8 +59,12 @@ pub struct Status {
     pub consistent: bool,
     /// Replica: the fetch session's last error.
     pub fetch_error: Option<String>,
-    /// Replica: milliseconds since the source confirmed it has everything.
+    /// Replica: milliseconds since the source confirmed it has everything (as of the event
+    /// the status was made after; [`Status::caught_up_stamp`] gives it for any later moment).
     pub caught_up_ms: Option<u64>,
+    /// Replica: the source's wall clock (ns) when it confirmed that this replica has
+    /// everything, while that confirmation is about the current end of the copies.
+    pub caught_up_stamp: Option<u64>,
     /// Replica: oldest and newest local copy.
     pub logs: (u64, u64),
     pub applied: Option<LogPos>,
@@ -122,7 +126,11 @@ impl ResourceEngine {
                 rep.log_end = fetched.or(Some(r.applied));
                 rep.sync = r.sync.as_ref().map(|s| SyncReport {
                     start: s.start,
-                    done: s.done,
+                    done: if r.sync_running {
+                        s.done.max(r.sync_shown).min(s.size)
+                    } else {
+                        s.done
+                    },
                     size: s.size,
                     transferred: s.transferred,
                     running: r.sync_running,
@@ -210,6 +218,7 @@ impl ResourceEngine {
             consistent: self.is_primary(),
             fetch_error: None,
             caught_up_ms: None,
+            caught_up_stamp: None,
             logs: (0, 0),
             applied: None,
             fetched: None,
@@ -227,6 +236,7 @@ impl ResourceEngine {
                 st.consistent = r.consistent();
                 st.fetch_error = r.fetch_error.clone();
                 st.caught_up_ms = r.caught_up_ms(self.now.wall_ns, self.cfg.timing.caught_up_valid);
+                st.caught_up_stamp = r.caught_up_stamp();
                 st.logs = r.log_range();
                 st.applied = Some(r.applied);
                 st.fetched = r.fetched();

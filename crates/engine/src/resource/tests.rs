@@ -366,3 +366,42 @@ fn a_member_that_is_not_designated_opens_a_replica_and_fetches() {
     // it, the server confirmed a position on another history).
     assert_eq!(prev, l2);
 }
+
+// ---------------------------------------------------------------- fetch
+
+/// The source's "you have everything" counts for the copy's current end, and only from the
+/// source of the session.
+#[test]
+fn a_caught_up_confirmation_makes_the_replica_up_to_date_for_a_while() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(1, 0)));
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(1, 0));
+    let (id, ..) = start_fetch_of(&c).expect("fetch");
+    let c = w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 1,
+            origin: h("a"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id,
+        no: 1,
+        decision: CopyDecision::Create
+    }));
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::CaughtUp {
+            pos: LogPos::new(1, 0),
+            stamp: w.now.wall_ns,
+        },
+    ));
+    let st = w.e.status();
+    assert_eq!(st.caught_up_stamp, Some(w.now.wall_ns));
+    assert_eq!(st.caught_up_ms, Some(0));
+    assert!(st.report.caught_up);
+    w.at(3_001);
+    w.ev(Event::Wake);
+    assert!(!w.e.status().report.caught_up, "expired");
+}
