@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use mars_config::{HostName, ResourceName};
-use mars_engine::resource::{LocalFacts, Liveness};
+use mars_engine::resource::{Liveness, LocalFacts};
 use mars_engine::{keys, EngineConfig, HostSettings, Timing};
 use tokio::sync::{mpsc, watch};
 

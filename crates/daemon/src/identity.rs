@@ -45,8 +45,7 @@ impl Identity {
 
     /// The cluster id, once this host is in a cluster.
     pub fn cluster_id(&self) -> Option<ClusterId> {
-        self.cluster()
-            .and_then(|c| ClusterId::parse(&c.uuid).ok())
+        self.cluster().and_then(|c| ClusterId::parse(&c.uuid).ok())
     }
 
     /// The address peers reach this host at (`--ip` of create-cluster, else `--listen`).

@@ -250,13 +250,7 @@ fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("cannot open {}", root.join(meta::META_FILE).display()))?;
     raise_open_files();
-    let ident = Arc::new(Identity::new(
-        root,
-        host,
-        listen,
-        args.nbd_listen,
-        cluster,
-    ));
+    let ident = Arc::new(Identity::new(root, host, listen, args.nbd_listen, cluster));
     let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -296,12 +290,16 @@ impl peer::Handlers for PeerHandlers {
         let me = self.host.ident.host.clone();
         match kind {
             StreamKind::Meta => Box::pin(self.host.cluster.clone().serve(conn)),
-            StreamKind::Fetch => {
-                Box::pin(replication::serve::serve_fetch(self.lookup.clone(), me, conn))
-            }
-            StreamKind::Sync => {
-                Box::pin(replication::serve::serve_sync(self.lookup.clone(), me, conn))
-            }
+            StreamKind::Fetch => Box::pin(replication::serve::serve_fetch(
+                self.lookup.clone(),
+                me,
+                conn,
+            )),
+            StreamKind::Sync => Box::pin(replication::serve::serve_sync(
+                self.lookup.clone(),
+                me,
+                conn,
+            )),
         }
     }
 }

@@ -102,7 +102,11 @@ pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, m: &Message) -> Result<()> {
 }
 
 /// Sends a refusal and flushes; the caller closes.
-pub async fn refuse<W: AsyncWrite + Unpin>(w: &mut W, kind: RefuseKind, reason: String) -> Result<()> {
+pub async fn refuse<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: RefuseKind,
+    reason: String,
+) -> Result<()> {
     send(w, &Message::Refuse { kind, reason }).await?;
     w.flush().await?;
     Ok(())
@@ -164,7 +168,12 @@ pub struct Session {
 }
 
 /// Connects as `me` to the member at `addr` for a stream of `kind`.
-pub async fn connect(addr: &str, me: &HostName, cluster: ClusterId, kind: StreamKind) -> Result<Session> {
+pub async fn connect(
+    addr: &str,
+    me: &HostName,
+    cluster: ClusterId,
+    kind: StreamKind,
+) -> Result<Session> {
     let sa = resolve(addr).await?;
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sa))
         .await

@@ -82,6 +82,9 @@ pub enum SystemdError {
     Killed { cmd: String },
 }
 
+/// Lists the local resources and their stacks.
+pub type ResourceList = Box<dyn Fn() -> Vec<(String, SystemdMeta)> + Send + Sync>;
+
 /// The daemon's systemd side: settings, and the local resources' stacks it generates units for.
 pub struct Systemd {
     pub settings: Settings,
@@ -89,7 +92,7 @@ pub struct Systemd {
     /// Serialises regeneration (it covers every resource, so two at once would race on files).
     generating: Mutex<()>,
     /// The local resources and their stacks (set by the host registry once it exists).
-    resources: OnceLock<Box<dyn Fn() -> Vec<(String, SystemdMeta)> + Send + Sync>>,
+    resources: OnceLock<ResourceList>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -107,7 +110,7 @@ impl Systemd {
     }
 
     /// Where the list of local resources comes from.
-    pub fn set_resources(&self, f: Box<dyn Fn() -> Vec<(String, SystemdMeta)> + Send + Sync>) {
+    pub fn set_resources(&self, f: ResourceList) {
         let _ = self.resources.set(f);
     }
 
@@ -193,67 +196,67 @@ impl Systemd {
         resources: Vec<String>,
         wanted: Vec<WantedUnit>,
     ) -> Result<Regenerated, SystemdError> {
-    let s = &self.settings;
-    let templates = ufs::load_templates(&s.search_path)?;
-    let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
-    let config = GenConfig {
-        unit_dir: s.unit_dir.display().to_string(),
-        scripts_dir: s.scripts_dir.display().to_string(),
-        existing_units: ufs::existing_unit_names(&s.system_unit_dirs, &own_dirs)?,
-        ..GenConfig::default()
-    };
-    let vars = self.vars();
-    let generator = Generator::new(&templates, &config, vars, resources);
-    let generation = generator.generate(&wanted)?;
-    let report = ufs::write_generated(&generation.files)?;
-    let keep: BTreeSet<String> = generation.files.iter().map(|f| f.name.clone()).collect();
-    let mut removed = Vec::new();
-    for dir in &own_dirs {
-        for stale in ufs::stale_instances(dir, &keep)? {
-            if !stale.markers.keep_running {
-                let r = perform(s, UnitOp::Stop, &stale.name);
-                if !matches!(r, Ok(0) | Ok(NOT_LOADED)) {
-                    tracing::warn!("systemd: stopping the removed unit {}: {r:?}", stale.name);
+        let s = &self.settings;
+        let templates = ufs::load_templates(&s.search_path)?;
+        let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
+        let config = GenConfig {
+            unit_dir: s.unit_dir.display().to_string(),
+            scripts_dir: s.scripts_dir.display().to_string(),
+            existing_units: ufs::existing_unit_names(&s.system_unit_dirs, &own_dirs)?,
+            ..GenConfig::default()
+        };
+        let vars = self.vars();
+        let generator = Generator::new(&templates, &config, vars, resources);
+        let generation = generator.generate(&wanted)?;
+        let report = ufs::write_generated(&generation.files)?;
+        let keep: BTreeSet<String> = generation.files.iter().map(|f| f.name.clone()).collect();
+        let mut removed = Vec::new();
+        for dir in &own_dirs {
+            for stale in ufs::stale_instances(dir, &keep)? {
+                if !stale.markers.keep_running {
+                    let r = perform(s, UnitOp::Stop, &stale.name);
+                    if !matches!(r, Ok(0) | Ok(NOT_LOADED)) {
+                        tracing::warn!("systemd: stopping the removed unit {}: {r:?}", stale.name);
+                    }
+                }
+                if let Err(e) = std::fs::remove_file(&stale.path) {
+                    tracing::warn!("systemd: cannot remove {}: {e}", stale.path.display());
+                } else {
+                    removed.push(stale.name);
                 }
             }
-            if let Err(e) = std::fs::remove_file(&stale.path) {
-                tracing::warn!("systemd: cannot remove {}: {e}", stale.path.display());
-            } else {
-                removed.push(stale.name);
+        }
+        if report.any_changed() || !removed.is_empty() {
+            tracing::info!(
+                "systemd: changed [{}], removed [{}]: daemon-reload",
+                report.changed.join(" "),
+                removed.join(" ")
+            );
+            let code = run(Command::new(&s.systemctl).arg("daemon-reload"), s.timeout)?;
+            if code != 0 {
+                tracing::warn!("systemd: daemon-reload exited with {code}");
+            }
+            // MARS starts ALWAYS_START units on every commit (path watchers and the like).
+            for f in generation.files.iter().filter(|f| f.markers.always_start) {
+                let r = perform(s, UnitOp::Start, &f.name);
+                if !matches!(r, Ok(0)) {
+                    tracing::warn!("systemd: starting ALWAYS_START unit {}: {r:?}", f.name);
+                }
             }
         }
-    }
-    if report.any_changed() || !removed.is_empty() {
-        tracing::info!(
-            "systemd: changed [{}], removed [{}]: daemon-reload",
-            report.changed.join(" "),
-            removed.join(" ")
-        );
-        let code = run(Command::new(&s.systemctl).arg("daemon-reload"), s.timeout)?;
-        if code != 0 {
-            tracing::warn!("systemd: daemon-reload exited with {code}");
+        for w in &generation.warnings {
+            tracing::warn!("systemd templates: {w}");
         }
-        // MARS starts ALWAYS_START units on every commit (path watchers and the like).
-        for f in generation.files.iter().filter(|f| f.markers.always_start) {
-            let r = perform(s, UnitOp::Start, &f.name);
-            if !matches!(r, Ok(0)) {
-                tracing::warn!("systemd: starting ALWAYS_START unit {}: {r:?}", f.name);
-            }
+        for u in &generation.unresolved {
+            tracing::debug!("systemd templates: no template or unit provides {u}");
         }
+        Ok(Regenerated {
+            changed: report.changed,
+            unchanged: report.unchanged.len(),
+            removed,
+            warnings: generation.warnings,
+        })
     }
-    for w in &generation.warnings {
-        tracing::warn!("systemd templates: {w}");
-    }
-    for u in &generation.unresolved {
-        tracing::debug!("systemd templates: no template or unit provides {u}");
-    }
-    Ok(Regenerated {
-        changed: report.changed,
-        unchanged: report.unchanged.len(),
-        removed,
-        warnings: generation.warnings,
-    })
-}
 }
 
 /// Runs one start or stop (see the module docs); `Ok(exit status)`.
@@ -350,4 +353,3 @@ pub fn host_vars(host: &str, root: &Path, advertised: &str) -> Vars {
         .trim_end_matches(']');
     mars_unitgen::host_vars(host, &root.display().to_string(), ip)
 }
-

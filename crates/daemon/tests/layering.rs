@@ -143,7 +143,11 @@ fn modules_depend_only_downward() {
             }
         }
     }
-    assert!(wrong.is_empty(), "upward or sideways imports:\n{}", wrong.join("\n"));
+    assert!(
+        wrong.is_empty(),
+        "upward or sideways imports:\n{}",
+        wrong.join("\n")
+    );
 }
 
 /// `impl TYPE` blocks (inherent, not trait impls) of one type live in one file.

@@ -292,7 +292,11 @@ impl Appender {
     /// thread (it must not block): lets an async server follow the log without a thread per
     /// follower.
     pub fn on_durable(&self, hook: DurableHook) {
-        *self.shared.on_durable.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+        *self
+            .shared
+            .on_durable
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(hook);
     }
 
     /// Blocks until everything before `upto` is durable.
@@ -452,7 +456,11 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
         drop(st);
         shared.done.notify_all();
         if ok {
-            let hook = shared.on_durable.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let hook = shared
+                .on_durable
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             if let Some(h) = hook {
                 h(target);
             }

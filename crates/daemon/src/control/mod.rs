@@ -111,7 +111,9 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
                 Some(r) => vec![host.get(r).ok_or_else(|| not_found(r))?],
                 None => host.all(),
             };
-            Ok(Reply::View(view::view(host, list, res.is_none(), window).await))
+            Ok(Reply::View(
+                view::view(host, list, res.is_none(), window).await,
+            ))
         }
         Request::CreateCluster { ip } => cluster::create(host, ip).await,
         Request::JoinCluster { peer } => cluster::join(host, &peer).await,

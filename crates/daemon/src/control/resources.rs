@@ -111,7 +111,12 @@ async fn settled(h: &Handle, primary: bool) -> Result<(), String> {
     }
 }
 
-pub async fn create(host: &Arc<Host>, res: ResourceName, disk: &Path, size: Option<u64>) -> Outcome {
+pub async fn create(
+    host: &Arc<Host>,
+    res: ResourceName,
+    disk: &Path,
+    size: Option<u64>,
+) -> Outcome {
     let _g = host.admin.lock().await;
     if host.ident.cluster().is_none() {
         return Err(invalid(
@@ -119,10 +124,7 @@ pub async fn create(host: &Arc<Host>, res: ResourceName, disk: &Path, size: Opti
         ));
     }
     if host.get(&res).is_some() {
-        return Err((
-            ErrorKind::Exists,
-            format!("resource {res} already exists"),
-        ));
+        return Err((ErrorKind::Exists, format!("resource {res} already exists")));
     }
     let known = meta(host, &res).await?;
     if known.exists() {
@@ -486,7 +488,12 @@ async fn cron(host: &Arc<Host>) -> Outcome {
 }
 
 /// `set-systemd-unit RES START [STOP]` (see `mars_api::Request::SetSystemdUnit`).
-async fn set_systemd_unit(host: &Arc<Host>, res: &ResourceName, start: &str, stop: Option<&str>) -> Outcome {
+async fn set_systemd_unit(
+    host: &Arc<Host>,
+    res: &ResourceName,
+    start: &str,
+    stop: Option<&str>,
+) -> Outcome {
     let m = meta(host, res).await?;
     if !m.exists() {
         return Err(not_found(res));
@@ -566,7 +573,10 @@ async fn set_systemd_want(host: &Arc<Host>, res: &ResourceName, want: &str) -> O
         }
     }
     host.store
-        .write(vec![(keys::systemd_want(res), want.to_string())], Vec::new())
+        .write(
+            vec![(keys::systemd_want(res), want.to_string())],
+            Vec::new(),
+        )
         .await
         .map_err(|e| failed(format!("cannot write metadata: {e}")))?;
     done(format!("{res}: the systemd stack is wanted on {want}"))

@@ -13,12 +13,7 @@ use mars_engine::Role;
 use crate::host::Host;
 use crate::resource::Handle;
 
-pub async fn view(
-    host: &Host,
-    list: Vec<Handle>,
-    all: bool,
-    window: Duration,
-) -> ClusterView {
+pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -> ClusterView {
     let ages = host.cluster.ages().await;
     let me = host.ident.host.clone();
     let alive = |h: &HostName| *h == me || ages.get(h).is_some_and(|a| *a <= window);
@@ -189,9 +184,7 @@ async fn resource_view(
         caught_up_ms: st
             .caught_up_stamp
             .map(|stamp| mars_meta::system_time_ns().saturating_sub(stamp) / 1_000_000)
-            .filter(|ms| {
-                *ms < host.engine_timing().caught_up_valid && st.caught_up_ms.is_some()
-            }),
+            .filter(|ms| *ms < host.engine_timing().caught_up_valid && st.caught_up_ms.is_some()),
         members,
         split_brain: mars_engine::split_brain(&local, &here).map(|sb| SplitBrainView {
             logfile: sb.logfile,

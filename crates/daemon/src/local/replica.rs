@@ -73,9 +73,8 @@ impl ReplicaDir {
     /// the copies (cutting a torn tail or damage, which is fetched again) and reads the control
     /// files.
     pub fn open(path: &Path, disk_path: &Path, size: u64) -> Result<(ReplicaDir, ReplicaFacts)> {
-        let dir: Arc<dyn Dir> = Arc::new(
-            RealDir::open(path).with_context(|| format!("{}", path.display()))?,
-        );
+        let dir: Arc<dyn Dir> =
+            Arc::new(RealDir::open(path).with_context(|| format!("{}", path.display()))?);
         mars_replica::control::set_marker(&*dir, mars_replica::Marker::Replica, true)?;
         let disk: Arc<dyn File> = mars_storage::real::open_disk(disk_path)
             .with_context(|| format!("disk {}", disk_path.display()))?;
@@ -121,10 +120,9 @@ impl ReplicaDir {
                 complete: c.complete,
             })
             .collect();
-        let applied = ctl.position.unwrap_or_else(|| {
-            logs.first()
-                .map_or(LogPos::ZERO, |l| LogPos::new(l.no, 0))
-        });
+        let applied = ctl
+            .position
+            .unwrap_or_else(|| logs.first().map_or(LogPos::ZERO, |l| LogPos::new(l.no, 0)));
         let facts = ReplicaFacts {
             copies: logs,
             applied,

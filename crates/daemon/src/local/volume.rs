@@ -340,7 +340,10 @@ pub fn log_bytes(dir: &Path) -> u64 {
 pub fn prepare_replica_after_close(dir: &Path, host: &HostName) -> anyhow::Result<()> {
     let d = RealDir::open(dir)?;
     mars_replica::copies::drop_empty_tail(&d, host)?;
-    if let (Some(last), Some(pos)) = (logs_in(dir).last(), mars_replica::control::read_position(&d)?) {
+    if let (Some(last), Some(pos)) = (
+        logs_in(dir).last(),
+        mars_replica::control::read_position(&d)?,
+    ) {
         if pos.file > last.no {
             mars_replica::control::write_position(&d, mars_txlog::LogPos::new(last.no, last.len))?;
         }

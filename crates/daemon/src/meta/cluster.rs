@@ -229,10 +229,7 @@ impl Cluster {
 
     async fn apply(&self, from: &HostName, entries: Vec<mars_wire::Entry>) -> Result<usize> {
         let entries = from_wire(entries);
-        let report = self
-            .store
-            .call(move |s| s.apply_remote(&entries))
-            .await??;
+        let report = self.store.call(move |s| s.apply_remote(&entries)).await??;
         for (key, why) in &report.refused {
             tracing::warn!("refused metadata {key:?} from {from}: {why}");
         }
@@ -312,10 +309,7 @@ impl Cluster {
                     self.poke.notify_waiters();
                 }
                 Message::Ping { stamp } => {
-                    let now = self
-                        .store
-                        .call(move |s| s.clock().now().max(stamp))
-                        .await?;
+                    let now = self.store.call(move |s| s.clock().now().max(stamp)).await?;
                     send(&mut w, &Message::Pong { stamp: now }).await?;
                     w.flush().await?;
                 }
@@ -436,7 +430,8 @@ impl Cluster {
                 }
                 if last_alive.is_none_or(|t| t.elapsed() >= ALIVE_EVERY) {
                     let key = alive_key(&self.ident.host);
-                    if let Ok(Err(e)) = self.store.call(move |s| s.set(&key, "1").map(|_| ())).await {
+                    if let Ok(Err(e)) = self.store.call(move |s| s.set(&key, "1").map(|_| ())).await
+                    {
                         tracing::warn!("liveness stamp: {e}");
                     }
                     last_alive = Some(Instant::now());
@@ -468,8 +463,7 @@ impl Cluster {
     }
 
     fn save_seen(&self, seen: &BTreeMap<HostName, u64>) -> Result<()> {
-        let table: BTreeMap<String, u64> =
-            seen.iter().map(|(h, s)| (h.to_string(), *s)).collect();
+        let table: BTreeMap<String, u64> = seen.iter().map(|(h, s)| (h.to_string(), *s)).collect();
         crate::root::write_toml(&self.ident.root, SEEN_FILE, &table)
     }
 
@@ -513,9 +507,14 @@ impl Cluster {
                 format!("join-cluster {peer_addr}: {e:#}"),
             )
         };
-        let mut s = peer::connect(peer_addr, &self.ident.host, ClusterId::UNKNOWN, StreamKind::Meta)
-            .await
-            .map_err(failed)?;
+        let mut s = peer::connect(
+            peer_addr,
+            &self.ident.host,
+            ClusterId::UNKNOWN,
+            StreamKind::Meta,
+        )
+        .await
+        .map_err(failed)?;
         let cluster = s.peer.cluster;
         let mut since = 0;
         let mut all = Vec::new();

@@ -86,10 +86,21 @@ impl MetaStore {
         })
         .await?;
         // Everything may have changed.
-        for w in self.watches.resources.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        for w in self
+            .watches
+            .resources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
             w.send_modify(|n| *n += 1);
         }
-        if let Some(g) = &*self.watches.global.lock().unwrap_or_else(|e| e.into_inner()) {
+        if let Some(g) = &*self
+            .watches
+            .global
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
             g.send_modify(|n| *n += 1);
         }
         Ok(())
@@ -161,7 +172,11 @@ impl MetaStore {
 }
 
 /// Writes `set` in one transaction, then the deletions.
-pub fn write(s: &mut Store, set: &[(String, String)], delete: &[String]) -> Result<Vec<Entry>, String> {
+pub fn write(
+    s: &mut Store,
+    set: &[(String, String)],
+    delete: &[String],
+) -> Result<Vec<Entry>, String> {
     let mut out = Vec::new();
     if !set.is_empty() {
         let refs: Vec<(&str, &str)> = set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();

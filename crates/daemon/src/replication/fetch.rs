@@ -65,7 +65,9 @@ pub async fn run(mut job: FetchJob) {
     // Whatever is durable but not yet accounted stays uncounted: the next session truncates
     // the copy to what the engine knows and fetches it again.
     let error = r.err().map(|e| format!("{e:#}"));
-    let _ = sink.send(Event::Fetch(id, FetchEvent::Ended { error })).await;
+    let _ = sink
+        .send(Event::Fetch(id, FetchEvent::Ended { error }))
+        .await;
 }
 
 /// The copy being received, and its durability.
@@ -91,7 +93,12 @@ async fn emit(job: &FetchJob, e: FetchEvent) -> Result<()> {
 async fn session(job: &mut FetchJob) -> Result<()> {
     let mut s = peer::connect(&job.addr, &job.me, job.cluster, StreamKind::Fetch).await?;
     if s.peer.host != job.source {
-        bail!("{} answers as {}, expected {}", job.addr, s.peer.host, job.source);
+        bail!(
+            "{} answers as {}, expected {}",
+            job.addr,
+            s.peer.host,
+            job.source
+        );
     }
     peer::send(
         &mut s.w,
@@ -256,7 +263,10 @@ async fn sync_in_background(job: &FetchJob, c: &mut Current) -> Result<()> {
             return Ok(());
         }
     }
-    let sync: CopySync = c.w.as_ref().ok_or_else(|| anyhow!("no appender"))?.pending_sync();
+    let sync: CopySync =
+        c.w.as_ref()
+            .ok_or_else(|| anyhow!("no appender"))?
+            .pending_sync();
     let upto = sync.upto();
     c.inflight = Some((upto, tokio::task::spawn_blocking(move || sync.run())));
     c.unsynced = 0;
@@ -273,7 +283,10 @@ async fn make_durable(job: &FetchJob, cur: &mut Option<Current>) -> Result<()> {
         account(job, c, len.max(covered)).await?;
     }
     if c.unsynced > 0 {
-        let sync = c.w.as_ref().ok_or_else(|| anyhow!("no appender"))?.pending_sync();
+        let sync =
+            c.w.as_ref()
+                .ok_or_else(|| anyhow!("no appender"))?
+                .pending_sync();
         let len = tokio::task::spawn_blocking(move || sync.run()).await??;
         c.unsynced = 0;
         account(job, c, len).await?;

@@ -97,7 +97,9 @@ struct StopInner {
 
 impl Stop {
     pub fn stop(&self) {
-        self.0.flag.store(true, std::sync::atomic::Ordering::Release);
+        self.0
+            .flag
+            .store(true, std::sync::atomic::Ordering::Release);
         self.0.wake.notify_waiters();
     }
 

@@ -122,7 +122,10 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
             offset,
             prev_link,
         } => (res, file, offset, prev_link),
-        other => bail!("{peer} opened a fetch stream with {}", peer::describe(&other)),
+        other => bail!(
+            "{peer} opened a fetch stream with {}",
+            peer::describe(&other)
+        ),
     };
     let Some(served) = lookup.served(&res) else {
         return refused(
@@ -140,8 +143,12 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         ServerRole::Primary { .. } => match served.shared.volume() {
             Some(v) => Source::Volume(Arc::downgrade(&v)),
             None => {
-                return refused(&mut w, RefuseKind::NotHere, format!("{res} is not open on {me}"))
-                    .await
+                return refused(
+                    &mut w,
+                    RefuseKind::NotHere,
+                    format!("{res} is not open on {me}"),
+                )
+                .await
             }
         },
         _ => Source::Replica(view.replica_gen),
@@ -237,7 +244,12 @@ type Refusal = (RefuseKind, String);
 impl Ship {
     /// The session must end: this host left the role it served in.
     fn check(&self) -> Result<()> {
-        if self.served.shared.leaving.load(std::sync::atomic::Ordering::Acquire) {
+        if self
+            .served
+            .shared
+            .leaving
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
             bail!("this host is leaving the primary role");
         }
         match &self.src {
@@ -435,7 +447,10 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
     let peer = peer.host;
     let res = match frames.next_within(REQUEST_WAIT).await? {
         Message::SyncStart { res } => res,
-        other => bail!("{peer} opened a sync stream with {}", peer::describe(&other)),
+        other => bail!(
+            "{peer} opened a sync stream with {}",
+            peer::describe(&other)
+        ),
     };
     let Some(served) = lookup.served(&res) else {
         return refused(
@@ -626,15 +641,16 @@ fn sync_worker(
                 // The copy read the newest data, durable or not: make it all durable before
                 // naming the position the replica must replay to, or a crash of this host
                 // could take back writes the replica already holds (found by mars-sim).
-                SyncJob::End => vol
-                    .flush()
-                    .map_err(anyhow::Error::from)
-                    .map(|now| Message::SyncInfo {
-                        size: vol.size(),
-                        file: now.file,
-                        offset: now.offset,
-                        prev_link: String::new(),
-                    }),
+                SyncJob::End => {
+                    vol.flush()
+                        .map_err(anyhow::Error::from)
+                        .map(|now| Message::SyncInfo {
+                            size: vol.size(),
+                            file: now.file,
+                            offset: now.offset,
+                            prev_link: String::new(),
+                        })
+                }
             },
         };
         if replies.blocking_send(reply).is_err() {

@@ -116,7 +116,9 @@ async fn session(job: SyncJob) -> Result<()> {
         },
     )
     .await?;
-    let (mut done, size) = go.await.map_err(|_| anyhow!("the sync was not allowed to go on"))?;
+    let (mut done, size) = go
+        .await
+        .map_err(|_| anyhow!("the sync was not allowed to go on"))?;
     let mut next = done;
     let mut inflight: VecDeque<(u64, u64)> = VecDeque::new();
     let mut since_persist = 0u64;

@@ -11,15 +11,15 @@ use mars_volume::VolumeError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Env, Worker};
-use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
-use mars_config::ResourceName;
-use mars_engine::resource::{OpReply, Stats};
-use crate::local::Shared;
-use crate::replication::{Rates, Sink};
 use crate::local::volume::{self, OpenError};
+use crate::local::Shared;
 use crate::local::{replica, ReplicaDir};
 use crate::replication::{fetch, replay, sync, Stop};
+use crate::replication::{Rates, Sink};
+use mars_config::ResourceName;
+use mars_engine::resource::{OpReply, Stats};
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
 
 type Failure = (String, String);
 
@@ -123,7 +123,8 @@ impl Executor {
                     return Ok(());
                 }
                 let (dir, host) = (self.dir.clone(), self.env.ident.host.clone());
-                if let Err(e) = blocking(move || volume::prepare_replica_after_close(&dir, &host)).await
+                if let Err(e) =
+                    blocking(move || volume::prepare_replica_after_close(&dir, &host)).await
                 {
                     self.queue
                         .push_back(Event::Done(Done::ReplicaOpened(Err(format!("{e:#}")))));
@@ -426,7 +427,12 @@ impl Executor {
                     Ok(())
                 })
                 .await
-                .map_err(|e| ("removal of the local logfiles".to_string(), format!("{e:#}")))?;
+                .map_err(|e| {
+                    (
+                        "removal of the local logfiles".to_string(),
+                        format!("{e:#}"),
+                    )
+                })?;
             }
             Command::DropCopiesBelow { below } => {
                 let rep = self.replica.clone();
@@ -488,20 +494,21 @@ impl Executor {
             self.shared.clone(),
         );
         blocking(move || {
-            let (v, report) = volume::open_volume(&disk, size, &dir, &host, &tuning).map_err(|e| {
-                match e {
-                    OpenError::Volume(VolumeError::Log(_)) => OpenFailure::DefectiveLog(e.to_string()),
+            let (v, report) =
+                volume::open_volume(&disk, size, &dir, &host, &tuning).map_err(|e| match e {
+                    OpenError::Volume(VolumeError::Log(_)) => {
+                        OpenFailure::DefectiveLog(e.to_string())
+                    }
                     other => OpenFailure::Detached(other.to_string()),
-                }
-            })?;
+                })?;
             let mut restarted_at = None;
             if restart_after_gap {
                 // Restarted in emergency mode: writes bypassed the log, so the log must not
                 // simply continue; replicas have to stop at a hole.
-                restarted_at = Some(
-                    v.restart_log_after_gap()
-                        .map_err(|e| OpenFailure::Detached(format!("cannot restart the log: {e}")))?,
-                );
+                restarted_at =
+                    Some(v.restart_log_after_gap().map_err(|e| {
+                        OpenFailure::Detached(format!("cannot restart the log: {e}"))
+                    })?);
             }
             if report.replayed > 0 || report.truncated.is_some() {
                 tracing::info!(
@@ -632,7 +639,11 @@ impl Executor {
                 .volume()
                 .filter(|_| primary)
                 .map(|v| volume::stats(&v, &dir, passthrough));
-            let bytes = if log_bytes { volume::log_bytes(&dir) } else { 0 };
+            let bytes = if log_bytes {
+                volume::log_bytes(&dir)
+            } else {
+                0
+            };
             let disk_size = super::disk_len(&disk).unwrap_or(0);
             (volume, bytes, disk_size, shared.open_count())
         })

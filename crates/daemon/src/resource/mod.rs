@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use mars_config::{HostName, ResourceName};
 use mars_engine::resource::{
-    Event, LocalFacts, Liveness, Now, Op, OpReply, ResourceEngine, Stats, Status,
+    Event, Liveness, LocalFacts, Now, Op, OpReply, ResourceEngine, Stats, Status,
 };
 use mars_engine::serve::ServerRole;
 use mars_engine::{EngineConfig, ResourceMeta};
@@ -75,8 +75,13 @@ impl Env {
 }
 
 enum Msg {
-    Op { op: Op, reply: oneshot::Sender<OpReply> },
-    Shutdown { done: oneshot::Sender<()> },
+    Op {
+        op: Op,
+        reply: oneshot::Sender<OpReply>,
+    },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// What `view` reads of a resource without asking its actor.
@@ -166,7 +171,13 @@ struct Actor {
 }
 
 /// Starts the actor of resource `name` in `dir` on `disk`.
-pub fn spawn(env: Arc<Env>, name: ResourceName, dir: PathBuf, disk: PathBuf, facts: LocalFacts) -> Handle {
+pub fn spawn(
+    env: Arc<Env>,
+    name: ResourceName,
+    dir: PathBuf,
+    disk: PathBuf,
+    facts: LocalFacts,
+) -> Handle {
     let (tx, rx) = mpsc::channel(64);
     let (sink, worker_rx) = mpsc::channel(256);
     let shared = Arc::new(Shared::new(name.clone()));
@@ -308,9 +319,7 @@ impl Actor {
                 tracing::trace!("{name}: event {}", describe(&ev));
             }
             let out = self.engine.on_event(env.now(), ev);
-            self.wake = out
-                .wake_at
-                .map(|ms| env.epoch + Duration::from_millis(ms));
+            self.wake = out.wake_at.map(|ms| env.epoch + Duration::from_millis(ms));
             self.exec.others = self
                 .engine
                 .meta()
@@ -326,9 +335,12 @@ impl Actor {
                 if let Err((what, error)) = self.exec.exec(c).await {
                     // The commands after a failed one are not carried out: the engine hears
                     // of the failure and decides again from what it knows.
-                    self.exec.queue.push_back(Event::Done(
-                        mars_engine::resource::Done::Failed { what, error },
-                    ));
+                    self.exec
+                        .queue
+                        .push_back(Event::Done(mars_engine::resource::Done::Failed {
+                            what,
+                            error,
+                        }));
                     break;
                 }
             }
@@ -421,8 +433,15 @@ pub fn disk_len(path: &std::path::Path) -> std::io::Result<u64> {
 /// An event for the trace log, without its bulk (metadata, statistics).
 fn describe(ev: &Event) -> String {
     match ev {
-        Event::Meta(m) => format!("Meta(designation {}, primary {:?})", m.designation, m.primary),
-        Event::Stats(s) => format!("Stats(open {}, volume {})", s.open_count, s.volume.is_some()),
+        Event::Meta(m) => format!(
+            "Meta(designation {}, primary {:?})",
+            m.designation, m.primary
+        ),
+        Event::Stats(s) => format!(
+            "Stats(open {}, volume {})",
+            s.open_count,
+            s.volume.is_some()
+        ),
         other => format!("{other:?}"),
     }
 }

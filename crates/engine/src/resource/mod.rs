@@ -415,7 +415,8 @@ impl ResourceEngine {
                 // there, or the next pass would ask for them again.
                 if let Some(v) = self.stats.volume.as_mut() {
                     v.logs.retain(|l| {
-                        !removed.contains(&mars_txlog::LogName::new(l.no, l.origin.clone()).to_string())
+                        !removed
+                            .contains(&mars_txlog::LogName::new(l.no, l.origin.clone()).to_string())
                     });
                 }
                 if !removed.is_empty() {

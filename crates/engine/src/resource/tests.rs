@@ -22,7 +22,6 @@ struct World {
     e: ResourceEngine,
     now: Now,
     res: ResourceName,
-    me: HostName,
     /// key → (value, stamp)
     keys: BTreeMap<String, (String, u64)>,
     stamp: u64,
@@ -39,7 +38,6 @@ impl World {
                 wall_ns: 1_700_000_000_000_000_000,
             },
             res,
-            me: h(me),
             keys: BTreeMap::new(),
             stamp: 100,
         }
@@ -404,4 +402,403 @@ fn a_caught_up_confirmation_makes_the_replica_up_to_date_for_a_while() {
     w.at(3_001);
     w.ev(Event::Wake);
     assert!(!w.e.status().report.caught_up, "expired");
+}
+
+/// A replica fetching from `a`, with copies `copies` replayed up to `applied`: the session id.
+fn fetching(w: &mut World, copies: &[(u64, &str, u64, bool)], applied: LogPos) -> SessionId {
+    w.start(true);
+    let c = open_replica(w, copies, applied);
+    start_fetch_of(&c).expect("a fetch session").0
+}
+
+/// Found by mars-sim: an empty local copy of logfile N from another origin was replaced even
+/// after replay had moved past it; the new N's records were never applied while the replica
+/// reported the new history's position. Such a copy is a fork now.
+#[test]
+fn a_replayed_empty_copy_of_another_origin_is_a_fork_not_replaced() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(4, 0)));
+    // Not passed yet: the empty copy is replaced.
+    let id = fetching(&mut w, &[(3, "c", 0, false)], LogPos::new(3, 0));
+    let c = w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 3,
+            origin: h("a"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id,
+        no: 3,
+        decision: CopyDecision::ReplaceEmpty { old_origin: h("c") }
+    }));
+    // Passed: a fork.
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(4, 0)));
+    let id = fetching(
+        &mut w,
+        &[(3, "c", 0, true), (4, "c", 0, false)],
+        LogPos::new(4, 0),
+    );
+    let c = w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 4,
+            origin: h("a"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id,
+        no: 4,
+        decision: CopyDecision::ReplaceEmpty { old_origin: h("c") }
+    }));
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(4, 0)));
+    let id = fetching(
+        &mut w,
+        &[(3, "c", 0, true), (4, "a", 10, false)],
+        LogPos::new(4, 0),
+    );
+    let c = w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 3,
+            origin: h("a"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id,
+        no: 3,
+        decision: CopyDecision::Reject
+    }));
+    let r = w.e.replica().unwrap();
+    assert_eq!(r.forked, Some(3));
+    assert!(r.stuck.as_ref().is_some_and(|s| s.is_history()));
+}
+
+/// Found by mars-sim: a confirmation by the old source counted for the new one for seconds.
+#[test]
+fn a_caught_up_confirmation_is_dropped_when_the_source_changes() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(1, 0)));
+    let id = fetching(&mut w, &[(1, "a", 0, false)], LogPos::new(1, 0));
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::CaughtUp {
+            pos: LogPos::new(1, 0),
+            stamp: w.now.wall_ns,
+        },
+    ));
+    assert!(w.e.status().report.caught_up);
+    // c takes over: the session to a stops, the confirmation goes.
+    w.report("a", &secondary_report(LogPos::new(1, 0), 0));
+    w.report("c", &primary_report(LogPos::new(2, 0)));
+    let k = keys::primary(&w.res.clone());
+    w.set(&k, "c");
+    let c = w.sync();
+    assert!(c.contains(&Command::StopFetch { id }));
+    assert!(!w.e.status().report.caught_up);
+    assert_eq!(w.e.status().caught_up_stamp, None);
+}
+
+/// Found by mars-sim: a full sync kept its start position and copied data when its source
+/// changed; after a failover to another history it replayed the new primary's logfiles over
+/// the old primary's copy. It starts over, and its links go.
+#[test]
+fn a_full_sync_whose_source_changes_starts_over() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 0)));
+    w.start(true);
+    let facts = ReplicaFacts {
+        copies: Vec::new(),
+        applied: LogPos::new(3, 0),
+        sync: Some(SyncFile {
+            start: Some(LogPos::new(3, 0)),
+            done: 1 << 19,
+            size: 1 << 20,
+            end: None,
+            transferred: 0,
+            from: Some(h("a")),
+        }),
+        needs_sync: None,
+    };
+    w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let k = keys::version(&w.res.clone(), 2, &h("b"));
+    w.set(&k, &version::link("", 2, &h("a"), 7));
+    w.sync();
+    // c is forced primary now.
+    w.report("a", &secondary_report(LogPos::new(3, 0), 0));
+    w.report("c", &primary_report(LogPos::new(4, 0)));
+    let k = keys::primary(&w.res.clone());
+    w.set(&k, "c");
+    let c = w.sync();
+    assert!(c.contains(&Command::ResetCopies), "{c:?}");
+    assert!(
+        c.contains(&Command::Persist(Control::Sync(Some(SyncFile::full(
+            1 << 20
+        )))))
+    );
+    assert!(logs(&c)
+        .iter()
+        .any(|l| l.contains("the sync source changed from a to c")));
+    // The new sync's start deletes this host's links (they speak for the abandoned copy)
+    // before it adopts c's.
+    let (id, source) = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, source, .. } => Some((*id, source.clone())),
+            _ => None,
+        })
+        .expect("a new sync");
+    assert_eq!(source, h("c"));
+    let c3 = version::link("", 3, &h("c"), 9);
+    let c = w.ev(Event::Sync(
+        id,
+        SyncEvent::Info {
+            size: 1 << 20,
+            start: LogPos::new(4, 0),
+            prev_link: c3.clone(),
+        },
+    ));
+    let deletes: Vec<String> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::Publish { delete, .. } => Some(delete.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(deletes, vec![keys::version(&w.res.clone(), 2, &h("b"))]);
+    assert!(published(&c).contains(&(keys::version(&w.res.clone(), 3, &h("b")), c3)));
+}
+
+/// Found by mars-sim: a replica after a full sync starting at logfile N had no link of N-1 and
+/// took the current designated primary's when it needed one; after a failover to another
+/// history it could not see that its copy continued a different logfile. It adopts its
+/// source's link of N-1 when the sync starts, before the start is persisted.
+#[test]
+fn a_full_sync_adopts_its_sources_link_of_the_logfile_before_its_start() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(5, 0)));
+    w.start(true);
+    let facts = ReplicaFacts {
+        sync: Some(SyncFile::full(1 << 20)),
+        ..Default::default()
+    };
+    let c = w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("sync");
+    let a4 = version::link("", 4, &h("a"), 100);
+    let c = w.ev(Event::Sync(
+        id,
+        SyncEvent::Info {
+            size: 1 << 20,
+            start: LogPos::new(5, 0),
+            prev_link: a4.clone(),
+        },
+    ));
+    let start = SyncFile {
+        start: Some(LogPos::new(5, 0)),
+        from: Some(h("a")),
+        ..SyncFile::full(1 << 20)
+    };
+    assert_eq!(
+        acts(&c),
+        vec![
+            Command::Publish {
+                tag: None,
+                set: vec![(keys::version(&w.res.clone(), 4, &h("b")), a4.clone())],
+                delete: vec![]
+            },
+            Command::Persist(Control::Position(LogPos::new(5, 0))),
+            Command::Persist(Control::Sync(Some(start))),
+            Command::SyncGo {
+                id,
+                done: 0,
+                size: 1 << 20
+            },
+            // Fetching begins at the sync's start, telling the source the adopted link.
+            Command::StartFetch {
+                id: id + 1,
+                source: h("a"),
+                from: LogPos::new(5, 0),
+                prev_link: a4,
+            },
+        ]
+    );
+}
+
+/// Found by mars-sim: a host deleted its own version links below the oldest logfile anybody
+/// pinned, counting its own *published* pin; a restarted ex-primary that published none
+/// deleted the link its replay position needs. Its replay position counts too.
+#[test]
+fn link_reclamation_keeps_the_link_the_replay_position_needs() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    let mut p = primary_report(LogPos::new(9, 0));
+    p.pin = Some(9);
+    w.report("a", &p);
+    for no in 1..=6u64 {
+        let k = keys::version(&w.res.clone(), no, &h("b"));
+        w.set(&k, &version::link("", no, &h("a"), 1));
+    }
+    w.start(true);
+    let c = open_replica(
+        &mut w,
+        &[(6, "a", 10, true), (7, "a", 10, false)],
+        LogPos::new(6, 5),
+    );
+    let deleted: Vec<String> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::Publish { delete, .. } => Some(delete.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    // The chain check at logfile 6 needs the link of 5: 1..=4 may go, 5 stays.
+    let want: Vec<String> = (1..=4)
+        .map(|no| keys::version(&w.res.clone(), no, &h("b")))
+        .collect();
+    assert_eq!(deleted, want);
+}
+
+/// Seed 4122 of mars-sim, at the resource: the designated primary waits until every reachable
+/// member has reported under its designation (and promotes at once then, without a settle
+/// time: a planned handover is as fast as the metadata).
+#[test]
+fn a_planned_promotion_waits_for_the_members_reports_under_its_designation() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 5)));
+    let id = fetching(&mut w, &[(3, "a", 5, false)], LogPos::new(3, 5));
+    let _ = id;
+    // b is designated now; a left, but its report is from before the designation.
+    let k = keys::primary(&w.res.clone());
+    w.set(&k, "b");
+    let designation = w.stamp;
+    w.report("a", &secondary_report(LogPos::new(3, 5), designation - 1));
+    let c = w.sync();
+    assert!(!c.iter().any(|c| matches!(c, Command::Promote { .. })));
+    let why = w.e.status().report.stuck.unwrap_or_default();
+    assert!(why.contains("a to report under this designation"), "{why}");
+    w.report("a", &secondary_report(LogPos::new(3, 5), designation));
+    let c = w.sync();
+    assert!(
+        c.iter()
+            .any(|c| matches!(c, Command::Promote { cut_at, .. } if *cut_at == LogPos::new(3, 5))),
+        "{c:?}"
+    );
+}
+
+/// A primary that learns of another designation decides on a measurement of its open count
+/// taken after that (a device opened a moment ago must keep it primary): it asks for one.
+#[test]
+fn stepping_down_waits_for_a_measurement_after_the_designation_moved() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    w.start(false);
+    w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)]));
+    w.stats(Stats {
+        volume: Some(volume(LogPos::new(1, 0), &[(1, "a", 0)])),
+        ..Default::default()
+    });
+    let k = keys::primary(&w.res.clone());
+    w.set(&k, "b");
+    let out = {
+        let m = w.meta();
+        w.e.on_event(w.now, Event::Meta(m))
+    };
+    assert!(!out
+        .commands
+        .iter()
+        .any(|c| matches!(c, Command::StepDown { .. })));
+    assert_eq!(out.wake_at, Some(w.now.ms), "measure now");
+    // The measurement says the device is open: stay.
+    let c = w.stats(Stats {
+        open_count: 1,
+        volume: Some(volume(LogPos::new(1, 0), &[(1, "a", 0)])),
+        ..Default::default()
+    });
+    assert!(!c.iter().any(|c| matches!(c, Command::StepDown { .. })));
+    // Closed: leave.
+    let c = w.stats(Stats {
+        volume: Some(volume(LogPos::new(1, 0), &[(1, "a", 0)])),
+        ..Default::default()
+    });
+    assert!(c.iter().any(|c| matches!(c, Command::StepDown { .. })));
+}
+
+/// The primary's reclamation is asked once per floor (it looped when its measurements were
+/// older than the deletion).
+#[test]
+fn the_primary_asks_for_reclamation_once_per_floor() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    let c = w.ev(opened(LogPos::new(2, 0), &[(1, "a", 10), (2, "a", 0)]));
+    assert_eq!(
+        c.iter()
+            .filter(|c| matches!(c, Command::ReclaimLogs { .. }))
+            .count(),
+        1
+    );
+    let c = w.ev(Event::Done(Done::Reclaimed {
+        removed: vec!["log-000000001-a".into()],
+    }));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })),
+        "{c:?}"
+    );
+}
+
+/// The forced switch: refused while fetching; then the force marker before the designation,
+/// the promotion after the replayed data, and fetching resumes for later.
+#[test]
+fn a_forced_switch_marks_designates_promotes_and_resumes_fetching() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 5)));
+    fetching(&mut w, &[(3, "a", 5, false)], LogPos::new(3, 5));
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Primary {
+            force: true,
+            timeout: 10_000,
+        },
+    });
+    let r = replies(&c);
+    assert!(matches!(&r[..], [(7, Err(e))] if e.msg.contains("pause fetching first")));
+    let k = keys::todo(&w.res.clone(), &h("b"), "fetch");
+    w.set(&k, "0");
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 8,
+        op: Op::Primary {
+            force: true,
+            timeout: 10_000,
+        },
+    });
+    let acts = acts(&c);
+    let mark = acts
+        .iter()
+        .position(|c| *c == Command::Persist(Control::Marker(Marker::Force, true)))
+        .expect("force marker");
+    let designate = acts
+        .iter()
+        .position(|c| matches!(c, Command::Publish { set, .. } if set.iter().any(|(k, v)| k.ends_with("/primary") && v == "b")))
+        .expect("designation");
+    assert!(mark < designate, "the marker first: {acts:?}");
+    // The designation arrives; after the settle time b promotes with what it replayed.
+    w.sync();
+    w.at(600);
+    let c = w.ev(Event::Wake);
+    assert!(
+        c.iter()
+            .any(|c| matches!(c, Command::Promote { cut_at, .. } if *cut_at == LogPos::new(3, 5))),
+        "{c:?}"
+    );
+    let c = w.ev(opened(LogPos::new(4, 0), &[(3, "a", 5), (4, "b", 0)]));
+    assert!(published(&c).contains(&(keys::todo(&w.res.clone(), &h("b"), "fetch"), "1".into())));
+    assert!(matches!(&replies(&c)[..], [(8, Ok(m))] if m.contains("primary now (forced)")));
 }
