@@ -16,6 +16,8 @@ pub const CONTROL_SOCKET: &str = "marsd.sock";
 pub const NBD_SOCKET: &str = "nbd.sock";
 /// Longest request line the daemon reads; anything longer is refused.
 pub const MAX_REQUEST: usize = 64 << 10;
+/// Longest reply line a client reads (a `view` of a thousand resources is megabytes).
+pub const MAX_REPLY: usize = 256 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
@@ -382,8 +384,8 @@ pub struct LogView {
 pub enum ApiError {
     #[error("malformed message: {0}")]
     Malformed(#[from] serde_json::Error),
-    #[error("message longer than {MAX_REQUEST} bytes")]
-    TooLong,
+    #[error("message longer than {0} bytes")]
+    TooLong(usize),
 }
 
 /// Encodes a message as one line.
@@ -393,10 +395,18 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     v
 }
 
-/// Decodes one line.
+/// Decodes one request line.
 pub fn decode<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, ApiError> {
     if line.len() > MAX_REQUEST {
-        return Err(ApiError::TooLong);
+        return Err(ApiError::TooLong(MAX_REQUEST));
+    }
+    Ok(serde_json::from_slice(line)?)
+}
+
+/// Decodes one reply line.
+pub fn decode_reply<'a, T: Deserialize<'a>>(line: &'a [u8]) -> Result<T, ApiError> {
+    if line.len() > MAX_REPLY {
+        return Err(ApiError::TooLong(MAX_REPLY));
     }
     Ok(serde_json::from_slice(line)?)
 }

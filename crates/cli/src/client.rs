@@ -36,13 +36,13 @@ pub fn call(root: &Path, req: &Request, timeout: Duration) -> Result<Reply> {
     s.set_write_timeout(Some(timeout))?;
     (&s).write_all(&mars_api::encode(req))?;
     let mut line = Vec::new();
-    BufReader::new(&s)
+    BufReader::new(std::io::Read::take(&s, mars_api::MAX_REPLY as u64 + 1))
         .read_until(b'\n', &mut line)
         .with_context(|| format!("no answer from marsd within {}s", timeout.as_secs()))?;
     if line.is_empty() {
         bail!("marsd closed the connection without an answer");
     }
-    match mars_api::decode::<Response>(line.trim_ascii_end())
+    match mars_api::decode_reply::<Response>(line.trim_ascii_end())
         .context("unintelligible answer from marsd")?
     {
         Response::Ok { reply } => Ok(reply),

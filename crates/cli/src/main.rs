@@ -46,6 +46,9 @@ pub struct Cli {
     /// Seconds after which a silent member counts as not alive in `view`.
     #[arg(long, default_value_t = 60, global = true)]
     window: u64,
+    /// With `all` or a comma list of resources: how many run at once (MARS's --parallel).
+    #[arg(long, default_value_t = 16, global = true)]
+    parallel: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -210,6 +213,51 @@ const WAIT_INTERVAL: Duration = Duration::from_millis(50);
 
 fn resource(name: &str) -> Result<ResourceName> {
     ResourceName::new(name).map_err(Into::into)
+}
+
+/// The RES argument of a command that acts on one resource and may take `all` or a list.
+fn res_arg(cmd: &Cmd) -> Option<&str> {
+    match cmd {
+        Cmd::Attach { res }
+        | Cmd::Detach { res }
+        | Cmd::PauseFetch { res }
+        | Cmd::ResumeFetch { res }
+        | Cmd::PauseReplay { res }
+        | Cmd::ResumeReplay { res }
+        | Cmd::PauseSync { res }
+        | Cmd::ResumeSync { res }
+        | Cmd::Up { res }
+        | Cmd::Down { res }
+        | Cmd::Invalidate { res }
+        | Cmd::Primary { res }
+        | Cmd::Secondary { res }
+        | Cmd::LogPurgeAll { res }
+        | Cmd::LogRotate { res } => Some(res),
+        _ => None,
+    }
+}
+
+/// The same command for another resource.
+fn with_res(cmd: &Cmd, r: &str) -> Cmd {
+    let res = r.to_string();
+    match cmd {
+        Cmd::Attach { .. } => Cmd::Attach { res },
+        Cmd::Detach { .. } => Cmd::Detach { res },
+        Cmd::PauseFetch { .. } => Cmd::PauseFetch { res },
+        Cmd::ResumeFetch { .. } => Cmd::ResumeFetch { res },
+        Cmd::PauseReplay { .. } => Cmd::PauseReplay { res },
+        Cmd::ResumeReplay { .. } => Cmd::ResumeReplay { res },
+        Cmd::PauseSync { .. } => Cmd::PauseSync { res },
+        Cmd::ResumeSync { .. } => Cmd::ResumeSync { res },
+        Cmd::Up { .. } => Cmd::Up { res },
+        Cmd::Down { .. } => Cmd::Down { res },
+        Cmd::Invalidate { .. } => Cmd::Invalidate { res },
+        Cmd::Primary { .. } => Cmd::Primary { res },
+        Cmd::Secondary { .. } => Cmd::Secondary { res },
+        Cmd::LogPurgeAll { .. } => Cmd::LogPurgeAll { res },
+        Cmd::LogRotate { .. } => Cmd::LogRotate { res },
+        other => panic!("{other:?} takes no `all`"),
+    }
 }
 
 /// Paths are resolved here, because the daemon's working directory is not ours.
@@ -542,6 +590,11 @@ impl Cli {
                 };
                 self.view_macro(mac, res)
             }
+            // `all` or RES1,RES2,…: the command for each resource, several at once.
+            other if res_arg(other).is_some_and(|r| r == "all" || r.contains(',')) => {
+                let arg = res_arg(other).expect("checked");
+                self.run_many(other, arg)
+            }
             // The resource commands: one request each, answered by `Done`.
             other => match resource_request(other, self.force, self.timeout)? {
                 Some((name, req)) => {
@@ -552,6 +605,88 @@ impl Cli {
                 None => bail!("internal error: no request for {other:?}"),
             },
         }
+    }
+
+    /// A resource command for `all` (every resource of this host) or a comma list: each runs
+    /// as its own request, at most `--parallel` at once; one line per resource, in the order
+    /// given; the exit status is a failure if any failed.
+    fn run_many(&self, cmd: &Cmd, arg: &str) -> Result<()> {
+        let names: Vec<ResourceName> = if arg == "all" {
+            let Reply::View(v) = self.call(&Request::View {
+                res: None,
+                window: Some(self.window),
+            })?
+            else {
+                bail!("unexpected answer from marsd");
+            };
+            v.resources
+                .iter()
+                .map(|r| resource(&r.name))
+                .collect::<Result<_>>()?
+        } else {
+            arg.split(',')
+                .map(|r| resource(r.trim()))
+                .collect::<Result<_>>()?
+        };
+        let mut reqs = Vec::new();
+        for n in &names {
+            let (name, req) = resource_request(&with_res(cmd, n.as_str()), self.force, self.timeout)?
+                .context("not a resource command")?;
+            self.no_dry_run(name)?;
+            reqs.push((n.clone(), req));
+        }
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let results: Vec<std::sync::Mutex<Option<Result<Reply>>>> =
+            reqs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|sc| {
+            for _ in 0..self.parallel.clamp(1, reqs.len().max(1)) {
+                sc.spawn(|| loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((_, req)) = reqs.get(i) else {
+                        return;
+                    };
+                    let r = self.call(req);
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+                });
+            }
+        });
+        let mut failed = 0;
+        let mut json = Vec::new();
+        for ((res, _), r) in reqs.iter().zip(results) {
+            let r = r
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(|| Err(anyhow::anyhow!("not run")));
+            match r {
+                Ok(Reply::Done { message }) => {
+                    if self.json {
+                        json.push(serde_json::json!({ "resource": res, "message": message }));
+                    } else {
+                        println!("{message}");
+                    }
+                }
+                Ok(other) => {
+                    if self.json {
+                        json.push(serde_json::json!({ "resource": res, "reply": other }));
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    if self.json {
+                        json.push(serde_json::json!({ "resource": res, "error": format!("{e:#}") }));
+                    } else {
+                        eprintln!("marsadm: {res}: {e:#}");
+                    }
+                }
+            }
+        }
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+        if failed > 0 {
+            bail!("{failed} of {} resources failed", reqs.len());
+        }
+        Ok(())
     }
 
     fn set_links(&self, pairs: Vec<(String, String)>) -> Result<()> {
