@@ -14,8 +14,9 @@ use crate::proto;
 ///
 /// All methods are blocking (they may wait on disk or fdatasync); the server calls them from
 /// [`tokio::task::spawn_blocking`], except [`write`](Export::write) without FUA, which the
-/// server calls inline on the async worker because it only appends to memory (it may briefly
-/// block under memory back-pressure).
+/// server calls inline on the async worker because it only appends to memory — unless
+/// [`write_may_block`](Export::write_may_block) says it would wait now (memory back-pressure),
+/// so that a full dirty budget slows the writer without stalling the runtime.
 ///
 /// Offsets and lengths passed to the methods are always within `0..size()` (the server checks
 /// them first) and lengths are never zero.
@@ -33,6 +34,12 @@ pub trait Export: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Write `data` at `offset`. `fua`: the write must be durable before returning.
     fn write(&self, offset: u64, data: Bytes, fua: bool) -> io::Result<()>;
+    /// A write of `len` bytes without FUA would block now (it normally only appends to
+    /// memory): the server runs it on a blocking thread then.
+    fn write_may_block(&self, len: usize) -> bool {
+        let _ = len;
+        false
+    }
     /// Zero the range. `may_trim` = the client did NOT set `NO_HOLE`. `fua` as above.
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()>;
     /// Discard hint.

@@ -244,9 +244,10 @@ impl Conn {
         }
         let data = read_payload(r, req.len).await?;
         let offset = req.offset;
-        if req.flags & proto::CMD_FLAG_FUA != 0 {
+        if req.flags & proto::CMD_FLAG_FUA != 0 || self.export.write_may_block(data.len()) {
+            let fua = req.flags & proto::CMD_FLAG_FUA != 0;
             self.spawn(req.cookie, permit, move |e| {
-                e.write(offset, data, true).map(|()| None)
+                e.write(offset, data, fua).map(|()| None)
             });
         } else {
             // Non-FUA writes only append to memory: apply inline, in arrival order.

@@ -141,6 +141,8 @@ struct Shared {
     /// Emergency mode: writes go straight to the disk, not to the log (which is not growing
     /// any more, so replicas fall behind for good). Switched under the index lock.
     passthrough: AtomicBool,
+    /// Called after writeback was woken by a group commit (see [`Volume::on_durable`]).
+    on_durable: Mutex<Option<mars_txlog::writer::DurableHook>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -250,7 +252,22 @@ impl Volume {
             writes: AtomicU64::new(0),
             size: AtomicU64::new(cfg_size),
             passthrough: AtomicBool::new(false),
+            on_durable: Mutex::new(None),
         });
+        // The log's group commits wake writeback (and then whoever follows the volume).
+        let weak = Arc::downgrade(&shared);
+        shared.log.on_durable(Arc::new(move |pos| {
+            if let Some(s) = weak.upgrade() {
+                {
+                    let _ix = lock(&s.index);
+                    s.kick.notify_all();
+                }
+                let hook = lock(&s.on_durable).clone();
+                if let Some(h) = hook {
+                    h(pos);
+                }
+            }
+        }));
         let s2 = shared.clone();
         let writeback = std::thread::Builder::new()
             .name("writeback".into())
@@ -392,6 +409,16 @@ impl Volume {
         } else {
             Ok(self.shared.log.appended())
         }
+    }
+
+    /// A write of `len` bytes would wait for memory now (dirty data at its limit), or go to
+    /// the disk (emergency mode): a caller on an async worker should run it elsewhere.
+    pub fn write_may_block(&self, len: usize) -> bool {
+        if self.shared.passthrough.load(Ordering::Acquire) {
+            return true;
+        }
+        let ix = lock(&self.shared.index);
+        ix.mem > 0 && ix.mem + len > self.shared.cfg.max_dirty
     }
 
     fn append(&self, kind: Kind, offset: u64, len: u64, data: Data) -> Result<LogPos, VolumeError> {
@@ -549,7 +576,7 @@ impl Volume {
     /// Calls `hook` with the new durable end after every group commit of the log (on the log's
     /// thread; it must not block).
     pub fn on_durable(&self, hook: mars_txlog::writer::DurableHook) {
-        self.shared.log.on_durable(hook);
+        *lock(&self.shared.on_durable) = Some(hook);
     }
 
     /// Rotates unless the current logfile is still empty; returns the position where the next
@@ -677,12 +704,18 @@ const WRITEBACK_BATCH: usize = 64 << 20;
 fn writeback_loop(s: &Shared) {
     let mut seen = LogPos::ZERO;
     loop {
-        let closing = s.closing.load(Ordering::Acquire);
-        let durable = s.log.durable();
         let batch = {
             let mut ix = lock(&s.index);
-            let pressure = ix.mem * 2 >= s.cfg.max_dirty;
-            if !closing && !pressure && durable == seen {
+            // Idle: sleep until the log is durable further (its hook kicks), a writer waits for
+            // memory, or the volume closes. No timer: an idle volume costs nothing.
+            while !s.closing.load(Ordering::Acquire)
+                && ix.mem * 2 < s.cfg.max_dirty
+                && s.log.durable() == seen
+            {
+                ix = s.kick.wait(ix).unwrap_or_else(|e| e.into_inner());
+            }
+            // Let overwrites accumulate a moment, unless memory or the close presses.
+            if !s.closing.load(Ordering::Acquire) && ix.mem * 2 < s.cfg.max_dirty {
                 ix = s
                     .kick
                     .wait_timeout(ix, s.cfg.writeback_interval)
@@ -693,6 +726,7 @@ fn writeback_loop(s: &Shared) {
             seen = durable;
             ix.collect(durable, WRITEBACK_BATCH)
         };
+        let closing = s.closing.load(Ordering::Acquire);
         if batch.position.is_none() {
             if closing && lock(&s.index).is_empty() {
                 return;

@@ -398,6 +398,9 @@ impl Export for VolumeExport {
             .map(|_| ())
             .map_err(io_err)
     }
+    fn write_may_block(&self, len: usize) -> bool {
+        self.vol.write_may_block(len)
+    }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> io::Result<()> {
         self.check_fenced()?;
         self.vol
