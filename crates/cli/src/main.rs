@@ -630,8 +630,9 @@ impl Cli {
         };
         let mut reqs = Vec::new();
         for n in &names {
-            let (name, req) = resource_request(&with_res(cmd, n.as_str()), self.force, self.timeout)?
-                .context("not a resource command")?;
+            let (name, req) =
+                resource_request(&with_res(cmd, n.as_str()), self.force, self.timeout)?
+                    .context("not a resource command")?;
             self.no_dry_run(name)?;
             reqs.push((n.clone(), req));
         }
@@ -673,7 +674,9 @@ impl Cli {
                 Err(e) => {
                     failed += 1;
                     if self.json {
-                        json.push(serde_json::json!({ "resource": res, "error": format!("{e:#}") }));
+                        json.push(
+                            serde_json::json!({ "resource": res, "error": format!("{e:#}") }),
+                        );
                     } else {
                         eprintln!("marsadm: {res}: {e:#}");
                     }
