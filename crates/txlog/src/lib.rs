@@ -14,6 +14,7 @@
 pub mod format;
 pub mod name;
 pub mod reader;
+pub mod workers;
 pub mod writer;
 
 mod error;

@@ -13,9 +13,10 @@
 //! creates N+1 and syncs the directory before writing into N+1, so a durable record in N+1
 //! implies that N is complete on disk.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
+
+use crate::workers::{Job, JobHandle, Workers};
 
 use mars_config::HostName;
 use mars_storage::{Dir, File, OpenMode};
@@ -103,22 +104,39 @@ pub type DurableHook = Arc<dyn Fn(LogPos) + Send + Sync>;
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes the thread.
-    work: Condvar,
     /// Wakes sync waiters.
     done: Condvar,
     cfg: AppenderConfig,
     on_durable: Mutex<Option<DurableHook>>,
+    /// The files the group commits write (only the committing job touches them).
+    io: Mutex<Io>,
+    /// This log's job on the shared threads ([`crate::workers`]).
+    job: OnceLock<JobHandle>,
+}
+
+struct Io {
+    dir: Arc<dyn Dir>,
+    file: Arc<dyn File>,
+    file_no: u64,
+}
+
+impl Shared {
+    /// There is work for the committing job.
+    fn kick(&self) {
+        if let Some(j) = self.job.get() {
+            j.now();
+        }
+    }
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The appending side of one resource's log.
+/// The appending side of one resource's log. Its group commits run on the process's shared
+/// threads ([`crate::workers::Workers::global`]).
 pub struct Appender {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Appender {
@@ -157,20 +175,19 @@ impl Appender {
                 closing: false,
                 spare: Vec::new(),
             }),
-            work: Condvar::new(),
             done: Condvar::new(),
             cfg,
             on_durable: Mutex::new(None),
+            io: Mutex::new(Io {
+                dir,
+                file,
+                file_no: start.file,
+            }),
+            job: OnceLock::new(),
         });
-        let s2 = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("txlog-sync".into())
-            .spawn(move || flusher(s2, dir, file, start.file))
-            .map_err(LogError::io("txlog-sync thread", "spawn"))?;
-        Ok(Self {
-            shared,
-            thread: Some(thread),
-        })
+        let weak = Arc::downgrade(&shared) as Weak<dyn Job>;
+        let _ = shared.job.set(Workers::global().register(weak));
+        Ok(Self { shared })
     }
 
     /// Appends one record. Returns as soon as it is ordered in the log (not yet durable).
@@ -198,8 +215,8 @@ impl Appender {
         };
         crate::format::check(&header, payload)?;
         let rec_len = header.record_len() as u64;
-        // The thread sleeps without a timeout while nothing is pending: wake it on the first
-        // pending byte (before `begin_file` below marks the pending set as started).
+        // The job is idle while nothing is pending: schedule it on the first pending byte
+        // (before `begin_file` below marks the pending set as started).
         let was_idle = st.oldest_pending.is_none();
         let full =
             st.appended.offset > 0 && st.appended.offset + rec_len > self.shared.cfg.max_file_size;
@@ -226,15 +243,18 @@ impl Appender {
         if st.oldest_pending.is_none() {
             st.oldest_pending = Some(Instant::now());
         }
-        if was_idle || st.pending_bytes >= self.shared.cfg.group_bytes {
-            self.shared.work.notify_one();
-        }
-        Ok(Appended {
+        let out = Appended {
             pos,
             end: st.appended,
             seq: header.seq,
             stamp,
-        })
+        };
+        let kick = was_idle || st.pending_bytes >= self.shared.cfg.group_bytes;
+        drop(st);
+        if kick {
+            self.shared.kick();
+        }
+        Ok(out)
     }
 
     /// Moves appending to the next logfile number (an empty segment tells the thread to create it).
@@ -308,7 +328,9 @@ impl Appender {
         if st.sync_wanted < upto {
             st.sync_wanted = upto;
         }
-        self.shared.work.notify_one();
+        drop(st);
+        self.shared.kick();
+        let mut st = lock(&self.shared.state);
         loop {
             if let Some(f) = &st.failed {
                 return Err(LogError::Failed(f.clone()));
@@ -372,19 +394,26 @@ impl Appender {
         lock(&self.shared.state).last_stamp
     }
 
-    /// Syncs everything and stops the thread. Returns the final position.
+    /// Syncs everything and stops. Returns the final position.
     pub fn close(mut self) -> Result<LogPos, LogError> {
         let r = self.sync_all();
         self.stop();
         r
     }
 
+    /// No more appends; waits until everything pending is written (or the log failed).
     fn stop(&mut self) {
-        lock(&self.shared.state).closing = true;
-        self.shared.work.notify_one();
+        let mut st = lock(&self.shared.state);
+        st.closing = true;
         self.shared.done.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if st.pending.is_empty() || st.failed.is_some() {
+            return;
+        }
+        drop(st);
+        self.shared.kick();
+        let mut st = lock(&self.shared.state);
+        while !st.pending.is_empty() && st.failed.is_none() {
+            st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
 }
@@ -395,37 +424,21 @@ impl Drop for Appender {
     }
 }
 
-/// The thread: take pending segments, write, sync, publish.
-fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut file_no: u64) {
-    let cfg = shared.cfg.clone();
-    let prealloc = cfg.max_file_size;
-    loop {
+impl Job for Shared {
+    /// One group commit: take the pending segments (once the group is due), write them, sync,
+    /// publish the durable end.
+    fn run(&self) -> Option<Instant> {
+        let cfg = &self.cfg;
         let (segments, target, host) = {
-            let mut st = lock(&shared.state);
-            loop {
-                if st.failed.is_some() {
-                    return;
-                }
-                let has = !st.pending.is_empty();
-                if has {
-                    let urgent = st.sync_wanted > st.durable
-                        || st.pending_bytes >= cfg.group_bytes
-                        || st.closing;
-                    let age = st.oldest_pending.map(|t| t.elapsed()).unwrap_or_default();
-                    if urgent || age >= cfg.group_delay {
-                        break;
-                    }
-                    let wait = cfg.group_delay - age;
-                    st = shared
-                        .work
-                        .wait_timeout(st, wait)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
-                } else if st.closing {
-                    return;
-                } else {
-                    st = shared.work.wait(st).unwrap_or_else(|e| e.into_inner());
-                }
+            let mut st = lock(&self.state);
+            if st.failed.is_some() || st.pending.is_empty() {
+                return None;
+            }
+            let urgent =
+                st.sync_wanted > st.durable || st.pending_bytes >= cfg.group_bytes || st.closing;
+            let age = st.oldest_pending.map(|t| t.elapsed()).unwrap_or_default();
+            if !urgent && age < cfg.group_delay {
+                return Some(Instant::now() + (cfg.group_delay - age));
             }
             st.pending_bytes = 0;
             st.oldest_pending = None;
@@ -435,8 +448,19 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
                 st.host.clone(),
             )
         };
-        let result = write_group(&*dir, &mut file, &mut file_no, &host, &segments, prealloc);
-        let mut st = lock(&shared.state);
+        let result = {
+            let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+            let io = &mut *io;
+            write_group(
+                &*io.dir,
+                &mut io.file,
+                &mut io.file_no,
+                &host,
+                &segments,
+                cfg.max_file_size,
+            )
+        };
+        let mut st = lock(&self.state);
         let ok = result.is_ok();
         match result {
             Ok(()) => {
@@ -453,10 +477,11 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
                 st.failed = Some(e.to_string());
             }
         }
+        let more = ok && !st.pending.is_empty();
         drop(st);
-        shared.done.notify_all();
+        self.done.notify_all();
         if ok {
-            let hook = shared
+            let hook = self
                 .on_durable
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -465,6 +490,8 @@ fn flusher(shared: Arc<Shared>, dir: Arc<dyn Dir>, mut file: Arc<dyn File>, mut 
                 h(target);
             }
         }
+        // More arrived meanwhile: look again at once (the next call decides when it is due).
+        more.then(Instant::now)
     }
 }
 
