@@ -4,7 +4,7 @@
 //!  write ─► append to the transaction log (memory, ordered) ─► insert into the index ─► ack
 //!  FLUSH ─► fdatasync of the log (grouped)                     FUA ─► same, for that write
 //!  read  ─► index (newest data) ─► gaps from the backing disk
-//!  writeback thread: durable records ─► sorted, coalesced pieces ─► disk ─► fdatasync ─►
+//!  writeback job:    durable records ─► sorted, coalesced pieces ─► disk ─► fdatasync ─►
 //!                    persist the writeback position ─► drop the pieces from memory
 //!  open after a crash: verify the log, replay from the writeback position, continue in a new
 //!                      logfile
@@ -17,13 +17,13 @@ mod index;
 mod position;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mars_config::HostName;
 use mars_storage::{Dir, File};
+use mars_txlog::workers::{Job, JobHandle, Workers};
 use mars_txlog::{Appender, AppenderConfig, Kind, LogError, LogName, LogPos};
 
 pub use index::Data;
@@ -128,10 +128,12 @@ struct Shared {
     disk: Arc<dyn File>,
     dir: Arc<dyn Dir>,
     index: Mutex<Index>,
-    /// Writers waiting for memory.
+    /// Writers waiting for memory; [`Volume::stop`] waiting for writeback to finish.
     space: Condvar,
-    /// Wakes writeback early (memory pressure, close).
-    kick: Condvar,
+    /// Writeback's own state (only its job changes it, except `hurry`).
+    wb: Mutex<Wb>,
+    /// Writeback, a job on the process's shared threads (`mars_txlog::workers`).
+    job: OnceLock<JobHandle>,
     written_back: Mutex<LogPos>,
     failed: Mutex<Option<String>>,
     closing: AtomicBool,
@@ -145,13 +147,38 @@ struct Shared {
     on_durable: Mutex<Option<mars_txlog::writer::DurableHook>>,
 }
 
+/// Writeback between its rounds.
+#[derive(Default)]
+struct Wb {
+    /// A round is due at this time (overwrites accumulate until then).
+    armed: Option<Instant>,
+    /// Someone waits for writeback (a writer for memory, emergency mode): no accumulating.
+    hurry: bool,
+    /// Closed and everything written back, or failed: writeback does nothing more.
+    finished: bool,
+}
+
+impl Shared {
+    /// There is work for writeback (the log is durable further, memory is short, closing).
+    fn kick(&self) {
+        if let Some(j) = self.job.get() {
+            j.now();
+        }
+    }
+
+    /// Writeback is wanted without waiting for overwrites to accumulate.
+    fn hurry(&self) {
+        lock(&self.wb).hurry = true;
+        self.kick();
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub struct Volume {
     shared: Arc<Shared>,
-    writeback: Option<JoinHandle<()>>,
 }
 
 impl Volume {
@@ -245,7 +272,8 @@ impl Volume {
             dir,
             index: Mutex::new(Index::default()),
             space: Condvar::new(),
-            kick: Condvar::new(),
+            wb: Mutex::new(Wb::default()),
+            job: OnceLock::new(),
             written_back: Mutex::new(start),
             failed: Mutex::new(None),
             closing: AtomicBool::new(false),
@@ -258,32 +286,16 @@ impl Volume {
         let weak = Arc::downgrade(&shared);
         shared.log.on_durable(Arc::new(move |pos| {
             if let Some(s) = weak.upgrade() {
-                {
-                    let _ix = lock(&s.index);
-                    s.kick.notify_all();
-                }
+                s.kick();
                 let hook = lock(&s.on_durable).clone();
                 if let Some(h) = hook {
                     h(pos);
                 }
             }
         }));
-        let s2 = shared.clone();
-        let writeback = std::thread::Builder::new()
-            .name("writeback".into())
-            .spawn(move || writeback_loop(&s2))
-            .map_err(|source| VolumeError::Disk {
-                op: "spawn writeback thread",
-                offset: 0,
-                source,
-            })?;
-        Ok((
-            Self {
-                shared,
-                writeback: Some(writeback),
-            },
-            report,
-        ))
+        let weak = Arc::downgrade(&shared) as Weak<dyn Job>;
+        let _ = shared.job.set(Workers::global().register(weak));
+        Ok((Self { shared }, report))
     }
 
     pub fn size(&self) -> u64 {
@@ -441,7 +453,12 @@ impl Volume {
             return Ok(self.shared.log.appended());
         }
         while mem > 0 && ix.mem > 0 && ix.mem + mem > max {
-            self.shared.kick.notify_one();
+            drop(ix);
+            self.shared.hurry();
+            ix = lock(&self.shared.index);
+            if !(ix.mem > 0 && ix.mem + mem > max) {
+                break;
+            }
             ix = self
                 .shared
                 .space
@@ -503,8 +520,8 @@ impl Volume {
                     self.shared.passthrough.store(true, Ordering::Release);
                     return Ok(());
                 }
-                self.shared.kick.notify_all();
             }
+            self.shared.hurry();
             if std::time::Instant::now() >= deadline {
                 return Err(VolumeError::Busy("writeback did not finish in time".into()));
             }
@@ -639,15 +656,21 @@ impl Volume {
         Ok(end)
     }
 
+    /// Closing: writeback writes back what is durable and finishes; waits for that.
     fn stop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
         {
             let _ix = lock(&self.shared.index);
-            self.shared.kick.notify_all();
             self.shared.space.notify_all();
         }
-        if let Some(t) = self.writeback.take() {
-            let _ = t.join();
+        self.shared.hurry();
+        let mut wb = lock(&self.shared.wb);
+        while !wb.finished {
+            wb = self
+                .shared
+                .space
+                .wait(wb)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 }
@@ -701,62 +724,72 @@ pub fn apply(
 /// Largest batch one writeback round takes, so that memory is released in steps.
 const WRITEBACK_BATCH: usize = 64 << 20;
 
-fn writeback_loop(s: &Shared) {
-    let mut seen = LogPos::ZERO;
-    loop {
+impl Job for Shared {
+    /// One writeback round, once it is due: collect durable records (up to a batch), write
+    /// them to the disk, sync, persist the position, release the memory. Without pressure a
+    /// round waits `writeback_interval` after the first wake so that overwrites accumulate; an
+    /// idle volume is not scheduled at all (the log's group commits schedule it).
+    fn run(&self) -> Option<Instant> {
+        let closing = self.closing.load(Ordering::Acquire);
+        let now = Instant::now();
         let batch = {
-            let mut ix = lock(&s.index);
-            // Idle: sleep until the log is durable further (its hook kicks), a writer waits for
-            // memory, or the volume closes. No timer: an idle volume costs nothing.
-            while !s.closing.load(Ordering::Acquire)
-                && ix.mem * 2 < s.cfg.max_dirty
-                && s.log.durable() == seen
-            {
-                ix = s.kick.wait(ix).unwrap_or_else(|e| e.into_inner());
+            let mut wb = lock(&self.wb);
+            if wb.finished {
+                return None;
             }
-            // Let overwrites accumulate a moment, unless memory or the close presses.
-            if !s.closing.load(Ordering::Acquire) && ix.mem * 2 < s.cfg.max_dirty {
-                ix = s
-                    .kick
-                    .wait_timeout(ix, s.cfg.writeback_interval)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+            let mut ix = lock(&self.index);
+            let pressed = closing || wb.hurry || ix.mem * 2 >= self.cfg.max_dirty;
+            if !pressed && self.cfg.writeback_interval > Duration::ZERO {
+                let at = *wb.armed.get_or_insert(now + self.cfg.writeback_interval);
+                if at > now {
+                    return Some(at);
+                }
             }
-            let durable = s.log.durable();
-            seen = durable;
-            ix.collect(durable, WRITEBACK_BATCH)
+            wb.armed = None;
+            let batch = ix.collect(self.log.durable(), WRITEBACK_BATCH);
+            if batch.position.is_none() {
+                if closing && ix.is_empty() {
+                    wb.finished = true;
+                    drop(ix);
+                    drop(wb);
+                    self.space.notify_all();
+                    return None;
+                }
+                // Nothing durable to write back: the log's next group commit schedules this
+                // job again. Closing waits for records that are not durable yet (the owner
+                // syncs the log before closing); look again soon in case nobody does.
+                return closing.then(|| now + self.cfg.writeback_interval.max(MIN_RETRY));
+            }
+            // A waiter's hurry is served by this round (it asks again if it still waits).
+            wb.hurry = false;
+            batch
         };
-        let closing = s.closing.load(Ordering::Acquire);
-        if batch.position.is_none() {
-            if closing && lock(&s.index).is_empty() {
-                return;
-            }
-            // Records are pending but not yet durable: wait for the log instead of spinning.
-            let _ = s
-                .log
-                .wait_durable_beyond(seen, s.cfg.writeback_interval.max(Duration::from_millis(1)));
-            continue;
-        }
-        if let Err(e) = write_batch(s, &batch) {
+        if let Err(e) = write_batch(self, &batch) {
             tracing::error!("writeback failed: {e}");
-            *lock(&s.failed) = Some(e.to_string());
-            let _ix = lock(&s.index);
-            s.space.notify_all();
-            return;
+            *lock(&self.failed) = Some(e.to_string());
+            lock(&self.wb).finished = true;
+            let _ix = lock(&self.index);
+            self.space.notify_all();
+            return None;
         }
-        let mut ix = lock(&s.index);
+        let mut ix = lock(&self.index);
         ix.release(&batch);
+        let pressed = ix.mem * 2 >= self.cfg.max_dirty;
         drop(ix);
-        s.space.notify_all();
-        if !s.closing.load(Ordering::Acquire) && s.cfg.writeback_interval > Duration::ZERO {
-            // Without pressure, let overwrites accumulate between rounds.
-            let ix = lock(&s.index);
-            if ix.mem * 2 < s.cfg.max_dirty {
-                let _ = s.kick.wait_timeout(ix, s.cfg.writeback_interval / 4);
-            }
+        self.space.notify_all();
+        // More may be durable already (a batch is bounded): the next round comes at once under
+        // pressure, otherwise after a short pause for overwrites; if it finds nothing it idles.
+        if closing || pressed || self.cfg.writeback_interval == Duration::ZERO {
+            return Some(Instant::now());
         }
+        let at = Instant::now() + self.cfg.writeback_interval / 4;
+        lock(&self.wb).armed = Some(at);
+        Some(at)
     }
 }
+
+/// Shortest pause before writeback looks again for records that are not durable yet.
+const MIN_RETRY: Duration = Duration::from_millis(1);
 
 fn write_batch(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
     for p in &batch.pieces {
