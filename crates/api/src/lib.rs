@@ -59,6 +59,9 @@ pub enum Request {
     GetLink { key: String },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
+    /// A secondary asks its source for a fresh "caught up" confirmation now (instead of at the
+    /// next periodic one): `wait-resource uptodate` sends it so that it need not wait.
+    AskCaughtUp { res: ResourceName },
     /// Becomes a replica of an existing resource on `disk` (absolute path, at least the
     /// resource's size); a full sync from the primary starts.
     JoinResource { res: ResourceName, disk: PathBuf },

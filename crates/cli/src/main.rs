@@ -9,7 +9,7 @@ mod wait;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -210,6 +210,8 @@ const UNREACHABLE_LIMIT_KEY: &str = "defaults/unreachable-limit";
 const UNREACHABLE_LIMIT_DEFAULT: &str = "86400";
 /// How often `wait-resource` asks the daemon.
 const WAIT_INTERVAL: Duration = Duration::from_millis(50);
+/// While `wait-resource uptodate` waits, it asks for a fresh confirmation this often.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
 
 fn resource(name: &str) -> Result<ResourceName> {
     ResourceName::new(name).map_err(Into::into)
@@ -735,9 +737,19 @@ impl Cli {
         let cond = wait::Condition::parse(cond)?;
         let name = resource(res)?;
         let timeout = Duration::from_secs(self.timeout);
+        let mut asked: Option<Instant> = None;
         wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
             // Bound each call by the time left, but give a busy daemon a moment to answer.
             let call_timeout = left.max(Duration::from_secs(2));
+            // A secondary is up to date only with its source's confirmation from after the
+            // wait began: ask for one now (and again now and then while catching up) rather
+            // than wait for the periodic one. A daemon that does not know the request is
+            // still right, only slower.
+            if cond.wants_confirmation() && asked.is_none_or(|t| t.elapsed() >= ASK_AGAIN) {
+                asked = Some(Instant::now());
+                let ask = Request::AskCaughtUp { res: name.clone() };
+                let _ = client::call(&self.root, &ask, call_timeout);
+            }
             let req = Request::View {
                 res: Some(name.clone()),
                 window: Some(self.window),

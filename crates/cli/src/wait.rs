@@ -47,6 +47,11 @@ impl Condition {
         Ok(Condition { target, on })
     }
 
+    /// Does the condition need the source's "caught up" confirmation (`uptodate`)?
+    pub fn wants_confirmation(&self) -> bool {
+        self.target == Target::UpToDate && self.on
+    }
+
     /// Does the local view `r` satisfy the condition?
     #[cfg(test)]
     pub fn holds(&self, r: &ResourceView) -> bool {

@@ -21,7 +21,9 @@ pub struct Timing {
     /// for different hosts settle, last writer wins, meanwhile). A planned promotion waits
     /// instead until every reachable member reports under its designation.
     pub promote_settle: u64,
-    /// A caught-up confirmation from the fetch source counts for this long.
+    /// A caught-up confirmation from the fetch source counts for this long, and only while the
+    /// session that brought it runs. The source repeats it every 3 s while idle
+    /// (`marsd`'s `serve::CONFIRM_EVERY`): this spans two of them and some delay.
     pub caught_up_valid: u64,
     /// A report whose state part is unchanged is republished at most this often while its
     /// moving parts (positions, rates) change.
@@ -51,13 +53,13 @@ pub struct Timing {
 
 impl Timing {
     /// The values the daemon runs with.
-    pub fn standard() -> Timing {
+    pub const fn standard() -> Timing {
         Timing {
             alive_window: 10_000,
             alive_every: 2_000,
             stale_primary_wait: 10_000,
             promote_settle: 500,
-            caught_up_valid: 3_000,
+            caught_up_valid: 8_000,
             report_every: 1_000,
             transient_pin: 60_000,
             fetch_backoff_min: 100,

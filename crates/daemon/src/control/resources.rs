@@ -366,6 +366,11 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
             return done(pct.to_string());
         }
         Request::Cron => return cron(host).await,
+        Request::AskCaughtUp { res } => {
+            let h = host.get(&res).ok_or_else(|| not_found(&res))?;
+            h.shared.ask_caught_up.notify_one();
+            return done(String::new());
+        }
         Request::SetSystemdUnit { res, start, stop } => {
             return set_systemd_unit(host, &res, &start, stop.as_deref()).await
         }

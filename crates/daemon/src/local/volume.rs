@@ -74,6 +74,9 @@ pub struct Shared {
     pub disk_size: AtomicU64,
     /// The durable end of the open volume's log (fetch servers follow it).
     pub durable: tokio::sync::watch::Sender<mars_txlog::LogPos>,
+    /// Someone waits for a fresh "caught up" confirmation: the fetch session asks its source
+    /// (a permit is kept when no session runs, for the next one).
+    pub ask_caught_up: Arc<tokio::sync::Notify>,
 }
 
 impl Shared {
@@ -90,6 +93,7 @@ impl Shared {
             leaving: AtomicBool::new(false),
             disk_size: AtomicU64::new(0),
             durable: tokio::sync::watch::channel(mars_txlog::LogPos::ZERO).0,
+            ask_caught_up: Arc::new(tokio::sync::Notify::new()),
         }
     }
 

@@ -3,7 +3,8 @@
 //! The replica asks once (`FetchFrom` with its position and its version link of the logfile
 //! before); the source then pushes `LogFile`, `LogData` (whole records), `LogEnd`, the next
 //! logfile, and follows the current one as it grows, confirming with `LogCaughtUp` whenever
-//! this replica has everything durable there. Each chunk is verified on arrival (checksums,
+//! this replica has everything durable there. A `Ping` from this side asks for a fresh
+//! confirmation at once ([`FetchJob::ask`]). Each chunk is verified on arrival (checksums,
 //! contiguous sequence numbers, offset = end of the copy) and counts as fetched only after its
 //! `fdatasync` here; syncs run in the background while receiving goes on.
 //!
@@ -30,7 +31,8 @@ use crate::peer;
 const SYNC_BYTES: u64 = 64 << 20;
 /// … or when the stream pauses this long.
 const SYNC_IDLE: Duration = Duration::from_millis(10);
-/// A source silent for this long is gone (it confirms at least every second while idle).
+/// A source silent for this long is gone (it confirms every few seconds while idle:
+/// `serve::CONFIRM_EVERY`).
 const SILENCE: Duration = Duration::from_secs(15);
 /// How long the session waits for the engine's decision about a logfile.
 const DECISION_WAIT: Duration = Duration::from_secs(30);
@@ -50,6 +52,8 @@ pub struct FetchJob {
     pub sink: Sink,
     pub stop: Stop,
     pub decisions: mpsc::Receiver<(u64, CopyDecision)>,
+    /// Someone wants a fresh confirmation: a `Ping` on the stream asks the source for one.
+    pub ask: Arc<tokio::sync::Notify>,
 }
 
 /// Runs the session until it ends or is stopped; its end is reported as
@@ -91,6 +95,19 @@ async fn emit(job: &FetchJob, e: FetchEvent) -> Result<()> {
 }
 
 async fn session(job: &mut FetchJob) -> Result<()> {
+    // What an earlier session made durable after the engine stopped listening to it (a pause
+    // during a stream) is not counted: cut the copies back to where this session starts, as
+    // the engine knows them, so that the data the source sends fits on.
+    let (replica, from) = (job.replica.clone(), job.from);
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut c = replica.copies();
+        if c.end().is_some_and(|end| end > from) {
+            let removed = c.truncate(from)?;
+            tracing::debug!("copies cut back to {from} (removed {removed:?}): not counted");
+        }
+        Ok(())
+    })
+    .await??;
     let mut s = peer::connect(&job.addr, &job.me, job.cluster, StreamKind::Fetch).await?;
     if s.peer.host != job.source {
         bail!(
@@ -113,6 +130,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
     s.w.flush().await?;
     let mut cur: Option<Current> = None;
     let mut connected = false;
+    let ask = job.ask.clone();
     loop {
         let busy = cur
             .as_ref()
@@ -121,6 +139,11 @@ async fn session(job: &mut FetchJob) -> Result<()> {
             m = s.frames.next_within(SILENCE) => m?,
             _ = tokio::time::sleep(SYNC_IDLE), if busy => {
                 make_durable(job, &mut cur).await?;
+                continue;
+            }
+            () = ask.notified() => {
+                peer::send(&mut s.w, &Message::Ping { stamp: 0 }).await?;
+                s.w.flush().await?;
                 continue;
             }
         };

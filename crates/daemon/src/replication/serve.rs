@@ -6,7 +6,8 @@
 //! `LogFile`, `LogData` chunks of whole records, `LogEnd` when a logfile is complete, then the
 //! next, and finally it follows the current logfile as it grows. Only *durable* bytes are
 //! shipped. Whenever the replica has everything durable here (and every [`CONFIRM_EVERY`]
-//! while idle), `LogCaughtUp` with the current end and this host's clock says so. Throughput is
+//! while idle, and at once when the replica asks with a `Ping`), `LogCaughtUp` with the
+//! current end and this host's clock says so. Throughput is
 //! bounded by TCP flow control, not by round trips: the next chunk is read while one travels.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and
@@ -35,12 +36,16 @@ use tokio::sync::watch;
 
 use super::Sink;
 use crate::local::Shared;
-use crate::peer::{self, refuse, send, BoxWrite, Incoming};
+use crate::peer::{self, refuse, send, BoxRead, BoxWrite, FrameReader, Incoming};
 
 /// Largest `LogData` chunk (more if a single record is larger).
 const CHUNK: usize = 4 << 20;
 /// While a replica is caught up, the confirmation is repeated this often (also a keepalive).
-pub const CONFIRM_EVERY: Duration = Duration::from_millis(500);
+/// Each one costs both hosts a wakeup per resource: a primary of a thousand resources with two
+/// replicas each sends 2,000 per round, so rounds are seconds apart. A confirmation stays valid
+/// for `Timing::caught_up_valid` (more than two rounds); whoever needs a fresh one sooner
+/// (`wait-resource uptodate`) asks with a `Ping` on the stream and gets it at once.
+pub const CONFIRM_EVERY: Duration = Duration::from_secs(3);
 /// Largest sync chunk a replica may ask about.
 pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
 /// Most sync requests a replica may have unanswered (it keeps a window of 32 chunks).
@@ -162,6 +167,7 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         served,
         src,
         me,
+        frames,
     };
     loop {
         let logs = {
@@ -237,6 +243,9 @@ struct Ship {
     /// waiting is missed.
     durable_rx: watch::Receiver<LogPos>,
     view_rx: watch::Receiver<Arc<ServeView>>,
+    /// The replica's side of the stream: a `Ping` asks for a fresh confirmation; its end ends
+    /// the session.
+    frames: FrameReader<BoxRead>,
 }
 
 type Refusal = (RefuseKind, String);
@@ -292,15 +301,33 @@ impl Ship {
         })
     }
 
-    /// Waits until more may be shipped (or `timeout`).
-    async fn wait_beyond(&mut self, timeout: Duration) {
-        match &self.src {
-            Source::Volume(_) => {
-                let _ = tokio::time::timeout(timeout, self.durable_rx.changed()).await;
+    /// Waits until more may be shipped, `timeout` passed, or the replica asked for a fresh
+    /// confirmation (then `true`).
+    async fn wait_beyond(&mut self, timeout: Duration) -> Result<bool> {
+        let Ship {
+            src,
+            durable_rx,
+            view_rx,
+            frames,
+            ..
+        } = self;
+        let more = async {
+            match src {
+                Source::Volume(_) => {
+                    let _ = tokio::time::timeout(timeout, durable_rx.changed()).await;
+                }
+                Source::Replica(_) => {
+                    let _ = tokio::time::timeout(timeout, view_rx.changed()).await;
+                }
             }
-            Source::Replica(_) => {
-                let _ = tokio::time::timeout(timeout, self.view_rx.changed()).await;
-            }
+        };
+        tokio::select! {
+            () = more => Ok(false),
+            // Cancel-safe: a frame half read stays in the reader's buffer.
+            m = frames.next() => match m? {
+                Message::Ping { .. } => Ok(true),
+                other => bail!("unexpected {} on a fetch stream", peer::describe(&other)),
+            },
         }
     }
 
@@ -318,6 +345,7 @@ impl Ship {
         let mut stamp = mars_meta::system_time_ns();
         let (mut limit, mut complete) = self.limit(name.no, &*f)?;
         let mut confirmed: Option<(u64, Instant)> = None;
+        let mut asked = false;
         let mut ahead: Option<(u64, ReadTask)> = None;
         // Chunk buffers go round (read, sent, read into again): fresh megabytes per chunk cost
         // more than the copy itself where first-touched memory is slow (a VM).
@@ -366,10 +394,10 @@ impl Ship {
                 w.flush().await?;
                 return Ok(Ok(off));
             }
-            // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive),
-            // stamped with the time the limit was read, not the sending time: writes that
-            // finished in between must not count as included.
-            if confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
+            // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive,
+            // and at once when asked), stamped with the time the limit was read, not the
+            // sending time: writes that finished in between must not count as included.
+            if asked || confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
                 send(
                     w,
                     &Message::LogCaughtUp {
@@ -382,7 +410,7 @@ impl Ship {
                 confirmed = Some((off, Instant::now()));
             }
             w.flush().await?;
-            self.wait_beyond(CONFIRM_EVERY).await;
+            asked = self.wait_beyond(CONFIRM_EVERY).await?;
             // Read again after the stamp (this also notices a rotation that wrote nothing yet).
             stamp = mars_meta::system_time_ns();
             (limit, complete) = self.limit(name.no, &*f)?;

@@ -279,6 +279,7 @@ impl Executor {
                     sink: self.sink.clone(),
                     stop: stop.clone(),
                     decisions: drx,
+                    ask: self.shared.ask_caught_up.clone(),
                 };
                 let join = tokio::spawn(fetch::run(job));
                 self.fetch = Some(Worker {

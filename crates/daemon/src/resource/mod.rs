@@ -318,16 +318,19 @@ impl Actor {
             if tracing::enabled!(tracing::Level::TRACE) {
                 tracing::trace!("{name}: event {}", describe(&ev));
             }
+            let meta_event = matches!(ev, Event::Meta(_));
             let out = self.engine.on_event(env.now(), ev);
             self.wake = out.wake_at.map(|ms| env.epoch + Duration::from_millis(ms));
-            self.exec.others = self
-                .engine
-                .meta()
-                .members
-                .keys()
-                .filter(|h| **h != env.ident.host)
-                .map(ToString::to_string)
-                .collect();
+            if meta_event {
+                self.exec.others = self
+                    .engine
+                    .meta()
+                    .members
+                    .keys()
+                    .filter(|h| **h != env.ident.host)
+                    .map(ToString::to_string)
+                    .collect();
+            }
             for c in out.commands {
                 if tracing::enabled!(tracing::Level::TRACE) {
                     tracing::trace!("{name}: command {c:?}");

@@ -161,6 +161,8 @@ pub struct ResourceEngine {
     now: event::Now,
     out: Vec<Command>,
     wake: Option<u64>,
+    /// The wake time the last reconcile asked for, without the caught-up expiry.
+    wake_base: Option<u64>,
     shutting_down: bool,
 }
 
@@ -197,6 +199,7 @@ impl ResourceEngine {
             now: event::Now::default(),
             out: Vec::new(),
             wake: None,
+            wake_base: None,
             shutting_down: false,
         }
     }
@@ -235,10 +238,31 @@ impl ResourceEngine {
     /// Handles one event and returns what to do.
     pub fn on_event(&mut self, now: event::Now, ev: Event) -> Output {
         self.now = now;
+        // A repeated "caught up" at the same position only refreshes its time: nothing a
+        // decision depends on changed, so none is made again (an idle replica hears one every
+        // second; a host with a thousand of them would reconcile a thousand times a second).
+        // Only its expiry moves.
+        if let Event::Fetch(id, FetchEvent::CaughtUp { pos, stamp }) = &ev {
+            if self.refresh_caught_up(*id, *pos, *stamp) {
+                self.wake = self.wake_base;
+                if let Some(at) = self.caught_up_expiry() {
+                    self.wake_at(at);
+                }
+                return Output {
+                    commands: Vec::new(),
+                    wake_at: self.wake,
+                };
+            }
+        }
         self.wake = None;
         self.handle(ev);
         if !matches!(self.local, Local::Gone) && !self.shutting_down {
             self.reconcile();
+        }
+        // The confirmation's expiry is kept apart: a refreshed one moves it without a reconcile.
+        self.wake_base = self.wake;
+        if let Some(at) = self.caught_up_expiry() {
+            self.wake_at(at);
         }
         #[cfg(debug_assertions)]
         if let Err(e) = self.validate() {

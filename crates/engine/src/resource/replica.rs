@@ -83,6 +83,8 @@ pub struct Replica {
     fetch_retry_at: u64,
     fetch_backoff: u64,
     pub(super) fetch_error: Option<String>,
+    /// The last fetch failure logged as a warning (each distinct one once).
+    fetch_warned: Option<String>,
     pub(super) replay: Option<Session>,
     pub(super) sync_session: Option<Session>,
     sync_retry_at: u64,
@@ -131,6 +133,7 @@ impl Replica {
             fetch_retry_at: 0,
             fetch_backoff: cfg.timing.fetch_backoff_min,
             fetch_error: None,
+            fetch_warned: None,
             replay: None,
             sync_session: None,
             sync_retry_at: 0,
@@ -208,6 +211,9 @@ impl Replica {
     /// The source confirmed, within `valid_ms` of `wall_ns`, that this replica holds everything
     /// durable there: milliseconds since.
     pub fn caught_up_ms(&self, wall_ns: u64, valid_ms: u64) -> Option<u64> {
+        // The source's word holds while its session runs: a paused or broken fetch knows
+        // nothing about what the source has now.
+        self.fetch.as_ref()?;
         let fetched = self.fetched();
         self.caught_up
             .filter(|(_, p)| Some(*p) == fetched)
@@ -341,6 +347,26 @@ impl ResourceEngine {
         }
     }
 
+    /// When the caught-up confirmation expires (the report changes then), if it is valid now.
+    pub(super) fn caught_up_expiry(&self) -> Option<u64> {
+        let valid = self.cfg.timing.caught_up_valid;
+        let ms = self.replica()?.caught_up_ms(self.now.wall_ns, valid)?;
+        Some(self.now.ms + (valid - ms) + 1)
+    }
+
+    /// A confirmation of the position already confirmed by the running fetch session: takes
+    /// its newer stamp and says so (`false`: anything else, for the full handling).
+    pub(super) fn refresh_caught_up(&mut self, id: SessionId, pos: LogPos, stamp: u64) -> bool {
+        let Some(r) = self.rep() else { return false };
+        let same = r.fetch.as_ref().is_some_and(|s| s.id == id)
+            && r.caught_up.is_some_and(|(at, p)| p == pos && at <= stamp)
+            && r.copies.get(&pos.file).map(|c| c.len) == Some(pos.offset);
+        if same {
+            r.caught_up = Some((stamp, pos));
+        }
+        same
+    }
+
     pub(super) fn reconcile_replica(&mut self) {
         let todo = self.todo();
         if self.is_designated() && todo.attach && self.try_promote() {
@@ -368,13 +394,6 @@ impl ResourceEngine {
             }
         }
         self.space_pressure();
-        // The caught-up confirmation expires: the report changes then.
-        let valid = self.cfg.timing.caught_up_valid;
-        let wall = self.now.wall_ns;
-        if let Some(ms) = self.replica().and_then(|r| r.caught_up_ms(wall, valid)) {
-            let at = self.now.ms + (valid - ms) + 1;
-            self.wake_at(at);
-        }
         // Moving parts: fresh statistics for the report's rates and positions.
         if self
             .replica()
@@ -643,17 +662,29 @@ impl ResourceEngine {
                 match error {
                     None => {
                         r.fetch_backoff = timing.fetch_backoff_min;
+                        r.fetch_warned = None;
                         r.fetch_retry_at = now;
                     }
                     Some(e) => {
                         let msg = format!("fetch from {}: {e}", sess.source);
-                        let first = r.fetch_error.as_deref() != Some(&msg);
+                        // A single failure after a success is routine (the source just changed
+                        // roles, or restarted): worth a warning only once it repeats.
+                        let again = r.fetch_backoff > timing.fetch_backoff_min;
+                        let warn = again && r.fetch_warned.as_deref() != Some(&msg);
+                        if warn {
+                            r.fetch_warned = Some(msg.clone());
+                        }
                         r.fetch_error = Some(msg.clone());
                         r.fetch_retry_at = now + r.fetch_backoff;
                         r.fetch_backoff = (r.fetch_backoff * 2).min(timing.fetch_backoff_max);
-                        if first {
-                            self.log(Level::Warn, msg);
-                        }
+                        let level = if warn {
+                            Level::Warn
+                        } else if again {
+                            Level::Debug
+                        } else {
+                            Level::Info
+                        };
+                        self.log(level, msg);
                     }
                 }
             }

@@ -399,9 +399,100 @@ fn a_caught_up_confirmation_makes_the_replica_up_to_date_for_a_while() {
     assert_eq!(st.caught_up_stamp, Some(w.now.wall_ns));
     assert_eq!(st.caught_up_ms, Some(0));
     assert!(st.report.caught_up);
-    w.at(3_001);
+    w.at(VALID + 1);
     w.ev(Event::Wake);
     assert!(!w.e.status().report.caught_up, "expired");
+}
+
+/// The confirmation was the running session's word: when the session ends (fetch paused, the
+/// link broke), the replica no longer counts as up to date, however young the confirmation.
+#[test]
+fn a_caught_up_confirmation_ends_with_its_session() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(1, 0)));
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(1, 0));
+    let (id, ..) = start_fetch_of(&c).expect("fetch");
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 1,
+            origin: h("a"),
+        },
+    ));
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::CaughtUp {
+            pos: LogPos::new(1, 0),
+            stamp: w.now.wall_ns,
+        },
+    ));
+    assert!(w.e.status().report.caught_up);
+    w.at(10);
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::Ended {
+            error: Some("connection closed".into()),
+        },
+    ));
+    let st = w.e.status();
+    assert!(!st.report.caught_up);
+    assert_eq!(st.caught_up_ms, None);
+}
+
+/// How long a caught-up confirmation counts.
+const VALID: u64 = crate::config::Timing::standard().caught_up_valid;
+
+/// A repeated confirmation of the same position refreshes its time without a decision (no
+/// commands; only the expiry moves); the refreshed stamp keeps the replica up to date past the
+/// first one's expiry.
+#[test]
+fn a_repeated_caught_up_only_refreshes_the_stamp() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(1, 0)));
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(1, 0));
+    let (id, ..) = start_fetch_of(&c).expect("fetch");
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 1,
+            origin: h("a"),
+        },
+    ));
+    let first = w.now.wall_ns;
+    w.ev(Event::Fetch(
+        id,
+        FetchEvent::CaughtUp {
+            pos: LogPos::new(1, 0),
+            stamp: first,
+        },
+    ));
+    let wake = w.e.on_event(w.now, Event::Wake).wake_at;
+    assert!(wake.is_some(), "the confirmation's expiry is a wake");
+    w.at(VALID - 1_000);
+    let again = w.now.wall_ns;
+    let out = w.e.on_event(
+        w.now,
+        Event::Fetch(
+            id,
+            FetchEvent::CaughtUp {
+                pos: LogPos::new(1, 0),
+                stamp: again,
+            },
+        ),
+    );
+    assert!(out.commands.is_empty());
+    // The expiry moved to the fresh stamp's (another wake may come earlier).
+    assert!(out.wake_at.is_some_and(|at| at <= w.now.ms + VALID + 1));
+    assert!(wake.is_some());
+    assert_eq!(w.e.status().caught_up_stamp, Some(again));
+    w.at(1_001);
+    w.ev(Event::Wake);
+    assert!(w.e.status().report.caught_up, "refreshed, not expired");
+    w.at(VALID);
+    w.ev(Event::Wake);
+    assert!(!w.e.status().report.caught_up, "the refreshed one expired");
 }
 
 /// A replica fetching from `a`, with copies `copies` replayed up to `applied`: the session id.
