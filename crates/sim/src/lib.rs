@@ -186,6 +186,26 @@ pub struct SimConfig {
     pub link_reclaim_uses_published_pin: bool,
 }
 
+impl SimConfig {
+    /// The engine's switches of this run (`mars_engine::config::Bugs`). The executor-side
+    /// switches (`sync_serves_unsynced_data`, `complete_by_link_lengths_only`) are the
+    /// simulated servers' and stay off in the engine.
+    pub fn engine_bugs(&self) -> mars_engine::config::Bugs {
+        mars_engine::config::Bugs {
+            skip_chain_check: self.skip_chain_check,
+            planned_promotion_ignores_others: self.planned_promotion_ignores_others,
+            replace_replayed_empty_copy: self.replace_replayed_empty_copy,
+            sync_survives_source_change: self.sync_survives_source_change,
+            sync_adopts_primary_link_later: self.sync_adopts_primary_link_later,
+            caught_up_survives_source_change: self.caught_up_survives_source_change,
+            complete_by_link_lengths_only: false,
+            fetch_request_without_history: self.fetch_request_without_history,
+            link_reclaim_uses_published_pin: self.link_reclaim_uses_published_pin,
+            sync_serves_unsynced_data: false,
+        }
+    }
+}
+
 /// What happened in a run, for coverage reports.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {

@@ -398,6 +398,16 @@ impl ResourceEngine {
             Done::Reclaimed { removed } => {
                 if let Local::Primary(p) = &mut self.local {
                     p.reclaiming = false;
+                    // What was deleted is gone from the volume's logfiles as the engine knows
+                    // them: the pass right after this completion (before fresh statistics) saw
+                    // them still and asked to reclaim them again, and again, a busy loop with
+                    // the executor (found by mars-sim).
+                    if let Some(v) = &mut self.stats.volume {
+                        v.logs.retain(|l| {
+                            let name = mars_txlog::LogName::new(l.no, l.origin.clone());
+                            !removed.contains(&name.to_string())
+                        });
+                    }
                 }
                 if !removed.is_empty() {
                     let msg = format!("deleted logfiles {}", removed.join(", "));

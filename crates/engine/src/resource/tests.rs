@@ -366,3 +366,33 @@ fn a_member_that_is_not_designated_opens_a_replica_and_fetches() {
     // it, the server confirmed a position on another history).
     assert_eq!(prev, l2);
 }
+
+// ---------------------------------------------------------------- found by mars-sim
+
+/// Found by mars-sim (the first seed that wrote and rotated): the completion of `ReclaimLogs`
+/// came back before fresh statistics, the pass after it still saw the deleted logfiles in the
+/// volume's stats and asked to reclaim them again, and again: the engine and its executor
+/// spun. The engine forgets what was deleted until the next statistics say more.
+#[test]
+fn reclaimed_logfiles_are_not_reclaimed_again_before_fresh_stats() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    let c = w.ev(opened(LogPos::new(2, 0), &[(1, "a", 10), (2, "a", 0)]));
+    assert!(
+        c.contains(&Command::ReclaimLogs { below: Some(2) }),
+        "log 1 is written back and linked: {c:?}"
+    );
+    let c = w.ev(Event::Done(Done::Reclaimed {
+        removed: vec!["log-000000001-a".into()],
+    }));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })),
+        "asked again: {c:?}"
+    );
+    // Fresh statistics without logfile 1: nothing to do either.
+    let c = w.stats(Stats {
+        volume: Some(volume(LogPos::new(2, 0), &[(2, "a", 0)])),
+        ..Default::default()
+    });
+    assert!(!c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })));
+}
