@@ -65,6 +65,8 @@ pub struct World {
     /// Operator requests waiting for their reply.
     ops: BTreeMap<OpId, (usize, OpKind)>,
     next_op: OpId,
+    /// The last reply: its request and whether it was a success.
+    last_reply: Option<(OpId, bool)>,
 }
 
 fn h(s: &str) -> HostName {
@@ -104,6 +106,7 @@ impl World {
             step_no: 0,
             ops: BTreeMap::new(),
             next_op: 1,
+            last_reply: None,
         };
         w.setup();
         w
@@ -288,8 +291,14 @@ impl World {
         id
     }
 
-    fn pending(&self, id: OpId) -> bool {
-        self.ops.contains_key(&id)
+    /// Whether request `id` was answered at once, and with success.
+    fn answered(&self, id: OpId) -> Option<bool> {
+        match self.last_reply {
+            Some((last, ok)) if last == id => Some(ok),
+            _ if self.ops.contains_key(&id) => None,
+            // Answered, and other replies came after it.
+            _ => Some(true),
+        }
     }
 
     /// A `primary` command runs on host `i`.
@@ -303,6 +312,7 @@ impl World {
         let Some((i, kind)) = self.ops.remove(&id) else {
             return;
         };
+        self.last_reply = Some((id, result.is_ok()));
         let name = self.hosts[i].name.clone();
         let what = match &kind {
             OpKind::Planned => "primary".to_string(),
@@ -532,12 +542,16 @@ impl World {
             force: false,
             timeout: crate::COMMAND_TIMEOUT,
         };
+        // The operator's intent decides what the promotion may lose (the ghost's view), from
+        // the moment the command runs: the engine may promote within the request itself.
+        let intent = std::mem::replace(&mut self.hosts[i].ghost_force, false);
         let id = self.issue(i, op, OpKind::Planned);
-        if !self.pending(id) {
+        if self.answered(id).is_some() {
+            // Refused, or nothing to do (primary already): no handover.
+            self.hosts[i].ghost_force = intent;
             return;
         }
         self.stats.handovers += 1;
-        self.hosts[i].ghost_force = false;
         for old in acting {
             self.send(Msg {
                 from: me.clone(),
@@ -590,10 +604,12 @@ impl World {
             };
             self.issue(i, on, OpKind::Switch("resume-replay".into()));
         }
+        let intent = std::mem::replace(&mut self.hosts[i].ghost_force, true);
         let id = self.issue(i, op, OpKind::Forced { take_back: false });
-        if self.pending(id) {
+        if self.answered(id) == Some(false) {
+            self.hosts[i].ghost_force = intent;
+        } else {
             self.stats.failovers += 1;
-            self.hosts[i].ghost_force = true;
         }
     }
 

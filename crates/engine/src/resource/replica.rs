@@ -976,6 +976,10 @@ impl ResourceEngine {
                 }
                 r.sync = Some(sf);
                 r.sync_running = true;
+                // The purge must not delete the link just adopted (the same logfile before the
+                // start as the abandoned sync's): one publication that sets and deletes a key
+                // deleted it (found by mars-sim, seed 80).
+                delete.retain(|k| !set.iter().any(|(s, _)| s == k));
                 self.publish(set, delete);
                 self.out.extend(cmds);
                 if let Some(start) = started {

@@ -396,3 +396,60 @@ fn reclaimed_logfiles_are_not_reclaimed_again_before_fresh_stats() {
     });
     assert!(!c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })));
 }
+
+/// Found by mars-sim (seed 80): a full sync that started over because its source changed
+/// purged this host's version links and adopted the new source's link of the logfile before
+/// the start in one publication, which set and deleted that very key: the adopted link was
+/// gone at once. The replica, promoted later, could publish no version link at all (the chain
+/// had no start), and a replica of another history looked up to date.
+#[test]
+fn a_restarted_sync_keeps_the_link_it_adopts() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("c"));
+    // `a` was the primary b synced from; `c` took over (another history).
+    w.report("a", &secondary_report(LogPos::new(2, 7), 0));
+    w.report("c", &primary_report(LogPos::new(5, 3)));
+    let old = version::link("", 2, &h("a"), 7);
+    w.set("resource-r/version-000000002-b", &old);
+    w.start(true);
+    let facts = ReplicaFacts {
+        copies: Vec::new(),
+        applied: LogPos::new(3, 0),
+        sync: Some(SyncFile {
+            start: Some(LogPos::new(3, 0)),
+            done: 0,
+            size: 1 << 20,
+            end: None,
+            transferred: 0,
+            from: Some(h("a")),
+        }),
+        needs_sync: None,
+    };
+    let c = w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, source, .. } if *source == h("c") => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts over from c");
+    // c's history has another logfile 2 (it took over from a shorter copy of it).
+    let theirs = version::link("", 2, &h("a"), 3);
+    let c = w.ev(Event::Sync(
+        id,
+        SyncEvent::Info {
+            size: 1 << 20,
+            start: LogPos::new(3, 0),
+            prev_link: theirs.clone(),
+        },
+    ));
+    let key = "resource-r/version-000000002-b".to_string();
+    assert!(published(&c).contains(&(key.clone(), theirs.clone())));
+    for cmd in &c {
+        if let Command::Publish { delete, .. } = cmd {
+            assert!(!delete.contains(&key), "the adopted link is deleted: {c:?}");
+        }
+    }
+    // The store and the engine hold the adopted link, not the old one.
+    assert_eq!(w.keys.get(&key).map(|(v, _)| v.clone()), Some(theirs.clone()));
+    assert_eq!(w.e.meta().version(2, &h("b")), Some(theirs.as_str()));
+}

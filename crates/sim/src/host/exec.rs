@@ -16,10 +16,32 @@ use super::session::{FetchSession, ReplaySession, SyncPhase, SyncSession};
 use super::{res, Ctx, Host, LogFile, Vol};
 use crate::ghost::{Ghost, StepDown};
 
+/// `MARS_SIM_DEBUG_LINKS=1`: the trace shows every version link a host publishes or deletes.
+fn debug_links() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("MARS_SIM_DEBUG_LINKS").is_some())
+}
+
 impl Host {
     pub(super) fn execute(&mut self, c: Command, cx: &mut Ctx, q: &mut VecDeque<Event>) {
         match c {
             Command::Publish { tag, set, delete } => {
+                if debug_links() {
+                    let links: Vec<String> = set
+                        .iter()
+                        .filter(|(k, _)| k.contains("/version-"))
+                        .map(|(k, v)| format!("+{} {}", &k[k.len() - 11..], &v[..6]))
+                        .chain(
+                            delete
+                                .iter()
+                                .filter(|k| k.contains("/version-"))
+                                .map(|k| format!("-{}", &k[k.len() - 11..])),
+                        )
+                        .collect();
+                    if !links.is_empty() {
+                        cx.note(format!("{}: links {}", self.name, links.join(" ")));
+                    }
+                }
                 let pairs: Vec<(&str, &str)> =
                     set.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
                 let mut stamps = Vec::new();
