@@ -291,6 +291,28 @@ impl Replica {
         v
     }
 
+    /// May replay enter logfile `no` (written by `origin`)? [`entry_check`], where a link of
+    /// `no - 1` adopted by a full sync counts before its writer's own publication of it arrives.
+    fn entry_check(
+        &self,
+        meta: &crate::ResourceMeta,
+        me: &HostName,
+        no: u64,
+        origin: &HostName,
+    ) -> ChainCheck {
+        match &self.adopted {
+            Some((prev, from, link))
+                if *prev + 1 == no
+                    && from == origin
+                    && meta.version(*prev, me) == Some(link.as_str())
+                    && meta.version(*prev, from).is_none() =>
+            {
+                ChainCheck::Ok(link.clone())
+            }
+            _ => entry_check(meta, me, no, origin),
+        }
+    }
+
     pub(super) fn validate(&self) -> Result<(), String> {
         if let Some(f) = self.fetched() {
             if self.applied.file <= f.file
@@ -524,6 +546,7 @@ impl ResourceEngine {
 
     pub(super) fn on_fetch(&mut self, id: SessionId, e: FetchEvent) {
         let me = self.me.clone();
+        let meta = self.meta.clone();
         let bugs = self.cfg.bugs.clone();
         let res = self.res.to_string();
         let timing = self.cfg.timing.clone();
@@ -592,11 +615,23 @@ impl ResourceEngine {
                 None => {}
             },
             FetchEvent::CaughtUp { pos, stamp } => {
-                if r.copies
-                    .get(&pos.file)
-                    .map(|c| LogPos::new(pos.file, c.len))
-                    == Some(pos)
-                {
+                let copy = r.copies.get(&pos.file);
+                let at_end = copy.map(|c| LogPos::new(pos.file, c.len)) == Some(pos);
+                // A position in a logfile replay has not entered yet is the source's position
+                // only if that logfile continues our history: its entry check must pass (found
+                // by mars-sim, seed 182: with replay paused at the start of the primary's
+                // logfile, a replica whose logfile before was another history's was confirmed
+                // and looked up to date; the server's history check at the session start had
+                // nothing to compare yet).
+                let entered = r.applied > LogPos::new(pos.file, 0);
+                let verified = entered
+                    || copy.is_some_and(|c| {
+                        matches!(
+                            r.entry_check(&meta, &me, pos.file, &c.origin),
+                            ChainCheck::Ok(_)
+                        )
+                    });
+                if at_end && verified {
                     r.caught_up = Some((stamp, pos));
                 }
             }
@@ -680,18 +715,7 @@ impl ResourceEngine {
                 // Entering a logfile of another origin: its predecessor must be ours too
                 // (`entry_check`, found by mars-sim). A link adopted by a full sync counts
                 // before its writer's own publication of it arrives.
-                let check = match &r.adopted {
-                    Some((prev, from, link))
-                        if *prev + 1 == no
-                            && *from == c.origin
-                            && meta.version(*prev, &me) == Some(link.as_str())
-                            && meta.version(*prev, from).is_none() =>
-                    {
-                        ChainCheck::Ok(link.clone())
-                    }
-                    _ => entry_check(&meta, &me, no, &c.origin),
-                };
-                match check {
+                match r.entry_check(&meta, &me, no, &c.origin) {
                     ChainCheck::Ok(_) => {
                         if r.entry_waiting {
                             r.entry_waiting = false;

@@ -453,3 +453,46 @@ fn a_restarted_sync_keeps_the_link_it_adopts() {
     assert_eq!(w.keys.get(&key).map(|(v, _)| v.clone()), Some(theirs.clone()));
     assert_eq!(w.e.meta().version(2, &h("b")), Some(theirs.as_str()));
 }
+
+/// Found by mars-sim (seed 182): a replica whose replay is paused sits at the start of a
+/// logfile it fetched from the primary, but its own logfile before is another history's (the
+/// primary took over by force from an older position). The fetch session had started before
+/// the primary published its link of that logfile, so the server's history check had nothing
+/// to compare; its caught-up confirmation then made the replica `UpToDate` on another
+/// history. A confirmation of a position in a logfile replay has not entered counts only once
+/// the entry check of that logfile passes.
+#[test]
+fn a_confirmation_at_an_unentered_logfile_needs_its_entry_check() {
+    let mut w = World::cluster("c", &["a", "b", "c"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(4, 0)));
+    let ours = version::link("", 3, &h("a"), 0);
+    w.set("resource-r/version-000000003-c", &ours);
+    w.set("resource-r/todo-c/replay", "0");
+    w.start(true);
+    let c = open_replica(&mut w, &[(4, "b", 0, false)], LogPos::new(4, 0));
+    let (id, source, from, _) = start_fetch_of(&c).expect("fetch starts");
+    assert_eq!((source, from), (h("b"), LogPos::new(4, 0)));
+    let confirm = |w: &mut World| {
+        let stamp = w.now.wall_ns;
+        w.ev(Event::Fetch(id, FetchEvent::Connected));
+        w.ev(Event::Fetch(
+            id,
+            FetchEvent::CaughtUp {
+                pos: LogPos::new(4, 0),
+                stamp,
+            },
+        ));
+        w.e.report_now().caught_up
+    };
+    // b's link of logfile 3 is not known here yet: nothing verified, no confirmation.
+    assert!(!confirm(&mut w));
+    // b's logfile 3 is b's own: another history.
+    let theirs = version::link("", 3, &h("b"), 10);
+    w.set("resource-r/version-000000003-b", &theirs);
+    w.sync();
+    assert!(!confirm(&mut w));
+    // The same logfile 3 as ours: the confirmation counts.
+    w.set("resource-r/version-000000003-b", &ours);
+    w.sync();
+    assert!(confirm(&mut w));
+}
