@@ -237,11 +237,19 @@ fn in_our_history(
             .find(|(_, links)| links.contains_key(me))
             .map(|(n, _)| *n);
         if ours_start.is_none_or(|first| first == no + 1) && applied.file > no {
+            // Never `host`'s own link: it is `theirs`, no witness of anything (found by
+            // mars-sim, seed 247: a member that wrote logfile `no` itself, on another history,
+            // was taken to lie in ours once our own link of `no` was reclaimed).
             let adopted = meta
                 .primary
                 .as_ref()
+                .filter(|p| *p != host)
                 .and_then(|p| meta.version(no, p))
-                .or_else(|| version::origin_of(theirs).and_then(|o| meta.version(no, &o)));
+                .or_else(|| {
+                    version::origin_of(theirs)
+                        .filter(|o| o != host)
+                        .and_then(|o| meta.version(no, &o))
+                });
             if let Some(adopted) = adopted {
                 return Some(adopted == theirs);
             }

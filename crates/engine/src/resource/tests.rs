@@ -496,3 +496,37 @@ fn a_confirmation_at_an_unentered_logfile_needs_its_entry_check() {
     w.sync();
     assert!(confirm(&mut w));
 }
+
+/// Found by mars-sim (seed 247): `b` had taken over by force and written its own logfile 1,
+/// then left the primary role (nobody designated) and needed a full sync; `a`, of the older
+/// history (its own link of logfile 1 reclaimed), was designated by a planned handover and
+/// promoted: whether `b`'s log end lies in `a`'s history was judged by the link of logfile 1
+/// of its writer, `b` itself, a tautology. Nothing can tell here: the planned promotion waits.
+#[test]
+fn a_planned_promotion_does_not_take_a_members_own_link_as_witness() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let theirs = version::link("", 1, &h("b"), 59);
+    w.set("resource-r/version-000000001-b", &theirs);
+    let ours1 = version::link("", 1, &h("a"), 10);
+    w.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    // b: its logfile 1 replayed, the next one gone at its source: it needs a full sync.
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w.report("b", &b);
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(3, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over another history: {c:?}"
+    );
+    let st = w.e.status();
+    assert_eq!(st.report.stuck_kind, Some(crate::reason::StuckKind::RoleWait));
+}
