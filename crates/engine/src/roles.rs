@@ -228,6 +228,17 @@ fn in_our_history(
         if let Some(ours) = meta.version(no, me) {
             return Some(ours == theirs);
         }
+        // Our link of the next logfile chains on the link of `no` our history had (ours, since
+        // reclaimed, or the one a full sync continued from): recomputed on theirs, it tells
+        // (found by mars-sim, seed 247: a member of another branch, unreachable, whose end we
+        // could not place otherwise, lost its writes in a planned handover).
+        if let Some(next) = meta.version(no + 1, me) {
+            if let (Some(origin), Some(len)) = (version::origin_of(next), version::len_of(next)) {
+                if meta.chain_starts.get(&origin) != Some(&(no + 1)) {
+                    return Some(version::link(theirs, no + 1, &origin, len) == next);
+                }
+            }
+        }
         // We never had that logfile: we started replaying after it (a full sync), and our chain
         // continues from the link of it that we adopted (`plan::my_link`: the designated
         // primary's, else its writer's). If that is theirs, their end lies in our history.

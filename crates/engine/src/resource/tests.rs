@@ -530,3 +530,56 @@ fn a_planned_promotion_does_not_take_a_members_own_link_as_witness() {
     let st = w.e.status();
     assert_eq!(st.report.stuck_kind, Some(crate::reason::StuckKind::RoleWait));
 }
+
+/// Found by mars-sim (seed 247, later): as above with `b` unreachable. An unreachable member
+/// whose log end cannot be placed is ignored (it must not block handovers forever), but here
+/// the links do tell: our link of logfile 2 chains on the link of logfile 1 our history had,
+/// and `b`'s link of logfile 1 does not give it. The planned promotion waits.
+#[test]
+fn a_planned_promotion_places_a_log_end_by_our_next_link() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let theirs = version::link("", 1, &h("b"), 59);
+    w.set("resource-r/version-000000001-b", &theirs);
+    let ours1 = version::link("", 1, &h("a"), 10);
+    w.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w.report("b", &b);
+    w.live(&["a"], &["a"]);
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(3, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over another history: {c:?}"
+    );
+    // Had b's logfile 1 been ours, its end would lie in our history: go.
+    let mut w2 = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w2.keys["resource-r/primary"].1;
+    w2.set("resource-r/version-000000001-b", &ours1);
+    w2.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w2.report("b", &b);
+    w2.live(&["a"], &["a"]);
+    w2.start(true);
+    let c = open_replica(&mut w2, &[], LogPos::new(3, 0));
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+}
