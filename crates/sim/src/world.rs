@@ -815,15 +815,19 @@ impl World {
             }
             self.stats.settled_with_primary += 1;
         }
-        // Consistent replicas' disks are what their timelines say.
+        // Consistent replicas' disks are what their timelines say up to the replay position
+        // (a restarted ex-primary replays its own log: its timeline holds the records of its
+        // log not applied yet).
         for host in &self.hosts {
-            let consistent = host
+            let applied = host
                 .engine
                 .as_ref()
                 .and_then(|e| e.replica())
-                .is_some_and(|r| r.consistent());
-            if let (true, Some(tl)) = (consistent, &host.tl) {
-                if host.disk != self.ghost.content(tl) {
+                .filter(|r| r.consistent())
+                .map(|r| r.applied);
+            if let (Some(applied), Some(tl)) = (applied, &host.tl) {
+                let n = self.ghost.count_before(tl, applied);
+                if host.disk != self.ghost.content(&tl[..n]) {
                     return Err(format!(
                         "{}: consistent replica whose disk is not its history",
                         host.name
