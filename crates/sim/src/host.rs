@@ -29,6 +29,9 @@ mod session;
 pub use serve::{FetchAnswer, SyncAnswer};
 use session::{FetchSession, ReplaySession, SyncSession};
 
+/// Most events one event may set off (completions, and their completions …) before the
+/// simulation calls it a livelock.
+const MAX_CASCADE: usize = 1000;
 /// The monotonic clock's reading at simulated time 0 (ms).
 pub const BASE_MS: u64 = 1_000_000;
 /// Blocks of the simulated disk; also the resource's size (the model counts blocks).
@@ -467,8 +470,14 @@ impl Host {
         let mut n = 0;
         while let Some(ev) = queue.pop_front() {
             n += 1;
-            if n > 1000 {
-                panic!("{}: event loop: {ev:?} queue {queue:?}", self.name);
+            if n > MAX_CASCADE {
+                // The engine and the executor keep answering each other without time passing:
+                // a livelock (the first engine bug mars-sim found on the engine was one).
+                self.executor_bug(
+                    cx,
+                    format!("no rest after {MAX_CASCADE} events, the last one {ev:?}"),
+                );
+                return;
             }
             let now = self.now(cx);
             let Some(engine) = self.engine.as_mut() else {
