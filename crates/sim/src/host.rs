@@ -61,10 +61,13 @@ pub struct Dir {
 
 impl Dir {
     /// A new resource directory: the creator's (an empty log from logfile 1) or a joining
-    /// member's (a full sync pending, as `join-resource` sets it up).
+    /// member's: a full sync pending, and the replica marker (the directory holds a replica:
+    /// without it, a host that joins while the metadata still designates it — a handover's
+    /// compensation can do that — would open its empty disk as the primary's volume; the old
+    /// daemon's `join-resource` set no marker, found by mars-sim, seed 915).
     fn new(joining: bool) -> Dir {
         Dir {
-            replica_marker: false,
+            replica_marker: joining,
             force_marker: false,
             emergency_marker: false,
             chain_start: None,

@@ -583,3 +583,45 @@ fn a_planned_promotion_places_a_log_end_by_our_next_link() {
         "{c:?}"
     );
 }
+
+/// Found by mars-sim (seed 915): a planned handover from `a` to `c` timed out while `c` could
+/// not catch up, and the compensation designated `a` again, although `a` had meanwhile been
+/// invalidated and had left the resource: the resource had a designated primary holding
+/// nothing (it later re-joined and, designated, opened an empty volume). The old primary gets
+/// the role back only while it is a member holding a consistent copy.
+#[test]
+fn a_late_handover_does_not_give_the_role_back_to_a_member_that_left() {
+    let mut w = World::cluster("c", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(2, 15)));
+    w.start(true);
+    open_replica(&mut w, &[(2, "a", 6, false)], LogPos::new(2, 6));
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Primary {
+            force: false,
+            timeout: 5_000,
+        },
+    });
+    assert!(replies(&c).is_empty(), "the handover runs: {c:?}");
+    assert_eq!(w.keys["resource-r/primary"].0, "c");
+    w.sync();
+    // `a` leaves the primary role at 2:15; `b` has all of it too.
+    let designation = w.keys["resource-r/primary"].1;
+    w.report("a", &secondary_report(LogPos::new(2, 15), designation));
+    w.report("b", &secondary_report(LogPos::new(2, 15), designation));
+    w.sync();
+    // `a` is invalidated and leaves the resource; `c` never catches up.
+    w.del("resource-r/data-a");
+    w.del("resource-r/actual-a");
+    w.sync();
+    w.at(6_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !published(&c).contains(&("resource-r/primary".to_string(), "a".to_string())),
+        "the role goes back to a host that left: {c:?}"
+    );
+    let r = replies(&c);
+    assert_eq!(r.len(), 1, "{c:?}");
+    assert!(r[0].1.is_err());
+}
