@@ -251,9 +251,7 @@ impl Replica {
 
     /// Removes copies below `limit` (replay has finished with them); the command, if any.
     pub(super) fn drop_below(&mut self, limit: u64) -> Option<Command> {
-        if self.copies.range(..limit).next().is_none() {
-            return None;
-        }
+        self.copies.range(..limit).next()?;
         self.copies = self.copies.split_off(&limit);
         Some(Command::DropCopiesBelow { below: limit })
     }
