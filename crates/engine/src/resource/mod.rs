@@ -755,6 +755,7 @@ impl ResourceEngine {
     }
 
     /// Checks the state's invariants (debug builds, after every event).
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     fn validate(&self) -> Result<(), String> {
         if let Local::Replica(r) = &self.local {
             r.validate()?;

@@ -311,6 +311,7 @@ impl Replica {
         }
     }
 
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     pub(super) fn validate(&self) -> Result<(), String> {
         if let Some(f) = self.fetched() {
             if self.applied.file <= f.file
@@ -938,6 +939,32 @@ impl ResourceEngine {
                 start,
                 prev_link,
             } => {
+                let fresh = r.sync.as_ref().is_some_and(|s| s.start.is_none());
+                if fresh
+                    && start.file > 1
+                    && prev_link.is_empty()
+                    && meta.chain_starts.get(&sess.source) != Some(&start.file)
+                {
+                    // The source cannot say which history the copy continues (its link of the
+                    // logfile before the start is not known: a host acting as primary without
+                    // being designated publishes none). Taken anyway, every later chain check
+                    // here would have nothing to compare, and a primary of another history
+                    // could confirm this replica up to date (found by mars-sim, seed 1775).
+                    // Not now: tried again after the backoff.
+                    r.sync_session = None;
+                    r.sync_running = false;
+                    r.sync_retry_at = now + r.sync_backoff;
+                    r.sync_backoff = (r.sync_backoff * 2).min(timing.sync_backoff_max);
+                    self.emit(Command::StopSync { id });
+                    let msg = format!(
+                        "sync from {}: it does not know its link of logfile {} yet; trying again \
+                         later",
+                        sess.source,
+                        start.file - 1
+                    );
+                    self.log(Level::Warn, msg);
+                    return;
+                }
                 let mut set = Vec::new();
                 let mut delete = Vec::new();
                 if std::mem::take(&mut r.purge_links) {

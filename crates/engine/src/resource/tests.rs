@@ -632,3 +632,54 @@ fn a_late_handover_does_not_give_the_role_back_to_a_member_that_left() {
     assert_eq!(r.len(), 1, "{c:?}");
     assert!(r[0].1.is_err());
 }
+
+/// Found by mars-sim (seed 1775): a full sync started at logfile 4 from a host acting as
+/// primary without being designated (it publishes no version links), which could not say
+/// which history the copy continues (no link of logfile 3). The replica took the copy without
+/// one; every later chain check then had nothing to compare, and once another history's
+/// primary confirmed it, it looked up to date. A copy that starts after logfile 1 needs the
+/// link of the logfile before (unless the source's chain starts there): without it the sync
+/// is tried again later.
+#[test]
+fn a_sync_without_the_link_before_its_start_is_not_taken() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(4, 0)));
+    w.start(true);
+    let facts = ReplicaFacts {
+        sync: Some(SyncFile::full(1 << 20)),
+        ..Default::default()
+    };
+    let c = w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts");
+    let info = |prev_link: &str| SyncEvent::Info {
+        size: 1 << 20,
+        start: LogPos::new(4, 0),
+        prev_link: prev_link.to_string(),
+    };
+    let c = w.ev(Event::Sync(id, info("")));
+    assert!(c.contains(&Command::StopSync { id }), "{c:?}");
+    assert!(!c.iter().any(|c| matches!(c, Command::SyncGo { .. })));
+    // Tried again after the backoff, and taken with the link.
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts again");
+    let l3 = version::link("", 3, &h("a"), 5);
+    let c = w.ev(Event::Sync(id, info(&l3)));
+    assert!(
+        c.iter().any(|c| matches!(c, Command::SyncGo { .. })),
+        "{c:?}"
+    );
+    assert!(published(&c).contains(&("resource-r/version-000000003-b".into(), l3)));
+}
