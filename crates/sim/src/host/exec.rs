@@ -402,6 +402,12 @@ impl Host {
             f.recs.truncate(cut_at.offset as usize);
             f.durable = f.recs.len();
         }
+        // Ghost: a restarted ex-primary's own records that replay had not applied are gone
+        // now (if they were flushed, the check of flushed writes says so).
+        if let Some(tl) = &mut self.tl {
+            let n = cx.ghost.count_before(tl, cut_at);
+            tl.truncate(n);
+        }
         if self.position() != cut_at {
             self.executor_bug(
                 cx,
