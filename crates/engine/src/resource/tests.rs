@@ -683,3 +683,38 @@ fn a_sync_without_the_link_before_its_start_is_not_taken() {
     );
     assert!(published(&c).contains(&("resource-r/version-000000003-b".into(), l3)));
 }
+
+/// Found by mars-sim (seed 3164): `d` ran `primary`, crashed before it took over, and when it
+/// started again its engine promoted at once on the metadata from before the crash: nobody was
+/// reachable yet, so "every reachable member reported under this designation" held trivially,
+/// and `c`'s forced primary period since was unknown here; `c`'s last writes were lost in a
+/// planned handover. As a primary role found on disk, a planned promotion waits for every
+/// member's metadata since the start (`Liveness::fresh`), at most `stale_primary_wait`.
+#[test]
+fn a_planned_promotion_after_a_restart_waits_for_fresh_metadata() {
+    let mut w = World::cluster("d", &["b", "c", "d"], Some("d"));
+    let designation = w.keys["resource-r/primary"].1;
+    for m in ["b", "c"] {
+        w.report(m, &secondary_report(LogPos::new(7, 0), designation));
+    }
+    w.ev(Event::Liveness(Liveness {
+        fresh: false,
+        ..Default::default()
+    }));
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(7, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted on metadata from before the start: {c:?}"
+    );
+    assert_eq!(
+        w.e.status().report.stuck_kind,
+        Some(crate::reason::StuckKind::RoleWait)
+    );
+    // Every member answered: the rules decide on fresh metadata.
+    let c = w.live(&["b", "c", "d"], &["b", "c", "d"]);
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+}
