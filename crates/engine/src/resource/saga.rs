@@ -348,6 +348,14 @@ impl ResourceEngine {
                 Vec::new(),
             );
         }
+        if self.facts.force_marker {
+            // A forced switch requested here before (the host crashed before it took over,
+            // or the designation went elsewhere) must not turn this planned handover into a
+            // forced one that does not wait for the old primary's last writes (found by
+            // mars-sim, seed 3285): the operator's latest command decides.
+            self.facts.force_marker = false;
+            self.emit(Command::Persist(Control::Marker(Marker::Force, false)));
+        }
         self.saga = Some(saga);
     }
 

@@ -718,3 +718,44 @@ fn a_planned_promotion_after_a_restart_waits_for_fresh_metadata() {
         "{c:?}"
     );
 }
+
+/// Found by mars-sim (seed 3285): `primary --force` on `a` set the force marker, `a` crashed
+/// before it took over and the designation went elsewhere; the marker stayed. Much later a
+/// planned `primary` on `a` designated it again, and the promotion, seeing the marker, went by
+/// force: it did not wait for the old primary's last writes. A planned command that starts
+/// clears a force marker left from before.
+#[test]
+fn a_planned_handover_clears_a_leftover_force_marker() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(4, 2)));
+    w.sync();
+    w.ev(Event::Started(LocalFacts {
+        replica_marker: true,
+        force_marker: true,
+        size: 1 << 20,
+        ..Default::default()
+    }));
+    open_replica(&mut w, &[(3, "b", 12, false)], LogPos::new(3, 12));
+    let c = w.ev(Event::Op {
+        id: 3,
+        op: Op::Primary {
+            force: false,
+            timeout: 30_000,
+        },
+    });
+    assert!(
+        c.contains(&Command::Persist(Control::Marker(Marker::Force, false))),
+        "{c:?}"
+    );
+    w.sync();
+    // `b` left the primary role at 4:2; `a` has applied 3:12 only.
+    let designation = w.keys["resource-r/primary"].1;
+    w.report("b", &secondary_report(LogPos::new(4, 2), designation));
+    w.sync();
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "a planned handover went by force: {c:?}"
+    );
+}
