@@ -94,6 +94,21 @@ pub fn promotion(
     forced: bool,
     alive: &dyn Fn(&HostName) -> bool,
 ) -> Promotion {
+    promotion_from(meta, me, applied, None, forced, alive)
+}
+
+/// [`promotion`], knowing also the writer of the logfile `applied` lies in (our copy of it, if
+/// we have one): a member's log end inside a logfile of that number written by another host is
+/// another history, which the links of the logfile before cannot show (a fork exactly at a
+/// logfile start, found by mars-sim, seed 3919).
+pub fn promotion_from(
+    meta: &ResourceMeta,
+    me: &HostName,
+    applied: LogPos,
+    current: Option<&HostName>,
+    forced: bool,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Promotion {
     if forced {
         return Promotion::Go;
     }
@@ -149,7 +164,7 @@ pub fn promotion(
             applied,
             end,
         }),
-        _ => behind_in_our_history(meta, me, applied, alive),
+        _ => behind_in_our_history(meta, me, applied, current, alive),
     }
 }
 
@@ -167,6 +182,7 @@ fn behind_in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
     applied: LogPos,
+    current: Option<&HostName>,
     alive: &dyn Fn(&HostName) -> bool,
 ) -> Promotion {
     for (h, m) in meta.members.iter().filter(|(h, _)| *h != me) {
@@ -179,7 +195,7 @@ fn behind_in_our_history(
         else {
             continue;
         };
-        match in_our_history(meta, me, applied, h, end) {
+        match in_our_history(meta, me, applied, current, h, end) {
             Some(true) => {}
             Some(false) => {
                 return Promotion::Wait(PromotionWait::OtherHistory {
@@ -204,15 +220,25 @@ fn behind_in_our_history(
 /// that logfile or later (links chain, so equality later implies equality before). `None`:
 /// the links cannot tell (`host` has published none there, or nobody ties them to ours).
 /// Agreement on the logfile before the end's is taken as enough (the catch-up rule already
-/// holds us at or beyond the end): only two hosts writing the same logfile number on one
-/// history (a fork exactly at a logfile start) would slip through.
+/// holds us at or beyond the end), except that an end inside the logfile we are in
+/// (`current`: its writer here) must be in that writer's logfile: two hosts writing the same
+/// logfile number after one history (a fork exactly at a logfile start) agree on the logfile
+/// before (found by mars-sim, seed 3919). A member's logfile whose link is not published yet
+/// (a replica in the middle of it) still slips through.
 fn in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
     applied: LogPos,
+    current: Option<&HostName>,
     host: &HostName,
     end: LogPos,
 ) -> Option<bool> {
+    if let Some(ours) = current.filter(|_| applied.file == end.file && end.offset > 0) {
+        let theirs = meta.version(end.file, host).and_then(version::origin_of);
+        if theirs.is_some_and(|t| t != *ours) {
+            return Some(false);
+        }
+    }
     if meta
         .versions
         .values()

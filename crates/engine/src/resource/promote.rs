@@ -11,7 +11,7 @@
 
 use super::{Busy, Command, Level, Local, ResourceEngine};
 use crate::reason::RoleWait;
-use crate::roles::{promotion, Promotion};
+use crate::roles::{promotion_from, Promotion};
 
 impl ResourceEngine {
     /// Returns whether the promotion started.
@@ -60,7 +60,8 @@ impl ResourceEngine {
             // Broken on purpose (simulation): no waiting for the old primary or its last byte.
             Promotion::Go
         } else {
-            promotion(&meta, &me, r.applied, forced, &alive)
+            let current = r.copies.get(&r.applied.file).map(|c| &c.origin);
+            promotion_from(&meta, &me, r.applied, current, forced, &alive)
         };
         match decision {
             Promotion::Wait(why) => {

@@ -759,3 +759,33 @@ fn a_planned_handover_clears_a_leftover_force_marker() {
         "a planned handover went by force: {c:?}"
     );
 }
+
+/// Found by mars-sim (seed 3919): `a` had replayed 5 records of `b`'s logfile 7; `d`, the old
+/// primary, had written its own logfile 7 (3 records) after the same logfile 6, and left the
+/// role. A planned promotion of `a` compared positions (7:5 is beyond 7:3) and the links of
+/// logfile 6 (equal) and went: a fork exactly at a logfile start, which the links of the
+/// logfile before cannot show. A member's log end inside the logfile we are in must be in a
+/// logfile of the same writer.
+#[test]
+fn a_planned_promotion_sees_a_fork_at_a_logfile_start() {
+    let mut w = World::cluster("a", &["a", "d"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let l6 = version::link("", 6, &h("b"), 9);
+    w.set("resource-r/version-000000006-a", &l6);
+    w.set("resource-r/version-000000006-d", &l6);
+    w.set(
+        "resource-r/version-000000007-d",
+        &version::link(&l6, 7, &h("d"), 3),
+    );
+    w.report("d", &secondary_report(LogPos::new(7, 3), designation));
+    w.start(true);
+    let c = open_replica(&mut w, &[(7, "b", 5, false)], LogPos::new(7, 5));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over d's logfile 7: {c:?}"
+    );
+    assert_eq!(
+        w.e.status().report.stuck_kind,
+        Some(crate::reason::StuckKind::RoleWait)
+    );
+}
