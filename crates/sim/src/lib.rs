@@ -160,15 +160,34 @@
 //! daemon behaviours that are the switches of [`SimConfig`].
 //!
 //! Driving the `ResourceEngine` (each fixed in `mars_engine` with a unit test in
-//! `resource/tests.rs`): the completion of `ReclaimLogs` left the deleted logfiles in the
-//! engine's volume statistics, so it asked to reclaim them again at once, forever (a livelock
-//! with the executor); a full sync restarted by a change of source purged this host's links
-//! and adopted the new source's link of the logfile before the start in one publication that
-//! set and deleted the same key (seed 80); a caught-up confirmation of a position at the start
-//! of a logfile that replay (paused) had not entered made a replica of another history
-//! `UpToDate` (seed 182); a planned promotion took a member's own version link as the witness
-//! that its log end lies in our history, and could not place the log end of a member of
-//! another branch once our own link of the fork was reclaimed (seed 247).
+//! `resource/tests.rs` named after what it shows):
+//!
+//! * the completion of `ReclaimLogs` left the deleted logfiles in the engine's volume
+//!   statistics, so it asked to reclaim them again at once, forever (a livelock with the
+//!   executor, the first seed that rotated);
+//! * a full sync restarted by a change of source purged this host's links and adopted the new
+//!   source's link of the logfile before the start in one publication that set and deleted
+//!   the same key (seed 80);
+//! * a caught-up confirmation of a position at the start of a logfile that replay (paused) had
+//!   not entered made a replica of another history `UpToDate` (seed 182);
+//! * a planned promotion took a member's own version link as the witness that its log end lies
+//!   in our history, and could not place the log end of a member of another branch once our
+//!   own link of the fork was reclaimed (seed 247);
+//! * a handover that timed out gave the role back to the old primary although it had been
+//!   invalidated and had left the resource (seed 915);
+//! * a full sync was taken without the source's link of the logfile before its start (a
+//!   non-designated acting primary publishes none), leaving every later chain check with
+//!   nothing to compare (seed 1775);
+//! * a designated host that restarted before it took over promoted at once on its metadata
+//!   from before the crash, nobody being reachable yet (seed 3164);
+//! * a force marker left from an earlier `primary --force` turned a later planned handover into
+//!   a forced one (seed 3285);
+//! * a planned promotion missed a fork exactly at a logfile start: the links of the logfile
+//!   before agreed (seed 3919).
+//!
+//! And on the daemon's side (outside the engine): `join-resource` must create the directory
+//! with the replica marker, or a host that joins while the metadata still designates it opens
+//! its empty disk as the primary's volume (seed 915).
 //!
 //! # Fixed: seed 4122
 //!

@@ -120,8 +120,54 @@ fn daemon_sync_across_a_source_change_is_caught() {
             sync_survives_source_change: true,
             ..SimConfig::default()
         },
-        100,
+        300,
     )
     .expect("some seed changes the sync source to another history mid-sync");
+    assert!(o.error.is_some());
+}
+
+/// A synced replica that does not adopt its source's link of the logfile before its start
+/// cannot see that its copy continues another logfile than the primary's: replay applies
+/// another history's records.
+#[test]
+fn sync_without_the_link_before_its_start_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            sync_adopts_primary_link_later: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed syncs from a source whose history then loses");
+    assert!(o.error.is_some());
+}
+
+/// A caught-up confirmation kept across a change of fetch source speaks for the old source:
+/// a replica of another history looks up to date.
+#[test]
+fn caught_up_across_a_source_change_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            caught_up_survives_source_change: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed changes the fetch source right after a confirmation");
+    assert!(o.error.is_some());
+}
+
+/// Links reclaimed by the published pin only: a restarted ex-primary deletes the link its
+/// replay position needs, and a planned promotion cannot see another history any more.
+#[test]
+fn link_reclaim_by_the_published_pin_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            link_reclaim_uses_published_pin: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed reclaims a link still needed");
     assert!(o.error.is_some());
 }

@@ -52,7 +52,7 @@ impl ResourceEngine {
             r.role_wait = Some(RoleWait::StaleMetadata);
             return false;
         }
-        if forced && r.replay_pending(todo) {
+        if forced && r.replay_pending(todo, &me) {
             r.role_wait = Some(RoleWait::ReplayingFirst);
             return false;
         }

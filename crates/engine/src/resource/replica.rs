@@ -260,11 +260,25 @@ impl Replica {
     /// Not while replay waits for a version link at a logfile's end: the origin of that link
     /// may be unreachable for good (the very reason for the forced switch), and the switch
     /// takes what was replayed.
-    pub(super) fn replay_pending(&self, todo: crate::Todo) -> bool {
-        if !todo.replay || self.stuck.is_some() || self.waiting.is_some() {
+    pub(super) fn replay_pending(&self, todo: crate::Todo, me: &HostName) -> bool {
+        if !todo.replay || self.replay_stuck(me) || self.waiting.is_some() {
             return false;
         }
         self.fetched().is_some_and(|f| f > self.applied)
+    }
+
+    /// Replay is held by `stuck`. Not a history one (a fork with the source, a version
+    /// mismatch) while replay is inside a logfile this host wrote itself (as primary, before a
+    /// crash): those records are our own history whatever the source's, and a forced switch
+    /// would otherwise cut our own acknowledged writes (found by mars-sim, seed 2369).
+    fn replay_stuck(&self, me: &HostName) -> bool {
+        let own_pending = self
+            .copies
+            .get(&self.applied.file)
+            .is_some_and(|c| c.origin == *me && self.applied.offset < c.len);
+        self.stuck
+            .as_ref()
+            .is_some_and(|s| !(s.is_history() && own_pending))
     }
 
     /// Forgets local copies and sync progress: a full sync from scratch follows. Sessions stop
@@ -337,7 +351,7 @@ impl Replica {
                 return Err(format!("sync done {} beyond its size {}", s.done, s.size));
             }
         }
-        if self.replay.is_some() && self.stuck.is_some() {
+        if self.replay.is_some() && self.stuck.as_ref().is_some_and(|s| !s.is_history()) {
             return Err("replaying while stuck".into());
         }
         Ok(())
@@ -693,7 +707,7 @@ impl ResourceEngine {
             let allowed = todo.replay
                 && todo.attach
                 && r.needs_sync.is_none()
-                && r.stuck.is_none()
+                && !r.replay_stuck(&me)
                 && !copying;
             if let Some(s) = &r.replay {
                 if !allowed {

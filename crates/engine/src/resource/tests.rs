@@ -789,3 +789,84 @@ fn a_planned_promotion_sees_a_fork_at_a_logfile_start() {
         Some(crate::reason::StuckKind::RoleWait)
     );
 }
+
+/// Found by mars-sim (seed 2369): `a` restarted after a crash as primary and opened a replica
+/// on its own log, replay to continue from the writeback position. The primary's logfile 2 was
+/// another host's: a fork, and replay stopped altogether, also for `a`'s own records. A forced
+/// switch then took what was replayed and cut `a`'s own, flushed writes. A fork with the
+/// source stops nothing of our own logfile: its replay goes on, and a forced switch waits
+/// for it.
+#[test]
+fn a_fork_does_not_stop_the_replay_of_our_own_logfile() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(2, 5)));
+    w.start(true);
+    let c = open_replica(&mut w, &[(2, "a", 20, false)], LogPos::new(2, 8));
+    let replay = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartReplay {
+                id,
+                file: 2,
+                from: 8,
+                to: 20,
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("our own log is replayed");
+    let (fetch, ..) = start_fetch_of(&c).expect("fetch starts");
+    let c = w.ev(Event::Fetch(
+        fetch,
+        FetchEvent::Offer {
+            no: 2,
+            origin: h("b"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id: fetch,
+        no: 2,
+        decision: CopyDecision::Reject
+    }));
+    assert!(
+        !c.contains(&Command::StopReplay { id: replay }),
+        "the fork stops the replay of our own records: {c:?}"
+    );
+    // A forced switch replays our own records first.
+    w.ev(Event::Op {
+        id: 1,
+        op: Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        },
+    });
+    let c = w.ev(Event::Op {
+        id: 2,
+        op: Op::Primary {
+            force: true,
+            timeout: 30_000,
+        },
+    });
+    assert!(replies(&c).is_empty(), "{c:?}");
+    w.sync();
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+    let c = w.ev(Event::Replay(
+        replay,
+        ReplayEvent::Stopped {
+            pos: LogPos::new(2, 20),
+            end: ReplayEnd::Done,
+        },
+    ));
+    assert!(
+        c.contains(&Command::Promote {
+            cut_at: LogPos::new(2, 20),
+            size: 1 << 20
+        }),
+        "{c:?}"
+    );
+}
