@@ -603,6 +603,10 @@ impl ResourceEngine {
                 };
                 if decision == CopyDecision::Reject {
                     r.fetch = None;
+                    // Not again at once: the source would name the same logfile, a new session
+                    // every round trip (seen in mars-sim's traces). Backs off like a failure.
+                    r.fetch_retry_at = now + r.fetch_backoff;
+                    r.fetch_backoff = (r.fetch_backoff * 2).min(timing.fetch_backoff_max);
                 }
                 self.emit(Command::CopyDecision { id, no, decision });
                 if let Some((level, msg)) = msg {

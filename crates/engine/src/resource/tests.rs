@@ -870,3 +870,30 @@ fn a_fork_does_not_stop_the_replay_of_our_own_logfile() {
         "{c:?}"
     );
 }
+
+/// Seen in mars-sim's traces: after a fork (the source names a logfile of another origin), the
+/// fetch started again at once, the source named the same logfile, and so on: a new session
+/// and an error line every round trip. A rejected copy backs off like a failed session.
+#[test]
+fn a_fork_backs_off_before_fetching_again() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(2, 5)));
+    w.start(true);
+    let c = open_replica(&mut w, &[(2, "c", 20, true)], LogPos::new(3, 0));
+    let (fetch, ..) = start_fetch_of(&c).expect("fetch starts");
+    let offer = FetchEvent::Offer {
+        no: 2,
+        origin: h("b"),
+    };
+    let out = w.e.on_event(w.now, Event::Fetch(fetch, offer));
+    assert!(
+        start_fetch_of(&out.commands).is_none(),
+        "{:?}",
+        out.commands
+    );
+    let wake = out.wake_at.expect("a retry is due later");
+    assert!(wake > w.now.ms, "{out:?}");
+    w.at(wake - w.now.ms);
+    let c = w.ev(Event::Wake);
+    assert!(start_fetch_of(&c).is_some(), "{c:?}");
+}
