@@ -183,7 +183,12 @@
 //! * a force marker left from an earlier `primary --force` turned a later planned handover into
 //!   a forced one (seed 3285);
 //! * a planned promotion missed a fork exactly at a logfile start: the links of the logfile
-//!   before agreed (seed 3919).
+//!   before agreed (seed 3919);
+//! * a fork with the source stopped the replay of the host's own logfile too (a restarted
+//!   ex-primary replays its own log from its writeback position), and a forced switch then cut
+//!   its own flushed writes (seed 2369);
+//! * after a fork the fetch started again at once: a new session and the same error every round
+//!   trip (seen in the traces).
 //!
 //! And on the daemon's side (outside the engine): `join-resource` must create the directory
 //! with the replica marker, or a host that joins while the metadata still designates it opens
