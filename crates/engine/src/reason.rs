@@ -161,6 +161,10 @@ pub enum RoleWait {
     Promotion(PromotionWait),
     /// Opening the volume failed; it is retried.
     OpenFailed(String),
+    /// A planned promotion after the start waits until every member answered (or
+    /// `Timing::stale_primary_wait` passed): the metadata from before may miss a primary
+    /// period of another member.
+    StaleMetadata,
 }
 
 impl fmt::Display for RoleWait {
@@ -175,6 +179,9 @@ impl fmt::Display for RoleWait {
             }
             RoleWait::Promotion(w) => w.fmt(f),
             RoleWait::OpenFailed(e) => write!(f, "cannot open the volume: {e}"),
+            RoleWait::StaleMetadata => f.write_str(
+                "waiting for every member's metadata since the start before taking over",
+            ),
         }
     }
 }

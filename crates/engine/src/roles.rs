@@ -94,6 +94,21 @@ pub fn promotion(
     forced: bool,
     alive: &dyn Fn(&HostName) -> bool,
 ) -> Promotion {
+    promotion_from(meta, me, applied, None, forced, alive)
+}
+
+/// [`promotion`], knowing also the writer of the logfile `applied` lies in (our copy of it, if
+/// we have one): a member's log end inside a logfile of that number written by another host is
+/// another history, which the links of the logfile before cannot show (a fork exactly at a
+/// logfile start, found by mars-sim, seed 3919).
+pub fn promotion_from(
+    meta: &ResourceMeta,
+    me: &HostName,
+    applied: LogPos,
+    current: Option<&HostName>,
+    forced: bool,
+    alive: &dyn Fn(&HostName) -> bool,
+) -> Promotion {
     if forced {
         return Promotion::Go;
     }
@@ -149,7 +164,7 @@ pub fn promotion(
             applied,
             end,
         }),
-        _ => behind_in_our_history(meta, me, applied, alive),
+        _ => behind_in_our_history(meta, me, applied, current, alive),
     }
 }
 
@@ -167,6 +182,7 @@ fn behind_in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
     applied: LogPos,
+    current: Option<&HostName>,
     alive: &dyn Fn(&HostName) -> bool,
 ) -> Promotion {
     for (h, m) in meta.members.iter().filter(|(h, _)| *h != me) {
@@ -179,7 +195,7 @@ fn behind_in_our_history(
         else {
             continue;
         };
-        match in_our_history(meta, me, applied, h, end) {
+        match in_our_history(meta, me, applied, current, h, end) {
             Some(true) => {}
             Some(false) => {
                 return Promotion::Wait(PromotionWait::OtherHistory {
@@ -204,15 +220,25 @@ fn behind_in_our_history(
 /// that logfile or later (links chain, so equality later implies equality before). `None`:
 /// the links cannot tell (`host` has published none there, or nobody ties them to ours).
 /// Agreement on the logfile before the end's is taken as enough (the catch-up rule already
-/// holds us at or beyond the end): only two hosts writing the same logfile number on one
-/// history (a fork exactly at a logfile start) would slip through.
+/// holds us at or beyond the end), except that an end inside the logfile we are in
+/// (`current`: its writer here) must be in that writer's logfile: two hosts writing the same
+/// logfile number after one history (a fork exactly at a logfile start) agree on the logfile
+/// before (found by mars-sim, seed 3919). A member's logfile whose link is not published yet
+/// (a replica in the middle of it) still slips through.
 fn in_our_history(
     meta: &ResourceMeta,
     me: &HostName,
     applied: LogPos,
+    current: Option<&HostName>,
     host: &HostName,
     end: LogPos,
 ) -> Option<bool> {
+    if let Some(ours) = current.filter(|_| applied.file == end.file && end.offset > 0) {
+        let theirs = meta.version(end.file, host).and_then(version::origin_of);
+        if theirs.is_some_and(|t| t != *ours) {
+            return Some(false);
+        }
+    }
     if meta
         .versions
         .values()
@@ -228,6 +254,17 @@ fn in_our_history(
         if let Some(ours) = meta.version(no, me) {
             return Some(ours == theirs);
         }
+        // Our link of the next logfile chains on the link of `no` our history had (ours, since
+        // reclaimed, or the one a full sync continued from): recomputed on theirs, it tells
+        // (found by mars-sim, seed 247: a member of another branch, unreachable, whose end we
+        // could not place otherwise, lost its writes in a planned handover).
+        if let Some(next) = meta.version(no + 1, me) {
+            if let (Some(origin), Some(len)) = (version::origin_of(next), version::len_of(next)) {
+                if meta.chain_starts.get(&origin) != Some(&(no + 1)) {
+                    return Some(version::link(theirs, no + 1, &origin, len) == next);
+                }
+            }
+        }
         // We never had that logfile: we started replaying after it (a full sync), and our chain
         // continues from the link of it that we adopted (`plan::my_link`: the designated
         // primary's, else its writer's). If that is theirs, their end lies in our history.
@@ -237,11 +274,19 @@ fn in_our_history(
             .find(|(_, links)| links.contains_key(me))
             .map(|(n, _)| *n);
         if ours_start.is_none_or(|first| first == no + 1) && applied.file > no {
+            // Never `host`'s own link: it is `theirs`, no witness of anything (found by
+            // mars-sim, seed 247: a member that wrote logfile `no` itself, on another history,
+            // was taken to lie in ours once our own link of `no` was reclaimed).
             let adopted = meta
                 .primary
                 .as_ref()
+                .filter(|p| *p != host)
                 .and_then(|p| meta.version(no, p))
-                .or_else(|| version::origin_of(theirs).and_then(|o| meta.version(no, &o)));
+                .or_else(|| {
+                    version::origin_of(theirs)
+                        .filter(|o| o != host)
+                        .and_then(|o| meta.version(no, &o))
+                });
             if let Some(adopted) = adopted {
                 return Some(adopted == theirs);
             }

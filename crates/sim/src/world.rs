@@ -6,18 +6,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use mars_config::HostName;
-use mars_engine::keys;
+use mars_engine::resource::{Op, OpId, OpReply};
 use mars_meta::Store;
 
 use crate::ghost::Ghost;
-use crate::host::{res, Body, Command, Ctx, Host, Local, Msg};
+use crate::host::{Body, Ctx, Host, Msg};
 use crate::rng::Rng;
 use crate::{Outcome, SimConfig, Stats};
 
-/// Simulated time per step (ms): one reconcile round.
+/// Simulated time per step (ms).
 pub const STEP_MS: u64 = 250;
 const HOSTS: [&str; 4] = ["a", "b", "c", "d"];
-const BLOCKS: u64 = 16;
+const BLOCKS: u64 = crate::host::SIZE;
 /// Most anti-entropy entries per answer.
 const META_LIMIT: usize = 64;
 
@@ -28,11 +28,28 @@ struct InFlight {
     msg: Msg,
 }
 
+/// What an operator request in flight was, for its reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum OpKind {
+    /// `primary` (planned handover).
+    Planned,
+    /// `primary --force`; `take_back`: on a host acting as primary.
+    Forced {
+        take_back: bool,
+    },
+    Switch(String),
+    Invalidate,
+    Secondary,
+    Leave,
+    Cron,
+}
+
 pub struct World {
     pub cfg: SimConfig,
     rng: Rng,
     pub now: u64,
     clock: Arc<AtomicU64>,
+    names: Vec<HostName>,
     pub hosts: Vec<Host>,
     net: Vec<InFlight>,
     /// Directed links that are cut: (from, to).
@@ -45,6 +62,11 @@ pub struct World {
     pub trace: Vec<String>,
     pub stats: Stats,
     step_no: u64,
+    /// Operator requests waiting for their reply.
+    ops: BTreeMap<OpId, (usize, OpKind)>,
+    next_op: OpId,
+    /// The last reply: its request and whether it was a success.
+    last_reply: Option<(OpId, bool)>,
 }
 
 fn h(s: &str) -> HostName {
@@ -54,7 +76,7 @@ fn h(s: &str) -> HostName {
 impl World {
     pub fn new(seed: u64, cfg: SimConfig) -> Self {
         let mut rng = Rng::new(seed);
-        let clock = Arc::new(AtomicU64::new(1_000_000));
+        let clock = Arc::new(AtomicU64::new(crate::host::BASE_MS));
         let mut hosts = Vec::new();
         for name in HOSTS {
             // Each host's clock is off by up to ±2 s: the Lamport stamps must not care.
@@ -65,13 +87,14 @@ impl World {
                 ms as u64 * 1_000_000
             };
             let store = Store::in_memory(h(name), now).expect("in-memory store");
-            hosts.push(Host::new(h(name), store));
+            hosts.push(Host::new(h(name), store, skew));
         }
         let mut w = World {
             cfg,
             rng,
             now: 0,
             clock,
+            names: HOSTS.iter().map(|n| h(n)).collect(),
             hosts,
             net: Vec::new(),
             cut: BTreeSet::new(),
@@ -81,6 +104,9 @@ impl World {
             trace: Vec::new(),
             stats: Stats::default(),
             step_no: 0,
+            ops: BTreeMap::new(),
+            next_op: 1,
+            last_reply: None,
         };
         w.setup();
         w
@@ -94,18 +120,11 @@ impl World {
             host.set(&format!("ips/ip-{me}"), "127.0.0.1");
         }
         self.exchange_all_metadata();
-        let a = &mut self.hosts[0];
-        a.set(&keys::size(&res()), "16");
-        a.set(
-            keys::UNREACHABLE_LIMIT,
-            &crate::host::UNREACHABLE_LIMIT_SECS.to_string(),
-        );
-        a.set(&keys::data(&res(), &h("a")), "/dev/sim");
-        a.set(&keys::primary(&res()), "a");
-        a.create_primary();
+        self.with_host(0, |a, cx| a.create_resource(cx));
         self.exchange_all_metadata();
         for i in [1, 2] {
-            self.hosts[i].join().expect("fresh host joins");
+            self.with_host(i, |x, cx| x.join(cx))
+                .expect("fresh host joins");
         }
         self.exchange_all_metadata();
         self.trace
@@ -123,6 +142,7 @@ impl World {
                         continue;
                     }
                     let peer = self.hosts[j].name.clone();
+                    self.hosts[i].heard.insert(peer.clone(), self.now);
                     let seen = self.hosts[i].seen.get(&peer).copied().unwrap_or(0);
                     if self.hosts[j].store.local_seq() <= seen {
                         continue;
@@ -159,22 +179,16 @@ impl World {
         ));
     }
 
-    /// Runs `f` with a host and the context it may touch; queues what it sent.
+    /// Runs `f` with a host and the context it may touch; queues what it sent and handles the
+    /// operator replies its engine gave.
     fn with_host<R>(&mut self, i: usize, f: impl FnOnce(&mut Host, &mut Ctx) -> R) -> R {
         let mut out = Vec::new();
         let mut trace = Vec::new();
-        let others = self
-            .hosts
-            .iter()
-            .enumerate()
-            .filter(|(k, _)| *k != i)
-            .map(|(_, x)| x.name.clone())
-            .collect();
         let r = {
             let mut cx = Ctx {
                 now: self.now,
                 step: self.step_no,
-                others,
+                cluster: &self.names,
                 cfg: &self.cfg,
                 ghost: &mut self.ghost,
                 out: &mut out,
@@ -185,6 +199,10 @@ impl World {
         self.trace.extend(trace);
         for m in out {
             self.send(m);
+        }
+        let replies = std::mem::take(&mut self.hosts[i].replies);
+        for (id, result) in replies {
+            self.on_reply(id, result);
         }
         r
     }
@@ -261,7 +279,90 @@ impl World {
         }
     }
 
-    // ------------------------------------------------------------ the operator and faults
+    // ------------------------------------------------------------ the operator
+
+    /// Sends an operator request to host `i`'s engine; returns its id (still in `ops` while
+    /// no reply came: the command runs).
+    fn issue(&mut self, i: usize, op: Op, kind: OpKind) -> OpId {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, (i, kind));
+        self.with_host(i, |host, cx| host.op(id, op, cx));
+        id
+    }
+
+    /// Whether request `id` was answered at once, and with success.
+    fn answered(&self, id: OpId) -> Option<bool> {
+        match self.last_reply {
+            Some((last, ok)) if last == id => Some(ok),
+            _ if self.ops.contains_key(&id) => None,
+            // Answered, and other replies came after it.
+            _ => Some(true),
+        }
+    }
+
+    /// A `primary` command runs on host `i`.
+    fn role_op_running(&self, i: usize) -> bool {
+        self.ops
+            .values()
+            .any(|(k, kind)| *k == i && matches!(kind, OpKind::Planned | OpKind::Forced { .. }))
+    }
+
+    fn on_reply(&mut self, id: OpId, result: OpReply) {
+        let Some((i, kind)) = self.ops.remove(&id) else {
+            return;
+        };
+        self.last_reply = Some((id, result.is_ok()));
+        let name = self.hosts[i].name.clone();
+        let what = match &kind {
+            OpKind::Planned => "primary".to_string(),
+            OpKind::Forced { .. } => "primary --force".to_string(),
+            OpKind::Switch(s) => s.clone(),
+            OpKind::Invalidate => "invalidate".into(),
+            OpKind::Secondary => "secondary".into(),
+            OpKind::Leave => "leave-resource".into(),
+            OpKind::Cron => "cron".into(),
+        };
+        match &result {
+            Ok(msg) if kind == OpKind::Cron && msg.is_empty() => {}
+            Ok(msg) => self.note(format!("{name}: {what}: ok: {msg}")),
+            Err(e) => self.note(format!("{name}: {what}: refused: {e}")),
+        }
+        if result.is_err() {
+            return;
+        }
+        match kind {
+            OpKind::Forced { take_back: true } => {
+                // Every other history is given up (also that of a host down right now that
+                // comes back acting as primary on stale metadata and leaving again: found at
+                // seed 5564).
+                self.ghost.last_step_down = None;
+                let others = self.names.iter().filter(|x| **x != name).cloned();
+                self.ghost.forced_out.extend(others);
+                self.stats.failovers += 1;
+            }
+            OpKind::Invalidate => {
+                // The operator discards this host's history: its writes need not survive.
+                self.stats.invalidates += 1;
+                self.hosts[i].mark = None;
+                if self
+                    .ghost
+                    .last_step_down
+                    .as_ref()
+                    .is_some_and(|s| s.host == name)
+                {
+                    self.ghost.last_step_down = None;
+                }
+            }
+            OpKind::Leave => self.stats.leaves += 1,
+            _ => {}
+        }
+    }
+
+    /// Host `i` can take an operator request.
+    fn ready(&self, i: usize) -> bool {
+        self.hosts[i].up && self.hosts[i].engine.is_some()
+    }
 
     // The arms are event kinds weighted by their ranges; each checks its own preconditions
     // inside, so that a kind keeps its weight whatever the guards (clippy would move them out).
@@ -273,10 +374,10 @@ impl World {
         let roll = self.rng.below(1000);
         match roll {
             0..=399 => {
-                // Writes on whichever host acts as primary with the device open and is not
-                // fenced (another acting designated primary).
+                // Writes on whichever host acts as primary with the device open (a fenced one
+                // fails them).
                 let writers: Vec<usize> = (0..self.hosts.len())
-                    .filter(|&k| self.hosts[k].up && self.hosts[k].open() && !self.fenced(k))
+                    .filter(|&k| self.hosts[k].up && self.hosts[k].open() && !self.hosts[k].fenced)
                     .collect();
                 if let Some(&k) = self.rng.pick(&writers) {
                     let count = 1 + self.rng.below(3);
@@ -304,15 +405,16 @@ impl World {
                 }
             }
             540..=569 => {
-                if self.hosts[i].up && self.hosts[i].is_primary() {
-                    let p = self.hosts[i].rotate_if_used();
-                    self.note(format!("{name}: cron: log rotation, current {p}"));
+                if self.ready(i) {
+                    self.issue(i, Op::Cron, OpKind::Cron);
                 }
             }
             570..=599 => {
                 let up = self.hosts.iter().filter(|x| x.up).count();
                 if self.hosts[i].up && up > 2 {
                     self.stats.crashes += 1;
+                    // The clients of its requests in flight lose their connection.
+                    self.ops.retain(|_, (k, _)| *k != i);
                     self.with_host(i, |host, cx| host.crash(cx));
                 }
             }
@@ -361,35 +463,35 @@ impl World {
                 ));
             }
             760..=819 => {
-                if self.hosts[i].up && self.hosts[i].meta().is_member(&name) {
+                if self.ready(i) {
                     let switch = ["fetch", "replay"][self.rng.below(2) as usize];
                     let on = self.rng.chance(0.6);
-                    self.hosts[i].set(
-                        &keys::todo(&res(), &name, switch),
-                        if on { "1" } else { "0" },
-                    );
-                    self.note(format!(
-                        "{name}: {}-{switch}",
-                        if on { "resume" } else { "pause" }
-                    ));
+                    let what = format!("{}-{switch}", if on { "resume" } else { "pause" });
+                    self.note(format!("{name}: {what}"));
+                    let op = Op::Switch {
+                        switches: vec![switch.to_string()],
+                        on,
+                    };
+                    self.issue(i, op, OpKind::Switch(what));
                 }
             }
             820..=869 => self.handover(i),
             870..=894 => self.failover(i),
             895..=919 => {
-                if self.hosts[i].up {
-                    let r = self.with_host(i, |host, cx| host.invalidate(cx));
-                    if r.is_ok() {
-                        self.stats.invalidates += 1;
-                    }
+                if self.ready(i) {
+                    self.note(format!("{name}: invalidate"));
+                    self.issue(i, Op::Invalidate, OpKind::Invalidate);
                 }
             }
             920..=939 => {
-                if self.hosts[i].up {
-                    let open = match &mut self.hosts[i].local {
-                        Local::Primary(v) => {
-                            v.open = !v.open;
-                            Some(v.open)
+                let host = &mut self.hosts[i];
+                if host.up {
+                    let designated = host.designated;
+                    let open = match &mut host.vol {
+                        // Only the designated primary's device takes new openers.
+                        Some(v) if v.app_open || designated => {
+                            v.app_open = !v.app_open;
+                            Some(v.app_open)
                         }
                         _ => None,
                     };
@@ -403,146 +505,111 @@ impl World {
             }
             940..=959 => {
                 if self.hosts[i].up {
-                    let members = self.hosts[i].meta().members.len();
-                    if matches!(self.hosts[i].local, Local::None) {
-                        if self.hosts[i].join().is_ok() {
+                    if self.hosts[i].dir.is_none() {
+                        if self.with_host(i, |host, cx| host.join(cx)).is_ok() {
                             self.stats.joins += 1;
                             self.note(format!("{name}: join-resource"));
                         }
-                    } else if members > 2 && self.with_host(i, |host, cx| host.leave(cx)).is_ok() {
-                        self.stats.leaves += 1;
-                        self.note(format!("{name}: leave-resource"));
+                    } else if self.ready(i) && self.hosts[i].meta().members.len() > 2 {
+                        self.note(format!("{name}: leave-resource --force"));
+                        self.issue(i, Op::LeaveResource { force: true }, OpKind::Leave);
                     }
                 }
             }
             960..=969 => {
-                // `secondary`: nobody designated (refused while the device is open here).
-                if self.hosts[i].up && !self.hosts[i].open() && self.hosts[i].meta().exists() {
-                    self.hosts[i].set(&keys::primary(&res()), keys::NO_PRIMARY);
-                    self.note(format!("{name}: secondary (no designated primary)"));
+                if self.ready(i) {
+                    self.note(format!("{name}: secondary"));
+                    self.issue(i, Op::Secondary, OpKind::Secondary);
                 }
             }
             _ => {}
         }
     }
 
-    /// Whether host `k`, acting as primary, is fenced: another host is designated and acts.
-    fn fenced(&mut self, k: usize) -> bool {
-        let meta = self.hosts[k].meta();
-        let me = self.hosts[k].name.clone();
-        meta.primary.as_ref().is_some_and(|p| {
-            *p != me
-                && meta
-                    .members
-                    .get(p)
-                    .and_then(|m| m.report.as_ref())
-                    .is_some_and(|r| r.role == mars_engine::Role::Primary)
-        })
-    }
-
-    /// `marsadm primary RES` on host `i` (the checks of `roles::primary` and `planned`).
+    /// `marsadm primary RES` on host `i`: the operator stops the application on the host
+    /// acting as primary once the command runs (systemd there), the engine does the rest.
     fn handover(&mut self, i: usize) {
-        let host = &mut self.hosts[i];
-        if !host.up || host.cmd.is_some() {
+        if !self.ready(i) || self.role_op_running(i) {
             return;
         }
-        let me = host.name.clone();
-        let meta = host.meta();
-        let Some(todo) = meta.members.get(&me).map(|m| m.todo) else {
-            return;
-        };
-        let Local::Replica(r) = &host.local else {
-            return;
-        };
-        let refused = if !r.consistent() {
-            Some("inconsistent".to_string())
-        } else if !todo.fetch || !todo.replay {
-            Some("fetch and replay must be on".into())
-        } else if let Some(sb) = mars_engine::split_brain(&meta, &|_| true) {
-            Some(format!("split brain from logfile {}", sb.logfile))
-        } else if r.stuck.as_ref().is_some_and(|s| {
-            s.contains("mismatch") || s.contains("differ") || s.contains("damaged")
-        }) {
-            Some("replication stuck".into())
-        } else {
-            None
-        };
+        let me = self.hosts[i].name.clone();
+        let meta = self.hosts[i].meta();
         let acting: Vec<HostName> = mars_engine::roles::actual_primaries(&meta, &me)
             .cloned()
             .collect();
-        let now = self.now;
-        let unreachable = acting.iter().find(|a| !host.alive(now, a)).cloned();
-        if let Some(why) = refused.or(unreachable.map(|a| format!("{a} is not reachable"))) {
-            self.note(format!("{me}: primary refused: {why}"));
+        self.note(format!("{me}: primary"));
+        let op = Op::Primary {
+            force: false,
+            timeout: crate::COMMAND_TIMEOUT,
+        };
+        // The operator's intent decides what the promotion may lose (the ghost's view), from
+        // the moment the command runs: the engine may promote within the request itself.
+        let intent = std::mem::replace(&mut self.hosts[i].ghost_force, false);
+        let id = self.issue(i, op, OpKind::Planned);
+        if self.answered(id).is_some() {
+            // Refused, or nothing to do (primary already): no handover.
+            self.hosts[i].ghost_force = intent;
             return;
         }
         self.stats.handovers += 1;
-        let deadline = self.now + crate::COMMAND_TIMEOUT;
-        match acting.first().cloned() {
-            Some(old) => {
-                // The operator stops the application on the old primary (systemd there).
-                self.send(Msg {
-                    from: me.clone(),
-                    to: old.clone(),
-                    body: Body::StopApp,
-                });
-                self.note(format!("{me}: primary (planned handover from {old})"));
-                self.hosts[i].cmd = Some(Command::WaitClosed { old, deadline });
-            }
-            None => {
-                self.hosts[i].set(&keys::primary(&res()), me.as_str());
-                self.note(format!("{me}: primary (planned, nobody acting)"));
-                self.hosts[i].cmd = Some(Command::WaitPromoted {
-                    forced: false,
-                    deadline,
-                });
-            }
+        for old in acting {
+            self.send(Msg {
+                from: me.clone(),
+                to: old,
+                body: Body::StopApp,
+            });
         }
     }
 
-    /// `marsadm pause-fetch RES; marsadm primary --force RES` on host `i`.
+    /// `marsadm primary --force RES` on host `i`: on a host acting as primary it takes the
+    /// role back (or writes its designation anew); on a consistent replica after
+    /// `pause-fetch` (and `resume-replay`), a failover.
     fn failover(&mut self, i: usize) {
-        let host = &mut self.hosts[i];
-        if !host.up || host.cmd.is_some() {
+        if !self.ready(i) || self.role_op_running(i) {
             return;
         }
-        let me = host.name.clone();
-        let meta = host.meta();
+        let me = self.hosts[i].name.clone();
+        let op = Op::Primary {
+            force: true,
+            timeout: crate::COMMAND_TIMEOUT,
+        };
+        if self.hosts[i].is_primary() {
+            self.note(format!("{me}: primary --force (acting as primary)"));
+            self.issue(i, op, OpKind::Forced { take_back: true });
+            return;
+        }
+        let meta = self.hosts[i].meta();
         let Some(todo) = meta.members.get(&me).map(|m| m.todo) else {
             return;
         };
-        match &host.local {
-            Local::Primary(_) if meta.primary.as_ref() != Some(&me) => {
-                // Still acting: takes the role back by force. Every other history is given up
-                // (also that of a host down right now that comes back acting as primary on
-                // stale metadata and leaves the role again: found at seed 5564).
-                host.set(&keys::primary(&res()), me.as_str());
-                let others: Vec<HostName> = self
-                    .hosts
-                    .iter()
-                    .filter(|h| h.name != me)
-                    .map(|h| h.name.clone())
-                    .collect();
-                self.ghost.last_step_down = None;
-                self.ghost.forced_out.extend(others);
-                self.note(format!("{me}: primary --force (takes the role back)"));
-                self.stats.failovers += 1;
-            }
-            Local::Replica(r) if r.consistent() && todo.attach => {
-                host.set(&keys::todo(&res(), &me, "fetch"), "0");
-                if !todo.replay {
-                    host.set(&keys::todo(&res(), &me, "replay"), "1");
-                }
-                host.forced_marker = true;
-                host.set(&keys::primary(&res()), me.as_str());
-                host.cmd = Some(Command::WaitPromoted {
-                    forced: true,
-                    deadline: self.now + crate::COMMAND_TIMEOUT,
-                });
-                self.stats.failovers += 1;
-                self.note(format!("{me}: pause-fetch; primary --force"));
-            }
-            _ => {}
+        let consistent = self.hosts[i]
+            .engine
+            .as_ref()
+            .and_then(|e| e.replica())
+            .is_some_and(|r| r.consistent());
+        // The operator looks at `view` first: only a consistent, attached replica.
+        if !consistent || !todo.attach {
+            return;
+        }
+        self.note(format!("{me}: pause-fetch; primary --force"));
+        let off = Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        };
+        self.issue(i, off, OpKind::Switch("pause-fetch".into()));
+        if !todo.replay {
+            let on = Op::Switch {
+                switches: vec!["replay".into()],
+                on: true,
+            };
+            self.issue(i, on, OpKind::Switch("resume-replay".into()));
+        }
+        let intent = std::mem::replace(&mut self.hosts[i].ghost_force, true);
+        let id = self.issue(i, op, OpKind::Forced { take_back: false });
+        if self.answered(id) == Some(false) {
+            self.hosts[i].ghost_force = intent;
+        } else {
+            self.stats.failovers += 1;
         }
     }
 
@@ -552,7 +619,8 @@ impl World {
     pub fn step(&mut self, chaos: bool) -> Result<(), String> {
         self.step_no += 1;
         self.now += STEP_MS;
-        self.clock.store(1_000_000 + self.now, Ordering::Relaxed);
+        self.clock
+            .store(crate::host::BASE_MS + self.now, Ordering::Relaxed);
         if chaos {
             let events = self.rng.below(3);
             for _ in 0..events {
@@ -561,21 +629,12 @@ impl World {
         }
         self.deliver();
         self.pull_metadata();
-        let names: Vec<HostName> = self.hosts.iter().map(|x| x.name.clone()).collect();
         for i in 0..self.hosts.len() {
             if !self.hosts[i].up {
                 continue;
             }
             let wb = self.rng.chance(0.5);
-            self.with_host(i, |host, cx| {
-                host.advance_command(cx);
-                host.reconcile(cx, &names);
-                host.replay(cx);
-                host.replica_requests(cx);
-                if wb {
-                    host.writeback(cx);
-                }
-            });
+            self.with_host(i, |host, cx| host.round(cx, wb));
         }
         self.check()
     }
@@ -600,8 +659,8 @@ impl World {
                     let meta = self.hosts[i].meta();
                     let me = self.hosts[i].name.clone();
                     if meta.primary.as_ref() != Some(&me) {
-                        if let Local::Primary(v) = &mut self.hosts[i].local {
-                            v.open = false;
+                        if let Some(v) = &mut self.hosts[i].vol {
+                            v.app_open = false;
                         }
                     }
                 }
@@ -649,25 +708,29 @@ impl World {
         Ok(())
     }
 
-    /// A replica that would report `UpToDate` holds exactly the state of the primary that
-    /// confirmed it, at its replay position.
+    /// A replica that would report `UpToDate` now (its engine's report, judged by
+    /// `member_state` with its engine's metadata) holds exactly the history of the host whose
+    /// confirmation it took, up to its replay position, and its disk is that history's
+    /// content.
     fn check_up_to_date(&mut self, i: usize) -> Result<(), String> {
-        let Local::Replica(r) = &self.hosts[i].local else {
+        let host = &self.hosts[i];
+        let Some(e) = &host.engine else {
             return Ok(());
         };
-        let Some((_, _, confirmer)) = r.caught_up.clone() else {
+        let Some(r) = e.replica() else {
+            return Ok(());
+        };
+        let Some(confirmer) = host.confirmed_by.clone() else {
             return Ok(());
         };
         let applied = r.applied;
-        let me = self.hosts[i].name.clone();
-        let mut meta = self.hosts[i].meta();
-        let Some(todo) = meta.members.get(&me).map(|m| m.todo) else {
+        let me = host.name.clone();
+        let mut meta = (**e.meta()).clone();
+        let Some(m) = meta.members.get_mut(&me) else {
             return Ok(());
         };
-        let report = self.hosts[i].report(&todo, self.now);
-        meta.members.get_mut(&me).expect("member").report = Some(report);
+        m.report = Some(e.report_now());
         let now = self.now;
-        let host = &self.hosts[i];
         let state = mars_engine::member_state(&meta, &me, &|x| host.alive(now, x));
         if state.disk_state != "UpToDate" {
             return Ok(());
@@ -725,7 +788,7 @@ impl World {
     }
 
     fn check_one_primary(&mut self) -> Result<(), String> {
-        let meta = self.hosts[0].meta();
+        let meta = self.hosts[0].store_meta();
         let acting: Vec<HostName> = self
             .hosts
             .iter()
@@ -752,10 +815,19 @@ impl World {
             }
             self.stats.settled_with_primary += 1;
         }
-        // Consistent replicas' disks are what their timelines say.
+        // Consistent replicas' disks are what their timelines say up to the replay position
+        // (a restarted ex-primary replays its own log: its timeline holds the records of its
+        // log not applied yet).
         for host in &self.hosts {
-            if let (Local::Replica(r), Some(tl)) = (&host.local, &host.tl) {
-                if r.consistent() && host.disk != self.ghost.content(tl) {
+            let applied = host
+                .engine
+                .as_ref()
+                .and_then(|e| e.replica())
+                .filter(|r| r.consistent())
+                .map(|r| r.applied);
+            if let (Some(applied), Some(tl)) = (applied, &host.tl) {
+                let n = self.ghost.count_before(tl, applied);
+                if host.disk != self.ghost.content(&tl[..n]) {
                     return Err(format!(
                         "{}: consistent replica whose disk is not its history",
                         host.name
@@ -805,8 +877,9 @@ pub fn run(seed: u64, steps: u64, cfg: SimConfig) -> Outcome {
                     })
                     .collect();
                 w.trace.push(format!(
-                    "    its metadata: primary {:?}, links {}",
+                    "    its metadata: primary {:?} (designation {}), links {}",
                     meta.primary,
+                    meta.designation,
                     links.join(" ")
                 ));
             }
@@ -817,8 +890,8 @@ pub fn run(seed: u64, steps: u64, cfg: SimConfig) -> Outcome {
     }
     // Coverage: what state the replicas ended in.
     let mut end_states = BTreeMap::new();
-    for host in &mut w.hosts {
-        let meta = host.meta();
+    for host in &w.hosts {
+        let meta = host.store_meta();
         let me = host.name.clone();
         if meta.is_member(&me) {
             let st = mars_engine::member_state(&meta, &me, &|_| true);

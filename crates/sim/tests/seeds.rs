@@ -51,9 +51,18 @@ fn a_seed_replays_identically() {
 
 /// The first seed from 0 on whose run violates an invariant under `cfg`.
 fn first_failure(cfg: SimConfig, seeds: u64) -> Option<Outcome> {
-    (0..seeds)
-        .map(|seed| run(seed, STEPS, cfg.clone()))
-        .find(|o| o.error.is_some())
+    first_failure_in(cfg, 0..seeds, STEPS)
+}
+
+/// The first seed in `seeds` that fails under `cfg`; the system as built must pass it (the
+/// violation is the switch's).
+fn first_failure_in(cfg: SimConfig, seeds: std::ops::Range<u64>, steps: u64) -> Option<Outcome> {
+    let o = seeds
+        .map(|seed| run(seed, steps, cfg.clone()))
+        .find(|o| o.error.is_some())?;
+    let built = run(o.seed, steps, SimConfig::default());
+    assert!(built.error.is_none(), "{}", built.report(120));
+    Some(o)
 }
 
 /// Replay that does not stop at a version mismatch (neither at the end of a logfile nor when
@@ -120,8 +129,67 @@ fn daemon_sync_across_a_source_change_is_caught() {
             sync_survives_source_change: true,
             ..SimConfig::default()
         },
-        100,
+        300,
     )
     .expect("some seed changes the sync source to another history mid-sync");
+    assert!(o.error.is_some());
+}
+
+/// A synced replica that does not adopt its source's link of the logfile before its start
+/// cannot see that its copy continues another logfile than the primary's: replay applies
+/// another history's records.
+#[test]
+fn sync_without_the_link_before_its_start_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            sync_adopts_primary_link_later: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed syncs from a source whose history then loses");
+    assert!(o.error.is_some());
+}
+
+/// A caught-up confirmation kept across a change of fetch source speaks for the old source:
+/// a replica of another history looks up to date.
+#[test]
+fn caught_up_across_a_source_change_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            caught_up_survives_source_change: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed changes the fetch source right after a confirmation");
+    assert!(o.error.is_some());
+}
+
+/// Links reclaimed by the published pin only: a restarted ex-primary deletes the link its
+/// replay position needs, and a planned promotion cannot see another history any more.
+#[test]
+fn link_reclaim_by_the_published_pin_is_caught() {
+    let o = first_failure(
+        SimConfig {
+            link_reclaim_uses_published_pin: true,
+            ..SimConfig::default()
+        },
+        300,
+    )
+    .expect("some seed reclaims a link still needed");
+    assert!(o.error.is_some());
+}
+
+/// An empty local copy that replay has passed, replaced by another origin's logfile of that
+/// number: the records of the new logfile are never applied while the replica reports the new
+/// history's position. Rare: the soak runner's seed 1953 (400 steps) is the first to show it.
+#[test]
+fn replacing_a_replayed_empty_copy_is_caught() {
+    let cfg = SimConfig {
+        replace_replayed_empty_copy: true,
+        ..SimConfig::default()
+    };
+    let o = first_failure_in(cfg, 1900..2100, 400).expect("seed 1953 replaces a replayed copy");
     assert!(o.error.is_some());
 }

@@ -1,8 +1,9 @@
 //! Taking over: the designated primary holds a replica and opens its volume once the rules of
 //! [`crate::roles::promotion`] allow it.
 //!
-//! A planned promotion waits until no other member acts as primary, every reachable member has
-//! reported under this designation (none under a newer one), this replica has applied the
+//! A planned promotion waits (after a start, first until every member answered, at most
+//! `Timing::stale_primary_wait`) until no other member acts as primary, every reachable member
+//! has reported under this designation (none under a newer one), this replica has applied the
 //! newest log end any member reports, and every such end lies in our history. A forced one
 //! (`primary --force`, the force marker) first replays what was fetched (unless replay waits
 //! for a version link that may never come) and then goes after a short settle time, taking
@@ -10,7 +11,7 @@
 
 use super::{Busy, Command, Level, Local, ResourceEngine};
 use crate::reason::RoleWait;
-use crate::roles::{promotion, Promotion};
+use crate::roles::{promotion_from, Promotion};
 
 impl ResourceEngine {
     /// Returns whether the promotion started.
@@ -25,6 +26,17 @@ impl ResourceEngine {
         let me = self.me.clone();
         let live = self.live.clone();
         let alive = |h: &mars_config::HostName| *h == me || live.reachable.contains(h);
+        // A planned promotion decides on every member's last report: after a start, those are
+        // the reports from before it, and a member may have been primary since (found by
+        // mars-sim, seed 3164: a host designated before its crash promoted at once when it
+        // started again, nobody being reachable yet, and lost the writes of a forced primary
+        // period since). As a primary role found on disk (`reconcile_idle`), it waits for every
+        // member's answer since the start, at most `stale_primary_wait`.
+        let stale_until = self.started_ms + self.cfg.timing.stale_primary_wait;
+        let stale = !forced && !live.fresh && now < stale_until;
+        if stale {
+            self.wake_at(stale_until);
+        }
         let Local::Replica(r) = &mut self.local else {
             return false;
         };
@@ -36,7 +48,11 @@ impl ResourceEngine {
             r.role_wait = Some(RoleWait::Inconsistent(why));
             return false;
         }
-        if forced && r.replay_pending(todo) {
+        if stale {
+            r.role_wait = Some(RoleWait::StaleMetadata);
+            return false;
+        }
+        if forced && r.replay_pending(todo, &me) {
             r.role_wait = Some(RoleWait::ReplayingFirst);
             return false;
         }
@@ -44,7 +60,8 @@ impl ResourceEngine {
             // Broken on purpose (simulation): no waiting for the old primary or its last byte.
             Promotion::Go
         } else {
-            promotion(&meta, &me, r.applied, forced, &alive)
+            let current = r.copies.get(&r.applied.file).map(|c| &c.origin);
+            promotion_from(&meta, &me, r.applied, current, forced, &alive)
         };
         match decision {
             Promotion::Wait(why) => {

@@ -348,6 +348,14 @@ impl ResourceEngine {
                 Vec::new(),
             );
         }
+        if self.facts.force_marker {
+            // A forced switch requested here before (the host crashed before it took over,
+            // or the designation went elsewhere) must not turn this planned handover into a
+            // forced one that does not wait for the old primary's last writes (found by
+            // mars-sim, seed 3285): the operator's latest command decides.
+            self.facts.force_marker = false;
+            self.emit(Command::Persist(Control::Marker(Marker::Force, false)));
+        }
         self.saga = Some(saga);
     }
 
@@ -605,7 +613,17 @@ impl ResourceEngine {
                         ))),
                     );
                 }
-                if let Some(a) = s.old.clone() {
+                // Only while the old primary is still a member holding a consistent copy:
+                // invalidated, or gone from the resource, it has nothing to take the role back
+                // with (found by mars-sim, seed 915).
+                let has_data = |a: &HostName| {
+                    self.meta
+                        .members
+                        .get(a)
+                        .and_then(|m| m.report.as_ref())
+                        .is_some_and(|r| r.consistent && !r.needs_sync)
+                };
+                if let Some(a) = s.old.clone().filter(|a| has_data(a)) {
                     // Compensation: the old primary has all the data; it takes the role back
                     // rather than leave the resource without a primary while this host cannot
                     // catch up.

@@ -893,3 +893,534 @@ fn a_forced_switch_marks_designates_promotes_and_resumes_fetching() {
     assert!(published(&c).contains(&(keys::todo(&w.res.clone(), &h("b"), "fetch"), "1".into())));
     assert!(matches!(&replies(&c)[..], [(8, Ok(m))] if m.contains("primary now (forced)")));
 }
+
+// ---------------------------------------------------------------- found by mars-sim
+
+/// Found by mars-sim (the first seed that wrote and rotated): the completion of `ReclaimLogs`
+/// came back before fresh statistics, the pass after it still saw the deleted logfiles in the
+/// volume's stats and asked to reclaim them again, and again: the engine and its executor
+/// spun. The engine forgets what was deleted until the next statistics say more.
+#[test]
+fn reclaimed_logfiles_are_not_reclaimed_again_before_fresh_stats() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    let c = w.ev(opened(LogPos::new(2, 0), &[(1, "a", 10), (2, "a", 0)]));
+    assert!(
+        c.contains(&Command::ReclaimLogs { below: Some(2) }),
+        "log 1 is written back and linked: {c:?}"
+    );
+    let c = w.ev(Event::Done(Done::Reclaimed {
+        removed: vec!["log-000000001-a".into()],
+    }));
+    assert_eq!(logs(&c), vec!["r: deleted logfiles log-000000001-a"]);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })),
+        "asked again: {c:?}"
+    );
+    // Fresh statistics without logfile 1: nothing to do either.
+    let c = w.stats(Stats {
+        volume: Some(volume(LogPos::new(2, 0), &[(2, "a", 0)])),
+        ..Default::default()
+    });
+    assert!(!c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })));
+}
+
+/// Found by mars-sim (seed 80): a full sync that started over because its source changed
+/// purged this host's version links and adopted the new source's link of the logfile before
+/// the start in one publication, which set and deleted that very key: the adopted link was
+/// gone at once. The replica, promoted later, could publish no version link at all (the chain
+/// had no start), and a replica of another history looked up to date.
+#[test]
+fn a_restarted_sync_keeps_the_link_it_adopts() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("c"));
+    // `a` was the primary b synced from; `c` took over (another history).
+    w.report("a", &secondary_report(LogPos::new(2, 7), 0));
+    w.report("c", &primary_report(LogPos::new(5, 3)));
+    let old = version::link("", 2, &h("a"), 7);
+    w.set("resource-r/version-000000002-b", &old);
+    w.start(true);
+    let facts = ReplicaFacts {
+        copies: Vec::new(),
+        applied: LogPos::new(3, 0),
+        sync: Some(SyncFile {
+            start: Some(LogPos::new(3, 0)),
+            done: 0,
+            size: 1 << 20,
+            end: None,
+            transferred: 0,
+            from: Some(h("a")),
+        }),
+        needs_sync: None,
+    };
+    let c = w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, source, .. } if *source == h("c") => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts over from c");
+    // c's history has another logfile 2 (it took over from a shorter copy of it).
+    let theirs = version::link("", 2, &h("a"), 3);
+    let c = w.ev(Event::Sync(
+        id,
+        SyncEvent::Info {
+            size: 1 << 20,
+            start: LogPos::new(3, 0),
+            prev_link: theirs.clone(),
+        },
+    ));
+    let key = "resource-r/version-000000002-b".to_string();
+    assert!(published(&c).contains(&(key.clone(), theirs.clone())));
+    for cmd in &c {
+        if let Command::Publish { delete, .. } = cmd {
+            assert!(!delete.contains(&key), "the adopted link is deleted: {c:?}");
+        }
+    }
+    // The store and the engine hold the adopted link, not the old one.
+    assert_eq!(
+        w.keys.get(&key).map(|(v, _)| v.clone()),
+        Some(theirs.clone())
+    );
+    assert_eq!(w.e.meta().version(2, &h("b")), Some(theirs.as_str()));
+}
+
+/// Found by mars-sim (seed 182): a replica whose replay is paused sits at the start of a
+/// logfile it fetched from the primary, but its own logfile before is another history's (the
+/// primary took over by force from an older position). The fetch session had started before
+/// the primary published its link of that logfile, so the server's history check had nothing
+/// to compare; its caught-up confirmation then made the replica `UpToDate` on another
+/// history. A confirmation of a position in a logfile replay has not entered counts only once
+/// the entry check of that logfile passes.
+#[test]
+fn a_confirmation_at_an_unentered_logfile_needs_its_entry_check() {
+    let mut w = World::cluster("c", &["a", "b", "c"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(4, 0)));
+    let ours = version::link("", 3, &h("a"), 0);
+    w.set("resource-r/version-000000003-c", &ours);
+    w.set("resource-r/todo-c/replay", "0");
+    w.start(true);
+    let c = open_replica(&mut w, &[(4, "b", 0, false)], LogPos::new(4, 0));
+    let (id, source, from, _) = start_fetch_of(&c).expect("fetch starts");
+    assert_eq!((source, from), (h("b"), LogPos::new(4, 0)));
+    let confirm = |w: &mut World| {
+        let stamp = w.now.wall_ns;
+        w.ev(Event::Fetch(id, FetchEvent::Connected));
+        w.ev(Event::Fetch(
+            id,
+            FetchEvent::CaughtUp {
+                pos: LogPos::new(4, 0),
+                stamp,
+            },
+        ));
+        w.e.report_now().caught_up
+    };
+    // b's link of logfile 3 is not known here yet: nothing verified, no confirmation.
+    assert!(!confirm(&mut w));
+    // b's logfile 3 is b's own: another history.
+    let theirs = version::link("", 3, &h("b"), 10);
+    w.set("resource-r/version-000000003-b", &theirs);
+    w.sync();
+    assert!(!confirm(&mut w));
+    // The same logfile 3 as ours: the confirmation counts.
+    w.set("resource-r/version-000000003-b", &ours);
+    w.sync();
+    assert!(confirm(&mut w));
+}
+
+/// Found by mars-sim (seed 247): `b` had taken over by force and written its own logfile 1,
+/// then left the primary role (nobody designated) and needed a full sync; `a`, of the older
+/// history (its own link of logfile 1 reclaimed), was designated by a planned handover and
+/// promoted: whether `b`'s log end lies in `a`'s history was judged by the link of logfile 1
+/// of its writer, `b` itself, a tautology. Nothing can tell here: the planned promotion waits.
+#[test]
+fn a_planned_promotion_does_not_take_a_members_own_link_as_witness() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let theirs = version::link("", 1, &h("b"), 59);
+    w.set("resource-r/version-000000001-b", &theirs);
+    let ours1 = version::link("", 1, &h("a"), 10);
+    w.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    // b: its logfile 1 replayed, the next one gone at its source: it needs a full sync.
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w.report("b", &b);
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(3, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over another history: {c:?}"
+    );
+    let st = w.e.status();
+    assert_eq!(
+        st.report.stuck_kind,
+        Some(crate::reason::StuckKind::RoleWait)
+    );
+}
+
+/// Found by mars-sim (seed 247, later): as above with `b` unreachable. An unreachable member
+/// whose log end cannot be placed is ignored (it must not block handovers forever), but here
+/// the links do tell: our link of logfile 2 chains on the link of logfile 1 our history had,
+/// and `b`'s link of logfile 1 does not give it. The planned promotion waits.
+#[test]
+fn a_planned_promotion_places_a_log_end_by_our_next_link() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let theirs = version::link("", 1, &h("b"), 59);
+    w.set("resource-r/version-000000001-b", &theirs);
+    let ours1 = version::link("", 1, &h("a"), 10);
+    w.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w.report("b", &b);
+    w.live(&["a"], &["a"]);
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(3, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over another history: {c:?}"
+    );
+    // Had b's logfile 1 been ours, its end would lie in our history: go.
+    let mut w2 = World::cluster("a", &["a", "b"], Some("a"));
+    let designation = w2.keys["resource-r/primary"].1;
+    w2.set("resource-r/version-000000001-b", &ours1);
+    w2.set(
+        "resource-r/version-000000002-a",
+        &version::link(&ours1, 2, &h("a"), 5),
+    );
+    let b = Report {
+        needs_sync: true,
+        consistent: false,
+        pin: None,
+        ..secondary_report(LogPos::new(2, 0), designation)
+    };
+    w2.report("b", &b);
+    w2.live(&["a"], &["a"]);
+    w2.start(true);
+    let c = open_replica(&mut w2, &[], LogPos::new(3, 0));
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+}
+
+/// Found by mars-sim (seed 915): a planned handover from `a` to `c` timed out while `c` could
+/// not catch up, and the compensation designated `a` again, although `a` had meanwhile been
+/// invalidated and had left the resource: the resource had a designated primary holding
+/// nothing (it later re-joined and, designated, opened an empty volume). The old primary gets
+/// the role back only while it is a member holding a consistent copy.
+#[test]
+fn a_late_handover_does_not_give_the_role_back_to_a_member_that_left() {
+    let mut w = World::cluster("c", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(2, 15)));
+    w.start(true);
+    open_replica(&mut w, &[(2, "a", 6, false)], LogPos::new(2, 6));
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Primary {
+            force: false,
+            timeout: 5_000,
+        },
+    });
+    assert!(replies(&c).is_empty(), "the handover runs: {c:?}");
+    assert_eq!(w.keys["resource-r/primary"].0, "c");
+    w.sync();
+    // `a` leaves the primary role at 2:15; `b` has all of it too.
+    let designation = w.keys["resource-r/primary"].1;
+    w.report("a", &secondary_report(LogPos::new(2, 15), designation));
+    w.report("b", &secondary_report(LogPos::new(2, 15), designation));
+    w.sync();
+    // `a` is invalidated and leaves the resource; `c` never catches up.
+    w.del("resource-r/data-a");
+    w.del("resource-r/actual-a");
+    w.sync();
+    w.at(6_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !published(&c).contains(&("resource-r/primary".to_string(), "a".to_string())),
+        "the role goes back to a host that left: {c:?}"
+    );
+    let r = replies(&c);
+    assert_eq!(r.len(), 1, "{c:?}");
+    assert!(r[0].1.is_err());
+}
+
+/// Found by mars-sim (seed 1775): a full sync started at logfile 4 from a host acting as
+/// primary without being designated (it publishes no version links), which could not say
+/// which history the copy continues (no link of logfile 3). The replica took the copy without
+/// one; every later chain check then had nothing to compare, and once another history's
+/// primary confirmed it, it looked up to date. A copy that starts after logfile 1 needs the
+/// link of the logfile before (unless the source's chain starts there): without it the sync
+/// is tried again later.
+#[test]
+fn a_sync_without_the_link_before_its_start_is_not_taken() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(4, 0)));
+    w.start(true);
+    let facts = ReplicaFacts {
+        sync: Some(SyncFile::full(1 << 20)),
+        ..Default::default()
+    };
+    let c = w.ev(Event::Done(Done::ReplicaOpened(Ok(facts))));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts");
+    let info = |prev_link: &str| SyncEvent::Info {
+        size: 1 << 20,
+        start: LogPos::new(4, 0),
+        prev_link: prev_link.to_string(),
+    };
+    let c = w.ev(Event::Sync(id, info("")));
+    assert!(c.contains(&Command::StopSync { id }), "{c:?}");
+    assert!(!c.iter().any(|c| matches!(c, Command::SyncGo { .. })));
+    // Tried again after the backoff, and taken with the link.
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartSync { id, .. } => Some(*id),
+            _ => None,
+        })
+        .expect("the sync starts again");
+    let l3 = version::link("", 3, &h("a"), 5);
+    let c = w.ev(Event::Sync(id, info(&l3)));
+    assert!(
+        c.iter().any(|c| matches!(c, Command::SyncGo { .. })),
+        "{c:?}"
+    );
+    assert!(published(&c).contains(&("resource-r/version-000000003-b".into(), l3)));
+}
+
+/// Found by mars-sim (seed 3164): `d` ran `primary`, crashed before it took over, and when it
+/// started again its engine promoted at once on the metadata from before the crash: nobody was
+/// reachable yet, so "every reachable member reported under this designation" held trivially,
+/// and `c`'s forced primary period since was unknown here; `c`'s last writes were lost in a
+/// planned handover. As a primary role found on disk, a planned promotion waits for every
+/// member's metadata since the start (`Liveness::fresh`), at most `stale_primary_wait`.
+#[test]
+fn a_planned_promotion_after_a_restart_waits_for_fresh_metadata() {
+    let mut w = World::cluster("d", &["b", "c", "d"], Some("d"));
+    let designation = w.keys["resource-r/primary"].1;
+    for m in ["b", "c"] {
+        w.report(m, &secondary_report(LogPos::new(7, 0), designation));
+    }
+    w.ev(Event::Liveness(Liveness {
+        fresh: false,
+        ..Default::default()
+    }));
+    w.start(true);
+    let c = open_replica(&mut w, &[], LogPos::new(7, 0));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted on metadata from before the start: {c:?}"
+    );
+    assert_eq!(
+        w.e.status().report.stuck_kind,
+        Some(crate::reason::StuckKind::RoleWait)
+    );
+    // Every member answered: the rules decide on fresh metadata.
+    let c = w.live(&["b", "c", "d"], &["b", "c", "d"]);
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+}
+
+/// Found by mars-sim (seed 3285): `primary --force` on `a` set the force marker, `a` crashed
+/// before it took over and the designation went elsewhere; the marker stayed. Much later a
+/// planned `primary` on `a` designated it again, and the promotion, seeing the marker, went by
+/// force: it did not wait for the old primary's last writes. A planned command that starts
+/// clears a force marker left from before.
+#[test]
+fn a_planned_handover_clears_a_leftover_force_marker() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(4, 2)));
+    w.sync();
+    w.ev(Event::Started(LocalFacts {
+        replica_marker: true,
+        force_marker: true,
+        size: 1 << 20,
+        ..Default::default()
+    }));
+    open_replica(&mut w, &[(3, "b", 12, false)], LogPos::new(3, 12));
+    let c = w.ev(Event::Op {
+        id: 3,
+        op: Op::Primary {
+            force: false,
+            timeout: 30_000,
+        },
+    });
+    assert!(
+        c.contains(&Command::Persist(Control::Marker(Marker::Force, false))),
+        "{c:?}"
+    );
+    w.sync();
+    // `b` left the primary role at 4:2; `a` has applied 3:12 only.
+    let designation = w.keys["resource-r/primary"].1;
+    w.report("b", &secondary_report(LogPos::new(4, 2), designation));
+    w.sync();
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "a planned handover went by force: {c:?}"
+    );
+}
+
+/// Found by mars-sim (seed 3919): `a` had replayed 5 records of `b`'s logfile 7; `d`, the old
+/// primary, had written its own logfile 7 (3 records) after the same logfile 6, and left the
+/// role. A planned promotion of `a` compared positions (7:5 is beyond 7:3) and the links of
+/// logfile 6 (equal) and went: a fork exactly at a logfile start, which the links of the
+/// logfile before cannot show. A member's log end inside the logfile we are in must be in a
+/// logfile of the same writer.
+#[test]
+fn a_planned_promotion_sees_a_fork_at_a_logfile_start() {
+    let mut w = World::cluster("a", &["a", "d"], Some("a"));
+    let designation = w.keys["resource-r/primary"].1;
+    let l6 = version::link("", 6, &h("b"), 9);
+    w.set("resource-r/version-000000006-a", &l6);
+    w.set("resource-r/version-000000006-d", &l6);
+    w.set(
+        "resource-r/version-000000007-d",
+        &version::link(&l6, 7, &h("d"), 3),
+    );
+    w.report("d", &secondary_report(LogPos::new(7, 3), designation));
+    w.start(true);
+    let c = open_replica(&mut w, &[(7, "b", 5, false)], LogPos::new(7, 5));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "promoted over d's logfile 7: {c:?}"
+    );
+    assert_eq!(
+        w.e.status().report.stuck_kind,
+        Some(crate::reason::StuckKind::RoleWait)
+    );
+}
+
+/// Found by mars-sim (seed 2369): `a` restarted after a crash as primary and opened a replica
+/// on its own log, replay to continue from the writeback position. The primary's logfile 2 was
+/// another host's: a fork, and replay stopped altogether, also for `a`'s own records. A forced
+/// switch then took what was replayed and cut `a`'s own, flushed writes. A fork with the
+/// source stops nothing of our own logfile: its replay goes on, and a forced switch waits
+/// for it.
+#[test]
+fn a_fork_does_not_stop_the_replay_of_our_own_logfile() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(2, 5)));
+    w.start(true);
+    let c = open_replica(&mut w, &[(2, "a", 20, false)], LogPos::new(2, 8));
+    let replay = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartReplay {
+                id,
+                file: 2,
+                from: 8,
+                to: 20,
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("our own log is replayed");
+    let (fetch, ..) = start_fetch_of(&c).expect("fetch starts");
+    let c = w.ev(Event::Fetch(
+        fetch,
+        FetchEvent::Offer {
+            no: 2,
+            origin: h("b"),
+        },
+    ));
+    assert!(c.contains(&Command::CopyDecision {
+        id: fetch,
+        no: 2,
+        decision: CopyDecision::Reject
+    }));
+    assert!(
+        !c.contains(&Command::StopReplay { id: replay }),
+        "the fork stops the replay of our own records: {c:?}"
+    );
+    // A forced switch replays our own records first.
+    w.ev(Event::Op {
+        id: 1,
+        op: Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        },
+    });
+    let c = w.ev(Event::Op {
+        id: 2,
+        op: Op::Primary {
+            force: true,
+            timeout: 30_000,
+        },
+    });
+    assert!(replies(&c).is_empty(), "{c:?}");
+    w.sync();
+    w.at(1_000);
+    let c = w.ev(Event::Wake);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+    let c = w.ev(Event::Replay(
+        replay,
+        ReplayEvent::Stopped {
+            pos: LogPos::new(2, 20),
+            end: ReplayEnd::Done,
+        },
+    ));
+    assert!(
+        c.contains(&Command::Promote {
+            cut_at: LogPos::new(2, 20),
+            size: 1 << 20
+        }),
+        "{c:?}"
+    );
+}
+
+/// Seen in mars-sim's traces: after a fork (the source names a logfile of another origin), the
+/// fetch started again at once, the source named the same logfile, and so on: a new session
+/// and an error line every round trip. A rejected copy backs off like a failed session.
+#[test]
+fn a_fork_backs_off_before_fetching_again() {
+    let mut w = World::cluster("a", &["a", "b"], Some("b"));
+    w.report("b", &primary_report(LogPos::new(2, 5)));
+    w.start(true);
+    let c = open_replica(&mut w, &[(2, "c", 20, true)], LogPos::new(3, 0));
+    let (fetch, ..) = start_fetch_of(&c).expect("fetch starts");
+    let offer = FetchEvent::Offer {
+        no: 2,
+        origin: h("b"),
+    };
+    let out = w.e.on_event(w.now, Event::Fetch(fetch, offer));
+    assert!(
+        start_fetch_of(&out.commands).is_none(),
+        "{:?}",
+        out.commands
+    );
+    let wake = out.wake_at.expect("a retry is due later");
+    assert!(wake > w.now.ms, "{out:?}");
+    w.at(wake - w.now.ms);
+    let c = w.ev(Event::Wake);
+    assert!(start_fetch_of(&c).is_some(), "{c:?}");
+}
