@@ -142,7 +142,8 @@ bugs! {
     sync_survives_source_change,
     /// A synced replica does not adopt its source's link of the logfile before its start.
     sync_adopts_primary_link_later,
-    /// The caught-up confirmation is kept when the fetch source changes.
+    /// The caught-up confirmation is kept when the fetch source changes (and counts while no
+    /// fetch session runs).
     caught_up_survives_source_change,
     /// The fetch server lets a replica skip a deleted logfile when the links' lengths match
     /// (not the links themselves).

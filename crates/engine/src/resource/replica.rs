@@ -76,6 +76,8 @@ pub struct Replica {
     repair: Option<LogPos>,
     /// The source's last "you have everything": its wall clock (ns) and the position.
     caught_up: Option<(u64, LogPos)>,
+    /// Bug switch: the confirmation counts without its session, too (as before the rule).
+    confirmation_outlives_session: bool,
     /// The host fetched and synced from.
     pub(super) source: Option<HostName>,
     pub(super) size: u64,
@@ -127,6 +129,7 @@ impl Replica {
             forked: None,
             repair: None,
             caught_up: None,
+            confirmation_outlives_session: cfg.bugs.caught_up_survives_source_change(),
             source: None,
             size,
             fetch: None,
@@ -213,7 +216,9 @@ impl Replica {
     pub fn caught_up_ms(&self, wall_ns: u64, valid_ms: u64) -> Option<u64> {
         // The source's word holds while its session runs: a paused or broken fetch knows
         // nothing about what the source has now.
-        self.fetch.as_ref()?;
+        if self.fetch.is_none() && !self.confirmation_outlives_session {
+            return None;
+        }
         let fetched = self.fetched();
         self.caught_up
             .filter(|(_, p)| Some(*p) == fetched)
