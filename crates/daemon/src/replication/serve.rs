@@ -46,6 +46,17 @@ const CHUNK: usize = 4 << 20;
 /// for `Timing::caught_up_valid` (more than two rounds); whoever needs a fresh one sooner
 /// (`wait-resource uptodate`) asks with a `Ping` on the stream and gets it at once.
 pub const CONFIRM_EVERY: Duration = Duration::from_secs(3);
+/// The next round of idle confirmations. Rounds are aligned for every session of the process:
+/// one wakeup of the runtime serves them all, where timers of their own would cost a wakeup
+/// each (most of an idle primary's CPU with a thousand resources).
+fn next_round() -> tokio::time::Instant {
+    static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    let epoch = *EPOCH.get_or_init(tokio::time::Instant::now);
+    let every = CONFIRM_EVERY.as_millis();
+    let rounds = epoch.elapsed().as_millis() / every + 1;
+    epoch + Duration::from_millis(u64::try_from(rounds * every).unwrap_or(u64::MAX))
+}
+
 /// Largest sync chunk a replica may ask about.
 pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
 /// Most sync requests a replica may have unanswered (it keeps a window of 32 chunks).
@@ -301,9 +312,9 @@ impl Ship {
         })
     }
 
-    /// Waits until more may be shipped, `timeout` passed, or the replica asked for a fresh
-    /// confirmation (then `true`).
-    async fn wait_beyond(&mut self, timeout: Duration) -> Result<bool> {
+    /// Waits until more may be shipped, `until`, or the replica asked for a fresh confirmation
+    /// (then `true`).
+    async fn wait_beyond(&mut self, until: tokio::time::Instant) -> Result<bool> {
         let Ship {
             src,
             durable_rx,
@@ -314,10 +325,10 @@ impl Ship {
         let more = async {
             match src {
                 Source::Volume(_) => {
-                    let _ = tokio::time::timeout(timeout, durable_rx.changed()).await;
+                    let _ = tokio::time::timeout_at(until, durable_rx.changed()).await;
                 }
                 Source::Replica(_) => {
-                    let _ = tokio::time::timeout(timeout, view_rx.changed()).await;
+                    let _ = tokio::time::timeout_at(until, view_rx.changed()).await;
                 }
             }
         };
@@ -397,7 +408,9 @@ impl Ship {
             // Caught up: confirm it (again every CONFIRM_EVERY while idle, also a keepalive,
             // and at once when asked), stamped with the time the limit was read, not the
             // sending time: writes that finished in between must not count as included.
-            if asked || confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY) {
+            if asked
+                || confirmed.is_none_or(|(at, t)| at != off || t.elapsed() >= CONFIRM_EVERY / 2)
+            {
                 send(
                     w,
                     &Message::LogCaughtUp {
@@ -410,7 +423,7 @@ impl Ship {
                 confirmed = Some((off, Instant::now()));
             }
             w.flush().await?;
-            asked = self.wait_beyond(CONFIRM_EVERY).await?;
+            asked = self.wait_beyond(next_round()).await?;
             // Read again after the stamp (this also notices a rotation that wrote nothing yet).
             stamp = mars_meta::system_time_ns();
             (limit, complete) = self.limit(name.no, &*f)?;
