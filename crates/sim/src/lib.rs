@@ -102,8 +102,8 @@
 //!    replica's history is always a prefix of one primary history.
 //! 2. **UpToDate means equal**: a replica that `member_state` calls `UpToDate` (computed from
 //!    its engine's current report and metadata) holds exactly the history of the host whose
-//!    caught-up confirmation its engine took, up to its replay position, and its disk is that
-//!    history's content.
+//!    caught-up confirmation its engine took, and of the host it fetches from now, up to its
+//!    replay position, and its disk is that history's content.
 //! 3. **Flushed writes survive**: every write acknowledged before a completed FLUSH is still
 //!    in the timeline of the host that flushed it, across crashes (only an `invalidate` or
 //!    `leave-resource` of that host, the operator's choice, may drop it).

@@ -741,27 +741,35 @@ impl World {
                 "{me} reports UpToDate without a consistent timeline"
             ));
         };
-        let p = &self.hosts[self.idx(&confirmer)];
-        let Some(ptl) = &p.tl else {
-            return Ok(());
-        };
-        let n = self.ghost.count_before(ptl, applied);
-        let theirs = &ptl[..n];
-        if tl.as_slice() != theirs {
-            return Err(format!(
-                "{me} reports UpToDate at {applied} with {} records, but {confirmer}'s history \
-                 there has {} (last {:?} vs {:?})",
-                tl.len(),
-                n,
-                tl.last(),
-                theirs.last()
-            ));
+        // Judged against the host that confirmed, and against the host it fetches from now:
+        // "up to date" speaks of the current source, whoever said it.
+        let mut judges = vec![("confirmer", confirmer)];
+        if let Some(src) = r.source().filter(|s| **s != judges[0].1) {
+            judges.push(("source", src.clone()));
         }
-        if host.disk != self.ghost.content(theirs) {
-            return Err(format!(
-                "{me} reports UpToDate at {applied}, but its disk differs from {confirmer}'s \
-                 state there"
-            ));
+        for (what, judge) in judges {
+            let p = &self.hosts[self.idx(&judge)];
+            let Some(ptl) = &p.tl else {
+                continue;
+            };
+            let n = self.ghost.count_before(ptl, applied);
+            let theirs = &ptl[..n];
+            if tl.as_slice() != theirs {
+                return Err(format!(
+                    "{me} reports UpToDate at {applied} with {} records, but the {what} \
+                     {judge}'s history there has {} (last {:?} vs {:?})",
+                    tl.len(),
+                    n,
+                    tl.last(),
+                    theirs.last()
+                ));
+            }
+            if host.disk != self.ghost.content(theirs) {
+                return Err(format!(
+                    "{me} reports UpToDate at {applied}, but its disk differs from the {what} \
+                     {judge}'s state there"
+                ));
+            }
         }
         Ok(())
     }

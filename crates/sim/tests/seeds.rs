@@ -152,7 +152,8 @@ fn sync_without_the_link_before_its_start_is_caught() {
 }
 
 /// A caught-up confirmation kept across a change of fetch source speaks for the old source:
-/// a replica of another history looks up to date.
+/// a replica of another history than its new source looks up to date (seed 14 shows it; the
+/// check judges an `UpToDate` replica against its current source as well as its confirmer).
 #[test]
 fn caught_up_across_a_source_change_is_caught() {
     let o = first_failure(

@@ -202,6 +202,11 @@ impl Replica {
         Some((c.len, c.complete || no < newest))
     }
 
+    /// The host this replica fetches and syncs from now, if any.
+    pub fn source(&self) -> Option<&HostName> {
+        self.source.as_ref()
+    }
+
     /// The stamp (the source's wall clock, ns) of the confirmation that this replica holds
     /// everything durable there, while it is about the current end of the copies.
     pub fn caught_up_stamp(&self) -> Option<u64> {
