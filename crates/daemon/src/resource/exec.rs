@@ -16,8 +16,10 @@ use crate::local::Shared;
 use crate::local::{replica, ReplicaDir};
 use crate::replication::{fetch, replay, sync, Stop};
 use crate::replication::{Rates, Sink};
+use mars_config::HostName;
 use mars_config::ResourceName;
 use mars_engine::resource::{OpReply, Stats};
+use mars_wire::ClusterId;
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
@@ -250,11 +252,7 @@ impl Executor {
                 from,
                 prev_link,
             } => {
-                let (Some(addr), Some(cluster), Some(rep)) = (
-                    self.env.addrs.borrow().get(&source).cloned(),
-                    self.env.ident.cluster_id(),
-                    self.replica.clone(),
-                ) else {
+                let Some((addr, cluster, rep)) = self.session_target(&source) else {
                     self.queue.push_back(Event::Fetch(
                         id,
                         FetchEvent::Ended {
@@ -354,11 +352,7 @@ impl Executor {
                 done: _,
                 size: _,
             } => {
-                let (Some(addr), Some(cluster), Some(rep)) = (
-                    self.env.addrs.borrow().get(&source).cloned(),
-                    self.env.ident.cluster_id(),
-                    self.replica.clone(),
-                ) else {
+                let Some((addr, cluster, rep)) = self.session_target(&source) else {
                     self.queue.push_back(Event::Sync(
                         id,
                         SyncEvent::Ended {
@@ -481,6 +475,17 @@ impl Executor {
     }
 
     /// Opens the volume (and the device), registers the durable hook.
+    /// What a fetch or sync session from `source` needs: its address, the cluster id and the
+    /// open replica (`None` while any is missing: the session ends at once, and the engine
+    /// retries).
+    fn session_target(&self, source: &HostName) -> Option<(String, ClusterId, Arc<ReplicaDir>)> {
+        Some((
+            self.env.addrs.borrow().get(source).cloned()?,
+            self.env.ident.cluster_id()?,
+            self.replica.clone()?,
+        ))
+    }
+
     async fn open_volume(
         &mut self,
         size: u64,

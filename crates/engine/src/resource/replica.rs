@@ -309,6 +309,19 @@ impl Replica {
             .is_some_and(|s| !(s.is_history() && own_pending))
     }
 
+    /// Replay found another history at logfile `no`: it stops there, and the fork is
+    /// reported. Returns the operator text.
+    fn fork_at(&mut self, no: u64, why: String) -> String {
+        let stuck = Stuck::Mismatch {
+            file: no,
+            detail: why,
+        };
+        let text = stuck.to_string();
+        self.stuck = Some(stuck);
+        self.forked = Some(no);
+        text
+    }
+
     /// Forgets local copies and sync progress: a full sync from scratch follows. Sessions stop
     /// first (their commands come before the removal).
     pub(super) fn reset(&mut self) -> Vec<Command> {
@@ -817,16 +830,7 @@ impl ResourceEngine {
                         return;
                     }
                     ChainCheck::Mismatch(why) => {
-                        r.stuck = Some(Stuck::Mismatch {
-                            file: no,
-                            detail: why,
-                        });
-                        r.forked = Some(no);
-                        let msg = r
-                            .stuck
-                            .as_ref()
-                            .map(ToString::to_string)
-                            .unwrap_or_default();
+                        let msg = r.fork_at(no, why);
                         self.log(Level::Error, msg);
                         return;
                     }
@@ -879,16 +883,7 @@ impl ResourceEngine {
                     return;
                 }
                 ChainCheck::Mismatch(why) => {
-                    r.stuck = Some(Stuck::Mismatch {
-                        file: no,
-                        detail: why,
-                    });
-                    r.forked = Some(no);
-                    let msg = r
-                        .stuck
-                        .as_ref()
-                        .map(ToString::to_string)
-                        .unwrap_or_default();
+                    let msg = r.fork_at(no, why);
                     self.log(Level::Error, msg);
                     return;
                 }
