@@ -249,6 +249,8 @@ fn run(args: Args) -> Result<()> {
         mars_meta::system_time_ns,
     )
     .with_context(|| format!("cannot open {}", root.join(meta::META_FILE).display()))?;
+    // redb creates it with the umask's mode; the store is the cluster's metadata.
+    root::private(&root.join(meta::META_FILE))?;
     raise_open_files();
     let ident = Arc::new(Identity::new(root, host, listen, args.nbd_listen, cluster));
     let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));

@@ -24,7 +24,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
@@ -60,13 +60,16 @@ pub fn resource_dir(root: &Path, res: &ResourceName) -> PathBuf {
     root.join(format!("resource-{res}"))
 }
 
-/// Creates the root (0700) if needed and takes the daemon lock; the returned file holds it.
+/// Creates the root (0700) if needed, or takes group and other access away from one that
+/// existed (it holds the metadata, the logs with every write, and the control socket), and
+/// takes the daemon lock; the returned file holds it.
 pub fn lock_root(root: &Path) -> Result<fs::File> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(root)
         .with_context(|| format!("cannot create root directory {}", root.display()))?;
+    private(root)?;
     let path = root.join(LOCK_FILE);
     let mut f = fs::OpenOptions::new()
         .read(true)
@@ -88,6 +91,27 @@ pub fn lock_root(root: &Path) -> Result<fs::File> {
     f.set_len(0)?;
     writeln!(f, "{}", std::process::id())?;
     Ok(f)
+}
+
+/// Takes group and other access away from `path` (a file or directory of the root), saying
+/// so when it had any.
+pub fn private(path: &Path) -> Result<()> {
+    let mode = fs::metadata(path)
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        let tight = mode & 0o7700;
+        fs::set_permissions(path, fs::Permissions::from_mode(tight))
+            .with_context(|| format!("cannot restrict the permissions of {}", path.display()))?;
+        tracing::warn!(
+            "{} was readable by others (mode {:o}): now {:o}",
+            path.display(),
+            mode & 0o7777,
+            tight
+        );
+    }
+    Ok(())
 }
 
 /// Writes a TOML file atomically (temporary file, fsync, rename, directory fsync).
@@ -129,4 +153,29 @@ pub fn resource_dirs(root: &Path) -> Result<Vec<(ResourceName, PathBuf)>> {
     }
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod private_tests {
+    use super::*;
+
+    /// A root that existed with group or other access (as `mkdir /var/lib/mars` leaves it) is
+    /// made private when the daemon takes it; its files are no one else's either.
+    #[test]
+    fn an_existing_open_root_is_made_private() {
+        let root = std::env::temp_dir().join(format!("mars-root-mode-{}", std::process::id()));
+        fs::create_dir_all(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let file = root.join("meta.redb");
+        fs::write(&file, b"x").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let lock = lock_root(&root).unwrap();
+        private(&file).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&root), 0o700);
+        assert_eq!(mode(&file), 0o600);
+        assert_eq!(mode(&root.join(LOCK_FILE)), 0o600);
+        drop(lock);
+        fs::remove_dir_all(&root).unwrap();
+    }
 }

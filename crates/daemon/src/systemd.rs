@@ -80,6 +80,10 @@ pub enum SystemdError {
     Timeout { cmd: String, secs: u64 },
     #[error("{cmd} was killed by a signal")]
     Killed { cmd: String },
+    /// The name came from metadata another host may have written: it is refused before it
+    /// reaches `systemctl` or the scripts directory.
+    #[error("refused to run: {0}")]
+    BadName(#[from] mars_unitgen::BadUnitName),
 }
 
 /// Lists the local resources and their stacks.
@@ -261,6 +265,9 @@ impl Systemd {
 
 /// Runs one start or stop (see the module docs); `Ok(exit status)`.
 fn perform(s: &Settings, op: UnitOp, unit: &str) -> Result<i32, SystemdError> {
+    // No `/`, no leading `.` or `-`: a script is one of the scripts directory, and a unit
+    // name cannot be read as an option of systemctl.
+    mars_unitgen::check_unit_name(unit)?;
     if unit.ends_with(".script") {
         let path = s.scripts_dir.join(unit);
         return run(Command::new(&path).arg(op.as_str()), s.timeout);
@@ -352,4 +359,70 @@ pub fn host_vars(host: &str, root: &Path, advertised: &str) -> Vars {
         .trim_start_matches('[')
         .trim_end_matches(']');
     mars_unitgen::host_vars(host, &root.display().to_string(), ip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// Names from metadata (another host may have written them) never run a program outside
+    /// the scripts directory and never reach `systemctl` as an option.
+    #[test]
+    fn names_from_metadata_run_nothing_outside_the_scripts_directory() {
+        let dir = std::env::temp_dir().join(format!("mars-sd-names-{}", std::process::id()));
+        let scripts = dir.join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        let ran = dir.join("ran");
+        let program = |path: &Path, what: &str| {
+            std::fs::write(
+                path,
+                format!("#!/bin/sh\necho {what} \"$@\" >> {}\n", ran.display()),
+            )
+            .unwrap();
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let outside = dir.join("evil.script");
+        program(&outside, "outside");
+        program(&scripts.join("ok.script"), "script");
+        let systemctl = dir.join("systemctl");
+        program(&systemctl, "systemctl");
+        let s = Settings {
+            search_path: Vec::new(),
+            unit_dir: dir.join("units"),
+            scripts_dir: scripts,
+            systemctl,
+            system_unit_dirs: Vec::new(),
+            timeout: Duration::from_secs(10),
+        };
+        for bad in [
+            outside.display().to_string(),
+            "../evil.script".to_string(),
+            "--now.service".to_string(),
+            "ssh.service ssh.socket".to_string(),
+            "app".to_string(),
+        ] {
+            let e = perform(&s, UnitOp::Start, &bad).expect_err(&bad);
+            assert!(matches!(e, SystemdError::BadName(_)), "{bad}: {e}");
+            assert!(
+                e.to_string().starts_with("refused to run: unit name"),
+                "{e}"
+            );
+        }
+        assert!(
+            !ran.exists(),
+            "something ran: {:?}",
+            std::fs::read_to_string(&ran)
+        );
+        // Proper names still run: a script of the scripts directory, a unit via systemctl.
+        assert_eq!(perform(&s, UnitOp::Start, "ok.script").unwrap(), 0);
+        assert_eq!(perform(&s, UnitOp::Stop, "app.service").unwrap(), 0);
+        let log = std::fs::read_to_string(&ran).unwrap();
+        assert!(log.contains("script start"), "{log}");
+        assert!(
+            log.contains("systemctl --job-mode=fail stop app.service"),
+            "{log}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

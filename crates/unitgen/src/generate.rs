@@ -537,6 +537,12 @@ impl<'a> Generator<'a> {
         if self.config.existing_units.contains(unit) {
             return Ok(Lookup::Existing);
         }
+        // The name becomes a file name: one that could leave the unit directory is never
+        // generated (see `names`).
+        if let Err(e) = crate::names::check_file_name(unit) {
+            warnings.push(format!("not generated: {e}"));
+            return Ok(Lookup::NotFound);
+        }
         let candidates: Vec<String> = match res {
             Some(r) => vec![r.to_string()],
             // No resources known: plain pattern templates (`^{x}.service`) still resolve.
@@ -804,6 +810,40 @@ mod tests {
         let (line, kind) = scan_refs("\nRequiresMountsFor=/a/../b\n").unwrap_err();
         assert_eq!(line, 2);
         assert!(matches!(kind, MacroError::Escape(_)));
+    }
+
+    /// A pattern template matches any name, also one from metadata that climbs out of the unit
+    /// directory: nothing is generated for it, and the run says why.
+    #[test]
+    fn a_name_that_leaves_the_unit_directory_is_not_generated() {
+        let t = set(&[("^{what}.service", "[Unit]\nDescription=@{what}\n")]);
+        let config = Config::default();
+        let g = Generator::new(&t, &config, host(), vec!["r".into()]);
+        let out = g
+            .generate(&[WantedUnit {
+                res: "r".into(),
+                unit: "../../etc/systemd/system/evil.service".into(),
+            }])
+            .unwrap();
+        assert!(out.files.is_empty(), "{:?}", out.files);
+        assert!(
+            out.warnings
+                .iter()
+                .any(|w| w.contains("not generated") && w.contains("contains '/'")),
+            "{:?}",
+            out.warnings
+        );
+        // The same template still serves a proper name. (A reference with `..` inside a
+        // template is a template error already: `scan_refs`.)
+        let out = g
+            .generate(&[WantedUnit {
+                res: "r".into(),
+                unit: "app.service".into(),
+            }])
+            .unwrap();
+        let paths: Vec<&str> = out.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(paths.len(), 1, "{paths:?}");
+        assert!(!paths[0].contains(".."), "{paths:?}");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub mod fs;
 pub mod generate;
 pub mod macros;
 pub mod markers;
+pub mod names;
 pub mod num;
 
 pub use error::{Error, EscapeError, ExpandError, Location, MacroError, TemplateError};
@@ -65,3 +66,4 @@ pub use generate::{
 };
 pub use macros::Vars;
 pub use markers::Markers;
+pub use names::{check_file_name, check_unit_name, BadUnitName};

@@ -535,6 +535,11 @@ async fn set_systemd_unit(
     })
     .await
     .map_err(|e| failed(e.to_string()))??;
+    // What the markers chose is checked as `marsd` checks it before running it.
+    for u in [&choice.start, &choice.stop] {
+        mars_unitgen::check_unit_name(u)
+            .map_err(|e| invalid(format!("set-systemd-unit {res}: {e}")))?;
+    }
     let want = m
         .primary
         .as_ref()
