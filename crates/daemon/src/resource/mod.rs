@@ -331,6 +331,18 @@ impl Actor {
                     .map(ToString::to_string)
                     .collect();
             }
+            // A unit job regenerates from every resource's published metadata, this one's
+            // included: it must see what the engine decided on. Published only after the
+            // commands, a job starting on its blocking thread before that read the metadata
+            // of before (a removed stack was regenerated as it was and stayed: the systemd
+            // test, under load).
+            if out
+                .commands
+                .iter()
+                .any(|c| matches!(c, mars_engine::resource::Command::RunUnit(_)))
+            {
+                self.publish();
+            }
             for c in out.commands {
                 if tracing::enabled!(tracing::Level::TRACE) {
                     tracing::trace!("{name}: command {c:?}");
