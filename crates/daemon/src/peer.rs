@@ -71,14 +71,19 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 return Ok(m);
             }
-            // Room for the rest of this frame (received straight into the buffer: no second
-            // copy), with the incomplete frame moved to the front first.
+            // Room for more of this frame (received straight into the buffer: no second
+            // copy), with the incomplete frame moved to the front first. The room grows with
+            // what arrived, at most doubling the buffer per read: a length field alone claims
+            // nothing (a peer announcing a 33 MiB frame and sending 4 bytes got 33 MiB
+            // reserved), so memory stays within twice what a peer really sent. The buffer
+            // keeps its capacity, so a stream of large frames pays the growth once.
             let want = mars_wire::frame_len(pending).map_or(0, |l| l - pending.len());
             if self.start > 0 {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            self.buf.reserve(want.max(READ_AT_LEAST));
+            let room = want.clamp(READ_AT_LEAST, self.buf.len().max(READ_AT_LEAST));
+            self.buf.reserve(room);
             if self.r.read_buf(&mut self.buf).await? == 0 {
                 bail!("connection closed");
             }
@@ -301,6 +306,55 @@ pub fn describe(m: &Message) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A frame header announcing the largest frame, followed by a trickle: the reader's memory
+    /// follows the bytes that came, not the length field; a real large frame still decodes
+    /// (in pieces as they arrive), and the next one needs no new room.
+    #[tokio::test]
+    async fn a_large_frame_header_reserves_nothing_before_its_bytes() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(rx, Vec::new());
+        tx.write_all(&mars_wire::MAX_FRAME.to_le_bytes())
+            .await
+            .unwrap();
+        tx.write_all(&[0u8; 4096]).await.unwrap();
+        assert!(reader.next_within(Duration::from_millis(50)).await.is_err());
+        assert!(
+            reader.buf.capacity() <= 2 * READ_AT_LEAST,
+            "{} bytes reserved for 4 KiB received",
+            reader.buf.capacity()
+        );
+
+        let (mut tx, rx) = tokio::io::duplex(64 << 10);
+        let mut reader = FrameReader::new(rx, Vec::new());
+        let data: Vec<u8> = (0..mars_wire::MAX_DATA).map(|i| i as u8).collect();
+        let m = Message::LogData {
+            file: 3,
+            offset: 4096,
+            data,
+        };
+        let sent = m.clone();
+        let writer = tokio::spawn(async move {
+            for _ in 0..2 {
+                send(&mut tx, &sent).await.unwrap();
+            }
+        });
+        assert_eq!(reader.next().await.unwrap(), m);
+        let cap = reader.buf.capacity();
+        assert!(
+            cap <= 2 * mars_wire::MAX_FRAME as usize + READ_AT_LEAST,
+            "{cap}"
+        );
+        assert_eq!(reader.next().await.unwrap(), m);
+        assert_eq!(
+            reader.buf.capacity(),
+            cap,
+            "the second frame reused the room"
+        );
+        writer.await.unwrap();
+    }
+
     #[test]
     fn default_port() {
         let f = super::with_default_port;
