@@ -33,6 +33,24 @@ pub const POLL: Duration = Duration::from_millis(1000);
 pub const ALIVE_EVERY: Duration = Duration::from_secs(2);
 /// Entries per answer.
 const PAGE: u32 = 1000;
+/// At most this many entries are taken from the member a host joins through (a cluster of
+/// 1,000 resources on three hosts holds about 40,000).
+const JOIN_MAX_ENTRIES: usize = 2_000_000;
+
+/// A page of changes is what was asked for: at most [`PAGE`] entries, and a full page moves
+/// the position forward (a peer answering more, or the same full page again and again, would
+/// make the puller take memory or loop without end).
+fn check_page(host: &HostName, since: u64, n: usize, upto: u64) -> Result<()> {
+    if n > PAGE as usize {
+        bail!("{host} answered {n} entries to a request for at most {PAGE}");
+    }
+    // (`upto` below `since` alone is fine: a peer whose store began anew answers with its
+    // new, lower position, and nothing newer than `since`.)
+    if n as u32 == PAGE && upto <= since {
+        bail!("{host} answered changes up to {upto} to a request for changes after {since}");
+    }
+    Ok(())
+}
 /// A member that answered within this time counts as connected (`view`).
 const CONNECTED_WINDOW: Duration = Duration::from_secs(3);
 /// A pull without an answer within this time: the connection is given up.
@@ -367,6 +385,7 @@ impl Cluster {
                     other => bail!("unexpected answer from {host}: {other:?}"),
                 }
             };
+            check_page(host, since, entries.len(), upto)?;
             if self.ident.cluster_id() != Some(cluster) {
                 bail!("this host left the cluster");
             }
@@ -532,6 +551,13 @@ impl Cluster {
                     other => return Err(failed(anyhow!("unexpected answer: {other:?}"))),
                 }
             };
+            check_page(&s.peer.host, since, entries.len(), upto).map_err(failed)?;
+            if all.len() + entries.len() > JOIN_MAX_ENTRIES {
+                return Err(failed(anyhow!(
+                    "{} sent more than {JOIN_MAX_ENTRIES} metadata entries",
+                    s.peer.host
+                )));
+            }
             let done = (entries.len() as u32) < PAGE;
             all.extend(entries);
             since = upto;
@@ -675,5 +701,25 @@ impl Cluster {
         self.stop_tasks();
         self.clear_peers();
         Ok(format!("{me} left cluster {id}"))
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    #[test]
+    fn a_page_is_what_was_asked_for() {
+        let h = HostName::new("b").unwrap();
+        let full = PAGE as usize;
+        assert!(check_page(&h, 10, 0, 10).is_ok(), "nothing new");
+        assert!(check_page(&h, 10, 5, 15).is_ok());
+        assert!(check_page(&h, 10, full, 2000).is_ok());
+        assert!(check_page(&h, 500, 0, 3).is_ok(), "a store that began anew");
+        let e = check_page(&h, 10, full + 1, 2000).unwrap_err().to_string();
+        assert!(e.contains("1001 entries"), "{e}");
+        let e = check_page(&h, 10, full, 10).unwrap_err().to_string();
+        assert!(e.contains("changes up to 10"), "{e}");
+        assert!(check_page(&h, 10, full, 9).is_err());
     }
 }
