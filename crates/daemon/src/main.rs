@@ -18,6 +18,7 @@
 mod control;
 mod host;
 mod identity;
+mod listen;
 mod local;
 mod meta;
 mod nbd;

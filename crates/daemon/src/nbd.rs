@@ -3,13 +3,13 @@
 //! designated to this host accepts new connections.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use mars_config::ResourceName;
 use mars_nbd::{Export, Exports, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::host::Host;
+use crate::listen::AcceptErrors;
 
 /// The NBD side sees the daemon as a set of exports: every attached resource, by name.
 pub struct HostExports(pub Arc<Host>);
@@ -32,9 +32,11 @@ impl Exports for HostExports {
 pub async fn serve_unix(host: Arc<Host>, l: UnixListener) {
     let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
     let cfg = Arc::new(ServerConfig::default());
+    let mut errors = AcceptErrors::new("NBD listener (unix)");
     loop {
         match l.accept().await {
             Ok((s, _)) => {
+                errors.accepted();
                 let (e, c) = (exports.clone(), cfg.clone());
                 tokio::spawn(async move {
                     if let Err(err) = mars_nbd::serve(s, e, c).await {
@@ -42,10 +44,7 @@ pub async fn serve_unix(host: Arc<Host>, l: UnixListener) {
                     }
                 });
             }
-            Err(e) => {
-                tracing::error!("NBD accept (unix): {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(e).await,
         }
     }
 }
@@ -53,9 +52,11 @@ pub async fn serve_unix(host: Arc<Host>, l: UnixListener) {
 pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
     let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
     let cfg = Arc::new(ServerConfig::default());
+    let mut errors = AcceptErrors::new("NBD listener (tcp)");
     loop {
         match l.accept().await {
             Ok((s, peer)) => {
+                errors.accepted();
                 let _ = s.set_nodelay(true);
                 let (e, c) = (exports.clone(), cfg.clone());
                 tokio::spawn(async move {
@@ -64,10 +65,7 @@ pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
                     }
                 });
             }
-            Err(e) => {
-                tracing::error!("NBD accept (tcp): {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(e).await,
         }
     }
 }

@@ -15,6 +15,8 @@ use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind}
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::listen::AcceptErrors;
+
 /// Default port peers listen on.
 pub const DEFAULT_PORT: u16 = 7777;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -225,11 +227,11 @@ pub trait Handlers: Send + Sync + 'static {
 /// Accepts peer connections until the task is dropped.
 pub async fn listen(l: TcpListener, h: Arc<dyn Handlers>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut error_logged = false;
+    let mut errors = AcceptErrors::new("peer listener");
     loop {
         match l.accept().await {
             Ok((s, from)) => {
-                error_logged = false;
+                errors.accepted();
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     tracing::warn!("peer connection from {from} dropped: {MAX_CONNECTIONS} open");
                     continue;
@@ -243,14 +245,7 @@ pub async fn listen(l: TcpListener, h: Arc<dyn Handlers>) {
                     }
                 });
             }
-            Err(e) => {
-                // Out of descriptors, say: back off instead of spinning on the error.
-                if !error_logged {
-                    tracing::error!("peer accept: {e}");
-                    error_logged = true;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(e).await,
         }
     }
 }

@@ -9,7 +9,7 @@
 //!         → replication  systemd
 //!           → local  meta
 //!             → peer  identity
-//!               → root
+//!               → root  listen
 //! ```
 //!
 //! A module may name (`crate::x`) only modules of a lower layer; modules of one layer do not
@@ -27,7 +27,7 @@ const LAYERS: &[&[&str]] = &[
     &["replication", "systemd"],
     &["local", "meta"],
     &["peer", "identity"],
-    &["root"],
+    &["root", "listen"],
 ];
 
 fn rank(module: &str) -> Option<usize> {

@@ -373,6 +373,11 @@ impl Host {
         }
     }
 
+    /// The process id of the running marsd (through a `wrap` that execs in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn_same_ports();

@@ -16,6 +16,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::host::Host;
+use crate::listen::AcceptErrors;
 
 /// A refusal: what kind, and the one line the operator reads.
 pub type Outcome = Result<Reply, (ErrorKind, String)>;
@@ -43,9 +44,11 @@ pub fn done(message: impl Into<String>) -> Outcome {
 
 /// Serves the control socket until the task is dropped.
 pub async fn serve(host: Arc<Host>, l: UnixListener) {
+    let mut errors = AcceptErrors::new("control socket");
     loop {
         match l.accept().await {
             Ok((s, _)) => {
+                errors.accepted();
                 let h = host.clone();
                 tokio::spawn(async move {
                     if let Err(e) = connection(h, s).await {
@@ -53,10 +56,7 @@ pub async fn serve(host: Arc<Host>, l: UnixListener) {
                     }
                 });
             }
-            Err(e) => {
-                tracing::error!("control accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            Err(e) => errors.failed(e).await,
         }
     }
 }
