@@ -4,31 +4,18 @@
 //! from what templates reference, so another host can choose them: a name is a file name in
 //! the unit or scripts directory, an argument of `systemctl`, and for `.script` a program run
 //! as root. Only systemd's own unit name syntax passes (`[A-Za-z0-9:_.\@-]`, at most 255
-//! bytes, a known type suffix, see systemd.unit(5)) or the same with `.script`; besides, no
-//! name may start with `.` (hidden files, `..`) or `-` (`systemctl` would read an option).
+//! bytes, a suffix of the generator's [`SUFFIXES`]: systemd's unit types, see systemd.unit(5),
+//! and `script`); besides, no name may start with `.` (hidden files, `..`) or `-`
+//! (`systemctl` would read an option).
 //! Without a `/` a name cannot leave its directory, so a generated file stays in the unit or
 //! scripts directory and a `.script` is always one from the scripts directory.
 
 use thiserror::Error;
 
+use crate::generate::SUFFIXES;
+
 /// systemd's limit on a unit name (`UNIT_NAME_MAX`).
 pub const UNIT_NAME_MAX: usize = 255;
-
-/// The unit types systemd knows (systemd.unit(5)), and `script`, MARS's pseudo-unit.
-pub const UNIT_TYPES: &[&str] = &[
-    "service",
-    "socket",
-    "device",
-    "mount",
-    "automount",
-    "swap",
-    "target",
-    "path",
-    "timer",
-    "slice",
-    "scope",
-    "script",
-];
 
 /// Why a name is not a unit name `marsd` uses.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -101,7 +88,7 @@ pub fn check_unit_name(name: &str) -> Result<(), BadUnitName> {
         });
     }
     match name.rsplit_once('.') {
-        Some((stem, ty)) if !stem.is_empty() && UNIT_TYPES.contains(&ty) => Ok(()),
+        Some((stem, ty)) if !stem.is_empty() && SUFFIXES.contains(&ty) => Ok(()),
         _ => bad(|name| BadUnitName::Suffix { name }),
     }
 }
