@@ -492,6 +492,10 @@ impl ResourceEngine {
     }
 
     pub(super) fn on_rotated(&mut self, reply: Option<OpId>, result: Result<Option<u64>, String>) {
+        // The logfile just closed can be reclaimed once the measurements show it, and an idle
+        // primary is not measured again by itself: measure now (`cron` rotated and nothing
+        // else came, so the closed logfile stayed: the replication test's cron loop, 30 s).
+        self.wake_at(self.now.ms);
         let res = self.res.clone();
         let me = self.me.clone();
         let Some(id) = reply else {

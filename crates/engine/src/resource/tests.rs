@@ -844,6 +844,56 @@ fn the_primary_asks_for_reclamation_once_per_floor() {
     );
 }
 
+/// `cron` rotates; the logfile it closed can go only once the engine measures again, and
+/// nothing else measures an idle primary: the rotation's completion asks for a measurement at
+/// once, and the one after it reclaims the closed logfile (a cron loop kept it for 30 s).
+#[test]
+fn a_rotation_asks_for_a_measurement_so_the_closed_logfile_can_go() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    w.ev(opened(LogPos::new(1, 10), &[(1, "a", 10)]));
+    w.at(5_000);
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Cron,
+    });
+    assert!(
+        c.iter().any(|c| matches!(
+            c,
+            Command::Rotate {
+                reply: Some(7),
+                only_if_used: true
+            }
+        )),
+        "{c:?}"
+    );
+    let out = w.e.on_event(
+        w.now,
+        Event::Done(Done::Rotated {
+            reply: Some(7),
+            result: Ok(Some(2)),
+        }),
+    );
+    assert_eq!(out.wake_at, Some(w.now.ms), "measure at once");
+    // The measurement shows logfile 1 closed and written back: its version link goes out,
+    // and once that is in the metadata, the logfile goes.
+    let c = w.stats(Stats {
+        volume: Some(volume(LogPos::new(2, 0), &[(1, "a", 10), (2, "a", 0)])),
+        ..Default::default()
+    });
+    assert!(
+        published(&c)
+            .iter()
+            .any(|(k, _)| k == "resource-r/version-000000001-a"),
+        "{c:?}"
+    );
+    let c = w.sync();
+    assert!(
+        c.iter().any(|c| matches!(c, Command::ReclaimLogs { .. })),
+        "{c:?}"
+    );
+}
+
 /// The forced switch: refused while fetching; then the force marker before the designation,
 /// the promotion after the replayed data, and fetching resumes for later.
 #[test]
