@@ -64,17 +64,26 @@ fn out_of_descriptors_the_accept_loops_back_off_and_recover() {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let cpu = ticks as f64 / hz / t0.elapsed().as_secs_f64();
     let log = a.log_text();
+    // Which loops run out depends on how the descriptors come and go at the limit, so the
+    // check is on the whole: at least one loop failed, and the failures of 2.5 s took a line
+    // or two per loop (a loop that logged each failure wrote 25 lines here).
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("accept failed"))
+        .collect();
+    assert!(
+        !lines.is_empty(),
+        "the daemon never ran out of descriptors?\n{log}"
+    );
+    assert!(lines.len() <= 8, "accept failures flood the log\n{log}");
     for what in [
         "peer listener",
         "NBD listener (tcp)",
         "NBD listener (unix)",
         "control socket",
     ] {
-        let failed = log.matches(&format!("{what}: accept failed")).count();
-        assert_eq!(
-            failed, 1,
-            "{what}: logged once per run of failures (did it run out of descriptors?)\n{log}"
-        );
+        let n = lines.iter().filter(|l| l.contains(what)).count();
+        assert!(n <= 2, "{what}: {n} lines for one run of failures\n{log}");
     }
     assert!(
         cpu < 0.3,
