@@ -50,8 +50,26 @@ impl Drop for SmallFs {
     }
 }
 
+/// Writes through NBD; a failure panics with the daemon's log (it lives on the small
+/// filesystem, gone once the test ends).
 fn write_at(h: &Host, t: &Path, off: u64, len: usize) {
-    mars_testkit::repl::write_random(h, "r", t, off, len);
+    let src = t.join(format!("src-{off}"));
+    mars_testkit::random_file(&src, len);
+    let out = Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("write -s {} {off} {len}", src.display()))
+        .arg(h.unix_uri("r"))
+        .output()
+        .expect("qemu-io");
+    assert!(
+        out.status.success(),
+        "write of {len} bytes at {off} failed: {}{}\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        h.ok(&["view", "r"]),
+        tail(&h.log_text(), 60)
+    );
+    std::fs::remove_file(&src).expect("remove source");
 }
 
 #[test]
