@@ -244,6 +244,7 @@ fn run(args: Args) -> Result<()> {
             );
         }
     }
+    let store_existed = root.join(meta::META_FILE).exists();
     let store_file = mars_meta::Store::open(
         root.join(meta::META_FILE),
         host.clone(),
@@ -251,7 +252,7 @@ fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("cannot open {}", root.join(meta::META_FILE).display()))?;
     // redb creates it with the umask's mode; the store is the cluster's metadata.
-    root::private(&root.join(meta::META_FILE))?;
+    root::private(&root.join(meta::META_FILE), store_existed)?;
     raise_open_files();
     let ident = Arc::new(Identity::new(root, host, listen, args.nbd_listen, cluster));
     let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));

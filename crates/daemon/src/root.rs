@@ -69,7 +69,7 @@ pub fn lock_root(root: &Path) -> Result<fs::File> {
         .mode(0o700)
         .create(root)
         .with_context(|| format!("cannot create root directory {}", root.display()))?;
-    private(root)?;
+    private(root, true)?;
     let path = root.join(LOCK_FILE);
     let mut f = fs::OpenOptions::new()
         .read(true)
@@ -94,8 +94,8 @@ pub fn lock_root(root: &Path) -> Result<fs::File> {
 }
 
 /// Takes group and other access away from `path` (a file or directory of the root), saying
-/// so when it had any.
-pub fn private(path: &Path) -> Result<()> {
+/// so when it had any and `say` (a file just created with the umask's mode is no news).
+pub fn private(path: &Path, say: bool) -> Result<()> {
     let mode = fs::metadata(path)
         .with_context(|| format!("cannot stat {}", path.display()))?
         .permissions()
@@ -104,6 +104,9 @@ pub fn private(path: &Path) -> Result<()> {
         let tight = mode & 0o7700;
         fs::set_permissions(path, fs::Permissions::from_mode(tight))
             .with_context(|| format!("cannot restrict the permissions of {}", path.display()))?;
+        if !say {
+            return Ok(());
+        }
         tracing::warn!(
             "{} was readable by others (mode {:o}): now {:o}",
             path.display(),
@@ -170,7 +173,7 @@ mod private_tests {
         fs::write(&file, b"x").unwrap();
         fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
         let lock = lock_root(&root).unwrap();
-        private(&file).unwrap();
+        private(&file, true).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode(&root), 0o700);
         assert_eq!(mode(&file), 0o600);
