@@ -48,7 +48,8 @@ pub enum Marker {
     /// `force-primary`: a forced switch (`primary --force`) is pending here.
     ForcePrimary,
     /// `emergency`: this primary is in emergency mode (writes bypass the log). Found at open
-    /// (a restart in emergency mode), the log continues after a hole before anything is written.
+    /// (a restart in emergency mode), nothing is replayed and the log continues after a hole
+    /// before anything is written. The volume creates it itself ([`mars_volume::EMERGENCY_FILE`]).
     Emergency,
 }
 
@@ -60,7 +61,7 @@ impl Marker {
         match self {
             Marker::Replica => "replica",
             Marker::ForcePrimary => "force-primary",
-            Marker::Emergency => "emergency",
+            Marker::Emergency => mars_volume::EMERGENCY_FILE,
         }
     }
 }

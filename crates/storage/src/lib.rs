@@ -64,6 +64,17 @@ pub trait Dir: Send + Sync {
     }
 }
 
+/// Whether an I/O error says that the filesystem is full (ENOSPC, or the quota's EDQUOT).
+pub fn out_of_space(e: &io::Error) -> bool {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT))
+        || matches!(
+            e.kind(),
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+        )
+}
+
 /// A file or block device with positional I/O. All methods take `&self` so that one handle can be
 /// shared between threads (reads on request threads, writes on the writeback thread).
 pub trait File: Send + Sync {

@@ -36,6 +36,9 @@ struct World {
     /// Fault injection: writes (incl. zeroing) and syncs of every file fail with EIO.
     fail_writes: AtomicBool,
     fail_syncs: AtomicBool,
+    /// Fault injection: the filesystem is full, a write that would make a file longer fails
+    /// with ENOSPC (writes inside a file's length still work, like on preallocated blocks).
+    full: AtomicBool,
 }
 
 fn eio(what: &str) -> io::Error {
@@ -135,6 +138,12 @@ impl MemDir {
     pub fn inject_faults(&self, fail_writes: bool, fail_syncs: bool) {
         self.world.fail_writes.store(fail_writes, Ordering::SeqCst);
         self.world.fail_syncs.store(fail_syncs, Ordering::SeqCst);
+    }
+
+    /// From now on (`full`), or no longer, every write that would make a file longer fails with
+    /// ENOSPC, like on a full filesystem. Creating, removing and renaming files still works.
+    pub fn fill_up(&self, full: bool) {
+        self.world.full.store(full, Ordering::SeqCst);
     }
 
     /// Direct access to a file's current bytes (for tests that corrupt or inspect).
@@ -245,6 +254,14 @@ impl File for MemFile {
         let mut s = lock(&self.state);
         let end = off + buf.len();
         if s.data.len() < end {
+            if self
+                .world
+                .upgrade()
+                .is_some_and(|w| w.full.load(Ordering::SeqCst))
+            {
+                const ENOSPC: i32 = 28;
+                return Err(io::Error::from_raw_os_error(ENOSPC));
+            }
             s.data.resize(end, 0);
         }
         s.data[off..end].copy_from_slice(buf);

@@ -42,11 +42,23 @@ pub enum LogError {
     Exhausted(u64),
     #[error("the log writer stopped after an error: {0}")]
     Failed(String),
+    /// The filesystem holding the log is full (ENOSPC, EDQUOT): nothing more can be appended
+    /// until the log restarts after a hole ([`crate::Appender::rotate_skipping`]). Records
+    /// appended but not yet durable are lost to the log; their owner still holds them (the
+    /// volume writes them to its disk: emergency mode).
+    #[error("the log is out of space: {0}")]
+    Full(String),
     #[error("the log is closed")]
     Closed,
 }
 
 impl LogError {
+    /// An I/O error that says the filesystem is full (ENOSPC, or the quota's EDQUOT): MARS
+    /// answers it with emergency mode, not with failed writes.
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(self, LogError::Io { source, .. } if mars_storage::out_of_space(source))
+    }
+
     pub(crate) fn io(file: impl Into<String>, op: &'static str) -> impl FnOnce(io::Error) -> Self {
         let file = file.into();
         move |source| LogError::Io { file, op, source }

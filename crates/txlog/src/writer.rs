@@ -95,11 +95,15 @@ struct State {
     /// Somebody waits for durability up to here.
     sync_wanted: LogPos,
     failed: Option<String>,
+    /// The filesystem ran out of space (see [`LogError::Full`]): appends are refused and the
+    /// not yet durable records are gone from the log until [`Appender::rotate_skipping`].
+    full: Option<String>,
     closing: bool,
     spare: Vec<Vec<u8>>,
 }
 
-/// Called with the new durable end after every group commit (see [`Appender::on_durable`]).
+/// Called with the new durable end after every group commit, and with the unchanged one when
+/// the log runs out of space (see [`Appender::on_durable`]).
 pub type DurableHook = Arc<dyn Fn(LogPos) + Send + Sync>;
 
 struct Shared {
@@ -126,6 +130,19 @@ impl Shared {
         if let Some(j) = self.job.get() {
             j.now();
         }
+    }
+}
+
+impl State {
+    /// Refuses work once the log failed or ran out of space.
+    fn check(&self) -> Result<(), LogError> {
+        if let Some(f) = &self.failed {
+            return Err(LogError::Failed(f.clone()));
+        }
+        if let Some(f) = &self.full {
+            return Err(LogError::Full(f.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -172,6 +189,7 @@ impl Appender {
                 durable: start,
                 sync_wanted: start,
                 failed: None,
+                full: None,
                 closing: false,
                 spare: Vec::new(),
             }),
@@ -199,9 +217,7 @@ impl Appender {
         payload: &[u8],
     ) -> Result<Appended, LogError> {
         let mut st = lock(&self.shared.state);
-        if let Some(f) = &st.failed {
-            return Err(LogError::Failed(f.clone()));
-        }
+        st.check()?;
         if st.closing {
             return Err(LogError::Closed);
         }
@@ -279,11 +295,21 @@ impl Appender {
     /// Like [`Appender::rotate`], but leaves `skip` logfile numbers out: a deliberate hole in
     /// the sequence (emergency mode), which no replica can fetch across, so that replicas stop
     /// consistent at the hole while the primary's writes bypass the log.
+    ///
+    /// This is also how a log that ran out of space ([`LogError::Full`]) starts again: what it
+    /// lost beyond the durable end stays behind the hole.
     pub fn rotate_skipping(&self, skip: u64) -> Result<u64, LogError> {
         let target = {
             let mut st = lock(&self.shared.state);
             if let Some(f) = &st.failed {
                 return Err(LogError::Failed(f.clone()));
+            }
+            if st.full.take().is_some() {
+                // The segments lost to the full filesystem were dropped by the commit job;
+                // positions go on from the last one handed out, past the hole.
+                st.pending.clear();
+                st.pending_bytes = 0;
+                st.oldest_pending = None;
             }
             st.appended.file = st.appended.file.saturating_add(skip);
             Self::begin_file(&mut st)?;
@@ -298,9 +324,7 @@ impl Appender {
     pub fn rotate(&self) -> Result<u64, LogError> {
         let target = {
             let mut st = lock(&self.shared.state);
-            if let Some(f) = &st.failed {
-                return Err(LogError::Failed(f.clone()));
-            }
+            st.check()?;
             Self::begin_file(&mut st)?;
             st.appended
         };
@@ -308,9 +332,9 @@ impl Appender {
         Ok(target.file)
     }
 
-    /// Calls `hook` with the new durable end after every group commit, on the log's own
-    /// thread (it must not block): lets an async server follow the log without a thread per
-    /// follower.
+    /// Calls `hook` with the new durable end after every group commit (and once with the
+    /// unchanged end when the log runs out of space), on the log's own thread (it must not
+    /// block): lets an async server follow the log without a thread per follower.
     pub fn on_durable(&self, hook: DurableHook) {
         *self
             .shared
@@ -332,12 +356,10 @@ impl Appender {
         self.shared.kick();
         let mut st = lock(&self.shared.state);
         loop {
-            if let Some(f) = &st.failed {
-                return Err(LogError::Failed(f.clone()));
-            }
             if st.durable >= upto {
                 return Ok(());
             }
+            st.check()?;
             st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
         }
     }
@@ -347,6 +369,11 @@ impl Appender {
         let upto = lock(&self.shared.state).appended;
         self.sync_to(upto)?;
         Ok(upto)
+    }
+
+    /// Why the log ran out of space ([`LogError::Full`]), until it restarts after a hole.
+    pub fn full(&self) -> Option<String> {
+        lock(&self.shared.state).full.clone()
     }
 
     /// Position after the last appended record.
@@ -431,7 +458,7 @@ impl Job for Shared {
         let cfg = &self.cfg;
         let (segments, target, host) = {
             let mut st = lock(&self.state);
-            if st.failed.is_some() || st.pending.is_empty() {
+            if st.failed.is_some() || st.full.is_some() || st.pending.is_empty() {
                 return None;
             }
             let urgent =
@@ -472,22 +499,35 @@ impl Job for Shared {
                     }
                 }
             }
+            Err(e) if e.is_out_of_space() => {
+                // Not a failure of the log: MARS's emergency mode. The records of this group
+                // (and any appended since) never become durable here; whoever waits for them
+                // hears `Full`, and the volume, which still holds them, writes them to its disk.
+                tracing::warn!("transaction log out of space: {e}");
+                st.full = Some(e.to_string());
+                st.pending.clear();
+                st.pending_bytes = 0;
+                st.oldest_pending = None;
+            }
             Err(e) => {
                 tracing::error!("transaction log failed: {e}");
                 st.failed = Some(e.to_string());
             }
         }
         let more = ok && !st.pending.is_empty();
+        let durable = st.durable;
+        let full = st.full.is_some();
         drop(st);
         self.done.notify_all();
-        if ok {
+        // Running out of space is news too: the owner switches to emergency mode.
+        if ok || full {
             let hook = self
                 .on_durable
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             if let Some(h) = hook {
-                h(target);
+                h(durable);
             }
         }
         // More arrived meanwhile: look again at once (the next call decides when it is due).

@@ -298,3 +298,41 @@ fn sync_failure_fails_waiters_and_every_later_append() {
     ));
     assert!(log.durable() < b.end);
 }
+
+/// A full filesystem is not a failure of the log (MARS's emergency mode): waiters hear `Full`,
+/// appends are refused with `Full`, the durable end stays where it was, and the log starts
+/// again after a hole once there is space; what it could not take stays behind the hole.
+#[test]
+fn a_full_filesystem_stops_the_log_until_it_restarts_after_a_hole() {
+    let dir = MemDir::new();
+    let d: Arc<dyn Dir> = Arc::new(dir.clone());
+    let log = Appender::start(d.clone(), host(), 1, 0, cfg(1 << 30)).unwrap();
+    let a = log.append(Kind::Write, 0, 3, b"abc").unwrap();
+    log.sync_to(a.end).unwrap();
+    dir.fill_up(true);
+    let b = log.append(Kind::Write, 3, 3, b"def").unwrap();
+    let err = log.sync_to(b.end).unwrap_err();
+    assert!(matches!(err, LogError::Full(_)), "{err}");
+    assert!(log.full().is_some());
+    assert!(matches!(
+        log.append(Kind::Write, 6, 1, b"g"),
+        Err(LogError::Full(_))
+    ));
+    assert!(matches!(log.rotate(), Err(LogError::Full(_))));
+    assert_eq!(log.durable(), a.end);
+    // What is durable stays readable; the lost record is not in the log.
+    assert_eq!(all_records(&*d).len(), 1);
+    dir.fill_up(false);
+    let next = log.rotate_skipping(1).unwrap();
+    assert_eq!(next, 3, "logfile 2 is the hole");
+    assert!(log.full().is_none());
+    let c = log.append(Kind::Write, 9, 3, b"xyz").unwrap();
+    log.sync_to(c.end).unwrap();
+    assert_eq!(c.pos, LogPos::new(3, 0));
+    let names: Vec<u64> = mars_txlog::list_logs_unchecked(&*d)
+        .unwrap()
+        .iter()
+        .map(|n| n.no)
+        .collect();
+    assert_eq!(names, vec![1, 3]);
+}

@@ -200,6 +200,7 @@ impl Index {
         let mut pieces = Vec::new();
         let mut target = None;
         let mut mem = 0;
+        let mut records = 0;
         let mut bytes = 0usize;
         while let Some(p) = self.queue.front() {
             if p.rec_end > durable || (bytes >= max_bytes && target.is_some()) {
@@ -207,6 +208,7 @@ impl Index {
             }
             let p = self.queue.pop_front().expect("front exists");
             mem += p.mem;
+            records += 1;
             target = Some(p.rec_end);
             let first = self
                 .map
@@ -249,7 +251,18 @@ impl Index {
             pieces,
             position: Some(position),
             mem,
+            records,
         }
+    }
+
+    /// Forgets every extent once all records are written back (emergency mode: writes go to the
+    /// disk and reads must see them there). An extent can outlive its record: when a newer write
+    /// cut it while its piece was being written, `release` leaves the part that stayed; it reads
+    /// right as long as newer writes come through the index, which they no longer do.
+    pub fn forget_written_back(&mut self) {
+        debug_assert!(self.queue.is_empty());
+        self.map.clear();
+        self.shadowed.clear();
     }
 
     /// Drops the written pieces from the map (unless a newer write replaced them meanwhile) and
@@ -275,6 +288,8 @@ pub struct Collected {
     /// Position to persist once the pieces are on disk and synced.
     pub position: Option<LogPos>,
     mem: usize,
+    /// Records taken off the queue.
+    pub records: usize,
 }
 
 #[cfg(test)]

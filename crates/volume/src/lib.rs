@@ -12,6 +12,14 @@
 //!
 //! Memory for not-yet-written-back data is bounded by [`VolumeConfig::max_dirty`]: a writer that
 //! would exceed it waits for writeback; writes are never dropped.
+//!
+//! Emergency mode (MARS: "all IO goes directly to the disk") is entered on the owner's request
+//! ([`Volume::enter_passthrough`], free space measured low) or at once when the log's
+//! filesystem is full ([`LogError::Full`]): writes never fail for space. Then writeback writes
+//! every record the index holds, durable or not, to the disk, syncs it and creates the
+//! [`EMERGENCY_FILE`] marker before the first write bypasses the log. A crash in the middle of
+//! that switch may leave writes that no FLUSH covered partly applied (replay of the durable
+//! records over newer ones), which the block-device contract allows; nothing flushed is lost.
 
 mod index;
 mod position;
@@ -29,6 +37,12 @@ use mars_txlog::{Appender, AppenderConfig, Kind, LogError, LogName, LogPos};
 pub use index::Data;
 use index::{Collected, Index};
 pub use position::{format_position, parse_position, read_position, write_position, POSITION_FILE};
+
+/// The marker of emergency mode in the log's directory: present = every record of the log is on
+/// the disk and newer writes may have bypassed the log, so an open replays nothing and the log
+/// may only continue after a hole ([`Volume::restart_log_after_gap`]). Empty; its presence is
+/// what counts (creating it needs no data block, so it works on a full filesystem).
+pub const EMERGENCY_FILE: &str = "emergency";
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -106,6 +120,9 @@ pub struct OpenReport {
     pub truncated: Option<(LogName, u64)>,
     /// The logfile appends go to now.
     pub current: Option<LogName>,
+    /// The [`EMERGENCY_FILE`] marker was found: nothing was replayed and the volume is in
+    /// emergency mode until [`Volume::restart_log_after_gap`].
+    pub emergency: bool,
 }
 
 /// A snapshot of the volume's state, for `marsadm view` and metrics.
@@ -145,7 +162,15 @@ struct Shared {
     passthrough: AtomicBool,
     /// Called after writeback was woken by a group commit (see [`Volume::on_durable`]).
     on_durable: Mutex<Option<mars_txlog::writer::DurableHook>>,
+    /// The last writeback position could not be persisted for lack of space (logged once).
+    position_stuck: AtomicBool,
+    /// Called once the volume entered emergency mode by itself (see [`Volume::on_emergency`]).
+    on_emergency: Mutex<Option<EmergencyHook>>,
 }
+
+/// Called (on a worker thread; it must not block) when the volume entered emergency mode by
+/// itself because its log ran out of space.
+pub type EmergencyHook = Arc<dyn Fn() + Send + Sync>;
 
 /// Writeback between its rounds.
 #[derive(Default)]
@@ -208,17 +233,22 @@ impl Volume {
         let saved = read_position(&*dir)?;
         let from = saved.map_or(first, |p| p.max(first));
         let end = rec.end();
+        // In emergency mode every record of the log is on the disk already, and writes newer
+        // than the log's may be there too: replaying would bring back older data.
+        let emergency = emergency_marked(&*dir)?;
         // No logfiles at all and the position at the start of one: everything is on the disk
         // (a replica that reclaimed every replayed logfile and now becomes primary); the log
         // continues at that number.
         let empty_start = rec.files.is_empty() && from.offset == 0 && from.file > 0;
-        if from > end && !(from.offset == 0 && from.file == rec.next_file_no()) && !empty_start {
+        let next_file_start = from.offset == 0 && from.file == rec.next_file_no();
+        if from > end && !(next_file_start || empty_start || emergency) {
             return Err(VolumeError::PositionBeyondLog {
                 position: from,
                 end,
             });
         }
         let mut replayed = 0u64;
+        let from = if emergency { end.max(from) } else { from };
         mars_txlog::replay::<VolumeError>(&*dir, &rec, from, |_, r| {
             apply(
                 &*disk,
@@ -251,8 +281,12 @@ impl Volume {
             rec.last_stamp(),
             cfg.log.clone(),
         )?;
-        // Everything before the new logfile is on the disk now.
-        write_position(&*dir, start)?;
+        // Everything before the new logfile is on the disk now. On a full filesystem the old
+        // position stays: a later open replays a little more, in order, which is harmless.
+        let position_stuck = !persist_position(&*dir, start)?;
+        if position_stuck {
+            tracing::warn!("the filesystem is full: the writeback position stays before {start}");
+        }
         if replayed > 0 || rec.truncated.is_some() {
             tracing::info!(
                 "recovered: replayed {replayed} records from {from}, continuing in {}",
@@ -264,6 +298,7 @@ impl Volume {
             from,
             truncated: rec.truncated.clone(),
             current: Some(log.current_file()),
+            emergency,
         };
         let shared = Arc::new(Shared {
             cfg,
@@ -279,8 +314,10 @@ impl Volume {
             closing: AtomicBool::new(false),
             writes: AtomicU64::new(0),
             size: AtomicU64::new(cfg_size),
-            passthrough: AtomicBool::new(false),
+            passthrough: AtomicBool::new(emergency),
             on_durable: Mutex::new(None),
+            on_emergency: Mutex::new(None),
+            position_stuck: AtomicBool::new(position_stuck),
         });
         // The log's group commits wake writeback (and then whoever follows the volume).
         let weak = Arc::downgrade(&shared);
@@ -370,8 +407,7 @@ impl Volume {
         }
         debug_assert_eq!(done as u64, len);
         if fua {
-            self.shared.log.sync_to(end)?;
-            self.sync_disk_in_passthrough()?;
+            self.make_durable(Some(end))?;
         }
         Ok(end)
     }
@@ -407,8 +443,7 @@ impl Volume {
         }
         let end = self.append(kind, offset, len, Data::Zero { punch })?;
         if fua {
-            self.shared.log.sync_to(end)?;
-            self.sync_disk_in_passthrough()?;
+            self.make_durable(Some(end))?;
         }
         Ok(end)
     }
@@ -416,8 +451,7 @@ impl Volume {
     fn maybe_fua(&self, fua: bool) -> Result<LogPos, VolumeError> {
         self.check_failed()?;
         if fua {
-            self.sync_disk_in_passthrough()?;
-            Ok(self.shared.log.sync_all()?)
+            self.make_durable(None)
         } else {
             Ok(self.shared.log.appended())
         }
@@ -434,70 +468,123 @@ impl Volume {
     }
 
     fn append(&self, kind: Kind, offset: u64, len: u64, data: Data) -> Result<LogPos, VolumeError> {
-        self.check_failed()?;
-        let mem = match &data {
-            Data::Bytes(b) => b.len(),
-            Data::Zero { .. } => 0,
-        };
-        let max = self.shared.cfg.max_dirty;
-        let mut ix = lock(&self.shared.index);
-        if self.shared.passthrough.load(Ordering::Acquire) {
-            // Emergency mode: straight to the disk (the index is empty, reads see the disk).
-            let payload: &[u8] = match &data {
-                Data::Bytes(b) => b,
-                Data::Zero { .. } => &[],
-            };
-            apply(&*self.shared.disk, kind, offset, len, payload)?;
-            self.shared.writes.fetch_add(1, Ordering::Relaxed);
-            drop(ix);
-            return Ok(self.shared.log.appended());
-        }
-        while mem > 0 && ix.mem > 0 && ix.mem + mem > max {
-            drop(ix);
-            self.shared.hurry();
-            ix = lock(&self.shared.index);
-            if !(ix.mem > 0 && ix.mem + mem > max) {
-                break;
-            }
-            ix = self
-                .shared
-                .space
-                .wait(ix)
-                .unwrap_or_else(|e| e.into_inner());
-            self.check_failed()?;
-        }
-        // Append and index under one lock: the index must reflect log order for overlapping
-        // writes.
         let payload: &[u8] = match &data {
             Data::Bytes(b) => b,
             Data::Zero { .. } => &[],
         };
-        let a = self.shared.log.append(kind, offset, len, payload)?;
-        ix.insert(offset, offset + len, a.pos, a.end, data);
-        self.shared.writes.fetch_add(1, Ordering::Relaxed);
-        Ok(a.end)
+        let mem = payload.len();
+        let max = self.shared.cfg.max_dirty;
+        loop {
+            self.check_failed()?;
+            let mut ix = lock(&self.shared.index);
+            if self.shared.passthrough.load(Ordering::Acquire) {
+                // Emergency mode: straight to the disk (the index is empty, reads see the disk).
+                apply(&*self.shared.disk, kind, offset, len, payload)?;
+                self.shared.writes.fetch_add(1, Ordering::Relaxed);
+                drop(ix);
+                return Ok(self.shared.log.appended());
+            }
+            if mem > 0 && ix.mem > 0 && ix.mem + mem > max {
+                drop(ix);
+                self.shared.hurry();
+                let ix = lock(&self.shared.index);
+                if ix.mem > 0 && ix.mem + mem > max {
+                    // Woken by writeback releasing memory (or by emergency mode, closing or a
+                    // failure): decide again from the top.
+                    drop(
+                        self.shared
+                            .space
+                            .wait(ix)
+                            .unwrap_or_else(|e| e.into_inner()),
+                    );
+                }
+                continue;
+            }
+            // Append and index under one lock: the index must reflect log order for overlapping
+            // writes.
+            match self.shared.log.append(kind, offset, len, payload) {
+                Ok(a) => {
+                    ix.insert(offset, offset + len, a.pos, a.end, data);
+                    self.shared.writes.fetch_add(1, Ordering::Relaxed);
+                    return Ok(a.end);
+                }
+                Err(LogError::Full(_)) => {
+                    drop(ix);
+                    self.await_passthrough()?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// FLUSH: every write acknowledged so far is durable when this returns.
     pub fn flush(&self) -> Result<LogPos, VolumeError> {
         self.check_failed()?;
-        self.sync_disk_in_passthrough()?;
-        Ok(self.shared.log.sync_all()?)
+        self.make_durable(None)
     }
 
-    /// In emergency mode writes are durable once the disk is synced.
-    fn sync_disk_in_passthrough(&self) -> Result<(), VolumeError> {
+    /// Makes the writes acknowledged so far durable up to `upto` (all of them: `None`): a sync
+    /// of the log, or in emergency mode of the disk. A log that turns out to be full switches
+    /// to emergency mode first (which writes everything the log lost to the disk).
+    fn make_durable(&self, upto: Option<LogPos>) -> Result<LogPos, VolumeError> {
+        // A write that bypassed the log happened after the flag was set, so seeing it unset
+        // here means every write acknowledged before is in the log.
         if self.shared.passthrough.load(Ordering::Acquire) {
-            self.shared
-                .disk
-                .sync_data()
-                .map_err(|source| VolumeError::Disk {
-                    op: "fdatasync",
-                    offset: 0,
-                    source,
-                })?;
+            self.sync_disk()?;
+            return Ok(self.shared.log.appended());
         }
-        Ok(())
+        let r = match upto {
+            Some(p) => self.shared.log.sync_to(p).map(|()| p),
+            None => self.shared.log.sync_all(),
+        };
+        match r {
+            Ok(p) => Ok(p),
+            Err(LogError::Full(_)) => {
+                self.await_passthrough()?;
+                self.sync_disk()?;
+                Ok(self.shared.log.appended())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn sync_disk(&self) -> Result<(), VolumeError> {
+        self.shared
+            .disk
+            .sync_data()
+            .map_err(|source| VolumeError::Disk {
+                op: "fdatasync",
+                offset: 0,
+                source,
+            })
+    }
+
+    /// The log ran out of space: has writeback switch to emergency mode and waits until it
+    /// did (then every acknowledged write is on the disk, synced, and the marker exists).
+    fn await_passthrough(&self) -> Result<(), VolumeError> {
+        self.shared.hurry();
+        let mut ix = lock(&self.shared.index);
+        loop {
+            if self.shared.passthrough.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if let Some(e) = &*lock(&self.shared.failed) {
+                return Err(VolumeError::WritebackFailed(e.clone()));
+            }
+            // Writeback notifies when it is done; the timeout only guards against a missed one.
+            ix = self
+                .shared
+                .space
+                .wait_timeout(ix, Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Calls `hook` once the volume entered emergency mode by itself (its log ran out of
+    /// space), so that its owner hears of it before the next measurement of free space.
+    pub fn on_emergency(&self, hook: EmergencyHook) {
+        *lock(&self.shared.on_emergency) = Some(hook);
     }
 
     /// Emergency mode is on: writes bypass the log.
@@ -513,10 +600,22 @@ impl Volume {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             self.check_failed()?;
-            self.shared.log.sync_all()?;
+            if self.shared.passthrough.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            match self.shared.log.sync_all() {
+                Ok(_) => {}
+                // The log filled up first: the switch happens anyway, all at once.
+                Err(LogError::Full(_)) => return self.await_passthrough(),
+                Err(e) => return Err(e.into()),
+            }
             {
-                let ix = lock(&self.shared.index);
+                let mut ix = lock(&self.shared.index);
                 if ix.pending_records() == 0 {
+                    ix.forget_written_back();
+                    // The marker before the first write that bypasses the log: a restart must
+                    // not continue the log as if nothing had happened.
+                    mark_emergency(&*self.shared.dir)?;
                     self.shared.passthrough.store(true, Ordering::Release);
                     return Ok(());
                 }
@@ -533,38 +632,33 @@ impl Volume {
     /// after a deliberate hole of one logfile number, and every older logfile is deleted (all
     /// of it is on the disk). Replicas cannot fetch across the hole: they stay consistent where
     /// they are until a full sync. Returns the number of the new logfile.
+    ///
+    /// Crash safety: the marker goes last, after the new position and the deletions, and
+    /// before the first write goes to the log again (all under the index lock, which writes
+    /// take): a restart in between finds the marker and replays nothing, which is right as
+    /// long as nothing was appended.
     pub fn restart_log_after_gap(&self) -> Result<u64, VolumeError> {
-        self.shared.log.sync_all()?;
+        self.check_failed()?;
+        self.make_durable(None)?;
         let ix = lock(&self.shared.index);
         if ix.pending_records() > 0 {
             return Err(VolumeError::Busy(
                 "records are still waiting for writeback".into(),
             ));
         }
-        self.shared
-            .disk
-            .sync_data()
-            .map_err(|source| VolumeError::Disk {
-                op: "fdatasync",
-                offset: 0,
-                source,
-            })?;
+        self.sync_disk()?;
         let next = self.shared.log.rotate_skipping(1)?;
-        self.shared.passthrough.store(false, Ordering::Release);
         let start = LogPos::new(next, 0);
         write_position(&*self.shared.dir, start)?;
         *lock(&self.shared.written_back) = start;
-        drop(ix);
         for name in mars_txlog::list_logs_unchecked(&*self.shared.dir)? {
             if name.no < next {
                 mars_txlog::remove_log(&*self.shared.dir, &name)?;
             }
         }
-        self.shared.dir.sync().map_err(|source| VolumeError::Disk {
-            op: "directory sync",
-            offset: 0,
-            source,
-        })?;
+        unmark_emergency(&*self.shared.dir)?;
+        self.shared.passthrough.store(false, Ordering::Release);
+        drop(ix);
         Ok(next)
     }
 
@@ -648,7 +742,7 @@ impl Volume {
     /// Syncs the log, writes everything back, persists the final position and stops. After a
     /// clean close, the next open replays nothing.
     pub fn close(mut self) -> Result<LogPos, VolumeError> {
-        let end = self.shared.log.sync_all()?;
+        let end = self.make_durable(None)?;
         self.stop();
         if let Some(e) = &*lock(&self.shared.failed) {
             return Err(VolumeError::WritebackFailed(e.clone()));
@@ -678,6 +772,50 @@ impl Volume {
 impl Drop for Volume {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Persists the writeback position; `false` if the filesystem is full (not an error: the
+/// persisted position only bounds how much recovery replays).
+fn persist_position(dir: &dyn Dir, pos: LogPos) -> Result<bool, VolumeError> {
+    match dir.write_atomic(POSITION_FILE, format_position(pos).as_bytes()) {
+        Ok(()) => Ok(true),
+        Err(e) if mars_storage::out_of_space(&e) => Ok(false),
+        Err(e) => Err(VolumeError::BadPosition(format!("write: {e}"))),
+    }
+}
+
+/// Whether the [`EMERGENCY_FILE`] marker exists.
+fn emergency_marked(dir: &dyn Dir) -> Result<bool, VolumeError> {
+    match dir.open(EMERGENCY_FILE, mars_storage::OpenMode::Existing) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(dir_error("open the emergency marker", source)),
+    }
+}
+
+/// Creates the [`EMERGENCY_FILE`] marker durably (an empty file: no data block needed).
+fn mark_emergency(dir: &dyn Dir) -> Result<(), VolumeError> {
+    dir.open(EMERGENCY_FILE, mars_storage::OpenMode::Create)
+        .map_err(|e| dir_error("create the emergency marker", e))?;
+    dir.sync().map_err(|e| dir_error("directory sync", e))
+}
+
+/// Removes the [`EMERGENCY_FILE`] marker durably (if it is there).
+fn unmark_emergency(dir: &dyn Dir) -> Result<(), VolumeError> {
+    match dir.remove(EMERGENCY_FILE) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(dir_error("remove the emergency marker", e)),
+    }
+    dir.sync().map_err(|e| dir_error("directory sync", e))
+}
+
+fn dir_error(op: &'static str, source: std::io::Error) -> VolumeError {
+    VolumeError::Disk {
+        op,
+        offset: 0,
+        source,
     }
 }
 
@@ -730,6 +868,22 @@ impl Job for Shared {
     /// round waits `writeback_interval` after the first wake so that overwrites accumulate; an
     /// idle volume is not scheduled at all (the log's group commits schedule it).
     fn run(&self) -> Option<Instant> {
+        // The log may have filled up without anybody waiting for it yet (a close, a drop).
+        if let Some(why) = self
+            .log
+            .full()
+            .filter(|_| !self.passthrough.load(Ordering::Acquire))
+        {
+            if lock(&self.wb).finished {
+                return None;
+            }
+            if let Err(e) = self.switch_to_passthrough(&why) {
+                tracing::error!("cannot enter emergency mode after the log filled up: {e}");
+                self.fail(e);
+                return None;
+            }
+            return Some(Instant::now());
+        }
         let closing = self.closing.load(Ordering::Acquire);
         let now = Instant::now();
         let batch = {
@@ -766,10 +920,7 @@ impl Job for Shared {
         };
         if let Err(e) = write_batch(self, &batch) {
             tracing::error!("writeback failed: {e}");
-            *lock(&self.failed) = Some(e.to_string());
-            lock(&self.wb).finished = true;
-            let _ix = lock(&self.index);
-            self.space.notify_all();
+            self.fail(e);
             return None;
         }
         let mut ix = lock(&self.index);
@@ -788,10 +939,65 @@ impl Job for Shared {
     }
 }
 
+impl Shared {
+    /// Writeback failed: writes are refused from now on (the log still holds what it has).
+    fn fail(&self, e: VolumeError) {
+        *lock(&self.failed) = Some(e.to_string());
+        lock(&self.wb).finished = true;
+        let _ix = lock(&self.index);
+        self.space.notify_all();
+    }
+
+    /// The log is full: every record the index holds, durable or not, goes to the disk, then
+    /// the marker, then writes bypass the log (see the module docs). Runs as the writeback job,
+    /// so no other writeback round is under way; appends are refused by the full log, so the
+    /// index only shrinks meanwhile.
+    fn switch_to_passthrough(&self, why: &str) -> Result<(), VolumeError> {
+        let batch = lock(&self.index).collect(self.log.appended(), usize::MAX);
+        write_pieces(self, &batch)?;
+        mark_emergency(&*self.dir)?;
+        {
+            let mut ix = lock(&self.index);
+            ix.release(&batch);
+            ix.forget_written_back();
+            self.passthrough.store(true, Ordering::Release);
+        }
+        self.space.notify_all();
+        tracing::error!(
+            "emergency mode: the log is out of space ({why}); {} records went to the disk, \
+             writes bypass the log",
+            batch.records
+        );
+        let hook = lock(&self.on_emergency).clone();
+        if let Some(h) = hook {
+            h();
+        }
+        Ok(())
+    }
+}
+
 /// Shortest pause before writeback looks again for records that are not durable yet.
 const MIN_RETRY: Duration = Duration::from_millis(1);
 
 fn write_batch(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
+    write_pieces(s, batch)?;
+    let pos = batch.position.expect("checked by caller");
+    let mut wb = lock(&s.written_back);
+    if pos > *wb {
+        // A full filesystem: the position stays behind (recovery replays a little more,
+        // logfiles are kept a little longer); the data is on the disk and in the log.
+        if persist_position(&*s.dir, pos)? {
+            *wb = pos;
+            s.position_stuck.store(false, Ordering::Relaxed);
+        } else if !s.position_stuck.swap(true, Ordering::Relaxed) {
+            tracing::warn!("the filesystem is full: the writeback position stays before {pos}");
+        }
+    }
+    Ok(())
+}
+
+/// Writes a batch's pieces to the disk and syncs it.
+fn write_pieces(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
     for p in &batch.pieces {
         let r = match &p.data {
             Data::Bytes(b) => s.disk.write_at_direct(b, p.start),
@@ -807,12 +1013,5 @@ fn write_batch(s: &Shared, batch: &Collected) -> Result<(), VolumeError> {
         op: "fdatasync",
         offset: 0,
         source,
-    })?;
-    let pos = batch.position.expect("checked by caller");
-    let mut wb = lock(&s.written_back);
-    if pos > *wb {
-        write_position(&*s.dir, pos)?;
-        *wb = pos;
-    }
-    Ok(())
+    })
 }

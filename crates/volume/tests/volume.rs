@@ -386,3 +386,146 @@ fn passthrough_writes_bypass_the_log_and_survive_a_crash_and_the_log_restarts_af
     assert!(read_all(&v3) == m);
     v3.close().unwrap();
 }
+
+/// The log's filesystem fills up (no file may grow): no write fails. The volume enters emergency
+/// mode by itself: every record the log could not take goes to the disk, the marker is created,
+/// then writes bypass the log and FLUSH syncs the disk. A crash at every sync point keeps every
+/// flushed write; the recovered device is a state of the write sequence, except for at most one
+/// sync point inside the switch, where each byte still holds its value of some state at or
+/// after the last completed FLUSH (the block-device contract). A reopen in emergency mode
+/// replays nothing; once space is back the log continues after a hole.
+#[test]
+fn a_full_filesystem_switches_to_emergency_mode_and_no_write_fails() {
+    use rand::{Rng, SeedableRng};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for seed in 0..4u64 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dir = MemDir::new();
+        let disk = mem_disk(&dir);
+        let d: Arc<dyn Dir> = Arc::new(dir.clone());
+        dir.capture_crash_images();
+        let (v, _) = Volume::open(cfg(6000), d.clone(), disk.clone()).unwrap();
+        let told = Arc::new(AtomicBool::new(false));
+        {
+            let told = told.clone();
+            v.on_emergency(Arc::new(move || told.store(true, Ordering::SeqCst)));
+        }
+        let mut states = vec![vec![0u8; SIZE as usize]];
+        let mut confirmed: Vec<(u64, usize)> = Vec::new();
+        for i in 0..300 {
+            if i == 120 {
+                dir.fill_up(true);
+            }
+            let mut m = states.last().unwrap().clone();
+            let o = if rng.gen_bool(0.6) {
+                rng.gen_range(0..4096)
+            } else {
+                rng.gen_range(0..SIZE - 2048)
+            };
+            let n = rng.gen_range(1..2048u64);
+            let mut fua = false;
+            match rng.gen_range(0..10) {
+                0 => {
+                    v.write_zeroes(o, n, rng.gen(), false).unwrap();
+                    m[o as usize..(o + n) as usize].fill(0);
+                }
+                1 => {
+                    v.discard(o, n, false).unwrap();
+                    m[o as usize..(o + n) as usize].fill(0);
+                }
+                k => {
+                    let b: u8 = rng.gen();
+                    let data: Vec<u8> = (0..n).map(|i| b ^ (i as u8)).collect();
+                    fua = k == 9;
+                    v.write(o, Bytes::from(data.clone()), fua).unwrap();
+                    m[o as usize..(o + n) as usize].copy_from_slice(&data);
+                }
+            }
+            states.push(m);
+            if fua {
+                confirmed.push((dir.sync_points(), states.len() - 1));
+            } else if rng.gen_bool(0.1) {
+                v.flush().unwrap();
+                confirmed.push((dir.sync_points(), states.len() - 1));
+            }
+            if i < 120 && rng.gen_bool(0.01) {
+                v.rotate().unwrap();
+            }
+        }
+        v.flush().unwrap();
+        assert!(v.passthrough(), "seed {seed}: no emergency mode");
+        // The owner hears of it right after the switch (on the writeback thread).
+        for _ in 0..500 {
+            if told.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(
+            told.load(Ordering::SeqCst),
+            "seed {seed}: the owner was not told"
+        );
+        assert!(dir.contents(mars_volume::EMERGENCY_FILE).is_some());
+        let now = read_all(&v);
+        let want = states.last().unwrap();
+        if let Some(at) = (0..now.len()).find(|&i| now[i] != want[i]) {
+            let k = (0..states.len()).rev().find(|&k| states[k][at] == now[at]);
+            panic!(
+                "seed {seed}: byte {at} is {} (state {k:?}), want {}",
+                now[at], want[at]
+            );
+        }
+        let images = dir.take_crash_images();
+        let mut mixed = 0;
+        for img in &images {
+            let crashed = MemDir::from_image(img);
+            let cdisk = crashed.open("disk", OpenMode::Existing).unwrap();
+            let (cv, rep) = Volume::open(cfg(6000), Arc::new(crashed.clone()), cdisk)
+                .unwrap_or_else(|e| panic!("seed {seed} sync point {}: {e}", img.sync_point));
+            assert_eq!(rep.emergency, cv.passthrough());
+            if rep.emergency {
+                assert_eq!(rep.replayed, 0);
+            }
+            let got = read_all(&cv);
+            drop(cv);
+            let must = confirmed
+                .iter()
+                .filter(|(sp, _)| *sp <= img.sync_point)
+                .map(|(_, n)| *n)
+                .max()
+                .unwrap_or(0);
+            if (must..states.len()).any(|k| states[k] == got) {
+                continue;
+            }
+            mixed += 1;
+            for (b, &g) in got.iter().enumerate() {
+                assert!(
+                    states[must..].iter().any(|s| s[b] == g),
+                    "seed {seed} sync point {}: byte {b} holds no value written at or after \
+                     the last FLUSH",
+                    img.sync_point
+                );
+            }
+        }
+        assert!(
+            mixed <= 1,
+            "seed {seed}: {mixed} crash images are no state of the write sequence"
+        );
+        // Space is back: the log continues after a hole and holds the writes again.
+        dir.fill_up(false);
+        let before = v.status().current_log.no;
+        let next = v.restart_log_after_gap().unwrap();
+        assert!(next >= before + 2);
+        assert!(!v.passthrough());
+        assert!(dir.contents(mars_volume::EMERGENCY_FILE).is_none());
+        let mut m = states.last().unwrap().clone();
+        v.write(100, Bytes::from(vec![7u8; 500]), true).unwrap();
+        m[100..600].fill(7);
+        assert_eq!(v.status().durable.file, next);
+        drop(v);
+        let (v, rep) = Volume::open(cfg(6000), d, disk).unwrap();
+        assert!(!rep.emergency);
+        assert!(read_all(&v) == m, "seed {seed}: reopened device differs");
+        v.close().unwrap();
+    }
+}

@@ -76,6 +76,9 @@ impl ReplicaDir {
         let dir: Arc<dyn Dir> =
             Arc::new(RealDir::open(path).with_context(|| format!("{}", path.display()))?);
         mars_replica::control::set_marker(&*dir, mars_replica::Marker::Replica, true)?;
+        // A replica replays another primary's log: an emergency mode of this directory's own
+        // primary past is over (left in place, a later promotion would replay nothing).
+        mars_replica::control::set_marker(&*dir, mars_replica::Marker::Emergency, false)?;
         let disk: Arc<dyn File> = mars_storage::real::open_disk(disk_path)
             .with_context(|| format!("disk {}", disk_path.display()))?;
         let dlen = disk.len()?;

@@ -508,13 +508,22 @@ impl Executor {
                     other => OpenFailure::Detached(other.to_string()),
                 })?;
             let mut restarted_at = None;
-            if restart_after_gap {
+            if restart_after_gap || report.emergency {
                 // Restarted in emergency mode: writes bypassed the log, so the log must not
                 // simply continue; replicas have to stop at a hole.
-                restarted_at =
-                    Some(v.restart_log_after_gap().map_err(|e| {
-                        OpenFailure::Detached(format!("cannot restart the log: {e}"))
-                    })?);
+                match v.restart_log_after_gap() {
+                    Ok(no) => restarted_at = Some(no),
+                    // Still no space: the volume stays in emergency mode (it opened in it),
+                    // writes go to the disk; the engine restarts the log once space is back.
+                    Err(e) if v.passthrough() => {
+                        tracing::warn!("{}: stays in emergency mode: {e}", sh.name);
+                    }
+                    Err(e) => {
+                        return Err(OpenFailure::Detached(format!(
+                            "cannot restart the log: {e}"
+                        )))
+                    }
+                }
             }
             if report.replayed > 0 || report.truncated.is_some() {
                 tracing::info!(
@@ -537,6 +546,10 @@ impl Executor {
                     tx.send_replace(p);
                     poke.notify_one();
                 }));
+                // Emergency mode entered by the volume itself: the engine hears of it from the
+                // measurement this poke brings forward.
+                let poke = sh.poke.clone();
+                v.on_emergency(Arc::new(move || poke.notify_one()));
             }
             *sh.volume.write().unwrap_or_else(|e| e.into_inner()) = Some(v.clone());
             if promoted {

@@ -372,9 +372,7 @@ impl ResourceEngine {
                 self.stats = s;
                 self.stats_at = self.now.ms;
                 self.stats_seq = self.seq;
-                if let (Local::Primary(p), Some(v)) = (&mut self.local, &self.stats.volume) {
-                    p.passthrough = v.passthrough;
-                }
+                self.adopt_volume_passthrough();
             }
             Event::Wake => {}
             Event::Op { id, op } => self.on_op(id, op),
@@ -632,6 +630,8 @@ impl ResourceEngine {
         match r {
             Ok(f) => {
                 self.facts.replica_marker = true;
+                // Opening the replica removed the marker (see `Marker::Emergency`).
+                self.facts.emergency_marker = false;
                 self.fenced = false;
                 let rep = Replica::open(f, self.size, &self.cfg);
                 let logs = rep.logs();

@@ -246,6 +246,32 @@ impl ResourceEngine {
         }
     }
 
+    /// The volume's mode as measured. It enters emergency mode by itself when its log runs out
+    /// of space before a measurement of free space saw it coming (writes never fail for
+    /// space): that is recorded like a requested switch.
+    pub(super) fn adopt_volume_passthrough(&mut self) {
+        let Some(on) = self.stats.volume.as_ref().map(|v| v.passthrough) else {
+            return;
+        };
+        let Some(p) = self.primary() else { return };
+        let was = std::mem::replace(&mut p.passthrough, on);
+        // A requested switch under way is recorded by its completion.
+        let requested = p.emergency_busy;
+        if on && !was && !requested && !self.facts.emergency_marker {
+            self.facts.emergency_marker = true;
+            self.emit(Command::Persist(Control::Marker(Marker::Emergency, true)));
+            let res = self.res.clone();
+            self.log(
+                Level::Error,
+                format!(
+                    "EMERGENCY MODE: the transaction log ran out of space: writes go straight to \
+                     the disk, replication has stopped; free space, then `marsadm invalidate \
+                     {res}` on the secondaries"
+                ),
+            );
+        }
+    }
+
     pub(super) fn on_passthrough(&mut self, r: Result<(), String>) {
         let Some(p) = self.primary() else { return };
         p.emergency_busy = false;

@@ -29,7 +29,7 @@ impl Publisher {
 /// The parts of a report that others act on (as opposed to progress and rates).
 pub fn state_of(r: &Report) -> String {
     format!(
-        "{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}",
+        "{}|{:?}|{:?}|{}|{}|{}|{:?}|{:?}|{}|{:?}|{}|{:?}|{}",
         r.designation,
         r.forked,
         r.role,
@@ -42,6 +42,8 @@ pub fn state_of(r: &Report) -> String {
         r.stuck,
         r.caught_up,
         r.stuck_kind,
+        // Secondaries tell their operators at once why replication stopped.
+        r.emergency,
     )
 }
 

@@ -1474,3 +1474,55 @@ fn a_fork_backs_off_before_fetching_again() {
     let c = w.ev(Event::Wake);
     assert!(start_fetch_of(&c).is_some(), "{c:?}");
 }
+
+/// The log filled up faster than free space is measured: the volume entered emergency mode by
+/// itself (writes never fail for space). The measurement after it shows that; the engine
+/// records it once like a switch it asked for (the marker, an error line, the report), asks
+/// for no second switch, and restarts the log after a hole once space is back.
+#[test]
+fn a_volume_in_emergency_mode_by_itself_is_recorded_once_and_left_when_space_is_back() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    w.ev(opened(LogPos::new(1, 10), &[(1, "a", 10)]));
+    let full = Stats {
+        free_space: Some(1 << 20),
+        total_space: Some(8 << 30),
+        volume: Some(VolumeStats {
+            passthrough: true,
+            ..volume(LogPos::new(1, 10), &[(1, "a", 10)])
+        }),
+        ..Default::default()
+    };
+    let c = w.stats(full.clone());
+    assert!(
+        acts(&c).contains(&Command::Persist(Control::Marker(Marker::Emergency, true))),
+        "{c:?}"
+    );
+    assert!(
+        logs(&c).iter().any(|l| l.contains("EMERGENCY MODE")),
+        "{c:?}"
+    );
+    assert!(
+        !c.iter()
+            .any(|c| matches!(c, Command::EnterPassthrough | Command::RestartLog)),
+        "{c:?}"
+    );
+    let rep = published(&c)
+        .iter()
+        .find(|(k, _)| k == "resource-r/actual-a")
+        .map(|(_, v)| Report::from_json(v).unwrap())
+        .expect("report");
+    assert!(rep.emergency);
+    // Measured again, still full: nothing new.
+    w.at(1_000);
+    let c = w.stats(full.clone());
+    assert!(acts(&c).is_empty(), "{c:?}");
+    assert!(logs(&c).is_empty(), "{c:?}");
+    // Space is back.
+    w.at(1_000);
+    let c = w.stats(Stats {
+        free_space: Some(4 << 30),
+        ..full
+    });
+    assert!(acts(&c).contains(&Command::RestartLog), "{c:?}");
+}
