@@ -2,8 +2,12 @@
 //! `accept` fails: the usual cause is running out of file descriptors, which does not pass by
 //! retrying at once, so the loop backs off instead of spinning, and the failure is logged once
 //! until an accept succeeds again (a loop that logged each one wrote a gigabyte in seconds).
+//! And how many connections a listener admits ([`Admission`]): in total and per address.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// How long an accept loop waits after a failed accept.
 pub const BACKOFF: Duration = Duration::from_millis(100);
@@ -53,9 +57,141 @@ impl AcceptErrors {
     }
 }
 
+/// The connection limits of one listener, in total and per remote address, so that one
+/// address (a broken or hostile client) cannot take every slot. Refusals are logged at most
+/// once per [`REFUSAL_LOG_EVERY`] with the number left unlogged.
+#[derive(Debug)]
+pub struct Admission {
+    what: &'static str,
+    total: usize,
+    per_address: usize,
+    state: Mutex<AdmissionState>,
+}
+
+#[derive(Debug, Default)]
+struct AdmissionState {
+    open: usize,
+    by_address: HashMap<IpAddr, usize>,
+    last_logged: Option<Instant>,
+    unlogged: u64,
+}
+
+/// Refusals of a listener are logged at most this often.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// An admitted connection's place; dropping it frees the place.
+#[derive(Debug)]
+pub struct Slot {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    pub fn new(what: &'static str, total: usize, per_address: usize) -> Arc<Admission> {
+        Arc::new(Admission {
+            what,
+            total,
+            per_address,
+            state: Mutex::new(AdmissionState::default()),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, AdmissionState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a connection from `from`, or `None` (logged, rate-limited): the caller
+    /// closes the connection.
+    pub fn admit(self: &Arc<Self>, from: SocketAddr) -> Option<Slot> {
+        let ip = from.ip();
+        let mut st = self.state();
+        let mine = st.by_address.get(&ip).copied().unwrap_or(0);
+        let why = if st.open >= self.total {
+            Some(format!("{} connections open", self.total))
+        } else if mine >= self.per_address {
+            Some(format!("{} connections open from {ip}", self.per_address))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            let now = Instant::now();
+            if st
+                .last_logged
+                .is_none_or(|t| now.duration_since(t) >= REFUSAL_LOG_EVERY)
+            {
+                let more = std::mem::take(&mut st.unlogged);
+                let more = if more > 0 {
+                    format!(" ({more} more refused since the last message)")
+                } else {
+                    String::new()
+                };
+                tracing::warn!("{}: connection from {from} refused: {why}{more}", self.what);
+                st.last_logged = Some(now);
+            } else {
+                st.unlogged += 1;
+            }
+            return None;
+        }
+        st.open += 1;
+        *st.by_address.entry(ip).or_insert(0) += 1;
+        Some(Slot {
+            admission: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections admitted and not yet closed.
+    #[cfg(test)]
+    pub fn open(&self) -> usize {
+        self.state().open
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut st = self.admission.state();
+        st.open -= 1;
+        if let Some(n) = st.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                st.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_place() {
+        let a = Admission::new("test", 5, 2);
+        let x: SocketAddr = "10.0.0.1:1000".parse().unwrap();
+        let x2: SocketAddr = "10.0.0.1:1001".parse().unwrap();
+        let y: SocketAddr = "10.0.0.2:1000".parse().unwrap();
+        let s1 = a.admit(x).expect("first");
+        let _s2 = a.admit(x2).expect("second, other port");
+        assert!(a.admit(x).is_none(), "a third from one address");
+        let ys: Vec<Slot> = (0..2)
+            .map(|_| a.admit(y).expect("another address"))
+            .collect();
+        assert_eq!(a.open(), 4);
+        drop(s1);
+        let _s3 = a.admit(x).expect("a place freed");
+        let z: SocketAddr = "10.0.0.3:1".parse().unwrap();
+        let _z = a.admit(z).expect("the fifth");
+        assert!(
+            a.admit("10.0.0.4:1".parse().unwrap()).is_none(),
+            "all taken"
+        );
+        drop(ys);
+        assert_eq!(a.open(), 3);
+        assert!(
+            !a.state().by_address.contains_key(&y.ip()),
+            "no entry left behind"
+        );
+    }
 
     #[tokio::test]
     async fn a_run_of_failures_backs_off_and_ends_with_a_success() {

@@ -9,7 +9,13 @@ use mars_nbd::{Export, Exports, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::host::Host;
-use crate::listen::AcceptErrors;
+use crate::listen::{AcceptErrors, Admission};
+
+/// Most NBD-over-TCP connections served at once.
+pub const MAX_TCP_CONNECTIONS: usize = 1_024;
+/// Most NBD-over-TCP connections from one address (qemu opens up to 16 per export with
+/// multi-conn; a hypervisor serving many guests from one address needs a few hundred).
+pub const MAX_TCP_PER_ADDRESS: usize = 256;
 
 /// The NBD side sees the daemon as a set of exports: every attached resource, by name.
 pub struct HostExports(pub Arc<Host>);
@@ -53,13 +59,22 @@ pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
     let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
     let cfg = Arc::new(ServerConfig::default());
     let mut errors = AcceptErrors::new("NBD listener (tcp)");
+    let admission = Admission::new(
+        "NBD listener (tcp)",
+        MAX_TCP_CONNECTIONS,
+        MAX_TCP_PER_ADDRESS,
+    );
     loop {
         match l.accept().await {
             Ok((s, peer)) => {
                 errors.accepted();
+                let Some(slot) = admission.admit(peer) else {
+                    continue;
+                };
                 let _ = s.set_nodelay(true);
                 let (e, c) = (exports.clone(), cfg.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(err) = mars_nbd::serve(s, e, c).await {
                         tracing::warn!("NBD connection from {peer}: {err}");
                     }

@@ -15,7 +15,7 @@ use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind}
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::listen::AcceptErrors;
+use crate::listen::{AcceptErrors, Admission};
 
 /// Default port peers listen on.
 pub const DEFAULT_PORT: u16 = 7777;
@@ -23,7 +23,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most peer connections served at once; more are closed at once (a peer opens a handful per
 /// resource it replicates).
-const MAX_CONNECTIONS: usize = 16_384;
+pub const MAX_CONNECTIONS: usize = 16_384;
+/// Most peer connections from one address: a member replicating 1,000 resources from this
+/// host holds about 2,000; one address cannot take every place.
+pub const MAX_PER_ADDRESS: usize = 4_096;
+/// Once a frame has begun, its next bytes must come within this (a slow link still delivers
+/// something every few seconds; a peer that stops in the middle of a frame holds its buffer).
+pub const FRAME_STALL: Duration = Duration::from_secs(60);
 
 pub type BoxRead = Box<dyn AsyncRead + Unpin + Send>;
 pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
@@ -40,6 +46,8 @@ pub struct FrameReader<R> {
     /// that megabyte frames do not each take fresh memory.
     buf: Vec<u8>,
     start: usize,
+    /// See [`FRAME_STALL`].
+    stall: Duration,
 }
 
 /// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
@@ -52,6 +60,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             r,
             buf: leftover,
             start: 0,
+            stall: FRAME_STALL,
         }
     }
 
@@ -86,7 +95,22 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             let room = want.clamp(READ_AT_LEAST, self.buf.len().max(READ_AT_LEAST));
             self.buf.reserve(room);
-            if self.r.read_buf(&mut self.buf).await? == 0 {
+            // Between frames a stream may be quiet for as long as its protocol allows (the
+            // caller's timeouts); inside a frame the bytes must keep coming.
+            let read = if self.buf.is_empty() {
+                self.r.read_buf(&mut self.buf).await?
+            } else {
+                tokio::time::timeout(self.stall, self.r.read_buf(&mut self.buf))
+                    .await
+                    .map_err(|_| {
+                        anyhow!(
+                            "no byte within {:?} in the middle of a frame ({} bytes of it came)",
+                            self.stall,
+                            self.buf.len()
+                        )
+                    })??
+            };
+            if read == 0 {
                 bail!("connection closed");
             }
         }
@@ -226,14 +250,19 @@ pub trait Handlers: Send + Sync + 'static {
 
 /// Accepts peer connections until the task is dropped.
 pub async fn listen(l: TcpListener, h: Arc<dyn Handlers>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let admission = Admission::new("peer listener", MAX_CONNECTIONS, MAX_PER_ADDRESS);
+    listen_with(l, h, admission).await;
+}
+
+/// [`listen`] with the given limits.
+async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admission>) {
     let mut errors = AcceptErrors::new("peer listener");
     loop {
         match l.accept().await {
             Ok((s, from)) => {
                 errors.accepted();
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    tracing::warn!("peer connection from {from} dropped: {MAX_CONNECTIONS} open");
+                // Refused before a byte is read or sent: dropping the stream closes it.
+                let Some(slot) = admission.admit(from) else {
                     continue;
                 };
                 let _ = s.set_nodelay(true);
@@ -348,6 +377,92 @@ mod tests {
             "the second frame reused the room"
         );
         writer.await.unwrap();
+    }
+
+    /// Inside a frame the bytes must keep coming; between frames a stream may be quiet (its
+    /// protocol's timeouts apply, not this one).
+    #[tokio::test]
+    async fn a_peer_that_stops_inside_a_frame_is_dropped() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(rx, Vec::new());
+        reader.stall = Duration::from_millis(100);
+        // Quiet between frames: only the caller's limit ends the wait.
+        let e = reader
+            .next_within(Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("no message within"), "{e:#}");
+        tx.write_all(&1000u32.to_le_bytes()).await.unwrap();
+        tx.write_all(&[7u8; 10]).await.unwrap();
+        let t = std::time::Instant::now();
+        let e = reader.next().await.unwrap_err();
+        assert!(e.to_string().contains("middle of a frame"), "{e:#}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    struct Quiet;
+
+    impl Handlers for Quiet {
+        fn me(&self) -> (HostName, ClusterId) {
+            (HostName::new("a").unwrap(), ClusterId::UNKNOWN)
+        }
+        fn serve(&self, _: StreamKind, _: Incoming) -> ServeFuture {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    async fn connect_from(ip: &str, to: SocketAddr) -> TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind(format!("{ip}:0").parse().unwrap()).unwrap();
+        s.connect(to).await.unwrap()
+    }
+
+    /// Connections beyond the per-address limit are closed before a byte is read; another
+    /// address still gets a place, and a closed connection frees its place.
+    #[tokio::test]
+    async fn one_address_cannot_take_every_peer_slot() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let admission = Admission::new("test", 10, 2);
+        let server = tokio::spawn(listen_with(l, Arc::new(Quiet), admission.clone()));
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(connect_from("127.0.0.1", at).await);
+        }
+        let mut third = connect_from("127.0.0.1", at).await;
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), third.read(&mut b))
+            .await
+            .expect("closed at once")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "nothing is sent to a refused connection");
+        let mut other = connect_from("127.0.0.2", at).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), other.read(&mut b))
+                .await
+                .is_err(),
+            "another address is served (its hello is awaited)"
+        );
+        let mut waited = 0;
+        while admission.open() != 3 && waited < 100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        assert_eq!(admission.open(), 3);
+        drop(held.pop());
+        let mut waited = 0;
+        while admission.open() != 2 && waited < 100 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            waited += 1;
+        }
+        let mut again = connect_from("127.0.0.1", at).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), again.read(&mut b))
+                .await
+                .is_err(),
+            "the freed place is taken"
+        );
+        server.abort();
     }
 
     #[test]

@@ -99,12 +99,31 @@ pub enum StuckKind {
 pub enum Waiting {
     /// A version link needed by the chain check has not arrived (from `ChainCheck::Wait`).
     Link(String),
+    /// The next record writes up to byte `end`, beyond the `size`-byte device as this host
+    /// knows it (from `ReplayEnd::BeyondDevice`): replay goes on once the size reaches `end`.
+    Size {
+        file: u64,
+        at: u64,
+        end: u64,
+        size: u64,
+    },
 }
 
 impl fmt::Display for Waiting {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Waiting::Link(s) => f.write_str(s),
+            Waiting::Size {
+                file,
+                at,
+                end,
+                size,
+            } => write!(
+                f,
+                "the record at {file}:{at} writes up to byte {end}, beyond the {size}-byte \
+                 device: waiting for the resize to arrive (or `invalidate` if this log is not \
+                 this device's)"
+            ),
         }
     }
 }

@@ -106,6 +106,18 @@ pub enum Error {
     /// A cut or repair position beyond what the copy holds.
     #[error("{name}: cannot cut at {at}: the copy holds {len} durable bytes")]
     CutBeyondEnd { name: LogName, at: u64, len: u64 },
+    /// A record writes beyond the end of the device (`end` > `size`): replay stopped before it
+    /// (everything before it is applied and persisted). After a resize the replica may hear of
+    /// the new size after the records that use it; otherwise the log is not this device's.
+    #[error(
+        "{name}: the record at offset {at} writes up to byte {end}, beyond the {size}-byte device"
+    )]
+    BeyondDevice {
+        name: LogName,
+        at: u64,
+        end: u64,
+        size: u64,
+    },
 }
 
 impl Error {

@@ -34,15 +34,20 @@ pub struct Replay<'a> {
     /// Ask `should_stop` and report [`ReplayEvent::Applied`] about every this many bytes
     /// ([`REPLAY_CHECK`]).
     pub check: u64,
+    /// The device's size: a record that writes beyond it is not applied
+    /// ([`Error::BeyondDevice`]). Checksums prove a record intact, not that it belongs here.
+    pub size: u64,
 }
 
 impl<'a> Replay<'a> {
-    pub fn new(dir: &'a dyn Dir, disk: &'a dyn File) -> Self {
+    /// Replay onto `disk`, a device of `size` bytes.
+    pub fn new(dir: &'a dyn Dir, disk: &'a dyn File, size: u64) -> Self {
         Self {
             dir,
             disk,
             batch: REPLAY_BATCH,
             check: REPLAY_CHECK,
+            size,
         }
     }
 
@@ -54,7 +59,8 @@ impl<'a> Replay<'a> {
     /// Damage in the copy is an error with [`Error::damage_offset`] (`LogError::Corrupt` or
     /// `Sequence`): the caller may cut the copy there and fetch it again. What was applied
     /// before the damage is not persisted by this call; the position stays at the last
-    /// persisted one.
+    /// persisted one. A record beyond the device ([`Error::BeyondDevice`]) is not applied; what
+    /// came before it is persisted first.
     pub fn apply(
         &self,
         name: &LogName,
@@ -85,6 +91,18 @@ impl<'a> Replay<'a> {
             Ok(p)
         };
         while let Some(rec) = r.next_ref()? {
+            let end = rec.header.offset.checked_add(rec.header.len);
+            if end.is_none_or(|e| e > self.size) {
+                if pos > from && persisted.is_none_or(|p: LogPos| p.offset < pos) {
+                    persist(pos, progress)?;
+                }
+                return Err(Error::BeyondDevice {
+                    name: name.clone(),
+                    at: pos,
+                    end: end.unwrap_or(u64::MAX),
+                    size: self.size,
+                });
+            }
             mars_volume::apply(
                 self.disk,
                 rec.header.kind,

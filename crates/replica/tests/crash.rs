@@ -524,7 +524,7 @@ fn replay_crash_images_never_claim_more_than_the_disk_holds() {
                 .map(|(_, end, _, _)| *end)
                 .collect();
             let to = bounds[rng.gen_range(0..bounds.len())];
-            let mut r = Replay::new(&d, &*disk);
+            let mut r = Replay::new(&d, &*disk, DISK);
             r.batch = rng.gen_range(2048..8192);
             r.check = 1024;
             let name = LogName::new(pos.file, alpha());
@@ -567,7 +567,7 @@ fn replay_crash_images_never_claim_more_than_the_disk_holds() {
             let (copies, report) = Copies::open(Arc::new(cd.clone())).unwrap();
             assert_eq!(report, Default::default());
             let cdisk = cd.open("disk", OpenMode::Existing).unwrap();
-            let r = Replay::new(&cd, &*cdisk);
+            let r = Replay::new(&cd, &*cdisk, DISK);
             for (no, info) in copies.files().range(p.file..) {
                 let from = if *no == p.file { p.offset } else { 0 };
                 r.apply(
@@ -604,7 +604,7 @@ fn replay_reports_damage_with_its_offset() {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, bad_at + 20).unwrap();
     f.write_at(&[b[0] ^ 0x40], bad_at + 20).unwrap();
-    let mut r = Replay::new(&d, &*disk);
+    let mut r = Replay::new(&d, &*disk, DISK);
     r.batch = 1;
     let e = r
         .apply(&name, 0, log.lens[&1], &mut || false, &mut |_| {})
@@ -614,6 +614,55 @@ fn replay_reports_damage_with_its_offset() {
         control::read_position(&d).unwrap(),
         Some(LogPos::new(1, bad_at))
     );
+}
+
+/// A record that writes beyond the device (an intact record of some other device's log, or
+/// one of a resize the replica has not heard of yet) is not applied: replay stops before it,
+/// with everything before it applied and the position persisted right before it.
+#[test]
+fn replay_stops_before_a_record_beyond_the_device() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let d = MemDir::new();
+    let disk = mem_disk(&d);
+    let log = write_copies(&d, &mut rng, 1, 40);
+    let name = LogName::new(1, alpha());
+    let size = DISK / 2;
+    let first_beyond = log
+        .records
+        .iter()
+        .position(|(_, _, h, _)| h.offset + h.len > size)
+        .expect("some record writes into the upper half");
+    let at = first_beyond.checked_sub(1).map_or(0, |i| log.records[i].1);
+    let mut r = Replay::new(&d, &*disk, size);
+    r.batch = 1 << 30;
+    let e = r
+        .apply(&name, 0, log.lens[&1], &mut || false, &mut |_| {})
+        .unwrap_err();
+    match &e {
+        mars_replica::Error::BeyondDevice {
+            at: got, size: s, ..
+        } => {
+            assert_eq!((*got, *s), (at, size), "{e}");
+        }
+        other => panic!("{other}"),
+    }
+    assert_eq!(
+        e.damage_offset(),
+        None,
+        "not damage: fetching it again cannot help"
+    );
+    if at > 0 {
+        assert_eq!(
+            control::read_position(&d).unwrap(),
+            Some(LogPos::new(1, at))
+        );
+    }
+    // The disk holds exactly the records before it.
+    let mut model = vec![0u8; DISK as usize];
+    for (_, _, h, p) in &log.records[..first_beyond] {
+        apply_model(&mut model, h, p);
+    }
+    assert!(d.contents("disk").unwrap() == model);
 }
 
 // ------------------------------------------------------------------ promotion cut

@@ -64,7 +64,7 @@ fn real_directory_round_trip() {
     let (c, report) = Copies::open(dir.clone()).unwrap();
     assert_eq!(report.cut.len(), 1);
     assert_eq!(c.get(1).unwrap().len, len);
-    let end = Replay::new(&*dir, &*disk)
+    let end = Replay::new(&*dir, &*disk, disk.len().unwrap())
         .apply(&LogName::new(1, alpha), 0, len, &mut || false, &mut |_| {})
         .unwrap();
     assert_eq!(end, LogPos::new(1, len));

@@ -17,6 +17,8 @@ pub struct ReplayJob {
     pub origin: HostName,
     pub from: u64,
     pub to: u64,
+    /// The device's size as the engine knows it.
+    pub size: u64,
     pub replica: Arc<ReplicaDir>,
     pub rates: Arc<Rates>,
     pub sink: Sink,
@@ -26,7 +28,7 @@ pub struct ReplayJob {
 /// Runs on a blocking thread until the run ends or is stopped.
 pub fn run(job: ReplayJob) {
     let name = LogName::new(job.file, job.origin.clone());
-    let replay = mars_replica::Replay::new(&*job.replica.dir, &*job.replica.disk);
+    let replay = mars_replica::Replay::new(&*job.replica.dir, &*job.replica.disk, job.size);
     let mut last = LogPos::new(job.file, job.from);
     let sink = job.sink.clone();
     let id = job.id;
@@ -47,6 +49,10 @@ pub fn run(job: ReplayJob) {
     );
     let (pos, end) = match result {
         Ok(p) => (p, ReplayEnd::Done),
+        Err(mars_replica::Error::BeyondDevice { at, end, .. }) => (
+            LogPos::new(job.file, at),
+            ReplayEnd::BeyondDevice { at, end },
+        ),
         Err(e) => {
             let detail = e.to_string();
             match e.damage_offset() {

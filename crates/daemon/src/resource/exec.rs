@@ -312,6 +312,7 @@ impl Executor {
                 origin,
                 from,
                 to,
+                size,
             } => {
                 let Some(rep) = self.replica.clone() else {
                     return Err(("replay".into(), "no replica".into()));
@@ -323,6 +324,7 @@ impl Executor {
                     origin,
                     from,
                     to,
+                    size,
                     replica: rep,
                     rates: self.rates.clone(),
                     sink: self.sink.clone(),

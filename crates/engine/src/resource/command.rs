@@ -213,6 +213,8 @@ pub enum Command {
         origin: HostName,
         from: u64,
         to: u64,
+        /// The device's size: a record beyond it is not applied ([`super::ReplayEnd::BeyondDevice`]).
+        size: u64,
     },
     /// Stops replay at the next batch boundary and waits for it.
     StopReplay {

@@ -180,6 +180,10 @@ pub enum ReplayEnd {
     Damaged { offset: u64, detail: String },
     /// Some other failure (the disk, an unreadable file).
     Failed { detail: String },
+    /// The record at `at` writes up to byte `end`, beyond the device: not applied (replay
+    /// stopped right before it). A resize the replica has not heard of yet, or a log that is
+    /// not this device's: replay waits until the size reaches `end`.
+    BeyondDevice { at: u64, end: u64 },
 }
 
 /// Progress of a full sync session.

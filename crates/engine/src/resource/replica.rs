@@ -791,7 +791,15 @@ impl ResourceEngine {
             let meta = self.meta.clone();
             let me = self.me.clone();
             let skip_chain = self.cfg.bugs.skip_chain_check();
+            let size = self.size;
             let Some(r) = self.rep() else { return };
+            // A record beyond the device waits for the resize to arrive.
+            if let Some(Waiting::Size { end, .. }) = &r.waiting {
+                if size < *end {
+                    return;
+                }
+                r.waiting = None;
+            }
             let copying = r.sync.as_ref().is_some_and(SyncFile::copying);
             let allowed = todo.replay
                 && todo.attach
@@ -850,6 +858,7 @@ impl ResourceEngine {
                     origin: c.origin,
                     from,
                     to: c.len,
+                    size,
                 });
                 return;
             }
@@ -892,6 +901,7 @@ impl ResourceEngine {
     }
 
     pub(super) fn on_replay(&mut self, id: SessionId, e: ReplayEvent) {
+        let size = self.size;
         let Some(r) = self.rep() else { return };
         let Some(sess) = r.replay.clone().filter(|s| s.id == id) else {
             return;
@@ -925,6 +935,17 @@ impl ResourceEngine {
                             .map(ToString::to_string)
                             .unwrap_or_default();
                         self.log(Level::Error, msg);
+                    }
+                    ReplayEnd::BeyondDevice { at, end } => {
+                        let w = Waiting::Size {
+                            file: sess.at.file,
+                            at,
+                            end,
+                            size,
+                        };
+                        let msg = w.to_string();
+                        r.waiting = Some(w);
+                        self.log(Level::Warn, msg);
                     }
                     ReplayEnd::Failed { detail } => {
                         let file = sess.at.file;

@@ -1526,3 +1526,74 @@ fn a_volume_in_emergency_mode_by_itself_is_recorded_once_and_left_when_space_is_
     });
     assert!(acts(&c).contains(&Command::RestartLog), "{c:?}");
 }
+
+/// A record beyond the device as this host knows it (a resize whose new size has not arrived
+/// here yet, or a log that is not this device's): replay stops before it and waits, saying
+/// why; once the metadata brings a size that holds it, the wait ends.
+#[test]
+fn a_record_beyond_the_device_waits_for_the_resize() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(1, 100)));
+    w.start(true);
+    let c = open_replica(&mut w, &[(1, "a", 100, false)], LogPos::new(1, 10));
+    let id = c
+        .iter()
+        .find_map(|c| match c {
+            Command::StartReplay {
+                id,
+                file: 1,
+                from: 10,
+                to: 100,
+                size: 1048576,
+                ..
+            } => Some(*id),
+            _ => None,
+        })
+        .expect("replay starts");
+    let c = w.ev(Event::Replay(
+        id,
+        ReplayEvent::Stopped {
+            pos: LogPos::new(1, 40),
+            end: ReplayEnd::BeyondDevice {
+                at: 40,
+                end: 2 << 20,
+            },
+        },
+    ));
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::StartReplay { .. })),
+        "{c:?}"
+    );
+    assert!(
+        logs(&c)
+            .iter()
+            .any(|l| l.contains("beyond the 1048576-byte device")),
+        "{c:?}"
+    );
+    w.at(5_000);
+    let c = w.stats(Stats::default());
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::StartReplay { .. })),
+        "{c:?}"
+    );
+    let stuck = w.e.status().report.stuck.unwrap_or_default();
+    assert!(stuck.contains("waiting for the resize"), "{stuck}");
+    // The resize arrives: the wait ends; the new region comes by a sync first (as for every
+    // resize), replay goes on from 1:40 after it.
+    let k = keys::size(&w.res.clone());
+    w.set(&k, "4194304");
+    let c = w.sync();
+    assert!(
+        c.iter().any(|c| matches!(
+            c,
+            Command::StartSync {
+                done: 1048576,
+                size: 4194304,
+                ..
+            }
+        )),
+        "{c:?}"
+    );
+    let stuck = w.e.status().report.stuck.unwrap_or_default();
+    assert!(!stuck.contains("resize"), "{stuck}");
+}

@@ -181,6 +181,8 @@ impl Host {
                 origin,
                 from,
                 to,
+                // The simulated records carry no device offsets.
+                size: _,
             } => {
                 let ok = self
                     .logs
