@@ -127,6 +127,10 @@ pub enum DecodeError {
     RangeOverflow { offset: u64, len: u64 },
     #[error("checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]
     BadChecksum { stored: u32, computed: u32 },
+    /// Sequence numbers start at 1 in every logfile; the largest one has no successor (a
+    /// forged record must not make the next expected number wrap to 0).
+    #[error("sequence number {0} out of range")]
+    BadSeq(u64),
 }
 
 /// Errors in what a caller asks to encode.
@@ -234,6 +238,9 @@ pub fn decode(buf: &[u8]) -> Result<Header, DecodeError> {
         offset: u64_at(buf, OFF_OFFSET),
         len: u64_at(buf, OFF_LEN),
     };
+    if h.seq == 0 || h.seq == u64::MAX {
+        return Err(DecodeError::BadSeq(h.seq));
+    }
     let expected = match kind {
         Kind::Write => h.len,
         _ => 0,
@@ -271,10 +278,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A sequence number from disk or the wire is checked, not wrapped: the next expected
+    /// number after `u64::MAX` would be 0.
+    #[test]
+    fn sequence_numbers_without_a_successor_are_refused() {
+        for seq in [0, u64::MAX] {
+            let h = Header {
+                kind: Kind::Zero,
+                seq: 5,
+                stamp: 1,
+                offset: 0,
+                len: 512,
+            };
+            let mut buf = Vec::new();
+            encode(&h, &[], &mut buf).unwrap();
+            buf[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&seq.to_le_bytes());
+            assert_eq!(decode(&buf), Err(DecodeError::BadSeq(seq)));
+        }
+    }
+
     fn arb_record() -> impl Strategy<Value = (Header, Vec<u8>)> {
         (
             prop_oneof![Just(Kind::Write), Just(Kind::Zero), Just(Kind::Discard)],
-            any::<u64>(),
+            1u64..u64::MAX,
             any::<u64>(),
             0u64..(1 << 50),
             proptest::collection::vec(any::<u8>(), 0..600),

@@ -221,7 +221,8 @@ impl Appender {
         if st.closing {
             return Err(LogError::Closed);
         }
-        let stamp = (self.shared.cfg.clock)().max(st.last_stamp + 1);
+        // `last_stamp` may come from a logfile read back: saturate, never wrap.
+        let stamp = (self.shared.cfg.clock)().max(st.last_stamp.saturating_add(1));
         let mut header = Header {
             kind,
             seq: st.next_seq,
