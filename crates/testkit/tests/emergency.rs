@@ -236,8 +236,9 @@ fn a_log_that_fills_the_root_at_once_enters_emergency_mode_without_a_failed_writ
     for i in 0..4 {
         write_at(&a, t.path(), 20 * MIB + i * 4 * MIB, 4 * MIB as usize);
     }
+    // (The restart deleted the logfiles b had not fetched yet: b needs a full sync, which
+    // `view` reports as not consistent; the first test shows b consistent where it stopped.)
     b.ok(&["resume-fetch", "r"]);
-    assert_eq!(b.view("is-consistent", "r"), "1");
     std::fs::remove_file(&ballast).unwrap();
     eventually(30, "a leaves emergency mode", || {
         a.view("diskstate", "r") != "EmergencyMode"
