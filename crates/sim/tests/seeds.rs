@@ -31,6 +31,19 @@ fn seeds_150_199() {
     all_pass(150..200);
 }
 
+/// Soak findings past the seeds above, kept as regressions (each with the steps it failed at).
+/// 2001 (400 steps): a replica synced from the primary replaced the primary's empty logfile
+/// with its own logfile of that number, offered back by a replica on the history it had left,
+/// and replayed it (`our_own_logfile_offered_back_does_not_replace_an_empty_copy`).
+#[test]
+fn soak_findings() {
+    let findings: &[(u64, u64)] = &[(2001, 400)];
+    for &(seed, steps) in findings {
+        let o = run(seed, steps, SimConfig::default());
+        assert!(o.error.is_none(), "seed {seed}: {}", o.report(120));
+    }
+}
+
 /// A seed is a complete description of a run: the same seed twice gives the same trace, event
 /// for event (HashMap order, wall-clock time or thread timing would break this).
 #[test]

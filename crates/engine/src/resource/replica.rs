@@ -1255,14 +1255,18 @@ enum Offered {
 }
 
 fn offer(r: &mut Replica, no: u64, origin: &HostName, me: &HostName, bug_replace: bool) -> Offered {
-    let _ = me;
     // Replay has moved past our copy of `no`: it took that (empty) logfile's history, and
     // another logfile of that number is a fork (found by mars-sim: replacing it left the new
     // records unapplied while the replica reported the new history's position).
     let passed = r.applied.file > no;
     if let Some(c) = r.copies.get(&no) {
         if c.origin != *origin {
-            if c.len == 0 && (!passed || bug_replace) {
+            // Not by this host's own logfile, offered back by another host: the empty copy is
+            // the logfile of the history this replica follows now (after an invalidate or a
+            // full sync), ours is from a history it has left, and our own chain check would
+            // pass it unchecked (found by mars-sim, seed 2001).
+            let own_offered_back = origin == me;
+            if c.len == 0 && (!passed || bug_replace) && !own_offered_back {
                 // An empty copy carries no history (a logfile its writer never wrote to, e.g.
                 // the old primary's last one at a handover): replace it.
                 let old = c.origin.clone();

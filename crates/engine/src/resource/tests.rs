@@ -567,6 +567,35 @@ fn a_replayed_empty_copy_of_another_origin_is_a_fork_not_replaced() {
     assert!(r.stuck.as_ref().is_some_and(|s| s.is_history()));
 }
 
+/// Found by mars-sim (seed 2001): a replica synced from `a` (the start in `a`'s empty
+/// logfile 3) was offered its own logfile 3 back by another replica that still held it from a
+/// history this host had left; it replaced the empty copy and replayed it, and its own chain
+/// check passes its own logfiles unchecked. Its own logfile offered back is a fork.
+#[test]
+fn our_own_logfile_offered_back_does_not_replace_an_empty_copy() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("c"));
+    w.report("c", &primary_report(LogPos::new(3, 0)));
+    let id = fetching(&mut w, &[(3, "a", 0, false)], LogPos::new(3, 0));
+    let c = w.ev(Event::Fetch(
+        id,
+        FetchEvent::Offer {
+            no: 3,
+            origin: h("b"),
+        },
+    ));
+    assert!(
+        c.contains(&Command::CopyDecision {
+            id,
+            no: 3,
+            decision: CopyDecision::Reject
+        }),
+        "{c:?}"
+    );
+    let r = w.e.replica().unwrap();
+    assert_eq!(r.forked, Some(3));
+    assert!(r.stuck.as_ref().is_some_and(|s| s.is_history()));
+}
+
 /// Found by mars-sim: a confirmation by the old source counted for the new one for seconds.
 #[test]
 fn a_caught_up_confirmation_is_dropped_when_the_source_changes() {
