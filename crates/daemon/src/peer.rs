@@ -437,32 +437,32 @@ mod tests {
             .unwrap_or(0);
         assert_eq!(n, 0, "nothing is sent to a refused connection");
         let mut other = connect_from("127.0.0.2", at).await;
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), other.read(&mut b))
-                .await
-                .is_err(),
-            "another address is served (its hello is awaited)"
-        );
-        let mut waited = 0;
-        while admission.open() != 3 && waited < 100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-        }
-        assert_eq!(admission.open(), 3);
+        assert!(awaits_hello(&mut other).await, "another address is served");
+        wait_open(&admission, 3).await;
         drop(held.pop());
-        let mut waited = 0;
-        while admission.open() != 2 && waited < 100 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            waited += 1;
-        }
+        wait_open(&admission, 2).await;
         let mut again = connect_from("127.0.0.1", at).await;
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), again.read(&mut b))
-                .await
-                .is_err(),
-            "the freed place is taken"
-        );
+        assert!(awaits_hello(&mut again).await, "the freed place is taken");
         server.abort();
+    }
+
+    /// The server holds the connection and waits for its hello (it neither closes nor sends).
+    async fn awaits_hello(s: &mut TcpStream) -> bool {
+        let mut b = [0u8; 16];
+        tokio::time::timeout(Duration::from_millis(300), s.read(&mut b))
+            .await
+            .is_err()
+    }
+
+    /// Waits (at most 2 s) until `n` connections are admitted.
+    async fn wait_open(a: &Admission, n: usize) {
+        for _ in 0..100 {
+            if a.open() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(a.open(), n);
     }
 
     #[test]
