@@ -72,26 +72,41 @@ fn write_at(h: &Host, t: &Path, off: u64, len: usize) {
     std::fs::remove_file(&src).expect("remove source");
 }
 
-#[test]
-fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
-    let t = tmp();
-    // a's root lives on a 256 MiB filesystem; emergency below 40 MiB free, back above 56 MiB.
-    let Some(small) = SmallFs::new(&t.path().join("a-root.img"), &t.path().join("a"), 256 * MIB)
-    else {
-        return;
-    };
-    let mut a = Host::start_with_env(
-        t.path(),
+/// Host a (its root on a small filesystem, emergency mode below `emergency_free`, back above
+/// `min_free`) is primary of r, b its secondary; both in emergency mode at a's end.
+struct Filled {
+    a: Host,
+    b: Host,
+    /// a's and b's disks (a's is not on the small filesystem: only its log is).
+    da: PathBuf,
+    db: PathBuf,
+    /// The file that takes the small filesystem's space.
+    ballast: PathBuf,
+    /// Last: unmounted after the hosts stopped.
+    small: SmallFs,
+}
+
+/// Sets up [`Filled`] in `t` on a 256 MiB root for a, leaves `leave` bytes free with a ballast
+/// file, pauses b's fetch (so a's log cannot be deleted) and writes through NBD until a shows
+/// `EmergencyMode`; every write must succeed (`write_at` panics otherwise). `None`: not root.
+fn fill_until_emergency(
+    t: &Path,
+    min_free: &str,
+    emergency_free: &str,
+    leave: u64,
+) -> Option<Filled> {
+    let small = SmallFs::new(&t.join("a-root.img"), &t.join("a"), 256 * MIB)?;
+    let a = Host::start_with_env(
+        t,
         "a",
         "127.0.0.1",
         &[
-            ("MARS_MIN_FREE_SPACE", "56M"),
-            ("MARS_EMERGENCY_FREE_SPACE", "40M"),
+            ("MARS_MIN_FREE_SPACE", min_free),
+            ("MARS_EMERGENCY_FREE_SPACE", emergency_free),
         ],
     );
-    let b = Host::start_at(t.path(), "b", "127.0.0.2");
-    // a's disk is not on the small filesystem: only its log is.
-    let da = t.path().join("a-disk.img");
+    let b = Host::start_at(t, "b", "127.0.0.2");
+    let da = t.join("a-disk.img");
     std::fs::File::create(&da).unwrap().set_len(SIZE).unwrap();
     a.ok(&["create-cluster"]);
     a.ok(&["create-resource", "r", da.to_str().unwrap()]);
@@ -101,14 +116,12 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
     }
     let db = join(&b, "r", SIZE);
     wait_uptodate(&b, "r", 60);
-    // A ballast file leaves ~70 MiB; the log then fills the rest.
     let ballast = small.at.join("ballast");
-    let keep = small.free().saturating_sub(70 * MIB);
+    let keep = small.free().saturating_sub(leave);
     std::fs::File::create(&ballast).unwrap().set_len(0).unwrap();
     run(Command::new("fallocate")
         .args(["-l", &keep.to_string()])
         .arg(&ballast));
-    // b stops fetching, so the log cannot be deleted and grows until a runs out of space.
     b.ok(&["pause-fetch", "r"]);
     let mut written = 0u64;
     while a.view("diskstate", "r") != "EmergencyMode" {
@@ -119,10 +132,36 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
             a.ok(&["view", "r"]),
             tail(&a.log_text(), 20)
         );
-        // Writes keep succeeding whatever the space: the helper panics if one fails.
-        write_at(&a, t.path(), (written % SIZE) / MIB * MIB, 4 * MIB as usize);
+        write_at(&a, t, (written % SIZE) / MIB * MIB, 4 * MIB as usize);
         written += 4 * MIB;
     }
+    Some(Filled {
+        a,
+        b,
+        da,
+        db,
+        ballast,
+        small,
+    })
+}
+
+/// a's root fills up to the measured threshold (40 MiB free, 70 left by the ballast).
+#[test]
+fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
+    let t = tmp();
+    // a's root lives on a 256 MiB filesystem; emergency below 40 MiB free, back above 56 MiB.
+    // `small` first: bound first, dropped (unmounted) last, after the hosts.
+    let Some(Filled {
+        small,
+        mut a,
+        b,
+        da,
+        db,
+        ballast,
+    }) = fill_until_emergency(t.path(), "56M", "40M", 70 * MIB)
+    else {
+        return;
+    };
     assert_eq!(a.view("replstate", "r"), "EmergencyMode");
     let view = a.ok(&["view", "r"]);
     assert!(view.contains("EmergencyMode"), "{view}");
@@ -175,50 +214,19 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
 #[test]
 fn a_log_that_fills_the_root_at_once_enters_emergency_mode_without_a_failed_write() {
     let t = tmp();
-    let Some(small) = SmallFs::new(&t.path().join("a-root.img"), &t.path().join("a"), 256 * MIB)
+    // No measurement threshold: only the log's ENOSPC can start emergency mode.
+    // `small` first: bound first, dropped (unmounted) last, after the hosts.
+    let Some(Filled {
+        small: _small,
+        mut a,
+        b,
+        da,
+        db,
+        ballast,
+    }) = fill_until_emergency(t.path(), "24M", "0", 16 * MIB)
     else {
         return;
     };
-    let mut a = Host::start_with_env(
-        t.path(),
-        "a",
-        "127.0.0.1",
-        &[
-            ("MARS_MIN_FREE_SPACE", "24M"),
-            ("MARS_EMERGENCY_FREE_SPACE", "0"),
-        ],
-    );
-    let b = Host::start_at(t.path(), "b", "127.0.0.2");
-    let da = t.path().join("a-disk.img");
-    std::fs::File::create(&da).unwrap().set_len(SIZE).unwrap();
-    a.ok(&["create-cluster"]);
-    a.ok(&["create-resource", "r", da.to_str().unwrap()]);
-    b.ok(&["join-cluster", &a.peer_addr]);
-    for h in [&a, &b] {
-        h.ok(&["--timeout", "30", "wait-cluster"]);
-    }
-    let db = join(&b, "r", SIZE);
-    wait_uptodate(&b, "r", 60);
-    // A ballast file leaves ~16 MiB; the log fills them.
-    let ballast = small.at.join("ballast");
-    let keep = small.free().saturating_sub(16 * MIB);
-    std::fs::File::create(&ballast).unwrap().set_len(0).unwrap();
-    run(Command::new("fallocate")
-        .args(["-l", &keep.to_string()])
-        .arg(&ballast));
-    b.ok(&["pause-fetch", "r"]);
-    let mut written = 0u64;
-    while a.view("diskstate", "r") != "EmergencyMode" {
-        assert!(
-            written < 400 * MIB,
-            "no emergency mode after {written} bytes; free {}\n{}\n{}",
-            small.free(),
-            a.ok(&["view", "r"]),
-            tail(&a.log_text(), 20)
-        );
-        write_at(&a, t.path(), (written % SIZE) / MIB * MIB, 4 * MIB as usize);
-        written += 4 * MIB;
-    }
     assert!(
         a.log_text().contains("out of space"),
         "emergency mode came from a measurement, not from the log's ENOSPC\n{}",
