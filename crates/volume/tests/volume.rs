@@ -124,6 +124,41 @@ proptest! {
 /// Crash at every sync point of a workload: the recovered device equals the state after some
 /// prefix of the writes (the log is replayed in order), and that prefix includes every write
 /// acknowledged before the last FLUSH or FUA that completed before the crash.
+/// One random operation of the crash tests, on `v` and on its model `m`: a zeroing, a discard
+/// or a write (FUA one write in eight), overlapping in a small hot zone most of the time.
+/// Returns `Some(fua)` for a write, `None` for a zeroing or discard.
+fn random_op(rng: &mut rand::rngs::StdRng, v: &Volume, m: &mut [u8]) -> Option<bool> {
+    use rand::Rng;
+    let hot = rng.gen_bool(0.6);
+    let o = if hot {
+        rng.gen_range(0..4096)
+    } else {
+        rng.gen_range(0..SIZE - 2048)
+    };
+    let n = rng.gen_range(1..2048u64);
+    let range = o as usize..(o + n) as usize;
+    match rng.gen_range(0..10) {
+        0 => {
+            v.write_zeroes(o, n, rng.gen(), false).unwrap();
+            m[range].fill(0);
+            None
+        }
+        1 => {
+            v.discard(o, n, false).unwrap();
+            m[range].fill(0);
+            None
+        }
+        k => {
+            let b: u8 = rng.gen();
+            let data: Vec<u8> = (0..n).map(|i| b ^ (i as u8)).collect();
+            let fua = k == 9;
+            v.write(o, Bytes::from(data.clone()), fua).unwrap();
+            m[range].copy_from_slice(&data);
+            Some(fua)
+        }
+    }
+}
+
 #[test]
 fn crash_at_every_sync_point_recovers_a_prefix_with_all_flushed_writes() {
     use rand::{Rng, SeedableRng};
@@ -140,34 +175,12 @@ fn crash_at_every_sync_point_recovers_a_prefix_with_all_flushed_writes() {
         let mut confirmed: Vec<(u64, usize)> = Vec::new();
         for _ in 0..300 {
             let mut m = states.last().unwrap().clone();
-            let hot = rng.gen_bool(0.6); // overlapping writes in a small hot zone
-            let o = if hot {
-                rng.gen_range(0..4096)
-            } else {
-                rng.gen_range(0..SIZE - 2048)
-            };
-            let n = rng.gen_range(1..2048u64);
-            match rng.gen_range(0..10) {
-                0 => {
-                    v.write_zeroes(o, n, rng.gen(), false).unwrap();
-                    m[o as usize..(o + n) as usize].fill(0);
+            if let Some(fua) = random_op(&mut rng, &v, &mut m) {
+                states.push(m);
+                if fua {
+                    confirmed.push((dir.sync_points(), states.len() - 1));
                 }
-                1 => {
-                    v.discard(o, n, false).unwrap();
-                    m[o as usize..(o + n) as usize].fill(0);
-                }
-                k => {
-                    let b: u8 = rng.gen();
-                    let data: Vec<u8> = (0..n).map(|i| b ^ (i as u8)).collect();
-                    let fua = k == 9;
-                    v.write(o, Bytes::from(data.clone()), fua).unwrap();
-                    m[o as usize..(o + n) as usize].copy_from_slice(&data);
-                    states.push(m);
-                    if fua {
-                        confirmed.push((dir.sync_points(), states.len() - 1));
-                    }
-                    continue;
-                }
+                continue;
             }
             states.push(m);
             if rng.gen_bool(0.1) {
@@ -417,30 +430,7 @@ fn a_full_filesystem_switches_to_emergency_mode_and_no_write_fails() {
                 dir.fill_up(true);
             }
             let mut m = states.last().unwrap().clone();
-            let o = if rng.gen_bool(0.6) {
-                rng.gen_range(0..4096)
-            } else {
-                rng.gen_range(0..SIZE - 2048)
-            };
-            let n = rng.gen_range(1..2048u64);
-            let mut fua = false;
-            match rng.gen_range(0..10) {
-                0 => {
-                    v.write_zeroes(o, n, rng.gen(), false).unwrap();
-                    m[o as usize..(o + n) as usize].fill(0);
-                }
-                1 => {
-                    v.discard(o, n, false).unwrap();
-                    m[o as usize..(o + n) as usize].fill(0);
-                }
-                k => {
-                    let b: u8 = rng.gen();
-                    let data: Vec<u8> = (0..n).map(|i| b ^ (i as u8)).collect();
-                    fua = k == 9;
-                    v.write(o, Bytes::from(data.clone()), fua).unwrap();
-                    m[o as usize..(o + n) as usize].copy_from_slice(&data);
-                }
-            }
+            let fua = random_op(&mut rng, &v, &mut m) == Some(true);
             states.push(m);
             if fua {
                 confirmed.push((dir.sync_points(), states.len() - 1));
