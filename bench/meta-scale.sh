@@ -27,8 +27,10 @@ for h in a b c; do
 done
 for h in a b c; do for _ in $(seq 200); do [ -S "$DIR/$h/marsd.sock" ] && break; sleep 0.05; done; done
 adm a create-cluster >/dev/null
-adm b join-cluster 127.0.0.1:17777 >/dev/null
-adm c join-cluster 127.0.0.2:17777 >/dev/null
+adm b join-cluster 127.0.0.1:17777 --token "$(adm a join-token)" >/dev/null
+# c joins through b, which needs the CA's key to issue tokens (docs/security.md).
+cp "$DIR/a/tls/ca.key" "$DIR/b/tls/ca.key"
+adm c join-cluster 127.0.0.2:17777 --token "$(adm b join-token)" >/dev/null
 adm a --timeout 60 wait-cluster >/dev/null
 
 KEYS=$((N * 20))

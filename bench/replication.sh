@@ -106,7 +106,7 @@ cluster_with_resource() {
   start_host b 127.0.0.2 "$port"
   adm a create-cluster >/dev/null
   adm a create-resource r "$disk" >/dev/null
-  adm b join-cluster "127.0.0.1:$port" >/dev/null
+  adm b join-cluster "127.0.0.1:$port" --token "$(adm a join-token)" >/dev/null
   adm a --timeout 60 wait-cluster >/dev/null
   adm b --timeout 60 wait-cluster >/dev/null
   # b must know the resource before join-resource (and before any timer starts).

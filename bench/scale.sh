@@ -195,8 +195,8 @@ for h in "${HOSTS[@]}"; do
   echo "bench: marsd $h did not come up:" >&2; cat "$DIR/$h/marsd.log" >&2; exit 1
 done
 adm a create-cluster >/dev/null
-adm b join-cluster "${IP[a]}:$PORT" >/dev/null
-adm c join-cluster "${IP[a]}:$PORT" >/dev/null
+adm b join-cluster "${IP[a]}:$PORT" --token "$(adm a join-token)" >/dev/null
+adm c join-cluster "${IP[a]}:$PORT" --token "$(adm a join-token)" >/dev/null
 for h in "${HOSTS[@]}"; do adm "$h" --timeout 60 wait-cluster >/dev/null || die "wait-cluster failed on $h"; done
 say "cluster of a, b, c formed"
 

@@ -43,8 +43,15 @@ pub enum Request {
         #[serde(default)]
         window: Option<u64>,
     },
-    /// Joins the cluster that the host at `peer` (ADDR[:PORT]) belongs to.
-    JoinCluster { peer: String },
+    /// Joins the cluster that the host at `peer` (ADDR[:PORT]) belongs to, with a join token
+    /// from that host (required unless every host runs `--insecure`).
+    JoinCluster {
+        peer: String,
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// Makes a one-time join token valid for `ttl` seconds (on a host holding the CA's key).
+    JoinToken { ttl: u64 },
     /// Leaves the cluster (refused while this host holds resources).
     LeaveCluster { timeout: u64 },
     /// Waits until every member answered recently, at most `timeout` seconds.
@@ -205,6 +212,10 @@ pub struct ClusterInfo {
     pub host: String,
     /// Address peers reach this host at.
     pub address: String,
+    /// How peer streams are secured: `tls` (with this host's certificate fingerprint) or
+    /// `insecure`.
+    #[serde(default)]
+    pub security: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -62,7 +62,19 @@ enum Cmd {
         ip: Option<String>,
     },
     /// Join the cluster that the host at PEER (ADDR[:PORT], default port 7777) belongs to.
-    JoinCluster { peer: String },
+    JoinCluster {
+        peer: String,
+        /// The join token `marsadm join-token` printed on that host (one use; verifies the
+        /// host before anything is sent to it). Not with --insecure.
+        #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Print a one-time token for `join-cluster --token` (on a host holding the cluster CA).
+    JoinToken {
+        /// How long the token stays valid: seconds, or a number with s, m, h or d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: u64,
+    },
     /// Leave the cluster (refused while this host holds resources).
     LeaveCluster,
     /// Wait until every member answered (at most --timeout seconds).
@@ -449,10 +461,23 @@ impl Cli {
                 let r = self.call(&Request::CreateResource { res, disk, size })?;
                 self.print_done(r)
             }
-            Cmd::JoinCluster { peer } => {
+            Cmd::JoinCluster { peer, token } => {
                 self.no_dry_run("join-cluster")?;
-                let r = self.call(&Request::JoinCluster { peer: peer.clone() })?;
+                let r = self.call(&Request::JoinCluster {
+                    peer: peer.clone(),
+                    token: token.clone(),
+                })?;
                 self.print_done(r)
+            }
+            Cmd::JoinToken { ttl } => {
+                self.no_dry_run("join-token")?;
+                match self.call(&Request::JoinToken { ttl: *ttl })? {
+                    Reply::Value { value: Some(t) } => {
+                        println!("{t}");
+                        Ok(())
+                    }
+                    other => Err(anyhow::anyhow!("unexpected reply: {other:?}")),
+                }
             }
             Cmd::LeaveCluster => {
                 self.no_dry_run("leave-cluster")?;
@@ -971,4 +996,28 @@ mod tests {
         assert!(resource_request(&cli.cmd, false, 30).unwrap().is_none());
         assert!(Cli::try_parse_from(["marsadm", "wait-resource", "vm1"]).is_err());
     }
+}
+
+/// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 600, 30m, 2h, 1d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} (s, m, h or d)")),
+    };
+    let secs = n.saturating_mul(mult);
+    if secs == 0 || secs > 30 * 86_400 {
+        return Err(format!("{s}: a token lives between 1 s and 30 days"));
+    }
+    Ok(secs)
 }

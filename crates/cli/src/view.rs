@@ -279,6 +279,11 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
         match &v.cluster {
             Some(c) => {
                 s += &format!("--------- cluster {}\n", c.uuid);
+                if c.security == "insecure" {
+                    s += "  peers: INSECURE (--insecure: plaintext, nobody authenticated)\n";
+                } else if !c.security.is_empty() {
+                    s += &format!("  peers: mutual {}\n", c.security.replacen("tls", "TLS", 1));
+                }
                 for m in &v.members {
                     let state = if m.this_host {
                         "this host".to_string()

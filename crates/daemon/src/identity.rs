@@ -1,14 +1,18 @@
 //! Who this daemon is: its root directory, host name, listen address and, once it belongs to
-//! one, its cluster (`cluster.toml`). Shared read-mostly by every layer.
+//! one, its cluster (`cluster.toml`) and its credentials (`tls/`). Shared read-mostly by every
+//! layer.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::{anyhow, bail, Context};
 use mars_config::HostName;
+use mars_tls::{Credentials, PeerTls, Token, TokenBook};
 use mars_wire::ClusterId;
 
-use crate::root::{self, ClusterFile, CLUSTER_FILE};
+use crate::root::{self, ClusterFile, CLUSTER_FILE, TOKENS_FILE};
 
 pub struct Identity {
     pub root: PathBuf,
@@ -16,7 +20,20 @@ pub struct Identity {
     /// The peer listen address (`--listen`).
     pub listen: String,
     pub nbd_tcp: Option<SocketAddr>,
+    /// `--insecure`: peer streams in plaintext, nobody authenticated (every host of the cluster
+    /// must run so; for benchmarks and tests of the protocol only).
+    pub insecure: bool,
     cluster: RwLock<Option<ClusterFile>>,
+    /// This host's TLS, once it has a certificate.
+    tls: RwLock<Option<Arc<PeerTls>>>,
+    /// Serializes changes of `tls/tokens.toml`.
+    tokens: Mutex<()>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Identity {
@@ -26,14 +43,99 @@ impl Identity {
         listen: String,
         nbd_tcp: Option<SocketAddr>,
         cluster: Option<ClusterFile>,
+        insecure: bool,
     ) -> Identity {
         Identity {
             root,
             host,
             listen,
             nbd_tcp,
+            insecure,
             cluster: RwLock::new(cluster),
+            tls: RwLock::new(None),
+            tokens: Mutex::new(()),
         }
+    }
+
+    /// What peer streams run over: `None` in `--insecure` mode, else this host's TLS (an
+    /// error before it has a certificate).
+    pub fn peer_tls(&self) -> anyhow::Result<Option<Arc<PeerTls>>> {
+        if self.insecure {
+            return Ok(None);
+        }
+        self.tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(Some)
+            .ok_or_else(|| anyhow!("this host has no certificate (it is in no cluster)"))
+    }
+
+    /// Uses `creds` for every new peer stream from now on. The certificate must name this host.
+    pub fn install_credentials(&self, creds: &Credentials) -> anyhow::Result<()> {
+        let named = creds.host().context("this host's certificate")?;
+        if named != self.host {
+            bail!(
+                "the certificate in {} names host {named}, but this is {}",
+                self.root.join(root::TLS_DIR).display(),
+                self.host
+            );
+        }
+        let tls = PeerTls::new(creds).context("this host's certificate")?;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(tls));
+        Ok(())
+    }
+
+    /// The fingerprint of this host's certificate, if it has one.
+    pub fn fingerprint(&self) -> Option<String> {
+        self.tls
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|t| t.fingerprint.clone())
+    }
+
+    /// A new one-time join token valid for `ttl_secs` (this host must hold the CA's key).
+    pub fn issue_token(&self, ttl_secs: u64) -> anyhow::Result<Token> {
+        let ca = root::load_ca(&self.root)?.ok_or_else(|| {
+            anyhow!(
+                "this host cannot issue join tokens: it does not hold the cluster CA's key \
+                 (run join-token on the host that created the cluster, or copy its \
+                 {}/ca.key here: docs/security.md)",
+                root::TLS_DIR
+            )
+        })?;
+        let _g = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = root::tls_dir(&self.root)?;
+        let mut book: TokenBook = root::read_toml(&dir.join(TOKENS_FILE))?.unwrap_or_default();
+        let t = book.issue(ca.pin(), now_secs(), ttl_secs);
+        root::write_toml(&dir, TOKENS_FILE, &book)?;
+        Ok(t)
+    }
+
+    /// Redeems a token a joiner presented (`ID.SECRET`) and issues its certificate for
+    /// `host_key`. The token is used up even if issuing fails afterwards.
+    pub fn redeem_token(
+        &self,
+        presented: &str,
+        host: &HostName,
+        host_key: &[u8],
+    ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let ca = root::load_ca(&self.root)?
+            .ok_or_else(|| anyhow!("this host does not hold the cluster CA's key"))?;
+        {
+            let _g = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+            let dir = root::tls_dir(&self.root)?;
+            let mut book: TokenBook = root::read_toml(&dir.join(TOKENS_FILE))?.unwrap_or_default();
+            let before = book.clone();
+            let result = book.redeem(presented, now_secs());
+            if book != before {
+                root::write_toml(&dir, TOKENS_FILE, &book)?;
+            }
+            result?;
+        }
+        let cert = ca.issue(host, host_key)?;
+        Ok((cert.to_vec(), ca.cert().to_vec()))
     }
 
     pub fn cluster(&self) -> Option<ClusterFile> {
@@ -61,9 +163,11 @@ impl Identity {
         Ok(())
     }
 
-    /// Forgets the cluster (leave-cluster).
+    /// Forgets the cluster and this host's credentials (leave-cluster).
     pub fn forget_cluster(&self) -> anyhow::Result<()> {
         *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.tls.write().unwrap_or_else(|e| e.into_inner()) = None;
+        root::remove_tls(&self.root)?;
         match std::fs::remove_file(self.root.join(CLUSTER_FILE)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

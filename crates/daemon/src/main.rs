@@ -62,6 +62,11 @@ struct Args {
     /// of the other members arrive here; also the address advertised to them.
     #[arg(long, default_value = "0.0.0.0:7777")]
     listen: String,
+    /// Peer streams in plaintext, nobody authenticated: only for benchmarks and closed labs.
+    /// Every host of the cluster must run with it (a TLS host refuses a plaintext peer, and
+    /// the other way round); `view` shows it.
+    #[arg(long, env = "MARS_INSECURE")]
+    insecure: bool,
     /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
@@ -254,7 +259,29 @@ fn run(args: Args) -> Result<()> {
     // redb creates it with the umask's mode; the store is the cluster's metadata.
     root::private(&root.join(meta::META_FILE), store_existed)?;
     raise_open_files();
-    let ident = Arc::new(Identity::new(root, host, listen, args.nbd_listen, cluster));
+    let in_cluster = cluster.is_some();
+    let ident = Arc::new(Identity::new(
+        root,
+        host,
+        listen,
+        args.nbd_listen,
+        cluster,
+        args.insecure,
+    ));
+    if args.insecure {
+        tracing::warn!("--insecure: peer streams are plaintext and nobody is authenticated");
+    } else {
+        match root::load_credentials(&ident.root)? {
+            Some(creds) => ident.install_credentials(&creds)?,
+            None if in_cluster => tracing::warn!(
+                "this host is in a cluster but has no certificate in {}/ (did it join with \
+                 --insecure?): no peer will talk to it; run it with --insecure like the others, \
+                 or leave and join again with a token",
+                ident.root.join(root::TLS_DIR).display()
+            ),
+            None => {}
+        }
+    }
     let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -288,6 +315,70 @@ impl peer::Handlers for PeerHandlers {
             self.host.ident.host.clone(),
             self.host.ident.cluster_id().unwrap_or(ClusterId::UNKNOWN),
         )
+    }
+
+    fn accepting(&self) -> peer::Accepting {
+        if self.host.ident.insecure {
+            return peer::Accepting::Plain;
+        }
+        match self.host.ident.peer_tls() {
+            Ok(Some(t)) => peer::Accepting::Tls(t),
+            _ => peer::Accepting::Closed,
+        }
+    }
+
+    fn admit(&self, host: HostName, fingerprint: String) -> peer::CheckFuture {
+        let h = self.host.clone();
+        Box::pin(async move {
+            let current = h
+                .store
+                .value(&format!("{}{host}", meta::cluster::CERT_PREFIX))
+                .await?;
+            match current {
+                Some(fp) if fp == fingerprint => Ok(()),
+                Some(_) => Err(format!(
+                    "the certificate of {host} is not its current one (renewed or revoked)"
+                )),
+                None => Err(format!(
+                    "host {host} is not a member of this cluster (left, deleted, or not yet \
+                     known here)"
+                )),
+            }
+        })
+    }
+
+    fn join(
+        &self,
+        joiner: HostName,
+        token: String,
+        host_key: Vec<u8>,
+        from: SocketAddr,
+    ) -> peer::JoinFuture {
+        let h = self.host.clone();
+        Box::pin(async move {
+            let id = h
+                .ident
+                .cluster_id()
+                .ok_or("this host is not in a cluster")?;
+            if h.cluster.members().await.contains_key(&joiner) {
+                return Err(format!(
+                    "a host named {joiner} is already a member of this cluster"
+                ));
+            }
+            let ident = h.ident.clone();
+            let name = joiner.clone();
+            let (cert, ca) =
+                tokio::task::spawn_blocking(move || ident.redeem_token(&token, &name, &host_key))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("{e:#}"))?;
+            tracing::info!("issued a certificate for host {joiner} (at {from}) for a join token");
+            Ok(mars_wire::Message::JoinGrant {
+                cluster: id.0,
+                cert,
+                ca,
+            })
+        })
     }
 
     fn serve(&self, kind: StreamKind, conn: peer::Incoming) -> peer::ServeFuture {

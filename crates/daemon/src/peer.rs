@@ -1,7 +1,15 @@
-//! The peer port as streams of frames: connecting (with the hello in both directions),
-//! accepting (a listener that hands each stream to the handler of its kind), and reading and
-//! writing frames. Protocol code sees only `AsyncRead`/`AsyncWrite` halves, so a TLS layer can
-//! wrap the TCP stream later without any change above.
+//! The peer port as streams of frames: connecting (TLS, then the hello in both directions),
+//! accepting (a listener that authenticates each stream and hands it to the handler of its
+//! kind), and reading and writing frames. Protocol code sees only `AsyncRead`/`AsyncWrite`
+//! halves.
+//!
+//! Authentication (mars-tls): both sides present a certificate of the cluster's CA; a peer is
+//! the host its certificate names, and a hello claiming another name is refused. The accepting
+//! side also asks the layers above whether that certificate is the host's current one (a
+//! removed member's is revoked). A client without a certificate may only join: its first frame
+//! must be a `JoinRequest`. With `--insecure` the streams are plain TCP and nobody is
+//! authenticated; the first byte tells a TLS peer (0x16, a handshake record) from a plaintext
+//! one (`M` of the hello's magic), so a mixed pair says what is wrong instead of hanging.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +19,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use mars_config::HostName;
+use mars_tls::PeerTls;
 use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -198,21 +207,63 @@ pub struct Session {
     pub frames: FrameReader<BoxRead>,
 }
 
-/// Connects as `me` to the member at `addr` for a stream of `kind`.
-pub async fn connect(
-    addr: &str,
-    me: &HostName,
-    cluster: ClusterId,
-    kind: StreamKind,
-) -> Result<Session> {
+async fn tcp_connect(addr: &str) -> Result<TcpStream> {
     let sa = resolve(addr).await?;
     let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sa))
         .await
         .map_err(|_| anyhow!("connect to {sa}: timed out"))?
         .with_context(|| format!("connect to {sa}"))?;
     let _ = s.set_nodelay(true);
-    let (mut r, mut w) = split_stream(s);
-    let ours = Hello::new(kind, cluster, me.clone());
+    Ok(s)
+}
+
+/// The TLS handshake as a client; returns the stream and the host the server's certificate
+/// names.
+async fn tls_connect(
+    addr: &str,
+    s: TcpStream,
+    config: Arc<tokio_rustls::rustls::ClientConfig>,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Option<HostName>)> {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tls = tokio::time::timeout(HELLO_TIMEOUT, connector.connect(mars_tls::server_name(), s))
+        .await
+        .map_err(|_| anyhow!("{addr}: no TLS handshake within {HELLO_TIMEOUT:?}"))?
+        .map_err(|e| handshake_error(addr, e))?;
+    let named = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(mars_tls::certified_host)
+        .transpose()?;
+    Ok((tls, named))
+}
+
+/// Says what a failed client handshake means.
+fn handshake_error(addr: &str, e: std::io::Error) -> anyhow::Error {
+    use tokio_rustls::rustls::Error as TlsErr;
+    match e.get_ref().and_then(|i| i.downcast_ref::<TlsErr>()) {
+        Some(TlsErr::InvalidCertificate(why)) => {
+            anyhow!("{addr}: its certificate is not one of this cluster's ({why:?})")
+        }
+        Some(other) => anyhow!("{addr}: TLS handshake failed: {other}"),
+        None => match e.kind() {
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof => anyhow!(
+                "{addr} ended the TLS handshake: it is in no cluster yet, runs --insecure, or \
+                 did not accept this host's certificate"
+            ),
+            _ => anyhow!("{addr}: TLS handshake failed: {e}"),
+        },
+    }
+}
+
+/// Exchanges hellos over `r`/`w`; a certified peer must claim the name its certificate gives.
+async fn client_hellos(
+    addr: &str,
+    (mut r, mut w): (BoxRead, BoxWrite),
+    ours: Hello,
+    certified: Option<HostName>,
+) -> Result<Session> {
     w.write_all(&ours.encode()).await?;
     let (peer, rest) = read_hello(&mut r).await?;
     let mut frames = FrameReader::new(r, rest);
@@ -220,7 +271,7 @@ pub async fn connect(
         bail!("{addr}: {e}");
     }
     // A refusing peer sends its reason right after its hello.
-    if peer.cluster == ClusterId::UNKNOWN {
+    if peer.cluster == ClusterId::UNKNOWN && ours.cluster != ClusterId::UNKNOWN {
         if let Ok(Ok(Message::Refuse { reason, .. })) =
             tokio::time::timeout(Duration::from_secs(2), frames.next()).await
         {
@@ -228,7 +279,52 @@ pub async fn connect(
         }
         bail!("{} at {addr} is not in a cluster", peer.host);
     }
+    if let Some(named) = certified {
+        if named != peer.host {
+            bail!(
+                "{addr}: its certificate names host {named}, but it says it is {}",
+                peer.host
+            );
+        }
+    }
     Ok(Session { peer, w, frames })
+}
+
+/// Connects as `me` to the member at `addr` for a stream of `kind`: over TLS with `tls`, in
+/// plaintext with `None` (`--insecure`).
+pub async fn connect(
+    addr: &str,
+    me: &HostName,
+    cluster: ClusterId,
+    kind: StreamKind,
+    tls: Option<&PeerTls>,
+) -> Result<Session> {
+    let s = tcp_connect(addr).await?;
+    let ours = Hello::new(kind, cluster, me.clone());
+    match tls {
+        None => client_hellos(addr, split_stream(s), ours, None).await,
+        Some(t) => {
+            let (s, named) = tls_connect(addr, s, t.client.clone()).await?;
+            let named = named.ok_or_else(|| anyhow!("{addr} presented no certificate"))?;
+            client_hellos(addr, split_stream(s), ours, Some(named)).await
+        }
+    }
+}
+
+/// Connects as a joiner without a certificate: the member must present a chain whose CA
+/// hashes to `pin` (from the join token). The caller sends the `JoinRequest` next.
+pub async fn connect_join(addr: &str, me: &HostName, pin: mars_tls::Pin) -> Result<Session> {
+    let s = tcp_connect(addr).await?;
+    let config = mars_tls::join_client(pin)?;
+    let (s, named) = tls_connect(addr, s, config).await.map_err(|e| {
+        if e.to_string().contains("certificate is not one of") {
+            anyhow!("{addr} is not a member of the cluster the token is for (its CA does not match the token's pin)")
+        } else {
+            e
+        }
+    })?;
+    let ours = Hello::new(StreamKind::Meta, ClusterId::UNKNOWN, me.clone());
+    client_hellos(addr, split_stream(s), ours, named).await
 }
 
 /// An accepted stream after the hellos: the peer's hello and the halves.
@@ -240,11 +336,37 @@ pub struct Incoming {
 }
 
 pub type ServeFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+pub type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type JoinFuture = Pin<Box<dyn Future<Output = Result<Message, String>> + Send>>;
 
-/// What the listener needs from the layers above: our hello, and a handler per stream kind.
+/// How this host accepts peer streams now.
+pub enum Accepting {
+    /// `--insecure`: plaintext, nobody authenticated.
+    Plain,
+    /// Mutual TLS with these credentials.
+    Tls(Arc<PeerTls>),
+    /// TLS mode, but no certificate yet (not in a cluster): nothing to serve.
+    Closed,
+}
+
+/// What the listener needs from the layers above: our hello, the state of our credentials,
+/// the admission of certified peers and joiners, and a handler per stream kind.
 pub trait Handlers: Send + Sync + 'static {
     /// This host's name and cluster (`UNKNOWN` before it belongs to one).
     fn me(&self) -> (HostName, ClusterId);
+    fn accepting(&self) -> Accepting;
+    /// Whether `host`, authenticated by a certificate with `fingerprint`, may talk to us (it
+    /// must be a member whose current certificate that is); the error says why not.
+    fn admit(&self, host: HostName, fingerprint: String) -> CheckFuture;
+    /// A joiner without a certificate presented `token` for `host` with `host_key`: the
+    /// `JoinGrant` to send, or why not.
+    fn join(
+        &self,
+        host: HostName,
+        token: String,
+        host_key: Vec<u8>,
+        from: SocketAddr,
+    ) -> JoinFuture;
     fn serve(&self, kind: StreamKind, conn: Incoming) -> ServeFuture;
 }
 
@@ -279,17 +401,111 @@ async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admiss
     }
 }
 
+/// The first byte a client sent, without taking it from the stream.
+async fn first_byte(s: &TcpStream) -> Result<u8> {
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(HELLO_TIMEOUT, s.peek(&mut b))
+        .await
+        .map_err(|_| anyhow!("nothing sent within {HELLO_TIMEOUT:?}"))??;
+    if n == 0 {
+        bail!("connection closed before a byte");
+    }
+    Ok(b[0])
+}
+
+/// TLS records of type handshake start with this byte.
+const TLS_HANDSHAKE: u8 = 0x16;
+
 async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<()> {
-    let (mut r, mut w) = split_stream(s);
+    let first = first_byte(&s).await?;
+    let (me, _) = h.me();
+    match h.accepting() {
+        Accepting::Plain if first == TLS_HANDSHAKE => {
+            tracing::warn!(
+                "refused a TLS connection from {from}: this host runs --insecure (every host \
+                 of a cluster must run with the same setting)"
+            );
+            Ok(())
+        }
+        Accepting::Plain => accept_hello(h, split_stream(s), from, None).await,
+        Accepting::Tls(_) | Accepting::Closed if first != TLS_HANDSHAKE => {
+            // A plaintext peer (`--insecure`) or garbage: a plaintext refusal, so that an
+            // insecure marsd says what is wrong; nothing about the cluster in it.
+            tracing::warn!("refused a plaintext connection from {from}: peers must use TLS");
+            let (mut r, mut w) = split_stream(s);
+            // Its hello is read first: closing with unread bytes would reset the connection
+            // and the refusal might never arrive.
+            let _ = read_hello(&mut r).await;
+            let ours = Hello::new(StreamKind::Meta, ClusterId::UNKNOWN, me);
+            w.write_all(&ours.encode()).await?;
+            let reason = "this host accepts TLS only (does the peer run --insecure?)";
+            refuse(&mut w, RefuseKind::Hello, reason.into()).await?;
+            w.shutdown().await?;
+            Ok(())
+        }
+        Accepting::Closed => {
+            tracing::debug!("closed a connection from {from}: not in a cluster yet");
+            Ok(())
+        }
+        Accepting::Tls(tls) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+            let s = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(s)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!("refused peer at {from}: TLS handshake: {e}");
+                    return Ok(());
+                }
+                Err(_) => {
+                    tracing::warn!(
+                        "refused peer at {from}: no TLS handshake within {HELLO_TIMEOUT:?}"
+                    );
+                    return Ok(());
+                }
+            };
+            let certified = match s.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                None => None,
+                Some(c) => Some((mars_tls::certified_host(c)?, mars_tls::fingerprint(c))),
+            };
+            accept_hello(h, split_stream(s), from, Some(certified)).await
+        }
+    }
+}
+
+/// After the transport: hellos, then the handler. `certified` is `None` in plaintext mode,
+/// `Some(None)` for a TLS client without a certificate (a joiner), else its host and
+/// certificate fingerprint.
+async fn accept_hello(
+    h: Arc<dyn Handlers>,
+    (mut r, mut w): (BoxRead, BoxWrite),
+    from: SocketAddr,
+    certified: Option<Option<(HostName, String)>>,
+) -> Result<()> {
     let (peer, rest) = read_hello(&mut r).await?;
     let (me, cluster) = h.me();
-    let ours = Hello::new(StreamKind::Meta, cluster, me);
+    let joiner = matches!(certified, Some(None));
+    // A joiner learns the cluster from the grant, once its token was good.
+    let ours = Hello::new(
+        StreamKind::Meta,
+        if joiner { ClusterId::UNKNOWN } else { cluster },
+        me,
+    );
     let refusal = if cluster == ClusterId::UNKNOWN {
         Some("this host is not in a cluster".to_string())
     } else if let Err(r) = ours.check_peer(&peer) {
         Some(r.to_string())
+    } else if joiner && (peer.kind != StreamKind::Meta || peer.cluster != ClusterId::UNKNOWN) {
+        Some("a host without a certificate of this cluster may only join".to_string())
     } else if peer.kind != StreamKind::Meta && peer.cluster == ClusterId::UNKNOWN {
         Some("log and sync streams are for members only".to_string())
+    } else if let Some(Some((named, fingerprint))) = &certified {
+        if *named != peer.host {
+            Some(format!(
+                "its certificate names host {named}, but it says it is {}",
+                peer.host
+            ))
+        } else {
+            h.admit(named.clone(), fingerprint.clone()).await.err()
+        }
     } else {
         None
     };
@@ -299,12 +515,32 @@ async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<
         refuse(&mut w, RefuseKind::Hello, reason).await?;
         return Ok(());
     }
+    let mut frames = FrameReader::new(r, rest);
+    if joiner {
+        let grant = match frames.next_within(HELLO_TIMEOUT).await? {
+            Message::JoinRequest { token, host_key } => {
+                h.join(peer.host.clone(), token, host_key, from).await
+            }
+            other => Err(format!(
+                "a host without a certificate must send a join request first, not {}",
+                describe(&other)
+            )),
+        };
+        match grant {
+            Ok(m) => send(&mut w, &m).await?,
+            Err(reason) => {
+                tracing::warn!("refused join of {} from {from}: {reason}", peer.host);
+                refuse(&mut w, RefuseKind::Hello, reason).await?;
+                return Ok(());
+            }
+        }
+    }
     let kind = peer.kind;
     let conn = Incoming {
         peer,
         from,
         w,
-        frames: FrameReader::new(r, rest),
+        frames,
     };
     h.serve(kind, conn).await
 }
@@ -405,6 +641,15 @@ mod tests {
     impl Handlers for Quiet {
         fn me(&self) -> (HostName, ClusterId) {
             (HostName::new("a").unwrap(), ClusterId::UNKNOWN)
+        }
+        fn accepting(&self) -> Accepting {
+            Accepting::Plain
+        }
+        fn admit(&self, _: HostName, _: String) -> CheckFuture {
+            Box::pin(async { Ok(()) })
+        }
+        fn join(&self, _: HostName, _: String, _: Vec<u8>, _: SocketAddr) -> JoinFuture {
+            Box::pin(async { Err("no".into()) })
         }
         fn serve(&self, _: StreamKind, _: Incoming) -> ServeFuture {
             Box::pin(async { Ok(()) })

@@ -7,6 +7,12 @@
 //!   nbd.sock                  NBD Unix socket, export name = resource name
 //!   cluster.toml              cluster identity (create-cluster)
 //!   meta.redb                 replicated metadata (resources, members, roles: see mars-engine keys)
+//!   tls/                      mode 0700: the cluster's PKI on this host (docs/security.md)
+//!     ca.crt                  the cluster CA's certificate (the only one this host trusts)
+//!     ca.key                  the CA's private key, 0600: only on hosts that issue join tokens
+//!                             (the one that ran create-cluster, and those it was copied to)
+//!     host.crt  host.key      this host's certificate and private key (0600)
+//!     tokens.toml             join tokens this host issued and nobody redeemed yet (hashes)
 //!   resource-RES/
 //!     resource.toml           name, local disk, size at create/join
 //!     log-000000001-HOST ...  transaction log or fetched copies (see docs/log-format.md)
@@ -35,6 +41,12 @@ use mars_storage::Dir;
 use serde::{Deserialize, Serialize};
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
+pub const TLS_DIR: &str = "tls";
+const CA_CERT: &str = "ca.crt";
+const CA_KEY: &str = "ca.key";
+const HOST_CERT: &str = "host.crt";
+const HOST_KEY: &str = "host.key";
+pub const TOKENS_FILE: &str = "tokens.toml";
 pub const RESOURCE_FILE: &str = "resource.toml";
 const LOCK_FILE: &str = "marsd.lock";
 
@@ -134,6 +146,85 @@ pub fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>>
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// `ROOT/tls`, created 0700 if needed.
+pub fn tls_dir(root: &Path) -> Result<PathBuf> {
+    let dir = root.join(TLS_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    private(&dir, true)?;
+    Ok(dir)
+}
+
+/// Writes a file that only root may read, atomically.
+fn write_private(dir: &Path, name: &str, text: &str) -> Result<()> {
+    RealDir::open(dir)
+        .and_then(|d| d.write_atomic(name, text.as_bytes()))
+        .with_context(|| format!("cannot write {}", dir.join(name).display()))?;
+    private(&dir.join(name), false)
+}
+
+fn read_opt(path: &Path) -> Result<Option<String>> {
+    match fs::read_to_string(path) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Stores this host's certificate, key and the CA's certificate (create-cluster, join).
+pub fn save_credentials(root: &Path, ca: &str, cert: &str, key: &str) -> Result<()> {
+    let dir = tls_dir(root)?;
+    write_private(&dir, HOST_KEY, key)?;
+    write_private(&dir, CA_CERT, ca)?;
+    write_private(&dir, HOST_CERT, cert)
+}
+
+/// This host's credentials, if it has any.
+pub fn load_credentials(root: &Path) -> Result<Option<mars_tls::Credentials>> {
+    let dir = root.join(TLS_DIR);
+    let (Some(ca), Some(cert), Some(key)) = (
+        read_opt(&dir.join(CA_CERT))?,
+        read_opt(&dir.join(HOST_CERT))?,
+        read_opt(&dir.join(HOST_KEY))?,
+    ) else {
+        return Ok(None);
+    };
+    let creds = mars_tls::Credentials::from_pem(&ca, &cert, &key)
+        .with_context(|| format!("the credentials in {} are broken", dir.display()))?;
+    Ok(Some(creds))
+}
+
+pub fn save_ca(root: &Path, ca: &mars_tls::Ca) -> Result<()> {
+    let dir = tls_dir(root)?;
+    write_private(&dir, CA_KEY, &ca.key_pem())?;
+    write_private(&dir, CA_CERT, &ca.cert_pem())
+}
+
+/// The cluster CA with its key, on a host that holds it.
+pub fn load_ca(root: &Path) -> Result<Option<mars_tls::Ca>> {
+    let dir = root.join(TLS_DIR);
+    let (Some(cert), Some(key)) = (read_opt(&dir.join(CA_CERT))?, read_opt(&dir.join(CA_KEY))?)
+    else {
+        return Ok(None);
+    };
+    let ca = mars_tls::Ca::from_pem(&cert, &key)
+        .with_context(|| format!("the CA in {} is broken", dir.display()))?;
+    Ok(Some(ca))
+}
+
+/// Removes this host's PKI files (leave-cluster): its certificate is revoked cluster-wide, a
+/// CA key must not outlive the membership.
+pub fn remove_tls(root: &Path) -> Result<()> {
+    match fs::remove_dir_all(root.join(TLS_DIR)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).context("cannot remove the tls directory"),
     }
 }
 

@@ -46,6 +46,12 @@ pub fn member_of_key(key: &str) -> Option<HostName> {
     HostName::new(host).ok()
 }
 
+/// The host whose certificate fingerprint a key `certs/cert-HOST` records, if `key` is one.
+pub fn cert_of_key(key: &str) -> Option<HostName> {
+    let host = key.strip_prefix("certs/cert-")?;
+    HostName::new(host).ok()
+}
+
 /// The member that owns `key`, or `None` for a shared key.
 ///
 /// Membership keys `ips/ip-HOST` are shared. Otherwise the segment nearest the leaf that ends in `-HOST` for a member `HOST` decides (the longest
@@ -54,7 +60,9 @@ pub fn member_of_key(key: &str) -> Option<HostName> {
 pub fn owner_of(key: &str, members: &BTreeSet<HostName>) -> Option<HostName> {
     // Membership is shared: a host announces itself, but any member must be able to remove a
     // dead one (`lowlevel-delete-host`), as in MARS.
-    if member_of_key(key).is_some() {
+    // A member's certificate fingerprint goes with its membership (removing a dead member
+    // revokes its certificate).
+    if member_of_key(key).is_some() || cert_of_key(key).is_some() {
         return None;
     }
     let segments: Vec<&str> = key.split('/').collect();
@@ -125,6 +133,8 @@ mod tests {
         assert_eq!(owner("actual-alpha/alive").as_deref(), Some("alpha"));
         // Membership is shared, so that a dead member can be removed by any other.
         assert_eq!(owner("ips/ip-beta").as_deref(), None);
+        // So is a member's certificate fingerprint, which goes with it.
+        assert_eq!(owner("certs/cert-beta").as_deref(), None);
         assert_eq!(
             owner("resource-vm1/todo-beta/attach").as_deref(),
             Some("beta")

@@ -53,7 +53,7 @@ mod key;
 mod store;
 
 pub use clock::{system_time_ns, Clock, Stamp, TimeSource, DEFAULT_MAX_FUTURE_NS};
-pub use key::{member_of_key, owner_of, validate_key, MAX_KEY_LEN, MAX_VALUE_LEN};
+pub use key::{cert_of_key, member_of_key, owner_of, validate_key, MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use store::{ApplyReport, Changes, Entry, Store};
 
 use mars_config::HostName;

@@ -299,6 +299,27 @@ impl Host {
         String::from_utf8(o.stdout).expect("utf8")
     }
 
+    /// A one-time join token from this host (`marsadm join-token`).
+    pub fn join_token(&self) -> String {
+        self.ok(&["join-token"]).trim().to_string()
+    }
+
+    /// Joins the cluster of `member` with a token it issued (`join-token` there, then
+    /// `join-cluster ADDR --token T` here), as an operator does.
+    pub fn join(&self, member: &Host) -> String {
+        let token = member.join_token();
+        self.ok(&["join-cluster", &member.peer_addr, "--token", &token])
+    }
+
+    /// Makes this member an issuer of join tokens too, by the documented procedure: copy the
+    /// CA's key from a host that has it into `ROOT/tls/` (mode 0600).
+    pub fn copy_ca_key_from(&self, issuer: &Host) {
+        use std::os::unix::fs::PermissionsExt;
+        let to = self.root.join("tls/ca.key");
+        std::fs::copy(issuer.root.join("tls/ca.key"), &to).expect("copy ca.key");
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+
     /// Runs marsadm and asserts it is refused with exactly one line on stderr; returns it.
     pub fn refused(&self, args: &[&str]) -> String {
         let o = self.marsadm(args);

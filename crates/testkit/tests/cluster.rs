@@ -21,9 +21,11 @@ fn three(t: &std::path::Path) -> (Host, Host, Host) {
     let b = Host::start_at(t, "b", "127.0.0.2");
     let c = Host::start_at(t, "c", "127.0.0.3");
     a.ok(&["create-cluster"]);
-    b.ok(&["join-cluster", &a.peer_addr]);
-    // c joins through b: what c announces reaches a only by relay through b.
-    c.ok(&["join-cluster", &b.peer_addr]);
+    b.join(&a);
+    // c joins through b: what c announces reaches a only by relay through b. b issues join
+    // tokens once it holds the CA's key (the documented way to have a second issuer).
+    b.copy_ca_key_from(&a);
+    c.join(&b);
     for h in [&a, &b, &c] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
@@ -70,7 +72,8 @@ fn a_change_reaches_every_member_quickly_and_a_partitioned_member_catches_up() {
     let (a, b, mut c) = three(t.path());
     // A new member announced at c reaches a (two hops) quickly.
     let d = Host::start_at(t.path(), "d", "127.0.0.4");
-    d.ok(&["join-cluster", &c.peer_addr]);
+    c.copy_ca_key_from(&a);
+    d.join(&c);
     let took = eventually(30, "a learns about d", || {
         members(&a).contains(&"d".to_string())
     });
@@ -78,7 +81,7 @@ fn a_change_reaches_every_member_quickly_and_a_partitioned_member_catches_up() {
     // c is cut off (stopped); meanwhile e joins through a. When c returns, it catches up.
     c.stop();
     let e = Host::start_at(t.path(), "e", "127.0.0.5");
-    e.ok(&["join-cluster", &a.peer_addr]);
+    e.join(&a);
     eventually(30, "b learns about e", || {
         members(&b).contains(&"e".to_string())
     });
@@ -124,6 +127,13 @@ fn dead_member_shows_not_alive_and_can_be_deleted() {
     assert!(a
         .refused(&["lowlevel-delete-host", "a"])
         .contains("leave-cluster"));
+    // Deleting b revoked its certificate: when b comes back it is refused, and logged.
+    b.start_again();
+    eventually(30, "a refuses the deleted b", || {
+        a.log_text().contains("refused peer b at ")
+            && a.log_text().contains("host b is not a member")
+    });
+    assert_eq!(members(&a), ["a", "c"]);
 }
 
 #[test]
@@ -140,7 +150,7 @@ fn leave_cluster_is_refused_with_resources_and_propagates_otherwise() {
     });
     assert!(c.ok(&["view", "all"]).contains("not in a cluster"));
     // c can join again afterwards.
-    c.ok(&["join-cluster", &b.peer_addr]);
+    c.join(&b);
     eventually(30, "a sees c again", || {
         members(&a).contains(&"c".to_string())
     });
@@ -151,31 +161,84 @@ fn wrong_joins_and_foreign_peers_are_refused() {
     let t = tmp();
     let a = Host::start_at(t.path(), "a", "127.0.0.1");
     let lonely = Host::start_at(t.path(), "lonely", "127.0.0.2");
-    // Nobody to join yet.
+    // Without a token: the command says where to get one.
     assert!(lonely
         .refused(&["join-cluster", &a.peer_addr])
-        .contains("not in a cluster"));
+        .contains("marsadm join-token"));
+    assert!(lonely
+        .refused(&["join-cluster", &a.peer_addr, "--token", "nonsense"])
+        .contains("not a join token"));
+    // Nobody to join yet (a host in no cluster has no certificate: it ends the handshake).
+    assert!(a.refused(&["join-token"]).contains("not in a cluster"));
+    let other_ca = Host::start_at(t.path(), "issuer", "127.0.0.5");
+    other_ca.ok(&["create-cluster"]);
+    let foreign_token = other_ca.join_token();
+    let err = lonely.refused(&["join-cluster", &a.peer_addr, "--token", &foreign_token]);
+    assert!(err.contains("in no cluster"), "{err}");
     assert!(a.refused(&["wait-cluster"]).contains("not in a cluster"));
     a.ok(&["create-cluster"]);
+    // A token of another cluster: its pin does not match a's CA; nothing is sent to a.
+    let err = lonely.refused(&["join-cluster", &a.peer_addr, "--token", &foreign_token]);
+    assert!(err.contains("does not match the token's pin"), "{err}");
     // Unreachable peer: a clear error.
-    let err = lonely.refused(&["join-cluster", "127.0.0.9:1"]);
+    let token = a.join_token();
+    let err = lonely.refused(&["join-cluster", "127.0.0.9:1", "--token", &token]);
     assert!(err.contains("127.0.0.9:1"), "{err}");
-    lonely.ok(&["join-cluster", &a.peer_addr]);
+    // The token was not spent on the unreachable host; it works once.
+    lonely.ok(&["join-cluster", &a.peer_addr, "--token", &token]);
     assert!(lonely
         .refused(&["join-cluster", &a.peer_addr])
         .contains("already belongs"));
-    // A second host with a name already in the cluster.
+    // A second host with a name already in the cluster: no certificate for it.
     let twin = Host::start_at(t.path().join("twin").as_path(), "lonely", "127.0.0.3");
+    let fresh = a.join_token();
     assert!(twin
-        .refused(&["join-cluster", &a.peer_addr])
+        .refused(&["join-cluster", &a.peer_addr, "--token", &fresh])
         .contains("already a member"));
-    // A host of another cluster talking to a: refused with the reason, and logged.
+    // A used token, and a wrong secret, are refused by a and logged there.
+    let twin2 = Host::start_at(t.path().join("twin2").as_path(), "twin2", "127.0.0.3");
+    let err = twin2.refused(&["join-cluster", &a.peer_addr, "--token", &token]);
+    assert!(err.contains("unknown here or was used already"), "{err}");
+    let mut forged = fresh.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    let err = twin2.refused(&["join-cluster", &a.peer_addr, "--token", &forged]);
+    assert!(err.contains("unknown here or was used already"), "{err}");
+    eventually(10, "refused joins logged", || {
+        a.log_text().contains("refused join of twin2")
+    });
+    // An expired token.
+    let short = a.ok(&["join-token", "--ttl", "1s"]).trim().to_string();
+    std::thread::sleep(Duration::from_millis(2100));
+    let err = twin2.refused(&["join-cluster", &a.peer_addr, "--token", &short]);
+    assert!(err.contains("expired"), "{err}");
+    // The fresh token still works after the wrong guess.
+    twin2.ok(&["join-cluster", &a.peer_addr, "--token", &fresh]);
+    // A daemon of another cluster (its own CA) pulling from a: refused in the TLS handshake,
+    // logged with its address; its own view says why.
     let other = Host::start_at(t.path(), "other", "127.0.0.4");
     other.ok(&["create-cluster"]);
+    other.ok(&["set-link", "ips/ip-a", &a.peer_addr]);
+    eventually(20, "a logs the refused handshake", || {
+        a.log_text().contains("refused peer at 127.0.0.1") && a.log_text().contains("TLS handshake")
+    });
+    eventually(20, "other says why", || {
+        other.view_json()["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| {
+                m["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not one of this cluster's"))
+            })
+    });
     let foreign_id = other.view_json()["cluster"]["uuid"]
         .as_str()
         .unwrap()
         .to_string();
+    // A plaintext hello (a daemon with --insecure, or anyone without TLS): refused with the
+    // reason and nothing about the cluster, and logged.
     let mut s = TcpStream::connect(&a.peer_addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let hello = mars_wire::Hello::new(
@@ -186,16 +249,18 @@ fn wrong_joins_and_foreign_peers_are_refused() {
     s.write_all(&hello.encode()).unwrap();
     let mut got = Vec::new();
     s.read_to_end(&mut got).unwrap();
-    let (_, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+    let (theirs, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+    assert_eq!(theirs.cluster, mars_wire::ClusterId::UNKNOWN);
     let (msg, _) = mars_wire::decode_frame(&got[n..]).unwrap().unwrap();
     match msg {
         mars_wire::Message::Refuse { reason, .. } => {
-            assert!(reason.contains("belongs to cluster"), "{reason}")
+            assert!(reason.contains("TLS only"), "{reason}")
         }
         m => panic!("expected a refusal, got {m:?}"),
     }
     eventually(10, "refusal logged", || {
-        a.log_text().contains("refused peer other")
+        a.log_text()
+            .contains("refused a plaintext connection from 127.0.0.1")
     });
     // Garbage instead of a hello: the connection is dropped, the daemon lives on.
     let mut s = TcpStream::connect(&a.peer_addr).unwrap();

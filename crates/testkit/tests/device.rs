@@ -64,7 +64,7 @@ fn pair(t: &Path) -> (Host, Host, PathBuf, PathBuf) {
     let a = host(t, "a", "127.0.0.1");
     let b = host(t, "b", "127.0.0.2");
     let da = a.create_resource("r", SIZE);
-    b.ok(&["join-cluster", &a.peer_addr]);
+    b.join(&a);
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }

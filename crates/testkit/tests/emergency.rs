@@ -110,7 +110,7 @@ fn fill_until_emergency(
     std::fs::File::create(&da).unwrap().set_len(SIZE).unwrap();
     a.ok(&["create-cluster"]);
     a.ok(&["create-resource", "r", da.to_str().unwrap()]);
-    b.ok(&["join-cluster", &a.peer_addr]);
+    b.join(&a);
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }

@@ -359,7 +359,8 @@ fn not_connected_idle_new_primary_wins_when_its_first_logfile_is_its_own() {
         start: Instant::now(),
     };
     let (a, b) = (r.a(), r.b());
-    r.ok(b, &["join-cluster", &a.peer_addr]);
+    let token = r.ok(a, &["join-token"]);
+    r.ok(b, &["join-cluster", &a.peer_addr, "--token", token.trim()]);
     for h in [a, b] {
         r.ok(h, &["--timeout", "30", "wait-cluster"]);
     }
@@ -764,7 +765,8 @@ fn run(s: Scenario) {
 
     // ---------------------------------------------------------------- a primary, b in sync
     let (a, b) = (r.a(), r.b());
-    r.ok(b, &["join-cluster", &a.peer_addr]);
+    let token = r.ok(a, &["join-token"]);
+    r.ok(b, &["join-cluster", &a.peer_addr, "--token", token.trim()]);
     for h in [a, b] {
         r.ok(h, &["--timeout", "30", "wait-cluster"]);
     }

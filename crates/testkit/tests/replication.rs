@@ -23,8 +23,8 @@ fn cluster(t: &Path, size: u64) -> (Cluster, PathBuf) {
     let b = Host::start_at(t, "b", "127.0.0.2");
     let c = Host::start_at(t, "c", "127.0.0.3");
     let disk = a.create_resource("r", size);
-    b.ok(&["join-cluster", &a.peer_addr]);
-    c.ok(&["join-cluster", &a.peer_addr]);
+    b.join(&a);
+    c.join(&a);
     for h in [&a, &b, &c] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }

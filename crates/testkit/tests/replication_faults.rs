@@ -45,7 +45,7 @@ fn pair(t: &Path, size: u64) -> (Host, Host, PathBuf) {
     let a = Host::start_at(t, "a", "127.0.0.1");
     let b = Host::start_at(t, "b", "127.0.0.2");
     let disk = a.create_resource("r", size);
-    b.ok(&["join-cluster", &a.peer_addr]);
+    b.join(&a);
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }

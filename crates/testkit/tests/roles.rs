@@ -31,7 +31,7 @@ impl Cluster {
             .collect();
         let mut disks = vec![hosts[0].create_resource("r", SIZE)];
         for h in &hosts[1..] {
-            h.ok(&["join-cluster", &hosts[0].peer_addr]);
+            h.join(&hosts[0]);
         }
         for h in &hosts {
             h.ok(&["--timeout", "30", "wait-cluster"]);

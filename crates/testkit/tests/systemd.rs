@@ -196,7 +196,7 @@ fn stack_follows_the_primary_and_a_failed_stop_compensates() {
     let all = [&a, &b];
 
     a.host.create_resource(RES, SIZE);
-    b.host.ok(&["join-cluster", &a.host.peer_addr]);
+    b.host.join(&a.host);
     for n in all {
         n.host.ok(&["--timeout", "30", "wait-cluster"]);
     }

@@ -19,13 +19,18 @@
 //! | 22 | SyncCheck | offset: u64, len: u32 (≥ 1), digest: 16 bytes |
 //! | 23 | SyncSame | offset: u64 |
 //! | 24 | SyncData | offset: u64, data: bytes |
+//! | 30 | JoinRequest | token: str (`ID.SECRET`), host_key: bytes (DER SubjectPublicKeyInfo) |
+//! | 31 | JoinGrant | cluster: 16 bytes, cert: bytes (DER), ca: bytes (DER) |
 //!
 //! str = length: u32, UTF-8 (at most 64 KiB)\
 //! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
 //! entry = key: str, has_value: u8 (0/1), [value: str], stamp: u64, origin: str
 //!
 //! Types 1–6 belong to the metadata stream (Refuse may end any stream), 10–14 to the log fetch
-//! stream, 20–24 to the sync stream; see [`StreamKind`](crate::StreamKind).
+//! stream, 20–24 to the sync stream; see [`StreamKind`](crate::StreamKind). 30–31 open the
+//! metadata stream of a joiner that has no certificate yet (TLS mode): its first frame is a
+//! `JoinRequest`, the member answers `JoinGrant` or `Refuse`, and the stream goes on as a
+//! metadata stream.
 
 use crate::{WireError, MAX_DATA};
 
@@ -185,6 +190,21 @@ pub enum Message {
         offset: u64,
         data: Vec<u8>,
     },
+
+    // --- joining (first frames of a joiner's metadata stream, TLS mode) ---
+    /// 30, joiner → member: a join token (`ID.SECRET`, see mars-tls) and the public key the
+    /// joiner's certificate is to certify.
+    JoinRequest {
+        token: String,
+        host_key: Vec<u8>,
+    },
+    /// 31, member → joiner: the token was good; the cluster's id, the joiner's certificate
+    /// and the CA's certificate.
+    JoinGrant {
+        cluster: [u8; 16],
+        cert: Vec<u8>,
+        ca: Vec<u8>,
+    },
 }
 
 /// Longest string in a message (keys and values are small; a reason is a line).
@@ -295,6 +315,8 @@ impl Message {
             Message::SyncCheck { .. } => 22,
             Message::SyncSame { .. } => 23,
             Message::SyncData { .. } => 24,
+            Message::JoinRequest { .. } => 30,
+            Message::JoinGrant { .. } => 31,
         }
     }
 
@@ -397,6 +419,18 @@ impl Message {
                 put_len(out, data);
                 return data;
             }
+            Message::JoinRequest { token, host_key } => {
+                put_str(out, token);
+                put_len(out, host_key);
+                out.extend_from_slice(host_key);
+            }
+            Message::JoinGrant { cluster, cert, ca } => {
+                out.extend_from_slice(cluster);
+                put_len(out, cert);
+                out.extend_from_slice(cert);
+                put_len(out, ca);
+                out.extend_from_slice(ca);
+            }
         }
         &[]
     }
@@ -421,6 +455,8 @@ impl Message {
             22 => "SyncCheck",
             23 => "SyncSame",
             24 => "SyncData",
+            30 => "JoinRequest",
+            31 => "JoinGrant",
             other => return Err(WireError::UnknownType(other)),
         };
         let mut r = Reader { buf: rest, what };
@@ -512,6 +548,15 @@ impl Message {
             24 => Message::SyncData {
                 offset: r.u64()?,
                 data: r.bytes()?,
+            },
+            30 => Message::JoinRequest {
+                token: r.str()?,
+                host_key: r.bytes()?,
+            },
+            31 => Message::JoinGrant {
+                cluster: r.array()?,
+                cert: r.bytes()?,
+                ca: r.bytes()?,
             },
             // Not reached: the type was checked above.
             other => return Err(WireError::UnknownType(other)),

@@ -136,6 +136,10 @@ fn arb_message() -> impl Strategy<Value = Message> {
         }),
         any::<u64>().prop_map(|offset| Message::SyncSame { offset }),
         (any::<u64>(), arb_data()).prop_map(|(offset, data)| Message::SyncData { offset, data }),
+        (".{0,40}", arb_data())
+            .prop_map(|(token, host_key)| Message::JoinRequest { token, host_key }),
+        (any::<[u8; 16]>(), arb_data(), arb_data())
+            .prop_map(|(cluster, cert, ca)| Message::JoinGrant { cluster, cert, ca }),
     ]
 }
 

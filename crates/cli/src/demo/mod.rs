@@ -165,13 +165,14 @@ fn step(title: &str) {
 // ---------------------------------------------------------------------------------------------
 // The walkthrough's steps.
 
-/// alpha creates the cluster, beta and gamma join it; alpha creates resource `demo` and shows
-/// it with its one member.
+/// alpha creates the cluster (and its CA), beta and gamma join it with one-time tokens from
+/// alpha; alpha creates resource `demo` and shows it with its one member.
 fn create(cl: &Cluster, size: u64) -> Result<()> {
     let alpha = cl.alpha();
     alpha.adm(&["create-cluster"])?;
     for h in cl.replicas() {
-        h.adm(&["join-cluster", &alpha.peer_addr])?;
+        let token = alpha.adm(&["join-token"])?;
+        h.adm(&["join-cluster", &alpha.peer_addr, "--token", token.trim()])?;
     }
     let timeout = cl.timeout.as_secs().to_string();
     for h in &cl.hosts {

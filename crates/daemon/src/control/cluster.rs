@@ -9,7 +9,7 @@ use mars_config::HostName;
 
 use super::{done, failed, invalid, Outcome};
 use crate::host::Host;
-use crate::meta::cluster::MEMBER_PREFIX;
+use crate::meta::cluster::{CERT_PREFIX, MEMBER_PREFIX};
 use crate::root::ClusterFile;
 
 pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
@@ -38,9 +38,33 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
         host: host.ident.host.clone(),
         address,
     };
+    // The cluster's CA and this host's certificate (also with --insecure: it costs nothing,
+    // and the files are there should the cluster be rebuilt with TLS).
+    let ident = host.ident.clone();
+    let fingerprint = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let ca = mars_tls::Ca::create()?;
+        let key = mars_tls::HostKey::generate()?;
+        let cert = ca.issue(&ident.host, &key.public_der())?;
+        crate::root::save_ca(&ident.root, &ca)?;
+        crate::root::save_credentials(
+            &ident.root,
+            &ca.cert_pem(),
+            &mars_tls::pki::cert_pem(&cert),
+            &key.pem(),
+        )?;
+        let creds = mars_tls::Credentials::new(ca.cert().clone(), cert, &key);
+        ident.install_credentials(&creds)?;
+        Ok(creds.fingerprint())
+    })
+    .await
+    .map_err(|e| failed(e.to_string()))?
+    .map_err(|e| failed(format!("cannot make the cluster's certificates: {e:#}")))?;
     host.store
         .write(
-            vec![(format!("{MEMBER_PREFIX}{}", c.host), c.address.clone())],
+            vec![
+                (format!("{CERT_PREFIX}{}", c.host), fingerprint),
+                (format!("{MEMBER_PREFIX}{}", c.host), c.address.clone()),
+            ],
             Vec::new(),
         )
         .await
@@ -55,10 +79,31 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
     done(msg)
 }
 
-pub async fn join(host: &Arc<Host>, peer: &str) -> Outcome {
+pub async fn join(host: &Arc<Host>, peer: &str, token: Option<&str>) -> Outcome {
     let _g = host.admin.lock().await;
-    let msg = host.cluster.join(peer).await?;
+    let msg = host.cluster.join(peer, token).await?;
     done(msg)
+}
+
+/// `join-token`: a one-time token for `join-cluster --token`.
+pub async fn join_token(host: &Arc<Host>, ttl: u64) -> Outcome {
+    if host.ident.cluster_id().is_none() {
+        return Err(invalid("this host is not in a cluster"));
+    }
+    if host.ident.insecure {
+        return Err(invalid(
+            "this host runs --insecure: peers are not authenticated and join without a token",
+        ));
+    }
+    let ident = host.ident.clone();
+    let token = tokio::task::spawn_blocking(move || ident.issue_token(ttl))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| invalid(format!("{e:#}")))?;
+    tracing::info!("issued join token {token:?}, valid for {ttl} s");
+    Ok(Reply::Value {
+        value: Some(token.to_string()),
+    })
 }
 
 pub async fn leave(host: &Arc<Host>, timeout: Duration) -> Outcome {
@@ -97,11 +142,21 @@ pub async fn delete_host(host: &Arc<Host>, name: &str) -> Outcome {
             format!("host {h} is not a member of this cluster"),
         ));
     }
-    host.store
-        .write(Vec::new(), vec![format!("{MEMBER_PREFIX}{h}")])
+    // Its certificate goes with it: no member serves it any more.
+    let mut gone = vec![format!("{MEMBER_PREFIX}{h}")];
+    if host
+        .store
+        .value(&format!("{CERT_PREFIX}{h}"))
         .await
-        .map_err(failed)?;
-    done(format!("removed host {h} from the cluster"))
+        .map_err(failed)?
+        .is_some()
+    {
+        gone.push(format!("{CERT_PREFIX}{h}"));
+    }
+    host.store.write(Vec::new(), gone).await.map_err(failed)?;
+    done(format!(
+        "removed host {h} from the cluster (its certificate is revoked)"
+    ))
 }
 
 pub async fn set_links(host: &Arc<Host>, pairs: Vec<(String, String)>) -> Outcome {

@@ -32,6 +32,14 @@ pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -
             uuid: c.uuid,
             host: c.host.to_string(),
             address: c.address,
+            security: if host.ident.insecure {
+                "insecure".into()
+            } else {
+                match host.ident.fingerprint() {
+                    Some(fp) => format!("tls sha256:{fp}"),
+                    None => "tls (no certificate!)".into(),
+                }
+            },
         }),
         members,
         resources,

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use super::store::MetaStore;
 use crate::identity::Identity;
 use crate::peer::{self, send, Incoming};
-use crate::root::ClusterFile;
+use crate::root::{self, ClusterFile};
 
 /// How often each member is asked for changes when it did not notify us.
 pub const POLL: Duration = Duration::from_millis(1000);
@@ -56,6 +56,10 @@ const CONNECTED_WINDOW: Duration = Duration::from_secs(3);
 /// A pull without an answer within this time: the connection is given up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MEMBER_PREFIX: &str = "ips/ip-";
+/// `certs/cert-HOST` = the SHA-256 fingerprint of HOST's current certificate. A peer is served
+/// only with the certificate recorded here; deleting it (leave-cluster, lowlevel-delete-host)
+/// revokes the certificate cluster-wide.
+pub const CERT_PREFIX: &str = "certs/cert-";
 /// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
 /// is away longer than this must not bring deleted keys back, so it should rejoin.
 const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -368,7 +372,15 @@ impl Cluster {
             .ident
             .cluster_id()
             .ok_or_else(|| anyhow!("not in a cluster"))?;
-        let mut s = peer::connect(addr, &self.ident.host, cluster, StreamKind::Meta).await?;
+        let tls = self.ident.peer_tls()?;
+        let mut s = peer::connect(
+            addr,
+            &self.ident.host,
+            cluster,
+            StreamKind::Meta,
+            tls.as_deref(),
+        )
+        .await?;
         if s.peer.host != *host {
             bail!("{addr} answers as host {}, expected {host}", s.peer.host);
         }
@@ -510,9 +522,14 @@ impl Cluster {
 
     // ------------------------------------------------------------ membership commands
 
-    /// `join-cluster PEER`: learns the cluster from a member, copies its metadata, announces
-    /// itself. Returns the message for the operator.
-    pub async fn join(&self, peer_addr: &str) -> Result<String, (mars_api::ErrorKind, String)> {
+    /// `join-cluster PEER [--token T]`: authenticates the member against the token's pin and
+    /// gets this host's certificate (TLS mode), learns the cluster from the member, copies its
+    /// metadata, announces itself. Returns the message for the operator.
+    pub async fn join(
+        &self,
+        peer_addr: &str,
+        token: Option<&str>,
+    ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
         if let Some(id) = self.ident.cluster_id() {
             return Err((
@@ -526,15 +543,86 @@ impl Cluster {
                 format!("join-cluster {peer_addr}: {e:#}"),
             )
         };
-        let mut s = peer::connect(
-            peer_addr,
-            &self.ident.host,
-            ClusterId::UNKNOWN,
-            StreamKind::Meta,
-        )
-        .await
-        .map_err(failed)?;
-        let cluster = s.peer.cluster;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        let mut fingerprint = None;
+        let (mut s, cluster) = match (self.ident.insecure, token) {
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "--token given, but this host runs --insecure (plaintext, no certificates)"
+                        .into(),
+                ))
+            }
+            (true, None) => {
+                let s = peer::connect(
+                    peer_addr,
+                    &self.ident.host,
+                    ClusterId::UNKNOWN,
+                    StreamKind::Meta,
+                    None,
+                )
+                .await
+                .map_err(failed)?;
+                let cluster = s.peer.cluster;
+                (s, cluster)
+            }
+            (false, None) => {
+                return Err(invalid(format!(
+                    "join-cluster needs a join token: run `marsadm join-token` on the member at \
+                     {peer_addr} and pass what it prints with --token (or run every host with \
+                     --insecure)"
+                )))
+            }
+            (false, Some(text)) => {
+                let t: mars_tls::Token = text.parse().map_err(|e| invalid(format!("{e}")))?;
+                let key = mars_tls::HostKey::generate().map_err(|e| failed(e.into()))?;
+                let mut s = peer::connect_join(peer_addr, &self.ident.host, t.pin)
+                    .await
+                    .map_err(failed)?;
+                send(
+                    &mut s.w,
+                    &Message::JoinRequest {
+                        token: t.presented(),
+                        host_key: key.public_der(),
+                    },
+                )
+                .await
+                .map_err(failed)?;
+                let (cluster, cert, ca) =
+                    match s.frames.next_within(ANSWER_TIMEOUT).await.map_err(failed)? {
+                        Message::JoinGrant { cluster, cert, ca } => (ClusterId(cluster), cert, ca),
+                        Message::Refuse { reason, .. } => {
+                            return Err(failed(anyhow!("{} refused: {reason}", s.peer.host)))
+                        }
+                        other => {
+                            return Err(failed(anyhow!(
+                                "unexpected answer: {}",
+                                peer::describe(&other)
+                            )))
+                        }
+                    };
+                // The CA must be the pinned one and the certificate ours, for our key.
+                let ca = tokio_rustls::rustls::pki_types::CertificateDer::from(ca);
+                let cert = tokio_rustls::rustls::pki_types::CertificateDer::from(cert);
+                if mars_tls::spki_pin(&ca).ok() != Some(t.pin) {
+                    return Err(failed(anyhow!(
+                        "the CA it sent is not the one the token pins"
+                    )));
+                }
+                let creds = mars_tls::Credentials::new(ca, cert, &key);
+                self.ident
+                    .install_credentials(&creds)
+                    .map_err(|e| failed(e.context("the certificate it sent")))?;
+                root::save_credentials(
+                    &self.ident.root,
+                    &mars_tls::pki::cert_pem(&creds.ca),
+                    &mars_tls::pki::cert_pem(&creds.cert),
+                    &key.pem(),
+                )
+                .map_err(failed)?;
+                fingerprint = Some(creds.fingerprint());
+                (s, cluster)
+            }
+        };
         let mut since = 0;
         let mut all = Vec::new();
         loop {
@@ -586,9 +674,20 @@ impl Cluster {
             })
             .map_err(failed)?;
         let (k, v) = (own.clone(), address.clone());
-        let entry = self
+        let cert_key = format!("{CERT_PREFIX}{}", self.ident.host);
+        let entries = self
             .store
-            .call(move |st| st.set(&k, &v))
+            .call(
+                move |st| -> Result<Vec<mars_meta::Entry>, mars_meta::MetaError> {
+                    let mut out = Vec::new();
+                    // The certificate first: a member that learns of us can admit us at once.
+                    if let Some(fp) = &fingerprint {
+                        out.push(st.set(&cert_key, fp)?);
+                    }
+                    out.push(st.set(&k, &v)?);
+                    Ok(out)
+                },
+            )
             .await
             .map_err(|e| failed(e.into()))?
             .map_err(|e| failed(e.into()))?;
@@ -604,7 +703,7 @@ impl Cluster {
             &mut s.w,
             &Message::Changes {
                 upto: 0,
-                entries: vec![to_wire(&entry)],
+                entries: entries.iter().map(to_wire).collect(),
             },
         )
         .await
@@ -663,9 +762,15 @@ impl Cluster {
             .filter(|h| *h != me)
             .collect();
         let key = format!("{MEMBER_PREFIX}{me}");
+        let cert_key = format!("{CERT_PREFIX}{me}");
         let seq = self
             .store
-            .call(move |s| s.delete(&key).map(|_| s.local_seq()))
+            .call(move |s| {
+                if s.value(&cert_key)?.is_some() {
+                    s.delete(&cert_key)?;
+                }
+                s.delete(&key).map(|_| s.local_seq())
+            })
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;

@@ -43,6 +43,8 @@ pub struct FetchJob {
     pub res: ResourceName,
     pub me: HostName,
     pub cluster: ClusterId,
+    /// `None` only with `--insecure`.
+    pub tls: Option<Arc<mars_tls::PeerTls>>,
     pub source: HostName,
     pub addr: String,
     pub from: LogPos,
@@ -108,7 +110,14 @@ async fn session(job: &mut FetchJob) -> Result<()> {
         Ok(())
     })
     .await??;
-    let mut s = peer::connect(&job.addr, &job.me, job.cluster, StreamKind::Fetch).await?;
+    let mut s = peer::connect(
+        &job.addr,
+        &job.me,
+        job.cluster,
+        StreamKind::Fetch,
+        job.tls.as_deref(),
+    )
+    .await?;
     if s.peer.host != job.source {
         bail!(
             "{} answers as {}, expected {}",

@@ -39,6 +39,8 @@ pub struct SyncJob {
     pub res: ResourceName,
     pub me: HostName,
     pub cluster: ClusterId,
+    /// `None` only with `--insecure`.
+    pub tls: Option<Arc<mars_tls::PeerTls>>,
     pub source: HostName,
     pub addr: String,
     pub disk: Arc<dyn File>,
@@ -79,6 +81,7 @@ async fn session(job: SyncJob) -> Result<()> {
         res,
         me,
         cluster,
+        tls,
         source,
         addr,
         disk,
@@ -87,7 +90,7 @@ async fn session(job: SyncJob) -> Result<()> {
         go,
         ..
     } = job;
-    let mut s = peer::connect(&addr, &me, cluster, StreamKind::Sync).await?;
+    let mut s = peer::connect(&addr, &me, cluster, StreamKind::Sync, tls.as_deref()).await?;
     if s.peer.host != source {
         bail!("{addr} answers as {}, expected {source}", s.peer.host);
     }

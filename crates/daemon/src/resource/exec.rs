@@ -24,6 +24,12 @@ use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 
 type Failure = (String, String);
+type SessionTarget = (
+    String,
+    ClusterId,
+    Arc<ReplicaDir>,
+    Option<Arc<mars_tls::PeerTls>>,
+);
 
 /// Runs blocking work off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
@@ -252,11 +258,11 @@ impl Executor {
                 from,
                 prev_link,
             } => {
-                let Some((addr, cluster, rep)) = self.session_target(&source) else {
+                let Some((addr, cluster, rep, tls)) = self.session_target(&source) else {
                     self.queue.push_back(Event::Fetch(
                         id,
                         FetchEvent::Ended {
-                            error: Some(format!("no address known for {source}")),
+                            error: Some(format!("no address (or no certificate) for {source}")),
                         },
                     ));
                     return Ok(());
@@ -268,6 +274,7 @@ impl Executor {
                     res: self.name.clone(),
                     me: self.env.ident.host.clone(),
                     cluster,
+                    tls,
                     source,
                     addr,
                     from,
@@ -354,11 +361,11 @@ impl Executor {
                 done: _,
                 size: _,
             } => {
-                let Some((addr, cluster, rep)) = self.session_target(&source) else {
+                let Some((addr, cluster, rep, tls)) = self.session_target(&source) else {
                     self.queue.push_back(Event::Sync(
                         id,
                         SyncEvent::Ended {
-                            error: Some(format!("no address known for {source}")),
+                            error: Some(format!("no address (or no certificate) for {source}")),
                         },
                     ));
                     return Ok(());
@@ -370,6 +377,7 @@ impl Executor {
                     res: self.name.clone(),
                     me: self.env.ident.host.clone(),
                     cluster,
+                    tls,
                     source,
                     addr,
                     disk: rep.disk.clone(),
@@ -480,11 +488,15 @@ impl Executor {
     /// What a fetch or sync session from `source` needs: its address, the cluster id and the
     /// open replica (`None` while any is missing: the session ends at once, and the engine
     /// retries).
-    fn session_target(&self, source: &HostName) -> Option<(String, ClusterId, Arc<ReplicaDir>)> {
+    /// Where a session with `source` goes and how: its address, our cluster, our replica and
+    /// the TLS to use (`None` only with `--insecure`; a host without a certificate has no
+    /// target, it never falls back to plaintext).
+    fn session_target(&self, source: &HostName) -> Option<SessionTarget> {
         Some((
             self.env.addrs.borrow().get(source).cloned()?,
             self.env.ident.cluster_id()?,
             self.replica.clone()?,
+            self.env.ident.peer_tls().ok()?,
         ))
     }
 
