@@ -21,12 +21,13 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-targets=(txlog_decode txlog_reader nbd_session wire_frame)
+targets=(txlog_decode txlog_reader nbd_session wire_frame tls_join)
 declare -A dict=(
     [txlog_decode]=dict/txlog.dict
     [txlog_reader]=dict/txlog.dict
     [nbd_session]=dict/nbd_session.dict
     [wire_frame]=dict/wire.dict
+    [tls_join]=dict/tls.dict
 )
 
 cargo fuzz build

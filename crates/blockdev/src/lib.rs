@@ -202,7 +202,7 @@ fn validate_name(name: &str) -> Result<(), BlockdevError> {
 fn validate_size(size: u64) -> Result<(), BlockdevError> {
     let reason = if size == 0 {
         "must not be zero"
-    } else if size % 512 != 0 {
+    } else if !size.is_multiple_of(512) {
         "must be a multiple of 512"
     } else if size > i64::MAX as u64 {
         "larger than the kernel's file size limit"

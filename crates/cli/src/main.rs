@@ -838,6 +838,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 600, 30m, 2h, 1d)"))?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => return Err(format!("unknown unit {other:?} (s, m, h or d)")),
+    };
+    let secs = n.saturating_mul(mult);
+    if secs == 0 || secs > 30 * 86_400 {
+        return Err(format!("{s}: a token lives between 1 s and 30 days"));
+    }
+    Ok(secs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -996,28 +1020,16 @@ mod tests {
         assert!(resource_request(&cli.cmd, false, 30).unwrap().is_none());
         assert!(Cli::try_parse_from(["marsadm", "wait-resource", "vm1"]).is_err());
     }
-}
 
-/// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).
-fn parse_ttl(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 600, 30m, 2h, 1d)"))?;
-    let mult = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        other => return Err(format!("unknown unit {other:?} (s, m, h or d)")),
-    };
-    let secs = n.saturating_mul(mult);
-    if secs == 0 || secs > 30 * 86_400 {
-        return Err(format!("{s}: a token lives between 1 s and 30 days"));
+    #[test]
+    fn token_lifetimes() {
+        assert_eq!(parse_ttl("600"), Ok(600));
+        assert_eq!(parse_ttl("30m"), Ok(1800));
+        assert_eq!(parse_ttl("2h"), Ok(7200));
+        assert_eq!(parse_ttl("1d"), Ok(86_400));
+        for bad in ["", "0", "h", "1w", "31d", "99999999999999999999d", "-1s"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+        assert!(Cli::try_parse_from(["marsadm", "join-token", "--ttl", "5m"]).is_ok());
     }
-    Ok(secs)
 }

@@ -179,7 +179,7 @@ impl Host {
             tokio::select! {
                 _ = tick.tick() => {
                     ticks += 1;
-                    if ticks % DISKS_EVERY == 0 {
+                    if ticks.is_multiple_of(DISKS_EVERY) {
                         self.look_at_disks().await;
                     }
                 }

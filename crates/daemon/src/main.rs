@@ -65,7 +65,12 @@ struct Args {
     /// Peer streams in plaintext, nobody authenticated: only for benchmarks and closed labs.
     /// Every host of the cluster must run with it (a TLS host refuses a plaintext peer, and
     /// the other way round); `view` shows it.
-    #[arg(long, env = "MARS_INSECURE")]
+    #[arg(
+        long,
+        env = "MARS_INSECURE",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     insecure: bool,
     /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).
     #[arg(long)]
@@ -378,6 +383,26 @@ impl peer::Handlers for PeerHandlers {
                 cert,
                 ca,
             })
+        })
+    }
+
+    fn revoked(
+        &self,
+        host: HostName,
+        fingerprint: String,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        let mut certs = self.host.cluster.certificates();
+        Box::pin(async move {
+            loop {
+                let current = certs.borrow_and_update().get(&host).cloned();
+                // An empty map is "not read yet" (right after the start), not "everyone gone".
+                if !certs.borrow().is_empty() && current.as_deref() != Some(fingerprint.as_str()) {
+                    return;
+                }
+                if certs.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+            }
         })
     }
 

@@ -368,6 +368,13 @@ pub trait Handlers: Send + Sync + 'static {
         from: SocketAddr,
     ) -> JoinFuture;
     fn serve(&self, kind: StreamKind, conn: Incoming) -> ServeFuture;
+    /// Resolves once `host`'s certificate `fingerprint` is no longer its current one (it left,
+    /// was deleted, or renewed): its open streams are closed then.
+    fn revoked(
+        &self,
+        host: HostName,
+        fingerprint: String,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 }
 
 /// Accepts peer connections until the task is dropped.
@@ -536,13 +543,27 @@ async fn accept_hello(
         }
     }
     let kind = peer.kind;
+    let host = peer.host.clone();
     let conn = Incoming {
         peer,
         from,
         w,
         frames,
     };
-    h.serve(kind, conn).await
+    match certified {
+        Some(Some((_, fingerprint))) => {
+            tokio::select! {
+                r = h.serve(kind, conn) => r,
+                () = h.revoked(host.clone(), fingerprint) => {
+                    tracing::warn!(
+                        "closed the {kind:?} stream of {host} at {from}: its certificate was revoked"
+                    );
+                    Ok(())
+                }
+            }
+        }
+        _ => h.serve(kind, conn).await,
+    }
 }
 
 /// One line about a message, without its payload (log data can be megabytes).
@@ -650,6 +671,9 @@ mod tests {
         }
         fn join(&self, _: HostName, _: String, _: Vec<u8>, _: SocketAddr) -> JoinFuture {
             Box::pin(async { Err("no".into()) })
+        }
+        fn revoked(&self, _: HostName, _: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(std::future::pending())
         }
         fn serve(&self, _: StreamKind, _: Incoming) -> ServeFuture {
             Box::pin(async { Ok(()) })

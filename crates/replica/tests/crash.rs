@@ -764,7 +764,7 @@ fn sync_progress_never_runs_ahead_of_the_disk() {
     while at < DISK {
         sync::write_chunk(&*disk, at, &data(at)).unwrap();
         at += chunk;
-        if (at / chunk) % 2 == 0 {
+        if (at / chunk).is_multiple_of(2) {
             sf.done = at;
             sync::persist(&d, &*disk, &sf).unwrap();
         }

@@ -125,7 +125,7 @@ fn main() -> ExitCode {
             *total.end_states.entry(k.clone()).or_insert(0) += v;
         }
         let done = seed - first + 1;
-        if done % 100 == 0 || done == seeds {
+        if done.is_multiple_of(100) || done == seeds {
             let secs = t.elapsed().as_secs_f64();
             println!(
                 "{done} seeds x {steps} steps ok in {secs:.1} s: {:.1} seeds/s",

@@ -175,9 +175,9 @@ impl File for RealFile {
         // Small writes are better left to the page cache, which batches and sorts them; a
         // synchronous direct write per 4 KiB block would cap writeback at the device latency.
         let aligned = buf.len() >= DIRECT_MIN
-            && buf.as_ptr() as usize % DIRECT_ALIGN == 0
-            && buf.len() % DIRECT_ALIGN == 0
-            && off % DIRECT_ALIGN as u64 == 0
+            && (buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+            && buf.len().is_multiple_of(DIRECT_ALIGN)
+            && off.is_multiple_of(DIRECT_ALIGN as u64)
             && !buf.is_empty();
         match &self.direct {
             Some(d) if aligned => match d.write_all_at(buf, off) {

@@ -79,7 +79,7 @@ fn states(h: &Host) -> (String, String, String) {
 fn pair(lab: &Lab, size: u64) -> PathBuf {
     let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
     let disk = a.create_resource("r", size);
-    b.join(&a);
+    b.join(a);
     for h in [a, b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
@@ -633,8 +633,8 @@ fn full_sync_whose_source_fails_over_to_another_history_starts_over() {
     let (da, dc) = {
         let (a, c) = (&lab.hosts[0], &lab.hosts[2]);
         let da = a.create_resource("r", size);
-        lab.hosts[1].join(&a);
-        c.join(&a);
+        lab.hosts[1].join(a);
+        c.join(a);
         for h in &lab.hosts {
             h.ok(&["--timeout", "30", "wait-cluster"]);
         }

@@ -155,7 +155,7 @@ pub async fn create(
             format_size(size)
         )));
     }
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return Err(invalid(format!(
             "size {size} is not a multiple of 512 bytes"
         )));

@@ -91,7 +91,13 @@ pub struct Cluster {
     pub poke: tokio::sync::Notify,
     tasks: Mutex<BTreeMap<HostName, (String, JoinHandle<()>)>>,
     started: Instant,
+    /// Every member's current certificate fingerprint (`certs/cert-HOST`), republished when
+    /// it changes: open streams of a host whose certificate went away are closed.
+    certs: tokio::sync::watch::Sender<Certs>,
 }
+
+/// Host → SHA-256 fingerprint of its current certificate.
+pub type Certs = Arc<BTreeMap<HostName, String>>;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -134,7 +140,37 @@ impl Cluster {
             poke: tokio::sync::Notify::new(),
             tasks: Mutex::default(),
             started: Instant::now(),
+            certs: tokio::sync::watch::channel(Certs::default()).0,
         }
+    }
+
+    /// The members' current certificates, as a watch that changes only when they do.
+    pub fn certificates(&self) -> tokio::sync::watch::Receiver<Certs> {
+        self.certs.subscribe()
+    }
+
+    /// Reads `certs/` and publishes it if it changed.
+    async fn refresh_certificates(&self) {
+        let Ok(now) = self
+            .store
+            .call(|s| -> BTreeMap<HostName, String> {
+                s.list_prefix(CERT_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|e| Some((mars_meta::cert_of_key(&e.key)?, e.value?)))
+                    .collect()
+            })
+            .await
+        else {
+            return;
+        };
+        self.certs.send_if_modified(|c| {
+            if **c == now {
+                return false;
+            }
+            *c = Arc::new(now);
+            true
+        });
     }
 
     /// Members and their addresses, from the replicated `ips/ip-HOST` keys.
@@ -435,6 +471,7 @@ impl Cluster {
         self.load_seen().await;
         let mut global = self.store.watch_global();
         loop {
+            self.refresh_certificates().await;
             if self.ident.cluster_id().is_some() {
                 if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
                     let horizon = mars_meta::system_time_ns()

@@ -1,0 +1,213 @@
+//! The peer port under TLS, seen from the wire: every byte between two real `marsd` passes a
+//! recording relay (a's advertised address is the relay's), so the test sees what an observer
+//! on the network sees. A known pattern written through the device must never appear there —
+//! and does appear when both hosts run `--insecure`, which shows that the capture would see it.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use mars_testkit::repl::{eventually, join, tmp, wait_uptodate};
+use mars_testkit::{free_port_on, random_file, run, Host};
+
+const SIZE: u64 = 16 << 20;
+
+/// A TCP relay on `listen` to `to` that appends every byte it forwards (both directions) to
+/// the returned buffer.
+fn recording_relay(listen: &str, to: String) -> Arc<Mutex<Vec<u8>>> {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let l = TcpListener::bind(listen).expect("bind relay");
+    let rec = seen.clone();
+    thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(client) = c else { continue };
+            let Ok(server) = TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                let rec = rec.clone();
+                thread::spawn(move || {
+                    let mut buf = [0u8; 64 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        rec.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    seen
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Replicates a known pattern from a to b through the relay; returns whether the capture holds
+/// any 64-byte piece of it.
+fn pattern_on_the_wire(insecure: bool) -> bool {
+    let t = tmp();
+    let env: &[(&str, &str)] = if insecure {
+        &[("MARS_INSECURE", "1")]
+    } else {
+        &[]
+    };
+    let a = Host::start_with_env(t.path(), "a", "127.0.0.1", env);
+    let b = Host::start_with_env(t.path(), "b", "127.0.0.2", env);
+    let relay = format!("127.0.0.3:{}", free_port_on("127.0.0.3"));
+    let seen = recording_relay(&relay, a.peer_addr.clone());
+    a.ok(&["create-cluster", "--ip", &relay]);
+    a.create_resource("r", SIZE);
+    if insecure {
+        b.ok(&["join-cluster", &a.peer_addr]);
+    } else {
+        b.join(&a);
+    }
+    b.ok(&["--timeout", "30", "wait-cluster"]);
+    join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    // The pattern: 1 MiB of random bytes written through NBD on a, replicated through the
+    // relay (b fetches a's log at a's advertised address).
+    let src = t.path().join("pattern");
+    random_file(&src, 1 << 20);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!(
+            "write -s {} {} {}",
+            src.display(),
+            4 << 20,
+            1 << 20
+        ))
+        .arg(a.unix_uri("r")));
+    wait_uptodate(&b, "r", 60);
+    let pattern = std::fs::read(&src).expect("pattern");
+    let captured = seen.lock().unwrap().clone();
+    assert!(
+        captured.len() > 1 << 20,
+        "the relay carried the replication ({} bytes)",
+        captured.len()
+    );
+    let found = pattern
+        .chunks(64 << 10)
+        .any(|piece| contains(&captured, &piece[..64]));
+    found
+}
+
+#[test]
+fn replication_is_encrypted_on_the_wire_and_plaintext_only_with_insecure() {
+    assert!(
+        !pattern_on_the_wire(false),
+        "data written through the device travelled in plaintext under TLS"
+    );
+    assert!(
+        pattern_on_the_wire(true),
+        "the capture did not see the data even in --insecure mode: it proves nothing"
+    );
+}
+
+/// A TLS client without a certificate of the cluster (it trusts a's CA through a token's pin,
+/// as a joiner does): it gets a's hello with no cluster id, and whatever it asks other than a
+/// join is refused — a metadata stream with the cluster's id, a fetch stream, a metadata
+/// request instead of a join request. a logs each refusal and keeps serving its members.
+#[test]
+fn a_client_without_a_certificate_may_only_join() {
+    use rustls::pki_types::CertificateDer;
+    use std::time::Duration;
+
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    let cluster =
+        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let token: mars_tls::Token = a.join_token().parse().unwrap();
+    let config = mars_tls::join_client(token.pin).unwrap();
+    // Opens TLS to a, sends `hello` and `then`; returns a's hello and the reason of its refusal.
+    let attempt = |hello: mars_wire::Hello, then: Option<mars_wire::Message>| {
+        let tcp = TcpStream::connect(&a.peer_addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let conn = rustls::ClientConnection::new(config.clone(), mars_tls::server_name()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.write_all(&hello.encode()).unwrap();
+        if let Some(m) = then {
+            let mut f = Vec::new();
+            mars_wire::encode_frame(&m, &mut f);
+            s.write_all(&f).unwrap();
+        }
+        s.flush().unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let (theirs, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+        let certs = s.conn.peer_certificates().unwrap();
+        assert_eq!(
+            mars_tls::certified_host(&CertificateDer::from(certs[0].to_vec()))
+                .unwrap()
+                .as_str(),
+            "a"
+        );
+        match mars_wire::decode_frame(&got[n..]).unwrap().unwrap().0 {
+            mars_wire::Message::Refuse { reason, .. } => (theirs, reason),
+            m => panic!("expected a refusal, got {m:?}"),
+        }
+    };
+    let me = mars_config::HostName::new("mallory").unwrap();
+    let hello = |kind, id| mars_wire::Hello::new(kind, id, me.clone());
+    let (theirs, why) = attempt(hello(mars_wire::StreamKind::Meta, cluster), None);
+    assert_eq!(
+        theirs.cluster,
+        mars_wire::ClusterId::UNKNOWN,
+        "no cluster id before a join"
+    );
+    assert!(why.contains("may only join"), "{why}");
+    let (_, why) = attempt(
+        hello(mars_wire::StreamKind::Fetch, mars_wire::ClusterId::UNKNOWN),
+        None,
+    );
+    assert!(why.contains("may only join"), "{why}");
+    let (_, why) = attempt(
+        hello(mars_wire::StreamKind::Meta, mars_wire::ClusterId::UNKNOWN),
+        Some(mars_wire::Message::ChangesSince {
+            since: 0,
+            limit: 1000,
+        }),
+    );
+    assert!(why.contains("join request first"), "{why}");
+    assert!(a.log_text().contains("refused peer mallory"));
+    assert!(a.log_text().contains("refused join of mallory"));
+    // The token was not spent by any of this, and the cluster still works.
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    c.ok(&["join-cluster", &a.peer_addr, "--token", &token.to_string()]);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+}
+
+/// Deleting a live member revokes its certificate: the streams it holds open are closed at
+/// once, and its reconnections are refused.
+#[test]
+fn deleting_a_live_member_closes_its_open_streams() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    a.ok(&["lowlevel-delete-host", "b"]);
+    eventually(20, "a closes b's open metadata stream", || {
+        a.log_text().contains("closed the Meta stream of b at ")
+    });
+    eventually(20, "and refuses it afterwards", || {
+        a.log_text().contains("refused peer b at ")
+    });
+}
