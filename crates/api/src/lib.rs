@@ -52,6 +52,12 @@ pub enum Request {
     },
     /// Makes a one-time join token valid for `ttl` seconds (on a host holding the CA's key).
     JoinToken { ttl: u64 },
+    /// A new key and certificate for this host, issued here or by member `via` (default: the
+    /// first member that can).
+    RenewCertificate {
+        #[serde(default)]
+        via: Option<String>,
+    },
     /// Leaves the cluster (refused while this host holds resources).
     LeaveCluster { timeout: u64 },
     /// Waits until every member answered recently, at most `timeout` seconds.

@@ -69,6 +69,12 @@ enum Cmd {
         #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Renew this host's certificate: a new key, certified here if this host holds the CA's
+    /// key, else by --via HOST or the first member that does. Members switch over at once.
+    RenewCertificate {
+        #[arg(long)]
+        via: Option<String>,
+    },
     /// Print a one-time token for `join-cluster --token` (on a host holding the cluster CA).
     JoinToken {
         /// How long the token stays valid: seconds, or a number with s, m, h or d.
@@ -467,6 +473,11 @@ impl Cli {
                     peer: peer.clone(),
                     token: token.clone(),
                 })?;
+                self.print_done(r)
+            }
+            Cmd::RenewCertificate { via } => {
+                self.no_dry_run("renew-certificate")?;
+                let r = self.call(&Request::RenewCertificate { via: via.clone() })?;
                 self.print_done(r)
             }
             Cmd::JoinToken { ttl } => {

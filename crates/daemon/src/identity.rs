@@ -138,6 +138,22 @@ impl Identity {
         Ok((cert.to_vec(), ca.cert().to_vec()))
     }
 
+    /// A new certificate for member `host` (authenticated by its current one) and `host_key`.
+    pub fn issue_certificate(
+        &self,
+        host: &HostName,
+        host_key: &[u8],
+    ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        let ca = root::load_ca(&self.root)?.ok_or_else(|| {
+            anyhow!(
+                "{} cannot issue certificates: it does not hold the cluster CA's key",
+                self.host
+            )
+        })?;
+        let cert = ca.issue(host, host_key)?;
+        Ok((cert.to_vec(), ca.cert().to_vec()))
+    }
+
     pub fn cluster(&self) -> Option<ClusterFile> {
         self.cluster
             .read()

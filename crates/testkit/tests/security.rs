@@ -211,3 +211,93 @@ fn deleting_a_live_member_closes_its_open_streams() {
         a.log_text().contains("refused peer b at ")
     });
 }
+
+/// Renewal without downtime: b renews through the CA holder a, every member switches to the
+/// new fingerprint, the streams b opened with the old certificate are closed and reopened with
+/// the new one, and the old certificate is refused from then on. The CA holder renews its own.
+#[test]
+fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
+    use std::time::Duration;
+
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    c.join(&a);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let tls_file = |h: &Host, f: &str| std::fs::read_to_string(h.root.join("tls").join(f)).unwrap();
+    let old = mars_tls::Credentials::from_pem(
+        &tls_file(&b, "ca.crt"),
+        &tls_file(&b, "host.crt"),
+        &tls_file(&b, "host.key"),
+    )
+    .unwrap();
+    let cluster =
+        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+
+    let out = b.ok(&["renew-certificate"]);
+    assert!(out.contains("issued by a"), "{out}");
+    let new_fp = mars_tls::Credentials::from_pem(
+        &tls_file(&b, "ca.crt"),
+        &tls_file(&b, "host.crt"),
+        &tls_file(&b, "host.key"),
+    )
+    .unwrap()
+    .fingerprint();
+    assert_ne!(new_fp, old.fingerprint());
+    assert!(
+        b.view_json()["cluster"]["security"]
+            .as_str()
+            .unwrap()
+            .contains(&new_fp),
+        "view shows the new certificate"
+    );
+    eventually(20, "every member records the new fingerprint", || {
+        [&a, &c]
+            .iter()
+            .all(|h| h.ok(&["get-link", "certs/cert-b"]).trim() == new_fp)
+    });
+    eventually(20, "the old streams are closed", || {
+        a.log_text().contains("closed the Meta stream of b")
+    });
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+
+    // The old certificate (still valid by date and CA) is refused now.
+    let tls = mars_tls::PeerTls::new(&old).unwrap();
+    let tcp = TcpStream::connect(&a.peer_addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let conn = rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let hello = mars_wire::Hello::new(
+        mars_wire::StreamKind::Meta,
+        cluster,
+        mars_config::HostName::new("b").unwrap(),
+    );
+    s.write_all(&hello.encode()).unwrap();
+    s.flush().unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let (_, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+    match mars_wire::decode_frame(&got[n..]).unwrap().unwrap().0 {
+        mars_wire::Message::Refuse { reason, .. } => {
+            assert!(reason.contains("not its current one"), "{reason}")
+        }
+        m => panic!("expected a refusal, got {m:?}"),
+    }
+
+    // The CA holder renews its own, and the cluster still answers.
+    let out = a.ok(&["renew-certificate"]);
+    assert!(out.contains("issued by a"), "{out}");
+    // A member that holds no CA key cannot issue: asking c fails with the reason.
+    let err = b.refused(&["renew-certificate", "--via", "c"]);
+    assert!(err.contains("does not hold the cluster CA"), "{err}");
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+}

@@ -21,6 +21,7 @@
 //! | 24 | SyncData | offset: u64, data: bytes |
 //! | 30 | JoinRequest | token: str (`ID.SECRET`), host_key: bytes (DER SubjectPublicKeyInfo) |
 //! | 31 | JoinGrant | cluster: 16 bytes, cert: bytes (DER), ca: bytes (DER) |
+//! | 32 | Renew | host_key: bytes (DER SubjectPublicKeyInfo) |
 //!
 //! str = length: u32, UTF-8 (at most 64 KiB)\
 //! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
@@ -30,7 +31,8 @@
 //! stream, 20–24 to the sync stream; see [`StreamKind`](crate::StreamKind). 30–31 open the
 //! metadata stream of a joiner that has no certificate yet (TLS mode): its first frame is a
 //! `JoinRequest`, the member answers `JoinGrant` or `Refuse`, and the stream goes on as a
-//! metadata stream.
+//! metadata stream. A member renews its certificate with `Renew` on its own (authenticated)
+//! metadata stream; the answer is a `JoinGrant` too.
 
 use crate::{WireError, MAX_DATA};
 
@@ -205,6 +207,11 @@ pub enum Message {
         cert: Vec<u8>,
         ca: Vec<u8>,
     },
+    /// 32, member → issuing member, on the asker's authenticated metadata stream: certify
+    /// this new public key for me (the host my certificate names).
+    Renew {
+        host_key: Vec<u8>,
+    },
 }
 
 /// Longest string in a message (keys and values are small; a reason is a line).
@@ -317,6 +324,7 @@ impl Message {
             Message::SyncData { .. } => 24,
             Message::JoinRequest { .. } => 30,
             Message::JoinGrant { .. } => 31,
+            Message::Renew { .. } => 32,
         }
     }
 
@@ -424,6 +432,10 @@ impl Message {
                 put_len(out, host_key);
                 out.extend_from_slice(host_key);
             }
+            Message::Renew { host_key } => {
+                put_len(out, host_key);
+                out.extend_from_slice(host_key);
+            }
             Message::JoinGrant { cluster, cert, ca } => {
                 out.extend_from_slice(cluster);
                 put_len(out, cert);
@@ -457,6 +469,7 @@ impl Message {
             24 => "SyncData",
             30 => "JoinRequest",
             31 => "JoinGrant",
+            32 => "Renew",
             other => return Err(WireError::UnknownType(other)),
         };
         let mut r = Reader { buf: rest, what };
@@ -557,6 +570,9 @@ impl Message {
                 cluster: r.array()?,
                 cert: r.bytes()?,
                 ca: r.bytes()?,
+            },
+            32 => Message::Renew {
+                host_key: r.bytes()?,
             },
             // Not reached: the type was checked above.
             other => return Err(WireError::UnknownType(other)),

@@ -140,6 +140,7 @@ fn arb_message() -> impl Strategy<Value = Message> {
             .prop_map(|(token, host_key)| Message::JoinRequest { token, host_key }),
         (any::<[u8; 16]>(), arb_data(), arb_data())
             .prop_map(|(cluster, cert, ca)| Message::JoinGrant { cluster, cert, ca }),
+        arb_data().prop_map(|host_key| Message::Renew { host_key }),
     ]
 }
 

@@ -85,6 +85,16 @@ pub async fn join(host: &Arc<Host>, peer: &str, token: Option<&str>) -> Outcome 
     done(msg)
 }
 
+/// `renew-certificate [--via HOST]`.
+pub async fn renew(host: &Arc<Host>, via: Option<String>) -> Outcome {
+    let via = via
+        .map(|v| HostName::new(&v).map_err(|e| invalid(e.to_string())))
+        .transpose()?;
+    let _g = host.admin.lock().await;
+    let msg = host.cluster.renew(via).await.map_err(invalid)?;
+    done(msg)
+}
+
 /// `join-token`: a one-time token for `join-cluster --token`.
 pub async fn join_token(host: &Arc<Host>, ttl: u64) -> Outcome {
     if host.ident.cluster_id().is_none() {

@@ -118,6 +118,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
         Request::CreateCluster { ip } => cluster::create(host, ip).await,
         Request::JoinCluster { peer, token } => cluster::join(host, &peer, token.as_deref()).await,
         Request::JoinToken { ttl } => cluster::join_token(host, ttl).await,
+        Request::RenewCertificate { via } => cluster::renew(host, via).await,
         Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout)).await,
         Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
             cluster::wait(host, secs(timeout)).await

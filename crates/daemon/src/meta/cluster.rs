@@ -350,11 +350,13 @@ impl Cluster {
                     *v = (*v).max(upto);
                 }
                 Message::Changes { entries, .. } if joining => {
-                    // A joining host announces itself; nothing else is taken from it.
+                    // A joining host announces itself (its address and, with TLS, its
+                    // certificate's fingerprint); nothing else is taken from it.
                     let own = format!("{MEMBER_PREFIX}{}", peer.host);
-                    let (mine, other): (Vec<_>, Vec<_>) = entries
-                        .into_iter()
-                        .partition(|e| e.key == own && e.origin == peer.host.as_str());
+                    let own_cert = format!("{CERT_PREFIX}{}", peer.host);
+                    let (mine, other): (Vec<_>, Vec<_>) = entries.into_iter().partition(|e| {
+                        (e.key == own || e.key == own_cert) && e.origin == peer.host.as_str()
+                    });
                     if !other.is_empty() {
                         tracing::warn!(
                             "ignored {} entries pushed by joining host {}",
@@ -365,6 +367,35 @@ impl Cluster {
                     self.apply(&peer.host, mine).await?;
                     tracing::info!("host {} at {from} joined the cluster", peer.host);
                     self.poke.notify_waiters();
+                }
+                Message::Renew { host_key } if !joining && !self.ident.insecure => {
+                    // The stream is authenticated: the peer is the host its certificate names.
+                    let ident = self.ident.clone();
+                    let host = peer.host.clone();
+                    let issued = tokio::task::spawn_blocking(move || {
+                        ident.issue_certificate(&host, &host_key)
+                    })
+                    .await?;
+                    let reply = match (issued, self.ident.cluster_id()) {
+                        (Ok((cert, ca)), Some(id)) => {
+                            tracing::info!(
+                                "issued a renewed certificate for {} at {from}",
+                                peer.host
+                            );
+                            Message::JoinGrant {
+                                cluster: id.0,
+                                cert,
+                                ca,
+                            }
+                        }
+                        (Err(e), _) => Message::Refuse {
+                            kind: mars_wire::RefuseKind::Other,
+                            reason: format!("{e:#}"),
+                        },
+                        (_, None) => bail!("this host left the cluster"),
+                    };
+                    send(&mut w, &reply).await?;
+                    w.flush().await?;
                 }
                 Message::Ping { stamp } => {
                     let now = self.store.call(move |s| s.clock().now().max(stamp)).await?;
@@ -759,6 +790,130 @@ impl Cluster {
             self.ident.host,
             members.join(", ")
         ))
+    }
+
+    /// `renew-certificate [--via HOST]`: a new key and certificate for this host, issued here
+    /// if this host holds the CA's key (and no `via` is given), else by `via` or the first
+    /// member that can; the new fingerprint goes to `certs/cert-HOST`, and the members close
+    /// the streams this host opened with the old one (it reconnects with the new).
+    pub async fn renew(&self, via: Option<HostName>) -> Result<String, String> {
+        if self.ident.insecure {
+            return Err("this host runs --insecure: it uses no certificate".into());
+        }
+        let cluster = self
+            .ident
+            .cluster_id()
+            .ok_or("this host is not in a cluster")?;
+        let me = self.ident.host.clone();
+        let key = mars_tls::HostKey::generate().map_err(|e| e.to_string())?;
+        let holds_ca = root::load_ca(&self.ident.root)
+            .map_err(|e| format!("{e:#}"))?
+            .is_some();
+        let (cert, ca, issuer) = if via.is_none() && holds_ca {
+            let (cert, ca) = self
+                .ident
+                .issue_certificate(&me, &key.public_der())
+                .map_err(|e| format!("{e:#}"))?;
+            (cert, ca, me.clone())
+        } else {
+            let members = self.members().await;
+            let candidates: Vec<(HostName, String)> = match via {
+                Some(v) => {
+                    let addr = members
+                        .get(&v)
+                        .ok_or_else(|| format!("{v} is not a member of this cluster"))?;
+                    vec![(v, addr.clone())]
+                }
+                None => members.into_iter().filter(|(h, _)| *h != me).collect(),
+            };
+            let mut errors = Vec::new();
+            let mut got = None;
+            for (h, addr) in candidates {
+                match self.renew_from(&h, &addr, cluster, &key).await {
+                    Ok((cert, ca)) => {
+                        got = Some((cert, ca, h));
+                        break;
+                    }
+                    Err(e) => errors.push(format!("{h}: {e:#}")),
+                }
+            }
+            got.ok_or_else(|| format!("no member issued a certificate ({})", errors.join("; ")))?
+        };
+        let current = root::load_credentials(&self.ident.root)
+            .map_err(|e| format!("{e:#}"))?
+            .ok_or("this host has no certificate to renew (join the cluster with a token)")?;
+        let ca = tokio_rustls::rustls::pki_types::CertificateDer::from(ca);
+        if ca != current.ca {
+            return Err(format!(
+                "{issuer} answered with another CA than this host's"
+            ));
+        }
+        let creds = mars_tls::Credentials::new(
+            ca,
+            tokio_rustls::rustls::pki_types::CertificateDer::from(cert),
+            &key,
+        );
+        if creds.host().ok().as_ref() != Some(&me) {
+            return Err(format!("{issuer} sent a certificate for another host"));
+        }
+        root::save_credentials(
+            &self.ident.root,
+            &mars_tls::pki::cert_pem(&creds.ca),
+            &mars_tls::pki::cert_pem(&creds.cert),
+            &key.pem(),
+        )
+        .map_err(|e| format!("{e:#}"))?;
+        self.ident
+            .install_credentials(&creds)
+            .map_err(|e| format!("{e:#}"))?;
+        let fp = creds.fingerprint();
+        let (k, v) = (format!("{CERT_PREFIX}{me}"), fp.clone());
+        self.store
+            .call(move |s| s.set(&k, &v).map(|_| ()))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        tracing::info!("renewed this host's certificate (issued by {issuer}): sha256:{fp}");
+        Ok(format!(
+            "renewed the certificate of {me} (issued by {issuer}): sha256:{fp}"
+        ))
+    }
+
+    async fn renew_from(
+        &self,
+        host: &HostName,
+        addr: &str,
+        cluster: ClusterId,
+        key: &mars_tls::HostKey,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let tls = self.ident.peer_tls()?;
+        let mut s = peer::connect(
+            addr,
+            &self.ident.host,
+            cluster,
+            StreamKind::Meta,
+            tls.as_deref(),
+        )
+        .await?;
+        if s.peer.host != *host {
+            bail!("{addr} answers as host {}, expected {host}", s.peer.host);
+        }
+        send(
+            &mut s.w,
+            &Message::Renew {
+                host_key: key.public_der(),
+            },
+        )
+        .await?;
+        s.w.flush().await?;
+        loop {
+            match s.frames.next_within(ANSWER_TIMEOUT).await? {
+                Message::JoinGrant { cert, ca, .. } => return Ok((cert, ca)),
+                Message::Notify { .. } => continue,
+                Message::Refuse { reason, .. } => bail!("{reason}"),
+                other => bail!("unexpected answer: {}", peer::describe(&other)),
+            }
+        }
     }
 
     /// `wait-cluster`: until every member answered after the call started.
