@@ -115,3 +115,99 @@ fn out_of_descriptors_the_accept_loops_back_off_and_recover() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A member (authenticated: its certificate) opens 600 full-sync sessions at once and leaves
+/// them waiting: the primary serves at most `MAX_SERVED_SYNCS` (256) and refuses the rest with
+/// the reason; its control socket and NBD keep answering, and its memory stays bounded.
+#[test]
+fn six_hundred_sync_sessions_are_bounded_and_the_daemon_keeps_serving() {
+    use std::io::{Read, Write};
+
+    let dir = tempdir("mars-hostile-sync");
+    let a = Host::start_at(dir.path(), "a", "127.0.0.1");
+    let b = Host::start_at(dir.path(), "b", "127.0.0.2");
+    a.create_resource("r", 16 << 20);
+    b.join(&a);
+    let pid = a.pid().expect("running");
+    let tls_file = |f: &str| std::fs::read_to_string(b.root.join("tls").join(f)).unwrap();
+    let creds = mars_tls::Credentials::from_pem(
+        &tls_file("ca.crt"),
+        &tls_file("host.crt"),
+        &tls_file("host.key"),
+    )
+    .unwrap();
+    let tls = mars_tls::PeerTls::new(&creds).unwrap();
+    let cluster =
+        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let hello = mars_wire::Hello::new(
+        mars_wire::StreamKind::Sync,
+        cluster,
+        mars_config::HostName::new("b").unwrap(),
+    );
+    let mut start = hello.encode();
+    mars_wire::encode_frame(
+        &mars_wire::Message::SyncStart { res: "r".into() },
+        &mut start,
+    );
+    let (mut served, mut refused) = (0, 0);
+    let mut held = Vec::new();
+    let t0 = Instant::now();
+    for _ in 0..600 {
+        let tcp = TcpStream::connect(&a.peer_addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.write_all(&start).unwrap();
+        s.flush().unwrap();
+        // a's hello, then SyncInfo (served) or a refusal.
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let answer = loop {
+            let n = s.read(&mut chunk).expect("an answer");
+            assert!(n > 0, "closed without an answer");
+            got.extend_from_slice(&chunk[..n]);
+            if let Ok(Some((_, h))) = mars_wire::Hello::decode(&got) {
+                if let Ok(Some((m, _))) = mars_wire::decode_frame(&got[h..]) {
+                    break m;
+                }
+            }
+        };
+        match answer {
+            mars_wire::Message::SyncInfo { .. } => served += 1,
+            mars_wire::Message::Refuse { kind, reason } => {
+                assert_eq!(kind, mars_wire::RefuseKind::Limit, "{reason}");
+                assert!(reason.contains("try again later"), "{reason}");
+                refused += 1;
+            }
+            m => panic!("unexpected {m:?}"),
+        }
+        held.push(s);
+    }
+    eprintln!("600 sync sessions opened in {:?}", t0.elapsed());
+    assert_eq!(served, 256, "{refused} refused");
+    assert_eq!(refused, 344);
+    // With 256 sessions open and waiting, the daemon answers its operator and NBD at once.
+    let t = Instant::now();
+    a.ok(&["view", "r"]);
+    mars_testkit::run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read 0 1M",
+        &a.unix_uri("r"),
+    ]));
+    eprintln!(
+        "view and a 1 MiB NBD read with 256 idle syncs open: {:?}",
+        t.elapsed()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!("marsd RSS with 600 sync connections: {} MiB", rss_kib >> 10);
+    assert!(rss_kib < 1 << 20, "RSS {rss_kib} KiB exceeds 1 GiB");
+    drop(held);
+}

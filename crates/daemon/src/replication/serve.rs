@@ -63,6 +63,11 @@ pub const MAX_SYNC_CHUNK: u32 = 4 << 20;
 const MAX_SYNC_OUTSTANDING: usize = 256;
 /// How long a session waits for the replica's next request.
 const REQUEST_WAIT: Duration = Duration::from_secs(120);
+/// Most full syncs this host serves at once (all resources, all peers); more are refused with
+/// [`RefuseKind::Limit`] and their replicas try again later. Each holds a connection, a window
+/// of chunk buffers and, while it reads, a blocking thread.
+pub const MAX_SERVED_SYNCS: usize = 256;
+static SERVED_SYNCS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_SERVED_SYNCS);
 
 /// What the servers see of a resource's state (published by its actor after every event).
 #[derive(Debug, Clone)]
@@ -493,6 +498,10 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
             peer::describe(&other)
         ),
     };
+    let Ok(_place) = SERVED_SYNCS.try_acquire() else {
+        let why = format!("{me} already serves {MAX_SERVED_SYNCS} full syncs; try again later");
+        return refused(&mut w, RefuseKind::Limit, why).await;
+    };
     let Some(served) = lookup.served(&res) else {
         return refused(
             &mut w,
@@ -555,14 +564,13 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
     .await?;
     w.flush().await?;
     drop(vol);
-    // Chunks are read and hashed on a thread of their own, in request order, while this task
-    // keeps receiving requests and sending replies: disk, hashing and network overlap.
+    // Chunks are read and hashed by a task of their own, in request order, while this task
+    // keeps receiving requests and sending replies: disk, hashing and network overlap. It
+    // takes a blocking thread only while it reads and hashes a chunk, so idle or slow sessions
+    // hold none.
     let (jobs, job_rx) = tokio::sync::mpsc::channel(MAX_SYNC_OUTSTANDING);
     let (reply_tx, mut replies) = tokio::sync::mpsc::channel(4);
-    {
-        let weak = weak.clone();
-        tokio::task::spawn_blocking(move || sync_worker(weak, job_rx, reply_tx));
-    }
+    tokio::spawn(sync_worker(weak.clone(), job_rx, reply_tx));
     let mut outstanding = 0usize;
     loop {
         tokio::select! {
@@ -647,55 +655,72 @@ enum SyncJob {
 }
 
 /// Answers sync jobs until either channel closes. One read buffer for the whole session.
-fn sync_worker(
+async fn sync_worker(
     vol: Weak<Volume>,
     mut jobs: tokio::sync::mpsc::Receiver<SyncJob>,
     replies: tokio::sync::mpsc::Sender<Result<Message>>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
-    while let Some(job) = jobs.blocking_recv() {
-        let reply = match vol.upgrade() {
-            None => Ok(Message::Refuse {
-                kind: RefuseKind::Left,
-                reason: "this host left the primary role".into(),
-            }),
-            Some(vol) => match job {
-                SyncJob::Check {
-                    offset,
-                    len,
-                    digest,
-                } => {
-                    buf.resize(len as usize, 0);
-                    vol.read(offset, &mut buf)
-                        .map_err(anyhow::Error::from)
-                        .map(|()| {
-                            if mars_replica::sync::digest(&buf) == digest {
-                                Message::SyncSame { offset }
-                            } else {
-                                Message::SyncData {
-                                    offset,
-                                    data: buf.clone(),
-                                }
-                            }
-                        })
-                }
-                // The copy read the newest data, durable or not: make it all durable before
-                // naming the position the replica must replay to, or a crash of this host
-                // could take back writes the replica already holds (found by mars-sim).
-                SyncJob::End => {
-                    vol.flush()
-                        .map_err(anyhow::Error::from)
-                        .map(|now| Message::SyncInfo {
-                            size: vol.size(),
-                            file: now.file,
-                            offset: now.offset,
-                            prev_link: String::new(),
-                        })
-                }
-            },
+    while let Some(job) = jobs.recv().await {
+        let vol = vol.clone();
+        let mut b = std::mem::take(&mut buf);
+        let reply = match tokio::task::spawn_blocking(move || {
+            let r = answer(&vol, job, &mut b);
+            (r, b)
+        })
+        .await
+        {
+            Ok((r, b)) => {
+                buf = b;
+                r
+            }
+            Err(e) => Err(anyhow!("sync read: {e}")),
         };
-        if replies.blocking_send(reply).is_err() {
+        if replies.send(reply).await.is_err() {
             return;
         }
+    }
+}
+
+/// One sync job on a blocking thread; `buf` is the session's read buffer.
+fn answer(vol: &Weak<Volume>, job: SyncJob, buf: &mut Vec<u8>) -> Result<Message> {
+    match vol.upgrade() {
+        None => Ok(Message::Refuse {
+            kind: RefuseKind::Left,
+            reason: "this host left the primary role".into(),
+        }),
+        Some(vol) => match job {
+            SyncJob::Check {
+                offset,
+                len,
+                digest,
+            } => {
+                buf.resize(len as usize, 0);
+                vol.read(offset, buf)
+                    .map_err(anyhow::Error::from)
+                    .map(|()| {
+                        if mars_replica::sync::digest(buf) == digest {
+                            Message::SyncSame { offset }
+                        } else {
+                            Message::SyncData {
+                                offset,
+                                data: buf.clone(),
+                            }
+                        }
+                    })
+            }
+            // The copy read the newest data, durable or not: make it all durable before
+            // naming the position the replica must replay to, or a crash of this host could
+            // take back writes the replica already holds (found by mars-sim).
+            SyncJob::End => vol
+                .flush()
+                .map_err(anyhow::Error::from)
+                .map(|now| Message::SyncInfo {
+                    size: vol.size(),
+                    file: now.file,
+                    offset: now.offset,
+                    prev_link: String::new(),
+                }),
+        },
     }
 }
