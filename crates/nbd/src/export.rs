@@ -116,7 +116,47 @@ pub struct ServerConfig {
     /// Close connections that have not finished option haggling within this time. Requires the
     /// tokio runtime's time driver to be enabled when `Some`.
     pub handshake_timeout: Option<Duration>,
+    /// Payload bytes of one connection's READs and WRITEs in progress, from reading the
+    /// request header until the reply is written (at least `max_payload`): a client that
+    /// sends requests but never reads the replies holds at most this much.
+    pub max_in_flight_bytes: usize,
+    /// The same for all connections served with this configuration (and its clones) together.
+    pub total_in_flight: ByteBudget,
+    /// A reply that cannot be written within this time (the client stopped reading) ends the
+    /// connection, so that it gives its budget back.
+    pub reply_timeout: Duration,
 }
+
+/// A byte budget shared by connections (a semaphore of bytes); clones share it.
+#[derive(Debug, Clone)]
+pub struct ByteBudget(pub(crate) std::sync::Arc<tokio::sync::Semaphore>, usize);
+
+impl ByteBudget {
+    pub fn new(bytes: usize) -> ByteBudget {
+        ByteBudget(
+            std::sync::Arc::new(tokio::sync::Semaphore::new(bytes)),
+            bytes,
+        )
+    }
+
+    /// Its size in bytes.
+    pub fn size(&self) -> usize {
+        self.1
+    }
+
+    /// Bytes not taken now.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+}
+
+/// Two budgets are the same budget, not two of the same size.
+impl PartialEq for ByteBudget {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+impl Eq for ByteBudget {}
 
 impl Default for ServerConfig {
     fn default() -> Self {
@@ -127,6 +167,9 @@ impl Default for ServerConfig {
             max_in_flight: 64,
             multi_conn: true,
             handshake_timeout: Some(Duration::from_secs(30)),
+            max_in_flight_bytes: 64 << 20,
+            total_in_flight: ByteBudget::new(1 << 30),
+            reply_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -147,6 +190,11 @@ impl ServerConfig {
             .next_power_of_two();
         let max = self.max_payload.max(preferred);
         (min, preferred, max)
+    }
+
+    /// The effective per-connection byte budget (room for the largest request at least).
+    pub(crate) fn in_flight_bytes(&self) -> usize {
+        self.max_in_flight_bytes.max(self.block_sizes().2 as usize)
     }
 
     /// The effective number of concurrently processed requests per connection.

@@ -58,12 +58,20 @@ impl Request {
     }
 }
 
+/// What a request holds from its header until its reply is written: its place among the
+/// connection's requests and, for READ and WRITE, its payload bytes of the connection's and of
+/// the server's budget.
+struct Permit {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+}
+
 /// A reply on its way to the writer task. Holds the request's in-flight permit.
 struct Reply {
     cookie: u64,
     error: u32,
     data: Option<Vec<u8>>,
-    _permit: OwnedSemaphorePermit,
+    _permit: Permit,
 }
 
 /// State shared by the reader loop and the requests it spawns.
@@ -73,6 +81,9 @@ struct Conn {
     read_only: bool,
     max_payload: u32,
     in_flight: Arc<Semaphore>,
+    /// This connection's payload bytes in progress, and the server's.
+    bytes: Arc<Semaphore>,
+    total: Arc<Semaphore>,
     replies: mpsc::UnboundedSender<Reply>,
 }
 
@@ -90,13 +101,15 @@ where
     let permits = cfg.in_flight();
     let in_flight = Arc::new(Semaphore::new(permits));
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut writer_task = tokio::spawn(write_replies(writer, rx));
+    let mut writer_task = tokio::spawn(write_replies(writer, rx, cfg.reply_timeout));
     let conn = Conn {
         size: export.size(),
         read_only: export.read_only(),
         export,
         max_payload: cfg.block_sizes().2,
         in_flight: in_flight.clone(),
+        bytes: Arc::new(Semaphore::new(cfg.in_flight_bytes())),
+        total: cfg.total_in_flight.0.clone(),
         replies: tx,
     };
 
@@ -135,7 +148,7 @@ impl Conn {
         R: AsyncRead + Unpin,
     {
         loop {
-            let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            let Ok(request) = self.in_flight.clone().acquire_owned().await else {
                 return Ok(());
             };
             let mut header = [0u8; proto::REQUEST_HEADER_LEN];
@@ -154,6 +167,27 @@ impl Conn {
                 }
             };
             trace!(?req, "NBD request");
+            // Payload bytes are taken before the payload is read or the read is started:
+            // while the budget is used up, no further request is read (back-pressure on the
+            // client instead of memory on the server).
+            let bytes = match req.kind {
+                proto::CMD_READ | proto::CMD_WRITE
+                    if req.len > 0 && req.len <= self.max_payload =>
+                {
+                    let (Ok(mine), Ok(all)) = (
+                        self.bytes.clone().acquire_many_owned(req.len).await,
+                        self.total.clone().acquire_many_owned(req.len).await,
+                    ) else {
+                        return Ok(());
+                    };
+                    Some((mine, all))
+                }
+                _ => None,
+            };
+            let permit = Permit {
+                _request: request,
+                _bytes: bytes,
+            };
             match req.kind {
                 proto::CMD_DISC => {
                     debug!("NBD client sent DISC");
@@ -165,7 +199,7 @@ impl Conn {
         }
     }
 
-    fn reply(&self, cookie: u64, error: u32, data: Option<Vec<u8>>, permit: OwnedSemaphorePermit) {
+    fn reply(&self, cookie: u64, error: u32, data: Option<Vec<u8>>, permit: Permit) {
         // A send error means the writer is gone; the connection is ending anyway.
         let _ = self.replies.send(Reply {
             cookie,
@@ -183,7 +217,7 @@ impl Conn {
     }
 
     /// Runs a blocking export call on the blocking pool and queues its reply.
-    fn spawn<F>(&self, cookie: u64, permit: OwnedSemaphorePermit, op: F)
+    fn spawn<F>(&self, cookie: u64, permit: Permit, op: F)
     where
         F: FnOnce(&dyn Export) -> io::Result<Option<Vec<u8>>> + Send + 'static,
     {
@@ -204,12 +238,7 @@ impl Conn {
     }
 
     /// `NBD_CMD_WRITE`: the payload is always consumed unless it is too large to be trusted.
-    async fn write<R>(
-        &self,
-        r: &mut R,
-        req: Request,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<(), NbdError>
+    async fn write<R>(&self, r: &mut R, req: Request, permit: Permit) -> Result<(), NbdError>
     where
         R: AsyncRead + Unpin,
     {
@@ -260,7 +289,7 @@ impl Conn {
     }
 
     /// Every command except WRITE and DISC.
-    fn dispatch(&self, req: Request, permit: OwnedSemaphorePermit) {
+    fn dispatch(&self, req: Request, permit: Permit) {
         let Request {
             flags,
             kind,
@@ -390,16 +419,25 @@ where
 async fn write_replies<W>(
     mut w: BufWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    stall: std::time::Duration,
 ) -> io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     while let Some(reply) = rx.recv().await {
-        put_reply(&mut w, reply).await?;
-        while let Ok(reply) = rx.try_recv() {
+        let batch = async {
             put_reply(&mut w, reply).await?;
-        }
-        w.flush().await?;
+            while let Ok(reply) = rx.try_recv() {
+                put_reply(&mut w, reply).await?;
+            }
+            w.flush().await
+        };
+        tokio::time::timeout(stall, batch).await.map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client read no reply within {stall:?}"),
+            )
+        })??;
     }
     if let Err(e) = w.shutdown().await {
         debug!(error = %e, "shutting down the NBD stream failed");

@@ -172,3 +172,62 @@ fn valid_session_ends_cleanly() {
     input.extend_from_slice(&request(0, proto::CMD_DISC, 3, 0, 0));
     run(input).unwrap();
 }
+
+/// A client that sends READs and never reads the replies: the server holds at most the
+/// connection's byte budget of reply data (not one buffer per request), stops reading further
+/// requests meanwhile, and ends the connection once a reply could not be written within the
+/// reply timeout, giving the budget back.
+#[test]
+fn a_client_that_never_reads_replies_holds_only_its_budget() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A tiny pipe: the replies do not fit it.
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let cfg = ServerConfig {
+            max_payload: 128 << 10,
+            max_in_flight: 64,
+            max_in_flight_bytes: 512 << 10,
+            reply_timeout: Duration::from_millis(500),
+            ..ServerConfig::default()
+        };
+        let total = cfg.total_in_flight.clone();
+        let (_mems, exports) = exports();
+        let handle = tokio::spawn(serve(server, exports, Arc::new(cfg)));
+        let (mut rd, mut wr) = tokio::io::split(client);
+        // Only the handshake's answer is read, then nothing.
+        let mut input = go_prefix("disk");
+        for cookie in 0..64u64 {
+            input.extend(request(0, proto::CMD_READ, cookie, 0, 128 << 10));
+        }
+        let mut hs = vec![0u8; 512];
+        let n = rd.read(&mut hs).await.unwrap();
+        assert!(n > 0);
+        let writer = tokio::spawn(async move {
+            let _ = wr.write_all(&input).await;
+            wr
+        });
+        // While the client does not read, no more than its budget is taken.
+        let mut lowest = total.size();
+        for _ in 0..20 {
+            lowest = lowest.min(total.available());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            total.size() - lowest <= 512 << 10,
+            "{} bytes in flight for one connection",
+            total.size() - lowest
+        );
+        // The stalled writer ends the connection; the budget comes back.
+        let r = tokio::time::timeout(Duration::from_secs(10), handle)
+            .await
+            .expect("the server ended the connection")
+            .expect("no panic");
+        assert!(r.is_err(), "a stalled client is an error: {r:?}");
+        assert_eq!(total.available(), total.size());
+        drop(writer);
+    });
+}
