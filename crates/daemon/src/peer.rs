@@ -36,6 +36,21 @@ pub const MAX_CONNECTIONS: usize = 16_384;
 /// Most peer connections from one address: a member replicating 1,000 resources from this
 /// host holds about 2,000; one address cannot take every place.
 pub const MAX_PER_ADDRESS: usize = 4_096;
+/// TCP keepalive on every peer connection: a peer whose host died or whose network went away
+/// without a FIN is noticed within about a minute even on a stream that is quiet by design.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_PROBES: u32 = 3;
+
+fn tune(s: &TcpStream) {
+    let _ = s.set_nodelay(true);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_IDLE)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_PROBES);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+}
+
 /// Once a frame has begun, its next bytes must come within this (a slow link still delivers
 /// something every few seconds; a peer that stops in the middle of a frame holds its buffer).
 pub const FRAME_STALL: Duration = Duration::from_secs(60);
@@ -213,7 +228,7 @@ async fn tcp_connect(addr: &str) -> Result<TcpStream> {
         .await
         .map_err(|_| anyhow!("connect to {sa}: timed out"))?
         .with_context(|| format!("connect to {sa}"))?;
-    let _ = s.set_nodelay(true);
+    tune(&s);
     Ok(s)
 }
 
@@ -394,7 +409,7 @@ async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admiss
                 let Some(slot) = admission.admit(from) else {
                     continue;
                 };
-                let _ = s.set_nodelay(true);
+                tune(&s);
                 let h = h.clone();
                 tokio::spawn(async move {
                     let _slot = slot;

@@ -29,6 +29,9 @@ use crate::root::{self, ClusterFile};
 
 /// How often each member is asked for changes when it did not notify us.
 pub const POLL: Duration = Duration::from_millis(1000);
+/// A metadata stream on which the peer asked nothing for this long is closed: a puller asks at
+/// least every [`POLL`], so only a dead or hostile peer stays quiet (it frees its place).
+const META_IDLE: Duration = Duration::from_secs(60);
 /// How often this host refreshes its liveness stamp.
 pub const ALIVE_EVERY: Duration = Duration::from_secs(2);
 /// Entries per answer.
@@ -309,9 +312,16 @@ impl Cluster {
         let mut seq = self.store.watch_seq();
         // What the peer has asked up to: a Notify only when there is more.
         let mut answered: Option<u64> = None;
+        let mut idle_until = tokio::time::Instant::now() + META_IDLE;
         loop {
             let msg = tokio::select! {
-                m = frames.next() => m?,
+                m = tokio::time::timeout_at(idle_until, frames.next()) => {
+                    let m = m.map_err(|_| {
+                        anyhow!("{} asked nothing for {META_IDLE:?}", peer.host)
+                    })??;
+                    idle_until = tokio::time::Instant::now() + META_IDLE;
+                    m
+                }
                 changed = seq.changed() => {
                     changed?;
                     let now = *seq.borrow_and_update();
