@@ -211,3 +211,75 @@ fn six_hundred_sync_sessions_are_bounded_and_the_daemon_keeps_serving() {
     assert!(rss_kib < 1 << 20, "RSS {rss_kib} KiB exceeds 1 GiB");
     drop(held);
 }
+
+/// Raises this process's soft limit on open files to its hard limit.
+fn raise_nofile() {
+    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a local.
+    unsafe {
+        let mut r = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// 2,000 connections to the peer port that never send a byte (no TLS handshake, no hello):
+/// the daemon holds them without threads or much memory, keeps answering its operator, NBD
+/// and its members, and closes every one of them after the 10 s handshake limit.
+#[test]
+fn two_thousand_idle_connections_are_held_cheaply_and_closed() {
+    use std::io::Read;
+
+    raise_nofile();
+    let dir = tempdir("mars-hostile-idle");
+    let a = Host::start_at(dir.path(), "a", "127.0.0.1");
+    let b = Host::start_at(dir.path(), "b", "127.0.0.2");
+    a.create_resource("r", 16 << 20);
+    b.join(&a);
+    let pid = a.pid().expect("running");
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        let c = TcpStream::connect(&a.peer_addr).expect("connect");
+        idle.push(c);
+    }
+    let t = Instant::now();
+    a.ok(&["view", "r"]);
+    mars_testkit::run(std::process::Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "read 0 1M",
+        &a.unix_uri("r"),
+    ]));
+    // A member still gets through (b asks a for changes every second).
+    b.ok(&["--timeout", "30", "wait-cluster"]);
+    eprintln!(
+        "view, NBD read and wait-cluster with 2,000 idle connections: {:?}",
+        t.elapsed()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap()
+    };
+    let (rss_kib, threads) = (field("VmRSS:"), field("Threads:"));
+    eprintln!(
+        "marsd with 2,000 idle connections: RSS {} MiB, {threads} threads",
+        rss_kib >> 10
+    );
+    assert!(rss_kib < 512 << 10, "RSS {rss_kib} KiB");
+    assert!(threads < 200, "{threads} threads");
+    // Each is closed once the handshake limit (10 s) passed.
+    for c in &mut idle {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut b = [0u8; 1];
+        assert_eq!(c.read(&mut b).unwrap_or(0), 0, "closed without a byte");
+    }
+}

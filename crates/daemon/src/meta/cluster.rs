@@ -994,7 +994,14 @@ impl Cluster {
         }
         // No puller may record positions of the old membership after this point.
         self.stop_tasks();
+        let held_ca = root::load_ca(&self.ident.root).ok().flatten().is_some();
         self.ident.forget_cluster().map_err(|e| format!("{e:#}"))?;
+        if held_ca {
+            tracing::warn!(
+                "this host held the cluster CA's key; it is removed with the membership: if no \
+                 other member holds a copy, no host can join cluster {id} any more"
+            );
+        }
         let _ = std::fs::remove_file(self.ident.root.join(SEEN_FILE));
         let fresh = mars_meta::Store::in_memory(me.clone(), mars_meta::system_time_ns)
             .map_err(|e| e.to_string())?;
@@ -1007,7 +1014,14 @@ impl Cluster {
         // A puller started in between is gone now too, and positions start from scratch.
         self.stop_tasks();
         self.clear_peers();
-        Ok(format!("{me} left cluster {id}"))
+        Ok(if held_ca {
+            format!(
+                "{me} left cluster {id}; its copy of the cluster CA's key is removed (other \
+                 members that hold one still issue join tokens)"
+            )
+        } else {
+            format!("{me} left cluster {id}")
+        })
     }
 }
 
