@@ -76,6 +76,64 @@ struct AdmissionState {
     unlogged: u64,
 }
 
+/// A budget for log lines about what peers do (refused handshakes, hellos, joins): a burst of
+/// [`LogBudget::BURST`] lines, then one per second. A peer that opens connections as fast as it
+/// can costs the log a line a second, not a line per connection; the lines that were left out
+/// are counted in the next one.
+#[derive(Debug)]
+pub struct LogBudget {
+    state: Mutex<LogBudgetState>,
+}
+
+#[derive(Debug)]
+struct LogBudgetState {
+    tokens: u32,
+    refilled: Option<Instant>,
+    left_out: u64,
+}
+
+impl LogBudget {
+    pub const BURST: u32 = 20;
+    pub const REFILL: Duration = Duration::from_secs(1);
+
+    pub const fn new() -> LogBudget {
+        LogBudget {
+            state: Mutex::new(LogBudgetState {
+                tokens: Self::BURST,
+                refilled: None,
+                left_out: 0,
+            }),
+        }
+    }
+
+    /// `Some(lines left out since the last one)` if a line may be written now.
+    pub fn take(&self) -> Option<u64> {
+        self.take_at(Instant::now())
+    }
+
+    fn take_at(&self, now: Instant) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let since = st.refilled.get_or_insert(now);
+        let earned = now.duration_since(*since).as_secs() / Self::REFILL.as_secs();
+        if earned > 0 {
+            st.tokens = (st.tokens as u64 + earned).min(Self::BURST as u64) as u32;
+            st.refilled = Some(now);
+        }
+        if st.tokens == 0 {
+            st.left_out += 1;
+            return None;
+        }
+        st.tokens -= 1;
+        Some(std::mem::take(&mut st.left_out))
+    }
+}
+
+impl Default for LogBudget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Refusals of a listener are logged at most this often.
 pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -163,6 +221,21 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_log_budget_allows_a_burst_then_one_line_a_second() {
+        let b = LogBudget::new();
+        let t0 = Instant::now();
+        for _ in 0..LogBudget::BURST {
+            assert_eq!(b.take_at(t0), Some(0));
+        }
+        for _ in 0..100 {
+            assert_eq!(b.take_at(t0 + Duration::from_millis(500)), None);
+        }
+        assert_eq!(b.take_at(t0 + Duration::from_secs(1)), Some(100));
+        assert_eq!(b.take_at(t0 + Duration::from_millis(1500)), None);
+        assert_eq!(b.take_at(t0 + Duration::from_secs(60)), Some(1));
+    }
 
     #[test]
     fn one_address_cannot_take_every_place() {

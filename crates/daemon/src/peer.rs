@@ -24,7 +24,24 @@ use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind}
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::listen::{AcceptErrors, Admission};
+use crate::listen::{AcceptErrors, Admission, LogBudget};
+
+/// What peers get refused is logged within this budget (a flood of refused connections must
+/// not flood the log).
+static REFUSALS: LogBudget = LogBudget::new();
+
+/// Logs a refusal within [`REFUSALS`].
+macro_rules! refusal {
+    ($($arg:tt)*) => {
+        if let Some(left_out) = REFUSALS.take() {
+            if left_out > 0 {
+                tracing::warn!("{} ({left_out} more refusals not logged)", format_args!($($arg)*));
+            } else {
+                tracing::warn!($($arg)*);
+            }
+        }
+    };
+}
 
 /// Default port peers listen on.
 pub const DEFAULT_PORT: u16 = 7777;
@@ -443,7 +460,7 @@ async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<
     let (me, _) = h.me();
     match h.accepting() {
         Accepting::Plain if first == TLS_HANDSHAKE => {
-            tracing::warn!(
+            refusal!(
                 "refused a TLS connection from {from}: this host runs --insecure (every host \
                  of a cluster must run with the same setting)"
             );
@@ -453,7 +470,7 @@ async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<
         Accepting::Tls(_) | Accepting::Closed if first != TLS_HANDSHAKE => {
             // A plaintext peer (`--insecure`) or garbage: a plaintext refusal, so that an
             // insecure marsd says what is wrong; nothing about the cluster in it.
-            tracing::warn!("refused a plaintext connection from {from}: peers must use TLS");
+            refusal!("refused a plaintext connection from {from}: peers must use TLS");
             let (mut r, mut w) = split_stream(s);
             // Its hello is read first: closing with unread bytes would reset the connection
             // and the refusal might never arrive.
@@ -474,13 +491,11 @@ async fn accept(h: Arc<dyn Handlers>, s: TcpStream, from: SocketAddr) -> Result<
             let s = match tokio::time::timeout(HELLO_TIMEOUT, acceptor.accept(s)).await {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    tracing::warn!("refused peer at {from}: TLS handshake: {e}");
+                    refusal!("refused peer at {from}: TLS handshake: {e}");
                     return Ok(());
                 }
                 Err(_) => {
-                    tracing::warn!(
-                        "refused peer at {from}: no TLS handshake within {HELLO_TIMEOUT:?}"
-                    );
+                    refusal!("refused peer at {from}: no TLS handshake within {HELLO_TIMEOUT:?}");
                     return Ok(());
                 }
             };
@@ -533,7 +548,7 @@ async fn accept_hello(
     };
     w.write_all(&ours.encode()).await?;
     if let Some(reason) = refusal {
-        tracing::warn!("refused peer {} at {from}: {reason}", peer.host);
+        refusal!("refused peer {} at {from}: {reason}", peer.host);
         refuse(&mut w, RefuseKind::Hello, reason).await?;
         return Ok(());
     }
@@ -551,7 +566,7 @@ async fn accept_hello(
         match grant {
             Ok(m) => send(&mut w, &m).await?,
             Err(reason) => {
-                tracing::warn!("refused join of {} from {from}: {reason}", peer.host);
+                refusal!("refused join of {} from {from}: {reason}", peer.host);
                 refuse(&mut w, RefuseKind::Hello, reason).await?;
                 return Ok(());
             }

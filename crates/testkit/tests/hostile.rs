@@ -283,3 +283,104 @@ fn two_thousand_idle_connections_are_held_cheaply_and_closed() {
         assert_eq!(c.read(&mut b).unwrap_or(0), 0, "closed without a byte");
     }
 }
+
+/// A member (with its real certificate) that answers a metadata request with more entries than
+/// were asked for: the puller drops the page and the connection, takes nothing from it, and
+/// says why in `view`.
+#[test]
+fn an_oversized_metadata_page_is_refused() {
+    use std::io::{Read, Write};
+
+    let dir = tempdir("mars-hostile-page");
+    let a = Host::start_at(dir.path(), "a", "127.0.0.1");
+    let mut b = Host::start_at(dir.path(), "b", "127.0.0.2");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let tls_file = |f: &str| std::fs::read_to_string(b.root.join("tls").join(f)).unwrap();
+    let creds = mars_tls::Credentials::from_pem(
+        &tls_file("ca.crt"),
+        &tls_file("host.crt"),
+        &tls_file("host.key"),
+    )
+    .unwrap();
+    let tls = mars_tls::PeerTls::new(&creds).unwrap();
+    let cluster =
+        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    b.stop();
+    // b's place, b's certificate, a hostile answer.
+    let l = std::net::TcpListener::bind(&b.peer_addr).expect("b's address");
+    let (tcp, _) = l.accept().expect("a pulls from b");
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let conn = rustls::ServerConnection::new(tls.server.clone()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let ours = mars_wire::Hello::new(
+        mars_wire::StreamKind::Meta,
+        cluster,
+        mars_config::HostName::new("b").unwrap(),
+    );
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let mut read_more = |got: &mut Vec<u8>| {
+        let n = s.read(&mut chunk).expect("a's bytes");
+        assert!(n > 0, "a closed");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    // a's hello, then ours (a waits for it before it asks).
+    let h = loop {
+        if let Ok(Some((_, h))) = mars_wire::Hello::decode(&got) {
+            break h;
+        }
+        read_more(&mut got);
+    };
+    s.write_all(&ours.encode()).unwrap();
+    s.flush().unwrap();
+    let mut got = got.split_off(h);
+    let (since, limit) = loop {
+        if let Ok(Some((m, _))) = mars_wire::decode_frame(&got) {
+            match m {
+                mars_wire::Message::ChangesSince { since, limit } => break (since, limit),
+                other => panic!("a asked {other:?}"),
+            }
+        }
+        let n = s.read(&mut chunk).expect("a's request");
+        assert!(n > 0, "a closed");
+        got.extend_from_slice(&chunk[..n]);
+    };
+    let entries: Vec<mars_wire::Entry> = (0..=limit)
+        .map(|i| mars_wire::Entry {
+            key: format!("junk/k{i}"),
+            value: Some("x".into()),
+            stamp: 1 << 60,
+            origin: "b".into(),
+        })
+        .collect();
+    let mut frame = Vec::new();
+    mars_wire::encode_frame(
+        &mars_wire::Message::Changes {
+            upto: since + 5000,
+            entries,
+        },
+        &mut frame,
+    );
+    s.write_all(&frame).unwrap();
+    s.flush().unwrap();
+    // a hangs up.
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    mars_testkit::repl::eventually(20, "a says why", || {
+        a.view_json()["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| {
+                m["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("entries to a request for at most"))
+            })
+    });
+    assert!(a.marsadm(&["get-link", "junk/k0"]).status.code() != Some(0));
+    a.ok(&["view", "all"]);
+}
