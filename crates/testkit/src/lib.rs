@@ -320,6 +320,31 @@ impl Host {
         std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     }
 
+    /// This host's certificate, key and CA as marsd stores them (`ROOT/tls/`).
+    pub fn credentials(&self) -> mars_tls::Credentials {
+        let read = |f: &str| {
+            std::fs::read_to_string(self.root.join("tls").join(f)).expect("a file of ROOT/tls")
+        };
+        mars_tls::Credentials::from_pem(&read("ca.crt"), &read("host.crt"), &read("host.key"))
+            .expect("valid credentials")
+    }
+
+    /// The id of the cluster this host is in (from `view --json`).
+    pub fn cluster_id(&self) -> mars_wire::ClusterId {
+        let v = self.view_json();
+        mars_wire::ClusterId::parse(v["cluster"]["uuid"].as_str().expect("in a cluster"))
+            .expect("a cluster id")
+    }
+
+    /// Whether `view` here shows a member whose last error contains `text`.
+    pub fn member_error_contains(&self, text: &str) -> bool {
+        self.view_json()["members"]
+            .as_array()
+            .expect("members")
+            .iter()
+            .any(|m| m["error"].as_str().is_some_and(|e| e.contains(text)))
+    }
+
     /// Runs marsadm and asserts it is refused with exactly one line on stderr; returns it.
     pub fn refused(&self, args: &[&str]) -> String {
         let o = self.marsadm(args);

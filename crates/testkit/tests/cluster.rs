@@ -223,15 +223,7 @@ fn wrong_joins_and_foreign_peers_are_refused() {
         a.log_text().contains("refused peer at 127.0.0.1") && a.log_text().contains("TLS handshake")
     });
     eventually(20, "other says why", || {
-        other.view_json()["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| {
-                m["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("not one of this cluster's"))
-            })
+        other.member_error_contains("not one of this cluster's")
     });
     let foreign_id = other.view_json()["cluster"]["uuid"]
         .as_str()
@@ -324,12 +316,7 @@ fn a_host_started_with_another_clusters_id_is_refused_and_says_so() {
         a.log_text().contains("refused peer c") && a.log_text().contains("belongs to cluster")
     });
     eventually(30, "c says why", || {
-        let v = c.view_json();
-        v["members"].as_array().unwrap().iter().any(|m| {
-            m["error"]
-                .as_str()
-                .is_some_and(|e| e.contains("belongs to cluster"))
-        })
+        c.member_error_contains("belongs to cluster")
     });
     let err = c.refused(&["--timeout", "2", "wait-cluster"]);
     assert!(err.contains("belongs to cluster"), "{err}");

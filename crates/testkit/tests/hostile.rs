@@ -16,6 +16,16 @@ fn cpu_ticks(pid: u32) -> u64 {
     f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
 }
 
+/// A number field of `/proc/PID/status` (`VmRSS:` in KiB, `Threads:`).
+fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("the field")
+}
+
 /// Out of file descriptors, the accept loops back off instead of spinning, log the failure
 /// once, and serve again as soon as descriptors are free: a peer that opens more connections
 /// than the daemon may hold costs it neither a core nor its log disk.
@@ -129,16 +139,8 @@ fn six_hundred_sync_sessions_are_bounded_and_the_daemon_keeps_serving() {
     a.create_resource("r", 16 << 20);
     b.join(&a);
     let pid = a.pid().expect("running");
-    let tls_file = |f: &str| std::fs::read_to_string(b.root.join("tls").join(f)).unwrap();
-    let creds = mars_tls::Credentials::from_pem(
-        &tls_file("ca.crt"),
-        &tls_file("host.crt"),
-        &tls_file("host.key"),
-    )
-    .unwrap();
-    let tls = mars_tls::PeerTls::new(&creds).unwrap();
-    let cluster =
-        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let tls = mars_tls::PeerTls::new(&b.credentials()).unwrap();
+    let cluster = a.cluster_id();
     let hello = mars_wire::Hello::new(
         mars_wire::StreamKind::Sync,
         cluster,
@@ -201,12 +203,7 @@ fn six_hundred_sync_sessions_are_bounded_and_the_daemon_keeps_serving() {
         "view and a 1 MiB NBD read with 256 idle syncs open: {:?}",
         t.elapsed()
     );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let rss_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap();
+    let rss_kib = proc_status(pid, "VmRSS:");
     eprintln!("marsd RSS with 600 sync connections: {} MiB", rss_kib >> 10);
     assert!(rss_kib < 1 << 20, "RSS {rss_kib} KiB exceeds 1 GiB");
     drop(held);
@@ -261,15 +258,7 @@ fn two_thousand_idle_connections_are_held_cheaply_and_closed() {
         "view, NBD read and wait-cluster with 2,000 idle connections: {:?}",
         t.elapsed()
     );
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap()
-    };
-    let (rss_kib, threads) = (field("VmRSS:"), field("Threads:"));
+    let (rss_kib, threads) = (proc_status(pid, "VmRSS:"), proc_status(pid, "Threads:"));
     eprintln!(
         "marsd with 2,000 idle connections: RSS {} MiB, {threads} threads",
         rss_kib >> 10
@@ -299,16 +288,8 @@ fn an_oversized_metadata_page_is_refused() {
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
-    let tls_file = |f: &str| std::fs::read_to_string(b.root.join("tls").join(f)).unwrap();
-    let creds = mars_tls::Credentials::from_pem(
-        &tls_file("ca.crt"),
-        &tls_file("host.crt"),
-        &tls_file("host.key"),
-    )
-    .unwrap();
-    let tls = mars_tls::PeerTls::new(&creds).unwrap();
-    let cluster =
-        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let tls = mars_tls::PeerTls::new(&b.credentials()).unwrap();
+    let cluster = a.cluster_id();
     b.stop();
     // b's place, b's certificate, a hostile answer.
     let l = std::net::TcpListener::bind(&b.peer_addr).expect("b's address");
@@ -371,15 +352,7 @@ fn an_oversized_metadata_page_is_refused() {
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
     mars_testkit::repl::eventually(20, "a says why", || {
-        a.view_json()["members"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|m| {
-                m["error"]
-                    .as_str()
-                    .is_some_and(|e| e.contains("entries to a request for at most"))
-            })
+        a.member_error_contains("entries to a request for at most")
     });
     assert!(a.marsadm(&["get-link", "junk/k0"]).status.code() != Some(0));
     a.ok(&["view", "all"]);

@@ -47,6 +47,40 @@ fn recording_relay(listen: &str, to: String) -> Arc<Mutex<Vec<u8>>> {
     seen
 }
 
+/// Opens TLS with `config` to the peer port at `addr`, sends `hello` and `then`, and reads until
+/// the server closes; returns the server's hello, the reason of its refusal (the frame after
+/// the hello must be one) and the host its certificate names.
+fn refused_over_tls(
+    addr: &str,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    hello: mars_wire::Hello,
+    then: Option<mars_wire::Message>,
+) -> (mars_wire::Hello, String, String) {
+    use rustls::pki_types::CertificateDer;
+
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(15)))
+        .unwrap();
+    let conn = rustls::ClientConnection::new(config, mars_tls::server_name()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(&hello.encode()).unwrap();
+    if let Some(m) = then {
+        let mut f = Vec::new();
+        mars_wire::encode_frame(&m, &mut f);
+        s.write_all(&f).unwrap();
+    }
+    s.flush().unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let (theirs, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
+    let leaf = CertificateDer::from(s.conn.peer_certificates().unwrap()[0].to_vec());
+    let named = mars_tls::certified_host(&leaf).unwrap().to_string();
+    match mars_wire::decode_frame(&got[n..]).unwrap().unwrap().0 {
+        mars_wire::Message::Refuse { reason, .. } => (theirs, reason, named),
+        m => panic!("expected a refusal, got {m:?}"),
+    }
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -119,45 +153,19 @@ fn replication_is_encrypted_on_the_wire_and_plaintext_only_with_insecure() {
 /// request instead of a join request. a logs each refusal and keeps serving its members.
 #[test]
 fn a_client_without_a_certificate_may_only_join() {
-    use rustls::pki_types::CertificateDer;
-    use std::time::Duration;
-
     let t = tmp();
     let a = Host::start_at(t.path(), "a", "127.0.0.1");
     let b = Host::start_at(t.path(), "b", "127.0.0.2");
     a.ok(&["create-cluster"]);
     b.join(&a);
-    let cluster =
-        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let cluster = a.cluster_id();
     let token: mars_tls::Token = a.join_token().parse().unwrap();
     let config = mars_tls::join_client(token.pin).unwrap();
-    // Opens TLS to a, sends `hello` and `then`; returns a's hello and the reason of its refusal.
+    // The server is a (its certificate says so) and refuses: its hello and reason.
     let attempt = |hello: mars_wire::Hello, then: Option<mars_wire::Message>| {
-        let tcp = TcpStream::connect(&a.peer_addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-        let conn = rustls::ClientConnection::new(config.clone(), mars_tls::server_name()).unwrap();
-        let mut s = rustls::StreamOwned::new(conn, tcp);
-        s.write_all(&hello.encode()).unwrap();
-        if let Some(m) = then {
-            let mut f = Vec::new();
-            mars_wire::encode_frame(&m, &mut f);
-            s.write_all(&f).unwrap();
-        }
-        s.flush().unwrap();
-        let mut got = Vec::new();
-        let _ = s.read_to_end(&mut got);
-        let (theirs, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
-        let certs = s.conn.peer_certificates().unwrap();
-        assert_eq!(
-            mars_tls::certified_host(&CertificateDer::from(certs[0].to_vec()))
-                .unwrap()
-                .as_str(),
-            "a"
-        );
-        match mars_wire::decode_frame(&got[n..]).unwrap().unwrap().0 {
-            mars_wire::Message::Refuse { reason, .. } => (theirs, reason),
-            m => panic!("expected a refusal, got {m:?}"),
-        }
+        let (theirs, reason, named) = refused_over_tls(&a.peer_addr, config.clone(), hello, then);
+        assert_eq!(named, "a");
+        (theirs, reason)
     };
     let me = mars_config::HostName::new("mallory").unwrap();
     let hello = |kind, id| mars_wire::Hello::new(kind, id, me.clone());
@@ -217,8 +225,6 @@ fn deleting_a_live_member_closes_its_open_streams() {
 /// the new one, and the old certificate is refused from then on. The CA holder renews its own.
 #[test]
 fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
-    use std::time::Duration;
-
     let t = tmp();
     let a = Host::start_at(t.path(), "a", "127.0.0.1");
     let b = Host::start_at(t.path(), "b", "127.0.0.2");
@@ -229,25 +235,12 @@ fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
     for h in [&a, &b, &c] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
-    let tls_file = |h: &Host, f: &str| std::fs::read_to_string(h.root.join("tls").join(f)).unwrap();
-    let old = mars_tls::Credentials::from_pem(
-        &tls_file(&b, "ca.crt"),
-        &tls_file(&b, "host.crt"),
-        &tls_file(&b, "host.key"),
-    )
-    .unwrap();
-    let cluster =
-        mars_wire::ClusterId::parse(a.view_json()["cluster"]["uuid"].as_str().unwrap()).unwrap();
+    let old = b.credentials();
+    let cluster = a.cluster_id();
 
     let out = b.ok(&["renew-certificate"]);
     assert!(out.contains("issued by a"), "{out}");
-    let new_fp = mars_tls::Credentials::from_pem(
-        &tls_file(&b, "ca.crt"),
-        &tls_file(&b, "host.crt"),
-        &tls_file(&b, "host.key"),
-    )
-    .unwrap()
-    .fingerprint();
+    let new_fp = b.credentials().fingerprint();
     assert_ne!(new_fp, old.fingerprint());
     assert!(
         b.view_json()["cluster"]["security"]
@@ -270,26 +263,13 @@ fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
 
     // The old certificate (still valid by date and CA) is refused now.
     let tls = mars_tls::PeerTls::new(&old).unwrap();
-    let tcp = TcpStream::connect(&a.peer_addr).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let conn = rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
     let hello = mars_wire::Hello::new(
         mars_wire::StreamKind::Meta,
         cluster,
         mars_config::HostName::new("b").unwrap(),
     );
-    s.write_all(&hello.encode()).unwrap();
-    s.flush().unwrap();
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
-    let (_, n) = mars_wire::Hello::decode(&got).unwrap().unwrap();
-    match mars_wire::decode_frame(&got[n..]).unwrap().unwrap().0 {
-        mars_wire::Message::Refuse { reason, .. } => {
-            assert!(reason.contains("not its current one"), "{reason}")
-        }
-        m => panic!("expected a refusal, got {m:?}"),
-    }
+    let (_, reason, _) = refused_over_tls(&a.peer_addr, tls.client.clone(), hello, None);
+    assert!(reason.contains("not its current one"), "{reason}");
 
     // The CA holder renews its own, and the cluster still answers.
     let out = a.ok(&["renew-certificate"]);

@@ -444,13 +444,15 @@ impl Cluster {
         }
     }
 
-    async fn pull_session(&self, host: &HostName, addr: &str) -> Result<()> {
-        let cluster = self
-            .ident
-            .cluster_id()
-            .ok_or_else(|| anyhow!("not in a cluster"))?;
+    /// A metadata stream to member `host` at `addr`, which must answer as that host.
+    async fn connect_member(
+        &self,
+        host: &HostName,
+        addr: &str,
+        cluster: ClusterId,
+    ) -> Result<peer::Session> {
         let tls = self.ident.peer_tls()?;
-        let mut s = peer::connect(
+        let s = peer::connect(
             addr,
             &self.ident.host,
             cluster,
@@ -461,6 +463,15 @@ impl Cluster {
         if s.peer.host != *host {
             bail!("{addr} answers as host {}, expected {host}", s.peer.host);
         }
+        Ok(s)
+    }
+
+    async fn pull_session(&self, host: &HostName, addr: &str) -> Result<()> {
+        let cluster = self
+            .ident
+            .cluster_id()
+            .ok_or_else(|| anyhow!("not in a cluster"))?;
+        let mut s = self.connect_member(host, addr, cluster).await?;
         loop {
             let since = lock(&self.peers).get(host).map_or(0, |p| p.seen);
             send(&mut s.w, &Message::ChangesSince { since, limit: PAGE }).await?;
@@ -896,18 +907,7 @@ impl Cluster {
         cluster: ClusterId,
         key: &mars_tls::HostKey,
     ) -> Result<(Vec<u8>, Vec<u8>)> {
-        let tls = self.ident.peer_tls()?;
-        let mut s = peer::connect(
-            addr,
-            &self.ident.host,
-            cluster,
-            StreamKind::Meta,
-            tls.as_deref(),
-        )
-        .await?;
-        if s.peer.host != *host {
-            bail!("{addr} answers as host {}, expected {host}", s.peer.host);
-        }
+        let mut s = self.connect_member(host, addr, cluster).await?;
         send(
             &mut s.w,
             &Message::Renew {
