@@ -255,7 +255,7 @@ fn run(args: Args) -> Result<()> {
         }
     }
     let store_existed = root.join(meta::META_FILE).exists();
-    let store_file = mars_meta::Store::open(
+    let mut store_file = mars_meta::Store::open(
         root.join(meta::META_FILE),
         host.clone(),
         mars_meta::system_time_ns,
@@ -277,7 +277,17 @@ fn run(args: Args) -> Result<()> {
         tracing::warn!("--insecure: peer streams are plaintext and nobody is authenticated");
     } else {
         match root::load_credentials(&ident.root)? {
-            Some(creds) => ident.install_credentials(&creds)?,
+            Some(creds) => {
+                ident.install_credentials(&creds)?;
+                // What this host owns is signed with its key, and what others own is taken
+                // only with their signatures.
+                store_file.set_authority(Some(meta::authority::PkiAuthority::new(&creds)?));
+                match store_file.resign_own() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("signed {n} metadata entries of this host anew"),
+                    Err(e) => tracing::warn!("signing this host's metadata entries: {e}"),
+                }
+            }
             None if in_cluster => tracing::warn!(
                 "this host is in a cluster but has no certificate in {}/ (did it join with \
                  --insecure?): no peer will talk to it; run it with --insecure like the others, \
@@ -339,8 +349,8 @@ impl peer::Handlers for PeerHandlers {
                 .store
                 .value(&format!("{}{host}", meta::cluster::CERT_PREFIX))
                 .await?;
-            match current {
-                Some(fp) if fp == fingerprint => Ok(()),
+            match current.map(|c| mars_tls::text_fingerprint(&c)) {
+                Some(Ok(fp)) if fp == fingerprint => Ok(()),
                 Some(_) => Err(format!(
                     "the certificate of {host} is not its current one (renewed or revoked)"
                 )),

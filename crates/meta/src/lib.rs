@@ -24,6 +24,11 @@
 //!   refused with [`MetaError::NotOwner`], a remote update whose origin is not the owner is
 //!   refused and reported in [`ApplyReport::refused`]. Every other key is shared
 //!   (`resource-vm1/primary`, `resource-vm1/size`, `defaults/…`) and last-writer-wins from anyone.
+//!   A host's membership and certificate (`ips/ip-HOST`, `certs/cert-HOST`) are set only by the
+//!   host itself and deleted by any member.
+//! * **Signatures** ([`auth`]): with an [`Authority`] installed (a cluster with certificates),
+//!   a host signs the entries only it may write, and an entry only its writer may write is
+//!   applied only with that writer's valid signature, whoever relays it.
 //! * **Lamport clock** ([`Clock`]): a physical Lamport clock as in MARS — a local stamp is
 //!   `max(real time, last stamp + 1)` in nanoseconds; remote stamps advance it. Stamps more than
 //!   30 days (configurable) ahead of local real time are refused
@@ -48,10 +53,12 @@
 //! * **Crash consistency.** Every local change, every batch of remote updates and every GC is one
 //!   redb write transaction (entries, seq index, seq counter and clock together).
 
+pub mod auth;
 mod clock;
 mod key;
 mod store;
 
+pub use auth::{writer_of, Authority};
 pub use clock::{system_time_ns, Clock, Stamp, TimeSource, DEFAULT_MAX_FUTURE_NS};
 pub use key::{cert_of_key, member_of_key, owner_of, validate_key, MAX_KEY_LEN, MAX_VALUE_LEN};
 pub use store::{ApplyReport, Changes, Entry, Store};
@@ -73,6 +80,15 @@ pub enum MetaError {
         key: String,
         owner: HostName,
         writer: HostName,
+    },
+    /// An entry only its writer may write came without that writer's valid signature.
+    #[error(
+        "metadata key {key:?} may only be written by {writer}, and this entry is not its: {reason}"
+    )]
+    Unauthenticated {
+        key: String,
+        writer: HostName,
+        reason: String,
     },
     /// The stamp is further ahead of local real time than the clock accepts.
     #[error("stamp {stamp} is more than {max_future_ns} ns ahead of local time {now}")]

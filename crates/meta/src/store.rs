@@ -8,8 +8,9 @@ use mars_config::HostName;
 use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{cert_key, writer_of, Authority};
 use crate::clock::{Clock, Stamp};
-use crate::key::{member_of_key, owner_of, validate_key, MAX_VALUE_LEN};
+use crate::key::{cert_of_key, member_of_key, owner_of, validate_key, MAX_VALUE_LEN};
 use crate::{MetaError, Result};
 
 /// key → JSON [`Record`].
@@ -35,6 +36,11 @@ pub struct Entry {
     pub stamp: Stamp,
     /// The host that wrote this entry.
     pub origin: HostName,
+    /// The writer's signature over [`Entry::signed_message`], for entries only their writer
+    /// may write (see [`crate::auth`]); `None` for shared keys and in clusters without
+    /// certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<Vec<u8>>,
 }
 
 impl Entry {
@@ -51,6 +57,7 @@ impl Entry {
     }
 
     fn rank(&self) -> (Stamp, &str, Option<&str>) {
+        // (The signature is not part of the rank: it only says who wrote the entry.)
         (self.stamp, self.origin.as_str(), self.value.as_deref())
     }
 }
@@ -62,6 +69,8 @@ struct Record {
     stamp: Stamp,
     origin: HostName,
     seq: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sig: Option<Vec<u8>>,
 }
 
 /// The answer to [`Store::changes_since`].
@@ -102,7 +111,6 @@ pub struct ApplyReport {
 
 /// The replicated metadata store of one host. Writers take `&mut self`; the daemon wraps the
 /// store in a mutex.
-#[derive(Debug)]
 pub struct Store {
     db: Database,
     host: HostName,
@@ -111,6 +119,19 @@ pub struct Store {
     gc_horizon: Stamp,
     /// Hosts with a live `ips/ip-HOST` key, plus this host.
     members: BTreeSet<HostName>,
+    /// Signs what this host owns and checks what others own (`None`: origins are trusted).
+    authority: Option<Arc<dyn Authority>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("host", &self.host)
+            .field("seq", &self.seq)
+            .field("members", &self.members)
+            .field("authenticated", &self.authority.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The three tables, opened in one write transaction.
@@ -146,6 +167,7 @@ impl<'t> Tables<'t> {
             stamp: entry.stamp,
             origin: entry.origin.clone(),
             seq,
+            sig: entry.sig.clone(),
         };
         let bytes = serde_json::to_vec(&record).expect("a record always serializes");
         self.entries.insert(entry.key.as_str(), bytes.as_slice())?;
@@ -171,6 +193,7 @@ fn entry_of(key: &str, r: Record) -> Entry {
         value: r.value,
         stamp: r.stamp,
         origin: r.origin,
+        sig: r.sig,
     }
 }
 
@@ -225,6 +248,7 @@ impl Store {
             seq,
             gc_horizon,
             members: BTreeSet::new(),
+            authority: None,
         };
         store.members = store
             .list_prefix("ips/ip-")?
@@ -239,6 +263,51 @@ impl Store {
     pub fn with_max_future(mut self, max_future_ns: u64) -> Self {
         self.clock = self.clock.with_max_future(max_future_ns);
         self
+    }
+
+    /// From now on, signs the entries this host owns and accepts entries other hosts own only
+    /// with their valid signatures (`None`: trusts the `origin` field, as an `--insecure`
+    /// cluster must). Entries already stored are not checked again; see
+    /// [`Store::resign_own`].
+    pub fn set_authority(&mut self, authority: Option<Arc<dyn Authority>>) {
+        self.authority = authority;
+    }
+
+    /// Whether an [`Authority`] is installed.
+    pub fn is_authenticated(&self) -> bool {
+        self.authority.is_some()
+    }
+
+    /// Writes every entry this host owns whose signature does not check out against this
+    /// host's certificate in the store again, with a new stamp and a signature by the current
+    /// authority: after it joined, created a cluster or renewed its certificate (then write the
+    /// new certificate first), entries signed with an old key or unsigned ones would be refused
+    /// by hosts that know only the new certificate. Returns how many were written (0 when all
+    /// are signed with the current key, as after a plain restart).
+    pub fn resign_own(&mut self) -> Result<usize> {
+        let Some(auth) = self.authority.clone() else {
+            return Ok(0);
+        };
+        let cert = self.value(&cert_key(&self.host))?;
+        let own: Vec<(String, Option<String>)> = self
+            .list_prefix_with_tombstones("")?
+            .into_iter()
+            .filter(|e| {
+                writer_of(&e.key, e.is_tombstone(), &self.members).as_ref() == Some(&self.host)
+            })
+            // The certificate is the signatures' anchor and vouches for itself.
+            .filter(|e| cert_of_key(&e.key).is_none())
+            .filter(|e| match (&e.sig, &cert) {
+                (Some(sig), Some(cert)) => auth
+                    .verify(&self.host, cert, &e.signed_message(), sig)
+                    .is_err(),
+                _ => true,
+            })
+            .map(|e| (e.key, e.value))
+            .collect();
+        let pairs: Vec<(&str, Option<String>)> =
+            own.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        Ok(self.write_local_many(&pairs)?.len())
     }
 
     /// This host.
@@ -339,7 +408,7 @@ impl Store {
         for (key, value) in pairs {
             validate_key(key)?;
             check_value(key, value.as_deref())?;
-            if let Some(owner) = self.owner_of(key) {
+            if let Some(owner) = writer_of(key, value.is_none(), &self.members) {
                 if owner != self.host {
                     return Err(MetaError::NotOwner {
                         key: (*key).to_owned(),
@@ -356,12 +425,18 @@ impl Store {
         let stored = (|| -> Result<()> {
             let mut t = Tables::open(&txn)?;
             for (key, value) in pairs {
-                let entry = Entry {
+                let mut entry = Entry {
                     key: (*key).to_owned(),
                     value: value.clone(),
                     stamp: self.clock.tick(),
                     origin: self.host.clone(),
+                    sig: None,
                 };
+                if let Some(auth) = &self.authority {
+                    if writer_of(key, value.is_none(), &self.members).is_some() {
+                        entry.sig = Some(auth.sign(&entry.signed_message()));
+                    }
+                }
                 seq += 1;
                 let old = t.load(key)?;
                 // Every stored stamp has been seen by the clock, so a fresh tick always wins.
@@ -382,13 +457,9 @@ impl Store {
         txn.commit()?;
         self.seq = seq;
         for e in &entries {
-            self.note_membership(e);
+            note_membership(&mut self.members, &self.host, e);
         }
         Ok(entries)
-    }
-
-    fn note_membership(&mut self, entry: &Entry) {
-        note_membership(&mut self.members, &self.host, entry);
     }
 
     /// Merges entries received from a peer, in one transaction. Each entry is checked (key,
@@ -402,12 +473,13 @@ impl Store {
         }
         let mut seq = self.seq;
         let mut members = self.members.clone();
+        let mut joined = Vec::new();
         let clock_before = self.clock.last();
         let txn = self.db.begin_write()?;
         {
             let mut t = Tables::open(&txn)?;
             for e in entries {
-                if let Err(reason) = self.admit(e, &members) {
+                if let Err(reason) = self.admit(e, &members, &t) {
                     report.refused.push((e.key.clone(), reason));
                     continue;
                 }
@@ -433,8 +505,13 @@ impl Store {
                 }
                 seq += 1;
                 t.store(e, old.map(|o| o.seq), seq)?;
-                note_membership(&mut members, &self.host, e);
+                if let Some(new) = note_membership(&mut members, &self.host, e) {
+                    joined.push(new);
+                }
                 report.applied += 1;
+            }
+            if !joined.is_empty() && self.authority.is_some() {
+                self.recheck_joined(&mut t, &members, &joined, &mut report)?;
             }
             if seq != self.seq {
                 t.meta.insert(META_SEQ, seq)?;
@@ -449,19 +526,92 @@ impl Store {
         Ok(report)
     }
 
-    fn admit(&self, e: &Entry, members: &BTreeSet<HostName>) -> Result<()> {
+    /// Whether a remote entry may be applied: a valid key and value, a stamp not too far
+    /// ahead, and for an entry only one host may write (see [`crate::auth`]): that host as its
+    /// origin and, with an authority, its signature checked against the certificate stored
+    /// for it (earlier entries of the same batch included, so a certificate and what it signs
+    /// may travel together).
+    fn admit(&self, e: &Entry, members: &BTreeSet<HostName>, t: &Tables<'_>) -> Result<()> {
         validate_key(&e.key)?;
         check_value(&e.key, e.value.as_deref())?;
-        if let Some(owner) = owner_of(&e.key, members) {
-            if owner != e.origin {
-                return Err(MetaError::NotOwner {
-                    key: e.key.clone(),
-                    owner,
-                    writer: e.origin.clone(),
-                });
+        self.clock.check(e.stamp)?;
+        match writer_of(&e.key, e.is_tombstone(), members) {
+            Some(writer) => self.authenticate(e, writer, t),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that `e` is `writer`'s: see [`Store::admit`].
+    fn authenticate(&self, e: &Entry, writer: HostName, t: &Tables<'_>) -> Result<()> {
+        if writer != e.origin {
+            return Err(MetaError::NotOwner {
+                key: e.key.clone(),
+                owner: writer,
+                writer: e.origin.clone(),
+            });
+        }
+        let Some(auth) = &self.authority else {
+            return Ok(());
+        };
+        let refuse = |reason: String| {
+            Err(MetaError::Unauthenticated {
+                key: e.key.clone(),
+                writer: writer.clone(),
+                reason,
+            })
+        };
+        if cert_of_key(&e.key).is_some() {
+            // A certificate vouches for itself: the CA signed it for this host.
+            let cert = e.value.as_deref().unwrap_or_default();
+            return auth.check_certificate(&writer, cert).or_else(refuse);
+        }
+        let Some(sig) = &e.sig else {
+            return refuse("it is not signed".into());
+        };
+        let cert = match t.load(&cert_key(&writer))?.and_then(|r| r.value) {
+            Some(c) => c,
+            None => return refuse(format!("no certificate of {writer} is known here")),
+        };
+        auth.verify(&writer, &cert, &e.signed_message(), sig)
+            .or_else(refuse)
+    }
+
+    /// Entries of hosts that just became members were taken as shared keys while they were
+    /// not (a relay may send them before the membership): those that are not their owner's
+    /// are removed here again (locally, as if never received; the owner's own entries win
+    /// anyway), so that the order in which a relay sends entries does not matter.
+    fn recheck_joined(
+        &self,
+        t: &mut Tables<'_>,
+        members: &BTreeSet<HostName>,
+        joined: &[HostName],
+        report: &mut ApplyReport,
+    ) -> Result<()> {
+        let mut doomed = Vec::new();
+        for item in t.entries.iter()? {
+            let (k, v) = item?;
+            let key = k.value();
+            if member_of_key(key).is_some() || cert_of_key(key).is_some() {
+                continue;
+            }
+            let r = decode(key, v.value())?;
+            let Some(writer) = writer_of(key, r.value.is_none(), members) else {
+                continue;
+            };
+            if !joined.contains(&writer) {
+                continue;
+            }
+            let seq = r.seq;
+            if let Err(why) = self.authenticate(&entry_of(key, r), writer, t) {
+                doomed.push((key.to_owned(), seq, why));
             }
         }
-        self.clock.check(e.stamp)
+        for (key, seq, why) in doomed {
+            t.entries.remove(key.as_str())?;
+            t.seqs.remove(seq)?;
+            report.refused.push((key, why));
+        }
+        Ok(())
     }
 
     /// The entries changed after local seq `since`, at most `limit` of them, in seq order (see
@@ -527,14 +677,19 @@ impl Store {
     }
 }
 
-fn note_membership(members: &mut BTreeSet<HostName>, me: &HostName, entry: &Entry) {
-    if let Some(host) = member_of_key(&entry.key) {
-        if entry.is_tombstone() {
-            if host != *me {
-                members.remove(&host);
-            }
-        } else {
-            members.insert(host);
+/// Follows membership keys; returns a host that became a member.
+fn note_membership(
+    members: &mut BTreeSet<HostName>,
+    me: &HostName,
+    entry: &Entry,
+) -> Option<HostName> {
+    let host = member_of_key(&entry.key)?;
+    if entry.is_tombstone() {
+        if host != *me {
+            members.remove(&host);
         }
+        None
+    } else {
+        members.insert(host.clone()).then_some(host)
     }
 }

@@ -278,8 +278,6 @@ fn two_thousand_idle_connections_are_held_cheaply_and_closed() {
 /// says why in `view`.
 #[test]
 fn an_oversized_metadata_page_is_refused() {
-    use std::io::{Read, Write};
-
     let dir = tempdir("mars-hostile-page");
     let a = Host::start_at(dir.path(), "a", "127.0.0.1");
     let mut b = Host::start_at(dir.path(), "b", "127.0.0.2");
@@ -288,69 +286,24 @@ fn an_oversized_metadata_page_is_refused() {
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
-    let tls = mars_tls::PeerTls::new(&b.credentials()).unwrap();
+    let creds = b.credentials();
     let cluster = a.cluster_id();
     b.stop();
     // b's place, b's certificate, a hostile answer.
-    let l = std::net::TcpListener::bind(&b.peer_addr).expect("b's address");
-    let (tcp, _) = l.accept().expect("a pulls from b");
-    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let conn = rustls::ServerConnection::new(tls.server.clone()).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let ours = mars_wire::Hello::new(
-        mars_wire::StreamKind::Meta,
-        cluster,
-        mars_config::HostName::new("b").unwrap(),
-    );
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let mut read_more = |got: &mut Vec<u8>| {
-        let n = s.read(&mut chunk).expect("a's bytes");
-        assert!(n > 0, "a closed");
-        got.extend_from_slice(&chunk[..n]);
-    };
-    // a's hello, then ours (a waits for it before it asks).
-    let h = loop {
-        if let Ok(Some((_, h))) = mars_wire::Hello::decode(&got) {
-            break h;
-        }
-        read_more(&mut got);
-    };
-    s.write_all(&ours.encode()).unwrap();
-    s.flush().unwrap();
-    let mut got = got.split_off(h);
-    let (since, limit) = loop {
-        if let Ok(Some((m, _))) = mars_wire::decode_frame(&got) {
-            match m {
-                mars_wire::Message::ChangesSince { since, limit } => break (since, limit),
-                other => panic!("a asked {other:?}"),
-            }
-        }
-        let n = s.read(&mut chunk).expect("a's request");
-        assert!(n > 0, "a closed");
-        got.extend_from_slice(&chunk[..n]);
-    };
-    let entries: Vec<mars_wire::Entry> = (0..=limit)
-        .map(|i| mars_wire::Entry {
-            key: format!("junk/k{i}"),
-            value: Some("x".into()),
-            stamp: 1 << 60,
-            origin: "b".into(),
-        })
-        .collect();
-    let mut frame = Vec::new();
-    mars_wire::encode_frame(
-        &mars_wire::Message::Changes {
+    mars_testkit::impostor::answer_one_pull(&b.peer_addr, &creds, cluster, "b", |since, limit| {
+        mars_wire::Message::Changes {
             upto: since + 5000,
-            entries,
-        },
-        &mut frame,
-    );
-    s.write_all(&frame).unwrap();
-    s.flush().unwrap();
-    // a hangs up.
-    let mut rest = Vec::new();
-    let _ = s.read_to_end(&mut rest);
+            entries: (0..=limit)
+                .map(|i| mars_wire::Entry {
+                    key: format!("junk/k{i}"),
+                    value: Some("x".into()),
+                    stamp: 1 << 60,
+                    origin: "b".into(),
+                    sig: Vec::new(),
+                })
+                .collect(),
+        }
+    });
     mars_testkit::repl::eventually(20, "a says why", || {
         a.member_error_contains("entries to a request for at most")
     });

@@ -250,9 +250,10 @@ fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
         "view shows the new certificate"
     );
     eventually(20, "every member records the new fingerprint", || {
-        [&a, &c]
-            .iter()
-            .all(|h| h.ok(&["get-link", "certs/cert-b"]).trim() == new_fp)
+        [&a, &c].iter().all(|h| {
+            mars_tls::text_fingerprint(h.ok(&["get-link", "certs/cert-b"]).trim()).ok()
+                == Some(new_fp.clone())
+        })
     });
     eventually(20, "the old streams are closed", || {
         a.log_text().contains("closed the Meta stream of b")
@@ -280,4 +281,68 @@ fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
     for h in [&a, &b, &c] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
+}
+
+/// A member may relay other members' metadata but not forge it: b (its real key, its
+/// address, c down) answers a's pull with an entry of c's it made up, c's address moved to
+/// itself signed with its own key, and one entry of its own. a takes b's own entry and refuses
+/// the other two, and says so in its log.
+#[test]
+fn a_member_cannot_write_another_members_keys() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let mut b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let mut c = Host::start_at(t.path(), "c", "127.0.0.3");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    c.join(&a);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let c_addr = a.ok(&["get-link", "ips/ip-c"]).trim().to_string();
+    let creds = b.credentials();
+    let cluster = a.cluster_id();
+    c.stop();
+    b.stop();
+    // A minute ahead, so that it would win over what c wrote.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        + 60_000_000_000;
+    mars_testkit::impostor::answer_one_pull(&b.peer_addr, &creds, cluster, "b", |since, _| {
+        let mut forged =
+            mars_testkit::impostor::signed_entry(&creds, "note-c", Some("forged"), stamp, "c");
+        forged.sig.clear();
+        mars_wire::Message::Changes {
+            upto: since + 3,
+            entries: vec![
+                forged,
+                mars_testkit::impostor::signed_entry(
+                    &creds,
+                    "ips/ip-c",
+                    Some(&b.peer_addr),
+                    stamp,
+                    "c",
+                ),
+                mars_testkit::impostor::signed_entry(&creds, "note-b", Some("b's own"), stamp, "b"),
+            ],
+        }
+    });
+    eventually(20, "a takes b's own entry", || {
+        a.marsadm(&["get-link", "note-b"]).status.success()
+    });
+    assert_eq!(a.ok(&["get-link", "note-b"]).trim(), "b's own");
+    assert!(!a.marsadm(&["get-link", "note-c"]).status.success());
+    assert_eq!(a.ok(&["get-link", "ips/ip-c"]).trim(), c_addr);
+    let log = a.log_text();
+    assert!(
+        log.contains("refused metadata \"note-c\" from b") && log.contains("not signed"),
+        "{log}"
+    );
+    assert!(
+        log.contains("refused metadata \"ips/ip-c\" from b")
+            && log.contains("not a signature of c"),
+        "{log}"
+    );
 }

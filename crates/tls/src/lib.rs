@@ -9,6 +9,7 @@
 //! private key never leaves the host).
 //!
 //! - [`pki`]: the CA, host keys and certificates, names, fingerprints and pins.
+//! - [`sign`]: signatures over the metadata a member owns, checked against its certificate.
 //! - [`token`]: join tokens and the issuing host's book of outstanding ones.
 //! - [`verify`]: the rustls configurations: TLS 1.3 only, both sides present a certificate of
 //!   the cluster's CA (a joiner without one may only redeem a token).
@@ -17,10 +18,12 @@
 //! streams (`peer.rs`).
 
 pub mod pki;
+pub mod sign;
 pub mod token;
 pub mod verify;
 
 pub use pki::{certified_host, fingerprint, spki_pin, Ca, Credentials, HostKey, Pin};
+pub use sign::{cert_from_text, cert_text, text_fingerprint, CertChecker, EntrySigner, MemberKey};
 pub use token::{Token, TokenBook, TokenError};
 pub use verify::{join_client, server_name, PeerTls};
 
@@ -33,6 +36,8 @@ pub enum TlsError {
     Parse { what: &'static str, why: String },
     #[error("the certificate names no valid host: {0}")]
     Name(String),
+    #[error("{0}")]
+    Signature(String),
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
 }

@@ -25,7 +25,8 @@
 //!
 //! str = length: u32, UTF-8 (at most 64 KiB)\
 //! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
-//! entry = key: str, has_value: u8 (0/1), [value: str], stamp: u64, origin: str
+//! entry = key: str, has_value: u8 (0/1), [value: str], stamp: u64, origin: str, sig_len: u8,
+//! sig: sig_len bytes (the writer's signature; 0 bytes: none, see `mars_meta::auth`)
 //!
 //! Types 1–6 belong to the metadata stream (Refuse may end any stream), 10–14 to the log fetch
 //! stream, 20–24 to the sync stream; see [`StreamKind`](crate::StreamKind). 30–31 open the
@@ -45,6 +46,8 @@ pub struct Entry {
     pub value: Option<String>,
     pub stamp: u64,
     pub origin: String,
+    /// The writer's signature (empty: none). At most 255 bytes.
+    pub sig: Vec<u8>,
 }
 
 /// What a refusal is about, so that the other side acts on the kind and never on the text.
@@ -359,6 +362,14 @@ impl Message {
                     }
                     out.extend_from_slice(&e.stamp.to_le_bytes());
                     put_str(out, &e.origin);
+                    // Signatures are at most 72 bytes; a longer one is not ours to send.
+                    let sig = if e.sig.len() <= u8::MAX as usize {
+                        &e.sig[..]
+                    } else {
+                        &[]
+                    };
+                    out.push(sig.len() as u8);
+                    out.extend_from_slice(sig);
                 }
             }
             Message::Notify { seq } => out.extend_from_slice(&seq.to_le_bytes()),
@@ -487,9 +498,9 @@ impl Message {
             5 => {
                 let upto = r.u64()?;
                 let n = r.u32()?;
-                // Each entry takes at least 21 bytes: refuse counts the frame cannot hold
+                // Each entry takes at least 22 bytes: refuse counts the frame cannot hold
                 // before allocating for them.
-                if n as usize > r.buf.len() / 21 {
+                if n as usize > r.buf.len() / 22 {
                     return Err(r.err(format!("{n} entries cannot fit the frame")));
                 }
                 let mut entries = Vec::with_capacity(n as usize);
@@ -500,11 +511,15 @@ impl Message {
                         1 => Some(r.str()?),
                         b => return Err(r.err(format!("value flag {b}"))),
                     };
+                    let stamp = r.u64()?;
+                    let origin = r.str()?;
+                    let sig_len = r.u8()?;
                     entries.push(Entry {
                         key,
                         value,
-                        stamp: r.u64()?,
-                        origin: r.str()?,
+                        stamp,
+                        origin,
+                        sig: r.take(sig_len as usize)?.to_vec(),
                     });
                 }
                 Message::Changes { upto, entries }

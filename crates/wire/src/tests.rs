@@ -76,12 +76,14 @@ fn arb_entry() -> impl Strategy<Value = message::Entry> {
         proptest::option::of(".{0,40}"),
         any::<u64>(),
         "[a-z]{1,10}",
+        proptest::collection::vec(any::<u8>(), 0..80),
     )
-        .prop_map(|(key, value, stamp, origin)| message::Entry {
+        .prop_map(|(key, value, stamp, origin, sig)| message::Entry {
             key,
             value,
             stamp,
             origin,
+            sig,
         })
 }
 

@@ -41,7 +41,7 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
     // The cluster's CA and this host's certificate (also with --insecure: it costs nothing,
     // and the files are there should the cluster be rebuilt with TLS).
     let ident = host.ident.clone();
-    let fingerprint = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+    let (cert, authority) = tokio::task::spawn_blocking(move || {
         let ca = mars_tls::Ca::create()?;
         let key = mars_tls::HostKey::generate()?;
         let cert = ca.issue(&ident.host, &key.public_der())?;
@@ -54,18 +54,21 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
         )?;
         let creds = mars_tls::Credentials::new(ca.cert().clone(), cert, &key);
         ident.install_credentials(&creds)?;
-        Ok(creds.fingerprint())
+        let authority = crate::meta::authority::PkiAuthority::new(&creds)?;
+        anyhow::Ok((mars_tls::cert_text(&creds.cert), authority))
     })
     .await
     .map_err(|e| failed(e.to_string()))?
     .map_err(|e| failed(format!("cannot make the cluster's certificates: {e:#}")))?;
+    let authority: Option<Arc<dyn mars_meta::Authority>> =
+        (!host.ident.insecure).then_some(authority);
     host.store
-        .write(
+        .announce(
+            authority,
             vec![
-                (format!("{CERT_PREFIX}{}", c.host), fingerprint),
+                (format!("{CERT_PREFIX}{}", c.host), cert),
                 (format!("{MEMBER_PREFIX}{}", c.host), c.address.clone()),
             ],
-            Vec::new(),
         )
         .await
         .map_err(failed)?;

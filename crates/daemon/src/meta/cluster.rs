@@ -59,8 +59,9 @@ const CONNECTED_WINDOW: Duration = Duration::from_secs(3);
 /// A pull without an answer within this time: the connection is given up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MEMBER_PREFIX: &str = "ips/ip-";
-/// `certs/cert-HOST` = the SHA-256 fingerprint of HOST's current certificate. A peer is served
-/// only with the certificate recorded here; deleting it (leave-cluster, lowlevel-delete-host)
+/// `certs/cert-HOST` = HOST's current certificate (`x509:` + base64 DER, see `mars_tls::sign`).
+/// A peer is served only with the certificate recorded here, and HOST's metadata is taken only
+/// with its signature checked against it; deleting it (leave-cluster, lowlevel-delete-host)
 /// revokes the certificate cluster-wide.
 pub const CERT_PREFIX: &str = "certs/cert-";
 /// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
@@ -112,6 +113,7 @@ fn to_wire(e: &mars_meta::Entry) -> mars_wire::Entry {
         value: e.value.clone(),
         stamp: e.stamp,
         origin: e.origin.to_string(),
+        sig: e.sig.clone().unwrap_or_default(),
     }
 }
 
@@ -124,6 +126,7 @@ fn from_wire(entries: Vec<mars_wire::Entry>) -> Vec<mars_meta::Entry> {
                 value: e.value,
                 stamp: e.stamp,
                 origin,
+                sig: (!e.sig.is_empty()).then_some(e.sig),
             }),
             Err(err) => {
                 tracing::warn!("dropping metadata entry {:?}: origin {err}", e.key);
@@ -160,7 +163,10 @@ impl Cluster {
                 s.list_prefix(CERT_PREFIX)
                     .unwrap_or_default()
                     .into_iter()
-                    .filter_map(|e| Some((mars_meta::cert_of_key(&e.key)?, e.value?)))
+                    .filter_map(|e| {
+                        let host = mars_meta::cert_of_key(&e.key)?;
+                        Some((host, mars_tls::text_fingerprint(&e.value?).ok()?))
+                    })
                     .collect()
             })
             .await
@@ -633,7 +639,7 @@ impl Cluster {
             )
         };
         let invalid = |m: String| (ErrorKind::Invalid, m);
-        let mut fingerprint = None;
+        let mut own_cert = None;
         let (mut s, cluster) = match (self.ident.insecure, token) {
             (true, Some(_)) => {
                 return Err(invalid(
@@ -708,7 +714,14 @@ impl Cluster {
                     &key.pem(),
                 )
                 .map_err(failed)?;
-                fingerprint = Some(creds.fingerprint());
+                // Everything taken from the member from here on is checked against its
+                // writer's signature.
+                let authority = super::authority::PkiAuthority::new(&creds).map_err(failed)?;
+                self.store
+                    .call(move |st| st.set_authority(Some(authority)))
+                    .await
+                    .map_err(|e| failed(e.into()))?;
+                own_cert = Some(mars_tls::cert_text(&creds.cert));
                 (s, cluster)
             }
         };
@@ -769,11 +782,13 @@ impl Cluster {
             .call(
                 move |st| -> Result<Vec<mars_meta::Entry>, mars_meta::MetaError> {
                     let mut out = Vec::new();
-                    // The certificate first: a member that learns of us can admit us at once.
-                    if let Some(fp) = &fingerprint {
-                        out.push(st.set(&cert_key, fp)?);
+                    // The certificate first: a member that learns of us can admit us at once,
+                    // and check what we sign.
+                    if let Some(cert) = &own_cert {
+                        out.push(st.set(&cert_key, cert)?);
                     }
                     out.push(st.set(&k, &v)?);
+                    st.resign_own()?;
                     Ok(out)
                 },
             )
@@ -887,13 +902,22 @@ impl Cluster {
         self.ident
             .install_credentials(&creds)
             .map_err(|e| format!("{e:#}"))?;
+        let authority =
+            super::authority::PkiAuthority::new(&creds).map_err(|e| format!("{e:#}"))?;
         let fp = creds.fingerprint();
-        let (k, v) = (format!("{CERT_PREFIX}{me}"), fp.clone());
-        self.store
-            .call(move |s| s.set(&k, &v).map(|_| ()))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        // The new certificate, then everything this host owns signed with the new key (the
+        // other members check signatures against the certificate they know).
+        let resigned = self
+            .store
+            .announce(
+                Some(authority),
+                vec![(
+                    format!("{CERT_PREFIX}{me}"),
+                    mars_tls::cert_text(&creds.cert),
+                )],
+            )
+            .await?;
+        tracing::info!("signed {resigned} metadata entries of this host with the new key");
         tracing::info!("renewed this host's certificate (issued by {issuer}): sha256:{fp}");
         Ok(format!(
             "renewed the certificate of {me} (issued by {issuer}): sha256:{fp}"

@@ -1,7 +1,8 @@
 //! The replicated metadata on this host: the store and its owner thread (`store.rs`), and the
 //! cluster around it: membership, liveness stamps, pulling and serving changes, join and leave
-//! (`cluster.rs`).
+//! (`cluster.rs`), and the signatures over what this host owns (`authority.rs`).
 
+pub mod authority;
 pub mod cluster;
 pub mod store;
 

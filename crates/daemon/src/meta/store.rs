@@ -163,6 +163,25 @@ impl MetaStore {
             .map_err(|e| e.to_string())?
     }
 
+    /// Installs this host's authority (`None` with `--insecure`), writes `set` (its
+    /// certificate first, then what it signs) and signs anew what this host owns (see
+    /// `Store::resign_own`); returns how many entries were signed anew.
+    pub async fn announce(
+        &self,
+        authority: Option<Arc<dyn mars_meta::Authority>>,
+        set: Vec<(String, String)>,
+    ) -> Result<usize, String> {
+        self.call(move |s| {
+            if authority.is_some() {
+                s.set_authority(authority);
+            }
+            write(s, &set, &[])?;
+            s.resign_own().map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     pub async fn value(&self, key: &str) -> Result<Option<String>, String> {
         let k = key.to_string();
         self.call(move |s| s.value(&k).map_err(|e| e.to_string()))

@@ -37,6 +37,7 @@ pub fn entry(key: &str, value: Option<&str>, stamp: u64, origin: &str) -> Entry 
         value: value.map(str::to_owned),
         stamp,
         origin: host(origin),
+        sig: None,
     }
 }
 

@@ -1,0 +1,85 @@
+//! The store's [`Authority`](mars_meta::Authority) from this host's credentials: it signs the
+//! entries this host owns with its host key and checks other members' signatures against the
+//! certificates `certs/cert-HOST` records (see `mars_meta::auth` and `mars_tls::sign`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mars_config::HostName;
+use mars_tls::{CertChecker, Credentials, EntrySigner, MemberKey};
+use tokio_rustls::rustls::pki_types::UnixTime;
+
+/// Certificates checked (chain, dates, name) are remembered this long, so that a batch of
+/// entries costs one signature check each, not one chain check each.
+const CHECKED_FOR: Duration = Duration::from_secs(600);
+/// At most this many remembered certificates (one per member and renewal; a flood of
+/// distinct garbage only empties the memory).
+const MAX_REMEMBERED: usize = 4096;
+
+/// What checking a certificate found, and when.
+type Checked = (Instant, Result<MemberKey, String>);
+
+pub struct PkiAuthority {
+    signer: EntrySigner,
+    checker: CertChecker,
+    /// Certificate text → its key, or why it is none, and when that was found.
+    checked: Mutex<HashMap<String, Checked>>,
+}
+
+impl PkiAuthority {
+    pub fn new(creds: &Credentials) -> anyhow::Result<Arc<PkiAuthority>> {
+        Ok(Arc::new(PkiAuthority {
+            signer: EntrySigner::new(creds)?,
+            checker: CertChecker::new(vec![creds.ca.clone()]),
+            checked: Mutex::default(),
+        }))
+    }
+
+    fn member_key(&self, host: &HostName, cert: &str) -> Result<MemberKey, String> {
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, found)) = checked.get(cert) {
+            if at.elapsed() < CHECKED_FOR {
+                return match found {
+                    Ok(k) if k.host == *host => Ok(k.clone()),
+                    Ok(k) => Err(format!(
+                        "the certificate recorded for {host} names {}",
+                        k.host
+                    )),
+                    Err(e) => Err(e.clone()),
+                };
+            }
+        }
+        if checked.len() >= MAX_REMEMBERED {
+            checked.clear();
+        }
+        let found = self
+            .checker
+            .member_key(host, cert, UnixTime::now())
+            .map_err(|e| e.to_string());
+        checked.insert(cert.to_owned(), (Instant::now(), found.clone()));
+        found
+    }
+}
+
+impl mars_meta::Authority for PkiAuthority {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        self.signer.sign(message)
+    }
+
+    fn verify(
+        &self,
+        signer: &HostName,
+        cert: &str,
+        message: &[u8],
+        signature: &[u8],
+    ) -> Result<(), String> {
+        self.member_key(signer, cert)?
+            .verify(message, signature)
+            .map_err(|e| e.to_string())
+    }
+
+    fn check_certificate(&self, host: &HostName, cert: &str) -> Result<(), String> {
+        self.member_key(host, cert).map(|_| ())
+    }
+}

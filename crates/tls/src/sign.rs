@@ -1,0 +1,203 @@
+//! Signatures over the metadata a member owns.
+//!
+//! A member signs every metadata entry it owns (`…-HOST` keys, its `ips/ip-HOST`) with its host
+//! key; every other host checks the signature against the certificate `certs/cert-HOST`
+//! records, and that certificate against the cluster's CA. So an entry means the same thing
+//! whoever relays it: a member can forward another's keys but not forge or alter them
+//! (`mars_meta`'s `Authority` is the store's side of this).
+//!
+//! ```text
+//! certs/cert-HOST value   "x509:" + base64 (standard alphabet, padded) of the certificate's DER
+//!                         (a P-256 certificate is about 500 bytes: 700 characters)
+//! signature               ECDSA P-256 with SHA-256, ASN.1 DER: at most 72 bytes
+//! ```
+//!
+//! A certificate is only valid for signatures while it chains to a trusted CA, is within its
+//! validity dates and names the host (its common name).
+
+use base64::Engine as _;
+use mars_config::HostName;
+use rcgen::{KeyPair, SigningKey};
+use rustls::pki_types::{CertificateDer, UnixTime};
+
+use crate::pki::{certified_host, fingerprint, Credentials};
+use crate::TlsError;
+
+/// What a `certs/cert-HOST` value starts with.
+pub const CERT_TEXT_PREFIX: &str = "x509:";
+
+/// Longest signature a decoder takes (ECDSA P-256 DER is at most 72 bytes).
+pub const MAX_SIGNATURE: usize = 128;
+
+fn bad(what: &'static str) -> impl Fn(String) -> TlsError {
+    move |why| TlsError::Parse { what, why }
+}
+
+/// The metadata text of a certificate (`certs/cert-HOST`).
+pub fn cert_text(cert: &CertificateDer<'_>) -> String {
+    format!(
+        "{CERT_TEXT_PREFIX}{}",
+        base64::engine::general_purpose::STANDARD.encode(cert.as_ref())
+    )
+}
+
+/// The certificate in a `certs/cert-HOST` value.
+pub fn cert_from_text(text: &str) -> Result<CertificateDer<'static>, TlsError> {
+    let b64 = text.strip_prefix(CERT_TEXT_PREFIX).ok_or_else(|| {
+        bad("a member's certificate")(format!("does not start with {CERT_TEXT_PREFIX:?}"))
+    })?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map(CertificateDer::from)
+        .map_err(|e| bad("a member's certificate")(e.to_string()))
+}
+
+/// The SHA-256 fingerprint of the certificate in a `certs/cert-HOST` value.
+pub fn text_fingerprint(text: &str) -> Result<String, TlsError> {
+    cert_from_text(text).map(|c| fingerprint(&c))
+}
+
+/// This host's signing side: its host key.
+pub struct EntrySigner(KeyPair);
+
+impl EntrySigner {
+    pub fn new(creds: &Credentials) -> Result<EntrySigner, TlsError> {
+        KeyPair::try_from(&creds.key)
+            .map(EntrySigner)
+            .map_err(|e| bad("the host key")(e.to_string()))
+    }
+
+    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+        // Signing with a key that parsed fails only if the system's random source does.
+        self.0
+            .sign(message)
+            .expect("ECDSA signing with a valid key and a working random source")
+    }
+}
+
+/// A member's public key, taken from a certificate that checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberKey {
+    pub host: HostName,
+    /// The subjectPublicKey bits (an uncompressed P-256 point).
+    point: Vec<u8>,
+}
+
+impl MemberKey {
+    /// Checks `signature` over `message`.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), TlsError> {
+        webpki::ring::ECDSA_P256_SHA256
+            .verify_signature(&self.point, message, signature)
+            .map_err(|_| TlsError::Signature(format!("not a signature of {}", self.host)))
+    }
+}
+
+/// Checks members' certificates against the trusted CAs (the cluster's, and during a CA
+/// rotation the next one too).
+#[derive(Debug, Clone)]
+pub struct CertChecker {
+    cas: Vec<CertificateDer<'static>>,
+}
+
+impl CertChecker {
+    pub fn new(cas: Vec<CertificateDer<'static>>) -> CertChecker {
+        CertChecker { cas }
+    }
+
+    /// The key of `host` if `text` (a `certs/cert-HOST` value) is a certificate of a trusted
+    /// CA that names `host` and is valid at `now`.
+    pub fn member_key(
+        &self,
+        host: &HostName,
+        text: &str,
+        now: UnixTime,
+    ) -> Result<MemberKey, TlsError> {
+        let cert = cert_from_text(text)?;
+        let anchors = self
+            .cas
+            .iter()
+            .map(webpki::anchor_from_trusted_cert)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("a trusted CA")(e.to_string()))?;
+        let ee = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|e| bad("a member's certificate")(e.to_string()))?;
+        ee.verify_for_usage(
+            // Our CA and host keys are P-256 (rcgen's default): nothing else is ours.
+            &[webpki::ring::ECDSA_P256_SHA256],
+            &anchors,
+            &[],
+            now,
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| TlsError::Signature(format!("the certificate of {host}: {e}")))?;
+        let named = certified_host(&cert)?;
+        if named != *host {
+            return Err(TlsError::Signature(format!(
+                "the certificate recorded for {host} names {named}"
+            )));
+        }
+        let (_, x) = x509_parser::parse_x509_certificate(&cert)
+            .map_err(|e| bad("a member's certificate")(e.to_string()))?;
+        Ok(MemberKey {
+            host: named,
+            point: x.public_key().subject_public_key.data.to_vec(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::{Ca, HostKey};
+
+    fn creds(ca: &Ca, name: &str) -> Credentials {
+        let key = HostKey::generate().unwrap();
+        let cert = ca
+            .issue(&HostName::new(name).unwrap(), &key.public_der())
+            .unwrap();
+        Credentials::new(ca.cert().clone(), cert, &key)
+    }
+
+    #[test]
+    fn a_signature_verifies_with_the_signers_certificate_only() {
+        let (ca, other) = (Ca::create().unwrap(), Ca::create().unwrap());
+        let (a, b) = (creds(&ca, "a"), creds(&ca, "b"));
+        let checker = CertChecker::new(vec![ca.cert().clone()]);
+        let now = UnixTime::now();
+        let host = |n| HostName::new(n).unwrap();
+        let text = cert_text(&a.cert);
+        assert!(text.len() < 1000, "{} characters", text.len());
+        assert_eq!(text_fingerprint(&text).unwrap(), a.fingerprint());
+        let key_a = checker.member_key(&host("a"), &text, now).unwrap();
+        let sig = EntrySigner::new(&a).unwrap().sign(b"entry");
+        assert!(sig.len() <= MAX_SIGNATURE);
+        key_a.verify(b"entry", &sig).unwrap();
+        assert!(key_a.verify(b"entrY", &sig).is_err(), "another message");
+        let by_b = EntrySigner::new(&b).unwrap().sign(b"entry");
+        assert!(key_a.verify(b"entry", &by_b).is_err(), "another signer");
+        assert!(key_a.verify(b"entry", &[]).is_err());
+        // a's certificate is not b's; another cluster's certificate is nobody's here.
+        assert!(checker.member_key(&host("b"), &text, now).is_err());
+        let foreign = cert_text(&creds(&other, "a").cert);
+        assert!(checker.member_key(&host("a"), &foreign, now).is_err());
+        // Both CAs trusted (a rotation): both certificates check out.
+        let both = CertChecker::new(vec![ca.cert().clone(), other.cert().clone()]);
+        both.member_key(&host("a"), &foreign, now).unwrap();
+        // Garbage is an error, not a panic.
+        for junk in [
+            "",
+            "x509:",
+            "x509:!!!",
+            "x509:AAAA",
+            "sha256:00",
+            &text[..100],
+        ] {
+            assert!(
+                checker.member_key(&host("a"), junk, now).is_err(),
+                "{junk:?}"
+            );
+        }
+    }
+}
