@@ -21,13 +21,14 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-targets=(txlog_decode txlog_reader nbd_session wire_frame tls_join)
+targets=(txlog_decode txlog_reader nbd_session wire_frame tls_join meta_apply)
 declare -A dict=(
     [txlog_decode]=dict/txlog.dict
     [txlog_reader]=dict/txlog.dict
     [nbd_session]=dict/nbd_session.dict
     [wire_frame]=dict/wire.dict
     [tls_join]=dict/tls.dict
+    [meta_apply]=dict/meta.dict
 )
 
 cargo fuzz build

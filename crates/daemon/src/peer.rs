@@ -77,7 +77,124 @@ pub type BoxWrite = Box<dyn AsyncWrite + Unpin + Send>;
 
 fn split_stream<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> (BoxRead, BoxWrite) {
     let (r, w) = tokio::io::split(s);
-    (Box::new(r), Box::new(w))
+    (Box::new(r), Box::new(WriteStall::new(w, FRAME_STALL)))
+}
+
+/// A writer that fails when the peer takes nothing for `limit`: a peer that is alive (so TCP
+/// keepalive is answered) but stops reading would otherwise hold a sender, its buffers and
+/// its place forever.
+pub struct WriteStall<W> {
+    w: W,
+    limit: Duration,
+    /// Armed while a write waits for room.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<W> WriteStall<W> {
+    pub fn new(w: W, limit: Duration) -> Self {
+        WriteStall {
+            w,
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// After a `Pending` from the writer: an error once the peer took nothing for `limit`.
+    fn stalled(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Error> {
+        let limit = self.limit;
+        let d = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match d.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => {
+                self.deadline = None;
+                std::task::Poll::Ready(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the peer took no byte for {limit:?}"),
+                ))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn watch<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        match r {
+            std::task::Poll::Ready(r) => {
+                self.deadline = None;
+                std::task::Poll::Ready(r)
+            }
+            std::task::Poll::Pending => self.stalled(cx).map(Err),
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for WriteStall<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.w).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.w).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.w.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.w).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.w).poll_shutdown(cx)
+    }
+}
+
+/// The largest frame a metadata stream carries either way: a page of at most 1,000 entries
+/// (keys ≤ 255 bytes, values ≤ 4 KiB, signatures) or a certificate grant.
+pub const META_FRAME: u32 = 8 << 20;
+/// The largest frame a fetch or sync server reads: requests only (`FetchFrom`, `SyncCheck`,
+/// `Ping`).
+pub const REQUEST_FRAME: u32 = 64 << 10;
+
+/// A peer announced a frame larger than its stream carries: it breaks the protocol (logged as
+/// a refusal, unlike a connection that merely ends).
+#[derive(Debug, thiserror::Error)]
+#[error("a frame of {len} bytes, more than the {limit} this stream carries")]
+pub struct FrameTooLarge {
+    pub len: u32,
+    pub limit: u32,
+}
+
+/// The largest frame one side reads on a stream of `kind`: log data and sync chunks flow from
+/// the server to the client only.
+pub fn frame_limit(kind: StreamKind, serving: bool) -> u32 {
+    match (kind, serving) {
+        (StreamKind::Meta, _) => META_FRAME,
+        (_, true) => REQUEST_FRAME,
+        (_, false) => mars_wire::MAX_FRAME,
+    }
 }
 
 /// Reads frames from a stream.
@@ -89,6 +206,8 @@ pub struct FrameReader<R> {
     start: usize,
     /// See [`FRAME_STALL`].
     stall: Duration,
+    /// The largest frame this stream may carry this way ([`frame_limit`]).
+    limit: u32,
 }
 
 /// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
@@ -102,7 +221,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: leftover,
             start: 0,
             stall: FRAME_STALL,
+            limit: mars_wire::MAX_FRAME,
         }
+    }
+
+    /// The same reader refusing frames longer than `limit` (see [`frame_limit`]).
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = limit;
+        self
     }
 
     /// Bytes received but not yet decoded.
@@ -115,6 +241,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn next(&mut self) -> Result<Message> {
         loop {
             let pending = &self.buf[self.start..];
+            if let Some(len) = pending.get(..4) {
+                let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
+                if len > self.limit {
+                    return Err(FrameTooLarge {
+                        len,
+                        limit: self.limit,
+                    }
+                    .into());
+                }
+            }
             if let Some((m, n)) = decode_frame(pending)? {
                 self.start += n;
                 if self.start == self.buf.len() {
@@ -298,7 +434,7 @@ async fn client_hellos(
 ) -> Result<Session> {
     w.write_all(&ours.encode()).await?;
     let (peer, rest) = read_hello(&mut r).await?;
-    let mut frames = FrameReader::new(r, rest);
+    let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(ours.kind, false));
     if let Err(e) = ours.check_peer(&peer) {
         bail!("{addr}: {e}");
     }
@@ -431,7 +567,11 @@ async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admiss
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Err(e) = accept(h, s, from).await {
-                        tracing::debug!("peer connection from {from}: {e:#}");
+                        if e.chain().any(|c| c.is::<FrameTooLarge>()) {
+                            refusal!("closed the peer connection from {from}: {e:#}");
+                        } else {
+                            tracing::debug!("peer connection from {from}: {e:#}");
+                        }
                     }
                 });
             }
@@ -552,7 +692,7 @@ async fn accept_hello(
         refuse(&mut w, RefuseKind::Hello, reason).await?;
         return Ok(());
     }
-    let mut frames = FrameReader::new(r, rest);
+    let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(peer.kind, true));
     if joiner {
         let grant = match frames.next_within(HELLO_TIMEOUT).await? {
             Message::JoinRequest { token, host_key } => {
@@ -685,6 +825,79 @@ mod tests {
         let e = reader.next().await.unwrap_err();
         assert!(e.to_string().contains("middle of a frame"), "{e:#}");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// Each side of each stream kind reads frames up to what that way carries: a fetch or
+    /// sync server takes requests only, a metadata stream pages; a header announcing more is
+    /// refused before anything of the frame is kept.
+    #[tokio::test]
+    async fn frames_are_capped_by_stream_kind_and_direction() {
+        assert_eq!(frame_limit(StreamKind::Fetch, true), REQUEST_FRAME);
+        assert_eq!(frame_limit(StreamKind::Sync, true), REQUEST_FRAME);
+        assert_eq!(frame_limit(StreamKind::Fetch, false), mars_wire::MAX_FRAME);
+        assert_eq!(frame_limit(StreamKind::Meta, true), META_FRAME);
+        assert_eq!(frame_limit(StreamKind::Meta, false), META_FRAME);
+        // A full page of the largest entries fits a metadata frame.
+        let big = mars_wire::Entry {
+            key: "k".repeat(255),
+            value: Some("v".repeat(4096)),
+            stamp: 1,
+            origin: "h".repeat(64),
+            sig: vec![0; 72],
+        };
+        let mut f = Vec::new();
+        mars_wire::encode_frame(
+            &Message::Changes {
+                upto: 1,
+                entries: vec![big; 1000],
+            },
+            &mut f,
+        );
+        assert!(f.len() < META_FRAME as usize, "{} bytes", f.len());
+
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(rx, Vec::new()).with_limit(REQUEST_FRAME);
+        tx.write_all(&(REQUEST_FRAME + 1).to_le_bytes())
+            .await
+            .unwrap();
+        let e = reader.next().await.unwrap_err();
+        assert!(e.to_string().contains("more than the 65536"), "{e:#}");
+        // A request of the largest kind still passes.
+        let (mut tx, rx) = tokio::io::duplex(1 << 16);
+        let mut reader = FrameReader::new(rx, Vec::new()).with_limit(REQUEST_FRAME);
+        let req = Message::FetchFrom {
+            res: "r".repeat(255),
+            file: 1,
+            offset: 0,
+            prev_link: "l".repeat(4096),
+        };
+        send(&mut tx, &req).await.unwrap();
+        assert_eq!(reader.next().await.unwrap(), req);
+    }
+
+    /// A peer that reads nothing: the sender fails after the stall limit instead of waiting
+    /// forever; one that reads slowly but keeps reading is fine.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_fails_the_sender() {
+        let (tx, mut rx) = tokio::io::duplex(4096);
+        let mut w = WriteStall::new(tx, Duration::from_millis(200));
+        let t = std::time::Instant::now();
+        let e = w.write_all(&[1u8; 1 << 20]).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        let (tx, mut slow) = tokio::io::duplex(4096);
+        let mut w = WriteStall::new(tx, Duration::from_millis(200));
+        let reader = tokio::spawn(async move {
+            let mut got = 0;
+            let mut buf = [0u8; 4096];
+            while got < 64 << 10 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                got += slow.read(&mut buf).await.unwrap();
+            }
+        });
+        w.write_all(&[2u8; 64 << 10]).await.unwrap();
+        reader.await.unwrap();
+        let _ = rx.read(&mut [0u8; 1]).await;
     }
 
     struct Quiet;

@@ -310,3 +310,67 @@ fn an_oversized_metadata_page_is_refused() {
     assert!(a.marsadm(&["get-link", "junk/k0"]).status.code() != Some(0));
     a.ok(&["view", "all"]);
 }
+
+/// Frame headers announcing the largest frame (33 MiB) on streams that never carry one — a
+/// fetch server reads requests, a metadata stream pages of a few MiB — end the stream at once,
+/// before anything of the frame is kept: 24 such connections from a member cost a's memory
+/// nothing worth noting, and a keeps answering.
+#[test]
+fn oversized_frame_headers_end_the_stream_before_memory_is_taken() {
+    use std::io::{Read, Write};
+
+    let dir = tempdir("mars-hostile-frames");
+    let a = Host::start_at(dir.path(), "a", "127.0.0.1");
+    let b = Host::start_at(dir.path(), "b", "127.0.0.2");
+    a.create_resource("r", 16 << 20);
+    b.join(&a);
+    b.ok(&["--timeout", "30", "wait-cluster"]);
+    let pid = a.pid().expect("running");
+    let before = proc_status(pid, "VmRSS:");
+    let tls = mars_tls::PeerTls::new(&b.credentials()).unwrap();
+    let cluster = a.cluster_id();
+    let mut held = Vec::new();
+    for i in 0..24 {
+        let kind = if i % 2 == 0 {
+            mars_wire::StreamKind::Fetch
+        } else {
+            mars_wire::StreamKind::Meta
+        };
+        let hello = mars_wire::Hello::new(kind, cluster, mars_config::HostName::new("b").unwrap());
+        let tcp = TcpStream::connect(&a.peer_addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let conn =
+            rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
+        s.write_all(&hello.encode()).unwrap();
+        s.write_all(&mars_wire::MAX_FRAME.to_le_bytes()).unwrap();
+        s.write_all(&[0u8; 4096]).unwrap();
+        s.flush().unwrap();
+        held.push(s);
+    }
+    let t = Instant::now();
+    for s in &mut held {
+        // a's hello, then the end of the stream (no refusal frame: the peer broke the protocol).
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    eprintln!(
+        "24 oversized headers: every stream ended within {:?}",
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(15));
+    let grown = proc_status(pid, "VmRSS:").saturating_sub(before);
+    eprintln!("marsd RSS grew by {} KiB", grown);
+    assert!(
+        grown < 64 << 10,
+        "RSS grew by {grown} KiB for 24 × 4 KiB received"
+    );
+    mars_testkit::repl::eventually(10, "a says why", || {
+        a.log_text()
+            .contains("more than the 65536 this stream carries")
+            && a.log_text()
+                .contains("more than the 8388608 this stream carries")
+    });
+    a.ok(&["view", "r"]);
+    b.ok(&["--timeout", "30", "wait-cluster"]);
+}
