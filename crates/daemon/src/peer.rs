@@ -870,6 +870,7 @@ mod tests {
             file: 1,
             offset: 0,
             prev_link: "l".repeat(4096),
+            tail: [1; 16],
         };
         send(&mut tx, &req).await.unwrap();
         assert_eq!(reader.next().await.unwrap(), req);

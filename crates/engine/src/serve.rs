@@ -189,6 +189,22 @@ pub fn asker_ahead(name: &LogName, off: u64, limit: u64, complete: bool) -> Opti
     })
 }
 
+/// The asker's copy of `name` before byte `off` is not this host's bytes (the `tail` digest of
+/// its fetch request differs): it is another incarnation of that logfile — the same number and
+/// writer, written again after the writer was fully synced from a host where that logfile had
+/// not begun (found by mars-sim, seed 2379 with members-only serving: the replica appended the
+/// new incarnation's records to the old one's and replayed a record past a fork). Everything
+/// from there on is another history.
+pub fn tail_differs(name: &LogName, off: u64) -> Refusal {
+    (
+        RefuseKind::History,
+        format!(
+            "the replica's copy of {name} up to byte {off} is not this host's: another \
+             incarnation of that logfile, different histories (split brain?)"
+        ),
+    )
+}
+
 /// This host's version link of logfile `no` as published, or as it will be published (a
 /// logfile just completed by rotation): what a full sync starting at `no + 1` continues.
 /// `local`: the logfile's writer and length here, if it exists.

@@ -139,6 +139,10 @@ pub enum Body {
         file: u64,
         off: u64,
         prev_link: Option<String>,
+        /// The asker's record before `off` in its copy of `file` (the daemon's `tail`
+        /// digest): the server refuses when its own differs (another incarnation of the
+        /// logfile).
+        tail: Option<u64>,
     },
     FetchAns {
         sid: Sid,

@@ -225,9 +225,9 @@ pub const COMMAND_TIMEOUT: u64 = 30_000;
 /// Variants of the simulated system. The default is the system as built, with every bug the
 /// simulation found fixed; each switch brings one old behaviour back, to show that the
 /// invariants catch it. Most are the engine's switches ([`SimConfig::engine_bugs`] hands them
-/// to `mars_engine::config::Bugs`); `sync_serves_unsynced_data` and
-/// `complete_by_link_lengths_only` are the simulated servers' (the executor's side), modelled
-/// as the daemon's servers must NOT behave.
+/// to `mars_engine::config::Bugs`); `sync_serves_unsynced_data`,
+/// `complete_by_link_lengths_only` and `fetch_without_tail` are the simulated servers' (the
+/// executor's side), modelled as the daemon's servers must NOT behave.
 #[derive(Debug, Clone, Default)]
 pub struct SimConfig {
     /// Replay moves past a logfile whose version link differs from the origin's (the chain
@@ -281,6 +281,13 @@ pub struct SimConfig {
     /// it becomes a replica, and then cannot see that the next logfile continues another
     /// history. Off: its current replay position counts too (the fix).
     pub link_reclaim_uses_published_pin: bool,
+    /// The fetch server does not compare the asker's copy before its position with its own
+    /// (`FetchFrom` before `tail`): a replica holding an earlier incarnation of a logfile — the
+    /// same number and writer, written again after the writer was fully synced from a host
+    /// where it had not begun — appends the new incarnation's records to the old ones and
+    /// replays them past a fork. Off: the request carries the digest of the asker's bytes
+    /// before its position and the server refuses on a mismatch (the fix).
+    pub fetch_without_tail: bool,
 }
 
 impl SimConfig {

@@ -43,7 +43,7 @@
 
 mod message;
 
-pub use message::{Entry, Message, RefuseKind};
+pub use message::{Entry, Message, RefuseKind, TAIL_LEN};
 
 use mars_config::HostName;
 

@@ -8,7 +8,7 @@
 //! | 4 | ChangesSince | since: u64, limit: u32 |
 //! | 5 | Changes | upto: u64, count: u32, count × entry |
 //! | 6 | Notify | seq: u64 |
-//! | 10 | FetchFrom | res: str, file: u64, offset: u64, prev_link: str |
+//! | 10 | FetchFrom | res: str, file: u64, offset: u64, prev_link: str, tail: 16 bytes |
 //! | 11 | LogFile | file: u64, origin: str |
 //! | 12 | LogData | file: u64, offset: u64, data: bytes |
 //! | 13 | LogEnd | file: u64, len: u64 |
@@ -36,6 +36,9 @@
 //! metadata stream; the answer is a `JoinGrant` too.
 
 use crate::{WireError, MAX_DATA};
+
+/// How many bytes before a fetch's start position [`Message::FetchFrom`]'s `tail` digest covers.
+pub const TAIL_LEN: u64 = 4096;
 
 /// One metadata entry as it travels (the store's own type lives in `meta`; this one only carries
 /// bytes, and the receiving store validates keys, hosts and stamps).
@@ -122,11 +125,16 @@ pub enum Message {
     /// `prev_link` is the asker's version link of logfile `file - 1` (empty: it has none): the
     /// server refuses when its own link of that logfile differs, since the asker's copy then
     /// continues another history and "you have everything" would confirm a position there.
+    /// `tail` is the xxh3-128 of the asker's last [`TAIL_LEN`] bytes of logfile `file` before
+    /// `offset` (fewer near its start; all zero at offset 0): the server refuses when its own
+    /// bytes there differ, since the asker's copy is then another incarnation of that logfile
+    /// (the same number and writer, written again after a full sync).
     FetchFrom {
         res: String,
         file: u64,
         offset: u64,
         prev_link: String,
+        tail: [u8; 16],
     },
     /// 11, server → replica: the data that follows belongs to logfile `file` written by `origin`
     /// (name `log-%09d-ORIGIN`).
@@ -378,11 +386,13 @@ impl Message {
                 file,
                 offset,
                 prev_link,
+                tail,
             } => {
                 put_str(out, res);
                 put_u64(out, *file);
                 put_u64(out, *offset);
                 put_str(out, prev_link);
+                out.extend_from_slice(tail);
             }
             Message::LogFile { file, origin } => {
                 put_u64(out, *file);
@@ -530,6 +540,7 @@ impl Message {
                 file: r.u64()?,
                 offset: r.u64()?,
                 prev_link: r.str()?,
+                tail: r.array()?,
             },
             11 => Message::LogFile {
                 file: r.u64()?,

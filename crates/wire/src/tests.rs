@@ -100,14 +100,20 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<u64>(), proptest::collection::vec(arb_entry(), 0..20))
             .prop_map(|(upto, entries)| Message::Changes { upto, entries }),
         any::<u64>().prop_map(|seq| Message::Notify { seq }),
-        (".{0,40}", any::<u64>(), any::<u64>(), "[0-9a-f,]{0,60}").prop_map(
-            |(res, file, offset, prev_link)| Message::FetchFrom {
+        (
+            ".{0,40}",
+            any::<u64>(),
+            any::<u64>(),
+            "[0-9a-f,]{0,60}",
+            any::<[u8; 16]>()
+        )
+            .prop_map(|(res, file, offset, prev_link, tail)| Message::FetchFrom {
                 res,
                 file,
                 offset,
-                prev_link
-            }
-        ),
+                prev_link,
+                tail,
+            }),
         (any::<u64>(), "[a-z]{0,10}").prop_map(|(file, origin)| Message::LogFile { file, origin }),
         (any::<u64>(), any::<u64>(), arb_data())
             .prop_map(|(file, offset, data)| Message::LogData { file, offset, data }),
@@ -158,12 +164,14 @@ fn stream_messages() -> Vec<Message> {
             file: 1,
             offset: 0,
             prev_link: String::new(),
+            tail: [0; 16],
         },
         Message::FetchFrom {
             res: String::new(),
             file: u64::MAX,
             offset: u64::MAX,
             prev_link: "0123456789abcdef,4096,alpha".into(),
+            tail: [0xff; 16],
         },
         Message::LogFile {
             file: 7,
@@ -292,11 +300,13 @@ fn fetch_and_sync_layouts() {
         file: 1,
         offset: 2,
         prev_link: "ab".into(),
+        tail: [7; 16],
     });
     let mut want = vec![10, 1, 0, 0, 0, b'r'];
     want.extend_from_slice(&1u64.to_le_bytes());
     want.extend_from_slice(&2u64.to_le_bytes());
     want.extend_from_slice(&[2, 0, 0, 0, b'a', b'b']);
+    want.extend_from_slice(&[7; 16]);
     assert_eq!(b, want);
 }
 

@@ -101,13 +101,22 @@ async fn session(job: &mut FetchJob) -> Result<()> {
     // during a stream) is not counted: cut the copies back to where this session starts, as
     // the engine knows them, so that the data the source sends fits on.
     let (replica, from) = (job.replica.clone(), job.from);
-    tokio::task::spawn_blocking(move || -> Result<()> {
+    let tail = tokio::task::spawn_blocking(move || -> Result<[u8; 16]> {
         let mut c = replica.copies();
         if c.end().is_some_and(|end| end > from) {
             let removed = c.truncate(from)?;
             tracing::debug!("copies cut back to {from} (removed {removed:?}): not counted");
         }
-        Ok(())
+        // What we hold of the logfile we continue: the source checks it is its own.
+        match c.name(from.file) {
+            Some(name) if from.offset > 0 => {
+                let f = c
+                    .dir()
+                    .open(&name.to_string(), mars_storage::OpenMode::Existing)?;
+                Ok(super::tail_digest(&*f, from.offset)?)
+            }
+            _ => Ok([0; 16]),
+        }
     })
     .await??;
     let mut s = peer::connect(
@@ -133,6 +142,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
             file: job.from.file,
             offset: job.from.offset,
             prev_link: job.prev_link.clone(),
+            tail,
         },
     )
     .await?;

@@ -27,6 +27,28 @@ use std::time::{Duration, Instant};
 use mars_engine::resource::Event;
 use tokio::sync::mpsc;
 
+/// The `tail` of a fetch request: the xxh3-128 of the last [`mars_wire::TAIL_LEN`] bytes of
+/// `f` before `off` (all zero at 0). Blocking.
+pub fn tail_digest(f: &dyn mars_storage::File, off: u64) -> std::io::Result<[u8; 16]> {
+    if off == 0 {
+        return Ok([0; 16]);
+    }
+    let start = off.saturating_sub(mars_wire::TAIL_LEN);
+    let mut buf = vec![0u8; (off - start) as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        let n = f.read_at(&mut buf[got..], start + got as u64)?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{got} of {} bytes before offset {off}", buf.len()),
+            ));
+        }
+        got += n;
+    }
+    Ok(xxhash_rust::xxh3::xxh3_128(&buf).to_le_bytes())
+}
+
 /// Where sessions send their events: the actor's queue for them.
 pub type Sink = mpsc::Sender<Event>;
 

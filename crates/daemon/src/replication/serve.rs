@@ -136,13 +136,15 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         ..
     } = conn;
     let peer = peer.host;
-    let (res, mut file_no, mut off, prev_link) = match frames.next_within(REQUEST_WAIT).await? {
+    let (res, mut file_no, mut off, prev_link, tail) = match frames.next_within(REQUEST_WAIT).await?
+    {
         Message::FetchFrom {
             res,
             file,
             offset,
             prev_link,
-        } => (res, file, offset, prev_link),
+            tail,
+        } => (res, file, offset, prev_link, tail),
         other => bail!(
             "{peer} opened a fetch stream with {}",
             peer::describe(&other)
@@ -184,6 +186,7 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         src,
         me,
         frames,
+        tail: (off > 0 && tail != [0; 16]).then_some((file_no, off, tail)),
     };
     loop {
         let logs = {
@@ -262,6 +265,9 @@ struct Ship {
     /// The replica's side of the stream: a `Ping` asks for a fresh confirmation; its end ends
     /// the session.
     frames: FrameReader<BoxRead>,
+    /// The asker's digest of its copy before its start (file, offset, digest), checked against
+    /// ours once that much is durable here (see `mars_engine::serve::tail_differs`).
+    tail: Option<(u64, u64, [u8; 16])>,
 }
 
 type Refusal = (RefuseKind, String);
@@ -380,6 +386,19 @@ impl Ship {
             }
             if let Some(why) = decide::asker_ahead(name, off, limit, complete) {
                 return Ok(Err((RefuseKind::History, why)));
+            }
+            if let Some((no, at, theirs)) = self.tail {
+                if no != name.no || off != at {
+                    self.tail = None;
+                } else if off <= limit {
+                    self.tail = None;
+                    let file = f.clone();
+                    let ours = tokio::task::spawn_blocking(move || super::tail_digest(&*file, at))
+                        .await??;
+                    if ours != theirs {
+                        return Ok(Err(decide::tail_differs(name, off)));
+                    }
+                }
             }
             if off < limit {
                 let (data, n) = match ahead.take() {

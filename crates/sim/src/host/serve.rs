@@ -101,8 +101,9 @@ impl Host {
                 file,
                 off,
                 prev_link,
+                tail,
             } => {
-                let ans = self.serve_fetch(file, off, prev_link.as_deref(), cx);
+                let ans = self.serve_fetch(file, off, prev_link.as_deref(), tail, cx);
                 self.answer(
                     from,
                     cx,
@@ -157,8 +158,10 @@ impl Host {
         file: u64,
         off: u64,
         prev_link: Option<&str>,
+        tail: Option<u64>,
         cx: &mut Ctx,
     ) -> FetchAnswer {
+        let asked = (file, off);
         let role = self.server_role();
         let meta = self.meta();
         let me = self.name.clone();
@@ -207,6 +210,15 @@ impl Host {
                     if off > limit {
                         // Ahead in a logfile with nothing durable yet: wait.
                         break;
+                    }
+                    // The asker's copy before its position must be ours (every request is
+                    // checked: each stands for a whole daemon session here).
+                    if (file, off) == asked && !cx.cfg.fetch_without_tail {
+                        let ours = off.checked_sub(1).map(|i| f.recs[i as usize]);
+                        if tail.is_some() && tail != ours {
+                            let (kind, reason) = serve::tail_differs(&name, off);
+                            return FetchAnswer::Refused { kind, reason };
+                        }
                     }
                     let to = limit.min(off + budget);
                     budget -= to - off;

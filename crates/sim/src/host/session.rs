@@ -118,11 +118,16 @@ impl Host {
         let sid_of = |id| self.sid(id);
         let Some(s) = &self.fetch else { return };
         let sid = sid_of(s.id);
+        let tail = s.ask.offset.checked_sub(1).and_then(|i| {
+            let copy = self.logs.get(&s.ask.file)?;
+            copy.recs.get(usize::try_from(i).ok()?).copied()
+        });
         let body = Body::FetchReq {
             sid,
             file: s.ask.file,
             off: s.ask.offset,
             prev_link: (!s.connected).then(|| s.prev_link.clone()),
+            tail,
         };
         let to = s.source.clone();
         if let Some(s) = &mut self.fetch {
