@@ -11,6 +11,11 @@
 //! exists here.
 //!
 //! **Sync.** Only an acting primary that is not in emergency mode serves a full sync.
+//!
+//! **Members only.** Both serve only hosts that are members of the resource (a `data-HOST`
+//! key): a device's data goes to the hosts that hold a replica of it, not to any host of the
+//! cluster. The asker is the host its certificate names (the peer layer refuses a hello that
+//! claims another name; with `--insecure` nobody is authenticated).
 
 use mars_config::HostName;
 use mars_txlog::LogName;
@@ -38,6 +43,7 @@ pub fn fetch_start(
     role: ServerRole,
     meta: &ResourceMeta,
     me: &HostName,
+    asker: &HostName,
     file: u64,
     prev_link: &str,
 ) -> Result<(), Refusal> {
@@ -45,6 +51,7 @@ pub fn fetch_start(
     if role == ServerRole::None {
         return Err((RefuseKind::NotHere, format!("{res} is not set up on {me}")));
     }
+    member(meta, asker)?;
     if let Some(why) = history_differs(meta, me, file, prev_link) {
         return Err((RefuseKind::History, why));
     }
@@ -55,9 +62,15 @@ pub fn fetch_start(
 }
 
 /// May a full sync start?
-pub fn sync_start(role: ServerRole, me: &HostName, res: &str) -> Result<(), Refusal> {
+pub fn sync_start(
+    role: ServerRole,
+    meta: &ResourceMeta,
+    me: &HostName,
+    asker: &HostName,
+) -> Result<(), Refusal> {
+    let res = meta.name.as_str();
     match role {
-        ServerRole::Primary { passthrough: false } => Ok(()),
+        ServerRole::Primary { passthrough: false } => member(meta, asker),
         ServerRole::Primary { passthrough: true } => {
             Err((RefuseKind::Emergency, emergency(me, res)))
         }
@@ -65,6 +78,18 @@ pub fn sync_start(role: ServerRole, me: &HostName, res: &str) -> Result<(), Refu
             RefuseKind::NotHere,
             format!("{me} is not primary of {res} (no open volume)"),
         )),
+    }
+}
+
+/// Fetch and sync serve members of the resource only.
+fn member(meta: &ResourceMeta, asker: &HostName) -> Result<(), Refusal> {
+    if meta.members.contains_key(asker) {
+        Ok(())
+    } else {
+        Err((
+            RefuseKind::NotMember,
+            format!("{asker} is not a member of {}", meta.name),
+        ))
     }
 }
 
@@ -244,24 +269,54 @@ mod tests {
     fn a_request_on_another_history_is_refused() {
         let (a, b) = (h("a"), h("b"));
         let mut m = meta();
+        m.members.insert(b.clone(), Default::default());
         let l3 = version::link("", 3, &a, 10);
         m.versions
             .entry(3)
             .or_default()
             .insert(a.clone(), l3.clone());
         let primary = ServerRole::Primary { passthrough: false };
-        assert_eq!(fetch_start(primary, &m, &a, 4, &l3), Ok(()));
+        assert_eq!(fetch_start(primary, &m, &a, &b, 4, &l3), Ok(()));
         // No link on either side: nothing to compare.
-        assert_eq!(fetch_start(primary, &m, &a, 4, ""), Ok(()));
+        assert_eq!(fetch_start(primary, &m, &a, &b, 4, ""), Ok(()));
         let other = version::link("", 3, &b, 10);
-        let e = fetch_start(primary, &m, &a, 4, &other).unwrap_err();
+        let e = fetch_start(primary, &m, &a, &b, 4, &other).unwrap_err();
         assert_eq!(e.0, RefuseKind::History);
-        let e = fetch_start(ServerRole::Primary { passthrough: true }, &m, &a, 4, &l3);
+        let e = fetch_start(
+            ServerRole::Primary { passthrough: true },
+            &m,
+            &a,
+            &b,
+            4,
+            &l3,
+        );
         assert_eq!(e.unwrap_err().0, RefuseKind::Emergency);
         assert_eq!(
-            fetch_start(ServerRole::None, &m, &a, 4, &l3).unwrap_err().0,
+            fetch_start(ServerRole::None, &m, &a, &b, 4, &l3)
+                .unwrap_err()
+                .0,
             RefuseKind::NotHere
         );
+    }
+
+    /// A device's data goes to the members of its resource only: a host of the cluster that
+    /// holds no replica of it gets neither its log nor a full sync.
+    #[test]
+    fn fetch_and_sync_serve_members_only() {
+        let (a, b, x) = (h("a"), h("b"), h("x"));
+        let mut m = meta();
+        m.members.insert(a.clone(), Default::default());
+        m.members.insert(b.clone(), Default::default());
+        let primary = ServerRole::Primary { passthrough: false };
+        assert_eq!(fetch_start(primary, &m, &a, &b, 1, ""), Ok(()));
+        assert_eq!(sync_start(primary, &m, &a, &b), Ok(()));
+        for role in [primary, ServerRole::Replica] {
+            let e = fetch_start(role, &m, &a, &x, 1, "").unwrap_err();
+            assert_eq!(e.0, RefuseKind::NotMember, "{}", e.1);
+            assert!(e.1.contains("x is not a member of r"), "{}", e.1);
+        }
+        let e = sync_start(primary, &m, &a, &x).unwrap_err();
+        assert_eq!(e.0, RefuseKind::NotMember);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use mars_sim::{run, SimConfig};
 type Field = fn(&mut SimConfig) -> &mut bool;
 
 /// The [`SimConfig`] switches by their command-line names (`--NAME`).
-const SWITCHES: [(&str, Field); 10] = [
+const SWITCHES: [(&str, Field); 11] = [
     ("skip-chain-check", |c| &mut c.skip_chain_check),
     ("planned-promotion-ignores-others", |c| {
         &mut c.planned_promotion_ignores_others
@@ -40,6 +40,7 @@ const SWITCHES: [(&str, Field); 10] = [
     ("link-reclaim-uses-published-pin", |c| {
         &mut c.link_reclaim_uses_published_pin
     }),
+    ("fetch-without-tail", |c| &mut c.fetch_without_tail),
 ];
 
 fn switch_of<'a>(cfg: &'a mut SimConfig, arg: &str) -> Option<&'a mut bool> {

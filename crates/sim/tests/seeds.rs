@@ -207,3 +207,24 @@ fn replacing_a_replayed_empty_copy_is_caught() {
     let o = first_failure_in(cfg, 1900..2100, 400).expect("seed 1953 replaces a replayed copy");
     assert!(o.error.is_some());
 }
+
+/// A fetch request without the digest of the replica's bytes before its position: a replica
+/// holding an earlier incarnation of a logfile (c's logfile 6 before c was synced from d and
+/// wrote a logfile 6 again) gets the new incarnation's records appended to the old ones and
+/// replays them past a fork. The soak runner's seed 2379 is the first to show it.
+#[test]
+fn fetch_without_tail_is_caught() {
+    let cfg = SimConfig {
+        fetch_without_tail: true,
+        ..SimConfig::default()
+    };
+    let o = first_failure_in(cfg, 2379..2380, 400)
+        .expect("seed 2379 (400 steps) appends to a stale copy");
+    assert!(
+        o.error
+            .as_deref()
+            .is_some_and(|e| e.contains("past a fork")),
+        "{:?}",
+        o.error
+    );
+}

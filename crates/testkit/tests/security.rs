@@ -346,3 +346,45 @@ fn a_member_cannot_write_another_members_keys() {
         "{log}"
     );
 }
+
+/// A device's data goes to the hosts that replicate it: c, a member of the cluster but not of
+/// resource r, is refused r's log and a full sync of it (with the reason), while b, which
+/// replicates r, is served.
+#[test]
+fn fetch_and_sync_serve_members_of_the_resource_only() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    a.create_resource("r", SIZE);
+    b.join(&a);
+    c.join(&a);
+    join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    let cluster = a.cluster_id();
+    let tls = mars_tls::PeerTls::new(&c.credentials()).unwrap();
+    let hello =
+        |kind| mars_wire::Hello::new(kind, cluster, mars_config::HostName::new("c").unwrap());
+    let (_, reason, _) = refused_over_tls(
+        &a.peer_addr,
+        tls.client.clone(),
+        hello(mars_wire::StreamKind::Fetch),
+        Some(mars_wire::Message::FetchFrom {
+            res: "r".into(),
+            file: 1,
+            offset: 0,
+            prev_link: String::new(),
+            tail: [0; 16],
+        }),
+    );
+    assert!(reason.contains("c is not a member of r"), "{reason}");
+    let (_, reason, _) = refused_over_tls(
+        &a.peer_addr,
+        tls.client.clone(),
+        hello(mars_wire::StreamKind::Sync),
+        Some(mars_wire::Message::SyncStart { res: "r".into() }),
+    );
+    assert!(reason.contains("c is not a member of r"), "{reason}");
+    // b is served: it still replicates.
+    b.ok(&["--timeout", "30", "wait-resource", "r", "uptodate"]);
+}

@@ -73,6 +73,8 @@ pub enum RefuseKind {
     Limit = 5,
     /// The hello was refused (other cluster, version, not a member).
     Hello = 6,
+    /// The asker is not a member of the resource (fetch and sync serve members only).
+    NotMember = 7,
 }
 
 impl RefuseKind {
@@ -84,6 +86,7 @@ impl RefuseKind {
             4 => RefuseKind::Left,
             5 => RefuseKind::Limit,
             6 => RefuseKind::Hello,
+            7 => RefuseKind::NotMember,
             _ => RefuseKind::Other,
         }
     }

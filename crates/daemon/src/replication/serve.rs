@@ -136,20 +136,20 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         ..
     } = conn;
     let peer = peer.host;
-    let (res, mut file_no, mut off, prev_link, tail) = match frames.next_within(REQUEST_WAIT).await?
-    {
-        Message::FetchFrom {
-            res,
-            file,
-            offset,
-            prev_link,
-            tail,
-        } => (res, file, offset, prev_link, tail),
-        other => bail!(
-            "{peer} opened a fetch stream with {}",
-            peer::describe(&other)
-        ),
-    };
+    let (res, mut file_no, mut off, prev_link, tail) =
+        match frames.next_within(REQUEST_WAIT).await? {
+            Message::FetchFrom {
+                res,
+                file,
+                offset,
+                prev_link,
+                tail,
+            } => (res, file, offset, prev_link, tail),
+            other => bail!(
+                "{peer} opened a fetch stream with {}",
+                peer::describe(&other)
+            ),
+        };
     let Some(served) = lookup.served(&res) else {
         return refused(
             &mut w,
@@ -159,7 +159,9 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         .await;
     };
     let view = served.view.borrow().clone();
-    if let Err((kind, why)) = decide::fetch_start(view.role, &view.meta, &me, file_no, &prev_link) {
+    if let Err((kind, why)) =
+        decide::fetch_start(view.role, &view.meta, &me, &peer, file_no, &prev_link)
+    {
         return refused(&mut w, kind, why).await;
     }
     let src = match view.role {
@@ -530,7 +532,7 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
         .await;
     };
     let view = served.view.borrow().clone();
-    if let Err((kind, why)) = decide::sync_start(view.role, &me, &res) {
+    if let Err((kind, why)) = decide::sync_start(view.role, &view.meta, &me, &peer) {
         return refused(&mut w, kind, why).await;
     }
     let Some(vol) = served.shared.volume() else {

@@ -103,7 +103,7 @@ impl Host {
                 prev_link,
                 tail,
             } => {
-                let ans = self.serve_fetch(file, off, prev_link.as_deref(), tail, cx);
+                let ans = self.serve_fetch(from, file, off, prev_link.as_deref(), tail, cx);
                 self.answer(
                     from,
                     cx,
@@ -155,6 +155,7 @@ impl Host {
     /// The fetch server: the asker wants logfile `file` from record `off` on.
     fn serve_fetch(
         &mut self,
+        peer: &HostName,
         file: u64,
         off: u64,
         prev_link: Option<&str>,
@@ -166,7 +167,7 @@ impl Host {
         let meta = self.meta();
         let me = self.name.clone();
         if let Err((kind, reason)) =
-            serve::fetch_start(role, &meta, &me, file, prev_link.unwrap_or(""))
+            serve::fetch_start(role, &meta, &me, peer, file, prev_link.unwrap_or(""))
         {
             return FetchAnswer::Refused { kind, reason };
         }
@@ -279,7 +280,7 @@ impl Host {
         cx: &mut Ctx,
     ) -> SyncAnswer {
         let role = self.server_role();
-        if let Err((_, reason)) = serve::sync_start(role, &self.name, super::res().as_str()) {
+        if let Err((_, reason)) = serve::sync_start(role, &self.meta(), &self.name, peer) {
             return SyncAnswer::Refused { reason };
         }
         let Some((done, _size)) = copy else {
