@@ -21,7 +21,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 2
 fi
 
-targets=(txlog_decode txlog_reader nbd_session wire_frame tls_join meta_apply)
+targets=(txlog_decode txlog_reader nbd_session wire_frame tls_join meta_apply control_request template_expand)
 declare -A dict=(
     [txlog_decode]=dict/txlog.dict
     [txlog_reader]=dict/txlog.dict
@@ -29,6 +29,8 @@ declare -A dict=(
     [wire_frame]=dict/wire.dict
     [tls_join]=dict/tls.dict
     [meta_apply]=dict/meta.dict
+    [control_request]=dict/control.dict
+    [template_expand]=dict/template.dict
 )
 
 cargo fuzz build
