@@ -58,6 +58,9 @@ pub enum Request {
         #[serde(default)]
         via: Option<String>,
     },
+    /// Starts (`finish: false`) or finishes a rotation of the cluster CA (on a host holding
+    /// its key).
+    RotateCa { finish: bool },
     /// Leaves the cluster (refused while this host holds resources).
     LeaveCluster { timeout: u64 },
     /// Waits until every member answered recently, at most `timeout` seconds.

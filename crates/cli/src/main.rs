@@ -53,6 +53,15 @@ pub struct Cli {
     cmd: Cmd,
 }
 
+/// The two steps of `rotate-ca`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RotatePhase {
+    /// Make the next CA and announce it (every member trusts it too).
+    Start,
+    /// Retire the old CA once every member's certificate is from the next one.
+    Finish,
+}
+
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Create a new cluster with this host as its first member (run once).
@@ -74,6 +83,13 @@ enum Cmd {
     RenewCertificate {
         #[arg(long)]
         via: Option<String>,
+    },
+    /// Rotate the cluster CA without downtime (on a host holding its key): `start` makes the
+    /// next CA, which every member trusts too; then `renew-certificate` on every member; then
+    /// `finish` retires the old CA.
+    RotateCa {
+        #[arg(value_enum)]
+        phase: RotatePhase,
     },
     /// Print a one-time token for `join-cluster --token` (on a host holding the cluster CA).
     JoinToken {
@@ -478,6 +494,13 @@ impl Cli {
             Cmd::RenewCertificate { via } => {
                 self.no_dry_run("renew-certificate")?;
                 let r = self.call(&Request::RenewCertificate { via: via.clone() })?;
+                self.print_done(r)
+            }
+            Cmd::RotateCa { phase } => {
+                self.no_dry_run("rotate-ca")?;
+                let r = self.call(&Request::RotateCa {
+                    finish: *phase == RotatePhase::Finish,
+                })?;
                 self.print_done(r)
             }
             Cmd::JoinToken { ttl } => {

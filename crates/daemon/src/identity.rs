@@ -71,7 +71,8 @@ impl Identity {
             .ok_or_else(|| anyhow!("this host has no certificate (it is in no cluster)"))
     }
 
-    /// Uses `creds` for every new peer stream from now on. The certificate must name this host.
+    /// Uses `creds` for every new peer stream from now on, trusting the CAs in `tls/` (the
+    /// cluster CA, during a rotation the next one too). The certificate must name this host.
     pub fn install_credentials(&self, creds: &Credentials) -> anyhow::Result<()> {
         let named = creds.host().context("this host's certificate")?;
         if named != self.host {
@@ -81,7 +82,8 @@ impl Identity {
                 self.host
             );
         }
-        let tls = PeerTls::new(creds).context("this host's certificate")?;
+        let trust = root::load_trust(&self.root)?;
+        let tls = PeerTls::trusting(creds, &trust).context("this host's certificate")?;
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(tls));
         Ok(())
     }
@@ -138,12 +140,17 @@ impl Identity {
         Ok((cert.to_vec(), ca.cert().to_vec()))
     }
 
-    /// A new certificate for member `host` (authenticated by its current one) and `host_key`.
+    /// A new certificate for member `host` (authenticated by its current one) and `host_key`,
+    /// from the next CA while this host rotates the CA.
     pub fn issue_certificate(
         &self,
         host: &HostName,
         host_key: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        if let Some(next) = root::load_next_ca(&self.root)? {
+            let cert = next.issue(host, host_key)?;
+            return Ok((cert.to_vec(), next.cert().to_vec()));
+        }
         let ca = root::load_ca(&self.root)?.ok_or_else(|| {
             anyhow!(
                 "{} cannot issue certificates: it does not hold the cluster CA's key",

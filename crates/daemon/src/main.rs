@@ -281,7 +281,8 @@ fn run(args: Args) -> Result<()> {
                 ident.install_credentials(&creds)?;
                 // What this host owns is signed with its key, and what others own is taken
                 // only with their signatures.
-                store_file.set_authority(Some(meta::authority::PkiAuthority::new(&creds)?));
+                let trust = root::load_trust(&ident.root)?;
+                store_file.set_authority(Some(meta::authority::PkiAuthority::new(&creds, &trust)?));
                 match store_file.resign_own() {
                     Ok(0) => {}
                     Ok(n) => tracing::info!("signed {n} metadata entries of this host anew"),

@@ -8,10 +8,13 @@
 //!   cluster.toml              cluster identity (create-cluster)
 //!   meta.redb                 replicated metadata (resources, members, roles: see mars-engine keys)
 //!   tls/                      mode 0700: the cluster's PKI on this host (docs/security.md)
-//!     ca.crt                  the cluster CA's certificate (the only one this host trusts)
+//!     ca.crt                  the cluster CA's certificate (trusted)
 //!     ca.key                  the CA's private key, 0600: only on hosts that issue join tokens
 //!                             (the one that ran create-cluster, and those it was copied to)
-//!     host.crt  host.key      this host's certificate and private key (0600)
+//!     ca-next.crt             during a CA rotation: the next CA (trusted too)
+//!     ca-next.key             its key, on the host that started the rotation
+//!     host.crt  host.key      this host's certificate (+ its issuing CA when that is the next
+//!                             one) and private key (0600)
 //!     tokens.toml             join tokens this host issued and nobody redeemed yet (hashes)
 //!   resource-RES/
 //!     resource.toml           name, local disk, size at create/join
@@ -39,11 +42,19 @@ use mars_config::{HostName, ResourceName};
 use mars_storage::real::RealDir;
 use mars_storage::Dir;
 use serde::{Deserialize, Serialize};
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
 pub const TLS_DIR: &str = "tls";
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";
+/// The next cluster CA during a rotation (`rotate-ca start` until `rotate-ca finish`): trusted
+/// like `ca.crt`; its key `ca-next.key` only on the host that started the rotation.
+const CA_NEXT_CERT: &str = "ca-next.crt";
+const CA_NEXT_KEY: &str = "ca-next.key";
+/// This host's certificate, followed by the CA that issued it when that is not `ca.crt` (a
+/// certificate renewed during a CA rotation).
 const HOST_CERT: &str = "host.crt";
 const HOST_KEY: &str = "host.key";
 pub const TOKENS_FILE: &str = "tokens.toml";
@@ -180,12 +191,20 @@ fn read_opt(path: &Path) -> Result<Option<String>> {
 /// Stores this host's certificate, key and the CA's certificate (create-cluster, join).
 pub fn save_credentials(root: &Path, ca: &str, cert: &str, key: &str) -> Result<()> {
     let dir = tls_dir(root)?;
-    write_private(&dir, HOST_KEY, key)?;
     write_private(&dir, CA_CERT, ca)?;
+    save_host_credentials(root, cert, key)
+}
+
+/// Stores this host's certificate (with its issuing CA after it when that is not `ca.crt`)
+/// and key (renewal).
+pub fn save_host_credentials(root: &Path, cert: &str, key: &str) -> Result<()> {
+    let dir = tls_dir(root)?;
+    write_private(&dir, HOST_KEY, key)?;
     write_private(&dir, HOST_CERT, cert)
 }
 
-/// This host's credentials, if it has any.
+/// This host's credentials, if it has any: its certificate, its key, and the CA that issued
+/// the certificate (the one after it in `host.crt`, else `ca.crt`).
 pub fn load_credentials(root: &Path) -> Result<Option<mars_tls::Credentials>> {
     let dir = root.join(TLS_DIR);
     let (Some(ca), Some(cert), Some(key)) = (
@@ -195,9 +214,67 @@ pub fn load_credentials(root: &Path) -> Result<Option<mars_tls::Credentials>> {
     ) else {
         return Ok(None);
     };
-    let creds = mars_tls::Credentials::from_pem(&ca, &cert, &key)
-        .with_context(|| format!("the credentials in {} are broken", dir.display()))?;
+    let broken = || format!("the credentials in {} are broken", dir.display());
+    let chain = pem::parse_many(cert.as_bytes()).with_context(broken)?;
+    let issuer = match chain.get(1) {
+        Some(p) => pem::encode(p),
+        None => ca,
+    };
+    let creds = mars_tls::Credentials::from_pem(&issuer, &cert, &key).with_context(broken)?;
     Ok(Some(creds))
+}
+
+/// The CAs this host trusts: the cluster CA and, during a rotation, the next one.
+pub fn load_trust(root: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let dir = root.join(TLS_DIR);
+    let mut out = Vec::new();
+    for name in [CA_CERT, CA_NEXT_CERT] {
+        if let Some(text) = read_opt(&dir.join(name))? {
+            out.push(
+                CertificateDer::from_pem_slice(text.as_bytes())
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.join(name).display()))?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Trusts `ca` as the next cluster CA; with its key on the host that starts the rotation.
+pub fn save_next_ca(root: &Path, ca: &CertificateDer<'_>, key: Option<&str>) -> Result<()> {
+    let dir = tls_dir(root)?;
+    if let Some(key) = key {
+        write_private(&dir, CA_NEXT_KEY, key)?;
+    }
+    write_private(&dir, CA_NEXT_CERT, &mars_tls::pki::cert_pem(ca))
+}
+
+/// The next CA with its key, on the host rotating the CA.
+pub fn load_next_ca(root: &Path) -> Result<Option<mars_tls::Ca>> {
+    load_ca_files(root, CA_NEXT_CERT, CA_NEXT_KEY)
+}
+
+/// The end of a rotation here: the next CA becomes the cluster CA (with its key where it is);
+/// a copy of the old CA's key is removed, as it can issue nothing trusted any more. Returns
+/// whether this host held that old key without the new one.
+pub fn finish_rotation(root: &Path) -> Result<bool> {
+    let dir = tls_dir(root)?;
+    let next = read_opt(&dir.join(CA_NEXT_CERT))?
+        .ok_or_else(|| anyhow::anyhow!("no CA rotation in progress here"))?;
+    let held_old = dir.join(CA_KEY).exists();
+    match read_opt(&dir.join(CA_NEXT_KEY))? {
+        Some(key) => write_private(&dir, CA_KEY, &key)?,
+        None if held_old => fs::remove_file(dir.join(CA_KEY))?,
+        None => {}
+    }
+    write_private(&dir, CA_CERT, &next)?;
+    for name in [CA_NEXT_KEY, CA_NEXT_CERT] {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(held_old && !dir.join(CA_KEY).exists())
 }
 
 pub fn save_ca(root: &Path, ca: &mars_tls::Ca) -> Result<()> {
@@ -208,9 +285,12 @@ pub fn save_ca(root: &Path, ca: &mars_tls::Ca) -> Result<()> {
 
 /// The cluster CA with its key, on a host that holds it.
 pub fn load_ca(root: &Path) -> Result<Option<mars_tls::Ca>> {
+    load_ca_files(root, CA_CERT, CA_KEY)
+}
+
+fn load_ca_files(root: &Path, cert: &str, key: &str) -> Result<Option<mars_tls::Ca>> {
     let dir = root.join(TLS_DIR);
-    let (Some(cert), Some(key)) = (read_opt(&dir.join(CA_CERT))?, read_opt(&dir.join(CA_KEY))?)
-    else {
+    let (Some(cert), Some(key)) = (read_opt(&dir.join(cert))?, read_opt(&dir.join(key))?) else {
         return Ok(None);
     };
     let ca = mars_tls::Ca::from_pem(&cert, &key)

@@ -326,7 +326,13 @@ impl Host {
         let read = |f: &str| {
             std::fs::read_to_string(self.root.join("tls").join(f)).expect("a file of ROOT/tls")
         };
-        mars_tls::Credentials::from_pem(&read("ca.crt"), &read("host.crt"), &read("host.key"))
+        // host.crt holds the CA that issued it after it when that is not ca.crt (a rotation).
+        let cert = read("host.crt");
+        let issuer = match cert.match_indices("-----BEGIN CERTIFICATE-----").nth(1) {
+            Some((at, _)) => cert[at..].to_string(),
+            None => read("ca.crt"),
+        };
+        mars_tls::Credentials::from_pem(&issuer, &cert, &read("host.key"))
             .expect("valid credentials")
     }
 

@@ -388,3 +388,83 @@ fn fetch_and_sync_serve_members_of_the_resource_only() {
     // b is served: it still replicates.
     b.ok(&["--timeout", "30", "wait-resource", "r", "uptodate"]);
 }
+
+/// The cluster CA is rotated without downtime: `rotate-ca start` on the CA holder makes the
+/// next CA and every member trusts it too; each member renews its certificate (from the next
+/// CA); `rotate-ca finish` (refused while a member still has an old certificate) retires the
+/// old CA everywhere. Replication and the metadata keep going throughout; afterwards a
+/// certificate of the old CA is refused and a new host joins with a token of the new CA.
+#[test]
+fn the_cluster_ca_is_rotated_without_downtime() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    a.create_resource("r", SIZE);
+    b.join(&a);
+    c.join(&a);
+    join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    let old_b = b.credentials();
+    let old_ca = a.credentials().ca;
+    let trusts_next = |h: &Host| h.root.join("tls/ca-next.crt").exists();
+
+    let out = a.ok(&["rotate-ca", "start"]);
+    assert!(out.contains("CA rotation started"), "{out}");
+    assert!(a
+        .refused(&["rotate-ca", "start"])
+        .contains("in progress already"));
+    eventually(20, "every member trusts the next CA", || {
+        [&b, &c].iter().all(|h| trusts_next(h))
+    });
+    let err = a.refused(&["rotate-ca", "finish"]);
+    assert!(err.contains("renew-certificate"), "{err}");
+    for h in [&a, &b, &c] {
+        let out = h.ok(&["renew-certificate"]);
+        assert!(out.contains("issued by a"), "{out}");
+    }
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    let new_ca = b.credentials().ca;
+    assert_ne!(new_ca, old_ca, "b's certificate is from the next CA");
+    eventually(20, "a learned every renewed certificate", || {
+        a.marsadm(&["rotate-ca", "finish"]).status.success()
+    });
+    eventually(30, "every member dropped the old CA", || {
+        [&a, &b, &c].iter().all(|h| !trusts_next(h))
+    });
+    assert_eq!(a.credentials().ca, new_ca);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    // Replication went on: new data reaches b.
+    let src = t.path().join("data");
+    random_file(&src, 1 << 20);
+    run(Command::new("qemu-io")
+        .args(["-f", "raw", "-c"])
+        .arg(format!("write -s {} 0 {}", src.display(), 1 << 20))
+        .arg(a.unix_uri("r")));
+    wait_uptodate(&b, "r", 60);
+    // b's old certificate (valid by date, from the old CA) is refused now, even by a client
+    // that trusts the new CA.
+    let tls = mars_tls::PeerTls::trusting(&old_b, &[new_ca]).unwrap();
+    let tcp = TcpStream::connect(&a.peer_addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let conn = rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut got = Vec::new();
+    let r = s
+        .write_all(b"x")
+        .and_then(|()| s.flush())
+        .and_then(|()| s.read_to_end(&mut got));
+    assert!(
+        r.is_err() && got.is_empty(),
+        "the old certificate was accepted"
+    );
+    // A new host joins with a token of the new CA.
+    let d = Host::start_at(t.path(), "d", "127.0.0.4");
+    d.join(&a);
+    d.ok(&["--timeout", "30", "wait-cluster"]);
+}

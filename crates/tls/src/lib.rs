@@ -23,7 +23,10 @@ pub mod token;
 pub mod verify;
 
 pub use pki::{certified_host, fingerprint, spki_pin, Ca, Credentials, HostKey, Pin};
-pub use sign::{cert_from_text, cert_text, text_fingerprint, CertChecker, EntrySigner, MemberKey};
+pub use sign::{
+    cert_from_text, cert_text, endorsed, issued_by, text_fingerprint, CertChecker, Endorse,
+    EntrySigner, MemberKey,
+};
 pub use token::{Token, TokenBook, TokenError};
 pub use verify::{join_client, server_name, PeerTls};
 

@@ -92,6 +92,10 @@ impl Ca {
         self.key.serialize_pem()
     }
 
+    pub(crate) fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
     pub fn pin(&self) -> Pin {
         spki_pin(&self.cert).expect("our own CA certificate parses")
     }

@@ -147,6 +147,89 @@ impl CertChecker {
     }
 }
 
+/// What a CA vouches for about another CA in a rotation: that it is the next one, or that it
+/// (the old one) is retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endorse {
+    Next,
+    Retired,
+}
+
+impl Endorse {
+    fn message(self, subject: &CertificateDer<'_>) -> Vec<u8> {
+        let what: &[u8] = match self {
+            Endorse::Next => b"mars CA endorsement v1\0next\0",
+            Endorse::Retired => b"mars CA endorsement v1\0retired\0",
+        };
+        [what, subject.as_ref()].concat()
+    }
+}
+
+impl crate::pki::Ca {
+    /// The metadata text `x509:<subject> <signature>` by which this CA vouches for `subject`.
+    pub fn endorse(&self, what: Endorse, subject: &CertificateDer<'_>) -> String {
+        let sig = self
+            .key()
+            .sign(&what.message(subject))
+            .expect("ECDSA signing with a valid key and a working random source");
+        format!(
+            "{} {}",
+            cert_text(subject),
+            base64::engine::general_purpose::STANDARD.encode(sig)
+        )
+    }
+}
+
+/// The CA an endorsement text names, if one of `by` signed it for `what`.
+pub fn endorsed(
+    text: &str,
+    what: Endorse,
+    by: &[CertificateDer<'static>],
+) -> Result<CertificateDer<'static>, TlsError> {
+    let (cert, sig) = text
+        .split_once(' ')
+        .ok_or_else(|| bad("a CA endorsement")("no signature".into()))?;
+    let subject = cert_from_text(cert)?;
+    let sig = base64::engine::general_purpose::STANDARD
+        .decode(sig)
+        .map_err(|e| bad("a CA endorsement")(e.to_string()))?;
+    let message = what.message(&subject);
+    for ca in by.iter().filter(|ca| **ca != subject) {
+        let (_, x) = x509_parser::parse_x509_certificate(ca)
+            .map_err(|e| bad("a trusted CA")(e.to_string()))?;
+        let point = &x.public_key().subject_public_key.data;
+        if webpki::ring::ECDSA_P256_SHA256
+            .verify_signature(point, &message, &sig)
+            .is_ok()
+        {
+            return Ok(subject);
+        }
+    }
+    Err(TlsError::Signature(
+        "no CA this host trusts signed this endorsement".into(),
+    ))
+}
+
+/// Whether `cert` was issued by `ca` (and is valid now).
+pub fn issued_by(cert: &CertificateDer<'_>, ca: &CertificateDer<'static>) -> bool {
+    let Ok(anchor) = webpki::anchor_from_trusted_cert(ca) else {
+        return false;
+    };
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    ee.verify_for_usage(
+        &[webpki::ring::ECDSA_P256_SHA256],
+        &[anchor],
+        &[],
+        UnixTime::now(),
+        webpki::KeyUsage::client_auth(),
+        None,
+        None,
+    )
+    .is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,5 +282,42 @@ mod tests {
                 "{junk:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_ca_endorses_its_successor_and_nobody_else_can() {
+        let (old, new, rogue) = (
+            Ca::create().unwrap(),
+            Ca::create().unwrap(),
+            Ca::create().unwrap(),
+        );
+        let text = old.endorse(Endorse::Next, new.cert());
+        let trusted = vec![old.cert().clone()];
+        assert_eq!(
+            &endorsed(&text, Endorse::Next, &trusted).unwrap(),
+            new.cert()
+        );
+        assert!(
+            endorsed(&text, Endorse::Retired, &trusted).is_err(),
+            "another statement"
+        );
+        assert!(endorsed(&text, Endorse::Next, &[rogue.cert().clone()]).is_err());
+        let forged = rogue.endorse(Endorse::Next, rogue.cert());
+        assert!(endorsed(&forged, Endorse::Next, &trusted).is_err());
+        // A CA cannot endorse itself into trust.
+        let own = new.endorse(Endorse::Next, new.cert());
+        assert!(endorsed(&own, Endorse::Next, &[new.cert().clone()]).is_err());
+        let retired = new.endorse(Endorse::Retired, old.cert());
+        let both = vec![old.cert().clone(), new.cert().clone()];
+        assert_eq!(
+            &endorsed(&retired, Endorse::Retired, &both).unwrap(),
+            old.cert()
+        );
+        for junk in ["", "x509:AAAA", "x509:AAAA AAAA", &text[..50]] {
+            assert!(endorsed(junk, Endorse::Next, &trusted).is_err());
+        }
+        let a = creds(&new, "a");
+        assert!(issued_by(&a.cert, new.cert()));
+        assert!(!issued_by(&a.cert, old.cert()));
     }
 }

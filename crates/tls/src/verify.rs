@@ -40,8 +40,8 @@ fn provider() -> Arc<CryptoProvider> {
 /// Whom a verifier trusts.
 #[derive(Debug, Clone)]
 enum Trust {
-    /// The cluster's CA.
-    Ca(CertificateDer<'static>),
+    /// The cluster's CAs: its CA, and during a rotation the next one too.
+    Cas(Vec<CertificateDer<'static>>),
     /// A CA (sent in the server's chain) whose public key hashes to this.
     Pin(Pin),
 }
@@ -83,19 +83,22 @@ impl ClusterVerifier {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
-        let ca = match &self.trust {
-            Trust::Ca(ca) => ca.clone(),
-            Trust::Pin(pin) => intermediates
+        let cas = match &self.trust {
+            Trust::Cas(cas) => cas.clone(),
+            Trust::Pin(pin) => vec![intermediates
                 .iter()
                 .find(|c| spki_pin(c).is_ok_and(|p| p == *pin))
                 .map(|c| c.clone().into_owned())
                 .ok_or(rustls::Error::InvalidCertificate(
                     CertificateError::UnknownIssuer,
-                ))?,
+                ))?],
         };
-        let anchor = webpki::anchor_from_trusted_cert(&ca).map_err(webpki_error)?;
+        let anchors = cas
+            .iter()
+            .map(|ca| webpki::anchor_from_trusted_cert(ca).map_err(webpki_error))
+            .collect::<Result<Vec<_>, _>>()?;
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        ee.verify_for_usage(self.algs.all, &[anchor], &[], now, usage, None, None)
+        ee.verify_for_usage(self.algs.all, &anchors, &[], now, usage, None, None)
             .map_err(webpki_error)?;
         certified_host(end_entity).map_err(invalid)?;
         Ok(())
@@ -200,10 +203,21 @@ pub struct PeerTls {
 }
 
 impl PeerTls {
+    /// Presents `creds` and trusts its CA.
     pub fn new(creds: &Credentials) -> Result<PeerTls, TlsError> {
+        Self::trusting(creds, &[])
+    }
+
+    /// Presents `creds` and trusts its CA and `also` (during a CA rotation: the other CA).
+    pub fn trusting(
+        creds: &Credentials,
+        also: &[CertificateDer<'static>],
+    ) -> Result<PeerTls, TlsError> {
         // The chain we send carries the CA too, so that a joiner can check it against its pin.
         let chain = vec![creds.cert.clone(), creds.ca.clone()];
-        let verifier = Arc::new(ClusterVerifier::new(Trust::Ca(creds.ca.clone())));
+        let mut cas = vec![creds.ca.clone()];
+        cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
+        let verifier = Arc::new(ClusterVerifier::new(Trust::Cas(cas)));
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()

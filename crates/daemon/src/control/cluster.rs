@@ -54,7 +54,7 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
         )?;
         let creds = mars_tls::Credentials::new(ca.cert().clone(), cert, &key);
         ident.install_credentials(&creds)?;
-        let authority = crate::meta::authority::PkiAuthority::new(&creds)?;
+        let authority = crate::meta::authority::PkiAuthority::new(&creds, &[])?;
         anyhow::Ok((mars_tls::cert_text(&creds.cert), authority))
     })
     .await
@@ -95,6 +95,26 @@ pub async fn renew(host: &Arc<Host>, via: Option<String>) -> Outcome {
         .transpose()?;
     let _g = host.admin.lock().await;
     let msg = host.cluster.renew(via).await.map_err(invalid)?;
+    done(msg)
+}
+
+/// `rotate-ca start|finish`.
+pub async fn rotate_ca(host: &Arc<Host>, finish: bool) -> Outcome {
+    if host.ident.insecure {
+        return Err(invalid(
+            "this host runs --insecure: it uses no certificates",
+        ));
+    }
+    if host.ident.cluster_id().is_none() {
+        return Err(invalid("this host is not in a cluster"));
+    }
+    let _g = host.admin.lock().await;
+    let msg = if finish {
+        host.cluster.rotate_finish().await
+    } else {
+        host.cluster.rotate_start().await
+    }
+    .map_err(invalid)?;
     done(msg)
 }
 

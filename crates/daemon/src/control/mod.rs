@@ -119,6 +119,7 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
         Request::JoinCluster { peer, token } => cluster::join(host, &peer, token.as_deref()).await,
         Request::JoinToken { ttl } => cluster::join_token(host, ttl).await,
         Request::RenewCertificate { via } => cluster::renew(host, via).await,
+        Request::RotateCa { finish } => cluster::rotate_ca(host, finish).await,
         Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout)).await,
         Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
             cluster::wait(host, secs(timeout)).await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use mars_config::HostName;
 use mars_tls::{CertChecker, Credentials, EntrySigner, MemberKey};
-use tokio_rustls::rustls::pki_types::UnixTime;
+use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 
 /// Certificates checked (chain, dates, name) are remembered this long, so that a batch of
 /// entries costs one signature check each, not one chain check each.
@@ -28,10 +28,17 @@ pub struct PkiAuthority {
 }
 
 impl PkiAuthority {
-    pub fn new(creds: &Credentials) -> anyhow::Result<Arc<PkiAuthority>> {
+    /// Signs with `creds`' key; trusts its CA and `also` (the CAs in `tls/`: during a
+    /// rotation, both).
+    pub fn new(
+        creds: &Credentials,
+        also: &[CertificateDer<'static>],
+    ) -> anyhow::Result<Arc<PkiAuthority>> {
+        let mut cas = vec![creds.ca.clone()];
+        cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
         Ok(Arc::new(PkiAuthority {
             signer: EntrySigner::new(creds)?,
-            checker: CertChecker::new(vec![creds.ca.clone()]),
+            checker: CertChecker::new(cas),
             checked: Mutex::default(),
         }))
     }

@@ -64,6 +64,12 @@ pub const MEMBER_PREFIX: &str = "ips/ip-";
 /// with its signature checked against it; deleting it (leave-cluster, lowlevel-delete-host)
 /// revokes the certificate cluster-wide.
 pub const CERT_PREFIX: &str = "certs/cert-";
+/// A CA rotation: `trust/ca-next` = the next CA endorsed by the current one (every host
+/// trusts it on sight), `trust/ca-retired` = the old CA endorsed by the new one (every host
+/// whose certificate is from the new CA stops trusting the old). Shared keys: their values
+/// vouch for themselves (`mars_tls::endorsed`).
+pub const TRUST_NEXT: &str = "trust/ca-next";
+pub const TRUST_RETIRED: &str = "trust/ca-retired";
 /// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
 /// is away longer than this must not bring deleted keys back, so it should rejoin.
 const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -98,6 +104,8 @@ pub struct Cluster {
     /// Every member's current certificate fingerprint (`certs/cert-HOST`), republished when
     /// it changes: open streams of a host whose certificate went away are closed.
     certs: tokio::sync::watch::Sender<Certs>,
+    /// Said once: this host's certificate is from a CA the cluster retired.
+    warned_retired: std::sync::atomic::AtomicBool,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -147,6 +155,7 @@ impl Cluster {
             tasks: Mutex::default(),
             started: Instant::now(),
             certs: tokio::sync::watch::channel(Certs::default()).0,
+            warned_retired: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -530,6 +539,9 @@ impl Cluster {
         let mut global = self.store.watch_global();
         loop {
             self.refresh_certificates().await;
+            if let Err(e) = self.follow_trust().await {
+                tracing::warn!("following the cluster's CA rotation: {e:#}");
+            }
             if self.ident.cluster_id().is_some() {
                 if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
                     let horizon = mars_meta::system_time_ns()
@@ -613,6 +625,167 @@ impl Cluster {
                 peers.entry(h).or_default().seen = s;
             }
         }
+    }
+
+    // ------------------------------------------------------------ CA rotation
+
+    /// Uses the credentials and trusted CAs in `tls/` for new streams and for the metadata's
+    /// signatures (after the trusted CAs changed).
+    async fn reload_credentials(&self) -> Result<()> {
+        let root = self.ident.root.clone();
+        let Some(creds) = root::load_credentials(&root)? else {
+            return Ok(());
+        };
+        self.ident.install_credentials(&creds)?;
+        let trust = root::load_trust(&root)?;
+        let authority = super::authority::PkiAuthority::new(&creds, &trust)?;
+        self.store
+            .call(move |s| s.set_authority(Some(authority)))
+            .await?;
+        Ok(())
+    }
+
+    /// Follows a CA rotation announced in the metadata (see [`TRUST_NEXT`]): trusts the next
+    /// CA once the current one endorsed it; drops the old one once the new one retired it and
+    /// this host's certificate is from the new one.
+    async fn follow_trust(&self) -> Result<()> {
+        if self.ident.insecure || self.ident.peer_tls().is_err() {
+            return Ok(());
+        }
+        let (next, retired) = self
+            .store
+            .call(|s| (s.value(TRUST_NEXT), s.value(TRUST_RETIRED)))
+            .await?;
+        let root = self.ident.root.clone();
+        let trust = root::load_trust(&root)?;
+        if let Some(text) = next? {
+            if let Ok(ca) = mars_tls::endorsed(&text, mars_tls::Endorse::Next, &trust) {
+                if !trust.contains(&ca) {
+                    root::save_next_ca(&root, &ca, None)?;
+                    self.reload_credentials().await?;
+                    tracing::info!(
+                        "trusting the cluster's next CA too (a CA rotation began): sha256:{}",
+                        mars_tls::fingerprint(&ca)
+                    );
+                }
+            }
+        }
+        let trust = root::load_trust(&root)?;
+        if let (Some(text), [current, next]) = (retired?, trust.as_slice()) {
+            if let Ok(old) = mars_tls::endorsed(&text, mars_tls::Endorse::Retired, &trust) {
+                let creds = root::load_credentials(&root)?
+                    .ok_or_else(|| anyhow!("this host has no certificate"))?;
+                if old == *current && mars_tls::issued_by(&creds.cert, next) {
+                    let dropped_key = root::finish_rotation(&root)?;
+                    self.reload_credentials().await?;
+                    tracing::info!(
+                        "the CA rotation is complete here: the old CA is no longer trusted"
+                    );
+                    if dropped_key {
+                        tracing::warn!(
+                            "removed this host's copy of the old CA key (it can issue nothing \
+                             trusted any more); copy the new tls/ca.key from the host that \
+                             rotated the CA to issue join tokens here again"
+                        );
+                    }
+                } else if old == *current {
+                    let msg = "the cluster retired the CA that issued this host's certificate: \
+                               run `marsadm renew-certificate` here now (the other members \
+                               refuse it once they drop the old CA)";
+                    if !self
+                        .warned_retired
+                        .swap(true, std::sync::atomic::Ordering::Relaxed)
+                    {
+                        tracing::error!("{msg}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `rotate-ca start`: on a host holding the CA key, makes the next CA, trusts it here and
+    /// announces it endorsed by the current CA; renewals issued here come from it from now on.
+    pub async fn rotate_start(&self) -> Result<String, String> {
+        let e = |e: anyhow::Error| format!("{e:#}");
+        let root = self.ident.root.clone();
+        let ca = root::load_ca(&root)
+            .map_err(e)?
+            .ok_or("rotate-ca runs on a host that holds the cluster CA's key (tls/ca.key)")?;
+        if root::load_trust(&root).map_err(e)?.len() > 1 {
+            return Err("a CA rotation is in progress already: `rotate-ca finish` ends it".into());
+        }
+        let next = mars_tls::Ca::create().map_err(|x| x.to_string())?;
+        root::save_next_ca(&root, next.cert(), Some(&next.key_pem())).map_err(e)?;
+        self.reload_credentials().await.map_err(e)?;
+        let text = ca.endorse(mars_tls::Endorse::Next, next.cert());
+        self.store
+            .write(vec![(TRUST_NEXT.to_string(), text)], Vec::new())
+            .await?;
+        let fp = mars_tls::fingerprint(next.cert());
+        tracing::info!("CA rotation started: next CA sha256:{fp}");
+        Ok(format!(
+            "CA rotation started: every member trusts the next CA (sha256:{fp}) as soon as it \
+             learns of it; run `marsadm renew-certificate` on every member (this one too), \
+             then `marsadm rotate-ca finish` here"
+        ))
+    }
+
+    /// `rotate-ca finish`: once every member's certificate is from the next CA, makes it the
+    /// cluster CA here and announces the old one retired.
+    pub async fn rotate_finish(&self) -> Result<String, String> {
+        let e = |e: anyhow::Error| format!("{e:#}");
+        let root = self.ident.root.clone();
+        let next = root::load_next_ca(&root)
+            .map_err(e)?
+            .ok_or("no CA rotation was started on this host (`rotate-ca start`)")?;
+        let old = root::load_ca(&root)
+            .map_err(e)?
+            .ok_or("this host holds no cluster CA key")?;
+        let certs: Vec<(HostName, Option<String>)> = self
+            .store
+            .call(|s| {
+                s.list_prefix(CERT_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|e| Some((mars_meta::cert_of_key(&e.key)?, e.value)))
+                    .collect()
+            })
+            .await
+            .map_err(|x| x.to_string())?;
+        let members = self.members().await;
+        let behind: Vec<String> = members
+            .keys()
+            .filter(|h| {
+                let cert = certs
+                    .iter()
+                    .find(|(c, _)| c == *h)
+                    .and_then(|(_, v)| v.as_deref())
+                    .and_then(|v| mars_tls::cert_from_text(v).ok());
+                !cert.is_some_and(|c| mars_tls::issued_by(&c, next.cert()))
+            })
+            .map(ToString::to_string)
+            .collect();
+        if !behind.is_empty() {
+            return Err(format!(
+                "not every member has a certificate of the next CA yet: run `marsadm \
+                 renew-certificate` on {} (and wait until this host learned it)",
+                behind.join(", ")
+            ));
+        }
+        let text = next.endorse(mars_tls::Endorse::Retired, old.cert());
+        self.store
+            .write(vec![(TRUST_RETIRED.to_string(), text)], Vec::new())
+            .await?;
+        root::finish_rotation(&root).map_err(e)?;
+        self.reload_credentials().await.map_err(e)?;
+        let fp = mars_tls::fingerprint(next.cert());
+        tracing::info!("CA rotation finished: the cluster CA is sha256:{fp}");
+        Ok(format!(
+            "CA rotation finished: the cluster CA is sha256:{fp}; members stop trusting the old \
+             one as they learn of it. Copy the new tls/ca.key to the other hosts that issue \
+             join tokens"
+        ))
     }
 
     // ------------------------------------------------------------ membership commands
@@ -716,7 +889,7 @@ impl Cluster {
                 .map_err(failed)?;
                 // Everything taken from the member from here on is checked against its
                 // writer's signature.
-                let authority = super::authority::PkiAuthority::new(&creds).map_err(failed)?;
+                let authority = super::authority::PkiAuthority::new(&creds, &[]).map_err(failed)?;
                 self.store
                     .call(move |st| st.set_authority(Some(authority)))
                     .await
@@ -879,9 +1052,11 @@ impl Cluster {
             .map_err(|e| format!("{e:#}"))?
             .ok_or("this host has no certificate to renew (join the cluster with a token)")?;
         let ca = tokio_rustls::rustls::pki_types::CertificateDer::from(ca);
-        if ca != current.ca {
+        let trust = root::load_trust(&self.ident.root).map_err(|e| format!("{e:#}"))?;
+        if ca != current.ca && !trust.contains(&ca) {
             return Err(format!(
-                "{issuer} answered with another CA than this host's"
+                "{issuer} answered with a CA this host does not trust (during a CA rotation: \
+                 wait until this host trusts the next CA, `rotate-ca` in docs/security.md)"
             ));
         }
         let creds = mars_tls::Credentials::new(
@@ -892,10 +1067,14 @@ impl Cluster {
         if creds.host().ok().as_ref() != Some(&me) {
             return Err(format!("{issuer} sent a certificate for another host"));
         }
-        root::save_credentials(
+        // The certificate and the CA that issued it (during a rotation not `ca.crt`).
+        root::save_host_credentials(
             &self.ident.root,
-            &mars_tls::pki::cert_pem(&creds.ca),
-            &mars_tls::pki::cert_pem(&creds.cert),
+            &format!(
+                "{}{}",
+                mars_tls::pki::cert_pem(&creds.cert),
+                mars_tls::pki::cert_pem(&creds.ca)
+            ),
             &key.pem(),
         )
         .map_err(|e| format!("{e:#}"))?;
@@ -903,7 +1082,7 @@ impl Cluster {
             .install_credentials(&creds)
             .map_err(|e| format!("{e:#}"))?;
         let authority =
-            super::authority::PkiAuthority::new(&creds).map_err(|e| format!("{e:#}"))?;
+            super::authority::PkiAuthority::new(&creds, &trust).map_err(|e| format!("{e:#}"))?;
         let fp = creds.fingerprint();
         // The new certificate, then everything this host owns signed with the new key (the
         // other members check signatures against the certificate they know).
