@@ -50,8 +50,10 @@ use mars_config::HostName;
 pub const MAGIC: [u8; 8] = *b"MARSPEER";
 /// The protocol this code speaks. Peers must speak the same version (there is nothing to
 /// negotiate: hosts of a cluster are upgraded together). 2: `FetchFrom` and `SyncInfo` carry a
-/// version link. 3: `Refuse` carries a [`RefuseKind`].
-pub const PROTOCOL_VERSION: u16 = 3;
+/// version link. 3: `Refuse` carries a [`RefuseKind`]. 4: metadata entries carry their
+/// writer's signature, `FetchFrom` the digest of the replica's bytes before its position
+/// (`tail`), and [`RefuseKind::NotMember`] exists.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
 /// Largest binary payload of one message (`LogData`, `SyncData`): 33 MiB, so that one log
