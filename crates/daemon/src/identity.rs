@@ -28,6 +28,10 @@ pub struct Identity {
     tls: RwLock<Option<Arc<PeerTls>>>,
     /// Serializes changes of `tls/tokens.toml`.
     tokens: Mutex<()>,
+    /// `--nbd-tls`: NBD over TCP only inside TLS.
+    pub nbd_tls: std::sync::atomic::AtomicBool,
+    /// The NBD server's TLS from this host's credentials (with `--nbd-tls`).
+    nbd: RwLock<Option<mars_nbd::NbdTls>>,
 }
 
 fn now_secs() -> u64 {
@@ -54,6 +58,8 @@ impl Identity {
             cluster: RwLock::new(cluster),
             tls: RwLock::new(None),
             tokens: Mutex::new(()),
+            nbd_tls: std::sync::atomic::AtomicBool::new(false),
+            nbd: RwLock::new(None),
         }
     }
 
@@ -84,8 +90,26 @@ impl Identity {
         }
         let trust = root::load_trust(&self.root)?;
         let tls = PeerTls::trusting(creds, &trust).context("this host's certificate")?;
+        let nbd = mars_tls::verify::nbd_server(creds, &trust).context("this host's certificate")?;
+        *self.nbd.write().unwrap_or_else(|e| e.into_inner()) = Some(mars_nbd::NbdTls(nbd));
         *self.tls.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(tls));
         Ok(())
+    }
+
+    /// What NBD over TCP runs in: `Ok(None)` plaintext, `Ok(Some)` TLS (`--nbd-tls`), an
+    /// error when TLS is required but this host has no certificate yet.
+    pub fn nbd_tls(&self) -> anyhow::Result<Option<mars_nbd::NbdTls>> {
+        if !self.nbd_tls.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(None);
+        }
+        self.nbd
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .map(Some)
+            .ok_or_else(|| {
+                anyhow!("--nbd-tls, but this host has no certificate (it is in no cluster)")
+            })
     }
 
     /// The fingerprint of this host's certificate, if it has one.

@@ -75,6 +75,15 @@ struct Args {
     /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).
     #[arg(long)]
     nbd_listen: Option<SocketAddr>,
+    /// NBD over TCP only inside TLS (NBD_OPT_STARTTLS): this host presents its cluster
+    /// certificate, and a client must present a certificate of the cluster's CA.
+    #[arg(
+        long,
+        env = "MARS_NBD_TLS",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    nbd_tls: bool,
     /// Configuration file (reserved; no settings are read from it yet).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -273,6 +282,19 @@ fn run(args: Args) -> Result<()> {
         cluster,
         args.insecure,
     ));
+    if args.nbd_tls {
+        if args.insecure {
+            anyhow::bail!(
+                "--nbd-tls uses this host's cluster certificate, which --insecure does not"
+            );
+        }
+        if args.nbd_listen.is_none() {
+            anyhow::bail!("--nbd-tls is for NBD over TCP: give --nbd-listen too");
+        }
+        ident
+            .nbd_tls
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     if args.insecure {
         tracing::warn!("--insecure: peer streams are plaintext and nobody is authenticated");
     } else {

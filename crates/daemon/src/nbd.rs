@@ -56,7 +56,7 @@ pub async fn serve_unix(host: Arc<Host>, l: UnixListener) {
 }
 
 pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
-    let exports: Arc<dyn Exports> = Arc::new(HostExports(host));
+    let exports: Arc<dyn Exports> = Arc::new(HostExports(host.clone()));
     let cfg = Arc::new(ServerConfig::default());
     let mut errors = AcceptErrors::new("NBD listener (tcp)");
     let admission = Admission::new(
@@ -72,7 +72,18 @@ pub async fn serve_tcp(host: Arc<Host>, l: TcpListener) {
                     continue;
                 };
                 let _ = s.set_nodelay(true);
-                let (e, c) = (exports.clone(), cfg.clone());
+                let c = match host.ident.nbd_tls() {
+                    Ok(None) => cfg.clone(),
+                    Ok(Some(tls)) => Arc::new(ServerConfig {
+                        tls: Some(tls),
+                        ..(*cfg).clone()
+                    }),
+                    Err(e) => {
+                        tracing::warn!("refused NBD connection from {peer}: {e:#}");
+                        continue;
+                    }
+                };
+                let e = exports.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
                     if let Err(err) = mars_nbd::serve(s, e, c).await {

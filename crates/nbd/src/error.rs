@@ -12,6 +12,13 @@ use crate::proto;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NbdError {
+    /// TLS is required and the client asked for an export without it (`NBD_OPT_EXPORT_NAME`
+    /// cannot be answered with an error), or sent bytes before the TLS handshake it asked for.
+    #[error("NBD client without TLS: {0}")]
+    TlsRequired(&'static str),
+    /// The TLS handshake after `NBD_OPT_STARTTLS` failed.
+    #[error("NBD TLS handshake: {0}")]
+    Tls(io::Error),
     /// Reading from or writing to the client failed, including an EOF in the middle of a
     /// message.
     #[error("NBD connection I/O error: {0}")]

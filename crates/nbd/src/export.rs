@@ -125,6 +125,10 @@ pub struct ServerConfig {
     /// A reply that cannot be written within this time (the client stopped reading) ends the
     /// connection, so that it gives its budget back.
     pub reply_timeout: Duration,
+    /// TLS, required (NBD's "forced TLS"): before `NBD_OPT_STARTTLS` every option but `ABORT`
+    /// is answered `NBD_REP_ERR_TLS_REQD` (`EXPORT_NAME` ends the connection), and after it the
+    /// haggling and the transmission run inside TLS. `None`: plaintext, STARTTLS refused.
+    pub tls: Option<NbdTls>,
 }
 
 /// A byte budget shared by connections (a semaphore of bytes); clones share it.
@@ -170,9 +174,22 @@ impl Default for ServerConfig {
             max_in_flight_bytes: 64 << 20,
             total_in_flight: ByteBudget::new(1 << 30),
             reply_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
+
+/// The TLS configuration of an NBD server (compared by identity).
+#[derive(Debug, Clone)]
+pub struct NbdTls(pub Arc<tokio_rustls::rustls::ServerConfig>);
+
+impl PartialEq for NbdTls {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for NbdTls {}
 
 /// Upper bound applied to [`ServerConfig::max_in_flight`].
 const MAX_IN_FLIGHT_LIMIT: usize = 1 << 16;

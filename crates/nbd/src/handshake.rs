@@ -26,16 +26,21 @@ enum Step {
     Continue,
     Abort,
     Transmit(Negotiated),
+    StartTls,
 }
 
-/// Runs the handshake. `Ok(None)` means the client ended the session cleanly (`NBD_OPT_ABORT`
-/// or EOF between messages). Replies are flushed before this returns.
-pub(crate) async fn negotiate<R, W>(
-    r: &mut R,
-    w: &mut W,
-    exports: &dyn Exports,
-    cfg: &ServerConfig,
-) -> Result<Option<Negotiated>, NbdError>
+/// How option haggling ended.
+pub(crate) enum Haggled {
+    /// The client ended the session cleanly (`NBD_OPT_ABORT` or EOF between messages).
+    Abort,
+    Transmit(Negotiated),
+    /// `NBD_OPT_STARTTLS` was acknowledged: the TLS handshake comes next, then haggling again.
+    StartTls,
+}
+
+/// Sends the greeting and reads the client's flags; returns whether the client asked for no
+/// zero padding, or `None` if it closed.
+pub(crate) async fn greet<R, W>(r: &mut R, w: &mut W) -> Result<Option<bool>, NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -64,13 +69,28 @@ where
     if client_flags & proto::FLAG_C_FIXED_NEWSTYLE == 0 {
         debug!("NBD client did not set FIXED_NEWSTYLE; serving it anyway");
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    Ok(Some(client_flags & proto::FLAG_C_NO_ZEROES != 0))
+}
 
+/// Answers options until the client picks an export, aborts, starts TLS or misbehaves.
+/// `in_tls`: the connection runs inside TLS already. Replies are flushed before this returns.
+pub(crate) async fn haggle<R, W>(
+    r: &mut R,
+    w: &mut W,
+    exports: &dyn Exports,
+    cfg: &ServerConfig,
+    no_zeroes: bool,
+    in_tls: bool,
+) -> Result<Haggled, NbdError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let mut header = [0u8; 16];
         if !read_exact_or_eof(r, &mut header).await? {
             debug!("NBD client closed during option haggling");
-            return Ok(None);
+            return Ok(Haggled::Abort);
         }
         let magic = u64::from_be_bytes(header[..8].try_into().unwrap_or_default());
         let option = u32::from_be_bytes(header[8..12].try_into().unwrap_or_default());
@@ -95,18 +115,38 @@ where
         }
         let mut data = vec![0u8; len as usize];
         r.read_exact(&mut data).await?;
-        match answer(w, option, &data, exports, cfg, no_zeroes).await {
-            Ok(Step::Continue) => w.flush().await?,
-            Ok(Step::Abort) => {
+        let tls_first = cfg.tls.is_some() && !in_tls;
+        let step = if tls_first && option != proto::OPT_STARTTLS && option != proto::OPT_ABORT {
+            if option == proto::OPT_EXPORT_NAME {
+                warn!("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only server; disconnecting");
+                return Err(NbdError::TlsRequired("NBD_OPT_EXPORT_NAME before STARTTLS"));
+            }
+            reply(
+                w,
+                option,
+                proto::REP_ERR_TLS_REQD,
+                b"this server requires TLS: send NBD_OPT_STARTTLS first",
+            )
+            .await?;
+            Step::Continue
+        } else {
+            answer(w, option, &data, exports, cfg, no_zeroes, in_tls).await?
+        };
+        match step {
+            Step::Continue => w.flush().await?,
+            Step::Abort => {
                 // The client may already be gone; it does not have to wait for the ACK.
                 let _ = w.flush().await;
-                return Ok(None);
+                return Ok(Haggled::Abort);
             }
-            Ok(Step::Transmit(negotiated)) => {
+            Step::Transmit(negotiated) => {
                 w.flush().await?;
-                return Ok(Some(negotiated));
+                return Ok(Haggled::Transmit(negotiated));
             }
-            Err(e) => return Err(e),
+            Step::StartTls => {
+                w.flush().await?;
+                return Ok(Haggled::StartTls);
+            }
         }
     }
 }
@@ -119,6 +159,7 @@ async fn answer<W>(
     exports: &dyn Exports,
     cfg: &ServerConfig,
     no_zeroes: bool,
+    in_tls: bool,
 ) -> Result<Step, NbdError>
 where
     W: AsyncWrite + Unpin,
@@ -178,7 +219,20 @@ where
             Ok(Step::Continue)
         }
         proto::OPT_STARTTLS => {
-            reply(w, option, proto::REP_ERR_POLICY, b"TLS is not supported").await?;
+            let (kind, why): (u32, &[u8]) = if cfg.tls.is_none() {
+                (
+                    proto::REP_ERR_POLICY,
+                    b"TLS is not configured on this server",
+                )
+            } else if in_tls {
+                (proto::REP_ERR_INVALID, b"TLS is already active")
+            } else if !data.is_empty() {
+                (proto::REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")
+            } else {
+                reply(w, option, proto::REP_ACK, &[]).await?;
+                return Ok(Step::StartTls);
+            };
+            reply(w, option, kind, why).await?;
             Ok(Step::Continue)
         }
         proto::OPT_INFO | proto::OPT_GO => info_or_go(w, option, data, exports, cfg).await,

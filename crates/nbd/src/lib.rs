@@ -4,9 +4,11 @@
 //! already-accepted connection (TCP, Unix socket, or any other async byte stream):
 //!
 //! * **Handshake**: fixed newstyle only (`NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES`).
-//!   Options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO` and `GO` are supported; `STARTTLS` is
-//!   refused by policy, every other option (structured replies, metadata contexts, ...) is
-//!   answered `NBD_REP_ERR_UNSUP`.
+//!   Options `EXPORT_NAME`, `ABORT`, `LIST`, `INFO` and `GO` are supported; `STARTTLS` with
+//!   [`ServerConfig::tls`] (then required: nothing else is answered before it; after it the
+//!   haggling and transmission run inside TLS, with tokio-rustls), else refused by policy;
+//!   every other option (structured replies, metadata contexts, ...) is answered
+//!   `NBD_REP_ERR_UNSUP`.
 //! * **Transmission**: simple replies only. `READ`, `WRITE`, `FLUSH`, `TRIM`, `WRITE_ZEROES`
 //!   (with `NO_HOLE` and `FAST_ZERO`), `CACHE` (a no-op) and `DISC`, with `FUA` on every
 //!   command. Requests are processed concurrently, up to [`ServerConfig::max_in_flight`] per
@@ -52,8 +54,10 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, BufWriter};
 use tracing::debug;
 
+use crate::handshake::Haggled;
+
 pub use error::{nbd_errno, NbdError};
-pub use export::{Export, Exports, ServerConfig, StaticExports};
+pub use export::{Export, Exports, NbdTls, ServerConfig, StaticExports};
 
 /// Buffer size of the connection's reader and writer.
 const STREAM_BUFFER: usize = 64 * 1024;
@@ -77,20 +81,69 @@ pub async fn serve<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // The whole handshake (greeting, options, a TLS handshake, options again) within the limit.
+    let deadline = cfg
+        .handshake_timeout
+        .map(|limit| tokio::time::Instant::now() + limit);
     let (read_half, write_half) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(STREAM_BUFFER, read_half);
     let mut writer = BufWriter::with_capacity(STREAM_BUFFER, write_half);
-
-    let handshake = handshake::negotiate(&mut reader, &mut writer, &*exports, &cfg);
-    let negotiated = match cfg.handshake_timeout {
-        Some(limit) => tokio::time::timeout(limit, handshake)
-            .await
-            .map_err(|_| NbdError::HandshakeTimeout)??,
-        None => handshake.await?,
-    };
-    let Some(negotiated) = negotiated else {
+    let Some(no_zeroes) = within(deadline, handshake::greet(&mut reader, &mut writer)).await?
+    else {
         return Ok(());
     };
-    debug!(export = %negotiated.name, "NBD client entered transmission");
-    transmission::transmit(reader, writer, negotiated.export, &cfg).await
+    let haggled = within(
+        deadline,
+        handshake::haggle(&mut reader, &mut writer, &*exports, &cfg, no_zeroes, false),
+    )
+    .await?;
+    match haggled {
+        Haggled::Abort => Ok(()),
+        Haggled::Transmit(n) => {
+            debug!(export = %n.name, "NBD client entered transmission");
+            transmission::transmit(reader, writer, n.export, &cfg).await
+        }
+        Haggled::StartTls => {
+            // The client waits for our ACK before its TLS handshake: nothing may be buffered.
+            if !reader.buffer().is_empty() {
+                return Err(NbdError::TlsRequired("bytes sent before the TLS handshake"));
+            }
+            let Some(tls) = cfg.tls.clone() else {
+                return Err(NbdError::TlsRequired("STARTTLS without TLS configured"));
+            };
+            let stream = reader.into_inner().unsplit(writer.into_inner());
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.0);
+            let stream = within(deadline, async {
+                acceptor.accept(stream).await.map_err(NbdError::Tls)
+            })
+            .await?;
+            debug!("NBD client started TLS");
+            let (read_half, write_half) = tokio::io::split(stream);
+            let mut reader = BufReader::with_capacity(STREAM_BUFFER, read_half);
+            let mut writer = BufWriter::with_capacity(STREAM_BUFFER, write_half);
+            let haggled = within(
+                deadline,
+                handshake::haggle(&mut reader, &mut writer, &*exports, &cfg, no_zeroes, true),
+            )
+            .await?;
+            let Haggled::Transmit(n) = haggled else {
+                return Ok(());
+            };
+            debug!(export = %n.name, "NBD client entered transmission over TLS");
+            transmission::transmit(reader, writer, n.export, &cfg).await
+        }
+    }
+}
+
+/// Runs a step of the handshake within its deadline (none: no limit).
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    f: impl std::future::Future<Output = Result<T, NbdError>>,
+) -> Result<T, NbdError> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f)
+            .await
+            .map_err(|_| NbdError::HandshakeTimeout)?,
+        None => f.await,
+    }
 }

@@ -93,7 +93,8 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 /// Withdrawn experimental extension.
 pub const OPT_PEEK_EXPORT: u32 = 4;
-/// Start TLS; refused with `NBD_REP_ERR_POLICY` by this server.
+/// Start TLS: with TLS configured, the only option (besides `ABORT`) answered before it;
+/// without, refused with `NBD_REP_ERR_POLICY`.
 pub const OPT_STARTTLS: u32 = 5;
 /// Data: u32 name length, name, u16 n, n x u16 info requests. Replies `NBD_REP_INFO`s + ACK.
 pub const OPT_INFO: u32 = 6;

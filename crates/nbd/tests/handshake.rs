@@ -475,3 +475,48 @@ async fn stalled_handshake_times_out() {
     ));
     assert!(c.read_to_end().await.is_empty());
 }
+
+/// A server that requires TLS: a client gets nothing but "TLS required" before STARTTLS (and
+/// NBD_OPT_EXPORT_NAME, which cannot carry an error, ends the connection); STARTTLS with data
+/// is invalid; a STARTTLS that is acknowledged is followed by the TLS handshake, which bytes
+/// that are not TLS fail.
+#[tokio::test]
+async fn a_tls_server_answers_nothing_before_starttls() {
+    let ca = mars_tls::Ca::create().unwrap();
+    let key = mars_tls::HostKey::generate().unwrap();
+    let cert = ca
+        .issue(&mars_config::HostName::new("a").unwrap(), &key.public_der())
+        .unwrap();
+    let creds = mars_tls::Credentials::new(ca.cert().clone(), cert, &key);
+    let cfg = || ServerConfig {
+        tls: Some(mars_nbd::NbdTls(
+            mars_tls::verify::nbd_server(&creds, &[]).unwrap(),
+        )),
+        ..ServerConfig::default()
+    };
+    let (_, _, exports) = default_exports();
+    let (mut c, server) = spawn_server(exports.clone(), cfg());
+    c.start(BOTH).await;
+    for option in [proto::OPT_LIST, proto::OPT_INFO, proto::OPT_GO, 1234] {
+        c.send_option(option, &[]).await;
+        let r = c.read_option_reply().await;
+        assert_eq!((r.0, r.1), (option, proto::REP_ERR_TLS_REQD));
+    }
+    c.send_option(proto::OPT_STARTTLS, b"data").await;
+    let r = c.read_option_reply().await;
+    assert_eq!((r.0, r.1), (proto::OPT_STARTTLS, proto::REP_ERR_INVALID));
+    c.send_option(proto::OPT_STARTTLS, &[]).await;
+    let r = c.read_option_reply().await;
+    assert_eq!((r.0, r.1), (proto::OPT_STARTTLS, proto::REP_ACK));
+    c.s.write_all(&[0x42; 64]).await.unwrap();
+    assert!(matches!(finish(server).await, Err(NbdError::Tls(_))));
+
+    let (mut c, server) = spawn_server(exports, cfg());
+    c.start(BOTH).await;
+    c.send_option(proto::OPT_EXPORT_NAME, b"disk").await;
+    assert!(c.read_to_end().await.is_empty());
+    assert!(matches!(
+        finish(server).await,
+        Err(NbdError::TlsRequired(_))
+    ));
+}

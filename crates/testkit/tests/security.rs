@@ -468,3 +468,60 @@ fn the_cluster_ca_is_rotated_without_downtime() {
     d.join(&a);
     d.ok(&["--timeout", "30", "wait-cluster"]);
 }
+
+/// NBD over TCP with `--nbd-tls`: a plaintext client is refused (TLS required), qemu with the
+/// cluster CA and a member's certificate reads and writes over STARTTLS (verifying a's
+/// certificate and name), and qemu without a client certificate is refused.
+#[test]
+fn nbd_over_tcp_with_tls_needs_a_certificate_of_the_cluster() {
+    let t = tmp();
+    let a = Host::start_with_env(t.path(), "a", "127.0.0.1", &[("MARS_NBD_TLS", "1")]);
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    a.create_resource("r", SIZE);
+    b.join(&a);
+    let plain = Command::new("nbdinfo")
+        .arg(format!("nbd://127.0.0.1:{}/r", a.nbd_port))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "a plaintext client was served");
+    let creds_dir = |name: &str, with_client: bool| {
+        let d = t.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(a.root.join("tls/ca.crt"), d.join("ca-cert.pem")).unwrap();
+        if with_client {
+            std::fs::copy(b.root.join("tls/host.crt"), d.join("client-cert.pem")).unwrap();
+            std::fs::copy(b.root.join("tls/host.key"), d.join("client-key.pem")).unwrap();
+        }
+        d
+    };
+    let qemu_io = |dir: &std::path::Path, cmd: &str| {
+        Command::new("qemu-io")
+            .arg("--object")
+            .arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                dir.display()
+            ))
+            .arg("--image-opts")
+            .arg(format!(
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=r,\
+                 tls-creds=tls0,tls-hostname=a",
+                a.nbd_port
+            ))
+            .args(["-c", cmd])
+            .output()
+            .unwrap()
+    };
+    let with_b = creds_dir("tls-with-b", true);
+    let w = qemu_io(&with_b, "write -P 0x5a 0 64k");
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let r = qemu_io(&with_b, "read -P 0x5a 0 64k");
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    // The same bytes through the Unix socket.
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5a 0 64k", &a.unix_uri("r")]));
+    let anonymous = creds_dir("tls-ca-only", false);
+    let n = qemu_io(&anonymous, "read 0 4k");
+    assert!(
+        !n.status.success(),
+        "a client without a certificate was served"
+    );
+}

@@ -5,7 +5,8 @@
 //!                    nothing about the cluster in it (a server's chain is shown to any client
 //!                    before the client authenticates)
 //! host certificate   CN = host name, SAN dNSName = host name where it is a valid DNS name,
-//!                    digitalSignature, serverAuth + clientAuth, 5 years, random serial
+//!                    digitalSignature + keyEncipherment (qemu's NBD client wants both),
+//!                    serverAuth + clientAuth, 5 years, random serial
 //! keys               ECDSA P-256 (rcgen's default), PKCS#8
 //! pin                SHA-256 of the CA's SubjectPublicKeyInfo (DER)
 //! fingerprint        SHA-256 of a certificate's DER, lowercase hex
@@ -118,7 +119,12 @@ impl Ca {
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.distinguished_name.push(DnType::CommonName, host.as_str());
         p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // keyEncipherment too: qemu's TLS refuses a certificate whose (critical) key usage
+        // lacks it, for NBD over TLS, even with an ECDSA key.
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         p.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,

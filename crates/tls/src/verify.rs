@@ -50,6 +50,8 @@ enum Trust {
 struct ClusterVerifier {
     trust: Trust,
     algs: WebPkiSupportedAlgorithms,
+    /// A client must present a certificate (NBD); peers let a joiner connect without one.
+    mandatory: bool,
 }
 
 fn invalid(e: impl std::error::Error + Send + Sync + 'static) -> rustls::Error {
@@ -73,6 +75,7 @@ impl ClusterVerifier {
         ClusterVerifier {
             trust,
             algs: provider().signature_verification_algorithms,
+            mandatory: false,
         }
     }
 
@@ -149,7 +152,7 @@ impl ServerCertVerifier for ClusterVerifier {
 impl ClientCertVerifier for ClusterVerifier {
     fn client_auth_mandatory(&self) -> bool {
         // A joiner has no certificate yet; peer.rs lets it do nothing but join.
-        false
+        self.mandatory
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -233,6 +236,26 @@ impl PeerTls {
             fingerprint: fingerprint(&creds.cert),
         })
     }
+}
+
+/// The NBD server's TLS (`NBD_OPT_STARTTLS`): this host's certificate, and every client must
+/// present one of the cluster's CAs (a member's, or one issued for a client). TLS 1.2 and 1.3:
+/// NBD clients (qemu, libnbd with GnuTLS) speak both.
+pub fn nbd_server(
+    creds: &Credentials,
+    also: &[CertificateDer<'static>],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let mut cas = vec![creds.ca.clone()];
+    cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
+    let mut v = ClusterVerifier::new(Trust::Cas(cas));
+    v.mandatory = true;
+    let chain = vec![creds.cert.clone(), creds.ca.clone()];
+    Ok(Arc::new(
+        ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(Arc::new(v))
+            .with_single_cert(chain, creds.key.clone_key())?,
+    ))
 }
 
 /// The configuration of a joiner: no certificate of its own, trusting the CA the pin names.
