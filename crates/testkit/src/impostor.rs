@@ -90,3 +90,18 @@ pub fn signed_entry(
         sig,
     }
 }
+
+/// Opens TLS with `config` to the peer port at `addr` and tries to send a byte: whether the
+/// handshake failed with nothing at all received from the server's protocol.
+pub fn handshake_refused(addr: &str, config: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    let tcp = std::net::TcpStream::connect(addr).expect("the peer port");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let conn = rustls::ClientConnection::new(config, mars_tls::server_name()).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    let mut got = Vec::new();
+    let r = s
+        .write_all(b"x")
+        .and_then(|()| s.flush())
+        .and_then(|()| s.read_to_end(&mut got));
+    r.is_err() && got.is_empty()
+}

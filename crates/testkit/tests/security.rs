@@ -81,6 +81,30 @@ fn refused_over_tls(
     }
 }
 
+/// a, b and c in one cluster made by a; with `replicated`, a's resource r of `SIZE` bytes
+/// replicated to b (up to date), else every member answered `wait-cluster`.
+fn three_members(t: &tempfile::TempDir, replicated: bool) -> (Host, Host, Host) {
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    if replicated {
+        a.create_resource("r", SIZE);
+    } else {
+        a.ok(&["create-cluster"]);
+    }
+    b.join(&a);
+    c.join(&a);
+    if replicated {
+        join(&b, "r", SIZE);
+        wait_uptodate(&b, "r", 60);
+    } else {
+        for h in [&a, &b, &c] {
+            h.ok(&["--timeout", "30", "wait-cluster"]);
+        }
+    }
+    (a, b, c)
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -226,15 +250,7 @@ fn deleting_a_live_member_closes_its_open_streams() {
 #[test]
 fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
     let t = tmp();
-    let a = Host::start_at(t.path(), "a", "127.0.0.1");
-    let b = Host::start_at(t.path(), "b", "127.0.0.2");
-    let c = Host::start_at(t.path(), "c", "127.0.0.3");
-    a.ok(&["create-cluster"]);
-    b.join(&a);
-    c.join(&a);
-    for h in [&a, &b, &c] {
-        h.ok(&["--timeout", "30", "wait-cluster"]);
-    }
+    let (a, b, c) = three_members(&t, false);
     let old = b.credentials();
     let cluster = a.cluster_id();
 
@@ -290,15 +306,7 @@ fn a_renewed_certificate_replaces_the_old_one_cluster_wide() {
 #[test]
 fn a_member_cannot_write_another_members_keys() {
     let t = tmp();
-    let a = Host::start_at(t.path(), "a", "127.0.0.1");
-    let mut b = Host::start_at(t.path(), "b", "127.0.0.2");
-    let mut c = Host::start_at(t.path(), "c", "127.0.0.3");
-    a.ok(&["create-cluster"]);
-    b.join(&a);
-    c.join(&a);
-    for h in [&a, &b, &c] {
-        h.ok(&["--timeout", "30", "wait-cluster"]);
-    }
+    let (a, mut b, mut c) = three_members(&t, false);
     let c_addr = a.ok(&["get-link", "ips/ip-c"]).trim().to_string();
     let creds = b.credentials();
     let cluster = a.cluster_id();
@@ -353,14 +361,7 @@ fn a_member_cannot_write_another_members_keys() {
 #[test]
 fn fetch_and_sync_serve_members_of_the_resource_only() {
     let t = tmp();
-    let a = Host::start_at(t.path(), "a", "127.0.0.1");
-    let b = Host::start_at(t.path(), "b", "127.0.0.2");
-    let c = Host::start_at(t.path(), "c", "127.0.0.3");
-    a.create_resource("r", SIZE);
-    b.join(&a);
-    c.join(&a);
-    join(&b, "r", SIZE);
-    wait_uptodate(&b, "r", 60);
+    let (a, b, c) = three_members(&t, true);
     let cluster = a.cluster_id();
     let tls = mars_tls::PeerTls::new(&c.credentials()).unwrap();
     let hello =
@@ -397,14 +398,7 @@ fn fetch_and_sync_serve_members_of_the_resource_only() {
 #[test]
 fn the_cluster_ca_is_rotated_without_downtime() {
     let t = tmp();
-    let a = Host::start_at(t.path(), "a", "127.0.0.1");
-    let b = Host::start_at(t.path(), "b", "127.0.0.2");
-    let c = Host::start_at(t.path(), "c", "127.0.0.3");
-    a.create_resource("r", SIZE);
-    b.join(&a);
-    c.join(&a);
-    join(&b, "r", SIZE);
-    wait_uptodate(&b, "r", 60);
+    let (a, b, c) = three_members(&t, true);
     let old_b = b.credentials();
     let old_ca = a.credentials().ca;
     let trusts_next = |h: &Host| h.root.join("tls/ca-next.crt").exists();
@@ -449,18 +443,8 @@ fn the_cluster_ca_is_rotated_without_downtime() {
     // b's old certificate (valid by date, from the old CA) is refused now, even by a client
     // that trusts the new CA.
     let tls = mars_tls::PeerTls::trusting(&old_b, &[new_ca]).unwrap();
-    let tcp = TcpStream::connect(&a.peer_addr).unwrap();
-    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let conn = rustls::ClientConnection::new(tls.client.clone(), mars_tls::server_name()).unwrap();
-    let mut s = rustls::StreamOwned::new(conn, tcp);
-    let mut got = Vec::new();
-    let r = s
-        .write_all(b"x")
-        .and_then(|()| s.flush())
-        .and_then(|()| s.read_to_end(&mut got));
     assert!(
-        r.is_err() && got.is_empty(),
+        mars_testkit::impostor::handshake_refused(&a.peer_addr, tls.client.clone()),
         "the old certificate was accepted"
     );
     // A new host joins with a token of the new CA.
