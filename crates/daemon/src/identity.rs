@@ -32,6 +32,8 @@ pub struct Identity {
     pub nbd_tls: std::sync::atomic::AtomicBool,
     /// The NBD server's TLS from this host's credentials (with `--nbd-tls`).
     nbd: RwLock<Option<mars_nbd::NbdTls>>,
+    /// The NBD server's TLS from `--nbd-tls-dir` (wins over the cluster's).
+    nbd_fixed: RwLock<Option<mars_nbd::NbdTls>>,
 }
 
 fn now_secs() -> u64 {
@@ -60,6 +62,7 @@ impl Identity {
             tokens: Mutex::new(()),
             nbd_tls: std::sync::atomic::AtomicBool::new(false),
             nbd: RwLock::new(None),
+            nbd_fixed: RwLock::new(None),
         }
     }
 
@@ -99,6 +102,9 @@ impl Identity {
     /// What NBD over TCP runs in: `Ok(None)` plaintext, `Ok(Some)` TLS (`--nbd-tls`), an
     /// error when TLS is required but this host has no certificate yet.
     pub fn nbd_tls(&self) -> anyhow::Result<Option<mars_nbd::NbdTls>> {
+        if let Some(fixed) = &*self.nbd_fixed.read().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(Some(fixed.clone()));
+        }
         if !self.nbd_tls.load(std::sync::atomic::Ordering::Relaxed) {
             return Ok(None);
         }
@@ -110,6 +116,12 @@ impl Identity {
             .ok_or_else(|| {
                 anyhow!("--nbd-tls, but this host has no certificate (it is in no cluster)")
             })
+    }
+
+    /// NBD over TCP only inside TLS with `tls` (`--nbd-tls-dir`), whatever this host's
+    /// cluster credentials.
+    pub fn set_nbd_tls(&self, tls: mars_nbd::NbdTls) {
+        *self.nbd_fixed.write().unwrap_or_else(|e| e.into_inner()) = Some(tls);
     }
 
     /// The fingerprint of this host's certificate, if it has one.

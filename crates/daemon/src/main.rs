@@ -84,6 +84,11 @@ struct Args {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     nbd_tls: bool,
+    /// NBD over TCP only inside TLS with the certificate in DIR instead of the cluster's: the
+    /// layout of qemu's tls-creds-x509 (server-cert.pem, server-key.pem, and ca-cert.pem, the
+    /// CA whose certificates clients must present).
+    #[arg(long, env = "MARS_NBD_TLS_DIR", value_name = "DIR")]
+    nbd_tls_dir: Option<PathBuf>,
     /// Configuration file (reserved; no settings are read from it yet).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -282,7 +287,22 @@ fn run(args: Args) -> Result<()> {
         cluster,
         args.insecure,
     ));
-    if args.nbd_tls {
+    if let Some(dir) = &args.nbd_tls_dir {
+        if args.nbd_listen.is_none() {
+            anyhow::bail!("--nbd-tls-dir is for NBD over TCP: give --nbd-listen too");
+        }
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .with_context(|| format!("--nbd-tls-dir: cannot read {}", dir.join(f).display()))
+        };
+        let tls = mars_tls::verify::nbd_server_from_pem(
+            &read("server-cert.pem")?,
+            &read("server-key.pem")?,
+            &read("ca-cert.pem")?,
+        )
+        .with_context(|| format!("--nbd-tls-dir {}", dir.display()))?;
+        ident.set_nbd_tls(mars_nbd::NbdTls(tls));
+    } else if args.nbd_tls {
         if args.insecure {
             anyhow::bail!(
                 "--nbd-tls uses this host's cluster certificate, which --insecure does not"

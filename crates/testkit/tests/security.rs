@@ -478,7 +478,7 @@ fn nbd_over_tcp_with_tls_needs_a_certificate_of_the_cluster() {
         }
         d
     };
-    let qemu_io = |dir: &std::path::Path, cmd: &str| {
+    let qemu_io = |dir: &std::path::Path, cmd: &str, port: u16, name: &str| {
         Command::new("qemu-io")
             .arg("--object")
             .arg(format!(
@@ -487,25 +487,75 @@ fn nbd_over_tcp_with_tls_needs_a_certificate_of_the_cluster() {
             ))
             .arg("--image-opts")
             .arg(format!(
-                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={},export=r,\
-                 tls-creds=tls0,tls-hostname=a",
-                a.nbd_port
+                "driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=r,\
+                 tls-creds=tls0,tls-hostname={name}"
             ))
             .args(["-c", cmd])
             .output()
             .unwrap()
     };
     let with_b = creds_dir("tls-with-b", true);
-    let w = qemu_io(&with_b, "write -P 0x5a 0 64k");
+    let w = qemu_io(&with_b, "write -P 0x5a 0 64k", a.nbd_port, "a");
     assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
-    let r = qemu_io(&with_b, "read -P 0x5a 0 64k");
+    let r = qemu_io(&with_b, "read -P 0x5a 0 64k", a.nbd_port, "a");
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     // The same bytes through the Unix socket.
     run(Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x5a 0 64k", &a.unix_uri("r")]));
     let anonymous = creds_dir("tls-ca-only", false);
-    let n = qemu_io(&anonymous, "read 0 4k");
+    let n = qemu_io(&anonymous, "read 0 4k", a.nbd_port, "a");
     assert!(
         !n.status.success(),
         "a client without a certificate was served"
+    );
+
+    // The operator's own CA and server certificate instead (`--nbd-tls-dir`, qemu's layout):
+    // a client certificate of that CA is served, one of the cluster's is not.
+    let own = mars_tls::Ca::create().unwrap();
+    let issue = |name: &str| {
+        let key = mars_tls::HostKey::generate().unwrap();
+        let cert = own
+            .issue(
+                &mars_config::HostName::new(name).unwrap(),
+                &key.public_der(),
+            )
+            .unwrap();
+        (mars_tls::pki::cert_pem(&cert), key.pem())
+    };
+    let server_dir = t.path().join("nbd-server");
+    std::fs::create_dir_all(&server_dir).unwrap();
+    let (cert, key) = issue("nbd-example");
+    std::fs::write(server_dir.join("server-cert.pem"), cert).unwrap();
+    std::fs::write(server_dir.join("server-key.pem"), key).unwrap();
+    std::fs::write(server_dir.join("ca-cert.pem"), own.cert_pem()).unwrap();
+    let e = Host::start_with_env(
+        t.path(),
+        "e",
+        "127.0.0.5",
+        &[("MARS_NBD_TLS_DIR", server_dir.to_str().unwrap())],
+    );
+    e.create_resource("r", SIZE);
+    let client_dir = t.path().join("nbd-client");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    let (cert, key) = issue("vmhost1");
+    std::fs::write(client_dir.join("client-cert.pem"), cert).unwrap();
+    std::fs::write(client_dir.join("client-key.pem"), key).unwrap();
+    std::fs::write(client_dir.join("ca-cert.pem"), own.cert_pem()).unwrap();
+    let w = qemu_io(
+        &client_dir,
+        "write -P 0x6b 0 64k",
+        e.nbd_port,
+        "nbd-example",
+    );
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    let cluster_client = creds_dir("tls-cluster-for-e", true);
+    std::fs::copy(
+        server_dir.join("ca-cert.pem"),
+        cluster_client.join("ca-cert.pem"),
+    )
+    .unwrap();
+    let x = qemu_io(&cluster_client, "read 0 4k", e.nbd_port, "nbd-example");
+    assert!(
+        !x.status.success(),
+        "a certificate of another CA was served"
     );
 }
