@@ -53,6 +53,11 @@ pub trait Authority: Send + Sync {
 
     /// Checks that `cert` is a certificate of this cluster naming `host`.
     fn check_certificate(&self, host: &HostName, cert: &str) -> Result<(), String>;
+
+    /// Sees every remote entry the store applied, in order, before it checks the next one of
+    /// the batch (the PKI may learn from the metadata, e.g. a CA endorsed for a rotation, and
+    /// certificates of that CA may follow in the same batch).
+    fn learn(&self, _entry: &Entry) {}
 }
 
 /// The host that alone may write this entry (and sign it), `None` if any member may: see the

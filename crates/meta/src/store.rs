@@ -508,6 +508,9 @@ impl Store {
                 if let Some(new) = note_membership(&mut members, &self.host, e) {
                     joined.push(new);
                 }
+                if let Some(auth) = &self.authority {
+                    auth.learn(e);
+                }
                 report.applied += 1;
             }
             if !joined.is_empty() && self.authority.is_some() {

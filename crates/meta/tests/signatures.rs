@@ -16,6 +16,9 @@ use mars_meta::{Authority, Entry, MetaError, Store};
 struct FakePki {
     host: HostName,
     generation: AtomicU32,
+    /// Certificates of a later generation are not trusted (a CA not known yet); the entry
+    /// `trust/gen` raises it (`Authority::learn`).
+    trusted_up_to: AtomicU32,
 }
 
 fn digest(m: &[u8]) -> u64 {
@@ -33,6 +36,7 @@ impl FakePki {
         Arc::new(FakePki {
             host: common::host(host),
             generation: AtomicU32::new(1),
+            trusted_up_to: AtomicU32::new(u32::MAX),
         })
     }
     fn cert(&self) -> String {
@@ -67,10 +71,19 @@ impl Authority for FakePki {
         }
     }
     fn check_certificate(&self, host: &HostName, cert: &str) -> Result<(), String> {
-        if cert.starts_with(&format!("cert:{host}:")) {
-            Ok(())
-        } else {
-            Err(format!("{cert:?} is no certificate of {host}"))
+        let generation: Option<u32> = cert
+            .strip_prefix(&format!("cert:{host}:"))
+            .and_then(|g| g.parse().ok());
+        match generation {
+            Some(g) if g <= self.trusted_up_to.load(Ordering::SeqCst) => Ok(()),
+            Some(_) => Err("a certificate of a CA not trusted (yet)".into()),
+            None => Err(format!("{cert:?} is no certificate of {host}")),
+        }
+    }
+    fn learn(&self, e: &Entry) {
+        if let ("trust/gen", Some(v)) = (e.key.as_str(), e.value.as_deref()) {
+            self.trusted_up_to
+                .store(v.parse().unwrap_or(0), Ordering::SeqCst);
         }
     }
 }
@@ -318,4 +331,33 @@ fn without_an_authority_the_origin_is_trusted_as_before() {
         .unwrap();
     assert_eq!((r.applied, r.refused.len()), (2, 0));
     assert!(!s.is_authenticated());
+}
+
+/// What the PKI learns from an entry (a CA endorsed for a rotation) counts for the entries
+/// after it in the same batch: a certificate of the next CA that follows its endorsement is
+/// taken, not refused and lost.
+#[test]
+fn the_authority_learns_from_entries_in_batch_order() {
+    let (t, _a, mut b, mut c) = three();
+    t.set(50_000);
+    c.pki.trusted_up_to.store(1, Ordering::SeqCst);
+    b.pki.renew();
+    b.store.set("trust/gen", "2").unwrap();
+    b.store.set("certs/cert-b", &b.pki.cert()).unwrap();
+    b.store.resign_own().unwrap();
+    let r = pull(&b.store, &mut c.store);
+    assert!(r.refused.is_empty(), "{:?}", r.refused);
+    assert_eq!(c.store.value("certs/cert-b").unwrap(), Some(b.pki.cert()));
+    // Without the endorsement first, the same certificate is refused.
+    let (t, _a, mut b, mut c) = three();
+    t.set(50_000);
+    c.pki.trusted_up_to.store(1, Ordering::SeqCst);
+    b.pki.renew();
+    b.store.set("certs/cert-b", &b.pki.cert()).unwrap();
+    let r = pull(&b.store, &mut c.store);
+    assert!(
+        r.refused.iter().any(|(k, _)| k == "certs/cert-b"),
+        "{:?}",
+        r.refused
+    );
 }

@@ -104,6 +104,18 @@ impl CertChecker {
         CertChecker { cas }
     }
 
+    /// The CAs trusted.
+    pub fn cas(&self) -> &[CertificateDer<'static>] {
+        &self.cas
+    }
+
+    /// Trusts `ca` too.
+    pub fn trust(&mut self, ca: CertificateDer<'static>) {
+        if !self.cas.contains(&ca) {
+            self.cas.push(ca);
+        }
+    }
+
     /// The key of `host` if `text` (a `certs/cert-HOST` value) is a certificate of a trusted
     /// CA that names `host` and is valid at `now`.
     pub fn member_key(

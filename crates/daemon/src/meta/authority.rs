@@ -22,7 +22,9 @@ type Checked = (Instant, Result<MemberKey, String>);
 
 pub struct PkiAuthority {
     signer: EntrySigner,
-    checker: CertChecker,
+    /// Grows when the metadata brings a CA endorsed by a trusted one (a rotation began), so
+    /// that certificates of the next CA later in the same batch check out.
+    checker: std::sync::RwLock<CertChecker>,
     /// Certificate text → its key, or why it is none, and when that was found.
     checked: Mutex<HashMap<String, Checked>>,
 }
@@ -38,7 +40,7 @@ impl PkiAuthority {
         cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
         Ok(Arc::new(PkiAuthority {
             signer: EntrySigner::new(creds)?,
-            checker: CertChecker::new(cas),
+            checker: std::sync::RwLock::new(CertChecker::new(cas)),
             checked: Mutex::default(),
         }))
     }
@@ -62,6 +64,8 @@ impl PkiAuthority {
         }
         let found = self
             .checker
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
             .member_key(host, cert, UnixTime::now())
             .map_err(|e| e.to_string());
         checked.insert(cert.to_owned(), (Instant::now(), found.clone()));
@@ -88,5 +92,22 @@ impl mars_meta::Authority for PkiAuthority {
 
     fn check_certificate(&self, host: &HostName, cert: &str) -> Result<(), String> {
         self.member_key(host, cert).map(|_| ())
+    }
+
+    fn learn(&self, e: &mars_meta::Entry) {
+        let (super::cluster::TRUST_NEXT, Some(text)) = (e.key.as_str(), e.value.as_deref()) else {
+            return;
+        };
+        let mut checker = self.checker.write().unwrap_or_else(|e| e.into_inner());
+        if let Ok(next) = mars_tls::endorsed(text, mars_tls::Endorse::Next, checker.cas()) {
+            if !checker.cas().contains(&next) {
+                checker.trust(next);
+                // Certificates of it found untrusted before count now.
+                self.checked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+            }
+        }
     }
 }
