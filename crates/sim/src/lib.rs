@@ -288,6 +288,11 @@ pub struct SimConfig {
     /// replays them past a fork. Off: the request carries the digest of the asker's bytes
     /// before its position and the server refuses on a mismatch (the fix).
     pub fetch_without_tail: bool,
+    /// The fetch and sync servers serve any host of the cluster, not only members of the
+    /// resource (the rule before members-only serving). Not a bug of its own: it brings back
+    /// the runs in which rare bugs were first found (seed 1953 of
+    /// `replace_replayed_empty_copy`), which members-only serving changed.
+    pub serve_non_members: bool,
 }
 
 impl SimConfig {

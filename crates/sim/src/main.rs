@@ -11,7 +11,7 @@ use mars_sim::{run, SimConfig};
 type Field = fn(&mut SimConfig) -> &mut bool;
 
 /// The [`SimConfig`] switches by their command-line names (`--NAME`).
-const SWITCHES: [(&str, Field); 11] = [
+const SWITCHES: [(&str, Field); 12] = [
     ("skip-chain-check", |c| &mut c.skip_chain_check),
     ("planned-promotion-ignores-others", |c| {
         &mut c.planned_promotion_ignores_others
@@ -41,6 +41,7 @@ const SWITCHES: [(&str, Field); 11] = [
         &mut c.link_reclaim_uses_published_pin
     }),
     ("fetch-without-tail", |c| &mut c.fetch_without_tail),
+    ("serve-non-members", |c| &mut c.serve_non_members),
 ];
 
 fn switch_of<'a>(cfg: &'a mut SimConfig, arg: &str) -> Option<&'a mut bool> {

@@ -138,6 +138,10 @@ fn six_hundred_sync_sessions_are_bounded_and_the_daemon_keeps_serving() {
     let b = Host::start_at(dir.path(), "b", "127.0.0.2");
     a.create_resource("r", 16 << 20);
     b.join(&a);
+    // Only members of r are served a sync of it: b replicates r (and is up to date, so its own
+    // daemon holds no sync session).
+    mars_testkit::repl::join(&b, "r", 16 << 20);
+    mars_testkit::repl::wait_uptodate(&b, "r", 60);
     let pid = a.pid().expect("running");
     let tls = mars_tls::PeerTls::new(&b.credentials()).unwrap();
     let cluster = a.cluster_id();

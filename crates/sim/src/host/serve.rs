@@ -166,8 +166,10 @@ impl Host {
         let role = self.server_role();
         let meta = self.meta();
         let me = self.name.clone();
+        // The old rule serves any host of the cluster: ask as if the asker were this member.
+        let asker = if cx.cfg.serve_non_members { &me } else { peer };
         if let Err((kind, reason)) =
-            serve::fetch_start(role, &meta, &me, peer, file, prev_link.unwrap_or(""))
+            serve::fetch_start(role, &meta, &me, asker, file, prev_link.unwrap_or(""))
         {
             return FetchAnswer::Refused { kind, reason };
         }
@@ -280,7 +282,12 @@ impl Host {
         cx: &mut Ctx,
     ) -> SyncAnswer {
         let role = self.server_role();
-        if let Err((_, reason)) = serve::sync_start(role, &self.meta(), &self.name, peer) {
+        let asker = if cx.cfg.serve_non_members {
+            &self.name
+        } else {
+            peer
+        };
+        if let Err((_, reason)) = serve::sync_start(role, &self.meta(), &self.name, asker) {
             return SyncAnswer::Refused { reason };
         }
         let Some((done, _size)) = copy else {
