@@ -197,8 +197,9 @@ fn link_reclaim_by_the_published_pin_is_caught() {
 /// An empty local copy that replay has passed, replaced by another origin's logfile of that
 /// number: the records of the new logfile are never applied while the replica reports the new
 /// history's position. Rare: the soak runner's seed 1953 (400 steps) is the first to show it.
-/// Members-only serving changed the runs and no seed below 9,800 (400 steps) showed it again, so the run
-/// in which it was found is replayed with the old serving rule (`serve_non_members`).
+/// Members-only serving changed the runs and no seed below 9,800 (400 steps) showed it again,
+/// so the run in which it was found is replayed with the old serving rule
+/// (`serve_non_members`).
 #[test]
 fn replacing_a_replayed_empty_copy_is_caught() {
     let cfg = SimConfig {
