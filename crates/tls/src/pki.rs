@@ -198,6 +198,14 @@ impl Credentials {
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.cert)
     }
+
+    /// The CAs a host with these credentials trusts: the one that issued its certificate and
+    /// `also` (during a CA rotation, the other one), each once.
+    pub fn trusted(&self, also: &[CertificateDer<'static>]) -> Vec<CertificateDer<'static>> {
+        let mut cas = vec![self.ca.clone()];
+        cas.extend(also.iter().filter(|c| **c != self.ca).cloned());
+        cas
+    }
 }
 
 /// PEM text of a certificate.

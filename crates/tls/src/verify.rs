@@ -224,9 +224,7 @@ impl PeerTls {
     ) -> Result<PeerTls, TlsError> {
         // The chain we send carries the CA too, so that a joiner can check it against its pin.
         let chain = vec![creds.cert.clone(), creds.ca.clone()];
-        let mut cas = vec![creds.ca.clone()];
-        cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
-        let verifier = Arc::new(ClusterVerifier::new(Trust::Cas(cas)));
+        let verifier = Arc::new(ClusterVerifier::new(Trust::Cas(creds.trusted(also))));
         let client = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
@@ -251,9 +249,7 @@ pub fn nbd_server(
     creds: &Credentials,
     also: &[CertificateDer<'static>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut cas = vec![creds.ca.clone()];
-    cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
-    let mut v = ClusterVerifier::new(Trust::Cas(cas));
+    let mut v = ClusterVerifier::new(Trust::Cas(creds.trusted(also)));
     v.mandatory = true;
     let chain = vec![creds.cert.clone(), creds.ca.clone()];
     Ok(Arc::new(

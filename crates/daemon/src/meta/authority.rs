@@ -36,11 +36,9 @@ impl PkiAuthority {
         creds: &Credentials,
         also: &[CertificateDer<'static>],
     ) -> anyhow::Result<Arc<PkiAuthority>> {
-        let mut cas = vec![creds.ca.clone()];
-        cas.extend(also.iter().filter(|c| **c != creds.ca).cloned());
         Ok(Arc::new(PkiAuthority {
             signer: EntrySigner::new(creds)?,
-            checker: std::sync::RwLock::new(CertChecker::new(cas)),
+            checker: std::sync::RwLock::new(CertChecker::new(creds.trusted(also))),
             checked: Mutex::default(),
         }))
     }
