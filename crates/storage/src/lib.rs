@@ -97,6 +97,9 @@ pub trait File: Send + Sync {
     /// Reserves space for `[0, len)` without changing the file's length, so that appending later
     /// does not pay for block allocation on every write. Best effort: refusals are ignored.
     fn preallocate(&self, _len: u64) {}
+    /// Gives back the space reserved by [`File::preallocate`] beyond the file's length (a
+    /// finished logfile keeps only what it holds). Best effort; the contents do not change.
+    fn release_reserve(&self) {}
     /// Hints that `[off, off+len)` will not be read soon (after it was synced), so the page cache
     /// can drop it instead of evicting something useful. Best effort.
     fn drop_cache(&self, _off: u64, _len: u64) {}

@@ -243,6 +243,17 @@ impl File for RealFile {
         }
     }
 
+    fn release_reserve(&self) {
+        if self.block_device {
+            return;
+        }
+        // A truncate to the current length frees the blocks beyond it (ext4 and XFS both drop
+        // KEEP_SIZE preallocations past i_size on truncate), and changes no byte of the file.
+        if let Ok(m) = self.file.metadata() {
+            let _ = self.file.set_len(m.len());
+        }
+    }
+
     fn write_zeroes(&self, off: u64, len: u64, punch: bool) -> io::Result<()> {
         if len == 0 {
             return Ok(());

@@ -93,7 +93,8 @@ impl Recovered {
 /// Verifies every logfile of `dir`. A torn tail of the newest logfile (the crash hit while a group
 /// was being written) is cut off silently (well, at `info` level); damage anywhere else, or a
 /// missing piece of an older logfile, is an error naming the file and offset, and nothing is
-/// changed.
+/// changed. After a successful check the space reserved beyond each logfile's end is given back
+/// (no byte changes; appending never continues in a recovered logfile).
 pub fn recover(dir: &dyn Dir) -> Result<Recovered, LogError> {
     let names = list_logs(dir)?;
     let mut files = Vec::with_capacity(names.len());
@@ -130,6 +131,13 @@ pub fn recover(dir: &dyn Dir) -> Result<Recovered, LogError> {
     }
     if let Some(last) = files.last_mut() {
         last.torn_bytes = 0;
+    }
+    // Appending never continues in a recovered logfile (the appender starts a new one), so the
+    // space reserved beyond their ends goes back: after a crash, or from a version that kept it.
+    for fc in &files {
+        if let Ok(f) = dir.open(&fc.name.to_string(), OpenMode::Existing) {
+            f.release_reserve();
+        }
     }
     Ok(Recovered { files, truncated })
 }

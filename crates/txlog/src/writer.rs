@@ -550,6 +550,10 @@ fn write_group(
             // that N is complete.
             let old = LogName::new(*file_no, host.clone()).to_string();
             file.sync_data().map_err(LogError::io(&old, "fdatasync"))?;
+            // The finished logfile keeps only its bytes: its reservation (up to the rotate
+            // size) would otherwise stay taken until the file is deleted, and an outage that
+            // keeps many rotated logfiles would fill the root with reservations.
+            file.release_reserve();
             let name = LogName::new(seg.file, host.clone()).to_string();
             *file = dir
                 .open(&name, OpenMode::CreateNew)
