@@ -281,6 +281,7 @@ fn option_item(roff: &mut Roff, arg: &Arg) {
         .get_default_values()
         .iter()
         .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
         .collect();
     if takes_value(arg) && !defaults.is_empty() {
         facts.push(format!("Default: {}.", defaults.join(", ")));
@@ -385,8 +386,15 @@ fn value_name(arg: &Arg) -> String {
 
 /// Help text: one text line per line, an empty line starts an indented paragraph (`.IP`, which
 /// stays inside a `.TP` item).
+/// clap drops the final period of a one-sentence doc comment; it is put back, because facts and
+/// prose follow on the same paragraph.
 fn help_lines(roff: &mut Roff, text: Option<String>) {
-    let Some(text) = text else { return };
+    let Some(mut text) = text else { return };
+    let end = text.trim_end().len();
+    text.truncate(end);
+    if !text.ends_with(['.', '!', '?', ':']) {
+        text.push('.');
+    }
     for line in text.lines() {
         if line.trim().is_empty() {
             roff.control("IP", []);

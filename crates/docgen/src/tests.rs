@@ -27,7 +27,12 @@ fn tool() -> Command {
                 .visible_alias("create")
                 .arg(Arg::new("res").required(true).value_name("RES"))
                 .arg(Arg::new("size").value_name("SIZE"))
-                .arg(Arg::new("ip").long("ip").value_name("ADDR").help("Address.")),
+                .arg(
+                    Arg::new("ip")
+                        .long("ip")
+                        .value_name("ADDR")
+                        .help("Address."),
+                ),
         )
         .subcommand(Command::new("hidden").hide(true))
 }
@@ -53,11 +58,17 @@ fn page_merges_clap_and_prose() {
     assert!(page.contains(".TH TOOL 8 2026-12-07 \"mars 1.2.3\" \"System Administration\""));
     assert!(page.contains(".SH NAME\ntool \\- does things"), "{page}");
     // Sections in order: SYNOPSIS, DESCRIPTION (prose), OPTIONS, COMMANDS, EXAMPLES.
-    let at = |s: &str| page.find(s).unwrap_or_else(|| panic!("{s} missing:\n{page}"));
+    let at = |s: &str| {
+        page.find(s)
+            .unwrap_or_else(|| panic!("{s} missing:\n{page}"))
+    };
     assert!(page.contains(
         ".SH SYNOPSIS\n\\fBtool\\fR [\\fB\\-\\-root\\fR \\fIDIR\\fR] [\\fB\\-h\\fR|\\fB\\-\\-help\\fR] [\\fB\\-V\\fR|\\fB\\-\\-version\\fR] \\fICOMMAND\\fR [\\fIARGS\\fR]\n"
     ), "{page}");
-    assert!(!page.contains("\\fBhelp\\fR"), "clap's help command is left out");
+    assert!(
+        !page.contains("\\fBhelp\\fR"),
+        "clap's help command is left out"
+    );
     assert!(at(".SH SYNOPSIS") < at(".SH DESCRIPTION\nLong description."));
     assert!(at(".SH DESCRIPTION") < at(".SH OPTIONS"));
     assert!(at(".SH OPTIONS") < at(".SH COMMANDS"));
@@ -85,7 +96,14 @@ fn prose_must_belong_to_the_definition() {
     assert!(matches!(err, DocError::Undefined { .. }), "hidden: {err}");
     let err = man_page(tool(), "\n.\\\" mars: command hidden\ntext\n", "").unwrap_err();
     assert!(
-        matches!(&err, DocError::Undefined { what: "command", line: 2, .. }),
+        matches!(
+            &err,
+            DocError::Undefined {
+                what: "command",
+                line: 2,
+                ..
+            }
+        ),
         "{err}"
     );
     let err = man_page(tool(), ".\\\" mars: section OPTIONS\ntext\n", "").unwrap_err();
