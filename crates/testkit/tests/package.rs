@@ -168,7 +168,15 @@ fn deb_installs_runs_and_removes() {
     std::fs::write(b.path("/etc/mars/marsd.toml"), &config).unwrap();
     let help = ok(&b, &["/usr/sbin/marsd", "--help"]);
     if help.contains("--print-config") {
-        let effective = ok(&b, &["/usr/sbin/marsd", "--print-config"]);
+        let effective = ok(
+            &b,
+            &[
+                "/usr/sbin/marsd",
+                "--config",
+                "/etc/mars/marsd.toml",
+                "--print-config",
+            ],
+        );
         assert!(effective.contains(HOST), "{effective}");
     } else {
         eprintln!("NOTE: marsd reads no configuration file yet: flags in a drop-in");
