@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod generate;
 mod systemd;
 mod view;
 mod wait;
@@ -231,6 +232,13 @@ enum Cmd {
     SystemdGenerate(systemd::GenerateArgs),
     /// Start a throw-away local mars host, write through NBD and show how to use it.
     Demo(demo::DemoArgs),
+    /// Write the man page or the shell completions of marsadm into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        #[arg(value_enum)]
+        what: generate::What,
+        dir: PathBuf,
+    },
     /// view-MACRO RES: one value, e.g. `view-role vm1`, `view-nbd-uri vm1`.
     #[command(external_subcommand)]
     Other(Vec<String>),
@@ -639,6 +647,7 @@ impl Cli {
             }
             Cmd::SystemdGenerate(args) => systemd::generate(&self.root, args, self.json),
             Cmd::Demo(args) => demo::run(self, args),
+            Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => {
                 let Some(cmd) = args.first() else {
                     bail!("no command given; see `marsadm --help`");

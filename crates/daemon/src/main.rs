@@ -140,6 +140,22 @@ struct Args {
     /// Seconds one systemctl call or script may take before it is killed.
     #[arg(long, default_value_t = 300)]
     systemd_timeout: u64,
+    /// Write the man page marsd.8 into DIR and exit (for packaging; see `generate_man`).
+    #[arg(long, hide = true, value_name = "DIR")]
+    generate_man: Option<PathBuf>,
+}
+
+/// The hand-written parts of marsd(8); the rest comes from `Args` (see `mars-docgen`).
+const MAN_PROSE: &str = include_str!("../../../docs/man/marsd.8.prose");
+
+/// `marsd --generate-man DIR`: the package build runs it, so the installed page always matches
+/// this binary's options.
+fn generate_man(dir: &Path) -> Result<()> {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    let path = mars_docgen::write_man(Args::command(), MAN_PROSE, dir)?;
+    println!("{}", path.display());
+    Ok(())
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
@@ -168,7 +184,12 @@ fn main() {
         // Colours only on a terminal: under systemd, stderr goes to the journal.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    if let Err(e) = run(Args::parse()) {
+    let args = Args::parse();
+    let result = match &args.generate_man {
+        Some(dir) => generate_man(dir),
+        None => run(args),
+    };
+    if let Err(e) = result {
         eprintln!("marsd: {e:#}");
         std::process::exit(1);
     }
