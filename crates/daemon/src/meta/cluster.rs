@@ -797,6 +797,7 @@ impl Cluster {
         &self,
         peer_addr: &str,
         token: Option<&str>,
+        address: String,
     ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
         if let Some(id) = self.ident.cluster_id() {
@@ -940,7 +941,6 @@ impl Cluster {
         }
         let from = s.peer.host.clone();
         self.apply(&from, all).await.map_err(failed)?;
-        let address = self.ident.advertised();
         self.ident
             .set_cluster(ClusterFile {
                 uuid: cluster.to_string(),
