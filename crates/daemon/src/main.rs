@@ -73,8 +73,8 @@ fn main() {
         std::process::exit(2);
     }
     if let Err(e) = run(settings) {
-        tracing::error!("{e:#}");
-        eprintln!("marsd: {e:#}");
+        // Through the log (stderr or the journal), once.
+        tracing::error!("marsd: {e:#}");
         std::process::exit(1);
     }
 }
