@@ -41,10 +41,11 @@ pub struct Identity {
 /// Refuses to publish an unspecified address (`0.0.0.0`, `::`) to the peers: they could not
 /// reach this host there.
 pub fn advertisable(addr: &str) -> Result<(), String> {
-    let ip = addr
-        .parse::<SocketAddr>()
-        .map(|a| a.ip())
-        .or_else(|_| addr.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>());
+    let ip = addr.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| {
+        addr.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+    });
     match ip {
         Ok(ip) if ip.is_unspecified() => Err(format!(
             "this host would advertise {addr} to its peers, an unspecified address they cannot \
@@ -240,7 +241,9 @@ impl Identity {
 
     /// `advertise`, else `listen` (which may be unspecified: see [`advertisable`]).
     pub fn configured_address(&self) -> String {
-        self.advertise.clone().unwrap_or_else(|| self.listen.clone())
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
     }
 
     /// Records the cluster this host created or joined (durably, before it counts).

@@ -58,7 +58,9 @@ pub fn init(format: LogFormat, level: &LogLevel) -> Result<LogFormat> {
         Ok(v) if !v.is_empty() => EnvFilter::builder()
             .parse(&v)
             .with_context(|| format!("MARS_LOG={v:?} is not a log filter"))?,
-        _ => EnvFilter::builder().parse(&level.0).context("logging.level")?,
+        _ => EnvFilter::builder()
+            .parse(&level.0)
+            .context("logging.level")?,
     };
     let format = match format {
         LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
@@ -67,9 +69,9 @@ pub fn init(format: LogFormat, level: &LogLevel) -> Result<LogFormat> {
     };
     let limiter = Arc::new(Mutex::new(Limiter::new(WINDOW)));
     let output: Box<dyn Layer<_> + Send + Sync> = match format {
-        LogFormat::Journald => Box::new(
-            journald_layer().context("--log-format journald: cannot reach the journal")?,
-        ),
+        LogFormat::Journald => {
+            Box::new(journald_layer().context("--log-format journald: cannot reach the journal")?)
+        }
         LogFormat::Json => Box::new(
             tracing_subscriber::fmt::layer()
                 .json()
@@ -489,7 +491,8 @@ mod tests {
         assert_eq!(
             lines
                 .iter()
-                .filter(|l| l.contains("split brain between a and b (repeated 4 times in the last 60 s)"))
+                .filter(|l| l
+                    .contains("split brain between a and b (repeated 4 times in the last 60 s)"))
                 .count(),
             2,
             "{text}"
@@ -517,7 +520,10 @@ mod tests {
                     std::ptr::null(),
                 ) != 0
                 {
-                    return Err(format!("make-rprivate: {}", std::io::Error::last_os_error()));
+                    return Err(format!(
+                        "make-rprivate: {}",
+                        std::io::Error::last_os_error()
+                    ));
                 }
                 if libc::mount(
                     c"tmpfs".as_ptr(),

@@ -20,12 +20,12 @@ mod host;
 mod identity;
 mod listen;
 mod local;
+mod logging;
 mod meta;
 mod nbd;
 mod peer;
 mod replication;
 mod resource;
-mod logging;
 mod root;
 mod settings;
 mod systemd;
@@ -214,13 +214,7 @@ fn run(s: settings::Settings) -> Result<()> {
         .enable_all()
         .thread_name("marsd")
         .build()?;
-    let result = rt.block_on(serve(
-        ident,
-        store_file,
-        tuning,
-        systemd,
-        s.metrics.listen,
-    ));
+    let result = rt.block_on(serve(ident, store_file, tuning, systemd, s.metrics.listen));
     // Stop serving before anything else is dropped, so no request races the close.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     tracing::info!("marsd stopped");

@@ -45,7 +45,11 @@ impl FromStr for PeerAddr {
         if let Ok(ip) = s.parse::<IpAddr>() {
             return Ok(PeerAddr(SocketAddr::new(ip, DEFAULT_PORT)));
         }
-        if let Ok(ip) = s.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = s
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return Ok(PeerAddr(SocketAddr::new(ip, DEFAULT_PORT)));
         }
         Err(format!(
@@ -192,9 +196,11 @@ impl FromStr for DeviceMode {
             "auto" => Ok(DeviceMode::Auto),
             "fuse-loop" => Ok(DeviceMode::FuseLoop),
             "none" => Ok(DeviceMode::None),
-            "nbd" => Err("\"nbd\": attaching the kernel NBD driver is not supported by this \
+            "nbd" => Err(
+                "\"nbd\": attaching the kernel NBD driver is not supported by this \
                           build; use fuse-loop, auto or none"
-                .into()),
+                    .into(),
+            ),
             other => Err(format!("{other:?}: expected auto, fuse-loop or none")),
         }
     }
@@ -277,7 +283,11 @@ impl FromStr for LogLevel {
         tracing_subscriber::EnvFilter::builder()
             .parse(s)
             .map(|_| LogLevel(s.to_string()))
-            .map_err(|e| format!("{s:?} is not a log filter (e.g. \"info\", \"warn,mars_daemon=debug\"): {e}"))
+            .map_err(|e| {
+                format!(
+                    "{s:?} is not a log filter (e.g. \"info\", \"warn,mars_daemon=debug\"): {e}"
+                )
+            })
     }
 }
 
@@ -819,7 +829,11 @@ mod tests {
         }
         // Checks between keys.
         let mut s = parse("[space]\nmin_free = \"1G\"\nemergency_free = \"2G\"\n").unwrap();
-        assert!(s.check().unwrap_err().to_string().contains("emergency_free"));
+        assert!(s
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("emergency_free"));
         s = parse("[txlog]\nrotate_size = 4096\n").unwrap();
         assert!(s.check().unwrap_err().to_string().contains("rotate_size"));
         s = parse("[device]\ndir = \"dev/mars\"\n").unwrap();
@@ -850,7 +864,12 @@ mod tests {
              [logging]\nformat = \"json\"\n",
         )
         .unwrap();
-        s.apply(&flags(&["--listen", "10.0.0.2:7000", "--log-format", "text"]));
+        s.apply(&flags(&[
+            "--listen",
+            "10.0.0.2:7000",
+            "--log-format",
+            "text",
+        ]));
         assert_eq!(s.listen.to_string(), "10.0.0.2:7000");
         assert_eq!(s.logging.format, LogFormat::Text);
         // Not given on the command line: the file's value stays.
@@ -882,7 +901,12 @@ mod tests {
             assert_eq!(parse(&text).unwrap(), s, "{text}");
         }
         let mut s = parse("[logging]\nlevel = \"warn,mars_daemon=debug\"\n").unwrap();
-        s.apply(&flags(&["--max-dirty", "3M", "--metrics-listen", "127.0.0.1:9100"]));
+        s.apply(&flags(&[
+            "--max-dirty",
+            "3M",
+            "--metrics-listen",
+            "127.0.0.1:9100",
+        ]));
         assert_eq!(parse(&s.to_toml()).unwrap(), s);
         // Unset keys appear as comments, so every key is in the output.
         let text = Settings::default().to_toml();
@@ -935,7 +959,9 @@ mod tests {
         let got = toml::Table::try_from(&parsed).unwrap();
         let defaults = toml::Table::try_from(Settings::default()).unwrap();
         for key in all_keys() {
-            let (sec, k) = key.split_once('.').map_or((None, key.as_str()), |(s, k)| (Some(s), k));
+            let (sec, k) = key
+                .split_once('.')
+                .map_or((None, key.as_str()), |(s, k)| (Some(s), k));
             let look = |t: &toml::Table| -> Option<toml::Value> {
                 match sec {
                     Some(s) => t.get(s)?.as_table()?.get(k).cloned(),
@@ -946,7 +972,11 @@ mod tests {
             assert!(value.is_some(), "dist/marsd.toml does not document {key}");
             // Keys with a default show it; optional keys show an example.
             if let Some(d) = look(&defaults) {
-                assert_eq!(value.unwrap(), d, "dist/marsd.toml: {key} is not its default");
+                assert_eq!(
+                    value.unwrap(),
+                    d,
+                    "dist/marsd.toml: {key} is not its default"
+                );
             }
         }
     }

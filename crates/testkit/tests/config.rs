@@ -12,7 +12,9 @@ use mars_testkit::{bin, Host};
 
 fn marsd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut c = Command::new(bin("marsd"));
-    c.args(args).env_remove("MARS_CONFIG").env_remove("MARS_LOG");
+    c.args(args)
+        .env_remove("MARS_CONFIG")
+        .env_remove("MARS_LOG");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -33,7 +35,10 @@ fn host_ips(h: &Host) -> Vec<(String, String)> {
         .lines()
         .map(|l| {
             let mut w = l.split_whitespace();
-            (w.next().unwrap().to_string(), w.next().unwrap_or("").to_string())
+            (
+                w.next().unwrap().to_string(),
+                w.next().unwrap_or("").to_string(),
+            )
         })
         .collect()
 }
@@ -43,19 +48,28 @@ fn config_file_errors_overrides_and_print_config() {
     let t = tmp();
     let cfg = t.path().join("marsd.toml");
     // An unknown key: named, with its section and line; exit code 2 (usage), nothing started.
-    std::fs::write(&cfg, "root = \"/srv/mars\"\n\n[space]\nmin_free = \"2G\"\nmin_fre = \"1G\"\n")
-        .unwrap();
+    std::fs::write(
+        &cfg,
+        "root = \"/srv/mars\"\n\n[space]\nmin_free = \"2G\"\nmin_fre = \"1G\"\n",
+    )
+    .unwrap();
     let o = marsd(&["--config", cfg.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let e = text(&o);
-    assert!(e.contains("min_fre") && e.contains("line 5") && e.contains("[space]"), "{e}");
+    assert!(
+        e.contains("min_fre") && e.contains("line 5") && e.contains("[space]"),
+        "{e}"
+    );
     // A wrong type names the key.
     std::fs::write(&cfg, "[systemd]\ntimeout = \"soon\"\n").unwrap();
     let o = marsd(&["--config", cfg.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("timeout = \"soon\""), "{}", text(&o));
     // A missing explicit file is an error (also through MARS_CONFIG).
-    let o = marsd(&["--print-config"], &[("MARS_CONFIG", "/nonexistent/marsd.toml")]);
+    let o = marsd(
+        &["--print-config"],
+        &[("MARS_CONFIG", "/nonexistent/marsd.toml")],
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("/nonexistent/marsd.toml"), "{}", text(&o));
     // advertise 0.0.0.0 is refused when read.
@@ -72,7 +86,13 @@ fn config_file_errors_overrides_and_print_config() {
     )
     .unwrap();
     let o = marsd(
-        &["--config", cfg.to_str().unwrap(), "--print-config", "--listen", "10.0.0.2:7000"],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--print-config",
+            "--listen",
+            "10.0.0.2:7000",
+        ],
         &[("MARS_MIN_FREE_SPACE", "3G")],
     );
     assert!(o.status.success(), "{}", text(&o));
@@ -85,7 +105,10 @@ fn config_file_errors_overrides_and_print_config() {
     // What it printed is a configuration file that gives the same settings.
     let again = t.path().join("printed.toml");
     std::fs::write(&again, &printed).unwrap();
-    let o = marsd(&["--config", again.to_str().unwrap(), "--print-config"], &[]);
+    let o = marsd(
+        &["--config", again.to_str().unwrap(), "--print-config"],
+        &[],
+    );
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(String::from_utf8(o.stdout).unwrap(), printed);
     // The shipped file (every key commented out) is the defaults.
@@ -109,7 +132,10 @@ fn advertised_addresses_ip_flags_and_the_unspecified_refusal() {
         msg.contains("0.0.0.0") && msg.contains("advertise") && msg.contains("--ip"),
         "{msg}"
     );
-    assert!(a.view_json()["cluster"].is_null(), "refused, yet a cluster exists");
+    assert!(
+        a.view_json()["cluster"].is_null(),
+        "refused, yet a cluster exists"
+    );
     let msg = a.refused(&["create-cluster", "--ip", "0.0.0.0"]);
     assert!(msg.contains("unspecified"), "{msg}");
     let a_ip = format!("127.0.0.1:{a_port}");
@@ -126,13 +152,17 @@ fn advertised_addresses_ip_flags_and_the_unspecified_refusal() {
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
-    let want = vec![("a".to_string(), a_ip.clone()), ("b".to_string(), b_ip.clone())];
+    let want = vec![
+        ("a".to_string(), a_ip.clone()),
+        ("b".to_string(), b_ip.clone()),
+    ];
     eventually(30, "both addresses everywhere", || {
         host_ips(&a) == want && host_ips(&b) == want
     });
     // a logged the join with b's advertised address, not the connection's source port.
     assert!(
-        a.log_text().contains(&format!("host b at {b_ip} joined the cluster")),
+        a.log_text()
+            .contains(&format!("host b at {b_ip} joined the cluster")),
         "{}",
         a.log_text()
     );
@@ -206,22 +236,32 @@ fn split_brain_and_handover_are_quiet() {
     write_random(&b, "r", t.path(), 16 << 20, 1 << 20);
     a.start_again();
     eventually(30, "split brain on both", || {
-        [&a, &b].iter().all(|h| h.view("is-split-brain", "r") == "1")
+        [&a, &b]
+            .iter()
+            .all(|h| h.view("is-split-brain", "r") == "1")
     });
     // Ten seconds of an unchanged split brain: every warning at most once.
     std::thread::sleep(Duration::from_secs(10));
     for h in [&a, &b] {
         let log = h.log_text();
         let mut seen = std::collections::HashMap::<String, usize>::new();
-        for l in log.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
+        for l in log
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        {
             // Without the timestamp.
             let body = l.split_once(' ').map_or(l, |(_, b)| b).to_string();
             *seen.entry(body).or_default() += 1;
         }
         let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(repeated.is_empty(), "{}: repeated warnings {repeated:#?}\n{log}", h.name);
         assert!(
-            !log.lines().any(|l| l.contains(" WARN ") && l.contains("fuser")),
+            repeated.is_empty(),
+            "{}: repeated warnings {repeated:#?}\n{log}",
+            h.name
+        );
+        assert!(
+            !log.lines()
+                .any(|l| l.contains(" WARN ") && l.contains("fuser")),
             "{}: {log}",
             h.name
         );

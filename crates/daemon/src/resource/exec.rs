@@ -1,9 +1,9 @@
 //! Carrying out the engine's commands, in order. A command whose completion the engine waits
 //! for queues it as an event; a failure stops the rest of the output (the caller reports it).
 
-use tracing::Instrument as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use mars_engine::resource::{
     Command, CopyDecision, Done, Event, FetchEvent, Level, OpenFailure, Opened, SyncEvent,

@@ -220,7 +220,10 @@ pub fn spawn(
     // Every line the actor and its sessions log carries the resource (`res`: a field in the
     // journal and in JSON, the text's prefix).
     let span = tracing::info_span!("resource", res = %name);
-    tokio::spawn(tracing::Instrument::instrument(actor.run(rx, worker_rx, facts), span));
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(rx, worker_rx, facts),
+        span,
+    ));
     Handle {
         name,
         dir,
