@@ -49,6 +49,9 @@ pub enum Request {
         peer: String,
         #[serde(default)]
         token: Option<String>,
+        /// Address to advertise instead of the configured one (`advertise`, else `listen`).
+        #[serde(default)]
+        ip: Option<String>,
     },
     /// Makes a one-time join token valid for `ttl` seconds (on a host holding the CA's key).
     JoinToken { ttl: u64 },

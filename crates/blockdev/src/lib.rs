@@ -106,7 +106,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use mars_nbd::Export;
 
 pub use error::{BlockdevError, DetachError};
@@ -164,7 +164,7 @@ pub struct Device {
     /// `None` only during teardown.
     loop_dev: Option<LoopDevice>,
     /// The FUSE server threads; `None` only during teardown.
-    session: Option<BackgroundSession>,
+    session: Option<Server>,
     /// `st_dev` of the FUSE mount, names its connection in fusectl.
     fuse_dev: Option<(u32, u32)>,
     shared: Arc<Shared>,
@@ -318,7 +318,7 @@ impl Device {
         config.clone_fd = true;
 
         let session = Session::new(filesystem, &mount_point, &config)
-            .and_then(Session::spawn)
+            .and_then(Server::spawn)
             .map_err(|source| {
                 let _ = std::fs::remove_dir(&mount_point);
                 BlockdevError::Mount {
@@ -546,13 +546,26 @@ impl Device {
                 }
             }
         }
-        if let Some(session) = self.session.take() {
+        if let Some(mut session) = self.session.take() {
             let patience = if cut_off {
                 Duration::ZERO
             } else {
                 TEARDOWN_PATIENCE
             };
-            match mounts::unmount(&self.mount_point, patience, true) {
+            // fuser's own unmount first: it takes the mount from the session, so the
+            // session's end does not unmount it a second time (fuser 0.18 does not see that a
+            // mount is gone, cberner/fuser#703: `umount` of an unmounted path logged
+            // "Unmount failed: Invalid argument" at every stop, and could unmount whatever
+            // was mounted there meanwhile). When it is busy, ours retries and detaches lazily.
+            let first = session.unmounter.unmount();
+            if let Err(e) = &first {
+                tracing::debug!(error = %e, "FUSE unmount: first attempt failed, retrying");
+            }
+            let unmounted = match first {
+                Ok(()) => Ok(false),
+                Err(_) => mounts::unmount(&self.mount_point, patience, true),
+            };
+            match unmounted {
                 Ok(false) => {}
                 Ok(true) => cut_off = true,
                 Err(source) => {
@@ -577,8 +590,10 @@ impl Device {
                 thread::sleep(Duration::from_millis(10));
             }
             if session.guard.is_finished() {
-                if let Err(e) = session.join() {
-                    tracing::warn!(error = %e, "FUSE session ended with an error");
+                match session.guard.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "FUSE session ended with an error"),
+                    Err(_) => tracing::warn!("FUSE session thread panicked"),
                 }
             } else {
                 // Joining would hang; leaving the session (and its mount handle) alone is
@@ -596,6 +611,26 @@ impl Device {
             tracing::info!(name = %self.name, "block device detached");
         }
         first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// The FUSE server: its thread and the handle that unmounts the filesystem exactly once
+/// (`Session::spawn` would keep the mount where only its drop can unmount it).
+#[derive(Debug)]
+struct Server {
+    guard: thread::JoinHandle<std::io::Result<()>>,
+    unmounter: SessionUnmounter,
+}
+
+impl Server {
+    fn spawn<FS: fuser::Filesystem + Send + Sync + 'static>(
+        mut session: Session<FS>,
+    ) -> std::io::Result<Server> {
+        let unmounter = session.unmount_callable();
+        let guard = thread::Builder::new()
+            .name("mars-fuse".into())
+            .spawn(move || session.run())?;
+        Ok(Server { guard, unmounter })
     }
 }
 

@@ -67,7 +67,8 @@ enum RotatePhase {
 enum Cmd {
     /// Create a new cluster with this host as its first member (run once).
     CreateCluster {
-        /// Address to advertise to peers instead of marsd's --listen address.
+        /// Address ADDR[:PORT] to advertise to peers instead of marsd's configured one
+        /// (`advertise`, else `listen` in marsd.toml).
         #[arg(long)]
         ip: Option<String>,
     },
@@ -78,6 +79,10 @@ enum Cmd {
         /// host before anything is sent to it). Not with --insecure.
         #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Address ADDR[:PORT] to advertise to peers instead of marsd's configured one
+        /// (`advertise`, else `listen` in marsd.toml).
+        #[arg(long)]
+        ip: Option<String>,
     },
     /// Renew this host's certificate: a new key, certified here if this host holds the CA's
     /// key, else by --via HOST or the first member that does. Members switch over at once.
@@ -491,11 +496,12 @@ impl Cli {
                 let r = self.call(&Request::CreateResource { res, disk, size })?;
                 self.print_done(r)
             }
-            Cmd::JoinCluster { peer, token } => {
+            Cmd::JoinCluster { peer, token, ip } => {
                 self.no_dry_run("join-cluster")?;
                 let r = self.call(&Request::JoinCluster {
                     peer: peer.clone(),
                     token: token.clone(),
+                    ip: ip.clone(),
                 })?;
                 self.print_done(r)
             }

@@ -2,7 +2,7 @@
 //! one, its cluster (`cluster.toml`) and its credentials (`tls/`). Shared read-mostly by every
 //! layer.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -17,8 +17,10 @@ use crate::root::{self, ClusterFile, CLUSTER_FILE, TOKENS_FILE};
 pub struct Identity {
     pub root: PathBuf,
     pub host: HostName,
-    /// The peer listen address (`--listen`).
+    /// The peer listen address (`listen`, `--listen`).
     pub listen: String,
+    /// The address to tell peers (`advertise`, `--advertise`), if configured.
+    pub advertise: Option<String>,
     pub nbd_tcp: Option<SocketAddr>,
     /// `--insecure`: peer streams in plaintext, nobody authenticated (every host of the cluster
     /// must run so; for benchmarks and tests of the protocol only).
@@ -36,6 +38,24 @@ pub struct Identity {
     nbd_fixed: RwLock<Option<mars_nbd::NbdTls>>,
 }
 
+/// Refuses to publish an unspecified address (`0.0.0.0`, `::`) to the peers: they could not
+/// reach this host there.
+pub fn advertisable(addr: &str) -> Result<(), String> {
+    let ip = addr.parse::<SocketAddr>().map(|a| a.ip()).or_else(|_| {
+        addr.trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+    });
+    match ip {
+        Ok(ip) if ip.is_unspecified() => Err(format!(
+            "this host would advertise {addr} to its peers, an unspecified address they cannot \
+             reach: set `advertise` in marsd.toml (or --advertise) to an address of this host, \
+             or pass --ip"
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -47,6 +67,7 @@ impl Identity {
         root: PathBuf,
         host: HostName,
         listen: String,
+        advertise: Option<String>,
         nbd_tcp: Option<SocketAddr>,
         cluster: Option<ClusterFile>,
         insecure: bool,
@@ -55,6 +76,7 @@ impl Identity {
             root,
             host,
             listen,
+            advertise,
             nbd_tcp,
             insecure,
             cluster: RwLock::new(cluster),
@@ -209,10 +231,19 @@ impl Identity {
         self.cluster().and_then(|c| ClusterId::parse(&c.uuid).ok())
     }
 
-    /// The address peers reach this host at (`--ip` of create-cluster, else `--listen`).
+    /// The address peers reach this host at: in a cluster the one it published (`--ip` of
+    /// create-cluster or join-cluster, else the configured one when it created or joined);
+    /// before, the configured one (`advertise`, else `listen`).
     pub fn advertised(&self) -> String {
         self.cluster()
-            .map_or_else(|| self.listen.clone(), |c| c.address)
+            .map_or_else(|| self.configured_address(), |c| c.address)
+    }
+
+    /// `advertise`, else `listen` (which may be unspecified: see [`advertisable`]).
+    pub fn configured_address(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.clone())
     }
 
     /// Records the cluster this host created or joined (durably, before it counts).

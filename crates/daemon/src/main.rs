@@ -20,12 +20,14 @@ mod host;
 mod identity;
 mod listen;
 mod local;
+mod logging;
 mod meta;
 mod nbd;
 mod peer;
 mod replication;
 mod resource;
 mod root;
+mod settings;
 mod systemd;
 
 use std::net::SocketAddr;
@@ -35,7 +37,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use mars_config::{parse_size, HostName};
+use mars_config::HostName;
 use mars_wire::{ClusterId, StreamKind};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
@@ -45,107 +47,8 @@ use crate::identity::Identity;
 use crate::local::Tuning;
 use crate::replication::serve::{Lookup, Served};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "marsd",
-    version,
-    about = "mars daemon: geo-redundant block device replication"
-)]
-struct Args {
-    /// Directory holding all state of this host (logs, metadata, sockets).
-    #[arg(long, env = "MARS_ROOT", default_value = "/var/lib/mars")]
-    root: PathBuf,
-    /// This host's name in the cluster (default: the short hostname).
-    #[arg(long)]
-    host: Option<String>,
-    /// Peer address ADDR[:PORT] (default port 7777): metadata, log fetch and full sync streams
-    /// of the other members arrive here; also the address advertised to them.
-    #[arg(long, default_value = "0.0.0.0:7777")]
-    listen: String,
-    /// Peer streams in plaintext, nobody authenticated: only for benchmarks and closed labs.
-    /// Every host of the cluster must run with it (a TLS host refuses a plaintext peer, and
-    /// the other way round); `view` shows it.
-    #[arg(
-        long,
-        env = "MARS_INSECURE",
-        action = clap::ArgAction::SetTrue,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    insecure: bool,
-    /// Also serve NBD over TCP on ADDR:PORT (the Unix socket ROOT/nbd.sock is always served).
-    #[arg(long)]
-    nbd_listen: Option<SocketAddr>,
-    /// NBD over TCP only inside TLS (NBD_OPT_STARTTLS): this host presents its cluster
-    /// certificate, and a client must present a certificate of the cluster's CA.
-    #[arg(
-        long,
-        env = "MARS_NBD_TLS",
-        action = clap::ArgAction::SetTrue,
-        value_parser = clap::builder::BoolishValueParser::new()
-    )]
-    nbd_tls: bool,
-    /// NBD over TCP only inside TLS with the certificate in DIR instead of the cluster's: the
-    /// layout of qemu's tls-creds-x509 (server-cert.pem, server-key.pem, and ca-cert.pem, the
-    /// CA whose certificates clients must present).
-    #[arg(long, env = "MARS_NBD_TLS_DIR", value_name = "DIR")]
-    nbd_tls_dir: Option<PathBuf>,
-    /// Configuration file (reserved; no settings are read from it yet).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Where the primary's block devices appear (DIR/RES). Several daemons on one machine need
-    /// different directories.
-    #[arg(long, env = "MARS_DEVICE_DIR", default_value = "/dev/mars")]
-    device_dir: PathBuf,
-    /// How a primary's resource appears as a local block device: `auto` (the FUSE+loop device
-    /// where FUSE and loop devices work, else none), `fuse-loop`, or `none` (NBD sockets only).
-    #[arg(long, env = "MARS_DEVICE", default_value = "auto")]
-    device: String,
-    /// Memory per resource for written data not yet on the backing disk (K/M/G suffixes).
-    #[arg(long, default_value = "256M")]
-    max_dirty: String,
-    /// Rotate a logfile once it reaches this size.
-    #[arg(long, default_value = "1G")]
-    logrotate_size: String,
-    /// Free space the root must keep. Below it, secondaries drop their logfiles and stop
-    /// fetching (they no longer hold logs for the others and need a full sync later).
-    #[arg(long, env = "MARS_MIN_FREE_SPACE", default_value = "1G")]
-    min_free_space: String,
-    /// Free space below which primaries enter emergency mode: writes go straight to the disk,
-    /// replication stops at a hole in the log (default: half of --min-free-space). They leave
-    /// it when --min-free-space is free again.
-    #[arg(long, env = "MARS_EMERGENCY_FREE_SPACE")]
-    emergency_free_space: Option<String>,
-    /// Template search path, colon-separated; each entry's `systemd-templates/` subdirectory is
-    /// used if it exists (default as MARS: ., ~/.marsadm, /etc/marsadm, /usr/lib/marsadm,
-    /// /usr/local/lib/marsadm).
-    #[arg(long, env = "MARS_PATH")]
-    systemd_templates: Option<String>,
-    /// Where generated units go.
-    #[arg(
-        long,
-        env = "MARS_SYSTEMD_UNIT_DIR",
-        default_value = "/run/systemd/system"
-    )]
-    systemd_unit_dir: PathBuf,
-    /// Where generated `.script` pseudo-units go (/run is often mounted noexec).
-    #[arg(
-        long,
-        env = "MARS_SYSTEMD_SCRIPTS_DIR",
-        default_value = "/etc/marsadm/systemd-generated-scripts"
-    )]
-    systemd_scripts_dir: PathBuf,
-    /// The systemctl to run (tests point this at a wrapper that enters a container).
-    #[arg(long, env = "MARS_SYSTEMCTL", default_value = "systemctl")]
-    systemctl: PathBuf,
-    /// Seconds one systemctl call or script may take before it is killed.
-    #[arg(long, default_value_t = 300)]
-    systemd_timeout: u64,
-    /// Write the man page marsd.8 into DIR and exit (for packaging; see `generate_man`).
-    #[arg(long, hide = true, value_name = "DIR")]
-    generate_man: Option<PathBuf>,
-}
-
-/// The hand-written parts of marsd(8); the rest comes from `Args` (see `mars-docgen`).
+/// The hand-written parts of marsd(8); the rest comes from `settings::Flags` (see
+/// `mars-docgen`).
 const MAN_PROSE: &str = include_str!("../../../docs/man/marsd.8.prose");
 
 /// `marsd --generate-man DIR`: the package build runs it, so the installed page always matches
@@ -153,17 +56,9 @@ const MAN_PROSE: &str = include_str!("../../../docs/man/marsd.8.prose");
 fn generate_man(dir: &Path) -> Result<()> {
     use clap::CommandFactory;
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
-    let path = mars_docgen::write_man(Args::command(), MAN_PROSE, dir)?;
+    let path = mars_docgen::write_man(settings::Flags::command(), MAN_PROSE, dir)?;
     println!("{}", path.display());
     Ok(())
-}
-
-fn normalize_listen(s: &str) -> Result<String> {
-    let with_port = peer::with_default_port(s);
-    with_port
-        .parse::<SocketAddr>()
-        .map(|_| with_port)
-        .with_context(|| format!("--listen {s:?} is not ADDR[:PORT]"))
 }
 
 fn absolute(p: &Path) -> Result<PathBuf> {
@@ -175,71 +70,64 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MARS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        // Colours only on a terminal: under systemd, stderr goes to the journal.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = Args::parse();
-    let result = match &args.generate_man {
-        Some(dir) => generate_man(dir),
-        None => run(args),
+    let flags = settings::Flags::parse();
+    // Before the settings are read: packaging runs it without a configuration.
+    if let Some(dir) = &flags.generate_man {
+        if let Err(e) = generate_man(dir) {
+            eprintln!("marsd: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let settings = match settings::load(&flags) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("marsd: {e:#}");
+            std::process::exit(2);
+        }
     };
-    if let Err(e) = result {
+    if flags.print_config {
+        print!("{}", settings.to_toml());
+        return;
+    }
+    if let Err(e) = logging::init(settings.logging.format, &settings.logging.level) {
         eprintln!("marsd: {e:#}");
+        std::process::exit(2);
+    }
+    if let Err(e) = run(settings) {
+        // Through the log (stderr or the journal), once.
+        tracing::error!("marsd: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(args: Args) -> Result<()> {
-    let host = match &args.host {
-        Some(h) => HostName::new(h).context("--host")?,
+fn run(s: settings::Settings) -> Result<()> {
+    let host = match &s.host {
+        Some(h) => h.clone(),
         None => {
             let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
             HostName::from_system(&raw).context(
-                "the machine's host name is not a valid mars host name; pass --host NAME",
+                "the machine's host name is not a valid mars host name; set `host` in \
+                 marsd.toml or pass --host NAME",
             )?
         }
     };
-    let listen = normalize_listen(&args.listen)?;
-    let max_dirty = parse_size(&args.max_dirty).context("--max-dirty")?;
-    let max_log_file = parse_size(&args.logrotate_size).context("--logrotate-size")?;
-    if max_log_file < 1 << 20 {
-        anyhow::bail!("--logrotate-size must be at least 1M");
-    }
-    if let Some(c) = &args.config {
-        if !c.exists() {
-            anyhow::bail!("--config {}: no such file", c.display());
-        }
-    }
-    let device = match args.device.as_str() {
-        "none" => crate::local::DeviceMode::None,
-        "fuse-loop" => {
+    let device = match s.device.mode {
+        settings::DeviceMode::None => crate::local::DeviceMode::None,
+        settings::DeviceMode::FuseLoop => {
             mars_blockdev::check_support()
-                .map_err(|e| anyhow::anyhow!("--device fuse-loop: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("device.mode fuse-loop (--device): {e}"))?;
             crate::local::DeviceMode::FuseLoop
         }
-        "auto" => match mars_blockdev::check_support() {
+        settings::DeviceMode::Auto => match mars_blockdev::check_support() {
             Ok(()) => crate::local::DeviceMode::FuseLoop,
             Err(e) => {
                 tracing::info!("no local block devices ({e}); resources are served over NBD");
                 crate::local::DeviceMode::None
             }
         },
-        "nbd" => anyhow::bail!(
-            "--device nbd: attaching the kernel NBD driver is not supported by this build; \
-             use fuse-loop, auto or none"
-        ),
-        other => anyhow::bail!("--device {other:?}: expected auto, fuse-loop or none"),
     };
-    if !args.device_dir.is_absolute() {
-        anyhow::bail!("--device-dir must be an absolute path");
-    }
-    let root = absolute(&args.root)?;
+    let root = absolute(&s.root)?;
     let _lock = root::lock_root(&root)?;
     tracing::info!(
         "marsd {} starting as host {host} in {}",
@@ -248,35 +136,27 @@ fn run(args: Args) -> Result<()> {
     );
     if device != crate::local::DeviceMode::None {
         // Leftovers of a daemon that crashed: FUSE mounts and loop devices nobody serves.
-        match mars_blockdev::cleanup_stale(&args.device_dir) {
+        match mars_blockdev::cleanup_stale(&s.device.dir) {
             Ok(rep) => tracing::debug!("device cleanup: {rep:?}"),
-            Err(e) => tracing::warn!("cleanup of {}: {e}", args.device_dir.display()),
+            Err(e) => tracing::warn!("cleanup of {}: {e}", s.device.dir.display()),
         }
     }
-    let min_free_space = parse_size(&args.min_free_space).context("--min-free-space")?;
-    let emergency_free_space = match &args.emergency_free_space {
-        Some(s) => parse_size(s).context("--emergency-free-space")?,
-        None => min_free_space / 2,
-    };
-    if emergency_free_space > min_free_space {
-        anyhow::bail!("--emergency-free-space must not exceed --min-free-space");
-    }
     let tuning = Tuning {
-        max_dirty: usize::try_from(max_dirty).context("--max-dirty too large")?,
-        max_log_file,
-        min_free_space,
-        emergency_free_space,
+        max_dirty: usize::try_from(s.txlog.max_dirty.0).context("txlog.max_dirty too large")?,
+        max_log_file: s.txlog.rotate_size.0,
+        min_free_space: s.space.min_free.0,
+        emergency_free_space: s.emergency_free(),
         device,
-        device_dir: args.device_dir.clone().into(),
+        device_dir: s.device.dir.clone().into(),
     };
     let mut systemd = systemd::Settings::mars_defaults();
-    if let Some(p) = args.systemd_templates.as_deref().filter(|p| !p.is_empty()) {
+    if let Some(p) = s.systemd.templates.as_deref().filter(|p| !p.is_empty()) {
         systemd.search_path = mars_unitgen::fs::search_path(Some(p), None, Path::new("/"));
     }
-    systemd.unit_dir = absolute(&args.systemd_unit_dir)?;
-    systemd.scripts_dir = absolute(&args.systemd_scripts_dir)?;
-    systemd.systemctl = args.systemctl.clone();
-    systemd.timeout = std::time::Duration::from_secs(args.systemd_timeout.max(1));
+    systemd.unit_dir = absolute(&s.systemd.unit_dir)?;
+    systemd.scripts_dir = absolute(&s.systemd.scripts_dir)?;
+    systemd.systemctl = s.systemd.systemctl.clone();
+    systemd.timeout = std::time::Duration::from_secs(s.systemd.timeout.max(1));
     let cluster: Option<root::ClusterFile> = root::read_toml(&root.join(root::CLUSTER_FILE))?;
     if let Some(c) = &cluster {
         if c.host != host {
@@ -303,15 +183,13 @@ fn run(args: Args) -> Result<()> {
     let ident = Arc::new(Identity::new(
         root,
         host,
-        listen,
-        args.nbd_listen,
+        s.listen.to_string(),
+        s.advertise.is_some().then(|| s.advertised()),
+        s.nbd.listen,
         cluster,
-        args.insecure,
+        s.insecure,
     ));
-    if let Some(dir) = &args.nbd_tls_dir {
-        if args.nbd_listen.is_none() {
-            anyhow::bail!("--nbd-tls-dir is for NBD over TCP: give --nbd-listen too");
-        }
+    if let Some(dir) = &s.nbd.tls_dir {
         let read = |f: &str| {
             std::fs::read_to_string(dir.join(f))
                 .with_context(|| format!("--nbd-tls-dir: cannot read {}", dir.join(f).display()))
@@ -323,20 +201,12 @@ fn run(args: Args) -> Result<()> {
         )
         .with_context(|| format!("--nbd-tls-dir {}", dir.display()))?;
         ident.set_nbd_tls(mars_nbd::NbdTls(tls));
-    } else if args.nbd_tls {
-        if args.insecure {
-            anyhow::bail!(
-                "--nbd-tls uses this host's cluster certificate, which --insecure does not"
-            );
-        }
-        if args.nbd_listen.is_none() {
-            anyhow::bail!("--nbd-tls is for NBD over TCP: give --nbd-listen too");
-        }
+    } else if s.nbd.tls {
         ident
             .nbd_tls
             .store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    if args.insecure {
+    if s.insecure {
         tracing::warn!("--insecure: peer streams are plaintext and nobody is authenticated");
     } else {
         match root::load_credentials(&ident.root)? {
@@ -366,7 +236,7 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .thread_name("marsd")
         .build()?;
-    let result = rt.block_on(serve(ident, store_file, tuning, systemd));
+    let result = rt.block_on(serve(ident, store_file, tuning, systemd, s.metrics.listen));
     // Stop serving before anything else is dropped, so no request races the close.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     tracing::info!("marsd stopped");
@@ -513,6 +383,8 @@ async fn serve(
     store: mars_meta::Store,
     tuning: Tuning,
     systemd: Arc<systemd::Systemd>,
+    // `metrics.listen` (`--metrics-listen`): where the Prometheus endpoint is served.
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let store = meta::MetaStore::start(store)?;
     let host = Host::new(ident.clone(), store, tuning, systemd);
@@ -532,6 +404,9 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen for peers on {}", ident.listen))?;
     tracing::info!("listening for peers on {}", ident.listen);
+    if let Some(a) = metrics_listen {
+        tracing::warn!("metrics.listen = {a}: this build serves no metrics endpoint");
+    }
     let handlers: Arc<dyn peer::Handlers> = Arc::new(PeerHandlers {
         host: host.clone(),
         lookup: Arc::new(HostLookup(host.clone())),

@@ -564,16 +564,21 @@ async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admiss
                 };
                 tune(&s);
                 let h = h.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    if let Err(e) = accept(h, s, from).await {
-                        if e.chain().any(|c| c.is::<FrameTooLarge>()) {
-                            refusal!("closed the peer connection from {from}: {e:#}");
-                        } else {
-                            tracing::debug!("peer connection from {from}: {e:#}");
+                // Every line about this stream carries the peer's address (`peer`).
+                let span = tracing::info_span!("peer", peer = %from);
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let _slot = slot;
+                        if let Err(e) = accept(h, s, from).await {
+                            if e.chain().any(|c| c.is::<FrameTooLarge>()) {
+                                refusal!("closed the peer connection from {from}: {e:#}");
+                            } else {
+                                tracing::debug!("peer connection from {from}: {e:#}");
+                            }
                         }
-                    }
-                });
+                    },
+                    span,
+                ));
             }
             Err(e) => errors.failed(e).await,
         }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!  main (composition root: may use anything)
+//!   → logging → settings (used by main only)
 //!   → control  nbd
 //!     → host
 //!       → resource
@@ -21,6 +22,8 @@ use std::path::{Path, PathBuf};
 
 /// Layers from the top; `main` stands above all of them.
 const LAYERS: &[&[&str]] = &[
+    &["logging"],
+    &["settings"],
     &["control", "nbd"],
     &["host"],
     &["resource"],

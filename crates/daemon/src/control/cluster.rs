@@ -23,16 +23,7 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
             ),
         ));
     }
-    let address = match ip {
-        Some(ip) => {
-            let bare = ip.rsplit_once(':').map_or(ip.as_str(), |(h, _)| h);
-            if bare.parse::<std::net::IpAddr>().is_err() {
-                return Err(invalid(format!("--ip {ip:?} is not an IP address")));
-            }
-            ip
-        }
-        None => host.ident.listen.clone(),
-    };
+    let address = advertised_address(host, ip)?;
     let c = ClusterFile {
         uuid: mars_wire::ClusterId(rand::random()).to_string(),
         host: host.ident.host.clone(),
@@ -82,10 +73,41 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
     done(msg)
 }
 
-pub async fn join(host: &Arc<Host>, peer: &str, token: Option<&str>) -> Outcome {
+pub async fn join(
+    host: &Arc<Host>,
+    peer: &str,
+    token: Option<&str>,
+    ip: Option<String>,
+) -> Outcome {
     let _g = host.admin.lock().await;
-    let msg = host.cluster.join(peer, token).await?;
+    let address = advertised_address(host, ip)?;
+    let msg = host.cluster.join(peer, token, address).await?;
     done(msg)
+}
+
+/// The address create-cluster and join-cluster publish for this host: `--ip` (an IP address
+/// with an optional port), else the configured `advertise`, else `listen`; never an
+/// unspecified one (`0.0.0.0`, `::`), which the peers could not reach.
+fn advertised_address(host: &Host, ip: Option<String>) -> Result<String, (ErrorKind, String)> {
+    let address = match ip {
+        Some(ip) => {
+            let ok = ip.parse::<std::net::SocketAddr>().is_ok()
+                || ip
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok();
+            if !ok {
+                return Err(invalid(format!(
+                    "--ip {ip:?} is not an IP address with an optional port"
+                )));
+            }
+            ip
+        }
+        None => host.ident.configured_address(),
+    };
+    crate::identity::advertisable(&address).map_err(invalid)?;
+    Ok(address)
 }
 
 /// `renew-certificate [--via HOST]`.

@@ -116,7 +116,9 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
             ))
         }
         Request::CreateCluster { ip } => cluster::create(host, ip).await,
-        Request::JoinCluster { peer, token } => cluster::join(host, &peer, token.as_deref()).await,
+        Request::JoinCluster { peer, token, ip } => {
+            cluster::join(host, &peer, token.as_deref(), ip).await
+        }
         Request::JoinToken { ttl } => cluster::join_token(host, ttl).await,
         Request::RenewCertificate { via } => cluster::renew(host, via).await,
         Request::RotateCa { finish } => cluster::rotate_ca(host, finish).await,

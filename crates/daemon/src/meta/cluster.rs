@@ -389,8 +389,15 @@ impl Cluster {
                             peer.host
                         );
                     }
+                    // The address it announced, not the connection's (an ephemeral port,
+                    // maybe another interface).
+                    let announced = mine
+                        .iter()
+                        .find(|e| e.key == own)
+                        .and_then(|e| e.value.clone())
+                        .unwrap_or_else(|| format!("{from} (announced no address)"));
                     self.apply(&peer.host, mine).await?;
-                    tracing::info!("host {} at {from} joined the cluster", peer.host);
+                    tracing::info!("host {} at {announced} joined the cluster", peer.host);
                     self.poke.notify_waiters();
                 }
                 Message::Renew { host_key } if !joining && !self.ident.insecure => {
@@ -585,7 +592,10 @@ impl Cluster {
                 });
                 for (h, addr) in members {
                     if h != self.ident.host && !tasks.contains_key(&h) {
-                        let t = tokio::spawn(self.clone().pull_loop(h.clone(), addr.clone()));
+                        let t = tokio::spawn(tracing::Instrument::instrument(
+                            self.clone().pull_loop(h.clone(), addr.clone()),
+                            tracing::info_span!("peer", peer = %h),
+                        ));
                         tasks.insert(h, (addr, t));
                     }
                 }
@@ -797,6 +807,7 @@ impl Cluster {
         &self,
         peer_addr: &str,
         token: Option<&str>,
+        address: String,
     ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
         if let Some(id) = self.ident.cluster_id() {
@@ -940,7 +951,6 @@ impl Cluster {
         }
         let from = s.peer.host.clone();
         self.apply(&from, all).await.map_err(failed)?;
-        let address = self.ident.advertised();
         self.ident
             .set_cluster(ClusterFile {
                 uuid: cluster.to_string(),

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use tracing::Instrument as _;
 
 use mars_engine::resource::{
     Command, CopyDecision, Done, Event, FetchEvent, Level, OpenFailure, Opened, SyncEvent,
@@ -286,7 +287,7 @@ impl Executor {
                     decisions: drx,
                     ask: self.shared.ask_caught_up.clone(),
                 };
-                let join = tokio::spawn(fetch::run(job));
+                let join = tokio::spawn(fetch::run(job).in_current_span());
                 self.fetch = Some(Worker {
                     id,
                     stop,
@@ -337,7 +338,9 @@ impl Executor {
                     sink: self.sink.clone(),
                     stop: stop.clone(),
                 };
-                let join = tokio::task::spawn_blocking(move || replay::run(job));
+                // The blocking thread logs inside the resource's span too.
+                let span = tracing::Span::current();
+                let join = tokio::task::spawn_blocking(move || span.in_scope(|| replay::run(job)));
                 let join = tokio::spawn(async move {
                     let _ = join.await;
                 });
@@ -387,7 +390,7 @@ impl Executor {
                     stop: stop.clone(),
                     go: go_rx,
                 };
-                let join = tokio::spawn(sync::run(job));
+                let join = tokio::spawn(sync::run(job).in_current_span());
                 self.sync = Some(Worker {
                     id,
                     stop,

@@ -217,7 +217,13 @@ pub fn spawn(
         snapshot: snap_tx,
         serve_view: serve_tx,
     };
-    tokio::spawn(actor.run(rx, worker_rx, facts));
+    // Every line the actor and its sessions log carries the resource (`res`: a field in the
+    // journal and in JSON, the text's prefix).
+    let span = tracing::info_span!("resource", res = %name);
+    tokio::spawn(tracing::Instrument::instrument(
+        actor.run(rx, worker_rx, facts),
+        span,
+    ));
     Handle {
         name,
         dir,
