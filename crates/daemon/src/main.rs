@@ -21,12 +21,14 @@ mod identity;
 mod listen;
 mod local;
 mod meta;
+mod metrics;
 mod nbd;
 mod peer;
 mod replication;
 mod resource;
 mod root;
 mod systemd;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -140,6 +142,9 @@ struct Args {
     /// Seconds one systemctl call or script may take before it is killed.
     #[arg(long, default_value_t = 300)]
     systemd_timeout: u64,
+    /// Serve Prometheus metrics on ADDR:PORT (`GET /metrics`); off unless given.
+    #[arg(long, env = "MARS_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn normalize_listen(s: &str) -> Result<String> {
@@ -345,7 +350,7 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .thread_name("marsd")
         .build()?;
-    let result = rt.block_on(serve(ident, store_file, tuning, systemd));
+    let result = rt.block_on(serve(ident, store_file, tuning, systemd, args.metrics_listen));
     // Stop serving before anything else is dropped, so no request races the close.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     tracing::info!("marsd stopped");
@@ -492,6 +497,7 @@ async fn serve(
     store: mars_meta::Store,
     tuning: Tuning,
     systemd: Arc<systemd::Systemd>,
+    metrics_listen: Option<SocketAddr>,
 ) -> Result<()> {
     let store = meta::MetaStore::start(store)?;
     let host = Host::new(ident.clone(), store, tuning, systemd);
@@ -511,6 +517,14 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen for peers on {}", ident.listen))?;
     tracing::info!("listening for peers on {}", ident.listen);
+    let metrics = match metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {a}"))?,
+        ),
+        None => None,
+    };
     let handlers: Arc<dyn peer::Handlers> = Arc::new(PeerHandlers {
         host: host.clone(),
         lookup: Arc::new(HostLookup(host.clone())),
@@ -529,6 +543,10 @@ async fn serve(
     host.wait_settled(std::time::Duration::from_secs(60)).await;
     let control = bind_unix(&ident.root.join(mars_api::CONTROL_SOCKET), 0o600)?;
     tokio::spawn(control::serve(host.clone(), control));
+    if let Some(l) = metrics {
+        tracing::info!("serving metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(metrics::serve(host.clone(), l));
+    }
     let _ = sd_notify::notify(
         false,
         &[

@@ -3,13 +3,14 @@
 //!
 //! ```text
 //!  main (composition root: may use anything)
+//!   → metrics (reads what `view` shows)
 //!   → control  nbd
 //!     → host
 //!       → resource
 //!         → replication  systemd
 //!           → local  meta
 //!             → peer  identity
-//!               → root  listen
+//!               → root  listen  traffic
 //! ```
 //!
 //! A module may name (`crate::x`) only modules of a lower layer; modules of one layer do not
@@ -21,13 +22,14 @@ use std::path::{Path, PathBuf};
 
 /// Layers from the top; `main` stands above all of them.
 const LAYERS: &[&[&str]] = &[
+    &["metrics"],
     &["control", "nbd"],
     &["host"],
     &["resource"],
     &["replication", "systemd"],
     &["local", "meta"],
     &["peer", "identity"],
-    &["root", "listen"],
+    &["root", "listen", "traffic"],
 ];
 
 fn rank(module: &str) -> Option<usize> {
