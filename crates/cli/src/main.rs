@@ -1,6 +1,7 @@
 //! `marsadm`: the admin command line. Command names, arguments and the `view` vocabulary follow
 //! the original MARS `marsadm`, so that MARS operators feel at home.
 
+mod check;
 mod client;
 mod demo;
 mod systemd;
@@ -207,6 +208,9 @@ enum Cmd {
     },
     /// Show the state of one resource, or of all.
     View { res: Option<String> },
+    /// Nagios/Icinga plugin: one status line with perfdata; exit 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN (daemon unreachable, bad arguments).
+    Check(check::CheckArgs),
     /// Close the current logfile and continue in a new one.
     LogRotate { res: String },
     /// Configure the systemd stack of RES: START is the unit at its top (or a marker name such
@@ -613,6 +617,8 @@ impl Cli {
                 Ok(())
             }
             Cmd::View { res } => self.view(res.as_deref()),
+            // `main` runs it before: it has exit codes of its own.
+            Cmd::Check(_) => Ok(()),
             Cmd::LogRotate { res } => {
                 self.no_dry_run("log-rotate")?;
                 let r = self.call(&Request::LogRotate {
@@ -769,6 +775,45 @@ impl Cli {
         }
     }
 
+    /// `check`: prints the plugin line (or the outcome as JSON) and returns the Nagios code.
+    fn check(&self, args: &check::CheckArgs) -> ExitCode {
+        let outcome = self.check_outcome(args);
+        if self.json {
+            let v = serde_json::json!({
+                "status": outcome.status,
+                "code": outcome.status as u8,
+                "line": outcome.line(),
+                "problems": outcome.problems,
+                "perfdata": outcome.perfdata,
+                "resources": outcome.resources,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            println!("{}", outcome.line());
+        }
+        ExitCode::from(outcome.status as u8)
+    }
+
+    fn check_outcome(&self, args: &check::CheckArgs) -> check::Outcome {
+        let t = match args.thresholds() {
+            Ok(t) => t,
+            Err(e) => return check::Outcome::unknown(e),
+        };
+        let res = match args.res.as_deref() {
+            None | Some("all") => None,
+            Some(r) => match resource(r) {
+                Ok(r) => Some(r),
+                Err(e) => return check::Outcome::unknown(format!("{e:#}")),
+            },
+        };
+        let window = Some(args.unreachable);
+        match self.call(&Request::View { res, window }) {
+            Ok(Reply::View(v)) => check::evaluate(&v, &t),
+            Ok(_) => check::Outcome::unknown("unexpected answer from marsd".into()),
+            Err(e) => check::Outcome::unknown(format!("{e:#}")),
+        }
+    }
+
     fn view(&self, res: Option<&str>) -> Result<()> {
         let all = matches!(res, None | Some("all"));
         let res = if all {
@@ -853,7 +898,19 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
+            let check = std::env::args().nth(1).is_some_and(|a| a == "check")
+                && e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if check { 3 } else { e.exit_code() as u8 });
+        }
+    };
+    if let Cmd::Check(args) = &cli.cmd {
+        return cli.check(args);
+    }
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
