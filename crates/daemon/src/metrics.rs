@@ -269,7 +269,7 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
     let hl = || vec![("host", me.clone())];
     o.gauge(
         "mars_info",
-        "This daemon: 1, with its version.",
+        "This daemon: 1, with its version",
         vec![
             ("host", me.clone()),
             ("version", env!("CARGO_PKG_VERSION").to_string()),
@@ -280,17 +280,17 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
         for (name, help, v) in [
             (
                 "mars_root_free_bytes",
-                "Bytes available on the root's filesystem.",
+                "Bytes available on the root's filesystem",
                 sp.free_bytes,
             ),
             (
                 "mars_root_used_bytes",
-                "Bytes used on the root's filesystem (total minus available).",
+                "Bytes used on the root's filesystem (total minus available)",
                 sp.used_bytes,
             ),
             (
                 "mars_root_total_bytes",
-                "Size of the root's filesystem.",
+                "Size of the root's filesystem",
                 sp.total_bytes,
             ),
         ] {
@@ -300,37 +300,37 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
         }
         o.gauge(
             "mars_root_log_bytes",
-            "Bytes of logfiles on the root (every resource).",
+            "Bytes of logfiles on the root (every resource)",
             hl(),
             sp.log_bytes as f64,
         );
         o.gauge(
             "mars_root_preallocated_bytes",
-            "Bytes allocated ahead for logfiles and not written yet.",
+            "Bytes allocated ahead for logfiles and not written yet",
             hl(),
             sp.preallocated_bytes as f64,
         );
         o.gauge(
             "mars_root_min_free_bytes",
-            "Free space the root keeps (below it secondaries drop their logfiles).",
+            "Free space the root keeps (below it secondaries drop their logfiles)",
             hl(),
             sp.min_free_bytes as f64,
         );
         o.gauge(
             "mars_root_emergency_free_bytes",
-            "Below this free space a primary enters emergency mode.",
+            "Below this free space a primary enters emergency mode",
             hl(),
             sp.emergency_free_bytes as f64,
         );
         o.gauge(
             "mars_log_growth_bytes_per_second",
-            "How fast the logfiles on the root grow (about the last minute).",
+            "How fast the logfiles on the root grow (about the last minute)",
             hl(),
             sp.log_growth_bytes_per_sec,
         );
         o.gauge(
             "mars_root_full_in_seconds",
-            "Seconds until the root's free space is used up at the current log growth; +Inf while the logs do not grow.",
+            "Seconds until the root's free space is used up at the current log growth; +Inf while the logs do not grow",
             hl(),
             sp.full_in_secs.unwrap_or(f64::INFINITY),
         );
@@ -338,26 +338,26 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
             let rl = || vec![("resource", r.name.clone()), ("host", me.clone())];
             o.gauge(
                 "mars_resource_logfiles",
-                "Logfiles of the resource on this host.",
+                "Logfiles of the resource on this host",
                 rl(),
                 r.logfiles as f64,
             );
             o.gauge(
                 "mars_resource_log_bytes",
-                "Bytes of the resource's logfiles on this host.",
+                "Bytes of the resource's logfiles on this host",
                 rl(),
                 r.log_bytes as f64,
             );
             o.gauge(
                 "mars_resource_preallocated_bytes",
-                "Bytes preallocated for the resource's logfiles on this host.",
+                "Bytes preallocated for the resource's logfiles on this host",
                 rl(),
                 r.preallocated_bytes as f64,
             );
             if let Some(n) = r.reclaim_below {
                 o.gauge(
                     "mars_resource_reclaim_below_logfile",
-                    "Logfiles below this number may be deleted here (minimum pin of the members that hold).",
+                    "Logfiles below this number may be deleted here (minimum pin of the members that hold)",
                     rl(),
                     n as f64,
                 );
@@ -367,14 +367,14 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
                 if let Some(n) = p.logfile {
                     o.gauge(
                         "mars_resource_pin_logfile",
-                        "The oldest logfile the member still needs.",
+                        "The oldest logfile the member still needs",
                         pl(),
                         n as f64,
                     );
                 }
                 o.gauge(
                     "mars_resource_pin_holds",
-                    "1: the member's pin holds back deletion on this host (heard from within unreachable-limit).",
+                    "1: the member's pin holds back deletion on this host (heard from within unreachable-limit)",
                     pl(),
                     b(p.holds),
                 );
@@ -385,20 +385,20 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
         let pl = || vec![("peer", m.host.clone())];
         o.gauge(
             "mars_peer_connected",
-            "1: this host exchanged metadata with the peer within the last few seconds.",
+            "1: this host exchanged metadata with the peer within the last few seconds",
             pl(),
             b(m.connected),
         );
         o.gauge(
             "mars_peer_alive",
-            "1: the peer's liveness stamp is younger than 60 s.",
+            "1: the peer's liveness stamp is younger than 60 s",
             pl(),
             b(m.alive),
         );
         if let Some(a) = m.age_secs {
             o.gauge(
                 "mars_peer_age_seconds",
-                "Seconds since the peer's newest liveness stamp.",
+                "Seconds since the peer's newest liveness stamp",
                 pl(),
                 a,
             );
@@ -408,13 +408,13 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
         let l = || vec![("peer", peer.clone()), ("stream", kind.to_string())];
         o.counter(
             "mars_peer_received_bytes",
-            "Bytes received from the peer (after the hellos).",
+            "Bytes received from the peer (after the hellos)",
             l(),
             *rx,
         );
         o.counter(
             "mars_peer_sent_bytes",
-            "Bytes sent to the peer (after the hellos).",
+            "Bytes sent to the peer (after the hellos)",
             l(),
             *tx,
         );
@@ -422,7 +422,7 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
     for (kind, n) in &c.errors {
         o.counter(
             "mars_peer_errors",
-            "Errors on the peer port: refused peers, failed connects, served streams that failed.",
+            "Errors on the peer port: refused peers, failed connects, served streams that failed",
             vec![("kind", kind.to_string())],
             *n,
         );
@@ -432,6 +432,8 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
     }
     let mut out = String::new();
     encode_registry(&mut out, &o.reg).expect("writing to a String");
+    // The encoder writes infinity as `inf`; both formats spell it `+Inf`.
+    let mut out = out.replace(" inf\n", " +Inf\n").replace(" -inf\n", " -Inf\n");
     if openmetrics {
         encode_eof(&mut out).expect("writing to a String");
     }
@@ -443,26 +445,26 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
     let l = |h: &str| vec![("resource", r.name.clone()), ("host", h.to_string())];
     o.gauge(
         "mars_resource_size_bytes",
-        "Size of the resource.",
+        "Size of the resource",
         l(me),
         r.size as f64,
     );
     o.gauge(
         "mars_resource_split_brain",
-        "1: the members' histories have forked (as this host sees it).",
+        "1: the members' histories have forked (as this host sees it)",
         l(me),
         b(r.split_brain.is_some()),
     );
     o.gauge(
         "mars_resource_open_count",
-        "Openers of the device on this host.",
+        "Openers of the device on this host",
         l(me),
         r.open_count as f64,
     );
     if let Some(ms) = r.caught_up_ms {
         o.gauge(
             "mars_resource_caught_up_age_seconds",
-            "Secondary: seconds since the primary confirmed this replica has everything durable.",
+            "Secondary: seconds since the primary confirmed this replica has everything durable",
             l(me),
             ms as f64 / 1000.0,
         );
@@ -483,13 +485,13 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
                 };
                 o.gauge(
                     "mars_log_position_logfile",
-                    "Primary: the logfile number of a log position.",
+                    "Primary: the logfile number of a log position",
                     pl(),
                     file as f64,
                 );
                 o.gauge(
                     "mars_log_position_bytes",
-                    "Primary: the byte offset of a log position within its logfile.",
+                    "Primary: the byte offset of a log position within its logfile",
                     pl(),
                     off as f64,
                 );
@@ -497,13 +499,13 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
         }
         o.gauge(
             "mars_log_dirty_bytes",
-            "Primary: written data held in memory until writeback.",
+            "Primary: written data held in memory until writeback",
             l(me),
             log.dirty_bytes as f64,
         );
         o.counter(
             "mars_log_writes",
-            "Primary: writes logged since the volume was opened.",
+            "Primary: writes logged since the volume was opened",
             l(me),
             log.writes,
         );
@@ -511,17 +513,17 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
     for (name, help, p) in [
         (
             "fetch",
-            "Secondary: log bytes fetched per second.",
+            "Secondary: log bytes fetched per second",
             r.fetch.as_ref(),
         ),
         (
             "replay",
-            "Secondary: log bytes replayed per second.",
+            "Secondary: log bytes replayed per second",
             r.replay.as_ref(),
         ),
         (
             "sync",
-            "Secondary: bytes of the full sync copied per second.",
+            "Secondary: bytes of the full sync copied per second",
             r.sync.as_ref(),
         ),
     ] {
@@ -541,65 +543,65 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
             ),
         };
         o.gauge(rate, help, l(me), p.rate as f64);
-        o.gauge(rest, "Bytes still to do.", l(me), p.rest() as f64);
+        o.gauge(rest, "Bytes still to do", l(me), p.rest() as f64);
     }
     for m in &r.members {
         let ml = l(&m.host);
         o.states(
             "mars_resource_role",
-            "1 for the member's role (as it reports it).",
+            "1 for the member's role (as it reports it)",
             &ml,
             ROLES,
             &m.role,
         );
         o.gauge(
             "mars_resource_designated_primary",
-            "1: the member is the designated primary.",
+            "1: the member is the designated primary",
             ml.clone(),
             b(r.primary == m.host),
         );
         o.states(
             "mars_resource_disk_state",
-            "1 for the member's MARS disk state.",
+            "1 for the member's MARS disk state",
             &ml,
             DISK_STATES,
             &m.disk_state,
         );
         o.states(
             "mars_resource_repl_state",
-            "1 for the member's MARS replication state.",
+            "1 for the member's MARS replication state",
             &ml,
             REPL_STATES,
             &m.repl_state,
         );
         o.gauge(
             "mars_resource_alive",
-            "1: the member was heard from within 60 s.",
+            "1: the member was heard from within 60 s",
             ml.clone(),
             b(m.alive),
         );
         o.gauge(
             "mars_resource_consistent",
-            "1: the member's disk is consistent (no full sync pending or running).",
+            "1: the member's disk is consistent (no full sync pending or running)",
             ml.clone(),
             b(m.consistent),
         );
         o.gauge(
             "mars_resource_emergency",
-            "1: the member is a primary in emergency mode (writes bypass the log).",
+            "1: the member is a primary in emergency mode (writes bypass the log)",
             ml.clone(),
             b(m.emergency),
         );
         o.gauge(
             "mars_resource_stuck",
-            "1: the member reports its replication stuck (see `marsadm view`).",
+            "1: the member reports its replication stuck (see `marsadm view`)",
             ml.clone(),
             b(m.stuck.is_some()),
         );
         if let Some(behind) = m.behind {
             o.gauge(
                 "mars_resource_lag_bytes",
-                "Bytes of the primary's log the member has not applied.",
+                "Bytes of the primary's log the member has not applied",
                 ml.clone(),
                 behind as f64,
             );
@@ -607,7 +609,7 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
         if let Some(s) = m.lag_secs {
             o.gauge(
                 "mars_resource_lag_seconds",
-                "Age of the oldest write the member has not applied (0: none).",
+                "Age of the oldest write the member has not applied (0: none)",
                 ml.clone(),
                 s,
             );
@@ -615,13 +617,13 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
         if let Some((file, off)) = m.applied.as_deref().and_then(parse_pos) {
             o.gauge(
                 "mars_resource_applied_logfile",
-                "Logfile of the member's applied position (replay or writeback).",
+                "Logfile of the member's applied position (replay or writeback)",
                 ml.clone(),
                 file as f64,
             );
             o.gauge(
                 "mars_resource_applied_bytes",
-                "Offset of the member's applied position within that logfile.",
+                "Offset of the member's applied position within that logfile",
                 ml.clone(),
                 off as f64,
             );
@@ -629,13 +631,13 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
         if let Some(y) = &m.sync {
             o.gauge(
                 "mars_resource_member_sync_rest_bytes",
-                "Bytes of the member's full sync still to copy.",
+                "Bytes of the member's full sync still to copy",
                 ml.clone(),
                 y.rest() as f64,
             );
             o.gauge(
                 "mars_resource_member_sync_rate_bytes_per_second",
-                "The member's full sync rate.",
+                "The member's full sync rate",
                 ml.clone(),
                 y.rate as f64,
             );
@@ -643,7 +645,7 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
         if let Some(ok) = m.systemd_ok {
             o.gauge(
                 "mars_resource_systemd_ok",
-                "The member's last systemd start/stop: 1 succeeded, 0 failed.",
+                "The member's last systemd start/stop: 1 succeeded, 0 failed",
                 ml.clone(),
                 b(ok),
             );
