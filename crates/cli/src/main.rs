@@ -902,8 +902,7 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
-            let check = std::env::args().nth(1).is_some_and(|a| a == "check")
-                && e.use_stderr();
+            let check = subcommand_is_check(std::env::args().skip(1)) && e.use_stderr();
             let _ = e.print();
             return ExitCode::from(if check { 3 } else { e.exit_code() as u8 });
         }
@@ -927,6 +926,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommand is `check` (its argument errors exit UNKNOWN): the first word that is not a
+/// global option or an option's value.
+fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
+    let mut args = args;
+    while let Some(a) = args.next() {
+        if ["--root", "--timeout", "--window", "--parallel"].contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            return a == "check";
+        }
+    }
+    false
 }
 
 /// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).
@@ -955,6 +968,16 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn check_is_found_after_global_options() {
+        let is = |s: &str| super::subcommand_is_check(s.split(' ').map(String::from));
+        assert!(is("check --lag-warn x"));
+        assert!(is("--root /r --timeout 5 check"));
+        assert!(is("--json --root=/r check all"));
+        assert!(!is("--root check view"));
+        assert!(!is("view check"));
+    }
+
     use super::*;
     use clap::CommandFactory;
 

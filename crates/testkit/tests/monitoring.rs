@@ -82,12 +82,18 @@ fn metrics_and_check_follow_lag_and_recovery() {
     }
     // The primary preallocates its current logfile (rotate size, 1 GiB by default).
     assert!(value(&text, "mars_root_preallocated_bytes{host=\"a\"}").unwrap() > 0.0);
+    // b received the 2 MiB written before it joined (by the full sync) and the log since.
     let btext = scrape(&mb);
-    assert!(
-        value(&btext, "mars_peer_received_bytes_total{peer=\"a\",stream=\"fetch\"}")
-            .is_some_and(|v| v > 2.0 * MIB as f64),
-        "{btext}"
-    );
+    let received: f64 = ["fetch", "sync"]
+        .iter()
+        .filter_map(|k| {
+            value(
+                &btext,
+                &format!("mars_peer_received_bytes_total{{peer=\"a\",stream=\"{k}\"}}"),
+            )
+        })
+        .sum();
+    assert!(received > 2.0 * MIB as f64, "{btext}");
     assert_eq!(
         value(&btext, &series("mars_resource_replay_rest_bytes", "b")),
         Some(0.0)
