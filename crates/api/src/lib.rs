@@ -235,8 +235,9 @@ pub struct ClusterView {
     pub members: Vec<MemberView>,
     pub resources: Vec<ResourceView>,
     /// The root filesystem and the logfiles on it (absent from daemons before it existed).
+    /// Boxed: the view travels inside `Reply`, whose other variants are small.
     #[serde(default)]
-    pub space: Option<SpaceView>,
+    pub space: Option<Box<SpaceView>>,
 }
 
 /// Space on this host's root filesystem and what the logfiles take of it.

@@ -105,7 +105,10 @@ impl Default for Thresholds {
             lag_bytes_warn: None,
             lag_bytes_crit: None,
             space_warn: vec![SpaceLimit::UsedPercent(30.0)],
-            space_crit: vec![SpaceLimit::UsedPercent(70.0), SpaceLimit::FreeBytes(4 << 30)],
+            space_crit: vec![
+                SpaceLimit::UsedPercent(70.0),
+                SpaceLimit::FreeBytes(4 << 30),
+            ],
             stalled: 300.0,
         }
     }
@@ -297,7 +300,7 @@ pub fn evaluate(view: &ClusterView, t: &Thresholds) -> Outcome {
         resource(&view.host, r, t, &mut problems, &mut perfdata);
     }
     // Worst first; within one severity in the order found.
-    problems.sort_by(|a, b| b.status.cmp(&a.status));
+    problems.sort_by_key(|p| std::cmp::Reverse(p.status));
     Outcome {
         status: problems
             .iter()
@@ -334,7 +337,11 @@ fn space(sp: &SpaceView, t: &Thresholds, problems: &mut Vec<Problem>, perf: &mut
             format_size(free)
         );
         if let Some(s) = sp.full_in_secs {
-            let _ = write!(text, ", full in {:.0} min at the current log rate", s / 60.0);
+            let _ = write!(
+                text,
+                ", full in {:.0} min at the current log rate",
+                s / 60.0
+            );
         }
         problems.push(Problem {
             status,
@@ -412,10 +419,7 @@ fn resource(
         add(Status::Warning, "no primary designated".into());
     } else if primary != me {
         if let Some(p) = designated.filter(|p| !p.alive) {
-            add(
-                Status::Critical,
-                format!("primary {} unreachable", p.host),
-            );
+            add(Status::Critical, format!("primary {} unreachable", p.host));
         }
     }
     // This host's own replication switches (MARS's `todo` flags: `-` is off).
@@ -473,7 +477,10 @@ fn resource(
         }
         if let Some(y) = &m.sync {
             if y.rest() > 0 && y.rate == 0 {
-                add(Status::Warning, format!("sync of {} not progressing", m.host));
+                add(
+                    Status::Warning,
+                    format!("sync of {} not progressing", m.host),
+                );
             }
         }
     }
@@ -495,7 +502,10 @@ fn resource(
     if r.role != "Primary" && todo && !moving && my_lag.is_some_and(|l| l >= t.stalled) {
         add(
             Status::Critical,
-            format!("replication here not progressing for {:.0} s", my_lag.unwrap_or(0.0)),
+            format!(
+                "replication here not progressing for {:.0} s",
+                my_lag.unwrap_or(0.0)
+            ),
         );
     }
     let label = |what: &str| format!("{}_{what}", r.name);
@@ -560,7 +570,7 @@ mod tests {
             cluster: None,
             members: vec![],
             resources: vec![r],
-            space: Some(space(90 << 30, 100 << 30)),
+            space: Some(Box::new(space(90 << 30, 100 << 30))),
         }
     }
 
@@ -584,7 +594,11 @@ mod tests {
         let t = Thresholds::default();
         let o = evaluate(&v, &t);
         assert_eq!(o.status, Status::Warning);
-        assert!(o.line().starts_with("MARS WARNING: vm1 beta lags 90 s | "), "{}", o.line());
+        assert!(
+            o.line().starts_with("MARS WARNING: vm1 beta lags 90 s | "),
+            "{}",
+            o.line()
+        );
         assert!(o.line().contains("vm1_lag=90s;60;300;0;"));
         assert!(o.line().contains("vm1_lag_bytes=5242880B;;;0;"));
         v.resources[0].members[1].lag_secs = Some(301.0);
@@ -596,7 +610,11 @@ mod tests {
         v.resources[0].members[1].lag_secs = Some(1.0);
         let o = evaluate(&v, &t);
         assert_eq!(o.status, Status::Critical);
-        assert!(o.line().contains("vm1 beta is 5.00 MiB behind"), "{}", o.line());
+        assert!(
+            o.line().contains("vm1 beta is 5.00 MiB behind"),
+            "{}",
+            o.line()
+        );
     }
 
     #[test]
@@ -619,8 +637,9 @@ mod tests {
         let o = evaluate(&v, &Thresholds::default());
         assert_eq!(o.status, Status::Critical);
         assert!(
-            o.line()
-                .starts_with("MARS CRITICAL: vm1 split brain (alpha vs beta); vm1 beta lags 70 s | "),
+            o.line().starts_with(
+                "MARS CRITICAL: vm1 split brain (alpha vs beta); vm1 beta lags 70 s | "
+            ),
             "{}",
             o.line()
         );
@@ -643,14 +662,20 @@ mod tests {
         v.resources[0].flags = "dCAS-R".into();
         let o = evaluate(&v, &Thresholds::default());
         assert_eq!(o.status, Status::Warning);
-        assert!(o.line().contains("vm1 fetch switched off here"), "{}", o.line());
+        assert!(
+            o.line().contains("vm1 fetch switched off here"),
+            "{}",
+            o.line()
+        );
 
         // Something to replay, no rate, oldest unapplied write 400 s old: not shrinking.
         let mut v = healthy();
         v.resources[0].replay = Some(progress(0, 10 * MIB, 0));
         v.resources[0].members[1].lag_secs = Some(400.0);
         let o = evaluate(&v, &Thresholds::default());
-        assert!(o.line().contains("replication here not progressing for 400 s"));
+        assert!(o
+            .line()
+            .contains("replication here not progressing for 400 s"));
         // Moving: only the lag rule.
         v.resources[0].replay = Some(progress(0, 10 * MIB, MIB));
         let o = evaluate(&v, &Thresholds::default());
@@ -666,15 +691,17 @@ mod tests {
     fn space_thresholds_by_percent_and_bytes() {
         let t = Thresholds::default();
         let mut v = healthy();
-        v.space = Some(space(60 << 30, 100 << 30));
+        v.space = Some(Box::new(space(60 << 30, 100 << 30)));
         let o = evaluate(&v, &t);
         assert_eq!(o.status, Status::Warning);
-        assert!(o.line().contains("root /var/lib/mars 40% used, 60.00 GiB free"));
-        v.space = Some(space(25 << 30, 100 << 30));
+        assert!(o
+            .line()
+            .contains("root /var/lib/mars 40% used, 60.00 GiB free"));
+        v.space = Some(Box::new(space(25 << 30, 100 << 30)));
         assert_eq!(evaluate(&v, &t).status, Status::Critical);
         // 4 GiB left of a large filesystem: critical though only 0.4 % is used... of 1 TiB
         // with 4 GiB free it is 99.6 % used; a small one with 3 GiB free of 5 GiB: 40 %.
-        v.space = Some(space(3 << 30, 5 << 30));
+        v.space = Some(Box::new(space(3 << 30, 5 << 30)));
         assert_eq!(evaluate(&v, &t).status, Status::Critical);
         let lax = Thresholds {
             space_warn: vec![SpaceLimit::parse("95%").unwrap()],
@@ -684,7 +711,7 @@ mod tests {
         assert_eq!(evaluate(&v, &lax).status, Status::Ok);
         let mut s = space(0, 0);
         s.free_bytes = None;
-        v.space = Some(s);
+        v.space = Some(Box::new(s));
         assert_eq!(evaluate(&v, &t).status, Status::Unknown);
     }
 

@@ -765,12 +765,17 @@ mod tests {
         still.log_growth_bytes_per_sec = 0.0;
         still.full_in_secs = None;
         still.free_bytes = None;
-        assert!(space_text("alpha", &still)
-            .contains("space: free space unknown, logs 3.00 MiB (preallocated 1.00 GiB), not growing\n"));
+        assert!(space_text("alpha", &still).contains(
+            "space: free space unknown, logs 3.00 MiB (preallocated 1.00 GiB), not growing\n"
+        ));
         let mut m = member("beta", true);
         m.behind = Some(MIB);
         m.lag_secs = Some(2.5);
-        assert!(member_line(&m).contains(" behind 1.00 MiB (2.5s old)"), "{}", member_line(&m));
+        assert!(
+            member_line(&m).contains(" behind 1.00 MiB (2.5s old)"),
+            "{}",
+            member_line(&m)
+        );
     }
 
     #[test]

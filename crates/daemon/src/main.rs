@@ -350,7 +350,13 @@ fn run(args: Args) -> Result<()> {
         .enable_all()
         .thread_name("marsd")
         .build()?;
-    let result = rt.block_on(serve(ident, store_file, tuning, systemd, args.metrics_listen));
+    let result = rt.block_on(serve(
+        ident,
+        store_file,
+        tuning,
+        systemd,
+        args.metrics_listen,
+    ));
     // Stop serving before anything else is dropped, so no request races the close.
     rt.shutdown_timeout(std::time::Duration::from_secs(5));
     tracing::info!("marsd stopped");

@@ -160,7 +160,13 @@ async fn connection(host: &Host, mut s: TcpStream) -> Result<()> {
     match parse_head(&head) {
         None => respond(&mut s, "400 Bad Request", "text/plain", "bad request\n").await,
         Some(Asked::NotFound) => {
-            respond(&mut s, "404 Not Found", "text/plain", "only /metrics here\n").await
+            respond(
+                &mut s,
+                "404 Not Found",
+                "text/plain",
+                "only /metrics here\n",
+            )
+            .await
         }
         Some(Asked::BadMethod) => {
             respond(&mut s, "405 Method Not Allowed", "text/plain", "GET only\n").await
@@ -242,7 +248,11 @@ impl Out {
     /// the one it is in.
     fn states(&mut self, name: &'static str, help: &str, labels: &Labels, all: &[&str], s: &str) {
         let base = s.split('[').next().unwrap_or(s);
-        for st in all.iter().copied().chain((!all.contains(&base)).then_some(base)) {
+        for st in all
+            .iter()
+            .copied()
+            .chain((!all.contains(&base)).then_some(base))
+        {
             let mut l = labels.clone();
             l.push(("state", st.to_string()));
             self.gauge(name, help, l, if st == base { 1.0 } else { 0.0 });
@@ -433,7 +443,9 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
     let mut out = String::new();
     encode_registry(&mut out, &o.reg).expect("writing to a String");
     // The encoder writes infinity as `inf`; both formats spell it `+Inf`.
-    let mut out = out.replace(" inf\n", " +Inf\n").replace(" -inf\n", " -Inf\n");
+    let mut out = out
+        .replace(" inf\n", " +Inf\n")
+        .replace(" -inf\n", " -Inf\n");
     if openmetrics {
         encode_eof(&mut out).expect("writing to a String");
     }
@@ -670,7 +682,9 @@ mod tests {
             Some(Asked::Metrics { openmetrics: false })
         );
         assert_eq!(
-            parse_head("GET /metrics?x=1 HTTP/1.0\r\naccept: application/openmetrics-text;version=1.0.0"),
+            parse_head(
+                "GET /metrics?x=1 HTTP/1.0\r\naccept: application/openmetrics-text;version=1.0.0"
+            ),
             Some(Asked::Metrics { openmetrics: true })
         );
         assert_eq!(parse_head("GET / HTTP/1.1"), Some(Asked::NotFound));

@@ -167,10 +167,9 @@ mod tests {
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(t.sent.load(Ordering::Relaxed), 5);
         assert_eq!(t.received.load(Ordering::Relaxed), 5);
-        assert!(all().iter().any(|(p, k, rx, tx)| p == "counted-peer"
-            && *k == "fetch"
-            && *rx == 5
-            && *tx == 5));
+        assert!(all()
+            .iter()
+            .any(|(p, k, rx, tx)| p == "counted-peer" && *k == "fetch" && *rx == 5 && *tx == 5));
         for i in 0..MAX_PAIRS + 10 {
             of(&format!("p{i}"), "meta");
         }

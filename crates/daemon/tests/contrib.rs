@@ -73,14 +73,16 @@ fn rule_exprs(yaml: &str) -> Vec<String> {
 
 #[test]
 fn alert_rules_use_exported_metrics_only() {
-    let yaml =
-        std::fs::read_to_string(repo().join("contrib/prometheus/mars-alerts.yml")).unwrap();
+    let yaml = std::fs::read_to_string(repo().join("contrib/prometheus/mars-alerts.yml")).unwrap();
     let exprs = rule_exprs(&yaml);
     assert!(exprs.len() >= 10, "{exprs:?}");
     let have = exported();
     for e in &exprs {
         let used = names(e);
-        assert!(!used.is_empty() || e.contains("up{"), "no mars metric in {e}");
+        assert!(
+            !used.is_empty() || e.contains("up{"),
+            "no mars metric in {e}"
+        );
         for n in used {
             assert!(have.contains(&n), "{n} (in `{e}`) is not exported");
         }
@@ -95,7 +97,10 @@ fn alert_rules_use_exported_metrics_only() {
         "mars_resource_designated_primary",
         "mars_root_free_bytes",
     ] {
-        assert!(exprs.iter().any(|e| e.contains(needed)), "no rule on {needed}");
+        assert!(
+            exprs.iter().any(|e| e.contains(needed)),
+            "no rule on {needed}"
+        );
     }
     if Path::new("/usr/bin/promtool").exists() {
         let o = std::process::Command::new("promtool")
@@ -139,6 +144,9 @@ fn dashboard_uses_exported_metrics_only() {
         "mars_root_free_bytes",
         "mars_peer_connected",
     ] {
-        assert!(exprs.iter().any(|e| e.contains(needed)), "no panel on {needed}");
+        assert!(
+            exprs.iter().any(|e| e.contains(needed)),
+            "no panel on {needed}"
+        );
     }
 }

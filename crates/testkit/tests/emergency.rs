@@ -180,14 +180,19 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
         ),
         ("mars_resource_split_brain{resource=\"r\",host=\"a\"}", 0.0),
     ] {
-        assert_eq!(mars_testkit::metrics::value(&text, s), Some(want), "{s} in\n{text}");
+        assert_eq!(
+            mars_testkit::metrics::value(&text, s),
+            Some(want),
+            "{s} in\n{text}"
+        );
     }
-    let (code, line) = mars_testkit::metrics::check(
-        &a,
-        &["r", "--space-warn", "100%", "--space-crit", "0"],
-    );
+    let (code, line) =
+        mars_testkit::metrics::check(&a, &["r", "--space-warn", "100%", "--space-crit", "0"]);
     assert_eq!(code, 2, "{line}");
-    assert!(line.starts_with("MARS CRITICAL: r emergency mode on a"), "{line}");
+    assert!(
+        line.starts_with("MARS CRITICAL: r emergency mode on a"),
+        "{line}"
+    );
     let view = a.ok(&["view", "r"]);
     assert!(view.contains("EmergencyMode"), "{view}");
     // In emergency mode writes go to the disk, not the log: they keep succeeding and the

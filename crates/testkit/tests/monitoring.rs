@@ -123,24 +123,38 @@ fn metrics_and_check_follow_lag_and_recovery() {
     });
     std::thread::sleep(Duration::from_secs(2));
     write_random(&a, "r", t.path(), 8 * MIB, MIB as usize);
-    eventually(30, "lag in seconds grows with the age of the oldest unapplied write", || {
-        value(&scrape(&ma), &lag_s).is_some_and(|v| v >= seen + 1.5)
-    });
+    eventually(
+        30,
+        "lag in seconds grows with the age of the oldest unapplied write",
+        || value(&scrape(&ma), &lag_s).is_some_and(|v| v >= seen + 1.5),
+    );
     eventually(30, "b sees its own lag", || {
         value(&scrape(&mb), &lag_s).is_some_and(|v| v >= 1.0)
     });
     let age = first.elapsed().as_secs_f64();
     let now = value(&scrape(&ma), &lag_s).unwrap();
-    assert!(now <= age + 5.0, "lag {now} s, but the first write was {age} s ago");
+    assert!(
+        now <= age + 5.0,
+        "lag {now} s, but the first write was {age} s ago"
+    );
     // check on the primary: warning at 1 s, critical at 2 s.
-    let (code, line) = check(&a, &[&LAX[..], &["--lag-warn", "1", "--lag-crit", "3600"]].concat());
+    let (code, line) = check(
+        &a,
+        &[&LAX[..], &["--lag-warn", "1", "--lag-crit", "3600"]].concat(),
+    );
     assert_eq!(code, 1, "{line}");
     assert!(line.starts_with("MARS WARNING: r b lags "), "{line}");
-    let (code, line) = check(&a, &[&LAX[..], &["--lag-warn", "1", "--lag-crit", "2"]].concat());
+    let (code, line) = check(
+        &a,
+        &[&LAX[..], &["--lag-warn", "1", "--lag-crit", "2"]].concat(),
+    );
     assert_eq!(code, 2, "{line}");
     assert!(line.starts_with("MARS CRITICAL: r b lags "), "{line}");
     // On b the paused replay is a warning of its own.
-    let (code, line) = check(&b, &[&LAX[..], &["--lag-warn", "3600", "--lag-crit", "7200"]].concat());
+    let (code, line) = check(
+        &b,
+        &[&LAX[..], &["--lag-warn", "3600", "--lag-crit", "7200"]].concat(),
+    );
     assert_eq!(code, 1, "{line}");
     assert!(line.contains("replay switched off here"), "{line}");
 

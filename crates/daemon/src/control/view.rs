@@ -47,7 +47,7 @@ pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -
         }),
         members,
         resources,
-        space: Some(space),
+        space: Some(Box::new(space)),
     }
 }
 
@@ -162,7 +162,10 @@ async fn resource_view(
         .keys()
         .map(|hn| {
             let m = if *hn == me { &local } else { &**meta };
-            (hn.clone(), m.members[hn].report.as_ref().and_then(|r| r.applied))
+            (
+                hn.clone(),
+                m.members[hn].report.as_ref().and_then(|r| r.applied),
+            )
         })
         .collect();
     let (usage, stamps) = {
@@ -172,7 +175,10 @@ async fn resource_view(
             let stamps: std::collections::BTreeMap<HostName, u64> = applied
                 .into_iter()
                 .filter_map(|(hn, p)| {
-                    Some((hn, crate::local::space::stamp_at(&dir, p?, origin.as_ref())?))
+                    Some((
+                        hn,
+                        crate::local::space::stamp_at(&dir, p?, origin.as_ref())?,
+                    ))
                 })
                 .collect();
             (crate::local::space::usage(&dir), stamps)
