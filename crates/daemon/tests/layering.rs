@@ -222,6 +222,7 @@ fn the_checks_see_what_they_check() {
             .map(ToString::to_string)
             .collect()
     );
-    assert_eq!(rank("control"), Some(0));
+    assert_eq!(rank("metrics"), Some(0));
+    assert_eq!(rank("control"), Some(1));
     assert!(rank("root") > rank("peer"));
 }
