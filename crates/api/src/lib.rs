@@ -237,6 +237,61 @@ pub struct ClusterView {
     #[serde(default)]
     pub members: Vec<MemberView>,
     pub resources: Vec<ResourceView>,
+    /// The root filesystem and the logfiles on it (absent from daemons before it existed).
+    /// Boxed: the view travels inside `Reply`, whose other variants are small.
+    #[serde(default)]
+    pub space: Option<Box<SpaceView>>,
+}
+
+/// Space on this host's root filesystem and what the logfiles take of it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpaceView {
+    /// The root directory (its filesystem holds every logfile).
+    pub root: String,
+    /// Bytes available to the daemon (`f_bavail`), used and in total (`None`: statvfs failed).
+    pub free_bytes: Option<u64>,
+    pub used_bytes: Option<u64>,
+    pub total_bytes: Option<u64>,
+    /// Bytes of logfiles on the root (every resource, primaries' logs and replicas' copies).
+    pub log_bytes: u64,
+    /// Bytes allocated ahead for logfiles and not written yet (the current logfile of every
+    /// primary is preallocated to the rotate size): taken from the free space already.
+    pub preallocated_bytes: u64,
+    /// How fast the logfiles grow, averaged over the last minute or so (bytes per second).
+    pub log_growth_bytes_per_sec: f64,
+    /// Seconds until `free_bytes` is used up at that rate; `None` while the logs do not grow.
+    pub full_in_secs: Option<f64>,
+    /// Free space the root keeps: below it secondaries drop their logfiles (`min_free`).
+    pub min_free_bytes: u64,
+    /// Below this much free space a primary enters emergency mode (`emergency_free`).
+    pub emergency_free_bytes: u64,
+    /// Per resource on this host.
+    pub resources: Vec<ResourceSpace>,
+}
+
+/// The logfiles of one resource on this host and who keeps them from being deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceSpace {
+    pub name: String,
+    pub logfiles: u64,
+    pub log_bytes: u64,
+    pub preallocated_bytes: u64,
+    /// Logfiles below this number may be deleted (the minimum pin over this host and the
+    /// members within `unreachable-limit`); `None`: nobody pins.
+    pub reclaim_below: Option<u64>,
+    /// Every member's pin: the oldest logfile it still needs.
+    pub pins: Vec<LogPin>,
+}
+
+/// One member's hold on a resource's logfiles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPin {
+    pub host: String,
+    /// The oldest logfile it still needs (`None`: it pins nothing).
+    pub logfile: Option<u64>,
+    /// Its pin holds back deletion here: it is this host or was heard from within
+    /// `unreachable-limit` (a member silent for longer is not waited for).
+    pub holds: bool,
 }
 
 /// One cluster member as this host sees it.
@@ -255,7 +310,7 @@ pub struct MemberView {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceView {
     pub name: String,
     pub size: u64,
@@ -366,7 +421,7 @@ impl Progress {
 }
 
 /// One member of a resource, from the replicated metadata.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReplicaView {
     pub host: String,
     pub disk: String,
@@ -382,6 +437,17 @@ pub struct ReplicaView {
     pub applied: Option<String>,
     /// Bytes of the primary's log this member has not applied yet (when known).
     pub behind: Option<u64>,
+    /// Age in seconds of the oldest write this member has not applied to its disk: 0 when it
+    /// is not behind, else now minus the stamp of the log record at its applied position, read
+    /// from this host's copy of that logfile (`None`: this host does not hold that record).
+    #[serde(default)]
+    pub lag_secs: Option<f64>,
+    /// Primary in emergency mode (writes bypass the log).
+    #[serde(default)]
+    pub emergency: bool,
+    /// Its last systemd operation succeeded (`None`: it ran none).
+    #[serde(default)]
+    pub systemd_ok: Option<bool>,
     pub sync: Option<Progress>,
     pub stuck: Option<String>,
     /// Its last systemd start/stop, e.g. `start app.service: ok` (when it ran one).

@@ -1,6 +1,7 @@
 //! `marsadm`: the admin command line. Command names, arguments and the `view` vocabulary follow
 //! the original MARS `marsadm`, so that MARS operators feel at home.
 
+mod check;
 mod client;
 mod demo;
 mod generate;
@@ -213,6 +214,9 @@ enum Cmd {
     },
     /// Show the state of one resource, or of all.
     View { res: Option<String> },
+    /// Nagios/Icinga plugin: one status line with perfdata; exit 0 OK, 1 WARNING,
+    /// 2 CRITICAL, 3 UNKNOWN (daemon unreachable, bad arguments).
+    Check(check::CheckArgs),
     /// Close the current logfile and continue in a new one.
     LogRotate { res: String },
     /// Configure the systemd stack of RES: START is the unit at its top (or a marker name such
@@ -627,6 +631,8 @@ impl Cli {
                 Ok(())
             }
             Cmd::View { res } => self.view(res.as_deref()),
+            // `main` runs it before: it has exit codes of its own.
+            Cmd::Check(_) => Ok(()),
             Cmd::LogRotate { res } => {
                 self.no_dry_run("log-rotate")?;
                 let r = self.call(&Request::LogRotate {
@@ -784,6 +790,45 @@ impl Cli {
         }
     }
 
+    /// `check`: prints the plugin line (or the outcome as JSON) and returns the Nagios code.
+    fn check(&self, args: &check::CheckArgs) -> ExitCode {
+        let outcome = self.check_outcome(args);
+        if self.json {
+            let v = serde_json::json!({
+                "status": outcome.status,
+                "code": outcome.status as u8,
+                "line": outcome.line(),
+                "problems": outcome.problems,
+                "perfdata": outcome.perfdata,
+                "resources": outcome.resources,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        } else {
+            println!("{}", outcome.line());
+        }
+        ExitCode::from(outcome.status as u8)
+    }
+
+    fn check_outcome(&self, args: &check::CheckArgs) -> check::Outcome {
+        let t = match args.thresholds() {
+            Ok(t) => t,
+            Err(e) => return check::Outcome::unknown(e),
+        };
+        let res = match args.res.as_deref() {
+            None | Some("all") => None,
+            Some(r) => match resource(r) {
+                Ok(r) => Some(r),
+                Err(e) => return check::Outcome::unknown(format!("{e:#}")),
+            },
+        };
+        let window = Some(args.unreachable);
+        match self.call(&Request::View { res, window }) {
+            Ok(Reply::View(v)) => check::evaluate(&v, &t),
+            Ok(_) => check::Outcome::unknown("unexpected answer from marsd".into()),
+            Err(e) => check::Outcome::unknown(format!("{e:#}")),
+        }
+    }
+
     fn view(&self, res: Option<&str>) -> Result<()> {
         let all = matches!(res, None | Some("all"));
         let res = if all {
@@ -868,7 +913,18 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
+            let check = subcommand_is_check(std::env::args().skip(1)) && e.use_stderr();
+            let _ = e.print();
+            return ExitCode::from(if check { 3 } else { e.exit_code() as u8 });
+        }
+    };
+    if let Cmd::Check(args) = &cli.cmd {
+        return cli.check(args);
+    }
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -885,6 +941,20 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The subcommand is `check` (its argument errors exit UNKNOWN): the first word that is not a
+/// global option or an option's value.
+fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
+    let mut args = args;
+    while let Some(a) = args.next() {
+        if ["--root", "--timeout", "--window", "--parallel"].contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            return a == "check";
+        }
+    }
+    false
 }
 
 /// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).
@@ -913,6 +983,16 @@ fn parse_ttl(s: &str) -> Result<u64, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn check_is_found_after_global_options() {
+        let is = |s: &str| super::subcommand_is_check(s.split(' ').map(String::from));
+        assert!(is("check --lag-warn x"));
+        assert!(is("--root /r --timeout 5 check"));
+        assert!(is("--json --root=/r check all"));
+        assert!(!is("--root check view"));
+        assert!(!is("view check"));
+    }
+
     use super::*;
     use clap::CommandFactory;
 

@@ -1,7 +1,7 @@
 //! `view` and `view-MACRO`: MARS-style status text.
 
 use anyhow::{bail, Result};
-use mars_api::{ClusterView, Progress, ReplicaView, ResourceView, SwitchKind};
+use mars_api::{ClusterView, Progress, ReplicaView, ResourceView, SpaceView, SwitchKind};
 use mars_config::format_size;
 
 /// Position of a switch's letter in MARS's six-letter flags field `DCASFR` (device/disk,
@@ -149,6 +149,9 @@ pub fn member_line(m: &ReplicaView) -> String {
     );
     if let Some(b) = m.behind.filter(|b| *b > 0) {
         s += &format!(" behind {}", format_size(b));
+        if let Some(l) = m.lag_secs {
+            s += &format!(" ({l:.1}s old)");
+        }
     }
     if let Some(p) = &m.sync {
         s += &format!(" sync {:.2}%", percent(p));
@@ -310,6 +313,70 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
             }
             None => s += &format!("host {} is not in a cluster yet\n", v.host),
         }
+        if let Some(sp) = &v.space {
+            s += &space_text(&v.host, sp);
+        }
+    }
+    s
+}
+
+/// The host's root: free space, what the logfiles take, how soon it is full, and per resource
+/// which members keep its logfiles.
+pub fn space_text(host: &str, sp: &SpaceView) -> String {
+    let mut s = format!("--------- host {host} root {}\n", sp.root);
+    let disk = match (sp.free_bytes, sp.total_bytes) {
+        (Some(f), Some(t)) => format!(
+            "{} free of {} ({:.0}% used)",
+            format_size(f),
+            format_size(t),
+            if t == 0 {
+                0.0
+            } else {
+                t.saturating_sub(f) as f64 * 100.0 / t as f64
+            }
+        ),
+        _ => "free space unknown".into(),
+    };
+    let growth = if sp.log_growth_bytes_per_sec > 0.0 {
+        format!(
+            "growing {}/s, full in {}",
+            format_size(sp.log_growth_bytes_per_sec as u64),
+            hms(sp.full_in_secs.map(|x| x as u64))
+        )
+    } else {
+        "not growing".into()
+    };
+    s += &format!(
+        "  space: {disk}, logs {} (preallocated {}), {growth}\n",
+        format_size(sp.log_bytes),
+        format_size(sp.preallocated_bytes)
+    );
+    for r in &sp.resources {
+        s += &format!(
+            "  {}: {} logfiles {}",
+            r.name,
+            r.logfiles,
+            format_size(r.log_bytes)
+        );
+        if let Some(n) = r.reclaim_below {
+            let by: Vec<&str> = r
+                .pins
+                .iter()
+                .filter(|p| p.holds && p.logfile == Some(n))
+                .map(|p| p.host.as_str())
+                .collect();
+            s += &format!(", kept from logfile {n} for {}", by.join(","));
+        }
+        let ignored: Vec<&str> = r
+            .pins
+            .iter()
+            .filter(|p| !p.holds && p.logfile.is_some())
+            .map(|p| p.host.as_str())
+            .collect();
+        if !ignored.is_empty() {
+            s += &format!(" (not waiting for unreachable {})", ignored.join(","));
+        }
+        s += "\n";
     }
     s
 }
@@ -504,6 +571,9 @@ pub mod fixtures {
             consistent: true,
             applied: None,
             behind: None,
+            lag_secs: None,
+            emergency: false,
+            systemd_ok: None,
             sync: None,
             stuck: None,
             systemd: None,
@@ -643,6 +713,69 @@ mod tests {
             "    member beta: UpToDate Replaying dCASFR Secondary behind 3.00 MiB sync 25.00% stuck: logfiles gone"
         );
         assert_eq!(lines.len(), 6);
+    }
+
+    #[test]
+    fn host_space_line_and_pins() {
+        let sp = SpaceView {
+            root: "/var/lib/mars".into(),
+            free_bytes: Some(30 << 30),
+            used_bytes: Some(70 << 30),
+            total_bytes: Some(100 << 30),
+            log_bytes: 3 * MIB,
+            preallocated_bytes: 1024 * MIB,
+            log_growth_bytes_per_sec: 2.0 * MIB as f64,
+            full_in_secs: Some(15360.0),
+            min_free_bytes: 1 << 30,
+            emergency_free_bytes: 512 * MIB,
+            resources: vec![mars_api::ResourceSpace {
+                name: "vm1".into(),
+                logfiles: 3,
+                log_bytes: 3 * MIB,
+                preallocated_bytes: 1024 * MIB,
+                reclaim_below: Some(41),
+                pins: vec![
+                    mars_api::LogPin {
+                        host: "alpha".into(),
+                        logfile: Some(43),
+                        holds: true,
+                    },
+                    mars_api::LogPin {
+                        host: "beta".into(),
+                        logfile: Some(41),
+                        holds: true,
+                    },
+                    mars_api::LogPin {
+                        host: "gamma".into(),
+                        logfile: Some(7),
+                        holds: false,
+                    },
+                ],
+            }],
+        };
+        assert_eq!(
+            space_text("alpha", &sp),
+            "--------- host alpha root /var/lib/mars\n\
+             \x20 space: 30.00 GiB free of 100.00 GiB (70% used), logs 3.00 MiB (preallocated \
+             1.00 GiB), growing 2.00 MiB/s, full in 04:16:00\n\
+             \x20 vm1: 3 logfiles 3.00 MiB, kept from logfile 41 for beta (not waiting for \
+             unreachable gamma)\n"
+        );
+        let mut still = sp.clone();
+        still.log_growth_bytes_per_sec = 0.0;
+        still.full_in_secs = None;
+        still.free_bytes = None;
+        assert!(space_text("alpha", &still).contains(
+            "space: free space unknown, logs 3.00 MiB (preallocated 1.00 GiB), not growing\n"
+        ));
+        let mut m = member("beta", true);
+        m.behind = Some(MIB);
+        m.lag_secs = Some(2.5);
+        assert!(
+            member_line(&m).contains(" behind 1.00 MiB (2.5s old)"),
+            "{}",
+            member_line(&m)
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use mars_engine::{keys, EngineConfig, HostSettings, Timing};
 use tokio::sync::{mpsc, watch};
 
 use crate::identity::Identity;
+use crate::local::space::Growth;
 use crate::local::{DeviceMode, Tuning};
 use crate::meta::{Cluster, MetaStore};
 use crate::resource::{self, Env, Handle, Space};
@@ -43,6 +44,8 @@ pub struct Host {
     pub admin: tokio::sync::Mutex<()>,
     /// When the host last measured (the watchdog pings while it does).
     measured: std::sync::Mutex<std::time::Instant>,
+    /// How fast the logfiles on the root grow (sampled with the disks).
+    growth: Arc<std::sync::Mutex<Growth>>,
 }
 
 impl Host {
@@ -93,6 +96,7 @@ impl Host {
             ended: std::sync::Mutex::new(Some(ended_rx)),
             admin: tokio::sync::Mutex::new(()),
             measured: std::sync::Mutex::new(std::time::Instant::now()),
+            growth: Arc::default(),
         });
         let weak = Arc::downgrade(&host);
         systemd.set_resources(Box::new(move || {
@@ -228,10 +232,26 @@ impl Host {
         }
     }
 
-    /// Pokes every resource whose backing disk changed size.
+    /// Which members are reachable and which still pin logfiles, as last measured.
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.borrow().clone()
+    }
+
+    /// How fast the logfiles on the root grow, in bytes per second (0: they do not).
+    pub fn log_growth(&self) -> f64 {
+        self.growth.lock().unwrap_or_else(|e| e.into_inner()).rate()
+    }
+
+    /// Pokes every resource whose backing disk changed size; samples the logfiles' growth.
     async fn look_at_disks(&self) {
         let all = self.all();
+        let growth = self.growth.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            let dirs: Vec<_> = all.iter().map(|h| h.dir.clone()).collect();
+            growth
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sample(std::time::Instant::now(), &dirs);
             for h in all {
                 let now = crate::resource::disk_len(&h.disk).unwrap_or(0);
                 let before = h

@@ -22,6 +22,7 @@ mod listen;
 mod local;
 mod logging;
 mod meta;
+mod metrics;
 mod nbd;
 mod peer;
 mod replication;
@@ -29,6 +30,7 @@ mod resource;
 mod root;
 mod settings;
 mod systemd;
+mod traffic;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -404,9 +406,14 @@ async fn serve(
         .await
         .with_context(|| format!("cannot listen for peers on {}", ident.listen))?;
     tracing::info!("listening for peers on {}", ident.listen);
-    if let Some(a) = metrics_listen {
-        tracing::warn!("metrics.listen = {a}: this build serves no metrics endpoint");
-    }
+    let metrics = match metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("cannot listen for metrics on {a}"))?,
+        ),
+        None => None,
+    };
     let handlers: Arc<dyn peer::Handlers> = Arc::new(PeerHandlers {
         host: host.clone(),
         lookup: Arc::new(HostLookup(host.clone())),
@@ -425,6 +432,10 @@ async fn serve(
     host.wait_settled(std::time::Duration::from_secs(60)).await;
     let control = bind_unix(&ident.root.join(mars_api::CONTROL_SOCKET), 0o600)?;
     tokio::spawn(control::serve(host.clone(), control));
+    if let Some(l) = metrics {
+        tracing::info!("serving metrics on http://{}/metrics", l.local_addr()?);
+        tokio::spawn(metrics::serve(host.clone(), l));
+    }
     let _ = sd_notify::notify(
         false,
         &[

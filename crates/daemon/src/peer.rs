@@ -25,6 +25,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::listen::{AcceptErrors, Admission, LogBudget};
+use crate::traffic::{self, Counted, PeerError};
+
+/// A stream kind as the metrics label it.
+pub fn kind_label(kind: StreamKind) -> &'static str {
+    match kind {
+        StreamKind::Meta => "meta",
+        StreamKind::Fetch => "fetch",
+        StreamKind::Sync => "sync",
+    }
+}
 
 /// What peers get refused is logged within this budget (a flood of refused connections must
 /// not flood the log).
@@ -33,6 +43,7 @@ static REFUSALS: LogBudget = LogBudget::new();
 /// Logs a refusal within [`REFUSALS`].
 macro_rules! refusal {
     ($($arg:tt)*) => {
+        crate::traffic::count(crate::traffic::PeerError::Refused);
         if let Some(left_out) = REFUSALS.take() {
             if left_out > 0 {
                 tracing::warn!("{} ({left_out} more refusals not logged)", format_args!($($arg)*));
@@ -434,6 +445,10 @@ async fn client_hellos(
 ) -> Result<Session> {
     w.write_all(&ours.encode()).await?;
     let (peer, rest) = read_hello(&mut r).await?;
+    // Counted from after the hellos, under the name the peer gives (checked below).
+    let counter = traffic::of(peer.host.as_str(), kind_label(ours.kind));
+    let r: BoxRead = Box::new(Counted::new(r, counter.clone()));
+    let w: BoxWrite = Box::new(Counted::new(w, counter));
     let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(ours.kind, false));
     if let Err(e) = ours.check_peer(&peer) {
         bail!("{addr}: {e}");
@@ -467,16 +482,23 @@ pub async fn connect(
     kind: StreamKind,
     tls: Option<&PeerTls>,
 ) -> Result<Session> {
-    let s = tcp_connect(addr).await?;
-    let ours = Hello::new(kind, cluster, me.clone());
-    match tls {
-        None => client_hellos(addr, split_stream(s), ours, None).await,
-        Some(t) => {
-            let (s, named) = tls_connect(addr, s, t.client.clone()).await?;
-            let named = named.ok_or_else(|| anyhow!("{addr} presented no certificate"))?;
-            client_hellos(addr, split_stream(s), ours, Some(named)).await
+    let r = async {
+        let s = tcp_connect(addr).await?;
+        let ours = Hello::new(kind, cluster, me.clone());
+        match tls {
+            None => client_hellos(addr, split_stream(s), ours, None).await,
+            Some(t) => {
+                let (s, named) = tls_connect(addr, s, t.client.clone()).await?;
+                let named = named.ok_or_else(|| anyhow!("{addr} presented no certificate"))?;
+                client_hellos(addr, split_stream(s), ours, Some(named)).await
+            }
         }
     }
+    .await;
+    if r.is_err() {
+        traffic::count(PeerError::ConnectFailed);
+    }
+    r
 }
 
 /// Connects as a joiner without a certificate: the member must present a chain whose CA
@@ -570,6 +592,7 @@ async fn listen_with(l: TcpListener, h: Arc<dyn Handlers>, admission: Arc<Admiss
                     async move {
                         let _slot = slot;
                         if let Err(e) = accept(h, s, from).await {
+                            traffic::count(PeerError::StreamFailed);
                             if e.chain().any(|c| c.is::<FrameTooLarge>()) {
                                 refusal!("closed the peer connection from {from}: {e:#}");
                             } else {
@@ -697,6 +720,10 @@ async fn accept_hello(
         refuse(&mut w, RefuseKind::Hello, reason).await?;
         return Ok(());
     }
+    // Counted from here: the peer is admitted (or a joiner, counted under its claimed name).
+    let counter = traffic::of(peer.host.as_str(), kind_label(peer.kind));
+    let r: BoxRead = Box::new(Counted::new(r, counter.clone()));
+    let mut w: BoxWrite = Box::new(Counted::new(w, counter));
     let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(peer.kind, true));
     if joiner {
         let grant = match frames.next_within(HELLO_TIMEOUT).await? {

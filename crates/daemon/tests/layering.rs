@@ -4,13 +4,14 @@
 //! ```text
 //!  main (composition root: may use anything)
 //!   → logging → settings (used by main only)
+//!   → metrics (reads what `view` shows)
 //!   → control  nbd
 //!     → host
 //!       → resource
 //!         → replication  systemd
 //!           → local  meta
 //!             → peer  identity
-//!               → root  listen
+//!               → root  listen  traffic
 //! ```
 //!
 //! A module may name (`crate::x`) only modules of a lower layer; modules of one layer do not
@@ -24,13 +25,14 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["logging"],
     &["settings"],
+    &["metrics"],
     &["control", "nbd"],
     &["host"],
     &["resource"],
     &["replication", "systemd"],
     &["local", "meta"],
     &["peer", "identity"],
-    &["root", "listen"],
+    &["root", "listen", "traffic"],
 ];
 
 fn rank(module: &str) -> Option<usize> {
@@ -223,6 +225,8 @@ fn the_checks_see_what_they_check() {
             .map(ToString::to_string)
             .collect()
     );
-    assert_eq!(rank("control"), Some(0));
+    assert_eq!(rank("metrics"), Some(0));
+    // `control` sits right below the layers only `main` uses (logging, settings, metrics).
+    assert_eq!(rank("control"), Some(3));
     assert!(rank("root") > rank("peer"));
 }

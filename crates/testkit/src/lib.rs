@@ -8,6 +8,7 @@
 
 pub mod impostor;
 pub mod lab;
+pub mod metrics;
 pub mod nbd;
 pub mod repl;
 pub mod sdbox;

@@ -82,6 +82,8 @@ struct Filled {
     db: PathBuf,
     /// The file that takes the small filesystem's space.
     ballast: PathBuf,
+    /// a's metrics endpoint.
+    ma: String,
     /// Last: unmounted after the hosts stopped.
     small: SmallFs,
 }
@@ -96,6 +98,7 @@ fn fill_until_emergency(
     leave: u64,
 ) -> Option<Filled> {
     let small = SmallFs::new(&t.join("a-root.img"), &t.join("a"), 256 * MIB)?;
+    let ma = mars_testkit::metrics::listen_addr();
     let a = Host::start_with_env(
         t,
         "a",
@@ -103,6 +106,7 @@ fn fill_until_emergency(
         &[
             ("MARS_MIN_FREE_SPACE", min_free),
             ("MARS_EMERGENCY_FREE_SPACE", emergency_free),
+            ("MARS_METRICS_LISTEN", &ma),
         ],
     );
     let b = Host::start_at(t, "b", "127.0.0.2");
@@ -141,6 +145,7 @@ fn fill_until_emergency(
         da,
         db,
         ballast,
+        ma,
         small,
     })
 }
@@ -158,11 +163,36 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
         da,
         db,
         ballast,
+        ma,
     }) = fill_until_emergency(t.path(), "56M", "40M", 70 * MIB)
     else {
         return;
     };
     assert_eq!(a.view("replstate", "r"), "EmergencyMode");
+    // Monitoring says so: the metric, and `check` is critical for it (space limits lifted,
+    // the small root would be critical by itself).
+    let text = mars_testkit::metrics::scrape(&ma);
+    for (s, want) in [
+        ("mars_resource_emergency{resource=\"r\",host=\"a\"}", 1.0),
+        (
+            "mars_resource_disk_state{resource=\"r\",host=\"a\",state=\"EmergencyMode\"}",
+            1.0,
+        ),
+        ("mars_resource_split_brain{resource=\"r\",host=\"a\"}", 0.0),
+    ] {
+        assert_eq!(
+            mars_testkit::metrics::value(&text, s),
+            Some(want),
+            "{s} in\n{text}"
+        );
+    }
+    let (code, line) =
+        mars_testkit::metrics::check(&a, &["r", "--space-warn", "100%", "--space-crit", "0"]);
+    assert_eq!(code, 2, "{line}");
+    assert!(
+        line.starts_with("MARS CRITICAL: r emergency mode on a"),
+        "{line}"
+    );
     let view = a.ok(&["view", "r"]);
     assert!(view.contains("EmergencyMode"), "{view}");
     // In emergency mode writes go to the disk, not the log: they keep succeeding and the
@@ -223,6 +253,7 @@ fn a_log_that_fills_the_root_at_once_enters_emergency_mode_without_a_failed_writ
         da,
         db,
         ballast,
+        ..
     }) = fill_until_emergency(t.path(), "24M", "0", 16 * MIB)
     else {
         return;

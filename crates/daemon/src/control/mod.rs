@@ -7,6 +7,8 @@ mod cluster;
 mod resources;
 mod view;
 
+pub use view::view;
+
 use std::sync::Arc;
 use std::time::Duration;
 

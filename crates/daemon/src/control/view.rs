@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mars_api::{
-    ClusterInfo, ClusterView, LogView, Progress, ReplicaView, ResourceView, SplitBrainView,
-    SplitSide, SystemdView,
+    ClusterInfo, ClusterView, LogPin, LogView, Progress, ReplicaView, ResourceSpace, ResourceView,
+    SpaceView, SplitBrainView, SplitSide, SystemdView,
 };
 use mars_config::HostName;
 use mars_engine::Role;
@@ -18,9 +18,13 @@ pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -
     let me = host.ident.host.clone();
     let alive = |h: &HostName| *h == me || ages.get(h).is_some_and(|a| *a <= window);
     let mut resources = Vec::new();
+    let mut spaces = Vec::new();
     for h in list {
-        resources.push(resource_view(host, &h, &alive).await);
+        let (v, s) = resource_view(host, &h, &alive).await;
+        resources.push(v);
+        spaces.push(s);
     }
+    let space = space_view(host, spaces).await;
     let members = if all {
         host.cluster.member_views(window).await
     } else {
@@ -43,14 +47,40 @@ pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -
         }),
         members,
         resources,
+        space: Some(Box::new(space)),
     }
 }
 
+/// The root's space, with the logfiles of the resources shown (every resource's for a view
+/// of all, which is what `view` without a name and the metrics ask).
+async fn space_view(host: &Host, resources: Vec<ResourceSpace>) -> SpaceView {
+    let root = host.ident.root.clone();
+    let st = tokio::task::spawn_blocking(move || crate::host::statvfs(&root))
+        .await
+        .ok()
+        .flatten();
+    let rate = host.log_growth();
+    let free = st.map(|s| s.0);
+    SpaceView {
+        root: host.ident.root.display().to_string(),
+        free_bytes: free,
+        // Used as `df` counts it: what is not available to us (reserved blocks included).
+        used_bytes: st.map(|(f, t)| t.saturating_sub(f)),
+        total_bytes: st.map(|s| s.1),
+        log_bytes: resources.iter().map(|r| r.log_bytes).sum(),
+        preallocated_bytes: resources.iter().map(|r| r.preallocated_bytes).sum(),
+        log_growth_bytes_per_sec: rate,
+        full_in_secs: free.filter(|_| rate > 0.0).map(|f| f as f64 / rate),
+        min_free_bytes: host.tuning.min_free_space,
+        emergency_free_bytes: host.tuning.emergency_free_space,
+        resources,
+    }
+}
 async fn resource_view(
     host: &Host,
     h: &Handle,
     alive: &(dyn Fn(&HostName) -> bool + Sync),
-) -> ResourceView {
+) -> (ResourceView, ResourceSpace) {
     let me = host.ident.host.clone();
     let snap = h.snapshot();
     let st = &snap.status;
@@ -125,6 +155,56 @@ async fn resource_view(
             }
         }
     }
+    // Lag in seconds: the stamp of each member's first unapplied record, from this host's
+    // logfiles (the primary holds every member's; a replica its own copies).
+    let applied: Vec<(HostName, Option<mars_txlog::LogPos>)> = meta
+        .members
+        .keys()
+        .map(|hn| {
+            let m = if *hn == me { &local } else { &**meta };
+            (
+                hn.clone(),
+                m.members[hn].report.as_ref().and_then(|r| r.applied),
+            )
+        })
+        .collect();
+    let (usage, stamps) = {
+        let dir = h.dir.clone();
+        let origin = meta.primary.clone();
+        tokio::task::spawn_blocking(move || {
+            let stamps: std::collections::BTreeMap<HostName, u64> = applied
+                .into_iter()
+                .filter_map(|(hn, p)| {
+                    Some((
+                        hn,
+                        crate::local::space::stamp_at(&dir, p?, origin.as_ref())?,
+                    ))
+                })
+                .collect();
+            (crate::local::space::usage(&dir), stamps)
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let now_ns = mars_meta::system_time_ns();
+    let liveness = host.liveness();
+    let pinning = |x: &HostName| liveness.pinning.contains(x);
+    let space = ResourceSpace {
+        name: h.name.to_string(),
+        logfiles: usage.logfiles,
+        log_bytes: usage.log_bytes,
+        preallocated_bytes: usage.preallocated_bytes,
+        reclaim_below: mars_engine::plan::reclaim_below_by(&local, &me, &pinning),
+        pins: local
+            .members
+            .iter()
+            .map(|(hn, m)| LogPin {
+                host: hn.to_string(),
+                logfile: m.report.as_ref().and_then(|r| r.pin),
+                holds: *hn == me || pinning(hn),
+            })
+            .collect(),
+    };
     let members = meta
         .members
         .keys()
@@ -148,6 +228,15 @@ async fn resource_view(
                 consistent: r.is_some_and(|r| r.consistent),
                 applied: r.and_then(|r| r.applied).map(|p| p.to_string()),
                 behind: s.behind,
+                // Clocks differ between hosts (NTP keeps them close): never negative.
+                lag_secs: match s.behind {
+                    Some(0) => Some(0.0),
+                    _ => stamps
+                        .get(hn)
+                        .map(|t| now_ns.saturating_sub(*t) as f64 / 1e9),
+                },
+                emergency: r.is_some_and(|r| r.emergency),
+                systemd_ok: meta.systemd.status.get(hn).map(|st| st.ok()),
                 sync: r.and_then(|r| r.sync.as_ref()).map(|y| Progress {
                     done: y.done,
                     total: y.size,
@@ -163,7 +252,7 @@ async fn resource_view(
         Some(Err(e)) => Some(e.clone()),
         _ => None,
     };
-    ResourceView {
+    let view = ResourceView {
         name: name.clone(),
         size: st.size,
         disk: snap.disk.clone(),
@@ -210,5 +299,6 @@ async fn resource_view(
             stop_unit: meta.systemd.stop().unwrap_or(start).to_string(),
             want: meta.systemd.want_raw.clone(),
         }),
-    }
+    };
+    (view, space)
 }

@@ -3,6 +3,7 @@
 //! Everything here blocks on disk I/O; the layers above call it on blocking threads.
 
 pub mod replica;
+pub mod space;
 pub mod volume;
 
 pub use replica::ReplicaDir;
