@@ -223,6 +223,7 @@ fn the_checks_see_what_they_check() {
             .map(ToString::to_string)
             .collect()
     );
-    assert_eq!(rank("control"), Some(0));
+    assert_eq!(rank("logging"), Some(0));
+    assert!(rank("control") > rank("settings"));
     assert!(rank("root") > rank("peer"));
 }
