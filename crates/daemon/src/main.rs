@@ -103,7 +103,7 @@ fn main() {
     }
 }
 
-fn run(s: settings::Settings) -> Result<()> {
+fn run(s: settings::Config) -> Result<()> {
     let host = match &s.host {
         Some(h) => h.clone(),
         None => {

@@ -2,7 +2,7 @@
 //! `MARS_CONFIG`), the command-line flags (and their environment variables) and the defaults,
 //! merged in that order of precedence: flag > file > default.
 //!
-//! The file's layout is the [`Settings`] struct: top-level keys `host`, `root`, `listen`,
+//! The file's layout is the [`Config`] struct: top-level keys `host`, `root`, `listen`,
 //! `advertise`, `insecure`; sections `[nbd]`, `[device]`, `[txlog]`, `[space]`, `[metrics]`,
 //! `[systemd]`, `[logging]`. Unknown keys are errors (`deny_unknown_fields`) that name the key,
 //! its section and its line; every value is checked when the file is read, so a wrong type or a
@@ -140,7 +140,7 @@ impl fmt::Display for Size {
     /// The shortest exact form: `1G`, `256M`, `4K`, or the plain number.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (shift, unit) in [(50, "P"), (40, "T"), (30, "G"), (20, "M"), (10, "K")] {
-            if self.0 != 0 && self.0 % (1u64 << shift) == 0 {
+            if self.0 != 0 && self.0.is_multiple_of(1u64 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
         }
@@ -311,7 +311,7 @@ impl From<LogLevel> for String {
 /// listen address, for `space.emergency_free` half of `space.min_free`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Settings {
+pub struct Config {
     pub host: Option<HostName>,
     pub root: PathBuf,
     pub listen: PeerAddr,
@@ -379,9 +379,9 @@ pub struct LoggingSettings {
     pub level: LogLevel,
 }
 
-impl Default for Settings {
+impl Default for Config {
     fn default() -> Self {
-        Settings {
+        Config {
             host: None,
             root: "/var/lib/mars".into(),
             listen: PeerAddr(SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT))),
@@ -456,7 +456,7 @@ impl Default for LoggingSettings {
     name = "marsd",
     version,
     about = "mars daemon: geo-redundant block device replication",
-    after_help = "Settings come from the flags, then the configuration file (default \
+    after_help = "Config come from the flags, then the configuration file (default \
                   /etc/mars/marsd.toml), then the defaults shown; `marsd --print-config` \
                   prints the result."
 )]
@@ -577,7 +577,7 @@ pub struct Flags {
 
 /// Reads the configuration file `flags` (or the environment) names, else the default one if it
 /// exists, and lays the flags over it.
-pub fn load(flags: &Flags) -> Result<Settings> {
+pub fn load(flags: &Flags) -> Result<Config> {
     let file = match &flags.config {
         Some(path) => Some(read_file(path)?),
         None => {
@@ -595,7 +595,7 @@ pub fn load(flags: &Flags) -> Result<Settings> {
     Ok(s)
 }
 
-fn read_file(path: &Path) -> Result<Settings> {
+fn read_file(path: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read the configuration file {}", path.display()))?;
     parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
@@ -603,8 +603,8 @@ fn read_file(path: &Path) -> Result<Settings> {
 
 /// Parses a configuration file's text. The error names the section and line of the culprit
 /// (toml's own message names the key: "unknown field `x`", "invalid type: …").
-pub fn parse(text: &str) -> Result<Settings, String> {
-    toml::from_str::<Settings>(text).map_err(|e| {
+pub fn parse(text: &str) -> Result<Config, String> {
+    toml::from_str::<Config>(text).map_err(|e| {
         let what = e.message().trim().to_string();
         match e.span() {
             Some(span) => {
@@ -624,7 +624,7 @@ pub fn parse(text: &str) -> Result<Settings, String> {
     })
 }
 
-impl Settings {
+impl Config {
     /// Lays the flags that were given over these settings.
     pub fn apply(&mut self, f: &Flags) {
         fn set<T: Clone>(dst: &mut T, v: &Option<T>) {
@@ -724,7 +724,7 @@ impl Settings {
              defaults.\n",
         );
         let mut section: Option<&toml::Table> = None;
-        for (sec, key) in Settings::keys() {
+        for (sec, key) in Config::keys() {
             match (sec, key) {
                 (Some(sec), None) => {
                     out.push_str(&format!("\n[{sec}]\n"));
@@ -744,9 +744,9 @@ impl Settings {
     }
 
     /// Every section header `(Some(section), None)` and key `(section, Some(key))` in the
-    /// order of the struct (from the serialization of [`Settings::full_example`]).
+    /// order of the struct (from the serialization of [`Config::full_example`]).
     pub fn keys() -> Vec<(Option<String>, Option<String>)> {
-        let text = toml::to_string(&Settings::full_example()).expect("serializes");
+        let text = toml::to_string(&Config::full_example()).expect("serializes");
         let mut sec = None;
         let mut out = Vec::new();
         for line in text.lines().map(str::trim) {
@@ -760,13 +760,13 @@ impl Settings {
         out
     }
 
-    /// Settings with every optional key set: the complete list of keys (for `to_toml` and the
+    /// Config with every optional key set: the complete list of keys (for `to_toml` and the
     /// test that `dist/marsd.toml` documents them all).
-    pub fn full_example() -> Settings {
-        let mut s = Settings {
+    pub fn full_example() -> Config {
+        let mut s = Config {
             host: Some(HostName::new("alpha").expect("valid")),
             advertise: Some("192.0.2.10".parse().expect("valid")),
-            ..Settings::default()
+            ..Config::default()
         };
         s.nbd.listen = Some(SocketAddr::from(([127, 0, 0, 1], 10809)));
         s.nbd.tls_dir = Some("/etc/mars/nbd-tls".into());
@@ -790,7 +790,7 @@ mod tests {
 
     #[test]
     fn empty_file_is_the_defaults() {
-        assert_eq!(parse("").unwrap(), Settings::default());
+        assert_eq!(parse("").unwrap(), Config::default());
     }
 
     #[test]
@@ -891,7 +891,7 @@ mod tests {
         assert_eq!(s.advertised(), "192.0.2.1:7000");
         s.advertise = Some("192.0.2.1:8000".parse().unwrap());
         assert_eq!(s.advertised(), "192.0.2.1:8000");
-        assert!(advertisable(&Settings::default().advertised()).is_err());
+        assert!(advertisable(&Config::default().advertised()).is_err());
         assert!(advertisable("[::]:7777").is_err());
         assert!(advertisable("::").is_err());
         assert!(advertisable("192.0.2.1:7777").is_ok());
@@ -899,7 +899,7 @@ mod tests {
 
     #[test]
     fn print_config_round_trips() {
-        for s in [Settings::default(), Settings::full_example()] {
+        for s in [Config::default(), Config::full_example()] {
             let text = s.to_toml();
             assert_eq!(parse(&text).unwrap(), s, "{text}");
         }
@@ -912,14 +912,14 @@ mod tests {
         ]));
         assert_eq!(parse(&s.to_toml()).unwrap(), s);
         // Unset keys appear as comments, so every key is in the output.
-        let text = Settings::default().to_toml();
+        let text = Config::default().to_toml();
         assert!(text.contains("# advertise is not set"), "{text}");
         assert!(text.contains("# listen is not set"), "{text}");
     }
 
     /// The keys of the settings, as `section.key` (top-level keys bare).
     fn all_keys() -> Vec<String> {
-        let keys: Vec<String> = Settings::keys()
+        let keys: Vec<String> = Config::keys()
             .into_iter()
             .filter_map(|(s, k)| match s {
                 Some(s) => k.map(|k| format!("{s}.{k}")),
@@ -956,11 +956,11 @@ mod tests {
         let dist_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/marsd.toml");
         // As shipped (all commented out) it is the defaults.
         let shipped = std::fs::read_to_string(&dist_path).unwrap();
-        assert_eq!(parse(&shipped).unwrap(), Settings::default());
+        assert_eq!(parse(&shipped).unwrap(), Config::default());
         let text = dist_uncommented();
         let parsed = parse(&text).unwrap_or_else(|e| panic!("dist/marsd.toml uncommented: {e}"));
         let got = toml::Table::try_from(&parsed).unwrap();
-        let defaults = toml::Table::try_from(Settings::default()).unwrap();
+        let defaults = toml::Table::try_from(Config::default()).unwrap();
         for key in all_keys() {
             let (sec, k) = key
                 .split_once('.')
