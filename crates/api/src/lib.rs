@@ -67,8 +67,15 @@ pub enum Request {
     WaitCluster { timeout: u64 },
     /// Fetches every member's changes now.
     UpdateCluster { timeout: u64 },
-    /// Removes a (dead) member from the cluster.
-    DeleteHost { host: String },
+    /// Removes a dead member from the cluster; a live one (heard from within `window`
+    /// seconds, default 60 as in `view`, or connected to this host) is refused unless `force`.
+    DeleteHost {
+        host: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        window: Option<u64>,
+    },
     /// Experts: writes replicated metadata keys directly (one transaction).
     SetLinks { pairs: Vec<(String, String)> },
     /// Experts: reads one replicated metadata key.
@@ -121,6 +128,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
         timeout: u64,
+        /// The operator confirmed a forced switch that loses the reachable old primary's
+        /// newer writes (`--force --force`, or typed at the prompt after a
+        /// [`ErrorKind::NeedsConfirmation`] refusal).
+        #[serde(default)]
+        confirmed: bool,
     },
     /// Sets the designated primary to `(none)`: the primary leaves its role once its device
     /// is closed; secondaries stop fetching.
@@ -147,6 +159,10 @@ pub enum Request {
     /// Regenerates the units now and, for `res` (or every resource when `None`), runs the want
     /// operations again even if nothing changed.
     SystemdTrigger { res: Option<ResourceName> },
+    /// `--dry-run`: the daemon checks `request` exactly as it would for real (the same
+    /// guards, the same refusal) and answers with what it would do; it changes nothing (no
+    /// metadata key, control file, logfile, disk byte or unit). Not nested.
+    DryRun { request: Box<Request> },
 }
 
 /// A local replication switch (MARS's `todo-HOST/*`).
@@ -195,6 +211,10 @@ pub enum ErrorKind {
     Exists,
     /// An I/O or internal failure.
     Failed,
+    /// The command would lose data the operator may not know about (a forced switch while
+    /// the old primary is reachable and ahead): the message says what; the same request with
+    /// the confirmation (`confirmed`) goes ahead. Nothing was changed.
+    NeedsConfirmation,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

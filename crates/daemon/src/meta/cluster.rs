@@ -706,7 +706,8 @@ impl Cluster {
 
     /// `rotate-ca start`: on a host holding the CA key, makes the next CA, trusts it here and
     /// announces it endorsed by the current CA; renewals issued here come from it from now on.
-    pub async fn rotate_start(&self) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks only, and what it would do.
+    pub async fn rotate_start(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
         let root = self.ident.root.clone();
         let ca = root::load_ca(&root)
@@ -714,6 +715,14 @@ impl Cluster {
             .ok_or("rotate-ca runs on a host that holds the cluster CA's key (tls/ca.key)")?;
         if root::load_trust(&root).map_err(e)?.len() > 1 {
             return Err("a CA rotation is in progress already: `rotate-ca finish` ends it".into());
+        }
+        if dry {
+            return Ok(
+                "would make the next cluster CA, trust it here and announce it: every \
+                       member trusts it too; then `renew-certificate` on every member and \
+                       `rotate-ca finish` here"
+                    .into(),
+            );
         }
         let next = mars_tls::Ca::create().map_err(|x| x.to_string())?;
         root::save_next_ca(&root, next.cert(), Some(&next.key_pem())).map_err(e)?;
@@ -733,7 +742,8 @@ impl Cluster {
 
     /// `rotate-ca finish`: once every member's certificate is from the next CA, makes it the
     /// cluster CA here and announces the old one retired.
-    pub async fn rotate_finish(&self) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks only, and what it would do.
+    pub async fn rotate_finish(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
         let root = self.ident.root.clone();
         let next = root::load_next_ca(&root)
@@ -773,6 +783,13 @@ impl Cluster {
                 behind.join(", ")
             ));
         }
+        if dry {
+            return Ok(format!(
+                "would make the next CA (sha256:{}) the cluster CA here and announce the old \
+                 one retired",
+                mars_tls::fingerprint(next.cert())
+            ));
+        }
         let text = next.endorse(mars_tls::Endorse::Retired, old.cert());
         self.store
             .write(vec![(TRUST_RETIRED.to_string(), text)], Vec::new())
@@ -790,6 +807,36 @@ impl Cluster {
 
     // ------------------------------------------------------------ membership commands
 
+    /// What `join-cluster` checks before it contacts anybody (also its `--dry-run`, which
+    /// must not use the one-time token up): not in a cluster yet, a token exactly when TLS is
+    /// on, and a well-formed one. Returns the parsed token.
+    pub fn join_check(
+        &self,
+        peer_addr: &str,
+        token: Option<&str>,
+    ) -> Result<Option<mars_tls::Token>, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        if let Some(id) = self.ident.cluster_id() {
+            return Err((
+                ErrorKind::Exists,
+                format!("this host already belongs to cluster {id}; leave-cluster first"),
+            ));
+        }
+        match (self.ident.insecure, token) {
+            (true, Some(_)) => Err(invalid(
+                "--token given, but this host runs --insecure (plaintext, no certificates)".into(),
+            )),
+            (true, None) => Ok(None),
+            (false, None) => Err(invalid(format!(
+                "join-cluster needs a join token: run `marsadm join-token` on the member at \
+                 {peer_addr} and pass what it prints with --token (or run every host with \
+                 --insecure)"
+            ))),
+            (false, Some(text)) => text.parse().map(Some).map_err(|e| invalid(format!("{e}"))),
+        }
+    }
+
     /// `join-cluster PEER [--token T]`: authenticates the member against the token's pin and
     /// gets this host's certificate (TLS mode), learns the cluster from the member, copies its
     /// metadata, announces itself. Returns the message for the operator.
@@ -799,28 +846,16 @@ impl Cluster {
         token: Option<&str>,
     ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
-        if let Some(id) = self.ident.cluster_id() {
-            return Err((
-                ErrorKind::Exists,
-                format!("this host already belongs to cluster {id}; leave-cluster first"),
-            ));
-        }
+        let parsed = self.join_check(peer_addr, token)?;
         let failed = |e: anyhow::Error| {
             (
                 ErrorKind::Failed,
                 format!("join-cluster {peer_addr}: {e:#}"),
             )
         };
-        let invalid = |m: String| (ErrorKind::Invalid, m);
         let mut own_cert = None;
-        let (mut s, cluster) = match (self.ident.insecure, token) {
-            (true, Some(_)) => {
-                return Err(invalid(
-                    "--token given, but this host runs --insecure (plaintext, no certificates)"
-                        .into(),
-                ))
-            }
-            (true, None) => {
+        let (mut s, cluster) = match parsed {
+            None => {
                 let s = peer::connect(
                     peer_addr,
                     &self.ident.host,
@@ -833,15 +868,7 @@ impl Cluster {
                 let cluster = s.peer.cluster;
                 (s, cluster)
             }
-            (false, None) => {
-                return Err(invalid(format!(
-                    "join-cluster needs a join token: run `marsadm join-token` on the member at \
-                     {peer_addr} and pass what it prints with --token (or run every host with \
-                     --insecure)"
-                )))
-            }
-            (false, Some(text)) => {
-                let t: mars_tls::Token = text.parse().map_err(|e| invalid(format!("{e}")))?;
+            Some(t) => {
                 let key = mars_tls::HostKey::generate().map_err(|e| failed(e.into()))?;
                 let mut s = peer::connect_join(peer_addr, &self.ident.host, t.pin)
                     .await
@@ -1005,7 +1032,8 @@ impl Cluster {
     /// if this host holds the CA's key (and no `via` is given), else by `via` or the first
     /// member that can; the new fingerprint goes to `certs/cert-HOST`, and the members close
     /// the streams this host opened with the old one (it reconnects with the new).
-    pub async fn renew(&self, via: Option<HostName>) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks that need no issuer, and what it would do.
+    pub async fn renew(&self, via: Option<HostName>, dry: bool) -> Result<String, String> {
         if self.ident.insecure {
             return Err("this host runs --insecure: it uses no certificate".into());
         }
@@ -1014,6 +1042,26 @@ impl Cluster {
             .cluster_id()
             .ok_or("this host is not in a cluster")?;
         let me = self.ident.host.clone();
+        if dry {
+            root::load_credentials(&self.ident.root)
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or("this host has no certificate to renew (join the cluster with a token)")?;
+            if let Some(v) = &via {
+                if !self.members().await.contains_key(v) {
+                    return Err(format!("{v} is not a member of this cluster"));
+                }
+            }
+            return Ok(format!(
+                "would make a new key for {me}, have it certified {}, announce the new \
+                 certificate and switch over to it",
+                via.map_or(
+                    "here (if this host holds the CA's key) or by the first member that \
+                            does"
+                        .to_string(),
+                    |v| format!("by {v}")
+                )
+            ));
+        }
         let key = mars_tls::HostKey::generate().map_err(|e| e.to_string())?;
         let holds_ca = root::load_ca(&self.ident.root)
             .map_err(|e| format!("{e:#}"))?
