@@ -80,6 +80,13 @@ pub enum Request {
     SetLinks { pairs: Vec<(String, String)> },
     /// Experts: reads one replicated metadata key.
     GetLink { key: String },
+    /// Experts and tests: every replicated key starting with `prefix` (deleted ones left out),
+    /// answered as [`Reply::Value`] with one `KEY VALUE` line per key, in key order (the input
+    /// format of `lowlevel-set-links`).
+    ListLinks {
+        #[serde(default)]
+        prefix: String,
+    },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
     /// A secondary asks its source for a fresh "caught up" confirmation now (instead of at the

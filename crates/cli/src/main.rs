@@ -128,6 +128,9 @@ enum Cmd {
     /// Experts and benchmarks: set many keys, read as `KEY VALUE` lines from standard input.
     #[command(hide = true)]
     LowlevelSetLinks,
+    /// Experts and tests: print every key starting with PREFIX as `KEY VALUE` lines.
+    #[command(hide = true)]
+    LowlevelGetLinks { prefix: Option<String> },
     /// Create a resource on DISK (file or block device); this host becomes primary.
     CreateResource {
         res: String,
@@ -647,6 +650,15 @@ impl Cli {
                 }
                 Ok(())
             }
+            Cmd::LowlevelGetLinks { prefix } => match self.call(&Request::ListLinks {
+                prefix: prefix.clone().unwrap_or_default(),
+            })? {
+                Reply::Value { value } => {
+                    print!("{}", value.unwrap_or_default());
+                    Ok(())
+                }
+                other => bail!("unexpected answer from marsd: {other:?}"),
+            },
             Cmd::View { res } => self.view(res.as_deref()),
             Cmd::LogRotate { res } => {
                 let r = self.change(Request::LogRotate {

@@ -301,3 +301,20 @@ pub async fn get_link(host: &Arc<Host>, key: &str) -> Outcome {
     let value = host.store.value(key).await.map_err(failed)?;
     Ok(Reply::Value { value })
 }
+
+/// `lowlevel-get-links [PREFIX]`: every live key under `prefix` as `KEY VALUE` lines.
+pub async fn list_links(host: &Arc<Host>, prefix: String) -> Outcome {
+    let entries = host
+        .store
+        .call(move |s| s.list_prefix(&prefix))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let mut lines = String::new();
+    for e in entries {
+        if let Some(v) = e.value {
+            lines.push_str(&format!("{} {v}\n", e.key));
+        }
+    }
+    Ok(Reply::Value { value: Some(lines) })
+}

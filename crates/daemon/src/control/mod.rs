@@ -146,6 +146,7 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
         } => cluster::delete_host(host, &h, force, secs(window.unwrap_or(60)), dry).await,
         Request::SetLinks { pairs } => cluster::set_links(host, pairs, dry).await,
         Request::GetLink { key } => cluster::get_link(host, &key).await,
+        Request::ListLinks { prefix } => cluster::list_links(host, prefix).await,
         Request::CreateResource { res, disk, size } => {
             resources::create(host, res, &disk, size, dry).await
         }
