@@ -49,6 +49,11 @@ pub enum Request {
         peer: String,
         #[serde(default)]
         token: Option<String>,
+        /// This host is in that cluster already, but the other members deleted it
+        /// (`lowlevel-delete-host`) while it ran: join it again, keeping its resources
+        /// (`join-cluster --force`).
+        #[serde(default)]
+        rejoin: bool,
     },
     /// Makes a one-time join token valid for `ttl` seconds (on a host holding the CA's key).
     JoinToken { ttl: u64 },

@@ -74,6 +74,8 @@ enum Cmd {
         ip: Option<String>,
     },
     /// Join the cluster that the host at PEER (ADDR[:PORT], default port 7777) belongs to.
+    /// With --force on a host the other members deleted while it ran (lowlevel-delete-host):
+    /// join that cluster again, keeping this host's resources.
     JoinCluster {
         peer: String,
         /// The join token `marsadm join-token` printed on that host (one use; verifies the
@@ -533,6 +535,7 @@ impl Cli {
                 let r = self.change(Request::JoinCluster {
                     peer: peer.clone(),
                     token: token.clone(),
+                    rejoin: self.force > 0,
                 })?;
                 self.print_done(r)
             }

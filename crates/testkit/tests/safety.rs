@@ -309,3 +309,39 @@ fn forced_switch_past_a_reachable_ahead_primary_needs_force_twice() {
     assert!(out.contains("primary now (forced)"), "{out}");
     assert_eq!(b.view("primarynode", "r"), "b");
 }
+
+/// `lowlevel-delete-host` of a live member is refused with how long ago it was heard from;
+/// with `--force` it is cut off; `join-cluster --force` with a token brings it back with its
+/// resources, and replication goes on.
+#[test]
+fn a_deleted_live_member_is_refused_then_joins_again_with_its_resources() {
+    let t = tmp();
+    let (a, b, _da, _db) = two(t.path());
+    let msg = a.refused(&["lowlevel-delete-host", "b"]);
+    assert!(
+        msg.contains("is alive") && msg.contains("heard from") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert!(a.ok(&["lowlevel-ls-host-ips"]).contains("b "));
+    a.ok(&["--force", "lowlevel-delete-host", "b"]);
+    eventually(30, "a refuses the deleted b", || {
+        a.log_text().contains("refused peer b at ")
+    });
+    // b cannot join as a new host (it is in the cluster), but joins again with --force.
+    let token = a.join_token();
+    let msg = b.refused(&["join-cluster", &a.peer_addr, "--token", &token]);
+    assert!(msg.contains("join-cluster --force"), "{msg}");
+    let out = b.ok(&["--force", "join-cluster", &a.peer_addr, "--token", &token]);
+    assert!(out.contains("join"), "{out}");
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    assert!(a.ok(&["lowlevel-ls-host-ips"]).contains("b "));
+    // Its resource replicates again.
+    write_random(&a, "r", t.path(), 8 * MIB, 1 << 20);
+    wait_uptodate(&b, "r", 60);
+    // A member that was not deleted has nothing to join again.
+    let token = a.join_token();
+    let msg = b.refused(&["--force", "join-cluster", &a.peer_addr, "--token", &token]);
+    assert!(msg.contains("still a member"), "{msg}");
+}

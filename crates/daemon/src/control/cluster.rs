@@ -90,11 +90,17 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>, dry: bool) -> Outcome 
     done(msg)
 }
 
-pub async fn join(host: &Arc<Host>, peer: &str, token: Option<&str>, dry: bool) -> Outcome {
+pub async fn join(
+    host: &Arc<Host>,
+    peer: &str,
+    token: Option<&str>,
+    rejoin: bool,
+    dry: bool,
+) -> Outcome {
     let _g = host.admin.lock().await;
     if dry {
         // Checked without contacting the peer: contacting it would use the one-time token up.
-        host.cluster.join_check(peer, token)?;
+        host.cluster.join_check(peer, token, rejoin)?;
         return done(format!(
             "would contact {peer}, {}learn its cluster, copy its metadata and announce {} at {}",
             if token.is_some() {
@@ -106,7 +112,7 @@ pub async fn join(host: &Arc<Host>, peer: &str, token: Option<&str>, dry: bool) 
             host.ident.listen
         ));
     }
-    let msg = host.cluster.join(peer, token).await?;
+    let msg = host.cluster.join(peer, token, rejoin).await?;
     done(msg)
 }
 

@@ -129,9 +129,11 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
             ))
         }
         Request::CreateCluster { ip } => cluster::create(host, ip, dry).await,
-        Request::JoinCluster { peer, token } => {
-            cluster::join(host, &peer, token.as_deref(), dry).await
-        }
+        Request::JoinCluster {
+            peer,
+            token,
+            rejoin,
+        } => cluster::join(host, &peer, token.as_deref(), rejoin, dry).await,
         Request::JoinToken { ttl } => cluster::join_token(host, ttl, dry).await,
         Request::RenewCertificate { via } => cluster::renew(host, via, dry).await,
         Request::RotateCa { finish } => cluster::rotate_ca(host, finish, dry).await,

@@ -814,14 +814,22 @@ impl Cluster {
         &self,
         peer_addr: &str,
         token: Option<&str>,
+        rejoin: bool,
     ) -> Result<Option<mars_tls::Token>, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
         let invalid = |m: String| (ErrorKind::Invalid, m);
-        if let Some(id) = self.ident.cluster_id() {
-            return Err((
-                ErrorKind::Exists,
-                format!("this host already belongs to cluster {id}; leave-cluster first"),
-            ));
+        match self.ident.cluster_id() {
+            Some(id) if !rejoin => {
+                return Err((
+                    ErrorKind::Exists,
+                    format!(
+                        "this host already belongs to cluster {id}; leave-cluster first (if \
+                         the other members deleted this host while it ran, `join-cluster \
+                         --force PEER --token T` joins it again)"
+                    ),
+                ))
+            }
+            _ => {}
         }
         match (self.ident.insecure, token) {
             (true, Some(_)) => Err(invalid(
@@ -840,13 +848,20 @@ impl Cluster {
     /// `join-cluster PEER [--token T]`: authenticates the member against the token's pin and
     /// gets this host's certificate (TLS mode), learns the cluster from the member, copies its
     /// metadata, announces itself. Returns the message for the operator.
+    ///
+    /// With `rejoin` on a host that is in the cluster already (the other members deleted it
+    /// while it ran, `lowlevel-delete-host`): the same, but the cluster must be this host's
+    /// and the member must show it deleted; it keeps its resources and announces itself
+    /// again with a new certificate.
     pub async fn join(
         &self,
         peer_addr: &str,
         token: Option<&str>,
+        rejoin: bool,
     ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
-        let parsed = self.join_check(peer_addr, token)?;
+        let parsed = self.join_check(peer_addr, token, rejoin)?;
+        let rejoining = self.ident.cluster_id();
         let failed = |e: anyhow::Error| {
             (
                 ErrorKind::Failed,
@@ -854,6 +869,7 @@ impl Cluster {
             )
         };
         let mut own_cert = None;
+        let mut new_creds = None;
         let (mut s, cluster) = match parsed {
             None => {
                 let s = peer::connect(
@@ -904,27 +920,22 @@ impl Cluster {
                     )));
                 }
                 let creds = mars_tls::Credentials::new(ca, cert, &key);
-                self.ident
-                    .install_credentials(&creds)
-                    .map_err(|e| failed(e.context("the certificate it sent")))?;
-                root::save_credentials(
-                    &self.ident.root,
-                    &mars_tls::pki::cert_pem(&creds.ca),
-                    &mars_tls::pki::cert_pem(&creds.cert),
-                    &key.pem(),
-                )
-                .map_err(failed)?;
-                // Everything taken from the member from here on is checked against its
-                // writer's signature.
-                let authority = super::authority::PkiAuthority::new(&creds, &[]).map_err(failed)?;
-                self.store
-                    .call(move |st| st.set_authority(Some(authority)))
-                    .await
-                    .map_err(|e| failed(e.into()))?;
                 own_cert = Some(mars_tls::cert_text(&creds.cert));
+                new_creds = Some((creds, key));
                 (s, cluster)
             }
         };
+        // Joining again: only into this host's own cluster (checked before anything here
+        // changes).
+        if let Some(id) = rejoining.filter(|id| *id != cluster) {
+            return Err((
+                ErrorKind::Invalid,
+                format!(
+                    "the member at {peer_addr} is in cluster {cluster}, this host in {id}: \
+                     leave-cluster first"
+                ),
+            ));
+        }
         let mut since = 0;
         let mut all = Vec::new();
         loop {
@@ -959,22 +970,51 @@ impl Cluster {
         if all.iter().any(|e| e.key == own && e.value.is_some()) {
             return Err((
                 ErrorKind::Exists,
-                format!(
-                    "a host named {} is already a member of cluster {cluster}",
-                    self.ident.host
-                ),
+                if rejoining.is_some() {
+                    format!(
+                        "{} is still a member of cluster {cluster} as {}'s metadata shows: \
+                         nothing to join again",
+                        self.ident.host, s.peer.host
+                    )
+                } else {
+                    format!(
+                        "a host named {} is already a member of cluster {cluster}",
+                        self.ident.host
+                    )
+                },
             ));
+        }
+        if let Some((creds, key)) = new_creds {
+            self.ident
+                .install_credentials(&creds)
+                .map_err(|e| failed(e.context("the certificate it sent")))?;
+            root::save_credentials(
+                &self.ident.root,
+                &mars_tls::pki::cert_pem(&creds.ca),
+                &mars_tls::pki::cert_pem(&creds.cert),
+                &key.pem(),
+            )
+            .map_err(failed)?;
+            // Everything taken from the member from here on is checked against its
+            // writer's signature.
+            let authority = super::authority::PkiAuthority::new(&creds, &[]).map_err(failed)?;
+            self.store
+                .call(move |st| st.set_authority(Some(authority)))
+                .await
+                .map_err(|e| failed(e.into()))?;
         }
         let from = s.peer.host.clone();
         self.apply(&from, all).await.map_err(failed)?;
         let address = self.ident.advertised();
-        self.ident
-            .set_cluster(ClusterFile {
-                uuid: cluster.to_string(),
-                host: self.ident.host.clone(),
-                address: address.clone(),
-            })
-            .map_err(failed)?;
+        if rejoining.is_none() {
+            self.ident
+                .set_cluster(ClusterFile {
+                    uuid: cluster.to_string(),
+                    host: self.ident.host.clone(),
+                    address: address.clone(),
+                })
+                .map_err(failed)?;
+        }
         let (k, v) = (own.clone(), address.clone());
         let cert_key = format!("{CERT_PREFIX}{}", self.ident.host);
         let entries = self
