@@ -293,6 +293,30 @@ fn forced_switch_past_a_reachable_ahead_primary_needs_force_twice() {
         "{}",
         String::from_utf8_lossy(&j.stdout)
     );
+    // On a terminal marsadm asks; a wrong answer changes nothing either.
+    let cmd = format!(
+        "{} --root {} --force primary r",
+        mars_testkit::bin("marsadm").display(),
+        b.root.display()
+    );
+    let o = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(b"no\n")?;
+            c.wait_with_output()
+        })
+        .expect("script");
+    let shown = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(!o.status.success(), "{shown}");
+    assert!(
+        shown.contains("WARNING") && shown.contains("Type the resource name (r)"),
+        "{shown}"
+    );
+    assert!(shown.contains("not confirmed"), "{shown}");
     // Nothing changed.
     assert_eq!(snapshot(&b), before);
     assert_eq!(b.view("primarynode", "r"), "a");
@@ -340,8 +364,9 @@ fn a_deleted_live_member_is_refused_then_joins_again_with_its_resources() {
     // Its resource replicates again.
     write_random(&a, "r", t.path(), 8 * MIB, 1 << 20);
     wait_uptodate(&b, "r", 60);
-    // A member that was not deleted has nothing to join again.
+    // A member that was not deleted has nothing to join again: the member refuses it.
     let token = a.join_token();
     let msg = b.refused(&["--force", "join-cluster", &a.peer_addr, "--token", &token]);
-    assert!(msg.contains("still a member"), "{msg}");
+    assert!(msg.contains("already a member"), "{msg}");
+    b.ok(&["--timeout", "30", "wait-cluster"]);
 }

@@ -676,10 +676,14 @@ async fn systemd_trigger(host: &Arc<Host>, res: Option<&ResourceName>, dry: bool
             .map_err(|e| failed(format!("systemd-trigger: {e}")))?;
         let names: Vec<String> = targets.iter().map(|h| h.name.to_string()).collect();
         return done(format!(
-            "would generate {} unit(s) ({}), reload systemd if any changed, and run the want \
+            "would generate {} unit(s){}, reload systemd if any changed, and run the want \
              operations of {} again",
             units.len(),
-            units.join(" "),
+            if units.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", units.join(" "))
+            },
             if names.is_empty() {
                 "(no resource)".to_string()
             } else {
