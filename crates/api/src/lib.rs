@@ -52,6 +52,11 @@ pub enum Request {
         /// Address to advertise instead of the configured one (`advertise`, else `listen`).
         #[serde(default)]
         ip: Option<String>,
+        /// This host is in that cluster already, but the other members deleted it
+        /// (`lowlevel-delete-host`) while it ran: join it again, keeping its resources
+        /// (`join-cluster --force`).
+        #[serde(default)]
+        rejoin: bool,
     },
     /// Makes a one-time join token valid for `ttl` seconds (on a host holding the CA's key).
     JoinToken { ttl: u64 },
@@ -70,12 +75,26 @@ pub enum Request {
     WaitCluster { timeout: u64 },
     /// Fetches every member's changes now.
     UpdateCluster { timeout: u64 },
-    /// Removes a (dead) member from the cluster.
-    DeleteHost { host: String },
+    /// Removes a dead member from the cluster; a live one (heard from within `window`
+    /// seconds, default 60 as in `view`, or connected to this host) is refused unless `force`.
+    DeleteHost {
+        host: String,
+        #[serde(default)]
+        force: bool,
+        #[serde(default)]
+        window: Option<u64>,
+    },
     /// Experts: writes replicated metadata keys directly (one transaction).
     SetLinks { pairs: Vec<(String, String)> },
     /// Experts: reads one replicated metadata key.
     GetLink { key: String },
+    /// Experts and tests: every replicated key starting with `prefix` (deleted ones left out),
+    /// answered as [`Reply::Value`] with one `KEY VALUE` line per key, in key order (the input
+    /// format of `lowlevel-set-links`).
+    ListLinks {
+        #[serde(default)]
+        prefix: String,
+    },
     /// Starts a new logfile for the resource.
     LogRotate { res: ResourceName },
     /// A secondary asks its source for a fresh "caught up" confirmation now (instead of at the
@@ -124,6 +143,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
         timeout: u64,
+        /// The operator confirmed a forced switch that loses the reachable old primary's
+        /// newer writes (`--force --force`, or typed at the prompt after a
+        /// [`ErrorKind::NeedsConfirmation`] refusal).
+        #[serde(default)]
+        confirmed: bool,
     },
     /// Sets the designated primary to `(none)`: the primary leaves its role once its device
     /// is closed; secondaries stop fetching.
@@ -150,6 +174,10 @@ pub enum Request {
     /// Regenerates the units now and, for `res` (or every resource when `None`), runs the want
     /// operations again even if nothing changed.
     SystemdTrigger { res: Option<ResourceName> },
+    /// `--dry-run`: the daemon checks `request` exactly as it would for real (the same
+    /// guards, the same refusal) and answers with what it would do; it changes nothing (no
+    /// metadata key, control file, logfile, disk byte or unit). Not nested.
+    DryRun { request: Box<Request> },
 }
 
 /// A local replication switch (MARS's `todo-HOST/*`).
@@ -198,6 +226,10 @@ pub enum ErrorKind {
     Exists,
     /// An I/O or internal failure.
     Failed,
+    /// The command would lose data the operator may not know about (a forced switch while
+    /// the old primary is reachable and ahead): the message says what; the same request with
+    /// the confirmation (`confirmed`) goes ahead. Nothing was changed.
+    NeedsConfirmation,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

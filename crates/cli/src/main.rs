@@ -39,10 +39,13 @@ pub struct Cli {
     /// Seconds to wait for the daemon, or for the condition of wait-cluster and wait-resource.
     #[arg(long, default_value_t = 30, global = true)]
     timeout: u64,
-    /// Skip safety checks: leave-resource, delete-resource; `primary --force` fails over.
-    #[arg(long, global = true)]
-    force: bool,
-    /// Check a command without changing anything (reserved: refused by every command so far).
+    /// Skip safety checks: leave-resource, delete-resource, lowlevel-delete-host of a live
+    /// member; `primary --force` fails over. Twice (`--force --force`) confirms a failover
+    /// that loses the writes of a reachable old primary ahead of this replica.
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
+    force: u8,
+    /// Check a command as it would run and say what it would do, changing nothing (no
+    /// metadata, control file, logfile, disk byte or unit); a refusal is the real one.
     #[arg(long, global = true)]
     dry_run: bool,
     /// Seconds after which a silent member counts as not alive in `view`.
@@ -74,6 +77,8 @@ enum Cmd {
         ip: Option<String>,
     },
     /// Join the cluster that the host at PEER (ADDR[:PORT], default port 7777) belongs to.
+    /// With --force on a host the other members deleted while it ran (lowlevel-delete-host):
+    /// join that cluster again, keeping this host's resources.
     JoinCluster {
         peer: String,
         /// The join token `marsadm join-token` printed on that host (one use; verifies the
@@ -112,7 +117,8 @@ enum Cmd {
     UpdateCluster,
     /// List the members and their addresses.
     LowlevelLsHostIps,
-    /// Remove a dead member from the cluster.
+    /// Remove a dead member from the cluster; a live one (alive in `view` with the same
+    /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
     /// Set the cluster-wide limit of concurrent full syncs (0 = unlimited).
     SetGlobalSyncLimitValue { n: u32 },
@@ -131,6 +137,9 @@ enum Cmd {
     /// Experts and benchmarks: set many keys, read as `KEY VALUE` lines from standard input.
     #[command(hide = true)]
     LowlevelSetLinks,
+    /// Experts and tests: print every key starting with PREFIX as `KEY VALUE` lines.
+    #[command(hide = true)]
+    LowlevelGetLinks { prefix: Option<String> },
     /// Create a resource on DISK (file or block device); this host becomes primary.
     CreateResource {
         res: String,
@@ -341,11 +350,9 @@ fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bo
 
 /// The resource commands that are one request answered by `Done`: (command name, request).
 /// `None` for every other command.
-fn resource_request(
-    cmd: &Cmd,
-    force: bool,
-    timeout: u64,
-) -> Result<Option<(&'static str, Request)>> {
+fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'static str, Request)>> {
+    let confirmed = force >= 2;
+    let force = force > 0;
     if let Some((name, res, kinds, on)) = switch_of(cmd) {
         let req = Request::Switch {
             res: resource(res)?,
@@ -406,6 +413,7 @@ fn resource_request(
                 res: resource(res)?,
                 force,
                 timeout,
+                confirmed,
             },
         ),
         Cmd::Secondary { res } => (
@@ -465,11 +473,53 @@ impl Cli {
         client::call(&self.root, req, Duration::from_secs(self.timeout + 10))
     }
 
-    fn no_dry_run(&self, what: &str) -> Result<()> {
+    /// Sends a request that changes something: with --dry-run as a dry run (the daemon checks
+    /// it as it would and answers with what it would do).
+    fn change(&self, req: Request) -> Result<Reply> {
         if self.dry_run {
-            bail!("--dry-run is not supported by {what} yet; nothing was changed");
+            self.call(&Request::DryRun {
+                request: Box::new(req),
+            })
+        } else {
+            self.call(&req)
         }
-        Ok(())
+    }
+
+    /// `primary --force` refused for want of a confirmation (a reachable old primary is
+    /// ahead): on a terminal the operator reads what would be lost and types the resource name
+    /// to go ahead; otherwise the refusal stands (it says `--force --force`).
+    fn confirm_primary(&self, req: Request, refusal: anyhow::Error) -> Result<Reply> {
+        use std::io::{IsTerminal, Write};
+        let needs = refusal
+            .downcast_ref::<client::Refused>()
+            .is_some_and(|r| r.kind == mars_api::ErrorKind::NeedsConfirmation);
+        let Request::Primary {
+            res,
+            force,
+            timeout,
+            ..
+        } = req
+        else {
+            return Err(refusal);
+        };
+        let interactive = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
+        if !needs || self.dry_run || self.json || !interactive {
+            return Err(refusal);
+        }
+        eprintln!("WARNING: {refusal:#}");
+        eprint!("Type the resource name ({res}) to force the switch anyway: ");
+        std::io::stderr().flush()?;
+        let mut answer = String::new();
+        std::io::stdin().read_line(&mut answer)?;
+        if answer.trim() != res.as_str() {
+            bail!("not confirmed: nothing was changed");
+        }
+        self.call(&Request::Primary {
+            res,
+            force,
+            timeout,
+            confirmed: true,
+        })
     }
 
     fn print_done(&self, reply: Reply) -> Result<()> {
@@ -484,12 +534,10 @@ impl Cli {
     fn run(&self) -> Result<()> {
         match &self.cmd {
             Cmd::CreateCluster { ip } => {
-                self.no_dry_run("create-cluster")?;
-                let r = self.call(&Request::CreateCluster { ip: ip.clone() })?;
+                let r = self.change(Request::CreateCluster { ip: ip.clone() })?;
                 self.print_done(r)
             }
             Cmd::CreateResource { res, disk, size } => {
-                self.no_dry_run("create-resource")?;
                 let res = resource(res)?;
                 let size = size
                     .as_deref()
@@ -497,43 +545,38 @@ impl Cli {
                     .transpose()
                     .context("SIZE")?;
                 let disk = absolute(disk)?;
-                let r = self.call(&Request::CreateResource { res, disk, size })?;
+                let r = self.change(Request::CreateResource { res, disk, size })?;
                 self.print_done(r)
             }
             Cmd::JoinCluster { peer, token, ip } => {
-                self.no_dry_run("join-cluster")?;
-                let r = self.call(&Request::JoinCluster {
+                let r = self.change(Request::JoinCluster {
                     peer: peer.clone(),
                     token: token.clone(),
                     ip: ip.clone(),
+                    rejoin: self.force > 0,
                 })?;
                 self.print_done(r)
             }
             Cmd::RenewCertificate { via } => {
-                self.no_dry_run("renew-certificate")?;
-                let r = self.call(&Request::RenewCertificate { via: via.clone() })?;
+                let r = self.change(Request::RenewCertificate { via: via.clone() })?;
                 self.print_done(r)
             }
             Cmd::RotateCa { phase } => {
-                self.no_dry_run("rotate-ca")?;
-                let r = self.call(&Request::RotateCa {
+                let r = self.change(Request::RotateCa {
                     finish: *phase == RotatePhase::Finish,
                 })?;
                 self.print_done(r)
             }
-            Cmd::JoinToken { ttl } => {
-                self.no_dry_run("join-token")?;
-                match self.call(&Request::JoinToken { ttl: *ttl })? {
-                    Reply::Value { value: Some(t) } => {
-                        println!("{t}");
-                        Ok(())
-                    }
-                    other => Err(anyhow::anyhow!("unexpected reply: {other:?}")),
+            Cmd::JoinToken { ttl } => match self.change(Request::JoinToken { ttl: *ttl })? {
+                Reply::Value { value: Some(t) } => {
+                    println!("{t}");
+                    Ok(())
                 }
-            }
+                done @ Reply::Done { .. } => self.print_done(done),
+                other => Err(anyhow::anyhow!("unexpected reply: {other:?}")),
+            },
             Cmd::LeaveCluster => {
-                self.no_dry_run("leave-cluster")?;
-                let r = self.call(&Request::LeaveCluster {
+                let r = self.change(Request::LeaveCluster {
                     timeout: self.timeout,
                 })?;
                 self.print_done(r)
@@ -568,12 +611,14 @@ impl Cli {
                 Ok(())
             }
             Cmd::LowlevelDeleteHost { host } => {
-                self.no_dry_run("lowlevel-delete-host")?;
-                let r = self.call(&Request::DeleteHost { host: host.clone() })?;
+                let r = self.change(Request::DeleteHost {
+                    host: host.clone(),
+                    force: self.force > 0,
+                    window: Some(self.window),
+                })?;
                 self.print_done(r)
             }
             Cmd::SetGlobalSyncLimitValue { n } => {
-                self.no_dry_run("set-global-sync-limit-value")?;
                 self.set_links(vec![(SYNC_LIMIT_KEY.into(), n.to_string())])
             }
             Cmd::GetGlobalSyncLimitValue => {
@@ -582,7 +627,6 @@ impl Cli {
                 Ok(())
             }
             Cmd::SetGlobalUnreachableLimitValue { seconds } => {
-                self.no_dry_run("set-global-unreachable-limit-value")?;
                 self.set_links(vec![(UNREACHABLE_LIMIT_KEY.into(), seconds.to_string())])
             }
             Cmd::GetGlobalUnreachableLimitValue => {
@@ -591,10 +635,7 @@ impl Cli {
                 Ok(())
             }
             Cmd::WaitResource { res, cond } => self.wait_resource(res, cond),
-            Cmd::SetLink { key, value } => {
-                self.no_dry_run("set-link")?;
-                self.set_links(vec![(key.clone(), value.clone())])
-            }
+            Cmd::SetLink { key, value } => self.set_links(vec![(key.clone(), value.clone())]),
             Cmd::GetLink { key } => match self.get_link(key)? {
                 Some(v) => {
                     println!("{v}");
@@ -630,12 +671,20 @@ impl Cli {
                 }
                 Ok(())
             }
+            Cmd::LowlevelGetLinks { prefix } => match self.call(&Request::ListLinks {
+                prefix: prefix.clone().unwrap_or_default(),
+            })? {
+                Reply::Value { value } => {
+                    print!("{}", value.unwrap_or_default());
+                    Ok(())
+                }
+                other => bail!("unexpected answer from marsd: {other:?}"),
+            },
             Cmd::View { res } => self.view(res.as_deref()),
             // `main` runs it before: it has exit codes of its own.
             Cmd::Check(_) => Ok(()),
             Cmd::LogRotate { res } => {
-                self.no_dry_run("log-rotate")?;
-                let r = self.call(&Request::LogRotate {
+                let r = self.change(Request::LogRotate {
                     res: resource(res)?,
                 })?;
                 self.print_done(r)
@@ -679,9 +728,11 @@ impl Cli {
             }
             // The resource commands: one request each, answered by `Done`.
             other => match resource_request(other, self.force, self.timeout)? {
-                Some((name, req)) => {
-                    self.no_dry_run(name)?;
-                    let r = self.call(&req)?;
+                Some((_, req)) => {
+                    let r = match self.change(req.clone()) {
+                        Ok(r) => r,
+                        Err(e) => self.confirm_primary(req, e)?,
+                    };
                     self.print_done(r)
                 }
                 None => bail!("internal error: no request for {other:?}"),
@@ -712,10 +763,8 @@ impl Cli {
         };
         let mut reqs = Vec::new();
         for n in &names {
-            let (name, req) =
-                resource_request(&with_res(cmd, n.as_str()), self.force, self.timeout)?
-                    .context("not a resource command")?;
-            self.no_dry_run(name)?;
+            let (_, req) = resource_request(&with_res(cmd, n.as_str()), self.force, self.timeout)?
+                .context("not a resource command")?;
             reqs.push((n.clone(), req));
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
@@ -728,7 +777,7 @@ impl Cli {
                     let Some((_, req)) = reqs.get(i) else {
                         return;
                     };
-                    let r = self.call(req);
+                    let r = self.change(req.clone());
                     *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
                 });
             }
@@ -775,8 +824,8 @@ impl Cli {
     }
 
     fn set_links(&self, pairs: Vec<(String, String)>) -> Result<()> {
-        let r = self.call(&Request::SetLinks { pairs })?;
-        if self.json {
+        let r = self.change(Request::SetLinks { pairs })?;
+        if self.json || self.dry_run {
             self.print_done(r)
         } else {
             Ok(())
@@ -1142,12 +1191,44 @@ mod tests {
             &["up", "all"],
         ] {
             let cli = parse(args);
-            assert!(resource_request(&cli.cmd, false, 30).is_err(), "{args:?}");
+            assert!(resource_request(&cli.cmd, 0, 30).is_err(), "{args:?}");
         }
         // Other commands are not resource requests.
         let cli = parse(&["view", "vm1"]);
-        assert!(resource_request(&cli.cmd, false, 30).unwrap().is_none());
+        assert!(resource_request(&cli.cmd, 0, 30).unwrap().is_none());
         assert!(Cli::try_parse_from(["marsadm", "wait-resource", "vm1"]).is_err());
+    }
+
+    #[test]
+    fn force_twice_confirms_a_forced_switch() {
+        let primary = |force, confirmed| Request::Primary {
+            res: vm1(),
+            force,
+            timeout: 30,
+            confirmed,
+        };
+        assert_eq!(request(&["primary", "vm1"]).1, primary(false, false));
+        assert_eq!(
+            request(&["primary", "--force", "vm1"]).1,
+            primary(true, false)
+        );
+        assert_eq!(
+            request(&["primary", "--force", "--force", "vm1"]).1,
+            primary(true, true)
+        );
+        assert_eq!(
+            request(&["--force", "--force", "primary", "vm1"]).1,
+            primary(true, true)
+        );
+        // Other commands take one --force as before.
+        assert_eq!(
+            request(&["--force", "--force", "leave-resource", "vm1"]).1,
+            Request::LeaveResource {
+                res: vm1(),
+                force: true
+            }
+        );
+        assert!(parse(&["--dry-run", "primary", "vm1"]).dry_run);
     }
 
     #[test]

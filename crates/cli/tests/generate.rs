@@ -52,7 +52,8 @@ fn help() -> (Vec<String>, Vec<String>) {
                 .split([' ', ','])
                 .find(|w| w.starts_with("--") && w.len() > 2)
             {
-                options.push(o.to_string());
+                // A counted flag shows as `--force...`.
+                options.push(o.trim_end_matches("...").to_string());
             }
         }
     }

@@ -179,6 +179,12 @@ impl Systemd {
     /// and reloads systemd if anything changed.
     pub fn regenerate(&self) -> Result<Regenerated, SystemdError> {
         let _g = lock(&self.generating);
+        let (resources, wanted) = self.wanted();
+        self.generate(resources, wanted)
+    }
+
+    /// The local resources and the units their stacks want.
+    fn wanted(&self) -> (Vec<String>, Vec<WantedUnit>) {
         let list = self.resources.get().map(|f| f()).unwrap_or_default();
         let mut resources = Vec::new();
         let mut wanted = Vec::new();
@@ -193,13 +199,21 @@ impl Systemd {
             }
             resources.push(name);
         }
-        self.generate(resources, wanted)
+        (resources, wanted)
     }
-    fn generate(
+    /// What [`Self::regenerate`] would generate, without writing, removing or running
+    /// anything (`systemd-trigger --dry-run`): the unit names.
+    pub fn preview(&self) -> Result<Vec<String>, SystemdError> {
+        let (resources, wanted) = self.wanted();
+        let generation = self.generation(resources, wanted)?;
+        Ok(generation.files.iter().map(|f| f.name.clone()).collect())
+    }
+
+    fn generation(
         &self,
         resources: Vec<String>,
         wanted: Vec<WantedUnit>,
-    ) -> Result<Regenerated, SystemdError> {
+    ) -> Result<mars_unitgen::Generation, SystemdError> {
         let s = &self.settings;
         let templates = ufs::load_templates(&s.search_path)?;
         let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
@@ -211,7 +225,17 @@ impl Systemd {
         };
         let vars = self.vars();
         let generator = Generator::new(&templates, &config, vars, resources);
-        let generation = generator.generate(&wanted)?;
+        Ok(generator.generate(&wanted)?)
+    }
+
+    fn generate(
+        &self,
+        resources: Vec<String>,
+        wanted: Vec<WantedUnit>,
+    ) -> Result<Regenerated, SystemdError> {
+        let s = &self.settings;
+        let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
+        let generation = self.generation(resources, wanted)?;
         let report = ufs::write_generated(&generation.files)?;
         let keep: BTreeSet<String> = generation.files.iter().map(|f| f.name.clone()).collect();
         let mut removed = Vec::new();

@@ -130,6 +130,22 @@ pub struct Report {
 }
 
 impl Report {
+    /// Bytes of this (primary's) log after `pos`, if it reported its logfiles.
+    pub fn bytes_after(&self, pos: LogPos) -> Option<u64> {
+        if self.logs.is_empty() {
+            return None;
+        }
+        let mut n = 0u64;
+        for &(no, len) in &self.logs {
+            if no > pos.file {
+                n += len;
+            } else if no == pos.file {
+                n += len.saturating_sub(pos.offset);
+            }
+        }
+        Some(n)
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("reports always serialize")
     }
@@ -301,19 +317,7 @@ impl ResourceMeta {
     /// Bytes of the primary's log after `pos` (what a member at `pos` still has to apply),
     /// if the primary reported its logfiles.
     pub fn bytes_after(&self, pos: LogPos) -> Option<u64> {
-        let p = self.primary_report()?;
-        if p.logs.is_empty() {
-            return None;
-        }
-        let mut n = 0u64;
-        for &(no, len) in &p.logs {
-            if no > pos.file {
-                n += len;
-            } else if no == pos.file {
-                n += len.saturating_sub(pos.offset);
-            }
-        }
-        Some(n)
+        self.primary_report()?.bytes_after(pos)
     }
 }
 

@@ -289,6 +289,9 @@ pub enum OpErrorKind {
     Exists,
     /// The command was valid but could not be carried out (I/O, a timeout, another command won).
     Failed,
+    /// The command would lose data the operator may not know about (`primary --force` while
+    /// the old primary is reachable and ahead): it goes ahead only when confirmed.
+    NeedsConfirmation,
 }
 
 /// A refused or failed operator command: what kind, and the one line the operator reads.
@@ -314,6 +317,12 @@ impl OpError {
     pub fn not_found(msg: impl Into<String>) -> OpError {
         OpError {
             kind: OpErrorKind::NotFound,
+            msg: msg.into(),
+        }
+    }
+    pub fn needs_confirmation(msg: impl Into<String>) -> OpError {
+        OpError {
+            kind: OpErrorKind::NeedsConfirmation,
             msg: msg.into(),
         }
     }

@@ -541,6 +541,7 @@ impl World {
         let op = Op::Primary {
             force: false,
             timeout: crate::COMMAND_TIMEOUT,
+            confirmed: false,
         };
         // The operator's intent decides what the promotion may lose (the ghost's view), from
         // the moment the command runs: the engine may promote within the request itself.
@@ -572,6 +573,8 @@ impl World {
         let op = Op::Primary {
             force: true,
             timeout: crate::COMMAND_TIMEOUT,
+            // The simulated operator confirms (a split brain is what the run explores).
+            confirmed: true,
         };
         if self.hosts[i].is_primary() {
             self.note(format!("{me}: primary --force (acting as primary)"));

@@ -115,7 +115,8 @@ fn dead_member_shows_not_alive_and_can_be_deleted() {
     );
     let err = a.refused(&["--timeout", "2", "wait-cluster"]);
     assert!(err.contains("no answer") && err.contains('b'), "{err}");
-    a.ok(&["lowlevel-delete-host", "b"]);
+    // Dead as `view --window 2` shows it: deleted without --force.
+    a.ok(&["--window", "2", "lowlevel-delete-host", "b"]);
     eventually(30, "c forgets b", || {
         !members(&c).contains(&"b".to_string())
     });

@@ -208,7 +208,7 @@ fn filesystem_through_handover_and_failover(fs: &str) {
     // Failover: b dies, a takes over with what it has (everything: it was up to date).
     b.kill9();
     a.ok(&["pause-fetch", "r"]);
-    a.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    a.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     let dev_a = device(&a);
     mount(&dev_a, &mnt);
     assert_eq!(manifest(&mnt), m2, "the tree after the failover");

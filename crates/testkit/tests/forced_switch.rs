@@ -379,7 +379,10 @@ fn not_connected_idle_new_primary_wins_when_its_first_logfile_is_its_own() {
         replstate_now(b) == "PrimaryUnreachable"
     });
     r.ok(b, &["pause-fetch", "r"]);
-    r.ok(b, &["--timeout", "30", "primary", "--force", "r"]);
+    r.ok(
+        b,
+        &["--timeout", "30", "primary", "--force", "--force", "r"],
+    );
     write_blocks(b, NEW_FROM, 4, 64 << 10);
     r.ok(b, &["log-rotate", "r"]);
     write_blocks(b, NEW_FROM + 4 * (64 << 10), 4, 64 << 10);
@@ -869,7 +872,10 @@ fn run(s: Scenario) {
         // What a writes from here on, b never sees.
         w.wait_more(10);
     }
-    let out = r.ok(b, &["--timeout", "30", "primary", "--force", "r"]);
+    let out = r.ok(
+        b,
+        &["--timeout", "30", "primary", "--force", "--force", "r"],
+    );
     r.step(&format!("b: primary --force: {}", out.trim()));
     assert_eq!(view(b, "role"), "Primary");
     assert_eq!(view(b, "primarynode"), "b");
@@ -1151,7 +1157,10 @@ fn run(s: Scenario) {
 /// `primary --force`, `connect`).
 fn force(r: &Run, h: &Host) {
     r.ok(h, &["pause-fetch", "r"]);
-    let out = r.ok(h, &["--timeout", "30", "primary", "--force", "r"]);
+    let out = r.ok(
+        h,
+        &["--timeout", "30", "primary", "--force", "--force", "r"],
+    );
     r.ok(h, &["resume-fetch", "r"]);
     r.step(&format!("{}: primary --force: {}", h.name, out.trim()));
 }

@@ -536,7 +536,7 @@ fn forced_failover_during_a_partition_then_heal_fences_the_old_primary_and_inval
     lab.cut(0);
     wait_primary_unreachable(&lab);
     b.ok(&["pause-fetch", "r"]);
-    b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     assert_eq!(view(b, "role"), "Primary");
     // Both write: a does not know yet.
     conn.write(65536, &[2u8; 65536], true)
@@ -660,7 +660,7 @@ fn full_sync_whose_source_fails_over_to_another_history_starts_over() {
     }
     lab.hosts[0].kill9();
     let (b, c) = (&lab.hosts[1], &lab.hosts[2]);
-    c.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(c, "r", lab.path(), 16 << 20, 4 << 20);
     eventually(c, b, 30, "b starts its sync over from c", || {
         b.log_text().contains("the sync source changed from a to c")

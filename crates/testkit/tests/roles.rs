@@ -278,7 +278,7 @@ fn failover_after_primary_crash_then_old_primary_rejoins_cleanly() {
     c.hosts[0].kill9();
     let b = &c.hosts[1];
     b.ok(&["pause-fetch", "r"]);
-    let out = b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    let out = b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     assert!(out.contains("primary now"), "{out}");
     assert_eq!(b.view("role", "r"), "Primary");
     assert_eq!(b.view("todo-fetch", "r"), "1", "fetch resumes by itself");
@@ -300,7 +300,7 @@ fn failover_with_unfetched_writes_is_a_split_brain_resolved_by_invalidate() {
     write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
     c.hosts[0].kill9();
     let b = &c.hosts[1];
-    b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(b, "r", t.path(), 16 * MIB, MIB as usize);
     c.hosts[0].start_again();
     c.wait(30, "split brain visible on both", || {
@@ -323,7 +323,7 @@ fn split_brain_resolved_towards_the_old_primary() {
     c.hosts[1].ok(&["pause-fetch", "r"]);
     write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
     c.hosts[0].kill9();
-    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
     c.hosts[0].start_again();
     c.wait(30, "split brain", || {
@@ -332,7 +332,7 @@ fn split_brain_resolved_towards_the_old_primary() {
     // The operator keeps a's version: a takes over by force, b gives up its history.
     let a = &c.hosts[0];
     a.ok(&["pause-fetch", "r"]);
-    a.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    a.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     c.wait_primary(0);
     c.hosts[1].ok(&["invalidate", "r"]);
     c.assert_converged(0);
@@ -347,7 +347,7 @@ fn third_member_that_followed_the_losing_side_is_resolvable() {
     write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
     wait_uptodate(&c.hosts[2], "r", 60);
     c.hosts[0].kill9();
-    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
     c.hosts[0].start_again();
     c.wait(30, "split brain with a and c on one side", || {
@@ -430,7 +430,7 @@ fn split_brain_with_log_rotation_on_both_sides_resolved_by_invalidate() {
     c.hosts[0].ok(&["log-rotate", "r"]);
     write_random(&c.hosts[0], "r", t.path(), 10 * MIB, MIB as usize);
     c.hosts[0].kill9();
-    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     c.hosts[1].ok(&["log-rotate", "r"]);
     write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
     c.hosts[1].ok(&["log-rotate", "r"]);
@@ -453,7 +453,7 @@ fn split_brain_resolved_by_leave_and_join_and_by_log_purge_all() {
     c.hosts[2].ok(&["pause-fetch", "r"]);
     write_random(&c.hosts[0], "r", t.path(), 8 * MIB, 2 * MIB as usize);
     c.hosts[0].kill9();
-    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "r"]);
+    c.hosts[1].ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(&c.hosts[1], "r", t.path(), 16 * MIB, MIB as usize);
     c.hosts[2].ok(&["resume-fetch", "r"]);
     c.hosts[0].start_again();

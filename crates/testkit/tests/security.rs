@@ -235,7 +235,10 @@ fn deleting_a_live_member_closes_its_open_streams() {
     for h in [&a, &b] {
         h.ok(&["--timeout", "30", "wait-cluster"]);
     }
-    a.ok(&["lowlevel-delete-host", "b"]);
+    // b is alive: deleting it takes --force.
+    let msg = a.refused(&["lowlevel-delete-host", "b"]);
+    assert!(msg.contains("is alive") && msg.contains("--force"), "{msg}");
+    a.ok(&["--force", "lowlevel-delete-host", "b"]);
     eventually(20, "a closes b's open metadata stream", || {
         a.log_text().contains("closed the Meta stream of b at ")
     });

@@ -12,7 +12,7 @@ use crate::host::Host;
 use crate::meta::cluster::{CERT_PREFIX, MEMBER_PREFIX};
 use crate::root::ClusterFile;
 
-pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
+pub async fn create(host: &Arc<Host>, ip: Option<String>, dry: bool) -> Outcome {
     let _g = host.admin.lock().await;
     if let Some(c) = host.ident.cluster() {
         return Err((
@@ -24,6 +24,14 @@ pub async fn create(host: &Arc<Host>, ip: Option<String>) -> Outcome {
         ));
     }
     let address = advertised_address(host, ip)?;
+    if dry {
+        return done(format!(
+            "would create a new cluster with host {} at {address}: its CA, this host's \
+             certificate and key under {}, and the keys {CERT_PREFIX}{0} and {MEMBER_PREFIX}{0}",
+            host.ident.host,
+            host.ident.root.join("tls").display()
+        ));
+    }
     let c = ClusterFile {
         uuid: mars_wire::ClusterId(rand::random()).to_string(),
         host: host.ident.host.clone(),
@@ -78,10 +86,26 @@ pub async fn join(
     peer: &str,
     token: Option<&str>,
     ip: Option<String>,
+    rejoin: bool,
+    dry: bool,
 ) -> Outcome {
     let _g = host.admin.lock().await;
     let address = advertised_address(host, ip)?;
-    let msg = host.cluster.join(peer, token, address).await?;
+    if dry {
+        // Checked without contacting the peer: contacting it would use the one-time token up.
+        host.cluster.join_check(peer, token, rejoin)?;
+        return done(format!(
+            "would contact {peer}, {}learn its cluster, copy its metadata and announce {} at \
+             {address}",
+            if token.is_some() {
+                "verify it against the token's pin, get this host's certificate, "
+            } else {
+                ""
+            },
+            host.ident.host,
+        ));
+    }
+    let msg = host.cluster.join(peer, token, address, rejoin).await?;
     done(msg)
 }
 
@@ -111,17 +135,17 @@ fn advertised_address(host: &Host, ip: Option<String>) -> Result<String, (ErrorK
 }
 
 /// `renew-certificate [--via HOST]`.
-pub async fn renew(host: &Arc<Host>, via: Option<String>) -> Outcome {
+pub async fn renew(host: &Arc<Host>, via: Option<String>, dry: bool) -> Outcome {
     let via = via
         .map(|v| HostName::new(&v).map_err(|e| invalid(e.to_string())))
         .transpose()?;
     let _g = host.admin.lock().await;
-    let msg = host.cluster.renew(via).await.map_err(invalid)?;
+    let msg = host.cluster.renew(via, dry).await.map_err(invalid)?;
     done(msg)
 }
 
 /// `rotate-ca start|finish`.
-pub async fn rotate_ca(host: &Arc<Host>, finish: bool) -> Outcome {
+pub async fn rotate_ca(host: &Arc<Host>, finish: bool, dry: bool) -> Outcome {
     if host.ident.insecure {
         return Err(invalid(
             "this host runs --insecure: it uses no certificates",
@@ -132,22 +156,38 @@ pub async fn rotate_ca(host: &Arc<Host>, finish: bool) -> Outcome {
     }
     let _g = host.admin.lock().await;
     let msg = if finish {
-        host.cluster.rotate_finish().await
+        host.cluster.rotate_finish(dry).await
     } else {
-        host.cluster.rotate_start().await
+        host.cluster.rotate_start(dry).await
     }
     .map_err(invalid)?;
     done(msg)
 }
 
 /// `join-token`: a one-time token for `join-cluster --token`.
-pub async fn join_token(host: &Arc<Host>, ttl: u64) -> Outcome {
+pub async fn join_token(host: &Arc<Host>, ttl: u64, dry: bool) -> Outcome {
     if host.ident.cluster_id().is_none() {
         return Err(invalid("this host is not in a cluster"));
     }
     if host.ident.insecure {
         return Err(invalid(
             "this host runs --insecure: peers are not authenticated and join without a token",
+        ));
+    }
+    if dry {
+        if crate::root::load_ca(&host.ident.root)
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            return Err(invalid(
+                "this host cannot issue join tokens: it does not hold the cluster CA's key (run \
+                 join-token on the host that created the cluster, or copy its tls/ca.key here: \
+                 docs/security.md)",
+            ));
+        }
+        return done(format!(
+            "would issue a one-time join token valid for {ttl} s (recorded in this host's token book)"
         ));
     }
     let ident = host.ident.clone();
@@ -161,7 +201,7 @@ pub async fn join_token(host: &Arc<Host>, ttl: u64) -> Outcome {
     })
 }
 
-pub async fn leave(host: &Arc<Host>, timeout: Duration) -> Outcome {
+pub async fn leave(host: &Arc<Host>, timeout: Duration, dry: bool) -> Outcome {
     let _g = host.admin.lock().await;
     if host.ident.cluster_id().is_none() {
         return Err(invalid("this host is not in a cluster"));
@@ -172,6 +212,14 @@ pub async fn leave(host: &Arc<Host>, timeout: Duration) -> Outcome {
             "this host still holds resources ({}); leave or delete them first",
             held.join(", ")
         )));
+    }
+    if dry {
+        return done(format!(
+            "would announce that {} leaves (its membership and certificate keys deleted), wait \
+             up to {} s until the other members have it, and forget the cluster here",
+            host.ident.host,
+            timeout.as_secs()
+        ));
     }
     let msg = host.cluster.leave(timeout).await.map_err(failed)?;
     done(msg)
@@ -185,8 +233,15 @@ pub async fn wait(host: &Arc<Host>, timeout: Duration) -> Outcome {
     done(msg)
 }
 
-/// `lowlevel-delete-host`: removes a (dead) member.
-pub async fn delete_host(host: &Arc<Host>, name: &str) -> Outcome {
+/// `lowlevel-delete-host`: removes a dead member. A live one (heard from within `window`, as
+/// `view --window` shows it alive, or connected to this host now) only with `force`.
+pub async fn delete_host(
+    host: &Arc<Host>,
+    name: &str,
+    force: bool,
+    window: Duration,
+    dry: bool,
+) -> Outcome {
     let h = HostName::new(name).map_err(|e| invalid(e.to_string()))?;
     if h == host.ident.host {
         return Err(invalid("cannot delete this host; use leave-cluster"));
@@ -196,6 +251,31 @@ pub async fn delete_host(host: &Arc<Host>, name: &str) -> Outcome {
             ErrorKind::NotFound,
             format!("host {h} is not a member of this cluster"),
         ));
+    }
+    let view = host
+        .cluster
+        .member_views(window)
+        .await
+        .into_iter()
+        .find(|m| m.host == h.as_str());
+    let (alive, connected, age) =
+        view.map_or((false, false, None), |m| (m.alive, m.connected, m.age_secs));
+    let heard = age.map_or("never heard from".to_string(), |a| {
+        format!("last heard from {a:.0} s ago")
+    });
+    if (alive || connected) && !force {
+        return Err(invalid(format!(
+            "host {h} is alive ({heard}, within the {} s window{}): deleting it revokes its \
+             certificate and cuts it off while it runs. Make it leave with `marsadm \
+             leave-cluster` on {h}, or stop it first; `lowlevel-delete-host --force {h}` \
+             removes it anyway",
+            window.as_secs(),
+            if connected {
+                "; connected to this host"
+            } else {
+                ""
+            }
+        )));
     }
     // Its certificate goes with it: no member serves it any more.
     let mut gone = vec![format!("{MEMBER_PREFIX}{h}")];
@@ -208,15 +288,28 @@ pub async fn delete_host(host: &Arc<Host>, name: &str) -> Outcome {
     {
         gone.push(format!("{CERT_PREFIX}{h}"));
     }
+    if dry {
+        return done(format!(
+            "would remove host {h} from the cluster ({heard}): delete {}",
+            gone.join(", ")
+        ));
+    }
     host.store.write(Vec::new(), gone).await.map_err(failed)?;
     done(format!(
-        "removed host {h} from the cluster (its certificate is revoked)"
+        "removed host {h} from the cluster ({heard}; its certificate is revoked)"
     ))
 }
 
-pub async fn set_links(host: &Arc<Host>, pairs: Vec<(String, String)>) -> Outcome {
+pub async fn set_links(host: &Arc<Host>, pairs: Vec<(String, String)>, dry: bool) -> Outcome {
     if host.ident.cluster_id().is_none() {
         return Err(invalid("this host is not in a cluster"));
+    }
+    if dry {
+        for (k, _) in &pairs {
+            mars_meta::validate_key(k).map_err(|e| invalid(e.to_string()))?;
+        }
+        let what: Vec<String> = pairs.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+        return done(format!("would set {}", what.join(", ")));
     }
     let n = host
         .store
@@ -231,4 +324,21 @@ pub async fn get_link(host: &Arc<Host>, key: &str) -> Outcome {
     mars_meta::validate_key(key).map_err(|e| invalid(e.to_string()))?;
     let value = host.store.value(key).await.map_err(failed)?;
     Ok(Reply::Value { value })
+}
+
+/// `lowlevel-get-links [PREFIX]`: every live key under `prefix` as `KEY VALUE` lines.
+pub async fn list_links(host: &Arc<Host>, prefix: String) -> Outcome {
+    let entries = host
+        .store
+        .call(move |s| s.list_prefix(&prefix))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(e.to_string()))?;
+    let mut lines = String::new();
+    for e in entries {
+        if let Some(v) = e.value {
+            lines.push_str(&format!("{} {v}\n", e.key));
+        }
+    }
+    Ok(Reply::Value { value: Some(lines) })
 }

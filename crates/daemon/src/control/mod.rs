@@ -100,6 +100,19 @@ async fn connection(host: Arc<Host>, s: UnixStream) -> Result<()> {
 }
 
 async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
+    match req {
+        Request::DryRun { request } => match *request {
+            Request::DryRun { .. } => Err(invalid("a dry run of a dry run is not a request")),
+            r => run(host, r, true).await,
+        },
+        r => run(host, r, false).await,
+    }
+}
+
+/// Runs one request; with `dry` (`--dry-run`) every command checks what it would check and
+/// answers with what it would do, changing nothing. Requests that change nothing anyway
+/// (view, get-link, wait-cluster …) run as they are.
+async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
     let secs = Duration::from_secs;
     match req {
         Request::Ping => Ok(Reply::Pong {
@@ -117,24 +130,32 @@ async fn dispatch(host: &Arc<Host>, req: Request) -> Outcome {
                 view::view(host, list, res.is_none(), window).await,
             ))
         }
-        Request::CreateCluster { ip } => cluster::create(host, ip).await,
-        Request::JoinCluster { peer, token, ip } => {
-            cluster::join(host, &peer, token.as_deref(), ip).await
-        }
-        Request::JoinToken { ttl } => cluster::join_token(host, ttl).await,
-        Request::RenewCertificate { via } => cluster::renew(host, via).await,
-        Request::RotateCa { finish } => cluster::rotate_ca(host, finish).await,
-        Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout)).await,
+        Request::CreateCluster { ip } => cluster::create(host, ip, dry).await,
+        Request::JoinCluster {
+            peer,
+            token,
+            ip,
+            rejoin,
+        } => cluster::join(host, &peer, token.as_deref(), ip, rejoin, dry).await,
+        Request::JoinToken { ttl } => cluster::join_token(host, ttl, dry).await,
+        Request::RenewCertificate { via } => cluster::renew(host, via, dry).await,
+        Request::RotateCa { finish } => cluster::rotate_ca(host, finish, dry).await,
+        Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout), dry).await,
         Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
             cluster::wait(host, secs(timeout)).await
         }
-        Request::DeleteHost { host: h } => cluster::delete_host(host, &h).await,
-        Request::SetLinks { pairs } => cluster::set_links(host, pairs).await,
+        Request::DeleteHost {
+            host: h,
+            force,
+            window,
+        } => cluster::delete_host(host, &h, force, secs(window.unwrap_or(60)), dry).await,
+        Request::SetLinks { pairs } => cluster::set_links(host, pairs, dry).await,
         Request::GetLink { key } => cluster::get_link(host, &key).await,
+        Request::ListLinks { prefix } => cluster::list_links(host, prefix).await,
         Request::CreateResource { res, disk, size } => {
-            resources::create(host, res, &disk, size).await
+            resources::create(host, res, &disk, size, dry).await
         }
-        Request::JoinResource { res, disk } => resources::join(host, res, &disk).await,
-        other => resources::op(host, other).await,
+        Request::JoinResource { res, disk } => resources::join(host, res, &disk, dry).await,
+        other => resources::op(host, other, dry).await,
     }
 }

@@ -30,6 +30,7 @@ fn kind(k: OpErrorKind) -> ErrorKind {
         OpErrorKind::NotFound => ErrorKind::NotFound,
         OpErrorKind::Exists => ErrorKind::Exists,
         OpErrorKind::Failed => ErrorKind::Failed,
+        OpErrorKind::NeedsConfirmation => ErrorKind::NeedsConfirmation,
     }
 }
 
@@ -116,6 +117,7 @@ pub async fn create(
     res: ResourceName,
     disk: &Path,
     size: Option<u64>,
+    dry: bool,
 ) -> Outcome {
     let _g = host.admin.lock().await;
     if host.ident.cluster().is_none() {
@@ -169,6 +171,16 @@ pub async fn create(
         )));
     }
     let me = host.ident.host.clone();
+    if dry {
+        return done(format!(
+            "would create resource {res} on {} ({}, {size} bytes) with {me} as its primary: \
+             directory {}, the keys of {res} and {me}'s switches, a logfile; NBD: {}",
+            disk.display(),
+            format_size(size),
+            root::resource_dir(&host.ident.root, &res).display(),
+            host.ident.nbd_unix_uri(res.as_str())
+        ));
+    }
     let cfg = ResourceFile {
         name: res.clone(),
         disk: disk.to_path_buf(),
@@ -222,7 +234,7 @@ pub async fn create(
     ))
 }
 
-pub async fn join(host: &Arc<Host>, res: ResourceName, disk: &Path) -> Outcome {
+pub async fn join(host: &Arc<Host>, res: ResourceName, disk: &Path, dry: bool) -> Outcome {
     let _g = host.admin.lock().await;
     if host.ident.cluster_id().is_none() {
         return Err(invalid(
@@ -263,6 +275,17 @@ pub async fn join(host: &Arc<Host>, res: ResourceName, disk: &Path) -> Outcome {
             format_size(len),
             format_size(size)
         )));
+    }
+    if dry {
+        return done(format!(
+            "would make {me} a replica of {res} on {} ({}): directory {}, {me}'s keys of {res}; \
+             a full sync from {primary} would OVERWRITE {} ({})",
+            disk.display(),
+            format_size(len),
+            root::resource_dir(&host.ident.root, &res).display(),
+            disk.display(),
+            format_size(size)
+        ));
     }
     let dir = root::resource_dir(&host.ident.root, &res);
     let cfg = ResourceFile {
@@ -318,18 +341,21 @@ pub async fn join(host: &Arc<Host>, res: ResourceName, disk: &Path) -> Outcome {
     ))
 }
 
-/// Every other resource command.
-pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
+/// Every other resource command (`dry`: `--dry-run`, the engine's guards decide and nothing
+/// happens).
+pub async fn op(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
     let (res, op) = match req {
         Request::Primary {
             res,
             force,
             timeout,
+            confirmed,
         } => (
             res,
             Op::Primary {
                 force,
                 timeout: timeout.saturating_mul(1000),
+                confirmed,
             },
         ),
         Request::Secondary { res } => (res, Op::Secondary),
@@ -346,11 +372,11 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
         Request::Resize { res, size } => (res, Op::Resize { size }),
         Request::LeaveResource { res, force } => {
             let _g = host.admin.lock().await;
-            return leave(host, res, force).await;
+            return leave(host, res, force, dry).await;
         }
         Request::DeleteResource { res, force } => {
             let _g = host.admin.lock().await;
-            return delete(host, res, force).await;
+            return delete(host, res, force, dry).await;
         }
         Request::LogRotate { res } => (res, Op::LogRotate),
         Request::SetEmergencyLimit { res, pct } => (res, Op::SetEmergencyLimit { pct }),
@@ -365,17 +391,19 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
                 .unwrap_or(0);
             return done(pct.to_string());
         }
-        Request::Cron => return cron(host).await,
+        Request::Cron => return cron(host, dry).await,
         Request::AskCaughtUp { res } => {
             let h = host.get(&res).ok_or_else(|| not_found(&res))?;
             h.shared.ask_caught_up.notify_one();
             return done(String::new());
         }
         Request::SetSystemdUnit { res, start, stop } => {
-            return set_systemd_unit(host, &res, &start, stop.as_deref()).await
+            return set_systemd_unit(host, &res, &start, stop.as_deref(), dry).await
         }
-        Request::SetSystemdWant { res, want } => return set_systemd_want(host, &res, &want).await,
-        Request::SystemdTrigger { res } => return systemd_trigger(host, res.as_ref()).await,
+        Request::SetSystemdWant { res, want } => {
+            return set_systemd_want(host, &res, &want, dry).await
+        }
+        Request::SystemdTrigger { res } => return systemd_trigger(host, res.as_ref(), dry).await,
         other => return Err(invalid(format!("{other:?} is not a resource command"))),
     };
     let Some(h) = host.get(&res) else {
@@ -384,6 +412,13 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
             let m = meta(host, &res).await?;
             if !m.exists() {
                 return Err(not_found(&res));
+            }
+            if dry {
+                return done(format!(
+                    "{res}: secondary would set {} = {}",
+                    keys::primary(&res),
+                    keys::NO_PRIMARY
+                ));
             }
             host.store
                 .write(
@@ -396,16 +431,19 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
         }
         return Err(not_found(&res));
     };
-    let r = h.op(op).await.map_err(|e| failed(e.to_string()))?;
+    let r = h
+        .op_or_dry(op, dry)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
     from_op(r)
 }
 
-async fn leave(host: &Arc<Host>, res: ResourceName, force: bool) -> Outcome {
+async fn leave(host: &Arc<Host>, res: ResourceName, force: bool, dry: bool) -> Outcome {
     let me = host.ident.host.clone();
     match host.get(&res) {
         Some(h) => {
             let r = h
-                .op(Op::LeaveResource { force })
+                .op_or_dry(Op::LeaveResource { force }, dry)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
             from_op(r)
@@ -414,6 +452,11 @@ async fn leave(host: &Arc<Host>, res: ResourceName, force: bool) -> Outcome {
             // No local state, but the metadata may still list us: forget that with --force.
             let m = meta(host, &res).await?;
             if force && m.is_member(&me) && m.primary.as_ref() != Some(&me) {
+                if dry {
+                    return done(format!(
+                        "would forget this host's leftover membership of {res} (delete its keys)"
+                    ));
+                }
                 delete_own_keys(host, &res).await?;
                 return done(format!("forgot this host's leftover membership of {res}"));
             }
@@ -422,11 +465,11 @@ async fn leave(host: &Arc<Host>, res: ResourceName, force: bool) -> Outcome {
     }
 }
 
-async fn delete(host: &Arc<Host>, res: ResourceName, force: bool) -> Outcome {
+async fn delete(host: &Arc<Host>, res: ResourceName, force: bool, dry: bool) -> Outcome {
     match host.get(&res) {
         Some(h) => {
             let r = h
-                .op(Op::DeleteResource { force })
+                .op_or_dry(Op::DeleteResource { force }, dry)
                 .await
                 .map_err(|e| failed(e.to_string()))?;
             from_op(r)
@@ -447,6 +490,13 @@ async fn delete(host: &Arc<Host>, res: ResourceName, force: bool) -> Outcome {
                     "{res} still has other members ({}): they must leave-resource first, or use delete-resource --force",
                     others.join(", ")
                 )));
+            }
+            if dry {
+                return done(format!(
+                    "would delete {res} cluster-wide: {}, {} and this host's keys of {res}",
+                    keys::size(&res),
+                    keys::primary(&res)
+                ));
             }
             host.store
                 .write(Vec::new(), vec![keys::size(&res), keys::primary(&res)])
@@ -476,10 +526,10 @@ async fn delete_own_keys(host: &Arc<Host>, res: &ResourceName) -> Result<(), (Er
 }
 
 /// `cron`: every resource rotates where this host is primary and the log has data.
-async fn cron(host: &Arc<Host>) -> Outcome {
+async fn cron(host: &Arc<Host>, dry: bool) -> Outcome {
     let mut lines = Vec::new();
     for h in host.all() {
-        if let Ok(Ok(line)) = h.op(Op::Cron).await {
+        if let Ok(Ok(line)) = h.op_or_dry(Op::Cron, dry).await {
             if !line.is_empty() {
                 lines.push(line);
             }
@@ -498,6 +548,7 @@ async fn set_systemd_unit(
     res: &ResourceName,
     start: &str,
     stop: Option<&str>,
+    dry: bool,
 ) -> Outcome {
     let m = meta(host, res).await?;
     if !m.exists() {
@@ -509,6 +560,12 @@ async fn set_systemd_unit(
         keys::systemd_want(res),
     );
     if start.is_empty() {
+        if dry {
+            return done(format!(
+                "{res}: would delete {k_start}, {k_stop} and {k_want} (its generated units \
+                 would be stopped and removed)"
+            ));
+        }
         host.store
             .write(Vec::new(), vec![k_start, k_stop, k_want])
             .await
@@ -544,6 +601,12 @@ async fn set_systemd_unit(
         .primary
         .as_ref()
         .map_or(keys::NO_PRIMARY.to_string(), ToString::to_string);
+    if dry {
+        return done(format!(
+            "{res}: would set start unit {}, stop unit {}, wanted on {want}",
+            choice.start, choice.stop
+        ));
+    }
     host.store
         .write(
             vec![
@@ -562,7 +625,7 @@ async fn set_systemd_unit(
 }
 
 /// `set-systemd-want RES HOST|(none)`.
-async fn set_systemd_want(host: &Arc<Host>, res: &ResourceName, want: &str) -> Outcome {
+async fn set_systemd_want(host: &Arc<Host>, res: &ResourceName, want: &str, dry: bool) -> Outcome {
     let m = meta(host, res).await?;
     if !m.exists() {
         return Err(not_found(res));
@@ -582,6 +645,12 @@ async fn set_systemd_want(host: &Arc<Host>, res: &ResourceName, want: &str) -> O
             )));
         }
     }
+    if dry {
+        return done(format!(
+            "{res}: would set {} = {want} (the stack would run there)",
+            keys::systemd_want(res)
+        ));
+    }
     host.store
         .write(
             vec![(keys::systemd_want(res), want.to_string())],
@@ -593,12 +662,35 @@ async fn set_systemd_want(host: &Arc<Host>, res: &ResourceName, want: &str) -> O
 }
 
 /// `systemd-trigger [RES]`: regenerate now and run the want operations again.
-async fn systemd_trigger(host: &Arc<Host>, res: Option<&ResourceName>) -> Outcome {
+async fn systemd_trigger(host: &Arc<Host>, res: Option<&ResourceName>, dry: bool) -> Outcome {
     let targets: Vec<Handle> = match res {
         Some(r) => vec![host.get(r).ok_or_else(|| not_found(r))?],
         None => host.all(),
     };
     let sd = host.systemd.clone();
+    if dry {
+        // The same generation, in memory: the templates are checked, nothing is written.
+        let units = tokio::task::spawn_blocking(move || sd.preview())
+            .await
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(format!("systemd-trigger: {e}")))?;
+        let names: Vec<String> = targets.iter().map(|h| h.name.to_string()).collect();
+        return done(format!(
+            "would generate {} unit(s){}, reload systemd if any changed, and run the want \
+             operations of {} again",
+            units.len(),
+            if units.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", units.join(" "))
+            },
+            if names.is_empty() {
+                "(no resource)".to_string()
+            } else {
+                names.join(", ")
+            }
+        ));
+    }
     let g = tokio::task::spawn_blocking(move || sd.regenerate())
         .await
         .map_err(|e| failed(e.to_string()))?

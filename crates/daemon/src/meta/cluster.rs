@@ -716,7 +716,8 @@ impl Cluster {
 
     /// `rotate-ca start`: on a host holding the CA key, makes the next CA, trusts it here and
     /// announces it endorsed by the current CA; renewals issued here come from it from now on.
-    pub async fn rotate_start(&self) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks only, and what it would do.
+    pub async fn rotate_start(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
         let root = self.ident.root.clone();
         let ca = root::load_ca(&root)
@@ -724,6 +725,14 @@ impl Cluster {
             .ok_or("rotate-ca runs on a host that holds the cluster CA's key (tls/ca.key)")?;
         if root::load_trust(&root).map_err(e)?.len() > 1 {
             return Err("a CA rotation is in progress already: `rotate-ca finish` ends it".into());
+        }
+        if dry {
+            return Ok(
+                "would make the next cluster CA, trust it here and announce it: every \
+                       member trusts it too; then `renew-certificate` on every member and \
+                       `rotate-ca finish` here"
+                    .into(),
+            );
         }
         let next = mars_tls::Ca::create().map_err(|x| x.to_string())?;
         root::save_next_ca(&root, next.cert(), Some(&next.key_pem())).map_err(e)?;
@@ -743,7 +752,8 @@ impl Cluster {
 
     /// `rotate-ca finish`: once every member's certificate is from the next CA, makes it the
     /// cluster CA here and announces the old one retired.
-    pub async fn rotate_finish(&self) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks only, and what it would do.
+    pub async fn rotate_finish(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
         let root = self.ident.root.clone();
         let next = root::load_next_ca(&root)
@@ -783,6 +793,13 @@ impl Cluster {
                 behind.join(", ")
             ));
         }
+        if dry {
+            return Ok(format!(
+                "would make the next CA (sha256:{}) the cluster CA here and announce the old \
+                 one retired",
+                mars_tls::fingerprint(next.cert())
+            ));
+        }
         let text = next.endorse(mars_tls::Endorse::Retired, old.cert());
         self.store
             .write(vec![(TRUST_RETIRED.to_string(), text)], Vec::new())
@@ -800,38 +817,72 @@ impl Cluster {
 
     // ------------------------------------------------------------ membership commands
 
+    /// What `join-cluster` checks before it contacts anybody (also its `--dry-run`, which
+    /// must not use the one-time token up): not in a cluster yet, a token exactly when TLS is
+    /// on, and a well-formed one. Returns the parsed token.
+    pub fn join_check(
+        &self,
+        peer_addr: &str,
+        token: Option<&str>,
+        rejoin: bool,
+    ) -> Result<Option<mars_tls::Token>, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        match self.ident.cluster_id() {
+            Some(id) if !rejoin => {
+                return Err((
+                    ErrorKind::Exists,
+                    format!(
+                        "this host already belongs to cluster {id}; leave-cluster first (if \
+                         the other members deleted this host while it ran, `join-cluster \
+                         --force PEER --token T` joins it again)"
+                    ),
+                ))
+            }
+            _ => {}
+        }
+        match (self.ident.insecure, token) {
+            (true, Some(_)) => Err(invalid(
+                "--token given, but this host runs --insecure (plaintext, no certificates)".into(),
+            )),
+            (true, None) => Ok(None),
+            (false, None) => Err(invalid(format!(
+                "join-cluster needs a join token: run `marsadm join-token` on the member at \
+                 {peer_addr} and pass what it prints with --token (or run every host with \
+                 --insecure)"
+            ))),
+            (false, Some(text)) => text.parse().map(Some).map_err(|e| invalid(format!("{e}"))),
+        }
+    }
+
     /// `join-cluster PEER [--token T]`: authenticates the member against the token's pin and
     /// gets this host's certificate (TLS mode), learns the cluster from the member, copies its
     /// metadata, announces itself. Returns the message for the operator.
+    ///
+    /// With `rejoin` on a host that is in the cluster already (the other members deleted it
+    /// while it ran, `lowlevel-delete-host`): the same, but the cluster must be this host's
+    /// and the member must show it deleted; it keeps its resources and announces itself
+    /// again with a new certificate.
     pub async fn join(
         &self,
         peer_addr: &str,
         token: Option<&str>,
         address: String,
+        rejoin: bool,
     ) -> Result<String, (mars_api::ErrorKind, String)> {
         use mars_api::ErrorKind;
-        if let Some(id) = self.ident.cluster_id() {
-            return Err((
-                ErrorKind::Exists,
-                format!("this host already belongs to cluster {id}; leave-cluster first"),
-            ));
-        }
+        let parsed = self.join_check(peer_addr, token, rejoin)?;
+        let rejoining = self.ident.cluster_id();
         let failed = |e: anyhow::Error| {
             (
                 ErrorKind::Failed,
                 format!("join-cluster {peer_addr}: {e:#}"),
             )
         };
-        let invalid = |m: String| (ErrorKind::Invalid, m);
         let mut own_cert = None;
-        let (mut s, cluster) = match (self.ident.insecure, token) {
-            (true, Some(_)) => {
-                return Err(invalid(
-                    "--token given, but this host runs --insecure (plaintext, no certificates)"
-                        .into(),
-                ))
-            }
-            (true, None) => {
+        let mut new_creds = None;
+        let (mut s, cluster) = match parsed {
+            None => {
                 let s = peer::connect(
                     peer_addr,
                     &self.ident.host,
@@ -844,15 +895,7 @@ impl Cluster {
                 let cluster = s.peer.cluster;
                 (s, cluster)
             }
-            (false, None) => {
-                return Err(invalid(format!(
-                    "join-cluster needs a join token: run `marsadm join-token` on the member at \
-                     {peer_addr} and pass what it prints with --token (or run every host with \
-                     --insecure)"
-                )))
-            }
-            (false, Some(text)) => {
-                let t: mars_tls::Token = text.parse().map_err(|e| invalid(format!("{e}")))?;
+            Some(t) => {
                 let key = mars_tls::HostKey::generate().map_err(|e| failed(e.into()))?;
                 let mut s = peer::connect_join(peer_addr, &self.ident.host, t.pin)
                     .await
@@ -888,27 +931,22 @@ impl Cluster {
                     )));
                 }
                 let creds = mars_tls::Credentials::new(ca, cert, &key);
-                self.ident
-                    .install_credentials(&creds)
-                    .map_err(|e| failed(e.context("the certificate it sent")))?;
-                root::save_credentials(
-                    &self.ident.root,
-                    &mars_tls::pki::cert_pem(&creds.ca),
-                    &mars_tls::pki::cert_pem(&creds.cert),
-                    &key.pem(),
-                )
-                .map_err(failed)?;
-                // Everything taken from the member from here on is checked against its
-                // writer's signature.
-                let authority = super::authority::PkiAuthority::new(&creds, &[]).map_err(failed)?;
-                self.store
-                    .call(move |st| st.set_authority(Some(authority)))
-                    .await
-                    .map_err(|e| failed(e.into()))?;
                 own_cert = Some(mars_tls::cert_text(&creds.cert));
+                new_creds = Some((creds, key));
                 (s, cluster)
             }
         };
+        // Joining again: only into this host's own cluster (checked before anything here
+        // changes).
+        if let Some(id) = rejoining.filter(|id| *id != cluster) {
+            return Err((
+                ErrorKind::Invalid,
+                format!(
+                    "the member at {peer_addr} is in cluster {cluster}, this host in {id}: \
+                     leave-cluster first"
+                ),
+            ));
+        }
         let mut since = 0;
         let mut all = Vec::new();
         loop {
@@ -943,21 +981,50 @@ impl Cluster {
         if all.iter().any(|e| e.key == own && e.value.is_some()) {
             return Err((
                 ErrorKind::Exists,
-                format!(
-                    "a host named {} is already a member of cluster {cluster}",
-                    self.ident.host
-                ),
+                if rejoining.is_some() {
+                    format!(
+                        "{} is still a member of cluster {cluster} as {}'s metadata shows: \
+                         nothing to join again",
+                        self.ident.host, s.peer.host
+                    )
+                } else {
+                    format!(
+                        "a host named {} is already a member of cluster {cluster}",
+                        self.ident.host
+                    )
+                },
             ));
+        }
+        if let Some((creds, key)) = new_creds {
+            self.ident
+                .install_credentials(&creds)
+                .map_err(|e| failed(e.context("the certificate it sent")))?;
+            root::save_credentials(
+                &self.ident.root,
+                &mars_tls::pki::cert_pem(&creds.ca),
+                &mars_tls::pki::cert_pem(&creds.cert),
+                &key.pem(),
+            )
+            .map_err(failed)?;
+            // Everything taken from the member from here on is checked against its
+            // writer's signature.
+            let authority = super::authority::PkiAuthority::new(&creds, &[]).map_err(failed)?;
+            self.store
+                .call(move |st| st.set_authority(Some(authority)))
+                .await
+                .map_err(|e| failed(e.into()))?;
         }
         let from = s.peer.host.clone();
         self.apply(&from, all).await.map_err(failed)?;
-        self.ident
-            .set_cluster(ClusterFile {
-                uuid: cluster.to_string(),
-                host: self.ident.host.clone(),
-                address: address.clone(),
-            })
-            .map_err(failed)?;
+        if rejoining.is_none() {
+            self.ident
+                .set_cluster(ClusterFile {
+                    uuid: cluster.to_string(),
+                    host: self.ident.host.clone(),
+                    address: address.clone(),
+                })
+                .map_err(failed)?;
+        }
         let (k, v) = (own.clone(), address.clone());
         let cert_key = format!("{CERT_PREFIX}{}", self.ident.host);
         let entries = self
@@ -1015,7 +1082,8 @@ impl Cluster {
     /// if this host holds the CA's key (and no `via` is given), else by `via` or the first
     /// member that can; the new fingerprint goes to `certs/cert-HOST`, and the members close
     /// the streams this host opened with the old one (it reconnects with the new).
-    pub async fn renew(&self, via: Option<HostName>) -> Result<String, String> {
+    /// With `dry` (`--dry-run`): the checks that need no issuer, and what it would do.
+    pub async fn renew(&self, via: Option<HostName>, dry: bool) -> Result<String, String> {
         if self.ident.insecure {
             return Err("this host runs --insecure: it uses no certificate".into());
         }
@@ -1024,6 +1092,26 @@ impl Cluster {
             .cluster_id()
             .ok_or("this host is not in a cluster")?;
         let me = self.ident.host.clone();
+        if dry {
+            root::load_credentials(&self.ident.root)
+                .map_err(|e| format!("{e:#}"))?
+                .ok_or("this host has no certificate to renew (join the cluster with a token)")?;
+            if let Some(v) = &via {
+                if !self.members().await.contains_key(v) {
+                    return Err(format!("{v} is not a member of this cluster"));
+                }
+            }
+            return Ok(format!(
+                "would make a new key for {me}, have it certified {}, announce the new \
+                 certificate and switch over to it",
+                via.map_or(
+                    "here (if this host holds the CA's key) or by the first member that \
+                            does"
+                        .to_string(),
+                    |v| format!("by {v}")
+                )
+            ));
+        }
         let key = mars_tls::HostKey::generate().map_err(|e| e.to_string())?;
         let holds_ca = root::load_ca(&self.ident.root)
             .map_err(|e| format!("{e:#}"))?

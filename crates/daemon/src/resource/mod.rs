@@ -77,6 +77,8 @@ impl Env {
 enum Msg {
     Op {
         op: Op,
+        /// `--dry-run`: the engine checks and describes, nothing happens.
+        dry: bool,
         reply: oneshot::Sender<OpReply>,
     },
     Shutdown {
@@ -115,9 +117,15 @@ pub struct Gone(pub ResourceName);
 impl Handle {
     /// Sends an operator request; the reply comes when the engine gives it.
     pub async fn op(&self, op: Op) -> Result<OpReply, Gone> {
+        self.op_or_dry(op, false).await
+    }
+
+    /// `op` for real, or (`dry`) as a dry run: the engine's guards decide, it answers with
+    /// what it would do and changes nothing.
+    pub async fn op_or_dry(&self, op: Op, dry: bool) -> Result<OpReply, Gone> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Msg::Op { op, reply })
+            .send(Msg::Op { op, dry, reply })
             .await
             .map_err(|_| Gone(self.name.clone()))?;
         rx.await.map_err(|_| Gone(self.name.clone()))
@@ -269,11 +277,15 @@ impl Actor {
                 tokio::select! {
                     biased;
                     m = rx.recv() => match m {
-                        Some(Msg::Op { op, reply }) => {
+                        Some(Msg::Op { op, dry, reply }) => {
                             let id = next_op;
                             next_op += 1;
                             self.exec.ops.insert(id, reply);
-                            Event::Op { id, op }
+                            if dry {
+                                Event::DryRun { id, op }
+                            } else {
+                                Event::Op { id, op }
+                            }
                         }
                         Some(Msg::Shutdown { done }) => {
                             shutdown_done = Some(done);

@@ -261,6 +261,9 @@ pub enum Op {
         force: bool,
         /// Milliseconds the command may wait.
         timeout: u64,
+        /// A forced switch goes ahead although a reachable old primary holds writes this
+        /// replica has not replayed (they become a split brain): the operator confirmed.
+        confirmed: bool,
     },
     Secondary,
     Invalidate,
@@ -308,6 +311,14 @@ pub enum Event {
     Wake,
     /// An operator request.
     Op {
+        id: OpId,
+        op: Op,
+    },
+    /// An operator request with `--dry-run`: checked by the same guards as [`Event::Op`]
+    /// (waiting for the set-up as it would), answered with what it would do or the refusal it
+    /// would get, and nothing else: the engine's state stays as it was and no command but the
+    /// [`super::Command::Reply`] comes out.
+    DryRun {
         id: OpId,
         op: Op,
     },

@@ -31,6 +31,7 @@
 //! `units.rs` (the systemd stack).
 
 mod command;
+mod dry_run;
 mod event;
 mod ops;
 mod primary;
@@ -115,8 +116,9 @@ enum Busy {
     Closing,
 }
 
-/// The state machine of one resource on this host.
-#[derive(Debug)]
+/// The state machine of one resource on this host. `Clone` for dry runs (`dry_run.rs`): the
+/// command runs on the state and the state is put back.
+#[derive(Debug, Clone)]
 pub struct ResourceEngine {
     cfg: EngineConfig,
     me: HostName,
@@ -151,7 +153,8 @@ pub struct ResourceEngine {
     units: Units,
     saga: Option<Saga>,
     /// Operator requests that came while the resource was being set up.
-    pending: Vec<(OpId, Op, u64)>,
+    /// (id, op, dry run, deadline)
+    pending: Vec<(OpId, Op, bool, u64)>,
     /// Logfiles a replica needs before its report says so: a sync served here starts at a
     /// logfile that must survive until the replica's first report (host → (logfile, since)).
     pins: BTreeMap<HostName, (u64, u64)>,
@@ -375,7 +378,8 @@ impl ResourceEngine {
                 self.adopt_volume_passthrough();
             }
             Event::Wake => {}
-            Event::Op { id, op } => self.on_op(id, op),
+            Event::Op { id, op } => self.on_op(id, op, false),
+            Event::DryRun { id, op } => self.on_op(id, op, true),
             Event::Done(d) => self.on_done(d),
             Event::Fetch(id, e) => self.on_fetch(id, e),
             Event::Replay(id, e) => self.on_replay(id, e),
@@ -396,7 +400,7 @@ impl ResourceEngine {
         if matches!(self.local, Local::Primary(_)) {
             self.emit(Command::CloseVolume);
         }
-        for (id, _, _) in std::mem::take(&mut self.pending) {
+        for (id, _, _, _) in std::mem::take(&mut self.pending) {
             self.reply(id, Err(crate::reason::OpError::failed("marsd is stopping")));
         }
         if let Some(s) = self.saga.take() {
@@ -662,7 +666,7 @@ impl ResourceEngine {
             let stops = r.stop_all();
             self.out.extend(stops);
         }
-        for (id, _, _) in std::mem::take(&mut self.pending) {
+        for (id, _, _, _) in std::mem::take(&mut self.pending) {
             self.reply(
                 id,
                 Err(crate::reason::OpError::not_found(format!(

@@ -13,14 +13,23 @@ use crate::keys;
 use crate::reason::OpError;
 
 impl ResourceEngine {
-    pub(super) fn on_op(&mut self, id: OpId, op: Op) {
+    /// An operator request, for real or (`dry`) as a dry run (`dry_run.rs`).
+    pub(super) fn on_op(&mut self, id: OpId, op: Op, dry: bool) {
         if needs_setup(&op) && self.settling() {
             let deadline = self.now.ms + self.cfg.timing.setup_wait;
-            self.pending.push((id, op, deadline));
+            self.pending.push((id, op, dry, deadline));
             self.wake_at(deadline);
             return;
         }
-        self.run_op(id, op);
+        self.run_op_or_dry(id, op, dry);
+    }
+
+    fn run_op_or_dry(&mut self, id: OpId, op: Op, dry: bool) {
+        if dry {
+            self.run_dry(id, op);
+        } else {
+            self.run_op(id, op);
+        }
     }
 
     /// The resource is being set up or changes its role: commands wait.
@@ -43,8 +52,8 @@ impl ResourceEngine {
             self.expire_pending();
             return;
         }
-        for (id, op, _) in std::mem::take(&mut self.pending) {
-            self.run_op(id, op);
+        for (id, op, dry, _) in std::mem::take(&mut self.pending) {
+            self.run_op_or_dry(id, op, dry);
         }
         let _ = Self::is_saga_op;
     }
@@ -53,7 +62,7 @@ impl ResourceEngine {
         let now = self.now.ms;
         let res = self.res.clone();
         let mut keep = Vec::new();
-        for (id, op, deadline) in std::mem::take(&mut self.pending) {
+        for (id, op, dry, deadline) in std::mem::take(&mut self.pending) {
             if now >= deadline {
                 self.reply(
                     id,
@@ -63,13 +72,13 @@ impl ResourceEngine {
                 );
             } else {
                 self.wake_at(deadline);
-                keep.push((id, op, deadline));
+                keep.push((id, op, dry, deadline));
             }
         }
         self.pending = keep;
     }
 
-    fn run_op(&mut self, id: OpId, op: Op) {
+    pub(super) fn run_op(&mut self, id: OpId, op: Op) {
         let res = self.res.clone();
         let me = self.me.clone();
         if !self.meta.is_member(&me) && !matches!(op, Op::DeleteResource { .. }) {
@@ -80,7 +89,11 @@ impl ResourceEngine {
             return;
         }
         match op {
-            Op::Primary { force, timeout } => self.start_primary(id, force, timeout),
+            Op::Primary {
+                force,
+                timeout,
+                confirmed,
+            } => self.start_primary(id, force, timeout, confirmed),
             Op::Secondary => {
                 if self.stats.open_count > 0 && self.is_primary() {
                     let n = self.stats.open_count;
@@ -532,7 +545,7 @@ impl ResourceEngine {
 }
 
 /// Commands that look at the local role and wait while it is being set up.
-fn needs_setup(op: &Op) -> bool {
+pub(super) fn needs_setup(op: &Op) -> bool {
     matches!(
         op,
         Op::Primary { .. }

@@ -74,7 +74,7 @@ enum Phase {
 
 impl ResourceEngine {
     /// `primary [--force]` arrives (the resource is set up: a replica or a primary).
-    pub(super) fn start_primary(&mut self, id: OpId, force: bool, timeout: u64) {
+    pub(super) fn start_primary(&mut self, id: OpId, force: bool, timeout: u64, confirmed: bool) {
         if self.saga.is_some() {
             self.reply(
                 id,
@@ -177,13 +177,13 @@ impl ResourceEngine {
         }
         let deadline = self.now.ms + timeout;
         if force {
-            self.start_forced(id, deadline);
+            self.start_forced(id, deadline, confirmed);
         } else {
             self.start_planned(id, deadline);
         }
     }
 
-    fn start_forced(&mut self, id: OpId, deadline: u64) {
+    fn start_forced(&mut self, id: OpId, deadline: u64, confirmed: bool) {
         let me = self.me.clone();
         let res = self.res.clone();
         let todo = self.todo();
@@ -220,6 +220,21 @@ impl ResourceEngine {
                     "the local log copy of {res} is damaged after the replay position ({why}): a \
                      forced switch would drop what follows; resume fetching to repair it from \
                      the primary, or recreate the resource from the best disk"
+                ))),
+            );
+            return;
+        }
+        // MARS's documentation asks the operator to make sure before forcing while the old
+        // primary still runs: what it wrote beyond this replica is lost here, and its writes
+        // from now on fork. Unconfirmed, the command is refused with what would be lost.
+        if let Some((a, lost)) = self.ahead_primary().filter(|_| !confirmed) {
+            let lost = lost.map_or("writes".to_string(), |n| {
+                format!("{} ({n} bytes)", mars_config::format_size(n))
+            });
+            self.reply(
+                id,
+                Err(OpError::needs_confirmation(format!(
+                    "{a} is reachable and still has {lost} of {res} that this replica has not                      replayed: a forced switch loses them here and makes a SPLIT BRAIN with                      {a}. For a handover without loss run `marsadm resume-fetch {res}` and                      `marsadm primary {res}`. To force anyway, confirm at the prompt on a                      terminal or give --force twice (`marsadm primary --force --force {res}`)"
                 ))),
             );
             return;
@@ -357,6 +372,101 @@ impl ResourceEngine {
             self.emit(Command::Persist(Control::Marker(Marker::Force, false)));
         }
         self.saga = Some(saga);
+    }
+
+    /// A reachable member that acts as (or is designated) primary and whose log goes beyond
+    /// what this replica will have after a forced switch (applied, or fetched: what is fetched
+    /// is replayed first): the member and the bytes (`None`: its report lists no logfiles).
+    pub(super) fn ahead_primary(&self) -> Option<(HostName, Option<u64>)> {
+        let me = &self.me;
+        let r = self.replica()?;
+        let have = r.fetched().map_or(r.applied, |f| f.max(r.applied));
+        let mut candidates: Vec<&HostName> =
+            crate::roles::actual_primaries(&self.meta, me).collect();
+        if let Some(d) = self.meta.primary.as_ref().filter(|d| *d != me) {
+            if !candidates.contains(&d) {
+                candidates.push(d);
+            }
+        }
+        candidates
+            .into_iter()
+            .filter(|h| self.alive(h))
+            .find_map(|h| {
+                let rep = self.meta.members.get(h)?.report.as_ref()?;
+                let end = rep.log_end?;
+                if end <= have {
+                    return None;
+                }
+                let bytes = rep.bytes_after(have).filter(|n| *n > 0);
+                Some((h.clone(), bytes))
+            })
+    }
+
+    /// What the `primary` command just started would do, for `--dry-run`.
+    pub(super) fn describe_saga(&self) -> Option<String> {
+        let s = self.saga.as_ref()?;
+        let me = &self.me;
+        let res = &self.res;
+        Some(match &s.phase {
+            Phase::WaitPromoted { forced: true } => {
+                let r = self.replica();
+                let at = r.map(|r| r.fetched().map_or(r.applied, |f| f.max(r.applied)));
+                let lost = match self.ahead_primary() {
+                    Some((a, Some(n))) => format!(
+                        "; {a} is reachable and ahead: its last {} ({n} bytes) are lost here                          and a SPLIT BRAIN follows",
+                        mars_config::format_size(n)
+                    ),
+                    Some((a, None)) => format!(
+                        "; {a} is reachable and ahead: its newer writes are lost here and a                          SPLIT BRAIN follows"
+                    ),
+                    None => String::new(),
+                };
+                format!(
+                    "would make {me} the primary of {res} by force (failover): it takes over                      with what it has{}, the force marker is set, primary := {me}{}{lost}",
+                    at.map(|p| format!(" (log up to {p})")).unwrap_or_default(),
+                    if self.meta.systemd.configured() {
+                        format!(", systemd-want := {me}")
+                    } else {
+                        String::new()
+                    }
+                )
+            }
+            _ => {
+                let mut steps = Vec::new();
+                if let Phase::WantWritten { holders } = &s.phase {
+                    let hs: Vec<String> = holders.iter().map(ToString::to_string).collect();
+                    steps.push(format!(
+                        "systemd-want := {me}, wait for the stack to stop on {}",
+                        if hs.is_empty() {
+                            "(nobody)".to_string()
+                        } else {
+                            hs.join(", ")
+                        }
+                    ));
+                }
+                if let Some(a) = &s.old {
+                    steps.push(format!("wait until the device of {res} on {a} is closed"));
+                }
+                steps.push(format!("primary := {me}"));
+                if let Some(a) = &s.old {
+                    steps.push(format!("wait until {a} leaves the primary role"));
+                }
+                steps.push(format!(
+                    "{me} takes over once it has applied the newest log end"
+                ));
+                if s.stack {
+                    steps.push("start the systemd stack here".to_string());
+                }
+                format!(
+                    "would make {me} the primary of {res}: planned handover{}: {}",
+                    s.old
+                        .as_ref()
+                        .map(|a| format!(" from {a}"))
+                        .unwrap_or_default(),
+                    steps.join(", ")
+                )
+            }
+        })
     }
 
     pub(super) fn on_published(&mut self, tag: Tag, stamps: Vec<u64>) {

@@ -935,6 +935,7 @@ fn a_forced_switch_marks_designates_promotes_and_resumes_fetching() {
         op: Op::Primary {
             force: true,
             timeout: 10_000,
+            confirmed: true,
         },
     });
     let r = replies(&c);
@@ -947,6 +948,7 @@ fn a_forced_switch_marks_designates_promotes_and_resumes_fetching() {
         op: Op::Primary {
             force: true,
             timeout: 10_000,
+            confirmed: true,
         },
     });
     let acts = acts(&c);
@@ -1214,6 +1216,7 @@ fn a_late_handover_does_not_give_the_role_back_to_a_member_that_left() {
         op: Op::Primary {
             force: false,
             timeout: 5_000,
+            confirmed: false,
         },
     });
     assert!(replies(&c).is_empty(), "the handover runs: {c:?}");
@@ -1347,6 +1350,7 @@ fn a_planned_handover_clears_a_leftover_force_marker() {
         op: Op::Primary {
             force: false,
             timeout: 30_000,
+            confirmed: false,
         },
     });
     assert!(
@@ -1451,6 +1455,7 @@ fn a_fork_does_not_stop_the_replay_of_our_own_logfile() {
         op: Op::Primary {
             force: true,
             timeout: 30_000,
+            confirmed: true,
         },
     });
     assert!(replies(&c).is_empty(), "{c:?}");
@@ -1625,4 +1630,191 @@ fn a_record_beyond_the_device_waits_for_the_resize() {
     );
     let stuck = w.e.status().report.stuck.unwrap_or_default();
     assert!(!stuck.contains("resize"), "{stuck}");
+}
+
+// ---------------------------------------------------------------- safety rails
+
+fn primary_op(id: OpId, force: bool, confirmed: bool) -> Event {
+    Event::Op {
+        id,
+        op: Op::Primary {
+            force,
+            timeout: 10_000,
+            confirmed,
+        },
+    }
+}
+
+/// `--dry-run`: the same guards decide, nothing but the reply comes out, and the engine's
+/// state is as before (the real command afterwards does what the dry run said).
+#[test]
+fn a_dry_run_emits_only_its_reply_and_changes_no_state() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 5)));
+    fetching(&mut w, &[(3, "a", 5, false)], LogPos::new(3, 5));
+    // Everything but the event counter.
+    let state = |e: &ResourceEngine| {
+        let s = format!("{e:?}");
+        let i = s.find(" seq: ").expect("seq");
+        let j = i + s[i..].find(',').expect("field end");
+        format!("{}{}", &s[..i], &s[j..])
+    };
+    w.ev(Event::Wake);
+    let before = state(&w.e);
+    let ops = [
+        Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        },
+        Op::Invalidate,
+        Op::LogPurgeAll,
+        Op::Secondary,
+        Op::SetEmergencyLimit { pct: 20 },
+        Op::LeaveResource { force: true },
+        Op::DeleteResource { force: true },
+        Op::Primary {
+            force: false,
+            timeout: 10_000,
+            confirmed: false,
+        },
+        Op::Cron,
+    ];
+    for (i, op) in ops.into_iter().enumerate() {
+        let id = 100 + i as u64;
+        let c = w.ev(Event::DryRun { id, op: op.clone() });
+        let r = replies(&c);
+        assert!(
+            matches!(&r[..], [(rid, Ok(m))] if *rid == id && (m.contains("would"))),
+            "{op:?}: {c:?}"
+        );
+        assert!(
+            c.iter().all(|c| matches!(c, Command::Reply { .. })),
+            "{op:?} emitted more than its reply: {c:?}"
+        );
+        assert_eq!(state(&w.e), before, "{op:?} changed the engine's state");
+    }
+    // What it says: a switch names its key, a handover its steps.
+    let c = w.ev(Event::DryRun {
+        id: 1,
+        op: Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        },
+    });
+    assert!(
+        matches!(&replies(&c)[..], [(1, Ok(m))] if m.contains("set resource-r/todo-b/fetch = 0")),
+        "{c:?}"
+    );
+    let c = w.ev(Event::DryRun {
+        id: 2,
+        op: Op::Primary {
+            force: false,
+            timeout: 10_000,
+            confirmed: false,
+        },
+    });
+    assert!(
+        matches!(&replies(&c)[..], [(2, Ok(m))] if m.contains("would make b the primary of r: planned handover from a")),
+        "{c:?}"
+    );
+    // A refusal is the real one: a forced switch while fetching.
+    let c = w.ev(Event::DryRun {
+        id: 3,
+        op: Op::Primary {
+            force: true,
+            timeout: 10_000,
+            confirmed: true,
+        },
+    });
+    let real =
+        w.e.clone()
+            .on_event(w.now, primary_op(3, true, true))
+            .commands;
+    assert_eq!(
+        replies(&c),
+        replies(&real),
+        "the dry run's refusal is the real one"
+    );
+    assert!(matches!(&replies(&c)[..], [(3, Err(e))] if e.msg.contains("pause fetching first")));
+    // The real command does what the dry run described.
+    let c = w.ev(Event::Op {
+        id: 4,
+        op: Op::Switch {
+            switches: vec!["fetch".into()],
+            on: false,
+        },
+    });
+    assert!(published(&c).contains(&(keys::todo(&w.res.clone(), &h("b"), "fetch"), "0".into())));
+}
+
+/// `primary --force` while the old primary is reachable and ahead: refused with what would be
+/// lost and the distinct kind, unless confirmed; a dry run says the same. Unreachable, or not
+/// ahead, no confirmation is needed.
+#[test]
+fn a_forced_switch_past_a_reachable_ahead_primary_needs_confirmation() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    // a has written 3:5000; b fetched and replayed up to 3:1000 and pauses fetching.
+    w.report("a", &primary_report(LogPos::new(3, 5000)));
+    fetching(&mut w, &[(3, "a", 1000, false)], LogPos::new(3, 1000));
+    w.set(&keys::todo(&w.res.clone(), &h("b"), "fetch"), "0");
+    w.sync();
+    let c = w.ev(primary_op(7, true, false));
+    let r = replies(&c);
+    let [(7, Err(e))] = &r[..] else {
+        panic!("not refused: {c:?}")
+    };
+    assert_eq!(e.kind, crate::reason::OpErrorKind::NeedsConfirmation);
+    assert!(e.msg.contains("a is reachable"), "{e}");
+    assert!(e.msg.contains("4000 bytes"), "{e}");
+    assert!(e.msg.contains("SPLIT BRAIN"), "{e}");
+    assert!(e.msg.contains("--force --force"), "{e}");
+    assert!(
+        c.iter().all(|c| matches!(c, Command::Reply { .. })),
+        "a refusal changes nothing: {c:?}"
+    );
+    // The dry run gives the same refusal.
+    let d = w.ev(Event::DryRun {
+        id: 7,
+        op: Op::Primary {
+            force: true,
+            timeout: 10_000,
+            confirmed: false,
+        },
+    });
+    assert_eq!(replies(&d), r);
+    // A confirmed dry run says what is lost.
+    let d = w.ev(Event::DryRun {
+        id: 8,
+        op: Op::Primary {
+            force: true,
+            timeout: 10_000,
+            confirmed: true,
+        },
+    });
+    assert!(
+        matches!(&replies(&d)[..], [(8, Ok(m))] if m.contains("by force") && m.contains("4000 bytes") && m.contains("SPLIT BRAIN")),
+        "{d:?}"
+    );
+    // Confirmed, it goes ahead: the force marker and the designation.
+    let c = w.ev(primary_op(9, true, true));
+    assert!(replies(&c).is_empty(), "{c:?}");
+    assert!(acts(&c).contains(&Command::Persist(Control::Marker(Marker::Force, true))));
+    // Unreachable, the old primary's writes are what a failover is for: no confirmation.
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 5000)));
+    fetching(&mut w, &[(3, "a", 1000, false)], LogPos::new(3, 1000));
+    w.set(&keys::todo(&w.res.clone(), &h("b"), "fetch"), "0");
+    w.sync();
+    w.live(&["b"], &[]);
+    let c = w.ev(primary_op(10, true, false));
+    assert!(replies(&c).is_empty(), "{c:?}");
+    assert!(acts(&c).contains(&Command::Persist(Control::Marker(Marker::Force, true))));
+    // Reachable but not ahead: nothing to lose, no confirmation.
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 1000)));
+    fetching(&mut w, &[(3, "a", 1000, false)], LogPos::new(3, 1000));
+    w.set(&keys::todo(&w.res.clone(), &h("b"), "fetch"), "0");
+    w.sync();
+    let c = w.ev(primary_op(11, true, false));
+    assert!(replies(&c).is_empty(), "{c:?}");
 }
