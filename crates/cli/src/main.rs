@@ -3,6 +3,7 @@
 
 mod client;
 mod demo;
+mod error;
 mod systemd;
 mod view;
 mod wait;
@@ -13,8 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use error::usage;
 use mars_api::{Reply, Request, SwitchKind};
 use mars_config::{parse_size, ResourceName};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -445,7 +448,11 @@ impl Cli {
     fn call(&self, req: &Request) -> Result<Reply> {
         // Commands that wait (wait-cluster …) are bounded by the daemon with the same timeout;
         // give its answer time to arrive.
-        client::call(&self.root, req, Duration::from_secs(self.timeout + 10))
+        Ok(client::call(
+            &self.root,
+            req,
+            Duration::from_secs(self.timeout + 10),
+        )?)
     }
 
     fn no_dry_run(&self, what: &str) -> Result<()> {
@@ -455,13 +462,47 @@ impl Cli {
         Ok(())
     }
 
-    fn print_done(&self, reply: Reply) -> Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
-        } else if let Reply::Done { message } = reply {
-            println!("{message}");
+    /// Prints `body` as the JSON output of this command: `"schema"` first, then its fields.
+    fn emit<T: Serialize>(&self, body: &T) -> Result<()> {
+        #[derive(Serialize)]
+        struct Envelope<'a, T: Serialize> {
+            schema: u32,
+            #[serde(flatten)]
+            body: &'a T,
         }
+        let out = Envelope {
+            schema: mars_api::SCHEMA_VERSION,
+            body,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())
+    }
+
+    /// A getter's number: the plain number, or `{"schema":1,"value":N}`.
+    fn print_number(&self, v: &str) -> Result<()> {
+        if self.json {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("the stored value {v:?} is not a number"))?;
+            self.emit(&serde_json::json!({ "value": n }))
+        } else {
+            println!("{v}");
+            Ok(())
+        }
+    }
+
+    /// An action's answer: its message, or `{"schema":1,"ok":true,"message":…}`.
+    fn print_done(&self, reply: Reply) -> Result<()> {
+        let Reply::Done { message } = reply else {
+            bail!("unexpected answer from marsd: {reply:?}");
+        };
+        if self.json {
+            self.emit(&serde_json::json!({ "ok": true, "message": message }))
+        } else {
+            println!("{message}");
+            Ok(())
+        }
     }
 
     fn run(&self) -> Result<()> {
@@ -507,8 +548,12 @@ impl Cli {
                 self.no_dry_run("join-token")?;
                 match self.call(&Request::JoinToken { ttl: *ttl })? {
                     Reply::Value { value: Some(t) } => {
-                        println!("{t}");
-                        Ok(())
+                        if self.json {
+                            self.emit(&serde_json::json!({ "token": t }))
+                        } else {
+                            println!("{t}");
+                            Ok(())
+                        }
                     }
                     other => Err(anyhow::anyhow!("unexpected reply: {other:?}")),
                 }
@@ -541,7 +586,7 @@ impl Cli {
                     bail!("unexpected answer from marsd");
                 };
                 if self.json {
-                    println!("{}", serde_json::to_string_pretty(&v.members)?);
+                    self.emit(&serde_json::json!({ "members": v.members }))?;
                 } else {
                     for m in &v.members {
                         println!("{} {}", m.host, m.address);
@@ -560,8 +605,7 @@ impl Cli {
             }
             Cmd::GetGlobalSyncLimitValue => {
                 let v = self.get_link(SYNC_LIMIT_KEY)?;
-                println!("{}", v.unwrap_or_else(|| "0".into()));
-                Ok(())
+                self.print_number(&v.unwrap_or_else(|| "0".into()))
             }
             Cmd::SetGlobalUnreachableLimitValue { seconds } => {
                 self.no_dry_run("set-global-unreachable-limit-value")?;
@@ -569,8 +613,7 @@ impl Cli {
             }
             Cmd::GetGlobalUnreachableLimitValue => {
                 let v = self.get_link(UNREACHABLE_LIMIT_KEY)?;
-                println!("{}", v.unwrap_or_else(|| UNREACHABLE_LIMIT_DEFAULT.into()));
-                Ok(())
+                self.print_number(&v.unwrap_or_else(|| UNREACHABLE_LIMIT_DEFAULT.into()))
             }
             Cmd::WaitResource { res, cond } => self.wait_resource(res, cond),
             Cmd::SetLink { key, value } => {
@@ -578,11 +621,16 @@ impl Cli {
                 self.set_links(vec![(key.clone(), value.clone())])
             }
             Cmd::GetLink { key } => match self.get_link(key)? {
+                Some(v) if self.json => self.emit(&serde_json::json!({ "key": key, "value": v })),
                 Some(v) => {
                     println!("{v}");
                     Ok(())
                 }
-                None => bail!("no metadata key {key:?}"),
+                None => Err(client::ClientError::Refused {
+                    kind: mars_api::ErrorKind::NotFound,
+                    message: format!("no metadata key {key:?}"),
+                }
+                .into()),
             },
             Cmd::LowlevelSetLinks => {
                 let mut pairs = Vec::new();
@@ -624,15 +672,27 @@ impl Cli {
                 let res = resource(res)?;
                 let start = self.get_link(&systemd::key(&res, "systemd-start-unit"))?;
                 let stop = self.get_link(&systemd::key(&res, "systemd-stop-unit"))?;
-                if let Some(start) = start.filter(|s| !s.is_empty()) {
-                    let stop = stop.filter(|s| !s.is_empty()).unwrap_or(start.clone());
+                let start = start.filter(|s| !s.is_empty());
+                let stop = stop.filter(|s| !s.is_empty()).or(start.clone());
+                if self.json {
+                    return self.emit(&serde_json::json!({
+                        "resource": res,
+                        "start_unit": start,
+                        "stop_unit": stop.filter(|_| start.is_some()),
+                    }));
+                }
+                if let (Some(start), Some(stop)) = (start, stop) {
                     println!("{start} {stop}");
                 }
                 Ok(())
             }
             Cmd::GetSystemdWant { res } => {
                 let res = resource(res)?;
-                if let Some(w) = self.get_link(&systemd::key(&res, "systemd-want"))? {
+                let want = self.get_link(&systemd::key(&res, "systemd-want"))?;
+                if self.json {
+                    return self.emit(&serde_json::json!({ "resource": res, "want": want }));
+                }
+                if let Some(w) = want {
                     println!("{w}");
                 }
                 Ok(())
@@ -641,13 +701,13 @@ impl Cli {
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Other(args) => {
                 let Some(cmd) = args.first() else {
-                    bail!("no command given; see `marsadm --help`");
+                    usage!("no command given; see `marsadm --help`");
                 };
                 let Some(mac) = cmd.strip_prefix("view-") else {
-                    bail!("unknown command {cmd:?}; see `marsadm --help`");
+                    usage!("unknown command {cmd:?}; see `marsadm --help`");
                 };
                 let [_, res] = &args[..] else {
-                    bail!("usage: marsadm {cmd} RES");
+                    usage!("usage: marsadm {cmd} RES");
                 };
                 self.view_macro(mac, res)
             }
@@ -712,32 +772,32 @@ impl Cli {
                 });
             }
         });
-        let mut failed = 0;
+        let mut failures = Vec::new();
         let mut json = Vec::new();
         for ((res, _), r) in reqs.iter().zip(results) {
             let r = r
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner())
                 .unwrap_or_else(|| Err(anyhow::anyhow!("not run")));
-            match r {
-                Ok(Reply::Done { message }) => {
-                    if self.json {
-                        json.push(serde_json::json!({ "resource": res, "message": message }));
-                    } else {
-                        println!("{message}");
-                    }
+            match r.and_then(|reply| match reply {
+                Reply::Done { message } => Ok(message),
+                other => bail!("unexpected answer from marsd: {other:?}"),
+            }) {
+                Ok(message) if self.json => {
+                    json.push(
+                        serde_json::json!({ "resource": res, "ok": true, "message": message }),
+                    );
                 }
-                Ok(other) => {
-                    if self.json {
-                        json.push(serde_json::json!({ "resource": res, "reply": other }));
-                    }
-                }
+                Ok(message) => println!("{message}"),
                 Err(e) => {
-                    failed += 1;
+                    let kind = error::Kind::of(&e);
+                    failures.push(kind);
                     if self.json {
-                        json.push(
-                            serde_json::json!({ "resource": res, "error": format!("{e:#}") }),
-                        );
+                        json.push(serde_json::json!({
+                            "resource": res,
+                            "ok": false,
+                            "error": { "kind": kind, "message": format!("{e:#}") },
+                        }));
                     } else {
                         eprintln!("marsadm: {res}: {e:#}");
                     }
@@ -745,10 +805,21 @@ impl Cli {
             }
         }
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            self.emit(&serde_json::json!({ "ok": failures.is_empty(), "results": json }))?;
         }
-        if failed > 0 {
-            bail!("{failed} of {} resources failed", reqs.len());
+        if let Some(first) = failures.first() {
+            // One kind for all: its status; mixed failures are just failures.
+            let kind = if failures.iter().all(|k| k == first) {
+                *first
+            } else {
+                error::Kind::Failed
+            };
+            return Err(error::Reported {
+                kind,
+                failed: failures.len(),
+                total: reqs.len(),
+            }
+            .into());
         }
         Ok(())
     }
@@ -784,7 +855,7 @@ impl Cli {
             bail!("unexpected answer from marsd");
         };
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            self.emit(&v)?;
         } else {
             print!("{}", view::cluster_text(&v, all));
         }
@@ -820,15 +891,18 @@ impl Cli {
             }
         })?;
         if self.json {
-            let reached = serde_json::json!({ "resource": res, "condition": cond.to_string() });
-            println!("{reached}");
+            self.emit(&serde_json::json!({
+                "ok": true,
+                "resource": res,
+                "condition": cond.to_string(),
+            }))?;
         }
         Ok(())
     }
 
     fn view_macro(&self, mac: &str, res: &str) -> Result<()> {
         if !view::MACROS.contains(&mac) {
-            bail!(
+            usage!(
                 "unknown view macro {mac:?}; known: {}",
                 view::MACROS.join(", ")
             );
@@ -844,7 +918,11 @@ impl Cli {
         let r = v.resources.first().context("daemon returned no resource")?;
         let value = view::macro_value(r, mac)?;
         if self.json {
-            println!("{}", serde_json::json!({ "resource": r.name, mac: value }));
+            self.emit(&serde_json::json!({
+                "resource": r.name,
+                "macro": mac,
+                "value": view::macro_json(mac, &value),
+            }))?;
         } else {
             println!("{value}");
         }
@@ -853,23 +931,47 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("marsadm: {e:#}");
+            let kind = error::Kind::of(&e);
+            // The failures of `all` were reported one per resource already.
+            let reported = e.downcast_ref::<error::Reported>().is_some();
             if cli.json {
-                let kind = e
-                    .downcast_ref::<client::Refused>()
-                    .map_or(mars_api::ErrorKind::Failed, |r| r.kind);
-                println!(
-                    "{}",
-                    serde_json::json!({ "error": kind, "message": format!("{e:#}") })
-                );
+                if !reported {
+                    println!("{}", error::json(kind, &format!("{e:#}")));
+                }
+            } else if reported {
+                eprintln!("marsadm: {e}");
+            } else {
+                eprintln!("marsadm: {e:#}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(kind.exit_code())
         }
     }
+}
+
+/// A command line clap refused: its message on stderr (status 2), or with `--json` anywhere
+/// on the line the JSON error on stdout. Help and version are no errors.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion)
+        || !std::env::args().any(|a| a == "--json")
+    {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered
+        .lines()
+        .next()
+        .unwrap_or("bad command line")
+        .trim_start_matches("error: ");
+    println!("{}", error::json(error::Kind::Usage, message));
+    ExitCode::from(error::Kind::Usage.exit_code())
 }
 
 /// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).

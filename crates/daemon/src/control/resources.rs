@@ -30,6 +30,7 @@ fn kind(k: OpErrorKind) -> ErrorKind {
         OpErrorKind::NotFound => ErrorKind::NotFound,
         OpErrorKind::Exists => ErrorKind::Exists,
         OpErrorKind::Failed => ErrorKind::Failed,
+        OpErrorKind::Timeout => ErrorKind::Timeout,
     }
 }
 
