@@ -4,6 +4,7 @@
 mod client;
 mod demo;
 mod error;
+mod progress;
 mod systemd;
 mod view;
 mod wait;
@@ -209,7 +210,16 @@ enum Cmd {
         cond: String,
     },
     /// Show the state of one resource, or of all.
-    View { res: Option<String> },
+    View {
+        res: Option<String>,
+        /// Redraw the view every SECONDS (default 2) until interrupted; piped, print one view
+        /// per interval separated by a blank line.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+        /// With --watch: stop after N views.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
     /// Close the current logfile and continue in a new one.
     LogRotate { res: String },
     /// Configure the systemd stack of RES: START is the unit at its top (or a marker name such
@@ -566,10 +576,15 @@ impl Cli {
                 self.print_done(r)
             }
             Cmd::WaitCluster => {
+                let fb = progress::Feedback::new(
+                    progress::wanted(self.json),
+                    "waiting for every member of the cluster to answer".into(),
+                );
                 let r = self.call(&Request::WaitCluster {
                     timeout: self.timeout,
-                })?;
-                self.print_done(r)
+                });
+                fb.done();
+                self.print_done(r?)
             }
             Cmd::UpdateCluster => {
                 let r = self.call(&Request::UpdateCluster {
@@ -660,7 +675,10 @@ impl Cli {
                 }
                 Ok(())
             }
-            Cmd::View { res } => self.view(res.as_deref()),
+            Cmd::View { res, watch, count } => match watch {
+                Some(secs) => self.watch(res.as_deref(), *secs, *count),
+                None => self.view(res.as_deref()),
+            },
             Cmd::LogRotate { res } => {
                 self.no_dry_run("log-rotate")?;
                 let r = self.call(&Request::LogRotate {
@@ -718,10 +736,29 @@ impl Cli {
             }
             // The resource commands: one request each, answered by `Done`.
             other => match resource_request(other, self.force, self.timeout)? {
+                // A getter: its answer is a number.
+                Some((_, req @ Request::GetEmergencyLimit { .. })) => match self.call(&req)? {
+                    Reply::Done { message } => self.print_number(&message),
+                    r => bail!("unexpected answer from marsd: {r:?}"),
+                },
                 Some((name, req)) => {
                     self.no_dry_run(name)?;
-                    let r = self.call(&req)?;
-                    self.print_done(r)
+                    match &req {
+                        // A handover waits for the old primary: say for what while it does.
+                        Request::Primary { res, .. } => {
+                            let r = self.call_watching(&req, res, progress::handover_message)?;
+                            self.print_done(r)
+                        }
+                        Request::Invalidate { res } => {
+                            let r = self.call(&req)?;
+                            self.follow_sync(res);
+                            self.print_done(r)
+                        }
+                        _ => {
+                            let r = self.call(&req)?;
+                            self.print_done(r)
+                        }
+                    }
                 }
                 None => bail!("internal error: no request for {other:?}"),
             },
@@ -862,13 +899,121 @@ impl Cli {
         Ok(())
     }
 
+    /// `view --watch`: the view every `secs` seconds, `count` times or until interrupted. On a
+    /// terminal the screen is redrawn; piped, the views follow each other, a blank line
+    /// between two.
+    fn watch(&self, res: Option<&str>, secs: f64, count: Option<u64>) -> Result<()> {
+        if !(secs.is_finite() && secs > 0.0) {
+            usage!("--watch takes a positive number of seconds, not {secs}");
+        }
+        let redraw = progress::wanted(self.json);
+        let mut n = 0u64;
+        loop {
+            if redraw {
+                // Home and clear: the new view replaces the old one.
+                print!("\x1b[H\x1b[2J");
+            } else if n > 0 {
+                println!();
+            }
+            self.view(res)?;
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            n += 1;
+            if count.is_some_and(|c| n >= c) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs_f64(secs));
+        }
+    }
+
+    /// Sends `req`, and while marsd works on it shows on a terminal what it waits for
+    /// (`say` on the resource's view, polled); the same as `call` otherwise.
+    fn call_watching(
+        &self,
+        req: &Request,
+        res: &ResourceName,
+        say: fn(&mars_api::ResourceView, &str) -> String,
+    ) -> Result<Reply> {
+        if !progress::wanted(self.json) {
+            return self.call(req);
+        }
+        let fb = progress::Feedback::new(true, format!("{res}: asking marsd"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let _ = tx.send(self.call(req));
+            });
+            loop {
+                match rx.recv_timeout(Duration::from_millis(300)) {
+                    Ok(r) => {
+                        fb.done();
+                        return r;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let view = Request::View {
+                            res: Some(res.clone()),
+                            window: Some(self.window),
+                        };
+                        if let Ok(Reply::View(v)) =
+                            client::call(&self.root, &view, Duration::from_secs(2))
+                        {
+                            if let Some(r) = v.resources.first() {
+                                fb.say(say(r, &v.host));
+                            }
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        bail!("internal error: the request ended without an answer")
+                    }
+                }
+            }
+        })
+    }
+
+    /// After `invalidate` on a terminal: the sync's progress until it is done or --timeout
+    /// passes (the sync goes on in the background either way). Nothing when piped.
+    fn follow_sync(&self, res: &ResourceName) {
+        if !progress::wanted(self.json) {
+            return;
+        }
+        let mut fb = progress::Feedback::new(true, format!("{res}: sync starting"));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(self.timeout) {
+            let view = Request::View {
+                res: Some(res.clone()),
+                window: Some(self.window),
+            };
+            let Ok(Reply::View(v)) = client::call(&self.root, &view, Duration::from_secs(2))
+            else {
+                break;
+            };
+            let Some(r) = v.resources.first() else { break };
+            if r.consistent && r.sync.is_none() {
+                break;
+            }
+            let (doing, pct) = progress::activity(r);
+            fb.say(if doing.is_empty() {
+                format!("{res}: sync starting")
+            } else {
+                doing
+            });
+            fb.percent(pct);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        fb.done();
+    }
+
     /// Polls the local view of `res` until `cond` holds or --timeout passes.
     fn wait_resource(&self, res: &str, cond: &str) -> Result<()> {
         let cond = wait::Condition::parse(cond)?;
         let name = resource(res)?;
         let timeout = Duration::from_secs(self.timeout);
         let mut asked: Option<Instant> = None;
-        wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
+        let mut fb = progress::Feedback::new(
+            progress::wanted(self.json),
+            format!("waiting for {res} to reach {cond}"),
+        );
+        let reached = wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
             // Bound each call by the time left, but give a busy daemon a moment to answer.
             let call_timeout = left.max(Duration::from_secs(2));
             // A secondary is up to date only with its source's confirmation from after the
@@ -885,11 +1030,24 @@ impl Cli {
                 window: Some(self.window),
             };
             match client::call(&self.root, &req, call_timeout)? {
-                Reply::View(mut v) if !v.resources.is_empty() => Ok(v.resources.swap_remove(0)),
+                Reply::View(mut v) if !v.resources.is_empty() => {
+                    let r = v.resources.swap_remove(0);
+                    let (doing, pct) = progress::activity(&r);
+                    let state = wait::state_text(&r);
+                    fb.say(if doing.is_empty() {
+                        format!("waiting for {res} to reach {cond}: {state}")
+                    } else {
+                        format!("waiting for {res} to reach {cond}: {doing}")
+                    });
+                    fb.percent(pct);
+                    Ok(r)
+                }
                 Reply::View(_) => bail!("daemon returned no resource"),
                 _ => bail!("unexpected answer from marsd"),
             }
-        })?;
+        });
+        fb.done();
+        reached?;
         if self.json {
             self.emit(&serde_json::json!({
                 "ok": true,

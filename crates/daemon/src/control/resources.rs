@@ -395,7 +395,7 @@ pub async fn op(host: &Arc<Host>, req: Request) -> Outcome {
                 .map_err(failed)?;
             return done(format!("{res}: no designated primary now"));
         }
-        return Err(not_found(&res));
+        return Err(super::not_here(host, &res).await);
     };
     let r = h.op(op).await.map_err(|e| failed(e.to_string()))?;
     from_op(r)

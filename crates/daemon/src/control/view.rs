@@ -15,8 +15,18 @@ use crate::resource::Handle;
 
 pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -> ClusterView {
     let ages = host.cluster.ages().await;
+    let connected = host.cluster.connected_peers();
     let me = host.ident.host.clone();
-    let alive = |h: &HostName| *h == me || ages.get(h).is_some_and(|a| *a <= window);
+    // The same rule as the member list: a member that neither answers us nor refreshes its
+    // stamp is not alive, so neither its stale role nor a "split brain" with it shows.
+    let alive = |h: &HostName| {
+        *h == me
+            || crate::meta::cluster::alive_for_view(
+                ages.get(h).copied(),
+                connected.contains(h),
+                window,
+            )
+    };
     let mut resources = Vec::new();
     for h in list {
         resources.push(resource_view(host, &h, &alive).await);

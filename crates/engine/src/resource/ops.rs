@@ -270,11 +270,18 @@ impl ResourceEngine {
                         only_if_used: false,
                     });
                 } else {
+                    // Say where it runs rather than "not attached": a secondary is attached.
+                    let on = self
+                        .meta
+                        .primary
+                        .as_ref()
+                        .map_or("its primary (none is designated)".to_string(), |p| {
+                            format!("its primary {p}")
+                        });
                     self.reply(
                         id,
                         Err(OpError::invalid(format!(
-                            "resource {res} is not attached here as primary (log-rotate runs on \
-                             the primary)"
+                            "log-rotate {res} runs on {on}; this host is not primary of {res}"
                         ))),
                     );
                 }
