@@ -396,6 +396,12 @@ fn resource_request(
             },
         ),
         Cmd::Cron => ("cron", Request::Cron),
+        Cmd::LogRotate { res } => (
+            "log-rotate",
+            Request::LogRotate {
+                res: resource(res)?,
+            },
+        ),
         Cmd::Primary { res } => (
             "primary",
             Request::Primary {
@@ -679,13 +685,6 @@ impl Cli {
                 Some(secs) => self.watch(res.as_deref(), *secs, *count),
                 None => self.view(res.as_deref()),
             },
-            Cmd::LogRotate { res } => {
-                self.no_dry_run("log-rotate")?;
-                let r = self.call(&Request::LogRotate {
-                    res: resource(res)?,
-                })?;
-                self.print_done(r)
-            }
             Cmd::GetSystemdUnit { res } => {
                 let res = resource(res)?;
                 let start = self.get_link(&systemd::key(&res, "systemd-start-unit"))?;
@@ -1074,7 +1073,7 @@ impl Cli {
             bail!("unexpected answer from marsd");
         };
         let r = v.resources.first().context("daemon returned no resource")?;
-        let value = view::macro_value(r, mac)?;
+        let value = view::macro_value_at(r, mac, &v.host)?;
         if self.json {
             self.emit(&serde_json::json!({
                 "resource": r.name,

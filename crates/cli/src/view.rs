@@ -435,12 +435,16 @@ fn replication_macro(r: &ResourceView, m: &str) -> Option<String> {
     })
 }
 
-/// Why a resource has no NBD export on this host: only its primary serves one.
-fn not_served(r: &ResourceView) -> String {
+/// Why a resource has no NBD export on host `me`: only its primary serves one.
+fn not_served(r: &ResourceView, me: &str) -> String {
     match (r.role, &r.primary) {
         (Role::Primary, _) => format!(
             "resource {} is not served on this host: its device is not open",
             r.name
+        ),
+        (Role::Secondary, Some(p)) if p == me => format!(
+            "resource {} is not served (not attached: `marsadm view {}` says why)",
+            r.name, r.name
         ),
         (Role::Secondary, Some(p)) => format!(
             "resource {} is served by its primary {p} only; this host is a secondary",
@@ -484,7 +488,14 @@ pub fn macro_json(m: &str, value: &str) -> serde_json::Value {
     }
 }
 
+/// The macro's value on an unnamed host (the tests' fixtures).
+#[cfg(test)]
 pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
+    macro_value_at(r, m, "")
+}
+
+/// The macro's value of `r` as host `me` sees it.
+pub fn macro_value_at(r: &ResourceView, m: &str, me: &str) -> Result<String> {
     if let Some(v) = replication_macro(r, m) {
         return Ok(v);
     }
@@ -500,11 +511,11 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
         },
         "nbd-uri" => match &r.nbd_unix_uri {
             Some(u) => u.clone(),
-            None => bail!("{}", not_served(r)),
+            None => bail!("{}", not_served(r, me)),
         },
         "nbd-tcp-uri" => match &r.nbd_tcp_uri {
             Some(u) => u.clone(),
-            None if r.nbd_tcp => bail!("{}", not_served(r)),
+            None if r.nbd_tcp => bail!("{}", not_served(r, me)),
             None => bail!("marsd serves no NBD over TCP (start it with --nbd-listen)"),
         },
         "disk" | "get-disk" => r.disk.display().to_string(),

@@ -270,20 +270,21 @@ impl ResourceEngine {
                         only_if_used: false,
                     });
                 } else {
-                    // Say where it runs rather than "not attached": a secondary is attached.
-                    let on = self
-                        .meta
-                        .primary
-                        .as_ref()
-                        .map_or("its primary (none is designated)".to_string(), |p| {
-                            format!("its primary {p}")
-                        });
-                    self.reply(
-                        id,
-                        Err(OpError::invalid(format!(
-                            "log-rotate {res} runs on {on}; this host is not primary of {res}"
-                        ))),
-                    );
+                    // Say why: the designated primary whose volume is not open is not
+                    // attached; a secondary is attached, but log-rotate runs elsewhere.
+                    let msg = match &self.meta.primary {
+                        Some(p) if *p == me => format!(
+                            "resource {res} is not attached here as primary (its volume is not \
+                             open: `marsadm view {res}` says why)"
+                        ),
+                        Some(p) => format!(
+                            "log-rotate {res} runs on its primary {p}; this host is a secondary"
+                        ),
+                        None => format!(
+                            "log-rotate {res} runs on its primary, and none is designated"
+                        ),
+                    };
+                    self.reply(id, Err(OpError::invalid(msg)));
                 }
             }
             Op::SystemdTrigger => {
