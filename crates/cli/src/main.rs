@@ -982,8 +982,7 @@ impl Cli {
                 res: Some(res.clone()),
                 window: Some(self.window),
             };
-            let Ok(Reply::View(v)) = client::call(&self.root, &view, Duration::from_secs(2))
-            else {
+            let Ok(Reply::View(v)) = client::call(&self.root, &view, Duration::from_secs(2)) else {
                 break;
             };
             let Some(r) = v.resources.first() else { break };

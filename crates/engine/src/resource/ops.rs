@@ -280,9 +280,9 @@ impl ResourceEngine {
                         Some(p) => format!(
                             "log-rotate {res} runs on its primary {p}; this host is a secondary"
                         ),
-                        None => format!(
-                            "log-rotate {res} runs on its primary, and none is designated"
-                        ),
+                        None => {
+                            format!("log-rotate {res} runs on its primary, and none is designated")
+                        }
                     };
                     self.reply(id, Err(OpError::invalid(msg)));
                 }
