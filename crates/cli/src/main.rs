@@ -672,14 +672,20 @@ impl Cli {
                     bytes += k.len() + v.len() + 8;
                     batch.push((k, v));
                     if bytes > 48 << 10 {
-                        self.set_links(std::mem::take(&mut batch))?;
+                        self.call(&Request::SetLinks {
+                            pairs: std::mem::take(&mut batch),
+                        })?;
                         bytes = 0;
                     }
                 }
-                if !batch.is_empty() {
-                    self.set_links(batch)?;
+                // The last batch answers for all: one output, as every command.
+                if batch.is_empty() {
+                    if self.json {
+                        self.emit(&serde_json::json!({ "ok": true, "message": "" }))?;
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                self.set_links(batch)
             }
             Cmd::View { res, watch, count } => match watch {
                 Some(secs) => self.watch(res.as_deref(), *secs, *count),

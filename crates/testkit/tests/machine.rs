@@ -249,6 +249,28 @@ fn exit_codes_errors_and_json_on_one_host() {
     check("error", &v);
     assert_eq!(v["error"]["kind"], "unreachable");
 
+    // systemd-generate needs no daemon; its JSON follows the schema too.
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist");
+    let o = marsadm_at(
+        &nowhere,
+        &[
+            "--json",
+            "systemd-generate",
+            "r",
+            "DEFAULT",
+            "--templates",
+            dist.to_str().unwrap(),
+            "--output",
+            t.path().join("units").to_str().unwrap(),
+            "--host",
+            "a",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    check("systemd-generate", &v);
+    assert!(!v["files"].as_array().unwrap().is_empty(), "{v}");
+
     let a = Host::start(t.path(), "a");
     let disk = a.create_resource("r", SIZE);
     // Usage errors: 2, before anything is sent.
@@ -305,6 +327,24 @@ fn exit_codes_errors_and_json_on_one_host() {
         "error",
     );
     assert_eq!(v["error"]["kind"], "timeout");
+
+    // On a terminal (a pty from script(1)) the wait shows what it waits for; piped (above)
+    // only the error line.
+    let cmd = format!(
+        "{} --root {} --timeout 2 wait-resource r attach-off",
+        bin("marsadm").display(),
+        a.root.display()
+    );
+    let o = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .expect("script(1)");
+    let tty = text(&o.stdout);
+    assert!(
+        tty.contains("waiting for r to reach attach-off"),
+        "no feedback on a terminal: {tty:?}"
+    );
+    assert!(tty.contains("did not reach attach-off"), "{tty:?}");
 
     // Every output validates against its schema.
     let v = json(&a, &["view"], 0, "view");
