@@ -19,6 +19,11 @@ pub const MAX_REQUEST: usize = 64 << 10;
 /// Longest reply line a client reads (a `view` of a thousand resources is megabytes).
 pub const MAX_REPLY: usize = 256 << 20;
 
+/// Version of the JSON that `marsadm --json` prints (the `"schema"` field at the top of every
+/// output; `docs/json.md`). Adding a field or an enum value keeps the version; removing or
+/// renaming a field, changing its type or meaning bumps it.
+pub const SCHEMA_VERSION: u32 = 1;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Request {
@@ -230,6 +235,23 @@ pub enum ErrorKind {
     /// the old primary is reachable and ahead): the message says what; the same request with
     /// the confirmation (`confirmed`) goes ahead. Nothing was changed.
     NeedsConfirmation,
+    /// The daemon gave up waiting (for a condition, a peer, the old primary); nothing more
+    /// will happen on behalf of this request.
+    Timeout,
+}
+
+impl ErrorKind {
+    /// The kind as it appears in JSON (`invalid`, `not-found` …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::Exists => "exists",
+            ErrorKind::Failed => "failed",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::NeedsConfirmation => "needs-confirmation",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -345,16 +367,22 @@ pub struct MemberView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResourceView {
     pub name: String,
+    /// Logical size in bytes.
+    #[serde(rename = "size_bytes")]
     pub size: u64,
     pub disk: PathBuf,
-    /// `Primary` or `Secondary`.
-    pub role: String,
-    /// Designated primary host.
-    pub primary: String,
-    /// MARS disk state: `UpToDate`, `DefectiveLog`, `Detached`, ...
-    pub disk_state: String,
-    /// MARS replication state: `Replicating` (primary serving), `Stopped`, ...
-    pub repl_state: String,
+    /// This host's role: `Primary` while its volume is open.
+    pub role: Role,
+    /// Designated primary host (`None`: nobody is designated, MARS's `(none)`).
+    pub primary: Option<String>,
+    /// MARS disk state of the local replica.
+    pub disk_state: DiskState,
+    /// With `disk_state` `WriteBack`: bytes not yet written back to the disk (MARS shows
+    /// them as `WriteBack[72.50 MiB]`); `None` otherwise.
+    #[serde(default)]
+    pub writeback_bytes: Option<u64>,
+    /// MARS replication state of the local replica.
+    pub repl_state: ReplState,
     /// MARS flags field: one letter per switch (attach, sync, fetch, replay).
     pub flags: String,
     pub log: Option<LogView>,
@@ -366,6 +394,9 @@ pub struct ResourceView {
     pub device_error: Option<String>,
     pub nbd_unix_uri: Option<String>,
     pub nbd_tcp_uri: Option<String>,
+    /// The daemon serves NBD over TCP (`--nbd-listen`), on the primary only.
+    #[serde(default)]
+    pub nbd_tcp: bool,
     /// NBD connections currently using the device.
     pub open_count: u64,
     pub error: Option<String>,
@@ -398,6 +429,144 @@ pub struct ResourceView {
     pub systemd: Option<SystemdView>,
 }
 
+/// A host's role for a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "Primary",
+            Role::Secondary => "Secondary",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Declares a state enum whose JSON strings are MARS's names, with `as_str`, `Display`,
+/// `ALL` and `from_mars` (the engine's text, `None` for an unknown one).
+macro_rules! mars_states {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident = $s:literal,)* }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $v,)*
+        }
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v,)*];
+            /// MARS's name of the state.
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s,)* }
+            }
+            /// The state named `s` (MARS's name).
+            pub fn from_mars(s: &str) -> Option<$name> {
+                match s { $($s => Some($name::$v),)* _ => None }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+mars_states! {
+    /// MARS disk state: the condition of a member's replica (its local disk).
+    DiskState {
+        /// Not a member of the resource.
+        NotJoined = "NotJoined",
+        /// A member that has not reported anything yet.
+        NotPresent = "NotPresent",
+        /// The disk is not open (switched off, or not set up after an error).
+        Detached = "Detached",
+        /// Primary in emergency mode: the log is full, writes go to the disk only.
+        EmergencyMode = "EmergencyMode",
+        /// Replay stopped at a damaged logfile (the reason is in `stuck`).
+        DefectiveLog = "DefectiveLog",
+        /// The primary's volume reported an I/O error (in `stuck`).
+        DefectiveDisk = "DefectiveDisk",
+        /// The logfiles this replica needs are gone: it needs a full sync.
+        Orphan = "Orphan",
+        /// A full sync is pending or running: the data is not usable.
+        InConsistent = "InConsistent",
+        /// Primary with written data still to write back (amount in `writeback_bytes`).
+        WriteBack = "WriteBack",
+        UpToDate = "UpToDate",
+        /// Secondary behind the primary: still fetching.
+        OutDatedF = "OutDated[F]",
+        /// Secondary behind the primary: still replaying.
+        OutDatedR = "OutDated[R]",
+        /// Secondary behind the primary: still fetching and replaying.
+        OutDatedFR = "OutDated[FR]",
+    }
+}
+
+impl DiskState {
+    /// Parses the engine's MARS text (`WriteBack[72.50 MiB]`, `DefectiveLog[damaged]` carry
+    /// amounts and reasons in brackets, which JSON keeps elsewhere).
+    pub fn from_mars_text(s: &str) -> Option<DiskState> {
+        DiskState::from_mars(s).or_else(|| DiskState::from_mars(s.split('[').next()?))
+    }
+}
+
+mars_states! {
+    /// MARS replication state: what a member's replication is doing.
+    ReplState {
+        NotJoined = "NotJoined",
+        /// Its disk is not attached (or it has not reported yet).
+        NotStarted = "NotStarted",
+        /// Its liveness stamp is older than the view window (or it is known unreachable).
+        UnResponsive = "UnResponsive",
+        EmergencyMode = "EmergencyMode",
+        /// Its device is still open although another host (or nobody) is designated.
+        RemainsPrimary = "RemainsPrimary",
+        /// Primary serving its log.
+        Replicating = "Replicating",
+        /// Designated primary still catching up or waiting for the old one to leave.
+        NotYetPrimary = "NotYetPrimary",
+        PausedSync = "PausedSync",
+        Syncing = "Syncing",
+        PausedFetch = "PausedFetch",
+        PausedReplay = "PausedReplay",
+        NoPrimaryDesignated = "NoPrimaryDesignated",
+        PrimaryUnreachable = "PrimaryUnreachable",
+        Orphan = "Orphan",
+        Replaying = "Replaying",
+    }
+}
+
+/// A position in a resource's log: logfile number and byte offset inside it. Text form
+/// `000000003:4096` (MARS's `file:offset`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+pub struct LogPos {
+    pub logfile: u64,
+    pub offset: u64,
+}
+
+impl std::fmt::Display for LogPos {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:09}:{}", self.logfile, self.offset)
+    }
+}
+
+/// A range of logfile numbers, both ends included.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRange {
+    pub first: u64,
+    pub last: u64,
+}
+
 /// A resource's systemd stack as the metadata shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SystemdView {
@@ -427,12 +596,15 @@ pub struct SplitSide {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Progress {
     /// Bytes done and bytes in total (for fetch and replay: of the logfiles still to process).
+    #[serde(rename = "done_bytes")]
     pub done: u64,
+    #[serde(rename = "total_bytes")]
     pub total: u64,
     /// Recent rate in bytes per second.
+    #[serde(rename = "rate_bytes_per_sec")]
     pub rate: u64,
     /// Oldest and newest logfile number involved, if any.
-    pub logs: Option<(u64, u64)>,
+    pub logs: Option<LogRange>,
 }
 
 impl Progress {
@@ -457,17 +629,22 @@ impl Progress {
 pub struct ReplicaView {
     pub host: String,
     pub disk: String,
-    /// `Primary`, `Secondary` (as the member itself reports it).
-    pub role: String,
-    pub disk_state: String,
-    pub repl_state: String,
+    /// The role the member itself last reported; `None` when it is not alive (its last
+    /// report is stale: a dead primary is not acting as one).
+    pub role: Option<Role>,
+    pub disk_state: DiskState,
+    /// As [`ResourceView::writeback_bytes`].
+    #[serde(default)]
+    pub writeback_bytes: Option<u64>,
+    pub repl_state: ReplState,
     pub flags: String,
     /// Its liveness stamp is younger than the view window.
     pub alive: bool,
     pub consistent: bool,
-    /// Replay (secondary) or writeback (primary) position, `file:offset`.
-    pub applied: Option<String>,
+    /// Replay (secondary) or writeback (primary) position.
+    pub applied: Option<LogPos>,
     /// Bytes of the primary's log this member has not applied yet (when known).
+    #[serde(rename = "behind_bytes")]
     pub behind: Option<u64>,
     /// Age in seconds of the oldest write this member has not applied to its disk: 0 when it
     /// is not behind, else now minus the stamp of the log record at its applied position, read
@@ -486,14 +663,14 @@ pub struct ReplicaView {
     #[serde(default)]
     pub systemd: Option<String>,
 }
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogView {
     /// Current logfile name.
     pub current: String,
-    /// `file:offset` positions.
-    pub appended: String,
-    pub durable: String,
-    pub written_back: String,
+    pub appended: LogPos,
+    pub durable: LogPos,
+    pub written_back: LogPos,
     /// Bytes of written data held in memory until writeback.
     pub dirty_bytes: u64,
     pub pending_records: u64,

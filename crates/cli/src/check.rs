@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use mars_api::{ClusterView, ResourceView, SpaceView};
+use mars_api::{ClusterView, DiskState, ResourceView, Role, SpaceView};
 use mars_config::format_size;
 use serde::Serialize;
 
@@ -409,21 +409,23 @@ fn resource(
         );
     }
     for m in &r.members {
-        if m.emergency || m.disk_state.starts_with("EmergencyMode") {
+        if m.emergency || m.disk_state == DiskState::EmergencyMode {
             add(Status::Critical, format!("emergency mode on {}", m.host));
         }
     }
-    let primary = r.primary.as_str();
-    let designated = r.members.iter().find(|m| m.host == primary);
-    if primary == mars_api_no_primary() {
+    let designated = r
+        .members
+        .iter()
+        .find(|m| Some(m.host.as_str()) == r.primary.as_deref());
+    if r.primary.is_none() {
         add(Status::Warning, "no primary designated".into());
-    } else if primary != me {
+    } else if r.primary.as_deref() != Some(me) {
         if let Some(p) = designated.filter(|p| !p.alive) {
             add(Status::Critical, format!("primary {} unreachable", p.host));
         }
     }
     // This host's own replication switches (MARS's `todo` flags: `-` is off).
-    if r.role != "Primary" {
+    if r.role != Role::Primary {
         let flags: Vec<char> = r.flags.chars().collect();
         let off = |i: usize| flags.get(i).is_some_and(|c| *c == '-');
         let mut offs = Vec::new();
@@ -448,7 +450,7 @@ fn resource(
     // Lag of every member that is not the acting primary.
     let mut worst_secs: Option<f64> = None;
     let mut worst_bytes: Option<u64> = None;
-    for m in r.members.iter().filter(|m| m.role != "Primary") {
+    for m in r.members.iter().filter(|m| m.role != Some(Role::Primary)) {
         if let Some(s) = m.lag_secs {
             worst_secs = Some(worst_secs.map_or(s, |w: f64| w.max(s)));
             let st = if s >= t.lag_crit {
@@ -499,7 +501,7 @@ fn resource(
         .iter()
         .filter_map(|p| p.as_ref())
         .any(|p| p.rate > 0);
-    if r.role != "Primary" && todo && !moving && my_lag.is_some_and(|l| l >= t.stalled) {
+    if r.role != Role::Primary && todo && !moving && my_lag.is_some_and(|l| l >= t.stalled) {
         add(
             Status::Critical,
             format!(
@@ -530,10 +532,6 @@ fn resource(
 }
 
 /// What the view shows as the designated primary when there is none.
-fn mars_api_no_primary() -> &'static str {
-    "(none)"
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -560,7 +558,7 @@ mod tests {
     fn healthy() -> ClusterView {
         let mut r = secondary();
         let mut a = member("alpha", true);
-        a.role = "Primary".into();
+        a.role = Some(Role::Primary);
         let mut b = member("beta", true);
         b.lag_secs = Some(0.0);
         b.behind = Some(0);
@@ -683,7 +681,7 @@ mod tests {
         assert_eq!(o.status, Status::Critical);
 
         let mut v = healthy();
-        v.resources[0].primary = "(none)".into();
+        v.resources[0].primary = None;
         assert_eq!(evaluate(&v, &Thresholds::default()).status, Status::Warning);
     }
 

@@ -4,7 +4,9 @@
 mod check;
 mod client;
 mod demo;
+mod error;
 mod generate;
+mod progress;
 mod systemd;
 mod view;
 mod wait;
@@ -15,8 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use error::usage;
 use mars_api::{Reply, Request, SwitchKind};
 use mars_config::{parse_size, ResourceName};
+use serde::Serialize;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -222,7 +226,16 @@ enum Cmd {
         cond: String,
     },
     /// Show the state of one resource, or of all.
-    View { res: Option<String> },
+    View {
+        res: Option<String>,
+        /// Redraw the view every SECONDS (default 2) until interrupted; piped, print one view
+        /// per interval separated by a blank line.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<f64>,
+        /// With --watch: stop after N views.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
     /// Nagios/Icinga plugin: one status line with perfdata; exit 0 OK, 1 WARNING,
     /// 2 CRITICAL, 3 UNKNOWN (daemon unreachable, bad arguments).
     Check(check::CheckArgs),
@@ -407,6 +420,12 @@ fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'stat
             },
         ),
         Cmd::Cron => ("cron", Request::Cron),
+        Cmd::LogRotate { res } => (
+            "log-rotate",
+            Request::LogRotate {
+                res: resource(res)?,
+            },
+        ),
         Cmd::Primary { res } => (
             "primary",
             Request::Primary {
@@ -470,7 +489,11 @@ impl Cli {
     fn call(&self, req: &Request) -> Result<Reply> {
         // Commands that wait (wait-cluster …) are bounded by the daemon with the same timeout;
         // give its answer time to arrive.
-        client::call(&self.root, req, Duration::from_secs(self.timeout + 10))
+        Ok(client::call(
+            &self.root,
+            req,
+            Duration::from_secs(self.timeout + 10),
+        )?)
     }
 
     /// Sends a request that changes something: with --dry-run as a dry run (the daemon checks
@@ -491,8 +514,16 @@ impl Cli {
     fn confirm_primary(&self, req: Request, refusal: anyhow::Error) -> Result<Reply> {
         use std::io::{IsTerminal, Write};
         let needs = refusal
-            .downcast_ref::<client::Refused>()
-            .is_some_and(|r| r.kind == mars_api::ErrorKind::NeedsConfirmation);
+            .downcast_ref::<client::ClientError>()
+            .is_some_and(|r| {
+                matches!(
+                    r,
+                    client::ClientError::Refused {
+                        kind: mars_api::ErrorKind::NeedsConfirmation,
+                        ..
+                    }
+                )
+            });
         let Request::Primary {
             res,
             force,
@@ -522,13 +553,47 @@ impl Cli {
         })
     }
 
-    fn print_done(&self, reply: Reply) -> Result<()> {
-        if self.json {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
-        } else if let Reply::Done { message } = reply {
-            println!("{message}");
+    /// Prints `body` as the JSON output of this command: `"schema"` first, then its fields.
+    fn emit<T: Serialize>(&self, body: &T) -> Result<()> {
+        #[derive(Serialize)]
+        struct Envelope<'a, T: Serialize> {
+            schema: u32,
+            #[serde(flatten)]
+            body: &'a T,
         }
+        let out = Envelope {
+            schema: mars_api::SCHEMA_VERSION,
+            body,
+        };
+        println!("{}", serde_json::to_string_pretty(&out)?);
         Ok(())
+    }
+
+    /// A getter's number: the plain number, or `{"schema":1,"value":N}`.
+    fn print_number(&self, v: &str) -> Result<()> {
+        if self.json {
+            let n: u64 = v
+                .trim()
+                .parse()
+                .with_context(|| format!("the stored value {v:?} is not a number"))?;
+            self.emit(&serde_json::json!({ "value": n }))
+        } else {
+            println!("{v}");
+            Ok(())
+        }
+    }
+
+    /// An action's answer: its message, or `{"schema":1,"ok":true,"message":…}`.
+    fn print_done(&self, reply: Reply) -> Result<()> {
+        let Reply::Done { message } = reply else {
+            bail!("unexpected answer from marsd: {reply:?}");
+        };
+        if self.json {
+            self.emit(&serde_json::json!({ "ok": true, "message": message }))
+        } else {
+            println!("{message}");
+            Ok(())
+        }
     }
 
     fn run(&self) -> Result<()> {
@@ -569,8 +634,12 @@ impl Cli {
             }
             Cmd::JoinToken { ttl } => match self.change(Request::JoinToken { ttl: *ttl })? {
                 Reply::Value { value: Some(t) } => {
-                    println!("{t}");
-                    Ok(())
+                    if self.json {
+                        self.emit(&serde_json::json!({ "token": t }))
+                    } else {
+                        println!("{t}");
+                        Ok(())
+                    }
                 }
                 done @ Reply::Done { .. } => self.print_done(done),
                 other => Err(anyhow::anyhow!("unexpected reply: {other:?}")),
@@ -582,10 +651,15 @@ impl Cli {
                 self.print_done(r)
             }
             Cmd::WaitCluster => {
+                let fb = progress::Feedback::new(
+                    progress::wanted(self.json),
+                    "waiting for every member of the cluster to answer".into(),
+                );
                 let r = self.call(&Request::WaitCluster {
                     timeout: self.timeout,
-                })?;
-                self.print_done(r)
+                });
+                fb.done();
+                self.print_done(r?)
             }
             Cmd::UpdateCluster => {
                 let r = self.call(&Request::UpdateCluster {
@@ -602,7 +676,7 @@ impl Cli {
                     bail!("unexpected answer from marsd");
                 };
                 if self.json {
-                    println!("{}", serde_json::to_string_pretty(&v.members)?);
+                    self.emit(&serde_json::json!({ "members": v.members }))?;
                 } else {
                     for m in &v.members {
                         println!("{} {}", m.host, m.address);
@@ -623,25 +697,28 @@ impl Cli {
             }
             Cmd::GetGlobalSyncLimitValue => {
                 let v = self.get_link(SYNC_LIMIT_KEY)?;
-                println!("{}", v.unwrap_or_else(|| "0".into()));
-                Ok(())
+                self.print_number(&v.unwrap_or_else(|| "0".into()))
             }
             Cmd::SetGlobalUnreachableLimitValue { seconds } => {
                 self.set_links(vec![(UNREACHABLE_LIMIT_KEY.into(), seconds.to_string())])
             }
             Cmd::GetGlobalUnreachableLimitValue => {
                 let v = self.get_link(UNREACHABLE_LIMIT_KEY)?;
-                println!("{}", v.unwrap_or_else(|| UNREACHABLE_LIMIT_DEFAULT.into()));
-                Ok(())
+                self.print_number(&v.unwrap_or_else(|| UNREACHABLE_LIMIT_DEFAULT.into()))
             }
             Cmd::WaitResource { res, cond } => self.wait_resource(res, cond),
             Cmd::SetLink { key, value } => self.set_links(vec![(key.clone(), value.clone())]),
             Cmd::GetLink { key } => match self.get_link(key)? {
+                Some(v) if self.json => self.emit(&serde_json::json!({ "key": key, "value": v })),
                 Some(v) => {
                     println!("{v}");
                     Ok(())
                 }
-                None => bail!("no metadata key {key:?}"),
+                None => Err(client::ClientError::Refused {
+                    kind: mars_api::ErrorKind::NotFound,
+                    message: format!("no metadata key {key:?}"),
+                }
+                .into()),
             },
             Cmd::LowlevelSetLinks => {
                 let mut pairs = Vec::new();
@@ -662,14 +739,20 @@ impl Cli {
                     bytes += k.len() + v.len() + 8;
                     batch.push((k, v));
                     if bytes > 48 << 10 {
-                        self.set_links(std::mem::take(&mut batch))?;
+                        self.call(&Request::SetLinks {
+                            pairs: std::mem::take(&mut batch),
+                        })?;
                         bytes = 0;
                     }
                 }
-                if !batch.is_empty() {
-                    self.set_links(batch)?;
+                // The last batch answers for all: one output, as every command.
+                if batch.is_empty() {
+                    if self.json {
+                        self.emit(&serde_json::json!({ "ok": true, "message": "" }))?;
+                    }
+                    return Ok(());
                 }
-                Ok(())
+                self.set_links(batch)
             }
             Cmd::LowlevelGetLinks { prefix } => match self.call(&Request::ListLinks {
                 prefix: prefix.clone().unwrap_or_default(),
@@ -680,28 +763,37 @@ impl Cli {
                 }
                 other => bail!("unexpected answer from marsd: {other:?}"),
             },
-            Cmd::View { res } => self.view(res.as_deref()),
             // `main` runs it before: it has exit codes of its own.
             Cmd::Check(_) => Ok(()),
-            Cmd::LogRotate { res } => {
-                let r = self.change(Request::LogRotate {
-                    res: resource(res)?,
-                })?;
-                self.print_done(r)
-            }
+            Cmd::View { res, watch, count } => match watch {
+                Some(secs) => self.watch(res.as_deref(), *secs, *count),
+                None => self.view(res.as_deref()),
+            },
             Cmd::GetSystemdUnit { res } => {
                 let res = resource(res)?;
                 let start = self.get_link(&systemd::key(&res, "systemd-start-unit"))?;
                 let stop = self.get_link(&systemd::key(&res, "systemd-stop-unit"))?;
-                if let Some(start) = start.filter(|s| !s.is_empty()) {
-                    let stop = stop.filter(|s| !s.is_empty()).unwrap_or(start.clone());
+                let start = start.filter(|s| !s.is_empty());
+                let stop = stop.filter(|s| !s.is_empty()).or(start.clone());
+                if self.json {
+                    return self.emit(&serde_json::json!({
+                        "resource": res,
+                        "start_unit": start,
+                        "stop_unit": stop.filter(|_| start.is_some()),
+                    }));
+                }
+                if let (Some(start), Some(stop)) = (start, stop) {
                     println!("{start} {stop}");
                 }
                 Ok(())
             }
             Cmd::GetSystemdWant { res } => {
                 let res = resource(res)?;
-                if let Some(w) = self.get_link(&systemd::key(&res, "systemd-want"))? {
+                let want = self.get_link(&systemd::key(&res, "systemd-want"))?;
+                if self.json {
+                    return self.emit(&serde_json::json!({ "resource": res, "want": want }));
+                }
+                if let Some(w) = want {
                     println!("{w}");
                 }
                 Ok(())
@@ -711,13 +803,13 @@ impl Cli {
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => {
                 let Some(cmd) = args.first() else {
-                    bail!("no command given; see `marsadm --help`");
+                    usage!("no command given; see `marsadm --help`");
                 };
                 let Some(mac) = cmd.strip_prefix("view-") else {
-                    bail!("unknown command {cmd:?}; see `marsadm --help`");
+                    usage!("unknown command {cmd:?}; see `marsadm --help`");
                 };
                 let [_, res] = &args[..] else {
-                    bail!("usage: marsadm {cmd} RES");
+                    usage!("usage: marsadm {cmd} RES");
                 };
                 self.view_macro(mac, res)
             }
@@ -728,10 +820,29 @@ impl Cli {
             }
             // The resource commands: one request each, answered by `Done`.
             other => match resource_request(other, self.force, self.timeout)? {
+                // A getter: its answer is a number.
+                Some((_, req @ Request::GetEmergencyLimit { .. })) => match self.call(&req)? {
+                    Reply::Done { message } => self.print_number(&message),
+                    r => bail!("unexpected answer from marsd: {r:?}"),
+                },
                 Some((_, req)) => {
-                    let r = match self.change(req.clone()) {
-                        Ok(r) => r,
-                        Err(e) => self.confirm_primary(req, e)?,
+                    let r = match &req {
+                        // A handover waits for the old primary: say for what while it does.
+                        Request::Primary { res, .. } if !self.dry_run => {
+                            match self.call_watching(&req, res, progress::handover_message) {
+                                Ok(r) => r,
+                                Err(e) => self.confirm_primary(req.clone(), e)?,
+                            }
+                        }
+                        Request::Invalidate { res } if !self.dry_run => {
+                            let r = self.call(&req)?;
+                            self.follow_sync(res);
+                            r
+                        }
+                        _ => match self.change(req.clone()) {
+                            Ok(r) => r,
+                            Err(e) => self.confirm_primary(req, e)?,
+                        },
                     };
                     self.print_done(r)
                 }
@@ -782,32 +893,32 @@ impl Cli {
                 });
             }
         });
-        let mut failed = 0;
+        let mut failures = Vec::new();
         let mut json = Vec::new();
         for ((res, _), r) in reqs.iter().zip(results) {
             let r = r
                 .into_inner()
                 .unwrap_or_else(|e| e.into_inner())
                 .unwrap_or_else(|| Err(anyhow::anyhow!("not run")));
-            match r {
-                Ok(Reply::Done { message }) => {
-                    if self.json {
-                        json.push(serde_json::json!({ "resource": res, "message": message }));
-                    } else {
-                        println!("{message}");
-                    }
+            match r.and_then(|reply| match reply {
+                Reply::Done { message } => Ok(message),
+                other => bail!("unexpected answer from marsd: {other:?}"),
+            }) {
+                Ok(message) if self.json => {
+                    json.push(
+                        serde_json::json!({ "resource": res, "ok": true, "message": message }),
+                    );
                 }
-                Ok(other) => {
-                    if self.json {
-                        json.push(serde_json::json!({ "resource": res, "reply": other }));
-                    }
-                }
+                Ok(message) => println!("{message}"),
                 Err(e) => {
-                    failed += 1;
+                    let kind = error::Kind::of(&e);
+                    failures.push(kind);
                     if self.json {
-                        json.push(
-                            serde_json::json!({ "resource": res, "error": format!("{e:#}") }),
-                        );
+                        json.push(serde_json::json!({
+                            "resource": res,
+                            "ok": false,
+                            "error": { "kind": kind, "message": format!("{e:#}") },
+                        }));
                     } else {
                         eprintln!("marsadm: {res}: {e:#}");
                     }
@@ -815,10 +926,21 @@ impl Cli {
             }
         }
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            self.emit(&serde_json::json!({ "ok": failures.is_empty(), "results": json }))?;
         }
-        if failed > 0 {
-            bail!("{failed} of {} resources failed", reqs.len());
+        if let Some(first) = failures.first() {
+            // One kind for all: its status; mixed failures are just failures.
+            let kind = if failures.iter().all(|k| k == first) {
+                *first
+            } else {
+                error::Kind::Failed
+            };
+            return Err(error::Reported {
+                kind,
+                failed: failures.len(),
+                total: reqs.len(),
+            }
+            .into());
         }
         Ok(())
     }
@@ -893,11 +1015,114 @@ impl Cli {
             bail!("unexpected answer from marsd");
         };
         if self.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            self.emit(&v)?;
         } else {
             print!("{}", view::cluster_text(&v, all));
         }
         Ok(())
+    }
+
+    /// `view --watch`: the view every `secs` seconds, `count` times or until interrupted. On a
+    /// terminal the screen is redrawn; piped, the views follow each other, a blank line
+    /// between two.
+    fn watch(&self, res: Option<&str>, secs: f64, count: Option<u64>) -> Result<()> {
+        if !(secs.is_finite() && secs > 0.0) {
+            usage!("--watch takes a positive number of seconds, not {secs}");
+        }
+        let redraw = progress::wanted(self.json);
+        let mut n = 0u64;
+        loop {
+            if redraw {
+                // Home and clear: the new view replaces the old one.
+                print!("\x1b[H\x1b[2J");
+            } else if n > 0 {
+                println!();
+            }
+            self.view(res)?;
+            use std::io::Write as _;
+            std::io::stdout().flush()?;
+            n += 1;
+            if count.is_some_and(|c| n >= c) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs_f64(secs));
+        }
+    }
+
+    /// Sends `req`, and while marsd works on it shows on a terminal what it waits for
+    /// (`say` on the resource's view, polled); the same as `call` otherwise.
+    fn call_watching(
+        &self,
+        req: &Request,
+        res: &ResourceName,
+        say: fn(&mars_api::ResourceView, &str) -> String,
+    ) -> Result<Reply> {
+        if !progress::wanted(self.json) {
+            return self.call(req);
+        }
+        let fb = progress::Feedback::new(true, format!("{res}: asking marsd"));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|sc| {
+            sc.spawn(move || {
+                let _ = tx.send(self.call(req));
+            });
+            loop {
+                match rx.recv_timeout(Duration::from_millis(300)) {
+                    Ok(r) => {
+                        fb.done();
+                        return r;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        let view = Request::View {
+                            res: Some(res.clone()),
+                            window: Some(self.window),
+                        };
+                        if let Ok(Reply::View(v)) =
+                            client::call(&self.root, &view, Duration::from_secs(2))
+                        {
+                            if let Some(r) = v.resources.first() {
+                                fb.say(say(r, &v.host));
+                            }
+                        }
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                        bail!("internal error: the request ended without an answer")
+                    }
+                }
+            }
+        })
+    }
+
+    /// After `invalidate` on a terminal: the sync's progress until it is done or --timeout
+    /// passes (the sync goes on in the background either way). Nothing when piped.
+    fn follow_sync(&self, res: &ResourceName) {
+        if !progress::wanted(self.json) {
+            return;
+        }
+        let mut fb = progress::Feedback::new(true, format!("{res}: sync starting"));
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(self.timeout) {
+            let view = Request::View {
+                res: Some(res.clone()),
+                window: Some(self.window),
+            };
+            let Ok(Reply::View(v)) = client::call(&self.root, &view, Duration::from_secs(2)) else {
+                break;
+            };
+            let Some(r) = v.resources.first() else { break };
+            if r.consistent && r.sync.is_none() {
+                break;
+            }
+            let (doing, pct) = progress::activity(r);
+            fb.say(if doing.is_empty() {
+                format!("{res}: sync starting")
+            } else {
+                doing
+            });
+            fb.percent(pct);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        fb.done();
     }
 
     /// Polls the local view of `res` until `cond` holds or --timeout passes.
@@ -906,7 +1131,11 @@ impl Cli {
         let name = resource(res)?;
         let timeout = Duration::from_secs(self.timeout);
         let mut asked: Option<Instant> = None;
-        wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
+        let mut fb = progress::Feedback::new(
+            progress::wanted(self.json),
+            format!("waiting for {res} to reach {cond}"),
+        );
+        let reached = wait::wait_until(cond, timeout, WAIT_INTERVAL, |left| {
             // Bound each call by the time left, but give a busy daemon a moment to answer.
             let call_timeout = left.max(Duration::from_secs(2));
             // A secondary is up to date only with its source's confirmation from after the
@@ -923,21 +1152,37 @@ impl Cli {
                 window: Some(self.window),
             };
             match client::call(&self.root, &req, call_timeout)? {
-                Reply::View(mut v) if !v.resources.is_empty() => Ok(v.resources.swap_remove(0)),
+                Reply::View(mut v) if !v.resources.is_empty() => {
+                    let r = v.resources.swap_remove(0);
+                    let (doing, pct) = progress::activity(&r);
+                    let state = wait::state_text(&r);
+                    fb.say(if doing.is_empty() {
+                        format!("waiting for {res} to reach {cond}: {state}")
+                    } else {
+                        format!("waiting for {res} to reach {cond}: {doing}")
+                    });
+                    fb.percent(pct);
+                    Ok(r)
+                }
                 Reply::View(_) => bail!("daemon returned no resource"),
                 _ => bail!("unexpected answer from marsd"),
             }
-        })?;
+        });
+        fb.done();
+        reached?;
         if self.json {
-            let reached = serde_json::json!({ "resource": res, "condition": cond.to_string() });
-            println!("{reached}");
+            self.emit(&serde_json::json!({
+                "ok": true,
+                "resource": res,
+                "condition": cond.to_string(),
+            }))?;
         }
         Ok(())
     }
 
     fn view_macro(&self, mac: &str, res: &str) -> Result<()> {
         if !view::MACROS.contains(&mac) {
-            bail!(
+            usage!(
                 "unknown view macro {mac:?}; known: {}",
                 view::MACROS.join(", ")
             );
@@ -951,9 +1196,13 @@ impl Cli {
             bail!("unexpected answer from marsd");
         };
         let r = v.resources.first().context("daemon returned no resource")?;
-        let value = view::macro_value(r, mac)?;
+        let value = view::macro_value_at(r, mac, &v.host)?;
         if self.json {
-            println!("{}", serde_json::json!({ "resource": r.name, mac: value }));
+            self.emit(&serde_json::json!({
+                "resource": r.name,
+                "macro": mac,
+                "value": view::macro_json(mac, &value),
+            }))?;
         } else {
             println!("{value}");
         }
@@ -964,12 +1213,12 @@ impl Cli {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
-            let check = subcommand_is_check(std::env::args().skip(1)) && e.use_stderr();
+        // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
+        Err(e) if subcommand_is_check(std::env::args().skip(1)) && e.use_stderr() => {
             let _ = e.print();
-            return ExitCode::from(if check { 3 } else { e.exit_code() as u8 });
+            return ExitCode::from(3);
         }
+        Err(e) => return usage_error(e),
     };
     if let Cmd::Check(args) = &cli.cmd {
         return cli.check(args);
@@ -977,17 +1226,19 @@ fn main() -> ExitCode {
     match cli.run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("marsadm: {e:#}");
+            let kind = error::Kind::of(&e);
+            // The failures of `all` were reported one per resource already.
+            let reported = e.downcast_ref::<error::Reported>().is_some();
             if cli.json {
-                let kind = e
-                    .downcast_ref::<client::Refused>()
-                    .map_or(mars_api::ErrorKind::Failed, |r| r.kind);
-                println!(
-                    "{}",
-                    serde_json::json!({ "error": kind, "message": format!("{e:#}") })
-                );
+                if !reported {
+                    println!("{}", error::json(kind, &format!("{e:#}")));
+                }
+            } else if reported {
+                eprintln!("marsadm: {e}");
+            } else {
+                eprintln!("marsadm: {e:#}");
             }
-            ExitCode::FAILURE
+            ExitCode::from(kind.exit_code())
         }
     }
 }
@@ -1004,6 +1255,25 @@ fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
         }
     }
     false
+}
+
+/// A command line clap refused: its message on stderr (status 2), or with `--json` anywhere
+/// on the line the JSON error on stdout. Help and version are no errors.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind as K;
+    if matches!(e.kind(), K::DisplayHelp | K::DisplayVersion)
+        || !std::env::args().any(|a| a == "--json")
+    {
+        e.exit();
+    }
+    let rendered = e.render().to_string();
+    let message = rendered
+        .lines()
+        .next()
+        .unwrap_or("bad command line")
+        .trim_start_matches("error: ");
+    println!("{}", error::json(error::Kind::Usage, message));
+    ExitCode::from(error::Kind::Usage.exit_code())
 }
 
 /// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).

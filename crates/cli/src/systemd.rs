@@ -108,6 +108,7 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
             })
             .collect();
         let out = serde_json::json!({
+            "schema": mars_api::SCHEMA_VERSION,
             "files": files,
             "unresolved": generation.unresolved,
             "existing": generation.existing,

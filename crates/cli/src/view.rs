@@ -1,7 +1,9 @@
 //! `view` and `view-MACRO`: MARS-style status text.
 
 use anyhow::{bail, Result};
-use mars_api::{ClusterView, Progress, ReplicaView, ResourceView, SpaceView, SwitchKind};
+use mars_api::{
+    ClusterView, DiskState, Progress, ReplicaView, ResourceView, Role, SpaceView, SwitchKind,
+};
 use mars_config::format_size;
 
 /// Position of a switch's letter in MARS's six-letter flags field `DCASFR` (device/disk,
@@ -32,7 +34,30 @@ pub fn todo_on(r: &ResourceView, k: SwitchKind) -> bool {
 
 /// The local replica is up to date and replication is not stuck.
 pub fn is_uptodate(r: &ResourceView) -> bool {
-    r.disk_state == "UpToDate" && r.stuck.is_none()
+    r.disk_state == DiskState::UpToDate && r.stuck.is_none()
+}
+
+/// MARS's text of a disk state: the amount of a `WriteBack` and the reason of a
+/// `DefectiveLog` in brackets (JSON keeps them in their own fields).
+pub fn disk_text(d: DiskState, writeback_bytes: Option<u64>, stuck: Option<&str>) -> String {
+    match (d, writeback_bytes, stuck) {
+        (DiskState::WriteBack, Some(b), _) => format!("WriteBack[{}]", format_size(b)),
+        (DiskState::DefectiveLog, _, Some(s)) => {
+            format!("DefectiveLog[{}]", s.split(':').next().unwrap_or(s))
+        }
+        (d, _, _) => d.to_string(),
+    }
+}
+
+/// The designated primary as MARS prints it.
+pub fn primary_text(r: &ResourceView) -> &str {
+    r.primary.as_deref().unwrap_or("(none)")
+}
+
+/// A member's role as the text view shows it: `?` when it is not alive (its last report
+/// is stale).
+pub fn member_role_text(m: &ReplicaView) -> &'static str {
+    m.role.map_or("?", Role::as_str)
 }
 
 /// `(alive, all)` members for the `[N/M]` header. A daemon that reports no member list
@@ -107,8 +132,8 @@ fn rate_tail(p: &Progress) -> String {
         human(p.rate, 2),
         hms(p.remaining_secs())
     );
-    if let Some((a, b)) = p.logs {
-        s += &format!(" logs: [{a}..{b}]");
+    if let Some(l) = p.logs {
+        s += &format!(" logs: [{}..{}]", l.first, l.last);
     }
     s
 }
@@ -145,7 +170,11 @@ fn replay_line(r: &ResourceView) -> Option<String> {
 pub fn member_line(m: &ReplicaView) -> String {
     let mut s = format!(
         "member {}: {} {} {} {}",
-        m.host, m.disk_state, m.repl_state, m.flags, m.role
+        m.host,
+        disk_text(m.disk_state, m.writeback_bytes, m.stuck.as_deref()),
+        m.repl_state,
+        m.flags,
+        member_role_text(m)
     );
     if let Some(b) = m.behind.filter(|b| *b > 0) {
         s += &format!(" behind {}", format_size(b));
@@ -218,7 +247,12 @@ pub fn resource_text(r: &ResourceView) -> String {
     let (alive, all) = member_counts(r);
     let mut s = format!(
         "{} [{alive}/{all}] {} {} {} {} {}\n",
-        r.name, r.disk_state, r.repl_state, r.flags, r.role, r.primary
+        r.name,
+        disk_text(r.disk_state, r.writeback_bytes, r.stuck.as_deref()),
+        r.repl_state,
+        r.flags,
+        r.role,
+        primary_text(r)
     );
     let progress = [
         r.sync.as_ref().map(sync_line),
@@ -470,15 +504,75 @@ fn replication_macro(r: &ResourceView, m: &str) -> Option<String> {
     })
 }
 
+/// Why a resource has no NBD export on host `me`: only its primary serves one.
+fn not_served(r: &ResourceView, me: &str) -> String {
+    match (r.role, &r.primary) {
+        (Role::Primary, _) => format!(
+            "resource {} is not served on this host: its device is not open",
+            r.name
+        ),
+        (Role::Secondary, Some(p)) if p == me => format!(
+            "resource {} is not served (not attached: `marsadm view {}` says why)",
+            r.name, r.name
+        ),
+        (Role::Secondary, Some(p)) => format!(
+            "resource {} is served by its primary {p} only; this host is a secondary",
+            r.name
+        ),
+        (Role::Secondary, None) => format!(
+            "resource {} is served by its primary only, and none is designated",
+            r.name
+        ),
+    }
+}
+
+/// How `view-MACRO --json` types a macro's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MacroType {
+    /// A byte amount, count or position: a JSON number.
+    Number,
+    /// MARS's 0/1 answers (`is-*`, `todo-*`): a JSON boolean.
+    Bool,
+    /// Anything else: a string, `null` when empty.
+    Text,
+}
+
+pub fn macro_type(m: &str) -> MacroType {
+    match m {
+        "size" | "resource-size" | "device-opened" | "writeback-rest" | "sync-rest"
+        | "fetch-rest" | "replay-rest" | "sync-pos" | "syncstatus" | "members" => MacroType::Number,
+        m if m.starts_with("is-") || m.starts_with("todo-") => MacroType::Bool,
+        _ => MacroType::Text,
+    }
+}
+
+/// The macro's value as JSON (see [`macro_type`]).
+pub fn macro_json(m: &str, value: &str) -> serde_json::Value {
+    use serde_json::Value;
+    match macro_type(m) {
+        MacroType::Number => value.parse::<u64>().map_or(Value::Null, Value::from),
+        MacroType::Bool => Value::Bool(value == "1"),
+        MacroType::Text if value.is_empty() => Value::Null,
+        MacroType::Text => Value::String(value.to_string()),
+    }
+}
+
+/// The macro's value on an unnamed host (the tests' fixtures).
+#[cfg(test)]
 pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
+    macro_value_at(r, m, "")
+}
+
+/// The macro's value of `r` as host `me` sees it.
+pub fn macro_value_at(r: &ResourceView, m: &str, me: &str) -> Result<String> {
     if let Some(v) = replication_macro(r, m) {
         return Ok(v);
     }
     Ok(match m {
-        "role" => r.role.clone(),
-        "primarynode" | "get-primary" => r.primary.clone(),
-        "diskstate" => r.disk_state.clone(),
-        "replstate" => r.repl_state.clone(),
+        "role" => r.role.to_string(),
+        "primarynode" | "get-primary" => primary_text(r).to_string(),
+        "diskstate" => disk_text(r.disk_state, r.writeback_bytes, r.stuck.as_deref()),
+        "replstate" => r.repl_state.to_string(),
         "flags" => r.flags.clone(),
         "device" => match &r.device {
             Some(d) => d.clone(),
@@ -486,16 +580,17 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
         },
         "nbd-uri" => match &r.nbd_unix_uri {
             Some(u) => u.clone(),
-            None => bail!("resource {} is not served (not attached)", r.name),
+            None => bail!("{}", not_served(r, me)),
         },
         "nbd-tcp-uri" => match &r.nbd_tcp_uri {
             Some(u) => u.clone(),
+            None if r.nbd_tcp => bail!("{}", not_served(r, me)),
             None => bail!("marsd serves no NBD over TCP (start it with --nbd-listen)"),
         },
         "disk" | "get-disk" => r.disk.display().to_string(),
         "size" | "resource-size" => r.size.to_string(),
         "device-opened" => r.open_count.to_string(),
-        "is-primary" => bit(r.role == "Primary"),
+        "is-primary" => bit(r.role == Role::Primary),
         "writeback-rest" => r.log.as_ref().map_or(0, |l| l.dirty_bytes).to_string(),
         "error" => r.error.clone().unwrap_or_default(),
         // MARS prints the start and the stop unit; empty when no stack is configured.
@@ -516,7 +611,7 @@ pub fn macro_value(r: &ResourceView, m: &str) -> Result<String> {
 /// Hand-built views for the tests of this crate.
 #[cfg(test)]
 pub mod fixtures {
-    use mars_api::{Progress, ReplicaView, ResourceView};
+    use mars_api::{DiskState, Progress, ReplState, ReplicaView, ResourceView, Role};
 
     pub const MIB: u64 = 1 << 20;
 
@@ -535,16 +630,18 @@ pub mod fixtures {
             name: "vm1".into(),
             size: 1024 * MIB,
             disk: "/dev/vg/vm1".into(),
-            role: "Secondary".into(),
-            primary: "alpha".into(),
-            disk_state: "UpToDate".into(),
-            repl_state: "Replaying".into(),
+            role: Role::Secondary,
+            primary: Some("alpha".into()),
+            disk_state: DiskState::UpToDate,
+            writeback_bytes: None,
+            repl_state: ReplState::Replaying,
             flags: "dCASFR".into(),
             log: None,
             device: None,
             device_error: None,
             nbd_unix_uri: None,
             nbd_tcp_uri: None,
+            nbd_tcp: false,
             open_count: 0,
             error: None,
             consistent: true,
@@ -563,9 +660,10 @@ pub mod fixtures {
         ReplicaView {
             host: host.into(),
             disk: format!("/dev/vg/{host}"),
-            role: "Secondary".into(),
-            disk_state: "UpToDate".into(),
-            repl_state: "Replaying".into(),
+            role: Some(Role::Secondary),
+            disk_state: DiskState::UpToDate,
+            writeback_bytes: None,
+            repl_state: ReplState::Replaying,
             flags: "dCASFR".into(),
             alive,
             consistent: true,
@@ -668,7 +766,7 @@ mod tests {
             "> fetch: 120.000MiB rate: 40.00MiB/s remaining: 00:00:03"
         );
         p.rate = 0;
-        p.logs = Some((2, 3));
+        p.logs = Some(mars_api::LogRange { first: 2, last: 3 });
         assert_eq!(
             work_line("replay", &p),
             "> replay: 120.000MiB rate: 0B/s remaining: --:--:-- logs: [2..3]"
@@ -679,7 +777,7 @@ mod tests {
     #[test]
     fn resource_text_shows_progress_stuck_and_members() {
         let mut r = secondary();
-        r.disk_state = "OutDated[FR]".into();
+        r.disk_state = DiskState::OutDatedFR;
         r.flags = "dCASfr".into();
         r.fetch = Some(progress(MIB, 3 * MIB, MIB));
         r.replay = Some(progress(0, 5 * MIB, 0));

@@ -6,7 +6,7 @@
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use mars_api::{ResourceView, SwitchKind};
 
 use crate::view::{flag, flag_index, is_on, is_uptodate};
@@ -38,7 +38,7 @@ impl Condition {
             "uptodate" => Target::UpToDate,
             w => match SwitchKind::ALL.into_iter().find(|k| k.as_str() == w) {
                 Some(k) => Target::Switch(k),
-                None => bail!(
+                None => crate::error::usage!(
                     "unknown condition {s:?}; use attach, fetch, replay, sync or uptodate, \
                      optionally with -on or -off"
                 ),
@@ -63,7 +63,7 @@ impl Condition {
     /// wait, so that writes finished before the wait began are included.
     pub fn holds_after(&self, r: &ResourceView, waited: Option<Duration>) -> bool {
         match (self.target, self.on) {
-            (Target::UpToDate, true) if r.role == "Secondary" => {
+            (Target::UpToDate, true) if r.role == mars_api::Role::Secondary => {
                 let fresh = match (waited, r.caught_up_ms) {
                     (Some(w), Some(ms)) => u128::from(ms) < w.as_millis(),
                     (None, _) => true,
@@ -109,7 +109,9 @@ impl fmt::Display for Condition {
 pub fn state_text(r: &ResourceView) -> String {
     let mut s = format!(
         "disk state {}, replication state {}, flags {}",
-        r.disk_state, r.repl_state, r.flags
+        crate::view::disk_text(r.disk_state, r.writeback_bytes, r.stuck.as_deref()),
+        r.repl_state,
+        r.flags
     );
     if let Some(st) = &r.stuck {
         s += &format!(", stuck: {st}");
@@ -134,12 +136,13 @@ pub fn wait_until(
         }
         let elapsed = start.elapsed();
         if elapsed >= timeout {
-            bail!(
+            return Err(crate::error::TimedOut(format!(
                 "{} did not reach {cond} within {}s: {}",
                 r.name,
                 timeout.as_secs(),
                 state_text(&r)
-            );
+            ))
+            .into());
         }
         std::thread::sleep(interval.min(timeout - elapsed));
     }
@@ -248,7 +251,7 @@ mod tests {
     #[test]
     fn wait_times_out_with_the_state() {
         let mut r = secondary();
-        r.disk_state = "OutDated[F]".into();
+        r.disk_state = mars_api::DiskState::OutDatedF;
         r.flags = "dCASf-".into();
         r.stuck = Some("primary unreachable".into());
         let mut calls = 0;
@@ -265,7 +268,7 @@ mod tests {
         );
         // Errors from the daemon end the wait at once.
         let e = wait_until(c("sync"), Duration::from_secs(5), Duration::ZERO, |_| {
-            bail!("resource vm1 does not exist")
+            anyhow::bail!("resource vm1 does not exist")
         })
         .unwrap_err();
         assert!(e.to_string().contains("does not exist"));

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use mars_api::{ClusterView, ResourceView};
+use mars_api::{ClusterView, DiskState, ReplState, ResourceView};
 use prometheus_client::encoding::text::{encode_eof, encode_registry};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -39,38 +39,7 @@ pub const MAX_HEAD: usize = 8 << 10;
 /// The window `view` uses for "alive" (its default).
 const WINDOW: Duration = Duration::from_secs(60);
 
-/// MARS disk states as `view` shows them (the part before `[`); one series each.
-pub const DISK_STATES: &[&str] = &[
-    "UpToDate",
-    "OutDated",
-    "InConsistent",
-    "WriteBack",
-    "Orphan",
-    "Detached",
-    "EmergencyMode",
-    "DefectiveLog",
-    "DefectiveDisk",
-    "NotPresent",
-    "NotJoined",
-];
-/// MARS replication states; one series each.
-pub const REPL_STATES: &[&str] = &[
-    "Replicating",
-    "Replaying",
-    "Syncing",
-    "PausedSync",
-    "PausedFetch",
-    "PausedReplay",
-    "NotYetPrimary",
-    "RemainsPrimary",
-    "PrimaryUnreachable",
-    "NoPrimaryDesignated",
-    "EmergencyMode",
-    "Orphan",
-    "NotStarted",
-    "UnResponsive",
-    "NotJoined",
-];
+/// The roles; one series each (and `Unknown` for a member whose report is missing).
 pub const ROLES: &[&str] = &["Primary", "Secondary"];
 
 /// Serves the endpoint until the task is dropped.
@@ -247,7 +216,7 @@ impl Out {
     /// One series per possible state (and the state shown, if it is not among them): 1 for
     /// the one it is in.
     fn states(&mut self, name: &'static str, help: &str, labels: &Labels, all: &[&str], s: &str) {
-        let base = s.split('[').next().unwrap_or(s);
+        let base = s;
         for st in all
             .iter()
             .copied()
@@ -487,7 +456,8 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
             ("durable", &log.durable),
             ("written_back", &log.written_back),
         ] {
-            if let Some((file, off)) = parse_pos(v) {
+            {
+                let (file, off) = (v.logfile, v.offset);
                 let pl = || {
                     vec![
                         ("resource", r.name.clone()),
@@ -564,27 +534,33 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
             "1 for the member's role (as it reports it)",
             &ml,
             ROLES,
-            &m.role,
+            m.role.map_or("Unknown", |r| r.as_str()),
         );
         o.gauge(
             "mars_resource_designated_primary",
             "1: the member is the designated primary",
             ml.clone(),
-            b(r.primary == m.host),
+            b(r.primary.as_deref() == Some(m.host.as_str())),
         );
         o.states(
             "mars_resource_disk_state",
             "1 for the member's MARS disk state",
             &ml,
-            DISK_STATES,
-            &m.disk_state,
+            &DiskState::ALL
+                .iter()
+                .map(|d| d.as_str())
+                .collect::<Vec<_>>(),
+            m.disk_state.as_str(),
         );
         o.states(
             "mars_resource_repl_state",
             "1 for the member's MARS replication state",
             &ml,
-            REPL_STATES,
-            &m.repl_state,
+            &ReplState::ALL
+                .iter()
+                .map(|d| d.as_str())
+                .collect::<Vec<_>>(),
+            m.repl_state.as_str(),
         );
         o.gauge(
             "mars_resource_alive",
@@ -626,7 +602,11 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
                 s,
             );
         }
-        if let Some((file, off)) = m.applied.as_deref().and_then(parse_pos) {
+        if let Some(mars_api::LogPos {
+            logfile: file,
+            offset: off,
+        }) = m.applied
+        {
             o.gauge(
                 "mars_resource_applied_logfile",
                 "Logfile of the member's applied position (replay or writeback)",
@@ -665,12 +645,6 @@ fn resource(o: &mut Out, me: &str, r: &ResourceView) {
     }
 }
 
-/// `file:offset` (how the view writes positions) as numbers.
-fn parse_pos(s: &str) -> Option<(u64, u64)> {
-    let (f, o) = s.split_once(':')?;
-    Some((f.parse().ok()?, o.parse().ok()?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -698,13 +672,15 @@ mod tests {
         let view: ClusterView = serde_json::from_value(serde_json::json!({
             "host": "a", "cluster": null, "members": [],
             "resources": [{
-                "name": "r", "size": 4096, "disk": "/d", "role": "Primary", "primary": "a",
-                "disk_state": "WriteBack[1 MiB]", "repl_state": "Replicating", "flags": "",
+                "name": "r", "size_bytes": 4096, "disk": "/d", "role": "Primary", "primary": "a",
+                "disk_state": "WriteBack", "writeback_bytes": 1048576,
+                "repl_state": "Replicating", "flags": "",
                 "log": null, "nbd_unix_uri": null, "nbd_tcp_uri": null, "open_count": 1,
                 "error": null,
                 "members": [{"host": "b", "disk": "/d", "role": "Secondary",
                     "disk_state": "OutDated[FR]", "repl_state": "Replaying", "flags": "",
-                    "alive": true, "consistent": true, "applied": "3:100", "behind": 5,
+                    "alive": true, "consistent": true,
+                    "applied": {"logfile": 3, "offset": 100}, "behind_bytes": 5,
                     "lag_secs": 1.5, "sync": null, "stuck": null}],
                 "split_brain": {"logfile": 3, "sides": []}
             }],
@@ -720,7 +696,7 @@ mod tests {
         };
         let t = render(&view, &c, false);
         for want in [
-            "mars_resource_disk_state{resource=\"r\",host=\"b\",state=\"OutDated\"} 1",
+            "mars_resource_disk_state{resource=\"r\",host=\"b\",state=\"OutDated[FR]\"} 1",
             "mars_resource_disk_state{resource=\"r\",host=\"b\",state=\"UpToDate\"} 0",
             "mars_resource_repl_state{resource=\"r\",host=\"b\",state=\"Replaying\"} 1",
             "mars_resource_lag_seconds{resource=\"r\",host=\"b\"} 1.5",

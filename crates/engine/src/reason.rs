@@ -287,11 +287,14 @@ pub enum OpErrorKind {
     NotFound,
     /// Already exists or already a member.
     Exists,
-    /// The command was valid but could not be carried out (I/O, a timeout, another command won).
+    /// The command was valid but could not be carried out (I/O, another command won).
     Failed,
     /// The command would lose data the operator may not know about (`primary --force` while
     /// the old primary is reachable and ahead): it goes ahead only when confirmed.
     NeedsConfirmation,
+    /// The command waited for another host (the old primary to leave, its stack to stop) and
+    /// gave up after its timeout; it was rolled back.
+    Timeout,
 }
 
 /// A refused or failed operator command: what kind, and the one line the operator reads.
@@ -311,6 +314,12 @@ impl OpError {
     pub fn failed(msg: impl Into<String>) -> OpError {
         OpError {
             kind: OpErrorKind::Failed,
+            msg: msg.into(),
+        }
+    }
+    pub fn timeout(msg: impl Into<String>) -> OpError {
+        OpError {
+            kind: OpErrorKind::Timeout,
             msg: msg.into(),
         }
     }

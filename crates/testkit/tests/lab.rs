@@ -653,7 +653,7 @@ fn full_sync_whose_source_fails_over_to_another_history_starts_over() {
         let (a, b) = (&lab.hosts[0], &lab.hosts[1]);
         eventually(a, b, 30, "b's sync from a copies", || {
             b.log_text().contains("full sync from a starts")
-                && b.view_json()["resources"][0]["sync"]["done"]
+                && b.view_json()["resources"][0]["sync"]["done_bytes"]
                     .as_u64()
                     .is_some_and(|d| d > 0)
         });

@@ -229,7 +229,12 @@ pub async fn wait(host: &Arc<Host>, timeout: Duration) -> Outcome {
     if host.ident.cluster_id().is_none() {
         return Err(invalid("this host is not in a cluster"));
     }
-    let msg = host.cluster.wait(timeout).await.map_err(failed)?;
+    // The only way waiting fails is that members did not answer in time.
+    let msg = host
+        .cluster
+        .wait(timeout)
+        .await
+        .map_err(|m| (mars_api::ErrorKind::Timeout, m))?;
     done(msg)
 }
 

@@ -38,6 +38,25 @@ pub fn not_found(res: &mars_config::ResourceName) -> (ErrorKind, String) {
     )
 }
 
+/// Why a resource has no local state here: it does not exist, or this host is not among
+/// its members (which "does not exist" would hide).
+pub async fn not_here(host: &Host, res: &mars_config::ResourceName) -> (ErrorKind, String) {
+    match host.store.resource_meta(res).await {
+        Ok(m) if m.exists() => {
+            let members: Vec<String> = m.members.keys().map(ToString::to_string).collect();
+            (
+                ErrorKind::Invalid,
+                format!(
+                    "this host is not a member of resource {res} (its members: {}); \
+                     `marsadm join-resource {res} DISK` makes it one",
+                    members.join(", ")
+                ),
+            )
+        }
+        _ => not_found(res),
+    }
+}
+
 pub fn done(message: impl Into<String>) -> Outcome {
     Ok(Reply::Done {
         message: message.into(),
@@ -123,7 +142,10 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
         Request::View { res, window } => {
             let window = secs(window.unwrap_or(60));
             let list = match &res {
-                Some(r) => vec![host.get(r).ok_or_else(|| not_found(r))?],
+                Some(r) => match host.get(r) {
+                    Some(h) => vec![h],
+                    None => return Err(not_here(host, r).await),
+                },
                 None => host.all(),
             };
             Ok(Reply::View(

@@ -31,6 +31,7 @@ fn kind(k: OpErrorKind) -> ErrorKind {
         OpErrorKind::Exists => ErrorKind::Exists,
         OpErrorKind::Failed => ErrorKind::Failed,
         OpErrorKind::NeedsConfirmation => ErrorKind::NeedsConfirmation,
+        OpErrorKind::Timeout => ErrorKind::Timeout,
     }
 }
 
@@ -429,7 +430,7 @@ pub async fn op(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
                 .map_err(failed)?;
             return done(format!("{res}: no designated primary now"));
         }
-        return Err(not_found(&res));
+        return Err(super::not_here(host, &res).await);
     };
     let r = h
         .op_or_dry(op, dry)

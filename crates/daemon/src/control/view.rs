@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mars_api::{
-    ClusterInfo, ClusterView, LogPin, LogView, Progress, ReplicaView, ResourceSpace, ResourceView,
-    SpaceView, SplitBrainView, SplitSide, SystemdView,
+    ClusterInfo, ClusterView, DiskState, LogPin, LogPos, LogRange, LogView, Progress, ReplState,
+    ReplicaView, ResourceSpace, ResourceView, SpaceView, SplitBrainView, SplitSide, SystemdView,
 };
 use mars_config::HostName;
 use mars_engine::Role;
@@ -15,8 +15,18 @@ use crate::resource::Handle;
 
 pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -> ClusterView {
     let ages = host.cluster.ages().await;
+    let connected = host.cluster.connected_peers();
     let me = host.ident.host.clone();
-    let alive = |h: &HostName| *h == me || ages.get(h).is_some_and(|a| *a <= window);
+    // The same rule as the member list: a member that neither answers us nor refreshes its
+    // stamp is not alive, so neither its stale role nor a "split brain" with it shows.
+    let alive = |h: &HostName| {
+        *h == me
+            || crate::meta::cluster::alive_for_view(
+                ages.get(h).copied(),
+                connected.contains(h),
+                window,
+            )
+    };
     let mut resources = Vec::new();
     let mut spaces = Vec::new();
     for h in list {
@@ -92,9 +102,10 @@ async fn resource_view(
     }
     let here = |x: &HostName| *x == me || alive(x);
     let ms = mars_engine::member_state(&local, &me, &here);
-    let (mut disk_state, repl_state, flags) = (ms.disk_state, ms.repl_state, ms.flags);
+    let (mut disk_state, repl_state, flags) =
+        (disk(&ms.disk_state), repl(&ms.repl_state), ms.flags);
     if let (false, Some((state, _))) = (st.primary, &st.error) {
-        disk_state = state.clone();
+        disk_state = disk(state);
     }
     let name = h.name.to_string();
     let log = if st.primary {
@@ -106,9 +117,9 @@ async fn resource_view(
             let logs = crate::local::volume::logs_in(&dir);
             Some(LogView {
                 current: s.current_log.to_string(),
-                appended: s.appended.to_string(),
-                durable: s.durable.to_string(),
-                written_back: s.written_back.to_string(),
+                appended: pos(s.appended),
+                durable: pos(s.durable),
+                written_back: pos(s.written_back),
                 dirty_bytes: s.dirty_bytes,
                 pending_records: s.pending_records,
                 writes: s.writes,
@@ -144,13 +155,13 @@ async fn resource_view(
                     done: fetched,
                     total,
                     rate: r.fetch_rate,
-                    logs: Some(st.logs),
+                    logs: Some(range(st.logs)),
                 });
                 replay = Some(Progress {
                     done: 0,
                     total,
                     rate: r.replay_rate,
-                    logs: Some(st.logs),
+                    logs: Some(range(st.logs)),
                 });
             }
         }
@@ -216,17 +227,16 @@ async fn resource_view(
             ReplicaView {
                 host: hn.to_string(),
                 disk: mem.disk.clone(),
-                role: match r.map(|r| r.role) {
-                    Some(Role::Primary) => "Primary",
-                    _ => "Secondary",
-                }
-                .into(),
-                disk_state: s.disk_state,
-                repl_state: s.repl_state,
+                // A member that is not alive acts in no role we can know of: its last
+                // report is stale (a dead primary must not look like one still acting).
+                role: r.filter(|_| here(hn)).map(|r| api_role(r.role)),
+                writeback_bytes: writeback(&s.disk_state, r.map_or(0, |r| r.dirty_bytes)),
+                disk_state: disk(&s.disk_state),
+                repl_state: repl(&s.repl_state),
                 flags: s.flags,
                 alive: here(hn),
                 consistent: r.is_some_and(|r| r.consistent),
-                applied: r.and_then(|r| r.applied).map(|p| p.to_string()),
+                applied: r.and_then(|r| r.applied).map(pos),
                 behind: s.behind,
                 // Clocks differ between hosts (NTP keeps them close): never negative.
                 lag_secs: match s.behind {
@@ -256,11 +266,13 @@ async fn resource_view(
         name: name.clone(),
         size: st.size,
         disk: snap.disk.clone(),
-        role: if st.primary { "Primary" } else { "Secondary" }.into(),
-        primary: meta.primary.as_ref().map_or(
-            mars_engine::keys::NO_PRIMARY.to_string(),
-            ToString::to_string,
-        ),
+        role: if st.primary {
+            mars_api::Role::Primary
+        } else {
+            mars_api::Role::Secondary
+        },
+        primary: meta.primary.as_ref().map(ToString::to_string),
+        writeback_bytes: (disk_state == DiskState::WriteBack).then_some(st.report.dirty_bytes),
         disk_state,
         repl_state,
         flags,
@@ -269,6 +281,7 @@ async fn resource_view(
         device_error,
         nbd_unix_uri: st.primary.then(|| host.ident.nbd_unix_uri(&name)),
         nbd_tcp_uri: host.ident.nbd_tcp_uri(&name).filter(|_| st.primary),
+        nbd_tcp: host.ident.nbd_tcp_uri(&name).is_some(),
         open_count: snap.open_count,
         error: st.error.as_ref().map(|(_, m)| m.clone()),
         consistent: st.consistent,
@@ -301,4 +314,62 @@ async fn resource_view(
         }),
     };
     (view, space)
+}
+
+/// The engine's MARS disk-state text as the typed state; a text this version does not know
+/// (never, by the test below) reads as `NotPresent` rather than failing the view.
+fn disk(text: &str) -> DiskState {
+    DiskState::from_mars_text(text).unwrap_or(DiskState::NotPresent)
+}
+
+fn repl(text: &str) -> ReplState {
+    ReplState::from_mars(text).unwrap_or(ReplState::NotStarted)
+}
+
+/// The amount behind `WriteBack[…]`, which JSON carries as a number.
+fn writeback(text: &str, dirty: u64) -> Option<u64> {
+    (disk(text) == DiskState::WriteBack).then_some(dirty)
+}
+
+fn pos(p: mars_txlog::LogPos) -> LogPos {
+    LogPos {
+        logfile: p.file,
+        offset: p.offset,
+    }
+}
+
+fn range((first, last): (u64, u64)) -> LogRange {
+    LogRange { first, last }
+}
+
+fn api_role(r: Role) -> mars_api::Role {
+    match r {
+        Role::Primary => mars_api::Role::Primary,
+        _ => mars_api::Role::Secondary,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every state text the engine produces has its typed state.
+    #[test]
+    fn engine_state_texts_are_typed() {
+        for (text, want) in [
+            ("WriteBack[72.50 MiB]", DiskState::WriteBack),
+            ("DefectiveLog[damaged record]", DiskState::DefectiveLog),
+            ("OutDated[FR]", DiskState::OutDatedFR),
+            ("OutDated[F]", DiskState::OutDatedF),
+            ("OutDated[R]", DiskState::OutDatedR),
+            ("Detached", DiskState::Detached),
+        ] {
+            assert_eq!(DiskState::from_mars_text(text), Some(want), "{text}");
+        }
+        for d in DiskState::ALL {
+            assert_eq!(DiskState::from_mars_text(d.as_str()), Some(*d));
+        }
+        assert_eq!(writeback("WriteBack[1 B]", 1), Some(1));
+        assert_eq!(writeback("UpToDate", 1), None);
+    }
 }

@@ -56,6 +56,17 @@ fn check_page(host: &HostName, since: u64, n: usize, upto: u64) -> Result<()> {
 }
 /// A member that answered within this time counts as connected (`view`).
 const CONNECTED_WINDOW: Duration = Duration::from_secs(3);
+/// A member whose liveness stamp stopped moving for this long (three refreshes missed) and
+/// that does not answer us directly is not alive in `view`, whatever the window: it is
+/// known unreachable (a crashed primary must not look alive and acting for the whole window
+/// after a failover).
+const STALE_AFTER: Duration = Duration::from_secs(6);
+
+/// Is a member alive for `view`: its stamp is younger than the window, and either it answers
+/// us directly or its stamp still moves (relayed by others).
+pub fn alive_for_view(age: Option<Duration>, connected: bool, window: Duration) -> bool {
+    age.is_some_and(|a| a <= window && (connected || a <= STALE_AFTER))
+}
 /// A pull without an answer within this time: the connection is given up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MEMBER_PREFIX: &str = "ips/ip-";
@@ -240,6 +251,16 @@ impl Cluster {
             .collect()
     }
 
+    /// The members (other than this host) that answered us directly within the last few
+    /// seconds.
+    pub fn connected_peers(&self) -> std::collections::BTreeSet<HostName> {
+        lock(&self.peers)
+            .iter()
+            .filter(|(_, p)| p.last_ok.is_some_and(|t| t.elapsed() < CONNECTED_WINDOW))
+            .map(|(h, _)| h.clone())
+            .collect()
+    }
+
     pub async fn member_views(&self, window: Duration) -> Vec<MemberView> {
         let me = self.ident.host.clone();
         let ages = self.ages().await;
@@ -248,18 +269,23 @@ impl Cluster {
             .await
             .into_iter()
             .map(|(h, address)| {
-                let age = ages.get(&h).map(Duration::as_secs_f64);
+                let age = ages.get(&h).copied();
                 let p = peers.get(&h);
                 let this = h == me;
+                let connected = this
+                    || p.and_then(|p| p.last_ok)
+                        .is_some_and(|t| t.elapsed() < CONNECTED_WINDOW);
                 MemberView {
                     host: h.to_string(),
                     address,
                     this_host: this,
-                    alive: this || age.is_some_and(|a| a <= window.as_secs_f64()),
-                    age_secs: if this { Some(0.0) } else { age },
-                    connected: this
-                        || p.and_then(|p| p.last_ok)
-                            .is_some_and(|t| t.elapsed() < CONNECTED_WINDOW),
+                    alive: this || alive_for_view(age, connected, window),
+                    age_secs: if this {
+                        Some(0.0)
+                    } else {
+                        age.map(|a| a.as_secs_f64())
+                    },
+                    connected,
                     error: p.and_then(|p| p.error.clone()),
                 }
             })

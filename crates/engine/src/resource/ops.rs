@@ -283,13 +283,21 @@ impl ResourceEngine {
                         only_if_used: false,
                     });
                 } else {
-                    self.reply(
-                        id,
-                        Err(OpError::invalid(format!(
-                            "resource {res} is not attached here as primary (log-rotate runs on \
-                             the primary)"
-                        ))),
-                    );
+                    // Say why: the designated primary whose volume is not open is not
+                    // attached; a secondary is attached, but log-rotate runs elsewhere.
+                    let msg = match &self.meta.primary {
+                        Some(p) if *p == me => format!(
+                            "resource {res} is not attached here as primary (its volume is not \
+                             open: `marsadm view {res}` says why)"
+                        ),
+                        Some(p) => format!(
+                            "log-rotate {res} runs on its primary {p}; this host is a secondary"
+                        ),
+                        None => {
+                            format!("log-rotate {res} runs on its primary, and none is designated")
+                        }
+                    };
+                    self.reply(id, Err(OpError::invalid(msg)));
                 }
             }
             Op::SystemdTrigger => {

@@ -661,7 +661,7 @@ impl ResourceEngine {
                 let open = open_count(&self.meta, &a);
                 Step::Done(
                     s.id,
-                    Err(OpError::failed(if open > 0 {
+                    Err(OpError::timeout(if open > 0 {
                         format!(
                             "the device of {res} is still in use on {a} ({open} open): close it \
                              (umount, stop the application) and try again; {a} stays primary"
