@@ -180,6 +180,9 @@ fn view_types_round_trip() {
             consistent: true,
             applied: Some(pos),
             behind: Some(9),
+            lag_secs: Some(2.5),
+            emergency: false,
+            systemd_ok: Some(true),
             sync: Some(p),
             stuck: None,
             systemd: Some("start app.service: ok".into()),
@@ -202,6 +205,7 @@ fn view_types_round_trip() {
         cluster: None,
         members: Vec::new(),
         resources: vec![r],
+        space: None,
     };
     let s = serde_json::to_string(&v).unwrap();
     assert_eq!(serde_json::from_str::<ClusterView>(&s).unwrap(), v);
