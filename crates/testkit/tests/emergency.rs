@@ -189,8 +189,10 @@ fn primary_root_filling_up_enters_emergency_mode_and_invalidate_recovers() {
     let (code, line) =
         mars_testkit::metrics::check(&a, &["r", "--space-warn", "100%", "--space-crit", "0"]);
     assert_eq!(code, 2, "{line}");
+    // The root itself may be full too (it is what made the primary switch): that problem may
+    // come first on the line.
     assert!(
-        line.starts_with("MARS CRITICAL: r emergency mode on a"),
+        line.starts_with("MARS CRITICAL: ") && line.contains("r emergency mode on a"),
         "{line}"
     );
     let view = a.ok(&["view", "r"]);
