@@ -209,7 +209,7 @@ fn dry_run_of_every_command_changes_nothing_and_says_what_it_would_do() {
     // Refusals in dry-run mode are the real ones, with the real exit status.
     for (h, args, why) in [
         (&b, &["--force", "primary", "r"][..], "pause fetching first"),
-        (&b, &["log-rotate", "r"], "log-rotate runs on"),
+        (&b, &["log-rotate", "r"], "runs on its primary"),
         (&b, &["leave-resource", "r"], "still attached"),
         (&b, &["resize", "r"], "resize runs on the primary"),
         (&b, &["join-resource", "r", sda], "already a member"),
