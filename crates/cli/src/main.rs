@@ -966,6 +966,7 @@ impl Cli {
         let outcome = self.check_outcome(args);
         if self.json {
             let v = serde_json::json!({
+                "schema": mars_api::SCHEMA_VERSION,
                 "status": outcome.status,
                 "code": outcome.status as u8,
                 "line": outcome.line(),

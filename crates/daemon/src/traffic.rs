@@ -1,5 +1,5 @@
 //! Counters of the peer port for the metrics: bytes in and out per peer and stream kind, and
-//! errors (refused peers, failed connects, served streams that ended in an error). Process-wide
+//! errors (refused peers, failed connects, served and opened streams that ended in an error). Process-wide
 //! (one daemon per process), counted where the bytes pass and read by `metrics.rs`.
 
 use std::collections::BTreeMap;
@@ -60,24 +60,30 @@ pub enum PeerError {
     ConnectFailed,
     /// A stream this host served ended with an error.
     StreamFailed,
+    /// A stream this host opened (metadata pull, fetch, sync) ended with an error; those whose
+    /// connect failed count here and under `ConnectFailed`.
+    SessionFailed,
 }
 
 impl PeerError {
-    pub const ALL: [PeerError; 3] = [
+    pub const ALL: [PeerError; 4] = [
         PeerError::Refused,
         PeerError::ConnectFailed,
         PeerError::StreamFailed,
+        PeerError::SessionFailed,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             PeerError::Refused => "refused",
             PeerError::ConnectFailed => "connect_failed",
             PeerError::StreamFailed => "stream_failed",
+            PeerError::SessionFailed => "session_failed",
         }
     }
 }
 
-static ERRORS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+static ERRORS: [AtomicU64; PeerError::ALL.len()] =
+    [const { AtomicU64::new(0) }; PeerError::ALL.len()];
 
 pub fn count(e: PeerError) {
     ERRORS[e as usize].fetch_add(1, Ordering::Relaxed);

@@ -446,6 +446,34 @@ impl Host {
 impl Drop for Host {
     fn drop(&mut self) {
         self.kill9();
+        // A killed daemon leaves its FUSE mounts (the `/dev/mars` frontend) behind, and the
+        // test's directory could not be removed under them: detach what is mounted below
+        // this host's directory.
+        if let Some(base) = self.root.parent() {
+            detach_mounts_below(base);
+        }
+    }
+}
+
+/// Lazily unmounts every mount point below `dir` (deepest first).
+fn detach_mounts_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    // Field 5 is the mount point, with spaces and other bytes octal-escaped.
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir) && p != dir)
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+            continue;
+        };
+        // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 }
 

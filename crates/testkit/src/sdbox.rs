@@ -64,10 +64,16 @@ exec /lib/systemd/systemd --system --unit=sdbox.target --show-status=no --log-ta
 pub fn available() -> bool {
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("a systemd box needs root in CI (namespaces, mounts, cgroups)");
+        }
         eprintln!("SKIPPED: a systemd box needs root (namespaces, mounts, cgroups)");
         return false;
     }
     if !Path::new(SYSTEMD).exists() || !crate::require("systemctl") {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("systemd is required in CI but not installed ({SYSTEMD})");
+        }
         eprintln!("SKIPPED: systemd is not installed ({SYSTEMD})");
         return false;
     }

@@ -177,6 +177,33 @@ fn advertised_addresses_ip_flags_and_the_unspecified_refusal() {
     eventually(30, "c's advertised address everywhere", || {
         host_ips(&a).contains(&("c".to_string(), c_ip.clone()))
     });
+
+    // A changed `advertise` is published at the next start and reaches every member; a host
+    // without `advertise` keeps the address it joined with (`--ip`).
+    let (mut b, mut c) = (b, c);
+    c.env = vec![("MARS_ADVERTISE".into(), "127.0.0.4".into())];
+    c.restart();
+    let c_new = format!("127.0.0.4:{c_port}");
+    eventually(30, "c's new address everywhere", || {
+        [&a, &b, &c]
+            .iter()
+            .all(|h| host_ips(h).contains(&("c".to_string(), c_new.clone())))
+    });
+    assert!(
+        c.log_text()
+            .contains(&format!("changed from {c_ip} to {c_new}")),
+        "{}",
+        c.log_text()
+    );
+    b.restart();
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    assert!(
+        host_ips(&a).contains(&("b".to_string(), b_ip.clone())),
+        "{:?}",
+        host_ips(&a)
+    );
 }
 
 #[test]

@@ -275,8 +275,28 @@ fn exit_codes_errors_and_json_on_one_host() {
     check("systemd-generate", &v);
     assert!(!v["files"].as_array().unwrap().is_empty(), "{v}");
 
+    // `check` without a daemon: UNKNOWN (3), as a Nagios plugin, in its own schema.
+    let o = marsadm_at(&nowhere, &["--json", "check"]);
+    assert_eq!(code(&o), 3, "{}", text(&o.stdout));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["schema"], 1, "{v}");
+    check("check", &v);
+    assert_eq!(v["status"], "unknown", "{v}");
+
     let a = Host::start(t.path(), "a");
     let disk = a.create_resource("r", SIZE);
+    // A healthy resource: OK (0). The space limits are lifted because the test's root shares
+    // the machine's filesystem, whose usage is not this test's business.
+    let v = json(
+        &a,
+        &["check", "--space-warn", "100%", "--space-crit", "100%"],
+        0,
+        "check",
+    );
+    assert_eq!(v["status"], "ok", "{v}");
+    assert_eq!(v["code"], 0, "{v}");
+    assert_eq!(v["resources"], 1, "{v}");
+    assert!(v["line"].as_str().unwrap().starts_with("MARS OK: "), "{v}");
     // Usage errors: 2, before anything is sent.
     fails(&a, &["attach", "a/b"], 2);
     fails(&a, &["resize", "r", "lots"], 2);

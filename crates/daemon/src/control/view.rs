@@ -166,33 +166,38 @@ async fn resource_view(
             }
         }
     }
-    // Lag in seconds: the stamp of each member's first unapplied record, from this host's
-    // logfiles (the primary holds every member's; a replica its own copies).
-    let applied: Vec<(HostName, Option<mars_txlog::LogPos>)> = meta
+    // Every member's state, once (its line below and whether it is behind at all).
+    let states: std::collections::BTreeMap<HostName, mars_engine::MemberState> = meta
         .members
         .keys()
         .map(|hn| {
             let m = if *hn == me { &local } else { &**meta };
-            (
-                hn.clone(),
-                m.members[hn].report.as_ref().and_then(|r| r.applied),
-            )
+            (hn.clone(), mars_engine::member_state(m, hn, &here))
+        })
+        .collect();
+    // Lag in seconds: the stamp of each member's first unapplied record, from this host's
+    // logfiles (the primary holds every member's; a replica its own copies). Only members
+    // with something behind cost a read; one listing of the directory serves them all and
+    // the space figures (`view` runs on every `wait-resource` poll and metrics scrape).
+    let applied: Vec<(HostName, mars_txlog::LogPos)> = meta
+        .members
+        .keys()
+        .filter(|hn| states[*hn].behind != Some(0))
+        .filter_map(|hn| {
+            let m = if *hn == me { &local } else { &**meta };
+            Some((hn.clone(), m.members[hn].report.as_ref()?.applied?))
         })
         .collect();
     let (usage, stamps) = {
         let dir = h.dir.clone();
         let origin = meta.primary.clone();
         tokio::task::spawn_blocking(move || {
+            let logs = crate::local::space::Logfiles::scan(&dir);
             let stamps: std::collections::BTreeMap<HostName, u64> = applied
                 .into_iter()
-                .filter_map(|(hn, p)| {
-                    Some((
-                        hn,
-                        crate::local::space::stamp_at(&dir, p?, origin.as_ref())?,
-                    ))
-                })
+                .filter_map(|(hn, p)| Some((hn, logs.stamp_at(p, origin.as_ref())?)))
                 .collect();
-            (crate::local::space::usage(&dir), stamps)
+            (logs.usage(), stamps)
         })
         .await
         .unwrap_or_default()
@@ -221,7 +226,7 @@ async fn resource_view(
         .keys()
         .map(|hn| {
             let m = if *hn == me { &local } else { &**meta };
-            let s = mars_engine::member_state(m, hn, &here);
+            let s = &states[hn];
             let mem = &m.members[hn];
             let r = mem.report.as_ref();
             ReplicaView {
@@ -233,7 +238,7 @@ async fn resource_view(
                 writeback_bytes: writeback(&s.disk_state, r.map_or(0, |r| r.dirty_bytes)),
                 disk_state: disk(&s.disk_state),
                 repl_state: repl(&s.repl_state),
-                flags: s.flags,
+                flags: s.flags.clone(),
                 alive: here(hn),
                 consistent: r.is_some_and(|r| r.consistent),
                 applied: r.and_then(|r| r.applied).map(pos),

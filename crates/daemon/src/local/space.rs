@@ -52,49 +52,58 @@ fn entries(dir: &Path) -> Vec<Entry> {
     v
 }
 
-/// What the logfiles in `dir` take.
-pub fn usage(dir: &Path) -> LogUsage {
-    let mut u = LogUsage::default();
-    for e in entries(dir) {
-        u.logfiles += 1;
-        u.log_bytes += e.len;
-        u.preallocated_bytes += e.allocated.saturating_sub(e.len);
-    }
-    u
-}
+/// One listing of a resource directory's logfiles, for several questions about them.
+pub struct Logfiles(Vec<Entry>);
 
-/// The stamp (Lamport nanoseconds since the Unix epoch, `txlog::format`) of the record that
-/// starts at `pos` in this directory's logfile of that number, or of the first record of the
-/// next logfile when `pos` is at the end of its file. Among several files of one number (a
-/// split brain leaves them) the one of `origin` wins. `None`: no such record here.
-pub fn stamp_at(dir: &Path, pos: LogPos, origin: Option<&HostName>) -> Option<u64> {
-    let all = entries(dir);
-    let pick = |no: u64| {
-        let mut same: Vec<&Entry> = all.iter().filter(|e| e.name.no == no).collect();
-        if same.len() > 1 {
-            if let Some(o) = origin {
-                same.retain(|e| e.name.host == *o);
-            }
-        }
-        same.first().copied()
-    };
-    let e = pick(pos.file)?;
-    let (e, offset) = if pos.offset + HEADER_LEN as u64 <= e.len {
-        (e, pos.offset)
-    } else {
-        // At (or within a header of) the end: the next record is the next logfile's first.
-        let next = all.iter().map(|e| e.name.no).find(|n| *n > pos.file)?;
-        (pick(next)?, 0)
-    };
-    let f = std::fs::File::open(&e.path).ok()?;
-    let mut h = [0u8; HEADER_LEN];
-    f.read_exact_at(&mut h, offset).ok()?;
-    if h[OFF_MAGIC..OFF_MAGIC + 4] != MAGIC {
-        return None;
+impl Logfiles {
+    pub fn scan(dir: &Path) -> Logfiles {
+        Logfiles(entries(dir))
     }
-    Some(u64::from_le_bytes(
-        h[OFF_STAMP..OFF_STAMP + 8].try_into().expect("8 bytes"),
-    ))
+
+    /// What the logfiles take.
+    pub fn usage(&self) -> LogUsage {
+        let mut u = LogUsage::default();
+        for e in &self.0 {
+            u.logfiles += 1;
+            u.log_bytes += e.len;
+            u.preallocated_bytes += e.allocated.saturating_sub(e.len);
+        }
+        u
+    }
+
+    /// The stamp (Lamport nanoseconds since the Unix epoch, `txlog::format`) of the record
+    /// that starts at `pos` in the logfile of that number, or of the first record of the next
+    /// logfile when `pos` is at the end of its file. Among several files of one number (a
+    /// split brain leaves them) the one of `origin` wins. `None`: no such record here.
+    pub fn stamp_at(&self, pos: LogPos, origin: Option<&HostName>) -> Option<u64> {
+        let all = &self.0;
+        let pick = |no: u64| {
+            let mut same: Vec<&Entry> = all.iter().filter(|e| e.name.no == no).collect();
+            if same.len() > 1 {
+                if let Some(o) = origin {
+                    same.retain(|e| e.name.host == *o);
+                }
+            }
+            same.first().copied()
+        };
+        let e = pick(pos.file)?;
+        let (e, offset) = if pos.offset + HEADER_LEN as u64 <= e.len {
+            (e, pos.offset)
+        } else {
+            // At (or within a header of) the end: the next record is the next logfile's first.
+            let next = all.iter().map(|e| e.name.no).find(|n| *n > pos.file)?;
+            (pick(next)?, 0)
+        };
+        let f = std::fs::File::open(&e.path).ok()?;
+        let mut h = [0u8; HEADER_LEN];
+        f.read_exact_at(&mut h, offset).ok()?;
+        if h[OFF_MAGIC..OFF_MAGIC + 4] != MAGIC {
+            return None;
+        }
+        Some(u64::from_le_bytes(
+            h[OFF_STAMP..OFF_STAMP + 8].try_into().expect("8 bytes"),
+        ))
+    }
 }
 
 /// How fast logfiles grow: every logfile's length is compared with the last sample; what was
@@ -167,7 +176,7 @@ mod tests {
         f1.extend(record(200, 0));
         std::fs::write(d.path().join("log-000000001-a"), &f1).unwrap();
         std::fs::write(d.path().join("log-000000002-a"), record(300, 0)).unwrap();
-        let at = |file, offset| stamp_at(d.path(), LogPos { file, offset }, None);
+        let at = |file, offset| Logfiles::scan(d.path()).stamp_at(LogPos { file, offset }, None);
         assert_eq!(at(1, 0), Some(100));
         assert_eq!(at(1, (HEADER_LEN + 16) as u64), Some(200));
         assert_eq!(at(1, f1.len() as u64), Some(300));
@@ -175,7 +184,7 @@ mod tests {
         assert_eq!(at(3, 0), None);
         // Not a record start: no stamp rather than a wrong one.
         assert_eq!(at(1, 1), None);
-        let u = usage(d.path());
+        let u = Logfiles::scan(d.path()).usage();
         assert_eq!((u.logfiles, u.log_bytes), (2, f1.len() as u64 + 48));
     }
 

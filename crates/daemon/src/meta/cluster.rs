@@ -476,6 +476,7 @@ impl Cluster {
                 Ok(()) => unreachable!("a pull session ends with an error"),
                 Err(e) => e,
             };
+            crate::traffic::count(crate::traffic::PeerError::SessionFailed);
             let msg = format!("{err:#}");
             let first = {
                 let mut peers = lock(&self.peers);
@@ -562,6 +563,35 @@ impl Cluster {
         }
     }
 
+    /// At start: a configured `advertise` (marsd.toml or `--advertise`) that differs from the
+    /// address this host published when it created or joined the cluster is published now,
+    /// so that changing it and restarting moves the peers to the new address. Without
+    /// `advertise` the published address (e.g. `join-cluster --ip`) stays. A host that is no
+    /// member any more (deleted while it was down) does not announce itself again.
+    /// Returns the change made (old, new).
+    pub async fn republish_address(&self) -> Result<Option<(String, String)>, String> {
+        let Some(want) = self.ident.advertise.clone() else {
+            return Ok(None);
+        };
+        let Some(mut c) = self.ident.cluster() else {
+            return Ok(None);
+        };
+        if c.address == want {
+            return Ok(None);
+        }
+        crate::identity::advertisable(&want)?;
+        if !self.members().await.contains_key(&self.ident.host) {
+            return Ok(None);
+        }
+        let key = format!("{MEMBER_PREFIX}{}", self.ident.host);
+        self.store
+            .write(vec![(key, want.clone())], Vec::new())
+            .await?;
+        let old = std::mem::replace(&mut c.address, want.clone());
+        self.ident.set_cluster(c).map_err(|e| format!("{e:#}"))?;
+        Ok(Some((old, want)))
+    }
+
     /// Starts and stops pullers as membership changes, refreshes our liveness stamp, collects
     /// old tombstones and saves how far every member was read.
     pub async fn supervise(self: Arc<Self>) {
@@ -569,6 +599,13 @@ impl Cluster {
         let mut last_gc: Option<Instant> = None;
         let mut last_saved = BTreeMap::new();
         self.load_seen().await;
+        match self.republish_address().await {
+            Ok(None) => {}
+            Ok(Some((old, new))) => tracing::info!(
+                "the advertised address changed from {old} to {new} (`advertise`): published"
+            ),
+            Err(e) => tracing::warn!("cannot publish the advertised address: {e}"),
+        }
         let mut global = self.store.watch_global();
         loop {
             self.refresh_certificates().await;

@@ -71,6 +71,9 @@ pub async fn run(mut job: FetchJob) {
     // Whatever is durable but not yet accounted stays uncounted: the next session truncates
     // the copy to what the engine knows and fetches it again.
     let error = r.err().map(|e| format!("{e:#}"));
+    if error.is_some() {
+        crate::traffic::count(crate::traffic::PeerError::SessionFailed);
+    }
     let _ = sink
         .send(Event::Fetch(id, FetchEvent::Ended { error }))
         .await;

@@ -66,6 +66,9 @@ pub async fn run(job: SyncJob) {
         _ = stop.wait() => Ok(()),
     };
     let error = r.err().map(|e| format!("{e:#}"));
+    if error.is_some() {
+        crate::traffic::count(crate::traffic::PeerError::SessionFailed);
+    }
     let _ = sink.send(Event::Sync(id, SyncEvent::Ended { error })).await;
 }
 
