@@ -576,20 +576,22 @@ impl Cluster {
         let Some(mut c) = self.ident.cluster() else {
             return Ok(None);
         };
-        if c.address == want {
+        // Compared with what the cluster knows (`lowlevel-set-host-ip` may have changed it
+        // since the join), not with what this host published then.
+        let Some(published) = self.members().await.remove(&self.ident.host) else {
+            return Ok(None);
+        };
+        if published == want {
             return Ok(None);
         }
         crate::identity::advertisable(&want)?;
-        if !self.members().await.contains_key(&self.ident.host) {
-            return Ok(None);
-        }
         let key = format!("{MEMBER_PREFIX}{}", self.ident.host);
         self.store
             .write(vec![(key, want.clone())], Vec::new())
             .await?;
-        let old = std::mem::replace(&mut c.address, want.clone());
+        c.address = want.clone();
         self.ident.set_cluster(c).map_err(|e| format!("{e:#}"))?;
-        Ok(Some((old, want)))
+        Ok(Some((published, want)))
     }
 
     /// Starts and stops pullers as membership changes, refreshes our liveness stamp, collects
