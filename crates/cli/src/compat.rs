@@ -199,6 +199,10 @@ pub fn normalize(args: impl IntoIterator<Item = String>) -> Vec<String> {
                         Ok(n) if n < 0 => out.push("--parallel=1".into()),
                         _ => out.push(a.clone()),
                     }
+                } else if a == "--host" || a.starts_with("--host=") {
+                    // Our global option is --as-host: systemd-generate has a --host of its
+                    // own (the same meaning), which gets it back below.
+                    out.push(a.replacen("--host", "--as-host", 1));
                 } else if let Some(rest_) = a.strip_prefix("--ip-") {
                     out.push(format!("--peer-ip={rest_}"));
                 } else if let (false, Some(ip)) = (own_ip, a.strip_prefix("--ip=")) {
@@ -224,6 +228,29 @@ pub fn normalize(args: impl IntoIterator<Item = String>) -> Vec<String> {
             }
         }
     }
+    if let Some(at) = out.iter().position(|a| a == "systemd-generate") {
+        let mut own = Vec::new();
+        let mut i = 1;
+        while i < out.len() {
+            if out[i] == "--as-host" && i + 1 < out.len() {
+                own.push("--host".to_string());
+                own.push(out.remove(i + 1));
+                out.remove(i);
+            } else if let Some(v) = out[i].strip_prefix("--as-host=") {
+                own.push(format!("--host={v}"));
+                out.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        let at = out
+            .iter()
+            .position(|a| a == "systemd-generate")
+            .unwrap_or(at);
+        for (k, o) in own.into_iter().enumerate() {
+            out.insert(at + 1 + k, o);
+        }
+    }
     out
 }
 
@@ -236,6 +263,7 @@ const VALUE_OPTIONS: &[&str] = &[
     "--threshold",
     "--stuck-seconds",
     "--host",
+    "--as-host",
     "--peer-ip",
     "--macro",
 ];

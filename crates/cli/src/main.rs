@@ -84,8 +84,9 @@ pub struct Cli {
     stuck_seconds: u64,
     /// MARS: act as if on HOST. marsd speaks for its own host only: accepted when HOST is this
     /// host, refused otherwise.
-    #[arg(long, global = true)]
-    host: Option<String>,
+    /// (Given as `--host`: `compat::normalize` renames it, as systemd-generate has its own.)
+    #[arg(long = "as-host", global = true, hide = true, value_name = "HOST")]
+    as_host: Option<String>,
     /// MARS's --ip-HOST=IP (and --ip=IP before the command): the address of HOST, for
     /// join-cluster and lowlevel-set-host-ip.
     #[arg(long = "peer-ip", global = true, hide = true, value_name = "[HOST=]IP")]
@@ -765,7 +766,7 @@ impl Cli {
             }
             Cmd::WaitCluster { res } => {
                 if let Some(res) = res {
-                    self.known_resource(res)?;
+                    self.resource_members(res)?;
                 }
                 let fb = progress::Feedback::new(
                     progress::wanted(self.json),
@@ -782,7 +783,7 @@ impl Cli {
                     timeout: self.timeout,
                 })?;
                 if let Some(res) = res {
-                    self.known_resource(res)?;
+                    self.resource_members(res)?;
                 }
                 self.print_done(r)
             }
@@ -803,19 +804,16 @@ impl Cli {
                 self.call(&Request::UpdateCluster {
                     timeout: self.timeout,
                 })?;
-                let r = self.known_resource(res)?;
+                let members = self.resource_members(res)?;
                 self.say(&format!(
                     "{res} is known here (members: {}); every host follows every resource",
-                    r.members
-                        .iter()
-                        .map(|m| m.host.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    members.join(", ")
                 ))
             }
             Cmd::DeactivateGuest { res } => {
-                let (r, me) = self.resource_and_host(res)?;
-                if r.members.iter().any(|m| m.host == me) {
+                let members = self.resource_members(res)?;
+                let me = self.this_host()?;
+                if members.contains(&me) {
                     return Err(refused(format!(
                         "peer '{me}' is a storage member of resource '{res}' (leave-resource first)"
                     )));
@@ -1176,7 +1174,7 @@ impl Cli {
             self.cmd,
             Cmd::SystemdGenerate(_) | Cmd::Demo(_) | Cmd::Generate { .. } | Cmd::Cat { .. }
         );
-        if let (Some(h), false) = (&self.host, offline) {
+        if let (Some(h), false) = (&self.as_host, offline) {
             let Reply::View(v) = self.call(&Request::View {
                 res: None,
                 window: Some(self.window),
@@ -1233,6 +1231,46 @@ impl Cli {
             .into());
         }
         Ok((v.resources.swap_remove(0), v.host))
+    }
+
+    /// The members of `res` from the replicated metadata (its `data-HOST` keys), which every
+    /// host holds, member or not; refused as not found when the metadata has no such resource.
+    fn resource_members(&self, res: &str) -> Result<Vec<String>> {
+        let name = resource(res)?;
+        let prefix = format!("resource-{name}/");
+        let Reply::Value { value } = self.call(&Request::ListLinks {
+            prefix: prefix.clone(),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        let text = value.unwrap_or_default();
+        if text.trim().is_empty() {
+            return Err(client::ClientError::Refused {
+                kind: mars_api::ErrorKind::NotFound,
+                message: format!("resource '{res}' is not known here"),
+            }
+            .into());
+        }
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let key = l.split(' ').next()?;
+                let leaf = key.strip_prefix(&prefix)?;
+                leaf.strip_prefix("data-").map(str::to_string)
+            })
+            .collect())
+    }
+
+    fn this_host(&self) -> Result<String> {
+        let Reply::View(v) = self.call(&Request::View {
+            res: None,
+            window: Some(self.window),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        Ok(v.host)
     }
 
     fn known_resource(&self, res: &str) -> Result<mars_api::ResourceView> {
@@ -1643,7 +1681,7 @@ fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
             "--parallel",
             "--threshold",
             "--stuck-seconds",
-            "--host",
+            "--as-host",
             "--peer-ip",
             "--macro",
         ]

@@ -267,11 +267,24 @@ fn mars_option_spellings_mean_what_they_mean_in_mars() {
         panic!()
     };
     assert_eq!(ip.as_deref(), Some("10.0.0.9"));
-    assert_eq!(c.host, None);
+    assert_eq!(c.as_host, None);
     assert_eq!(
-        p("marsadm --host=alpha view").host.as_deref(),
+        p("marsadm --host=alpha view").as_host.as_deref(),
         Some("alpha")
     );
+    // A command's own HOST argument is not --host.
+    assert_eq!(
+        p("marsadm lowlevel-set-host-ip beta 10.0.0.1").as_host,
+        None
+    );
+    assert_eq!(p("marsadm lowlevel-delete-host beta").as_host, None);
+    // systemd-generate keeps its own --host (the same meaning).
+    let line = normalize(
+        "marsadm --host=h1 systemd-generate vm1"
+            .split(' ')
+            .map(String::from),
+    );
+    assert_eq!(line, ["marsadm", "systemd-generate", "--host=h1", "vm1"]);
 }
 
 #[test]
