@@ -1299,8 +1299,8 @@ impl Cli {
         Ok(())
     }
 
-    /// `lowlevel-set-host-ip HOST [IP]`: writes the member's address key (shared, as in MARS,
-    /// so any member may correct another's address). Without IP: the one from --ip-HOST=IP.
+    /// `lowlevel-set-host-ip HOST [IP]`: writes the member's address key; only HOST itself may
+    /// (MARS lets any host). Without IP: the one from --ip-HOST=IP.
     fn set_host_ip(&self, host: &str, ip: Option<&str>) -> Result<()> {
         let host_name = mars_config::HostName::new(host).map_err(|e| usage_err(e.to_string()))?;
         let ip = ip
@@ -1317,6 +1317,12 @@ impl Cli {
         else {
             bail!("unexpected answer from marsd");
         };
+        if host_name.as_str() != v.host && v.members.iter().any(|m| m.host == host_name.as_str()) {
+            // The member's address key is its own here (MARS lets any host rewrite it).
+            return Err(refused(format!(
+                "the address of {host} is {host}'s own metadata: run this on {host}"
+            )));
+        }
         if !v.members.iter().any(|m| m.host == host_name.as_str()) {
             return Err(client::ClientError::Refused {
                 kind: mars_api::ErrorKind::NotFound,
