@@ -1330,6 +1330,17 @@ impl Cli {
             }
             .into());
         }
+        // Peers fetch this host's metadata from its address, so an address that does not
+        // reach it would also keep the correction from reaching them: refuse one nothing
+        // answers at (MARS does not check), unless forced.
+        if self.force == 0 {
+            reachable(&addr).map_err(|e| {
+                refused(format!(
+                    "nothing answers at {addr} ({e}): the other members could not reach {host} \
+                     there, nor learn of a correction; check the address, or --force"
+                ))
+            })?;
+        }
         let r = self.change(Request::SetLinks {
             pairs: vec![(format!("ips/ip-{host_name}"), addr.clone())],
         })?;
@@ -1740,6 +1751,23 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 
 /// ADDR[:PORT] with marsd's default peer port when none is given (an IPv6 address in
 /// brackets, as MARS writes it).
+/// Does something accept TCP connections at `addr` (within 3 s)?
+fn reachable(addr: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .collect();
+    let mut last = "no address".to_string();
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
 fn with_default_port(ip: &str) -> Result<String, String> {
     let ip = ip.trim();
     if ip.is_empty() || ip.contains(char::is_whitespace) {

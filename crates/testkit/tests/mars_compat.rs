@@ -35,22 +35,43 @@ fn exit_code(h: &Host, args: &[&str]) -> i32 {
 #[test]
 fn lowlevel_set_host_ip_changes_where_peers_connect() {
     let t = tmp();
-    let (a, b) = two(t.path());
-    let right = address_of(&a, "b");
-    assert_eq!(right, b.peer_addr.to_string());
-    // A wrong address, set on a, reaches b too; a can no longer reach b there.
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    // b listens on every address, so that another one of this machine reaches it too.
+    let b = Host::start_at(t.path(), "b", "0.0.0.0");
+    let port = b.peer_addr.rsplit_once(':').unwrap().1.to_string();
+    let right = format!("127.0.0.2:{port}");
+    a.ok(&["create-cluster"]);
+    let token = a.join_token();
+    b.ok(&[
+        "join-cluster",
+        &a.peer_addr,
+        "--token",
+        &token,
+        "--ip",
+        &right,
+    ]);
+    for h in [&a, &b] {
+        // MARS's name of wait-cluster.
+        h.ok(&["--timeout=30", "wait-connect"]);
+    }
+    assert_eq!(address_of(&a, "b"), right);
+    // Only b may change its address.
     assert!(a
         .refused(&["lowlevel-set-host-ip", "b", "127.0.0.9"])
         .contains("run this on b"));
-    b.ok(&["lowlevel-set-host-ip", "b", "127.0.0.9"]);
+    // An address nothing answers at would cut b off: refused, nothing changed.
+    let msg = b.refused(&["lowlevel-set-host-ip", "b", "127.0.0.9:1"]);
+    assert!(msg.contains("nothing answers at 127.0.0.9:1"), "{msg}");
+    assert_eq!(address_of(&b, "b"), right);
+    // Another address of b: published, a reaches b there.
+    let other = format!("127.0.0.9:{port}");
+    b.ok(&["lowlevel-set-host-ip", "b", &other]);
     eventually(20, "a sees b's new address", || {
-        address_of(&a, "b") == "127.0.0.9:7777"
+        address_of(&a, "b") == other
     });
-    eventually(20, "b sees its new address", || {
-        address_of(&b, "b") == "127.0.0.9:7777"
-    });
-    assert_eq!(address_of(&a, "b"), "127.0.0.9:7777");
-    // MARS's --ip-HOST=IP form puts the right one back; the cluster answers again.
+    assert_eq!(address_of(&b, "b"), other);
+    a.ok(&["--timeout=30", "wait-cluster"]);
+    // MARS's --ip-HOST=IP form puts the first one back.
     b.ok(&[&format!("--ip-b={right}"), "lowlevel-set-host-ip", "b"]);
     eventually(20, "b's address back everywhere", || {
         address_of(&a, "b") == right && address_of(&b, "b") == right
