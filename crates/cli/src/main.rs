@@ -3,6 +3,7 @@
 
 mod check;
 mod client;
+mod compat;
 mod demo;
 mod error;
 mod generate;
@@ -40,8 +41,15 @@ pub struct Cli {
     /// Machine-readable output.
     #[arg(long, global = true)]
     json: bool,
-    /// Seconds to wait for the daemon, or for the condition of wait-cluster and wait-resource.
-    #[arg(long, default_value_t = 30, global = true)]
+    /// Seconds to wait for the daemon, or for the condition of wait-cluster and wait-resource
+    /// (MARS's -1: no limit).
+    #[arg(
+        long,
+        default_value = "30",
+        global = true,
+        value_parser = compat::parse_timeout,
+        allow_negative_numbers = true
+    )]
     timeout: u64,
     /// Skip safety checks: leave-resource, delete-resource, lowlevel-delete-host of a live
     /// member; `primary --force` fails over. Twice (`--force --force`) confirms a failover
@@ -55,9 +63,39 @@ pub struct Cli {
     /// Seconds after which a silent member counts as not alive in `view`.
     #[arg(long, default_value_t = 60, global = true)]
     window: u64,
-    /// With `all` or a comma list of resources: how many run at once (MARS's --parallel).
+    /// With `all` or a comma list of resources: how many run at once (MARS's --parallel;
+    /// 0: all at once).
     #[arg(long, default_value_t = 16, global = true)]
     parallel: usize,
+    /// More words from some commands (repeatable; MARS's --verbose, -v, --verbose=N).
+    #[arg(long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// MARS: allow a handover while a sync runs somewhere. A sync on another member never
+    /// holds back a handover here; a replica that is still syncing cannot take over anyway.
+    #[arg(long, global = true)]
+    ignore_sync: bool,
+    /// Bytes below which an amount counts as reached in the `*-threshold-reached` view macros
+    /// (K/M/G/T suffixes; MARS's default 10 MiB).
+    #[arg(long, global = true, default_value = "10M", value_parser = parse_size_arg)]
+    threshold: u64,
+    /// Seconds of silence after which fetch or replay count as stuck in `view` (MARS's
+    /// --stuck-seconds).
+    #[arg(long, global = true, default_value_t = 3600)]
+    stuck_seconds: u64,
+    /// MARS: act as if on HOST. marsd speaks for its own host only: accepted when HOST is this
+    /// host, refused otherwise.
+    /// (Given as `--host`: `compat::normalize` renames it, as systemd-generate has its own.)
+    #[arg(long = "as-host", global = true, hide = true, value_name = "HOST")]
+    as_host: Option<String>,
+    /// MARS's --ip-HOST=IP (and --ip=IP before the command): the address of HOST, for
+    /// join-cluster and lowlevel-set-host-ip.
+    #[arg(long = "peer-ip", global = true, hide = true, value_name = "[HOST=]IP")]
+    peer_ip: Vec<String>,
+    /// MARS: evaluate TEXT as a view macro (not supported yet: refused).
+    #[arg(long = "macro", global = true, value_name = "TEXT")]
+    macro_text: Option<String>,
+    #[command(flatten)]
+    mars_only: compat::MarsOnly,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -85,6 +123,8 @@ enum Cmd {
     /// join that cluster again, keeping this host's resources.
     JoinCluster {
         peer: String,
+        /// MARS's form `join-cluster HOST IP`: PEER is the host's name, IP its address.
+        peer_address: Option<String>,
         /// The join token `marsadm join-token` printed on that host (one use; verifies the
         /// host before anything is sent to it). Not with --insecure.
         #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
@@ -115,19 +155,37 @@ enum Cmd {
     },
     /// Leave the cluster (refused while this host holds resources).
     LeaveCluster,
-    /// Wait until every member answered (at most --timeout seconds).
-    WaitCluster,
-    /// Fetch every member's metadata changes now.
-    UpdateCluster,
+    /// Wait until every member answered (at most --timeout seconds). With RES (MARS): RES
+    /// must exist here; every member of the cluster is waited for, those of RES included.
+    #[command(alias = "wait-connect")]
+    WaitCluster { res: Option<String> },
+    /// Fetch every member's metadata changes now (with RES: and check that RES is known).
+    UpdateCluster { res: Option<String> },
+    /// Set the address ADDR[:PORT] of member HOST (MARS: IP, or --ip-HOST=IP); peers connect
+    /// to it from now on.
+    LowlevelSetHostIp { host: String, ip: Option<String> },
     /// List the members and their addresses.
     LowlevelLsHostIps,
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
     /// Set the cluster-wide limit of concurrent full syncs (0 = unlimited).
+    #[command(alias = "set-sync-limit-value")]
     SetGlobalSyncLimitValue { n: u32 },
     /// Show the cluster-wide limit of concurrent full syncs.
+    #[command(alias = "get-sync-limit-value")]
     GetGlobalSyncLimitValue,
+    /// Store the cluster-wide list of logfile compressions (MARS names, `|`-separated:
+    /// COMPRESS_LZ4|COMPRESS_LZO|COMPRESS_ZLIB). Stored only: logfiles are not compressed yet.
+    SetGlobalEnabledLogCompressions { features: Option<String> },
+    /// Store the cluster-wide list of network compressions (as above; stored only).
+    SetGlobalEnabledNetCompressions { features: Option<String> },
+    /// Store the cluster-wide list of logfile digests to disable (CHKSUM_CRC32, CHKSUM_CRC32C,
+    /// CHKSUM_MD5, CHKSUM_MD5_OLD, CHKSUM_SHA1; stored only: marsd's logfiles use CRC32C).
+    SetGlobalDisabledLogDigests { features: Option<String> },
+    /// Store the cluster-wide list of network digests to disable (as above; stored only:
+    /// marsd's sync compares chunks by its own digest).
+    SetGlobalDisabledNetDigests { features: Option<String> },
     /// Set after how many seconds of silence a member no longer holds back log deletion.
     SetGlobalUnreachableLimitValue { seconds: u64 },
     /// Show after how many seconds of silence a member no longer holds back log deletion.
@@ -148,11 +206,24 @@ enum Cmd {
     CreateResource {
         res: String,
         disk: PathBuf,
-        /// Logical size (K/M/G/T suffixes); default: the disk's size.
-        size: Option<String>,
+        /// `[DEVNAME] [SIZE]` as in MARS: the device name (must be RES: the device is
+        /// /dev/mars/RES) and the logical size (K/M/G/T suffixes; default: the disk's size).
+        /// A single word that is a size is the size.
+        #[arg(num_args = 0..=2, value_name = "DEVNAME|SIZE")]
+        extra: Vec<String>,
     },
-    /// Become a replica of resource RES on DISK; a full sync overwrites DISK.
-    JoinResource { res: String, disk: PathBuf },
+    /// Become a replica of resource RES on DISK; a full sync overwrites DISK. DEVNAME (MARS)
+    /// must be RES.
+    JoinResource {
+        res: String,
+        disk: PathBuf,
+        devname: Option<String>,
+    },
+    /// MARS: make RES known here and mark this host a guest. Every host knows every resource
+    /// here: checks that RES is known after fetching the members' changes.
+    ActivateGuest { res: String },
+    /// MARS: end a guest relationship (refused while this host has storage in RES).
+    DeactivateGuest { res: String },
     /// Stop being a member of RES (secondary only; --force skips the checks).
     LeaveResource { res: String },
     /// Destroy RES cluster-wide (refused while other members remain, unless --force).
@@ -214,15 +285,40 @@ enum Cmd {
     LogPurgeAll { res: String },
     /// Enter emergency mode for RES on this host once its logfiles take more than PCT percent
     /// of the root filesystem (0: no limit).
+    #[command(alias = "emergency-limit")]
     SetEmergencyLimit { res: String, pct: u8 },
     /// This host's emergency limit for RES (percent; 0: none).
     GetEmergencyLimit { res: String },
     /// Housekeeping: rotate the primary's logfiles, delete those nobody needs.
     Cron,
+    /// MARS's deprecated log-delete commands: `cron` (for every resource).
+    #[command(
+        hide = true,
+        alias = "log-delete-one",
+        alias = "log-delete-all",
+        alias = "log-delete-all-replayed"
+    )]
+    LogDelete { res: Option<String> },
+    /// MARS: remove stored error messages of RES. marsd stores none: its errors are the current
+    /// state and clear with their cause; prints those `view` shows now.
+    ErrPurgeAll { res: String },
+    /// MARS: remove old `.deleted` links of RES. marsd collects its deletion markers itself
+    /// once they are older than the retention; prints that.
+    LinkPurgeAll { res: String },
+    /// Wait until the device of RES is no longer in use on this host (at most --timeout).
+    WaitUmount { res: String },
+    /// Print files (MARS: its status files, with readable times): here any text file, e.g.
+    /// marsd's logs.
+    Cat {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
     /// Wait until a condition holds on this host (at most --timeout seconds).
     WaitResource {
         res: String,
-        /// attach, fetch, replay, sync or uptodate, optionally with -on (default) or -off.
+        /// attach, fetch, replay, sync, primary, secondary, device or uptodate, optionally with
+        /// is-/has- (the actual state) or todo- (the switch) before and -on/-1 (default) or
+        /// -off/-0 after.
         cond: String,
     },
     /// Show the state of one resource, or of all.
@@ -366,6 +462,14 @@ fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bo
 fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'static str, Request)>> {
     let confirmed = force >= 2;
     let force = force > 0;
+    if let Cmd::JoinResource {
+        res,
+        devname: Some(d),
+        ..
+    } = cmd
+    {
+        check_devname(res, d)?;
+    }
     if let Some((name, res, kinds, on)) = switch_of(cmd) {
         let req = Request::Switch {
             res: resource(res)?,
@@ -375,7 +479,7 @@ fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'stat
         return Ok(Some((name, req)));
     }
     Ok(Some(match cmd {
-        Cmd::JoinResource { res, disk } => (
+        Cmd::JoinResource { res, disk, .. } => (
             "join-resource",
             Request::JoinResource {
                 res: resource(res)?,
@@ -597,29 +701,39 @@ impl Cli {
     }
 
     fn run(&self) -> Result<()> {
+        self.check_mars_options()?;
         match &self.cmd {
             Cmd::CreateCluster { ip } => {
-                let r = self.change(Request::CreateCluster { ip: ip.clone() })?;
+                let ip = ip.clone().or_else(|| self.peer_ip(None));
+                let r = self.change(Request::CreateCluster { ip })?;
                 self.print_done(r)
             }
-            Cmd::CreateResource { res, disk, size } => {
+            Cmd::CreateResource { res, disk, extra } => {
+                let size = create_extra(res, extra)?;
                 let res = resource(res)?;
-                let size = size
-                    .as_deref()
-                    .map(parse_size)
-                    .transpose()
-                    .context("SIZE")?;
                 let disk = absolute(disk)?;
                 let r = self.change(Request::CreateResource { res, disk, size })?;
                 self.print_done(r)
             }
-            Cmd::JoinCluster { peer, token, ip } => {
+            Cmd::JoinCluster {
+                peer,
+                peer_address,
+                token,
+                ip,
+            } => {
+                // MARS: `join-cluster HOST [IP]`, or the IP from --ip-HOST=IP.
+                let named = peer_address.clone().or_else(|| self.peer_ip(Some(peer)));
+                let address = named.clone().unwrap_or_else(|| peer.clone());
+                let ip = ip.clone().or_else(|| self.peer_ip(None));
                 let r = self.change(Request::JoinCluster {
-                    peer: peer.clone(),
+                    peer: address,
                     token: token.clone(),
-                    ip: ip.clone(),
+                    ip,
                     rejoin: self.force > 0,
                 })?;
+                if named.is_some() && !self.dry_run {
+                    self.expect_member(peer)?;
+                }
                 self.print_done(r)
             }
             Cmd::RenewCertificate { via } => {
@@ -650,7 +764,10 @@ impl Cli {
                 })?;
                 self.print_done(r)
             }
-            Cmd::WaitCluster => {
+            Cmd::WaitCluster { res } => {
+                if let Some(res) = res {
+                    self.resource_members(res)?;
+                }
                 let fb = progress::Feedback::new(
                     progress::wanted(self.json),
                     "waiting for every member of the cluster to answer".into(),
@@ -661,11 +778,88 @@ impl Cli {
                 fb.done();
                 self.print_done(r?)
             }
-            Cmd::UpdateCluster => {
+            Cmd::UpdateCluster { res } => {
                 let r = self.call(&Request::UpdateCluster {
                     timeout: self.timeout,
                 })?;
+                if let Some(res) = res {
+                    self.resource_members(res)?;
+                }
                 self.print_done(r)
+            }
+            Cmd::LowlevelSetHostIp { host, ip } => self.set_host_ip(host, ip.as_deref()),
+            Cmd::SetGlobalEnabledLogCompressions { features } => {
+                self.set_features("enabled-log-compressions", features, compat::COMPRESSIONS)
+            }
+            Cmd::SetGlobalEnabledNetCompressions { features } => {
+                self.set_features("enabled-net-compressions", features, compat::COMPRESSIONS)
+            }
+            Cmd::SetGlobalDisabledLogDigests { features } => {
+                self.set_features("disabled-log-digests", features, compat::DIGESTS)
+            }
+            Cmd::SetGlobalDisabledNetDigests { features } => {
+                self.set_features("disabled-net-digests", features, compat::DIGESTS)
+            }
+            Cmd::ActivateGuest { res } => {
+                self.call(&Request::UpdateCluster {
+                    timeout: self.timeout,
+                })?;
+                let members = self.resource_members(res)?;
+                self.say(&format!(
+                    "{res} is known here (members: {}); every host follows every resource",
+                    members.join(", ")
+                ))
+            }
+            Cmd::DeactivateGuest { res } => {
+                let members = self.resource_members(res)?;
+                let me = self.this_host()?;
+                if members.contains(&me) {
+                    return Err(refused(format!(
+                        "peer '{me}' is a storage member of resource '{res}' (leave-resource first)"
+                    )));
+                }
+                self.say(&format!(
+                    "{res}: this host is no member; nothing to deactivate"
+                ))
+            }
+            Cmd::LogDelete { .. } => {
+                eprintln!("marsadm: deprecated: please use 'cron' instead");
+                let r = self.change(Request::Cron)?;
+                self.print_done(r)
+            }
+            Cmd::ErrPurgeAll { res } => {
+                let r = self.known_resource(res)?;
+                let now: Vec<&str> = [&r.error, &r.device_error, &r.stuck]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str)
+                    .collect();
+                let msg = if now.is_empty() {
+                    format!("{res}: no error messages (marsd stores none; none is current)")
+                } else {
+                    format!(
+                        "{res}: marsd stores no error messages to purge; current, until their \
+                         cause goes: {}",
+                        now.join("; ")
+                    )
+                };
+                self.say(&msg)
+            }
+            Cmd::LinkPurgeAll { res } => {
+                self.known_resource(res)?;
+                self.say(&format!(
+                    "{res}: nothing to purge: marsd removes deletion markers itself once they \
+                     are 7 days old (as MARS keeps .deleted links a week)"
+                ))
+            }
+            Cmd::WaitUmount { res } => self.wait_umount(res),
+            Cmd::Cat { paths } => {
+                for p in paths {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
+                    print!("{text}");
+                }
+                Ok(())
             }
             Cmd::LowlevelLsHostIps => {
                 let Reply::View(v) = self.call(&Request::View {
@@ -882,7 +1076,13 @@ impl Cli {
         let results: Vec<std::sync::Mutex<Option<Result<Reply>>>> =
             reqs.iter().map(|_| std::sync::Mutex::new(None)).collect();
         std::thread::scope(|sc| {
-            for _ in 0..self.parallel.clamp(1, reqs.len().max(1)) {
+            // MARS's bare --parallel (0 here): all at once.
+            let n = if self.parallel == 0 {
+                reqs.len()
+            } else {
+                self.parallel
+            };
+            for _ in 0..n.clamp(1, reqs.len().max(1)) {
                 sc.spawn(|| loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((_, req)) = reqs.get(i) else {
@@ -958,6 +1158,229 @@ impl Cli {
         match self.call(&Request::GetLink { key: key.into() })? {
             Reply::Value { value } => Ok(value),
             _ => bail!("unexpected answer from marsd"),
+        }
+    }
+
+    /// MARS's global options that need a word before the command runs: `--macro` (refused),
+    /// `--host` (only this host), the ones without effect here (warned about).
+    fn check_mars_options(&self) -> Result<()> {
+        if self.macro_text.is_some() {
+            usage!("--macro is not supported: use `marsadm view-MACRO RES`");
+        }
+        for w in self.mars_only.warnings() {
+            eprintln!("marsadm: warning: {w}");
+        }
+        let offline = matches!(
+            self.cmd,
+            Cmd::SystemdGenerate(_) | Cmd::Demo(_) | Cmd::Generate { .. } | Cmd::Cat { .. }
+        );
+        if let (Some(h), false) = (&self.as_host, offline) {
+            let Reply::View(v) = self.call(&Request::View {
+                res: None,
+                window: Some(self.window),
+            })?
+            else {
+                bail!("unexpected answer from marsd");
+            };
+            if *h != v.host {
+                return Err(refused(format!(
+                    "--host={h}: this marsd acts for its own host {} only; run the command \
+                     on {h} (a dead member leaves with `lowlevel-delete-host {h}`)",
+                    v.host
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The address given with --ip-HOST=IP for `host`, or with --ip=IP for this host (`None`).
+    fn peer_ip(&self, host: Option<&str>) -> Option<String> {
+        self.peer_ip
+            .iter()
+            .rev()
+            .find_map(|p| match (p.split_once('='), host) {
+                (Some((h, ip)), Some(want)) if h == want => Some(ip.to_string()),
+                (None, None) => Some(p.clone()),
+                _ => None,
+            })
+    }
+
+    /// One line of text, or `{"schema":1,"ok":true,"message":…}`.
+    fn say(&self, message: &str) -> Result<()> {
+        self.print_done(Reply::Done {
+            message: message.to_string(),
+        })
+    }
+
+    /// The view of `res` (refused as not found when this host does not know it) and this
+    /// host's name.
+    fn resource_and_host(&self, res: &str) -> Result<(mars_api::ResourceView, String)> {
+        let name = resource(res)?;
+        let Reply::View(mut v) = self.call(&Request::View {
+            res: Some(name),
+            window: Some(self.window),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        if v.resources.is_empty() {
+            return Err(client::ClientError::Refused {
+                kind: mars_api::ErrorKind::NotFound,
+                message: format!("resource '{res}' is not known here"),
+            }
+            .into());
+        }
+        Ok((v.resources.swap_remove(0), v.host))
+    }
+
+    /// The members of `res` from the replicated metadata (its `data-HOST` keys), which every
+    /// host holds, member or not; refused as not found when the metadata has no such resource.
+    fn resource_members(&self, res: &str) -> Result<Vec<String>> {
+        let name = resource(res)?;
+        let prefix = format!("resource-{name}/");
+        let Reply::Value { value } = self.call(&Request::ListLinks {
+            prefix: prefix.clone(),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        let text = value.unwrap_or_default();
+        if text.trim().is_empty() {
+            return Err(client::ClientError::Refused {
+                kind: mars_api::ErrorKind::NotFound,
+                message: format!("resource '{res}' is not known here"),
+            }
+            .into());
+        }
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let key = l.split(' ').next()?;
+                let leaf = key.strip_prefix(&prefix)?;
+                leaf.strip_prefix("data-").map(str::to_string)
+            })
+            .collect())
+    }
+
+    fn this_host(&self) -> Result<String> {
+        let Reply::View(v) = self.call(&Request::View {
+            res: None,
+            window: Some(self.window),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        Ok(v.host)
+    }
+
+    fn known_resource(&self, res: &str) -> Result<mars_api::ResourceView> {
+        Ok(self.resource_and_host(res)?.0)
+    }
+
+    /// After `join-cluster HOST IP`: the cluster joined must have a member HOST.
+    fn expect_member(&self, host: &str) -> Result<()> {
+        let Reply::View(v) = self.call(&Request::View {
+            res: None,
+            window: Some(self.window),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        if !v.members.iter().any(|m| m.host == host) {
+            return Err(refused(format!(
+                "joined the cluster at that address, but it has no member '{host}' (members: {})",
+                v.members
+                    .iter()
+                    .map(|m| m.host.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// `lowlevel-set-host-ip HOST [IP]`: writes the member's address key; only HOST itself may
+    /// (MARS lets any host). Without IP: the one from --ip-HOST=IP.
+    fn set_host_ip(&self, host: &str, ip: Option<&str>) -> Result<()> {
+        let host_name = mars_config::HostName::new(host).map_err(|e| usage_err(e.to_string()))?;
+        let ip = ip
+            .map(str::to_string)
+            .or_else(|| self.peer_ip(Some(host)))
+            .ok_or_else(|| {
+                usage_err(format!("no address for {host}: give IP or --ip-{host}=IP"))
+            })?;
+        let addr = with_default_port(&ip).map_err(usage_err)?;
+        let Reply::View(v) = self.call(&Request::View {
+            res: None,
+            window: Some(self.window),
+        })?
+        else {
+            bail!("unexpected answer from marsd");
+        };
+        if host_name.as_str() != v.host && v.members.iter().any(|m| m.host == host_name.as_str()) {
+            // The member's address key is its own here (MARS lets any host rewrite it).
+            return Err(refused(format!(
+                "the address of {host} is {host}'s own metadata: run this on {host}"
+            )));
+        }
+        if !v.members.iter().any(|m| m.host == host_name.as_str()) {
+            return Err(client::ClientError::Refused {
+                kind: mars_api::ErrorKind::NotFound,
+                message: format!("'{host}' is no member of this cluster"),
+            }
+            .into());
+        }
+        // Peers fetch this host's metadata from its address, so an address that does not
+        // reach it would also keep the correction from reaching them: refuse one nothing
+        // answers at (MARS does not check), unless forced.
+        if self.force == 0 {
+            reachable(&addr).map_err(|e| {
+                refused(format!(
+                    "nothing answers at {addr} ({e}): the other members could not reach {host} \
+                     there, nor learn of a correction; check the address, or --force"
+                ))
+            })?;
+        }
+        let r = self.change(Request::SetLinks {
+            pairs: vec![(format!("ips/ip-{host_name}"), addr.clone())],
+        })?;
+        if self.dry_run {
+            return self.print_done(r);
+        }
+        self.say(&format!("address of {host} set to {addr}"))
+    }
+
+    /// `set-global-{enabled,disabled}-…`: the cluster-wide feature list under `defaults/`, as
+    /// MARS keeps it (names instead of MARS's numeric flags). Stored only: see the commands.
+    fn set_features(&self, key: &str, features: &Option<String>, known: &[&str]) -> Result<()> {
+        let value =
+            compat::parse_features(features.as_deref().unwrap_or(""), known).map_err(usage_err)?;
+        let r = self.change(Request::SetLinks {
+            pairs: vec![(format!("defaults/{key}"), value.clone())],
+        })?;
+        if self.dry_run {
+            return self.print_done(r);
+        }
+        let shown = if value.is_empty() { "(none)" } else { &value };
+        self.say(&format!("defaults/{key} set to {shown}"))
+    }
+
+    /// `wait-umount RES`: until nobody has the device of RES open on this host.
+    fn wait_umount(&self, res: &str) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let r = self.known_resource(res)?;
+            if r.open_count == 0 {
+                return self.say(&format!("OK, device for resource '{res}' is not in use."));
+            }
+            if start.elapsed() >= Duration::from_secs(self.timeout) {
+                return Err(error::TimedOut(format!(
+                    "the device of {res} is still in use ({} openers) after {}s",
+                    r.open_count, self.timeout
+                ))
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 
@@ -1212,7 +1635,27 @@ impl Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args = compat::normalize(std::env::args());
+    if let Some((cmd, res)) = compat::command_and_arg(&args) {
+        if let Some((l, hint)) = compat::legacy(cmd) {
+            return match compat::legacy_answer(cmd, res, l, hint) {
+                Ok(line) => {
+                    println!("{line}");
+                    ExitCode::SUCCESS
+                }
+                Err(msg) => {
+                    let kind = error::Kind::Invalid;
+                    if args.iter().any(|a| a == "--json") {
+                        println!("{}", error::json(kind, &msg));
+                    } else {
+                        eprintln!("marsadm: {msg}");
+                    }
+                    ExitCode::from(kind.exit_code())
+                }
+            };
+        }
+    }
+    let cli = match Cli::try_parse_from(&args) {
         Ok(c) => c,
         // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
         Err(e) if subcommand_is_check(std::env::args().skip(1)) && e.use_stderr() => {
@@ -1249,7 +1692,19 @@ fn main() -> ExitCode {
 fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
     let mut args = args;
     while let Some(a) = args.next() {
-        if ["--root", "--timeout", "--window", "--parallel"].contains(&a.as_str()) {
+        if [
+            "--root",
+            "--timeout",
+            "--window",
+            "--parallel",
+            "--threshold",
+            "--stuck-seconds",
+            "--as-host",
+            "--peer-ip",
+            "--macro",
+        ]
+        .contains(&a.as_str())
+        {
             args.next();
         } else if !a.starts_with('-') {
             return a == "check";
@@ -1275,6 +1730,94 @@ fn usage_error(e: clap::Error) -> ExitCode {
         .trim_start_matches("error: ");
     println!("{}", error::json(error::Kind::Usage, message));
     ExitCode::from(error::Kind::Usage.exit_code())
+}
+
+/// A refusal made here (as the daemon's would be): exit 3.
+fn refused(message: String) -> anyhow::Error {
+    client::ClientError::Refused {
+        kind: mars_api::ErrorKind::Invalid,
+        message,
+    }
+    .into()
+}
+
+fn usage_err(message: String) -> anyhow::Error {
+    error::Usage(message).into()
+}
+
+/// `--threshold`: a size with K/M/G/T suffixes.
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+/// ADDR[:PORT] with marsd's default peer port when none is given (an IPv6 address in
+/// brackets, as MARS writes it).
+/// Does something accept TCP connections at `addr` (within 3 s)?
+fn reachable(addr: &str) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<_> = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve: {e}"))?
+        .collect();
+    let mut last = "no address".to_string();
+    for a in addrs {
+        match std::net::TcpStream::connect_timeout(&a, Duration::from_secs(3)) {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
+}
+
+fn with_default_port(ip: &str) -> Result<String, String> {
+    let ip = ip.trim();
+    if ip.is_empty() || ip.contains(char::is_whitespace) {
+        return Err(format!("{ip:?} is not an address"));
+    }
+    let has_port = if let Some(rest) = ip.strip_prefix('[') {
+        rest.contains("]:")
+    } else {
+        ip.matches(':').count() == 1
+    };
+    if has_port {
+        let port = ip.rsplit(':').next().unwrap_or("");
+        port.parse::<u16>()
+            .map_err(|_| format!("{port:?} in {ip:?} is not a port"))?;
+        Ok(ip.to_string())
+    } else if ip.matches(':').count() > 1 {
+        Ok(format!("[{ip}]:{DEFAULT_PEER_PORT}"))
+    } else {
+        Ok(format!("{ip}:{DEFAULT_PEER_PORT}"))
+    }
+}
+
+/// marsd's peer port when an address names none.
+const DEFAULT_PEER_PORT: u16 = 7777;
+
+/// `create-resource RES DISK [DEVNAME] [SIZE]`: the size, after checking DEVNAME (the device
+/// is /dev/mars/RES here). A single word that is a size is the size (our older form).
+fn create_extra(res: &str, extra: &[String]) -> Result<Option<u64>> {
+    let (devname, size) = match extra {
+        [] => (None, None),
+        [one] if parse_size(one).is_ok() => (None, Some(one)),
+        [one] => (Some(one), None),
+        [dev, size, ..] => (Some(dev), Some(size)),
+    };
+    if let Some(d) = devname {
+        check_devname(res, d)?;
+    }
+    size.map(|s| parse_size(s)).transpose().context("SIZE")
+}
+
+/// MARS lets the device of a resource have another name; marsd names it after the resource.
+fn check_devname(res: &str, devname: &str) -> Result<()> {
+    if devname != res {
+        return Err(usage_err(format!(
+            "device name {devname:?}: the device of a resource is /dev/mars/{res} here (give \
+             {res} or leave it out)"
+        )));
+    }
+    Ok(())
 }
 
 /// `--ttl`: seconds, or a number with s, m, h or d (at most 30 days).

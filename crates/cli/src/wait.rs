@@ -18,6 +18,12 @@ pub enum Target {
     Switch(SwitchKind),
     /// The local replica is `UpToDate` and not stuck.
     UpToDate,
+    /// MARS `todo-*`: the switch alone (its letter is not `-`), done or not.
+    Todo(SwitchKind),
+    /// MARS `is-primary` (`-off`, or `is-secondary`: this host is not primary).
+    Primary,
+    /// MARS `is-device`: the local device of the resource is there.
+    Device,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,21 +34,50 @@ pub struct Condition {
 
 impl Condition {
     /// Parses `attach`, `fetch-on`, `sync-off`, `uptodate` …; the plain word means `-on`.
+    /// MARS's forms too: `is-`/`has-` before (the actual state: the same as the plain word
+    /// here), `todo-` (the switch alone), `-1`/`-0` after, and its synonyms (`attached`,
+    /// `fetching`, `copy`, `connect`, `replaying`, `syncing`, `primary`, `secondary`,
+    /// `device`).
     pub fn parse(s: &str) -> Result<Condition> {
-        let (word, on) = match s.rsplit_once('-') {
-            Some((w, "on")) => (w, true),
-            Some((w, "off")) => (w, false),
+        let (word, mut on) = match s.rsplit_once('-') {
+            Some((w, "on" | "1")) => (w, true),
+            Some((w, "off" | "0")) => (w, false),
             _ => (s, true),
         };
-        let target = match word {
-            "uptodate" => Target::UpToDate,
-            w => match SwitchKind::ALL.into_iter().find(|k| k.as_str() == w) {
-                Some(k) => Target::Switch(k),
-                None => crate::error::usage!(
-                    "unknown condition {s:?}; use attach, fetch, replay, sync or uptodate, \
-                     optionally with -on or -off"
-                ),
-            },
+        let (word, todo) = if let Some(w) = word.strip_prefix("todo-") {
+            (w, true)
+        } else {
+            (
+                word.strip_prefix("is-")
+                    .or_else(|| word.strip_prefix("has-"))
+                    .unwrap_or(word),
+                false,
+            )
+        };
+        let switch = |k: SwitchKind| {
+            if todo {
+                Target::Todo(k)
+            } else {
+                Target::Switch(k)
+            }
+        };
+        let target = match (word, todo) {
+            ("uptodate", false) => Target::UpToDate,
+            ("attach" | "attached", _) => switch(SwitchKind::Attach),
+            ("fetch" | "fetching" | "copy" | "copying" | "connect", _) => switch(SwitchKind::Fetch),
+            ("replay" | "replaying", _) => switch(SwitchKind::Replay),
+            ("sync" | "syncing", _) => switch(SwitchKind::Sync),
+            ("primary", false) => Target::Primary,
+            ("secondary", false) => {
+                on = !on;
+                Target::Primary
+            }
+            ("device", false) => Target::Device,
+            _ => crate::error::usage!(
+                "unknown condition {s:?}; use attach, fetch, replay, sync, uptodate, primary, \
+                 secondary or device, optionally with is- or (switches) todo- before and -on \
+                 or -off after"
+            ),
         };
         Ok(Condition { target, on })
     }
@@ -79,6 +114,9 @@ impl Condition {
                 flag(&r.flags, flag_index(SwitchKind::Attach)) == '-' && flag(&r.flags, 0) == '-'
             }
             (Target::Switch(k), false) => flag(&r.flags, flag_index(k)) == '-',
+            (Target::Todo(k), on) => crate::view::todo_on(r, k) == on,
+            (Target::Primary, on) => (r.role == mars_api::Role::Primary) == on,
+            (Target::Device, on) => r.device.is_some() == on,
         }
     }
 }
@@ -100,8 +138,19 @@ impl fmt::Display for Condition {
         let word = match self.target {
             Target::Switch(k) => k.as_str(),
             Target::UpToDate => "uptodate",
+            Target::Todo(k) => return write!(f, "todo-{}-{}", k.as_str(), on_off(self.on)),
+            Target::Primary => "primary",
+            Target::Device => "device",
         };
-        write!(f, "{word}-{}", if self.on { "on" } else { "off" })
+        write!(f, "{word}-{}", on_off(self.on))
+    }
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
     }
 }
 
@@ -174,12 +223,46 @@ mod tests {
             "-on",
             "fetch-",
             "fetch-maybe",
-            "primary",
+            "todo-primary",
+            "is-uptodatex",
             "on",
             "attach-on-off",
         ] {
             assert!(Condition::parse(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn mars_forms_of_conditions() {
+        let sw = |k, on| Condition {
+            target: Target::Switch(k),
+            on,
+        };
+        assert_eq!(c("is-attached"), sw(SwitchKind::Attach, true));
+        assert_eq!(c("has-fetch-1"), sw(SwitchKind::Fetch, true));
+        assert_eq!(c("is-copying-0"), sw(SwitchKind::Fetch, false));
+        assert_eq!(c("connect-off"), sw(SwitchKind::Fetch, false));
+        assert_eq!(c("replaying"), sw(SwitchKind::Replay, true));
+        assert_eq!(
+            c("todo-sync-off"),
+            Condition {
+                target: Target::Todo(SwitchKind::Sync),
+                on: false
+            }
+        );
+        assert_eq!(c("todo-sync-off").to_string(), "todo-sync-off");
+        assert_eq!(
+            c("is-secondary"),
+            Condition {
+                target: Target::Primary,
+                on: false
+            }
+        );
+        let r = secondary();
+        assert!(c("is-secondary").holds(&r));
+        assert!(!c("is-primary").holds(&r));
+        assert!(c("todo-fetch").holds(&r));
+        assert!(c("is-device-off").holds(&r));
     }
 
     #[test]

@@ -1,0 +1,191 @@
+//! MARS's command lines against real `marsd` processes: the commands and argument forms
+//! `marsadm` takes from MARS (docs/mars-compatibility.md), with their effect checked.
+
+use mars_testkit::repl::{eventually, join, tmp, wait_uptodate};
+use mars_testkit::Host;
+
+const SIZE: u64 = 8 << 20;
+
+fn two(t: &std::path::Path) -> (Host, Host) {
+    let a = Host::start_at(t, "a", "127.0.0.1");
+    let b = Host::start_at(t, "b", "127.0.0.2");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    for h in [&a, &b] {
+        // MARS's name of wait-cluster.
+        h.ok(&["--timeout=30", "wait-connect"]);
+    }
+    (a, b)
+}
+
+fn address_of(h: &Host, host: &str) -> String {
+    h.ok(&["lowlevel-ls-host-ips"])
+        .lines()
+        .find_map(|l| {
+            let (n, a) = l.split_once(' ')?;
+            (n == host).then(|| a.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+fn exit_code(h: &Host, args: &[&str]) -> i32 {
+    h.marsadm(args).status.code().unwrap_or(-1)
+}
+
+#[test]
+fn lowlevel_set_host_ip_changes_where_peers_connect() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    // b listens on every address, so that another one of this machine reaches it too.
+    let b = Host::start_at(t.path(), "b", "0.0.0.0");
+    let port = b.peer_addr.rsplit_once(':').unwrap().1.to_string();
+    let right = format!("127.0.0.2:{port}");
+    a.ok(&["create-cluster"]);
+    let token = a.join_token();
+    b.ok(&[
+        "join-cluster",
+        &a.peer_addr,
+        "--token",
+        &token,
+        "--ip",
+        &right,
+    ]);
+    for h in [&a, &b] {
+        // MARS's name of wait-cluster.
+        h.ok(&["--timeout=30", "wait-connect"]);
+    }
+    assert_eq!(address_of(&a, "b"), right);
+    // Only b may change its address.
+    assert!(a
+        .refused(&["lowlevel-set-host-ip", "b", "127.0.0.9"])
+        .contains("run this on b"));
+    // An address nothing answers at would cut b off: refused, nothing changed.
+    let msg = b.refused(&["lowlevel-set-host-ip", "b", "127.0.0.9:1"]);
+    assert!(msg.contains("nothing answers at 127.0.0.9:1"), "{msg}");
+    assert_eq!(address_of(&b, "b"), right);
+    // Another address of b: published, a reaches b there.
+    let other = format!("127.0.0.9:{port}");
+    b.ok(&["lowlevel-set-host-ip", "b", &other]);
+    eventually(20, "a sees b's new address", || {
+        address_of(&a, "b") == other
+    });
+    assert_eq!(address_of(&b, "b"), other);
+    a.ok(&["--timeout=30", "wait-cluster"]);
+    // MARS's --ip-HOST=IP form puts the first one back.
+    b.ok(&[&format!("--ip-b={right}"), "lowlevel-set-host-ip", "b"]);
+    eventually(20, "b's address back everywhere", || {
+        address_of(&a, "b") == right && address_of(&b, "b") == right
+    });
+    a.ok(&["--timeout=30", "wait-cluster"]);
+    // Refusals change nothing.
+    assert_eq!(
+        exit_code(&a, &["lowlevel-set-host-ip", "zz", "127.0.0.5"]),
+        3
+    );
+    assert_eq!(exit_code(&b, &["lowlevel-set-host-ip", "b", "a:b"]), 2);
+    assert_eq!(exit_code(&b, &["lowlevel-set-host-ip", "b"]), 2);
+    assert_eq!(address_of(&a, "b"), right);
+}
+
+#[test]
+fn site_failover_as_in_mars_disconnect_all_then_primary_force_all() {
+    let t = tmp();
+    let (a, b) = two(t.path());
+    // Two resources with a primary on a, both replicated to b.
+    a.create_resource("r1", SIZE);
+    a.create_resource("r2", SIZE);
+    for r in ["r1", "r2"] {
+        join(&b, r, SIZE);
+    }
+    for r in ["r1", "r2"] {
+        wait_uptodate(&b, r, 60);
+    }
+    // The primary site goes away.
+    let mut a = a;
+    a.kill9();
+    b.ok(&["disconnect", "all"]);
+    for r in ["r1", "r2"] {
+        b.ok(&["--timeout=10", "wait-resource", r, "is-fetch-off"]);
+    }
+    b.ok(&["--timeout=60", "primary", "--force", "all"]);
+    for r in ["r1", "r2"] {
+        b.ok(&["--timeout=30", "wait-resource", r, "is-primary"]);
+        assert_eq!(b.view("role", r), "Primary");
+    }
+}
+
+#[test]
+fn mars_commands_on_one_resource() {
+    let t = tmp();
+    let (a, b) = two(t.path());
+    let disk = a.root.parent().unwrap().join("r.img");
+    std::fs::File::create(&disk).unwrap().set_len(SIZE).unwrap();
+    // MARS's create-resource RES DEV DEVNAME; another device name is refused first.
+    assert_eq!(
+        exit_code(
+            &a,
+            &["create-resource", "r", disk.to_str().unwrap(), "other"]
+        ),
+        2
+    );
+    a.ok(&["create-resource", "r", disk.to_str().unwrap(), "r"]);
+    // b learns of r and checks it (MARS: activate-guest between create- and join-resource).
+    eventually(20, "r known on b", || {
+        b.marsadm(&["activate-guest", "r"]).status.success()
+    });
+    b.ok(&["deactivate-guest", "r"]);
+    assert_eq!(exit_code(&a, &["deactivate-guest", "r"]), 3);
+    b.ok(&["update-cluster", "r"]);
+    b.ok(&["--timeout=30", "wait-cluster", "r"]);
+    assert_eq!(exit_code(&b, &["wait-cluster", "nosuch"]), 3);
+    // wait-resource in MARS's forms.
+    a.ok(&["--timeout=10", "wait-resource", "r", "is-primary"]);
+    a.ok(&["--timeout=10", "wait-resource", "r", "todo-attach-1"]);
+    assert_eq!(
+        exit_code(&a, &["--timeout=1", "wait-resource", "r", "is-secondary"]),
+        4
+    );
+    // Nobody uses the device: wait-umount returns at once.
+    assert!(a.ok(&["wait-umount", "r"]).contains("not in use"));
+    assert!(a.ok(&["err-purge-all", "r"]).starts_with("r: "));
+    assert!(a.ok(&["link-purge-all", "r"]).contains("nothing to purge"));
+    // The cluster-wide feature settings are stored where MARS keeps them.
+    a.ok(&[
+        "set-global-enabled-log-compressions",
+        "COMPRESS_LZ4|COMPRESS_ZLIB",
+    ]);
+    a.ok(&["set-global-disabled-net-digests", "CHKSUM_MD5"]);
+    assert_eq!(
+        exit_code(&a, &["set-global-enabled-net-compressions", "lz4"]),
+        2
+    );
+    eventually(20, "the settings reach b", || {
+        b.marsadm(&["get-link", "defaults/enabled-log-compressions"])
+            .stdout
+            .starts_with(b"COMPRESS_LZ4|COMPRESS_ZLIB")
+            && b.marsadm(&["get-link", "defaults/disabled-net-digests"])
+                .stdout
+                .starts_with(b"CHKSUM_MD5")
+    });
+    // DRBD words as MARS answers them; --host of another host refused.
+    assert!(a.ok(&["adjust", "r"]).contains("ignoring command 'adjust'"));
+    assert!(a
+        .refused(&["verify", "r"])
+        .contains("cannot be used with MARS"));
+    assert_eq!(exit_code(&a, &["invalidate-remote", "r"]), 3);
+    a.ok(&["--host=a", "view-role", "r"]);
+    assert!(a
+        .refused(&["--host=b", "pause-fetch", "r"])
+        .contains("own host a only"));
+    // MARS's spellings of options.
+    a.ok(&[
+        "-v",
+        "--verbose=2",
+        "--window=60",
+        "--no-ssh",
+        "--timeout=-1",
+        "view",
+        "all",
+    ]);
+    a.ok(&["-d", "pause-replay", "r"]);
+}
