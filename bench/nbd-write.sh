@@ -11,15 +11,19 @@
 # for reference, qemu-nbd with its default writeback cache.
 # Env: BENCH_DIR (default /var/tmp/mars-bench, must be on the disk under test), SIZE (2G).
 set -euo pipefail
-RUNS=${1:-3}
+RUNS=${1:-${RUNS:-3}}
+RUNTIME=${RUNTIME:-20}
 DIR=${BENCH_DIR:-/var/tmp/mars-bench}
 SIZE=${SIZE:-2G}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 for t in fio nbdcopy nbdkit qemu-nbd jq; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install fio libnbd-bin nbdkit qemu-utils jq)"; exit 1; }
 done
-cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
-BIN=$HERE/target/release
+. "$HERE/bench/lib.sh"
+if [ -z "${MARS_BIN:-}" ]; then
+  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
+fi
+BIN=${MARS_BIN:-${CARGO_TARGET_DIR:-$HERE/target}/release}
 rm -rf "$DIR"; mkdir -p "$DIR"
 cleanup() {
   [ -n "${MARSD:-}" ] && kill "$MARSD" 2>/dev/null && wait "$MARSD" 2>/dev/null || true
@@ -30,9 +34,9 @@ trap cleanup EXIT
 
 # Fully allocated backing files for everybody, so no server pays for block allocation.
 fallocate -l "$SIZE" "$DIR/mars.img"; fallocate -l "$SIZE" "$DIR/qnone.raw"; fallocate -l "$SIZE" "$DIR/qwb.raw"
-"$BIN/marsd" --root "$DIR/root" --host bench --nbd-listen 127.0.0.1:10901 2>"$DIR/marsd.log" &
+"$BIN/marsd" --root "$DIR/root" --host bench --listen 127.0.0.1:10900 --nbd-listen 127.0.0.1:10901 2>"$DIR/marsd.log" &
 MARSD=$!
-for _ in $(seq 100); do [ -S "$DIR/root/marsd.sock" ] && break; sleep 0.05; done
+for _ in $(seq 600); do [ -S "$DIR/root/marsd.sock" ] && break; sleep 0.05; done
 "$BIN/marsadm" --root "$DIR/root" create-cluster >/dev/null
 "$BIN/marsadm" --root "$DIR/root" create-resource bench "$DIR/mars.img" >/dev/null
 qemu-nbd -f raw -t -b 127.0.0.1 -p 10902 --cache=none --aio=native --fork --pid-file="$DIR/qnone.pid" "$DIR/qnone.raw"
@@ -44,7 +48,7 @@ median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 fio_iops() {
   fio --name=bench --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --size="$SIZE" \
-      --time_based --runtime=20 --output-format=json --output="$DIR/fio.json" >/dev/null 2>&1
+      --time_based --runtime="$RUNTIME" --output-format=json --output="$DIR/fio.json" >/dev/null 2>&1
   jq '.jobs[0].write.iops' "$DIR/fio.json"
 }
 copy_mibs() {
@@ -78,3 +82,10 @@ for p in qemu-nbd-cache=none qemu-nbd-writeback; do
   printf 'marsd / %-20s random 4k write: %.2fx   sequential: %.2fx\n' "$p" \
     "$(echo "${MI[marsd]} / ${MI[$p]}" | bc -l)" "$(echo "${MC[marsd]} / ${MC[$p]}" | bc -l)"
 done
+
+bench_record nbd-rand4k "NBD random 4k write QD32 (fio nbd; no secondary)" IOPS higher 3 \
+  "qemu-nbd --cache=none" "${IOPS[marsd]}" "${IOPS[qemu-nbd-cache=none]}"
+bench_record nbd-rand4k-wb "NBD random 4k write QD32, vs page cache" IOPS higher null \
+  "qemu-nbd writeback" "${IOPS[marsd]}" "${IOPS[qemu-nbd-writeback]}"
+bench_record nbd-seq "NBD sequential $SIZE + flush (nbdcopy)" MiB/s higher 1 \
+  "qemu-nbd --cache=none" "${COPY[marsd]}" "${COPY[qemu-nbd-cache=none]}"

@@ -38,6 +38,7 @@ PORT=${PORT:-17790}
 DROP_CACHES=${DROP_CACHES:-0}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 MIB=1048576
+. "$HERE/bench/lib.sh"
 
 for t in fio rsync nbdcopy nbdkit jq cmp shuf bc numfmt; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install fio rsync libnbd-bin nbdkit jq bc)"; exit 1; }
@@ -333,3 +334,11 @@ printf '   rsync daemon on 127.0.0.2, push, %s:\n' "${RSYNC_OPTS[*]}"
 printf '                                                       %7.2f s   (%s s)   literal data %s, %s bytes sent   files equal: %s\n' \
   "$T_RSYNC" "$(spread "${T_RSYNCS[@]}")" "${RSYNC_LITERAL:-?}" "${RSYNC_SENT:-?}" "$EQ3"
 printf '   mars faster than rsync: %.2fx   (round by round: %s; aim: >= 3x)\n' "$(calc "$T_RSYNC / $T_MARS")" "$(spread "${RATIO2[@]}")"
+
+# For bench/run (bench/lib.sh): per-round figures of both sides.
+RATES=(); for t in "${T_CATCHUPS[@]}"; do RATES+=("$(calc "$BURST_B / $MIB / $t")"); done
+bench_record catchup "catch-up after a $BURST burst, one disk" MiB/s higher 0.45 \
+  "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
+CACHE=$([ "$DROP_CACHES" = 1 ] && echo cold || echo warm)
+bench_record "fullsync-$CACHE" "fast full sync $SYNC_SIZE, $CHANGED_PCT % differ, $CACHE cache" s lower 4 \
+  "rsync --inplace --no-whole-file" "${T_MARSS[*]}" "${T_RSYNCS[*]}"

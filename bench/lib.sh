@@ -1,0 +1,18 @@
+# Shared by the benchmark scripts (sourced): how a figure is recorded for `bench/run`.
+#
+#   bench_record ID FIGURE UNIT BETTER TARGET PEER "OURS RUNS…" "PEER RUNS…"
+#
+# appends one JSON line to $BENCH_OUT when it is set (a script run alone prints its own text
+# and records nothing). BETTER is `higher` (rates: ratio = ours / peer) or `lower` (times:
+# ratio = peer / ours, "times faster"); TARGET is the issue's aim for that ratio (`null`: only
+# reported). The runs are the raw per-run figures, in the order measured (alternating with the
+# peer's), so that `bench/run` can show the median and the spread of both sides.
+bench_record() {
+  [ -n "${BENCH_OUT:-}" ] || return 0
+  local id=$1 figure=$2 unit=$3 better=$4 target=$5 peer=$6 ours=$7 theirs=$8
+  jq -cn --arg id "$id" --arg figure "$figure" --arg unit "$unit" --arg better "$better" \
+    --argjson target "$target" --arg peer "$peer" \
+    --argjson ours "[$(echo $ours | tr ' ' ',')]" --argjson theirs "[$(echo $theirs | tr ' ' ',')]" \
+    '{id: $id, figure: $figure, unit: $unit, better: $better, target: $target, peer: $peer,
+      ours: $ours, peer_runs: $theirs}' >>"$BENCH_OUT"
+}
