@@ -82,7 +82,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         .contains("does not exist"));
     assert!(h
         .refused(&["view-bogus", "vm1"])
-        .contains("unknown view macro"));
+        .contains("unknown macro view-bogus"));
     assert!(h
         .refused(&["log-rotate", "nosuch"])
         .contains("does not exist"));
