@@ -6,7 +6,7 @@ use anyhow::Result;
 use mars_api::{DiskState, SwitchKind};
 
 use super::format::{f2, human_join, human_numbers, int_of, perl_num, progress_bar, seconds2human};
-use super::prim::{self, Work};
+use super::prim::{self, Job};
 use super::Ctx;
 
 /// `diskstate`: the engine's MARS disk state, amounts as MARS prints them
@@ -89,10 +89,10 @@ pub fn commstate(c: &Ctx) -> Result<String> {
 /// `outdated-flags`: `F` while fetch, `R` while replay has not reached its end.
 pub fn outdated_flags(c: &Ctx) -> Result<String> {
     let mut s = String::new();
-    if !prim::reached(c, Work::Fetch)? {
+    if !prim::reached(c, Job::Fetch)? {
         s.push('F');
     }
-    if !prim::reached(c, Work::Replay)? {
+    if !prim::reached(c, Job::Replay)? {
         s.push('R');
     }
     Ok(s)
@@ -132,28 +132,28 @@ fn amounts(a: u64, b: u64) -> (String, String, &'static str) {
 /// `sync-line` (and `-1and1`, the same text):
 /// `       > sync: 280.000/1024.000 MiB rate: 95.200 MiB/sec  remaining: 00:00:07 hrs`.
 pub fn sync_line(c: &Ctx) -> Result<String> {
-    let (size, pos) = prim::amount(c, Work::Sync)?;
+    let (size, pos) = prim::amount(c, Job::Sync)?;
     Ok(format!(
         "       > sync: {} rate: {}/sec  remaining: {} hrs\n",
         human_join(&[pos as f64, size as f64], "/", " "),
-        human_join(&[prim::rate(c, Work::Sync)? as f64], "/", " "),
-        seconds2human(prim::remain(c, Work::Sync)?)
+        human_join(&[prim::rate(c, Job::Sync)? as f64], "/", " "),
+        seconds2human(prim::remain(c, Job::Sync)?)
     ))
 }
 
 /// `syncinfo` (`-1and1` the same): the progress bar line, then `sync-line`.
 pub fn syncinfo(c: &Ctx) -> Result<String> {
-    let (size, pos) = prim::amount(c, Work::Sync)?;
+    let (size, pos) = prim::amount(c, Job::Sync)?;
     let (a, b, u) = amounts(pos, size);
-    let (rv, ru) = human_numbers(&[prim::rate(c, Work::Sync)? as f64]);
+    let (rv, ru) = human_numbers(&[prim::rate(c, Job::Sync)? as f64]);
     Ok(format!(
         "     syncing: {}  {}%  ({}/{}){u}  rate: {} {ru}/sec  remaining: {} hrs\n{}",
         progress_bar(20.0, pos as f64, 0.0, size as f64),
-        f2(&perl_num(prim::fraction(c, Work::Sync, 100.0)?)),
+        f2(&perl_num(prim::fraction(c, Job::Sync, 100.0)?)),
         int_of(&a),
         int_of(&b),
         f2(&rv[0]),
-        seconds2human(prim::remain(c, Work::Sync)?),
+        seconds2human(prim::remain(c, Job::Sync)?),
         sync_line(c)?
     ))
 }
@@ -162,9 +162,9 @@ pub fn syncinfo(c: &Ctx) -> Result<String> {
 /// `-1and1`: `… rate: R/sec  remaining: T hrs`. (MARS also warns on stderr when fetch looks
 /// stuck for `--stuck-seconds`; we do not.)
 pub fn fetch_line(c: &Ctx, one_and_one: bool) -> Result<String> {
-    let amount = human_join(&[prim::rest(c, Work::Fetch)? as f64], "/", " ");
-    let rate = human_join(&[prim::rate(c, Work::Fetch)? as f64], "/", " ");
-    let remain_n = prim::remain(c, Work::Fetch)?;
+    let amount = human_join(&[prim::rest(c, Job::Fetch)? as f64], "/", " ");
+    let rate = human_join(&[prim::rate(c, Job::Fetch)? as f64], "/", " ");
+    let remain_n = prim::remain(c, Job::Fetch)?;
     let remain = seconds2human(remain_n);
     if one_and_one {
         return Ok(format!(
@@ -191,9 +191,9 @@ pub fn fetch_line(c: &Ctx, one_and_one: bool) -> Result<String> {
 
 /// `replay-line`: `       > replay: 5.000 MiB[ age: …] rate: … remaining: …`.
 pub fn replay_line(c: &Ctx, one_and_one: bool) -> Result<String> {
-    let amount = human_join(&[prim::rest(c, Work::Replay)? as f64], "/", " ");
-    let rate = human_join(&[prim::rate(c, Work::Replay)? as f64], "/", " ");
-    let remain_n = prim::remain(c, Work::Replay)?;
+    let amount = human_join(&[prim::rest(c, Job::Replay)? as f64], "/", " ");
+    let rate = human_join(&[prim::rate(c, Job::Replay)? as f64], "/", " ");
+    let remain_n = prim::remain(c, Job::Replay)?;
     let remain = seconds2human(remain_n);
     if one_and_one {
         return Ok(format!(
@@ -214,8 +214,8 @@ pub fn replay_line(c: &Ctx, one_and_one: bool) -> Result<String> {
 /// `replinfo`: `     replaying: [bar]  P%  (a/b)UNIT  logs: [r::f..w]`, then the fetch and
 /// replay lines; `-1and1`: `logs: [r..f]` and the `-1and1` lines.
 pub fn replinfo(c: &Ctx, one_and_one: bool) -> Result<String> {
-    let (fetch_size, fetch_pos) = prim::amount(c, Work::Fetch)?;
-    let (_, replay_pos) = prim::amount(c, Work::Replay)?;
+    let (fetch_size, fetch_pos) = prim::amount(c, Job::Fetch)?;
+    let (_, replay_pos) = prim::amount(c, Job::Replay)?;
     let (a, b, u) = amounts(replay_pos, fetch_size);
     let (_, rnr, fnr, wnr) = prim::lognrs(c)?;
     let logs = if one_and_one {
@@ -233,7 +233,7 @@ pub fn replinfo(c: &Ctx, one_and_one: bool) -> Result<String> {
     Ok(format!(
         "     replaying: {}  {}%  ({}/{}){u}  logs: [{logs}]\n{}{}",
         progress_bar(20.0, replay_pos as f64, fetch_pos as f64, fetch_size as f64),
-        f2(&perl_num(prim::fraction(c, Work::Work, 100.0)?)),
+        f2(&perl_num(prim::fraction(c, Job::Work, 100.0)?)),
         int_of(&a),
         int_of(&b),
         fetch_line(c, one_and_one)?,
@@ -308,10 +308,10 @@ pub fn default(c: &Ctx) -> Result<String> {
         }
     }
     if !prim::is_primary(c, c.host)? && prim::is_switch(c, SwitchKind::Attach, c.host)? {
-        if !prim::reached(c, Work::Sync)? {
+        if !prim::reached(c, Job::Sync)? {
             s += &syncinfo(c)?;
         }
-        if !prim::reached(c, Work::Work)? {
+        if !prim::reached(c, Job::Work)? {
             s += &replinfo(c, false)?;
         }
     }
@@ -349,10 +349,10 @@ pub fn diskstate_1and1(c: &Ctx) -> Result<String> {
     if !prim::disk_present(c)? || !prim::is_switch(c, SwitchKind::Attach, c.host)? {
         return Ok("Detached".into());
     }
-    let almost_consistent = c.r()?.consistent && prim::rest(c, Work::Sync)? == 0;
+    let almost_consistent = c.r()?.consistent && prim::rest(c, Job::Sync)? == 0;
     Ok(if !almost_consistent {
         "Inconsistent".into()
-    } else if prim::reached(c, Work::Work)? {
+    } else if prim::reached(c, Job::Work)? {
         "Uptodate".into()
     } else {
         format!("Outdated[{}]", outdated_flags(c)?)
@@ -371,7 +371,7 @@ pub fn replstate_1and1(c: &Ctx) -> Result<String> {
         return Ok("PrimaryUnreachable".into());
     }
     Ok(
-        if !prim::reached(c, Work::Sync)? && !prim::todo_switch(c, SwitchKind::Sync)? {
+        if !prim::reached(c, Job::Sync)? && !prim::todo_switch(c, SwitchKind::Sync)? {
             "PausedSync"
         } else if prim::is_switch(c, SwitchKind::Sync, c.host)? {
             "Syncing"
@@ -444,10 +444,10 @@ pub fn one_and_one(c: &Ctx) -> Result<String> {
         primarynode_1and1(c)?
     );
     let attached = prim::is_switch(c, SwitchKind::Attach, c.host)?;
-    if attached && !prim::reached(c, Work::Sync)? {
+    if attached && !prim::reached(c, Job::Sync)? {
         s += &syncinfo(c)?;
     }
-    if attached && !prim::threshold_reached(c, Work::Work, None)? {
+    if attached && !prim::threshold_reached(c, Job::Work, None)? {
         s += &replinfo(c, true)?;
     }
     s += &resource_errors(c)?;

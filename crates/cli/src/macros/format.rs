@@ -65,7 +65,7 @@ pub fn human_join(nums: &[f64], delim: &str, unit_delim: &str) -> String {
 /// MARS's `seconds2human`: `hh:mm:ss` (hours unbounded), `--:--:--` for a negative
 /// (unknown) number of seconds.
 pub fn seconds2human(s: f64) -> String {
-    if !(s >= 0.0) {
+    if s.is_nan() || s < 0.0 {
         return "--:--:--".into();
     }
     // perl's `%` works on integers; `%02d` truncates.

@@ -19,7 +19,7 @@ use std::sync::LazyLock;
 use anyhow::{bail, Context, Result};
 use mars_api::{ClusterView, ResourceView, SwitchKind};
 
-use prim::{bit, num, Work};
+use prim::{bit, num, Job};
 
 /// How `view-NAME --json` types a macro's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -528,7 +528,7 @@ fn switch_macros(t: &mut Table) {
 }
 
 fn amount_macros(t: &mut Table) {
-    for w in Work::ALL {
+    for w in Job::ALL {
         let n = w.as_str();
         t.add(
             format!("{n}-size"),
@@ -599,7 +599,7 @@ fn amount_macros(t: &mut Table) {
             },
         )
         .arg("DELIM");
-        if w != Work::Work {
+        if w != Job::Work {
             t.add(
                 format!("{n}-rate"),
                 P,
@@ -630,8 +630,8 @@ fn amount_macros(t: &mut Table) {
         "REPLAY-POS:FETCH-POS:FETCH-SIZE (or with DELIM)",
         |c| {
             let d = c.arg.unwrap_or(":");
-            let (fs, fp) = prim::amount(c, Work::Fetch)?;
-            let (_, rp) = prim::amount(c, Work::Replay)?;
+            let (fs, fp) = prim::amount(c, Job::Fetch)?;
+            let (_, rp) = prim::amount(c, Job::Replay)?;
             Ok(format!("{rp}{d}{fp}{d}{fs}"))
         },
     )
@@ -1418,10 +1418,10 @@ fn our_macros(t: &mut Table) {
         P,
         N,
         "bytes the full sync has reached (the size when none runs)",
-        |c| Ok(prim::amount(c, Work::Sync)?.1.to_string()),
+        |c| Ok(prim::amount(c, Job::Sync)?.1.to_string()),
     );
     t.add("syncstatus", M, N, "as sync-pos", |c| {
-        Ok(prim::amount(c, Work::Sync)?.1.to_string())
+        Ok(prim::amount(c, Job::Sync)?.1.to_string())
     });
     t.add(
         "is-uptodate",
@@ -1467,7 +1467,7 @@ static TABLE: LazyLock<Vec<Macro>> = LazyLock::new(|| {
     size_macros(&mut t);
     feature_macros(&mut t);
     our_macros(&mut t);
-    // `sync-pos` is MARS's too; the Work loop made one already.
+    // `sync-pos` is MARS's too; the Job loop made one already.
     let mut seen = std::collections::HashSet::new();
     t.0.retain(|m| seen.insert(m.name.clone()));
     t.0.sort_by(|a, b| a.name.cmp(&b.name));

@@ -62,7 +62,7 @@ pub fn is_switch(c: &Ctx, k: SwitchKind, host: &str) -> Result<bool> {
     let letter = flag(f, flag_index(k));
     if k == SwitchKind::Sync {
         let running = if host == c.host {
-            !reached(c, Work::Sync)?
+            !reached(c, Job::Sync)?
         } else {
             member(c, host)?.is_some_and(|m| m.sync.as_ref().is_some_and(|p| p.rest() > 0))
         };
@@ -140,21 +140,21 @@ pub fn is_emergency(c: &Ctx, host: &str) -> Result<bool> {
 /// What an amount macro measures: MARS's `sync`, `fetch`, `replay` and `work` (fetch and
 /// replay together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
+pub enum Job {
     Sync,
     Fetch,
     Replay,
     Work,
 }
 
-impl Work {
-    pub const ALL: [Work; 4] = [Work::Sync, Work::Fetch, Work::Replay, Work::Work];
+impl Job {
+    pub const ALL: [Job; 4] = [Job::Sync, Job::Fetch, Job::Replay, Job::Work];
     pub fn as_str(self) -> &'static str {
         match self {
-            Work::Sync => "sync",
-            Work::Fetch => "fetch",
-            Work::Replay => "replay",
-            Work::Work => "work",
+            Job::Sync => "sync",
+            Job::Fetch => "fetch",
+            Job::Replay => "replay",
+            Job::Work => "work",
         }
     }
 }
@@ -164,7 +164,7 @@ impl Work {
 /// fetch and replay progress share that total). As in MARS, `replay-size` is `fetch-pos`,
 /// `work-size` is `fetch-size` and `work-pos` is `replay-pos`; without a sync running
 /// `sync-pos` is the size. A primary has nothing to fetch or replay: all reached.
-pub fn amount(c: &Ctx, w: Work) -> Result<(u64, u64)> {
+pub fn amount(c: &Ctx, w: Job) -> Result<(u64, u64)> {
     let r = c.r()?;
     let fetch_size = r
         .fetch
@@ -174,31 +174,31 @@ pub fn amount(c: &Ctx, w: Work) -> Result<(u64, u64)> {
     let fetch_pos = r.fetch.as_ref().map_or(fetch_size, |p| p.done);
     let replay_pos = r.replay.as_ref().map_or(fetch_pos, |p| p.done);
     Ok(match w {
-        Work::Sync => match &r.sync {
+        Job::Sync => match &r.sync {
             Some(p) => (p.total, p.done),
             None => (r.size, r.size),
         },
-        Work::Fetch => (fetch_size, fetch_pos),
-        Work::Replay => (fetch_pos, replay_pos),
-        Work::Work => (fetch_size, replay_pos),
+        Job::Fetch => (fetch_size, fetch_pos),
+        Job::Replay => (fetch_pos, replay_pos),
+        Job::Work => (fetch_size, replay_pos),
     })
 }
 
 /// `WHAT-rest`: size minus position, never negative.
-pub fn rest(c: &Ctx, w: Work) -> Result<u64> {
+pub fn rest(c: &Ctx, w: Job) -> Result<u64> {
     let (size, pos) = amount(c, w)?;
     Ok(size.saturating_sub(pos))
 }
 
 /// `WHAT-reached`.
-pub fn reached(c: &Ctx, w: Work) -> Result<bool> {
+pub fn reached(c: &Ctx, w: Job) -> Result<bool> {
     let (size, pos) = amount(c, w)?;
     Ok(pos >= size)
 }
 
 /// `WHAT-almost-reached` [LIMIT]: MARS's formula, `int(pos / limit) >= int(size / 1000)`
 /// with the limit 990 by default.
-pub fn almost_reached(c: &Ctx, w: Work, limit: Option<&str>) -> Result<bool> {
+pub fn almost_reached(c: &Ctx, w: Job, limit: Option<&str>) -> Result<bool> {
     let (size, pos) = amount(c, w)?;
     let limit = limit
         .and_then(|l| l.parse::<f64>().ok())
@@ -211,7 +211,7 @@ pub fn almost_reached(c: &Ctx, w: Work, limit: Option<&str>) -> Result<bool> {
 pub const THRESHOLD: u64 = 10 << 20;
 
 /// `WHAT-threshold-reached` [SIZE]: within the threshold of the end.
-pub fn threshold_reached(c: &Ctx, w: Work, threshold: Option<&str>) -> Result<bool> {
+pub fn threshold_reached(c: &Ctx, w: Job, threshold: Option<&str>) -> Result<bool> {
     let (size, pos) = amount(c, w)?;
     let t = match threshold {
         Some(t) => mars_config::parse_size(t)?,
@@ -222,7 +222,7 @@ pub fn threshold_reached(c: &Ctx, w: Work, threshold: Option<&str>) -> Result<bo
 
 /// `WHAT-percent` / `-permille`: MARS's `100.5 * pos / size`, capped; an empty amount is
 /// complete.
-pub fn fraction(c: &Ctx, w: Work, full: f64) -> Result<f64> {
+pub fn fraction(c: &Ctx, w: Job, full: f64) -> Result<f64> {
     let (size, pos) = amount(c, w)?;
     if size == 0 {
         return Ok(full);
@@ -231,29 +231,29 @@ pub fn fraction(c: &Ctx, w: Work, full: f64) -> Result<f64> {
     Ok(if v >= full { full } else { v })
 }
 
-fn progress<'a>(c: &Ctx<'a>, w: Work) -> Result<Option<&'a Progress>> {
+fn progress<'a>(c: &Ctx<'a>, w: Job) -> Result<Option<&'a Progress>> {
     let r = c.r()?;
     Ok(match w {
-        Work::Sync => r.sync.as_ref(),
-        Work::Fetch => r.fetch.as_ref(),
-        Work::Replay => r.replay.as_ref(),
-        Work::Work => None,
+        Job::Sync => r.sync.as_ref(),
+        Job::Fetch => r.fetch.as_ref(),
+        Job::Replay => r.replay.as_ref(),
+        Job::Work => None,
     })
 }
 
 /// `WHAT-rate` (bytes per second); `work-rate` is the larger of fetch's and replay's.
-pub fn rate(c: &Ctx, w: Work) -> Result<u64> {
-    if w == Work::Work {
-        return Ok(rate(c, Work::Fetch)?.max(rate(c, Work::Replay)?));
+pub fn rate(c: &Ctx, w: Job) -> Result<u64> {
+    if w == Job::Work {
+        return Ok(rate(c, Job::Fetch)?.max(rate(c, Job::Replay)?));
     }
     Ok(progress(c, w)?.map_or(0, |p| p.rate))
 }
 
 /// `WHAT-remain`: seconds until done at the current rate; 0 when done, -1 when not moving;
 /// `work-remain` is the sum of fetch's and replay's (as MARS adds them, -1s included).
-pub fn remain(c: &Ctx, w: Work) -> Result<f64> {
-    if w == Work::Work {
-        return Ok(remain(c, Work::Fetch)? + remain(c, Work::Replay)?);
+pub fn remain(c: &Ctx, w: Job) -> Result<f64> {
+    if w == Job::Work {
+        return Ok(remain(c, Job::Fetch)? + remain(c, Job::Replay)?);
     }
     let rest = rest(c, w)?;
     let rate = rate(c, w)?;
@@ -386,7 +386,7 @@ pub fn lag(c: &Ctx, what: &str) -> Result<f64> {
                 (mine - prim).max(0.0).trunc()
             }
         }
-        "fetch" if rest(c, Work::Fetch)? == 0 => 0.0,
+        "fetch" if rest(c, Job::Fetch)? == 0 => 0.0,
         _ => own_lag(c)?,
     })
 }
