@@ -710,16 +710,21 @@ fn time_macros(t: &mut Table) {
             N,
             format!("seconds since the epoch of {helps}"),
             move |c| Ok(num(prim::timestamp(c, what)?)),
-        )
-        .arg("HOST");
+        );
+        // Only the liveness is known per host; the other stamps are this host's.
+        if what == "alive" {
+            t.0.last_mut().expect("just added").arg("HOST");
+        }
         t.add(
             format!("{what}-age"),
             P,
             N,
             format!("seconds since {helps} (-1: unknown)"),
             move |c| Ok(num(prim::age(c, what)?)),
-        )
-        .arg("HOST");
+        );
+        if what == "alive" {
+            t.0.last_mut().expect("just added").arg("HOST");
+        }
         t.add(
             format!("{what}-lag"),
             P,
