@@ -657,6 +657,9 @@ pub struct ReplicaView {
     /// Its last systemd operation succeeded (`None`: it ran none).
     #[serde(default)]
     pub systemd_ok: Option<bool>,
+    /// Bytes of its backing disk as it last reported (`None`: it has not reported).
+    #[serde(default)]
+    pub disk_size_bytes: Option<u64>,
     pub sync: Option<Progress>,
     pub stuck: Option<String>,
     /// Its last systemd start/stop, e.g. `start app.service: ok` (when it ran one).

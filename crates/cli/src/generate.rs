@@ -1,6 +1,7 @@
 //! `marsadm generate man|completions DIR` (hidden): the man page and the bash, zsh and fish
 //! completions of marsadm, from its clap definition (`Cli`) merged with the prose in
-//! `docs/man/marsadm.8.prose` (see `mars-docgen`). The package build runs it, so what is
+//! `docs/man/marsadm.8.prose` (see `mars-docgen`); the completions also know every
+//! `view-NAME` macro (`crate::macros`). The package build runs it, so what is
 //! installed always matches the binary.
 
 use std::path::Path;
@@ -26,7 +27,10 @@ pub fn run(what: What, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
     let paths = match what {
         What::Man => vec![mars_docgen::write_man(Cli::command(), PROSE, dir)?],
-        What::Completions => mars_docgen::write_completions(Cli::command(), dir)?,
+        // The view macros bypass clap at run time; here they become commands to complete.
+        What::Completions => {
+            mars_docgen::write_completions(crate::macros::add_subcommands(Cli::command()), dir)?
+        }
     };
     for p in paths {
         println!("{}", p.display());

@@ -7,6 +7,7 @@ mod compat;
 mod demo;
 mod error;
 mod generate;
+mod macros;
 mod progress;
 mod systemd;
 mod view;
@@ -17,7 +18,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use error::usage;
 use mars_api::{Reply, Request, SwitchKind};
 use mars_config::{parse_size, ResourceName};
@@ -995,18 +996,10 @@ impl Cli {
             Cmd::SystemdGenerate(args) => systemd::generate(&self.root, args, self.json),
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
-            Cmd::Other(args) => {
-                let Some(cmd) = args.first() else {
-                    usage!("no command given; see `marsadm --help`");
-                };
-                let Some(mac) = cmd.strip_prefix("view-") else {
-                    usage!("unknown command {cmd:?}; see `marsadm --help`");
-                };
-                let [_, res] = &args[..] else {
-                    usage!("usage: marsadm {cmd} RES");
-                };
-                self.view_macro(mac, res)
-            }
+            Cmd::Other(args) => match args.first() {
+                Some(_) => macros::run::view_macro(self, args),
+                None => usage!("no command given; see `marsadm --help`"),
+            },
             // `all` or RES1,RES2,…: the command for each resource, several at once.
             other if res_arg(other).is_some_and(|r| r == "all" || r.contains(',')) => {
                 let arg = res_arg(other).expect("checked");
@@ -1603,35 +1596,6 @@ impl Cli {
         }
         Ok(())
     }
-
-    fn view_macro(&self, mac: &str, res: &str) -> Result<()> {
-        if !view::MACROS.contains(&mac) {
-            usage!(
-                "unknown view macro {mac:?}; known: {}",
-                view::MACROS.join(", ")
-            );
-        }
-        let name = resource(res)?;
-        let Reply::View(v) = self.call(&Request::View {
-            res: Some(name),
-            window: None,
-        })?
-        else {
-            bail!("unexpected answer from marsd");
-        };
-        let r = v.resources.first().context("daemon returned no resource")?;
-        let value = view::macro_value_at(r, mac, &v.host)?;
-        if self.json {
-            self.emit(&serde_json::json!({
-                "resource": r.name,
-                "macro": mac,
-                "value": view::macro_json(mac, &value),
-            }))?;
-        } else {
-            println!("{value}");
-        }
-        Ok(())
-    }
 }
 
 fn main() -> ExitCode {
@@ -1655,7 +1619,12 @@ fn main() -> ExitCode {
             };
         }
     }
-    let cli = match Cli::try_parse_from(&args) {
+    // `--help` ends with the view macros, as MARS's help does.
+    let parsed = Cli::command()
+        .after_long_help(macros::help_text())
+        .try_get_matches_from(&args)
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(c) => c,
         // A monitoring plugin with bad arguments is UNKNOWN (3), not a usage error.
         Err(e) if subcommand_is_check(std::env::args().skip(1)) && e.use_stderr() => {

@@ -183,6 +183,7 @@ fn view_types_round_trip() {
             lag_secs: Some(2.5),
             emergency: false,
             systemd_ok: Some(true),
+            disk_size_bytes: Some(1 << 30),
             sync: Some(p),
             stuck: None,
             systemd: Some("start app.service: ok".into()),

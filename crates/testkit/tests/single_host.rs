@@ -82,7 +82,7 @@ fn bad_input_is_refused_with_one_line_and_changes_nothing() {
         .contains("does not exist"));
     assert!(h
         .refused(&["view-bogus", "vm1"])
-        .contains("unknown view macro"));
+        .contains("unknown macro view-bogus"));
     assert!(h
         .refused(&["log-rotate", "nosuch"])
         .contains("does not exist"));
@@ -127,6 +127,36 @@ fn view_shows_state_and_log_rotate_starts_a_new_logfile() {
     assert_eq!(h.view("size", "vm1"), (16 * MIB).to_string());
     assert_eq!(h.view("nbd-uri", "vm1"), h.unix_uri("vm1"));
     assert_eq!(h.view("nbd-tcp-uri", "vm1"), h.tcp_uri("vm1"));
+    // MARS's complex macros on a real daemon (their texts: crates/cli/src/macros/tests.rs).
+    let default = h.ok(&["view-default", "vm1"]);
+    assert!(
+        default
+            .lines()
+            .any(|l| l.starts_with("  vm1 [1/1] UpToDate Replicating ")
+                && l.ends_with(" Primary alpha ")),
+        "{default:?}"
+    );
+    assert_eq!(
+        h.ok(&["view-1and1", "vm1"]),
+        "  vm1 Uptodate Replicating -SFR- Primary alpha\n"
+    );
+    let all = h.ok(&["view-default", "all"]);
+    assert!(
+        all.starts_with("used-log-digest=\"CHKSUM_CRC32C\"\n"),
+        "{all}"
+    );
+    assert!(
+        all.contains("--------- resource vm1 16.000 MiB [1/1]\n"),
+        "{all}"
+    );
+    assert_eq!(h.view("todo-primary", "vm1"), "1");
+    assert_eq!(h.view("sync-percent", "vm1"), "100");
+    assert_eq!(h.view("resource-peers", "vm1"), "alpha");
+    assert_eq!(h.view("count-my-resources", "vm1"), "1");
+    assert_eq!(h.ok(&["view-wait-is-primary-on", "vm1"]), "");
+    assert!(h
+        .refused(&["view-rol", "vm1"])
+        .contains("did you mean view-role?"));
     let text = h.ok(&["view", "all"]);
     assert!(text.contains("vm1 [1/1] UpToDate Replicating"), "{text}");
     assert!(text.contains("--------- cluster"), "{text}");

@@ -252,6 +252,7 @@ async fn resource_view(
                 },
                 emergency: r.is_some_and(|r| r.emergency),
                 systemd_ok: meta.systemd.status.get(hn).map(|st| st.ok()),
+                disk_size_bytes: r.map(|r| r.disk_size),
                 sync: r.and_then(|r| r.sync.as_ref()).map(|y| Progress {
                     done: y.done,
                     total: y.size,
