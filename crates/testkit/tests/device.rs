@@ -428,3 +428,157 @@ fn resize_grow_with_ext4() {
 fn resize_grow_with_xfs_online() {
     resize_grow_with("xfs");
 }
+
+/// The loop device behind a host's `DEVICE_DIR/r` (the symlink's target), e.g. `/dev/loop3`.
+fn loop_of(dev: &Path) -> PathBuf {
+    std::fs::read_link(dev).unwrap_or_else(|e| panic!("{}: {e}", dev.display()))
+}
+
+/// Whether `/dev/loopN` is bound to a file.
+fn loop_bound(lo: &Path) -> bool {
+    let name = lo.file_name().expect("loop name").to_string_lossy();
+    Path::new("/sys/block")
+        .join(&*name)
+        .join("loop/backing_file")
+        .exists()
+}
+
+/// A loop device of somebody else, bound to a file of its own; detached when dropped.
+struct Foreign(PathBuf);
+
+impl Foreign {
+    /// Binds exactly `lo` (the number a crashed daemon's device had) to a new file in `dir`,
+    /// as the next loop device set up on the machine would.
+    fn take(lo: &Path, dir: &Path) -> Foreign {
+        let file = dir.join("foreign.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(MIB))
+            .expect("foreign file");
+        let mut last = String::new();
+        for _ in 0..100 {
+            let o = Command::new("losetup")
+                .arg(lo)
+                .arg(&file)
+                .output()
+                .expect("losetup");
+            if o.status.success() {
+                return Foreign(lo.to_path_buf());
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("cannot bind {}: {last}", lo.display());
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// What an operator does after `marsd` died under a mounted filesystem: a lazy unmount, then
+/// the loop device detached (its autoclear releases it once the filesystem is gone). Returns
+/// once the loop device is free, then hands its number to somebody else (the next loop device
+/// set up on the machine).
+fn operator_cleanup(mnt: &Path, lo: &Path, dir: &Path) -> Foreign {
+    run(Command::new("umount").arg("-l").arg(mnt));
+    eventually(30, "the crashed daemon's loop device is released", || {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(lo)
+            .stderr(std::process::Stdio::null())
+            .status();
+        !loop_bound(lo)
+    });
+    Foreign::take(lo, dir)
+}
+
+/// `e2fsck -n -f` of the device: clean.
+fn fsck_device(dev: &Path) {
+    fsck_clean("ext4", dev);
+}
+
+/// Issue 17: `marsd` killed on the primary while ext4 on its device is mounted, the operator
+/// cleans up (lazy umount, loop detached) and the loop number goes to somebody else. The
+/// restarted daemon serves the device again (it replaces its stale link, leaves the foreign
+/// loop device alone), both when it takes up the primary role again at once and when it
+/// returns after a failover and gets the role back by a handover. Each time the filesystem
+/// mounts with every file and is clean.
+#[test]
+fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
+    if !supported() || !require("mkfs.ext4") || !require("losetup") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, _da, _db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 20);
+    run(&mut Command::new("sync"));
+    let m1 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+
+    // 1. Crash while mounted; a is still the designated primary and takes the role up again.
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let foreign = operator_cleanup(&mnt, &lo, t.path());
+    a.start_again();
+    let dev_a = device(&a);
+    assert_ne!(loop_of(&dev_a), lo, "the foreign loop device is not taken over");
+    assert!(loop_bound(&lo), "the foreign loop device is left alone");
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m1, "the tree after the crash");
+    write_tree(&mnt, "second", 10);
+    run(&mut Command::new("sync"));
+    let m2 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+    drop(foreign);
+
+    // 2. Crash while mounted again; failover to b; a returns and gets the role back.
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let _foreign = operator_cleanup(&mnt, &lo, t.path());
+    b.ok(&["pause-fetch", "r"]);
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m2, "the tree after the failover");
+    write_tree(&mnt, "third", 10);
+    run(&mut Command::new("sync"));
+    let m3 = manifest(&mnt);
+    umount(&mnt);
+    a.start_again();
+    eventually(30, "a back as secondary", || {
+        a.view("role", "r") == "Secondary"
+    });
+    // Whatever a's ext4 wrote after b's last fetch (its journal) is a split brain: resolved
+    // as an operator would.
+    std::thread::sleep(Duration::from_secs(2));
+    if a.view("is-split-brain", "r") == "1" {
+        a.ok(&["invalidate", "r"]);
+    }
+    wait_uptodate(&a, "r", 120);
+    let out = a.ok(&["--timeout", "60", "primary", "r"]);
+    assert!(out.contains("primary now"), "{out}");
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m3, "the tree after the handover back");
+    umount(&mnt);
+    fsck_device(&dev_a);
+    // And a planned round trip: b and back to a, the device each time.
+    wait_uptodate(&b, "r", 60);
+    b.ok(&["--timeout", "60", "primary", "r"]);
+    device(&b);
+    wait_uptodate(&a, "r", 60);
+    a.ok(&["--timeout", "60", "primary", "r"]);
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m3, "the tree after the round trip");
+    umount(&mnt);
+    a.stop();
+    b.stop();
+}
