@@ -512,9 +512,12 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     }
     let t = tmp();
     let _m = Mounts(t.path().to_path_buf());
+    let start = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>6.1}s {what}", start.elapsed().as_secs_f64());
     let (mut a, mut b, _da, _db) = pair(t.path());
     let mnt = t.path().join("mnt");
     let dev_a = device(&a);
+    step("pair up");
     mkfs("ext4", &dev_a);
     mount(&dev_a, &mnt);
     write_tree(&mnt, "first", 20);
@@ -526,6 +529,7 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     let lo = loop_of(&dev_a);
     a.kill9();
     let foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("1: crashed, cleaned up, loop number reused");
     a.start_again();
     let dev_a = device(&a);
     assert_ne!(loop_of(&dev_a), lo, "the foreign loop device is not taken over");
@@ -537,11 +541,13 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     let m2 = manifest(&mnt);
     wait_uptodate(&b, "r", 60);
     drop(foreign);
+    step("1: device back");
 
     // 2. Crash while mounted again; failover to b; a returns and gets the role back.
     let lo = loop_of(&dev_a);
     a.kill9();
     let _foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("2: crashed, cleaned up, loop number reused");
     b.ok(&["pause-fetch", "r"]);
     b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     let dev_b = device(&b);
@@ -551,6 +557,7 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     run(&mut Command::new("sync"));
     let m3 = manifest(&mnt);
     umount(&mnt);
+    step("2: failed over to b");
     a.start_again();
     eventually(30, "a back as secondary", || {
         a.view("role", "r") == "Secondary"
@@ -562,6 +569,7 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
         a.ok(&["invalidate", "r"]);
     }
     wait_uptodate(&a, "r", 120);
+    step("2: a up to date");
     let out = a.ok(&["--timeout", "60", "primary", "r"]);
     assert!(out.contains("primary now"), "{out}");
     let dev_a = device(&a);
@@ -569,6 +577,7 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     assert_eq!(manifest(&mnt), m3, "the tree after the handover back");
     umount(&mnt);
     fsck_device(&dev_a);
+    step("2: handed back to a");
     // And a planned round trip: b and back to a, the device each time.
     wait_uptodate(&b, "r", 60);
     b.ok(&["--timeout", "60", "primary", "r"]);
@@ -579,6 +588,7 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     mount(&dev_a, &mnt);
     assert_eq!(manifest(&mnt), m3, "the tree after the round trip");
     umount(&mnt);
+    step("round trip");
     a.stop();
     b.stop();
 }
