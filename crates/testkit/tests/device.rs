@@ -592,3 +592,54 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     a.stop();
     b.stop();
 }
+
+/// Something that is not marsd's at `DEVICE_DIR/RES`: a handover to that host fails with the
+/// reason (the host holds the role and the data, `view` says what is missing), nothing of it is
+/// touched, and once it is gone the device comes by itself.
+#[test]
+fn a_promotion_that_cannot_set_up_its_device_fails_with_the_reason() {
+    if !supported() || !require("mkfs.ext4") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, _da, _db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 10);
+    run(&mut Command::new("sync"));
+    let m = manifest(&mnt);
+    umount(&mnt);
+    wait_uptodate(&b, "r", 60);
+    let blocker = t.path().join("b").join("dev").join("r");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not marsd's").unwrap();
+    let o = b.marsadm(&["--timeout", "60", "primary", "r"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "fails: {err}");
+    assert!(
+        err.contains("block device could not be set up") && err.contains("a regular file"),
+        "{err}"
+    );
+    assert_eq!(b.view("role", "r"), "Primary");
+    let view = b.ok(&["view", "r"]);
+    assert!(view.contains("not a device of marsd"), "{view}");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"not marsd's");
+    assert!(b.device("r").is_none());
+    // `primary` again says the same.
+    let o = b.marsadm(&["primary", "r"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("block device is missing"));
+    // The operator removes it: the device comes.
+    std::fs::remove_file(&blocker).unwrap();
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m);
+    umount(&mnt);
+    let view = b.ok(&["view", "r"]);
+    assert!(!view.contains("not a device of marsd"), "{view}");
+    a.stop();
+    b.stop();
+}
