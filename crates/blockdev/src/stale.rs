@@ -203,10 +203,7 @@ mod tests {
             Entry::Link(PathBuf::from("/dev/sda")),
             Entry::Link(PathBuf::from("loop3")),
         ] {
-            assert!(
-                matches!(judge(&e, None, own), Verdict::Foreign(_)),
-                "{e:?}"
-            );
+            assert!(matches!(judge(&e, None, own), Verdict::Foreign(_)), "{e:?}");
         }
     }
 }

@@ -790,8 +790,7 @@ fn legacy_loop_setup() {
 /// left alone); what is not ours at a device's path is refused and left alone.
 #[test]
 fn attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours() {
-    if skip("attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours") || !have("losetup")
-    {
+    if skip("attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours") || !have("losetup") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -818,7 +817,10 @@ fn attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours() {
         let _ = Command::new("losetup").arg("-d").arg(&loop_path).status();
     }
     let dev = dev.expect("attach over the leftovers");
-    assert_eq!(std::fs::read_link(dd.join("crash0")).unwrap(), dev.loop_path());
+    assert_eq!(
+        std::fs::read_link(dd.join("crash0")).unwrap(),
+        dev.loop_path()
+    );
     if took {
         assert_ne!(dev.loop_path(), loop_path);
         assert_eq!(
@@ -834,7 +836,10 @@ fn attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours() {
     // Not ours: a file, a link elsewhere. Refused with what it is, left as it was.
     std::fs::write(dd.join("file0"), b"mine").unwrap();
     std::os::unix::fs::symlink("/dev/null", dd.join("link0")).unwrap();
-    for (name, what) in [("file0", "a regular file"), ("link0", "a symbolic link to /dev/null")] {
+    for (name, what) in [
+        ("file0", "a regular file"),
+        ("link0", "a symbolic link to /dev/null"),
+    ] {
         let r = Device::attach(
             MemExport::new(8 << 20),
             dir.path(),

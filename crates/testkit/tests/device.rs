@@ -532,7 +532,11 @@ fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
     step("1: crashed, cleaned up, loop number reused");
     a.start_again();
     let dev_a = device(&a);
-    assert_ne!(loop_of(&dev_a), lo, "the foreign loop device is not taken over");
+    assert_ne!(
+        loop_of(&dev_a),
+        lo,
+        "the foreign loop device is not taken over"
+    );
     assert!(loop_bound(&lo), "the foreign loop device is left alone");
     mount(&dev_a, &mnt);
     assert_eq!(manifest(&mnt), m1, "the tree after the crash");
@@ -640,6 +644,82 @@ fn a_promotion_that_cannot_set_up_its_device_fails_with_the_reason() {
     umount(&mnt);
     let view = b.ok(&["view", "r"]);
     assert!(!view.contains("not a device of marsd"), "{view}");
+    a.stop();
+    b.stop();
+}
+
+/// Issue 17: the old primary crashes with writes its secondary never fetched (ext4 mounted),
+/// b takes over by force and writes, then stays idle; a returns, sees the split brain, gives
+/// up its history with `invalidate`, syncs fully and becomes up to date while b stays idle
+/// (the issue once saw it not become `UpToDate` within 5 minutes); then it takes the role
+/// back and serves b's filesystem.
+#[test]
+fn returning_primary_after_a_split_brain_syncs_and_is_up_to_date_while_idle() {
+    if !supported() || !require("mkfs.ext4") || !require("losetup") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let start = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>6.1}s {what}", start.elapsed().as_secs_f64());
+    let (mut a, mut b, da, db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 20);
+    run(&mut Command::new("sync"));
+    let m1 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+    // Writes b never sees, then a crash with the filesystem mounted.
+    b.ok(&["pause-fetch", "r"]);
+    write_tree(&mnt, "lost", 20);
+    run(&mut Command::new("sync"));
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let _foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("a crashed with unfetched writes");
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m1, "b holds what it fetched");
+    write_tree(&mnt, "second", 10);
+    run(&mut Command::new("sync"));
+    let m2 = manifest(&mnt);
+    umount(&mnt);
+    step("b primary, written, idle from now on");
+    a.start_again();
+    eventually(60, "a sees the split brain", || {
+        a.view("is-split-brain", "r") == "1"
+    });
+    step("a back, split brain");
+    a.ok(&["invalidate", "r"]);
+    eventually(300, "a's full sync is done", || {
+        a.view("diskstate", "r") != "InConsistent" && a.view("is-consistent", "r") == "1"
+    });
+    step("a consistent");
+    let o = a.marsadm(&["--timeout", "300", "wait-resource", "r", "uptodate"]);
+    step("a waited for up to date");
+    assert!(
+        o.status.success(),
+        "a not up to date within 5 minutes while b is idle: {}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        a.ok(&["view", "r"]),
+        b.ok(&["view", "r"]),
+        tail(&a.log_text(), 60)
+    );
+    assert_eq!(a.view("is-split-brain", "r"), "0");
+    eventually(30, "b written back", || {
+        b.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&db, &da, &b, &a);
+    a.ok(&["--timeout", "60", "primary", "r"]);
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m2, "a serves b's filesystem");
+    umount(&mnt);
+    fsck_device(&dev_a);
+    step("handed back to a");
     a.stop();
     b.stop();
 }

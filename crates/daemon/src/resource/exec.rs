@@ -201,8 +201,7 @@ impl Executor {
             Command::AttachDevice => {
                 let (sh, tuning) = (self.shared.clone(), self.env.tuning.clone());
                 let r = blocking(move || sh.attach_device(&tuning)).await;
-                self.queue
-                    .push_back(Event::Done(Done::DeviceAttached(r)));
+                self.queue.push_back(Event::Done(Done::DeviceAttached(r)));
             }
             Command::EnterPassthrough => {
                 let sh = self.shared.clone();

@@ -1836,7 +1836,10 @@ fn a_promotion_without_its_device_fails_and_the_device_is_retried() {
     w.sync();
     w.at(600);
     let c = w.ev(Event::Wake);
-    assert!(c.iter().any(|c| matches!(c, Command::Promote { .. })), "{c:?}");
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
     let why = "/dev/mars/r exists and is not a device of marsd (a regular file)";
     let c = w.ev(Event::Done(Done::VolumeOpened(Ok(Opened {
         stats: volume(LogPos::new(4, 0), &[(3, "a", 5), (4, "b", 0)]),
@@ -1847,7 +1850,11 @@ fn a_promotion_without_its_device_fails_and_the_device_is_retried() {
     assert!(published(&c).contains(&(keys::todo(&w.res.clone(), &h("b"), "fetch"), "1".into())));
     match &replies(&c)[..] {
         [(8, Err(e))] => {
-            assert!(e.msg.contains("block device could not be set up"), "{}", e.msg);
+            assert!(
+                e.msg.contains("block device could not be set up"),
+                "{}",
+                e.msg
+            );
             assert!(e.msg.contains(why), "{}", e.msg);
             assert_eq!(e.kind, crate::reason::OpErrorKind::Failed, "{e:?}");
         }
@@ -1864,14 +1871,21 @@ fn a_promotion_without_its_device_fails_and_the_device_is_retried() {
     assert_eq!(tries(&c), 1, "{c:?}");
     let c = w.ev(Event::Done(Done::DeviceAttached(Some(Err(why.into())))));
     assert_eq!(tries(&c), 0);
-    assert!(logs(&c).is_empty(), "the same reason is not logged again: {c:?}");
+    assert!(
+        logs(&c).is_empty(),
+        "the same reason is not logged again: {c:?}"
+    );
     w.at(1_900);
     assert_eq!(tries(&w.ev(Event::Wake)), 0, "backoff");
     w.at(200);
     assert_eq!(tries(&w.ev(Event::Wake)), 1);
-    let c = w.ev(Event::Done(Done::DeviceAttached(Some(Ok("/dev/mars/r".into())))));
+    let c = w.ev(Event::Done(Done::DeviceAttached(Some(Ok(
+        "/dev/mars/r".into()
+    )))));
     assert!(
-        logs(&c).iter().any(|l| l.contains("block device /dev/mars/r set up")),
+        logs(&c)
+            .iter()
+            .any(|l| l.contains("block device /dev/mars/r set up")),
         "{c:?}"
     );
     w.at(60_000);
@@ -1894,7 +1908,8 @@ fn primary_again_on_a_primary_without_its_device_fails_with_the_reason() {
     let c = w.ev(primary_op(3, false, false));
     match &replies(&c)[..] {
         [(3, Err(e))] => assert!(
-            e.msg.contains("block device is missing: no free loop device"),
+            e.msg
+                .contains("block device is missing: no free loop device"),
             "{}",
             e.msg
         ),
