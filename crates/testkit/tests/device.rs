@@ -693,9 +693,11 @@ fn returning_primary_after_a_split_brain_syncs_and_is_up_to_date_while_idle() {
         a.view("is-split-brain", "r") == "1"
     });
     step("a back, split brain");
+    let done = "full sync complete, the replica is consistent";
+    let before = a.log_text().matches(done).count();
     a.ok(&["invalidate", "r"]);
     eventually(300, "a's full sync is done", || {
-        a.view("diskstate", "r") != "InConsistent" && a.view("is-consistent", "r") == "1"
+        a.log_text().matches(done).count() > before
     });
     step("a consistent");
     let o = a.marsadm(&["--timeout", "300", "wait-resource", "r", "uptodate"]);
