@@ -27,10 +27,21 @@ pub enum BlockdevError {
     /// An option is out of range.
     #[error("invalid option: {0}")]
     InvalidOption(&'static str),
-    /// The device node (or the private FUSE mount point) already exists; an earlier run may
-    /// have crashed, see [`cleanup_stale`](crate::cleanup_stale).
-    #[error("{0} already exists (leftover of a crashed run? see cleanup_stale)")]
+    /// A live device of this name is served from this device directory already (its FUSE
+    /// mount answers): another process (or a leaked [`Device`]) has it. Leftovers of a crashed
+    /// run are not this error: [`Device::attach`] replaces them.
+    #[error("{0} is a live block device already (served by another process with the same device directory?)")]
     AlreadyExists(PathBuf),
+    /// Something that is not a device of ours stands at the device's path (a file, a
+    /// directory, a device node, a link elsewhere, another filesystem mounted at the private
+    /// mount point): it is left alone.
+    #[error("{path} exists and is not a device of marsd ({what}): remove it or use another device directory")]
+    Foreign {
+        /// The path in the device directory.
+        path: PathBuf,
+        /// What stands there.
+        what: String,
+    },
     /// The block device is open (a mounted filesystem, a process holding it open, a
     /// device-mapper table, ...): it was left alone.
     #[error("block device {device} is in use ({users} user(s))")]

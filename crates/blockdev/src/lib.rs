@@ -93,6 +93,7 @@ mod error;
 mod fs;
 mod loopdev;
 mod mounts;
+mod stale;
 mod usage;
 
 use std::ffi::OsString;
@@ -239,8 +240,11 @@ impl Device {
     /// `/dev/loopN`). `dev_dir` is created if missing; the FUSE mount point is
     /// `<dev_dir>/.fuse-<name>`.
     ///
-    /// Fails with [`BlockdevError::AlreadyExists`] if the node or mount exists (see
-    /// [`cleanup_stale`]). On failure everything created so far is removed again.
+    /// What a crashed run of ours left at `<dev_dir>/<name>` and `<dev_dir>/.fuse-<name>` (a
+    /// dead FUSE mount, a link to a loop device that is unbound or was reused by somebody
+    /// else) is replaced. Fails with [`BlockdevError::AlreadyExists`] if a live device of this
+    /// name is mounted there (another process), with [`BlockdevError::Foreign`] if something
+    /// that is not ours stands there. On failure everything created so far is removed again.
     pub fn attach(
         export: Arc<dyn Export>,
         dev_dir: &Path,
@@ -260,13 +264,13 @@ impl Device {
         let dev_dir =
             std::fs::canonicalize(dev_dir).map_err(|e| BlockdevError::io("resolve", dev_dir, e))?;
         let node = dev_dir.join(name);
-        if node.symlink_metadata().is_ok() {
-            return Err(BlockdevError::AlreadyExists(node));
-        }
         let mount_point = dev_dir.join(format!("{}{name}", mounts::MOUNT_PREFIX));
-        if mounts::mount_at(&mount_point).is_some() {
+        // Leftovers of a crashed run of ours are replaced, a live device of this name and
+        // anything not ours refused (see `stale.rs`).
+        if stale::clear_mount(&mount_point)? {
             return Err(BlockdevError::AlreadyExists(mount_point));
         }
+        stale::clear_node(&node, &mount_point.join(name))?;
         match std::fs::DirBuilder::new().mode(0o700).create(&mount_point) {
             Ok(()) => {}
             // An empty directory left behind is fine to reuse; a non-empty one makes the
@@ -276,7 +280,10 @@ impl Device {
                     .map(|mut d| d.next().is_none())
                     .unwrap_or(false);
                 if !empty {
-                    return Err(BlockdevError::AlreadyExists(mount_point));
+                    return Err(BlockdevError::Foreign {
+                        path: mount_point,
+                        what: "a directory that is not empty".into(),
+                    });
                 }
             }
             Err(e) => return Err(BlockdevError::io("create directory", &mount_point, e)),
@@ -687,35 +694,15 @@ pub fn cleanup_stale(dev_dir: &Path) -> Result<CleanupReport, BlockdevError> {
     };
     let all = mounts::mounts().map_err(|e| BlockdevError::io("read", "/proc/self/mountinfo", e))?;
     // A mount point may carry several stacked mounts; handle each (the last is on top).
-    let stale: Vec<_> = all
+    let dead: Vec<_> = all
         .into_iter()
         .rev()
         .filter(|m| m.is_ours() && in_dev_dir(&m.mount_point))
         .collect();
-    for m in &stale {
-        if let Err(e) = mounts::abort_connection(m.dev) {
-            tracing::warn!(mount_point = %m.mount_point.display(), error = %e,
-                "could not abort FUSE connection");
-        }
-        for n in loopdev::all_loop_numbers() {
-            if !loopdev::backing_file(n).is_some_and(|f| f.starts_with(&m.mount_point)) {
-                continue;
-            }
-            match loopdev::unbind_number(n) {
-                Ok(true) => report.loops_unbound.push(n),
-                Ok(false) => report.loops_busy.push(n),
-                Err(e) => {
-                    tracing::warn!(device = n, error = %e, "could not unbind loop device");
-                    report.loops_busy.push(n);
-                }
-            }
-        }
-        mounts::unmount(&m.mount_point, Duration::from_millis(500), true).map_err(|source| {
-            BlockdevError::Unmount {
-                path: m.mount_point.clone(),
-                source,
-            }
-        })?;
+    for m in &dead {
+        let (unbound, busy) = stale::remove_dead_mount(m)?;
+        report.loops_unbound.extend(unbound);
+        report.loops_busy.extend(busy);
         report.mounts.push(m.mount_point.clone());
     }
 
@@ -733,24 +720,28 @@ pub fn cleanup_stale(dev_dir: &Path) -> Result<CleanupReport, BlockdevError> {
             }
             continue;
         }
-        let Ok(target) = std::fs::read_link(&path) else {
+        // Every link of ours is a leftover here: no device of this directory is alive.
+        let Ok(entry) = stale::entry(&path) else {
             continue;
         };
-        let Some(n) = loop_number_of(&target) else {
-            continue;
+        let backing = match &entry {
+            stale::Entry::Link(t) => loop_number_of(t).and_then(loopdev::backing_file),
+            _ => None,
         };
-        // Ours if the loop device it points to is unbound (dangling) or still bound to the
-        // FUSE file of this name, which no live Device can own at this point.
         let own_backing = dev_dir
             .join(format!("{}{name}", mounts::MOUNT_PREFIX))
             .join(&name);
-        let stale_node = match loopdev::backing_file(n) {
-            None => true,
-            Some(f) => f == own_backing || report.loops_busy.contains(&n),
-        };
-        if stale_node {
-            std::fs::remove_file(&path).map_err(|e| BlockdevError::io("remove", &path, e))?;
-            report.nodes.push(path);
+        match stale::judge(&entry, backing.as_deref(), &own_backing) {
+            stale::Verdict::Absent => {}
+            stale::Verdict::Stale(why) => {
+                std::fs::remove_file(&path).map_err(|e| BlockdevError::io("remove", &path, e))?;
+                tracing::debug!(node = %path.display(), "stale device link: {why}");
+                report.nodes.push(path);
+            }
+            // Not ours: left alone (an attach of this name refuses it with the reason).
+            stale::Verdict::Foreign(what) => {
+                tracing::debug!(path = %path.display(), "not a device link of ours: {what}");
+            }
         }
     }
     if report != CleanupReport::default() {

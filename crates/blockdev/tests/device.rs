@@ -519,19 +519,16 @@ fn crash_child() {
     panic!("crash_child was not killed");
 }
 
-#[test]
-fn cleanup_after_crash() {
-    if skip("cleanup_after_crash") {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
+/// Runs `crash_child` in `dir`, SIGKILLs it and waits until its loop device auto-cleared;
+/// returns that loop device. Left behind: a dead FUSE mount and the node.
+fn crash_a_child(dir: &Path) -> PathBuf {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
-        .env(CRASH_ENV, dir.path())
+        .env(CRASH_ENV, dir)
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let ready = dir.path().join("ready");
+    let ready = dir.join("ready");
     let start = Instant::now();
     while !ready.exists() {
         assert!(
@@ -557,6 +554,16 @@ fn cleanup_after_crash() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    loop_path
+}
+
+#[test]
+fn cleanup_after_crash() {
+    if skip("cleanup_after_crash") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let loop_path = crash_a_child(dir.path());
     let dd = dir.path().canonicalize().unwrap();
     assert!(
         mounted(&dd.join(".fuse-crash0")),
@@ -776,4 +783,83 @@ fn legacy_loop_setup() {
     let loop_path = dev.loop_path();
     dev.detach().map_err(|e| e.error).unwrap();
     assert_gone(dir.path(), "old0", &loop_path);
+}
+
+/// What a crash left is replaced by the next attach itself (no `cleanup_stale` first), also
+/// when the loop device its node pointed to was reused by somebody else meanwhile (that one is
+/// left alone); what is not ours at a device's path is refused and left alone.
+#[test]
+fn attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours() {
+    if skip("attach_replaces_what_a_crash_left_and_refuses_what_is_not_ours") || !have("losetup") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let loop_path = crash_a_child(dir.path());
+    // The next loop device set up on the machine takes the number.
+    let foreign = dir.path().join("foreign.img");
+    std::fs::write(&foreign, vec![7u8; 1 << 20]).unwrap();
+    // (A test running in parallel may have taken it first: the same case.)
+    let took = Command::new("losetup")
+        .arg(&loop_path)
+        .arg(&foreign)
+        .status()
+        .is_ok_and(|s| s.success());
+    let dd = dir.path().canonicalize().unwrap();
+    assert_eq!(std::fs::read_link(dd.join("crash0")).unwrap(), loop_path);
+    let dev = Device::attach(
+        MemExport::new(8 << 20),
+        dir.path(),
+        "crash0",
+        &DeviceOptions::default(),
+    );
+    let bound = backing_file(&loop_path);
+    if took {
+        let _ = Command::new("losetup").arg("-d").arg(&loop_path).status();
+    }
+    let dev = dev.expect("attach over the leftovers");
+    assert_eq!(
+        std::fs::read_link(dd.join("crash0")).unwrap(),
+        dev.loop_path()
+    );
+    if took {
+        assert_ne!(dev.loop_path(), loop_path);
+        assert_eq!(
+            bound.as_deref().map(str::trim),
+            foreign.canonicalize().unwrap().to_str(),
+            "the foreign loop device is left alone"
+        );
+    }
+    let new_loop = dev.loop_path();
+    dev.detach().map_err(|e| e.error).unwrap();
+    assert_gone(dir.path(), "crash0", &new_loop);
+
+    // Not ours: a file, a link elsewhere. Refused with what it is, left as it was.
+    std::fs::write(dd.join("file0"), b"mine").unwrap();
+    std::os::unix::fs::symlink("/dev/null", dd.join("link0")).unwrap();
+    for (name, what) in [
+        ("file0", "a regular file"),
+        ("link0", "a symbolic link to /dev/null"),
+    ] {
+        let r = Device::attach(
+            MemExport::new(8 << 20),
+            dir.path(),
+            name,
+            &DeviceOptions::default(),
+        );
+        match r {
+            Err(e @ BlockdevError::Foreign { .. }) => {
+                assert!(e.to_string().contains(what), "{e}");
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+        assert!(!mounted(&dd.join(format!(".fuse-{name}"))));
+    }
+    assert_eq!(std::fs::read(dd.join("file0")).unwrap(), b"mine");
+    assert_eq!(
+        std::fs::read_link(dd.join("link0")).unwrap(),
+        Path::new("/dev/null")
+    );
+    // cleanup_stale leaves them alone too.
+    assert_eq!(cleanup_stale(dir.path()).unwrap(), Default::default());
+    assert!(dd.join("file0").exists() && dd.join("link0").symlink_metadata().is_ok());
 }

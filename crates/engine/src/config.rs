@@ -49,6 +49,9 @@ pub struct Timing {
     pub setup_wait: u64,
     /// Opening the volume of a designated primary is retried this often after a failure.
     pub attach_retry: u64,
+    /// A primary whose local block device could not be set up tries again, first after
+    /// `attach_retry`, doubling up to this.
+    pub device_retry_max: u64,
 }
 
 impl Timing {
@@ -71,6 +74,7 @@ impl Timing {
             busy_tick: 250,
             setup_wait: 5_000,
             attach_retry: 1_000,
+            device_retry_max: 30_000,
         }
     }
 }

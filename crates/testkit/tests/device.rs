@@ -428,3 +428,300 @@ fn resize_grow_with_ext4() {
 fn resize_grow_with_xfs_online() {
     resize_grow_with("xfs");
 }
+
+/// The loop device behind a host's `DEVICE_DIR/r` (the symlink's target), e.g. `/dev/loop3`.
+fn loop_of(dev: &Path) -> PathBuf {
+    std::fs::read_link(dev).unwrap_or_else(|e| panic!("{}: {e}", dev.display()))
+}
+
+/// Whether `/dev/loopN` is bound to a file.
+fn loop_bound(lo: &Path) -> bool {
+    let name = lo.file_name().expect("loop name").to_string_lossy();
+    Path::new("/sys/block")
+        .join(&*name)
+        .join("loop/backing_file")
+        .exists()
+}
+
+/// A loop device of somebody else, bound to a file of its own; detached when dropped.
+struct Foreign(PathBuf);
+
+impl Foreign {
+    /// Binds exactly `lo` (the number a crashed daemon's device had) to a new file in `dir`,
+    /// as the next loop device set up on the machine would.
+    fn take(lo: &Path, dir: &Path) -> Foreign {
+        let file = dir.join("foreign.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(MIB))
+            .expect("foreign file");
+        let mut last = String::new();
+        for _ in 0..100 {
+            let o = Command::new("losetup")
+                .arg(lo)
+                .arg(&file)
+                .output()
+                .expect("losetup");
+            if o.status.success() {
+                return Foreign(lo.to_path_buf());
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("cannot bind {}: {last}", lo.display());
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// What an operator does after `marsd` died under a mounted filesystem: a lazy unmount, then
+/// the loop device detached (its autoclear releases it once the filesystem is gone). Returns
+/// once the loop device is free, then hands its number to somebody else (the next loop device
+/// set up on the machine).
+fn operator_cleanup(mnt: &Path, lo: &Path, dir: &Path) -> Foreign {
+    run(Command::new("umount").arg("-l").arg(mnt));
+    eventually(30, "the crashed daemon's loop device is released", || {
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(lo)
+            .stderr(std::process::Stdio::null())
+            .status();
+        !loop_bound(lo)
+    });
+    Foreign::take(lo, dir)
+}
+
+/// `e2fsck -n -f` of the device: clean.
+fn fsck_device(dev: &Path) {
+    fsck_clean("ext4", dev);
+}
+
+/// Issue 17: `marsd` killed on the primary while ext4 on its device is mounted, the operator
+/// cleans up (lazy umount, loop detached) and the loop number goes to somebody else. The
+/// restarted daemon serves the device again (it replaces its stale link, leaves the foreign
+/// loop device alone), both when it takes up the primary role again at once and when it
+/// returns after a failover and gets the role back by a handover. Each time the filesystem
+/// mounts with every file and is clean.
+#[test]
+fn device_comes_back_after_marsd_crash_with_a_mounted_filesystem() {
+    if !supported() || !require("mkfs.ext4") || !require("losetup") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let start = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>6.1}s {what}", start.elapsed().as_secs_f64());
+    let (mut a, mut b, _da, _db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    step("pair up");
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 20);
+    run(&mut Command::new("sync"));
+    let m1 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+
+    // 1. Crash while mounted; a is still the designated primary and takes the role up again.
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("1: crashed, cleaned up, loop number reused");
+    a.start_again();
+    let dev_a = device(&a);
+    assert_ne!(
+        loop_of(&dev_a),
+        lo,
+        "the foreign loop device is not taken over"
+    );
+    assert!(loop_bound(&lo), "the foreign loop device is left alone");
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m1, "the tree after the crash");
+    write_tree(&mnt, "second", 10);
+    run(&mut Command::new("sync"));
+    let m2 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+    drop(foreign);
+    step("1: device back");
+
+    // 2. Crash while mounted again; failover to b; a returns and gets the role back.
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let _foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("2: crashed, cleaned up, loop number reused");
+    b.ok(&["pause-fetch", "r"]);
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m2, "the tree after the failover");
+    write_tree(&mnt, "third", 10);
+    run(&mut Command::new("sync"));
+    let m3 = manifest(&mnt);
+    umount(&mnt);
+    step("2: failed over to b");
+    a.start_again();
+    eventually(30, "a back as secondary", || {
+        a.view("role", "r") == "Secondary"
+    });
+    // Whatever a's ext4 wrote after b's last fetch (its journal) is a split brain: resolved
+    // as an operator would.
+    std::thread::sleep(Duration::from_secs(2));
+    if a.view("is-split-brain", "r") == "1" {
+        a.ok(&["invalidate", "r"]);
+    }
+    wait_uptodate(&a, "r", 120);
+    step("2: a up to date");
+    let out = a.ok(&["--timeout", "60", "primary", "r"]);
+    assert!(out.contains("primary now"), "{out}");
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m3, "the tree after the handover back");
+    umount(&mnt);
+    fsck_device(&dev_a);
+    step("2: handed back to a");
+    // And a planned round trip: b and back to a, the device each time.
+    wait_uptodate(&b, "r", 60);
+    b.ok(&["--timeout", "60", "primary", "r"]);
+    device(&b);
+    wait_uptodate(&a, "r", 60);
+    a.ok(&["--timeout", "60", "primary", "r"]);
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m3, "the tree after the round trip");
+    umount(&mnt);
+    step("round trip");
+    a.stop();
+    b.stop();
+}
+
+/// Something that is not marsd's at `DEVICE_DIR/RES`: a handover to that host fails with the
+/// reason (the host holds the role and the data, `view` says what is missing), nothing of it is
+/// touched, and once it is gone the device comes by itself.
+#[test]
+fn a_promotion_that_cannot_set_up_its_device_fails_with_the_reason() {
+    if !supported() || !require("mkfs.ext4") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let (mut a, mut b, _da, _db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 10);
+    run(&mut Command::new("sync"));
+    let m = manifest(&mnt);
+    umount(&mnt);
+    wait_uptodate(&b, "r", 60);
+    let blocker = t.path().join("b").join("dev").join("r");
+    std::fs::create_dir_all(blocker.parent().unwrap()).unwrap();
+    std::fs::write(&blocker, b"not marsd's").unwrap();
+    let o = b.marsadm(&["--timeout", "60", "primary", "r"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "fails: {err}");
+    assert!(
+        err.contains("block device could not be set up") && err.contains("a regular file"),
+        "{err}"
+    );
+    assert_eq!(b.view("role", "r"), "Primary");
+    let view = b.ok(&["view", "r"]);
+    assert!(view.contains("not a device of marsd"), "{view}");
+    assert_eq!(std::fs::read(&blocker).unwrap(), b"not marsd's");
+    assert!(b.device("r").is_none());
+    // `primary` again says the same.
+    let o = b.marsadm(&["primary", "r"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("block device is missing"));
+    // The operator removes it: the device comes.
+    std::fs::remove_file(&blocker).unwrap();
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m);
+    umount(&mnt);
+    let view = b.ok(&["view", "r"]);
+    assert!(!view.contains("not a device of marsd"), "{view}");
+    a.stop();
+    b.stop();
+}
+
+/// Issue 17: the old primary crashes with writes its secondary never fetched (ext4 mounted),
+/// b takes over by force and writes, then stays idle; a returns, sees the split brain, gives
+/// up its history with `invalidate`, syncs fully and becomes up to date while b stays idle
+/// (the issue once saw it not become `UpToDate` within 5 minutes); then it takes the role
+/// back and serves b's filesystem.
+#[test]
+fn returning_primary_after_a_split_brain_syncs_and_is_up_to_date_while_idle() {
+    if !supported() || !require("mkfs.ext4") || !require("losetup") {
+        return;
+    }
+    let t = tmp();
+    let _m = Mounts(t.path().to_path_buf());
+    let start = std::time::Instant::now();
+    let step = |what: &str| eprintln!("{:>6.1}s {what}", start.elapsed().as_secs_f64());
+    let (mut a, mut b, da, db) = pair(t.path());
+    let mnt = t.path().join("mnt");
+    let dev_a = device(&a);
+    mkfs("ext4", &dev_a);
+    mount(&dev_a, &mnt);
+    write_tree(&mnt, "first", 20);
+    run(&mut Command::new("sync"));
+    let m1 = manifest(&mnt);
+    wait_uptodate(&b, "r", 60);
+    // Writes b never sees, then a crash with the filesystem mounted.
+    b.ok(&["pause-fetch", "r"]);
+    write_tree(&mnt, "lost", 20);
+    run(&mut Command::new("sync"));
+    let lo = loop_of(&dev_a);
+    a.kill9();
+    let _foreign = operator_cleanup(&mnt, &lo, t.path());
+    step("a crashed with unfetched writes");
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
+    let dev_b = device(&b);
+    mount(&dev_b, &mnt);
+    assert_eq!(manifest(&mnt), m1, "b holds what it fetched");
+    write_tree(&mnt, "second", 10);
+    run(&mut Command::new("sync"));
+    let m2 = manifest(&mnt);
+    umount(&mnt);
+    step("b primary, written, idle from now on");
+    a.start_again();
+    eventually(60, "a sees the split brain", || {
+        a.view("is-split-brain", "r") == "1"
+    });
+    step("a back, split brain");
+    let done = "full sync complete, the replica is consistent";
+    let before = a.log_text().matches(done).count();
+    a.ok(&["invalidate", "r"]);
+    eventually(300, "a's full sync is done", || {
+        a.log_text().matches(done).count() > before
+    });
+    step("a consistent");
+    let o = a.marsadm(&["--timeout", "300", "wait-resource", "r", "uptodate"]);
+    step("a waited for up to date");
+    assert!(
+        o.status.success(),
+        "a not up to date within 5 minutes while b is idle: {}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        a.ok(&["view", "r"]),
+        b.ok(&["view", "r"]),
+        tail(&a.log_text(), 60)
+    );
+    assert_eq!(a.view("is-split-brain", "r"), "0");
+    eventually(30, "b written back", || {
+        b.view("diskstate", "r") == "UpToDate"
+    });
+    assert_equal(&db, &da, &b, &a);
+    a.ok(&["--timeout", "60", "primary", "r"]);
+    let dev_a = device(&a);
+    mount(&dev_a, &mnt);
+    assert_eq!(manifest(&mnt), m2, "a serves b's filesystem");
+    umount(&mnt);
+    fsck_device(&dev_a);
+    step("handed back to a");
+    a.stop();
+    b.stop();
+}

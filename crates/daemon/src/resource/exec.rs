@@ -198,6 +198,11 @@ impl Executor {
                 })
                 .await;
             }
+            Command::AttachDevice => {
+                let (sh, tuning) = (self.shared.clone(), self.env.tuning.clone());
+                let r = blocking(move || sh.attach_device(&tuning)).await;
+                self.queue.push_back(Event::Done(Done::DeviceAttached(r)));
+            }
             Command::EnterPassthrough => {
                 let sh = self.shared.clone();
                 let r = blocking(move || -> Result<(), String> {

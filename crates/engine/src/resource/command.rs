@@ -174,6 +174,9 @@ pub enum Command {
     },
     /// The resource grew: the device (if any) follows.
     SetSize(u64),
+    /// Sets up the local block device of the open volume again (the last try failed).
+    /// → `Done::DeviceAttached`.
+    AttachDevice,
     /// Emergency mode: writes bypass the log. → `Done::Passthrough`.
     EnterPassthrough,
     /// Leaves emergency mode: the log continues after a hole. → `Done::LogRestarted`.

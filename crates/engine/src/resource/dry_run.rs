@@ -124,6 +124,7 @@ impl ResourceEngine {
             Command::Teardown { .. } => {
                 format!("close {res} here and delete its directory, logfiles and this host's keys")
             }
+            Command::AttachDevice => "set up the block device again".to_string(),
             Command::Reply { .. } | Command::Log { .. } => return None,
             other => format!("{other:?}"),
         })

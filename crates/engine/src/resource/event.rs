@@ -252,6 +252,9 @@ pub enum Done {
     },
     /// [`super::Command::ReclaimLogs`] / [`super::Command::DropCopiesBelow`]: what was deleted.
     Reclaimed { removed: Vec<String> },
+    /// [`super::Command::AttachDevice`]: the device's path, or why it could not be set up
+    /// (`None`: no volume open any more, or no device wanted).
+    DeviceAttached(Option<Result<String, String>>),
 }
 
 /// An operator request for this resource.

@@ -433,6 +433,7 @@ impl ResourceEngine {
                 size,
                 result,
             } => self.on_grown(reply, size, result),
+            Done::DeviceAttached(r) => self.on_device_attached(r),
             Done::Reclaimed { removed } => {
                 if let Local::Primary(p) = &mut self.local {
                     p.reclaiming = false;
@@ -604,7 +605,10 @@ impl ResourceEngine {
                 self.fenced = false;
                 let passthrough = o.stats.passthrough;
                 self.stats.volume = Some(o.stats);
-                self.local = Local::Primary(Primary::new(o.device, passthrough));
+                let mut p = Primary::new(o.device, passthrough);
+                // A device that could not be set up is tried again after a while.
+                p.device_retry_at = self.now.ms + self.cfg.timing.attach_retry;
+                self.local = Local::Primary(p);
             }
             Err(f) => {
                 let state = match f {

@@ -20,10 +20,17 @@ pub(super) struct Primary {
     pub reclaiming: bool,
     /// The floor the last `ReclaimLogs` was given.
     pub reclaimed_to: u64,
+    /// An `AttachDevice` is running.
+    pub device_busy: bool,
+    /// Failed tries to set the device up since the last success (the backoff grows with them).
+    pub device_failures: u32,
+    /// When the device is tried again.
+    pub device_retry_at: u64,
 }
 
 impl Primary {
     pub fn new(device: Option<Result<String, String>>, passthrough: bool) -> Primary {
+        let failed = matches!(device, Some(Err(_)));
         Primary {
             device,
             passthrough,
@@ -31,6 +38,9 @@ impl Primary {
             remains_logged: false,
             reclaiming: false,
             reclaimed_to: 0,
+            device_busy: false,
+            device_failures: u32::from(failed),
+            device_retry_at: 0,
         }
     }
 
@@ -39,9 +49,25 @@ impl Primary {
     pub fn device_present(&self, local_device: bool) -> bool {
         !local_device || matches!(self.device, Some(Ok(_)))
     }
+
+    /// Why the local block device is missing, when setting it up failed.
+    pub fn device_error(&self) -> Option<&str> {
+        match &self.device {
+            Some(Err(e)) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl ResourceEngine {
+    /// Why this primary serves no local block device, when setting it up failed.
+    pub(super) fn device_error(&self) -> Option<String> {
+        match &self.local {
+            Local::Primary(p) => p.device_error().map(str::to_owned),
+            _ => None,
+        }
+    }
+
     pub(super) fn primary(&mut self) -> Option<&mut Primary> {
         match &mut self.local {
             Local::Primary(p) => Some(p),
@@ -97,6 +123,9 @@ impl ResourceEngine {
         self.set_fenced(false);
         self.emergency();
         let todo = self.todo();
+        if todo.attach {
+            self.retry_device();
+        }
         if !todo.attach && self.stats.open_count == 0 && self.stats_fresh() {
             self.log(Level::Info, "detaching");
             self.local = Local::Busy(Busy::Closing);
@@ -163,6 +192,57 @@ impl ResourceEngine {
         self.local = Local::Busy(Busy::SteppingDown(p));
         let size = self.size;
         self.emit(Command::StepDown { size });
+    }
+
+    /// The designated primary serves no block device because setting it up failed (e.g.
+    /// something that is not ours stands at its path): try again, with a growing backoff, so
+    /// that the device comes back by itself once the cause is gone. The command that made
+    /// this host primary has already failed with the reason; `view` shows it meanwhile.
+    fn retry_device(&mut self) {
+        let now = self.now.ms;
+        let Some(p) = self.primary() else { return };
+        if p.device_busy || p.device_error().is_none() {
+            return;
+        }
+        if now < p.device_retry_at {
+            let at = p.device_retry_at;
+            self.wake_at(at);
+            return;
+        }
+        p.device_busy = true;
+        self.emit(Command::AttachDevice);
+    }
+
+    pub(super) fn on_device_attached(&mut self, r: Option<Result<String, String>>) {
+        let now = self.now.ms;
+        let (first, max) = (
+            self.cfg.timing.attach_retry,
+            self.cfg.timing.device_retry_max,
+        );
+        let Some(p) = self.primary() else { return };
+        p.device_busy = false;
+        let Some(r) = r else { return };
+        let msg = match &r {
+            Ok(path) => {
+                let tries = std::mem::take(&mut p.device_failures);
+                Some((
+                    Level::Info,
+                    format!("block device {path} set up (after {tries} failed tries)"),
+                ))
+            }
+            Err(e) => {
+                // Logged when the reason changes, not at every try.
+                let changed = p.device_error() != Some(e.as_str());
+                p.device_failures = p.device_failures.saturating_add(1);
+                let shift = (p.device_failures - 1).min(16);
+                p.device_retry_at = now + first.saturating_mul(1 << shift).min(max);
+                changed.then(|| (Level::Error, format!("cannot set up the block device: {e}")))
+            }
+        };
+        p.device = Some(r);
+        if let Some((level, text)) = msg {
+            self.log(level, text);
+        }
     }
 
     pub(super) fn on_step_down_failed(&mut self, e: String) {

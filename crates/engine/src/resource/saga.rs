@@ -139,7 +139,14 @@ impl ResourceEngine {
                 )
             };
             self.publish(set, Vec::new());
-            self.reply(id, Ok(msg));
+            let result = match self.device_error() {
+                Some(e) => Err(OpError::failed(format!(
+                    "{msg}, but its block device is missing: {e} (marsd tries again; see \
+                     `marsadm view {res}`)"
+                ))),
+                None => Ok(msg),
+            };
+            self.reply(id, result);
             return;
         }
         let todo = self.todo();
@@ -674,12 +681,30 @@ impl ResourceEngine {
             Phase::WaitPromoted { forced } => {
                 if self.is_primary() {
                     if forced {
-                        // As in MARS (since stable113): fetching resumes by itself, for when
-                        // this host is a secondary again.
                         self.publish(
                             vec![(keys::todo(&res, &me, "fetch"), "1".into())],
                             Vec::new(),
                         );
+                    }
+                    // As MARS's `primary` waits for the device and aborts on the error the
+                    // kernel reports: the role is taken (the data is here, the designation
+                    // stays), but the command did not deliver what it promises.
+                    if let Some(e) = self.device_error() {
+                        self.log(
+                            Level::Error,
+                            format!("primary now, but without the block device: {e}"),
+                        );
+                        return Step::Done(
+                            s.id,
+                            Err(OpError::failed(format!(
+                                "{me} is the primary of {res} now, but its block device could \
+                                 not be set up: {e} (marsd tries again; see `marsadm view {res}`)"
+                            ))),
+                        );
+                    }
+                    if forced {
+                        // As in MARS (since stable113): fetching resumes by itself, for when
+                        // this host is a secondary again (published above).
                         let others: Vec<String> = crate::roles::actual_primaries(&self.meta, &me)
                             .filter(|h| self.alive(h))
                             .map(ToString::to_string)

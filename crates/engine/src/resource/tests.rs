@@ -1818,3 +1818,101 @@ fn a_forced_switch_past_a_reachable_ahead_primary_needs_confirmation() {
     let c = w.ev(primary_op(11, true, false));
     assert!(replies(&c).is_empty(), "{c:?}");
 }
+
+// ---------------------------------------------------------------- the local block device
+
+/// Issue 17: a promotion whose block device cannot be set up is not a success. The role is
+/// taken (the data is here, the designation stays, as in MARS), the command fails with the
+/// reason, and the engine tries the device again with a growing backoff until it is there.
+#[test]
+fn a_promotion_without_its_device_fails_and_the_device_is_retried() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 5)));
+    fetching(&mut w, &[(3, "a", 5, false)], LogPos::new(3, 5));
+    let k = keys::todo(&w.res.clone(), &h("b"), "fetch");
+    w.set(&k, "0");
+    w.sync();
+    w.ev(primary_op(8, true, true));
+    w.sync();
+    w.at(600);
+    let c = w.ev(Event::Wake);
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+    let why = "/dev/mars/r exists and is not a device of marsd (a regular file)";
+    let c = w.ev(Event::Done(Done::VolumeOpened(Ok(Opened {
+        stats: volume(LogPos::new(4, 0), &[(3, "a", 5), (4, "b", 0)]),
+        restarted_at: None,
+        device: Some(Err(why.into())),
+    }))));
+    // Fetching resumes as after any forced switch; the reply is a failure with the reason.
+    assert!(published(&c).contains(&(keys::todo(&w.res.clone(), &h("b"), "fetch"), "1".into())));
+    match &replies(&c)[..] {
+        [(8, Err(e))] => {
+            assert!(
+                e.msg.contains("block device could not be set up"),
+                "{}",
+                e.msg
+            );
+            assert!(e.msg.contains(why), "{}", e.msg);
+            assert_eq!(e.kind, crate::reason::OpErrorKind::Failed, "{e:?}");
+        }
+        r => panic!("{r:?}"),
+    }
+    assert!(w.e.is_primary(), "the role is taken: the data is here");
+    // The device is tried again after 1 s, then 2 s, 4 s … (a changed reason is logged).
+    let tries = |c: &[Command]| c.iter().filter(|c| **c == Command::AttachDevice).count();
+    assert_eq!(tries(&c), 0, "{c:?}");
+    w.at(900);
+    assert_eq!(tries(&w.ev(Event::Wake)), 0, "backoff");
+    w.at(100);
+    let c = w.ev(Event::Wake);
+    assert_eq!(tries(&c), 1, "{c:?}");
+    let c = w.ev(Event::Done(Done::DeviceAttached(Some(Err(why.into())))));
+    assert_eq!(tries(&c), 0);
+    assert!(
+        logs(&c).is_empty(),
+        "the same reason is not logged again: {c:?}"
+    );
+    w.at(1_900);
+    assert_eq!(tries(&w.ev(Event::Wake)), 0, "backoff");
+    w.at(200);
+    assert_eq!(tries(&w.ev(Event::Wake)), 1);
+    let c = w.ev(Event::Done(Done::DeviceAttached(Some(Ok(
+        "/dev/mars/r".into()
+    )))));
+    assert!(
+        logs(&c)
+            .iter()
+            .any(|l| l.contains("block device /dev/mars/r set up")),
+        "{c:?}"
+    );
+    w.at(60_000);
+    assert_eq!(tries(&w.ev(Event::Wake)), 0, "there now: no more tries");
+    // `primary` again on the primary with its device: a plain success.
+    let c = w.ev(primary_op(9, false, false));
+    assert!(matches!(&replies(&c)[..], [(9, Ok(_))]), "{c:?}");
+}
+
+/// `primary` on a primary that serves no device says so instead of succeeding.
+#[test]
+fn primary_again_on_a_primary_without_its_device_fails_with_the_reason() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    w.ev(Event::Done(Done::VolumeOpened(Ok(Opened {
+        stats: volume(LogPos::new(1, 0), &[(1, "a", 0)]),
+        restarted_at: None,
+        device: Some(Err("no free loop device".into())),
+    }))));
+    let c = w.ev(primary_op(3, false, false));
+    match &replies(&c)[..] {
+        [(3, Err(e))] => assert!(
+            e.msg
+                .contains("block device is missing: no free loop device"),
+            "{}",
+            e.msg
+        ),
+        r => panic!("{r:?}"),
+    }
+}

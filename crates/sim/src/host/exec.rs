@@ -129,6 +129,8 @@ impl Host {
                 result: Err("resize is not modelled".into()),
             })),
             Command::SetSize(_) => {}
+            // The simulation has no local block devices (its volumes open without one).
+            Command::AttachDevice => q.push_back(Event::Done(Done::DeviceAttached(None))),
             Command::EnterPassthrough => q.push_back(Event::Done(Done::Passthrough(Err(
                 "emergency mode is not modelled".into(),
             )))),
