@@ -402,3 +402,121 @@ fn a_dead_primary_a_forced_failover_and_the_split_brain_when_it_returns() {
     g.view(&b, &["view", "r"]);
     g.finish();
 }
+
+/// A small ext4 filesystem mounted at `at` (unmounted when dropped), for a root that fills up.
+struct SmallFs {
+    at: PathBuf,
+}
+
+impl SmallFs {
+    /// `None` (the test is skipped) when not root: mounting needs it. CI runs as root.
+    fn new(img: &Path, at: &Path, size: u64) -> Option<SmallFs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI runs as root"
+            );
+            eprintln!("SKIPPED: mounting a small root needs root");
+            return None;
+        }
+        std::fs::File::create(img)
+            .expect("image")
+            .set_len(size)
+            .expect("size");
+        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
+        std::fs::create_dir_all(at).expect("mount point");
+        run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(at));
+        Some(SmallFs {
+            at: at.to_path_buf(),
+        })
+    }
+
+    fn free(&self) -> u64 {
+        let c = std::ffi::CString::new(self.at.to_str().expect("utf8")).expect("path");
+        // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
+    }
+}
+
+/// a's root (its whole directory, not its disk) is a 256 MiB filesystem with 70 MiB left by a
+/// ballast file; b's fetch is paused so that a's log stays. Writes of 4 MiB, each followed by
+/// a pause long enough for a's space measurement, fill it until a is in emergency mode (below
+/// 40 MiB free): the write that crosses the threshold is the same on every run.
+#[test]
+fn emergency_mode_on_a_primary_whose_root_fills_up() {
+    if !mars_testkit::require("qemu-io") || !mars_testkit::require("mkfs.ext4") {
+        return;
+    }
+    let t = tmp();
+    // Declared first: unmounted last, after the hosts are gone.
+    let Some(small) = SmallFs::new(&t.path().join("a-root.img"), &t.path().join("a"), 256 * MIB)
+    else {
+        return;
+    };
+    let mut g = Golden::new("emergency", t.path());
+    let a = Host::start_with_env(
+        t.path(),
+        "a",
+        "127.0.0.1",
+        &[
+            ("MARS_MIN_FREE_SPACE", "56M"),
+            ("MARS_EMERGENCY_FREE_SPACE", "40M"),
+        ],
+    );
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let disk = t.path().join("a-disk.img");
+    std::fs::File::create(&disk)
+        .expect("disk")
+        .set_len(SIZE)
+        .expect("size");
+    a.ok(&["create-cluster"]);
+    a.ok(&["create-resource", "r", disk.to_str().expect("utf8")]);
+    b.join(&a);
+    for h in [&a, &b] {
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    join(&b, "r", SIZE);
+    wait_uptodate(&b, "r", 60);
+    let ballast = small.at.join("ballast");
+    let keep = small.free().saturating_sub(70 * MIB);
+    run(Command::new("fallocate")
+        .args(["-l", &keep.to_string()])
+        .arg(&ballast));
+    b.ok(&["pause-fetch", "r"]);
+    let mut i = 0u64;
+    while a.view("diskstate", "r") != "EmergencyMode" {
+        assert!(i < 30, "no emergency mode after {i} writes of 4 MiB");
+        write(&a, (i * 4 * MIB) % SIZE, 4 * MIB, 0x40 + i as u8);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    // Writes keep working, past the log.
+    write(&a, 0, 4 * MIB, 0x60);
+    g.view(&a, &["view", "r"]);
+    g.view(&a, &["view", "all"]);
+    b.ok(&["resume-fetch", "r"]);
+    eventually(30, "b sees that replication stopped", || {
+        b.view("stuck", "r").contains("emergency")
+    });
+    g.view(&b, &["view", "r"]);
+
+    // Space comes back: a leaves emergency mode, b needs a full sync.
+    std::fs::remove_file(&ballast).expect("remove the ballast");
+    eventually(30, "a leaves emergency mode", || {
+        a.view("diskstate", "r") != "EmergencyMode"
+    });
+    b.ok(&["invalidate", "r"]);
+    wait_uptodate(&b, "r", 60);
+    g.view(&a, &["view", "r"]);
+    g.view(&b, &["view", "r"]);
+    g.finish();
+}
