@@ -6,8 +6,8 @@
 //! command that printed it (`== a# marsadm view r`).
 //!
 //! Only what is genuinely volatile is normalised (see [`normalise`]): the temporary directory,
-//! ports, the cluster's id, rates and the time remaining at a rate, ages, the root's free
-//! space and its growth rate. States, flags, roles, positions, sizes and amounts stay exact.
+//! ports, the cluster's id and the TLS fingerprint, rates and the time remaining at a rate,
+//! ages, the root's free space and its growth rate. States, flags, roles, positions, sizes and amounts stay exact.
 //! Other members' lines come from reports published about once a second, so a view is
 //! compared until it matches (at most [`MATCH_SECS`]); a view that never matches fails with
 //! the expected and the last seen text.
@@ -236,6 +236,47 @@ impl Golden {
             );
         }
     }
+}
+
+/// The normaliser replaces the volatile parts and nothing else: positions, amounts, states and
+/// a time remaining of zero stay as they are.
+#[test]
+fn the_normaliser_hides_only_what_is_volatile() {
+    let raw = "    > fetch: 1.000MiB rate: 9.74MiB/s remaining: 00:00:01 logs: [2..2]\n\
+               \x20   > replay: 0B rate: 0B/s remaining: 00:00:00 logs: [2..2]\n\
+               \x20   disk: /tmp/t1/b/r.img size 16.00 MiB open 0\n\
+               \x20   member a: WriteBack[1.00 MiB] UnResponsive DCASFR ? behind 1.00 MiB (70.7s old) NOT ALIVE\n\
+               --------- cluster d913c63d-bdbb-bdce-6fc1-0e85476e1cb8\n\
+               \x20 peers: mutual TLS sha256:04ccbfcf506d056dc7a3233def5de0a0dee0c5e84b2da84cfff3869812696bc9\n\
+               \x20   host a at 127.0.0.1:21492 (NOT ALIVE, not connected, info 8.2s old, last error: \
+               connect to 127.0.0.1:21492: Connection refused (os error 111))\n\
+               \x20 space: 15.85 GiB free of 251.97 GiB (94% used), logs 16.00 MiB (preallocated \
+               1.00 GiB), growing 3.19 MiB/s, full in 01:24:39\n\
+               \x20   > sync: 2B rate: 0B/s remaining: --:--:--\n";
+    let want = "    > fetch: 1.000MiB rate: RATE remaining: ETA logs: [2..2]\n\
+                \x20   > replay: 0B rate: RATE remaining: 00:00:00 logs: [2..2]\n\
+                \x20   disk: $T/b/r.img size 16.00 MiB open 0\n\
+                \x20   member a: WriteBack[1.00 MiB] UnResponsive DCASFR ? behind 1.00 MiB (AGE old) NOT ALIVE\n\
+                --------- cluster UUID\n\
+                \x20 peers: mutual TLS sha256:FINGERPRINT\n\
+                \x20   host a at 127.0.0.1:PORT (NOT ALIVE, not connected, info AGE old, last error: \
+                connect to 127.0.0.1:PORT: Connection refused (os error 111))\n\
+                \x20 space: FREE free of TOTAL (USED% used), logs 16.00 MiB (preallocated 1.00 GiB), \
+                GROWTH\n\
+                \x20   > sync: 2B rate: RATE remaining: ETA\n";
+    assert_eq!(normalise(raw, Path::new("/tmp/t1")), want);
+    // A golden file round-trips through its parser.
+    let file = "== a# marsadm view r\nline 1\nline 2\n\n== b# marsadm view all\nx\n\n";
+    assert_eq!(
+        parse(file),
+        vec![
+            (
+                "== a# marsadm view r".to_string(),
+                "line 1\nline 2\n".to_string()
+            ),
+            ("== b# marsadm view all".to_string(), "x\n".to_string()),
+        ]
+    );
 }
 
 /// `len` bytes of `byte` at `off` of `r` through `h`'s NBD socket (qemu-io): the same bytes
