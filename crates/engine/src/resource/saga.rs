@@ -241,7 +241,11 @@ impl ResourceEngine {
             self.reply(
                 id,
                 Err(OpError::needs_confirmation(format!(
-                    "{a} is reachable and still has {lost} of {res} that this replica has not                      replayed: a forced switch loses them here and makes a SPLIT BRAIN with                      {a}. For a handover without loss run `marsadm resume-fetch {res}` and                      `marsadm primary {res}`. To force anyway, confirm at the prompt on a                      terminal or give --force twice (`marsadm primary --force --force {res}`)"
+                    "{a} is reachable and still has {lost} of {res} that this replica has not \
+                     replayed: a forced switch loses them here and makes a SPLIT BRAIN with \
+                     {a}. For a handover without loss run `marsadm resume-fetch {res}` and \
+                     `marsadm primary {res}`. To force anyway, confirm at the prompt on a \
+                     terminal or give --force twice (`marsadm primary --force --force {res}`)"
                 ))),
             );
             return;
@@ -713,8 +717,9 @@ impl ResourceEngine {
                             String::new()
                         } else {
                             format!(
-                                "; {} still acts as primary: SPLIT BRAIN until it closes its \
-                                 device and is resolved (`marsadm invalidate {res}` there)",
+                                "; {} acted as primary when last heard from: unless it is down, \
+                                 this is a SPLIT BRAIN until it closes its device and is \
+                                 resolved (`marsadm invalidate {res}` there)",
                                 others.join(", ")
                             )
                         };
