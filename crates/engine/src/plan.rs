@@ -89,7 +89,7 @@ pub fn my_link(
 /// said so to this host: the source of a handover straight back may have dropped its empty
 /// newest logfile and hold no logfiles at all, so no `LogEnd` and no later logfile ever comes
 /// (the old primary's `primary` waited its whole timeout, catching up with the empty start of
-/// the logfile after). Whether the history matches is [`next_file_check`]'s question.
+/// the logfile after; see `roles::promotion_from`).
 pub fn complete_by_links(meta: &ResourceMeta, no: u64, origin: &HostName, len: u64) -> bool {
     meta.versions.get(&no).is_some_and(|links| {
         links.values().any(|l| {

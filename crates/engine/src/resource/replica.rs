@@ -25,7 +25,7 @@ use super::event::{FetchEvent, LogInfo, ReplayEnd, ReplayEvent, ReplicaFacts, Sy
 use super::{Level, Local, ResourceEngine};
 use crate::config::EngineConfig;
 use crate::keys;
-use crate::plan::{complete_by_links, entry_check, next_file_check, ChainCheck};
+use crate::plan::{entry_check, next_file_check, ChainCheck};
 use crate::reason::{NeedsSync, RoleWait, Stuck, Waiting};
 
 /// One local copy of a logfile.
@@ -862,12 +862,7 @@ impl ResourceEngine {
                 });
                 return;
             }
-            // The end of the copy is the end of the logfile: its source said so (`LogEnd`), a
-            // later logfile exists here, or a version link says so.
-            if !(c.complete
-                || r.copies.range(no + 1..).next().is_some()
-                || complete_by_links(&meta, no, &c.origin, c.len))
-            {
+            if !(c.complete || r.copies.range(no + 1..).next().is_some()) {
                 return;
             }
             // At the end of logfile `no`: move on only on a matching version link.
