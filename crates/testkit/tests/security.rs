@@ -427,7 +427,7 @@ fn the_cluster_ca_is_rotated_without_downtime() {
     let new_ca = b.credentials().ca;
     assert_ne!(new_ca, old_ca, "b's certificate is from the next CA");
     let start = std::time::Instant::now();
-    let mut last = String::new();
+    let mut last: String;
     while !{
         let o = a.marsadm(&["rotate-ca", "finish"]);
         last = format!(
