@@ -83,6 +83,21 @@ pub fn my_link(
     Some(version::link(prev, no, origin, len))
 }
 
+/// Whether a version link says that logfile `no` of `origin` ends at `len`. Links are published
+/// only for complete logfiles (by a primary for those it finished, by a replica once it
+/// replayed one to its end), so such a link proves the logfile complete even when no source
+/// said so to this host: the source of a handover straight back may have dropped its empty
+/// newest logfile and hold no logfiles at all, so no `LogEnd` and no later logfile ever comes
+/// (the old primary's `primary` waited its whole timeout, catching up with the empty start of
+/// the logfile after; see `roles::promotion_from`).
+pub fn complete_by_links(meta: &ResourceMeta, no: u64, origin: &HostName, len: u64) -> bool {
+    meta.versions.get(&no).is_some_and(|links| {
+        links.values().any(|l| {
+            version::len_of(l) == Some(len) && version::origin_of(l).as_ref() == Some(origin)
+        })
+    })
+}
+
 /// May replay move past the end of logfile `no` (written by `origin`, `len` bytes replayed)?
 ///
 /// A logfile this host wrote itself (as primary, before it became a replica again) is

@@ -25,6 +25,7 @@ use mars_config::HostName;
 use mars_txlog::LogPos;
 
 use crate::model::{ResourceMeta, Role};
+use crate::plan::complete_by_links;
 use crate::reason::PromotionWait;
 use crate::version;
 
@@ -153,7 +154,19 @@ pub fn promotion_from(
         .filter(|(h, _)| *h != me)
         .filter_map(|(h, m)| Some((m.report.as_ref()?.log_end?, h)))
         .max();
+    // The start of the logfile after ours is where ours ends when a version link records our
+    // copy's length for it: a handover straight back, whose source dropped its empty newest
+    // logfile and may hold no logfile at all, so that nobody ever tells our replay that our
+    // copy is complete (seen in CI: the old primary waited its whole timeout "catching up"
+    // with the empty start of the logfile after).
+    let ends_here = |end: LogPos| {
+        end == LogPos::new(applied.file + 1, 0)
+            && current.is_some_and(|o| complete_by_links(meta, applied.file, o, applied.offset))
+    };
     match newest {
+        Some((end, _)) if end > applied && ends_here(end) => {
+            behind_in_our_history(meta, me, applied, current, alive)
+        }
         Some((end, h)) if end > applied && alive(h) => Promotion::Wait(PromotionWait::CatchingUp {
             host: h.clone(),
             applied,

@@ -201,7 +201,11 @@ impl Host {
             .arg(&self.root)
             .args(["--host", &self.name, "--listen", &self.peer_addr])
             .args(["--nbd-listen", &format!("127.0.0.1:{}", self.nbd_port)])
-            .env("MARS_LOG", "info")
+            // `MARS_TEST_LOG=debug` when chasing a race in a test's host logs.
+            .env(
+                "MARS_LOG",
+                std::env::var("MARS_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             // No local block devices unless a test asks for them (env MARS_DEVICE), and then
             // in this host's own directory: daemons on one machine must never collide.
             .env("MARS_DEVICE", "none")

@@ -222,6 +222,52 @@ fn handovers_round_trip_under_a_writer_that_pauses_for_each_switch() {
     c.assert_converged(cur);
 }
 
+/// A handover straight back: `primary` on the old primary right after a planned handover
+/// returned, five times there and back, every other round with writes before it. The new
+/// primary's first logfile is still empty when the next command comes; the old primary must
+/// not wait for it (seen once in CI: `primary` waited its whole timeout "catching up with b:
+/// applied 000000001:1048624, b has 000000002:0").
+#[test]
+fn handover_straight_back_repeatedly_with_and_without_writes() {
+    let t = tmp();
+    let c = Cluster::new(t.path(), 2);
+    let mut cur = 0;
+    let mut took = Vec::new();
+    for round in 0..10u64 {
+        let next = 1 - cur;
+        if round % 4 >= 2 {
+            write_random(
+                &c.hosts[cur],
+                "r",
+                t.path(),
+                (round % 8) * 2 * MIB,
+                MIB as usize,
+            );
+        }
+        let start = std::time::Instant::now();
+        let out = c.hosts[next].marsadm(&["--timeout", "60", "primary", "r"]);
+        took.push(start.elapsed());
+        assert!(
+            out.status.success(),
+            "round {round}: primary on {}: {}\n{}",
+            c.hosts[next].name,
+            out.stdout_text(),
+            c.dump()
+        );
+        cur = next;
+    }
+    eprintln!("handovers took {took:?}");
+    // A handover takes round trips, not timeouts (each is well under a second here).
+    let slow: Vec<_> = took
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| **d > Duration::from_secs(15))
+        .collect();
+    assert!(slow.is_empty(), "slow handovers: {slow:?} of {took:?}");
+    c.wait_primary(cur);
+    c.assert_converged(cur);
+}
+
 #[test]
 fn handover_is_refused_while_the_old_primary_device_is_open() {
     let t = tmp();

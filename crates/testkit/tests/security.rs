@@ -8,8 +8,9 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
-use mars_testkit::repl::{eventually, join, tmp, wait_uptodate};
+use mars_testkit::repl::{eventually, join, tail, tmp, wait_uptodate};
 use mars_testkit::{free_port_on, random_file, run, Host};
 
 const SIZE: u64 = 16 << 20;
@@ -425,9 +426,30 @@ fn the_cluster_ca_is_rotated_without_downtime() {
     }
     let new_ca = b.credentials().ca;
     assert_ne!(new_ca, old_ca, "b's certificate is from the next CA");
-    eventually(20, "a learned every renewed certificate", || {
-        a.marsadm(&["rotate-ca", "finish"]).status.success()
-    });
+    let start = std::time::Instant::now();
+    let mut last: String;
+    while !{
+        let o = a.marsadm(&["rotate-ca", "finish"]);
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o.status.success()
+    } {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out: a learned every renewed certificate: {last}\n--- a:\n{}\n--- b:\n{}\n--- c:\n{}",
+            tail(&a.log_text(), 60),
+            tail(&b.log_text(), 60),
+            tail(&c.log_text(), 60)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!(
+        "a learned every renewed certificate after {:?}",
+        start.elapsed()
+    );
     eventually(30, "every member dropped the old CA", || {
         [&a, &b, &c].iter().all(|h| !trusts_next(h))
     });

@@ -117,6 +117,13 @@ pub struct Cluster {
     certs: tokio::sync::watch::Sender<Certs>,
     /// Said once: this host's certificate is from a CA the cluster retired.
     warned_retired: std::sync::atomic::AtomicBool,
+    /// Held while this host reads, decides on and rewrites its `tls/` files and installs its
+    /// credentials: `rotate-ca start|finish`, `renew-certificate`, and following a rotation
+    /// announced in the metadata. Interleaved, one breaks the other: `rotate-ca finish` wrote
+    /// the retirement, the supervisor followed it at once and finished the rotation here first,
+    /// and the command then failed with "no CA rotation in progress" (seen in CI under load);
+    /// a renewal's new certificate could be replaced by the old one a concurrent reload read.
+    tls_files: tokio::sync::Mutex<()>,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -167,6 +174,7 @@ impl Cluster {
             started: Instant::now(),
             certs: tokio::sync::watch::channel(Certs::default()).0,
             warned_retired: std::sync::atomic::AtomicBool::new(false),
+            tls_files: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -727,6 +735,7 @@ impl Cluster {
         if self.ident.insecure || self.ident.peer_tls().is_err() {
             return Ok(());
         }
+        let _files = self.tls_files.lock().await;
         let (next, retired) = self
             .store
             .call(|s| (s.value(TRUST_NEXT), s.value(TRUST_RETIRED)))
@@ -784,6 +793,7 @@ impl Cluster {
     /// With `dry` (`--dry-run`): the checks only, and what it would do.
     pub async fn rotate_start(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
+        let _files = self.tls_files.lock().await;
         let root = self.ident.root.clone();
         let ca = root::load_ca(&root)
             .map_err(e)?
@@ -820,6 +830,7 @@ impl Cluster {
     /// With `dry` (`--dry-run`): the checks only, and what it would do.
     pub async fn rotate_finish(&self, dry: bool) -> Result<String, String> {
         let e = |e: anyhow::Error| format!("{e:#}");
+        let _files = self.tls_files.lock().await;
         let root = self.ident.root.clone();
         let next = root::load_next_ca(&root)
             .map_err(e)?
@@ -1181,7 +1192,17 @@ impl Cluster {
         let holds_ca = root::load_ca(&self.ident.root)
             .map_err(|e| format!("{e:#}"))?
             .is_some();
-        let (cert, ca, issuer) = if via.is_none() && holds_ca {
+        // The files and the installed credentials change under the lock; a certificate issued
+        // here is issued under it too (the CA files may change), one asked from another member
+        // is not (the supervisor follows rotations under this lock and must not wait for the
+        // network).
+        let local = via.is_none() && holds_ca;
+        let early = if local {
+            Some(self.tls_files.lock().await)
+        } else {
+            None
+        };
+        let (cert, ca, issuer) = if local {
             let (cert, ca) = self
                 .ident
                 .issue_certificate(&me, &key.public_der())
@@ -1210,6 +1231,10 @@ impl Cluster {
                 }
             }
             got.ok_or_else(|| format!("no member issued a certificate ({})", errors.join("; ")))?
+        };
+        let _files = match early {
+            Some(g) => g,
+            None => self.tls_files.lock().await,
         };
         let current = root::load_credentials(&self.ident.root)
             .map_err(|e| format!("{e:#}"))?

@@ -18,7 +18,7 @@ use mars_engine::resource::{Event, SessionId, SyncEvent};
 use mars_replica::sync as disk_sync;
 use mars_storage::File;
 use mars_txlog::LogPos;
-use mars_wire::{ClusterId, Message, StreamKind};
+use mars_wire::{ClusterId, Message, RefuseKind, StreamKind};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
@@ -33,6 +33,10 @@ const PERSIST: u64 = 64 << 20;
 const SHOW: u64 = 4 << 20;
 /// How long the source may take to answer.
 const ANSWER: std::time::Duration = std::time::Duration::from_secs(60);
+/// A source that does not know us as a member yet (we joined the resource a moment ago) is
+/// asked again every `NOT_MEMBER_RETRY` for this long before the refusal counts as a failure.
+const NOT_MEMBER_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+const NOT_MEMBER_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct SyncJob {
     pub id: SessionId,
@@ -93,24 +97,36 @@ async fn session(job: SyncJob) -> Result<()> {
         go,
         ..
     } = job;
-    let mut s = peer::connect(&addr, &me, cluster, StreamKind::Sync, tls.as_deref()).await?;
-    if s.peer.host != source {
-        bail!("{addr} answers as {}, expected {source}", s.peer.host);
-    }
     let start_msg = Message::SyncStart {
         res: res.to_string(),
     };
-    peer::send(&mut s.w, &start_msg).await?;
-    s.w.flush().await?;
-    let (size, file, offset, prev_link) = match s.frames.next_within(ANSWER).await? {
-        Message::SyncInfo {
-            size,
-            file,
-            offset,
-            prev_link,
-        } => (size, file, offset, prev_link),
-        Message::Refuse { reason, .. } => bail!("{reason}"),
-        other => bail!("unexpected {}", peer::describe(&other)),
+    let patience = tokio::time::Instant::now() + NOT_MEMBER_PATIENCE;
+    let (mut s, size, file, offset, prev_link) = loop {
+        let mut s = peer::connect(&addr, &me, cluster, StreamKind::Sync, tls.as_deref()).await?;
+        if s.peer.host != source {
+            bail!("{addr} answers as {}, expected {source}", s.peer.host);
+        }
+        peer::send(&mut s.w, &start_msg).await?;
+        s.w.flush().await?;
+        match s.frames.next_within(ANSWER).await? {
+            Message::SyncInfo {
+                size,
+                file,
+                offset,
+                prev_link,
+            } => break (s, size, file, offset, prev_link),
+            // A member that just joined the resource asks before the source pulled its
+            // membership (one metadata round trip): routine, asked again shortly.
+            Message::Refuse {
+                kind: RefuseKind::NotMember,
+                reason,
+            } if tokio::time::Instant::now() < patience => {
+                tracing::debug!("{res}: sync from {source}: {reason}; asking again");
+                tokio::time::sleep(NOT_MEMBER_RETRY).await;
+            }
+            Message::Refuse { reason, .. } => bail!("{reason}"),
+            other => bail!("unexpected {}", peer::describe(&other)),
+        }
     };
     emit(
         &sink,

@@ -1199,6 +1199,46 @@ fn a_planned_promotion_places_a_log_end_by_our_next_link() {
     );
 }
 
+/// A handover straight back (seen in CI): `b` took over from `a` and handed back at once. Its
+/// logfile 6 was still empty when it left, so it dropped it, and with its copy of 5 reclaimed
+/// it holds no logfile at all: nobody will ever tell `a` that its copy of 5 is complete (no
+/// `LogEnd`, no logfile 6), while `b` reports 6:0 as its log end. The version links of 5 say
+/// that 5 ends where `a`'s copy ends, which is where 6 starts: the promotion goes.
+#[test]
+fn a_promotion_takes_the_next_logfiles_start_as_the_end_the_links_show() {
+    let len = 1_048_624;
+    let link4 = version::link("", 4, &h("a"), 100);
+    let link5 = version::link(&link4, 5, &h("b"), len);
+    let world = |links_of_5: bool| {
+        let mut w = World::cluster("a", &["a", "b"], Some("a"));
+        let designation = w.keys["resource-r/primary"].1;
+        for host in ["a", "b"] {
+            w.set(&format!("resource-r/version-000000004-{host}"), &link4);
+            if links_of_5 {
+                w.set(&format!("resource-r/version-000000005-{host}"), &link5);
+            }
+        }
+        w.report("b", &secondary_report(LogPos::new(6, 0), designation));
+        w.start(true);
+        let mut c = open_replica(&mut w, &[(5, "b", len, false)], LogPos::new(5, len));
+        c.extend(w.sync());
+        (w, c)
+    };
+    let (_, c) = world(true);
+    assert!(
+        c.iter().any(|c| matches!(c, Command::Promote { cut_at, .. }
+            if *cut_at == LogPos::new(5, len))),
+        "{c:?}"
+    );
+    // Without a link of 5 nothing says the copy is complete: a waits for b.
+    let (w, c) = world(false);
+    assert!(
+        !c.iter().any(|c| matches!(c, Command::Promote { .. })),
+        "{c:?}"
+    );
+    assert_eq!(w.e.replica().unwrap().applied, LogPos::new(5, len));
+}
+
 /// Found by mars-sim (seed 915): a planned handover from `a` to `c` timed out while `c` could
 /// not catch up, and the compensation designated `a` again, although `a` had meanwhile been
 /// invalidated and had left the resource: the resource had a designated primary holding
