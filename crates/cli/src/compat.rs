@@ -255,7 +255,7 @@ pub fn normalize(args: impl IntoIterator<Item = String>) -> Vec<String> {
 }
 
 /// The global options of ours that take their value as the next word (`--root /x`).
-const VALUE_OPTIONS: &[&str] = &[
+pub const VALUE_OPTIONS: &[&str] = &[
     "--root",
     "--timeout",
     "--window",

@@ -863,13 +863,7 @@ impl Cli {
                 Ok(())
             }
             Cmd::LowlevelLsHostIps => {
-                let Reply::View(v) = self.call(&Request::View {
-                    res: None,
-                    window: Some(self.window),
-                })?
-                else {
-                    bail!("unexpected answer from marsd");
-                };
+                let v = self.host_view()?;
                 if self.json {
                     self.emit(&serde_json::json!({ "members": v.members }))?;
                 } else {
@@ -1043,13 +1037,7 @@ impl Cli {
     /// given; the exit status is a failure if any failed.
     fn run_many(&self, cmd: &Cmd, arg: &str) -> Result<()> {
         let names: Vec<ResourceName> = if arg == "all" {
-            let Reply::View(v) = self.call(&Request::View {
-                res: None,
-                window: Some(self.window),
-            })?
-            else {
-                bail!("unexpected answer from marsd");
-            };
+            let v = self.host_view()?;
             v.resources
                 .iter()
                 .map(|r| resource(&r.name))
@@ -1168,13 +1156,7 @@ impl Cli {
             Cmd::SystemdGenerate(_) | Cmd::Demo(_) | Cmd::Generate { .. } | Cmd::Cat { .. }
         );
         if let (Some(h), false) = (&self.as_host, offline) {
-            let Reply::View(v) = self.call(&Request::View {
-                res: None,
-                window: Some(self.window),
-            })?
-            else {
-                bail!("unexpected answer from marsd");
-            };
+            let v = self.host_view()?;
             if *h != v.host {
                 return Err(refused(format!(
                     "--host={h}: this marsd acts for its own host {} only; run the command \
@@ -1256,13 +1238,7 @@ impl Cli {
     }
 
     fn this_host(&self) -> Result<String> {
-        let Reply::View(v) = self.call(&Request::View {
-            res: None,
-            window: Some(self.window),
-        })?
-        else {
-            bail!("unexpected answer from marsd");
-        };
+        let v = self.host_view()?;
         Ok(v.host)
     }
 
@@ -1272,13 +1248,7 @@ impl Cli {
 
     /// After `join-cluster HOST IP`: the cluster joined must have a member HOST.
     fn expect_member(&self, host: &str) -> Result<()> {
-        let Reply::View(v) = self.call(&Request::View {
-            res: None,
-            window: Some(self.window),
-        })?
-        else {
-            bail!("unexpected answer from marsd");
-        };
+        let v = self.host_view()?;
         if !v.members.iter().any(|m| m.host == host) {
             return Err(refused(format!(
                 "joined the cluster at that address, but it has no member '{host}' (members: {})",
@@ -1292,6 +1262,17 @@ impl Cli {
         Ok(())
     }
 
+    /// This host's view of the cluster without resources (members, space).
+    fn host_view(&self) -> Result<mars_api::ClusterView> {
+        match self.call(&Request::View {
+            res: None,
+            window: Some(self.window),
+        })? {
+            Reply::View(v) => Ok(v),
+            _ => bail!("unexpected answer from marsd"),
+        }
+    }
+
     /// `lowlevel-set-host-ip HOST [IP]`: writes the member's address key; only HOST itself may
     /// (MARS lets any host). Without IP: the one from --ip-HOST=IP.
     fn set_host_ip(&self, host: &str, ip: Option<&str>) -> Result<()> {
@@ -1303,13 +1284,7 @@ impl Cli {
                 usage_err(format!("no address for {host}: give IP or --ip-{host}=IP"))
             })?;
         let addr = with_default_port(&ip).map_err(usage_err)?;
-        let Reply::View(v) = self.call(&Request::View {
-            res: None,
-            window: Some(self.window),
-        })?
-        else {
-            bail!("unexpected answer from marsd");
-        };
+        let v = self.host_view()?;
         if host_name.as_str() != v.host && v.members.iter().any(|m| m.host == host_name.as_str()) {
             // The member's address key is its own here (MARS lets any host rewrite it).
             return Err(refused(format!(
@@ -1661,19 +1636,7 @@ fn main() -> ExitCode {
 fn subcommand_is_check(args: impl Iterator<Item = String>) -> bool {
     let mut args = args;
     while let Some(a) = args.next() {
-        if [
-            "--root",
-            "--timeout",
-            "--window",
-            "--parallel",
-            "--threshold",
-            "--stuck-seconds",
-            "--as-host",
-            "--peer-ip",
-            "--macro",
-        ]
-        .contains(&a.as_str())
-        {
+        if compat::VALUE_OPTIONS.contains(&a.as_str()) {
             args.next();
         } else if !a.starts_with('-') {
             return a == "check";
