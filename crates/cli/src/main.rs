@@ -1731,8 +1731,16 @@ const DEFAULT_PEER_PORT: u16 = 7777;
 fn create_extra(res: &str, extra: &[String]) -> Result<Option<u64>> {
     let (devname, size) = match extra {
         [] => (None, None),
-        [one] if parse_size(one).is_ok() => (None, Some(one)),
-        [one] => (Some(one), None),
+        [one] if one == res => (Some(one), None),
+        [one] => match parse_size(one) {
+            Ok(_) => (None, Some(one)),
+            Err(e) => {
+                return Err(usage_err(format!(
+                    "{one:?} is neither a SIZE ({e}) nor the device name {res} (MARS's \
+                     DEVNAME: the device is /dev/mars/{res} here)"
+                )))
+            }
+        },
         [dev, size, ..] => (Some(dev), Some(size)),
     };
     if let Some(d) = devname {

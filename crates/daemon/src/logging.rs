@@ -62,6 +62,15 @@ pub fn init(format: LogFormat, level: &LogLevel) -> Result<LogFormat> {
             .parse(&level.0)
             .context("logging.level")?,
     };
+    // fuser logs every reply the kernel no longer takes as an error: a request interrupted,
+    // or in flight while the device is unmounted at a handover. The kernel has failed that
+    // request already and nothing is left to do, so it is no operator's business. (A filter
+    // that names the target itself, e.g. `MARS_LOG=info,fuser::reply=debug`, still shows it.)
+    let filter = if filter.to_string().contains("fuser::reply") {
+        filter
+    } else {
+        filter.add_directive("fuser::reply=off".parse().expect("a valid directive"))
+    };
     let format = match format {
         LogFormat::Auto if stderr_is_journal() => LogFormat::Journald,
         LogFormat::Auto => LogFormat::Text,
