@@ -7,48 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use mars_testkit::repl::{eventually, first_difference, join, tail, tmp, wait_uptodate};
+use mars_testkit::smallfs::SmallFs;
 use mars_testkit::{run, Host};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 48 * MIB;
-
-/// A small ext4 filesystem mounted at `at` (unmounted, with its loop device, when dropped).
-struct SmallFs {
-    at: PathBuf,
-}
-
-impl SmallFs {
-    fn new(img: &Path, at: &Path, size: u64) -> Option<SmallFs> {
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "CI runs as root"
-            );
-            eprintln!("SKIP: mounting a small root needs root");
-            return None;
-        }
-        std::fs::File::create(img).unwrap().set_len(size).unwrap();
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
-        std::fs::create_dir_all(at).unwrap();
-        run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(at));
-        Some(SmallFs {
-            at: at.to_path_buf(),
-        })
-    }
-
-    fn free(&self) -> u64 {
-        let c = std::ffi::CString::new(self.at.to_str().unwrap()).unwrap();
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail as u64 * st.f_frsize as u64
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-    }
-}
 
 /// Writes through NBD; a failure panics with the daemon's log (it lives on the small
 /// filesystem, gone once the test ends).

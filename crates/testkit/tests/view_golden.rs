@@ -29,6 +29,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use mars_testkit::repl::{eventually, join, tail, tmp, wait_uptodate};
+use mars_testkit::smallfs::SmallFs;
 use mars_testkit::{run, Host};
 use regex::Regex;
 
@@ -442,50 +443,6 @@ fn a_dead_primary_a_forced_failover_and_the_split_brain_when_it_returns() {
     g.view(&a, &["view", "r"]);
     g.view(&b, &["view", "r"]);
     g.finish();
-}
-
-/// A small ext4 filesystem mounted at `at` (unmounted when dropped), for a root that fills up.
-struct SmallFs {
-    at: PathBuf,
-}
-
-impl SmallFs {
-    /// `None` (the test is skipped) when not root: mounting needs it. CI runs as root.
-    fn new(img: &Path, at: &Path, size: u64) -> Option<SmallFs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            assert!(
-                !std::env::var("CI").is_ok_and(|v| v == "true"),
-                "CI runs as root"
-            );
-            eprintln!("SKIPPED: mounting a small root needs root");
-            return None;
-        }
-        std::fs::File::create(img)
-            .expect("image")
-            .set_len(size)
-            .expect("size");
-        run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(img));
-        std::fs::create_dir_all(at).expect("mount point");
-        run(Command::new("mount").args(["-o", "loop"]).arg(img).arg(at));
-        Some(SmallFs {
-            at: at.to_path_buf(),
-        })
-    }
-
-    fn free(&self) -> u64 {
-        let c = std::ffi::CString::new(self.at.to_str().expect("utf8")).expect("path");
-        // SAFETY: statvfs fills the struct we pass; the path is a valid C string.
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail * st.f_frsize
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.at).status();
-    }
 }
 
 /// a's root (its whole directory, not its disk) is a 256 MiB filesystem with 70 MiB left by a
