@@ -73,7 +73,7 @@ pub fn is_switch(c: &Ctx, k: SwitchKind, host: &str) -> Result<bool> {
 
 /// `todo-SWITCH`: the switch is on (any letter but `-`).
 pub fn todo_switch(c: &Ctx, k: SwitchKind) -> Result<bool> {
-    Ok(flag(&c.r()?.flags, flag_index(k)) != '-')
+    Ok(crate::view::todo_on(c.r()?, k))
 }
 
 /// `nr-WHAT`: how many members do WHAT (`primary`, `secondary` or a switch's `is-`).
