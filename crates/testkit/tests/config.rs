@@ -262,7 +262,9 @@ fn split_brain_and_handover_are_quiet() {
     b.ok(&["pause-fetch", "r"]);
     write_random(&a, "r", t.path(), 8 << 20, 1 << 20);
     a.kill9();
-    b.ok(&["--timeout", "30", "primary", "--force", "r"]);
+    // b may still count the killed a as reachable (and ahead) for a few seconds: confirm,
+    // as an operator who knows a is down would.
+    b.ok(&["--timeout", "30", "primary", "--force", "--force", "r"]);
     write_random(&b, "r", t.path(), 16 << 20, 1 << 20);
     a.start_again();
     eventually(30, "split brain on both", || {

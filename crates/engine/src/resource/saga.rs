@@ -424,16 +424,19 @@ impl ResourceEngine {
                 let at = r.map(|r| r.fetched().map_or(r.applied, |f| f.max(r.applied)));
                 let lost = match self.ahead_primary() {
                     Some((a, Some(n))) => format!(
-                        "; {a} is reachable and ahead: its last {} ({n} bytes) are lost here                          and a SPLIT BRAIN follows",
+                        "; {a} is reachable and ahead: its last {} ({n} bytes) are lost here \
+                         and a SPLIT BRAIN follows",
                         mars_config::format_size(n)
                     ),
                     Some((a, None)) => format!(
-                        "; {a} is reachable and ahead: its newer writes are lost here and a                          SPLIT BRAIN follows"
+                        "; {a} is reachable and ahead: its newer writes are lost here and a \
+                         SPLIT BRAIN follows"
                     ),
                     None => String::new(),
                 };
                 format!(
-                    "would make {me} the primary of {res} by force (failover): it takes over                      with what it has{}, the force marker is set, primary := {me}{}{lost}",
+                    "would make {me} the primary of {res} by force (failover): it takes over \
+                     with what it has{}, the force marker is set, primary := {me}{}{lost}",
                     at.map(|p| format!(" (log up to {p})")).unwrap_or_default(),
                     if self.meta.systemd.configured() {
                         format!(", systemd-want := {me}")
