@@ -382,6 +382,17 @@ fn exit_codes_errors_and_json_on_one_host() {
     json(&a, &["view", "all"], 0, "view");
     let v = json(&a, &["view-size", "r"], 0, "macro");
     assert_eq!(v["value"], SIZE);
+    // `all` and a comma list: one document, one entry per resource.
+    for res in ["all", "r,r"] {
+        let v = json(&a, &["view-size", res], 0, "macro");
+        assert_eq!(v["macro"], "size", "{v}");
+        assert_eq!(
+            v["values"],
+            serde_json::json!([{"resource": "r", "value": SIZE}]),
+            "{v}"
+        );
+    }
+    fails(&a, &["view-size", "r,nosuch"], 1);
     assert_eq!(
         json(&a, &["view-is-primary", "r"], 0, "macro")["value"],
         true

@@ -126,25 +126,36 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
         }
         Ok(())
     };
-    if !cli.json {
-        frame("header")?;
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !v.resources.iter().any(|r| &r.name == *n))
+    {
+        bail!("resource {missing} not found");
     }
-    for r in v
+    let chosen = v
         .resources
         .iter()
-        .filter(|r| names.is_empty() || names.contains(&r.name))
-    {
+        .filter(|r| names.is_empty() || names.contains(&r.name));
+    if cli.json {
+        // One document for all of them, so that a script parses one JSON value whatever
+        // `all` expands to.
+        let values = chosen
+            .map(|r| {
+                let value = super::eval(m, &ctx(Some(r), name))?;
+                Ok(serde_json::json!({ "resource": r.name, "value": super::json(m, &value) }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        return cli.emit(&serde_json::json!({ "macro": m.name, "values": values }));
+    }
+    frame("header")?;
+    for r in chosen {
         let c = ctx(Some(r), name);
-        if !cli.json {
-            let head = super::eval(super::find("default-resource").expect("in the table"), &c)?;
-            println!("--------- resource {head}");
-        }
+        let head = super::eval(super::find("default-resource").expect("in the table"), &c)?;
+        println!("--------- resource {head}");
         print(cli, m, &r.name, &super::eval(m, &c)?)?;
     }
-    if !cli.json {
-        frame("global")?;
-        frame("footer")?;
-    }
+    frame("global")?;
+    frame("footer")?;
     Ok(())
 }
 
