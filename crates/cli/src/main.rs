@@ -265,6 +265,22 @@ enum Cmd {
     /// Resume the full sync of the local replica where it paused.
     #[command(alias = "resume-sync-local")]
     ResumeSync { res: String },
+    /// MARS: pause-fetch on every member of RES (each member applies the request to its own
+    /// switch; waits up to --timeout for the reachable ones, unreachable ones apply it when
+    /// they are back).
+    #[command(alias = "disconnect-global")]
+    PauseFetchGlobal { res: String },
+    /// MARS: resume-fetch on every member of RES (as pause-fetch-global).
+    #[command(alias = "connect-global")]
+    ResumeFetchGlobal { res: String },
+    /// MARS: pause-replay on every member of RES (as pause-fetch-global).
+    PauseReplayGlobal { res: String },
+    /// MARS: resume-replay on every member of RES (as pause-fetch-global).
+    ResumeReplayGlobal { res: String },
+    /// MARS: pause-sync on every member of RES (as pause-fetch-global).
+    PauseSyncGlobal { res: String },
+    /// MARS: resume-sync on every member of RES (as pause-fetch-global).
+    ResumeSyncGlobal { res: String },
     /// attach + resume-sync + resume-fetch + resume-replay.
     Up { res: String },
     /// pause-sync + pause-fetch + pause-replay + detach.
@@ -398,6 +414,12 @@ fn res_arg(cmd: &Cmd) -> Option<&str> {
         | Cmd::ResumeReplay { res }
         | Cmd::PauseSync { res }
         | Cmd::ResumeSync { res }
+        | Cmd::PauseFetchGlobal { res }
+        | Cmd::ResumeFetchGlobal { res }
+        | Cmd::PauseReplayGlobal { res }
+        | Cmd::ResumeReplayGlobal { res }
+        | Cmd::PauseSyncGlobal { res }
+        | Cmd::ResumeSyncGlobal { res }
         | Cmd::Up { res }
         | Cmd::Down { res }
         | Cmd::Invalidate { res }
@@ -421,6 +443,12 @@ fn with_res(cmd: &Cmd, r: &str) -> Cmd {
         Cmd::ResumeReplay { .. } => Cmd::ResumeReplay { res },
         Cmd::PauseSync { .. } => Cmd::PauseSync { res },
         Cmd::ResumeSync { .. } => Cmd::ResumeSync { res },
+        Cmd::PauseFetchGlobal { .. } => Cmd::PauseFetchGlobal { res },
+        Cmd::ResumeFetchGlobal { .. } => Cmd::ResumeFetchGlobal { res },
+        Cmd::PauseReplayGlobal { .. } => Cmd::PauseReplayGlobal { res },
+        Cmd::ResumeReplayGlobal { .. } => Cmd::ResumeReplayGlobal { res },
+        Cmd::PauseSyncGlobal { .. } => Cmd::PauseSyncGlobal { res },
+        Cmd::ResumeSyncGlobal { .. } => Cmd::ResumeSyncGlobal { res },
         Cmd::Up { .. } => Cmd::Up { res },
         Cmd::Down { .. } => Cmd::Down { res },
         Cmd::Invalidate { .. } => Cmd::Invalidate { res },
@@ -458,6 +486,20 @@ fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bo
     })
 }
 
+/// The `*-global` commands: (command name, RES, switch, on).
+fn global_switch_of(cmd: &Cmd) -> Option<(&'static str, &str, SwitchKind, bool)> {
+    use SwitchKind::{Fetch, Replay, Sync};
+    Some(match cmd {
+        Cmd::PauseFetchGlobal { res } => ("pause-fetch-global", res, Fetch, false),
+        Cmd::ResumeFetchGlobal { res } => ("resume-fetch-global", res, Fetch, true),
+        Cmd::PauseReplayGlobal { res } => ("pause-replay-global", res, Replay, false),
+        Cmd::ResumeReplayGlobal { res } => ("resume-replay-global", res, Replay, true),
+        Cmd::PauseSyncGlobal { res } => ("pause-sync-global", res, Sync, false),
+        Cmd::ResumeSyncGlobal { res } => ("resume-sync-global", res, Sync, true),
+        _ => return None,
+    })
+}
+
 /// The resource commands that are one request answered by `Done`: (command name, request).
 /// `None` for every other command.
 fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'static str, Request)>> {
@@ -476,6 +518,15 @@ fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'stat
             res: resource(res)?,
             switches: kinds.to_vec(),
             on,
+        };
+        return Ok(Some((name, req)));
+    }
+    if let Some((name, res, switch, on)) = global_switch_of(cmd) {
+        let req = Request::SwitchGlobal {
+            res: resource(res)?,
+            switch,
+            on,
+            timeout,
         };
         return Ok(Some((name, req)));
     }

@@ -271,8 +271,7 @@ impl ResourceMeta {
                 ResourceKey::Request(sw) if crate::request::is_global_switch(&sw) => {
                     if let Some(r) = crate::request::RequestValue::from_json(v) {
                         let id = crate::RequestId { stamp: 0, by: r.by };
-                        m.requests
-                            .insert(sw, crate::SwitchRequest { on: r.on, id });
+                        m.requests.insert(sw, crate::SwitchRequest { on: r.on, id });
                     }
                 }
                 ResourceKey::Request(_) => {}

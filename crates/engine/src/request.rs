@@ -43,7 +43,9 @@ impl RequestId {
         if s.len() > MAX_VALUE {
             return None;
         }
-        serde_json::from_str(s).ok().filter(|r: &RequestId| r.stamp > 0)
+        serde_json::from_str(s)
+            .ok()
+            .filter(|r: &RequestId| r.stamp > 0)
     }
 }
 

@@ -22,38 +22,6 @@ const DIFFERENCES: &[(&str, &str)] = &[
     ("merge-cluster-list", "not yet: comes with merge-cluster"),
     ("split-cluster", "not yet: needs the metadata split"),
     (
-        "pause-fetch-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "resume-fetch-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "pause-replay-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "resume-replay-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "pause-sync-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "resume-sync-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "connect-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "disconnect-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
         "create-uuid",
         "MARS's pre-2014 layouts only; create-cluster makes the identity",
     ),

@@ -1985,11 +1985,7 @@ fn a_global_request_is_applied_once_and_stops_the_fetch() {
     let stamp = w.stamp;
     let c = w.sync();
     // The switch and the record of what was applied, in one write; the fetch stops at once.
-    let want_rec = crate::RequestId {
-        stamp,
-        by: h("c"),
-    }
-    .to_json();
+    let want_rec = crate::RequestId { stamp, by: h("c") }.to_json();
     assert_eq!(
         switch_writes(&c, "b", "fetch"),
         vec![
@@ -1999,7 +1995,9 @@ fn a_global_request_is_applied_once_and_stops_the_fetch() {
     );
     assert!(c.contains(&Command::StopFetch { id }), "{c:?}");
     assert!(
-        logs(&c).iter().any(|l| l.contains("fetch off (requested by c)")),
+        logs(&c)
+            .iter()
+            .any(|l| l.contains("fetch off (requested by c)")),
         "{c:?}"
     );
     assert!(!w.e.meta().members[&h("b")].todo.fetch);
@@ -2104,9 +2102,7 @@ fn a_malformed_request_is_ignored() {
         w.set(&keys::request(&res, sw), v);
         let c = w.sync();
         assert!(
-            published(&c)
-                .iter()
-                .all(|(k, _)| !k.contains("/todo-b/")),
+            published(&c).iter().all(|(k, _)| !k.contains("/todo-b/")),
             "{sw} {v}: {c:?}"
         );
     }
