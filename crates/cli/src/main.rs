@@ -8,6 +8,7 @@ mod demo;
 mod error;
 mod generate;
 mod macros;
+mod merge;
 mod progress;
 mod systemd;
 mod view;
@@ -167,6 +168,9 @@ enum Cmd {
     LowlevelSetHostIp { host: String, ip: Option<String> },
     /// List the members and their addresses.
     LowlevelLsHostIps,
+    /// MARS: print this cluster's id, its members with their addresses and every resource
+    /// (compare two clusters' resource names by hand).
+    MergeClusterList,
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
@@ -913,6 +917,7 @@ impl Cli {
                 }
                 Ok(())
             }
+            Cmd::MergeClusterList => merge::list(self),
             Cmd::LowlevelLsHostIps => {
                 let v = self.host_view()?;
                 if self.json {
@@ -1042,6 +1047,10 @@ impl Cli {
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => match args.first() {
+                // MARS commands refused with their reason (not taken for view macros).
+                Some(name) if merge::refusal(name).is_some() => {
+                    merge::refuse(merge::refusal(name).unwrap_or_default())
+                }
                 Some(_) => macros::run::view_macro(self, args),
                 None => usage!("no command given; see `marsadm --help`"),
             },

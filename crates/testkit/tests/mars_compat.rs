@@ -290,3 +290,36 @@ fn global_switch_commands_switch_every_member() {
     // The switches nobody may request globally are refused (there is no attach-global).
     assert!(!a.marsadm(&["attach-global", "r1"]).status.success());
 }
+
+/// `merge-cluster-list` prints MARS's listing; merging and splitting clusters are refused
+/// with the reason (each cluster has its own id and CA), changing nothing.
+#[test]
+fn merge_cluster_list_and_the_refused_merge_and_split() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    a.create_resource("r1", SIZE);
+    a.create_resource("r2", SIZE);
+    let uuid = a.view_json()["cluster"]["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+    let out = a.ok(&["merge-cluster-list"]);
+    let want = format!(
+        "UUID: {uuid}\nIPs:\nips/ip-a {}\nRESOURCEs:\nresource-r1\nresource-r2\n",
+        address_of(&a, "a")
+    );
+    assert_eq!(out, want);
+    let j: serde_json::Value =
+        serde_json::from_str(&a.ok(&["--json", "merge-cluster-list"])).expect("json");
+    assert_eq!(j["resources"], serde_json::json!(["r1", "r2"]));
+    for args in [
+        &["merge-cluster", "other", "127.0.0.9"][..],
+        &["merge-cluster-check", "other"][..],
+        &["split-cluster"][..],
+    ] {
+        let msg = a.refused(args);
+        assert!(msg.contains("cluster id and CA"), "{args:?}: {msg}");
+        assert_eq!(exit_code(&a, args), 3, "{args:?}");
+    }
+    assert_eq!(a.ok(&["merge-cluster-list"]), want);
+}
