@@ -10,7 +10,11 @@
 //! as the store breaks them. A later `-local` command changes only `todo-HOST/SWITCH`: the
 //! record stays, so the old request is not applied again (not after a restart either: the
 //! record is in the store); a newer request is. A request older than the member's membership
-//! (its `data-HOST` key) is not applied: it was not meant for this member.
+//! (its `data-HOST` key) is not applied: it was not meant for this member. (A member that
+//! re-signs its entries — `renew-certificate`, `rotate-ca` — gets a newer `data-HOST` stamp;
+//! a request it had not applied by then is not applied any more. A running member applies a
+//! request within one metadata round trip, so only a member that renews its certificate
+//! before it ever saw the request misses it; the command's answer names it as not applied.)
 //!
 //! Peers' metadata is not trusted: a value longer than [`MAX_VALUE`], not the JSON above, with
 //! an unknown switch or a bad host name is ignored (as if absent).
