@@ -14,7 +14,8 @@
 //! re-signs its entries — `renew-certificate`, `rotate-ca` — gets a newer `data-HOST` stamp;
 //! a request it had not applied by then is not applied any more. A running member applies a
 //! request within one metadata round trip, so only a member that renews its certificate
-//! before it ever saw the request misses it; the command's answer names it as not applied.)
+//! before it ever saw the request misses it, and the waiting command takes it for a member
+//! that joined later.)
 //!
 //! Peers' metadata is not trusted: a value longer than [`MAX_VALUE`], not the JSON above, with
 //! an unknown switch or a bad host name is ignored (as if absent).
