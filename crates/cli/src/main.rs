@@ -1913,6 +1913,33 @@ mod tests {
     }
 
     #[test]
+    fn global_switch_commands_and_their_mars_aliases() {
+        use SwitchKind::{Fetch, Replay, Sync};
+        let cases: &[(&str, SwitchKind, bool)] = &[
+            ("pause-fetch-global", Fetch, false),
+            ("disconnect-global", Fetch, false),
+            ("resume-fetch-global", Fetch, true),
+            ("connect-global", Fetch, true),
+            ("pause-replay-global", Replay, false),
+            ("resume-replay-global", Replay, true),
+            ("pause-sync-global", Sync, false),
+            ("resume-sync-global", Sync, true),
+        ];
+        for (cmd, switch, on) in cases {
+            let want = Request::SwitchGlobal {
+                res: vm1(),
+                switch: *switch,
+                on: *on,
+                timeout: 7,
+            };
+            assert_eq!(request(&["--timeout=7", cmd, "vm1"]).1, want, "{cmd}");
+            // `all` and lists run one request per resource.
+            let cli = parse(&[cmd, "vm1,vm2"]);
+            assert_eq!(res_arg(&cli.cmd), Some("vm1,vm2"), "{cmd}");
+        }
+    }
+
+    #[test]
     fn resource_lifecycle_requests() {
         assert_eq!(
             request(&["join-resource", "vm1", "/dev/vg/vm1"]).1,
