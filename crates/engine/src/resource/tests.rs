@@ -2109,3 +2109,29 @@ fn a_malformed_request_is_ignored() {
     let t = w.e.meta().members[&h("b")].todo;
     assert!(t.fetch && t.attach && t.replay);
 }
+
+#[test]
+fn delete_resource_deletes_the_global_requests_too() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)]));
+    request(&mut w, "fetch", false, "a");
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 9,
+        op: Op::DeleteResource { force: false },
+    });
+    let deleted: Vec<String> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::Publish { delete, .. } => Some(delete.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(
+        deleted.contains(&"resource-r/request/fetch".to_string()),
+        "{c:?}"
+    );
+    assert!(deleted.contains(&"resource-r/size".to_string()), "{c:?}");
+}
