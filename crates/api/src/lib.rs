@@ -132,6 +132,16 @@ pub enum Request {
         switches: Vec<SwitchKind>,
         on: bool,
     },
+    /// The `*-global` commands (MARS's `pause-fetch-global` & co.): asks every member of `res`
+    /// to turn `switch` (fetch, replay or sync) on or off on itself, through a replicated
+    /// request each member applies to its own switch; waits up to `timeout` seconds until
+    /// every reachable member did. Unreachable members apply it when they are back.
+    SwitchGlobal {
+        res: ResourceName,
+        switch: SwitchKind,
+        on: bool,
+        timeout: u64,
+    },
     /// Experts: declares the local replica consistent without copying (the disk must already
     /// equal the primary's, e.g. both freshly zeroed).
     FakeSync { res: ResourceName },

@@ -8,6 +8,7 @@ mod demo;
 mod error;
 mod generate;
 mod macros;
+mod merge;
 mod progress;
 mod systemd;
 mod view;
@@ -167,6 +168,9 @@ enum Cmd {
     LowlevelSetHostIp { host: String, ip: Option<String> },
     /// List the members and their addresses.
     LowlevelLsHostIps,
+    /// MARS: print this cluster's id, its members with their addresses and every resource
+    /// (compare two clusters' resource names by hand).
+    MergeClusterList,
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
@@ -265,6 +269,22 @@ enum Cmd {
     /// Resume the full sync of the local replica where it paused.
     #[command(alias = "resume-sync-local")]
     ResumeSync { res: String },
+    /// MARS: pause-fetch on every member of RES (each member applies the request to its own
+    /// switch; waits up to --timeout for the reachable ones, unreachable ones apply it when
+    /// they are back).
+    #[command(alias = "disconnect-global")]
+    PauseFetchGlobal { res: String },
+    /// MARS: resume-fetch on every member of RES (as pause-fetch-global).
+    #[command(alias = "connect-global")]
+    ResumeFetchGlobal { res: String },
+    /// MARS: pause-replay on every member of RES (as pause-fetch-global).
+    PauseReplayGlobal { res: String },
+    /// MARS: resume-replay on every member of RES (as pause-fetch-global).
+    ResumeReplayGlobal { res: String },
+    /// MARS: pause-sync on every member of RES (as pause-fetch-global).
+    PauseSyncGlobal { res: String },
+    /// MARS: resume-sync on every member of RES (as pause-fetch-global).
+    ResumeSyncGlobal { res: String },
     /// attach + resume-sync + resume-fetch + resume-replay.
     Up { res: String },
     /// pause-sync + pause-fetch + pause-replay + detach.
@@ -398,6 +418,12 @@ fn res_arg(cmd: &Cmd) -> Option<&str> {
         | Cmd::ResumeReplay { res }
         | Cmd::PauseSync { res }
         | Cmd::ResumeSync { res }
+        | Cmd::PauseFetchGlobal { res }
+        | Cmd::ResumeFetchGlobal { res }
+        | Cmd::PauseReplayGlobal { res }
+        | Cmd::ResumeReplayGlobal { res }
+        | Cmd::PauseSyncGlobal { res }
+        | Cmd::ResumeSyncGlobal { res }
         | Cmd::Up { res }
         | Cmd::Down { res }
         | Cmd::Invalidate { res }
@@ -421,6 +447,12 @@ fn with_res(cmd: &Cmd, r: &str) -> Cmd {
         Cmd::ResumeReplay { .. } => Cmd::ResumeReplay { res },
         Cmd::PauseSync { .. } => Cmd::PauseSync { res },
         Cmd::ResumeSync { .. } => Cmd::ResumeSync { res },
+        Cmd::PauseFetchGlobal { .. } => Cmd::PauseFetchGlobal { res },
+        Cmd::ResumeFetchGlobal { .. } => Cmd::ResumeFetchGlobal { res },
+        Cmd::PauseReplayGlobal { .. } => Cmd::PauseReplayGlobal { res },
+        Cmd::ResumeReplayGlobal { .. } => Cmd::ResumeReplayGlobal { res },
+        Cmd::PauseSyncGlobal { .. } => Cmd::PauseSyncGlobal { res },
+        Cmd::ResumeSyncGlobal { .. } => Cmd::ResumeSyncGlobal { res },
         Cmd::Up { .. } => Cmd::Up { res },
         Cmd::Down { .. } => Cmd::Down { res },
         Cmd::Invalidate { .. } => Cmd::Invalidate { res },
@@ -458,6 +490,20 @@ fn switch_of(cmd: &Cmd) -> Option<(&'static str, &str, &'static [SwitchKind], bo
     })
 }
 
+/// The `*-global` commands: (command name, RES, switch, on).
+fn global_switch_of(cmd: &Cmd) -> Option<(&'static str, &str, SwitchKind, bool)> {
+    use SwitchKind::{Fetch, Replay, Sync};
+    Some(match cmd {
+        Cmd::PauseFetchGlobal { res } => ("pause-fetch-global", res, Fetch, false),
+        Cmd::ResumeFetchGlobal { res } => ("resume-fetch-global", res, Fetch, true),
+        Cmd::PauseReplayGlobal { res } => ("pause-replay-global", res, Replay, false),
+        Cmd::ResumeReplayGlobal { res } => ("resume-replay-global", res, Replay, true),
+        Cmd::PauseSyncGlobal { res } => ("pause-sync-global", res, Sync, false),
+        Cmd::ResumeSyncGlobal { res } => ("resume-sync-global", res, Sync, true),
+        _ => return None,
+    })
+}
+
 /// The resource commands that are one request answered by `Done`: (command name, request).
 /// `None` for every other command.
 fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'static str, Request)>> {
@@ -476,6 +522,15 @@ fn resource_request(cmd: &Cmd, force: u8, timeout: u64) -> Result<Option<(&'stat
             res: resource(res)?,
             switches: kinds.to_vec(),
             on,
+        };
+        return Ok(Some((name, req)));
+    }
+    if let Some((name, res, switch, on)) = global_switch_of(cmd) {
+        let req = Request::SwitchGlobal {
+            res: resource(res)?,
+            switch,
+            on,
+            timeout,
         };
         return Ok(Some((name, req)));
     }
@@ -862,6 +917,7 @@ impl Cli {
                 }
                 Ok(())
             }
+            Cmd::MergeClusterList => merge::list(self),
             Cmd::LowlevelLsHostIps => {
                 let v = self.host_view()?;
                 if self.json {
@@ -991,6 +1047,10 @@ impl Cli {
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => match args.first() {
+                // MARS commands refused with their reason (not taken for view macros).
+                Some(name) if merge::refusal(name).is_some() => {
+                    merge::refuse(merge::refusal(name).unwrap_or_default())
+                }
                 Some(_) => macros::run::view_macro(self, args),
                 None => usage!("no command given; see `marsadm --help`"),
             },
@@ -1849,6 +1909,33 @@ mod tests {
                 on: *on,
             };
             assert_eq!(request(args).1, want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn global_switch_commands_and_their_mars_aliases() {
+        use SwitchKind::{Fetch, Replay, Sync};
+        let cases: &[(&str, SwitchKind, bool)] = &[
+            ("pause-fetch-global", Fetch, false),
+            ("disconnect-global", Fetch, false),
+            ("resume-fetch-global", Fetch, true),
+            ("connect-global", Fetch, true),
+            ("pause-replay-global", Replay, false),
+            ("resume-replay-global", Replay, true),
+            ("pause-sync-global", Sync, false),
+            ("resume-sync-global", Sync, true),
+        ];
+        for (cmd, switch, on) in cases {
+            let want = Request::SwitchGlobal {
+                res: vm1(),
+                switch: *switch,
+                on: *on,
+                timeout: 7,
+            };
+            assert_eq!(request(&["--timeout=7", cmd, "vm1"]).1, want, "{cmd}");
+            // `all` and lists run one request per resource.
+            let cli = parse(&[cmd, "vm1,vm2"]);
+            assert_eq!(res_arg(&cli.cmd), Some("vm1,vm2"), "{cmd}");
         }
     }
 

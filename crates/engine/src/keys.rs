@@ -6,6 +6,8 @@
 //! | `resource-RES/primary` | shared | designated primary host, or `(none)` |
 //! | `resource-RES/data-HOST` | HOST | backing disk path; this key *is* the membership |
 //! | `resource-RES/todo-HOST/{attach,sync,fetch,replay}` | HOST | desired switch, `1` or `0` |
+//! | `resource-RES/request/{sync,fetch,replay}` | shared | a `*-global` command's [`crate::SwitchRequest`], JSON `{"on":BOOL,"by":HOST}`; its Lamport stamp orders the requests |
+//! | `resource-RES/todo-HOST/applied/{sync,fetch,replay}` | HOST | the request HOST applied last to its own switch, JSON [`crate::RequestId`] `{"stamp":N,"by":HOST}` |
 //! | `resource-RES/actual-HOST` | HOST | JSON [`crate::Report`]: what HOST reports about itself |
 //! | `resource-RES/version-NNNNNNNNN-HOST` | HOST | version link of logfile N as HOST saw it |
 //! | `resource-RES/chain-start-HOST` | HOST | logfile number where HOST's log continued after a deliberate hole (emergency mode): its version chain starts anew there |
@@ -48,6 +50,15 @@ pub fn data(res: &ResourceName, host: &HostName) -> String {
 pub fn todo(res: &ResourceName, host: &HostName, switch: &str) -> String {
     format!("resource-{res}/todo-{host}/{switch}")
 }
+/// A `*-global` command's request to every member (a shared key: any member may write it;
+/// no segment ends in `-…`, so no member name can make it owned).
+pub fn request(res: &ResourceName, switch: &str) -> String {
+    format!("resource-{res}/request/{switch}")
+}
+/// The request `host` applied last to its own switch (owned by `host` through `todo-HOST`).
+pub fn applied(res: &ResourceName, host: &HostName, switch: &str) -> String {
+    format!("resource-{res}/todo-{host}/applied/{switch}")
+}
 pub fn actual(res: &ResourceName, host: &HostName) -> String {
     format!("resource-{res}/actual-{host}")
 }
@@ -82,6 +93,10 @@ pub enum ResourceKey {
     Primary,
     Data(HostName),
     Todo(HostName, String),
+    /// `request/SWITCH`.
+    Request(String),
+    /// `todo-HOST/applied/SWITCH`.
+    Applied(HostName, String),
     Actual(HostName),
     Version(u64, HostName),
     ChainStart(HostName),
@@ -116,11 +131,14 @@ pub fn parse(key: &str) -> Option<(ResourceName, ResourceKey)> {
                 ResourceKey::EmergencyLimit(h)
             } else if let Some(h) = leaf.strip_prefix("systemd-status-").and_then(host) {
                 ResourceKey::SystemdStatus(h)
+            } else if let Some(sw) = leaf.strip_prefix("request/") {
+                ResourceKey::Request(sw.to_string())
             } else if let Some((t, sw)) = leaf.strip_prefix("todo-").and_then(|t| t.split_once('/'))
             {
-                match host(t) {
-                    Some(h) => ResourceKey::Todo(h, sw.to_string()),
-                    None => ResourceKey::Other,
+                match (host(t), sw.strip_prefix("applied/")) {
+                    (Some(h), Some(sw)) => ResourceKey::Applied(h, sw.to_string()),
+                    (Some(h), None) => ResourceKey::Todo(h, sw.to_string()),
+                    (None, _) => ResourceKey::Other,
                 }
             } else if let Some(v) = leaf.strip_prefix("version-") {
                 match v.split_once('-') {
@@ -188,6 +206,14 @@ mod tests {
         assert_eq!(
             parse(&systemd_want(&r)),
             Some((r.clone(), ResourceKey::SystemdWant))
+        );
+        assert_eq!(
+            parse(&request(&r, "fetch")),
+            Some((r.clone(), ResourceKey::Request("fetch".into())))
+        );
+        assert_eq!(
+            parse(&applied(&r, &h, "fetch")),
+            Some((r.clone(), ResourceKey::Applied(h.clone(), "fetch".into())))
         );
         assert_eq!(parse("ips/ip-a"), None);
         assert_eq!(

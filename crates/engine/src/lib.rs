@@ -19,6 +19,7 @@ pub mod keys;
 pub mod model;
 pub mod plan;
 pub mod reason;
+pub mod request;
 pub mod resource;
 pub mod roles;
 pub mod serve;
@@ -31,6 +32,7 @@ pub use plan::{
     entry_check, member_state, next_file_check, reclaim_below, ChainCheck, MemberState,
 };
 pub use reason::{OpError, OpErrorKind, StuckKind};
+pub use request::{RequestId, SwitchRequest};
 pub use resource::ResourceEngine;
 pub use roles::{fetch_source, promotion, split_brain, Promotion, SplitBrain};
 pub use systemd::{want_op, SystemdMeta, UnitOp, UnitStatus};

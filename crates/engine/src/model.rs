@@ -163,6 +163,10 @@ pub struct Member {
     /// `set-emergency-limit`: percent of the root filesystem the resource's logfiles may take
     /// on this member before it enters emergency mode (`None` or 0: no limit).
     pub emergency_limit: Option<u8>,
+    /// Per switch: the `*-global` request this member applied last (`todo-HOST/applied/SW`).
+    pub applied: BTreeMap<String, crate::RequestId>,
+    /// The Lamport stamp of its `data-HOST` key: since when it is a member (0: unknown).
+    pub since: u64,
 }
 
 /// Everything the metadata says about one resource.
@@ -184,6 +188,8 @@ pub struct ResourceMeta {
     pub chain_starts: BTreeMap<HostName, u64>,
     /// The systemd stack: units, want, each host's last operation.
     pub systemd: crate::systemd::SystemdMeta,
+    /// The `*-global` commands' requests, per switch (`request/SWITCH`; see `crate::request`).
+    pub requests: BTreeMap<String, crate::SwitchRequest>,
 }
 
 impl ResourceMeta {
@@ -197,6 +203,7 @@ impl ResourceMeta {
             versions: BTreeMap::new(),
             chain_starts: BTreeMap::new(),
             systemd: Default::default(),
+            requests: BTreeMap::new(),
         }
     }
 
@@ -216,6 +223,20 @@ impl ResourceMeta {
                 m.designation = *stamp;
             } else if *k == want {
                 m.systemd.want_stamp = *stamp;
+            } else {
+                match keys::parse(k) {
+                    Some((res, ResourceKey::Request(sw))) if res == m.name => {
+                        if let Some(r) = m.requests.get_mut(&sw) {
+                            r.id.stamp = *stamp;
+                        }
+                    }
+                    Some((res, ResourceKey::Data(h))) if res == m.name => {
+                        if let Some(mem) = m.members.get_mut(&h) {
+                            mem.since = *stamp;
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
         m
@@ -231,6 +252,7 @@ impl ResourceMeta {
         let mut todos: Vec<(HostName, String, bool)> = Vec::new();
         let mut reports: Vec<(HostName, Report)> = Vec::new();
         let mut limits: Vec<(HostName, Option<u8>)> = Vec::new();
+        let mut applied: Vec<(HostName, String, crate::RequestId)> = Vec::new();
         for (k, v) in entries {
             let Some((res, key)) = keys::parse(k) else {
                 continue;
@@ -245,6 +267,20 @@ impl ResourceMeta {
                     m.members.entry(h).or_default().disk = v.to_string();
                 }
                 ResourceKey::Todo(h, sw) => todos.push((h, sw, v != "0")),
+                // Peers' values are checked: anything malformed is as if absent.
+                ResourceKey::Request(sw) if crate::request::is_global_switch(&sw) => {
+                    if let Some(r) = crate::request::RequestValue::from_json(v) {
+                        let id = crate::RequestId { stamp: 0, by: r.by };
+                        m.requests.insert(sw, crate::SwitchRequest { on: r.on, id });
+                    }
+                }
+                ResourceKey::Request(_) => {}
+                ResourceKey::Applied(h, sw) if crate::request::is_global_switch(&sw) => {
+                    if let Some(id) = crate::RequestId::from_json(v) {
+                        applied.push((h, sw, id));
+                    }
+                }
+                ResourceKey::Applied(..) => {}
                 ResourceKey::Actual(h) => {
                     if let Some(r) = Report::from_json(v) {
                         reports.push((h, r));
@@ -291,6 +327,11 @@ impl ResourceMeta {
         for (h, pct) in limits {
             if let Some(mem) = m.members.get_mut(&h) {
                 mem.emergency_limit = pct.filter(|p| *p > 0);
+            }
+        }
+        for (h, sw, id) in applied {
+            if let Some(mem) = m.members.get_mut(&h) {
+                mem.applied.insert(sw, id);
             }
         }
         m

@@ -417,6 +417,7 @@ mod tests {
                 todo: Todo::default(),
                 report: Some(prim),
                 emergency_limit: None,
+                ..Default::default()
             },
         );
         let sec = Report {
@@ -435,6 +436,7 @@ mod tests {
                 todo: Todo::default(),
                 report: Some(sec),
                 emergency_limit: None,
+                ..Default::default()
             },
         );
         m

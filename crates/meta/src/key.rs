@@ -156,6 +156,16 @@ mod tests {
         assert_eq!(owner("resource-vm1/size"), None);
         assert_eq!(owner("defaults/sync-limit"), None);
         assert_eq!(owner("actual-gamma/alive"), None, "gamma is no member");
+        // A `*-global` switch request is shared whatever the members are called; what a host
+        // applied of it is its own (mars_engine::keys).
+        let m2 = members(&["alpha", "request", "fetch"]);
+        assert_eq!(owner_of("resource-vm1/request/fetch", &m2), None);
+        assert_eq!(
+            owner_of("resource-vm1/todo-alpha/applied/fetch", &m2)
+                .map(|h| h.to_string())
+                .as_deref(),
+            Some("alpha")
+        );
         // Not at the start, `resource-…` is an ordinary segment.
         assert_eq!(owner("x/resource-vm1").as_deref(), Some("vm1"));
     }

@@ -193,3 +193,133 @@ fn mars_commands_on_one_resource() {
     ]);
     a.ok(&["-d", "pause-replay", "r"]);
 }
+
+/// MARS's `*-global` commands: one host switches every member of the resource (each member
+/// applies the request to its own switch); a later `-local` change wins until the next
+/// request; a member that is down applies the request when it is back.
+#[test]
+fn global_switch_commands_switch_every_member() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let mut c = Host::start_at(t.path(), "c", "127.0.0.3");
+    a.ok(&["create-cluster"]);
+    b.join(&a);
+    c.join(&a);
+    for h in [&a, &b, &c] {
+        h.ok(&["--timeout=30", "wait-cluster"]);
+    }
+    a.create_resource("r1", SIZE);
+    a.create_resource("r2", SIZE);
+    for r in ["r1", "r2"] {
+        join(&b, r, SIZE);
+        join(&c, r, SIZE);
+    }
+    for r in ["r1", "r2"] {
+        for h in [&b, &c] {
+            h.ok(&["--timeout=30", "update-cluster"]);
+            eventually(30, "members known", || h.view("todo-fetch", r) == "1");
+        }
+    }
+    let todo = |h: &Host, sw: &str, r: &str| h.view(&format!("todo-{sw}"), r);
+
+    // A dry run says what it would do and changes nothing.
+    let out = a.ok(&["--dry-run", "pause-replay-global", "r1"]);
+    assert!(
+        out.contains("would set resource-r1/request/replay"),
+        "{out}"
+    );
+    assert_eq!(todo(&b, "replay", "r1"), "1");
+
+    // pause-fetch-global on a pauses b and c (and a): answered once all applied it.
+    let out = a.ok(&["--timeout=30", "pause-fetch-global", "r1"]);
+    assert!(out.contains("fetch off on a, b, c"), "{out}");
+    for h in [&a, &b, &c] {
+        assert_eq!(todo(h, "fetch", "r1"), "0");
+        assert_eq!(todo(h, "fetch", "r2"), "1", "only r1");
+    }
+    for h in [&b, &c] {
+        h.ok(&["--timeout=10", "wait-resource", "r1", "is-fetch-off"]);
+    }
+    // A later local change on b wins (nothing applies the old request again) ...
+    b.ok(&["resume-fetch-local", "r1"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(todo(&b, "fetch", "r1"), "1");
+    assert_eq!(todo(&c, "fetch", "r1"), "0");
+    // ... until the next request, here from c.
+    let out = c.ok(&["--timeout=30", "resume-fetch-global", "r1"]);
+    assert!(out.contains("fetch on on a, b, c"), "{out}");
+    for h in [&a, &b, &c] {
+        assert_eq!(todo(h, "fetch", "r1"), "1");
+    }
+    b.ok(&["--timeout=10", "wait-resource", "r1", "is-fetch-on"]);
+
+    // MARS's site-wide spelling: every resource of this host.
+    let out = b.ok(&["--timeout=30", "disconnect-global", "all"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    for r in ["r1", "r2"] {
+        for h in [&a, &b, &c] {
+            assert_eq!(todo(h, "fetch", r), "0", "{r}");
+        }
+    }
+    let out = b.ok(&["--timeout=30", "connect-global", "r1,r2"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    // A member down while requested: the reachable ones apply it at once, the answer names
+    // the one that switches when it is back, and it does after its restart.
+    c.kill9();
+    let out = a.ok(&["--timeout=60", "pause-sync-global", "r2"]);
+    assert!(out.contains("sync off on a, b"), "{out}");
+    assert!(
+        out.contains("not reachable now, switching when back: c"),
+        "{out}"
+    );
+    assert_eq!(todo(&b, "sync", "r2"), "0");
+    c.start_again();
+    eventually(60, "c applies the request after its restart", || {
+        c.marsadm(&["view-todo-sync", "r2"])
+            .stdout
+            .starts_with(b"0")
+    });
+    // And it stays applied once: a local change after it survives another restart.
+    c.ok(&["resume-sync-local", "r2"]);
+    c.restart();
+    c.ok(&["--timeout=30", "wait-cluster"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(todo(&c, "sync", "r2"), "1");
+    // The switches nobody may request globally are refused (there is no attach-global).
+    assert!(!a.marsadm(&["attach-global", "r1"]).status.success());
+}
+
+/// `merge-cluster-list` prints MARS's listing; merging and splitting clusters are refused
+/// with the reason (each cluster has its own id and CA), changing nothing.
+#[test]
+fn merge_cluster_list_and_the_refused_merge_and_split() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    a.create_resource("r1", SIZE);
+    a.create_resource("r2", SIZE);
+    let uuid = a.view_json()["cluster"]["uuid"]
+        .as_str()
+        .expect("uuid")
+        .to_string();
+    let out = a.ok(&["merge-cluster-list"]);
+    let want = format!(
+        "UUID: {uuid}\nIPs:\nips/ip-a {}\nRESOURCEs:\nresource-r1\nresource-r2\n",
+        address_of(&a, "a")
+    );
+    assert_eq!(out, want);
+    let j: serde_json::Value =
+        serde_json::from_str(&a.ok(&["--json", "merge-cluster-list"])).expect("json");
+    assert_eq!(j["resources"], serde_json::json!(["r1", "r2"]));
+    for args in [
+        &["merge-cluster", "other", "127.0.0.9"][..],
+        &["merge-cluster-check", "other"][..],
+        &["split-cluster"][..],
+    ] {
+        let msg = a.refused(args);
+        assert!(msg.contains("cluster id and CA"), "{args:?}: {msg}");
+        assert_eq!(exit_code(&a, args), 3, "{args:?}");
+    }
+    assert_eq!(a.ok(&["merge-cluster-list"]), want);
+}

@@ -16,42 +16,16 @@ const COMPAT_DOC: &str = include_str!("../../../../docs/mars-compatibility.md");
 const DIFFERENCES: &[(&str, &str)] = &[
     (
         "merge-cluster",
-        "not yet: needs the metadata of two clusters merged",
-    ),
-    ("merge-cluster-check", "not yet: comes with merge-cluster"),
-    ("merge-cluster-list", "not yet: comes with merge-cluster"),
-    ("split-cluster", "not yet: needs the metadata split"),
-    (
-        "pause-fetch-global",
-        "not yet: needs a switch request to other members",
+        "refused with the reason: each cluster has its own id and CA; hosts move with \
+         leave-cluster and join-cluster --token",
     ),
     (
-        "resume-fetch-global",
-        "not yet: needs a switch request to other members",
+        "merge-cluster-check",
+        "refused as merge-cluster; merge-cluster-list on both clusters compares by hand",
     ),
     (
-        "pause-replay-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "resume-replay-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "pause-sync-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "resume-sync-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "connect-global",
-        "not yet: needs a switch request to other members",
-    ),
-    (
-        "disconnect-global",
-        "not yet: needs a switch request to other members",
+        "split-cluster",
+        "refused with the reason: both groups would keep one cluster id and CA",
     ),
     (
         "create-uuid",
@@ -205,6 +179,17 @@ fn differences_are_mars_commands_and_documented() {
             );
         }
     }
+}
+
+#[test]
+fn refused_mars_commands_are_answered_with_their_reason() {
+    for name in ["merge-cluster", "merge-cluster-check", "split-cluster"] {
+        assert!(DIFFERENCES.iter().any(|(d, _)| *d == name), "{name}");
+        let why = crate::merge::refusal(name).expect("a reason");
+        assert!(why.contains("cluster id and CA"), "{name}: {why}");
+    }
+    assert!(crate::merge::refusal("merge-cluster-list").is_none());
+    assert!(parses("merge-cluster-list"));
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! The control socket (`ROOT/marsd.sock`, 0600, root or our own user only): one JSON request
 //! per connection, one dispatch. Cluster commands (`cluster.rs`) go to the metadata layer;
 //! resource commands (`resources.rs`) create or join resources here and hand everything else
-//! to the resource's actor as an engine operation; `view.rs` reads the actors' snapshots.
+//! to the resource's actor as an engine operation; `global.rs` writes the `*-global` commands'
+//! switch requests and waits for the members; `view.rs` reads the actors' snapshots.
 
 mod cluster;
+mod global;
 mod resources;
 mod view;
 
@@ -178,6 +180,12 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
             resources::create(host, res, &disk, size, dry).await
         }
         Request::JoinResource { res, disk } => resources::join(host, res, &disk, dry).await,
+        Request::SwitchGlobal {
+            res,
+            switch,
+            on,
+            timeout,
+        } => global::switch(host, res, switch, on, timeout, dry).await,
         other => resources::op(host, other, dry).await,
     }
 }

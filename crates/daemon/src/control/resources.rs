@@ -500,7 +500,13 @@ async fn delete(host: &Arc<Host>, res: ResourceName, force: bool, dry: bool) -> 
                 ));
             }
             host.store
-                .write(Vec::new(), vec![keys::size(&res), keys::primary(&res)])
+                .write(
+                    Vec::new(),
+                    [keys::size(&res), keys::primary(&res)]
+                        .into_iter()
+                        .chain(m.requests.keys().map(|sw| keys::request(&res, sw)))
+                        .collect(),
+                )
                 .await
                 .map_err(failed)?;
             delete_own_keys(host, &res).await?;

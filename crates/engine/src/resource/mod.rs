@@ -28,11 +28,12 @@
 //! The module files: `primary.rs` (the primary role), `replica.rs` (fetch, replay, sync and the
 //! copies), `promote.rs` (taking over), `saga.rs` (the `primary` command), `ops.rs` (other
 //! operator commands), `report.rs` (what this host publishes about itself and shows in `view`),
-//! `units.rs` (the systemd stack).
+//! `units.rs` (the systemd stack), `global.rs` (the `*-global` commands' switch requests).
 
 mod command;
 mod dry_run;
 mod event;
+mod global;
 mod ops;
 mod primary;
 mod promote;
@@ -514,6 +515,8 @@ impl ResourceEngine {
         if !designated {
             self.designated_since = None;
         }
+        // Before the roles: a request's switch counts in this very pass.
+        self.apply_switch_requests();
         match &self.local {
             Local::Primary(_) => self.reconcile_primary(),
             Local::Replica(_) => self.reconcile_replica(),
@@ -859,6 +862,12 @@ fn apply_key(meta: &mut ResourceMeta, me: &HostName, key: &str, value: Option<&s
         (ResourceKey::Todo(h, sw), Some(v)) if h == *me => {
             if let Some(m) = meta.members.get_mut(&h) {
                 m.todo.set(&sw, v != "0");
+            }
+        }
+        (ResourceKey::Applied(h, sw), Some(v)) if h == *me => {
+            if let (Some(m), Some(id)) = (meta.members.get_mut(&h), crate::RequestId::from_json(v))
+            {
+                m.applied.insert(sw, id);
             }
         }
         (ResourceKey::Actual(h), Some(v)) if h == *me => {

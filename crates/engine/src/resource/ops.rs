@@ -258,10 +258,14 @@ impl ResourceEngine {
                         ))),
                     );
                 }
+                // The shared keys go (the `*-global` requests too: nobody is left to apply
+                // them); each member's own keys go with its teardown.
+                let mut delete = vec![keys::size(&res), keys::primary(&res)];
+                delete.extend(self.meta.requests.keys().map(|sw| keys::request(&res, sw)));
                 self.emit(Command::Publish {
                     tag: None,
                     set: Vec::new(),
-                    delete: vec![keys::size(&res), keys::primary(&res)],
+                    delete,
                 });
                 self.teardown("deleted".into(), Some(id));
             }

@@ -1956,3 +1956,182 @@ fn primary_again_on_a_primary_without_its_device_fails_with_the_reason() {
         r => panic!("{r:?}"),
     }
 }
+
+// ---------------------------------------------------------------- *-global requests
+
+/// A `*-global` request by `by` (as `marsadm pause-fetch-global` writes it).
+fn request(w: &mut World, switch: &str, on: bool, by: &str) {
+    let k = keys::request(&w.res.clone(), switch);
+    let v = crate::request::RequestValue { on, by: h(by) }.to_json();
+    w.set(&k, &v);
+}
+
+/// The switch and record writes a command list holds for `switch` of `me`.
+fn switch_writes(cmds: &[Command], me: &str, switch: &str) -> Vec<(String, String)> {
+    let todo = format!("resource-r/todo-{me}/{switch}");
+    let rec = format!("resource-r/todo-{me}/applied/{switch}");
+    published(cmds)
+        .into_iter()
+        .filter(|(k, _)| *k == todo || *k == rec)
+        .collect()
+}
+
+#[test]
+fn a_global_request_is_applied_once_and_stops_the_fetch() {
+    let mut w = World::cluster("b", &["a", "b", "c"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 100)));
+    let id = fetching(&mut w, &[(3, "a", 40, false)], LogPos::new(3, 40));
+    request(&mut w, "fetch", false, "c");
+    let stamp = w.stamp;
+    let c = w.sync();
+    // The switch and the record of what was applied, in one write; the fetch stops at once.
+    let want_rec = crate::RequestId { stamp, by: h("c") }.to_json();
+    assert_eq!(
+        switch_writes(&c, "b", "fetch"),
+        vec![
+            ("resource-r/todo-b/fetch".to_string(), "0".to_string()),
+            ("resource-r/todo-b/applied/fetch".to_string(), want_rec),
+        ]
+    );
+    assert!(c.contains(&Command::StopFetch { id }), "{c:?}");
+    assert!(
+        logs(&c)
+            .iter()
+            .any(|l| l.contains("fetch off (requested by c)")),
+        "{c:?}"
+    );
+    assert!(!w.e.meta().members[&h("b")].todo.fetch);
+    // The same request seen again (the store's round trip, any later change): nothing.
+    let c = w.sync();
+    assert!(switch_writes(&c, "b", "fetch").is_empty(), "{c:?}");
+    w.at(1000);
+    let c = w.ev(Event::Wake);
+    assert!(switch_writes(&c, "b", "fetch").is_empty(), "{c:?}");
+}
+
+#[test]
+fn a_local_change_wins_over_an_applied_request_until_a_newer_one() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 100)));
+    fetching(&mut w, &[(3, "a", 40, false)], LogPos::new(3, 40));
+    request(&mut w, "fetch", false, "a");
+    w.sync();
+    w.sync();
+    // resume-fetch-local after the global pause.
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Switch {
+            switches: vec!["fetch".into()],
+            on: true,
+        },
+    });
+    assert!(matches!(&replies(&c)[..], [(7, Ok(_))]), "{c:?}");
+    let c = w.sync();
+    assert!(switch_writes(&c, "b", "fetch").is_empty(), "{c:?}");
+    assert!(w.e.meta().members[&h("b")].todo.fetch);
+    // A restart: a new engine that reads the same store applies nothing again (the record
+    // of what it applied is in the store).
+    let mut fresh = World::new("b");
+    fresh.keys = w.keys.clone();
+    fresh.stamp = w.stamp;
+    fresh.live(&["a", "b"], &["a", "b"]);
+    let c = fresh.start(true);
+    assert!(switch_writes(&c, "b", "fetch").is_empty(), "{c:?}");
+    // A newer request is applied over the local change.
+    request(&mut w, "fetch", false, "a");
+    let c = w.sync();
+    assert_eq!(
+        switch_writes(&c, "b", "fetch")[0],
+        ("resource-r/todo-b/fetch".to_string(), "0".to_string())
+    );
+}
+
+#[test]
+fn an_older_request_is_ignored() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 100)));
+    fetching(&mut w, &[(3, "a", 40, false)], LogPos::new(3, 40));
+    request(&mut w, "replay", false, "a");
+    w.sync();
+    // This host applied a request with a higher stamp than the one the store now holds (the
+    // record says so): the store's is older, and is not applied.
+    let rec = crate::RequestId {
+        stamp: w.stamp + 50,
+        by: h("a"),
+    };
+    let k = keys::applied(&w.res.clone(), &h("b"), "replay");
+    w.set(&k, &rec.to_json());
+    let k = keys::todo(&w.res.clone(), &h("b"), "replay");
+    w.set(&k, "1");
+    let c = w.sync();
+    assert!(switch_writes(&c, "b", "replay").is_empty(), "{c:?}");
+    assert!(w.e.meta().members[&h("b")].todo.replay);
+}
+
+#[test]
+fn a_request_older_than_the_membership_is_not_applied() {
+    let mut w = World::new("c");
+    let res = w.res.clone();
+    w.set(&keys::size(&res), "1048576");
+    for m in ["a", "b"] {
+        w.set(&keys::data(&res, &h(m)), "/dev/x");
+    }
+    w.set(&keys::primary(&res), "a");
+    // A year-old pause of every member, then c joins.
+    request(&mut w, "sync", false, "a");
+    w.set(&keys::data(&res, &h("c")), "/dev/x");
+    w.live(&["a", "b", "c"], &["a", "b", "c"]);
+    w.report("a", &primary_report(LogPos::new(3, 100)));
+    let c = w.start(true);
+    assert!(switch_writes(&c, "c", "sync").is_empty(), "{c:?}");
+    assert!(w.e.meta().members[&h("c")].todo.sync);
+}
+
+#[test]
+fn a_malformed_request_is_ignored() {
+    let mut w = World::cluster("b", &["a", "b"], Some("a"));
+    w.report("a", &primary_report(LogPos::new(3, 100)));
+    fetching(&mut w, &[(3, "a", 40, false)], LogPos::new(3, 40));
+    let res = w.res.clone();
+    for (sw, v) in [
+        ("fetch", "0"),
+        ("fetch", r#"{"on":false,"by":"a","more":"x"}"#),
+        ("attach", r#"{"on":false,"by":"a"}"#),
+        ("replay", r#"{"on":false,"by":"NOT A HOST"}"#),
+    ] {
+        w.set(&keys::request(&res, sw), v);
+        let c = w.sync();
+        assert!(
+            published(&c).iter().all(|(k, _)| !k.contains("/todo-b/")),
+            "{sw} {v}: {c:?}"
+        );
+    }
+    let t = w.e.meta().members[&h("b")].todo;
+    assert!(t.fetch && t.attach && t.replay);
+}
+
+#[test]
+fn delete_resource_deletes_the_global_requests_too() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    w.start(false);
+    w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)]));
+    request(&mut w, "fetch", false, "a");
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 9,
+        op: Op::DeleteResource { force: false },
+    });
+    let deleted: Vec<String> = c
+        .iter()
+        .filter_map(|c| match c {
+            Command::Publish { delete, .. } => Some(delete.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(
+        deleted.contains(&"resource-r/request/fetch".to_string()),
+        "{c:?}"
+    );
+    assert!(deleted.contains(&"resource-r/size".to_string()), "{c:?}");
+}

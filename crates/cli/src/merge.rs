@@ -1,0 +1,121 @@
+//! MARS's `merge-cluster` family and `split-cluster`.
+//!
+//! `merge-cluster-list` prints what MARS prints: the cluster's id, its members with their
+//! addresses and every resource the metadata knows (to compare two clusters' resource names
+//! by hand). `merge-cluster`, `merge-cluster-check` and `split-cluster` are no commands here
+//! (`compat/tests.rs` lists them as differences) but are answered with the reason, not taken
+//! for view macros: here a cluster is a cluster id plus a CA every member's certificate comes from, and
+//! MARS's way of merging (each host starts fetching the other cluster's whole tree) or
+//! splitting (every host's address deleted and re-created per group, the id kept) would have
+//! hosts trust, or stop trusting, each other's certificates halfway. docs/mars-compatibility.md
+//! says what to do instead.
+
+use anyhow::Result;
+use mars_api::{ErrorKind, Reply, Request};
+
+use crate::client::ClientError;
+use crate::Cli;
+
+/// Why `merge-cluster` and `merge-cluster-check` are refused.
+pub const MERGE_REFUSED: &str = "merging two clusters is not supported here: each has its own \
+    cluster id and CA, and a host of the other cluster can neither be reached nor trusted \
+    without them. Compare `marsadm merge-cluster-list` on both by hand; to move a host, \
+    leave its resources and its cluster (leave-resource, leave-cluster), then `join-cluster \
+    --token` it here and `join-resource` what it should hold (see docs/mars-compatibility.md, \
+    merge-cluster)";
+
+/// Why `split-cluster` is refused.
+pub const SPLIT_REFUSED: &str = "split-cluster (deprecated in MARS) is not supported here: \
+    both groups would keep one cluster id and CA, so they would go on trusting each other's \
+    certificates, and each would keep the other's resources in its metadata. To separate \
+    hosts, make a new cluster (create-cluster) and move resources to it with join-resource \
+    and leave-resource; `lowlevel-delete-host` removes a host that has left (see \
+    docs/mars-compatibility.md, split-cluster)";
+
+/// The names of the resources in `links` (`KEY VALUE` lines of `lowlevel-get-links
+/// resource-`): those with a size key, sorted.
+pub fn resources_of(links: &str) -> Vec<String> {
+    let mut v: Vec<String> = links
+        .lines()
+        .filter_map(|l| {
+            let key = l.split(' ').next()?;
+            let name = key.strip_prefix("resource-")?.strip_suffix("/size")?;
+            (!name.contains('/')).then(|| name.to_string())
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// `merge-cluster-list`.
+pub fn list(cli: &Cli) -> Result<()> {
+    let v = cli.host_view()?;
+    let Some(cluster) = &v.cluster else {
+        return Err(ClientError::Refused {
+            kind: ErrorKind::Invalid,
+            message: "this host is in no cluster (create-cluster or join-cluster first)".into(),
+        }
+        .into());
+    };
+    let Reply::Value { value } = cli.call(&Request::ListLinks {
+        prefix: "resource-".into(),
+    })?
+    else {
+        anyhow::bail!("unexpected answer from marsd");
+    };
+    let resources = resources_of(&value.unwrap_or_default());
+    if cli.json {
+        let members: Vec<_> = v
+            .members
+            .iter()
+            .map(|m| serde_json::json!({ "host": m.host, "address": m.address }))
+            .collect();
+        return cli.emit(&serde_json::json!({
+            "uuid": cluster.uuid,
+            "members": members,
+            "resources": resources,
+        }));
+    }
+    println!("UUID: {}", cluster.uuid);
+    println!("IPs:");
+    for m in &v.members {
+        println!("ips/ip-{} {}", m.host, m.address);
+    }
+    println!("RESOURCEs:");
+    for r in &resources {
+        println!("resource-{r}");
+    }
+    Ok(())
+}
+
+/// The refusal of MARS's `merge-cluster`, `merge-cluster-check` and `split-cluster`.
+pub fn refusal(cmd: &str) -> Option<&'static str> {
+    match cmd {
+        "merge-cluster" | "merge-cluster-check" => Some(MERGE_REFUSED),
+        "split-cluster" => Some(SPLIT_REFUSED),
+        _ => None,
+    }
+}
+
+/// The refusal of a command that is not supported, as the daemon's refusals look (exit 3).
+pub fn refuse(message: &str) -> Result<()> {
+    Err(ClientError::Refused {
+        kind: ErrorKind::Invalid,
+        message: message.to_string(),
+    }
+    .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resources_are_the_names_with_a_size() {
+        let links = "resource-vm1/data-a /dev/x\nresource-vm1/size 1048576\n\
+                     resource-b.2/size 5\nresource-x/sub/size 1\nips/ip-a 1.2.3.4\n\
+                     resource-gone/primary a\n";
+        assert_eq!(resources_of(links), vec!["b.2", "vm1"]);
+    }
+}
