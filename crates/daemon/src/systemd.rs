@@ -168,7 +168,7 @@ impl Systemd {
             );
         }
         match tree.apply(&state) {
-            Ok(done) if !done.is_empty() => tracing::debug!(
+            Ok(done) if !done.is_empty() => tracing::info!(
                 "mars tree {}: links {:?}, triggers {:?}, removed {:?}",
                 tree.path().display(),
                 done.links,
@@ -190,6 +190,15 @@ impl Systemd {
         let spawned = std::thread::Builder::new()
             .name("mars-tree".into())
             .spawn(move || {
+                // MARS's global trigger at start: the plain templates and every resource's
+                // watcher units exist (and the new ones run) before any stack is configured.
+                if let Some(sd) = me.upgrade() {
+                    // The tree first: the watchers started below find their paths.
+                    sd.sync_tree();
+                    if let Err(e) = sd.regenerate() {
+                        tracing::warn!("systemd: cannot generate units: {e}");
+                    }
+                }
                 while let Some(sd) = me.upgrade() {
                     sd.sync_tree();
                     drop(sd);

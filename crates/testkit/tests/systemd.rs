@@ -135,6 +135,16 @@ fn start_node_with(t: &Path, name: &str, ip: &str, tpl: &Path, extra: &str) -> N
 fn dump(nodes: &[&Node], marks: &Path) -> String {
     let mut s = format!("marks: {:?}\n", list(marks));
     for n in nodes {
+        let o = n.sdbox.exec(&[
+            "sh",
+            "-c",
+            "ls -laR /mars 2>&1; systemctl list-units 'mars*' 'app*' --all --no-pager 2>&1",
+        ]);
+        s += &format!(
+            "--- {} tree and units:\n{}\n",
+            n.host.name,
+            String::from_utf8_lossy(&o.stdout)
+        );
         s += &format!(
             "--- {}: {}--- marsd log:\n{}\n--- journal:\n{}\n",
             n.host.name,
@@ -441,7 +451,11 @@ fn shipped_templates_generate_valid_units() {
 /// `ALWAYS_START`, both with services running `/usr/bin/marsadm systemd-trigger-extern`),
 /// `mars.path` on `/mars/uuid`, and an application unit that, as MARS's mount unit, only starts
 /// where `/mars/resource-RES/systemd-want` is a symlink — and here also checks that it names
-/// this host.
+/// this host. One difference to MARS's watchers: no `PathExists=` on the trigger files.
+/// Since systemd 246 `PathExists=` is level-triggered (the service is started again as soon
+/// as it ends while the file exists), so MARS's watchers loop, and with a `marsadm` that
+/// answers in milliseconds they hit systemd's trigger limit and fail (`trigger-limit-hit`);
+/// `PathChanged=`/`PathModified=` fire once per write, which is what MARS meant.
 fn mars_style_templates(dir: &Path, marks: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let m = marks.display();
@@ -456,8 +470,7 @@ fn mars_style_templates(dir: &Path, marks: &Path) {
             "mars-trigger.path",
             "[Unit]\nDescription=global watcher /mars/userspace/systemd-trigger\n\n# ALWAYS_START\n\n\
              BindsTo=mars.service\nAfter=mars.service\n\n\
-             [Path]\nPathExists=/mars/userspace/systemd-trigger\n\
-             PathChanged=/mars/userspace/systemd-trigger\n\
+             [Path]\nPathChanged=/mars/userspace/systemd-trigger\n\
              PathModified=/mars/userspace/systemd-trigger\nUnit=mars-trigger.service\n\n\
              [Install]\nWantedBy=mars.service\n"
                 .into(),
@@ -473,8 +486,7 @@ fn mars_style_templates(dir: &Path, marks: &Path) {
             "mars-@escvar{res}-trigger.path",
             "[Unit]\nDescription=per-resource watcher for /mars/resource-@{res}/systemd-trigger\n\
              Requires=mars-trigger.path\nAfter=mars-trigger.path\n\n# ALWAYS_START\n\n\
-             [Path]\nPathExists=/mars/resource-@{res}/systemd-trigger\n\
-             PathChanged=/mars/resource-@{res}/systemd-trigger\n\
+             [Path]\nPathChanged=/mars/resource-@{res}/systemd-trigger\n\
              PathModified=/mars/resource-@{res}/systemd-trigger\n\
              Unit=mars-@escvar{res}-trigger.service\n\n[Install]\nWantedBy=mars.service\n"
                 .into(),
@@ -591,14 +603,16 @@ fn mars_templates_follow_the_stack() {
     // The tree: ours (marker), the cluster's uuid, the trigger files.
     for n in all {
         let mars = n.sdbox.path("/mars");
-        assert!(mars.join(".marsd-tree").is_file());
-        assert!(std::fs::read_link(mars.join("uuid")).is_ok());
-        assert!(mars.join("userspace/systemd-trigger").is_file());
-        assert!(mars.join("userspace/emergency-trigger").is_file());
-        assert!(mars
-            .join(format!("resource-{RES}/systemd-trigger"))
-            .is_file());
-        assert!(mars.join(format!("resource-{RES}/userspace")).is_dir());
+        wait(&all, &marks, 10, "the tree is complete", || {
+            mars.join(".marsd-tree").is_file()
+                && std::fs::read_link(mars.join("uuid")).is_ok()
+                && mars.join("userspace/systemd-trigger").is_file()
+                && mars.join("userspace/emergency-trigger").is_file()
+                && mars
+                    .join(format!("resource-{RES}/systemd-trigger"))
+                    .is_file()
+                && mars.join(format!("resource-{RES}/userspace")).is_dir()
+        });
     }
 
     // The stack: the want follows the designated primary a. The watchers (generated for every
