@@ -270,6 +270,27 @@ impl MarsTree {
     }
 }
 
+impl MarsTree {
+    /// Writes every trigger file again (the global one and each resource's). systemd re-creates
+    /// its path watches on a reload, and a write that came while it reloaded is not seen: after
+    /// marsd reloaded systemd, the watchers get their event again.
+    pub fn retrigger(&self) -> Result<Vec<PathBuf>, TreeError> {
+        let Some(last) = &self.last else {
+            return Ok(Vec::new());
+        };
+        let mut done = vec![self.path.join("userspace/systemd-trigger")];
+        done.extend(
+            last.resources
+                .keys()
+                .map(|r| self.res_dir(r).join("systemd-trigger")),
+        );
+        for p in &done {
+            touch_trigger(p)?;
+        }
+        Ok(done)
+    }
+}
+
 fn read_link(p: &Path) -> Option<String> {
     std::fs::read_link(p)
         .ok()

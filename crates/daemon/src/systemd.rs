@@ -412,6 +412,12 @@ impl Systemd {
                     tracing::warn!("systemd: starting ALWAYS_START unit {}: {r:?}", f.name);
                 }
             }
+            // A trigger file written while systemd reloaded may have gone unseen.
+            if let Some(tree) = lock(&self.tree).as_ref() {
+                if let Err(e) = tree.retrigger() {
+                    tracing::warn!("mars tree: {e}");
+                }
+            }
         }
         for w in &generation.warnings {
             tracing::warn!("systemd templates: {w}");
