@@ -170,19 +170,20 @@ impl MarsTree {
 
         // uuid
         let uuid = self.path.join("uuid");
-        match &state.uuid {
-            Some(u) if first || last.uuid.as_ref() != Some(u) => {
-                if read_link(&uuid).as_deref() != Some(u.as_str()) {
+        if first || last.uuid != state.uuid {
+            match &state.uuid {
+                Some(u) if read_link(&uuid).as_deref() != Some(u.as_str()) => {
                     replace_link(&uuid, u, None)?;
                     done.links.push(uuid);
                 }
-            }
-            None if first || last.uuid.is_some() => {
-                if remove_file(&uuid)? {
-                    done.removed.push(uuid);
+                Some(_) => {}
+                None => {
+                    let removed = remove_file(&uuid)?;
+                    if removed {
+                        done.removed.push(uuid);
+                    }
                 }
             }
-            _ => {}
         }
 
         // Resources that went away (or, at the start, directories of resources not here).
