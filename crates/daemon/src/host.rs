@@ -103,7 +103,15 @@ impl Host {
             weak.upgrade().map_or_else(Vec::new, |h| {
                 h.all()
                     .iter()
-                    .map(|r| (r.name.to_string(), r.snapshot().meta.systemd.clone()))
+                    .map(|r| {
+                        let snap = r.snapshot();
+                        crate::systemd::LocalStack {
+                            name: r.name.to_string(),
+                            systemd: snap.meta.systemd.clone(),
+                            primary: snap.meta.primary.as_ref().map(|p| p.to_string()),
+                            emergency: snap.status.report.emergency,
+                        }
+                    })
                     .collect()
             })
         }));

@@ -11,6 +11,7 @@
 //!     → host (identity + registry of resource actors; liveness, space, addresses)
 //!       → resource/ (one actor per resource: engine + executor)
 //!         → replication/ (fetch, replay, sync sessions; fetch and sync servers)   systemd
+//!           → mars_tree (the MARS-compatible /mars tree, beside local/ and meta/)
 //!           → local/ (volume, export, device, replica directory)   meta/ (store thread, cluster)
 //!             → peer (frames, connect, listen)   identity   root
 //! ```
@@ -21,6 +22,7 @@ mod identity;
 mod listen;
 mod local;
 mod logging;
+mod mars_tree;
 mod meta;
 mod metrics;
 mod nbd;
@@ -159,6 +161,10 @@ fn run(s: settings::Config) -> Result<()> {
     systemd.scripts_dir = absolute(&s.systemd.scripts_dir)?;
     systemd.systemctl = s.systemd.systemctl.clone();
     systemd.timeout = std::time::Duration::from_secs(s.systemd.timeout.max(1));
+    systemd.mars_tree = match s.systemd.mars_tree.as_deref() {
+        Some(p) if !p.as_os_str().is_empty() => Some(p.to_path_buf()),
+        _ => None,
+    };
     let cluster: Option<root::ClusterFile> = root::read_toml(&root.join(root::CLUSTER_FILE))?;
     if let Some(c) = &cluster {
         if c.host != host {
@@ -234,6 +240,7 @@ fn run(s: settings::Config) -> Result<()> {
         }
     }
     let systemd = Arc::new(systemd::Systemd::new(systemd, ident.clone()));
+    systemd.open_tree()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("marsd")
@@ -391,6 +398,7 @@ async fn serve(
     let store = meta::MetaStore::start(store)?;
     let host = Host::new(ident.clone(), store, tuning, systemd);
     host.load_resources().await?;
+    host.systemd.spawn_tree();
     // Every listener is bound before the control socket: a client that can talk to the control
     // socket finds the NBD sockets and the peer port serving (the backlog accepts at once).
     let nbd_unix = bind_unix(&ident.root.join(mars_api::NBD_SOCKET), 0o600)?;

@@ -370,6 +370,9 @@ pub struct SystemdSettings {
     pub systemctl: PathBuf,
     /// Seconds.
     pub timeout: u64,
+    /// Where marsd keeps a MARS-compatible `/mars` tree for MARS's own templates (`None`:
+    /// none).
+    pub mars_tree: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -433,6 +436,7 @@ impl Default for SystemdSettings {
             scripts_dir: "/etc/marsadm/systemd-generated-scripts".into(),
             systemctl: "systemctl".into(),
             timeout: 300,
+            mars_tree: None,
         }
     }
 }
@@ -566,6 +570,11 @@ pub struct Flags {
     /// systemd.timeout; default: 300].
     #[arg(long)]
     pub systemd_timeout: Option<u64>,
+    /// Keep a MARS-compatible tree here (`/mars` for MARS's own templates): the want link,
+    /// the trigger files their watcher units observe, `uuid`. A directory that holds anything
+    /// marsd did not make is refused [config: systemd.mars_tree; default: none].
+    #[arg(long, env = "MARS_TREE", value_name = "DIR")]
+    pub mars_tree: Option<PathBuf>,
     /// Log output: `auto` (the journal when stderr is connected to it, else text), `text`,
     /// `json` (one object per line) or `journald` [config: logging.format; default: auto]. The
     /// level comes from MARS_LOG, else logging.level.
@@ -658,6 +667,7 @@ impl Config {
         set(&mut self.systemd.scripts_dir, &f.systemd_scripts_dir);
         set(&mut self.systemd.systemctl, &f.systemctl);
         set(&mut self.systemd.timeout, &f.systemd_timeout);
+        set_opt(&mut self.systemd.mars_tree, &f.mars_tree);
         set(&mut self.logging.format, &f.log_format);
     }
 
@@ -694,6 +704,11 @@ impl Config {
         }
         if self.systemd.timeout == 0 {
             bail!("systemd.timeout (--systemd-timeout) must be at least 1 second");
+        }
+        if let Some(p) = &self.systemd.mars_tree {
+            if !p.is_absolute() {
+                bail!("systemd.mars_tree (--mars-tree) must be an absolute path");
+            }
         }
         Ok(())
     }
@@ -773,6 +788,7 @@ impl Config {
         s.space.emergency_free = Some(Size(512 << 20));
         s.metrics.listen = Some(SocketAddr::from(([127, 0, 0, 1], 9777)));
         s.systemd.templates = Some("/etc/marsadm".into());
+        s.systemd.mars_tree = Some("/mars".into());
         s
     }
 }
@@ -927,7 +943,7 @@ mod tests {
             })
             .collect();
         // Every key of the struct, none missing from the list.
-        assert_eq!(keys.len(), 22, "{keys:?}");
+        assert_eq!(keys.len(), 23, "{keys:?}");
         keys
     }
 

@@ -18,9 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mars_engine::resource::UnitJob;
 use mars_engine::{SystemdMeta, UnitOp, UnitStatus};
+use mars_unitgen::generate::DEFAULT_WATCHER_UNITS;
 use mars_unitgen::{fs as ufs, Config as GenConfig, Generator, Vars, WantedUnit};
 
 use crate::identity::Identity;
+use crate::mars_tree::{MarsTree, ResourceState, TreeState};
 
 /// MARS: `start`/`stop` with `--job-mode=fail` five times before the normal job mode, so that a
 /// job already queued for the unit is not replaced by ours.
@@ -43,6 +45,8 @@ pub struct Settings {
     pub system_unit_dirs: Vec<PathBuf>,
     /// One `systemctl` call or script may take this long before it is killed.
     pub timeout: Duration,
+    /// Where the MARS-compatible `/mars` tree goes (`systemd.mars_tree`; `None`: none).
+    pub mars_tree: Option<PathBuf>,
 }
 
 impl Settings {
@@ -61,6 +65,7 @@ impl Settings {
             systemctl: "systemctl".into(),
             system_unit_dirs: ufs::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect(),
             timeout: Duration::from_secs(300),
+            mars_tree: None,
         }
     }
 }
@@ -86,8 +91,23 @@ pub enum SystemdError {
     BadName(#[from] mars_unitgen::BadUnitName),
 }
 
+/// A local resource as the systemd side sees it (from the engine's state).
+#[derive(Debug, Clone)]
+pub struct LocalStack {
+    pub name: String,
+    pub systemd: SystemdMeta,
+    /// The designated primary.
+    pub primary: Option<String>,
+    /// This host's primary of it is in emergency mode.
+    pub emergency: bool,
+}
+
 /// Lists the local resources and their stacks.
-pub type ResourceList = Box<dyn Fn() -> Vec<(String, SystemdMeta)> + Send + Sync>;
+pub type ResourceList = Box<dyn Fn() -> Vec<LocalStack> + Send + Sync>;
+
+/// How often the MARS tree is compared with the engine's state (an in-memory comparison; the
+/// disk is written only on a change).
+const TREE_PERIOD: Duration = Duration::from_millis(200);
 
 /// The daemon's systemd side: settings, and the local resources' stacks it generates units for.
 pub struct Systemd {
@@ -97,6 +117,8 @@ pub struct Systemd {
     generating: Mutex<()>,
     /// The local resources and their stacks (set by the host registry once it exists).
     resources: OnceLock<ResourceList>,
+    /// The MARS-compatible tree, once [`Self::open_tree`] took its directory.
+    tree: Mutex<Option<MarsTree>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -110,6 +132,81 @@ impl Systemd {
             ident,
             generating: Mutex::new(()),
             resources: OnceLock::new(),
+            tree: Mutex::new(None),
+        }
+    }
+
+    /// Takes the configured tree's directory (refusing one that holds something not ours).
+    /// Called at start-up, before the resources run: a refusal stops marsd.
+    pub fn open_tree(&self) -> Result<(), crate::mars_tree::TreeError> {
+        if let Some(p) = &self.settings.mars_tree {
+            *lock(&self.tree) = Some(MarsTree::open(p)?);
+        }
+        Ok(())
+    }
+
+    /// Brings the MARS tree to the engine's current state (nothing without a tree).
+    pub fn sync_tree(&self) {
+        let mut guard = lock(&self.tree);
+        let Some(tree) = guard.as_mut() else {
+            return;
+        };
+        let mut state = TreeState {
+            uuid: self.ident.cluster().map(|c| c.uuid),
+            ..TreeState::default()
+        };
+        for r in self.resources.get().map(|f| f()).unwrap_or_default() {
+            state.resources.insert(
+                r.name,
+                ResourceState {
+                    want: r.systemd.want_raw.clone(),
+                    want_stamp: r.systemd.want_stamp,
+                    primary: r.primary,
+                    units: (r.systemd.start_unit.clone(), r.systemd.stop_unit.clone()),
+                    emergency: r.emergency,
+                },
+            );
+        }
+        match tree.apply(&state) {
+            Ok(done) if !done.is_empty() => tracing::info!(
+                "mars tree {}: links {:?}, triggers {:?}, removed {:?}",
+                tree.path().display(),
+                done.links,
+                done.triggers,
+                done.removed
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("mars tree: {e}"),
+        }
+    }
+
+    /// Keeps the MARS tree in step with the engine's state on a thread of its own, for as long
+    /// as the process runs (nothing without a tree).
+    pub fn spawn_tree(self: &Arc<Self>) {
+        if lock(&self.tree).is_none() {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("mars-tree".into())
+            .spawn(move || {
+                // MARS's global trigger at start: the plain templates and every resource's
+                // watcher units exist (and the new ones run) before any stack is configured.
+                if let Some(sd) = me.upgrade() {
+                    // The tree first: the watchers started below find their paths.
+                    sd.sync_tree();
+                    if let Err(e) = sd.regenerate() {
+                        tracing::warn!("systemd: cannot generate units: {e}");
+                    }
+                }
+                while let Some(sd) = me.upgrade() {
+                    sd.sync_tree();
+                    drop(sd);
+                    std::thread::sleep(TREE_PERIOD);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("mars tree: cannot start its thread: {e}");
         }
     }
 
@@ -169,7 +266,10 @@ impl Systemd {
     pub fn vars(&self) -> Vars {
         host_vars(
             self.ident.host.as_str(),
-            &self.ident.root,
+            self.settings
+                .mars_tree
+                .as_deref()
+                .unwrap_or(&self.ident.root),
             &self.ident.advertised(),
         )
     }
@@ -183,12 +283,18 @@ impl Systemd {
         self.generate(resources, wanted)
     }
 
-    /// The local resources and the units their stacks want.
+    /// The local resources and the units their stacks want, and every resource's watcher
+    /// units (MARS's `$SYSTEMD_WATCHER_UNITS`, `mars-@escvar{res}-trigger.path`: generated for
+    /// every resource of the host when a template provides them, as MARS's global trigger
+    /// does; without such a template they are unresolved names, which is no error).
     fn wanted(&self) -> (Vec<String>, Vec<WantedUnit>) {
         let list = self.resources.get().map(|f| f()).unwrap_or_default();
         let mut resources = Vec::new();
         let mut wanted = Vec::new();
-        for (name, sd) in list {
+        for LocalStack {
+            name, systemd: sd, ..
+        } in list
+        {
             if let Some(start) = &sd.start_unit {
                 for unit in [Some(start.as_str()), sd.stop()].into_iter().flatten() {
                     wanted.push(WantedUnit {
@@ -224,7 +330,16 @@ impl Systemd {
             ..GenConfig::default()
         };
         let vars = self.vars();
-        let generator = Generator::new(&templates, &config, vars, resources);
+        let generator = Generator::new(&templates, &config, vars, resources.clone());
+        let mut wanted = wanted;
+        for res in &resources {
+            for unit in generator.watcher_units(res, &DEFAULT_WATCHER_UNITS)? {
+                wanted.push(WantedUnit {
+                    res: res.clone(),
+                    unit,
+                });
+            }
+        }
         Ok(generator.generate(&wanted)?)
     }
 
@@ -236,17 +351,28 @@ impl Systemd {
         let s = &self.settings;
         let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
         let generation = self.generation(resources, wanted)?;
+        // New files (MARS `__systemd_commit`: "new, to enable" and, ALWAYS_START, "new,
+        // needs enable + start"); a file only modified is reloaded, nothing more.
+        let new: BTreeSet<String> = generation
+            .files
+            .iter()
+            .filter(|f| std::fs::symlink_metadata(&f.path).is_err())
+            .map(|f| f.name.clone())
+            .collect();
         let report = ufs::write_generated(&generation.files)?;
         let keep: BTreeSet<String> = generation.files.iter().map(|f| f.name.clone()).collect();
         let mut removed = Vec::new();
         for dir in &own_dirs {
             for stale in ufs::stale_instances(dir, &keep)? {
+                // MARS: a deleted unit is stopped (unless KEEP_RUNNING) and disabled, then
+                // its file goes.
                 if !stale.markers.keep_running {
                     let r = perform(s, UnitOp::Stop, &stale.name);
                     if !matches!(r, Ok(0) | Ok(NOT_LOADED)) {
                         tracing::warn!("systemd: stopping the removed unit {}: {r:?}", stale.name);
                     }
                 }
+                install_op(s, "disable", &stale.name);
                 if let Err(e) = std::fs::remove_file(&stale.path) {
                     tracing::warn!("systemd: cannot remove {}: {e}", stale.path.display());
                 } else {
@@ -264,11 +390,32 @@ impl Systemd {
             if code != 0 {
                 tracing::warn!("systemd: daemon-reload exited with {code}");
             }
-            // MARS starts ALWAYS_START units on every commit (path watchers and the like).
-            for f in generation.files.iter().filter(|f| f.markers.always_start) {
+            let changed: BTreeSet<&String> = report.changed.iter().collect();
+            // As MARS: ALWAYS_DISABLED units are disabled whenever they change; new units are
+            // enabled; new ALWAYS_START units (path watchers and the like) are also started.
+            for f in generation
+                .files
+                .iter()
+                .filter(|f| changed.contains(&f.name))
+            {
+                if f.markers.always_disabled {
+                    install_op(s, "disable", &f.name);
+                } else if new.contains(&f.name) {
+                    install_op(s, "enable", &f.name);
+                }
+            }
+            for f in generation.files.iter().filter(|f| {
+                f.markers.always_start && !f.markers.always_disabled && new.contains(&f.name)
+            }) {
                 let r = perform(s, UnitOp::Start, &f.name);
                 if !matches!(r, Ok(0)) {
                     tracing::warn!("systemd: starting ALWAYS_START unit {}: {r:?}", f.name);
+                }
+            }
+            // A trigger file written while systemd reloaded may have gone unseen.
+            if let Some(tree) = lock(&self.tree).as_ref() {
+                if let Err(e) = tree.retrigger() {
+                    tracing::warn!("mars tree: {e}");
                 }
             }
         }
@@ -284,6 +431,24 @@ impl Systemd {
             removed,
             warnings: generation.warnings,
         })
+    }
+}
+
+/// `systemctl enable|disable UNIT` (a `.script` is run as `SCRIPT enable|disable`, as MARS
+/// does: its `case` ignores what it does not know). A failure is logged: MARS goes on too.
+fn install_op(s: &Settings, op: &str, unit: &str) {
+    if let Err(e) = mars_unitgen::check_unit_name(unit) {
+        tracing::warn!("systemd: {op}: {e}");
+        return;
+    }
+    let r = if unit.ends_with(".script") {
+        run(Command::new(s.scripts_dir.join(unit)).arg(op), s.timeout)
+    } else {
+        run(Command::new(&s.systemctl).args([op, unit]), s.timeout)
+    };
+    match r {
+        Ok(0) => tracing::debug!("systemd: {op} {unit}: ok"),
+        r => tracing::warn!("systemd: {op} {unit}: {r:?}"),
     }
 }
 
@@ -418,6 +583,7 @@ mod tests {
             systemctl,
             system_unit_dirs: Vec::new(),
             timeout: Duration::from_secs(10),
+            mars_tree: None,
         };
         for bad in [
             outside.display().to_string(),

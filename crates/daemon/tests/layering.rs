@@ -9,7 +9,7 @@
 //!     → host
 //!       → resource
 //!         → replication  systemd
-//!           → local  meta
+//!           → local  meta  mars_tree
 //!             → peer  identity
 //!               → root  listen  traffic
 //! ```
@@ -30,7 +30,7 @@ const LAYERS: &[&[&str]] = &[
     &["host"],
     &["resource"],
     &["replication", "systemd"],
-    &["local", "meta"],
+    &["local", "meta", "mars_tree"],
     &["peer", "identity"],
     &["root", "listen", "traffic"],
 ];

@@ -89,6 +89,10 @@ fn marsd_unit(exec_start: &str, log: &Path) -> String {
 }
 
 fn start_node(t: &Path, name: &str, ip: &str, tpl: &Path) -> Node {
+    start_node_with(t, name, ip, tpl, "")
+}
+
+fn start_node_with(t: &Path, name: &str, ip: &str, tpl: &Path, extra: &str) -> Node {
     let bins = mars_testkit::bin_dir();
     let sdbox = SdBox::boot(&t.join("boxes"), &[t, bins]);
     let base = t.join(name);
@@ -99,7 +103,7 @@ fn start_node(t: &Path, name: &str, ip: &str, tpl: &Path) -> Node {
     let nbd_port = free_port();
     let exec = format!(
         "{} --root {} --host {name} --listen {peer} --nbd-listen 127.0.0.1:{nbd_port} \
-         --systemd-templates {} --systemd-timeout 20 --device none --device-dir {}",
+         --systemd-templates {} --systemd-timeout 20 --device none --device-dir {}{extra}",
         bins.join("marsd").display(),
         root.display(),
         tpl.display(),
@@ -131,6 +135,16 @@ fn start_node(t: &Path, name: &str, ip: &str, tpl: &Path) -> Node {
 fn dump(nodes: &[&Node], marks: &Path) -> String {
     let mut s = format!("marks: {:?}\n", list(marks));
     for n in nodes {
+        let o = n.sdbox.exec(&[
+            "sh",
+            "-c",
+            "ls -laR /mars 2>&1; systemctl list-units 'mars*' 'app*' --all --no-pager 2>&1",
+        ]);
+        s += &format!(
+            "--- {} tree and units:\n{}\n",
+            n.host.name,
+            String::from_utf8_lossy(&o.stdout)
+        );
         s += &format!(
             "--- {}: {}--- marsd log:\n{}\n--- journal:\n{}\n",
             n.host.name,
@@ -424,5 +438,298 @@ fn shipped_templates_generate_valid_units() {
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+// ------------------------------------------------------------------ MARS's templates at run time
+
+/// Templates in the shape of MARS's `systemd-testing/` set, written for this test (MARS's
+/// own files are not part of this repository; `crates/unitgen`'s `external_template_dir`
+/// test takes a checkout of them through `MARS_TEMPLATES_DIR`): the global watcher
+/// `mars-trigger.path` on `/mars/userspace/systemd-trigger`, the per-resource watcher
+/// `mars-@escvar{res}-trigger.path` on `/mars/resource-RES/systemd-trigger` (both
+/// `ALWAYS_START`, both with services running `/usr/bin/marsadm systemd-trigger-extern`),
+/// `mars.path` on `/mars/uuid`, and an application unit that, as MARS's mount unit, only starts
+/// where `/mars/resource-RES/systemd-want` is a symlink — and here also checks that it names
+/// this host. One difference to MARS's watchers: no `PathExists=` on the trigger files.
+/// Since systemd 246 `PathExists=` is level-triggered (the service is started again as soon
+/// as it ends while the file exists), so MARS's watchers loop, and with a `marsadm` that
+/// answers in milliseconds they hit systemd's trigger limit and fail (`trigger-limit-hit`);
+/// `PathChanged=`/`PathModified=` fire once per write, which is what MARS meant.
+fn mars_style_templates(dir: &Path, marks: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let m = marks.display();
+    let files: [(&str, String); 8] = [
+        (
+            "mars.path",
+            "[Unit]\nDescription=activation by /mars/uuid\n\n# ALWAYS_START\n\n\
+             [Path]\nPathExists=/mars/uuid\nUnit=mars.service\n\n[Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "mars-trigger.path",
+            "[Unit]\nDescription=global watcher /mars/userspace/systemd-trigger\n\n# ALWAYS_START\n\n\
+             BindsTo=mars.service\nAfter=mars.service\n\n\
+             [Path]\nPathChanged=/mars/userspace/systemd-trigger\n\
+             PathModified=/mars/userspace/systemd-trigger\nUnit=mars-trigger.service\n\n\
+             [Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "mars-trigger.service",
+            "[Unit]\nDescription=global trigger\nAfter=daemon-reload.service\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=no\nKillMode=none\n\
+             ExecStart=/usr/bin/marsadm systemd-trigger-extern\n\n[Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "mars-@escvar{res}-trigger.path",
+            "[Unit]\nDescription=per-resource watcher for /mars/resource-@{res}/systemd-trigger\n\
+             Requires=mars-trigger.path\nAfter=mars-trigger.path\n\n# ALWAYS_START\n\n\
+             [Path]\nPathChanged=/mars/resource-@{res}/systemd-trigger\n\
+             PathModified=/mars/resource-@{res}/systemd-trigger\n\
+             Unit=mars-@escvar{res}-trigger.service\n\n[Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "mars-@escvar{res}-trigger.service",
+            "[Unit]\nDescription=per-resource trigger\nAfter=daemon-reload.service\n\
+             After=mars-trigger.service\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=no\nKillMode=none\n\
+             ExecStart=/usr/bin/marsadm systemd-trigger-extern @{res}\n\n\
+             [Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "daemon-reload.service",
+            "[Unit]\nDescription=single-threaded daemon-reload\nBefore=mars-trigger.service\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=no\nKillMode=none\n\
+             ExecStart=/usr/bin/env systemctl daemon-reload\n\n[Install]\nWantedBy=mars.service\n"
+                .into(),
+        ),
+        (
+            "app-@escvar{res}.service",
+            format!(
+                "[Unit]\nDescription=test application of @{{res}} on @{{host}}\n\
+                 Requires=mars.service\nAfter=mars.service\nAfter=daemon-reload.service\n\
+                 ConditionPathIsSymbolicLink=/mars/resource-@{{res}}/systemd-want\n\n\
+                 [Service]\nType=simple\n\
+                 ExecStartPre=/bin/sh -c 'test \"$(readlink /mars/resource-@{{res}}/systemd-want)\" = @{{host}}'\n\
+                 ExecStart=/bin/sh -c 'echo @{{host}} >> {m}/starts-@{{host}}; echo @{{host}} > {m}/app-@{{host}}; exec sleep infinity'\n\
+                 ExecStopPost=/bin/rm -f {m}/app-@{{host}}\n\n[Install]\nWantedBy=mars.service\n"
+            ),
+        ),
+        (
+            // MARS's own mars.service loads the kernel module; marsd needs none, so the
+            // stand-in only marks "MARS is up" for the units that require it.
+            "mars.service",
+            "[Unit]\nDescription=MARS (stand-in: marsd runs as its own service)\n\
+             StopWhenUnneeded=false\nIgnoreOnIsolate=true\n\n# ALWAYS_START\n\n\
+             [Service]\nType=oneshot\nRemainAfterExit=yes\nExecStart=/bin/true\n"
+                .into(),
+        ),
+    ];
+    for (name, text) in files {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+}
+
+/// In the box: `/usr/bin/marsadm` (the path MARS's templates run) as a wrapper around our
+/// `marsadm` for this host's root, which also records each call in MARKS/calls-HOST.
+fn install_marsadm(n: &Node, marks: &Path) {
+    let wrapper = n.sdbox.path("/usr/bin/marsadm");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {}/calls-{}\nexec {} --root {} \"$@\"\n",
+            marks.display(),
+            n.host.name,
+            mars_testkit::bin("marsadm").display(),
+            n.host.root.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// How often the watchers of `host` ran `systemd-trigger-extern RES`.
+fn extern_calls(marks: &Path, host: &str) -> usize {
+    std::fs::read_to_string(marks.join(format!("calls-{host}")))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == format!("systemd-trigger-extern {RES}"))
+        .count()
+}
+
+fn want_link(n: &Node) -> Option<String> {
+    std::fs::read_link(n.sdbox.path(&format!("/mars/resource-{RES}/systemd-want")))
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+const WATCHER: &str = "mars-web\\x2d1-trigger.path";
+
+/// MARS's templates at run time (issue 17): marsd keeps a MARS-compatible `/mars` tree in each
+/// box (`--mars-tree /mars`), the watcher units MARS generates are generated, enabled and
+/// started, they fire on the trigger files, and the stack follows the want link through a
+/// handover, a failover with the old primary's host gone, and `secondary` (want `(none)`).
+#[test]
+fn mars_templates_follow_the_stack() {
+    if !sdbox::available() {
+        return;
+    }
+    let dir = tmp();
+    let t = dir.path();
+    let marks = t.join("marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let tpl = t.join("templates");
+    mars_style_templates(&tpl, &marks);
+    let extra = " --mars-tree /mars";
+    let a = start_node_with(t, "a", "127.0.0.1", &tpl, extra);
+    let b = start_node_with(t, "b", "127.0.0.2", &tpl, extra);
+    install_marsadm(&a, &marks);
+    install_marsadm(&b, &marks);
+    let all = [&a, &b];
+
+    a.host.create_resource(RES, SIZE);
+    b.host.join(&a.host);
+    for n in all {
+        n.host.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    join(&b.host, RES, SIZE);
+    wait_uptodate(&b.host, RES, 60);
+
+    // The tree: ours (marker), the cluster's uuid, the trigger files.
+    for n in all {
+        let mars = n.sdbox.path("/mars");
+        wait(&all, &marks, 10, "the tree is complete", || {
+            mars.join(".marsd-tree").is_file()
+                && std::fs::read_link(mars.join("uuid")).is_ok()
+                && mars.join("userspace/systemd-trigger").is_file()
+                && mars.join("userspace/emergency-trigger").is_file()
+                && mars
+                    .join(format!("resource-{RES}/systemd-trigger"))
+                    .is_file()
+                && mars.join(format!("resource-{RES}/userspace")).is_dir()
+        });
+    }
+
+    // The stack: the want follows the designated primary a. The watchers (generated for every
+    // resource, as MARS does) are enabled and running on both hosts.
+    a.host.ok(&["set-systemd-unit", RES, "app-web-1.service"]);
+    wait(&all, &marks, 30, "the want link names a everywhere", || {
+        want_link(&a).as_deref() == Some("a") && want_link(&b).as_deref() == Some("a")
+    });
+    wait(&all, &marks, 30, "the app runs on a", || {
+        marks.join("app-a").exists() && a.sdbox.systemctl(&["is-active", APP]) == "active"
+    });
+    for n in all {
+        wait(&all, &marks, 30, "the watcher runs", || {
+            n.sdbox.systemctl(&["is-active", WATCHER]) == "active"
+        });
+        let enabled = n.sdbox.systemctl(&["is-enabled", WATCHER]);
+        assert!(enabled.starts_with("enabled"), "{}: {enabled}", n.host.name);
+        assert_eq!(
+            n.sdbox.systemctl(&["is-active", "mars-trigger.path"]),
+            "active"
+        );
+        wait(&all, &marks, 30, "the watcher fired", || {
+            extern_calls(&marks, &n.host.name) > 0
+        });
+    }
+    assert!(!marks.join("app-b").exists());
+
+    // Planned handover: the want link moves to b on both hosts, the watchers fire again, the
+    // app moves.
+    let (ca, cb) = (extern_calls(&marks, "a"), extern_calls(&marks, "b"));
+    b.host.ok(&["primary", RES]);
+    wait(&all, &marks, 30, "the app moved to b", || {
+        marks.join("app-b").exists() && !marks.join("app-a").exists()
+    });
+    wait(&all, &marks, 30, "the want link names b everywhere", || {
+        want_link(&a).as_deref() == Some("b") && want_link(&b).as_deref() == Some("b")
+    });
+    wait(
+        &all,
+        &marks,
+        30,
+        "the watchers fired on the handover",
+        || extern_calls(&marks, "a") > ca && extern_calls(&marks, "b") > cb,
+    );
+    // The watchers do not loop: a few calls per change, not hundreds.
+    std::thread::sleep(Duration::from_secs(3));
+    let calls = extern_calls(&marks, "a") + extern_calls(&marks, "b");
+    assert!(calls < 60, "{calls} calls of systemd-trigger-extern");
+
+    // Failover: b's host is gone; a takes over by force; the tree and the stack follow.
+    wait_uptodate(&a.host, RES, 60);
+    let starts_a = starts(&marks, "a");
+    let ca = extern_calls(&marks, "a");
+    let Node { host: bh, sdbox } = b;
+    drop(sdbox);
+    drop(bh);
+    let all = [&a];
+    a.host.ok(&["pause-fetch", RES]);
+    a.host
+        .ok(&["--timeout", "30", "primary", "--force", "--force", RES]);
+    wait(&all, &marks, 30, "the app runs on a again", || {
+        starts(&marks, "a") > starts_a && a.sdbox.systemctl(&["is-active", APP]) == "active"
+    });
+    assert_eq!(want_link(&a).as_deref(), Some("a"));
+    wait(
+        &all,
+        &marks,
+        30,
+        "a's watcher fired on the failover",
+        || extern_calls(&marks, "a") > ca,
+    );
+
+    // `secondary`: as MARS, the want becomes (none) first and the stack stops.
+    let out = a.host.ok(&["secondary", RES]);
+    assert!(out.contains("wanted nowhere"), "{out}");
+    wait(&all, &marks, 30, "the app stopped", || {
+        !marks.join("app-a").exists() && a.sdbox.systemctl(&["is-active", APP]) != "active"
+    });
+    assert_eq!(want_link(&a).as_deref(), Some("(none)"));
+    assert_eq!(a.host.ok(&["get-systemd-want", RES]).trim(), "(none)");
+
+    // Removing the stack: the generated watcher stays (it belongs to the resource), the app's
+    // unit goes. Deleting the resource here removes its part of the tree.
+    a.host.ok(&["set-systemd-unit", RES, ""]);
+    wait(&all, &marks, 30, "the app's unit is gone", || {
+        !a.sdbox.path(&format!("/run/systemd/system/{APP}")).exists()
+    });
+    assert!(a
+        .sdbox
+        .path(&format!("/run/systemd/system/{WATCHER}"))
+        .exists());
+}
+
+/// A tree directory holding something marsd did not make (a real MARS `/mars`) is refused at
+/// start-up, and nothing in it is touched.
+#[test]
+fn a_mars_tree_that_is_not_ours_is_refused() {
+    let dir = tmp();
+    let t = dir.path();
+    let mars = t.join("mars");
+    std::fs::create_dir_all(mars.join("resource-r")).unwrap();
+    std::os::unix::fs::symlink("a", mars.join("resource-r/systemd-want")).unwrap();
+    let o = std::process::Command::new(mars_testkit::bin("marsd"))
+        .arg("--root")
+        .arg(t.join("root"))
+        .args(["--host", "a", "--listen", "127.0.0.1:0", "--device", "none"])
+        .arg("--mars-tree")
+        .arg(&mars)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("refusing to use"), "{err}");
+    assert!(err.contains("resource-r"), "{err}");
+    assert!(!mars.join(".marsd-tree").exists());
+    assert_eq!(
+        std::fs::read_link(mars.join("resource-r/systemd-want")).unwrap(),
+        Path::new("a")
     );
 }

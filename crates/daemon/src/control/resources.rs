@@ -414,20 +414,17 @@ pub async fn op(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
             if !m.exists() {
                 return Err(not_found(&res));
             }
-            if dry {
-                return done(format!(
-                    "{res}: secondary would set {} = {}",
-                    keys::primary(&res),
-                    keys::NO_PRIMARY
-                ));
+            // As MARS: with a systemd stack the want becomes `(none)` first.
+            let mut set = Vec::new();
+            if m.systemd.configured() && m.systemd.want_raw.as_deref() != Some(keys::NO_PRIMARY) {
+                set.push((keys::systemd_want(&res), keys::NO_PRIMARY.to_string()));
             }
-            host.store
-                .write(
-                    vec![(keys::primary(&res), keys::NO_PRIMARY.to_string())],
-                    Vec::new(),
-                )
-                .await
-                .map_err(failed)?;
+            set.push((keys::primary(&res), keys::NO_PRIMARY.to_string()));
+            if dry {
+                let what: Vec<String> = set.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                return done(format!("{res}: secondary would set {}", what.join(", ")));
+            }
+            host.store.write(set, Vec::new()).await.map_err(failed)?;
             return done(format!("{res}: no designated primary now"));
         }
         return Err(super::not_here(host, &res).await);

@@ -95,7 +95,11 @@ impl ResourceEngine {
                 confirmed,
             } => self.start_primary(id, force, timeout, confirmed),
             Op::Secondary => {
-                if self.stats.open_count > 0 && self.is_primary() {
+                // MARS (`primary_phase0` for `secondary`): with a systemd stack the want
+                // becomes `(none)` first, which stops the stack everywhere; the device it held
+                // is then closed by the stack, not by the operator.
+                let stack = self.meta.systemd.configured();
+                if self.stats.open_count > 0 && self.is_primary() && !stack {
                     let n = self.stats.open_count;
                     return self.reply(
                         id,
@@ -104,17 +108,26 @@ impl ResourceEngine {
                         ))),
                     );
                 }
-                self.publish(
-                    vec![(keys::primary(&res), keys::NO_PRIMARY.to_string())],
-                    Vec::new(),
-                );
+                let mut set = Vec::new();
+                let stop_stack =
+                    stack && self.meta.systemd.want_raw.as_deref() != Some(keys::NO_PRIMARY);
+                if stop_stack {
+                    set.push((keys::systemd_want(&res), keys::NO_PRIMARY.to_string()));
+                }
+                set.push((keys::primary(&res), keys::NO_PRIMARY.to_string()));
+                self.publish(set, Vec::new());
                 self.reply(
                     id,
                     Ok(format!(
-                        "{res}: no designated primary now; the primary leaves its role once its \
+                        "{res}: {}no designated primary now; the primary leaves its role once its \
                          device is closed and secondaries stop fetching. Discouraged except \
                          before leave-resource/delete-resource: `marsadm primary {res}` restores \
-                         service"
+                         service",
+                        if stop_stack {
+                            "systemd stack wanted nowhere (stopping everywhere); "
+                        } else {
+                            ""
+                        }
                     )),
                 );
             }

@@ -2135,3 +2135,45 @@ fn delete_resource_deletes_the_global_requests_too() {
     );
     assert!(deleted.contains(&"resource-r/size".to_string()), "{c:?}");
 }
+
+/// `secondary` with a systemd stack: as MARS, the want becomes `(none)` with the designation
+/// (the stack stops everywhere); the device the stack holds open is no refusal. Without a
+/// stack the want is not touched and an open device refuses.
+#[test]
+fn secondary_with_a_stack_wants_it_nowhere_first() {
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    let res = w.res.clone();
+    w.set(&keys::systemd_start_unit(&res), "app.service");
+    w.set(&keys::systemd_want(&res), "a");
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 7,
+        op: Op::Secondary,
+    });
+    let p = published(&c);
+    assert!(
+        p.contains(&(keys::systemd_want(&res), "(none)".to_string())),
+        "{c:?}"
+    );
+    assert!(
+        p.contains(&(keys::primary(&res), "(none)".to_string())),
+        "{c:?}"
+    );
+    assert!(
+        matches!(&replies(&c)[..], [(7, Ok(m))] if m.contains("systemd stack wanted nowhere")),
+        "{c:?}"
+    );
+
+    let mut w = World::cluster("a", &["a", "b"], Some("a"));
+    w.sync();
+    let c = w.ev(Event::Op {
+        id: 8,
+        op: Op::Secondary,
+    });
+    let p = published(&c);
+    assert!(
+        p.iter().all(|(k, _)| *k != keys::systemd_want(&res)),
+        "{c:?}"
+    );
+    assert!(p.contains(&(keys::primary(&res), "(none)".to_string())));
+}
