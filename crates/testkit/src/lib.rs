@@ -28,11 +28,31 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let status = Command::new(env!("CARGO"))
+        let mut build = Command::new(env!("CARGO"));
+        build
             .args(["build", "--quiet", "-p", "mars-daemon", "-p", "mars-cli"])
-            .current_dir(manifest)
-            .status()
-            .expect("run cargo build");
+            .current_dir(manifest);
+        // Cargo runs a test with the variables it describes the test's package by; some build
+        // scripts (ring's) watch `CARGO_MANIFEST_DIR`, so passing them on made this build
+        // and the next `cargo test` rebuild ring, rustls and everything above in turn.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k == "OUT_DIR"
+                || k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_MANIFEST_DIR",
+                    "CARGO_MANIFEST_PATH",
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                build.env_remove(k.as_ref());
+            }
+        }
+        let status = build.status().expect("run cargo build");
         assert!(status.success(), "building marsd and marsadm failed");
         // The test executable lives in target/<profile>/deps/.
         let exe = std::env::current_exe().expect("current_exe");
