@@ -334,9 +334,9 @@ impl Packer {
         packed * 16 <= raw * SAMPLE_PAYS
     }
 
-    /// The frame for `msg`: packed if the session agreed on a method and it pays, else the
-    /// raw frame's pieces. Send `head`, `payload`, `crc` in this order either way.
-    pub fn frame<'a>(&'a mut self, msg: &'a crate::Message) -> (crate::FrameParts<'a>, Packed) {
+    /// Packs `msg` if the session agreed on a method and it pays: then the whole frame is in
+    /// [`Packer::packed_frame`] (until the next call); else send the raw frame.
+    pub fn pack(&mut self, msg: &crate::Message) -> Packed {
         let raw = crate::frame_parts(msg);
         let raw_len = (raw.head.len() + raw.payload.len() + raw.crc.len()) as u64;
         let unpacked = Packed {
@@ -344,17 +344,17 @@ impl Packer {
             wire: raw_len,
             packed: false,
         };
+        self.out.clear();
         let Some(method) = self.method else {
-            return (raw, unpacked);
+            return unpacked;
         };
         let body_len = raw_len as usize - FRAME_OVERHEAD;
         if body_len < MIN_PACK || !self.samples_pay(raw.payload) {
-            return (raw, unpacked);
+            return unpacked;
         }
         self.input.clear();
         self.input.extend_from_slice(&raw.head[4..]);
         self.input.extend_from_slice(raw.payload);
-        self.out.clear();
         self.out.extend_from_slice(&[0; 4]);
         self.out.push(PACKED_TYPE);
         self.out.push(method as u8);
@@ -365,41 +365,53 @@ impl Packer {
                 std::io::Write::write_all(&mut enc, &self.input).is_ok() && enc.finish().is_ok()
             }
             Method::Zstd => {
-                let c = match &mut self.zstd {
-                    Some(c) => c,
-                    None => match zstd::bulk::Compressor::new(ZSTD_LEVEL) {
-                        Ok(c) => self.zstd.insert(c),
-                        Err(_) => return (raw, unpacked),
-                    },
-                };
-                match c.compress(&self.input) {
-                    Ok(z) => {
+                if self.zstd.is_none() {
+                    self.zstd = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                }
+                match self.zstd.as_mut().map(|c| c.compress(&self.input)) {
+                    Some(Ok(z)) => {
                         self.out.extend_from_slice(&z);
                         true
                     }
-                    Err(_) => false,
+                    _ => false,
                 }
             }
         };
         let packed_body = self.out.len() - 4;
         if !ok || packed_body * 16 > body_len * PACK_PAYS {
-            return (raw, unpacked);
+            self.out.clear();
+            return unpacked;
         }
-        let len = (packed_body as u32).to_le_bytes();
-        self.out[..4].copy_from_slice(&len);
+        self.out[..4].copy_from_slice(&(packed_body as u32).to_le_bytes());
         let crc = crc32c::crc32c(&self.out[4..]).to_le_bytes();
-        let wire = (self.out.len() + crc.len()) as u64;
+        self.out.extend_from_slice(&crc);
+        Packed {
+            raw: raw_len,
+            wire: self.out.len() as u64,
+            packed: true,
+        }
+    }
+
+    /// The frame the last [`Packer::pack`] that packed produced.
+    pub fn packed_frame(&self) -> &[u8] {
+        &self.out
+    }
+
+    /// The frame for `msg` in pieces, packed or raw ([`Packer::pack`]): send `head`,
+    /// `payload`, `crc` in this order either way.
+    pub fn frame<'a>(&'a mut self, msg: &'a crate::Message) -> (crate::FrameParts<'a>, Packed) {
+        let st = self.pack(msg);
+        if !st.packed {
+            return (crate::frame_parts(msg), st);
+        }
+        let (body, crc) = self.out.split_at(self.out.len() - 4);
         (
             crate::FrameParts {
                 head: Vec::new(),
-                payload: &self.out,
-                crc,
+                payload: body,
+                crc: crc.try_into().expect("4 bytes"),
             },
-            Packed {
-                raw: raw_len,
-                wire,
-                packed: true,
-            },
+            st,
         )
     }
 }

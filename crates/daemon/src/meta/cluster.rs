@@ -356,6 +356,7 @@ impl Cluster {
             from,
             mut w,
             mut frames,
+            ..
         } = conn;
         let joining = peer.cluster == ClusterId::UNKNOWN;
         let mut seq = self.store.watch_seq();
