@@ -295,6 +295,7 @@ impl Cluster {
                     },
                     connected,
                     error: p.and_then(|p| p.error.clone()),
+                    streams: Vec::new(),
                 }
             })
             .collect()
