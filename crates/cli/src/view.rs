@@ -377,7 +377,8 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
                         )
                     };
                     s += &format!("    host {} at {} ({state})\n", m.host, m.address);
-                    for st in &m.streams {
+                    // The ratio of compressed streams (uncompressed ones: in the JSON).
+                    for st in m.streams.iter().filter(|st| st.compression.is_some()) {
                         s += &format!("      {}\n", stream_line(st));
                     }
                 }
@@ -810,5 +811,30 @@ mod tests {
         assert!(crate::macros::test_value(&r, "device").is_err());
         assert!(crate::macros::test_value(&r, "bogus").is_err());
         assert!(crate::macros::test_value(&r, "is-bogus").is_err());
+    }
+
+    /// A compressed stream's line shows the ratio; an uncompressed one only its bytes.
+    #[test]
+    fn stream_lines_show_the_compression_ratio() {
+        let st = mars_api::StreamView {
+            stream: "fetch".into(),
+            compression: Some("zstd".into()),
+            received_bytes: 1 << 20,
+            received_raw_bytes: 3 << 20,
+            sent_bytes: 0,
+            sent_raw_bytes: 0,
+        };
+        let l = stream_line(&st);
+        assert!(l.starts_with("fetch (zstd): received "), "{l}");
+        assert!(l.contains("3.0x"), "{l}");
+        assert!(!l.contains("sent"), "{l}");
+        let raw = mars_api::StreamView {
+            compression: None,
+            received_raw_bytes: 1 << 20,
+            ..st
+        };
+        let l = stream_line(&raw);
+        assert!(l.starts_with("fetch (uncompressed): received "), "{l}");
+        assert!(!l.contains('x'), "{l}");
     }
 }

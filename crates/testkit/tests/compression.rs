@@ -13,8 +13,22 @@ use mars_testkit::Host;
 /// `len` bytes of text lines and runs of zeros, as a filesystem's log might carry.
 fn compressible_file(p: &Path, len: usize, seed: u64) {
     let words = [
-        "replication", "primary", "secondary", "logfile", "device", "cluster", "network",
-        "compression", "resource", "handover", "the", "a", "of", "and", "to", "in",
+        "replication",
+        "primary",
+        "secondary",
+        "logfile",
+        "device",
+        "cluster",
+        "network",
+        "compression",
+        "resource",
+        "handover",
+        "the",
+        "a",
+        "of",
+        "and",
+        "to",
+        "in",
     ];
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(len);
@@ -22,10 +36,12 @@ fn compressible_file(p: &Path, len: usize, seed: u64) {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             out.resize(out.len() + 8192, 0);
         } else {
-            let line: Vec<&str> = (0..12).map(|i| words[((x >> (i * 4)) % 16) as usize]).collect();
+            let line: Vec<&str> = (0..12)
+                .map(|i| words[((x >> (i * 4)) % 16) as usize])
+                .collect();
             writeln!(out, "{} {}", x % 100_000, line.join(" ")).unwrap();
         }
     }
@@ -46,7 +62,10 @@ fn write_file(h: &Host, res: &str, src: &Path, offset: u64, len: usize) {
 /// `(compression, received on the wire, received raw)` of `h`'s `stream` from member `from`.
 fn received(h: &Host, from: &str, stream: &str) -> Option<(Option<String>, u64, u64)> {
     let v: serde_json::Value = serde_json::from_str(&h.ok(&["--json", "view", "all"])).unwrap();
-    let m = v["members"].as_array()?.iter().find(|m| m["host"] == from)?;
+    let m = v["members"]
+        .as_array()?
+        .iter()
+        .find(|m| m["host"] == from)?;
     let s = m["streams"]
         .as_array()?
         .iter()
@@ -87,7 +106,9 @@ fn replicate(setting: Option<&str>) -> (tempfile::TempDir, Host, Host) {
     compressible_file(&src, 16 << 20, 2);
     write_file(&a, "r", &src, 24 << 20, 16 << 20);
     wait_uptodate(&b, "r", 120);
-    eventually(20, "written back", || a.view("diskstate", "r") == "UpToDate");
+    eventually(20, "written back", || {
+        a.view("diskstate", "r") == "UpToDate"
+    });
     assert_eq!(first_difference(&da, &db, size), None, "b differs from a");
     (t, a, b)
 }
@@ -98,10 +119,16 @@ fn compressible_data_travels_compressed_and_arrives_equal() {
     let (method, wire, raw) = received(&b, "a", "fetch").expect("fetch stream in view");
     assert_eq!(method.as_deref(), Some("zstd"));
     assert!(raw >= 16 << 20, "{raw} raw bytes fetched");
-    assert!(raw > 2 * wire, "fetch: {raw} raw bytes took {wire} on the wire");
+    assert!(
+        raw > 2 * wire,
+        "fetch: {raw} raw bytes took {wire} on the wire"
+    );
     let (method, wire, raw) = received(&b, "a", "sync").expect("sync stream in view");
     assert_eq!(method.as_deref(), Some("zstd"));
-    assert!(raw > 2 * wire, "sync: {raw} raw bytes took {wire} on the wire");
+    assert!(
+        raw > 2 * wire,
+        "sync: {raw} raw bytes took {wire} on the wire"
+    );
     // The text view says it too.
     let v = b.ok(&["view", "all"]);
     assert!(v.contains("fetch (zstd): received"), "{v}");

@@ -356,6 +356,22 @@ fn api_role(r: Role) -> mars_api::Role {
     }
 }
 
+/// Each member's fetch and sync traffic with this host (`traffic.rs`), with its compression.
+fn add_streams(members: &mut [mars_api::MemberView], rows: Vec<crate::traffic::Row>) {
+    for r in rows.into_iter().filter(|r| r.kind != "meta") {
+        if let Some(m) = members.iter_mut().find(|m| m.host == r.peer) {
+            m.streams.push(mars_api::StreamView {
+                stream: r.kind.to_string(),
+                compression: r.method.map(str::to_string),
+                received_bytes: r.received,
+                received_raw_bytes: r.received_raw,
+                sent_bytes: r.sent,
+                sent_raw_bytes: r.sent_raw,
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -378,21 +394,5 @@ mod tests {
         }
         assert_eq!(writeback("WriteBack[1 B]", 1), Some(1));
         assert_eq!(writeback("UpToDate", 1), None);
-    }
-}
-
-/// Each member's fetch and sync traffic with this host (`traffic.rs`), with its compression.
-fn add_streams(members: &mut [mars_api::MemberView], rows: Vec<crate::traffic::Row>) {
-    for r in rows.into_iter().filter(|r| r.kind != "meta") {
-        if let Some(m) = members.iter_mut().find(|m| m.host == r.peer) {
-            m.streams.push(mars_api::StreamView {
-                stream: r.kind.to_string(),
-                compression: r.method.map(str::to_string),
-                received_bytes: r.received,
-                received_raw_bytes: r.received_raw,
-                sent_bytes: r.sent,
-                sent_raw_bytes: r.sent_raw,
-            });
-        }
     }
 }
