@@ -372,6 +372,24 @@ pub struct MemberView {
     pub connected: bool,
     /// Why the last exchange failed, if it did.
     pub error: Option<String>,
+    /// This host's fetch and sync streams with the member since marsd started: bytes and
+    /// compression (absent from daemons before it existed).
+    #[serde(default)]
+    pub streams: Vec<StreamView>,
+}
+
+/// Bytes of one stream kind between this host and a member, on the wire and uncompressed
+/// (`*_raw_bytes / *_bytes` is the compression ratio), since marsd started.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamView {
+    /// `fetch` or `sync`.
+    pub stream: String,
+    /// The compression the newest session agreed on (`lz4`, `zstd`); `None`: raw.
+    pub compression: Option<String>,
+    pub received_bytes: u64,
+    pub received_raw_bytes: u64,
+    pub sent_bytes: u64,
+    pub sent_raw_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

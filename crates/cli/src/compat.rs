@@ -316,7 +316,14 @@ pub const DIGESTS: &[&str] = &[
     "CHKSUM_MD5_OLD",
     "CHKSUM_SHA1",
 ];
-pub const COMPRESSIONS: &[&str] = &["COMPRESS_LZ4", "COMPRESS_LZO", "COMPRESS_ZLIB"];
+/// `COMPRESS_ZSTD` is ours (MARS has none); marsd implements `COMPRESS_LZ4` and
+/// `COMPRESS_ZSTD` and ignores the other two.
+pub const COMPRESSIONS: &[&str] = &[
+    "COMPRESS_LZ4",
+    "COMPRESS_LZO",
+    "COMPRESS_ZLIB",
+    "COMPRESS_ZSTD",
+];
 
 /// Checks a `|`-separated feature list against `known` and returns it normalized (the names
 /// in the order given, without blanks or repeats); empty means none.

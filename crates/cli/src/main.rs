@@ -183,7 +183,10 @@ enum Cmd {
     /// Store the cluster-wide list of logfile compressions (MARS names, `|`-separated:
     /// COMPRESS_LZ4|COMPRESS_LZO|COMPRESS_ZLIB). Stored only: logfiles are not compressed yet.
     SetGlobalEnabledLogCompressions { features: Option<String> },
-    /// Store the cluster-wide list of network compressions (as above; stored only).
+    /// Set the cluster-wide list of network compressions the fetch and sync streams may use
+    /// (COMPRESS_LZ4, COMPRESS_ZSTD; COMPRESS_LZO and COMPRESS_ZLIB are accepted and ignored;
+    /// lz4 is preferred where both sides enable both). Takes effect with each stream's next
+    /// session.
     SetGlobalEnabledNetCompressions { features: Option<String> },
     /// Store the cluster-wide list of logfile digests to disable (CHKSUM_CRC32, CHKSUM_CRC32C,
     /// CHKSUM_MD5, CHKSUM_MD5_OLD, CHKSUM_SHA1; stored only: marsd's logfiles use CRC32C).

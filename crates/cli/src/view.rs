@@ -305,6 +305,41 @@ pub fn split_brain_text(res: &str, sb: &mars_api::SplitBrainView) -> String {
     )
 }
 
+/// A member's fetch or sync traffic: `fetch (lz4): received 10 MiB (31 MiB raw, 3.1x), sent …`.
+pub fn stream_line(st: &mars_api::StreamView) -> String {
+    let way = |what: &str, wire: u64, raw: u64| {
+        if wire == 0 {
+            None
+        } else if raw > wire {
+            Some(format!(
+                "{what} {} ({} raw, {:.1}x)",
+                format_size(wire),
+                format_size(raw),
+                raw as f64 / wire as f64
+            ))
+        } else {
+            Some(format!("{what} {}", format_size(wire)))
+        }
+    };
+    let parts: Vec<String> = [
+        way("received", st.received_bytes, st.received_raw_bytes),
+        way("sent", st.sent_bytes, st.sent_raw_bytes),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    format!(
+        "{} ({}): {}",
+        st.stream,
+        st.compression.as_deref().unwrap_or("uncompressed"),
+        if parts.is_empty() {
+            "nothing yet".to_string()
+        } else {
+            parts.join(", ")
+        }
+    )
+}
+
 pub fn cluster_text(v: &ClusterView, all: bool) -> String {
     let mut s = String::new();
     for r in &v.resources {
@@ -342,6 +377,10 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
                         )
                     };
                     s += &format!("    host {} at {} ({state})\n", m.host, m.address);
+                    // The ratio of compressed streams (uncompressed ones: in the JSON).
+                    for st in m.streams.iter().filter(|st| st.compression.is_some()) {
+                        s += &format!("      {}\n", stream_line(st));
+                    }
                 }
             }
             None => s += &format!("host {} is not in a cluster yet\n", v.host),
@@ -772,5 +811,30 @@ mod tests {
         assert!(crate::macros::test_value(&r, "device").is_err());
         assert!(crate::macros::test_value(&r, "bogus").is_err());
         assert!(crate::macros::test_value(&r, "is-bogus").is_err());
+    }
+
+    /// A compressed stream's line shows the ratio; an uncompressed one only its bytes.
+    #[test]
+    fn stream_lines_show_the_compression_ratio() {
+        let st = mars_api::StreamView {
+            stream: "fetch".into(),
+            compression: Some("zstd".into()),
+            received_bytes: 1 << 20,
+            received_raw_bytes: 3 << 20,
+            sent_bytes: 0,
+            sent_raw_bytes: 0,
+        };
+        let l = stream_line(&st);
+        assert!(l.starts_with("fetch (zstd): received "), "{l}");
+        assert!(l.contains("3.0x"), "{l}");
+        assert!(!l.contains("sent"), "{l}");
+        let raw = mars_api::StreamView {
+            compression: None,
+            received_raw_bytes: 1 << 20,
+            ..st
+        };
+        let l = stream_line(&raw);
+        assert!(l.starts_with("fetch (uncompressed): received "), "{l}");
+        assert!(!l.contains('x'), "{l}");
     }
 }

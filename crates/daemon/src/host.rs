@@ -304,6 +304,18 @@ impl Host {
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         self.env.sync_slots.set_limit(sync_limit);
+        // MARS's `set-global-enabled-net-compressions`: what fetch and sync streams may use
+        // from their next session on (absent: none, as in MARS).
+        let compressions = self
+            .store
+            .value(keys::NET_COMPRESSIONS)
+            .await
+            .ok()
+            .flatten()
+            .map_or(mars_wire::Methods::NONE, |v| {
+                mars_wire::Methods::from_setting(&v)
+            });
+        crate::peer::set_net_compressions(compressions);
         let window = Duration::from_millis(self.env.cfg.timing.alive_window);
         let me = &self.ident.host;
         let reachable: BTreeSet<HostName> = ages

@@ -168,7 +168,7 @@ async fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &str) -> Re
 #[derive(Debug, Default)]
 pub struct Counters {
     /// `(peer, stream kind, received, sent)`.
-    pub traffic: Vec<(String, &'static str, u64, u64)>,
+    pub traffic: Vec<traffic::Row>,
     /// `(kind, count)`.
     pub errors: Vec<(&'static str, u64)>,
 }
@@ -383,19 +383,31 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
             );
         }
     }
-    for (peer, kind, rx, tx) in &c.traffic {
-        let l = || vec![("peer", peer.clone()), ("stream", kind.to_string())];
+    for t in &c.traffic {
+        let l = || vec![("peer", t.peer.clone()), ("stream", t.kind.to_string())];
         o.counter(
             "mars_peer_received_bytes",
-            "Bytes received from the peer (after the hellos)",
+            "Bytes received from the peer (after the hellos; compressed frames as they travel)",
             l(),
-            *rx,
+            t.received,
         );
         o.counter(
             "mars_peer_sent_bytes",
-            "Bytes sent to the peer (after the hellos)",
+            "Bytes sent to the peer (after the hellos; compressed frames as they travel)",
             l(),
-            *tx,
+            t.sent,
+        );
+        o.counter(
+            "mars_peer_received_raw_bytes",
+            "The received frames' size uncompressed (equals the received bytes without compression)",
+            l(),
+            t.received_raw,
+        );
+        o.counter(
+            "mars_peer_sent_raw_bytes",
+            "The sent frames' size uncompressed (raw/sent is the compression ratio)",
+            l(),
+            t.sent_raw,
         );
     }
     for (kind, n) in &c.errors {
@@ -691,7 +703,15 @@ mod tests {
         }))
         .unwrap();
         let c = Counters {
-            traffic: vec![("b".into(), "fetch", 7, 9)],
+            traffic: vec![traffic::Row {
+                peer: "b".into(),
+                kind: "fetch",
+                received: 7,
+                sent: 9,
+                received_raw: 21,
+                sent_raw: 9,
+                method: Some("lz4"),
+            }],
             errors: vec![("refused", 2)],
         };
         let t = render(&view, &c, false);
@@ -705,6 +725,8 @@ mod tests {
             "mars_resource_split_brain{resource=\"r\",host=\"a\"} 1",
             "mars_root_full_in_seconds{host=\"a\"} +Inf",
             "mars_peer_received_bytes_total{peer=\"b\",stream=\"fetch\"} 7",
+            "mars_peer_received_raw_bytes_total{peer=\"b\",stream=\"fetch\"} 21",
+            "mars_peer_sent_raw_bytes_total{peer=\"b\",stream=\"fetch\"} 9",
             "mars_peer_errors_total{kind=\"refused\"} 2",
             "# TYPE mars_peer_sent_bytes counter",
         ] {

@@ -20,12 +20,15 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use mars_config::HostName;
 use mars_tls::PeerTls;
-use mars_wire::{decode_frame, ClusterId, Hello, Message, RefuseKind, StreamKind};
+use mars_wire::{
+    decode_frame_unpacking, ClusterId, Hello, Message, Method, Methods, Packer, RefuseKind,
+    StreamKind, Unpacker,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::listen::{AcceptErrors, Admission, LogBudget};
-use crate::traffic::{self, Counted, PeerError};
+use crate::traffic::{self, Counted, PeerError, Traffic};
 
 /// A stream kind as the metrics label it.
 pub fn kind_label(kind: StreamKind) -> &'static str {
@@ -76,7 +79,163 @@ fn tune(s: &TcpStream) {
         .with_time(KEEPALIVE_IDLE)
         .with_interval(KEEPALIVE_INTERVAL)
         .with_retries(KEEPALIVE_PROBES);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&ka);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_tcp_keepalive(&ka);
+    let plan = buffer_plan();
+    if let Some(n) = plan.recv {
+        let _ = sock.set_recv_buffer_size(n);
+    }
+    if let Some(n) = plan.send {
+        let _ = sock.set_send_buffer_size(n);
+    }
+}
+
+// ---------------------------------------------------------------- long fat pipes
+
+/// What a replication socket must buffer to keep a long fat pipe full: a TCP sender can have
+/// at most one window in flight, and the window is bounded by the receiver's buffer and the
+/// sender's, so a stream moves at most buffer / round-trip time. 100 ms × 1 Gbit/s is 12.5 MB;
+/// 16 MiB covers it (the kernel doubles the value and keeps part for its bookkeeping).
+pub const LFN_BUFFER: usize = 16 << 20;
+
+/// The buffer sizes peer sockets ask for (`None`: leave the kernel's autotuning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferPlan {
+    pub recv: Option<usize>,
+    pub send: Option<usize>,
+}
+
+/// One direction's size: `SO_RCVBUF`/`SO_SNDBUF` are capped by `net.core.rmem_max`/
+/// `wmem_max` (`core_max`) and switch the socket's autotuning off, which would otherwise grow
+/// it up to the third value of `net.ipv4.tcp_rmem`/`tcp_wmem` (`autotune_max`). So the socket
+/// asks for [`LFN_BUFFER`] only where the cap lets it get more than autotuning would; else it
+/// keeps autotuning. An operator raises `net.core.rmem_max`/`wmem_max` (or the autotuning
+/// maxima) to at least 16 MiB for links beyond 100 ms × 1 Gbit/s (docs/operations.md).
+pub fn buffer_size(core_max: Option<usize>, autotune_max: Option<usize>) -> Option<usize> {
+    let granted = LFN_BUFFER.min(core_max?);
+    (granted > autotune_max.unwrap_or(0)).then_some(granted)
+}
+
+fn sysctl(path: &str) -> Option<Vec<usize>> {
+    let s = std::fs::read_to_string(path).ok()?;
+    s.split_whitespace().map(|v| v.parse().ok()).collect()
+}
+
+/// The plan for this machine, read once from `/proc/sys` (logged once when the limits keep
+/// the buffers below what a long fat pipe needs).
+pub fn buffer_plan() -> BufferPlan {
+    static PLAN: std::sync::OnceLock<BufferPlan> = std::sync::OnceLock::new();
+    *PLAN.get_or_init(|| {
+        let core =
+            |n: &str| sysctl(&format!("/proc/sys/net/core/{n}")).and_then(|v| v.first().copied());
+        let auto =
+            |n: &str| sysctl(&format!("/proc/sys/net/ipv4/{n}")).and_then(|v| v.get(2).copied());
+        let (rmem, wmem) = (core("rmem_max"), core("wmem_max"));
+        let (tcp_r, tcp_w) = (auto("tcp_rmem"), auto("tcp_wmem"));
+        let plan = BufferPlan {
+            recv: buffer_size(rmem, tcp_r),
+            send: buffer_size(wmem, tcp_w),
+        };
+        let best = |set: Option<usize>, auto: Option<usize>| set.or(auto).unwrap_or(0);
+        if best(plan.recv, tcp_r) < LFN_BUFFER || best(plan.send, tcp_w) < LFN_BUFFER {
+            tracing::info!(
+                "peer sockets: buffers up to {} KiB receive, {} KiB send (net.core.rmem_max \
+                 {rmem:?}, wmem_max {wmem:?}, tcp_rmem max {tcp_r:?}, tcp_wmem max {tcp_w:?}); \
+                 a link of 100 ms x 1 Gbit/s needs {} KiB: raise net.core.rmem_max and \
+                 wmem_max (see docs/operations.md)",
+                best(plan.recv, tcp_r) >> 10,
+                best(plan.send, tcp_w) >> 10,
+                LFN_BUFFER >> 10
+            );
+        }
+        plan
+    })
+}
+
+// ---------------------------------------------------------------- compression
+
+/// The compression methods this host may use on fetch and sync streams: the cluster's
+/// `defaults/enabled-net-compressions`, set by the host's measurement loop as it changes.
+static NET_COMPRESSIONS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+pub fn set_net_compressions(m: Methods) {
+    NET_COMPRESSIONS.store(m.bits(), std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn net_compressions() -> Methods {
+    Methods::from_bits(NET_COMPRESSIONS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Peers that answered a version-5 hello in version 4 (they predate compression), by
+/// address, and when: they are offered nothing for [`OLD_PEER_MEMORY`], so that an upgrade
+/// host by host costs each old peer one refused connection per period, not one per session.
+static OLD_PEERS: std::sync::Mutex<std::collections::BTreeMap<String, std::time::Instant>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+const OLD_PEER_MEMORY: Duration = Duration::from_secs(600);
+
+fn old_peer(addr: &str) -> bool {
+    let mut t = OLD_PEERS.lock().unwrap_or_else(|e| e.into_inner());
+    t.retain(|_, at| at.elapsed() < OLD_PEER_MEMORY);
+    t.contains_key(addr)
+}
+
+/// The peer answered our version-5 hello in version 4: it predates compression (and refuses
+/// the hello); connect again without offering any.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} speaks protocol version 4 (no compression)")]
+struct OldPeer(String);
+
+/// What a fetch or sync server sends with: the session's [`Packer`] (packing runs on a
+/// blocking thread: it is CPU work of milliseconds per chunk) and the counters it adds the
+/// savings to.
+pub struct Packing {
+    packer: Option<Box<Packer>>,
+    method: Option<Method>,
+    traffic: Arc<Traffic>,
+}
+
+impl Packing {
+    pub fn new(method: Option<Method>, traffic: Arc<Traffic>) -> Self {
+        Packing {
+            packer: Some(Box::new(Packer::new(method))),
+            method,
+            traffic,
+        }
+    }
+}
+
+/// Sends `m`, packed where the session agreed on a method and it pays ([`Packer::pack`]);
+/// returns it (its buffer is reused by the caller).
+pub async fn send_packed<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    p: &mut Packing,
+    m: Message,
+) -> Result<Message> {
+    let payload = match &m {
+        Message::LogData { data, .. } | Message::SyncData { data, .. } => data.len(),
+        _ => 0,
+    };
+    if p.method.is_none() || payload < mars_wire::MIN_PACK {
+        send(w, &m).await?;
+        return Ok(m);
+    }
+    let mut packer = p.packer.take().ok_or_else(|| anyhow!("packer lost"))?;
+    let (packer, m, st) = tokio::task::spawn_blocking(move || {
+        let st = packer.pack(&m);
+        (packer, m, st)
+    })
+    .await?;
+    let r = if st.packed {
+        p.traffic
+            .sent_saved
+            .fetch_add(st.raw - st.wire, std::sync::atomic::Ordering::Relaxed);
+        w.write_all(packer.packed_frame()).await.map_err(Into::into)
+    } else {
+        send(w, &m).await
+    };
+    p.packer = Some(packer);
+    r?;
+    Ok(m)
 }
 
 /// Once a frame has begun, its next bytes must come within this (a slow link still delivers
@@ -219,6 +378,10 @@ pub struct FrameReader<R> {
     stall: Duration,
     /// The largest frame this stream may carry this way ([`frame_limit`]).
     limit: u32,
+    /// Unpacks packed frames of the session's method (none: a packed frame ends the stream).
+    unpacker: Unpacker,
+    /// Where what compression saved is counted.
+    saved: Option<Arc<Traffic>>,
 }
 
 /// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
@@ -233,12 +396,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             start: 0,
             stall: FRAME_STALL,
             limit: mars_wire::MAX_FRAME,
+            unpacker: Unpacker::new(None, mars_wire::MAX_FRAME),
+            saved: None,
         }
     }
 
-    /// The same reader refusing frames longer than `limit` (see [`frame_limit`]).
+    /// The same reader refusing frames longer than `limit` (see [`frame_limit`]), packed
+    /// frames' contents included.
     pub fn with_limit(mut self, limit: u32) -> Self {
         self.limit = limit;
+        self.unpacker = Unpacker::new(self.unpacker.agreed(), limit);
+        self
+    }
+
+    /// The same reader unpacking frames of `method` (the session's agreed one), counting what
+    /// it saved in `traffic`.
+    pub fn with_method(mut self, method: Option<Method>, traffic: Arc<Traffic>) -> Self {
+        self.unpacker = Unpacker::new(method, self.limit);
+        self.saved = Some(traffic);
         self
     }
 
@@ -262,7 +437,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     .into());
                 }
             }
-            if let Some((m, n)) = decode_frame(pending)? {
+            if let Some((m, n, raw)) = decode_frame_unpacking(pending, &mut self.unpacker)? {
+                if let Some(t) = self.saved.as_ref().filter(|_| raw > n) {
+                    t.received_saved
+                        .fetch_add((raw - n) as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 self.start += n;
                 if self.start == self.buf.len() {
                     self.buf.clear();
@@ -384,6 +563,8 @@ pub struct Session {
     pub peer: Hello,
     pub w: BoxWrite,
     pub frames: FrameReader<BoxRead>,
+    /// The compression method the hellos agreed on (the server packs; `frames` unpacks).
+    pub method: Option<Method>,
 }
 
 async fn tcp_connect(addr: &str) -> Result<TcpStream> {
@@ -445,14 +626,27 @@ async fn client_hellos(
 ) -> Result<Session> {
     w.write_all(&ours.encode()).await?;
     let (peer, rest) = read_hello(&mut r).await?;
+    if ours.version > peer.version && peer.version == mars_wire::MIN_PROTOCOL_VERSION {
+        // An old peer: it refuses our hello (after its own); the caller tries again.
+        return Err(OldPeer(peer.host.to_string()).into());
+    }
     // Counted from after the hellos, under the name the peer gives (checked below).
     let counter = traffic::of(peer.host.as_str(), kind_label(ours.kind));
     let r: BoxRead = Box::new(Counted::new(r, counter.clone()));
-    let w: BoxWrite = Box::new(Counted::new(w, counter));
-    let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(ours.kind, false));
+    let w: BoxWrite = Box::new(Counted::new(w, counter.clone()));
     if let Err(e) = ours.check_peer(&peer) {
         bail!("{addr}: {e}");
     }
+    let method = ours.agreed(&peer).map_err(|e| anyhow!("{addr}: {e}"))?;
+    if ours.kind != StreamKind::Meta {
+        counter.method.store(
+            method.map_or(0, |m| m as u8),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    let mut frames = FrameReader::new(r, rest)
+        .with_limit(frame_limit(ours.kind, false))
+        .with_method(method, counter);
     // A refusing peer sends its reason right after its hello.
     if peer.cluster == ClusterId::UNKNOWN && ours.cluster != ClusterId::UNKNOWN {
         if let Ok(Ok(Message::Refuse { reason, .. })) =
@@ -470,7 +664,12 @@ async fn client_hellos(
             );
         }
     }
-    Ok(Session { peer, w, frames })
+    Ok(Session {
+        peer,
+        w,
+        frames,
+        method,
+    })
 }
 
 /// Connects as `me` to the member at `addr` for a stream of `kind`: over TLS with `tls`, in
@@ -482,9 +681,9 @@ pub async fn connect(
     kind: StreamKind,
     tls: Option<&PeerTls>,
 ) -> Result<Session> {
-    let r = async {
+    let attempt = |offer: Methods| async move {
         let s = tcp_connect(addr).await?;
-        let ours = Hello::new(kind, cluster, me.clone());
+        let ours = Hello::new(kind, cluster, me.clone()).offering(offer);
         match tls {
             None => client_hellos(addr, split_stream(s), ours, None).await,
             Some(t) => {
@@ -493,8 +692,33 @@ pub async fn connect(
                 client_hellos(addr, split_stream(s), ours, Some(named)).await
             }
         }
+    };
+    // Compression is offered on the bulk streams, to peers not known to predate it.
+    let offer = match kind {
+        StreamKind::Meta => Methods::NONE,
+        _ if old_peer(addr) => Methods::NONE,
+        _ => net_compressions(),
+    };
+    let r = match attempt(offer).await {
+        Err(e) if e.is::<OldPeer>() => {
+            tracing::info!("{e}: connecting to {addr} again without compression");
+            OLD_PEERS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(addr.to_string(), std::time::Instant::now());
+            attempt(Methods::NONE).await
+        }
+        r => r,
+    };
+    if let Ok(Session {
+        method: Some(m), ..
+    }) = &r
+    {
+        tracing::debug!(
+            "{addr}: the {} stream is compressed with {m}",
+            kind_label(kind)
+        );
     }
-    .await;
     if r.is_err() {
         traffic::count(PeerError::ConnectFailed);
     }
@@ -523,6 +747,11 @@ pub struct Incoming {
     pub from: SocketAddr,
     pub w: BoxWrite,
     pub frames: FrameReader<BoxRead>,
+    /// The compression method this side chose in its hello (fetch and sync streams only):
+    /// send the data with [`Packing`].
+    pub method: Option<Method>,
+    /// The stream's counters (for [`Packing`]).
+    pub traffic: Arc<Traffic>,
 }
 
 pub type ServeFuture = Pin<Box<dyn Future<Output = Result<()>> + Send>>;
@@ -688,12 +917,19 @@ async fn accept_hello(
     let (peer, rest) = read_hello(&mut r).await?;
     let (me, cluster) = h.me();
     let joiner = matches!(certified, Some(None));
-    // A joiner learns the cluster from the grant, once its token was good.
+    // A joiner learns the cluster from the grant, once its token was good. The answer is in
+    // the peer's version (a version-4 peer reads nothing else), with the compression method
+    // of a fetch or sync stream.
+    let enabled = match peer.kind {
+        StreamKind::Meta => Methods::NONE,
+        _ => net_compressions(),
+    };
     let ours = Hello::new(
         StreamKind::Meta,
         if joiner { ClusterId::UNKNOWN } else { cluster },
         me,
-    );
+    )
+    .answering(&peer, enabled);
     let refusal = if cluster == ClusterId::UNKNOWN {
         Some("this host is not in a cluster".to_string())
     } else if let Err(r) = ours.check_peer(&peer) {
@@ -723,8 +959,15 @@ async fn accept_hello(
     // Counted from here: the peer is admitted (or a joiner, counted under its claimed name).
     let counter = traffic::of(peer.host.as_str(), kind_label(peer.kind));
     let r: BoxRead = Box::new(Counted::new(r, counter.clone()));
-    let mut w: BoxWrite = Box::new(Counted::new(w, counter));
+    let mut w: BoxWrite = Box::new(Counted::new(w, counter.clone()));
     let mut frames = FrameReader::new(r, rest).with_limit(frame_limit(peer.kind, true));
+    let method = ours.methods.preferred();
+    if peer.kind != StreamKind::Meta {
+        counter.method.store(
+            method.map_or(0, |m| m as u8),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
     if joiner {
         let grant = match frames.next_within(HELLO_TIMEOUT).await? {
             Message::JoinRequest { token, host_key } => {
@@ -751,6 +994,8 @@ async fn accept_hello(
         from,
         w,
         frames,
+        method,
+        traffic: counter,
     };
     match certified {
         Some(Some((_, fingerprint))) => {
@@ -1008,6 +1253,180 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(a.open(), n);
+    }
+
+    /// Long fat pipes: the buffers are asked for only where the sysctl cap grants more than
+    /// the kernel's autotuning would reach, and never more than a 100 ms x 1 Gbit/s link needs.
+    #[test]
+    fn socket_buffers_follow_the_sysctl_limits() {
+        assert!(LFN_BUFFER as u64 >= 125_000_000 / 10);
+        // The defaults of many distributions: 208 KiB cap, autotuning to 6 MiB: keep it.
+        assert_eq!(buffer_size(Some(212_992), Some(6 << 20)), None);
+        // An operator raised the cap: the full buffer.
+        assert_eq!(buffer_size(Some(64 << 20), Some(6 << 20)), Some(LFN_BUFFER));
+        // A cap above autotuning but below the target: as much as it grants.
+        assert_eq!(buffer_size(Some(8 << 20), Some(4 << 20)), Some(8 << 20));
+        // Nothing known: nothing set.
+        assert_eq!(buffer_size(None, Some(4 << 20)), None);
+        let plan = buffer_plan();
+        assert!(plan.recv.is_none_or(|n| n <= LFN_BUFFER));
+    }
+
+    fn cluster_id() -> ClusterId {
+        ClusterId([5; 16])
+    }
+
+    /// A server of the previous version (protocol 4, no compression), as that code behaved:
+    /// a hello of another version gets its hello and a refusal; a version-4 hello gets its
+    /// hello and then `data` in one raw frame. Returns how many hellos of each version came.
+    async fn old_server(l: TcpListener, data: Vec<u8>, conns: usize) -> (usize, usize) {
+        let (mut v4, mut v5) = (0, 0);
+        for _ in 0..conns {
+            let (s, _) = l.accept().await.unwrap();
+            let (mut r, mut w) = split_stream(s);
+            let (peer, _) = read_hello(&mut r).await.unwrap();
+            let ours = Hello::new(
+                StreamKind::Meta,
+                cluster_id(),
+                HostName::new("old").unwrap(),
+            );
+            assert_eq!(ours.version, 4);
+            w.write_all(&ours.encode()).await.unwrap();
+            if peer.version != 4 {
+                v5 += 1;
+                let why = format!("protocol version {} is not supported", peer.version);
+                refuse(&mut w, RefuseKind::Hello, why).await.unwrap();
+                continue;
+            }
+            v4 += 1;
+            let m = Message::LogData {
+                file: 1,
+                offset: 0,
+                data: data.clone(),
+            };
+            send(&mut w, &m).await.unwrap();
+            w.flush().await.unwrap();
+        }
+        (v4, v5)
+    }
+
+    fn text(len: usize) -> Vec<u8> {
+        b"the quick brown fox jumps over the lazy dog 0123456789\n"
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect()
+    }
+
+    /// A replica offering compression to a source of the previous version: the source refuses
+    /// the version-5 hello, the replica connects again in version 4 and the stream is raw;
+    /// the next connect offers nothing at once.
+    #[tokio::test]
+    async fn an_old_source_gets_raw_streams() {
+        set_net_compressions(Methods::ALL);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let data = text(100_000);
+        let server = tokio::spawn(old_server(l, data.clone(), 3));
+        let me = HostName::new("new").unwrap();
+        for _ in 0..2 {
+            let mut s = connect(&addr, &me, cluster_id(), StreamKind::Fetch, None)
+                .await
+                .unwrap();
+            assert_eq!((s.peer.version, s.method), (4, None));
+            match s.frames.next().await.unwrap() {
+                Message::LogData { data: got, .. } => assert_eq!(got, data),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            server.await.unwrap(),
+            (2, 1),
+            "one refused hello, then version 4"
+        );
+    }
+
+    struct Serving(Vec<u8>);
+
+    impl Handlers for Serving {
+        fn me(&self) -> (HostName, ClusterId) {
+            (HostName::new("src").unwrap(), cluster_id())
+        }
+        fn accepting(&self) -> Accepting {
+            Accepting::Plain
+        }
+        fn admit(&self, _: HostName, _: String) -> CheckFuture {
+            Box::pin(async { Ok(()) })
+        }
+        fn join(&self, _: HostName, _: String, _: Vec<u8>, _: SocketAddr) -> JoinFuture {
+            Box::pin(async { Err("no".into()) })
+        }
+        fn revoked(&self, _: HostName, _: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(std::future::pending())
+        }
+        fn serve(&self, _: StreamKind, conn: Incoming) -> ServeFuture {
+            let data = self.0.clone();
+            Box::pin(async move {
+                let Incoming {
+                    mut w,
+                    method,
+                    traffic,
+                    ..
+                } = conn;
+                let mut p = Packing::new(method, traffic);
+                for data in [data, vec![7u8; 100]] {
+                    let m = Message::SyncData { offset: 0, data };
+                    send_packed(&mut w, &mut p, m).await?;
+                }
+                w.flush().await?;
+                Ok(())
+            })
+        }
+    }
+
+    /// Two hosts of this version with compression enabled: the hellos agree on lz4, the
+    /// server packs what pays, the replica unpacks, both count what it saved.
+    #[tokio::test]
+    async fn new_peers_agree_and_pack() {
+        set_net_compressions(Methods::ALL);
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let data = text(1 << 20);
+        let server = tokio::spawn(listen(l, Arc::new(Serving(data.clone()))));
+        let me = HostName::new("packed-replica").unwrap();
+        let mut s = connect(&addr, &me, cluster_id(), StreamKind::Sync, None)
+            .await
+            .unwrap();
+        assert_eq!((s.peer.version, s.method), (5, Some(Method::Lz4)));
+        for want in [data, vec![7u8; 100]] {
+            match s.frames.next().await.unwrap() {
+                Message::SyncData { data: got, .. } => assert_eq!(got, want),
+                other => panic!("{}", describe(&other)),
+            }
+        }
+        let row = traffic::all()
+            .into_iter()
+            .find(|r| r.peer == "src" && r.kind == "sync")
+            .unwrap();
+        assert_eq!(row.method, Some("lz4"));
+        assert!(
+            row.received_raw > 10 * row.received,
+            "{} raw over {} on the wire",
+            row.received_raw,
+            row.received
+        );
+        let served = traffic::all()
+            .into_iter()
+            .find(|r| r.peer == "packed-replica" && r.kind == "sync")
+            .unwrap();
+        assert!(served.sent_raw > 10 * served.sent, "{served:?}");
+        // A metadata stream offers nothing and stays at version 4.
+        let m = connect(&addr, &me, cluster_id(), StreamKind::Meta, None)
+            .await
+            .unwrap();
+        assert_eq!((m.peer.version, m.method), (4, None));
+        server.abort();
     }
 
     #[test]

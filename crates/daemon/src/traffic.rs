@@ -10,11 +10,32 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Bytes received from and sent to one peer on streams of one kind.
+/// Bytes received from and sent to one peer on streams of one kind: on the wire (`received`,
+/// `sent`: frames as they travel inside TLS) and what compression saved (`*_saved`: the raw
+/// frames' size minus the packed frames' size), and the compression method the newest session
+/// agreed on (`method`: the byte of `mars_wire::Method`, 0 none).
 #[derive(Debug, Default)]
 pub struct Traffic {
     pub received: AtomicU64,
     pub sent: AtomicU64,
+    pub received_saved: AtomicU64,
+    pub sent_saved: AtomicU64,
+    pub method: std::sync::atomic::AtomicU8,
+}
+
+/// One (peer, stream kind) pair's counters at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Row {
+    pub peer: String,
+    pub kind: &'static str,
+    /// Bytes on the wire.
+    pub received: u64,
+    pub sent: u64,
+    /// Bytes the same frames take uncompressed (≥ the wire bytes).
+    pub received_raw: u64,
+    pub sent_raw: u64,
+    /// The newest session's compression method (`lz4`, `zstd`), if any.
+    pub method: Option<&'static str>,
 }
 
 /// Most (peer, kind) pairs counted separately; more (only an insecure cluster lets a stranger
@@ -36,17 +57,25 @@ pub fn of(peer: &str, kind: &'static str) -> Arc<Traffic> {
     t.entry(key).or_default().clone()
 }
 
-/// Every pair counted so far: `(peer, kind, received, sent)`.
-pub fn all() -> Vec<(String, &'static str, u64, u64)> {
+/// Every pair counted so far.
+pub fn all() -> Vec<Row> {
     let t = TABLE.lock().unwrap_or_else(|e| e.into_inner());
     t.iter()
         .map(|((p, k), c)| {
-            (
-                p.clone(),
-                *k,
+            let (received, sent) = (
                 c.received.load(Ordering::Relaxed),
                 c.sent.load(Ordering::Relaxed),
-            )
+            );
+            Row {
+                peer: p.clone(),
+                kind: k,
+                received,
+                sent,
+                received_raw: received + c.received_saved.load(Ordering::Relaxed),
+                sent_raw: sent + c.sent_saved.load(Ordering::Relaxed),
+                method: mars_wire::Method::from_u8(c.method.load(Ordering::Relaxed))
+                    .map(mars_wire::Method::as_str),
+            }
         })
         .collect()
 }
@@ -173,9 +202,10 @@ mod tests {
         r.read_exact(&mut buf).await.unwrap();
         assert_eq!(t.sent.load(Ordering::Relaxed), 5);
         assert_eq!(t.received.load(Ordering::Relaxed), 5);
-        assert!(all()
-            .iter()
-            .any(|(p, k, rx, tx)| p == "counted-peer" && *k == "fetch" && *rx == 5 && *tx == 5));
+        t.sent_saved.fetch_add(10, Ordering::Relaxed);
+        assert!(all().iter().any(|r| r.peer == "counted-peer"
+            && r.kind == "fetch"
+            && (r.received, r.sent, r.received_raw, r.sent_raw) == (5, 5, 5, 15)));
         for i in 0..MAX_PAIRS + 10 {
             of(&format!("p{i}"), "meta");
         }

@@ -18,6 +18,7 @@
 //! | `resource-RES/systemd-status-HOST` | HOST | JSON [`crate::systemd::UnitStatus`]: HOST's last start/stop |
 //! | `defaults/sync-limit` | shared | concurrent full syncs per host (0: unlimited) |
 //! | `defaults/unreachable-limit` | shared | seconds after which an unreachable member stops pinning logfiles |
+//! | `defaults/enabled-net-compressions` | shared | MARS's `set-global-enabled-net-compressions`: `\|`-separated `COMPRESS_LZ4`, `COMPRESS_ZSTD` the fetch and sync streams may use (absent: none) |
 //!
 //! Ownership follows the `-HOST` suffix of the segment nearest the leaf (see `mars_meta`), so a
 //! host only ever writes its own `data-`, `todo-`, `actual-`, `version-` and `systemd-status-`
@@ -32,6 +33,7 @@ pub const NO_PRIMARY: &str = "(none)";
 
 pub const SYNC_LIMIT: &str = "defaults/sync-limit";
 pub const UNREACHABLE_LIMIT: &str = "defaults/unreachable-limit";
+pub const NET_COMPRESSIONS: &str = "defaults/enabled-net-compressions";
 /// Default for [`UNREACHABLE_LIMIT`]: a day. A member gone longer stops holding logfiles.
 pub const DEFAULT_UNREACHABLE_SECS: u64 = 24 * 3600;
 

@@ -24,11 +24,14 @@
 //! Hello (both directions, first bytes of a connection), little-endian:
 //!   off size field
 //!     0    8 magic          "MARSPEER"
-//!     8    2 version        PROTOCOL_VERSION
+//!     8    2 version        4 or 5 (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
 //!    10    1 stream kind    1 = metadata, 2 = log fetch, 3 = sync
 //!    11    1 host length n  1..=64
 //!    12   16 cluster id     all zero while joining (cluster not known yet)
 //!    28    n host name
+//!  28+n    1 methods        version 5 only: compression methods, a bit set (bit 0 lz4,
+//!                           bit 1 zstd); the connecting side's offer, the accepting side's
+//!                           choice (at most one bit). See compress.rs.
 //!
 //! Frame (after the hellos):
 //!   off size field
@@ -36,24 +39,37 @@
 //!     4    1 type           see Message
 //!     5  m-1 payload        per type, below
 //!   4+m    4 crc32c         of type + payload (catches our own bugs and broken middleboxes)
+//!
+//! Packed frame (type 40, only on a stream whose hellos agreed on a method): the body is
+//! type 40, method, raw length, then the compressed body of the message inside; layout and
+//! bounds in compress.rs. Compression happens before TLS encrypts the frame.
 //! ```
 //!
 //! Payload encodings use `u64`/`u32` little-endian integers, strings as `u32 length + UTF-8` and
 //! binary payloads (log data, device chunks) as `u32 length + bytes`.
 
+mod compress;
 mod message;
 
+pub use compress::{
+    Method, Methods, PackError, Packed, Packer, Unpacker, MIN_PACK, PACKED_HEAD, PACKED_TYPE,
+    PACK_PAYS, SAMPLES, SAMPLE_LEN, SAMPLE_PAYS, ZSTD_LEVEL, ZSTD_WINDOW_LOG_MAX,
+};
 pub use message::{Entry, Message, RefuseKind, TAIL_LEN};
 
 use mars_config::HostName;
 
 pub const MAGIC: [u8; 8] = *b"MARSPEER";
-/// The protocol this code speaks. Peers must speak the same version (there is nothing to
-/// negotiate: hosts of a cluster are upgraded together). 2: `FetchFrom` and `SyncInfo` carry a
-/// version link. 3: `Refuse` carries a [`RefuseKind`]. 4: metadata entries carry their
-/// writer's signature, `FetchFrom` the digest of the replica's bytes before its position
-/// (`tail`), and [`RefuseKind::NotMember`] exists.
-pub const PROTOCOL_VERSION: u16 = 4;
+/// The newest protocol this code speaks. 2: `FetchFrom` and `SyncInfo` carry a version link.
+/// 3: `Refuse` carries a [`RefuseKind`]. 4: metadata entries carry their writer's signature,
+/// `FetchFrom` the digest of the replica's bytes before its position (`tail`), and
+/// [`RefuseKind::NotMember`] exists. 5: the hello carries compression methods and a stream
+/// may carry packed frames (compress.rs); everything else is as in 4.
+pub const PROTOCOL_VERSION: u16 = 5;
+/// The oldest protocol this code still speaks: version 4 is version 5 without compression, so
+/// a cluster can be upgraded host by host. A connecting host sends a version-5 hello only
+/// when it offers compression; an accepting host answers in the version it was greeted with.
+pub const MIN_PROTOCOL_VERSION: u16 = 4;
 /// Size of a hello without the host name.
 pub const HELLO_FIXED: usize = 28;
 /// Largest binary payload of one message (`LogData`, `SyncData`): 33 MiB, so that one log
@@ -126,6 +142,9 @@ pub struct Hello {
     pub kind: StreamKind,
     pub cluster: ClusterId,
     pub host: HostName,
+    /// Version 5: the compression methods offered (connecting side) or chosen (accepting
+    /// side, at most one); empty in version 4.
+    pub methods: Methods,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,12 +167,14 @@ pub enum WireError {
     UnknownType(u8),
     #[error("malformed {what} message: {why}")]
     Malformed { what: &'static str, why: String },
+    #[error("bad compressed frame: {0}")]
+    Packed(PackError),
 }
 
 /// Why a peer's hello is refused; the text goes into the Refuse frame and the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    #[error("protocol version {theirs} is not supported (this host speaks {PROTOCOL_VERSION})")]
+    #[error("protocol version {theirs} is not supported (this host speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION})")]
     Version { theirs: u16 },
     #[error("host {host} belongs to cluster {theirs}, this host to cluster {ours}")]
     OtherCluster {
@@ -161,15 +182,65 @@ pub enum Refusal {
         theirs: ClusterId,
         ours: ClusterId,
     },
+    #[error("the peer chose compression methods {chosen:#04b}, not one of those offered ({offered:#04b})")]
+    Methods { offered: u8, chosen: u8 },
 }
 
 impl Hello {
+    /// A hello without compression, in version 4 (which every peer speaks).
     pub fn new(kind: StreamKind, cluster: ClusterId, host: HostName) -> Self {
         Self {
-            version: PROTOCOL_VERSION,
+            version: MIN_PROTOCOL_VERSION,
             kind,
             cluster,
             host,
+            methods: Methods::NONE,
+        }
+    }
+
+    /// The same hello offering `methods` (version 5), or unchanged if there are none.
+    pub fn offering(mut self, methods: Methods) -> Self {
+        if !methods.is_empty() {
+            self.version = PROTOCOL_VERSION;
+            self.methods = methods;
+        }
+        self
+    }
+
+    /// The accepting side's answer to `peer`'s hello, `self` being its version-4 hello and
+    /// `enabled` the methods it may use: version 5 with the one method it will use (the
+    /// preferred of what both enable, maybe none) if the peer spoke 5, else version 4 — a
+    /// version-4 peer accepts nothing else.
+    pub fn answering(mut self, peer: &Hello, enabled: Methods) -> Self {
+        if peer.version >= PROTOCOL_VERSION {
+            self.version = PROTOCOL_VERSION;
+            self.methods = peer
+                .methods
+                .intersect(enabled)
+                .preferred()
+                .map_or(Methods::NONE, |m| Methods::of(&[m]));
+        } else {
+            self.version = MIN_PROTOCOL_VERSION;
+            self.methods = Methods::NONE;
+        }
+        self
+    }
+
+    /// The method a session uses, from the connecting side's view: what the accepting side
+    /// chose, which must be one method it was offered (else the peer breaks the protocol).
+    pub fn agreed(&self, answer: &Hello) -> Result<Option<Method>, Refusal> {
+        let chosen = answer.methods.preferred();
+        let ok = answer.version <= self.version
+            && (answer.methods.is_empty()
+                || (answer.methods == Methods::of(&[chosen.expect("not empty")])
+                    && self.methods.contains(chosen.expect("not empty"))));
+        if ok {
+            Ok(chosen)
+        } else {
+            Err(Refusal::Methods {
+                offered: self.methods.bits(),
+                chosen: answer.methods.bits(),
+            })
         }
     }
 
@@ -182,6 +253,9 @@ impl Hello {
         v.push(h.len() as u8);
         v.extend_from_slice(&self.cluster.0);
         v.extend_from_slice(h);
+        if self.version >= PROTOCOL_VERSION {
+            v.push(self.methods.bits());
+        }
         v
     }
 
@@ -200,7 +274,10 @@ impl Hello {
         let version = u16::from_le_bytes([buf[8], buf[9]]);
         let kind = StreamKind::from_u8(buf[10]).ok_or(WireError::BadStreamKind(buf[10]))?;
         let n = buf[11] as usize;
-        if buf.len() < HELLO_FIXED + n {
+        // Version 5 and later carry the method byte after the name (later versions are
+        // refused by `check_peer`, whatever they append).
+        let extra = usize::from(version >= PROTOCOL_VERSION);
+        if buf.len() < HELLO_FIXED + n + extra {
             return Ok(None);
         }
         let mut cluster = [0u8; 16];
@@ -208,21 +285,27 @@ impl Hello {
         let name = std::str::from_utf8(&buf[28..28 + n])
             .map_err(|_| WireError::BadHost("not UTF-8".into()))?;
         let host = HostName::new(name).map_err(|e| WireError::BadHost(e.to_string()))?;
+        let methods = if extra == 1 {
+            Methods::from_bits(buf[HELLO_FIXED + n])
+        } else {
+            Methods::NONE
+        };
         Ok(Some((
             Hello {
                 version,
                 kind,
                 cluster: ClusterId(cluster),
                 host,
+                methods,
             },
-            HELLO_FIXED + n,
+            HELLO_FIXED + n + extra,
         )))
     }
 
     /// Checks a peer's hello against ours. A joining peer (unknown cluster) is accepted here;
     /// whether it may join is the daemon's decision.
     pub fn check_peer(&self, peer: &Hello) -> Result<(), Refusal> {
-        if peer.version != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&peer.version) {
             return Err(Refusal::Version {
                 theirs: peer.version,
             });
@@ -287,6 +370,15 @@ pub fn frame_len(buf: &[u8]) -> Option<usize> {
 /// Decodes one frame from the start of `buf`: `Ok(None)` if it is not complete yet, else the
 /// message and the number of bytes consumed. Never allocates more than the frame limit.
 pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
+    Ok(decode_frame_unpacking(buf, &mut Unpacker::new(None, MAX_FRAME))?.map(|(m, n, _)| (m, n)))
+}
+
+/// [`decode_frame`] on a stream that may carry packed frames of `unpacker`'s agreed method:
+/// also says how many bytes the frame would have taken raw (`== consumed` for a raw frame).
+pub fn decode_frame_unpacking(
+    buf: &[u8],
+    unpacker: &mut Unpacker,
+) -> Result<Option<(Message, usize, usize)>, WireError> {
     if buf.len() < 4 {
         return Ok(None);
     }
@@ -306,7 +398,15 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Message, usize)>, WireError> {
     if crc32c::crc32c(body) != crc {
         return Err(WireError::BadChecksum);
     }
-    Ok(Some((Message::decode(body)?, total)))
+    if body[0] == PACKED_TYPE {
+        let inner = unpacker.unpack(body)?;
+        return Ok(Some((
+            Message::decode(inner)?,
+            total,
+            FRAME_OVERHEAD + inner.len(),
+        )));
+    }
+    Ok(Some((Message::decode(body)?, total, total)))
 }
 
 #[cfg(test)]

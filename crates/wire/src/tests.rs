@@ -505,3 +505,298 @@ fn data_of(m: &Message) -> &[u8] {
         _ => &[],
     }
 }
+
+// --- compression (compress.rs) ---
+
+/// A hello exactly as a version-4 peer (before compression) encodes it.
+fn v4_hello_bytes(kind: StreamKind, cluster: ClusterId, name: &str) -> Vec<u8> {
+    let mut v = b"MARSPEER".to_vec();
+    v.extend_from_slice(&4u16.to_le_bytes());
+    v.push(kind as u8);
+    v.push(name.len() as u8);
+    v.extend_from_slice(&cluster.0);
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+/// Old and new hellos: a version-4 peer's bytes decode as before (no methods) and pass; a
+/// version-5 hello carries its method byte and round-trips; the answer to a version-4 hello is
+/// byte for byte a version-4 hello, so an old replica reads it and the session stays raw.
+#[test]
+fn hello_negotiation_with_old_and_new_peers() {
+    let id = ClusterId([3; 16]);
+    let server = Hello::new(StreamKind::Fetch, id, host("alpha"));
+    assert_eq!(
+        server.encode(),
+        v4_hello_bytes(StreamKind::Fetch, id, "alpha")
+    );
+
+    // An old replica: version 4, nothing offered; the answer is version 4, raw.
+    let old = v4_hello_bytes(StreamKind::Fetch, id, "beta");
+    let (peer, n) = Hello::decode(&old).unwrap().unwrap();
+    assert_eq!(
+        (peer.version, peer.methods, n),
+        (4, Methods::NONE, old.len())
+    );
+    assert!(server.check_peer(&peer).is_ok());
+    let answer = server.clone().answering(&peer, Methods::ALL);
+    assert_eq!(
+        answer.encode(),
+        v4_hello_bytes(StreamKind::Fetch, id, "alpha")
+    );
+    assert_eq!(peer.agreed(&answer), Ok(None));
+
+    // A new replica offering both; the cut hello waits for its method byte.
+    let ours = Hello::new(StreamKind::Fetch, id, host("beta")).offering(Methods::ALL);
+    let bytes = ours.encode();
+    assert_eq!(bytes.len(), old.len() + 1);
+    for cut in 0..bytes.len() {
+        assert_eq!(Hello::decode(&bytes[..cut]).unwrap(), None, "cut {cut}");
+    }
+    let (peer, n) = Hello::decode(&bytes).unwrap().unwrap();
+    assert_eq!((&peer, n), (&ours, bytes.len()));
+    // The server picks the fastest both enable, or none.
+    let a = server.clone().answering(&peer, Methods::ALL);
+    assert_eq!((a.version, ours.agreed(&a)), (5, Ok(Some(Method::Lz4))));
+    let a = server
+        .clone()
+        .answering(&peer, Methods::of(&[Method::Zstd]));
+    assert_eq!(ours.agreed(&a), Ok(Some(Method::Zstd)));
+    let a = server.clone().answering(&peer, Methods::NONE);
+    assert_eq!((a.version, ours.agreed(&a)), (5, Ok(None)));
+    let (dec, _) = Hello::decode(&a.encode()).unwrap().unwrap();
+    assert_eq!(dec, a);
+    // An old server answers a version-5 hello in version 4 (and refuses it): no method.
+    assert_eq!(ours.agreed(&server), Ok(None));
+    // Nothing offered means a version-4 hello, exactly as before.
+    let plain = Hello::new(StreamKind::Fetch, id, host("beta")).offering(Methods::NONE);
+    assert_eq!(plain.encode(), old);
+
+    // A server choosing what was not offered, or two methods, breaks the protocol.
+    let lz4_only =
+        Hello::new(StreamKind::Fetch, id, host("beta")).offering(Methods::of(&[Method::Lz4]));
+    let mut bad = server.clone().answering(&ours, Methods::ALL);
+    bad.methods = Methods::of(&[Method::Zstd]);
+    assert!(matches!(
+        lz4_only.agreed(&bad),
+        Err(Refusal::Methods { .. })
+    ));
+    bad.methods = Methods::ALL;
+    assert!(matches!(ours.agreed(&bad), Err(Refusal::Methods { .. })));
+    // Versions outside 4..=5 are refused.
+    let mut future = ours.clone();
+    future.version = 6;
+    assert!(matches!(
+        server.check_peer(&future),
+        Err(Refusal::Version { theirs: 6 })
+    ));
+}
+
+/// The cluster setting in MARS's names: what this build implements counts, the rest is
+/// ignored.
+#[test]
+fn methods_from_the_setting() {
+    assert_eq!(Methods::from_setting(""), Methods::NONE);
+    assert_eq!(
+        Methods::from_setting("COMPRESS_LZ4|COMPRESS_ZLIB"),
+        Methods::of(&[Method::Lz4])
+    );
+    assert_eq!(
+        Methods::from_setting("COMPRESS_ZSTD | COMPRESS_LZ4"),
+        Methods::ALL
+    );
+    assert_eq!(Methods::from_setting("COMPRESS_LZO"), Methods::NONE);
+    assert_eq!(Methods::ALL.preferred(), Some(Method::Lz4));
+    assert_eq!(Methods::from_bits(0xff), Methods::ALL);
+}
+
+/// Text and zeros, as a log of a filesystem might hold.
+fn compressible(len: usize) -> Vec<u8> {
+    let text = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod \
+                 tempor incididunt ut labore et dolore magna aliqua. 0123456789\n";
+    let mut v = Vec::with_capacity(len);
+    let mut i = 0u64;
+    while v.len() < len {
+        if i % 3 == 2 {
+            v.extend(std::iter::repeat_n(0u8, 4096));
+        } else {
+            v.extend_from_slice(format!("{i:08} ").as_bytes());
+            v.extend_from_slice(text);
+        }
+        i += 1;
+    }
+    v.truncate(len);
+    v
+}
+
+fn random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn sent(parts: &FrameParts<'_>) -> Vec<u8> {
+    [&parts.head[..], parts.payload, &parts.crc[..]].concat()
+}
+
+#[test]
+fn packed_frames_round_trip_and_shrink() {
+    for method in [Method::Lz4, Method::Zstd] {
+        for data in [compressible(1 << 20), compressible(5000), vec![0; 1 << 20]] {
+            let m = Message::LogData {
+                file: 7,
+                offset: 4096,
+                data,
+            };
+            let mut p = Packer::new(Some(method));
+            let (parts, st) = p.frame(&m);
+            let bytes = sent(&parts);
+            assert!(st.packed, "{method}");
+            assert_eq!(st.wire, bytes.len() as u64);
+            let mut raw = Vec::new();
+            encode_frame(&m, &mut raw);
+            assert_eq!(st.raw, raw.len() as u64);
+            assert!(st.raw > 2 * st.wire, "{method}: {} -> {}", st.raw, st.wire);
+            let mut u = Unpacker::new(Some(method), MAX_FRAME);
+            let (back, n, raw_len) = decode_frame_unpacking(&bytes, &mut u).unwrap().unwrap();
+            assert_eq!((back, n, raw_len), (m.clone(), bytes.len(), raw.len()));
+            // A stream that agreed on nothing (or another method) refuses it.
+            assert_eq!(
+                decode_frame(&bytes),
+                Err(WireError::Packed(PackError::NotAgreed(method as u8)))
+            );
+        }
+    }
+}
+
+/// Random data, small messages and sessions without a method go raw: the frame is the plain
+/// frame, readable by any peer.
+#[test]
+fn what_does_not_pay_goes_raw() {
+    let cases = [
+        (Some(Method::Lz4), random(1 << 20, 1)),
+        (Some(Method::Zstd), random(1 << 20, 2)),
+        (Some(Method::Zstd), random(20_000, 3)),
+        (Some(Method::Lz4), compressible(100)),
+        (None, compressible(1 << 20)),
+    ];
+    for (method, data) in cases {
+        let m = Message::SyncData { offset: 0, data };
+        let mut p = Packer::new(method);
+        let (parts, st) = p.frame(&m);
+        let bytes = sent(&parts);
+        let mut raw = Vec::new();
+        encode_frame(&m, &mut raw);
+        assert!(!st.packed);
+        assert_eq!((st.raw, st.wire), (raw.len() as u64, raw.len() as u64));
+        assert_eq!(bytes, raw);
+    }
+}
+
+/// A packed frame built by hand (checksum right, contents as given).
+fn packed_frame(method: u8, declared: u32, packed: &[u8]) -> Vec<u8> {
+    let mut body = vec![PACKED_TYPE, method];
+    body.extend_from_slice(&declared.to_le_bytes());
+    body.extend_from_slice(packed);
+    let mut f = (body.len() as u32).to_le_bytes().to_vec();
+    f.extend_from_slice(&body);
+    f.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    f
+}
+
+/// Decompression bombs, lies about the size, garbage and nesting end the session with a
+/// typed error, and no more than the declared size (≤ the limit) is ever produced.
+#[test]
+fn bombs_and_corrupt_packed_frames_are_refused() {
+    let limit = 1 << 20;
+    let zeros = vec![0u8; 64 << 20];
+    let zbomb = zstd::bulk::compress(&zeros, 19).unwrap();
+    let mut lbomb = Vec::new();
+    {
+        let mut e = lz4_flex::frame::FrameEncoder::new(&mut lbomb);
+        std::io::Write::write_all(&mut e, &zeros).unwrap();
+        e.finish().unwrap();
+    }
+    assert!(zbomb.len() < 1 << 20 && lbomb.len() < 1 << 20);
+    for (m, bomb) in [(Method::Zstd, &zbomb), (Method::Lz4, &lbomb)] {
+        let mut u = Unpacker::new(Some(m), limit);
+        // Declared within the limit, but it decompresses to more: stopped one byte past.
+        let f = packed_frame(m as u8, 1000, bomb);
+        assert!(matches!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(PackError::SizeMismatch {
+                declared: 1000,
+                more: true,
+                ..
+            }))
+        ));
+        // Declared beyond the limit: refused before decompressing.
+        let f = packed_frame(m as u8, 64 << 20, bomb);
+        assert_eq!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(PackError::TooLarge {
+                declared: 64 << 20,
+                limit
+            }))
+        );
+        // Garbage with a good checksum.
+        let f = packed_frame(m as u8, 500, &random(300, 9));
+        assert!(matches!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(
+                PackError::Corrupt(_) | PackError::SizeMismatch { .. }
+            ))
+        ));
+        // A truncated stream: less than declared.
+        let mut small = Packer::new(Some(m));
+        let msg = Message::SyncData {
+            offset: 0,
+            data: compressible(100_000),
+        };
+        let good = sent(&small.frame(&msg).0);
+        let packed = &good[4 + PACKED_HEAD..good.len() - 4];
+        let declared = u32::from_le_bytes(good[6..10].try_into().unwrap());
+        let f = packed_frame(m as u8, declared, &packed[..packed.len() / 2]);
+        assert!(decode_frame_unpacking(&f, &mut u).is_err());
+        // An unknown method, a short head, a packed frame inside a packed frame.
+        let f = packed_frame(9, 10, b"x");
+        assert_eq!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(PackError::UnknownMethod(9)))
+        );
+        let mut short = vec![PACKED_TYPE, m as u8];
+        let mut f = (short.len() as u32).to_le_bytes().to_vec();
+        f.append(&mut short.clone());
+        f.extend_from_slice(&crc32c::crc32c(&short).to_le_bytes());
+        short.clear();
+        assert_eq!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(PackError::Short))
+        );
+        let inner = packed_frame(m as u8, 5, b"abc");
+        let inner_body = &inner[4..inner.len() - 4];
+        let nested = match m {
+            Method::Zstd => zstd::bulk::compress(inner_body, 3).unwrap(),
+            Method::Lz4 => {
+                let mut v = Vec::new();
+                let mut e = lz4_flex::frame::FrameEncoder::new(&mut v);
+                std::io::Write::write_all(&mut e, inner_body).unwrap();
+                e.finish().unwrap();
+                v
+            }
+        };
+        let f = packed_frame(m as u8, inner_body.len() as u32, &nested);
+        assert_eq!(
+            decode_frame_unpacking(&f, &mut u),
+            Err(WireError::Packed(PackError::Nested))
+        );
+        // The unpacker's buffer never grew beyond the limit and a byte.
+        assert!(u.capacity() <= 2 * (limit as usize + 1), "{}", u.capacity());
+    }
+}

@@ -1297,8 +1297,11 @@ fn size_macros(t: &mut Table) {
     );
 }
 
+/// The network compressions marsd implements (MARS's names; zstd is ours).
+const NET_COMPRESSIONS: &str = "COMPRESS_LZ4|COMPRESS_ZSTD";
+
 fn feature_macros(t: &mut Table) {
-    // mars checksums log records with CRC32C and compresses nothing; the peer streams are
+    // mars checksums log records with CRC32C and compresses no logfile; the peer streams are
     // protected by TLS, not by a MARS network digest.
     for (n, v, help) in [
         (
@@ -1326,16 +1329,6 @@ fn feature_macros(t: &mut Table) {
             LOG_DIGEST,
             "the digests every member can use",
         ),
-        (
-            "implemented-compressions",
-            "",
-            "the compressions mars implements: none",
-        ),
-        (
-            "usable-compressions",
-            "",
-            "the compressions every member can use: none",
-        ),
         ("used-log-digest", LOG_DIGEST, "the digest of log records"),
         (
             "used-net-digest",
@@ -1347,14 +1340,41 @@ fn feature_macros(t: &mut Table) {
             "",
             "the compression of log records: none",
         ),
-        (
-            "used-net-compression",
-            "",
-            "the compression of network data: none",
-        ),
     ] {
         t.add(n, P, T, help, move |_| Ok(v.to_string()));
     }
+    // The fetch and sync streams compress with lz4 or zstd (marsd 0.1 on every member).
+    for (n, help) in [
+        (
+            "implemented-compressions",
+            "the compressions mars implements on the network",
+        ),
+        (
+            "usable-compressions",
+            "the compressions every member can use on the network",
+        ),
+    ] {
+        t.add(n, P, T, help, |_| Ok(NET_COMPRESSIONS.to_string()));
+    }
+    t.add(
+        "used-net-compression",
+        P,
+        T,
+        "the compression fetch and sync streams use: the first of COMPRESS_LZ4, COMPRESS_ZSTD \
+         that enabled-net-compressions names (none: empty)",
+        |c| {
+            let enabled = c
+                .src
+                .link("defaults/enabled-net-compressions")?
+                .unwrap_or_default();
+            let names: Vec<&str> = enabled.split('|').map(str::trim).collect();
+            Ok(NET_COMPRESSIONS
+                .split('|')
+                .find(|m| names.contains(m))
+                .unwrap_or("")
+                .to_string())
+        },
+    );
     for n in ["tree", "tree-version", "features-version"] {
         t.add(n, P, T, "the version of marsd", |c| c.src.version());
     }

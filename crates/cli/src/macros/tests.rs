@@ -84,6 +84,7 @@ fn host(h: &str, alive: bool, age: f64) -> MemberView {
         age_secs: Some(age),
         connected: alive,
         error: None,
+        streams: Vec::new(),
     }
 }
 

@@ -35,11 +35,12 @@ pub async fn view(host: &Host, list: Vec<Handle>, all: bool, window: Duration) -
         spaces.push(s);
     }
     let space = space_view(host, spaces).await;
-    let members = if all {
+    let mut members = if all {
         host.cluster.member_views(window).await
     } else {
         Vec::new()
     };
+    add_streams(&mut members, crate::traffic::all());
     ClusterView {
         host: me.to_string(),
         cluster: host.ident.cluster().map(|c| ClusterInfo {
@@ -352,6 +353,22 @@ fn api_role(r: Role) -> mars_api::Role {
     match r {
         Role::Primary => mars_api::Role::Primary,
         _ => mars_api::Role::Secondary,
+    }
+}
+
+/// Each member's fetch and sync traffic with this host (`traffic.rs`), with its compression.
+fn add_streams(members: &mut [mars_api::MemberView], rows: Vec<crate::traffic::Row>) {
+    for r in rows.into_iter().filter(|r| r.kind != "meta") {
+        if let Some(m) = members.iter_mut().find(|m| m.host == r.peer) {
+            m.streams.push(mars_api::StreamView {
+                stream: r.kind.to_string(),
+                compression: r.method.map(str::to_string),
+                received_bytes: r.received,
+                received_raw_bytes: r.received_raw,
+                sent_bytes: r.sent,
+                sent_raw_bytes: r.sent_raw,
+            });
+        }
     }
 }
 

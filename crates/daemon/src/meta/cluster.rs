@@ -295,6 +295,7 @@ impl Cluster {
                     },
                     connected,
                     error: p.and_then(|p| p.error.clone()),
+                    streams: Vec::new(),
                 }
             })
             .collect()
@@ -356,6 +357,7 @@ impl Cluster {
             from,
             mut w,
             mut frames,
+            ..
         } = conn;
         let joining = peer.cluster == ClusterId::UNKNOWN;
         let mut seq = self.store.watch_seq();

@@ -36,7 +36,9 @@ use tokio::sync::watch;
 
 use super::Sink;
 use crate::local::Shared;
-use crate::peer::{self, refuse, send, BoxRead, BoxWrite, FrameReader, Incoming};
+use crate::peer::{
+    self, refuse, send, send_packed, BoxRead, BoxWrite, FrameReader, Incoming, Packing,
+};
 
 /// Largest `LogData` chunk (more if a single record is larger).
 const CHUNK: usize = 4 << 20;
@@ -133,6 +135,8 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         peer,
         mut w,
         mut frames,
+        method,
+        traffic,
         ..
     } = conn;
     let peer = peer.host;
@@ -189,6 +193,7 @@ pub async fn serve_fetch(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) 
         me,
         frames,
         tail: (off > 0 && tail != [0; 16]).then_some((file_no, off, tail)),
+        packing: Packing::new(method, traffic),
     };
     loop {
         let logs = {
@@ -267,6 +272,8 @@ struct Ship {
     /// The replica's side of the stream: a `Ping` asks for a fresh confirmation; its end ends
     /// the session.
     frames: FrameReader<BoxRead>,
+    /// Log data goes out packed where the session agreed on a compression method and it pays.
+    packing: Packing,
     /// The asker's digest of its copy before its start (file, offset, digest), checked against
     /// ours once that much is durable here (see `mars_engine::serve::tail_differs`).
     tail: Option<(u64, u64, [u8; 16])>,
@@ -420,7 +427,7 @@ impl Ship {
                     offset: off,
                     data,
                 };
-                send(w, &msg).await?;
+                let msg = send_packed(w, &mut self.packing, msg).await?;
                 if let Message::LogData { data, .. } = msg {
                     spare.push(data);
                 }
@@ -509,8 +516,11 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
         peer,
         mut w,
         mut frames,
+        method,
+        traffic,
         ..
     } = conn;
+    let mut packing = Packing::new(method, traffic);
     let peer = peer.host;
     let res = match frames.next_within(REQUEST_WAIT).await? {
         Message::SyncStart { res } => res,
@@ -653,7 +663,7 @@ pub async fn serve_sync(lookup: Arc<dyn Lookup>, me: HostName, conn: Incoming) -
                 if let Message::Refuse { kind, reason } = reply {
                     return refused(&mut w, kind, reason).await;
                 }
-                send(&mut w, &reply).await?;
+                send_packed(&mut w, &mut packing, reply).await?;
                 // Flush only when nothing else is ready: keeps frames batched.
                 if replies.is_empty() && frames.buffered() == 0 {
                     w.flush().await?;
