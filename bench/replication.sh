@@ -82,7 +82,8 @@ calc() { echo "$*" | bc -l; }
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f..%.2f", lo, hi}'; }
 drop_caches() {
-  sync
+  # Only the filesystem under test: a machine-wide sync can hang on other users' mounts.
+  sync -f "$DIR"
   if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
 }
 # adm HOST ARGS…: marsadm on host a or b of the current part.
@@ -91,7 +92,8 @@ adm() { local h=$1; shift; "$BIN/marsadm" --root "$PART/$h/root" "$@"; }
 start_host() {
   local h=$1 ip=$2 port=$3
   mkdir -p "$PART/$h"
-  MARS_LOG=info "$BIN/marsd" --root "$PART/$h/root" --host "$h" --listen "$ip:$port" 2>"$PART/$h/marsd.log" &
+  # NBD only: no block device under /dev/mars, which other daemons on the machine may use.
+  MARS_LOG=info "$BIN/marsd" --root "$PART/$h/root" --host "$h" --listen "$ip:$port" --device none 2>"$PART/$h/marsd.log" &
   PID[$h]=$!
   for _ in $(seq 200); do
     [ -S "$PART/$h/root/marsd.sock" ] && adm "$h" view >/dev/null 2>&1 && return 0
