@@ -21,8 +21,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use mars_config::HostName;
 use bytes::Bytes;
+use mars_config::HostName;
 use mars_storage::{AlignedBuf, Dir, File, OpenMode};
 use mars_txlog::{LogError, LogName, LogPos};
 

@@ -9,6 +9,11 @@
 //! empties it ([`crate::Copies`]). Replay only asks for bytes below the copy's durable length,
 //! so what it finds here is exactly what the file holds. After a restart, or when replay lags
 //! by more than the window, it reads the file as before.
+//!
+//! Only while replay follows a running fetch: the window is filled only while a fetch session
+//! holds it open ([`Recent::open`]), and emptied when that session ends or a replay run is
+//! stopped ([`Recent::close`]). A replica whose fetch or replay was paused therefore replays
+//! from the copy, where damage done to the file meanwhile is found as before.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -28,6 +33,8 @@ pub struct Recent {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// A fetch session fills the window ([`Recent::open`]).
+    open: bool,
     /// The copy the chunks belong to.
     file: u64,
     /// `(offset in the copy, bytes)`, contiguous and ascending.
@@ -61,6 +68,9 @@ impl Recent {
             return;
         }
         let mut w = self.lock();
+        if !w.open {
+            return;
+        }
         let continues = w.file == file
             && w.chunks
                 .back()
@@ -109,6 +119,23 @@ impl Recent {
         }
     }
 
+    /// A fetch session starts filling the window.
+    pub fn open(&self) {
+        let mut w = self.lock();
+        w.chunks.clear();
+        w.bytes = 0;
+        w.open = true;
+    }
+
+    /// The fetch session ended or replay was stopped: the window is emptied and stays empty
+    /// until the next [`Recent::open`].
+    pub fn close(&self) {
+        let mut w = self.lock();
+        w.chunks.clear();
+        w.bytes = 0;
+        w.open = false;
+    }
+
     /// Forgets everything (a copy was cut or removed).
     pub fn clear(&self) {
         let mut w = self.lock();
@@ -129,6 +156,10 @@ mod tests {
     #[test]
     fn window_keeps_the_newest_contiguous_bytes() {
         let r = Recent::new(100);
+        // Closed: nothing is kept.
+        r.push(1, 0, Bytes::from(vec![1; 40]));
+        assert_eq!(r.get(1, 0), None);
+        r.open();
         r.push(1, 0, Bytes::from(vec![1; 40]));
         r.push(1, 40, Bytes::from(vec![2; 40]));
         assert_eq!(r.get(1, 10).unwrap().len(), 30);
@@ -152,5 +183,10 @@ mod tests {
         assert_eq!(r.get(2, 15).unwrap().len(), 5);
         r.clear();
         assert_eq!(r.get(2, 15), None);
+        r.push(2, 20, Bytes::from(vec![7; 10]));
+        assert_eq!(r.bytes(), 10);
+        r.close();
+        r.push(2, 30, Bytes::from(vec![8; 10]));
+        assert_eq!(r.bytes(), 0);
     }
 }

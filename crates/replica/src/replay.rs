@@ -106,8 +106,8 @@ impl<'a> Replay<'a> {
         let mut unreported = 0u64;
         let mut persisted = None;
         let persist = |pos: u64,
-                           batch: &mut Batch,
-                           progress: &mut dyn FnMut(ReplayEvent)|
+                       batch: &mut Batch,
+                       progress: &mut dyn FnMut(ReplayEvent)|
          -> Result<LogPos> {
             batch.write()?;
             self.disk.sync_data().map_err(|source| Error::Disk {
@@ -205,7 +205,7 @@ impl Source<'_> {
             }
         }
         if !self.window.is_empty() {
-            return self.from_window().map(Some);
+            return self.next_in_window().map(Some);
         }
         let reader = match &mut self.file {
             Some(r) if r.position() == self.pos => r,
@@ -235,7 +235,7 @@ impl Source<'_> {
     }
 
     /// The record at the start of the window, verified as the reader does.
-    fn from_window(&mut self) -> Result<(mars_txlog::format::Header, Bytes)> {
+    fn next_in_window(&mut self) -> Result<(mars_txlog::format::Header, Bytes)> {
         let corrupt = |reason: DecodeError| {
             Error::Log(LogError::Corrupt {
                 file: self.name.to_string(),
@@ -283,7 +283,9 @@ impl Batch<'_> {
         if self.index.is_empty() {
             return Ok(());
         }
-        let c = self.index.collect(LogPos::new(u64::MAX, u64::MAX), usize::MAX);
+        let c = self
+            .index
+            .collect(LogPos::new(u64::MAX, u64::MAX), usize::MAX);
         let buf = self.buf.get_or_insert_with(|| AlignedBuf::new(MERGE_BUF));
         let disk = self.disk;
         let err = |offset: u64| {

@@ -180,6 +180,7 @@ fn staged_copy_and_window_replay_match_the_records() {
 
     // Replay in runs, as the engine starts them, with a window smaller than the log.
     let recent = Recent::new(log.len() / 3);
+    recent.open();
     // The window as the appender would have left it: the newest chunks.
     let mut k = 0;
     while k + 1 < bounds.len() {
@@ -199,11 +200,20 @@ fn staged_copy_and_window_replay_match_the_records() {
         let next = bounds.partition_point(|b| (*b as u64) <= pos);
         let to = bounds[(next + rng.gen_range(0..100)).min(bounds.len() - 1)] as u64;
         pos = r
-            .apply(&LogName::new(1, alpha.clone()), pos, to, &mut || false, &mut |_| {})
+            .apply(
+                &LogName::new(1, alpha.clone()),
+                pos,
+                to,
+                &mut || false,
+                &mut |_| {},
+            )
             .unwrap()
             .offset;
     }
     assert_eq!(pos, len);
     let got = std::fs::read(&disk_path).unwrap();
-    assert!(got == model, "the disk differs from the records applied in order");
+    assert!(
+        got == model,
+        "the disk differs from the records applied in order"
+    );
 }

@@ -70,10 +70,15 @@ pub async fn run(mut job: FetchJob) {
     let id = job.id;
     let sink = job.sink.clone();
     let stop = job.stop.clone();
+    // Replay takes what this session writes from memory (`mars_replica::recent`), only while
+    // it runs: afterwards replay reads the copy.
+    let recent = job.replica.copies().recent().clone();
+    recent.open();
     let r = tokio::select! {
         r = session(&mut job) => r,
         _ = stop.wait() => Ok(()),
     };
+    recent.close();
     // Whatever is durable but not yet accounted stays uncounted: the next session truncates
     // the copy to what the engine knows and fetches it again.
     let error = r.err().map(|e| format!("{e:#}"));

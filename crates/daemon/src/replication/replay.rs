@@ -51,6 +51,10 @@ pub fn run(job: ReplayJob) {
             }
         },
     );
+    if stop.stopped() {
+        // Paused or stopped: when replay resumes it reads the copy (`mars_replica::recent`).
+        recent.close();
+    }
     let (pos, end) = match result {
         Ok(p) => (p, ReplayEnd::Done),
         Err(mars_replica::Error::BeyondDevice { at, end, .. }) => (
