@@ -74,9 +74,9 @@ impl<'a> Replay<'a> {
     /// persisted ([`ReplayEvent::Persisted`]). Returns the position reached (persisted).
     ///
     /// Damage in the copy is an error with [`Error::damage_offset`] (`LogError::Corrupt` or
-    /// `Sequence`): the caller may cut the copy there and fetch it again. What was applied
-    /// before the damage is not persisted by this call; the position stays at the last
-    /// persisted one. A record beyond the device ([`Error::BeyondDevice`]) is not applied; what
+    /// `Sequence`): the caller may cut the copy there and fetch it again. What came before the
+    /// damage is written to the disk but not persisted by this call; the position stays at the
+    /// last persisted one. A record beyond the device ([`Error::BeyondDevice`]) is not applied; what
     /// came before it is persisted first.
     pub fn apply(
         &self,
@@ -123,7 +123,17 @@ impl<'a> Replay<'a> {
             progress(ReplayEvent::Persisted(p));
             Ok(p)
         };
-        while let Some((h, payload)) = src.next()? {
+        loop {
+            let (h, payload) = match src.next() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    // Damage: the records before it reach the disk as they would one by one
+                    // (not persisted: the position stays where it was).
+                    batch.write()?;
+                    return Err(e);
+                }
+            };
             let end = h.offset.checked_add(h.len);
             if end.is_none_or(|e| e > self.size) {
                 if pos > from && persisted.is_none_or(|p: LogPos| p.offset < pos) {
