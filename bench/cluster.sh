@@ -20,7 +20,8 @@ adm() { local h=$1; shift; "$BIN/marsadm" --root "$PART/$h/root" "$@"; }
 start_host() {
   local h=$1 ip=$2 port=$3
   mkdir -p "$PART/$h"
-  MARS_LOG=info "$BIN/marsd" --root "$PART/$h/root" --host "$h" --listen "$ip:$port" 2>"$PART/$h/marsd.log" &
+  # NBD only: no block device under /dev/mars, which other daemons on the machine may use.
+  MARS_LOG=info "$BIN/marsd" --root "$PART/$h/root" --host "$h" --listen "$ip:$port" --device none 2>"$PART/$h/marsd.log" &
   PID[$h]=$!
   for _ in $(seq 200); do
     [ -S "$PART/$h/root/marsd.sock" ] && adm "$h" view >/dev/null 2>&1 && return 0

@@ -72,7 +72,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 drop_caches() {
-  sync
+  # Only the filesystem under test: a machine-wide sync can hang on other users' mounts.
+  sync -f "$DIR"
   if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
 }
 written_back() {

@@ -21,11 +21,19 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use mars_config::HostName;
-use mars_storage::{Dir, File, OpenMode};
+use mars_storage::{AlignedBuf, Dir, File, OpenMode};
 use mars_txlog::{LogError, LogName, LogPos};
 
+use crate::recent::Recent;
 use crate::{control, Error, Result};
+
+/// The appender's staging buffer: received bytes are collected here and written in whole
+/// aligned pieces of this size past the page cache (O_DIRECT where the filesystem has it).
+/// The copy is never read back while replay follows closely (`recent.rs`), and after a restart
+/// only sequentially: keeping it in the page cache would only cost a copy into fresh pages.
+pub const STAGE: usize = 4 << 20;
 
 /// What is known about one local copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +82,8 @@ pub struct PromotionCut {
 pub struct Copies {
     dir: Arc<dyn Dir>,
     files: BTreeMap<u64, CopyInfo>,
+    /// The bytes just appended, for replay (`recent.rs`); emptied by every cut or removal.
+    recent: Arc<Recent>,
 }
 
 impl std::fmt::Debug for Copies {
@@ -156,12 +166,24 @@ impl Copies {
                 },
             );
         }
-        Ok((Self { dir, files }, report))
+        Ok((
+            Self {
+                dir,
+                files,
+                recent: Arc::default(),
+            },
+            report,
+        ))
     }
 
     /// The directory the copies live in.
     pub fn dir(&self) -> &Arc<dyn Dir> {
         &self.dir
+    }
+
+    /// The bytes just appended, kept for replay.
+    pub fn recent(&self) -> &Arc<Recent> {
+        &self.recent
     }
 
     /// Every copy by number.
@@ -219,7 +241,7 @@ impl Copies {
             }
             let file = self
                 .dir
-                .open(&s, OpenMode::Existing)
+                .open_direct(&s, OpenMode::Existing)
                 .map_err(Error::io(&s, "open"))?;
             if file.len().map_err(Error::io(&s, "stat"))? > info.len {
                 file.set_len(info.len).map_err(Error::io(&s, "truncate"))?;
@@ -238,12 +260,7 @@ impl Copies {
                 }
                 c.last_seq + 1
             };
-            return Ok(CopyAppender {
-                end: info.len,
-                name: want,
-                file,
-                next_seq,
-            });
+            return CopyAppender::new(want, file, info.len, next_seq, self.recent.clone());
         }
         let newest = self.newest();
         if let Some(newest) = newest.filter(|n| *n + 1 != no) {
@@ -251,7 +268,7 @@ impl Copies {
         }
         let file = self
             .dir
-            .open(&s, OpenMode::CreateNew)
+            .open_direct(&s, OpenMode::CreateNew)
             .map_err(Error::io(&s, "create"))?;
         self.dir.sync().map_err(Error::io(&s, "sync directory"))?;
         if let Some(prev) = newest.and_then(|n| self.files.get_mut(&n)) {
@@ -265,12 +282,7 @@ impl Copies {
                 complete: false,
             },
         );
-        Ok(CopyAppender {
-            name: want,
-            file,
-            end: 0,
-            next_seq: 1,
-        })
+        CopyAppender::new(want, file, 0, 1, self.recent.clone())
     }
 
     /// Accounts bytes an appender made durable: copy `no` is at least `len` long. False if the
@@ -311,6 +323,7 @@ impl Copies {
 
     fn remove_unsynced(&mut self, no: u64) -> Result<LogName> {
         let name = self.name(no).ok_or(Error::NoCopy(no))?;
+        self.recent.clear();
         let s = name.to_string();
         match self.dir.remove(&s) {
             Ok(()) => {}
@@ -380,6 +393,7 @@ impl Copies {
             }
         }
         let removed = self.remove_from(at.file.saturating_add(1))?;
+        self.recent.clear();
         if let Some(name) = self.name(at.file) {
             let s = name.to_string();
             let file = self
@@ -416,6 +430,7 @@ impl Copies {
             dropped: self.remove_from(at.file.saturating_add(1))?,
             cut: None,
         };
+        self.recent.clear();
         if let Some(name) = self.name(at.file) {
             let s = name.to_string();
             if at.offset == 0 {
@@ -467,13 +482,26 @@ pub fn drop_empty_tail(dir: &dyn Dir, origin: &HostName) -> Result<Option<LogNam
 /// Appends verified records to one copy. Obtained from [`Copies::append`]; it does not borrow
 /// the [`Copies`], so receiving can go on while others look at them. The durable length it
 /// reaches is reported back with [`Copies::note_durable`].
+///
+/// Writing: the bytes go into an aligned staging buffer ([`STAGE`]) that is written in whole
+/// blocks past the page cache as it fills; [`CopyAppender::pending_sync`] first writes what the
+/// buffer holds (the partial last block through the page cache; it stays in the buffer and is
+/// written again, whole, once it fills up). So a sync covers every byte appended before it,
+/// as with plain writes.
 pub struct CopyAppender {
     name: LogName,
     file: Arc<dyn File>,
-    /// End of what was written (durable or not).
+    /// End of what was appended (durable or not).
     end: u64,
     /// Sequence number the next record must carry.
     next_seq: u64,
+    /// Staged bytes: `stage[..staged]` are the copy's bytes `[stage_at, end)`; `stage_at` is
+    /// aligned. Those before `written` are in the file already.
+    stage: AlignedBuf,
+    stage_at: u64,
+    staged: usize,
+    written: u64,
+    recent: Arc<Recent>,
 }
 
 impl std::fmt::Debug for CopyAppender {
@@ -487,6 +515,33 @@ impl std::fmt::Debug for CopyAppender {
 }
 
 impl CopyAppender {
+    fn new(
+        name: LogName,
+        file: Arc<dyn File>,
+        end: u64,
+        next_seq: u64,
+        recent: Arc<Recent>,
+    ) -> Result<Self> {
+        let mut stage = AlignedBuf::new(STAGE);
+        // Continuing a copy: its partial last block goes into the buffer, so that the whole
+        // block can be written again.
+        let stage_at = mars_storage::align_down(end);
+        let staged = (end - stage_at) as usize;
+        file.read_exact_at(&mut stage.as_mut_slice()[..staged], stage_at)
+            .map_err(Error::io(name.to_string(), "read"))?;
+        Ok(Self {
+            name,
+            file,
+            end,
+            next_seq,
+            stage,
+            stage_at,
+            staged,
+            written: end,
+            recent,
+        })
+    }
+
     pub fn name(&self) -> &LogName {
         &self.name
     }
@@ -506,6 +561,18 @@ impl CopyAppender {
     /// and sequence numbers continuing the copy's ([`Error::Damaged`], at the offset in the
     /// copy). Nothing is written unless the whole chunk passes. Not durable until synced.
     pub fn append(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.append_verified(offset, data)
+    }
+
+    /// [`CopyAppender::append`] of a received chunk that replay may take from memory
+    /// afterwards (`recent.rs`) instead of reading it back.
+    pub fn append_shared(&mut self, offset: u64, data: Bytes) -> Result<()> {
+        self.append_verified(offset, &data)?;
+        self.recent.push(self.name.no, offset, data);
+        Ok(())
+    }
+
+    fn append_verified(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         if offset != self.end {
             return Err(Error::WrongOffset {
                 name: self.name.clone(),
@@ -528,9 +595,17 @@ impl CopyAppender {
                 len: data.len(),
             });
         }
-        self.file
-            .write_at(data, offset)
-            .map_err(Error::io(self.name.to_string(), "write"))?;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = self.stage.len() - self.staged;
+            let n = room.min(rest.len());
+            self.stage.as_mut_slice()[self.staged..self.staged + n].copy_from_slice(&rest[..n]);
+            self.staged += n;
+            rest = &rest[n..];
+            if self.staged == self.stage.len() {
+                self.write_staged()?;
+            }
+        }
         self.end += data.len() as u64;
         if let Some(last) = scan.last_seq {
             self.next_seq = last + 1;
@@ -538,19 +613,46 @@ impl CopyAppender {
         Ok(())
     }
 
+    /// Writes the staged bytes not in the file yet (whole blocks direct, a partial last block
+    /// buffered) and keeps only that partial block staged.
+    fn write_staged(&mut self) -> Result<()> {
+        let from = (self.written - self.stage_at) as usize;
+        // A block written partially before is written again whole: start at its beginning.
+        let from = mars_storage::align_down(from as u64) as usize;
+        mars_storage::write_split(
+            &*self.file,
+            self.stage.as_slice(),
+            self.stage_at,
+            from,
+            self.staged,
+        )
+        .map_err(Error::io(self.name.to_string(), "write"))?;
+        self.written = self.stage_at + self.staged as u64;
+        let whole = mars_storage::align_down(self.staged as u64) as usize;
+        if whole > 0 {
+            self.stage.as_mut_slice().copy_within(whole..self.staged, 0);
+            self.stage_at += whole as u64;
+            self.staged -= whole;
+        }
+        Ok(())
+    }
+
     /// Makes everything appended so far durable; returns the new durable length.
-    pub fn sync(&self) -> Result<u64> {
-        self.pending_sync().run()
+    pub fn sync(&mut self) -> Result<u64> {
+        self.pending_sync()?.run()
     }
 
     /// The same sync, detached from the appender so that it can run on another thread while
-    /// appending goes on; it covers what was appended up to now.
-    pub fn pending_sync(&self) -> CopySync {
-        CopySync {
+    /// appending goes on; it covers what was appended up to now (written to the file here).
+    pub fn pending_sync(&mut self) -> Result<CopySync> {
+        if self.written < self.end {
+            self.write_staged()?;
+        }
+        Ok(CopySync {
             name: self.name.clone(),
             file: self.file.clone(),
             upto: self.end,
-        }
+        })
     }
 }
 

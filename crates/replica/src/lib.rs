@@ -28,6 +28,7 @@
 
 pub mod control;
 pub mod copies;
+pub mod recent;
 pub mod replay;
 pub mod sync;
 
@@ -37,6 +38,7 @@ use mars_txlog::{LogError, LogName};
 
 pub use control::{ControlState, Marker, SyncFile};
 pub use copies::{Copies, CopyAppender, CopyInfo, CopySync, Cut, OpenReport, PromotionCut};
+pub use recent::Recent;
 pub use replay::{Replay, ReplayEvent};
 
 /// Everything that can go wrong here. Every variant names the file (or copy) it is about.

@@ -4,16 +4,29 @@
 //! disk's `fdatasync` covered every record before it, so a crash never leaves a position that
 //! claims records whose data is not durable on the disk; replaying again from the persisted
 //! position (the records are idempotent, applied in log order) reproduces the result.
+//!
+//! Records come from the bytes just fetched when the window still holds them (`recent.rs`),
+//! otherwise from the copy (verified again either way). Within a batch they go through the
+//! same overwrite-coalescing index as the primary's writeback (`mars_volume::Index`): an
+//! overwritten range is written once, the pieces sorted by offset, adjacent pieces merged into
+//! one aligned buffer and written past the page cache. The disk is synced at the end of every
+//! batch before its position is persisted, so the order within a batch does not matter.
 
-use mars_storage::{Dir, File, OpenMode};
-use mars_txlog::{LogName, LogPos, LogReader};
+use bytes::Bytes;
+use mars_storage::{AlignedBuf, Dir, File, OpenMode};
+use mars_txlog::format::{decode, HEADER_LEN};
+use mars_txlog::{DecodeError, Kind, LogError, LogName, LogPos, LogReader};
+use mars_volume::{Data, Index};
 
+use crate::recent::Recent;
 use crate::{control, Error, Result};
 
 /// Replay syncs the disk and persists its position at least every this many bytes of log.
 pub const REPLAY_BATCH: u64 = 64 << 20;
 /// `should_stop` is asked, and [`ReplayEvent::Applied`] reported, about every this many bytes.
 pub const REPLAY_CHECK: u64 = 1 << 20;
+/// The buffer adjacent pieces are merged in before they are written.
+const MERGE_BUF: usize = 8 << 20;
 
 /// What [`Replay::apply`] reports while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +50,9 @@ pub struct Replay<'a> {
     /// The device's size: a record that writes beyond it is not applied
     /// ([`Error::BeyondDevice`]). Checksums prove a record intact, not that it belongs here.
     pub size: u64,
+    /// The bytes just fetched ([`crate::Copies::recent`]): records found there are not read
+    /// from the copy.
+    pub recent: Option<&'a Recent>,
 }
 
 impl<'a> Replay<'a> {
@@ -48,6 +64,7 @@ impl<'a> Replay<'a> {
             batch: REPLAY_BATCH,
             check: REPLAY_CHECK,
             size,
+            recent: None,
         }
     }
 
@@ -57,9 +74,9 @@ impl<'a> Replay<'a> {
     /// persisted ([`ReplayEvent::Persisted`]). Returns the position reached (persisted).
     ///
     /// Damage in the copy is an error with [`Error::damage_offset`] (`LogError::Corrupt` or
-    /// `Sequence`): the caller may cut the copy there and fetch it again. What was applied
-    /// before the damage is not persisted by this call; the position stays at the last
-    /// persisted one. A record beyond the device ([`Error::BeyondDevice`]) is not applied; what
+    /// `Sequence`): the caller may cut the copy there and fetch it again. What came before the
+    /// damage is written to the disk but not persisted by this call; the position stays at the
+    /// last persisted one. A record beyond the device ([`Error::BeyondDevice`]) is not applied; what
     /// came before it is persisted first.
     pub fn apply(
         &self,
@@ -69,17 +86,30 @@ impl<'a> Replay<'a> {
         should_stop: &mut dyn FnMut() -> bool,
         progress: &mut dyn FnMut(ReplayEvent),
     ) -> Result<LogPos> {
-        let s = name.to_string();
-        let f = self
-            .dir
-            .open(&s, OpenMode::Existing)
-            .map_err(Error::io(&s, "open"))?;
-        let mut r = LogReader::new(f, name, from, to, None);
+        let mut src = Source {
+            dir: self.dir,
+            recent: self.recent,
+            name,
+            pos: from,
+            to,
+            next_seq: None,
+            window: Bytes::new(),
+            file: None,
+        };
+        let mut batch = Batch {
+            index: Index::default(),
+            buf: None,
+            disk: self.disk,
+        };
         let mut pos = from;
-        let mut batch = 0u64;
+        let mut pending = 0u64;
         let mut unreported = 0u64;
         let mut persisted = None;
-        let persist = |pos: u64, progress: &mut dyn FnMut(ReplayEvent)| -> Result<LogPos> {
+        let persist = |pos: u64,
+                       batch: &mut Batch,
+                       progress: &mut dyn FnMut(ReplayEvent)|
+         -> Result<LogPos> {
+            batch.write()?;
             self.disk.sync_data().map_err(|source| Error::Disk {
                 op: "fdatasync",
                 offset: 0,
@@ -87,14 +117,27 @@ impl<'a> Replay<'a> {
             })?;
             let p = LogPos::new(name.no, pos);
             control::write_position(self.dir, p)?;
+            if let Some(r) = self.recent {
+                r.release(name.no, pos);
+            }
             progress(ReplayEvent::Persisted(p));
             Ok(p)
         };
-        while let Some(rec) = r.next_ref()? {
-            let end = rec.header.offset.checked_add(rec.header.len);
+        loop {
+            let (h, payload) = match src.next() {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    // Damage: the records before it reach the disk as they would one by one
+                    // (not persisted: the position stays where it was).
+                    batch.write()?;
+                    return Err(e);
+                }
+            };
+            let end = h.offset.checked_add(h.len);
             if end.is_none_or(|e| e > self.size) {
                 if pos > from && persisted.is_none_or(|p: LogPos| p.offset < pos) {
-                    persist(pos, progress)?;
+                    persist(pos, &mut batch, progress)?;
                 }
                 return Err(Error::BeyondDevice {
                     name: name.clone(),
@@ -103,37 +146,35 @@ impl<'a> Replay<'a> {
                     size: self.size,
                 });
             }
-            mars_volume::apply(
-                self.disk,
-                rec.header.kind,
-                rec.header.offset,
-                rec.header.len,
-                rec.payload,
-            )
-            .map_err(|e| match e {
-                mars_volume::VolumeError::Disk { op, offset, source } => {
-                    Error::Disk { op, offset, source }
-                }
-                other => Error::Disk {
-                    op: "write",
-                    offset: rec.header.offset,
-                    source: std::io::Error::other(other.to_string()),
-                },
-            })?;
-            let n = rec.header.record_len() as u64;
+            let n = h.record_len() as u64;
+            if h.len > 0 {
+                let data = match h.kind {
+                    Kind::Write => Data::Bytes(payload),
+                    Kind::Zero => Data::Zero { punch: false },
+                    Kind::Discard => Data::Zero { punch: true },
+                };
+                let rec = LogPos::new(name.no, pos);
+                batch.index.insert(
+                    h.offset,
+                    h.offset + h.len,
+                    rec,
+                    LogPos::new(name.no, pos + n),
+                    data,
+                );
+            }
             pos += n;
-            batch += n;
+            pending += n;
             unreported += n;
             if unreported >= self.check {
                 progress(ReplayEvent::Applied(unreported));
                 unreported = 0;
                 if should_stop() {
-                    return persist(pos, progress);
+                    return persist(pos, &mut batch, progress);
                 }
             }
-            if batch >= self.batch {
-                persisted = Some(persist(pos, progress)?);
-                batch = 0;
+            if pending >= self.batch {
+                persisted = Some(persist(pos, &mut batch, progress)?);
+                pending = 0;
             }
         }
         if unreported > 0 {
@@ -142,7 +183,172 @@ impl<'a> Replay<'a> {
         match persisted {
             // A batch ended right at the end: nothing new to persist.
             Some(p) if p.offset == pos => Ok(p),
-            _ => persist(pos, progress),
+            _ => persist(pos, &mut batch, progress),
         }
+    }
+}
+
+/// Where replay's records come from: the window of bytes just fetched while it holds them,
+/// otherwise the copy.
+struct Source<'a> {
+    dir: &'a dyn Dir,
+    recent: Option<&'a Recent>,
+    name: &'a LogName,
+    /// The next record's offset.
+    pos: u64,
+    to: u64,
+    next_seq: Option<u64>,
+    /// Bytes of the window from `pos` on (empty: look again).
+    window: Bytes,
+    file: Option<LogReader>,
+}
+
+impl Source<'_> {
+    /// The next record below `to`: its header and payload (for writes).
+    fn next(&mut self) -> Result<Option<(mars_txlog::format::Header, Bytes)>> {
+        if self.pos >= self.to {
+            return Ok(None);
+        }
+        if self.window.is_empty() {
+            if let Some(r) = self.recent {
+                self.window = r.get(self.name.no, self.pos).unwrap_or_default();
+            }
+        }
+        if !self.window.is_empty() {
+            return self.next_in_window().map(Some);
+        }
+        let reader = match &mut self.file {
+            Some(r) if r.position() == self.pos => r,
+            _ => {
+                let s = self.name.to_string();
+                let f = self
+                    .dir
+                    .open(&s, OpenMode::Existing)
+                    .map_err(Error::io(&s, "open"))?;
+                self.file.insert(LogReader::new(
+                    f,
+                    self.name,
+                    self.pos,
+                    self.to,
+                    self.next_seq,
+                ))
+            }
+        };
+        let Some(rec) = reader.next_ref()? else {
+            return Ok(None);
+        };
+        let h = rec.header;
+        let payload = Bytes::copy_from_slice(rec.payload);
+        self.pos = reader.position();
+        self.next_seq = reader.next_seq();
+        Ok(Some((h, payload)))
+    }
+
+    /// The record at the start of the window, verified as the reader does.
+    fn next_in_window(&mut self) -> Result<(mars_txlog::format::Header, Bytes)> {
+        let corrupt = |reason: DecodeError| {
+            Error::Log(LogError::Corrupt {
+                file: self.name.to_string(),
+                offset: self.pos,
+                reason,
+            })
+        };
+        let h = decode(&self.window).map_err(corrupt)?;
+        let n = h.record_len();
+        if self.pos + n as u64 > self.to {
+            // The window holds whole records and `to` is the end of one: not expected.
+            return Err(corrupt(DecodeError::Incomplete {
+                needed: n,
+                have: (self.to - self.pos) as usize,
+            }));
+        }
+        if let Some(expected) = self.next_seq {
+            if h.seq != expected {
+                return Err(Error::Log(LogError::Sequence {
+                    file: self.name.to_string(),
+                    offset: self.pos,
+                    expected,
+                    found: h.seq,
+                }));
+            }
+        }
+        let payload = self.window.slice(HEADER_LEN..n);
+        self.window = self.window.slice(n..);
+        self.pos += n as u64;
+        self.next_seq = Some(h.seq + 1);
+        Ok((h, payload))
+    }
+}
+
+/// One batch of records, coalesced by device offset.
+struct Batch<'a> {
+    index: Index,
+    buf: Option<AlignedBuf>,
+    disk: &'a dyn File,
+}
+
+impl Batch<'_> {
+    /// Writes the batch's pieces sorted by offset, adjacent ones merged (not synced).
+    fn write(&mut self) -> Result<()> {
+        if self.index.is_empty() {
+            return Ok(());
+        }
+        let c = self
+            .index
+            .collect(LogPos::new(u64::MAX, u64::MAX), usize::MAX);
+        let buf = self.buf.get_or_insert_with(|| AlignedBuf::new(MERGE_BUF));
+        let disk = self.disk;
+        let err = |offset: u64| {
+            move |source| Error::Disk {
+                op: "write",
+                offset,
+                source,
+            }
+        };
+        let mut i = 0;
+        while i < c.pieces.len() {
+            let p = &c.pieces[i];
+            let Data::Bytes(_) = &p.data else {
+                if let Data::Zero { punch } = p.data {
+                    disk.write_zeroes(p.start, p.end - p.start, punch)
+                        .map_err(err(p.start))?;
+                }
+                i += 1;
+                continue;
+            };
+            // A run of adjacent pieces with data, merged in `buf`: `buf[0]` is the aligned
+            // offset `base`, the run starts at `buf[lead]`.
+            let mut base = mars_storage::align_down(p.start);
+            let mut from = (p.start - base) as usize;
+            let mut at = from;
+            let mut end = p.start;
+            while let Some(q) = c.pieces.get(i) {
+                let Data::Bytes(b) = &q.data else { break };
+                if q.start != end {
+                    break;
+                }
+                let mut rest = &b[..];
+                while !rest.is_empty() {
+                    let room = buf.len() - at;
+                    let n = room.min(rest.len());
+                    buf.as_mut_slice()[at..at + n].copy_from_slice(&rest[..n]);
+                    at += n;
+                    rest = &rest[n..];
+                    if at == buf.len() {
+                        mars_storage::write_split(disk, buf.as_slice(), base, from, at)
+                            .map_err(err(base + from as u64))?;
+                        base += at as u64;
+                        from = 0;
+                        at = 0;
+                    }
+                }
+                end = q.end;
+                i += 1;
+            }
+            mars_storage::write_split(disk, buf.as_slice(), base, from, at)
+                .map_err(err(base + from as u64))?;
+        }
+        self.index.release(&c);
+        Ok(())
     }
 }

@@ -273,7 +273,7 @@ fn copies_crash_images_keep_every_durable_byte() {
                 }
                 // Make the current copy durable.
                 9..=12 => {
-                    if let Some((no, app)) = &cur {
+                    if let Some((no, app)) = &mut cur {
                         let len = app.sync().unwrap();
                         assert!(c.note_durable(*no, len));
                         model.get_mut(no).expect("modelled").durable = len;
@@ -281,7 +281,7 @@ fn copies_crash_images_keep_every_durable_byte() {
                 }
                 // The next logfile arrives: the current one is made durable first.
                 13 => {
-                    if let Some((no, app)) = cur.take() {
+                    if let Some((no, mut app)) = cur.take() {
                         let len = app.sync().unwrap();
                         c.note_durable(no, len);
                         model.get_mut(&no).expect("modelled").durable = len;

@@ -35,7 +35,9 @@ use mars_txlog::workers::{Job, JobHandle, Workers};
 use mars_txlog::{Appender, AppenderConfig, Kind, LogError, LogName, LogPos};
 
 pub use index::Data;
-use index::{Collected, Index};
+/// The overwrite-coalescing index, also used by a replica's replay to batch, merge and sort
+/// its writes as writeback does.
+pub use index::{Collected, Index, Piece};
 pub use position::{format_position, parse_position, read_position, write_position, POSITION_FILE};
 
 /// The marker of emergency mode in the log's directory: present = every record of the log is on

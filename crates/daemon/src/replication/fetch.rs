@@ -8,6 +8,11 @@
 //! contiguous sequence numbers, offset = end of the copy) and counts as fetched only after its
 //! `fdatasync` here; syncs run in the background while receiving goes on.
 //!
+//! A pipeline of bounded depth: while one chunk is verified and written on a blocking thread
+//! (into the copy past the page cache, and into the window replay takes it from:
+//! `mars_replica::recent`), the next one is received; at most one write and one sync are
+//! under way at a time.
+//!
 //! Which logfile may be appended to or created is the engine's decision: the session reports
 //! `FetchEvent::Offer` and waits for the `CopyDecision` the actor forwards.
 
@@ -27,8 +32,9 @@ use super::{Rates, Sink, Stop};
 use crate::local::ReplicaDir;
 use crate::peer;
 
-/// Received data is made durable at least every this many bytes …
-const SYNC_BYTES: u64 = 64 << 20;
+/// Received data is made durable at least every this many bytes (replay follows what is
+/// durable, from memory while it is in `mars_replica::recent::RECENT_CAP`) …
+const SYNC_BYTES: u64 = 32 << 20;
 /// … or when the stream pauses this long.
 const SYNC_IDLE: Duration = Duration::from_millis(10);
 /// A source silent for this long is gone (it confirms every few seconds while idle:
@@ -64,10 +70,15 @@ pub async fn run(mut job: FetchJob) {
     let id = job.id;
     let sink = job.sink.clone();
     let stop = job.stop.clone();
+    // Replay takes what this session writes from memory (`mars_replica::recent`), only while
+    // it runs: afterwards replay reads the copy.
+    let recent = job.replica.copies().recent().clone();
+    recent.open();
     let r = tokio::select! {
         r = session(&mut job) => r,
         _ = stop.wait() => Ok(()),
     };
+    recent.close();
     // Whatever is durable but not yet accounted stays uncounted: the next session truncates
     // the copy to what the engine knows and fetches it again.
     let error = r.err().map(|e| format!("{e:#}"));
@@ -84,6 +95,9 @@ struct Current {
     no: u64,
     /// `None` only while it is on a blocking thread.
     w: Option<CopyAppender>,
+    /// The chunk being written on a blocking thread: the appender comes back with the result
+    /// and the chunk's length.
+    writing: Option<tokio::task::JoinHandle<Written>>,
     /// Appended but not yet synced.
     unsynced: u64,
     /// A background fdatasync and the length it makes durable.
@@ -161,7 +175,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
     loop {
         let busy = cur
             .as_ref()
-            .is_some_and(|c| c.unsynced > 0 || c.inflight.is_some());
+            .is_some_and(|c| c.unsynced > 0 || c.inflight.is_some() || c.writing.is_some());
         let msg = tokio::select! {
             m = s.frames.next_within(SILENCE) => m?,
             _ = tokio::time::sleep(SYNC_IDLE), if busy => {
@@ -213,6 +227,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
                 cur = Some(Current {
                     no: file,
                     w: Some(w),
+                    writing: None,
                     unsynced: 0,
                     inflight: None,
                     reported,
@@ -225,21 +240,17 @@ async fn session(job: &mut FetchJob) -> Result<()> {
                 if c.no != file {
                     bail!("log data for {file} while receiving {}", c.no);
                 }
+                // The previous chunk's write is done first (order, and one at a time).
+                settle(job, c).await?;
                 let n = data.len() as u64;
                 // Verified on arrival (checksums, sequence numbers, offset); written on a
-                // blocking thread, the appender going there and back.
+                // blocking thread, the appender going there and back, while the next chunk
+                // is received.
                 let mut w = c.w.take().ok_or_else(|| anyhow!("no appender"))?;
-                let (w, r) = tokio::task::spawn_blocking(move || {
-                    let r = w.append(offset, &data);
-                    (w, r)
-                })
-                .await?;
-                c.w = Some(w);
-                r.map_err(|e| anyhow!("log {file} from {}: {e}", job.source))?;
-                c.unsynced += n;
-                if c.unsynced >= SYNC_BYTES {
-                    sync_in_background(job, c).await?;
-                }
+                c.writing = Some(tokio::task::spawn_blocking(move || {
+                    let r = w.append_shared(offset, data.into());
+                    (w, r, n)
+                }));
             }
             Message::LogEnd { file, len } => {
                 make_durable(job, &mut cur).await?;
@@ -300,6 +311,37 @@ async fn wait_decision(job: &mut FetchJob, no: u64) -> Result<CopyDecision> {
     }
 }
 
+/// What a chunk's write on a blocking thread gives back.
+type Written = (CopyAppender, mars_replica::Result<()>, u64);
+
+/// Waits for the chunk being written, if any; starts a sync once enough piled up.
+async fn settle(job: &FetchJob, c: &mut Current) -> Result<()> {
+    let Some(t) = c.writing.take() else {
+        return Ok(());
+    };
+    let (w, r, n) = t.await?;
+    c.w = Some(w);
+    r.map_err(|e| anyhow!("log {} from {}: {e}", c.no, job.source))?;
+    c.unsynced += n;
+    if c.unsynced >= SYNC_BYTES {
+        sync_in_background(job, c).await?;
+    }
+    Ok(())
+}
+
+/// The sync of what was appended so far: the appender writes what it still stages on a
+/// blocking thread and hands out the fdatasync to run.
+async fn detach_sync(c: &mut Current) -> Result<CopySync> {
+    let mut w = c.w.take().ok_or_else(|| anyhow!("no appender"))?;
+    let (w, r) = tokio::task::spawn_blocking(move || {
+        let r = w.pending_sync();
+        (w, r)
+    })
+    .await?;
+    c.w = Some(w);
+    Ok(r?)
+}
+
 /// Starts an fdatasync of what was received so far on a blocking thread, so that receiving
 /// goes on meanwhile (the link and the disk work at the same time). One at a time: if the
 /// previous one is still running, it is waited for only once twice the batch piled up.
@@ -313,10 +355,7 @@ async fn sync_in_background(job: &FetchJob, c: &mut Current) -> Result<()> {
             return Ok(());
         }
     }
-    let sync: CopySync =
-        c.w.as_ref()
-            .ok_or_else(|| anyhow!("no appender"))?
-            .pending_sync();
+    let sync: CopySync = detach_sync(c).await?;
     let upto = sync.upto();
     c.inflight = Some((upto, tokio::task::spawn_blocking(move || sync.run())));
     c.unsynced = 0;
@@ -328,15 +367,13 @@ async fn make_durable(job: &FetchJob, cur: &mut Option<Current>) -> Result<()> {
     let Some(c) = cur.as_mut() else {
         return Ok(());
     };
+    settle(job, c).await?;
     if let Some((covered, task)) = c.inflight.take() {
         let len = task.await??;
         account(job, c, len.max(covered)).await?;
     }
     if c.unsynced > 0 {
-        let sync =
-            c.w.as_ref()
-                .ok_or_else(|| anyhow!("no appender"))?
-                .pending_sync();
+        let sync = detach_sync(c).await?;
         let len = tokio::task::spawn_blocking(move || sync.run()).await??;
         c.unsynced = 0;
         account(job, c, len).await?;

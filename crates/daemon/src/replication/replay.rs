@@ -1,6 +1,7 @@
 //! A replay run: applies records `[from, to)` of one local copy onto the disk on a blocking
-//! thread (`mars_replica::Replay`: verified again while read, the disk synced before the
-//! position is persisted, in batches), reporting the persisted positions.
+//! thread (`mars_replica::Replay`: verified again while read, taken from the bytes just
+//! fetched while they are in memory, coalesced and sorted per batch, the disk synced before the
+//! position is persisted), reporting the persisted positions.
 
 use std::sync::Arc;
 
@@ -28,7 +29,10 @@ pub struct ReplayJob {
 /// Runs on a blocking thread until the run ends or is stopped.
 pub fn run(job: ReplayJob) {
     let name = LogName::new(job.file, job.origin.clone());
-    let replay = mars_replica::Replay::new(&*job.replica.dir, &*job.replica.disk, job.size);
+    let recent = job.replica.copies().recent().clone();
+    let mut replay = mars_replica::Replay::new(&*job.replica.dir, &*job.replica.disk, job.size);
+    // Records just fetched come from memory instead of being read back from the copy.
+    replay.recent = Some(&recent);
     let mut last = LogPos::new(job.file, job.from);
     let sink = job.sink.clone();
     let id = job.id;
@@ -47,6 +51,10 @@ pub fn run(job: ReplayJob) {
             }
         },
     );
+    if stop.stopped() {
+        // Paused or stopped: when replay resumes it reads the copy (`mars_replica::recent`).
+        recent.close();
+    }
     let (pos, end) = match result {
         Ok(p) => (p, ReplayEnd::Done),
         Err(mars_replica::Error::BeyondDevice { at, end, .. }) => (
