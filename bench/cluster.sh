@@ -1,7 +1,6 @@
 # Shared by the benchmark scripts that run marsd hosts (sourced after BIN is set; the caller
 # sets PART, the directory of the current part, before starting hosts, and stops them with
-# stop_hosts in its EXIT trap): two hosts a (127.0.0.1) and b (127.0.0.2) on loopback, timing
-# and statistics helpers.
+# stop_hosts in its EXIT trap): two hosts a (127.0.0.1) and b (127.0.0.2) on loopback.
 declare -A PID
 CHILD=""
 stop_hosts() {
@@ -9,11 +8,6 @@ stop_hosts() {
   for h in "${!PID[@]}"; do wait "${PID[$h]}" 2>/dev/null || true; unset "PID[$h]"; done
 }
 
-now() { date +%s.%N; }
-calc() { echo "$*" | bc -l; }
-# median / min / max of the numbers given as arguments
-median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
-spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f..%.2f", lo, hi}'; }
 # adm HOST ARGS…: marsadm on host a or b of the current part.
 adm() { local h=$1; shift; "$BIN/marsadm" --root "$PART/$h/root" "$@"; }
 # start_host NAME IP PORT

@@ -16,3 +16,10 @@ bench_record() {
     '{id: $id, figure: $figure, unit: $unit, better: $better, target: $target, peer: $peer,
       ours: $ours, peer_runs: $theirs}' >>"$BENCH_OUT"
 }
+
+# Timing and statistics of the runs.
+now() { date +%s.%N; }
+calc() { echo "$*" | bc -l; }
+# median / min / max of the numbers given as arguments
+median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
+spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f..%.2f", lo, hi}'; }
