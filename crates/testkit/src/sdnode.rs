@@ -1,0 +1,182 @@
+//! A mars host as a systemd box: `marsd` runs inside as `marsd.service` (derived from
+//! `dist/marsd.service`), moves application stacks with the box's own systemd, and can be
+//! crashed and rebooted like a machine.
+//!
+//! One box per host: a stack's unit names are the same on every host, so two hosts sharing one
+//! systemd would share the units. The boxes share the host's network namespace (daemons on
+//! 127.0.0.x, an application's TCP port reachable from the test) and the test's temporary
+//! directory, so `marsadm` runs outside through the control socket in the host's root.
+//!
+//! With a block device ([`NodeOptions::device`]), each box mounts a tmpfs of its own on
+//! `/dev/mars` before marsd starts, so every host has the real `/dev/mars/RES` path (as the
+//! shipped templates expect) without the hosts seeing each other's nodes; the FUSE mount and the
+//! loop device are marsd's, as on a real machine.
+
+use std::path::{Path, PathBuf};
+
+use crate::sdbox::SdBox;
+use crate::{bin_dir, free_port, free_port_on, Host};
+
+/// How [`Node::start`] runs marsd.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// `--device fuse-loop --device-dir /dev/mars` (else `--device none` in a private dir).
+    pub device: bool,
+    /// `--systemd-timeout`: seconds a start or stop of the stack may take.
+    pub systemd_timeout: u32,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        NodeOptions {
+            device: false,
+            systemd_timeout: 20,
+        }
+    }
+}
+
+/// A host: its box (`None` while the host is down) and the handle to its marsd.
+pub struct Node {
+    pub host: Host,
+    sdbox: Option<SdBox>,
+    /// The test's directory, shared into the box (with the binaries).
+    shared: PathBuf,
+    device: bool,
+    unit: String,
+}
+
+/// `dist/marsd.service` with our ExecStart and log file, without the network-online ordering
+/// (in a box sharing the host's network, that target could start the host's network setup).
+pub fn marsd_unit(exec_start: &str, log: &Path) -> String {
+    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/marsd.service");
+    let text = std::fs::read_to_string(&dist).expect("dist/marsd.service");
+    let mut out = String::new();
+    for line in text.lines() {
+        if line.starts_with("Wants=") || line.starts_with("After=") {
+            continue;
+        }
+        if line.starts_with("ExecStart=") {
+            out += &format!("ExecStart={exec_start}\n");
+            continue;
+        }
+        out += line;
+        out.push('\n');
+        if line == "[Service]" {
+            out += &format!(
+                "StandardOutput=append:{0}\nStandardError=append:{0}\n",
+                log.display()
+            );
+        }
+    }
+    assert!(out.contains("Type=notify"), "dist/marsd.service: {text}");
+    out
+}
+
+impl Node {
+    /// Boots host `name`'s box (files below `t/name`) and starts marsd in it, listening for
+    /// peers on `ip`, generating stacks from `templates`.
+    pub fn start(t: &Path, name: &str, ip: &str, templates: &Path, opt: &NodeOptions) -> Node {
+        let bins = bin_dir();
+        let base = t.join(name);
+        std::fs::create_dir_all(&base).expect("host dir");
+        let root = base.join("root");
+        let log = base.join("marsd.log");
+        let peer = format!("{ip}:{}", free_port_on(ip));
+        let nbd_port = free_port();
+        let device = if opt.device {
+            "--device fuse-loop --device-dir /dev/mars".to_string()
+        } else {
+            format!("--device none --device-dir {}", base.join("dev").display())
+        };
+        let exec = format!(
+            "{} --root {} --host {name} --listen {peer} --nbd-listen 127.0.0.1:{nbd_port} \
+             --systemd-templates {} --systemd-timeout {} {device}",
+            bins.join("marsd").display(),
+            root.display(),
+            templates.display(),
+            opt.systemd_timeout,
+        );
+        let mut n = Node {
+            host: Host::external(name, root, peer, nbd_port, log.clone()),
+            sdbox: None,
+            shared: t.to_path_buf(),
+            device: opt.device,
+            unit: marsd_unit(&exec, &log),
+        };
+        n.boot();
+        n
+    }
+
+    /// The running box. Panics while the host is down.
+    pub fn sdbox(&self) -> &SdBox {
+        self.sdbox.as_ref().expect("the host is down")
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.sdbox.is_some()
+    }
+
+    /// Boots the box and starts marsd.service in it (returns once marsd said READY=1).
+    pub fn boot(&mut self) {
+        assert!(self.sdbox.is_none(), "already up");
+        let b = SdBox::boot(&self.shared.join("boxes"), &[&self.shared, bin_dir()]);
+        if self.device {
+            let o = b.exec(&[
+                "sh",
+                "-c",
+                "mkdir -p /dev/mars && mount -t tmpfs -o mode=0755 mars-dev /dev/mars",
+            ]);
+            assert!(
+                o.status.success(),
+                "/dev/mars in the box: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::fs::write(b.path("/etc/systemd/system/marsd.service"), &self.unit)
+            .expect("marsd.service");
+        b.systemctl(&["daemon-reload"]);
+        let o = b.exec(&["systemctl", "start", "marsd.service"]);
+        assert!(
+            o.status.success(),
+            "marsd.service did not start on {}: {}\n{}\n{}",
+            self.host.name,
+            String::from_utf8_lossy(&o.stderr),
+            crate::repl::tail(&self.host.log_text(), 40),
+            b.journal(40)
+        );
+        self.sdbox = Some(b);
+    }
+
+    /// A crash of the whole machine: every process of the box (marsd, the application) gets
+    /// SIGKILL at once and its mount namespace goes, so mounted filesystems are not cleanly
+    /// unmounted (their device is gone with marsd before anything is written back).
+    pub fn crash(&mut self) {
+        drop(self.sdbox.take());
+    }
+
+    /// `systemctl ARGS…` in the box (stdout, trimmed).
+    pub fn systemctl(&self, args: &[&str]) -> String {
+        self.sdbox().systemctl(args)
+    }
+
+    /// A shell command in the box; panics with its output when it fails.
+    pub fn sh(&self, script: &str) -> String {
+        let o = self.sdbox().exec(&["sh", "-c", script]);
+        assert!(
+            o.status.success(),
+            "{} on {}: {}{}",
+            script,
+            self.host.name,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// The box's journal, or a note that the host is down.
+    pub fn journal(&self, lines: usize) -> String {
+        self.sdbox
+            .as_ref()
+            .map_or_else(|| "(host down)".into(), |b| b.journal(lines))
+    }
+}
