@@ -9,7 +9,7 @@
 //! Each stack goes through a planned handover a→b and back, a failover to b with a's machine
 //! crashed (the whole box SIGKILLed: marsd, the application, the mount without an unmount),
 //! a's return with the split brain shown in `view` and resolved with the documented commands
-//! (`invalidate`, or `leave-resource` + `join-resource`), and a handover back to a. After each
+//! (`invalidate`, or `down` + `leave-resource` + `join-resource`), and a handover back to a. After each
 //! step the application's own check runs: every acknowledged write is there (after the crash:
 //! every write b had replayed when a died), the data is a consistent prefix, the database's
 //! `pg_amcheck` passes, and the application goes on writing on its new host; at the end the
@@ -250,6 +250,12 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
     });
     a.crash();
     clock.step(&format!("a crashed, floor {floor}"));
+    // As an operator makes sure: b no longer hears of a (NOT ALIVE after some seconds).
+    wait(&[&b], 60, "b sees a dead", || {
+        b.host.view_json()["members"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
+    });
     let o = b
         .host
         .marsadm(&["--timeout", "60", "primary", "--force", RES]);
@@ -283,6 +289,7 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
             a.host.ok(&["invalidate", RES]);
         }
         Resolve::LeaveJoin => {
+            a.host.ok(&["down", RES]);
             a.host.ok(&["leave-resource", RES]);
             wait(&nodes, 30, "b sees a gone", || {
                 !b.host.ok(&["view", RES]).contains("member a:")
