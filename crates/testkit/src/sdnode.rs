@@ -12,7 +12,9 @@
 //! shipped templates expect) without the hosts seeing each other's nodes; the FUSE mount and the
 //! loop device are marsd's, as on a real machine.
 
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use crate::sdbox::SdBox;
 use crate::{bin_dir, free_port, free_port_on, Host};
@@ -150,8 +152,22 @@ impl Node {
     /// A crash of the whole machine: every process of the box (marsd, the application) gets
     /// SIGKILL at once and its mount namespace goes, so mounted filesystems are not cleanly
     /// unmounted (their device is gone with marsd before anything is written back).
+    ///
+    /// Returns once the machine is really down: the killed marsd has let go of its root (its
+    /// lock), as before a real reboot; panics naming the holders if that takes a minute.
     pub fn crash(&mut self) {
         drop(self.sdbox.take());
+        let lock = self.host.root.join("marsd.lock");
+        let start = Instant::now();
+        while !lock_free(&lock) {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{} still locked a minute after the crash, held by {:?}",
+                lock.display(),
+                holders(&lock)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `systemctl ARGS…` in the box (stdout, trimmed).
@@ -179,4 +195,37 @@ impl Node {
             .as_ref()
             .map_or_else(|| "(host down)".into(), |b| b.journal(lines))
     }
+}
+
+/// Whether nobody holds the daemon lock `path` (marsd's flock on `ROOT/marsd.lock`).
+fn lock_free(path: &Path) -> bool {
+    let Ok(f) = std::fs::OpenOptions::new().read(true).open(path) else {
+        return true;
+    };
+    // SAFETY: flock on a valid descriptor; the lock goes with `f`.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+/// The processes (pid and command line) with `path` open, for a failure message.
+fn holders(path: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let fds = std::fs::read_dir(e.path().join("fd"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        if fds
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|l| l == path)
+        {
+            let cmd = std::fs::read_to_string(e.path().join("cmdline")).unwrap_or_default();
+            let state = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            out.push(format!("{pid} {} [{}]", cmd.replace('\0', " "), state));
+        }
+    }
+    out
 }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mars_testkit::repl::{join, tail, tmp, wait_uptodate};
+use mars_testkit::repl::{join, tail, tmp};
 use mars_testkit::sdbox;
 use mars_testkit::sdnode::{Node, NodeOptions};
 use mars_testkit::{free_port, require};
@@ -115,6 +115,24 @@ fn wait(nodes: &[&Node], secs: u64, what: &str, mut cond: impl FnMut() -> bool) 
     }
 }
 
+/// `wait-resource RES uptodate` on `n`; on failure, every host's view, log and journal.
+fn uptodate(n: &Node, nodes: &[&Node], secs: u64) {
+    let o = n.host.marsadm(&[
+        "--timeout",
+        &secs.to_string(),
+        "wait-resource",
+        RES,
+        "uptodate",
+    ]);
+    assert!(
+        o.status.success(),
+        "{} not up to date within {secs} s: {}\n{}",
+        n.host.name,
+        String::from_utf8_lossy(&o.stderr),
+        dump(nodes)
+    );
+}
+
 fn active(n: &Node, unit: &str) -> bool {
     n.is_up() && n.systemctl(&["is-active", unit]) == "active"
 }
@@ -149,9 +167,12 @@ fn applied(n: &Node) -> Option<(u64, u64)> {
 
 /// The application runs on `on` only, behind its mount.
 fn runs_on(on: &Node, others: &[&Node], app: &dyn App, nodes: &[&Node]) {
-    wait(nodes, 90, &format!("the stack runs on {}", on.host.name), || {
-        active(on, app.unit()) && active(on, MOUNT)
-    });
+    wait(
+        nodes,
+        90,
+        &format!("the stack runs on {}", on.host.name),
+        || active(on, app.unit()) && active(on, MOUNT),
+    );
     for o in others {
         wait(
             nodes,
@@ -183,8 +204,16 @@ enum Resolve {
 }
 
 fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
-    let dir = tmp();
-    let t = dir.path();
+    // STACKS_KEEP=1 keeps the directory (marsd logs, disks) for a failed run.
+    let mut dir = Some(tmp());
+    let kept;
+    let t = if std::env::var_os("STACKS_KEEP").is_some() {
+        kept = dir.take().unwrap().keep();
+        eprintln!("keeping {}", kept.display());
+        kept.as_path()
+    } else {
+        dir.as_ref().unwrap().path()
+    };
     let tpl = t.join("templates");
     std::fs::create_dir_all(&tpl).unwrap();
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/systemd-templates");
@@ -206,12 +235,14 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
         n.host.ok(&["--timeout", "30", "wait-cluster"]);
     }
     let disk_b = join(&b.host, RES, SIZE);
-    wait_uptodate(&b.host, RES, 120);
+    uptodate(&b, &[&a, &b], 120);
     clock.step("pair up");
 
     // The filesystem and the application's data, made once on the primary by hand.
     wait(&[&a, &b], 30, "a's device", || {
-        a.host.device(RES).is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
+        a.host
+            .device(RES)
+            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
     });
     a.sh(&format!(
         "mkfs.ext4 -q -F /dev/mars/{RES} && mkdir -p /mnt/prep && mount /dev/mars/{RES} /mnt/prep"
@@ -230,7 +261,7 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
     runs_on(&b, &[&a], app, &[&a, &b]);
     app.check(&b, app.acked(), &[&a, &b]);
     clock.step("handed over to b");
-    wait_uptodate(&a.host, RES, 60);
+    uptodate(&a, &[&a, &b], 60);
     handover(&a, &[&a, &b]);
     runs_on(&a, &[&b], app, &[&a, &b]);
     app.check(&a, app.acked(), &[&a, &b]);
@@ -256,16 +287,30 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
             .as_array()
             .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
     });
-    let o = b
-        .host
-        .marsadm(&["--timeout", "60", "primary", "--force", RES]);
-    assert!(
-        o.status.success(),
-        "failover: {}{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        dump(&[&b])
-    );
+    // `view` says NOT ALIVE after 6 s of silence, but the forced switch counts a host as
+    // reachable for its alive window (10 s): until then it asks for a confirmation, saying "a
+    // is reachable". Retried here as an operator would after reading the message again.
+    let start = Instant::now();
+    loop {
+        let o = b
+            .host
+            .marsadm(&["--timeout", "60", "primary", "--force", RES]);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            err.contains("a is reachable") && start.elapsed() < Duration::from_secs(30),
+            "failover: {}{err}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            dump(&[&b])
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    clock.step(&format!(
+        "forced switch accepted {:.1}s after NOT ALIVE",
+        start.elapsed().as_secs_f64()
+    ));
     runs_on(&b, &[], app, &[&b]);
     app.check(&b, floor, &[&b]);
     clock.step("failed over to b");
@@ -327,7 +372,7 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
         !active(&a, app.unit()) && !active(&a, MOUNT)
     });
     a.sh(&format!("e2fsck -n -f /dev/mars/{RES} >/dev/null"));
-    wait_uptodate(&b.host, RES, 60);
+    uptodate(&b, &nodes, 60);
     let dev_a = a.host.device(RES).expect("a's device");
     let dev_a = a.sdbox().path(&dev_a.to_string_lossy());
     assert!(
@@ -414,7 +459,13 @@ impl Db {
 /// The writer: one session at a time, an INSERT per transaction, a row acknowledged when its
 /// `RETURNING` line arrives (after the commit). A lost session is reconnected, to whichever
 /// host serves the port now, continuing after the highest row there.
-fn db_writer(bin: PathBuf, port: u16, st: Arc<Mutex<DbState>>, paused: Arc<AtomicBool>, stop: Arc<AtomicBool>) {
+fn db_writer(
+    bin: PathBuf,
+    port: u16,
+    st: Arc<Mutex<DbState>>,
+    paused: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         let Ok(mut child) = Db::psql(&bin, port)
             .stdin(Stdio::piped())
@@ -456,17 +507,25 @@ fn session(child: &mut Child, st: &Mutex<DbState>, paused: &AtomicBool, stop: &A
             std::thread::sleep(Duration::from_millis(50));
             continue;
         }
-        let sql = format!("INSERT INTO t VALUES ({}, repeat('x', 200)) RETURNING n;", n + 1);
+        let sql = format!(
+            "INSERT INTO t VALUES ({}, repeat('x', 200)) RETURNING n;",
+            n + 1
+        );
         let Some(got) = ask(&mut input, &sql) else {
             return;
         };
         let mut s = st.lock().unwrap();
         if got != (n + 1).to_string() {
-            s.error.get_or_insert(format!("insert {} answered {got:?}", n + 1));
+            s.error
+                .get_or_insert(format!("insert {} answered {got:?}", n + 1));
             return;
         }
         n += 1;
         s.acked = s.acked.max(n);
+        drop(s);
+        // An application's pace, not a benchmark's: the secondary gets idle moments in
+        // which the primary confirms that it has everything (UpToDate).
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -499,7 +558,7 @@ impl App for Db {
         let bin = self.bin.display();
         n.sh(&format!(
             "mkdir {mnt}/pg && chown postgres {mnt}/pg && \
-             runuser -u postgres -- {bin}/initdb -q -N --auth=trust --wal-segsize=1 -D {mnt}/pg >/dev/null && \
+             runuser -u postgres -- {bin}/initdb -N --auth=trust --wal-segsize=1 -D {mnt}/pg >/dev/null && \
              runuser -u postgres -- {bin}/postgres --single -D {mnt}/pg postgres >/dev/null <<'EOF'\n\
              CREATE TABLE t (n bigint PRIMARY KEY, pad text NOT NULL);\n\
              EOF"
@@ -531,12 +590,17 @@ impl App for Db {
             panic!("the writer: {e}");
         }
         let mut rows = String::new();
-        wait(nodes, 60, &format!("PostgreSQL answers on {}", n.host.name), || {
-            rows = self
+        wait(
+            nodes,
+            60,
+            &format!("PostgreSQL answers on {}", n.host.name),
+            || {
+                rows = self
                 .query("SELECT count(*) || ' ' || coalesce(min(n), 0) || ' ' || coalesce(max(n), 0) FROM t")
                 .unwrap_or_default();
-            !rows.is_empty()
-        });
+                !rows.is_empty()
+            },
+        );
         let v: Vec<u64> = rows.split(' ').map(|x| x.parse().unwrap()).collect();
         let (count, min, max) = (v[0], v[1], v[2]);
         assert!(
@@ -550,7 +614,14 @@ impl App for Db {
             n.host.name
         );
         let o = Command::new(self.bin.join("pg_amcheck"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
             .args(["--install-missing", "--heapallindexed", "postgres"])
             .output()
             .unwrap();
@@ -563,9 +634,12 @@ impl App for Db {
         );
         if self.writer.is_some() && !self.paused.load(Ordering::Relaxed) {
             let goal = self.acked().max(max) + 20;
-            wait(nodes, 60, &format!("the writer commits on {}", n.host.name), || {
-                self.acked() >= goal
-            });
+            wait(
+                nodes,
+                60,
+                &format!("the writer commits on {}", n.host.name),
+                || self.acked() >= goal,
+            );
         }
     }
 
@@ -667,11 +741,7 @@ impl App for Container {
              for d in bin sbin lib lib64; do ln -s usr/$d {ct}/$d; done && \
              cp /etc/os-release {ct}/etc/os-release && : > {ct}/etc/machine-id"
         ));
-        std::fs::write(
-            n.sdbox().path(&format!("{ct}/counter.sh")),
-            COUNTER,
-        )
-        .unwrap();
+        std::fs::write(n.sdbox().path(&format!("{ct}/counter.sh")), COUNTER).unwrap();
     }
 
     fn start_load(&mut self) {
@@ -696,10 +766,15 @@ impl App for Container {
     fn check(&self, n: &Node, floor: u64, nodes: &[&Node]) {
         let counter = n.sdbox().path(&format!("{VOL}/ct/data/counter"));
         let mut have = None;
-        wait(nodes, 60, &format!("the counter on {}", n.host.name), || {
-            have = Container::read(&counter);
-            have.is_some()
-        });
+        wait(
+            nodes,
+            60,
+            &format!("the counter on {}", n.host.name),
+            || {
+                have = Container::read(&counter);
+                have.is_some()
+            },
+        );
         let have = have.unwrap();
         assert!(
             have >= floor,
@@ -708,9 +783,12 @@ impl App for Container {
         );
         if self.started && !self.ack.join("pause").exists() {
             let goal = have.max(self.acked()) + 20;
-            wait(nodes, 60, &format!("the container counts on {}", n.host.name), || {
-                Container::read(&counter).is_some_and(|c| c >= goal) && self.acked() >= goal
-            });
+            wait(
+                nodes,
+                60,
+                &format!("the container counts on {}", n.host.name),
+                || Container::read(&counter).is_some_and(|c| c >= goal) && self.acked() >= goal,
+            );
         }
     }
 
