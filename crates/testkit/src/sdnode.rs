@@ -156,7 +156,7 @@ impl Node {
     /// Returns once the machine is really down: the killed marsd has let go of its root (its
     /// lock), as before a real reboot; panics naming the holders if that takes a minute.
     pub fn crash(&mut self) {
-        drop(self.sdbox.take());
+        self.power_off();
         let lock = self.host.root.join("marsd.lock");
         let start = Instant::now();
         while !lock_free(&lock) {
@@ -167,6 +167,23 @@ impl Node {
                 holders(&lock)
             );
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kills the box, then aborts its FUSE connections (marsd's devices): the I/O of a machine
+    /// that lost power never completes. Without the abort, a filesystem on marsd's device that
+    /// is still mounted deadlocks the box's end: marsd is the last process of the box's mount
+    /// namespace, so its exit unmounts that filesystem, whose final writeback goes to marsd's
+    /// own FUSE connection, which stays open until that very exit is done (marsd then hangs as
+    /// a zombie in D state, holding its root's lock, the loop device and the FUSE mount).
+    fn power_off(&mut self) {
+        let Some(b) = self.sdbox.take() else {
+            return;
+        };
+        let fuse = fuse_connections(b.pid);
+        drop(b);
+        for c in fuse {
+            let _ = std::fs::write(format!("/sys/fs/fuse/connections/{c}/abort"), "1");
         }
     }
 
@@ -195,6 +212,30 @@ impl Node {
             .as_ref()
             .map_or_else(|| "(host down)".into(), |b| b.journal(lines))
     }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.power_off();
+    }
+}
+
+/// The FUSE connections (`/sys/fs/fuse/connections/N`) of the mounts in process `pid`'s mount
+/// namespace: N is the minor device number of a `fuse` mount (mountinfo field 3, `MAJOR:MINOR`).
+fn fuse_connections(pid: u32) -> Vec<String> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_default();
+    info.lines()
+        .filter(|l| {
+            l.split_once(" - ")
+                .is_some_and(|(_, rest)| rest.starts_with("fuse ") || rest.starts_with("fuse."))
+        })
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .split_once(':')
+                .map(|(_, m)| m.to_string())
+        })
+        .collect()
 }
 
 /// Whether nobody holds the daemon lock `path` (marsd's flock on `ROOT/marsd.lock`).
