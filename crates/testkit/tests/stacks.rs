@@ -203,7 +203,12 @@ enum Resolve {
     LeaveJoin,
 }
 
+/// One scenario at a time in this binary: each runs two boxes, a filesystem and an
+/// application, and crashes a machine; two at once double the load on a small CI machine.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // STACKS_KEEP=1 keeps the directory (marsd logs, disks) for a failed run.
     let mut dir = Some(tmp());
     let kept;
