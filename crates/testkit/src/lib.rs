@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod repl;
 pub mod sdbox;
+pub mod sdnode;
 pub mod smallfs;
 pub mod wan;
 
