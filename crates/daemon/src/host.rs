@@ -318,9 +318,20 @@ impl Host {
         crate::peer::set_net_compressions(compressions);
         let window = Duration::from_millis(self.env.cfg.timing.alive_window);
         let me = &self.ident.host;
+        // The rule of `view`'s ALIVE: a member that neither answers us nor refreshes its stamp
+        // is gone before the window ends, so that `primary --force` does not count a crashed
+        // primary as reachable (and ask for confirmation) after `view` said NOT ALIVE.
+        let connected = self.cluster.connected_peers();
         let reachable: BTreeSet<HostName> = ages
             .iter()
-            .filter(|(h, a)| *h != me && **a <= window)
+            .filter(|(h, a)| {
+                *h != me
+                    && crate::meta::cluster::alive_for_view(
+                        Some(**a),
+                        connected.contains(*h),
+                        window,
+                    )
+            })
             .map(|(h, _)| h.clone())
             .collect();
         let pinning: BTreeSet<HostName> = ages

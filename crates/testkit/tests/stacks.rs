@@ -292,9 +292,10 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
             .as_array()
             .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
     });
-    // `view` says NOT ALIVE after 6 s of silence, but the forced switch counts a host as
-    // reachable for its alive window (10 s): until then it asks for a confirmation, saying "a
-    // is reachable". Retried here as an operator would after reading the message again.
+    // The forced switch counts a host as reachable by the same rule as `view`, but the
+    // resource learns of a change at the host's next measurement: a forced switch in between
+    // still asks for a confirmation, saying "a is reachable". Retried as an operator would
+    // after reading the message again.
     let start = Instant::now();
     loop {
         let o = b

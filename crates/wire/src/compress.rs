@@ -122,9 +122,11 @@ impl Methods {
         Methods(ms.iter().fold(0, |a, m| a | m.bit()))
     }
 
-    /// A hello's byte; bits of methods this build does not know are dropped.
+    /// A hello's byte as sent. Bits of methods this build does not know are kept, so that a
+    /// hello re-encodes to the bytes it came from; they never match a method here
+    /// ([`Methods::intersect`] with what is enabled drops them).
     pub fn from_bits(b: u8) -> Methods {
-        Methods(b & Self::ALL.0)
+        Methods(b)
     }
 
     pub fn bits(self) -> u8 {

@@ -230,10 +230,13 @@ impl Hello {
     /// chose, which must be one method it was offered (else the peer breaks the protocol).
     pub fn agreed(&self, answer: &Hello) -> Result<Option<Method>, Refusal> {
         let chosen = answer.methods.preferred();
+        // Exactly one method we offered, or none at all (an answer with only bits unknown
+        // here is neither).
         let ok = answer.version <= self.version
-            && (answer.methods.is_empty()
-                || (answer.methods == Methods::of(&[chosen.expect("not empty")])
-                    && self.methods.contains(chosen.expect("not empty"))));
+            && match chosen {
+                None => answer.methods.is_empty(),
+                Some(m) => answer.methods == Methods::of(&[m]) && self.methods.contains(m),
+            };
         if ok {
             Ok(chosen)
         } else {

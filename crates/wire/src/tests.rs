@@ -607,7 +607,40 @@ fn methods_from_the_setting() {
     );
     assert_eq!(Methods::from_setting("COMPRESS_LZO"), Methods::NONE);
     assert_eq!(Methods::ALL.preferred(), Some(Method::Lz4));
-    assert_eq!(Methods::from_bits(0xff), Methods::ALL);
+    // A peer's unknown bits are kept (the hello re-encodes as sent) but never used.
+    assert_eq!(Methods::from_bits(0xff).bits(), 0xff);
+    assert_eq!(
+        Methods::from_bits(0xfc).intersect(Methods::ALL),
+        Methods::NONE
+    );
+    assert_eq!(Methods::from_bits(0xfc).preferred(), None);
+}
+
+/// Found by the `wire_frame` fuzz target: a hello of a later version with bits this build does
+/// not know must decode to itself (it used to drop them), and an answer carrying only such bits
+/// is a protocol breach, not a panic.
+#[test]
+fn unknown_method_bits_round_trip_and_are_refused_as_an_answer() {
+    let host = HostName::new("a").unwrap();
+    let mut bytes = Hello::new(StreamKind::Fetch, ClusterId([7; 16]), host.clone())
+        .offering(Methods::ALL)
+        .encode();
+    *bytes.last_mut().unwrap() = 0xfc;
+    let (h, n) = Hello::decode(&bytes).unwrap().unwrap();
+    assert_eq!(n, bytes.len());
+    assert_eq!(h.encode(), bytes);
+    let ours = Hello::new(StreamKind::Fetch, ClusterId([7; 16]), host).offering(Methods::ALL);
+    assert!(ours.agreed(&h).is_err());
+    assert_eq!(
+        Hello::new(
+            StreamKind::Fetch,
+            ClusterId([7; 16]),
+            HostName::new("b").unwrap()
+        )
+        .answering(&h, Methods::ALL)
+        .methods,
+        Methods::NONE
+    );
 }
 
 /// Text and zeros, as a log of a filesystem might hold.
