@@ -36,13 +36,7 @@ MIB=1048576
 for t in qemu-io iperf3 jq bc numfmt tc ip cmp; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install qemu-utils iperf3 jq bc iproute2)"; exit 1; }
 done
-if [ -n "${MARS_BIN:-}" ]; then
-  BIN=$MARS_BIN
-else
-  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
-  BIN=${CARGO_TARGET_DIR:-$HERE/target}/release
-fi
-for b in marsd marsadm; do [ -x "$BIN/$b" ] || { echo "bench: $BIN/$b missing"; exit 1; }; done
+mars_binaries
 BURST_B=$(numfmt --from=iec "$BURST")
 [ $((BURST_B % MIB)) -eq 0 ] && [ "$BURST_B" -gt 0 ] || { echo "bench: BURST must be a multiple of 1M"; exit 1; }
 

@@ -8,23 +8,18 @@
 #
 #   bench/handover.sh [DIR]       DIR: where the files go (default /var/tmp).
 #
-# Env: HANDOVERS (10), PORT (17800), MARS_BIN (as bench/replication.sh), KEEP=1.
+# Env: HANDOVERS (10), PORT (17810), MARS_BIN (as bench/replication.sh), KEEP=1.
 set -euo pipefail
 PARENT=${1:-${BENCH_DIR:-/var/tmp}}
 HANDOVERS=${HANDOVERS:-10}
-PORT=${PORT:-17800}
+PORT=${PORT:-17810}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 . "$HERE/bench/lib.sh"
 
 for t in nbdcopy nbdkit jq bc; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install libnbd-bin nbdkit jq bc)"; exit 1; }
 done
-if [ -n "${MARS_BIN:-}" ]; then
-  BIN=$MARS_BIN
-else
-  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
-  BIN=${CARGO_TARGET_DIR:-$HERE/target}/release
-fi
+mars_binaries
 . "$HERE/bench/cluster.sh"
 
 mkdir -p "$PARENT"

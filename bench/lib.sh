@@ -23,3 +23,15 @@ calc() { echo "$*" | bc -l; }
 # median / min / max of the numbers given as arguments
 median() { printf '%s\n' "$@" | sort -g | awk '{v[NR] = $1} END {print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2)}'; }
 spread() { printf '%s\n' "$@" | sort -g | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f..%.2f", lo, hi}'; }
+
+# Sets BIN to MARS_BIN (prebuilt marsd and marsadm) or, when that is unset, to a release build
+# made here; fails when either binary is missing. HERE is the repository.
+mars_binaries() {
+  if [ -n "${MARS_BIN:-}" ]; then
+    BIN=$MARS_BIN
+  else
+    cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
+    BIN=${CARGO_TARGET_DIR:-$HERE/target}/release
+  fi
+  for b in marsd marsadm; do [ -x "$BIN/$b" ] || { echo "bench: $BIN/$b missing"; exit 1; }; done
+}

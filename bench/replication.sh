@@ -44,14 +44,8 @@ MIB=1048576
 for t in fio rsync nbdcopy nbdkit jq cmp shuf bc numfmt; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install fio rsync libnbd-bin nbdkit jq bc)"; exit 1; }
 done
-if [ -n "${MARS_BIN:-}" ]; then
-  BIN=$MARS_BIN
-else
-  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
-  BIN=${CARGO_TARGET_DIR:-$HERE/target}/release
-fi
+mars_binaries
 [ "$DROP_CACHES" != 1 ] || [ "$(id -u)" = 0 ] || { echo "bench: DROP_CACHES=1 needs root"; exit 1; }
-for b in marsd marsadm; do [ -x "$BIN/$b" ] || { echo "bench: $BIN/$b missing"; exit 1; }; done
 
 BURST_B=$(numfmt --from=iec "$BURST")
 SYNC_B=$(numfmt --from=iec "$SYNC_SIZE")

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use mars_testkit::repl::{eventually, join, tail, tmp, wait_uptodate};
 use mars_testkit::sdbox::{self, SdBox};
+use mars_testkit::sdnode::marsd_unit;
 use mars_testkit::{free_port, free_port_on, Host};
 
 const RES: &str = "web-1";
@@ -59,33 +60,6 @@ fn templates(dir: &Path, marks: &Path) {
         ),
     )
     .unwrap();
-}
-
-/// `dist/marsd.service` with our ExecStart and log file, without the network-online ordering
-/// (in a box sharing the host's network, that target could start the host's network setup).
-fn marsd_unit(exec_start: &str, log: &Path) -> String {
-    let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/marsd.service");
-    let text = std::fs::read_to_string(&dist).expect("dist/marsd.service");
-    let mut out = String::new();
-    for line in text.lines() {
-        if line.starts_with("Wants=") || line.starts_with("After=") {
-            continue;
-        }
-        if line.starts_with("ExecStart=") {
-            out += &format!("ExecStart={exec_start}\n");
-            continue;
-        }
-        out += line;
-        out.push('\n');
-        if line == "[Service]" {
-            out += &format!(
-                "StandardOutput=append:{0}\nStandardError=append:{0}\n",
-                log.display()
-            );
-        }
-    }
-    assert!(out.contains("Type=notify"), "dist/marsd.service: {text}");
-    out
 }
 
 fn start_node(t: &Path, name: &str, ip: &str, tpl: &Path) -> Node {
