@@ -1178,11 +1178,18 @@ mod tests {
         let _ = rx.read(&mut [0u8; 1]).await;
     }
 
-    struct Quiet;
+    /// The listener's upper layers for tests: plain TCP, every certified peer admitted, no
+    /// joins, never revoked. `serve` sends `data` and then 100 bytes as sync data when given,
+    /// else ends the stream at once.
+    struct Fake {
+        me: &'static str,
+        cluster: ClusterId,
+        data: Option<Vec<u8>>,
+    }
 
-    impl Handlers for Quiet {
+    impl Handlers for Fake {
         fn me(&self) -> (HostName, ClusterId) {
-            (HostName::new("a").unwrap(), ClusterId::UNKNOWN)
+            (HostName::new(self.me).unwrap(), self.cluster)
         }
         fn accepting(&self) -> Accepting {
             Accepting::Plain
@@ -1196,8 +1203,25 @@ mod tests {
         fn revoked(&self, _: HostName, _: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
             Box::pin(std::future::pending())
         }
-        fn serve(&self, _: StreamKind, _: Incoming) -> ServeFuture {
-            Box::pin(async { Ok(()) })
+        fn serve(&self, _: StreamKind, conn: Incoming) -> ServeFuture {
+            let Some(data) = self.data.clone() else {
+                return Box::pin(async { Ok(()) });
+            };
+            Box::pin(async move {
+                let Incoming {
+                    mut w,
+                    method,
+                    traffic,
+                    ..
+                } = conn;
+                let mut p = Packing::new(method, traffic);
+                for data in [data, vec![7u8; 100]] {
+                    let m = Message::SyncData { offset: 0, data };
+                    send_packed(&mut w, &mut p, m).await?;
+                }
+                w.flush().await?;
+                Ok(())
+            })
         }
     }
 
@@ -1214,7 +1238,15 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let at = l.local_addr().unwrap();
         let admission = Admission::new("test", 10, 2);
-        let server = tokio::spawn(listen_with(l, Arc::new(Quiet), admission.clone()));
+        let server = tokio::spawn(listen_with(
+            l,
+            Arc::new(Fake {
+                me: "a",
+                cluster: ClusterId::UNKNOWN,
+                data: None,
+            }),
+            admission.clone(),
+        ));
         let mut held = Vec::new();
         for _ in 0..2 {
             held.push(connect_from("127.0.0.1", at).await);
@@ -1347,44 +1379,6 @@ mod tests {
         );
     }
 
-    struct Serving(Vec<u8>);
-
-    impl Handlers for Serving {
-        fn me(&self) -> (HostName, ClusterId) {
-            (HostName::new("src").unwrap(), cluster_id())
-        }
-        fn accepting(&self) -> Accepting {
-            Accepting::Plain
-        }
-        fn admit(&self, _: HostName, _: String) -> CheckFuture {
-            Box::pin(async { Ok(()) })
-        }
-        fn join(&self, _: HostName, _: String, _: Vec<u8>, _: SocketAddr) -> JoinFuture {
-            Box::pin(async { Err("no".into()) })
-        }
-        fn revoked(&self, _: HostName, _: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {
-            Box::pin(std::future::pending())
-        }
-        fn serve(&self, _: StreamKind, conn: Incoming) -> ServeFuture {
-            let data = self.0.clone();
-            Box::pin(async move {
-                let Incoming {
-                    mut w,
-                    method,
-                    traffic,
-                    ..
-                } = conn;
-                let mut p = Packing::new(method, traffic);
-                for data in [data, vec![7u8; 100]] {
-                    let m = Message::SyncData { offset: 0, data };
-                    send_packed(&mut w, &mut p, m).await?;
-                }
-                w.flush().await?;
-                Ok(())
-            })
-        }
-    }
-
     /// Two hosts of this version with compression enabled: the hellos agree on lz4, the
     /// server packs what pays, the replica unpacks, both count what it saved.
     #[tokio::test]
@@ -1393,7 +1387,14 @@ mod tests {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
         let data = text(1 << 20);
-        let server = tokio::spawn(listen(l, Arc::new(Serving(data.clone()))));
+        let server = tokio::spawn(listen(
+            l,
+            Arc::new(Fake {
+                me: "src",
+                cluster: cluster_id(),
+                data: Some(data.clone()),
+            }),
+        ));
         let me = HostName::new("packed-replica").unwrap();
         let mut s = connect(&addr, &me, cluster_id(), StreamKind::Sync, None)
             .await
