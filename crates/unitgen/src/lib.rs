@@ -56,14 +56,17 @@ pub mod macros;
 pub mod markers;
 pub mod names;
 pub mod num;
+pub mod sprintf;
+pub mod view;
 
 pub use error::{Error, EscapeError, ExpandError, Location, MacroError, TemplateError};
 pub use escape::{escape, escape_path};
 pub use expand::Expander;
 pub use generate::{
-    host_vars, Config, GeneratedFile, Generation, Generator, Lookup, TargetDir, Template,
-    TemplateSet, UnitChoice, WantedUnit,
+    host_vars, host_vars_with, Config, GeneratedFile, Generation, Generator, Lookup, RunOptions,
+    TargetDir, Template, TemplateSet, UnitChoice, WantedUnit,
 };
-pub use macros::Vars;
+pub use macros::{Context, Vars};
 pub use markers::Markers;
 pub use names::{check_file_name, check_unit_name, BadUnitName};
+pub use view::{ResourceView, StateView, View};
