@@ -117,7 +117,8 @@ fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
     }
 }
 
-/// Loads the templates from `search_path` (see the module docs). Missing entries are skipped.
+/// Loads the templates and the user macro files from `search_path` (see the module docs).
+/// Missing entries are skipped.
 pub fn load_templates(search_path: &[PathBuf]) -> Result<TemplateSet, FsError> {
     let mut seen = BTreeSet::new();
     let mut list = Vec::new();
@@ -143,7 +144,8 @@ pub fn load_templates(search_path: &[PathBuf]) -> Result<TemplateSet, FsError> {
         }
     }
     // Names are unique by construction.
-    Ok(TemplateSet::new(list).unwrap_or_default())
+    let set = TemplateSet::new(list).unwrap_or_default();
+    Ok(set.with_macros(load_macros(search_path)?))
 }
 
 /// Most paths one `%get-glob{}`/`%foreach-glob{}` returns, and most directory entries it
@@ -518,6 +520,58 @@ pub fn stale_instances(dir: &Path, keep: &BTreeSet<String>) -> Result<Vec<Instan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// MARS's `get_macro`: `NAME.tpl` directly in a search-path entry, first hit wins,
+    /// comments and continuations gone, `\\n` a newline; templates beside them still load.
+    #[test]
+    fn macro_files() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(
+            a.path().join("m.tpl"),
+            "# a comment\n%{1} // note\n/* block\n */x\\ny \\\n   z\n",
+        )
+        .unwrap();
+        std::fs::write(b.path().join("m.tpl"), "second").unwrap();
+        std::fs::write(b.path().join("n.tpl"), "n").unwrap();
+        std::fs::create_dir(b.path().join("systemd-templates")).unwrap();
+        std::fs::write(b.path().join("systemd-templates/o.tpl"), "not a macro file").unwrap();
+        std::fs::write(b.path().join("systemd-templates/a.service"), "[Unit]\n").unwrap();
+        let path = [a.path().to_path_buf(), b.path().to_path_buf()];
+        let set = load_templates(&path).unwrap();
+        assert_eq!(set.len(), 1);
+        let m = set.macros();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["m", "n"]);
+        assert_eq!(m["m"], "\n%{1} \nx\ny z\n");
+    }
+
+    /// Perl's `glob` as `lamport_glob` uses it.
+    #[test]
+    fn globbing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().display().to_string();
+        for f in ["r1/x", "r2/x", "r10/y", ".hidden/x"] {
+            let f = d.path().join(f);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, "").unwrap();
+        }
+        std::os::unix::fs::symlink(".deleted", d.path().join("r3")).unwrap();
+        assert_eq!(
+            glob(&format!("{p}/r*/x")),
+            [format!("{p}/r1/x"), format!("{p}/r2/x")]
+        );
+        assert_eq!(
+            glob(&format!("{p}/r?")),
+            [format!("{p}/r1"), format!("{p}/r2")]
+        );
+        assert_eq!(glob(&format!("{p}/r[!1]*")), [format!("{p}/r2")]);
+        assert_eq!(glob(&format!("{p}/.h*/x")), [format!("{p}/.hidden/x")]);
+        assert_eq!(glob(&format!("{p}/*/z")), Vec::<String>::new());
+        assert_eq!(glob("a{b,c{d,e}}f {}"), ["abf", "acdf", "acef", "{}"]);
+        assert_eq!(glob(&format!("{p}/r3")), Vec::<String>::new());
+        assert_eq!(read_link(&format!("{p}/r3")).as_deref(), Some(""));
+        assert_eq!(read_link(&format!("{p}/r1")), None);
+    }
     use crate::generate::{Config, Generator, WantedUnit};
 
     #[test]

@@ -414,3 +414,64 @@ fn external_template_dir() {
         }
     }
 }
+
+/// Byte-identical to MARS's perl marsadm (mars0.1astable177): `data/perl/tpl/` run through
+/// `marsadm systemd-trigger-extern r1` on host `vm` (a fake `/mars` with
+/// `resource-r1/systemd-start-unit -> app-r1.service`; `MARS_PATH` = the template directory,
+/// which also holds the macro file `mymac.tpl`), its output in `data/perl/expected/` with the
+/// paths and the mtime replaced by placeholders. The template uses every MARS variable, an
+/// unset one, an unknown `@`-macro, `# ALSO=` spellings, a reference across a line end,
+/// `%sprintf`, `%human-seconds`, a macro file, `%callstack` and `%{0}`.
+#[test]
+fn byte_identical_to_mars_perl() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/perl");
+    let tpl = data.join("tpl");
+    let set = load_templates(std::slice::from_ref(&tpl)).unwrap();
+    assert!(set.check().is_empty(), "{:?}", set.check());
+    let out = tempfile::tempdir().unwrap();
+    let cfg = config(out.path());
+    let vars = mars_unitgen::host_vars_with(
+        "vm",
+        "/mars",
+        "10.0.0.1",
+        &mars_unitgen::RunOptions {
+            cmd: "systemd-trigger-extern".into(),
+            ..Default::default()
+        },
+    );
+    let generator = Generator::new(&set, &cfg, vars, vec!["r1".into()]);
+    let g = generator
+        .generate(&[WantedUnit {
+            res: "r1".into(),
+            unit: "app-r1.service".into(),
+        }])
+        .unwrap();
+    let file = g.get("app-r1.service").unwrap();
+    let expected = std::fs::read_to_string(data.join("expected/app-r1.service"))
+        .unwrap()
+        .replace("=TEMPLATES=", &tpl.display().to_string())
+        .replace("=UNITS=", &cfg.unit_dir)
+        .replace("=MTIME=", &file.mtime.to_string());
+    assert_eq!(file.content, expected);
+    assert_eq!(
+        g.warnings,
+        [
+            "variable 'nope' is undefined",
+            "systemd function 'foo' is undefined"
+        ]
+    );
+    // MARS warns "cannot find any systemd template" for these.
+    for u in [
+        "UNDEFINED(nope)",
+        "bar",
+        "extra.service",
+        "gap.service",
+        "x-r1.service",
+    ] {
+        assert!(
+            g.unresolved.contains(&u.to_string()),
+            "{u}: {:?}",
+            g.unresolved
+        );
+    }
+}
