@@ -44,16 +44,35 @@
 //! | `%tmp{x}` | evaluate in a copy of the variables |
 //! | `%warn{x}` `%dump-vars{}` | collected as warnings |
 //! | `%die{x}` | error |
+//! | `%sprintf{fmt}{a}…` (any name ending in `printf`) | Perl's `sprintf` ([`crate::sprintf`]); the format is **not** evaluated |
+//! | `%human-seconds{n}` `%human-numbers{unit}{delim}{unit-delim}{n}…` `%progress{len}{min}{mid}{max}` | MARS's number formats |
+//! | `%time{}` `%real-time{}` | now (`SECS.NANOS`, `SECS`) |
+//! | `%readlink{path}` `%get-glob{pattern}{var}{delim}` `%foreach-glob{pattern}{var}{body}` | symlinks and Perl's `glob` ([`crate::fs::glob`]) |
+//! | `%include{NAME}{args…}` `%call{NAME}{args…}` | a macro file, in the same scope / a copy of the variables |
+//! | `%callstack{}` | the `callstack` variable |
+//! | `%abort{}` `%return{}` `%stop-eval{}` | set the variable of that name to 1 (that is all they do in MARS) |
+//! | `%next{}` `%last{}` | set the variable and end the text being evaluated at its next call (MARS's `__return__`) |
 //!
-//! A `primitive-` prefix is accepted and ignored (MARS uses it to bypass user overrides).
-//! Not offered: MARS's view primitives (`%is-primary{}` …, they need `/mars`), `%include`/`%call`
-//! (need macro files), `%sprintf`, `%human-*`, `%progress`, time and link macros, and the control
-//! macros `%return`/`%abort`/`%next`/`%last`/`%stop-eval`. Calling them is an
-//! [`MacroError::UnknownMacro`] error.
+//! `%warn…` (any name starting with `warn`) is `%warn`. MARS spells most multi-word names with
+//! optional separators: `%human_seconds`, `%humanseconds` work too.
 //!
-//! Deviations from MARS, on purpose: an unknown variable is an error (MARS prints a warning and
-//! uses `""`); `%min`/`%max` return the minimum/maximum (MARS's code has them swapped); regular
-//! expressions are the `regex` crate's dialect (no look-around, no back-references).
+//! # Macro files, view macros
+//!
+//! Any other name is looked up as MARS's `eval_fn` does: first a user macro file `NAME.tpl`
+//! ([`Context::macros`]; it even overrides a builtin, `%primitive-NAME{}` bypasses it), run in
+//! the caller's scope with `0` = the name, `1`, `2`, … = the evaluated arguments, `callstack`
+//! extended by `,NAME` (restored after the call). Then MARS's view macros
+//! ([`crate::view`]): the ones a [`View`] answers give its value, the others are
+//! [`MacroError::Unavailable`] with the reason (state the generator is not given, `%setlink`
+//! would change state, `%sleep`/`%wait-…` would block, the complex macros print status pages).
+//! Anything else is [`MacroError::UnknownMacro`] (MARS dies there too).
+//!
+//! An unset variable is `""` in `%{…}` (as in MARS; `@{…}` writes `UNDEFINED(var)` with a
+//! warning, see [`crate::expand`]).
+//!
+//! Deviations from MARS, on purpose: `%min`/`%max` return the minimum/maximum (MARS's code has
+//! them swapped); regular expressions are the `regex` crate's dialect (no look-around, no
+//! back-references); an unclosed `{` is an error (MARS leaves such text as it is).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
