@@ -262,11 +262,6 @@ impl Systemd {
         Some(status)
     }
 
-    /// The variables templates see on this host, for MARS's command `systemd-trigger`.
-    pub fn vars(&self) -> Vars {
-        self.vars_for(&mars_unitgen::RunOptions::default())
-    }
-
     /// The variables templates see on this host when `opts.cmd` generates (MARS's `make_env`).
     pub fn vars_for(&self, opts: &mars_unitgen::RunOptions) -> Vars {
         host_vars(
@@ -289,11 +284,12 @@ impl Systemd {
             ..Default::default()
         };
         for r in self.resources.get().map(|f| f()).unwrap_or_default() {
-            let units = r
-                .systemd
-                .start_unit
-                .clone()
-                .map(|start| (start.clone(), r.systemd.stop().unwrap_or(&start).to_string()));
+            let units = r.systemd.start_unit.clone().map(|start| {
+                (
+                    start.clone(),
+                    r.systemd.stop().unwrap_or(&start).to_string(),
+                )
+            });
             view.resources.insert(
                 r.name,
                 mars_unitgen::ResourceView {
