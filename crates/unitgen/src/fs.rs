@@ -290,7 +290,7 @@ fn component_regex(pat: &str) -> Option<regex::Regex> {
                     chars.next();
                     class.push('^');
                 }
-                while let Some(d) = chars.next() {
+                for d in chars.by_ref() {
                     if d == ']' && !(class.is_empty() || class == "^") {
                         closed = true;
                         break;
@@ -357,6 +357,9 @@ pub fn glob(pattern: &str) -> Vec<String> {
                 let Some(re) = component_regex(comp) else {
                     continue;
                 };
+                if budget == 0 {
+                    break;
+                }
                 let dir = if base.is_empty() { "." } else { base.as_str() };
                 let Ok(entries) = std::fs::read_dir(dir) else {
                     continue;

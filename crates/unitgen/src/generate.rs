@@ -831,7 +831,6 @@ impl<'a> Generator<'a> {
             let l = lookup(None, &unit, &mut warnings);
             record(l, &unit, &mut files, &mut queue);
         }
-        drop(lookup);
         let mut files: Vec<GeneratedFile> = files.into_values().collect();
         files.sort_by(|a, b| natural_cmp(&a.name, &b.name));
         let mut seen = BTreeSet::new();
