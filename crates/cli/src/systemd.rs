@@ -63,7 +63,8 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
         .map(|p| absolute(p))
         .collect::<Result<Vec<_>>>()?;
     let templates = ufs::load_templates(&search).context("loading templates")?;
-    templates.check()?;
+    // Malformed templates are reported with the generation's errors and left out (MARS: one
+    // bad template does not stop the others).
     let own = [output.clone(), scripts.clone()];
     let system_dirs: Vec<PathBuf> = ufs::SYSTEM_UNIT_DIRS.iter().map(PathBuf::from).collect();
     let config = Config {
@@ -72,7 +73,12 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
         existing_units: ufs::existing_unit_names(&system_dirs, &own)?,
         ..Config::default()
     };
-    let vars = mars_unitgen::host_vars(&host, &root.display().to_string(), &args.ip);
+    // MARS's variables: `cmd` is the command being run.
+    let opts = mars_unitgen::RunOptions {
+        cmd: "systemd-generate".into(),
+        ..Default::default()
+    };
+    let vars = mars_unitgen::host_vars_with(&host, &root.display().to_string(), &args.ip, &opts);
     let generator = Generator::new(&templates, &config, vars, vec![res.to_string()]);
     let mut wanted = Vec::new();
     for u in &args.units {
@@ -90,6 +96,9 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
     let report = ufs::write_generated(&generation.files)?;
     for w in &generation.warnings {
         eprintln!("marsadm: template warning: {w}");
+    }
+    for e in &generation.errors {
+        eprintln!("marsadm: template left out: {e}");
     }
     for u in &generation.unresolved {
         eprintln!("marsadm: no template or unit provides {u}");
@@ -112,6 +121,7 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
             "files": files,
             "unresolved": generation.unresolved,
             "existing": generation.existing,
+            "errors": generation.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {

@@ -262,8 +262,8 @@ impl Systemd {
         Some(status)
     }
 
-    /// The variables templates see on this host.
-    pub fn vars(&self) -> Vars {
+    /// The variables templates see on this host when `opts.cmd` generates (MARS's `make_env`).
+    pub fn vars_for(&self, opts: &mars_unitgen::RunOptions) -> Vars {
         host_vars(
             self.ident.host.as_str(),
             self.settings
@@ -271,16 +271,54 @@ impl Systemd {
                 .as_deref()
                 .unwrap_or(&self.ident.root),
             &self.ident.advertised(),
+            opts,
         )
+    }
+
+    /// What MARS's view primitives in templates (`%get-primary{}`, `%todo-primary{}`,
+    /// `%is-member{}`, `%uuid{}`, …) see: this host's resources as the engine holds them.
+    pub fn state_view(&self) -> mars_unitgen::StateView {
+        let mut view = mars_unitgen::StateView {
+            host: self.ident.host.as_str().to_string(),
+            uuid: self.ident.cluster().map(|c| c.uuid),
+            ..Default::default()
+        };
+        for r in self.resources.get().map(|f| f()).unwrap_or_default() {
+            let units = r.systemd.start_unit.clone().map(|start| {
+                (
+                    start.clone(),
+                    r.systemd.stop().unwrap_or(&start).to_string(),
+                )
+            });
+            view.resources.insert(
+                r.name,
+                mars_unitgen::ResourceView {
+                    primary: r.primary,
+                    emergency: r.emergency,
+                    units,
+                },
+            );
+        }
+        view
     }
 
     /// Regenerates the units of every local resource with a configured stack (plus the plain
     /// templates and everything they reference), removes generated files no longer produced,
     /// and reloads systemd if anything changed.
     pub fn regenerate(&self) -> Result<Regenerated, SystemdError> {
+        // MARS regenerates when its watcher units run `marsadm systemd-trigger-extern`.
+        self.regenerate_as("systemd-trigger-extern")
+    }
+
+    /// [`Self::regenerate`] for the command `cmd` (the templates' `@{cmd}`).
+    pub fn regenerate_as(&self, cmd: &str) -> Result<Regenerated, SystemdError> {
         let _g = lock(&self.generating);
         let (resources, wanted) = self.wanted();
-        self.generate(resources, wanted)
+        let opts = mars_unitgen::RunOptions {
+            cmd: cmd.to_string(),
+            ..Default::default()
+        };
+        self.generate(resources, wanted, &opts)
     }
 
     /// The local resources and the units their stacks want, and every resource's watcher
@@ -311,7 +349,11 @@ impl Systemd {
     /// anything (`systemd-trigger --dry-run`): the unit names.
     pub fn preview(&self) -> Result<Vec<String>, SystemdError> {
         let (resources, wanted) = self.wanted();
-        let generation = self.generation(resources, wanted)?;
+        let opts = mars_unitgen::RunOptions {
+            dry_run: true,
+            ..Default::default()
+        };
+        let generation = self.generation(resources, wanted, &opts)?;
         Ok(generation.files.iter().map(|f| f.name.clone()).collect())
     }
 
@@ -319,6 +361,7 @@ impl Systemd {
         &self,
         resources: Vec<String>,
         wanted: Vec<WantedUnit>,
+        opts: &mars_unitgen::RunOptions,
     ) -> Result<mars_unitgen::Generation, SystemdError> {
         let s = &self.settings;
         let templates = ufs::load_templates(&s.search_path)?;
@@ -329,8 +372,9 @@ impl Systemd {
             existing_units: ufs::existing_unit_names(&s.system_unit_dirs, &own_dirs)?,
             ..GenConfig::default()
         };
-        let vars = self.vars();
-        let generator = Generator::new(&templates, &config, vars, resources.clone());
+        let vars = self.vars_for(opts);
+        let generator = Generator::new(&templates, &config, vars, resources.clone())
+            .with_view(Arc::new(self.state_view()));
         let mut wanted = wanted;
         for res in &resources {
             for unit in generator.watcher_units(res, &DEFAULT_WATCHER_UNITS)? {
@@ -347,10 +391,14 @@ impl Systemd {
         &self,
         resources: Vec<String>,
         wanted: Vec<WantedUnit>,
+        opts: &mars_unitgen::RunOptions,
     ) -> Result<Regenerated, SystemdError> {
         let s = &self.settings;
         let own_dirs = [s.unit_dir.clone(), s.scripts_dir.clone()];
-        let generation = self.generation(resources, wanted)?;
+        let generation = self.generation(resources, wanted, opts)?;
+        for e in &generation.errors {
+            tracing::error!("systemd templates: left out: {e}");
+        }
         // New files (MARS `__systemd_commit`: "new, to enable" and, ALWAYS_START, "new,
         // needs enable + start"); a file only modified is reloaded, nothing more.
         let new: BTreeSet<String> = generation
@@ -362,7 +410,14 @@ impl Systemd {
         let report = ufs::write_generated(&generation.files)?;
         let keep: BTreeSet<String> = generation.files.iter().map(|f| f.name.clone()).collect();
         let mut removed = Vec::new();
-        for dir in &own_dirs {
+        // With a template left out, its units are missing from this run but still wanted:
+        // nothing is removed then (MARS does not commit a run that failed either).
+        let own_dirs: &[PathBuf] = if generation.errors.is_empty() {
+            &own_dirs
+        } else {
+            &[]
+        };
+        for dir in own_dirs {
             for stale in ufs::stale_instances(dir, &keep)? {
                 // MARS: a deleted unit is stopped (unless KEEP_RUNNING) and disabled, then
                 // its file goes.
@@ -425,11 +480,18 @@ impl Systemd {
         for u in &generation.unresolved {
             tracing::debug!("systemd templates: no template or unit provides {u}");
         }
+        let mut warnings = generation.warnings;
+        warnings.extend(
+            generation
+                .errors
+                .iter()
+                .map(|e| format!("left out (no unit removed in this run): {e}")),
+        );
         Ok(Regenerated {
             changed: report.changed,
             unchanged: report.unchanged.len(),
             removed,
-            warnings: generation.warnings,
+            warnings,
         })
     }
 }
@@ -538,16 +600,21 @@ pub struct Regenerated {
     pub warnings: Vec<String>,
 }
 
-/// The variables templates see besides `res` and `resdir` (`mars_unitgen::host_vars`): `mars`
-/// is the root directory, which holds `resource-RES/` as `/mars` does in MARS; `ip` is the
-/// address peers reach this host at, without the port.
-pub fn host_vars(host: &str, root: &Path, advertised: &str) -> Vars {
+/// The variables templates see besides `res` and `resdir` (`mars_unitgen::host_vars_with`):
+/// `mars` is the root directory, which holds `resource-RES/` as `/mars` does in MARS; `ip` is
+/// the address peers reach this host at, without the port; the command-line ones from `opts`.
+pub fn host_vars(
+    host: &str,
+    root: &Path,
+    advertised: &str,
+    opts: &mars_unitgen::RunOptions,
+) -> Vars {
     let ip = advertised
         .rsplit_once(':')
         .map_or(advertised, |(ip, _)| ip)
         .trim_start_matches('[')
         .trim_end_matches(']');
-    mars_unitgen::host_vars(host, &root.display().to_string(), ip)
+    mars_unitgen::host_vars_with(host, &root.display().to_string(), ip, opts)
 }
 
 #[cfg(test)]

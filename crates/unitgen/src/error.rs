@@ -29,18 +29,25 @@ pub enum MacroError {
     /// A `{` that is never closed (braces nest; `\` escapes one character).
     #[error("unbalanced braces: '{{' is never closed")]
     UnclosedBrace,
-    /// `@foo{…}` with an unknown `foo`.
-    #[error(
-        "unknown @-macro '@{0}{{…}}' (known: @{{var}}, @escvar{{var}}, @esc{{text}}, @eval{{…}})"
-    )]
-    UnknownAtMacro(String),
-    /// `%foo{…}` with an unknown `foo` (MARS's view primitives need the /mars tree; they are
-    /// not available in templates here).
-    #[error("unknown %-macro '%{0}{{…}}'")]
+    /// `%foo{…}` with an unknown `foo`: neither a builtin, nor one of MARS's view macros, nor
+    /// a user macro file `foo.tpl` on the search path (MARS dies here too: "call to unknown
+    /// macro").
+    #[error("unknown %-macro '%{0}{{…}}' (no builtin, MARS view macro or macro file {0}.tpl)")]
     UnknownMacro(String),
-    /// `@{var}`, `@escvar{var}` or `%{var}` naming a variable that is not set.
-    #[error("unknown variable '{0}'")]
-    UnknownVariable(String),
+    /// `%include{foo}`/`%call{foo}` with no macro file `foo.tpl` on the search path (MARS:
+    /// "cannot find macro").
+    #[error("cannot find macro '{0}' (no file {0}.tpl on the template search path)")]
+    NoMacroFile(String),
+    /// One of MARS's view macros that the generator cannot answer: it needs state the
+    /// generator is not given, would change state, or would block (see
+    /// `docs/mars-compatibility.md`).
+    #[error("%{name}{{…}}: MARS's view macro is not available in templates here: {why}")]
+    Unavailable {
+        /// The macro as called.
+        name: String,
+        /// Why.
+        why: String,
+    },
     /// A macro call with a missing argument that has no sensible default.
     #[error("%{name}: missing argument {index}")]
     MissingArgument {

@@ -16,9 +16,10 @@
 //! | `@esc{text}` | `systemd-escape --path` of the *literal* text (not expanded, as in MARS) |
 //! | `@eval{…}` | the `%`-macro language ([`crate::macros`]); `%let` results stay visible to later `@{…}` |
 //!
-//! Any other name is an error, as is an unknown variable or an unclosed brace (MARS warns and
-//! carries on; a generator that silently writes `UNDEFINED(var)` into a unit is worse than one
-//! that refuses).
+//! As in MARS, an unset variable expands to `UNDEFINED(var)` and any other macro name to its
+//! body unchanged, each with a warning ([`Expander::warnings`]); the unit is still written. An
+//! unclosed brace is an error (MARS copies such text verbatim; here the template is reported
+//! and skipped, see [`crate::generate`]).
 //!
 //! # File-name patterns
 //!
@@ -33,15 +34,18 @@ use regex::Regex;
 
 use crate::error::{ExpandError, MacroError};
 use crate::escape::escape_path;
-use crate::macros::{find_close, Machine, Vars};
+use crate::macros::{find_close, Context, Machine, Vars};
 
 /// Expands `@`-constructs and runs `%`-macros over a set of variables; collects `%warn` output.
 #[derive(Debug, Clone, Default)]
 pub struct Expander {
     /// Variables; `%let` inside `@eval{}` changes them.
     pub vars: Vars,
-    /// Messages from `%warn{}`, `%dump-vars{}` and reserved escapes.
+    /// Messages from `%warn{}`, `%dump-vars{}`, reserved escapes, unset variables and unknown
+    /// `@`-macros.
     pub warnings: Vec<String>,
+    /// User macro files and the view of state the `%` language reaches.
+    pub ctx: Context,
 }
 
 fn is_ident_start(b: u8) -> bool {
@@ -54,6 +58,16 @@ impl Expander {
         Expander {
             vars,
             warnings: Vec::new(),
+            ctx: Context::default(),
+        }
+    }
+
+    /// An expander over `vars` with macro files and a view.
+    pub fn with_context(vars: Vars, ctx: Context) -> Self {
+        Expander {
+            vars,
+            warnings: Vec::new(),
+            ctx,
         }
     }
 
@@ -63,15 +77,20 @@ impl Expander {
     }
 
     fn eval_at(&mut self, origin: &str, text: &str, base: usize) -> Result<String, ExpandError> {
-        let mut m = Machine::new(&mut self.vars, &mut self.warnings, origin, base);
+        let mut m = Machine::new(&mut self.vars, &mut self.warnings, &self.ctx, origin, base);
         m.parse(text)
     }
 
-    fn lookup(&self, name: &str, offset: usize) -> Result<String, ExpandError> {
-        self.vars.get(name).cloned().ok_or(ExpandError {
-            offset,
-            kind: MacroError::UnknownVariable(name.to_string()),
-        })
+    /// `@{name}`: MARS's `UNDEFINED(name)` with a warning when unset.
+    fn lookup(&mut self, name: &str) -> String {
+        match self.vars.get(name) {
+            Some(v) => v.clone(),
+            None => {
+                self.warnings
+                    .push(format!("variable '{name}' is undefined"));
+                format!("UNDEFINED({name})")
+            }
+        }
     }
 
     /// Expands the `@`-constructs of `text` (a template body or file name).
@@ -107,7 +126,7 @@ impl Expander {
             let replacement = match name {
                 "" | "escvar" => {
                     let var = self.eval_at(body, body, body_at)?;
-                    let value = self.lookup(&var, i)?;
+                    let value = self.lookup(&var);
                     if name.is_empty() {
                         value
                     } else {
@@ -123,10 +142,10 @@ impl Expander {
                 })?,
                 "eval" => self.eval_at(body, body, body_at)?,
                 other => {
-                    return Err(ExpandError {
-                        offset: i,
-                        kind: MacroError::UnknownAtMacro(other.to_string()),
-                    })
+                    // MARS: "systemd function 'x' is undefined", and the body stays.
+                    self.warnings
+                        .push(format!("systemd function '{other}' is undefined"));
+                    body.to_string()
                 }
             };
             out.push_str(&replacement);
@@ -164,7 +183,7 @@ impl Expander {
 /// Checks the `@`-constructs of `text` without expanding them: braces close, the macro names
 /// exist, and the `%`-text inside passes [`crate::macros`]' syntax check. Finds malformed
 /// templates that a particular generation run would not instantiate.
-pub fn check_syntax(text: &str) -> Result<(), ExpandError> {
+pub fn check_syntax(text: &str, ctx: &Context) -> Result<(), ExpandError> {
     let b = text.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -186,15 +205,9 @@ pub fn check_syntax(text: &str) -> Result<(), ExpandError> {
             offset: j,
             kind: MacroError::UnclosedBrace,
         })?;
-        match &text[i + 1..j] {
-            "" | "escvar" | "eval" => crate::macros::check_syntax(&text[j + 1..close], j + 1, 0)?,
-            "esc" => {}
-            other => {
-                return Err(ExpandError {
-                    offset: i,
-                    kind: MacroError::UnknownAtMacro(other.to_string()),
-                })
-            }
+        // Unknown `@`-macros only warn when expanded (MARS keeps their body).
+        if let "" | "escvar" | "eval" = &text[i + 1..j] {
+            crate::macros::check_syntax(&text[j + 1..close], j + 1, 0, ctx)?;
         }
         i = close + 1;
     }
@@ -284,50 +297,66 @@ mod tests {
         assert_eq!(ex("@eval{%if{1}{{a{b}c}}{}}"), "{a{b}c}");
     }
 
+    /// MARS's `subst_systemd_vars`: an unset variable is `UNDEFINED(name)` and an unknown
+    /// `@`-macro its body, each with a warning (changed from errors: MARS's lenient expansion).
+    #[test]
+    fn lenient_like_mars() {
+        let mut e = Expander::new(vars());
+        assert_eq!(
+            e.expand("x\n@{nope}|@escvar{nope}|@foo{a-b}|%{x}").unwrap(),
+            "x\nUNDEFINED(nope)|UNDEFINED\\x28nope\\x29|a-b|%{x}"
+        );
+        assert_eq!(
+            e.warnings,
+            [
+                "variable 'nope' is undefined",
+                "variable 'nope' is undefined",
+                "systemd function 'foo' is undefined"
+            ]
+        );
+        // `%{undefined}` is "" without a warning, as in MARS.
+        let mut e = Expander::new(vars());
+        assert_eq!(e.expand("[@eval{%{undefined}}]").unwrap(), "[]");
+        assert!(e.warnings.is_empty());
+    }
+
     #[test]
     fn at_errors() {
-        assert_eq!(
-            err("x\n@{nope}").kind,
-            MacroError::UnknownVariable("nope".into())
-        );
-        assert_eq!(err("x\n@{nope}").offset, 2);
-        assert_eq!(
-            err("@foo{x}").kind,
-            MacroError::UnknownAtMacro("foo".into())
-        );
         assert_eq!(err("ab@{res").kind, MacroError::UnclosedBrace);
         assert_eq!(
             err("@esc{/a/../b}").kind,
             MacroError::Escape(crate::EscapeError::DotDot("/a/../b".into()))
         );
-        let e = err("line1\nline2 @eval{\n%let{x}{%{undefined}}}");
-        assert_eq!(e.kind, MacroError::UnknownVariable("undefined".into()));
+        let e = err("line1\nline2 @eval{\n%let{x}{%nosuch{}}}");
+        assert_eq!(e.kind, MacroError::UnknownMacro("nosuch".into()));
         assert_eq!(
-            crate::error::line_of("line1\nline2 @eval{\n%let{x}{%{undefined}}}", e.offset),
+            crate::error::line_of("line1\nline2 @eval{\n%let{x}{%nosuch{}}}", e.offset),
             3
         );
     }
 
     #[test]
     fn syntax_check() {
-        assert!(
-            check_syntax("@{res} @escvar{res} @esc{a-b} @eval{%let{x}{1}} foo@.service").is_ok()
-        );
+        let ctx = Context::default();
+        assert!(check_syntax(
+            "@{res} @escvar{res} @esc{a-b} @eval{%let{x}{1}} foo@.service @bad{x}",
+            &ctx
+        )
+        .is_ok());
         assert_eq!(
-            check_syntax("\n@bad{x}").unwrap_err(),
-            ExpandError {
-                offset: 1,
-                kind: MacroError::UnknownAtMacro("bad".into())
-            }
-        );
-        assert_eq!(
-            check_syntax("@eval{%nosuch{}}").unwrap_err().kind,
+            check_syntax("@eval{%nosuch{}}", &ctx).unwrap_err().kind,
             MacroError::UnknownMacro("nosuch".into())
         );
         assert_eq!(
-            check_syntax("@{x").unwrap_err().kind,
+            check_syntax("@{x", &ctx).unwrap_err().kind,
             MacroError::UnclosedBrace
         );
+        // A macro file makes the name known.
+        let ctx = Context {
+            macros: std::sync::Arc::new([("nosuch".to_string(), "x".to_string())].into()),
+            view: None,
+        };
+        assert!(check_syntax("@eval{%nosuch{}}", &ctx).is_ok());
     }
 
     #[test]

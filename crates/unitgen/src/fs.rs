@@ -7,6 +7,14 @@
 //! files named `*.<suffix>` with a recognised suffix ([`crate::generate::SUFFIXES`]) and not
 //! starting with `.` (a shell glob would not list them either) are templates; the first hit per
 //! file name wins.
+//!
+//! User macro files (MARS `get_macro`): `NAME.tpl` directly in a search-path entry (not in its
+//! `systemd-templates/`), the first hit per name wins; comments (`# …`, `// …`, `/* … */`)
+//! and backslash-newline continuations are removed and the two characters `\n` become a
+//! newline, as MARS reads them ([`load_macros`]).
+//!
+//! The `%readlink{}`, `%get-glob{}` and `%foreach-glob{}` macros read the file system through
+//! [`read_link`] and [`glob`].
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
@@ -109,7 +117,8 @@ fn mtime_secs(meta: &std::fs::Metadata) -> i64 {
     }
 }
 
-/// Loads the templates from `search_path` (see the module docs). Missing entries are skipped.
+/// Loads the templates and the user macro files from `search_path` (see the module docs).
+/// Missing entries are skipped.
 pub fn load_templates(search_path: &[PathBuf]) -> Result<TemplateSet, FsError> {
     let mut seen = BTreeSet::new();
     let mut list = Vec::new();
@@ -135,7 +144,256 @@ pub fn load_templates(search_path: &[PathBuf]) -> Result<TemplateSet, FsError> {
         }
     }
     // Names are unique by construction.
-    Ok(TemplateSet::new(list).unwrap_or_default())
+    let set = TemplateSet::new(list).unwrap_or_default();
+    Ok(set.with_macros(load_macros(search_path)?))
+}
+
+/// Most paths one `%get-glob{}`/`%foreach-glob{}` returns, and most directory entries it
+/// reads, so that a template cannot make the generator walk a whole disk.
+pub const MAX_GLOB: usize = 10_000;
+
+/// Largest macro file read.
+pub const MAX_MACRO_FILE: u64 = 1 << 20;
+
+/// MARS's `$match_comment`, what it strips from macro files.
+fn strip_comments(text: &str) -> String {
+    // Constant and valid; a failure would only leave comments in place.
+    match regex::Regex::new(r"#[^\n]*|//[ \t][^\n]*|/\*(?:[^*]|\*[^/])*\*/|\\\n\s*") {
+        Ok(re) => re.replace_all(text, "").replace("\\n", "\n"),
+        Err(_) => text.replace("\\n", "\n"),
+    }
+}
+
+/// The user macro files on `search_path` (see the module docs), by name.
+pub fn load_macros(
+    search_path: &[PathBuf],
+) -> Result<std::collections::BTreeMap<String, String>, FsError> {
+    let mut out = std::collections::BTreeMap::new();
+    for dir in search_path {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
+        let mut files = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(dir))?;
+            let Ok(file) = entry.file_name().into_string() else {
+                continue;
+            };
+            let Some(name) = file.strip_suffix(".tpl") else {
+                continue;
+            };
+            let path = entry.path();
+            if name.is_empty() || !path.is_file() || out.contains_key(name) {
+                continue;
+            }
+            files.push((name.to_string(), path));
+        }
+        for (name, path) in files {
+            let meta = std::fs::metadata(&path).map_err(io_err(&path))?;
+            if meta.len() > MAX_MACRO_FILE {
+                return Err(FsError::Io {
+                    path,
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("macro file larger than {MAX_MACRO_FILE} bytes"),
+                    ),
+                });
+            }
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let text = String::from_utf8(bytes).map_err(|_| FsError::NotUtf8(path.clone()))?;
+            out.insert(name, strip_comments(&text));
+        }
+    }
+    Ok(out)
+}
+
+/// MARS's `get_link(path, 1)`: the target of a symlink, `""` for `.deleted`; `None` when
+/// `path` is no symlink (MARS warns and uses `""`).
+pub fn read_link(path: &str) -> Option<String> {
+    let target = std::fs::read_link(path).ok()?;
+    let target = target.to_string_lossy().into_owned();
+    Some(if target == ".deleted" {
+        String::new()
+    } else {
+        target
+    })
+}
+
+/// `{a,b}` alternatives expanded (nested; an unbalanced or single-element brace stays).
+fn brace_expand(word: &str, out: &mut Vec<String>) {
+    if out.len() >= MAX_GLOB {
+        return;
+    }
+    let b = word.as_bytes();
+    let Some(open) = b.iter().position(|c| *c == b'{') else {
+        out.push(word.to_string());
+        return;
+    };
+    let mut depth = 0;
+    let mut commas = Vec::new();
+    let mut close = None;
+    for (i, c) in b.iter().enumerate().skip(open) {
+        match c {
+            b'{' => depth += 1,
+            b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    close = Some(i);
+                    break;
+                }
+            }
+            b',' if depth == 1 => commas.push(i),
+            _ => {}
+        }
+    }
+    let Some(close) = close else {
+        out.push(word.to_string());
+        return;
+    };
+    if commas.is_empty() {
+        // `{}` and `{x}` are literal in csh globbing; expand what follows.
+        let mut rest = Vec::new();
+        brace_expand(&word[close + 1..], &mut rest);
+        for r in rest {
+            out.push(format!("{}{r}", &word[..close + 1]));
+        }
+        return;
+    }
+    let mut bounds = vec![open];
+    bounds.extend(&commas);
+    bounds.push(close);
+    for w in bounds.windows(2) {
+        let alt = &word[w[0] + 1..w[1]];
+        brace_expand(
+            &format!("{}{alt}{}", &word[..open], &word[close + 1..]),
+            out,
+        );
+    }
+}
+
+fn has_magic(s: &str) -> bool {
+    s.contains(['*', '?', '['])
+}
+
+/// A glob component as an anchored regex (`*`, `?`, `[…]`; a leading `.` must be literal).
+fn component_regex(pat: &str) -> Option<regex::Regex> {
+    let mut re = String::from("^");
+    let mut chars = pat.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '*' => re.push_str("[^/]*"),
+            '?' => re.push_str("[^/]"),
+            '[' => {
+                let mut class = String::new();
+                let mut closed = false;
+                if chars.peek() == Some(&'!') || chars.peek() == Some(&'^') {
+                    chars.next();
+                    class.push('^');
+                }
+                for d in chars.by_ref() {
+                    if d == ']' && !(class.is_empty() || class == "^") {
+                        closed = true;
+                        break;
+                    }
+                    if d == '\\' || d == '[' || (d == ']') {
+                        class.push('\\');
+                    }
+                    class.push(d);
+                }
+                if !closed {
+                    return None;
+                }
+                re.push('[');
+                re.push_str(&class);
+                re.push(']');
+            }
+            c => re.push_str(&regex::escape(&c.to_string())),
+        }
+    }
+    re.push('$');
+    regex::Regex::new(&re).ok()
+}
+
+/// Perl's `glob` as MARS's `lamport_glob` uses it: the pattern is split at blanks, braces
+/// are expanded, a word without `*?[` is returned as it is, the others are matched
+/// directory by directory (sorted; names starting with `.` only by a pattern starting with
+/// `.`); symlinks to `.deleted` are left out. At most [`MAX_GLOB`] results.
+pub fn glob(pattern: &str) -> Vec<String> {
+    let mut words = Vec::new();
+    for w in pattern.split_ascii_whitespace() {
+        brace_expand(w, &mut words);
+    }
+    let mut out = Vec::new();
+    let mut budget = MAX_GLOB;
+    for w in words {
+        if !has_magic(&w) {
+            if !std::fs::read_link(&w).is_ok_and(|t| t.as_os_str() == ".deleted") {
+                out.push(w);
+            }
+            continue;
+        }
+        let absolute = w.starts_with('/');
+        let mut found = vec![if absolute {
+            "/".to_string()
+        } else {
+            String::new()
+        }];
+        for comp in w.split('/').filter(|c| !c.is_empty()) {
+            let mut next = Vec::new();
+            for base in &found {
+                let join = |n: &str| {
+                    if base.is_empty() {
+                        n.to_string()
+                    } else if base.ends_with('/') {
+                        format!("{base}{n}")
+                    } else {
+                        format!("{base}/{n}")
+                    }
+                };
+                if !has_magic(comp) {
+                    next.push(join(comp));
+                    continue;
+                }
+                let Some(re) = component_regex(comp) else {
+                    continue;
+                };
+                if budget == 0 {
+                    break;
+                }
+                let dir = if base.is_empty() { "." } else { base.as_str() };
+                let Ok(entries) = std::fs::read_dir(dir) else {
+                    continue;
+                };
+                let mut names = Vec::new();
+                for e in entries.flatten() {
+                    if budget == 0 {
+                        break;
+                    }
+                    budget -= 1;
+                    let Ok(n) = e.file_name().into_string() else {
+                        continue;
+                    };
+                    if n.starts_with('.') && !comp.starts_with('.') {
+                        continue;
+                    }
+                    if re.is_match(&n) {
+                        names.push(n);
+                    }
+                }
+                names.sort();
+                next.extend(names.iter().map(|n| join(n)));
+            }
+            found = next;
+        }
+        for p in found {
+            let deleted = std::fs::read_link(&p).is_ok_and(|t| t.as_os_str() == ".deleted");
+            if std::fs::symlink_metadata(&p).is_ok() && !deleted {
+                out.push(p);
+            }
+        }
+    }
+    out.truncate(MAX_GLOB);
+    out
 }
 
 /// Unit names found in `dirs` (missing ones skipped), except in `exclude` (our own output
@@ -265,6 +523,58 @@ pub fn stale_instances(dir: &Path, keep: &BTreeSet<String>) -> Result<Vec<Instan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// MARS's `get_macro`: `NAME.tpl` directly in a search-path entry, first hit wins,
+    /// comments and continuations gone, `\\n` a newline; templates beside them still load.
+    #[test]
+    fn macro_files() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        std::fs::write(
+            a.path().join("m.tpl"),
+            "# a comment\n%{1} // note\n/* block\n */x\\ny \\\n   z\n",
+        )
+        .unwrap();
+        std::fs::write(b.path().join("m.tpl"), "second").unwrap();
+        std::fs::write(b.path().join("n.tpl"), "n").unwrap();
+        std::fs::create_dir(b.path().join("systemd-templates")).unwrap();
+        std::fs::write(b.path().join("systemd-templates/o.tpl"), "not a macro file").unwrap();
+        std::fs::write(b.path().join("systemd-templates/a.service"), "[Unit]\n").unwrap();
+        let path = [a.path().to_path_buf(), b.path().to_path_buf()];
+        let set = load_templates(&path).unwrap();
+        assert_eq!(set.len(), 1);
+        let m = set.macros();
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["m", "n"]);
+        assert_eq!(m["m"], "\n%{1} \nx\ny z\n");
+    }
+
+    /// Perl's `glob` as `lamport_glob` uses it.
+    #[test]
+    fn globbing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().display().to_string();
+        for f in ["r1/x", "r2/x", "r10/y", ".hidden/x"] {
+            let f = d.path().join(f);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(f, "").unwrap();
+        }
+        std::os::unix::fs::symlink(".deleted", d.path().join("r3")).unwrap();
+        assert_eq!(
+            glob(&format!("{p}/r*/x")),
+            [format!("{p}/r1/x"), format!("{p}/r2/x")]
+        );
+        assert_eq!(
+            glob(&format!("{p}/r?")),
+            [format!("{p}/r1"), format!("{p}/r2")]
+        );
+        assert_eq!(glob(&format!("{p}/r[!1]*")), [format!("{p}/r2")]);
+        assert_eq!(glob(&format!("{p}/.h*/x")), [format!("{p}/.hidden/x")]);
+        assert_eq!(glob(&format!("{p}/*/z")), Vec::<String>::new());
+        assert_eq!(glob("a{b,c{d,e}}f {}"), ["abf", "acdf", "acef", "{}"]);
+        assert_eq!(glob(&format!("{p}/r3")), Vec::<String>::new());
+        assert_eq!(read_link(&format!("{p}/r3")).as_deref(), Some(""));
+        assert_eq!(read_link(&format!("{p}/r1")), None);
+    }
     use crate::generate::{Config, Generator, WantedUnit};
 
     #[test]

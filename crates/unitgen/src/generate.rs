@@ -11,11 +11,23 @@
 //! 3. Every unit referenced from a generated file (see [`DEPENDENCY_KEYS`] and `# ALSO=`) is
 //!    instantiated, transitively, trying every resource of the host in turn.
 //!
-//! Looking up a unit name: systemd's special units are skipped; names that an existing unit
-//! file provides are skipped (the caller supplies these names, excluding our own output
-//! directories); otherwise the templates are tried in natural order of their paths, and for each
-//! template every candidate resource, and the first whose name matches wins (see
-//! [`crate::Expander::match_name`]). Names nobody provides are reported as unresolved.
+//! Looking up a unit name (MARS `make_systemd_unit`): systemd's special units are skipped;
+//! otherwise the templates are tried in natural order of their paths, and for each template
+//! every candidate resource, and the first whose name matches wins (see
+//! [`crate::Expander::match_name`]). Only when no template provides the name does an existing
+//! unit file count (the caller supplies these names, excluding our own output directories):
+//! a template wins over a unit file of the same name elsewhere, as in MARS. Names nobody
+//! provides are reported as unresolved.
+//!
+//! # Bad templates
+//!
+//! As in MARS, one bad template does not stop the others: an unset variable becomes
+//! `UNDEFINED(var)` and an unknown `@`-macro its body, both with a warning
+//! ([`Generation::warnings`]). A template that is truly malformed (an unclosed brace, an unknown
+//! `%`-macro, `%die{}`, a runaway loop, …) is left out of the run with its error in
+//! [`Generation::errors`], also when the run would not need it; the other templates still
+//! generate. (MARS stops the whole run at the first `%`-macro error while expanding, and
+//! never looks at templates it does not need.)
 //!
 //! # Output format
 //!
@@ -41,7 +53,7 @@ use crate::error::{Error, Location, MacroError, TemplateError};
 use crate::escape::escape_path;
 use crate::expand::{is_pattern_name, Expander};
 use crate::macros::Vars;
-use crate::markers::{also_line, Markers};
+use crate::markers::Markers;
 
 /// Where MARS puts generated units (`$SYSTEMD_TARGET_DIR`).
 pub const DEFAULT_UNIT_DIR: &str = "/run/systemd/system";
@@ -160,16 +172,92 @@ pub const SPECIAL_UNITS: &[&str] = &[
     "system-update-cleanup.service",
 ];
 
-/// The host-wide variables templates see besides `res` and `resdir` (MARS's marsadm defines
-/// them): `host`, `mars` (the directory holding `resource-RES/`), `ip` (the host's address) and
-/// `cmd` (MARS: the marsadm command; `systemd-trigger`, the one that generates). `marsd` and
-/// `marsadm systemd-generate` both use this, so they write the same files.
+/// The command-line state MARS's `make_env` puts into every template's variables, with MARS's
+/// defaults ([`RunOptions::default`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunOptions {
+    /// `cmd` (also `0` and the start of `callstack`): the command being run. MARS generates
+    /// from `systemd-trigger`, `systemd-trigger-extern` (its watcher units), `set-systemd-unit`,
+    /// `leave-resource` and `delete-resource`.
+    pub cmd: String,
+    /// `real_host`: the machine's own name (MARS: `host` may be overridden by `--host=`).
+    pub real_host: Option<String>,
+    /// `timeout` (`--timeout=`, seconds; MARS's default 600).
+    pub timeout: i64,
+    /// `threshold` (`--threshold=`, bytes; default 10 MiB).
+    pub threshold: u64,
+    /// `window` (`--window=`, seconds; default 60).
+    pub window: u64,
+    /// `stuck-seconds` (`--stuck-seconds=`; default 3600).
+    pub stuck_seconds: u64,
+    /// `keep-backup-hours` (`--keep-backup-hours=`; default 168); `keep-backup-seconds` is
+    /// this times 3600.
+    pub keep_backup_hours: u64,
+    /// `force` (`--force`: 1, else 0).
+    pub force: bool,
+    /// `dry-run` (`--dry-run`: 1, else 0).
+    pub dry_run: bool,
+    /// `verbose` (the number of `--verbose`/`-v`).
+    pub verbose: u32,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            cmd: "systemd-trigger".into(),
+            real_host: None,
+            timeout: 600,
+            threshold: 10 * 1024 * 1024,
+            window: 60,
+            stuck_seconds: 3600,
+            keep_backup_hours: 24 * 7,
+            force: false,
+            dry_run: false,
+            verbose: 0,
+        }
+    }
+}
+
+/// The host-wide variables templates see besides `res` and `resdir`, with MARS's defaults for
+/// the command-line ones ([`host_vars_with`]).
 pub fn host_vars(host: &str, mars: &str, ip: &str) -> Vars {
+    host_vars_with(host, mars, ip, &RunOptions::default())
+}
+
+/// The host-wide variables as MARS's `make_env` sets them: `host`, `mars` (the directory
+/// holding `resource-RES/`), `ip` (the host's address), and from `opts` `cmd`, `0` and
+/// `callstack` (all the command), `real_host`, `timeout`, `threshold`, `window`,
+/// `stuck-seconds`, `keep-backup-hours`, `keep-backup-seconds`, `force`, `dry-run`, `verbose`.
+/// `marsd` and `marsadm systemd-generate` both use this, so they write the same files.
+pub fn host_vars_with(host: &str, mars: &str, ip: &str, opts: &RunOptions) -> Vars {
+    let flag = |b: bool| if b { "1" } else { "0" }.to_string();
     Vars::from([
         ("host".to_string(), host.to_string()),
         ("mars".to_string(), mars.to_string()),
         ("ip".to_string(), ip.to_string()),
-        ("cmd".to_string(), "systemd-trigger".to_string()),
+        ("cmd".to_string(), opts.cmd.clone()),
+        // MARS's `set_args` with the command as the macro name.
+        ("0".to_string(), opts.cmd.clone()),
+        ("callstack".to_string(), opts.cmd.clone()),
+        (
+            "real_host".to_string(),
+            opts.real_host.clone().unwrap_or_else(|| host.to_string()),
+        ),
+        ("timeout".to_string(), opts.timeout.to_string()),
+        ("threshold".to_string(), opts.threshold.to_string()),
+        ("window".to_string(), opts.window.to_string()),
+        ("stuck-seconds".to_string(), opts.stuck_seconds.to_string()),
+        (
+            "keep-backup-hours".to_string(),
+            opts.keep_backup_hours.to_string(),
+        ),
+        (
+            "keep-backup-seconds".to_string(),
+            opts.keep_backup_hours.saturating_mul(3600).to_string(),
+        ),
+        ("force".to_string(), flag(opts.force)),
+        ("dry-run".to_string(), flag(opts.dry_run)),
+        ("verbose".to_string(), opts.verbose.to_string()),
     ])
 }
 
@@ -223,10 +311,12 @@ impl Template {
     }
 }
 
-/// The templates, in the order MARS tries them (natural order of their paths).
+/// The templates, in the order MARS tries them (natural order of their paths), and the user
+/// macro files they may call.
 #[derive(Debug, Clone, Default)]
 pub struct TemplateSet {
     list: Vec<Template>,
+    macros: std::sync::Arc<BTreeMap<String, String>>,
 }
 
 impl TemplateSet {
@@ -240,7 +330,22 @@ impl TemplateSet {
             }
         }
         list.sort_by(|a, b| natural_cmp(&a.path, &b.path).then_with(|| a.name.cmp(&b.name)));
-        Ok(TemplateSet { list })
+        Ok(TemplateSet {
+            list,
+            macros: Default::default(),
+        })
+    }
+
+    /// The same templates with user macro files (`NAME` → text, see
+    /// [`crate::fs::load_macros`]).
+    pub fn with_macros(mut self, macros: BTreeMap<String, String>) -> TemplateSet {
+        self.macros = std::sync::Arc::new(macros);
+        self
+    }
+
+    /// The user macro files.
+    pub fn macros(&self) -> &BTreeMap<String, String> {
+        &self.macros
     }
 
     /// In matching order.
@@ -254,15 +359,17 @@ impl TemplateSet {
     }
 
     /// Checks every template's name and body for syntax errors (unclosed braces, unknown
-    /// `@`/`%` macros) without expanding them, so that a malformed template is reported even
-    /// when no generation run needs it.
-    pub fn check(&self) -> Result<(), TemplateError> {
-        for t in &self.list {
-            crate::expand::check_syntax(&t.name).map_err(|e| TemplateError::in_name(&t.path, e))?;
-            crate::expand::check_syntax(&t.text)
-                .map_err(|e| TemplateError::in_body(&t.path, &t.text, e))?;
-        }
-        Ok(())
+    /// `%`-macros) without expanding them, so that a malformed template is reported even
+    /// when no generation run needs it: one error per bad template.
+    pub fn check(&self) -> Vec<TemplateError> {
+        let ctx = crate::macros::Context {
+            macros: self.macros.clone(),
+            view: None,
+        };
+        self.list
+            .iter()
+            .filter_map(|t| check_one(t, &ctx).err())
+            .collect()
     }
 
     /// Number of templates.
@@ -274,6 +381,12 @@ impl TemplateSet {
     pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
+}
+
+fn check_one(t: &Template, ctx: &crate::macros::Context) -> Result<(), TemplateError> {
+    crate::expand::check_syntax(&t.name, ctx).map_err(|e| TemplateError::in_name(&t.path, e))?;
+    crate::expand::check_syntax(&t.text, ctx)
+        .map_err(|e| TemplateError::in_body(&t.path, &t.text, e))
 }
 
 /// Which directory a generated file belongs in.
@@ -330,7 +443,7 @@ pub struct GeneratedFile {
 }
 
 /// Result of one generation run.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Generation {
     /// Generated files, in natural name order.
     pub files: Vec<GeneratedFile>,
@@ -339,8 +452,12 @@ pub struct Generation {
     pub unresolved: Vec<String>,
     /// Wanted or referenced names provided by existing unit files, sorted.
     pub existing: Vec<String>,
-    /// `%warn{}` output and similar.
+    /// `%warn{}` output, unset variables (`UNDEFINED(var)`), unknown `@`-macros and similar,
+    /// each once.
     pub warnings: Vec<String>,
+    /// Templates left out of this run because they are malformed (see the module docs), each
+    /// once.
+    pub errors: Vec<TemplateError>,
 }
 
 impl Generation {
@@ -406,41 +523,61 @@ pub enum Lookup {
     NotFound,
 }
 
-/// The references of an expanded text: `(unit, 1-based line)`; path arguments (containing `/`)
-/// are `systemd-escape --path`ed like MARS does (so `RequiresMountsFor=/mars/uuid` refers to
-/// `mars-uuid`).
+/// MARS's reference regex over `$SYSTEMD_DEPENDENCIES` (the keys of [`DEPENDENCY_KEYS`] and
+/// `# ALSO`): `m/^\s*(KEYS)\s*=\s*(.*?)$/m`, matched successively over the text.
+fn refs_regex(keys: &str) -> regex::Regex {
+    let ws = r"[ \t\n\r\x0B\x0C]*";
+    let re = format!(r"(?m)^{ws}({keys}){ws}={ws}(.*?)$");
+    // Built from constant key names: always valid; the fallback matches nothing.
+    regex::Regex::new(&re).unwrap_or_else(|_| regex::Regex::new("[^\\s\\S]").expect("valid"))
+}
+
+/// The raw values of every reference of `text` with the byte offset of its line, in order.
+fn ref_values(text: &str, keys: &str) -> Vec<(usize, String)> {
+    let re = refs_regex(keys);
+    let mut out = Vec::new();
+    for caps in re.captures_iter(text) {
+        let Some(value) = caps.get(2) else { continue };
+        for v in value
+            .as_str()
+            .split(|c: char| c.is_ascii() && crate::markers::is_perl_space(c as u8))
+            .filter(|v| !v.is_empty())
+        {
+            out.push((value.start(), v.to_string()));
+        }
+    }
+    out
+}
+
+/// The unit names of the `# ALSO=` lines of `text`, in order (see [`crate::markers`]).
+pub fn also_refs(text: &str) -> Vec<String> {
+    ref_values(text, "# ALSO")
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// The references of an expanded text, in order, without duplicates; path arguments
+/// (containing `/`) are `systemd-escape --path`ed like MARS does (so
+/// `RequiresMountsFor=/mars/uuid` refers to `mars-uuid`).
 ///
-/// A reference line is `Key=value…` with optional blanks around the key and `=`, where `Key` is
-/// one of [`DEPENDENCY_KEYS`], or an `# ALSO=` marker line; values are whitespace-separated.
-/// (MARS's regex can run across an empty value into the next line; this is line-based.)
+/// Matched exactly as MARS does (`m/^\s*(KEYS|# ALSO)\s*=\s*(.*?)$/m`): a key of
+/// [`DEPENDENCY_KEYS`] or `# ALSO` at the start of a line after optional whitespace, `=` with
+/// optional whitespace around it, and the whitespace-separated values up to the end of the
+/// line. As in MARS, the whitespace may cross line ends: `After=` with nothing behind it takes
+/// the next line's first words. A path that cannot be escaped is an error with its
+/// 1-based line.
 pub fn scan_refs(text: &str) -> Result<Vec<String>, (usize, MacroError)> {
+    let keys = DEPENDENCY_KEYS.join("|") + "|# ALSO";
     let mut refs: Vec<String> = Vec::new();
-    for (n, line) in text.lines().enumerate() {
-        let values: Vec<String> = if let Some(also) = also_line(line) {
-            also
+    for (at, v) in ref_values(text, &keys) {
+        let unit = if v.contains('/') {
+            escape_path(&v).map_err(|e| (crate::error::line_of(text, at), MacroError::Escape(e)))?
         } else {
-            let t = line.trim_start();
-            let key_len = t
-                .find(|c: char| c == '=' || c.is_whitespace())
-                .unwrap_or(t.len());
-            let (key, rest) = t.split_at(key_len);
-            if !DEPENDENCY_KEYS.contains(&key) {
-                continue;
-            }
-            let Some(value) = rest.trim_start().strip_prefix('=') else {
-                continue;
-            };
-            value.split_whitespace().map(str::to_string).collect()
+            v
         };
-        for v in values {
-            let unit = if v.contains('/') {
-                escape_path(&v).map_err(|e| (n + 1, MacroError::Escape(e)))?
-            } else {
-                v
-            };
-            if !refs.contains(&unit) {
-                refs.push(unit);
-            }
+        if !refs.contains(&unit) {
+            refs.push(unit);
         }
     }
     Ok(refs)
@@ -478,6 +615,7 @@ pub struct Generator<'a> {
     config: &'a Config,
     vars: Vars,
     resources: Vec<String>,
+    ctx: crate::macros::Context,
 }
 
 impl<'a> Generator<'a> {
@@ -489,12 +627,27 @@ impl<'a> Generator<'a> {
         vars: Vars,
         resources: Vec<String>,
     ) -> Self {
+        let ctx = crate::macros::Context {
+            macros: templates.macros.clone(),
+            view: None,
+        };
         Generator {
             templates,
             config,
             vars,
             resources,
+            ctx,
         }
+    }
+
+    /// Answers MARS's view primitives (`%get-primary{}`, …) in templates from `view`.
+    pub fn with_view(mut self, view: std::sync::Arc<dyn crate::view::View>) -> Self {
+        self.ctx.view = Some(view);
+        self
+    }
+
+    fn expander(&self, res: &str) -> Expander {
+        Expander::with_context(self.resource_vars(res), self.ctx.clone())
     }
 
     /// The variables for resource `res`: the host's, plus `res` and `resdir`
@@ -516,7 +669,7 @@ impl<'a> Generator<'a> {
         patterns
             .iter()
             .map(|p| {
-                Expander::new(self.resource_vars(res))
+                self.expander(res)
                     .expand(p)
                     .map_err(|e| TemplateError::in_name(p, e))
             })
@@ -524,18 +677,26 @@ impl<'a> Generator<'a> {
     }
 
     /// Looks up and instantiates one unit name, for `res` or (with `None`) for every resource
-    /// of the host in turn. `%warn` output is appended to `warnings`.
+    /// of the host in turn. `%warn` output is appended to `warnings`. A template that fails
+    /// (in its name or body) is an error here; [`Self::generate`] skips it and goes on.
     pub fn lookup(
         &self,
         res: Option<&str>,
         unit: &str,
         warnings: &mut Vec<String>,
     ) -> Result<Lookup, TemplateError> {
+        self.lookup_in(res, unit, warnings, &BTreeSet::new())
+    }
+
+    fn lookup_in(
+        &self,
+        res: Option<&str>,
+        unit: &str,
+        warnings: &mut Vec<String>,
+        bad: &BTreeSet<String>,
+    ) -> Result<Lookup, TemplateError> {
         if self.config.special_units.contains(unit) {
             return Ok(Lookup::Special);
-        }
-        if self.config.existing_units.contains(unit) {
-            return Ok(Lookup::Existing);
         }
         // The name becomes a file name: one that could leave the unit directory is never
         // generated (see `names`).
@@ -549,18 +710,23 @@ impl<'a> Generator<'a> {
             None if self.resources.is_empty() => vec![UNDEFINED_RESOURCE.to_string()],
             None => self.resources.clone(),
         };
-        for t in self.templates.iter() {
+        for t in self.templates.iter().filter(|t| !bad.contains(&t.path)) {
             for r in &candidates {
-                let mut ex = Expander::new(self.resource_vars(r));
+                let mut ex = self.expander(r);
                 if ex
                     .match_name(&t.name, unit)
                     .map_err(|e| TemplateError::in_name(&t.path, e))?
                 {
+                    warnings.append(&mut ex.warnings);
                     let file = self.instantiate(t, r, unit, ex)?;
                     warnings.extend(file.1);
                     return Ok(Lookup::Generated(Box::new(file.0)));
                 }
             }
+        }
+        // MARS looks for an installed unit only after no template matched.
+        if self.config.existing_units.contains(unit) {
+            return Ok(Lookup::Existing);
         }
         Ok(Lookup::NotFound)
     }
@@ -610,6 +776,24 @@ impl<'a> Generator<'a> {
         let mut unresolved = BTreeSet::new();
         let mut existing = BTreeSet::new();
         let mut warnings = Vec::new();
+        // Malformed templates are left out (each reported once), also unused ones.
+        let mut errors = self.templates.check();
+        let mut bad: BTreeSet<String> = errors.iter().map(|e| e.template.clone()).collect();
+        // A lookup whose template fails: that template is left out, and the name is looked
+        // up again without it (as if the template were not there).
+        let mut lookup = |res: Option<&str>, unit: &str, warnings: &mut Vec<String>| loop {
+            match self.lookup_in(res, unit, warnings, &bad) {
+                Ok(l) => return l,
+                Err(e) => {
+                    let new = bad.insert(e.template.clone());
+                    errors.push(e);
+                    if !new {
+                        // Not a template of the set (cannot happen): give up on the name.
+                        return Lookup::NotFound;
+                    }
+                }
+            }
+        };
         let mut queue: VecDeque<String> = VecDeque::new();
         let mut record = |lookup: Lookup,
                           unit: &str,
@@ -630,13 +814,13 @@ impl<'a> Generator<'a> {
             Lookup::Special => {}
         };
         for t in self.templates.iter().filter(|t| !is_pattern_name(&t.name)) {
-            let l = self.lookup(Some(UNDEFINED_RESOURCE), &t.name, &mut warnings)?;
+            let l = lookup(Some(UNDEFINED_RESOURCE), &t.name, &mut warnings);
             record(l, &t.name, &mut files, &mut queue);
             done.insert(t.name.clone());
         }
         // An empty name is `set-systemd-unit RES ""` (no units): nothing to generate.
         for w in wanted.iter().filter(|w| !w.unit.is_empty()) {
-            let l = self.lookup(Some(&w.res), &w.unit, &mut warnings)?;
+            let l = lookup(Some(&w.res), &w.unit, &mut warnings);
             record(l, &w.unit, &mut files, &mut queue);
             done.insert(w.unit.clone());
         }
@@ -644,16 +828,19 @@ impl<'a> Generator<'a> {
             if !done.insert(unit.clone()) {
                 continue;
             }
-            let l = self.lookup(None, &unit, &mut warnings)?;
+            let l = lookup(None, &unit, &mut warnings);
             record(l, &unit, &mut files, &mut queue);
         }
         let mut files: Vec<GeneratedFile> = files.into_values().collect();
         files.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+        let mut seen = BTreeSet::new();
+        warnings.retain(|w| seen.insert(w.clone()));
         Ok(Generation {
             files,
             unresolved: unresolved.into_iter().collect(),
             existing: existing.into_iter().collect(),
             warnings,
+            errors,
         })
     }
 
@@ -662,7 +849,8 @@ impl<'a> Generator<'a> {
     pub fn marker_unit(&self, res: &str, marker: &str) -> Result<Option<String>, TemplateError> {
         for t in self.templates.iter() {
             if Markers::parse(&t.text).has(marker) {
-                let name = Expander::new(self.resource_vars(res))
+                let name = self
+                    .expander(res)
                     .expand(&t.name)
                     .map_err(|e| TemplateError::in_name(&t.path, e))?;
                 return Ok(Some(name));
@@ -900,63 +1088,141 @@ mod tests {
         assert!(leaf.content.ends_with("Description=^{x} for other\n"));
     }
 
+    /// MARS's lenient expansion: the unit is written with `UNDEFINED(var)` and a warning
+    /// (changed from an error that stopped the run).
     #[test]
-    fn errors_name_file_and_line() {
-        let t = set(&[("bad.service", "[Unit]\nDescription=@{nope}\n")]);
+    fn undefined_variables_warn() {
+        let t = set(&[("bad.service", "[Unit]\nDescription=@{nope} @{nope}\n")]);
         let config = Config::default();
-        let e = Generator::new(&t, &config, host(), vec![])
+        let out = Generator::new(&t, &config, host(), vec![])
             .generate(&[])
-            .unwrap_err();
-        assert_eq!(e.template, "bad.service");
-        assert_eq!(e.location, Location::Line(2));
-        assert_eq!(e.kind, MacroError::UnknownVariable("nope".into()));
-        assert_eq!(
-            e.to_string(),
-            "template bad.service (line 2): unknown variable 'nope'"
-        );
+            .unwrap();
+        assert!(out.files[0]
+            .content
+            .ends_with("Description=UNDEFINED(nope) UNDEFINED(nope)\n"));
+        assert_eq!(out.warnings, ["variable 'nope' is undefined"]);
+        assert!(out.errors.is_empty());
+    }
 
-        let t = set(&[("x-@foo{res}.service", "")]);
-        // Not needed by this run, so only the syntax check finds it.
-        assert!(Generator::new(&t, &config, host(), vec![])
+    /// One malformed template (used or not) is left out with its file and line; the others
+    /// still generate (changed from stopping the whole run).
+    #[test]
+    fn bad_templates_are_skipped() {
+        let t = set(&[
+            ("good.service", "[Unit]\nDescription=ok\n"),
+            ("y.service", "ok\n\n@eval{%if{1}{%nosuch{}}}\n"),
+            ("u-^{x}.service", "a\n@eval{%if{1}{x}\n"),
+            ("^{x}-die.service", "a\nb\n@eval{%let{x}{\n%die{boom}}}\n"),
+            ("^{y}.service", "[Unit]\nDescription=generic @{y}\n"),
+        ]);
+        let config = Config::default();
+        let g = Generator::new(&t, &config, host(), vec!["r".into()]);
+        let out = g
+            .generate(&[WantedUnit {
+                res: "r".into(),
+                unit: "q-die.service".into(),
+            }])
+            .unwrap();
+        let names: Vec<&str> = out.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["good.service", "q-die.service", "y.service"]);
+        // The failing templates were skipped; the next one that matches made the unit (also
+        // `y.service`, as if the bad plain template were not there).
+        assert_eq!(out.files[1].template, "^{y}.service");
+        assert_eq!(out.files[2].template, "^{y}.service");
+        let errors: Vec<(String, Location, MacroError)> = out
+            .errors
+            .iter()
+            .map(|e| (e.template.clone(), e.location, e.kind.clone()))
+            .collect();
+        assert_eq!(
+            errors,
+            [
+                (
+                    "u-^{x}.service".to_string(),
+                    Location::Line(2),
+                    MacroError::UnclosedBrace
+                ),
+                (
+                    "y.service".to_string(),
+                    Location::Line(3),
+                    MacroError::UnknownMacro("nosuch".into())
+                ),
+                (
+                    "^{x}-die.service".to_string(),
+                    Location::Line(4),
+                    MacroError::Die("boom".into())
+                ),
+            ]
+        );
+        assert_eq!(
+            out.errors[1].to_string(),
+            "template y.service (line 3): unknown %-macro '%nosuch{…}' (no builtin, MARS view \
+             macro or macro file nosuch.tpl)"
+        );
+        // The syntax check alone finds the first two.
+        assert_eq!(t.check().len(), 2);
+        // An unknown @-macro only warns and keeps its body, as in MARS.
+        let t = set(&[("x.service", "@foo{res}\n")]);
+        let out = Generator::new(&t, &config, host(), vec![])
             .generate(&[])
-            .is_ok());
-        let e = t.check().unwrap_err();
-        assert_eq!(
-            (e.location, e.kind),
-            (Location::Name, MacroError::UnknownAtMacro("foo".into()))
-        );
-        let wanted = [WantedUnit {
-            res: "r".into(),
-            unit: "x-r.service".into(),
-        }];
-        let e = Generator::new(&t, &config, host(), vec![])
-            .generate(&wanted)
-            .unwrap_err();
-        assert_eq!(e.location, Location::Name);
-        let t = set(&[("y.service", "ok\n\n@eval{%if{1}{%nosuch{}}}\n")]);
-        let e = t.check().unwrap_err();
-        assert_eq!(
-            (e.location, e.kind),
-            (Location::Line(3), MacroError::UnknownMacro("nosuch".into()))
-        );
+            .unwrap();
+        assert!(out.files[0].content.ends_with("###\nres\n"));
+        assert_eq!(out.warnings, ["systemd function 'foo' is undefined"]);
+    }
 
-        let t = set(&[("u.service", "a\nb\n@eval{%let{x}{\n%nosuch{1}}}\n")]);
-        let e = Generator::new(&t, &config, host(), vec![])
+    /// MARS's `make_systemd_unit` tries the templates first; an installed unit file of the
+    /// same name only counts when no template provides the name (changed: the unit file used
+    /// to shadow the template).
+    #[test]
+    fn templates_win_over_existing_units() {
+        let t = set(&[
+            ("app.service", "[Unit]\nAfter=ext.mount other.mount\n"),
+            ("ext.mount", "[Mount]\n"),
+        ]);
+        let config = Config {
+            existing_units: ["ext.mount".to_string(), "other.mount".to_string()].into(),
+            ..Config::default()
+        };
+        let out = Generator::new(&t, &config, host(), vec![])
             .generate(&[])
-            .unwrap_err();
-        assert_eq!(
-            (e.location, e.kind),
-            (Location::Line(4), MacroError::UnknownMacro("nosuch".into()))
-        );
+            .unwrap();
+        let names: Vec<&str> = out.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["app.service", "ext.mount"]);
+        assert_eq!(out.existing, ["other.mount"]);
+    }
 
-        let t = set(&[("u.service", "a\n@eval{%if{1}{x}\n")]);
-        let e = Generator::new(&t, &config, host(), vec![])
-            .generate(&[])
-            .unwrap_err();
-        assert_eq!(
-            (e.location, e.kind),
-            (Location::Line(2), MacroError::UnclosedBrace)
+    /// The variables MARS's `make_env` sets, with its defaults.
+    #[test]
+    fn mars_variables() {
+        let v = host_vars("h", "/mars", "10.0.0.1");
+        let get = |k: &str| v.get(k).map(String::as_str);
+        assert_eq!(get("cmd"), Some("systemd-trigger"));
+        assert_eq!(get("0"), Some("systemd-trigger"));
+        assert_eq!(get("callstack"), Some("systemd-trigger"));
+        assert_eq!(get("real_host"), Some("h"));
+        assert_eq!(get("timeout"), Some("600"));
+        assert_eq!(get("threshold"), Some("10485760"));
+        assert_eq!(get("window"), Some("60"));
+        assert_eq!(get("stuck-seconds"), Some("3600"));
+        assert_eq!(get("keep-backup-hours"), Some("168"));
+        assert_eq!(get("keep-backup-seconds"), Some("604800"));
+        assert_eq!(get("force"), Some("0"));
+        assert_eq!(get("dry-run"), Some("0"));
+        assert_eq!(get("verbose"), Some("0"));
+        let v = host_vars_with(
+            "h",
+            "/mars",
+            "",
+            &RunOptions {
+                cmd: "systemd-trigger-extern".into(),
+                dry_run: true,
+                verbose: 2,
+                ..RunOptions::default()
+            },
         );
+        assert_eq!(v["cmd"], "systemd-trigger-extern");
+        assert_eq!(v["callstack"], "systemd-trigger-extern");
+        assert_eq!((v["dry-run"].as_str(), v["verbose"].as_str()), ("1", "2"));
     }
 
     #[test]

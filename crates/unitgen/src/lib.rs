@@ -16,18 +16,24 @@
 //!    set by `%let` are visible to later `@{v}`.
 //! 3. **`^{var}` captures** in file names only: a template `^{mnt}-@escvar{res}-delay.service`
 //!    provides every unit named `<anything>-my\x2dres-delay.service`, binding `mnt`.
-//! 4. **Markers** ([`markers`]): comment lines `# ALWAYS_START`, `# KEEP_RUNNING`,
+//! 4. **Markers** ([`markers`], matched as MARS's prefix regex): `# ALWAYS_START`, `# KEEP_RUNNING`,
 //!    `# ALWAYS_DISABLED`, `# <NAME>_START`, `# <NAME>_STOP`, `# ALSO=<unit>`.
 //! 5. **References** ([`generate::scan_refs`]): `Requires=`, `After=`, `Unit=`, … and `# ALSO=`
 //!    name units that are generated too, transitively ([`generate::Generator::generate`]).
 //!
-//! Variables: whatever the caller passes (MARS: `cmd`, `host`, `mars`, `ip`, …) plus `res` and
-//! `resdir` per resource ([`generate::Generator::resource_vars`]).
+//! Variables: MARS's `make_env` set ([`generate::host_vars_with`]: `cmd`, `host`, `real_host`,
+//! `mars`, `ip`, `timeout`, `threshold`, `window`, `stuck-seconds`, `keep-backup-hours`,
+//! `keep-backup-seconds`, `force`, `dry-run`, `verbose`, `callstack`, `0`) plus `res` and
+//! `resdir` per resource ([`generate::Generator::resource_vars`]). User macro files `NAME.tpl`
+//! on the search path are loaded with the templates ([`fs::load_macros`]); MARS's view macros
+//! are answered through a [`View`] the caller passes ([`view`]).
 //!
-//! Malformed templates (unclosed braces, unknown macros or variables, bad `%` arguments) are
-//! errors naming the file and line ([`TemplateError`]); MARS merely warns and writes
-//! `UNDEFINED(var)` into the unit. No input makes the crate panic (tested with proptest);
-//! runaway macro programs stop at [`macros::MAX_STEPS`], [`macros::MAX_DEPTH`] and
+//! Expansion is lenient where MARS's is: an unset variable becomes `UNDEFINED(var)` and an
+//! unknown `@`-macro its body, with a warning. A truly malformed template (unclosed brace,
+//! unknown `%`-macro, `%die`, …) is an error naming the file and line ([`TemplateError`]); a
+//! generation run leaves that template out and still generates the others
+//! ([`Generation::errors`]). No input makes the crate panic (tested with proptest); runaway
+//! macro programs stop at [`macros::MAX_STEPS`], [`macros::MAX_DEPTH`] and
 //! [`macros::MAX_LEN`].
 //!
 //! # Example
@@ -56,14 +62,17 @@ pub mod macros;
 pub mod markers;
 pub mod names;
 pub mod num;
+pub mod sprintf;
+pub mod view;
 
 pub use error::{Error, EscapeError, ExpandError, Location, MacroError, TemplateError};
 pub use escape::{escape, escape_path};
 pub use expand::Expander;
 pub use generate::{
-    host_vars, Config, GeneratedFile, Generation, Generator, Lookup, TargetDir, Template,
-    TemplateSet, UnitChoice, WantedUnit,
+    host_vars, host_vars_with, Config, GeneratedFile, Generation, Generator, Lookup, RunOptions,
+    TargetDir, Template, TemplateSet, UnitChoice, WantedUnit,
 };
-pub use macros::Vars;
+pub use macros::{Context, Vars};
 pub use markers::Markers;
 pub use names::{check_file_name, check_unit_name, BadUnitName};
+pub use view::{ResourceView, StateView, View};

@@ -44,23 +44,44 @@
 //! | `%tmp{x}` | evaluate in a copy of the variables |
 //! | `%warn{x}` `%dump-vars{}` | collected as warnings |
 //! | `%die{x}` | error |
+//! | `%sprintf{fmt}{a}…` (any name ending in `printf`) | Perl's `sprintf` ([`crate::sprintf`]); the format is **not** evaluated |
+//! | `%human-seconds{n}` `%human-numbers{unit}{delim}{unit-delim}{n}…` `%progress{len}{min}{mid}{max}` | MARS's number formats |
+//! | `%time{}` `%real-time{}` | now (`SECS.NANOS`, `SECS`) |
+//! | `%readlink{path}` `%get-glob{pattern}{var}{delim}` `%foreach-glob{pattern}{var}{body}` | symlinks and Perl's `glob` ([`crate::fs::glob`]) |
+//! | `%include{NAME}{args…}` `%call{NAME}{args…}` | a macro file, in the same scope / a copy of the variables |
+//! | `%callstack{}` | the `callstack` variable |
+//! | `%abort{}` `%return{}` `%stop-eval{}` | set the variable of that name to 1 (that is all they do in MARS) |
+//! | `%next{}` `%last{}` | set the variable and end the text being evaluated at its next call (MARS's `__return__`) |
 //!
-//! A `primitive-` prefix is accepted and ignored (MARS uses it to bypass user overrides).
-//! Not offered: MARS's view primitives (`%is-primary{}` …, they need `/mars`), `%include`/`%call`
-//! (need macro files), `%sprintf`, `%human-*`, `%progress`, time and link macros, and the control
-//! macros `%return`/`%abort`/`%next`/`%last`/`%stop-eval`. Calling them is an
-//! [`MacroError::UnknownMacro`] error.
+//! `%warn…` (any name starting with `warn`) is `%warn`. MARS spells most multi-word names with
+//! optional separators: `%human_seconds`, `%humanseconds` work too.
 //!
-//! Deviations from MARS, on purpose: an unknown variable is an error (MARS prints a warning and
-//! uses `""`); `%min`/`%max` return the minimum/maximum (MARS's code has them swapped); regular
-//! expressions are the `regex` crate's dialect (no look-around, no back-references).
+//! # Macro files, view macros
+//!
+//! Any other name is looked up as MARS's `eval_fn` does: first a user macro file `NAME.tpl`
+//! ([`Context::macros`]; it even overrides a builtin, `%primitive-NAME{}` bypasses it), run in
+//! the caller's scope with `0` = the name, `1`, `2`, … = the evaluated arguments, `callstack`
+//! extended by `,NAME` (restored after the call). Then MARS's view macros
+//! ([`crate::view`]): the ones a [`View`] answers give its value, the others are
+//! [`MacroError::Unavailable`] with the reason (state the generator is not given, `%setlink`
+//! would change state, `%sleep`/`%wait-…` would block, the complex macros print status pages).
+//! Anything else is [`MacroError::UnknownMacro`] (MARS dies there too).
+//!
+//! An unset variable is `""` in `%{…}` (as in MARS; `@{…}` writes `UNDEFINED(var)` with a
+//! warning, see [`crate::expand`]).
+//!
+//! Deviations from MARS, on purpose: `%min`/`%max` return the minimum/maximum (MARS's code has
+//! them swapped); regular expressions are the `regex` crate's dialect (no look-around, no
+//! back-references); an unclosed `{` is an error (MARS leaves such text as it is).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use regex::{Regex, RegexBuilder};
 
 use crate::error::{ExpandError, MacroError};
 use crate::num::Num;
+use crate::view::{self, View};
 
 /// Variables visible to `@{…}` and `%{…}`.
 pub type Vars = BTreeMap<String, String>;
@@ -73,6 +94,63 @@ pub const MAX_STEPS: u64 = 1_000_000;
 pub const MAX_LEN: usize = 16 << 20;
 /// Maximum field index of `%set`.
 pub const MAX_FIELDS: usize = 100_000;
+
+/// What the `%` language reaches besides its variables.
+#[derive(Debug, Clone, Default)]
+pub struct Context {
+    /// User macro files by name (MARS: `NAME.tpl` in a search-path entry, read by
+    /// [`crate::fs::load_macros`]). `%NAME{…}` runs one in the caller's scope (before any
+    /// builtin of that name, as in MARS; `%primitive-NAME{…}` bypasses it), `%include{NAME}{…}`
+    /// likewise, `%call{NAME}{…}` in a copy of the variables.
+    pub macros: Arc<BTreeMap<String, String>>,
+    /// Answers MARS's view primitives (`%get-primary{}`, …); `None`: none offered.
+    pub view: Option<Arc<dyn View>>,
+}
+
+/// The builtins MARS's language spells with optional separators or by prefix/suffix, beyond
+/// [`BUILTINS`], by canonical name.
+const EXTRA_BUILTINS: &[&str] = &[
+    "callstack",
+    "abort",
+    "return",
+    "stop-eval",
+    "next",
+    "last",
+    "include",
+    "call",
+    "human-seconds",
+    "human-number",
+    "human-numbers",
+    "progress",
+    "time",
+    "real-time",
+    "readlink",
+    "get-glob",
+    "foreach-glob",
+];
+
+fn squash(s: &str) -> String {
+    s.chars().filter(|c| *c != '-' && *c != '_').collect()
+}
+
+/// The canonical name of an [`EXTRA_BUILTINS`] spelling (`human_seconds` → `human-seconds`).
+fn extra_builtin(name: &str) -> Option<&'static str> {
+    let s = squash(name);
+    EXTRA_BUILTINS.iter().find(|b| squash(b) == s).copied()
+}
+
+/// Whether `%name{…}` calls something: a user macro, a builtin, or one of MARS's view macros
+/// (which may still be [`MacroError::Unavailable`] when run).
+pub fn is_known_macro(name: &str, ctx: &Context) -> bool {
+    let primitive = name.starts_with("primitive");
+    let bare = strip_primitive(name);
+    (!primitive && ctx.macros.contains_key(bare))
+        || BUILTINS.contains(&bare)
+        || extra_builtin(bare).is_some()
+        || bare.ends_with("printf")
+        || bare.starts_with("warn")
+        || view::canonical(bare).is_some()
+}
 
 /// Finds the `}` closing the `{` at `open` (byte index), honouring nesting and `\` escapes.
 pub(crate) fn find_close(text: &str, open: usize) -> Option<usize> {
@@ -174,7 +252,12 @@ fn strip_primitive(name: &str) -> &str {
 /// Checks `%`-text without evaluating it: every `{` closes and every called macro exists
 /// (arguments are checked recursively, except `%protect`'s, which are data). `base` is the
 /// offset of `text` in the caller's text, for the error.
-pub(crate) fn check_syntax(text: &str, base: usize, depth: usize) -> Result<(), ExpandError> {
+pub(crate) fn check_syntax(
+    text: &str,
+    base: usize,
+    depth: usize,
+    ctx: &Context,
+) -> Result<(), ExpandError> {
     let err = |at: usize, kind| {
         Err(ExpandError {
             offset: base + at,
@@ -198,8 +281,9 @@ pub(crate) fn check_syntax(text: &str, base: usize, depth: usize) -> Result<(), 
                     i += 1;
                     continue;
                 }
-                let name = strip_primitive(&text[i + 1..j]);
-                if !BUILTINS.contains(&name) {
+                let full = &text[i + 1..j];
+                let name = strip_primitive(full);
+                if !is_known_macro(full, ctx) {
                     return err(i, MacroError::UnknownMacro(name.to_string()));
                 }
                 let mut k = j;
@@ -207,8 +291,10 @@ pub(crate) fn check_syntax(text: &str, base: usize, depth: usize) -> Result<(), 
                     let Some(close) = find_close(text, k) else {
                         return err(k, MacroError::UnclosedBrace);
                     };
-                    if name != "protect" {
-                        check_syntax(&text[k + 1..close], base + k + 1, depth + 1)?;
+                    // `%protect`'s and `%sprintf`'s first argument are data.
+                    let data = name == "protect" || (name.ends_with("printf") && k == j);
+                    if !data {
+                        check_syntax(&text[k + 1..close], base + k + 1, depth + 1, ctx)?;
                     }
                     k = close + 1;
                 }
@@ -236,6 +322,10 @@ fn boolean(b: bool) -> String {
 pub(crate) struct Machine<'a> {
     pub vars: &'a mut Vars,
     pub warnings: &'a mut Vec<String>,
+    ctx: &'a Context,
+    /// MARS's `__return__`: set by `%next{}`/`%last{}`, makes the innermost text being
+    /// evaluated stop at its next macro call or its end (dropping the rest).
+    ret: bool,
     /// The outermost text, to turn slices back into offsets for error messages.
     origin: &'a str,
     /// Offset of `origin` in the caller's text.
@@ -250,12 +340,15 @@ impl<'a> Machine<'a> {
     pub fn new(
         vars: &'a mut Vars,
         warnings: &'a mut Vec<String>,
+        ctx: &'a Context,
         origin: &'a str,
         base: usize,
     ) -> Self {
         Machine {
             vars,
             warnings,
+            ctx,
+            ret: false,
             origin,
             base,
             fallback: base,
@@ -311,6 +404,8 @@ impl<'a> Machine<'a> {
     fn parse_inner(&mut self, text: &str) -> Result<String, ExpandError> {
         let b = text.as_bytes();
         let mut out = String::new();
+        // MARS restores `callstack` after every call made from this text.
+        let callstack = self.vars.get("callstack").cloned();
         let mut i = 0;
         let mut plain = 0; // start of pending verbatim text
         while i < b.len() {
@@ -348,6 +443,9 @@ impl<'a> Machine<'a> {
                         i += 1;
                         continue;
                     }
+                    if std::mem::take(&mut self.ret) {
+                        return Ok(out);
+                    }
                     out.push_str(&text[plain..i]);
                     let name = &text[i + 1..j];
                     let mut args = Vec::new();
@@ -367,6 +465,10 @@ impl<'a> Machine<'a> {
                     let r = self.call(name, &args, text, i);
                     self.fallback = saved;
                     let r = r?;
+                    match &callstack {
+                        Some(c) => self.vars.insert("callstack".into(), c.clone()),
+                        None => self.vars.remove("callstack"),
+                    };
                     out.push_str(&r);
                     self.check_len(text, i, &out)?;
                     i = k;
@@ -374,6 +476,9 @@ impl<'a> Machine<'a> {
                 }
                 _ => i += 1,
             }
+        }
+        if std::mem::take(&mut self.ret) {
+            return Ok(out);
         }
         out.push_str(&text[plain..]);
         Ok(out)
@@ -458,11 +563,9 @@ impl<'a> Machine<'a> {
         Ok(fields)
     }
 
-    fn get_var(&self, name: &str, s: &str, pos: usize) -> Result<String, ExpandError> {
-        self.vars
-            .get(name)
-            .cloned()
-            .ok_or_else(|| self.err(s, pos, MacroError::UnknownVariable(name.to_string())))
+    /// `%{name}`: an unset variable is `""`, silently, as in MARS.
+    fn get_var(&self, name: &str) -> String {
+        self.vars.get(name).cloned().unwrap_or_default()
     }
 
     fn bump(&mut self, name: &str, op: &str) {
@@ -495,7 +598,16 @@ impl<'a> Machine<'a> {
         s: &str,
         pos: usize,
     ) -> Result<String, ExpandError> {
+        let primitive = name.starts_with("primitive");
         let name = strip_primitive(name);
+        // MARS's `eval_fn`: a macro file of that name wins over everything but `primitive-`
+        // (an empty or "0" file counts as absent: Perl's truth).
+        let ctx = self.ctx;
+        if !primitive {
+            if let Some(text) = ctx.macros.get(name).filter(|t| truth(t)) {
+                return self.run_macro(name, text, args, false);
+            }
+        }
         let missing = |m: &Self, index: usize| {
             m.err(
                 s,
@@ -783,7 +895,229 @@ impl<'a> Machine<'a> {
                 let msg = self.arg(args, 0)?;
                 Err(self.err(s, pos, MacroError::Die(msg)))
             }
-            _ => Err(self.err(s, pos, MacroError::UnknownMacro(name.to_string()))),
+            _ => self.call_extra(name, args, s, pos),
+        }
+    }
+
+    /// MARS's `set_args` and the evaluation of a macro file: `callstack` gets `,name`, `0` is
+    /// the name, `1`, `2`, … the arguments (evaluated in the caller's scope, each assigned
+    /// before the next is evaluated), higher numbers are cleared. `new_scope` (`%call`) runs
+    /// in a copy of the variables.
+    fn run_macro(
+        &mut self,
+        name: &str,
+        text: &str,
+        args: &[&str],
+        new_scope: bool,
+    ) -> Result<String, ExpandError> {
+        let mut inner = if new_scope {
+            Some(self.vars.clone())
+        } else {
+            None
+        };
+        {
+            let target = inner.as_mut().unwrap_or(&mut *self.vars);
+            let stack = target.entry("callstack".into()).or_default();
+            if truth(stack) {
+                stack.push(',');
+            }
+            stack.push_str(name);
+            target.insert("0".into(), name.into());
+        }
+        let mut index = 1;
+        for a in args {
+            let v = self.parse(a)?;
+            inner
+                .as_mut()
+                .unwrap_or(&mut *self.vars)
+                .insert(index.to_string(), v);
+            index += 1;
+        }
+        let target = inner.as_mut().unwrap_or(&mut *self.vars);
+        while target.remove(&index.to_string()).is_some() {
+            index += 1;
+        }
+        match inner {
+            Some(inner) => {
+                let outer = std::mem::replace(self.vars, inner);
+                let r = self.parse(text);
+                *self.vars = outer;
+                r
+            }
+            None => self.parse(text),
+        }
+    }
+
+    /// The builtins beyond the core language, and MARS's view macros.
+    fn call_extra(
+        &mut self,
+        name: &str,
+        args: &[&str],
+        s: &str,
+        pos: usize,
+    ) -> Result<String, ExpandError> {
+        let unavailable = |m: &Self, why: &str| {
+            m.err(
+                s,
+                pos,
+                MacroError::Unavailable {
+                    name: name.to_string(),
+                    why: why.to_string(),
+                },
+            )
+        };
+        // MARS matches these by suffix and prefix (`/s?printf$/`, `/^warn/`).
+        if name.ends_with("printf") {
+            // The format is not evaluated (MARS: "exception: don't evaluate the format").
+            let fmt = args.first().copied().unwrap_or("");
+            let mut values = Vec::new();
+            for i in 1..args.len() {
+                values.push(self.arg(args, i)?);
+            }
+            let out = crate::sprintf::sprintf(fmt, &values);
+            self.check_len(s, pos, &out)?;
+            return Ok(out);
+        }
+        if name.starts_with("warn") {
+            let msg = self.arg(args, 0)?;
+            self.warnings.push(msg);
+            return Ok(String::new());
+        }
+        let Some(canon) = extra_builtin(name).or_else(|| view::canonical(name)) else {
+            return Err(self.err(s, pos, MacroError::UnknownMacro(name.to_string())));
+        };
+        match canon {
+            "callstack" => Ok(self.get_var("callstack")),
+            // MARS sets a variable of that name and nothing else (its parser looks at
+            // `__abort__`, `__return__`, `__stop_eval__`, which these never set).
+            "abort" | "return" | "stop-eval" => {
+                self.vars.insert(canon.into(), "1".into());
+                Ok(String::new())
+            }
+            // These also set `__return__`: the text being evaluated stops at its next call.
+            "next" | "last" => {
+                self.vars.insert(canon.into(), "1".into());
+                self.ret = true;
+                Ok(String::new())
+            }
+            "include" | "call" => {
+                let file = self.arg(args, 0)?;
+                let ctx = self.ctx;
+                match ctx.macros.get(&file) {
+                    Some(text) => {
+                        self.run_macro(&file, text, &args[1.min(args.len())..], canon == "call")
+                    }
+                    None if view::canonical(&file).is_some() => Err(unavailable(
+                        self,
+                        &format!("'{file}' is one of MARS's view macros, not a macro file"),
+                    )),
+                    None => Err(self.err(s, pos, MacroError::NoMacroFile(file))),
+                }
+            }
+            "human-seconds" => Ok(human_seconds(&self.arg(args, 0)?)),
+            "human-number" | "human-numbers" => {
+                let unit = self.arg(args, 0)?;
+                let mut delim = self.arg(args, 1)?;
+                if delim.is_empty() {
+                    delim = "/".into();
+                }
+                let mut delim_unit = self.arg(args, 2)?;
+                if delim_unit.is_empty() {
+                    delim_unit = " ".into();
+                }
+                let mut numbers = Vec::new();
+                for i in 3..args.len() {
+                    numbers.push(make_numeric(&self.arg(args, i)?));
+                }
+                if numbers.is_empty() {
+                    self.warnings
+                        .push(format!("macro {name}: no number arguments given"));
+                }
+                Ok(human_numbers(&unit, &delim, &delim_unit, &numbers))
+            }
+            "progress" => {
+                let length = make_numeric(&self.arg(args, 0)?);
+                let length = if length > 0.0 { length } else { 20.0 };
+                if args.len() < 2 {
+                    return Err(unavailable(
+                        self,
+                        "without explicit values it shows %summary-vector{}, which needs \
+                         the resource's state",
+                    ));
+                }
+                let min = make_numeric(&self.arg(args, 1)?);
+                let mid = make_numeric(&self.arg(args, 2)?);
+                let max = make_numeric(&self.arg(args, 3)?);
+                Ok(progress_bar(length.min(10_000.0), min, mid, max))
+            }
+            "time" | "real-time" => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                Ok(if canon == "time" {
+                    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
+                } else {
+                    now.as_secs().to_string()
+                })
+            }
+            "readlink" => {
+                let path = self.arg(args, 0)?;
+                match crate::fs::read_link(&path) {
+                    Some(v) => Ok(v),
+                    None => {
+                        self.warnings.push(format!("cannot read symlink '{path}'"));
+                        Ok(String::new())
+                    }
+                }
+            }
+            "get-glob" | "foreach-glob" => {
+                let pattern = self.arg(args, 0)?;
+                let var = self.arg(args, 1)?;
+                let paths = crate::fs::glob(&pattern);
+                let mut out = String::new();
+                if canon == "get-glob" {
+                    let delim = self.arg(args, 2)?;
+                    for p in paths {
+                        if !out.is_empty() {
+                            out.push_str(&delim);
+                        }
+                        out.push_str(&p);
+                        self.check_len(s, pos, &out)?;
+                    }
+                } else {
+                    for p in paths {
+                        self.step(s, pos)?;
+                        self.vars.insert(var.clone(), p);
+                        out.push_str(&self.arg(args, 2)?);
+                        self.check_len(s, pos, &out)?;
+                    }
+                }
+                Ok(out)
+            }
+            c => {
+                if let Some((_, why)) = view::REFUSED.iter().find(|(n, _)| *n == c) {
+                    return Err(unavailable(self, why));
+                }
+                if view::COMPLEX_MACROS.contains(&c) {
+                    return Err(unavailable(
+                        self,
+                        "it prints a status page from the resource's state; use \
+                         `marsadm view-…` outside templates",
+                    ));
+                }
+                let mut values = Vec::new();
+                for i in 0..args.len() {
+                    values.push(self.arg(args, i)?);
+                }
+                match ctx_view(self.ctx).and_then(|v| v.primitive(c, self.vars, &values)) {
+                    Some(v) => Ok(v),
+                    None => Err(unavailable(
+                        self,
+                        "it needs resource state the generator is not given \
+                         (see docs/mars-compatibility.md for the ones answered)",
+                    )),
+                }
+            }
         }
     }
 
@@ -799,7 +1133,7 @@ impl<'a> Machine<'a> {
         } else {
             self.parse(first)?
         };
-        let mut value = self.get_var(&var, s, pos)?;
+        let mut value = self.get_var(&var);
         if let Some(&op) = rest.first() {
             if op == "++" || op == "--" {
                 self.bump(&var, op);
@@ -828,6 +1162,126 @@ impl<'a> Machine<'a> {
         }
         Ok(value)
     }
+}
+
+fn ctx_view(ctx: &Context) -> Option<&dyn View> {
+    ctx.view.as_deref()
+}
+
+/// MARS's `make_numeric`: `""` is 0, a comma ends the number.
+fn make_numeric(s: &str) -> f64 {
+    let s = s.split(',').next().unwrap_or("");
+    Num::parse(s).as_f64()
+}
+
+/// Perl's integer part for `%d`-style use (NaN and infinities become 0 or saturate).
+fn int_part(v: f64) -> i128 {
+    if v.is_nan() {
+        0
+    } else {
+        v.trunc().clamp(i128::MIN as f64, i128::MAX as f64) as i128
+    }
+}
+
+/// MARS's `seconds2human`: `HH:MM:SS`, `--:--:--` for `""` and negative numbers.
+pub fn human_seconds(arg: &str) -> String {
+    let v = Num::parse(arg).as_f64();
+    if arg.is_empty() || v < 0.0 || v.is_nan() {
+        return "--:--:--".into();
+    }
+    let total = int_part(v);
+    format!(
+        "{:02}:{:02}:{:02}",
+        int_part(v / 3600.0),
+        (total % 3600) / 60,
+        total % 60
+    )
+}
+
+/// MARS's `number2human`: `"N UNIT"` in binary (`K`/`M`/`G`/`T` → `KiB`…) or, for a lower-case
+/// unit, decimal multiples; with no unit, the one that suits `max`.
+pub fn number2human(number: f64, unit: &str, max: f64) -> String {
+    let mut k = 1024.0_f64;
+    let flip = 9.99;
+    let unit = if unit.is_empty() || unit == "0" {
+        if max >= k * k * k * k * flip {
+            "T"
+        } else if max >= k * k * k * flip {
+            "G"
+        } else if max >= k * k {
+            "M"
+        } else if max >= k {
+            "K"
+        } else {
+            ""
+        }
+    } else {
+        unit
+    };
+    let i = if unit.starts_with(|c: char| c.is_ascii_lowercase()) {
+        k = 1000.0;
+        ""
+    } else {
+        "i"
+    };
+    let has = |c: char| unit.chars().any(|u| u.eq_ignore_ascii_case(&c));
+    let (div, name) = if has('t') {
+        (k * k * k * k, format!("T{i}B"))
+    } else if has('g') {
+        (k * k * k, format!("G{i}B"))
+    } else if has('m') {
+        (k * k, format!("M{i}B"))
+    } else if has('k') {
+        (k, format!("K{i}B"))
+    } else {
+        (1.0, "B".to_string())
+    };
+    let n = number / div;
+    if name == "B" {
+        format!("{} B", int_part(n + 0.1))
+    } else {
+        format!("{n:.3} {name}")
+    }
+}
+
+/// MARS's `%human-numbers{unit}{delim}{delim-unit}{n1}{n2}…`: the numbers in the unit that
+/// suits the largest, joined, then the unit once.
+pub fn human_numbers(unit: &str, delim: &str, delim_unit: &str, numbers: &[f64]) -> String {
+    let max = numbers.iter().copied().fold(0.0_f64, f64::max);
+    let mut conv_unit = String::new();
+    let mut results = Vec::new();
+    for &n in numbers {
+        let text = number2human(n, unit, max);
+        // Perl: `s/ *([a-z].*)//i` splits the unit off.
+        let at = text
+            .find(|c: char| c.is_ascii_alphabetic())
+            .unwrap_or(text.len());
+        conv_unit = text[at..].to_string();
+        results.push(text[..at].trim_end_matches(' ').to_string());
+    }
+    format!("{}{delim_unit}{conv_unit}", results.join(delim))
+}
+
+/// MARS's `progress_bar(length, min, mid, max)`: `[==>::...]`.
+pub fn progress_bar(length: f64, min: f64, mid: f64, max: f64) -> String {
+    let min = min.max(0.0);
+    let mid = mid.max(min);
+    let max = max.max(mid).max(1.0);
+    let rep = |c: &str, n: f64| c.repeat(if n > 0.0 { n as usize } else { 0 });
+    let mut pos1 = length * min / max;
+    let mut bar = rep("=", pos1 - 1.0);
+    if pos1 < length {
+        bar.push('>');
+        pos1 += 1.0;
+    }
+    let pos2 = length * mid / max;
+    if pos1 < pos2 {
+        bar.push_str(&rep(":", pos2 - pos1));
+    }
+    if pos2 < length {
+        bar.push_str(&rep(".", length - pos2));
+    }
+    format!("[{bar}]")
 }
 
 /// Perl replacement text of `s{…}{repl}`: `$N`, `${N}` and `$&` refer to the match; everything
@@ -876,7 +1330,182 @@ mod tests {
 
     fn run(text: &str, vars: &mut Vars) -> Result<String, ExpandError> {
         let mut warnings = Vec::new();
-        Machine::new(vars, &mut warnings, text, 0).parse(text)
+        let ctx = Context::default();
+        Machine::new(vars, &mut warnings, &ctx, text, 0).parse(text)
+    }
+
+    /// Evaluates with macro files and a view, returning the result and the warnings.
+    fn run_ctx(text: &str, ctx: &Context) -> (Result<String, ExpandError>, Vec<String>) {
+        let mut vars = Vars::from([
+            ("res".to_string(), "r1".to_string()),
+            ("host".to_string(), "a".to_string()),
+            ("callstack".to_string(), "default".to_string()),
+        ]);
+        let mut warnings = Vec::new();
+        let r = Machine::new(&mut vars, &mut warnings, ctx, text, 0).parse(text);
+        (r, warnings)
+    }
+
+    fn files(list: &[(&str, &str)]) -> Context {
+        Context {
+            macros: Arc::new(
+                list.iter()
+                    .map(|(n, t)| (n.to_string(), t.to_string()))
+                    .collect(),
+            ),
+            view: None,
+        }
+    }
+
+    /// Expected values are what MARS's perl marsadm (mars0.1astable177) prints for the same
+    /// text through `marsadm --macro=TEXT view RES` with the same macro files.
+    #[test]
+    fn macro_files_like_mars() {
+        let ctx = files(&[("foo", "\n[%{0}:%{1}:%{2}:%{callstack}]\n\n")]);
+        let (r, _) = run_ctx(
+            "p%foo{A}{B}q%call{foo}{C}|%include{foo}{D}|%{0}|%{1}|%primitive-sprintf{%s}{x}",
+            &ctx,
+        );
+        assert_eq!(
+            r.unwrap(),
+            "p\n[foo:A:B:default,foo]\n\nq\n[foo:C::default,foo]\n\n|\n[foo:D::default,foo]\n\n|foo|D|x"
+        );
+        // A macro file overrides a builtin; `primitive-` bypasses it.
+        let ctx = files(&[("length", "L%{1}")]);
+        assert_eq!(
+            run_ctx("%length{abc}|%primitive-length{abc}", &ctx)
+                .0
+                .unwrap(),
+            "Labc|3"
+        );
+        // Recursion is bounded.
+        let ctx = files(&[("loop", "%loop{}")]);
+        assert_eq!(
+            run_ctx("%loop{}", &ctx).0.unwrap_err().kind,
+            MacroError::TooDeep(MAX_DEPTH)
+        );
+        assert_eq!(
+            run_ctx("%include{nope}", &ctx).0.unwrap_err().kind,
+            MacroError::NoMacroFile("nope".into())
+        );
+        assert!(matches!(
+            run_ctx("%call{replinfo}", &ctx).0.unwrap_err().kind,
+            MacroError::Unavailable { .. }
+        ));
+    }
+
+    #[test]
+    fn control_like_mars() {
+        let ctx = Context::default();
+        let (r, _) = run_ctx(
+            "a%return{}b%{return}c|%let{i}{0}%while{%<{%{i}}{3}}{%{i}{++}%if{1}{x%next{}y}z}|\
+             %let{i}{0}%while{%<{%{i}}{3}}{%{i}{++}%last{}z}w|%{nope}|%abort{}A%{abort}|\
+             %stop-eval{}%{stop-eval}|%callstack{}",
+            &ctx,
+        );
+        assert_eq!(r.unwrap(), "ab1c|0xz1xz2xz|012w||A1|1|default");
+    }
+
+    #[test]
+    fn formatting_like_mars() {
+        let ctx = Context::default();
+        let (r, w) = run_ctx(
+            "x%sprintf{%05d|%s|%-4s|%.2f}{42}{ab}{c}{3.14159}|%human-seconds{3725}|\
+             %human-seconds{}|%human-seconds{-1}|%human-seconds{90061}|%human-seconds{abc}|\
+             %human-numbers{}{}{}{1000}{2048}|%human-numbers{k}{ / }{}{1500}{2500000}|\
+             %human-number{G}{}{_}{5000000000}|%human-numbers{}{}{}{12}|%progress{10}{2}{5}{10}|\
+             %progress{0}{0}{0}{0}|%progress{20}{10}{15}{20}|%primitive-sprintf{%s-%s}{a}{b}|\
+             %printf{[%3d]}{7}|%warning{w}|%foo_printf{%x}{255}|%human_seconds{60}",
+            &ctx,
+        );
+        assert_eq!(
+            r.unwrap(),
+            "x00042|ab|c   |3.14|01:02:05|--:--:--|--:--:--|25:01:01|00:00:00|0.977/2.000 KiB|\
+             1.500 / 2500.000 KB|4.657_GiB|12 B|[=>::.....]|[>....................]|\
+             [=========>::::.....]|a-b|[  7]||ff|00:01:00"
+        );
+        assert_eq!(w, ["w"]);
+        // The format is not evaluated (MARS: "don't evaluate the format string").
+        assert_eq!(run_ctx("%sprintf{%{res}}", &ctx).0.unwrap(), "%{res}");
+    }
+
+    #[test]
+    fn view_macros() {
+        let ctx = Context::default();
+        for text in [
+            "%is-primary{}",
+            "%is_primary{}",
+            "%replinfo{}",
+            "%setlink{a}{b}",
+            "%sleep{1}",
+            "%wait-is-primary-on{}",
+            "%progress{10}",
+        ] {
+            assert!(
+                matches!(
+                    run_ctx(text, &ctx).0.unwrap_err().kind,
+                    MacroError::Unavailable { .. }
+                ),
+                "{text}"
+            );
+        }
+        let view = crate::view::StateView {
+            host: "a".into(),
+            uuid: Some("u".into()),
+            resources: [(
+                "r1".to_string(),
+                crate::view::ResourceView {
+                    primary: Some("a".into()),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        };
+        let ctx = Context {
+            view: Some(Arc::new(view)),
+            ..Context::default()
+        };
+        assert_eq!(
+            run_ctx(
+                "%get-primary{}|%todo_primary{}|%uuid{}|%if{%is-member{}}{m}{-}",
+                &ctx
+            )
+            .0
+            .unwrap(),
+            "a|1|u|m"
+        );
+        assert!(matches!(
+            run_ctx("%is-primary{}", &ctx).0.unwrap_err().kind,
+            MacroError::Unavailable { .. }
+        ));
+    }
+
+    #[test]
+    fn links_and_globs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display().to_string();
+        std::os::unix::fs::symlink("host-a", dir.path().join("primary")).unwrap();
+        std::os::unix::fs::symlink(".deleted", dir.path().join("gone")).unwrap();
+        std::fs::write(dir.path().join("b.txt"), "").unwrap();
+        std::fs::write(dir.path().join("a.txt"), "").unwrap();
+        std::fs::write(dir.path().join(".h.txt"), "").unwrap();
+        let ctx = Context::default();
+        let (r, w) = run_ctx(
+            &format!(
+                "%readlink{{{d}/primary}}|%readlink{{{d}/gone}}|%readlink{{{d}/none}}|\
+                 %get-glob{{{d}/*.txt}}{{}}{{,}}|%foreach-glob{{{d}/{{b,a}}.txt {d}/zz}}{{p}}{{<%{{p}}>}}|\
+                 %get-glob{{{d}/*}}{{}}{{ }}"
+            ),
+            &ctx,
+        );
+        assert_eq!(
+            r.unwrap(),
+            format!(
+                "host-a|||{d}/a.txt,{d}/b.txt|<{d}/b.txt><{d}/a.txt><{d}/zz>|\
+                 {d}/a.txt {d}/b.txt {d}/primary"
+            )
+        );
+        assert_eq!(w, [format!("cannot read symlink '{d}/none'")]);
     }
 
     fn ev(text: &str) -> String {
@@ -914,7 +1543,8 @@ mod tests {
             ev("%let{l}{a,b}%set{l}{,}{*}{c}%set{l}{,}{0}{A}%{l}"),
             "A,b,c"
         );
-        assert_eq!(kind("%{nope}"), MacroError::UnknownVariable("nope".into()));
+        // Unset: "" (MARS), no error.
+        assert_eq!(ev("[%{nope}]"), "[]");
     }
 
     #[test]
@@ -1005,16 +1635,13 @@ mod tests {
             }
         );
         assert_eq!(kind("%while{1}{}"), MacroError::TooManySteps(MAX_STEPS));
-        assert_eq!(
-            kind("%is-primary{}"),
-            MacroError::UnknownMacro("is-primary".into())
-        );
+        assert_eq!(kind("%nosuch{}"), MacroError::UnknownMacro("nosuch".into()));
     }
 
     #[test]
     fn errors_have_offsets() {
         let mut vars = Vars::new();
-        let e = run("ok\n%let{x}{%{missing}}", &mut vars).unwrap_err();
+        let e = run("ok\n%let{x}{%nosuch{}}", &mut vars).unwrap_err();
         assert_eq!(e.offset, 11);
         let e = run("ab%if{1}{x", &mut vars).unwrap_err();
         assert_eq!((e.offset, e.kind), (8, MacroError::UnclosedBrace));
@@ -1043,14 +1670,16 @@ mod tests {
 
     #[test]
     fn syntax_check() {
-        assert!(check_syntax("%if{%eq{a}{b}}{%{x}}{\\{}", 0, 0).is_ok());
-        assert!(check_syntax("%protect{%nosuch{}}", 0, 0).is_ok());
-        let e = check_syntax("ab\n%if{1}{%nosuch{}}", 10, 0).unwrap_err();
+        let c = Context::default();
+        assert!(check_syntax("%if{%eq{a}{b}}{%{x}}{\\{}", 0, 0, &c).is_ok());
+        assert!(check_syntax("%protect{%nosuch{}}", 0, 0, &c).is_ok());
+        assert!(check_syntax("%sprintf{%nosuch{}}{%is-primary{}}", 0, 0, &c).is_ok());
+        let e = check_syntax("ab\n%if{1}{%nosuch{}}", 10, 0, &c).unwrap_err();
         assert_eq!(
             (e.offset, e.kind),
             (10 + 10, MacroError::UnknownMacro("nosuch".into()))
         );
-        let e = check_syntax("%if{1}{x", 0, 0).unwrap_err();
+        let e = check_syntax("%if{1}{x", 0, 0, &c).unwrap_err();
         assert_eq!((e.offset, e.kind), (6, MacroError::UnclosedBrace));
     }
 

@@ -1,23 +1,26 @@
 //! Markers: comment lines that tell the generator and the trigger logic what to do with a unit
-//! (MARS `_check_unit_marker`, `__systemd_commit`, `_get_default_unit`).
+//! (MARS `_check_unit_marker`, `__systemd_commit`, `_get_default_unit`), and `# ALSO=` lines.
 //!
-//! # Grammar (per line)
+//! # Grammar, as MARS matches it
 //!
-//! `#` at the very start of the line, **not** followed by a second `#` (`## KEEP_RUNNING`
-//! disables a marker, which is how the MARS examples comment them out), optional spaces/tabs,
-//! then an upper-case word `[A-Z][A-Z0-9_]*` that ends at the end of the line or at whitespace:
+//! A marker `M` is present when the text matches Perl's `m/^[#]\s*M/m`: a `#` at the start of
+//! a line, any whitespace (also line ends), then `M` as a *prefix* of what follows. So
+//! `## KEEP_RUNNING` disables a marker (the second `#` is not whitespace; this is how the MARS
+//! examples comment them out), `# ALWAYS_STARTED` counts as `ALWAYS_START`, and
+//! `# ALWAYS_START` is also the start marker `ALWAYS_START` of `set-systemd-unit RES ALWAYS`.
 //!
-//! | word | meaning |
+//! | marker | meaning |
 //! |---|---|
 //! | `ALWAYS_START` | enable and start whenever generated |
 //! | `KEEP_RUNNING` | when no longer generated, only disable, never stop |
 //! | `ALWAYS_DISABLED` | generate, never enable or start |
 //! | `<NAME>_START` / `<NAME>_STOP` | `set-systemd-unit RES NAME` picks this template as start/stop unit |
-//! | `ALSO=<unit> …` | extra units to generate (whitespace-separated; `=` may be surrounded by blanks) |
 //!
-//! Other upper-case words (`# TST Nov 2020`) are not markers. MARS tests markers with an
-//! unanchored regex (`^#\s*ALWAYS_START` also accepts `# ALWAYS_STARTED`); here a marker is a
-//! whole word, and `ALWAYS_START` is not additionally a start marker named `ALWAYS`.
+//! `# ALSO=<unit> …` names extra units to generate. It is one of MARS's dependency keys
+//! (`$SYSTEMD_DEPENDENCIES`), matched like them ([`crate::generate::scan_refs`]): optional
+//! whitespace at the start of the line, exactly `# ALSO` (one blank; `#ALSO=`, `#  ALSO=` and
+//! `## ALSO=` are plain comments), optional whitespace, `=`, optional whitespace, then the
+//! whitespace-separated names up to the end of the line.
 
 use std::collections::BTreeSet;
 
@@ -30,87 +33,73 @@ pub struct Markers {
     pub keep_running: bool,
     /// `# ALWAYS_DISABLED`.
     pub always_disabled: bool,
-    /// `NAME` of every `# NAME_START`.
+    /// `NAME` of every `# NAME_START…` (every `_START` inside the leading word gives one).
     pub start: BTreeSet<String>,
-    /// `NAME` of every `# NAME_STOP`.
+    /// `NAME` of every `# NAME_STOP…`.
     pub stop: BTreeSet<String>,
     /// Units named by `# ALSO=…`, in order of appearance.
     pub also: Vec<String>,
+    /// What follows `^#\s*` at each place, up to the end of that line: what [`Markers::has`]
+    /// matches against.
+    heads: Vec<String>,
 }
 
-/// If `line` is a marker line, its marker word and the rest of the line after the word.
-fn marker_word(line: &str) -> Option<(&str, &str)> {
-    let rest = line.strip_prefix('#')?;
-    if rest.starts_with('#') {
-        return None;
-    }
-    let rest = rest.trim_start_matches([' ', '\t']);
-    let b = rest.as_bytes();
-    if b.is_empty() || !b[0].is_ascii_uppercase() {
-        return None;
-    }
-    let end = b
-        .iter()
-        .position(|c| !(c.is_ascii_uppercase() || c.is_ascii_digit() || *c == b'_'))
-        .unwrap_or(b.len());
-    Some((&rest[..end], &rest[end..]))
+/// `\s` of Perl (ASCII).
+pub(crate) fn is_perl_space(c: u8) -> bool {
+    matches!(c, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
 }
 
-/// The unit names of an `ALSO=` line (`None` if `line` is not one).
-pub(crate) fn also_line(line: &str) -> Option<Vec<String>> {
-    let (word, after) = marker_word(line)?;
-    let value = after.trim_start_matches([' ', '\t']).strip_prefix('=')?;
-    (word == "ALSO").then(|| value.split_ascii_whitespace().map(str::to_string).collect())
+fn heads(text: &str) -> Vec<String> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        let at_line_start = i == 0 || b[i - 1] == b'\n';
+        if at_line_start && b[i] == b'#' {
+            let mut j = i + 1;
+            while j < b.len() && is_perl_space(b[j]) {
+                j += 1;
+            }
+            let end = text[j..].find('\n').map_or(b.len(), |e| j + e);
+            out.push(text[j..end].to_string());
+        }
+        i += 1;
+    }
+    out
 }
 
 impl Markers {
     /// Parses all markers of `text`.
     pub fn parse(text: &str) -> Markers {
-        let mut m = Markers::default();
-        for line in text.lines() {
-            if let Some(also) = also_line(line) {
-                m.also.extend(also);
-                continue;
-            }
-            let Some((word, after)) = marker_word(line) else {
-                continue;
-            };
-            if !(after.is_empty() || after.starts_with(|c: char| c.is_ascii_whitespace())) {
-                continue;
-            }
-            match word {
-                "ALWAYS_START" => m.always_start = true,
-                "KEEP_RUNNING" => m.keep_running = true,
-                "ALWAYS_DISABLED" => m.always_disabled = true,
-                _ => {
-                    if let Some(name) = word.strip_suffix("_START").filter(|n| !n.is_empty()) {
-                        m.start.insert(name.to_string());
-                    } else if let Some(name) = word.strip_suffix("_STOP").filter(|n| !n.is_empty())
-                    {
-                        m.stop.insert(name.to_string());
+        let heads = heads(text);
+        let mut m = Markers {
+            also: crate::generate::also_refs(text),
+            ..Markers::default()
+        };
+        for h in &heads {
+            let word_len = h
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(h.len());
+            let word = &h[..word_len];
+            for (suffix, set) in [("_START", &mut m.start), ("_STOP", &mut m.stop)] {
+                for (at, _) in word.match_indices(suffix) {
+                    if at > 0 {
+                        set.insert(word[..at].to_string());
                     }
                 }
             }
         }
+        m.heads = heads;
+        m.always_start = m.has("ALWAYS_START");
+        m.keep_running = m.has("KEEP_RUNNING");
+        m.always_disabled = m.has("ALWAYS_DISABLED");
         m
     }
 
-    /// Whether the marker word `marker` (`ALWAYS_START`, `DEFAULT_STOP`, …) is present.
+    /// Whether the marker `marker` (`ALWAYS_START`, `DEFAULT_STOP`, …) is present, as MARS's
+    /// `m/^[#]\s*$marker/m` decides it.
     pub fn has(&self, marker: &str) -> bool {
-        match marker {
-            "ALWAYS_START" => self.always_start,
-            "KEEP_RUNNING" => self.keep_running,
-            "ALWAYS_DISABLED" => self.always_disabled,
-            _ => {
-                if let Some(name) = marker.strip_suffix("_START") {
-                    self.start.contains(name)
-                } else if let Some(name) = marker.strip_suffix("_STOP") {
-                    self.stop.contains(name)
-                } else {
-                    false
-                }
-            }
-        }
+        !marker.is_empty() && self.heads.iter().any(|h| h.starts_with(marker))
     }
 }
 
@@ -122,21 +111,34 @@ mod tests {
     fn parses_markers() {
         let text = "#!/bin/bash\n# TST Nov 2020\n# Markers for the template processor\n\
                     # DEFAULT_START\n#\tDEFAULT_STOP\n#KEEP_RUNNING\n## ALWAYS_START\n \
-                    # ALWAYS_DISABLED\n# ALSO=a.path b.service\n#  ALSO = c.service\n\
-                    ## ALSO=d.service\n# MOUNTED_STOPPED\n# X_START-ish\n# _START\n";
+                    # ALWAYS_DISABLED\n# ALSO=a.path b.service\n# ALSO = c.service\n\
+                    #  ALSO=no.service\n## ALSO=d.service\n# MOUNTED_STOPPED\n# X_START-ish\n\
+                    # _START\n";
         let m = Markers::parse(text);
         assert!(m.keep_running && !m.always_start && !m.always_disabled);
-        assert_eq!(m.start, BTreeSet::from(["DEFAULT".to_string()]));
-        assert_eq!(m.stop, BTreeSet::from(["DEFAULT".to_string()]));
+        assert_eq!(
+            m.start,
+            BTreeSet::from(["DEFAULT".to_string(), "X".to_string()])
+        );
+        assert_eq!(
+            m.stop,
+            BTreeSet::from(["DEFAULT".to_string(), "MOUNTED".to_string()])
+        );
         assert_eq!(m.also, ["a.path", "b.service", "c.service"]);
         assert!(m.has("DEFAULT_START") && m.has("DEFAULT_STOP") && m.has("KEEP_RUNNING"));
-        assert!(!m.has("MOUNTED_STOP") && !m.has("ALWAYS_START") && !m.has("X_START"));
+        // Prefixes count, as in MARS.
+        assert!(m.has("MOUNTED_STOP") && m.has("X_START") && m.has("DEFAULT_ST"));
+        assert!(!m.has("ALWAYS_START") && !m.has("") && !m.has("ALWAYS_DISABLED"));
     }
 
     #[test]
     fn always_start() {
         let m = Markers::parse("[Unit]\n## Markers\n# ALWAYS_START\n");
         assert!(m.always_start && m.has("ALWAYS_START"));
-        assert!(m.start.is_empty());
+        // `set-systemd-unit RES ALWAYS` picks it in MARS.
+        assert_eq!(m.start, BTreeSet::from(["ALWAYS".to_string()]));
+        // `\s*` crosses line ends.
+        let m = Markers::parse("#\n\nKEEP_RUNNING\n# ALWAYS_STARTED\n");
+        assert!(m.keep_running && m.always_start);
     }
 }

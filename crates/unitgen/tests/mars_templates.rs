@@ -108,7 +108,7 @@ fn expect_files(g: &Generation, extra: &[&str]) {
 #[test]
 fn default_marker_picks_the_script() {
     let set = our_templates();
-    set.check().unwrap();
+    assert!(set.check().is_empty(), "{:?}", set.check());
     let g = run(&set, &config(Path::new("/out")), &[RES], "DEFAULT");
     expect_files(&g, &["mnt-test-my\\x2dres-testload.script"]);
     let script = g.get("mnt-test-my\\x2dres-testload.script").unwrap();
@@ -147,18 +147,17 @@ stop)  ! mountpoint -q "$mnt" || umount "$mnt" ;;
 esac
 "#
     );
+    let m = &script.markers;
+    assert_eq!(m.start, BTreeSet::from(["DEFAULT".to_string()]));
+    assert_eq!(m.stop, BTreeSet::from(["DEFAULT".to_string()]));
     assert_eq!(
-        script.markers,
-        Markers {
-            start: BTreeSet::from(["DEFAULT".to_string()]),
-            stop: BTreeSet::from(["DEFAULT".to_string()]),
-            also: vec![
-                "mars-my\\x2dres-trigger.path".to_string(),
-                "mars-my\\x2dres-trigger.service".to_string()
-            ],
-            ..Markers::default()
-        }
+        m.also,
+        [
+            "mars-my\\x2dres-trigger.path".to_string(),
+            "mars-my\\x2dres-trigger.service".to_string()
+        ]
     );
+    assert!(!m.always_start && !m.keep_running && !m.always_disabled);
     let watcher = g.get("mars-my\\x2dres-trigger.path").unwrap();
     assert!(watcher.markers.always_start);
     assert!(watcher
@@ -369,7 +368,7 @@ fn external_template_dir() {
     for dir in dirs.split(':').filter(|d| !d.is_empty()) {
         let set = load_templates(&[PathBuf::from(dir)]).unwrap();
         assert!(!set.is_empty(), "{dir}: no templates found");
-        set.check().unwrap_or_else(|e| panic!("{e}"));
+        assert!(set.check().is_empty(), "{:?}", set.check());
         let mut markers: BTreeSet<String> = set
             .iter()
             .flat_map(|t| Markers::parse(&t.text).start)
@@ -413,5 +412,66 @@ fn external_template_dir() {
                 g.warnings
             );
         }
+    }
+}
+
+/// Byte-identical to MARS's perl marsadm (mars0.1astable177): `data/perl/tpl/` run through
+/// `marsadm systemd-trigger-extern r1` on host `vm` (a fake `/mars` with
+/// `resource-r1/systemd-start-unit -> app-r1.service`; `MARS_PATH` = the template directory,
+/// which also holds the macro file `mymac.tpl`), its output in `data/perl/expected/` with the
+/// paths and the mtime replaced by placeholders. The template uses every MARS variable, an
+/// unset one, an unknown `@`-macro, `# ALSO=` spellings, a reference across a line end,
+/// `%sprintf`, `%human-seconds`, a macro file, `%callstack` and `%{0}`.
+#[test]
+fn byte_identical_to_mars_perl() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/perl");
+    let tpl = data.join("tpl");
+    let set = load_templates(std::slice::from_ref(&tpl)).unwrap();
+    assert!(set.check().is_empty(), "{:?}", set.check());
+    let out = tempfile::tempdir().unwrap();
+    let cfg = config(out.path());
+    let vars = mars_unitgen::host_vars_with(
+        "vm",
+        "/mars",
+        "10.0.0.1",
+        &mars_unitgen::RunOptions {
+            cmd: "systemd-trigger-extern".into(),
+            ..Default::default()
+        },
+    );
+    let generator = Generator::new(&set, &cfg, vars, vec!["r1".into()]);
+    let g = generator
+        .generate(&[WantedUnit {
+            res: "r1".into(),
+            unit: "app-r1.service".into(),
+        }])
+        .unwrap();
+    let file = g.get("app-r1.service").unwrap();
+    let expected = std::fs::read_to_string(data.join("expected/app-r1.service"))
+        .unwrap()
+        .replace("=TEMPLATES=", &tpl.display().to_string())
+        .replace("=UNITS=", &cfg.unit_dir)
+        .replace("=MTIME=", &file.mtime.to_string());
+    assert_eq!(file.content, expected);
+    assert_eq!(
+        g.warnings,
+        [
+            "variable 'nope' is undefined",
+            "systemd function 'foo' is undefined"
+        ]
+    );
+    // MARS warns "cannot find any systemd template" for these.
+    for u in [
+        "UNDEFINED(nope)",
+        "bar",
+        "extra.service",
+        "gap.service",
+        "x-r1.service",
+    ] {
+        assert!(
+            g.unresolved.contains(&u.to_string()),
+            "{u}: {:?}",
+            g.unresolved
+        );
     }
 }

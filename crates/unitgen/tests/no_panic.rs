@@ -46,7 +46,7 @@ proptest! {
     fn expanding_never_panics(t in text()) {
         let _ = Expander::new(vars()).expand(&t);
         let _ = Expander::new(vars()).eval(&t);
-        let _ = check_syntax(&t);
+        let _ = check_syntax(&t, &mars_unitgen::Context::default());
         let _ = Markers::parse(&t);
         let _ = scan_refs(&t);
         let _ = escape(&t);

@@ -589,7 +589,12 @@ async fn set_systemd_unit(
         let templates = ufs::load_templates(&sd.settings.search_path)
             .map_err(|e| failed(format!("cannot load the systemd templates: {e}")))?;
         let config = GenConfig::default();
-        let generator = Generator::new(&templates, &config, sd.vars(), vec![r.clone()]);
+        let vars = sd.vars_for(&mars_unitgen::RunOptions {
+            cmd: "set-systemd-unit".into(),
+            ..Default::default()
+        });
+        let generator = Generator::new(&templates, &config, vars, vec![r.clone()])
+            .with_view(std::sync::Arc::new(sd.state_view()));
         generator
             .choose_units(&r, &s, st.as_deref())
             .map_err(|e| invalid(format!("set-systemd-unit {r}: {e}")))
@@ -695,7 +700,7 @@ async fn systemd_trigger(host: &Arc<Host>, res: Option<&ResourceName>, dry: bool
             }
         ));
     }
-    let g = tokio::task::spawn_blocking(move || sd.regenerate())
+    let g = tokio::task::spawn_blocking(move || sd.regenerate_as("systemd-trigger"))
         .await
         .map_err(|e| failed(e.to_string()))?
         .map_err(|e| failed(format!("systemd-trigger: {e}")))?;
