@@ -70,13 +70,6 @@ drop_caches() {
   sync -f "$DIR"
   if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
 }
-written_back() {
-  for _ in $(seq 6000); do
-    [ "$(adm a view-diskstate r 2>/dev/null)" = UpToDate ] && return 0
-    sleep 0.05
-  done
-  echo "bench: a never wrote its log back to its disk"; adm a view r; exit 1
-}
 # CPU seconds (user + system) used so far by process $1.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 # Epoch seconds of the first line of marsd log $1 matching $2 (marsd logs RFC 3339 UTC times).
