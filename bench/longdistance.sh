@@ -44,8 +44,9 @@ for t in nbdcopy nbdkit iperf3 jq bc numfmt tc ip cmp ping; do
   command -v $t >/dev/null || { echo "bench: $t is not installed (apt-get install libnbd-bin nbdkit iperf3 jq bc iproute2 iputils-ping)"; exit 1; }
 done
 if [ -z "${MARS_BIN:-}" ]; then
-  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli \
-    -p mars-testkit --bin mars-wan-wire
+  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-daemon -p mars-cli
+  # (a separate build: --bin would narrow the one above to that binary)
+  cargo build --release --quiet --manifest-path "$HERE/Cargo.toml" -p mars-testkit --bin mars-wan-wire
 fi
 mars_binaries
 WIRE=$BIN/mars-wan-wire
