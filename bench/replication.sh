@@ -247,8 +247,9 @@ printf '   mars faster than rsync: %.2fx   (round by round: %s; aim: >= 3x)\n' "
 
 # For bench/run (bench/lib.sh): per-round figures of both sides.
 RATES=(); for t in "${T_CATCHUPS[@]}"; do RATES+=("$(calc "$BURST_B / $MIB / $t")"); done
-bench_record catchup "catch-up after a $BURST burst, one disk" MiB/s higher 0.45 \
-  "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
 CACHE=$([ "$DROP_CACHES" = 1 ] && echo cold || echo warm)
+# (the warm run keeps the plain id of earlier results; the cold one gets its own)
+bench_record "catchup$([ "$CACHE" = warm ] || echo "-$CACHE")" "catch-up after a $BURST burst, one disk, $CACHE cache" MiB/s higher 0.45 \
+  "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
 bench_record "fullsync-$CACHE" "fast full sync $SYNC_SIZE, $CHANGED_PCT % differ, $CACHE cache" s lower 4 \
   "rsync --inplace --no-whole-file" "${T_MARSS[*]}" "${T_RSYNCS[*]}"
