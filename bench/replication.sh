@@ -70,13 +70,6 @@ drop_caches() {
   sync -f "$DIR"
   if [ "$DROP_CACHES" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
 }
-written_back() {
-  for _ in $(seq 6000); do
-    [ "$(adm a view-diskstate r 2>/dev/null)" = UpToDate ] && return 0
-    sleep 0.05
-  done
-  echo "bench: a never wrote its log back to its disk"; adm a view r; exit 1
-}
 # CPU seconds (user + system) used so far by process $1.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
 # Epoch seconds of the first line of marsd log $1 matching $2 (marsd logs RFC 3339 UTC times).
@@ -254,8 +247,9 @@ printf '   mars faster than rsync: %.2fx   (round by round: %s; aim: >= 3x)\n' "
 
 # For bench/run (bench/lib.sh): per-round figures of both sides.
 RATES=(); for t in "${T_CATCHUPS[@]}"; do RATES+=("$(calc "$BURST_B / $MIB / $t")"); done
-bench_record catchup "catch-up after a $BURST burst, one disk" MiB/s higher 0.45 \
-  "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
 CACHE=$([ "$DROP_CACHES" = 1 ] && echo cold || echo warm)
+# (the warm run keeps the plain id of earlier results; the cold one gets its own)
+bench_record "catchup$([ "$CACHE" = warm ] || echo "-$CACHE")" "catch-up after a $BURST burst, one disk, $CACHE cache" MiB/s higher 0.45 \
+  "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
 bench_record "fullsync-$CACHE" "fast full sync $SYNC_SIZE, $CHANGED_PCT % differ, $CACHE cache" s lower 4 \
   "rsync --inplace --no-whole-file" "${T_MARSS[*]}" "${T_RSYNCS[*]}"

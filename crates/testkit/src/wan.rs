@@ -36,6 +36,10 @@ struct IfReq {
     _pad: [u8; 22],
 }
 
+/// Frames held per direction at most: 1 Gbit/s × 25 ms of 1,514-byte frames is ~2,100, so
+/// this covers a gigabit path with a delay of up to ~190 ms.
+const IN_FLIGHT: usize = 16_384;
+
 /// One direction's shape.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
@@ -143,7 +147,9 @@ fn direction(
     stop: Arc<AtomicBool>,
     seed: u64,
 ) -> [JoinHandle<()>; 2] {
-    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    // Bounded: at most IN_FLIGHT frames wait for their delay (a full queue blocks the reader,
+    // the TAP queue behind it then drops, as a congested wire would).
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(IN_FLIGHT);
     let s1 = stop.clone();
     let reader = std::thread::spawn(move || {
         let mut rng = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
