@@ -254,7 +254,7 @@ fn stack_up(t: &Path, app: &mut dyn App, clock: &Clock) -> (Node, Node, PathBuf)
         device: true,
         systemd_timeout: 90,
     };
-    let mut a = Node::start(t, "a", "127.0.0.1", &tpl, &opt);
+    let a = Node::start(t, "a", "127.0.0.1", &tpl, &opt);
     let b = Node::start(t, "b", "127.0.0.2", &tpl, &opt);
     a.host.create_resource(RES, SIZE);
     b.host.join(&a.host);

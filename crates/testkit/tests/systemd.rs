@@ -310,7 +310,7 @@ fn stack_follows_the_primary_and_a_failed_stop_compensates() {
         a.host
             .log_text()
             .lines()
-            .filter(|l| l.contains("systemd start nosuch.service"))
+            .filter(|l| l.contains("systemd start nosuch.service (want"))
             .count()
     };
     // Before, one try took 3 s of backoff inside, and the next came 1 s later.
