@@ -13,7 +13,10 @@
 //! step the application's own check runs: every acknowledged write is there (after the crash:
 //! every write b had replayed when a died), the data is a consistent prefix, the database's
 //! `pg_amcheck` passes, and the application goes on writing on its new host; at the end the
-//! filesystem checks clean. `STACKS_LOOPS=N` repeats each scenario N times (default 1).
+//! filesystem checks clean. The container stack also goes through a kill of `marsd` alone on
+//! its primary (the operator's lazy unmount and loop detach, the loop number reused, marsd
+//! restarted), then handover away and back. `STACKS_LOOPS=N` repeats each scenario N times
+//! (default 1).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
