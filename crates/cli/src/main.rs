@@ -80,8 +80,9 @@ pub struct Cli {
     /// (K/M/G/T suffixes; MARS's default 10 MiB).
     #[arg(long, global = true, default_value = "10M", value_parser = parse_size_arg)]
     threshold: u64,
-    /// Seconds of silence after which fetch or replay count as stuck in `view` (MARS's
-    /// --stuck-seconds).
+    /// Seconds a fetch with something left may make no progress before the view macros that
+    /// show the fetch line (fetch-line, replinfo, default …) warn that replay appears stuck
+    /// (MARS's --stuck-seconds).
     #[arg(long, global = true, default_value_t = 3600)]
     stuck_seconds: u64,
     /// MARS: act as if on HOST. marsd speaks for its own host only: accepted when HOST is this

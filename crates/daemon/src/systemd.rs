@@ -6,7 +6,9 @@
 //! changed; `daemon-reload` only then; generated files nobody produces any more are stopped
 //! unless `KEEP_RUNNING`, and removed), then runs `systemctl` as MARS does: `reset-failed`, then
 //! `start`/`stop` with `--job-mode=fail` up to [`JOB_MODE_FAIL_TRIES`] times with linear
-//! backoff, then once in the normal job mode. A `.script` pseudo-unit is run as `SCRIPT start`
+//! backoff, then once in the normal job mode (not for a unit systemd does not know, exit 5:
+//! MARS checks that with `systemctl cat` first and reports 0; we report the failure, which the
+//! engine does not retry by itself). A `.script` pseudo-unit is run as `SCRIPT start`
 //! or `SCRIPT stop`. The result is published by the engine as `systemd-status-HOST`, which a
 //! planned handover on another host waits for.
 
@@ -28,7 +30,8 @@ use crate::mars_tree::{MarsTree, ResourceState, TreeState};
 /// job already queued for the unit is not replaced by ours.
 const JOB_MODE_FAIL_TRIES: u32 = 5;
 const JOB_MODE_FAIL_STEP: Duration = Duration::from_millis(200);
-/// `systemctl` says "unit not loaded" with this exit status (LSB "program is not installed").
+/// `systemctl` says "Unit … not found" with this exit status (LSB "program is not installed":
+/// systemd's `BUS_ERROR_NO_SUCH_UNIT`; a unit file that fails to load is 6).
 const NOT_LOADED: i32 = 5;
 
 /// Where templates come from and where units go (marsd's `--systemd-*` flags).
@@ -235,14 +238,17 @@ impl Systemd {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(e.to_string())),
         };
+        let script = key.unit.ends_with(".script");
         // Stopping a unit systemd does not know: nothing of it runs, which is what stop means.
         let (code, error) = match (key.op, code) {
-            (UnitOp::Stop, Some(NOT_LOADED)) if !key.unit.ends_with(".script") => (
+            (UnitOp::Stop, Some(NOT_LOADED)) if !script => (
                 Some(0),
                 Some("unit not loaded: nothing to stop".to_string()),
             ),
             _ => (code, error),
         };
+        // Starting one: reported, and not retried by the engine (see `UnitStatus::unknown_unit`).
+        let unknown_unit = key.op == UnitOp::Start && code == Some(NOT_LOADED) && !script;
         let status = UnitStatus {
             op: key.op,
             unit: key.unit.clone(),
@@ -253,6 +259,7 @@ impl Systemd {
             want: key.want.clone(),
             want_stamp: key.want_stamp,
             error,
+            unknown_unit,
         };
         if status.ok() {
             tracing::info!("{res}: systemd {}", status.summary());
@@ -533,8 +540,10 @@ fn perform(s: &Settings, op: UnitOp, unit: &str) -> Result<i32, SystemdError> {
             Command::new(&s.systemctl).args(["--job-mode=fail", op.as_str(), unit]),
             s.timeout,
         )?;
-        if code == 0 {
-            return Ok(0);
+        // Done, or systemd does not know the unit: trying again cannot change that (a unit
+        // file appears only with a daemon-reload, which is a new job's business).
+        if code == 0 || code == NOT_LOADED {
+            return Ok(code);
         }
         std::thread::sleep(JOB_MODE_FAIL_STEP * attempt);
     }
@@ -678,6 +687,52 @@ mod tests {
         assert!(log.contains("script start"), "{log}");
         assert!(
             log.contains("systemctl --job-mode=fail stop app.service"),
+            "{log}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A unit systemd does not know (exit 5) is tried once, not five times with backoff and
+    /// once more: a retry cannot make it known.
+    #[test]
+    fn an_unknown_unit_is_tried_once() {
+        let dir = std::env::temp_dir().join(format!("mars-sd-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let calls = dir.join("calls");
+        let systemctl = dir.join("systemctl");
+        std::fs::write(
+            &systemctl,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}\n\
+                 case \"$*\" in *start*) echo 'Unit nosuch.service not found.' >&2; exit 5 ;; esac\n",
+                calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&systemctl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Settings {
+            search_path: Vec::new(),
+            unit_dir: dir.join("units"),
+            scripts_dir: dir.join("scripts"),
+            systemctl,
+            system_unit_dirs: Vec::new(),
+            timeout: Duration::from_secs(10),
+            mars_tree: None,
+        };
+        let t = Instant::now();
+        assert_eq!(
+            perform(&s, UnitOp::Start, "nosuch.service").unwrap(),
+            NOT_LOADED
+        );
+        // The five tries with backoff alone took 3 s of sleeping.
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let log = std::fs::read_to_string(&calls).unwrap();
+        assert_eq!(
+            log.lines().collect::<Vec<_>>(),
+            [
+                "reset-failed nosuch.service",
+                "--job-mode=fail start nosuch.service"
+            ],
             "{log}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

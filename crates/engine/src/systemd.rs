@@ -90,6 +90,12 @@ pub struct UnitStatus {
     pub want_stamp: u64,
     #[serde(default)]
     pub error: Option<String>,
+    /// systemd does not know the unit (`systemctl` exit 5, "Unit … not found"): retrying
+    /// cannot help until a unit file appears, so the engine does not repeat the operation by
+    /// itself (MARS checks `systemctl cat UNIT` first and reports success; we report the
+    /// failure and wait for the want to change or for `systemd-trigger`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unknown_unit: bool,
 }
 
 impl UnitStatus {
@@ -109,6 +115,11 @@ impl UnitStatus {
     pub fn summary(&self) -> String {
         let result = match (self.code, &self.error) {
             (Some(0), _) => "ok".to_string(),
+            (Some(_), _) if self.unknown_unit => {
+                "systemd does not know this unit (not retried; after installing it, \
+                 `marsadm systemd-trigger` runs it again)"
+                    .to_string()
+            }
             (Some(c), _) => format!("exit {c}"),
             (None, Some(e)) => e.clone(),
             (None, None) => "failed".to_string(),
@@ -217,6 +228,7 @@ mod tests {
             want: Some("b".into()),
             want_stamp: 7,
             error: None,
+            unknown_unit: false,
         };
         assert_eq!(UnitStatus::from_json(&st.to_json()), Some(st.clone()));
         assert_eq!(st.summary(), "stop mnt.mount: exit 1");
@@ -227,5 +239,26 @@ mod tests {
             ..st
         };
         assert_eq!(killed.summary(), "stop mnt.mount: timed out after 5s");
+        // An older marsd's status (no `unknown_unit`) still parses; the flag travels.
+        let old = r#"{"op":"start","unit":"a.service","code":5,"time_ms":1}"#;
+        assert!(!UnitStatus::from_json(old).unwrap().unknown_unit);
+        let unknown = UnitStatus {
+            op: UnitOp::Start,
+            code: Some(5),
+            unknown_unit: true,
+            ..killed
+        };
+        assert_eq!(
+            UnitStatus::from_json(&unknown.to_json()),
+            Some(unknown.clone())
+        );
+        assert!(!unknown.ok());
+        assert!(
+            unknown
+                .summary()
+                .starts_with("start mnt.mount: systemd does not know this unit"),
+            "{}",
+            unknown.summary()
+        );
     }
 }

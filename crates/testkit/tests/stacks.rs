@@ -13,7 +13,10 @@
 //! step the application's own check runs: every acknowledged write is there (after the crash:
 //! every write b had replayed when a died), the data is a consistent prefix, the database's
 //! `pg_amcheck` passes, and the application goes on writing on its new host; at the end the
-//! filesystem checks clean. `STACKS_LOOPS=N` repeats each scenario N times (default 1).
+//! filesystem checks clean. The container stack also goes through a kill of `marsd` alone on
+//! its primary (the operator's lazy unmount and loop detach, the loop number reused, marsd
+//! restarted), then handover away and back. `STACKS_LOOPS=N` repeats each scenario N times
+//! (default 1).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -207,18 +210,40 @@ enum Resolve {
 /// application, and crashes a machine; two at once double the load on a small CI machine.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    // STACKS_KEEP=1 keeps the directory (marsd logs, disks) for a failed run.
-    let mut dir = Some(tmp());
-    let kept;
-    let t = if std::env::var_os("STACKS_KEEP").is_some() {
-        kept = dir.take().unwrap().keep();
-        eprintln!("keeping {}", kept.display());
-        kept.as_path()
-    } else {
-        dir.as_ref().unwrap().path()
-    };
+/// The test's directory; `STACKS_KEEP=1` keeps it (marsd logs, disks) for a failed run.
+struct Dir {
+    tmp: Option<tempfile::TempDir>,
+    kept: Option<PathBuf>,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        let tmp = tmp();
+        if std::env::var_os("STACKS_KEEP").is_some() {
+            let kept = tmp.keep();
+            eprintln!("keeping {}", kept.display());
+            return Dir {
+                tmp: None,
+                kept: Some(kept),
+            };
+        }
+        Dir {
+            tmp: Some(tmp),
+            kept: None,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match (&self.tmp, &self.kept) {
+            (Some(t), _) => t.path(),
+            (None, Some(k)) => k,
+            (None, None) => unreachable!("one of them is set"),
+        }
+    }
+}
+
+/// Two hosts a (primary) and b, `app`'s stack running on a with its load: a, b and b's disk.
+fn stack_up(t: &Path, app: &mut dyn App, clock: &Clock) -> (Node, Node, PathBuf) {
     let tpl = t.join("templates");
     std::fs::create_dir_all(&tpl).unwrap();
     let dist = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../dist/systemd-templates");
@@ -232,7 +257,7 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
         device: true,
         systemd_timeout: 90,
     };
-    let mut a = Node::start(t, "a", "127.0.0.1", &tpl, &opt);
+    let a = Node::start(t, "a", "127.0.0.1", &tpl, &opt);
     let b = Node::start(t, "b", "127.0.0.2", &tpl, &opt);
     a.host.create_resource(RES, SIZE);
     b.host.join(&a.host);
@@ -260,6 +285,14 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
     app.start_load();
     app.check(&a, 0, &[&a, &b]);
     clock.step("stack up on a");
+    (a, b, disk_b)
+}
+
+fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Dir::new();
+    let t = dir.path();
+    let (mut a, b, disk_b) = stack_up(t, app, clock);
 
     // Planned handover a→b and back, writing all the time.
     handover(&b, &[&a, &b]);
@@ -369,23 +402,184 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
     runs_on(&a, &[&b], app, &nodes);
     app.check(&a, app.acked(), &nodes);
     clock.step("handed back to a");
+    the_end(&a, &b, &disk_b, app, clock);
+}
 
-    // The end: the stack stopped, the filesystem clean, b's replica equal.
+/// The end: the stack stopped on a, the filesystem clean, b's replica equal to a's device.
+fn the_end(a: &Node, b: &Node, disk_b: &Path, app: &mut dyn App, clock: &Clock) {
+    let nodes = [a, b];
     app.finish();
     let last = app.acked();
     a.host.ok(&["set-systemd-unit", RES, ""]);
     wait(&nodes, 60, "the stack stopped", || {
-        !active(&a, app.unit()) && !active(&a, MOUNT)
+        !active(a, app.unit()) && !active(a, MOUNT)
     });
     a.sh(&format!("e2fsck -n -f /dev/mars/{RES} >/dev/null"));
-    uptodate(&b, &nodes, 60);
+    uptodate(b, &nodes, 60);
     let dev_a = a.host.device(RES).expect("a's device");
     let dev_a = a.sdbox().path(&dev_a.to_string_lossy());
     assert!(
-        mars_testkit::repl::first_difference(&dev_a, &disk_b, SIZE).is_none(),
+        mars_testkit::repl::first_difference(&dev_a, disk_b, SIZE).is_none(),
         "b's replica differs from a's device"
     );
     clock.step(&format!("clean, {last} writes acknowledged"));
+}
+
+/// The FUSE mounts of marsd's device `RES` in `n`'s box (source `mars-blockdev:RES`), and
+/// whether each is live (a dead one answers `stat` with ENOTCONN).
+fn fuse_mounts(n: &Node) -> Vec<(String, bool)> {
+    n.sh("cat /proc/self/mountinfo")
+        .lines()
+        .filter(|l| l.contains(&format!(" mars-blockdev:{RES} ")))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .map(|at| {
+            let live = n.sdbox().exec(&["stat", "-c", "%s", &at]).status.success();
+            (at, live)
+        })
+        .collect()
+}
+
+/// `/dev/loopN` that `n`'s device link `/dev/mars/RES` points to.
+fn loop_of(n: &Node) -> String {
+    n.sh(&format!("readlink /dev/mars/{RES}"))
+        .trim()
+        .to_string()
+}
+
+/// Whether the loop device `/dev/loopN` is bound to a file.
+fn loop_bound(lo: &str) -> bool {
+    let name = lo.trim_start_matches("/dev/");
+    Path::new("/sys/block")
+        .join(name)
+        .join("loop/backing_file")
+        .exists()
+}
+
+/// A loop device of somebody else, bound to a file of its own; detached when dropped.
+struct Foreign(String);
+
+impl Foreign {
+    /// Binds exactly `lo` (the number the killed marsd's device had) to a new file in `dir`,
+    /// as the next loop device set up on the machine would.
+    fn take(lo: &str, dir: &Path) -> Foreign {
+        let file = dir.join("foreign.img");
+        std::fs::File::create(&file)
+            .and_then(|f| f.set_len(MIB))
+            .expect("foreign file");
+        let mut last = String::new();
+        for _ in 0..100 {
+            let o = Command::new("losetup")
+                .arg(lo)
+                .arg(&file)
+                .output()
+                .expect("losetup");
+            if o.status.success() {
+                return Foreign(lo.to_string());
+            }
+            last = String::from_utf8_lossy(&o.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("cannot bind {lo}: {last}");
+    }
+}
+
+impl Drop for Foreign {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
+    }
+}
+
+/// Issue 17: only `marsd` is killed on the primary (not the machine) while its stack runs;
+/// the operator cleans up (the filesystem lazily unmounted, the loop device detached, its
+/// number then taken by somebody else) and starts marsd again. The restarted marsd replaces
+/// its dead FUSE mount and its stale device link (the foreign loop device is left alone), the
+/// stack starts again on the same host with every acknowledged write, and handovers away and
+/// back work, the device there each time.
+fn marsd_killed_scenario(app: &mut dyn App, clock: &Clock) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Dir::new();
+    let t = dir.path();
+    let (a, b, disk_b) = stack_up(t, app, clock);
+    let nodes = [&a, &b];
+    uptodate(&b, &nodes, 60);
+
+    // Only marsd dies. The operator keeps systemd from restarting it (Restart=on-failure)
+    // until the leftovers are cleaned up, as the issue's operator did.
+    let lo = loop_of(&a);
+    a.sh("mkdir -p /run/systemd/system/marsd.service.d && \
+         printf '[Service]\\nRestart=no\\n' > /run/systemd/system/marsd.service.d/hold.conf && \
+         systemctl daemon-reload && systemctl kill -s KILL marsd.service");
+    wait(&nodes, 30, "marsd dead on a", || {
+        a.systemctl(&["is-active", "marsd.service"]) != "active"
+    });
+    // Writes fail from now on: whatever was acknowledged must come back.
+    std::thread::sleep(Duration::from_millis(500));
+    let floor = app.acked();
+    clock.step(&format!(
+        "marsd killed on a, floor {floor}, its device was {lo}"
+    ));
+    let dead = fuse_mounts(&a);
+    assert!(
+        dead.iter().any(|(_, live)| !live),
+        "a dead FUSE mount stays behind: {dead:?}"
+    );
+
+    // The operator: the filesystem lazily unmounted (systemd then stops the application
+    // bound to it), the loop device detached; the next loop device on the machine gets its
+    // number.
+    a.sh(&format!("umount -l {VOL}"));
+    wait(&nodes, 60, "the application stopped with its mount", || {
+        !active(&a, app.unit()) && !active(&a, MOUNT)
+    });
+    wait(
+        &nodes,
+        60,
+        "the killed marsd's loop device released",
+        || {
+            let _ = Command::new("losetup")
+                .arg("-d")
+                .arg(&lo)
+                .stderr(Stdio::null())
+                .status();
+            !loop_bound(&lo)
+        },
+    );
+    let foreign = Foreign::take(&lo, t);
+    clock.step("cleaned up, the loop number taken by somebody else");
+
+    // marsd started again: it is still the designated primary and the stack's host.
+    a.sh(
+        "rm /run/systemd/system/marsd.service.d/hold.conf && systemctl daemon-reload && \
+         systemctl start marsd.service",
+    );
+    runs_on(&a, &[&b], app, &nodes);
+    let fuse = fuse_mounts(&a);
+    assert!(
+        fuse.len() == 1 && fuse[0].1,
+        "one live FUSE mount of the device after the restart: {fuse:?}\n{}",
+        dump(&nodes)
+    );
+    let lo2 = loop_of(&a);
+    assert_ne!(lo2, lo, "the foreign loop device is not taken over");
+    assert!(loop_bound(&lo), "the foreign loop device is left alone");
+    app.check(&a, floor, &nodes);
+    clock.step(&format!("marsd restarted, the stack back on a ({lo2})"));
+    drop(foreign);
+
+    // Handover away and back: the device and the stack each time.
+    uptodate(&b, &nodes, 60);
+    handover(&b, &nodes);
+    runs_on(&b, &[&a], app, &nodes);
+    app.check(&b, app.acked(), &nodes);
+    clock.step("handed over to b");
+    uptodate(&a, &nodes, 60);
+    handover(&a, &nodes);
+    runs_on(&a, &[&b], app, &nodes);
+    let fuse = fuse_mounts(&a);
+    assert!(fuse.len() == 1 && fuse[0].1, "{fuse:?}");
+    app.check(&a, app.acked(), &nodes);
+    clock.step("handed back to a");
+    the_end(&a, &b, &disk_b, app, clock);
 }
 
 // ----- Stack 1: PostgreSQL on ext4 --------------------------------------------------------
@@ -818,5 +1012,23 @@ fn container_on_ext4_through_handover_failover_and_return() {
             started: false,
         };
         scenario(&mut ct, Resolve::LeaveJoin, &clock);
+    }
+}
+
+/// The container stack with only marsd killed on its primary (not the machine), cleaned up by
+/// the operator, marsd restarted, then handed over away and back.
+#[test]
+fn container_after_marsd_killed_under_its_mounted_filesystem() {
+    if !supported(&["mkfs.ext4", "e2fsck", "systemd-nspawn", "losetup"]) {
+        return;
+    }
+    for i in 0..loops() {
+        let clock = Clock(Instant::now());
+        clock.step(&format!("loop {}", i + 1));
+        let mut ct = Container {
+            ack: PathBuf::new(),
+            started: false,
+        };
+        marsd_killed_scenario(&mut ct, &clock);
     }
 }

@@ -299,6 +299,37 @@ fn stack_follows_the_primary_and_a_failed_stop_compensates() {
     let out = a.host.ok(&["systemd-trigger", RES]);
     assert!(out.contains("0 changed"), "{out}");
 
+    // A start unit systemd does not know: reported once, not retried (MARS reports 0); once
+    // the unit exists, `systemd-trigger` starts it.
+    a.host.ok(&["set-systemd-unit", RES, "nosuch.service"]);
+    wait(&all, &marks, 30, "a reports the unknown unit", || {
+        member_line(&a, "a")
+            .contains("systemd: start nosuch.service: systemd does not know this unit")
+    });
+    let tries = || {
+        a.host
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("systemd start nosuch.service (want"))
+            .count()
+    };
+    // Before, one try took 3 s of backoff inside, and the next came 1 s later.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(tries(), 1, "{}", dump(&all, &marks));
+    std::fs::write(
+        a.sdbox.path("/etc/systemd/system/nosuch.service"),
+        "[Service]\nExecStart=/bin/sleep infinity\n",
+    )
+    .unwrap();
+    a.sdbox.systemctl(&["daemon-reload"]);
+    a.host.ok(&["systemd-trigger", RES]);
+    wait(&all, &marks, 30, "the unit, now known, started", || {
+        a.sdbox.systemctl(&["is-active", "nosuch.service"]) == "active"
+            && member_line(&a, "a").contains("systemd: start nosuch.service: ok")
+    });
+    assert_eq!(tries(), 2);
+    a.sdbox.systemctl(&["stop", "nosuch.service"]);
+
     // Removing the stack stops it and removes the generated files.
     a.host.ok(&["set-systemd-unit", RES, ""]);
     wait(&all, &marks, 30, "the stack is gone everywhere", || {

@@ -159,8 +159,9 @@ pub fn syncinfo(c: &Ctx) -> Result<String> {
 }
 
 /// `fetch-line`: `       > fetch: 2.000 MiB[ age: …][ lag: …] rate: 1.000 MiB/s remaining: …`;
-/// `-1and1`: `… rate: R/sec  remaining: T hrs`. (MARS also warns on stderr when fetch looks
-/// stuck for `--stuck-seconds`; we do not.)
+/// `-1and1`: `… rate: R/sec  remaining: T hrs`. As MARS, a fetch with something left whose
+/// age is beyond `--window` and `--stuck-seconds` adds the warning `replay of RES appears to be
+/// stuck for ~AGE` (MARS's text; stderr).
 pub fn fetch_line(c: &Ctx, one_and_one: bool) -> Result<String> {
     let amount = human_join(&[prim::rest(c, Job::Fetch)? as f64], "/", " ");
     let rate = human_join(&[prim::rate(c, Job::Fetch)? as f64], "/", " ");
@@ -173,7 +174,16 @@ pub fn fetch_line(c: &Ctx, one_and_one: bool) -> Result<String> {
     }
     let w = c.window as f64;
     let my_age = prim::age(c, "fetch")?;
-    let age = if remain_n != 0.0 && my_age >= w {
+    let has_age = remain_n != 0.0 && my_age >= w;
+    // MARS also asks `%is-module-loaded{}`: marsd answered this view, so it runs.
+    if has_age && my_age > c.stuck_seconds as f64 {
+        c.warnings.borrow_mut().push(format!(
+            "replay of {} appears to be stuck for ~{}\n",
+            c.r()?.name,
+            seconds2human(my_age)
+        ));
+    }
+    let age = if has_age {
         format!(" age: {}", seconds2human(my_age))
     } else {
         String::new()

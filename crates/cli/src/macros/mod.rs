@@ -63,6 +63,12 @@ pub struct Ctx<'a> {
     /// Seconds since the epoch.
     pub now: f64,
     pub src: &'a dyn Source,
+    /// `--stuck-seconds`: a fetch silent this long while there is something to fetch is
+    /// warned about (MARS's `fetch-line`).
+    pub stuck_seconds: u64,
+    /// MARS's `%warn{…}`: lines for stderr (`WARNING: …`), printed by the caller after the
+    /// value, so that evaluating stays free of output.
+    pub warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl<'a> Ctx<'a> {
@@ -1653,6 +1659,8 @@ pub fn test_value(r: &ResourceView, name: &str) -> Result<String> {
         window: 60,
         now: 0.0,
         src: &NoSource,
+        stuck_seconds: 3600,
+        warnings: Default::default(),
     };
     value(name, &c)
 }

@@ -109,6 +109,8 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
         window: cli.window,
         now: now(),
         src: &src,
+        stuck_seconds: cli.stuck_seconds,
+        warnings: Default::default(),
     };
     if !many {
         let r = v
@@ -116,12 +118,12 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
             .iter()
             .find(|r| r.name == names[0])
             .with_context(|| format!("resource {} not found", names[0]))?;
-        let value = super::eval(m, &ctx(Some(r), name))?;
+        let value = eval(m, &ctx(Some(r), name))?;
         return print(cli, m, &r.name, &value);
     }
     let frame = |suffix: &str| -> Result<()> {
         if let Some(g) = super::find(&format!("{name}-{suffix}")) {
-            let value = super::eval(g, &ctx(None, &g.name))?;
+            let value = eval(g, &ctx(None, &g.name))?;
             print(cli, g, "", &value)?;
         }
         Ok(())
@@ -141,7 +143,7 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
         // `all` expands to.
         let values = chosen
             .map(|r| {
-                let value = super::eval(m, &ctx(Some(r), name))?;
+                let value = eval(m, &ctx(Some(r), name))?;
                 Ok(serde_json::json!({ "resource": r.name, "value": super::json(m, &value) }))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -150,13 +152,22 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
     frame("header")?;
     for r in chosen {
         let c = ctx(Some(r), name);
-        let head = super::eval(super::find("default-resource").expect("in the table"), &c)?;
+        let head = eval(super::find("default-resource").expect("in the table"), &c)?;
         println!("--------- resource {head}");
-        print(cli, m, &r.name, &super::eval(m, &c)?)?;
+        print(cli, m, &r.name, &eval(m, &c)?)?;
     }
     frame("global")?;
     frame("footer")?;
     Ok(())
+}
+
+/// Evaluates `m`, then prints its warnings (MARS's `%warn{…}`) on stderr as MARS does.
+fn eval(m: &Macro, c: &Ctx) -> Result<String> {
+    let value = super::eval(m, c)?;
+    for w in c.warnings.borrow_mut().drain(..) {
+        eprint!("WARNING: {w}");
+    }
+    Ok(value)
 }
 
 fn view(cli: &Cli, res: Option<&str>) -> Result<ClusterView> {
@@ -204,6 +215,8 @@ fn wait(cli: &Cli, res: &str, target: &str, on: bool) -> Result<()> {
             window: cli.window,
             now: now(),
             src: &src,
+            stuck_seconds: cli.stuck_seconds,
+            warnings: Default::default(),
         };
         if super::eval(t, &c)? == want {
             return Ok(());

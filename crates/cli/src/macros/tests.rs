@@ -122,6 +122,8 @@ fn ctx<'a>(v: &'a ClusterView, name: &'a str, arg: Option<&'a str>) -> Ctx<'a> {
         window: 60,
         now: NOW,
         src: &Fake,
+        stuck_seconds: 3600,
+        warnings: Default::default(),
     }
 }
 
@@ -263,6 +265,35 @@ fn default_of_a_syncing_secondary() {
     assert_eq!(val(&v, "diskstate-1and1"), "Inconsistent");
     assert_eq!(val(&v, "replstate-1and1"), "Syncing");
     assert!(val(&v, "1and1").ends_with(&want[want.find("     syncing").unwrap()..]));
+}
+
+/// `--stuck-seconds` (MARS's `fetch-line`): a fetch with something left that has not caught
+/// up for longer than `--window` and `--stuck-seconds` is warned about (MARS's text, stderr);
+/// the value printed is the same either way.
+#[test]
+fn a_fetch_silent_beyond_stuck_seconds_is_warned_about() {
+    let mut v = behind();
+    // Caught up last 5000 s ago (the view gives the age).
+    v.resources[0].caught_up_ms = Some(5_000_000);
+    let c = ctx(&v, "fetch-line", None);
+    let line = value("fetch-line", &c).unwrap();
+    assert!(line.contains(" age: 01:23:20"), "{line}");
+    assert_eq!(
+        c.warnings.borrow().as_slice(),
+        ["replay of vm1 appears to be stuck for ~01:23:20\n"]
+    );
+    for stuck in [5000, 86_400] {
+        let c = Ctx {
+            stuck_seconds: stuck,
+            ..ctx(&v, "fetch-line", None)
+        };
+        assert_eq!(value("fetch-line", &c).unwrap(), line);
+        assert!(c.warnings.borrow().is_empty(), "{stuck}");
+    }
+    // The complex macros that show the fetch line warn too.
+    let c = ctx(&v, "default", None);
+    value("default", &c).unwrap();
+    assert_eq!(c.warnings.borrow().len(), 1);
 }
 
 #[test]

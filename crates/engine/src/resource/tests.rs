@@ -13,6 +13,7 @@ use super::*;
 use crate::keys;
 use crate::model::{Report, Role};
 use crate::version;
+use crate::{UnitOp, UnitStatus};
 
 fn h(s: &str) -> HostName {
     HostName::new(s).unwrap()
@@ -2176,4 +2177,91 @@ fn secondary_with_a_stack_wants_it_nowhere_first() {
         "{c:?}"
     );
     assert!(p.contains(&(keys::primary(&res), "(none)".to_string())));
+}
+
+// ---------------------------------------------------------------- systemd stack
+
+fn unit_jobs(cmds: &[Command]) -> Vec<UnitJob> {
+    cmds.iter()
+        .filter_map(|c| match c {
+            Command::RunUnit(j) => Some(j.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn unit_status(job: &UnitJob, code: i32, unknown_unit: bool) -> Event {
+    let key = job.op.clone().expect("an operation");
+    Event::Done(Done::Unit {
+        job: job.clone(),
+        status: Some(UnitStatus {
+            op: key.op,
+            unit: key.unit,
+            code: Some(code),
+            time_ms: 1,
+            want: key.want,
+            want_stamp: key.want_stamp,
+            error: None,
+            unknown_unit,
+        }),
+    })
+}
+
+/// A failed start is retried with backoff; a start of a unit systemd does not know is
+/// reported once and not retried, until `systemd-trigger` (or a new want) asks again.
+#[test]
+fn a_start_of_an_unknown_unit_is_reported_not_retried() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    let res = w.res.clone();
+    w.set(&keys::systemd_start_unit(&res), "app.service");
+    w.set(&keys::systemd_want(&res), "a");
+    let mut c = w.start(false);
+    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
+    // A regeneration first (the units appeared), then the start once the device is there.
+    let mut start = None;
+    for _ in 0..4 {
+        let jobs = unit_jobs(&c);
+        if let Some(j) = jobs
+            .iter()
+            .find(|j| j.op.as_ref().is_some_and(|k| k.op == UnitOp::Start))
+        {
+            start = Some(j.clone());
+            break;
+        }
+        c = Vec::new();
+        for job in jobs {
+            c.extend(w.ev(Event::Done(Done::Unit { job, status: None })));
+        }
+        c.extend(w.sync());
+    }
+    let job = start.expect("a start");
+    // An ordinary failure: tried again after the backoff.
+    w.ev(unit_status(&job, 1, false));
+    w.at(1_000);
+    let again = unit_jobs(&w.ev(Event::Wake));
+    assert_eq!(again.len(), 1, "retried after 1 s");
+    assert_eq!(again[0].op, job.op);
+    // systemd does not know the unit: the status says so, and nothing runs any more.
+    let c = w.ev(unit_status(&again[0], 5, true));
+    let status = published(&c)
+        .into_iter()
+        .find(|(k, _)| *k == keys::systemd_status(&res, &h("a")))
+        .map(|(_, v)| UnitStatus::from_json(&v).unwrap())
+        .expect("the status published");
+    assert!(status.unknown_unit && !status.ok(), "{status:?}");
+    for _ in 0..5 {
+        w.at(60_000);
+        let c = w.ev(Event::Wake);
+        assert!(unit_jobs(&c).is_empty(), "retried: {c:?}");
+    }
+    let c = w.sync();
+    assert!(unit_jobs(&c).is_empty(), "retried: {c:?}");
+    // `systemd-trigger`: once more.
+    let c = w.ev(Event::Op {
+        id: 4,
+        op: Op::SystemdTrigger,
+    });
+    let jobs = unit_jobs(&c);
+    assert_eq!(jobs.len(), 1, "{c:?}");
+    assert_eq!(jobs[0].op, job.op);
 }

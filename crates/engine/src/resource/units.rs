@@ -6,7 +6,9 @@
 //!   or the Lamport stamp of the `systemd-want` entry (so every write of the want, even of the
 //!   same value, re-runs it, as a MARS trigger does) — or on `systemd-trigger`;
 //! - **retried**: a failed operation is repeated with exponential backoff while it is still
-//!   wanted.
+//!   wanted — except a start of a unit systemd does not know ([`UnitStatus::unknown_unit`]):
+//!   that is reported once and repeated only when its inputs change or on `systemd-trigger`
+//!   (MARS reports such a start as done; looping on it would only fill the log).
 
 use super::command::{OpKey, UnitJob};
 use super::{Command, Local, ResourceEngine};
@@ -99,6 +101,10 @@ impl ResourceEngine {
         let now = self.now.ms;
         let u = &mut self.units;
         if status.ok() {
+            u.done = Some(key);
+            u.failed = None;
+        } else if status.unknown_unit {
+            // Settled as far as retrying goes: the published status says it failed and why.
             u.done = Some(key);
             u.failed = None;
         } else {
