@@ -649,7 +649,7 @@ mod tests {
         let o = evaluate(&v, &t);
         assert_eq!(o.status, Status::Ok, "{}", o.line());
         assert!(
-            o.line().ends_with(" clock_skew=0.2s;5;3600;0;"),
+            o.line().ends_with(" clock_skew=0.200s;5;3600;0;"),
             "{}",
             o.line()
         );
