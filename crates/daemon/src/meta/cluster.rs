@@ -1673,13 +1673,13 @@ mod heard_tests {
         // 300 s ahead; each sample arrives late by its travel time.
         assert_eq!(
             h.sample_skew(Some(WALL + 300 * S), WALL + S / 2),
-            SkewNews::Over(300 * S - S / 2)
+            SkewNews::Over((300 * S - S / 2) as i64)
         );
         assert_eq!(
             h.sample_skew(Some(WALL + 302 * S), WALL + 2 * S + S / 100),
             SkewNews::None
         );
-        assert_eq!(h.skew(), Some(300 * S - S / 100));
+        assert_eq!(h.skew(), Some((300 * S - S / 100) as i64));
         // Fixed: once the old samples are gone it is said once.
         let mut news = Vec::new();
         for i in 0..SKEW_SAMPLES as u64 {
@@ -1687,7 +1687,7 @@ mod heard_tests {
             news.push(h.sample_skew(Some(w), w + S / 1000));
         }
         assert_eq!(news.iter().filter(|n| **n != SkewNews::None).count(), 1);
-        assert_eq!(news.last(), Some(&SkewNews::Back(-(S / 1000))));
+        assert_eq!(news.last(), Some(&SkewNews::Back(-((S / 1000) as i64))));
         // Behind works the same way.
         let mut h = Heard::first(WALL, WALL, t0);
         assert_eq!(
