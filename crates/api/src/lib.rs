@@ -358,6 +358,11 @@ pub struct LogPin {
     pub holds: bool,
 }
 
+/// A member's clock further than this from ours (seconds, either way) is warned about: in
+/// marsd's log, in `view all` and by `check` (its default `--skew-warn`). NTP keeps clocks
+/// within milliseconds; the measurement's own error is the travel time of a liveness stamp.
+pub const CLOCK_SKEW_WARN_SECS: f64 = 5.0;
+
 /// One cluster member as this host sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MemberView {
@@ -366,7 +371,8 @@ pub struct MemberView {
     pub this_host: bool,
     /// Its liveness stamp is younger than the window.
     pub alive: bool,
-    /// Seconds since the member's newest liveness stamp (its information's age).
+    /// Seconds since this host last heard the member's liveness stamp move (its information's
+    /// age, by this host's clock: the member's own clock does not enter).
     pub age_secs: Option<f64>,
     /// This host exchanged metadata with it directly within the last few seconds.
     pub connected: bool,
@@ -376,6 +382,10 @@ pub struct MemberView {
     /// compression (absent from daemons before it existed).
     #[serde(default)]
     pub streams: Vec<StreamView>,
+    /// Its wall clock minus this host's, in seconds (positive: ahead), as measured from its
+    /// liveness stamps; `None` before a fresh one arrived (or from hosts that send no clock).
+    #[serde(default)]
+    pub clock_skew_secs: Option<f64>,
 }
 
 /// Bytes of one stream kind between this host and a member, on the wire and uncompressed

@@ -95,6 +95,9 @@ pub struct Thresholds {
     /// Replication here with something to do and no progress while the lag is at least this
     /// many seconds: critical.
     pub stalled: f64,
+    /// A member's clock this many seconds from this host's (either way): warning / critical.
+    pub skew_warn: f64,
+    pub skew_crit: f64,
 }
 
 impl Default for Thresholds {
@@ -110,6 +113,8 @@ impl Default for Thresholds {
                 SpaceLimit::FreeBytes(4 << 30),
             ],
             stalled: 300.0,
+            skew_warn: mars_api::CLOCK_SKEW_WARN_SECS,
+            skew_crit: 3600.0,
         }
     }
 }
@@ -253,6 +258,14 @@ pub struct CheckArgs {
     /// Critical when the designated primary was not heard from for this long.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub unreachable: u64,
+    /// Warning when a member's clock is this many seconds ahead of or behind this host's
+    /// (measured from its liveness stamps; needs `check all`, the default).
+    #[arg(long, default_value_t = mars_api::CLOCK_SKEW_WARN_SECS, value_name = "SECONDS")]
+    pub skew_warn: f64,
+    /// Critical at this skew (certificates are valid from an hour before they were issued: a
+    /// clock an hour behind fails TLS with a renewed host).
+    #[arg(long, default_value_t = 3600.0, value_name = "SECONDS")]
+    pub skew_crit: f64,
 }
 
 /// A comma list of [`SpaceLimit`]s (a type of its own so that clap takes it as one value).
@@ -281,9 +294,14 @@ impl CheckArgs {
             space_warn: self.space_warn.0.clone(),
             space_crit: self.space_crit.0.clone(),
             stalled: self.stalled as f64,
+            skew_warn: self.skew_warn,
+            skew_crit: self.skew_crit,
         };
         if !(t.lag_warn >= 0.0 && t.lag_crit >= 0.0) {
             return Err("--lag-warn and --lag-crit are seconds (≥ 0)".into());
+        }
+        if !(t.skew_warn >= 0.0 && t.skew_crit >= 0.0) {
+            return Err("--skew-warn and --skew-crit are seconds (≥ 0)".into());
         }
         Ok(t)
     }
@@ -299,6 +317,7 @@ pub fn evaluate(view: &ClusterView, t: &Thresholds) -> Outcome {
     for r in &view.resources {
         resource(&view.host, r, t, &mut problems, &mut perfdata);
     }
+    clocks(view, t, &mut problems, &mut perfdata);
     // Worst first; within one severity in the order found.
     problems.sort_by_key(|p| std::cmp::Reverse(p.status));
     Outcome {
@@ -311,6 +330,45 @@ pub fn evaluate(view: &ClusterView, t: &Thresholds) -> Outcome {
         perfdata,
         resources: view.resources.len(),
     }
+}
+
+/// The members' clocks against this host's (only when the view lists the members: `check all`).
+fn clocks(view: &ClusterView, t: &Thresholds, problems: &mut Vec<Problem>, perf: &mut Vec<Perf>) {
+    let others: Vec<_> = view.members.iter().filter(|m| !m.this_host).collect();
+    if others.is_empty() {
+        return;
+    }
+    let mut worst = 0.0f64;
+    for m in others {
+        let Some(d) = m.clock_skew_secs else { continue };
+        worst = worst.max(d.abs());
+        let status = if d.abs() >= t.skew_crit {
+            Status::Critical
+        } else if d.abs() >= t.skew_warn {
+            Status::Warning
+        } else {
+            continue;
+        };
+        problems.push(Problem {
+            status,
+            resource: None,
+            text: format!(
+                "clock of {} {:.0} s {}",
+                m.host,
+                d.abs(),
+                if d > 0.0 { "ahead" } else { "behind" }
+            ),
+        });
+    }
+    perf.push(Perf {
+        label: "clock_skew".into(),
+        value: (worst * 1000.0).round() / 1000.0,
+        uom: "s",
+        warn: Some(t.skew_warn),
+        crit: Some(t.skew_crit),
+        min: Some(0.0),
+        max: None,
+    });
 }
 
 fn space(sp: &SpaceView, t: &Thresholds, problems: &mut Vec<Problem>, perf: &mut Vec<Perf>) {
@@ -570,6 +628,49 @@ mod tests {
             resources: vec![r],
             space: Some(Box::new(space(90 << 30, 100 << 30))),
         }
+    }
+
+    #[test]
+    fn a_member_clock_far_off_warns_then_is_critical() {
+        let m = |h: &str, this: bool, skew: Option<f64>| mars_api::MemberView {
+            host: h.into(),
+            address: "10.0.0.1:7777".into(),
+            this_host: this,
+            alive: true,
+            age_secs: Some(0.5),
+            connected: true,
+            error: None,
+            streams: vec![],
+            clock_skew_secs: skew,
+        };
+        let mut v = healthy();
+        v.members = vec![m("alpha", false, Some(0.2)), m("beta", true, None)];
+        let t = Thresholds::default();
+        let o = evaluate(&v, &t);
+        assert_eq!(o.status, Status::Ok, "{}", o.line());
+        assert!(
+            o.line().ends_with(" clock_skew=0.200s;5;3600;0;"),
+            "{}",
+            o.line()
+        );
+        v.members[0].clock_skew_secs = Some(300.4);
+        let o = evaluate(&v, &t);
+        assert_eq!(o.status, Status::Warning);
+        assert!(
+            o.line()
+                .starts_with("MARS WARNING: clock of alpha 300 s ahead | "),
+            "{}",
+            o.line()
+        );
+        v.members[0].clock_skew_secs = Some(-7200.0);
+        let o = evaluate(&v, &t);
+        assert_eq!(o.status, Status::Critical);
+        assert!(o
+            .line()
+            .starts_with("MARS CRITICAL: clock of alpha 7200 s behind | "));
+        // Without the member list (`check RES`) nothing is said about clocks.
+        v.members.clear();
+        assert!(!evaluate(&v, &t).line().contains("clock"));
     }
 
     #[test]

@@ -363,13 +363,14 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
                             .age_secs
                             .map_or("never heard from".into(), |a| format!("info {a:.1}s old"));
                         format!(
-                            "{}, {}, {age}{}",
+                            "{}, {}, {age}{}{}",
                             if m.alive { "alive" } else { "NOT ALIVE" },
                             if m.connected {
                                 "connected"
                             } else {
                                 "not connected"
                             },
+                            skew_text(m.clock_skew_secs),
                             m.error
                                 .as_ref()
                                 .map(|e| format!(", last error: {e}"))
@@ -390,6 +391,18 @@ pub fn cluster_text(v: &ClusterView, all: bool) -> String {
         }
     }
     s
+}
+
+/// A member's clock skew when it is worth a word (beyond [`mars_api::CLOCK_SKEW_WARN_SECS`]).
+pub fn skew_text(skew: Option<f64>) -> String {
+    match skew {
+        Some(d) if d.abs() > mars_api::CLOCK_SKEW_WARN_SECS => format!(
+            ", CLOCK {:.1}s {}",
+            d.abs(),
+            if d > 0.0 { "AHEAD" } else { "BEHIND" }
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The host's root: free space, what the logfiles take, how soon it is full, and per resource

@@ -186,6 +186,19 @@ fn run(s: settings::Config) -> Result<()> {
     .with_context(|| format!("cannot open {}", root.join(meta::META_FILE).display()))?;
     // redb creates it with the umask's mode; the store is the cluster's metadata.
     root::private(&root.join(meta::META_FILE), store_existed)?;
+    // A clock that ran more than 30 days ahead once left its time in the store: every other
+    // host would refuse what this one writes, even with the clock fixed now.
+    match store_file.rebase_future() {
+        Ok(None) => {}
+        Ok(Some(r)) => tracing::warn!(
+            "the metadata clock was {:.0} s ahead of this host's clock (it ran ahead once): \
+             stamped {} entries of this host anew, dropped {} of other hosts with such stamps",
+            r.from.saturating_sub(mars_meta::system_time_ns()) as f64 / 1e9,
+            r.restamped,
+            r.dropped
+        ),
+        Err(e) => tracing::warn!("cannot bring the metadata clock back: {e}"),
+    }
     raise_open_files();
     let in_cluster = cluster.is_some();
     let ident = Arc::new(Identity::new(

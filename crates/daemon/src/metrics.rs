@@ -377,9 +377,17 @@ pub fn render(view: &ClusterView, c: &Counters, openmetrics: bool) -> String {
         if let Some(a) = m.age_secs {
             o.gauge(
                 "mars_peer_age_seconds",
-                "Seconds since the peer's newest liveness stamp",
+                "Seconds since this host last heard the peer's liveness stamp move",
                 pl(),
                 a,
+            );
+        }
+        if let Some(d) = m.clock_skew_secs {
+            o.gauge(
+                "mars_peer_clock_skew_seconds",
+                "The peer's wall clock minus this host's (positive: ahead), from its liveness stamps",
+                pl(),
+                d,
             );
         }
     }

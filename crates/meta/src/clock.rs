@@ -102,6 +102,12 @@ impl Clock {
     pub(crate) fn restore(&mut self, last: Stamp) {
         self.last = self.last.max(last);
     }
+
+    /// Sets the last stamp to `last` even if that is lower: only for
+    /// [`crate::Store::rebase_future`], which re-stamps every entry above it in order.
+    pub(crate) fn rebase(&mut self, last: Stamp) {
+        self.last = last;
+    }
 }
 
 #[cfg(test)]

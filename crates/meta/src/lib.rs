@@ -33,7 +33,10 @@
 //!   `max(real time, last stamp + 1)` in nanoseconds; remote stamps advance it. Stamps more than
 //!   30 days (configurable) ahead of local real time are refused
 //!   ([`MetaError::StampTooFarInFuture`]). The last stamp is persisted with every change, so the
-//!   clock never goes backwards across restarts, even if real time does.
+//!   clock never goes backwards across restarts, even if real time does. A store whose clock
+//!   ran that far ahead once (its host's clock was wrong) is brought back by
+//!   [`Store::rebase_future`] at start: no host with a correct clock accepted those stamps, so
+//!   its own entries are stamped anew, in their order, above every other stamp.
 //! * **Anti-entropy.** Each store numbers the changes it applies (local or remote) with a local
 //!   sequence number. A peer that has seen everything up to `N` asks for
 //!   [`Store::changes_since`]`(N, limit)`: the entries whose last change has a seq above `N`, in
@@ -61,7 +64,7 @@ mod store;
 pub use auth::{writer_of, Authority};
 pub use clock::{system_time_ns, Clock, Stamp, TimeSource, DEFAULT_MAX_FUTURE_NS};
 pub use key::{cert_of_key, member_of_key, owner_of, validate_key, MAX_KEY_LEN, MAX_VALUE_LEN};
-pub use store::{ApplyReport, Changes, Entry, Store};
+pub use store::{ApplyReport, Changes, Entry, Rebased, Store};
 
 use mars_config::HostName;
 
@@ -91,7 +94,12 @@ pub enum MetaError {
         reason: String,
     },
     /// The stamp is further ahead of local real time than the clock accepts.
-    #[error("stamp {stamp} is more than {max_future_ns} ns ahead of local time {now}")]
+    #[error(
+        "stamp {stamp} is {:.0} s ahead of local time {now}, more than the limit of {} s \
+         (a host's clock is wrong: see Time and NTP in docs/operations.md)",
+        stamp.saturating_sub(*now) as f64 / 1e9,
+        max_future_ns / 1_000_000_000
+    )]
     StampTooFarInFuture {
         stamp: Stamp,
         now: u64,

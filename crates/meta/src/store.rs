@@ -94,6 +94,20 @@ impl Changes {
     }
 }
 
+/// What [`Store::rebase_future`] did to a store whose clock was too far ahead.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebased {
+    /// The clock's last stamp before.
+    pub from: Stamp,
+    /// The clock's last stamp after (above every stamp kept).
+    pub to: Stamp,
+    /// This host's entries stamped anew, in their order.
+    pub restamped: usize,
+    /// Other hosts' entries with such stamps, dropped (no correct host accepts them; their
+    /// writers publish them again).
+    pub dropped: usize,
+}
+
 /// What [`Store::apply_remote`] did with a batch.
 #[derive(Debug, Default)]
 pub struct ApplyReport {
@@ -308,6 +322,85 @@ impl Store {
         let pairs: Vec<(&str, Option<String>)> =
             own.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
         Ok(self.write_local_many(&pairs)?.len())
+    }
+
+    /// Brings back a store whose clock is further ahead of local real time than the clock's
+    /// future limit (30 days): its host ran with a clock that far ahead once. Every other host
+    /// refuses such stamps, so without this everything the host writes is refused even after
+    /// its clock is fixed. Entries stamped beyond the limit were accepted by no host with a
+    /// correct clock: this host's own ones are stamped anew, in their old order, above every
+    /// stamp kept (so the order of everything this store holds stays the same, and the clock
+    /// still never issues a stamp below one it issued and any other host saw), and signed
+    /// again if an authority is installed (else [`Store::resign_own`] does it); other hosts'
+    /// ones are dropped. A tombstone horizon beyond the limit is reset to 0 (it came from the
+    /// wrong clock and would make every remote entry look collected). `None`: nothing to do.
+    pub fn rebase_future(&mut self) -> Result<Option<Rebased>> {
+        let limit = self.clock.now().saturating_add(self.clock.max_future_ns());
+        if self.clock.last() <= limit && self.gc_horizon <= limit {
+            return Ok(None);
+        }
+        let from = self.clock.last();
+        let (mut future, kept): (Vec<Entry>, Vec<Entry>) = self
+            .list_prefix_with_tombstones("")?
+            .into_iter()
+            .partition(|e| e.stamp > limit);
+        future.sort_by(|a, b| a.stamp.cmp(&b.stamp).then_with(|| a.key.cmp(&b.key)));
+        let base = kept.iter().map(|e| e.stamp).max().unwrap_or(0);
+        let horizon = if self.gc_horizon > limit {
+            0
+        } else {
+            self.gc_horizon
+        };
+        let clock_before = self.clock.clone();
+        self.clock.rebase(base);
+        let mut seq = self.seq;
+        let (mut restamped, mut dropped) = (0, 0);
+        let txn = self.db.begin_write()?;
+        let stored = (|| -> Result<()> {
+            let mut t = Tables::open(&txn)?;
+            for old in &future {
+                let old_seq = t.load(&old.key)?.map(|r| r.seq);
+                if old.origin != self.host {
+                    t.entries.remove(old.key.as_str())?;
+                    if let Some(s) = old_seq {
+                        t.seqs.remove(s)?;
+                    }
+                    dropped += 1;
+                    continue;
+                }
+                let mut entry = Entry {
+                    stamp: self.clock.tick(),
+                    sig: None,
+                    ..old.clone()
+                };
+                if let Some(auth) = &self.authority {
+                    if writer_of(&entry.key, entry.is_tombstone(), &self.members).is_some() {
+                        entry.sig = Some(auth.sign(&entry.signed_message()));
+                    }
+                }
+                // A new seq: peers that skipped the refused entry pull it again.
+                seq += 1;
+                t.store(&entry, old_seq, seq)?;
+                restamped += 1;
+            }
+            t.meta.insert(META_SEQ, seq)?;
+            t.meta.insert(META_CLOCK, self.clock.last())?;
+            t.meta.insert(META_GC_HORIZON, horizon)?;
+            Ok(())
+        })();
+        if let Err(e) = stored {
+            self.clock = clock_before;
+            return Err(e);
+        }
+        txn.commit()?;
+        self.seq = seq;
+        self.gc_horizon = horizon;
+        Ok(Some(Rebased {
+            from,
+            to: self.clock.last(),
+            restamped,
+            dropped,
+        }))
     }
 
     /// This host.

@@ -36,8 +36,8 @@ fn volatile(key: &str) -> bool {
 }
 
 /// Everything a command could change on a host: every replicated key (but the volatile ones),
-/// and every file under its root with its size and mtime (but the metadata store itself, which
-/// the liveness stamps rewrite, and the sockets).
+/// and every file under its root with its size and mtime (but the metadata store itself and
+/// the peers' read positions, which the liveness stamps rewrite, and the sockets).
 #[derive(Debug, PartialEq, Eq)]
 struct Snapshot {
     keys: BTreeMap<String, String>,
@@ -65,7 +65,9 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, (u64, std::time::Sy
         };
         let rel = p.strip_prefix(root).expect("under root").to_path_buf();
         let name = rel.to_string_lossy();
-        if name.starts_with("meta") || name.ends_with(".sock") {
+        // peers-seen.toml records how far each peer's changes were read, and every peer's
+        // liveness entry is a change every 2 s: volatile like the store.
+        if name.starts_with("meta") || name.ends_with(".sock") || name == "peers-seen.toml" {
             continue;
         }
         if m.is_dir() {

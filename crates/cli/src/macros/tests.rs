@@ -85,6 +85,7 @@ fn host(h: &str, alive: bool, age: f64) -> MemberView {
         connected: alive,
         error: None,
         streams: Vec::new(),
+        clock_skew_secs: None,
     }
 }
 

@@ -244,12 +244,17 @@ async fn resource_view(
                 consistent: r.is_some_and(|r| r.consistent),
                 applied: r.and_then(|r| r.applied).map(pos),
                 behind: s.behind,
-                // Clocks differ between hosts (NTP keeps them close): never negative.
+                // The record's stamp is the primary's wall clock: its measured skew is taken
+                // off (`to_local_wall`), and what remains is never negative.
                 lag_secs: match s.behind {
                     Some(0) => Some(0.0),
-                    _ => stamps
-                        .get(hn)
-                        .map(|t| now_ns.saturating_sub(*t) as f64 / 1e9),
+                    _ => stamps.get(hn).map(|t| {
+                        let t = match &meta.primary {
+                            Some(p) if *p != me => crate::meta::cluster::to_local_wall(p, *t),
+                            _ => *t,
+                        };
+                        now_ns.saturating_sub(t) as f64 / 1e9
+                    }),
                 },
                 emergency: r.is_some_and(|r| r.emergency),
                 systemd_ok: meta.systemd.status.get(hn).map(|st| st.ok()),

@@ -67,6 +67,118 @@ const STALE_AFTER: Duration = Duration::from_secs(6);
 pub fn alive_for_view(age: Option<Duration>, connected: bool, window: Duration) -> bool {
     age.is_some_and(|a| a <= window && (connected || a <= STALE_AFTER))
 }
+/// A member's clock this far from ours (either way) is warned about, in `view` and `check`.
+pub const SKEW_WARN: Duration = Duration::from_secs(mars_api::CLOCK_SKEW_WARN_SECS as u64);
+/// How many skew samples (one per liveness stamp, every 2 s) the estimate looks back on.
+const SKEW_SAMPLES: usize = 8;
+
+/// What this host heard of a member's liveness stamps, by its own clocks. The age of a
+/// member's information is the time since its stamp last moved *here* — never the stamp
+/// compared with our wall clock: a member whose clock runs ahead pulls every Lamport stamp of
+/// the cluster ahead with its own, and compared with the wall clock every member then looked
+/// fresh for as long as the skew (a crashed member stayed alive for minutes).
+#[derive(Debug, Clone)]
+pub struct Heard {
+    stamp: u64,
+    at: Instant,
+    /// The age the stamp had when first seen (from the store at start: its stamp against our
+    /// wall clock, the only estimate there is).
+    base: Duration,
+    /// (their wall clock − ours at receipt), ns, newest last.
+    samples: std::collections::VecDeque<i64>,
+    warned: bool,
+}
+
+/// What a new skew sample changed.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SkewNews {
+    None,
+    /// The skew went beyond [`SKEW_WARN`].
+    Over(i64),
+    /// It came back within half of it.
+    Back(i64),
+}
+
+impl Heard {
+    /// First sight of `stamp` at `now` (wall clock `wall`).
+    pub fn first(stamp: u64, wall: u64, now: Instant) -> Self {
+        Heard {
+            stamp,
+            at: now,
+            base: Duration::from_nanos(wall.saturating_sub(stamp)),
+            samples: Default::default(),
+            warned: false,
+        }
+    }
+
+    /// A stamp seen at `now`: true if it is newer than the last one (the member is heard now).
+    pub fn stamp_seen(&mut self, stamp: u64, now: Instant) -> bool {
+        if stamp <= self.stamp {
+            return false;
+        }
+        self.stamp = stamp;
+        self.at = now;
+        self.base = Duration::ZERO;
+        true
+    }
+
+    /// How old the member's newest stamp is here.
+    pub fn age(&self, now: Instant) -> Duration {
+        self.base + now.saturating_duration_since(self.at)
+    }
+
+    /// A fresh stamp came with the member's wall clock `their` (ns; `None` or implausible
+    /// from hosts that write no clock) and arrived at our wall clock `ours`.
+    pub fn sample_skew(&mut self, their: Option<u64>, ours: u64) -> SkewNews {
+        // Before 2001: not a clock (older hosts write "1").
+        let Some(their) = their.filter(|t| *t > 1_000_000_000_000_000_000) else {
+            return SkewNews::None;
+        };
+        let d = (their as i128 - ours as i128).clamp(i64::MIN as i128, i64::MAX as i128) as i64;
+        if self.samples.len() == SKEW_SAMPLES {
+            self.samples.pop_front();
+        }
+        self.samples.push_back(d);
+        let skew = self.skew().unwrap_or(0);
+        let warn = SKEW_WARN.as_nanos() as u64;
+        if !self.warned && skew.unsigned_abs() > warn {
+            self.warned = true;
+            return SkewNews::Over(skew);
+        }
+        if self.warned && skew.unsigned_abs() <= warn / 2 {
+            self.warned = false;
+            return SkewNews::Back(skew);
+        }
+        SkewNews::None
+    }
+
+    /// Their clock minus ours, ns: the largest recent sample (each is the skew minus the
+    /// stamp's travel time, so the largest is the one that travelled fastest).
+    pub fn skew(&self) -> Option<i64> {
+        self.samples.iter().copied().max()
+    }
+}
+
+/// The clock skews measured by this process's cluster, for the sessions that compare a
+/// member's clock with ours (a fetch source's "caught up as of" stamp).
+static SKEWS: Mutex<BTreeMap<HostName, i64>> = Mutex::new(BTreeMap::new());
+
+fn set_skew(host: &HostName, skew: Option<i64>) {
+    let mut s = lock(&SKEWS);
+    match skew {
+        Some(v) => s.insert(host.clone(), v),
+        None => s.remove(host),
+    };
+}
+
+/// A stamp of `host`'s wall clock as our wall clock: its measured skew taken off, never later
+/// than now (a confirmation cannot come from the future).
+pub fn to_local_wall(host: &HostName, stamp: u64) -> u64 {
+    let skew = lock(&SKEWS).get(host).copied().unwrap_or(0);
+    let local = (stamp as i128 - skew as i128).clamp(0, u64::MAX as i128) as u64;
+    local.min(mars_meta::system_time_ns())
+}
+
 /// A pull without an answer within this time: the connection is given up.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MEMBER_PREFIX: &str = "ips/ip-";
@@ -124,6 +236,8 @@ pub struct Cluster {
     /// and the command then failed with "no CA rotation in progress" (seen in CI under load);
     /// a renewal's new certificate could be replaced by the old one a concurrent reload read.
     tls_files: tokio::sync::Mutex<()>,
+    /// When this host last heard each member's liveness stamp move, and its clock's skew.
+    heard: Mutex<BTreeMap<HostName, Heard>>,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -175,6 +289,7 @@ impl Cluster {
             certs: tokio::sync::watch::channel(Certs::default()).0,
             warned_retired: std::sync::atomic::AtomicBool::new(false),
             tls_files: tokio::sync::Mutex::new(()),
+            heard: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -227,8 +342,8 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Every member's newest liveness stamp (ns of its Lamport clock, which follows wall time).
-    pub async fn alive_stamps(&self) -> BTreeMap<HostName, u64> {
+    /// Every member's newest liveness entry: its stamp (its Lamport clock) and value.
+    async fn alive_entries(&self) -> BTreeMap<HostName, (u64, Option<String>)> {
         self.store
             .call(|s| {
                 let members: Vec<HostName> = s
@@ -240,8 +355,8 @@ impl Cluster {
                 members
                     .into_iter()
                     .filter_map(|h| {
-                        let stamp = s.get(&alive_key(&h)).ok().flatten()?.stamp;
-                        Some((h, stamp))
+                        let e = s.get(&alive_key(&h)).ok().flatten()?;
+                        Some((h, (e.stamp, e.value)))
                     })
                     .collect()
             })
@@ -249,14 +364,66 @@ impl Cluster {
             .unwrap_or_default()
     }
 
-    /// Age of every member's newest liveness stamp.
+    /// How long ago this host last heard a new liveness stamp of every member, by its own
+    /// monotonic clock (see [`Heard`]): a member whose clock is ahead or behind ages like any
+    /// other.
     pub async fn ages(&self) -> BTreeMap<HostName, Duration> {
-        let now = mars_meta::system_time_ns();
-        self.alive_stamps()
-            .await
+        let entries = self.alive_entries().await;
+        let (now, wall) = (Instant::now(), mars_meta::system_time_ns());
+        let mut heard = lock(&self.heard);
+        heard.retain(|h, _| entries.contains_key(h));
+        entries
             .into_iter()
-            .map(|(h, s)| (h, Duration::from_nanos(now.saturating_sub(s))))
+            .map(|(h, (stamp, _))| {
+                let e = heard
+                    .entry(h.clone())
+                    .or_insert_with(|| Heard::first(stamp, wall, now));
+                // A stamp that moved without passing through `apply` (a restart's store):
+                // heard now.
+                e.stamp_seen(stamp, now);
+                (h, e.age(now))
+            })
             .collect()
+    }
+
+    /// Members whose clock differs from this host's, as measured from their liveness stamps:
+    /// theirs minus ours in seconds (positive: ahead).
+    pub fn clock_skews(&self) -> BTreeMap<HostName, f64> {
+        lock(&self.heard)
+            .iter()
+            .filter_map(|(h, e)| Some((h.clone(), e.skew()? as f64 / 1e9)))
+            .collect()
+    }
+
+    /// A new liveness entry of `host` arrived (from `from`): noted at once, with its value, so
+    /// that the age and the clock skew are measured from the moment of receipt.
+    fn heard_alive(&self, host: &HostName, stamp: u64, value: Option<&str>, from: &HostName) {
+        let (now, wall) = (Instant::now(), mars_meta::system_time_ns());
+        let mut heard = lock(&self.heard);
+        let e = heard
+            .entry(host.clone())
+            .or_insert_with(|| Heard::first(stamp, wall, now));
+        if !e.stamp_seen(stamp, now) {
+            return;
+        }
+        let their = value.and_then(|v| v.parse::<u64>().ok());
+        match e.sample_skew(their, wall) {
+            SkewNews::None => {}
+            SkewNews::Over(ns) => tracing::warn!(
+                peer = %host,
+                "the clock of {host} is {:.1} s {} this host's (measured from its liveness \
+                 stamp, via {from}): run NTP on every host (see Time and NTP in \
+                 docs/operations.md)",
+                (ns.unsigned_abs() as f64) / 1e9,
+                if ns > 0 { "ahead of" } else { "behind" },
+            ),
+            SkewNews::Back(ns) => tracing::info!(
+                peer = %host,
+                "the clock of {host} is within {:.1} s of this host's again",
+                (ns.unsigned_abs() as f64) / 1e9,
+            ),
+        }
+        set_skew(host, e.skew());
     }
 
     /// The members (other than this host) that answered us directly within the last few
@@ -272,6 +439,7 @@ impl Cluster {
     pub async fn member_views(&self, window: Duration) -> Vec<MemberView> {
         let me = self.ident.host.clone();
         let ages = self.ages().await;
+        let skews = self.clock_skews();
         let peers = lock(&self.peers).clone();
         self.members()
             .await
@@ -296,6 +464,7 @@ impl Cluster {
                     connected,
                     error: p.and_then(|p| p.error.clone()),
                     streams: Vec::new(),
+                    clock_skew_secs: skews.get(&h).map(|s| (s * 1000.0).round() / 1000.0),
                 }
             })
             .collect()
@@ -340,9 +509,22 @@ impl Cluster {
 
     async fn apply(&self, from: &HostName, entries: Vec<mars_wire::Entry>) -> Result<usize> {
         let entries = from_wire(entries);
+        let alive: Vec<(HostName, u64, Option<String>)> = entries
+            .iter()
+            .filter_map(|e| {
+                let h = HostName::new(e.key.strip_prefix("alive-")?).ok()?;
+                Some((h, e.stamp, e.value.clone()))
+            })
+            .collect();
         let report = self.store.call(move |s| s.apply_remote(&entries)).await??;
         for (key, why) in &report.refused {
             tracing::warn!("refused metadata {key:?} from {from}: {why}");
+        }
+        for (h, stamp, value) in alive {
+            let refused = report.refused.iter().any(|(k, _)| *k == alive_key(&h));
+            if h != self.ident.host && !refused {
+                self.heard_alive(&h, stamp, value.as_deref(), from);
+            }
         }
         Ok(report.applied)
     }
@@ -650,7 +832,13 @@ impl Cluster {
                 }
                 if last_alive.is_none_or(|t| t.elapsed() >= ALIVE_EVERY) {
                     let key = alive_key(&self.ident.host);
-                    if let Ok(Err(e)) = self.store.call(move |s| s.set(&key, "1").map(|_| ())).await
+                    // The value is this host's wall clock (ns): receivers measure the skew
+                    // between its clock and theirs from it (hosts before it wrote "1").
+                    let wall = mars_meta::system_time_ns().to_string();
+                    if let Ok(Err(e)) = self
+                        .store
+                        .call(move |s| s.set(&key, &wall).map(|_| ()))
+                        .await
                     {
                         tracing::warn!("liveness stamp: {e}");
                     }
@@ -1435,5 +1623,89 @@ mod page_tests {
         let e = check_page(&h, 10, full, 10).unwrap_err().to_string();
         assert!(e.contains("changes up to 10"), "{e}");
         assert!(check_page(&h, 10, full, 9).is_err());
+    }
+}
+
+#[cfg(test)]
+mod heard_tests {
+    use super::*;
+
+    const S: u64 = 1_000_000_000;
+    /// 2026-12-07, ns.
+    const WALL: u64 = 1_796_600_000 * S;
+
+    #[test]
+    fn age_runs_on_this_hosts_clock_whatever_the_stamps_say() {
+        let t0 = Instant::now();
+        // Its stamps run 300 s ahead of our wall clock (the cluster's Lamport clock was
+        // dragged ahead): first sight says age 0, not "300 s in the future".
+        let mut h = Heard::first(WALL + 300 * S, WALL, t0);
+        assert_eq!(h.age(t0), Duration::ZERO);
+        // Stamps that move are heard when they arrive: fresh, each time.
+        assert!(h.stamp_seen(WALL + 302 * S, t0 + Duration::from_secs(2)));
+        assert_eq!(h.age(t0 + Duration::from_secs(3)), Duration::from_secs(1));
+        // A stamp that stops moving (it crashed) ages from its last move, by our clock: past
+        // the 60 s window after 60 s, not after 60 + 300 s.
+        assert!(!h.stamp_seen(WALL + 302 * S, t0 + Duration::from_secs(30)));
+        let later = t0 + Duration::from_secs(63);
+        assert_eq!(h.age(later), Duration::from_secs(61));
+        assert!(!alive_for_view(
+            Some(h.age(later)),
+            false,
+            Duration::from_secs(60)
+        ));
+        // An older stamp (relayed late) does not make it younger.
+        assert!(!h.stamp_seen(WALL + 301 * S, later));
+        assert_eq!(h.age(later), Duration::from_secs(61));
+        // A stamp from the store at start, 90 s old by our wall clock: that is its age.
+        let h = Heard::first(WALL - 90 * S, WALL, t0);
+        assert_eq!(h.age(t0 + Duration::from_secs(1)), Duration::from_secs(91));
+    }
+
+    #[test]
+    fn skew_is_the_fastest_sample_and_warned_once_each_way() {
+        let t0 = Instant::now();
+        let mut h = Heard::first(WALL, WALL, t0);
+        assert_eq!(h.skew(), None);
+        // Hosts before the clock in the value wrote "1": no measurement.
+        assert_eq!(h.sample_skew(Some(1), WALL), SkewNews::None);
+        assert_eq!(h.skew(), None);
+        // 300 s ahead; each sample arrives late by its travel time.
+        assert_eq!(
+            h.sample_skew(Some(WALL + 300 * S), WALL + S / 2),
+            SkewNews::Over((300 * S - S / 2) as i64)
+        );
+        assert_eq!(
+            h.sample_skew(Some(WALL + 302 * S), WALL + 2 * S + S / 100),
+            SkewNews::None
+        );
+        assert_eq!(h.skew(), Some((300 * S - S / 100) as i64));
+        // Fixed: once the old samples are gone it is said once.
+        let mut news = Vec::new();
+        for i in 0..SKEW_SAMPLES as u64 {
+            let w = WALL + (10 + 2 * i) * S;
+            news.push(h.sample_skew(Some(w), w + S / 1000));
+        }
+        assert_eq!(news.iter().filter(|n| **n != SkewNews::None).count(), 1);
+        assert_eq!(news.last(), Some(&SkewNews::Back(-((S / 1000) as i64))));
+        // Behind works the same way.
+        let mut h = Heard::first(WALL, WALL, t0);
+        assert_eq!(
+            h.sample_skew(Some(WALL - 60 * S), WALL),
+            SkewNews::Over(-60 * S as i64)
+        );
+    }
+
+    #[test]
+    fn a_stamp_from_a_clock_ahead_is_made_local() {
+        let h = HostName::new("skewtest").unwrap();
+        let now = mars_meta::system_time_ns();
+        // Unknown skew: never later than now.
+        assert!(to_local_wall(&h, now + 300 * S) <= mars_meta::system_time_ns());
+        set_skew(&h, Some(-300 * S as i64));
+        // Its clock is 300 s behind: its stamp of "now" is ours.
+        let l = to_local_wall(&h, now - 300 * S);
+        assert!(l >= now && l <= mars_meta::system_time_ns(), "{l} {now}");
+        set_skew(&h, None);
     }
 }

@@ -264,8 +264,11 @@ async fn session(job: &mut FetchJob) -> Result<()> {
                 offset,
                 stamp,
             } => {
-                // "You have everything durable here, as of `stamp`."
+                // "You have everything durable here, as of `stamp`" — the source's wall
+                // clock, made ours: with the source's clock behind, its word would look stale
+                // at once (never caught up); ahead, fresh for too long.
                 make_durable(job, &mut cur).await?;
+                let stamp = crate::meta::cluster::to_local_wall(&job.source, stamp);
                 emit(
                     job,
                     FetchEvent::CaughtUp {
