@@ -17,6 +17,63 @@ pub struct AlignedBuf {
     layout: Layout,
 }
 
+/// Payload buffers kept for reuse, per size class (a power of two from
+/// [`MIN_ALIGNED_PAYLOAD`] on), by every connection of the process together, at most
+/// [`POOL_BYTES`] of them. A sequential writer's payloads live until writeback wrote them
+/// (hundreds of MiB); without reuse every one was a fresh allocation that the kernel faults in
+/// and zeroes page by page, and that the allocator zeroed again.
+static POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Bytes the pool holds at most.
+pub const POOL_BYTES: usize = 64 << 20;
+
+/// A payload buffer of `len` bytes from the pool (its capacity is `len` rounded up to a power
+/// of two): reused, so its bytes are whatever the last user left; the caller overwrites them
+/// all. It goes back to the pool when the last [`bytes::Bytes`] made of it is dropped.
+pub fn pooled(len: usize) -> Pooled {
+    let cap = len.max(1).next_power_of_two();
+    let reused = {
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        pool.iter()
+            .position(|b| b.len == cap)
+            .map(|i| pool.swap_remove(i))
+    };
+    Pooled {
+        buf: Some(reused.unwrap_or_else(|| AlignedBuf::zeroed(cap))),
+        len,
+    }
+}
+
+/// A buffer from [`pooled`]; see there.
+pub struct Pooled {
+    buf: Option<AlignedBuf>,
+    len: usize,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf.as_ref().expect("present until dropped").as_ref()[..self.len]
+    }
+}
+
+impl AsMut<[u8]> for Pooled {
+    fn as_mut(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.buf.as_mut().expect("present until dropped").as_mut()[..len]
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let Some(buf) = self.buf.take() else { return };
+        let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        let held: usize = pool.iter().map(|b| b.len).sum();
+        if held + buf.len <= POOL_BYTES {
+            pool.push(buf);
+        }
+    }
+}
+
 // SAFETY: the buffer is uniquely owned plain memory; nothing about it is tied to a thread.
 unsafe impl Send for AlignedBuf {}
 // SAFETY: shared access is read-only through `as_ref`.
@@ -57,6 +114,22 @@ impl Drop for AlignedBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_buffers_are_aligned_and_come_back() {
+        let mut a = pooled(100_000);
+        assert_eq!(a.as_ref().len(), 100_000);
+        assert_eq!(a.as_ref().as_ptr() as usize % ALIGN, 0);
+        a.as_mut()[99_999] = 9;
+        let bytes = bytes::Bytes::from_owner(a);
+        assert_eq!(bytes[99_999], 9);
+        drop(bytes);
+        // Same size class (128 KiB): the buffer comes back (other tests may take it first, so
+        // only alignment and length are certain).
+        let b = pooled(70_000);
+        assert_eq!(b.as_ref().len(), 70_000);
+        assert_eq!(b.as_ref().as_ptr() as usize % ALIGN, 0);
+    }
 
     #[test]
     fn aligned_and_zeroed() {

@@ -409,7 +409,7 @@ where
     }
     // Page-aligned payloads let the export write them to disk with O_DIRECT, without a copy
     // through the page cache.
-    let mut buf = crate::aligned::AlignedBuf::zeroed(len);
+    let mut buf = crate::aligned::pooled(len);
     r.read_exact(buf.as_mut()).await?;
     Ok(Bytes::from_owner(buf))
 }

@@ -184,22 +184,30 @@ pub fn check(h: &Header, payload: &[u8]) -> Result<(), EncodeError> {
 
 /// Appends the encoded record to `out`.
 pub fn encode(h: &Header, payload: &[u8], out: &mut Vec<u8>) -> Result<(), EncodeError> {
-    check(h, payload)?;
-    let start = out.len();
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(h.kind as u8);
-    out.extend_from_slice(&0u16.to_le_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&h.seq.to_le_bytes());
-    out.extend_from_slice(&h.stamp.to_le_bytes());
-    out.extend_from_slice(&h.offset.to_le_bytes());
-    out.extend_from_slice(&h.len.to_le_bytes());
-    debug_assert_eq!(out.len() - start, OFF_CRC);
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[start..]), payload);
-    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&encode_header(h, payload)?);
     out.extend_from_slice(payload);
     Ok(())
+}
+
+/// The header of the record carrying `payload` (its checksum covers the payload): the record
+/// is this header followed by `payload`. Lets a writer put the payload where it wants it
+/// without another copy.
+pub fn encode_header(h: &Header, payload: &[u8]) -> Result<[u8; HEADER_LEN], EncodeError> {
+    check(h, payload)?;
+    let mut out = [0u8; HEADER_LEN];
+    out[OFF_MAGIC..OFF_MAGIC + 4].copy_from_slice(&MAGIC);
+    out[OFF_VERSION] = VERSION;
+    out[OFF_KIND] = h.kind as u8;
+    out[OFF_FLAGS..OFF_FLAGS + 2].copy_from_slice(&0u16.to_le_bytes());
+    out[OFF_PAYLOAD_LEN..OFF_PAYLOAD_LEN + 4]
+        .copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    out[OFF_SEQ..OFF_SEQ + 8].copy_from_slice(&h.seq.to_le_bytes());
+    out[OFF_STAMP..OFF_STAMP + 8].copy_from_slice(&h.stamp.to_le_bytes());
+    out[OFF_OFFSET..OFF_OFFSET + 8].copy_from_slice(&h.offset.to_le_bytes());
+    out[OFF_LEN..OFF_LEN + 8].copy_from_slice(&h.len.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..OFF_CRC]), payload);
+    out[OFF_CRC..].copy_from_slice(&crc.to_le_bytes());
+    Ok(out)
 }
 
 /// Decodes the record at the start of `buf`. On success returns the header; the payload is

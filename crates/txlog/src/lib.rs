@@ -14,6 +14,7 @@
 pub mod format;
 pub mod name;
 pub mod reader;
+mod segment;
 pub mod workers;
 pub mod writer;
 

@@ -12,6 +12,10 @@
 //! to offset 0 of logfile N+1 and its sequence numbers restart at 1. The thread syncs logfile N,
 //! creates N+1 and syncs the directory before writing into N+1, so a durable record in N+1
 //! implies that N is complete on disk.
+//!
+//! The pending records are encoded into aligned chunks (`segment.rs`) that the group commit
+//! writes with O_DIRECT where the filesystem has it: the log does not go through the page cache,
+//! which it never reads back soon (recovery and fetching secondaries read it, if at all).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -21,8 +25,9 @@ use crate::workers::{Job, JobHandle, Workers};
 use mars_config::HostName;
 use mars_storage::{Dir, File, OpenMode};
 
-use crate::format::{encode, Header, Kind};
+use crate::format::{encode_header, Header, Kind};
 use crate::name::MAX_LOG_NO;
+use crate::segment::Segment;
 use crate::{LogError, LogName, LogPos};
 
 /// Nanoseconds since the epoch; injected so that tests control the Lamport stamps.
@@ -73,13 +78,6 @@ pub struct Appended {
     pub stamp: u64,
 }
 
-/// Encoded records for one logfile, starting at `offset` in it.
-struct Segment {
-    file: u64,
-    offset: u64,
-    bytes: Vec<u8>,
-}
-
 struct State {
     host: HostName,
     pending: Vec<Segment>,
@@ -99,7 +97,10 @@ struct State {
     /// not yet durable records are gone from the log until [`Appender::rotate_skipping`].
     full: Option<String>,
     closing: bool,
-    spare: Vec<Vec<u8>>,
+    /// The current logfile's bytes from the block boundary below `appended` up to it, once
+    /// the segments holding them were taken by a group commit: a new segment starts with them
+    /// (see `segment.rs`).
+    tail: Vec<u8>,
 }
 
 /// Called with the new durable end after every group commit, and with the unchanged one when
@@ -171,7 +172,7 @@ impl Appender {
         }
         let name = LogName::new(first_file, host.clone());
         let file = dir
-            .open(&name.to_string(), OpenMode::CreateNew)
+            .open_direct(&name.to_string(), OpenMode::CreateNew)
             .map_err(LogError::io(name.to_string(), "create"))?;
         file.preallocate(cfg.max_file_size);
         dir.sync()
@@ -191,7 +192,7 @@ impl Appender {
                 failed: None,
                 full: None,
                 closing: false,
-                spare: Vec::new(),
+                tail: Vec::new(),
             }),
             done: Condvar::new(),
             cfg,
@@ -242,17 +243,16 @@ impl Appender {
             header.seq = 1;
         }
         let pos = st.appended;
+        let head = encode_header(&header, payload)?;
         let need_new = st.pending.last().is_none_or(|s| s.file != pos.file);
         if need_new {
-            let bytes = st.spare.pop().unwrap_or_default();
-            st.pending.push(Segment {
-                file: pos.file,
-                offset: pos.offset,
-                bytes,
-            });
+            let seg = Segment::new(pos.file, pos.offset, &st.tail);
+            st.pending.push(seg);
         }
         let seg = st.pending.last_mut().expect("just ensured");
-        encode(&header, payload, &mut seg.bytes)?;
+        debug_assert_eq!(seg.end(), pos.offset);
+        seg.push(&head);
+        seg.push(payload);
         st.appended.offset += rec_len;
         st.pending_bytes += rec_len as usize;
         st.next_seq = header.seq + 1;
@@ -282,11 +282,8 @@ impl Appender {
         }
         st.appended = LogPos::new(next, 0);
         st.next_seq = 1;
-        st.pending.push(Segment {
-            file: next,
-            offset: 0,
-            bytes: Vec::new(),
-        });
+        st.tail.clear();
+        st.pending.push(Segment::new(next, 0, &[]));
         if st.oldest_pending.is_none() {
             st.oldest_pending = Some(Instant::now());
         }
@@ -470,6 +467,11 @@ impl Job for Shared {
             }
             st.pending_bytes = 0;
             st.oldest_pending = None;
+            // The next segment of this logfile continues the last one's partial block.
+            if let Some(last) = st.pending.last() {
+                let tail = last.tail().to_vec();
+                st.tail = tail;
+            }
             (
                 std::mem::take(&mut st.pending),
                 st.appended,
@@ -493,12 +495,6 @@ impl Job for Shared {
         match result {
             Ok(()) => {
                 st.durable = target;
-                for mut s in segments {
-                    if s.bytes.capacity() <= 4 * cfg.group_bytes && st.spare.len() < 4 {
-                        s.bytes.clear();
-                        st.spare.push(s.bytes);
-                    }
-                }
             }
             Err(e) if e.is_out_of_space() => {
                 // Not a failure of the log: MARS's emergency mode. The records of this group
@@ -556,29 +552,27 @@ fn write_group(
             file.release_reserve();
             let name = LogName::new(seg.file, host.clone()).to_string();
             *file = dir
-                .open(&name, OpenMode::CreateNew)
+                .open_direct(&name, OpenMode::CreateNew)
                 .map_err(LogError::io(&name, "create"))?;
             // Appending into reserved blocks is much cheaper than allocating on every group.
             file.preallocate(prealloc);
             dir.sync().map_err(LogError::io(&name, "sync directory"))?;
             *file_no = seg.file;
         }
-        if !seg.bytes.is_empty() {
+        if !seg.is_empty() {
             let name = LogName::new(seg.file, host.clone()).to_string();
-            file.write_at(&seg.bytes, seg.offset)
-                .map_err(LogError::io(&name, "write"))?;
+            seg.write(&**file).map_err(LogError::io(&name, "write"))?;
         }
     }
     let name = LogName::new(*file_no, host.clone()).to_string();
     file.sync_data().map_err(LogError::io(&name, "fdatasync"))?;
     // The log is read back only by recovery and (later) by fetching secondaries; keeping what
-    // was just written in the page cache would push the device's own data out.
+    // was just written in the page cache would push the device's own data out. Whole blocks
+    // went past it; this drops the partial blocks written through it (and everything where the
+    // filesystem has no O_DIRECT).
     if let Some(seg) = segments.last().filter(|s| s.file == *file_no) {
         let first = segments.iter().find(|s| s.file == *file_no).unwrap_or(seg);
-        file.drop_cache(
-            first.offset,
-            seg.offset + seg.bytes.len() as u64 - first.offset,
-        );
+        file.drop_cache(first.offset, seg.end() - first.offset);
     }
     Ok(())
 }
