@@ -6,6 +6,7 @@
 //! with [`require`]: missing in CI (`CI=true`) is a failure, elsewhere the test is skipped with a
 //! message.
 
+pub mod foreign;
 pub mod impostor;
 pub mod lab;
 pub mod metrics;

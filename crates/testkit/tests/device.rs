@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use mars_testkit::foreign::{loop_bound, Foreign};
 use mars_testkit::repl::{eventually, first_difference, join, tail, tmp, wait_uptodate};
 use mars_testkit::{random_file, require, run, Host};
 
@@ -432,49 +433,6 @@ fn resize_grow_with_xfs_online() {
 /// The loop device behind a host's `DEVICE_DIR/r` (the symlink's target), e.g. `/dev/loop3`.
 fn loop_of(dev: &Path) -> PathBuf {
     std::fs::read_link(dev).unwrap_or_else(|e| panic!("{}: {e}", dev.display()))
-}
-
-/// Whether `/dev/loopN` is bound to a file.
-fn loop_bound(lo: &Path) -> bool {
-    let name = lo.file_name().expect("loop name").to_string_lossy();
-    Path::new("/sys/block")
-        .join(&*name)
-        .join("loop/backing_file")
-        .exists()
-}
-
-/// A loop device of somebody else, bound to a file of its own; detached when dropped.
-struct Foreign(PathBuf);
-
-impl Foreign {
-    /// Binds exactly `lo` (the number a crashed daemon's device had) to a new file in `dir`,
-    /// as the next loop device set up on the machine would.
-    fn take(lo: &Path, dir: &Path) -> Foreign {
-        let file = dir.join("foreign.img");
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(MIB))
-            .expect("foreign file");
-        let mut last = String::new();
-        for _ in 0..100 {
-            let o = Command::new("losetup")
-                .arg(lo)
-                .arg(&file)
-                .output()
-                .expect("losetup");
-            if o.status.success() {
-                return Foreign(lo.to_path_buf());
-            }
-            last = String::from_utf8_lossy(&o.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("cannot bind {}: {last}", lo.display());
-    }
-}
-
-impl Drop for Foreign {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
 }
 
 /// What an operator does after `marsd` died under a mounted filesystem: a lazy unmount, then

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mars_testkit::foreign::{loop_bound, Foreign};
 use mars_testkit::repl::{join, tail, tmp};
 use mars_testkit::sdbox;
 use mars_testkit::sdnode::{Node, NodeOptions};
@@ -446,49 +447,6 @@ fn loop_of(n: &Node) -> String {
         .to_string()
 }
 
-/// Whether the loop device `/dev/loopN` is bound to a file.
-fn loop_bound(lo: &str) -> bool {
-    let name = lo.trim_start_matches("/dev/");
-    Path::new("/sys/block")
-        .join(name)
-        .join("loop/backing_file")
-        .exists()
-}
-
-/// A loop device of somebody else, bound to a file of its own; detached when dropped.
-struct Foreign(String);
-
-impl Foreign {
-    /// Binds exactly `lo` (the number the killed marsd's device had) to a new file in `dir`,
-    /// as the next loop device set up on the machine would.
-    fn take(lo: &str, dir: &Path) -> Foreign {
-        let file = dir.join("foreign.img");
-        std::fs::File::create(&file)
-            .and_then(|f| f.set_len(MIB))
-            .expect("foreign file");
-        let mut last = String::new();
-        for _ in 0..100 {
-            let o = Command::new("losetup")
-                .arg(lo)
-                .arg(&file)
-                .output()
-                .expect("losetup");
-            if o.status.success() {
-                return Foreign(lo.to_string());
-            }
-            last = String::from_utf8_lossy(&o.stderr).into_owned();
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("cannot bind {lo}: {last}");
-    }
-}
-
-impl Drop for Foreign {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
-    }
-}
-
 /// Issue 17: only `marsd` is killed on the primary (not the machine) while its stack runs;
 /// the operator cleans up (the filesystem lazily unmounted, the loop device detached, its
 /// number then taken by somebody else) and starts marsd again. The restarted marsd replaces
@@ -541,10 +499,10 @@ fn marsd_killed_scenario(app: &mut dyn App, clock: &Clock) {
                 .arg(&lo)
                 .stderr(Stdio::null())
                 .status();
-            !loop_bound(&lo)
+            !loop_bound(Path::new(&lo))
         },
     );
-    let foreign = Foreign::take(&lo, t);
+    let foreign = Foreign::take(Path::new(&lo), t);
     clock.step("cleaned up, the loop number taken by somebody else");
 
     // marsd started again: it is still the designated primary and the stack's host.
@@ -561,7 +519,10 @@ fn marsd_killed_scenario(app: &mut dyn App, clock: &Clock) {
     );
     let lo2 = loop_of(&a);
     assert_ne!(lo2, lo, "the foreign loop device is not taken over");
-    assert!(loop_bound(&lo), "the foreign loop device is left alone");
+    assert!(
+        loop_bound(Path::new(&lo)),
+        "the foreign loop device is left alone"
+    );
     app.check(&a, floor, &nodes);
     clock.step(&format!("marsd restarted, the stack back on a ({lo2})"));
     drop(foreign);
