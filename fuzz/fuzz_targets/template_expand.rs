@@ -6,7 +6,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use mars_unitgen::expand::{check_syntax, is_pattern_name, Expander};
+use mars_unitgen::Context;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
@@ -15,8 +19,16 @@ fuzz_target!(|data: &[u8]| {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let _ = check_syntax(template);
-    let _ = Expander::new(vars).expand(template);
+    // One user macro file (MARS's `NAME.tpl`), so that calls into macro files are fuzzed too.
+    let macros: BTreeMap<String, String> = [("m".to_string(), "%{0}<%{1}>%{m}".to_string())]
+        .into_iter()
+        .collect();
+    let ctx = Context {
+        macros: Arc::new(macros),
+        view: None,
+    };
+    let _ = check_syntax(template, &ctx);
+    let _ = Expander::with_context(vars, ctx).expand(template);
     let mut e = Expander::default();
     let _ = e.eval(template);
     if is_pattern_name(template) {
