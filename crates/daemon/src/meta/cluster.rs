@@ -173,8 +173,20 @@ fn set_skew(host: &HostName, skew: Option<i64>) {
 
 /// A stamp of `host`'s wall clock as our wall clock: its measured skew taken off, never later
 /// than now (a confirmation cannot come from the future).
+///
+/// A skew within [`SKEW_WARN`] is not corrected. Each sample is the skew minus the travel time
+/// of a metadata entry (seconds over a slow or lossy link), so the measured value lies below
+/// the true one by that time, and correcting by it makes a stamp look newer than it is:
+/// `wait-resource uptodate` then took a source's "caught up" that was read before the wait
+/// began, and returned before the secondary had every earlier write (CI, a lossy lab link
+/// with clocks in step). Beyond it the clock is wrong (warned about, `check` says so) and
+/// the correction is the smaller error.
 pub fn to_local_wall(host: &HostName, stamp: u64) -> u64 {
-    let skew = lock(&SKEWS).get(host).copied().unwrap_or(0);
+    let skew = lock(&SKEWS)
+        .get(host)
+        .copied()
+        .filter(|s| s.unsigned_abs() > SKEW_WARN.as_nanos() as u64)
+        .unwrap_or(0);
     let local = (stamp as i128 - skew as i128).clamp(0, u64::MAX as i128) as u64;
     local.min(mars_meta::system_time_ns())
 }
@@ -1706,6 +1718,10 @@ mod heard_tests {
         // Its clock is 300 s behind: its stamp of "now" is ours.
         let l = to_local_wall(&h, now - 300 * S);
         assert!(l >= now && l <= mars_meta::system_time_ns(), "{l} {now}");
+        // A small "skew" is mostly travel time: not corrected (the stamp would look newer).
+        set_skew(&h, Some(-2 * S as i64));
+        let l = to_local_wall(&h, now - 10 * S);
+        assert_eq!(l, now - 10 * S);
         set_skew(&h, None);
     }
 }
