@@ -382,7 +382,40 @@ pub struct FrameReader<R> {
     unpacker: Unpacker,
     /// Where what compression saved is counted.
     saved: Option<Arc<Traffic>>,
+    /// A large `LogData` frame being received straight into its own buffer
+    /// ([`FrameReader::next_fetch`]); kept here so that a cancelled read loses nothing.
+    chunk: Option<Partial>,
 }
+
+/// What a fetch stream delivers ([`FrameReader::next_fetch`]).
+#[derive(Debug)]
+pub enum Fetched {
+    /// Log data of logfile `file`, received straight into an aligned buffer; its frame's
+    /// checksum is checked by the appender against the records' own (`Received::data_crc`).
+    Chunk {
+        file: u64,
+        chunk: mars_replica::Received,
+    },
+    Message(Message),
+}
+
+/// A `LogData` frame whose data is being received into its buffer.
+struct Partial {
+    head: mars_wire::LogDataHead,
+    buf: mars_storage::PooledBuf,
+    lead: usize,
+    /// Data bytes received so far.
+    got: usize,
+}
+
+/// `LogData` frames with at least this much data are received into an aligned buffer of their
+/// own (smaller ones are cheaper through the stream's buffer, whose copy is small) …
+const DIRECT_RECV_MIN: usize = 64 << 10;
+/// … and at most this much: a length field claims memory before the bytes arrive, so only up
+/// to what a source sends per chunk during a catch-up (`serve::CHUNK`, 4 MiB, plus a record's
+/// slack); a larger frame (one record above 4 MiB) grows the stream's buffer with what arrives,
+/// as every other frame does.
+const DIRECT_RECV_MAX: usize = (4 << 20) + (64 << 10);
 
 /// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
 /// to a few MiB; a whole frame's room is made as soon as its length is known).
@@ -398,6 +431,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             limit: mars_wire::MAX_FRAME,
             unpacker: Unpacker::new(None, mars_wire::MAX_FRAME),
             saved: None,
+            chunk: None,
         }
     }
 
@@ -425,7 +459,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// The next message. Cancel-safe: a read cancelled while pending has read nothing, and
     /// whatever was read is in the buffer before the next await.
     pub async fn next(&mut self) -> Result<Message> {
+        match self.next_inner(false).await? {
+            Fetched::Message(m) => Ok(m),
+            Fetched::Chunk { .. } => unreachable!("chunks only when asked for"),
+        }
+    }
+
+    /// The next message of a fetch stream, where large log data frames are received straight
+    /// into an aligned buffer from the pool ([`Fetched::Chunk`]) that becomes the copy's
+    /// O_DIRECT write and replay's window: no copy out of the stream's buffer, no fresh pages
+    /// per frame, no checksum pass of its own (the appender derives the frame's checksum from
+    /// the records'). Cancel-safe like [`FrameReader::next`]: a chunk half received stays here.
+    pub async fn next_fetch(&mut self) -> Result<Fetched> {
+        self.next_inner(true).await
+    }
+
+    /// The next message within `limit`, as [`FrameReader::next_fetch`].
+    pub async fn next_fetch_within(&mut self, limit: Duration) -> Result<Fetched> {
+        tokio::time::timeout(limit, self.next_fetch())
+            .await
+            .map_err(|_| anyhow!("no message within {limit:?}"))?
+    }
+
+    async fn next_inner(&mut self, direct: bool) -> Result<Fetched> {
         loop {
+            if self.chunk.is_some() {
+                return self.receive_chunk().await;
+            }
             let pending = &self.buf[self.start..];
             if let Some(len) = pending.get(..4) {
                 let len = u32::from_le_bytes(len.try_into().expect("4 bytes"));
@@ -435,6 +495,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         limit: self.limit,
                     }
                     .into());
+                }
+            }
+            if direct {
+                if let Some(head) = mars_wire::log_data_head(pending)?
+                    .filter(|h| (DIRECT_RECV_MIN..=DIRECT_RECV_MAX).contains(&h.len))
+                {
+                    // The data that came with the head is copied over (at most one read's
+                    // worth); the rest is read into the chunk's buffer.
+                    let (mut buf, lead) = mars_replica::Received::buffer(head.offset, head.len);
+                    let here = (pending.len() - mars_wire::LOG_DATA_HEAD).min(head.len);
+                    let from = mars_wire::LOG_DATA_HEAD;
+                    buf.as_mut_slice()[lead..lead + here]
+                        .copy_from_slice(&pending[from..from + here]);
+                    self.start += from + here;
+                    self.chunk = Some(Partial {
+                        head,
+                        buf,
+                        lead,
+                        got: here,
+                    });
+                    continue;
                 }
             }
             if let Some((m, n, raw)) = decode_frame_unpacking(pending, &mut self.unpacker)? {
@@ -447,7 +528,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.buf.clear();
                     self.start = 0;
                 }
-                return Ok(m);
+                return Ok(Fetched::Message(m));
             }
             // Room for more of this frame (received straight into the buffer: no second
             // copy), with the incomplete frame moved to the front first. The room grows with
@@ -481,6 +562,61 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 bail!("connection closed");
             }
         }
+    }
+
+    /// Receives the rest of the chunk under way ([`FrameReader::chunk`]): its data into its
+    /// buffer, then the frame's checksum through the stream's buffer.
+    async fn receive_chunk(&mut self) -> Result<Fetched> {
+        let stall = self.stall;
+        let c = self.chunk.as_mut().expect("a chunk under way");
+        while c.got < c.head.len {
+            let room = &mut c.buf.as_mut_slice()[c.lead + c.got..c.lead + c.head.len];
+            let n = tokio::time::timeout(stall, self.r.read(room))
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "no byte within {stall:?} in the middle of a frame ({} bytes of it came)",
+                        mars_wire::LOG_DATA_HEAD + c.got
+                    )
+                })??;
+            if n == 0 {
+                bail!("connection closed");
+            }
+            c.got += n;
+        }
+        // The checksum: through the stream's buffer, which may receive the next frame's first
+        // bytes with it.
+        while self.buf.len() - self.start < 4 {
+            if self.start > 0 {
+                self.buf.drain(..self.start);
+                self.start = 0;
+            }
+            self.buf.reserve(READ_AT_LEAST);
+            let n = tokio::time::timeout(stall, self.r.read_buf(&mut self.buf))
+                .await
+                .map_err(|_| anyhow!("no byte within {stall:?} before a frame's checksum"))??;
+            if n == 0 {
+                bail!("connection closed");
+            }
+        }
+        let crc: [u8; 4] = self.buf[self.start..self.start + 4]
+            .try_into()
+            .expect("4 bytes");
+        self.start += 4;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        let c = self.chunk.take().expect("a chunk under way");
+        Ok(Fetched::Chunk {
+            file: c.head.file,
+            chunk: mars_replica::Received {
+                offset: c.head.offset,
+                buf: c.buf,
+                len: c.head.len,
+                data_crc: c.head.data_crc(crc),
+            },
+        })
     }
 
     /// The next message within `limit`.
@@ -1080,6 +1216,89 @@ mod tests {
             cap,
             "the second frame reused the room"
         );
+        writer.await.unwrap();
+    }
+
+    /// A fetch stream's large log data arrives in aligned buffers at its offset's place in a
+    /// block, small frames and other messages as messages, in order, also when reads are
+    /// cancelled over and over in the middle of a chunk (as the fetch session's `select!`
+    /// does); the data checksum a chunk carries is its data's exactly when the frame is intact.
+    #[tokio::test]
+    async fn fetch_frames_land_in_aligned_buffers_and_survive_cancellation() {
+        let (mut tx, rx) = tokio::io::duplex(8 << 10);
+        let mut reader = FrameReader::new(rx, Vec::new());
+        let msgs: Vec<Message> = [
+            (100, 5000),
+            (4095, 300_000),
+            (8192, 64 << 10),
+            (77, 1 << 20),
+        ]
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(offset, len))| {
+            [
+                Message::LogData {
+                    file: 9,
+                    offset,
+                    data: (0..len).map(|k| (k * 7 + i) as u8).collect(),
+                },
+                Message::LogEnd { file: 9, len: 1 },
+            ]
+        })
+        .collect();
+        let sent = msgs.clone();
+        let writer = tokio::spawn(async move {
+            for m in &sent {
+                send(&mut tx, m).await.unwrap();
+            }
+            // A damaged checksum on a large frame.
+            let mut f = Vec::new();
+            mars_wire::encode_frame(
+                &Message::LogData {
+                    file: 9,
+                    offset: 0,
+                    data: vec![5; 100_000],
+                },
+                &mut f,
+            );
+            let n = f.len();
+            f[n - 1] ^= 1;
+            tx.write_all(&f).await.unwrap();
+        });
+        let mut cancelled = 0;
+        for m in msgs.iter().chain(std::iter::once(&Message::LogData {
+            file: 9,
+            offset: 0,
+            data: vec![5; 100_000],
+        })) {
+            let got = loop {
+                // Cancelled after a moment, again and again, until a whole message came.
+                match tokio::time::timeout(Duration::from_micros(50), reader.next_fetch()).await {
+                    Ok(r) => break r.unwrap(),
+                    Err(_) => cancelled += 1,
+                }
+            };
+            let Message::LogData { file, offset, data } = m else {
+                assert!(matches!(got, Fetched::Message(ref g) if g == m), "{got:?}");
+                continue;
+            };
+            match got {
+                Fetched::Chunk { file: f, chunk } => {
+                    assert!(data.len() >= DIRECT_RECV_MIN);
+                    assert_eq!((f, chunk.offset, chunk.len), (*file, *offset, data.len()));
+                    assert_eq!(chunk.lead(), (*offset % 4096) as usize);
+                    assert_eq!(chunk.buf.as_slice().as_ptr() as usize % 4096, 0);
+                    assert!(chunk.data() == &data[..]);
+                    let intact = data.len() != 100_000;
+                    assert_eq!(chunk.data_crc == crc32c::crc32c(data), intact);
+                }
+                Fetched::Message(g) => {
+                    assert!(data.len() < DIRECT_RECV_MIN);
+                    assert_eq!(&g, m);
+                }
+            }
+        }
+        assert!(cancelled > 0);
         writer.await.unwrap();
     }
 

@@ -23,7 +23,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use mars_config::HostName;
-use mars_storage::{AlignedBuf, Dir, File, OpenMode};
+use mars_storage::real::DIRECT_ALIGN;
+use mars_storage::{AlignedBuf, Dir, File, OpenMode, PooledBuf};
 use mars_txlog::{LogError, LogName, LogPos};
 
 use crate::recent::Recent;
@@ -34,6 +35,44 @@ use crate::{control, Error, Result};
 /// The copy is never read back while replay follows closely (`recent.rs`), and after a restart
 /// only sequentially: keeping it in the page cache would only cost a copy into fresh pages.
 pub const STAGE: usize = 4 << 20;
+
+/// Received chunks from this size on are written from their own buffer
+/// ([`CopyAppender::append_received`]); smaller ones are copied into the staging buffer and
+/// written with what follows (one write per [`STAGE`] instead of one per chunk).
+pub const DIRECT_CHUNK: usize = 1 << 20;
+
+/// A chunk of a logfile received straight into an aligned buffer from the pool
+/// (`mars_storage::pooled`): its data is `buf[lead()..lead() + len]`, placed so that it lies
+/// in memory at the same offset within a block as in the copy, and the room before it takes
+/// the copy's partial block (see [`CopyAppender::append_received`]).
+#[derive(Debug)]
+pub struct Received {
+    /// Where the data goes in the copy.
+    pub offset: u64,
+    pub buf: PooledBuf,
+    pub len: usize,
+    /// The crc32c the data must have: what its wire frame's checksum implies
+    /// (`mars_wire::LogDataHead::data_crc`).
+    pub data_crc: u32,
+}
+
+impl Received {
+    /// Where in `buf` the data starts: `offset` modulo the block size.
+    pub fn lead(&self) -> usize {
+        (self.offset % DIRECT_ALIGN as u64) as usize
+    }
+
+    /// A buffer for `len` bytes of data at `offset` of a copy, and where in it they go.
+    pub fn buffer(offset: u64, len: usize) -> (PooledBuf, usize) {
+        let lead = (offset % DIRECT_ALIGN as u64) as usize;
+        (mars_storage::pooled(lead + len), lead)
+    }
+
+    /// The data.
+    pub fn data(&self) -> &[u8] {
+        &self.buf.as_slice()[self.lead()..self.lead() + self.len]
+    }
+}
 
 /// What is known about one local copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -572,7 +611,65 @@ impl CopyAppender {
         Ok(())
     }
 
-    fn append_verified(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+    /// [`CopyAppender::append_shared`] of a chunk received straight into an aligned buffer
+    /// ([`Received`]): verified as there, and also against the checksum its wire frame
+    /// implies ([`Error::FrameChecksum`]), from the same single pass over the data. A large
+    /// chunk is then written from its own buffer: only the partial block before it is copied
+    /// in front of it (the room `Received::lead` leaves), the whole blocks go to the file
+    /// O_DIRECT, and the new partial block at its end is staged for the next write. The buffer
+    /// itself becomes the window's bytes (`recent.rs`) and goes back to its pool when replay is
+    /// done with it. Nothing is written unless the whole chunk passes.
+    pub fn append_received(&mut self, mut chunk: Received) -> Result<()> {
+        let (offset, lead, len) = (chunk.offset, chunk.lead(), chunk.len);
+        if lead + len > chunk.buf.len() {
+            return Err(Error::NotWhole {
+                name: self.name.clone(),
+                offset,
+                len,
+            });
+        }
+        let data = &chunk.buf.as_slice()[lead..lead + len];
+        let (scan, crc) = self.verify(offset, data)?;
+        if crc != chunk.data_crc {
+            return Err(Error::FrameChecksum {
+                name: self.name.clone(),
+                offset,
+            });
+        }
+        if len < DIRECT_CHUNK {
+            self.stage_copy(data)?;
+        } else {
+            // Only the partial block before the chunk stays staged (`stage_at` aligned, its
+            // bytes in the file already): it goes in front of the chunk, so that the whole
+            // blocks are written from where they were received.
+            if self.written < self.end {
+                self.write_staged()?;
+            }
+            debug_assert_eq!(self.stage_at + self.staged as u64, self.end);
+            debug_assert_eq!(self.staged, lead);
+            let buf = chunk.buf.as_mut_slice();
+            buf[..lead].copy_from_slice(&self.stage.as_slice()[..lead]);
+            let to = lead + len;
+            mars_storage::write_split(&*self.file, buf, self.stage_at, 0, to)
+                .map_err(Error::io(self.name.to_string(), "write"))?;
+            let whole = mars_storage::align_down(to as u64) as usize;
+            self.stage.as_mut_slice()[..to - whole].copy_from_slice(&buf[whole..to]);
+            self.stage_at += whole as u64;
+            self.staged = to - whole;
+            self.written = self.end + len as u64;
+        }
+        self.end += len as u64;
+        if let Some(last) = scan.last_seq {
+            self.next_seq = last + 1;
+        }
+        let bytes = Bytes::from_owner(chunk.buf).slice(lead..lead + len);
+        self.recent.push(self.name.no, offset, bytes);
+        Ok(())
+    }
+
+    /// Checks that `data` continues the copy at `offset` with whole, valid records; returns
+    /// what the scan found and the crc32c of `data`.
+    fn verify(&self, offset: u64, data: &[u8]) -> Result<(mars_txlog::format::Scanned, u32)> {
         if offset != self.end {
             return Err(Error::WrongOffset {
                 name: self.name.clone(),
@@ -580,8 +677,8 @@ impl CopyAppender {
                 end: self.end,
             });
         }
-        let scan =
-            mars_txlog::format::scan(data, Some(self.next_seq), true).map_err(|(at, reason)| {
+        let (scan, crc) =
+            mars_txlog::format::scan_crc(data, Some(self.next_seq)).map_err(|(at, reason)| {
                 Error::Damaged {
                     name: self.name.clone(),
                     offset: offset + at as u64,
@@ -595,6 +692,22 @@ impl CopyAppender {
                 len: data.len(),
             });
         }
+        Ok((scan, crc))
+    }
+
+    fn append_verified(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        let (scan, _) = self.verify(offset, data)?;
+        self.stage_copy(data)?;
+        self.end += data.len() as u64;
+        if let Some(last) = scan.last_seq {
+            self.next_seq = last + 1;
+        }
+        Ok(())
+    }
+
+    /// Copies verified bytes that continue the copy into the staging buffer, writing it
+    /// whenever it fills (`end` is the caller's to advance).
+    fn stage_copy(&mut self, data: &[u8]) -> Result<()> {
         let mut rest = data;
         while !rest.is_empty() {
             let room = self.stage.len() - self.staged;
@@ -605,10 +718,6 @@ impl CopyAppender {
             if self.staged == self.stage.len() {
                 self.write_staged()?;
             }
-        }
-        self.end += data.len() as u64;
-        if let Some(last) = scan.last_seq {
-            self.next_seq = last + 1;
         }
         Ok(())
     }

@@ -37,7 +37,9 @@ use std::io;
 use mars_txlog::{LogError, LogName};
 
 pub use control::{ControlState, Marker, SyncFile};
-pub use copies::{Copies, CopyAppender, CopyInfo, CopySync, Cut, OpenReport, PromotionCut};
+pub use copies::{
+    Copies, CopyAppender, CopyInfo, CopySync, Cut, OpenReport, PromotionCut, Received,
+};
 pub use recent::Recent;
 pub use replay::{Replay, ReplayEvent};
 
@@ -105,6 +107,10 @@ pub enum Error {
         offset: u64,
         len: usize,
     },
+    /// A received chunk's records are intact but its wire frame's checksum does not match
+    /// them: the frame was damaged on its way (or the sender is broken). Nothing was written.
+    #[error("{name}: the frame carrying offset {offset} fails its checksum")]
+    FrameChecksum { name: LogName, offset: u64 },
     /// A cut or repair position beyond what the copy holds.
     #[error("{name}: cannot cut at {at}: the copy holds {len} durable bytes")]
     CutBeyondEnd { name: LogName, at: u64, len: u64 },

@@ -281,6 +281,142 @@ pub fn decode(buf: &[u8]) -> Result<Header, DecodeError> {
     Ok(h)
 }
 
+/// [`decode`] without the checksum: every field is checked, the CRC is not computed. Only for
+/// bytes whose checksums were verified before and that cannot have changed since (a replica's
+/// window of chunks verified on arrival, immutable in memory: `mars_replica::recent`).
+pub fn decode_verified(buf: &[u8]) -> Result<Header, DecodeError> {
+    let h = decode_fields(buf)?;
+    if buf.len() < h.record_len() {
+        return Err(DecodeError::Incomplete {
+            needed: h.record_len(),
+            have: buf.len(),
+        });
+    }
+    Ok(h)
+}
+
+/// The header fields of the record at the start of `buf` (at least [`HEADER_LEN`] bytes),
+/// checked as in [`decode`], without the payload and its checksum.
+fn decode_fields(buf: &[u8]) -> Result<Header, DecodeError> {
+    let head = buf.get(..HEADER_LEN).unwrap_or(buf);
+    match decode(head) {
+        Ok(h) => Ok(h),
+        // The header alone: a payload that is not there yet makes it "incomplete" or fail its
+        // checksum; every other field was checked before those two.
+        Err(DecodeError::Incomplete { .. } | DecodeError::BadChecksum { .. })
+            if head.len() == HEADER_LEN =>
+        {
+            let kind = Kind::from_u8(head[OFF_KIND]).expect("checked by decode");
+            Ok(Header {
+                kind,
+                seq: u64_at(head, OFF_SEQ),
+                stamp: u64_at(head, OFF_STAMP),
+                offset: u64_at(head, OFF_OFFSET),
+                len: u64_at(head, OFF_LEN),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// CRC-32C arithmetic for checking a chunk of records in one pass: the checksum of `A ‖ B` is
+/// `shift(crc(A), len(B)) ^ crc(B)` (the CRC is linear; its initial value and final xor are
+/// both all ones, so they cancel out as in zlib's `crc32_combine`). A record's checksum
+/// (header bytes 0..44, then the payload) and the checksum of the whole chunk (what a wire
+/// frame carries) are both made from one pass over each payload.
+pub mod crc {
+    /// CRC-32C (Castagnoli), reflected.
+    const POLY: u32 = 0x82F6_3B78;
+
+    /// `a · b mod P` over GF(2), reflected bit order (x⁰ is the top bit).
+    fn mul(a: u32, mut b: u32) -> u32 {
+        let mut m = 1u32 << 31;
+        let mut p = 0u32;
+        while m != 0 {
+            if a & m != 0 {
+                p ^= b;
+            }
+            m >>= 1;
+            b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+        }
+        p
+    }
+
+    /// `x^(2^k) mod P` for k = 0..64.
+    const fn powers() -> [u32; 64] {
+        let mut t = [0u32; 64];
+        // x¹ in reflected order.
+        t[0] = 1 << 30;
+        let mut k = 1;
+        while k < 64 {
+            // Squaring, written out for a const fn.
+            let a = t[k - 1];
+            let mut b = a;
+            let mut m = 1u32 << 31;
+            let mut p = 0u32;
+            while m != 0 {
+                if a & m != 0 {
+                    p ^= b;
+                }
+                m >>= 1;
+                b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
+            }
+            t[k] = p;
+            k += 1;
+        }
+        t
+    }
+    const POWERS: [u32; 64] = powers();
+
+    /// The operator that appends `len` bytes' worth of shift to a checksum (`x^(8·len) mod P`);
+    /// computed once per length and applied with [`Shift::apply`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Shift {
+        len: usize,
+        op: u32,
+    }
+
+    impl Shift {
+        pub fn new(len: usize) -> Self {
+            let mut op = 1u32 << 31; // x⁰
+            let mut n = len as u64;
+            let mut k = 3; // 8 bits per byte: x^(8·len) = x^(len·2³)
+            while n != 0 {
+                if n & 1 != 0 {
+                    op = mul(POWERS[k & 63], op);
+                }
+                n >>= 1;
+                k += 1;
+            }
+            Self { len, op }
+        }
+
+        pub fn len(&self) -> usize {
+            self.len
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+
+        /// The checksum of `A ‖ B` from `crc(A)` and `crc(B)`, `B` being `len` bytes long.
+        pub fn combine(&self, crc_a: u32, crc_b: u32) -> u32 {
+            mul(self.op, crc_a) ^ crc_b
+        }
+    }
+
+    /// The checksum of `A ‖ B` from the two checksums and the length of `B`.
+    pub fn combine(crc_a: u32, crc_b: u32, len_b: usize) -> u32 {
+        Shift::new(len_b).combine(crc_a, crc_b)
+    }
+
+    /// `crc(B)` from `crc(A ‖ B)`, `crc(A)` and the length of `B`: what a frame's checksum says
+    /// its payload's checksum must be.
+    pub fn split_off(crc_ab: u32, crc_a: u32, len_b: usize) -> u32 {
+        Shift::new(len_b).combine(crc_a, 0) ^ crc_ab
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,6 +535,63 @@ mod tests {
     }
 }
 
+/// [`scan`] with `verify`, computing each record's checksum and the checksum of the records
+/// together (`crc32c(buf[..len])`) in one pass over every payload; the second is what a wire
+/// frame carrying the chunk checks, so the chunk is not read a second time for it. Same errors
+/// as [`scan`].
+pub fn scan_crc(buf: &[u8], next_seq: Option<u64>) -> Result<(Scanned, u32), (usize, String)> {
+    let mut at = 0usize;
+    let mut records = 0;
+    let mut last_seq = None;
+    let mut expect = next_seq;
+    let mut total = 0u32;
+    // Records of a chunk mostly have one size: the shift is computed once per size.
+    let mut shift = crc::Shift::new(0);
+    while buf.len() - at >= HEADER_LEN {
+        let rest = &buf[at..];
+        let h = match decode_fields(rest) {
+            Ok(h) => h,
+            Err(DecodeError::Incomplete { .. }) => break,
+            Err(e) => return Err((at, e.to_string())),
+        };
+        let n = h.record_len();
+        if rest.len() < n {
+            break;
+        }
+        let payload = &rest[HEADER_LEN..n];
+        if shift.len() != payload.len() {
+            shift = crc::Shift::new(payload.len());
+        }
+        let p = crc32c::crc32c(payload);
+        let stored = u32_at(rest, OFF_CRC);
+        let computed = shift.combine(crc32c::crc32c(&rest[..OFF_CRC]), p);
+        if stored != computed {
+            return Err((
+                at,
+                DecodeError::BadChecksum { stored, computed }.to_string(),
+            ));
+        }
+        if let Some(e) = expect {
+            if h.seq != e {
+                return Err((at, format!("sequence {} where {e} was expected", h.seq)));
+            }
+        }
+        expect = Some(h.seq + 1);
+        last_seq = Some(h.seq);
+        total = shift.combine(crc32c::crc32c_append(total, &rest[..HEADER_LEN]), p);
+        at += n;
+        records += 1;
+    }
+    Ok((
+        Scanned {
+            len: at,
+            records,
+            last_seq,
+        },
+        total,
+    ))
+}
+
 /// What [`scan`] found in a buffer of records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scanned {
@@ -452,4 +645,98 @@ pub fn scan(buf: &[u8], next_seq: Option<u64>, verify: bool) -> Result<Scanned, 
         records,
         last_seq,
     })
+}
+
+#[cfg(test)]
+mod scan_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(seq: u64, payload: &[u8]) -> Vec<u8> {
+        let h = Header {
+            kind: if payload.is_empty() {
+                Kind::Zero
+            } else {
+                Kind::Write
+            },
+            seq,
+            stamp: seq,
+            offset: seq * 4096,
+            len: if payload.is_empty() {
+                512
+            } else {
+                payload.len() as u64
+            },
+        };
+        let mut out = Vec::new();
+        encode(&h, payload, &mut out).unwrap();
+        out
+    }
+
+    proptest! {
+        /// The shift arithmetic agrees with the CRC computed over the bytes.
+        #[test]
+        fn combine_and_split_match_the_crc(a in proptest::collection::vec(any::<u8>(), 0..3000), b in proptest::collection::vec(any::<u8>(), 0..3000)) {
+            let ab: Vec<u8> = a.iter().chain(&b).copied().collect();
+            let (ca, cb, cab) = (crc32c::crc32c(&a), crc32c::crc32c(&b), crc32c::crc32c(&ab));
+            prop_assert_eq!(crc::combine(ca, cb, b.len()), cab);
+            prop_assert_eq!(crc32c::crc32c_combine(ca, cb, b.len()), cab);
+            prop_assert_eq!(crc::split_off(cab, ca, b.len()), cb);
+        }
+
+        /// `scan_crc` accepts what `scan` accepts, finds the same, and its checksum is that of
+        /// the records' bytes; any flipped byte is refused at the record that holds it.
+        #[test]
+        fn scan_crc_agrees_with_scan(sizes in proptest::collection::vec(0usize..700, 1..6), cut in 0usize..50, flip in any::<prop::sample::Index>()) {
+            let mut buf = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                buf.extend(record(i as u64 + 7, &vec![i as u8 ^ 0x5a; *n]));
+            }
+            let whole = buf.len();
+            buf.truncate(whole - cut.min(whole));
+            let s = scan(&buf, Some(7), true).unwrap();
+            let (s2, c) = scan_crc(&buf, Some(7)).unwrap();
+            prop_assert_eq!(&s2, &s);
+            prop_assert_eq!(c, crc32c::crc32c(&buf[..s.len]));
+            if s.len > 0 {
+                let mut bad = buf.clone();
+                let i = flip.index(s.len);
+                bad[i] ^= 0x10;
+                let e = scan_crc(&bad, Some(7)).unwrap_err();
+                let e1 = scan(&bad, Some(7), true).unwrap_err();
+                prop_assert_eq!(e.0, e1.0);
+            }
+        }
+    }
+
+    #[test]
+    fn scan_crc_checks_sequence_numbers() {
+        let mut buf = record(1, b"abc");
+        buf.extend(record(3, b"def"));
+        let (at, why) = scan_crc(&buf, Some(1)).unwrap_err();
+        assert_eq!(at, record(1, b"abc").len());
+        assert!(why.contains("sequence 3"), "{why}");
+        assert!(scan_crc(&buf, Some(2)).is_err());
+    }
+
+    #[test]
+    fn decode_verified_checks_fields_not_the_checksum() {
+        let mut r = record(5, b"payload");
+        assert_eq!(decode_verified(&r).unwrap().seq, 5);
+        let n = r.len();
+        r[n - 1] ^= 1;
+        assert!(decode(&r).is_err());
+        assert_eq!(decode_verified(&r).unwrap().seq, 5);
+        r[OFF_VERSION] = 9;
+        assert_eq!(decode_verified(&r), Err(DecodeError::BadVersion(9)));
+        let r = record(5, b"payload");
+        assert!(matches!(
+            decode_verified(&r[..n - 1]),
+            Err(DecodeError::Incomplete { .. })
+        ));
+        assert!(matches!(
+            decode_verified(&r[..10]),
+            Err(DecodeError::Incomplete { .. })
+        ));
+    }
 }

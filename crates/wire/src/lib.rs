@@ -412,5 +412,69 @@ pub fn decode_frame_unpacking(
     Ok(Some((Message::decode(body)?, total, total)))
 }
 
+/// Bytes of a raw `LogData` frame before its data: body length (4), type (1), file (8),
+/// offset (8), data length (4). The data follows, then the frame's crc32c (4).
+pub const LOG_DATA_HEAD: usize = 4 + 1 + 8 + 8 + 4;
+
+/// The head of a raw `LogData` frame, read before its data (see [`log_data_head`]): lets a
+/// reader receive a large chunk straight into a buffer of its choice instead of decoding it
+/// out of the stream's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogDataHead {
+    pub file: u64,
+    pub offset: u64,
+    /// Bytes of data that follow the head.
+    pub len: usize,
+    /// crc32c of the body before the data (type, file, offset, data length).
+    head_crc: u32,
+}
+
+impl LogDataHead {
+    /// The whole frame's length.
+    pub fn frame_len(&self) -> usize {
+        LOG_DATA_HEAD + self.len + 4
+    }
+
+    /// The crc32c the data must have for the frame's checksum `frame_crc` (its last four
+    /// bytes) to hold: the frame is checked without a pass over the data of its own, by
+    /// comparing this with the checksum of the data computed where the data is read anyway
+    /// (the records' own checks: `mars_txlog::format::scan_crc`). A mismatch is the frame's
+    /// [`WireError::BadChecksum`].
+    pub fn data_crc(&self, frame_crc: [u8; 4]) -> u32 {
+        // crc(head ‖ data) = crc(head) · x^(8·len) ^ crc(data) mod the CRC-32C polynomial: the
+        // CRC is linear and its all-ones start and final xor cancel, as in zlib's
+        // `crc32_combine` (whose zero-data case is exactly the shift of `crc(head)`).
+        crc32c::crc32c_combine(self.head_crc, 0, self.len) ^ u32::from_le_bytes(frame_crc)
+    }
+}
+
+/// If `buf` starts with the head of a raw `LogData` frame (type 12, not packed), its fields;
+/// `Ok(None)` for any other frame or if fewer than [`LOG_DATA_HEAD`] bytes are there. The frame
+/// is not checked beyond its head: the caller must check the data against
+/// [`LogDataHead::data_crc`]. Errors: a body length over [`MAX_FRAME`], or a data length that
+/// is not the rest of the body (what [`decode_frame`] refuses as malformed too).
+pub fn log_data_head(buf: &[u8]) -> Result<Option<LogDataHead>, WireError> {
+    if buf.len() < LOG_DATA_HEAD || buf[4] != 12 {
+        return Ok(None);
+    }
+    let body = u32::from_le_bytes(buf[..4].try_into().expect("4 bytes"));
+    if body > MAX_FRAME {
+        return Err(WireError::FrameTooLarge(body));
+    }
+    let len = u32::from_le_bytes(buf[21..25].try_into().expect("4 bytes"));
+    if len > MAX_DATA || body as usize != LOG_DATA_HEAD - 4 + len as usize {
+        return Err(WireError::Malformed {
+            what: "LogData",
+            why: format!("data of {len} bytes in a body of {body}"),
+        });
+    }
+    Ok(Some(LogDataHead {
+        file: u64::from_le_bytes(buf[5..13].try_into().expect("8 bytes")),
+        offset: u64::from_le_bytes(buf[13..21].try_into().expect("8 bytes")),
+        len: len as usize,
+        head_crc: crc32c::crc32c(&buf[4..LOG_DATA_HEAD]),
+    }))
+}
+
 #[cfg(test)]
 mod tests;

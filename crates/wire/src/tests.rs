@@ -833,3 +833,56 @@ fn bombs_and_corrupt_packed_frames_are_refused() {
         assert!(u.capacity() <= 2 * (limit as usize + 1), "{}", u.capacity());
     }
 }
+
+proptest! {
+    /// A raw LogData frame's head parses to the message's fields, and the data checksum it
+    /// derives from the frame's checksum is the data's own exactly when the frame is intact.
+    #[test]
+    fn log_data_head_and_data_crc(file in any::<u64>(), offset in any::<u64>(), data in proptest::collection::vec(any::<u8>(), 0..5000), flip in any::<prop::sample::Index>()) {
+        let mut f = Vec::new();
+        encode_frame(&Message::LogData { file, offset, data: data.clone() }, &mut f);
+        for cut in 0..LOG_DATA_HEAD {
+            prop_assert_eq!(log_data_head(&f[..cut]).unwrap(), None);
+        }
+        let h = log_data_head(&f).unwrap().unwrap();
+        prop_assert_eq!((h.file, h.offset, h.len, h.frame_len()), (file, offset, data.len(), f.len()));
+        let trailer: [u8; 4] = f[f.len() - 4..].try_into().unwrap();
+        prop_assert_eq!(h.data_crc(trailer), crc32c::crc32c(&data));
+        // Damage anywhere (head, data or trailer) makes the derived checksum disagree.
+        let i = flip.index(f.len());
+        let mut bad = f.clone();
+        bad[i] ^= 0x41;
+        if let Ok(Some(hb)) = log_data_head(&bad) {
+            let tb: [u8; 4] = bad[bad.len() - 4..].try_into().unwrap();
+            let db = &bad[LOG_DATA_HEAD..bad.len() - 4];
+            prop_assert_ne!(hb.data_crc(tb), crc32c::crc32c(db));
+        }
+    }
+}
+
+#[test]
+fn log_data_head_refuses_inconsistent_lengths_and_ignores_other_frames() {
+    let mut f = Vec::new();
+    encode_frame(&Message::LogEnd { file: 1, len: 2 }, &mut f);
+    assert_eq!(log_data_head(&f).unwrap(), None);
+    let mut f = Vec::new();
+    encode_frame(
+        &Message::LogData {
+            file: 1,
+            offset: 2,
+            data: vec![3; 100],
+        },
+        &mut f,
+    );
+    let mut bad = f.clone();
+    bad[21..25].copy_from_slice(&101u32.to_le_bytes());
+    assert!(matches!(
+        log_data_head(&bad),
+        Err(WireError::Malformed { .. })
+    ));
+    bad[..4].copy_from_slice(&(MAX_FRAME + 1).to_le_bytes());
+    assert!(matches!(
+        log_data_head(&bad),
+        Err(WireError::FrameTooLarge(_))
+    ));
+}

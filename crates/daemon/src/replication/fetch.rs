@@ -11,7 +11,10 @@
 //! A pipeline of bounded depth: while one chunk is verified and written on a blocking thread
 //! (into the copy past the page cache, and into the window replay takes it from:
 //! `mars_replica::recent`), the next one is received; at most one write and one sync are
-//! under way at a time.
+//! under way at a time. Large chunks are received straight into aligned buffers from a pool
+//! (`peer::FrameReader::next_fetch`): the copy is written O_DIRECT from that buffer, which then
+//! is the window's, and the frame's checksum is checked against the records' own from the same
+//! pass over the data (`CopyAppender::append_received`).
 //!
 //! Which logfile may be appended to or created is the engine's decision: the session reports
 //! `FetchEvent::Offer` and waits for the `CopyDecision` the actor forwards.
@@ -30,7 +33,7 @@ use tokio::sync::mpsc;
 
 use super::{Rates, Sink, Stop};
 use crate::local::ReplicaDir;
-use crate::peer;
+use crate::peer::{self, Fetched};
 
 /// Received data is made durable at least every this many bytes (replay follows what is
 /// durable, from memory while it is in `mars_replica::recent::RECENT_CAP`) …
@@ -177,7 +180,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
             .as_ref()
             .is_some_and(|c| c.unsynced > 0 || c.inflight.is_some() || c.writing.is_some());
         let msg = tokio::select! {
-            m = s.frames.next_within(SILENCE) => m?,
+            m = s.frames.next_fetch_within(SILENCE) => m?,
             _ = tokio::time::sleep(SYNC_IDLE), if busy => {
                 make_durable(job, &mut cur).await?;
                 continue;
@@ -192,6 +195,22 @@ async fn session(job: &mut FetchJob) -> Result<()> {
             connected = true;
             emit(job, FetchEvent::Connected).await?;
         }
+        let msg = match msg {
+            Fetched::Message(m) => m,
+            Fetched::Chunk { file, chunk } => {
+                let c = current_for(&mut cur, file)?;
+                settle(job, c).await?;
+                let n = chunk.len as u64;
+                // Verified (records, and the frame's checksum from the same pass) and written
+                // from its own buffer on a blocking thread while the next chunk is received.
+                let mut w = c.w.take().ok_or_else(|| anyhow!("no appender"))?;
+                c.writing = Some(tokio::task::spawn_blocking(move || {
+                    let r = w.append_received(chunk);
+                    (w, r, n)
+                }));
+                continue;
+            }
+        };
         match msg {
             Message::LogFile { file, origin } => {
                 make_durable(job, &mut cur).await?;
@@ -234,12 +253,7 @@ async fn session(job: &mut FetchJob) -> Result<()> {
                 });
             }
             Message::LogData { file, offset, data } => {
-                let Some(c) = cur.as_mut() else {
-                    bail!("log data before a log name");
-                };
-                if c.no != file {
-                    bail!("log data for {file} while receiving {}", c.no);
-                }
+                let c = current_for(&mut cur, file)?;
                 // The previous chunk's write is done first (order, and one at a time).
                 settle(job, c).await?;
                 let n = data.len() as u64;
@@ -298,6 +312,17 @@ async fn session(job: &mut FetchJob) -> Result<()> {
             other => bail!("unexpected {}", peer::describe(&other)),
         }
     }
+}
+
+/// The copy being received, which log data for `file` must belong to.
+fn current_for(cur: &mut Option<Current>, file: u64) -> Result<&mut Current> {
+    let Some(c) = cur.as_mut() else {
+        bail!("log data before a log name");
+    };
+    if c.no != file {
+        bail!("log data for {file} while receiving {}", c.no);
+    }
+    Ok(c)
 }
 
 /// The engine's answer about logfile `no`.
