@@ -22,6 +22,7 @@
 # the median is reported with the spread: single runs on a shared VM vary by half.
 #
 # Env: BURST (2G), SYNC_SIZE (4G), CHANGED_PCT (1), ROUNDS (3), PORT (17790; uses PORT..PORT+2),
+#      PARTS ("1 2": which parts run; "1" for the catch-up alone),
 #      MARS_BIN (directory holding marsd and marsadm; when unset the script runs
 #      `cargo build --release -p mars-daemon -p mars-cli` and uses ${CARGO_TARGET_DIR:-target}/release),
 #      KEEP=1 (keep the files and marsd logs for a look afterwards),
@@ -36,6 +37,7 @@ CHANGED_PCT=${CHANGED_PCT:-1}
 ROUNDS=${ROUNDS:-3}
 PORT=${PORT:-17790}
 DROP_CACHES=${DROP_CACHES:-0}
+PARTS=${PARTS:-1 2}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 MIB=1048576
 . "$HERE/bench/lib.sh"
@@ -72,6 +74,9 @@ drop_caches() {
 }
 # CPU seconds (user + system) used so far by process $1.
 cpu() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+# Bytes process $1 has read from / written to storage so far (/proc/PID/io; 0 where unreadable).
+io_read() { awk '/^read_bytes/ {print $2}' "/proc/$1/io" 2>/dev/null || echo 0; }
+io_written() { awk '/^write_bytes/ {print $2}' "/proc/$1/io" 2>/dev/null || echo 0; }
 # Epoch seconds of the first line of marsd log $1 matching $2 (marsd logs RFC 3339 UTC times).
 log_at() {
   local t
@@ -93,7 +98,7 @@ fallocate -l "$BURST_B" "$PART/b.img"
 cluster_with_resource "$PORT" "$PART/a.img"
 adm b join-resource r "$PART/b.img" >/dev/null
 uptodate_or_die b 600
-T_BURSTS=(); T_CATCHUPS=(); CPU_AS=(); CPU_BS=(); PRE=0
+T_BURSTS=(); T_CATCHUPS=(); CPU_AS=(); CPU_BS=(); RD_AS=(); RD_BS=(); WR_BS=(); PRE=0
 for round in $(seq "$ROUNDS"); do
   adm b pause-fetch r >/dev/null
   adm b --timeout 30 wait-resource r fetch-off
@@ -111,18 +116,23 @@ for round in $(seq "$ROUNDS"); do
   P=$(($(logbytes b) - B0))
   [ "$P" -le "$PRE" ] || PRE=$P
   CA=$(cpu "${PID[a]}"); CB=$(cpu "${PID[b]}")
+  RA=$(io_read "${PID[a]}"); RB=$(io_read "${PID[b]}"); WB=$(io_written "${PID[b]}")
   s=$(now)
   adm b resume-fetch r >/dev/null
   uptodate_or_die b 3600
   e=$(now)
   T_CATCHUPS+=("$(calc "$e - $s")")
   CPU_AS+=("$(calc "$(cpu "${PID[a]}") - $CA")"); CPU_BS+=("$(calc "$(cpu "${PID[b]}") - $CB")")
+  RD_AS+=($(($(io_read "${PID[a]}") - RA))); RD_BS+=($(($(io_read "${PID[b]}") - RB)))
+  WR_BS+=($(($(io_written "${PID[b]}") - WB)))
+  echo "bench: 1. round $round: $(calc "$e - $s") s; CPU a ${CPU_AS[-1]} s, b ${CPU_BS[-1]} s; storage read by a $(numfmt --to=iec "${RD_AS[-1]}"), by b $(numfmt --to=iec "${RD_BS[-1]}"), written by b $(numfmt --to=iec "${WR_BS[-1]}")" >&2
   # Rotate so that the replayed logfiles can go before the next burst.
   adm a cron >/dev/null
 done
 T_BURST=$(median "${T_BURSTS[@]}")
 T_CATCHUP=$(median "${T_CATCHUPS[@]}")
 CPU_A=$(median "${CPU_AS[@]}"); CPU_B=$(median "${CPU_BS[@]}")
+RD_A=$(median "${RD_AS[@]}"); RD_B=$(median "${RD_BS[@]}"); WR_B=$(median "${WR_BS[@]}")
 EQ1=$(same "$PART/a.img" "$PART/b.img")
 stop_hosts
 [ "${KEEP:-0}" = 1 ] || rm -rf "$PART"
@@ -144,6 +154,8 @@ done
 FIO1=$(median "${FIO1S[@]}"); FIO16=$(median "${FIO16S[@]}")
 
 # ---------------------------------------------------------------- 2. fast full sync vs rsync
+part2() { [[ " $PARTS " == *" 2 "* ]]; }
+if part2; then
 PART=$DIR/p2
 mkdir -p "$PART"
 echo "bench: 2. preparing $SYNC_SIZE disks" >&2
@@ -215,11 +227,12 @@ done
 T_RSYNC=$(median "${T_RSYNCS[@]}")
 RSYNC_LITERAL=$(sed -n 's/^Literal data: \(.*\)$/\1/p' "$PART/rsync.stats")
 RSYNC_SENT=$(sed -n 's/^Total bytes sent: \(.*\)$/\1/p' "$PART/rsync.stats")
+fi
 
 # ---------------------------------------------------------------- report
 CATCHUP=$(calc "$BURST_B / $MIB / $T_CATCHUP")
 RATIO1=(); for t in "${T_CATCHUPS[@]}"; do RATIO1+=("$(calc "$BURST_B / $MIB / $t / $FIO1")"); done
-RATIO2=(); for i in "${!T_MARSS[@]}"; do RATIO2+=("$(calc "${T_RSYNCS[$i]} / ${T_MARSS[$i]}")"); done
+RATIO2=(); if part2; then for i in "${!T_MARSS[@]}"; do RATIO2+=("$(calc "${T_RSYNCS[$i]} / ${T_MARSS[$i]}")"); done; fi
 printf '\nmedians of %d rounds (spread min..max)\n' "$ROUNDS"
 printf '\n1. catch-up after a %s burst (same disk for a, b and fio)\n' "$BURST"
 printf '   burst written on a through NBD (nbdcopy --flush):   %7.2f s  %7.0f MiB/s\n' "$T_BURST" "$(calc "$BURST_B / $MIB / $T_BURST")"
@@ -227,13 +240,17 @@ printf '   b: resume-fetch until wait-resource uptodate:       %7.2f s  %7.0f Mi
   "$T_CATCHUP" "$CATCHUP" "$(spread "${T_CATCHUPS[@]}")" "$EQ1"
 printf '   logfile bytes b fetched while paused: %s%s\n' "$(numfmt --to=iec "$PRE")" \
   "$([ "$PRE" -gt $((BURST_B / 100)) ] && echo "  <- pause-fetch did not hold: the rate above is flattered")"
-printf '   CPU used meanwhile: a %.2f s, b %.2f s (%d cores)\n' "$CPU_A" "$CPU_B" "$(nproc)"
+printf '   CPU used meanwhile: a %.2f s, b %.2f s (%d cores); b: %.2f CPU s per GiB\n' "$CPU_A" "$CPU_B" "$(nproc)" \
+  "$(calc "$CPU_B * 1073741824 / $BURST_B")"
+printf '   storage I/O meanwhile (/proc/PID/io): a read %s, b read %s, b wrote %s\n' \
+  "$(numfmt --to=iec "$RD_A")" "$(numfmt --to=iec "$RD_B")" "$(numfmt --to=iec "$WR_B")"
 printf '   raw disk, fio seq 1M writes O_DIRECT QD1 + fsync:             %7.0f MiB/s   (%s)\n' "$FIO1" "$(spread "${FIO1S[@]}")"
 printf '   raw disk, fio seq 1M writes O_DIRECT QD16 + fsync:            %7.0f MiB/s   (%s)\n' "$FIO16" "$(spread "${FIO16S[@]}")"
 printf '   catch-up / raw disk:  %.2fx of QD1, %.2fx of QD16   (per round vs median QD1: %s; aim: >= 0.5x)\n' \
   "$(calc "$CATCHUP / $FIO1")" "$(calc "$CATCHUP / $FIO16")" "$(spread "${RATIO1[@]}")"
 printf '   (b writes every byte twice, into its log copy and on replay, on the disk a reads from:\n'
 printf '    0.5x of one writer is the ceiling on one disk)\n'
+if part2; then
 printf '\n2. fast full sync of %s, %d of %d 1 MiB blocks differ (%s %%)\n' "$SYNC_SIZE" "$NCHANGED" "$BLOCKS" "$CHANGED_PCT"
 printf '   mars join-resource until wait-resource uptodate:    %7.2f s   (%s s)   transferred %s (b'"'"'s log)   disks equal: %s\n' \
   "$T_MARS" "$(spread "${T_MARSS[@]}")" "${MARS_XFER:-?}" "$EQ2"
@@ -244,6 +261,7 @@ printf '   rsync daemon on 127.0.0.2, push, %s:\n' "${RSYNC_OPTS[*]}"
 printf '                                                       %7.2f s   (%s s)   literal data %s, %s bytes sent   files equal: %s\n' \
   "$T_RSYNC" "$(spread "${T_RSYNCS[@]}")" "${RSYNC_LITERAL:-?}" "${RSYNC_SENT:-?}" "$EQ3"
 printf '   mars faster than rsync: %.2fx   (round by round: %s; aim: >= 3x)\n' "$(calc "$T_RSYNC / $T_MARS")" "$(spread "${RATIO2[@]}")"
+fi
 
 # For bench/run (bench/lib.sh): per-round figures of both sides.
 RATES=(); for t in "${T_CATCHUPS[@]}"; do RATES+=("$(calc "$BURST_B / $MIB / $t")"); done
@@ -251,5 +269,6 @@ CACHE=$([ "$DROP_CACHES" = 1 ] && echo cold || echo warm)
 # (the warm run keeps the plain id of earlier results; the cold one gets its own)
 bench_record "catchup$([ "$CACHE" = warm ] || echo "-$CACHE")" "catch-up after a $BURST burst, one disk, $CACHE cache" MiB/s higher 0.45 \
   "fio seq 1M O_DIRECT QD1" "${RATES[*]}" "${FIO1S[*]}"
+part2 || exit 0
 bench_record "fullsync-$CACHE" "fast full sync $SYNC_SIZE, $CHANGED_PCT % differ, $CACHE cache" s lower 4 \
   "rsync --inplace --no-whole-file" "${T_MARSS[*]}" "${T_RSYNCS[*]}"

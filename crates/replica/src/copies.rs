@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use mars_config::HostName;
 use mars_storage::real::DIRECT_ALIGN;
-use mars_storage::{AlignedBuf, Dir, File, OpenMode, PooledBuf};
+use mars_storage::{Dir, File, OpenMode, PooledBuf};
 use mars_txlog::{LogError, LogName, LogPos};
 
 use crate::recent::Recent;
@@ -536,7 +536,7 @@ pub struct CopyAppender {
     next_seq: u64,
     /// Staged bytes: `stage[..staged]` are the copy's bytes `[stage_at, end)`; `stage_at` is
     /// aligned. Those before `written` are in the file already.
-    stage: AlignedBuf,
+    stage: PooledBuf,
     stage_at: u64,
     staged: usize,
     written: u64,
@@ -561,7 +561,8 @@ impl CopyAppender {
         next_seq: u64,
         recent: Arc<Recent>,
     ) -> Result<Self> {
-        let mut stage = AlignedBuf::new(STAGE);
+        // From the pool: a copy is appended to by every fetch session and every logfile.
+        let mut stage = mars_storage::pooled(STAGE);
         // Continuing a copy: its partial last block goes into the buffer, so that the whole
         // block can be written again.
         let stage_at = mars_storage::align_down(end);

@@ -14,7 +14,7 @@
 //! batch before its position is persisted, so the order within a batch does not matter.
 
 use bytes::Bytes;
-use mars_storage::{AlignedBuf, Dir, File, OpenMode};
+use mars_storage::{Dir, File, OpenMode, PooledBuf};
 use mars_txlog::format::{decode_verified, HEADER_LEN};
 use mars_txlog::{DecodeError, Kind, LogError, LogName, LogPos, LogReader};
 use mars_volume::{Data, Index};
@@ -287,7 +287,7 @@ impl Source<'_> {
 /// One batch of records, coalesced by device offset.
 struct Batch<'a> {
     index: Index,
-    buf: Option<AlignedBuf>,
+    buf: Option<PooledBuf>,
     disk: &'a dyn File,
 }
 
@@ -300,7 +300,11 @@ impl Batch<'_> {
         let c = self
             .index
             .collect(LogPos::new(u64::MAX, u64::MAX), usize::MAX);
-        let buf = self.buf.get_or_insert_with(|| AlignedBuf::new(MERGE_BUF));
+        // From the pool: replay runs are short while following a fetch (one per sync of the
+        // fetch), and a fresh 8 MiB each time cost page faults and zeroing per run.
+        let buf = self
+            .buf
+            .get_or_insert_with(|| mars_storage::pooled(MERGE_BUF));
         let disk = self.disk;
         let err = |offset: u64| {
             move |source| Error::Disk {
