@@ -416,6 +416,9 @@ const DIRECT_RECV_MIN: usize = 64 << 10;
 /// slack); a larger frame (one record above 4 MiB) grows the stream's buffer with what arrives,
 /// as every other frame does.
 const DIRECT_RECV_MAX: usize = (4 << 20) + (64 << 10);
+/// What a fetch stream reads at most while it does not know the next frame's head yet (a
+/// TLS record's worth: small frames still come whole).
+const DIRECT_PROBE: usize = 16 << 10;
 
 /// What one read asks the socket for at least (log data and sync chunks arrive in frames of up
 /// to a few MiB; a whole frame's room is made as soon as its length is known).
@@ -537,24 +540,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // reserved), so memory stays within twice what a peer really sent. The buffer
             // keeps its capacity, so a stream of large frames pays the growth once.
             let want = mars_wire::frame_len(pending).map_or(0, |l| l - pending.len());
+            // Before a fetch stream's frame head is known, read only a little: a large chunk's
+            // data then goes straight to its own buffer instead of through this one.
+            let cap = if direct && pending.len() < mars_wire::LOG_DATA_HEAD {
+                DIRECT_PROBE
+            } else {
+                usize::MAX
+            };
             if self.start > 0 {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
             let room = want.clamp(READ_AT_LEAST, self.buf.len().max(READ_AT_LEAST));
             self.buf.reserve(room);
+            let mut into = bytes::BufMut::limit(&mut self.buf, cap);
             // Between frames a stream may be quiet for as long as its protocol allows (the
             // caller's timeouts); inside a frame the bytes must keep coming.
-            let read = if self.buf.is_empty() {
-                self.r.read_buf(&mut self.buf).await?
+            let read = if into.get_ref().is_empty() {
+                self.r.read_buf(&mut into).await?
             } else {
-                tokio::time::timeout(self.stall, self.r.read_buf(&mut self.buf))
+                tokio::time::timeout(self.stall, self.r.read_buf(&mut into))
                     .await
                     .map_err(|_| {
                         anyhow!(
                             "no byte within {:?} in the middle of a frame ({} bytes of it came)",
                             self.stall,
-                            self.buf.len()
+                            into.get_ref().len()
                         )
                     })??
             };
