@@ -848,6 +848,7 @@ proptest! {
         prop_assert_eq!((h.file, h.offset, h.len, h.frame_len()), (file, offset, data.len(), f.len()));
         let trailer: [u8; 4] = f[f.len() - 4..].try_into().unwrap();
         prop_assert_eq!(h.data_crc(trailer), crc32c::crc32c(&data));
+        prop_assert_eq!(shift(offset as u32, data.len()), crc32c::crc32c_combine(offset as u32, 0, data.len()));
         // Damage anywhere (head, data or trailer) makes the derived checksum disagree.
         let i = flip.index(f.len());
         let mut bad = f.clone();
