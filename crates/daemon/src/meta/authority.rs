@@ -103,9 +103,12 @@ impl mars_meta::Authority for PkiAuthority {
             TRUST_NEXT => (value, mars_tls::Endorse::Next),
             TRUST_MERGE_INTO | TRUST_MERGE_ADMIT => {
                 match super::cluster::parse_merge_value(value) {
-                    Some((cluster, _, text)) => {
-                        (text, mars_tls::Endorse::Merge { cluster: cluster.0 })
-                    }
+                    Some(v) => (
+                        v.endorsement,
+                        mars_tls::Endorse::Merge {
+                            cluster: v.cluster.0,
+                        },
+                    ),
                     None => return,
                 }
             }

@@ -267,6 +267,9 @@ pub struct Cluster {
     heard: Mutex<BTreeMap<HostName, Heard>>,
     /// A renewal of this host's certificate from the other cluster's issuer runs (a merge).
     merge_renewing: std::sync::atomic::AtomicBool,
+    /// `merge-cluster` runs here: it switches this host's cluster id itself, after the
+    /// members of its side fetched the announcement (the supervisor must not do it earlier).
+    merging: std::sync::atomic::AtomicBool,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -320,6 +323,7 @@ impl Cluster {
             tls_files: tokio::sync::Mutex::new(()),
             heard: Mutex::new(BTreeMap::new()),
             merge_renewing: std::sync::atomic::AtomicBool::new(false),
+            merging: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -758,7 +762,7 @@ impl Cluster {
             };
             check_page(host, since, entries.len(), upto)?;
             if self.ident.cluster_id() != Some(cluster) {
-                bail!("this host left the cluster");
+                bail!("this host left the cluster, or merged into another (reconnecting)");
             }
             let full = entries.len() as u32 >= PAGE;
             if !entries.is_empty() {
@@ -1161,7 +1165,10 @@ impl Cluster {
     ) -> Result<Option<(HostName, CertificateDer<'static>)>> {
         let root = self.ident.root.clone();
         let mut renew = None;
-        if let Some((cluster, issuer, ca)) = into.and_then(|v| self.merge_endorsed(v)) {
+        if let Some((cluster, issuer, _, ca)) = into
+            .filter(|_| !self.merging.load(std::sync::atomic::Ordering::SeqCst))
+            .and_then(|v| self.merge_endorsed(v))
+        {
             let trust = root::load_trust(&root)?;
             if !trust.contains(&ca) {
                 root::save_next_ca(&root, &ca, None)?;
@@ -1197,7 +1204,7 @@ impl Cluster {
             )
             .ok()
         });
-        if let Some((cluster, _, ca)) = admit.and_then(|v| self.merge_endorsed(v)) {
+        if let Some((cluster, _, _, ca)) = admit.and_then(|v| self.merge_endorsed(v)) {
             let trust = root::load_trust(&root)?;
             let ours = self.ident.cluster_id() == Some(cluster);
             if ours && !trust.contains(&ca) && retired_ca.as_ref() != Some(&ca) {
@@ -1217,16 +1224,18 @@ impl Cluster {
     fn merge_endorsed(
         &self,
         value: &str,
-    ) -> Option<(ClusterId, HostName, CertificateDer<'static>)> {
-        let (cluster, issuer, text) = parse_merge_value(value)?;
+    ) -> Option<(ClusterId, HostName, Vec<HostName>, CertificateDer<'static>)> {
+        let v = parse_merge_value(value)?;
         let trust = root::load_trust(&self.ident.root).ok()?;
         let ca = mars_tls::endorsed(
-            text,
-            mars_tls::Endorse::Merge { cluster: cluster.0 },
+            v.endorsement,
+            mars_tls::Endorse::Merge {
+                cluster: v.cluster.0,
+            },
             &trust,
         )
         .ok()?;
-        Some((cluster, issuer, ca))
+        Some((v.cluster, v.issuer, v.hosts, ca))
     }
 
     /// On a host of the surviving side holding its CA key: once every member's certificate
@@ -1239,10 +1248,14 @@ impl Cluster {
         else {
             return Ok(());
         };
-        match self.merge_endorsed(admit) {
-            Some((cluster, _, c)) if c == merged && self.ident.cluster_id() == Some(cluster) => {}
+        let hosts = match self.merge_endorsed(admit) {
+            Some((cluster, _, hosts, c))
+                if c == merged && self.ident.cluster_id() == Some(cluster) =>
+            {
+                hosts
+            }
             _ => return Ok(()),
-        }
+        };
         let certs: BTreeMap<HostName, Option<String>> = self
             .store
             .call(|s| {
@@ -1254,6 +1267,11 @@ impl Cluster {
             })
             .await?;
         let members = self.members().await;
+        // Every host of the merged side must be a member here first (right after the merge
+        // only the issuer knows them).
+        if !hosts.iter().all(|h| members.contains_key(h)) {
+            return Ok(());
+        }
         let all_ours = members.keys().all(|h| {
             certs
                 .get(h)
@@ -1450,8 +1468,14 @@ impl Cluster {
         self.store
             .write(
                 vec![
-                    (TRUST_MERGE_ADMIT.to_string(), merge_value(id, &me, &admit)),
-                    (TRUST_MERGE_INTO.to_string(), merge_value(id, &me, &proof)),
+                    (
+                        TRUST_MERGE_ADMIT.to_string(),
+                        merge_value(id, &me, &theirs.hosts, &admit),
+                    ),
+                    (
+                        TRUST_MERGE_INTO.to_string(),
+                        merge_value(id, &me, &theirs.hosts, &proof),
+                    ),
                 ],
                 Vec::new(),
             )
@@ -1602,7 +1626,7 @@ impl Cluster {
             ));
         }
         let proof = ca.endorse(mars_tls::Endorse::Merge { cluster: other.0 }, &other_ca);
-        let (mut s, again, again_ca, _) = self
+        let (s, again, again_ca, _) = self
             .merge_ask(addr, &token, &ours, &ca, proof.clone())
             .await
             .map_err(failed)?;
@@ -1612,6 +1636,43 @@ impl Cluster {
             )));
         }
         let issuer = s.peer.host.clone();
+        self.merging
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = self
+            .merge_here(s, id, other, &other_ca, issuer, &members, &proof, &ours)
+            .await;
+        self.merging
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let issuer = r?;
+        Ok(format!(
+            "cluster {id} ({}) merges into cluster {other} ({}) via {issuer}: every member of \
+             both sides trusts both CAs now or within seconds; the members of this side take \
+             the id {other} and certificates issued by {issuer}, then the CA of {id} is \
+             retired (watch `marsadm view all`)",
+            list(&ours),
+            list(&theirs)
+        ))
+    }
+
+    /// The part of `merge` after the other side granted it: this side trusts the other CA and
+    /// announces the merge, takes the other side's metadata and id, and announces this host
+    /// to the issuer. Returns the issuer.
+    #[allow(clippy::too_many_arguments)]
+    async fn merge_here(
+        &self,
+        mut s: peer::Session,
+        id: ClusterId,
+        other: ClusterId,
+        other_ca: &CertificateDer<'static>,
+        issuer: HostName,
+        members: &BTreeMap<HostName, String>,
+        proof: &str,
+        ours: &MergeNames,
+    ) -> Result<HostName, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        let failed = |e: anyhow::Error| (ErrorKind::Failed, format!("merge-cluster: {e:#}"));
+        let root = self.ident.root.clone();
         // This side: trust the other CA, then announce the merge and give the members of
         // this side time to fetch it (they take the new cluster id from it).
         {
@@ -1623,7 +1684,7 @@ impl Cluster {
             .write(
                 vec![(
                     TRUST_MERGE_INTO.to_string(),
-                    merge_value(other, &issuer, &proof),
+                    merge_value(other, &issuer, &ours.hosts, &proof),
                 )],
                 Vec::new(),
             )
@@ -1729,14 +1790,7 @@ impl Cluster {
         let _ = s.w.shutdown().await;
         self.poke.notify_waiters();
         tracing::info!("merged cluster {id} into cluster {other} via {issuer}");
-        Ok(format!(
-            "cluster {id} ({}) merges into cluster {other} ({}) via {issuer}: every member of \
-             both sides trusts both CAs now or within seconds; the members of this side take \
-             the id {other} and certificates issued by {issuer}, then the CA of {id} is \
-             retired (watch `marsadm view all`)",
-            list(&ours),
-            list(&theirs)
-        ))
+        Ok(issuer)
     }
 
     // ------------------------------------------------------------ membership commands
@@ -2363,16 +2417,44 @@ impl MergeNames {
     }
 }
 
-/// The value of a merge key: `CLUSTER ISSUER ENDORSEMENT`.
-fn merge_value(cluster: ClusterId, issuer: &HostName, endorsement: &str) -> String {
-    format!("{cluster} {issuer} {endorsement}")
+/// The value of a merge key: `CLUSTER ISSUER HOSTS ENDORSEMENT` (`HOSTS` the members of the
+/// merging side, comma-separated: the surviving side retires the merged CA only once all of
+/// them are members with certificates of its CA).
+fn merge_value(
+    cluster: ClusterId,
+    issuer: &HostName,
+    hosts: &std::collections::BTreeSet<String>,
+    endorsement: &str,
+) -> String {
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    format!("{cluster} {issuer} {} {endorsement}", hosts.join(","))
 }
 
-pub(crate) fn parse_merge_value(value: &str) -> Option<(ClusterId, HostName, &str)> {
-    let mut it = value.splitn(3, ' ');
+/// A merge key's value, parsed (not yet checked: see `Cluster::merge_endorsed`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct MergeValue<'a> {
+    pub cluster: ClusterId,
+    pub issuer: HostName,
+    pub hosts: Vec<HostName>,
+    pub endorsement: &'a str,
+}
+
+pub(crate) fn parse_merge_value(value: &str) -> Option<MergeValue<'_>> {
+    let mut it = value.splitn(4, ' ');
     let cluster = ClusterId::parse(it.next()?).ok()?;
     let issuer = HostName::new(it.next()?).ok()?;
-    Some((cluster, issuer, it.next()?))
+    let hosts = it
+        .next()?
+        .split(',')
+        .map(HostName::new)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(MergeValue {
+        cluster,
+        issuer,
+        hosts,
+        endorsement: it.next()?,
+    })
 }
 
 #[cfg(test)]
@@ -2428,8 +2510,18 @@ mod merge_tests {
     fn a_merge_value_parses_back() {
         let id = ClusterId([3; 16]);
         let h = HostName::new("b1").unwrap();
-        let v = merge_value(id, &h, "x509:AAAA c2ln");
-        assert_eq!(parse_merge_value(&v), Some((id, h, "x509:AAAA c2ln")));
+        let hosts = ["a1".to_string(), "a2".to_string()].into_iter().collect();
+        let v = merge_value(id, &h, &hosts, "x509:AAAA c2ln");
+        assert_eq!(
+            parse_merge_value(&v),
+            Some(MergeValue {
+                cluster: id,
+                issuer: h,
+                hosts: vec![HostName::new("a1").unwrap(), HostName::new("a2").unwrap()],
+                endorsement: "x509:AAAA c2ln"
+            })
+        );
+        assert_eq!(parse_merge_value("x y z"), None);
         assert_eq!(parse_merge_value("nonsense"), None);
         assert_eq!(parse_merge_value(""), None);
     }
