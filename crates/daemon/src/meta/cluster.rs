@@ -1268,8 +1268,23 @@ impl Cluster {
             .await?;
         let members = self.members().await;
         // Every host of the merged side must be a member here first (right after the merge
-        // only the issuer knows them).
-        if !hosts.iter().all(|h| members.contains_key(h)) {
+        // only the issuer knows them) — or deleted (`lowlevel-delete-host` of one that was
+        // down: it cannot follow the merge).
+        let deleted: std::collections::BTreeSet<HostName> = self
+            .store
+            .call(|s| {
+                s.list_prefix_with_tombstones(MEMBER_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.value.is_none())
+                    .filter_map(|e| mars_meta::member_of_key(&e.key))
+                    .collect()
+            })
+            .await?;
+        if !hosts
+            .iter()
+            .all(|h| members.contains_key(h) || deleted.contains(h))
+        {
             return Ok(());
         }
         let all_ours = members.keys().all(|h| {
