@@ -1332,7 +1332,7 @@ impl Cluster {
                     break;
                 }
                 Err(e) => {
-                    if tries % 10 == 0 {
+                    if tries.is_multiple_of(10) {
                         tracing::info!(
                             "merge: this host's certificate from {issuer}: {e} (trying again)"
                         );
@@ -1692,14 +1692,14 @@ impl Cluster {
         // this side time to fetch it (they take the new cluster id from it).
         {
             let _files = self.tls_files.lock().await;
-            root::save_next_ca(&root, &other_ca, None).map_err(failed)?;
+            root::save_next_ca(&root, other_ca, None).map_err(failed)?;
             self.reload_credentials().await.map_err(failed)?;
         }
         self.store
             .write(
                 vec![(
                     TRUST_MERGE_INTO.to_string(),
-                    merge_value(other, &issuer, &ours.hosts, &proof),
+                    merge_value(other, &issuer, &ours.hosts, proof),
                 )],
                 Vec::new(),
             )
