@@ -20,10 +20,11 @@ use crate::Cli;
 pub const SPLIT_REFUSED: &str = "split-cluster (deprecated in MARS) is not supported here: \
     both groups would keep one cluster id and CA, so they would go on trusting each other's \
     certificates, and each would keep the other's resources in its metadata; a split that \
-    gives one group a new id and CA is designed (docs/security.md, \"Splitting a cluster\") \
-    but not built. To separate hosts, make a new cluster (create-cluster) and move resources \
-    to it with join-resource and leave-resource; `lowlevel-delete-host` removes a host that \
-    has left (see docs/mars-compatibility.md, split-cluster)";
+    gives every other group a new id and CA is designed (docs/security.md, \"Splitting a \
+    cluster\") but not built. To move a group of hosts to a cluster of its own: leave and \
+    delete its resources (the disks are kept), leave-cluster on its hosts, create-cluster and \
+    create-resource on the primary's disk there (its data is kept), join-cluster and join-resource on the \
+    others (docs/operations.md, \"Merging and splitting clusters\")";
 
 /// The names of the resources in `links` (`KEY VALUE` lines of `lowlevel-get-links
 /// resource-`): those with a size key, sorted.
