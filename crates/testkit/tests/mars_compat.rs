@@ -291,8 +291,8 @@ fn global_switch_commands_switch_every_member() {
     assert!(!a.marsadm(&["attach-global", "r1"]).status.success());
 }
 
-/// `merge-cluster-list` prints MARS's listing; merging and splitting clusters are refused
-/// with the reason (each cluster has its own id and CA), changing nothing.
+/// `merge-cluster-list` prints MARS's listing; a merge without a token and a split are
+/// refused with the reason (each cluster has its own id and CA), changing nothing.
 #[test]
 fn merge_cluster_list_and_the_refused_merge_and_split() {
     let t = tmp();
@@ -312,14 +312,20 @@ fn merge_cluster_list_and_the_refused_merge_and_split() {
     let j: serde_json::Value =
         serde_json::from_str(&a.ok(&["--json", "merge-cluster-list"])).expect("json");
     assert_eq!(j["resources"], serde_json::json!(["r1", "r2"]));
+    // merge-cluster and merge-cluster-check are commands now (MARS's `HOST [IP]`), but only
+    // with a join token of the other cluster: without one they are usage errors (exit 2).
     for args in [
         &["merge-cluster", "other", "127.0.0.9"][..],
         &["merge-cluster-check", "other"][..],
-        &["split-cluster"][..],
     ] {
         let msg = a.refused(args);
-        assert!(msg.contains("cluster id and CA"), "{args:?}: {msg}");
-        assert_eq!(exit_code(&a, args), 3, "{args:?}");
+        assert!(msg.contains("needs a join token"), "{args:?}: {msg}");
+        assert_eq!(exit_code(&a, args), 2, "{args:?}");
     }
+    // split-cluster stays refused, with the reason and the way to do it by hand.
+    let msg = a.refused(&["split-cluster"]);
+    assert!(msg.contains("cluster id and CA"), "{msg}");
+    assert!(msg.contains("leave-cluster"), "{msg}");
+    assert_eq!(exit_code(&a, &["split-cluster"]), 3);
     assert_eq!(a.ok(&["merge-cluster-list"]), want);
 }
