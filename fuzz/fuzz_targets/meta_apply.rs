@@ -44,7 +44,9 @@ impl Authority for Pki {
         self.signer.sign(m)
     }
     fn verify(&self, who: &HostName, cert: &str, m: &[u8], sig: &[u8]) -> Result<(), String> {
-        self.key(who, cert)?.verify(m, sig).map_err(|e| e.to_string())
+        self.key(who, cert)?
+            .verify(m, sig)
+            .map_err(|e| e.to_string())
     }
     fn check_certificate(&self, who: &HostName, cert: &str) -> Result<(), String> {
         self.key(who, cert).map(|_| ())
@@ -65,7 +67,9 @@ fn host(n: &str) -> HostName {
 
 fn creds(ca: &Ca, name: &str) -> Credentials {
     let key = HostKey::generate().expect("a key");
-    let cert = ca.issue(&host(name), &key.public_der()).expect("a certificate");
+    let cert = ca
+        .issue(&host(name), &key.public_der())
+        .expect("a certificate");
     Credentials::new(ca.cert().clone(), cert, &key)
 }
 
@@ -110,7 +114,10 @@ fn pki() -> Arc<Pki> {
 /// a signature is as good the second time.
 fn signed(by: &Credentials, mut e: Entry) -> Entry {
     static SIGS: OnceLock<Mutex<HashMap<(String, Vec<u8>), Vec<u8>>>> = OnceLock::new();
-    let mut sigs = SIGS.get_or_init(Mutex::default).lock().expect("not poisoned");
+    let mut sigs = SIGS
+        .get_or_init(Mutex::default)
+        .lock()
+        .expect("not poisoned");
     if sigs.len() > 10_000 {
         sigs.clear();
     }
@@ -130,7 +137,10 @@ fuzz_target!(|data: &[u8]| {
     store.set_authority(Some(pki.clone()));
     // b is a member, with its certificate.
     let base = [
-        signed(&w.b, entry("certs/cert-b", Some(&cert_text(&w.b.cert)), 10, "b")),
+        signed(
+            &w.b,
+            entry("certs/cert-b", Some(&cert_text(&w.b.cert)), 10, "b"),
+        ),
         signed(&w.b, entry("ips/ip-b", Some("10.0.0.2"), 11, "b")),
     ];
     let r = store.apply_remote(&base).expect("in memory");

@@ -71,6 +71,18 @@ pub enum Request {
         #[serde(default)]
         via: Option<String>,
     },
+    /// Merges this cluster into the one of the member at `peer` (`merge-cluster`; on a host
+    /// holding this cluster's CA key, `token` a join token of the other cluster). `name`: the
+    /// name that member must have. With `check` only the checks of both sides
+    /// (`merge-cluster-check`; `--dry-run` does the same).
+    MergeCluster {
+        peer: String,
+        #[serde(default)]
+        name: Option<String>,
+        token: String,
+        #[serde(default)]
+        check: bool,
+    },
     /// Starts (`finish: false`) or finishes a rotation of the cluster CA (on a host holding
     /// its key).
     RotateCa { finish: bool },

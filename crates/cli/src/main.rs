@@ -172,6 +172,30 @@ enum Cmd {
     /// MARS: print this cluster's id, its members with their addresses and every resource
     /// (compare two clusters' resource names by hand).
     MergeClusterList,
+    /// Merge this cluster into the cluster of the host at PEER (ADDR[:PORT]; MARS's form
+    /// `merge-cluster HOST IP` checks that the host there is HOST). Run on a host holding this
+    /// cluster's CA key, with a join token of the other cluster (`marsadm join-token` on a host
+    /// holding its CA key). Host and resource names must be disjoint, `defaults/*` equal, every
+    /// member of both clusters reachable. Resources keep replicating; this cluster's hosts
+    /// take the other's id and certificates of its CA, then this cluster's CA is retired.
+    MergeCluster {
+        peer: String,
+        /// MARS's form `merge-cluster HOST IP`: PEER is the host's name, IP its address.
+        peer_address: Option<String>,
+        /// A join token of the other cluster (one use; verifies the other cluster before
+        /// anything is sent to it). Required.
+        #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Only the checks of merge-cluster, on both sides (the token is not used up).
+    MergeClusterCheck {
+        peer: String,
+        /// MARS's form `merge-cluster-check HOST IP`.
+        peer_address: Option<String>,
+        /// A join token of the other cluster (checked, not used up). Required.
+        #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
@@ -922,6 +946,34 @@ impl Cli {
                 Ok(())
             }
             Cmd::MergeClusterList => merge::list(self),
+            Cmd::MergeCluster {
+                peer,
+                peer_address,
+                token,
+            }
+            | Cmd::MergeClusterCheck {
+                peer,
+                peer_address,
+                token,
+            } => {
+                let check = matches!(&self.cmd, Cmd::MergeClusterCheck { .. });
+                let Some(token) = token else {
+                    usage!(
+                        "merge-cluster needs a join token of the other cluster: run `marsadm \
+                         join-token` on a host of it that holds its CA key and pass what it \
+                         prints with --token (or MARS_JOIN_TOKEN)"
+                    );
+                };
+                // MARS: `merge-cluster HOST [IP]`, or the IP from --ip-HOST=IP.
+                let named = peer_address.clone().or_else(|| self.peer_ip(Some(peer)));
+                let r = self.change(Request::MergeCluster {
+                    peer: named.clone().unwrap_or_else(|| peer.clone()),
+                    name: named.is_some().then(|| peer.clone()),
+                    token: token.clone(),
+                    check,
+                })?;
+                self.print_done(r)
+            }
             Cmd::LowlevelLsHostIps => {
                 let v = self.host_view()?;
                 if self.json {

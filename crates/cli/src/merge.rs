@@ -2,13 +2,13 @@
 //!
 //! `merge-cluster-list` prints what MARS prints: the cluster's id, its members with their
 //! addresses and every resource the metadata knows (to compare two clusters' resource names
-//! by hand). `merge-cluster`, `merge-cluster-check` and `split-cluster` are no commands here
-//! (`compat/tests.rs` lists them as differences) but are answered with the reason, not taken
-//! for view macros: here a cluster is a cluster id plus a CA every member's certificate comes from, and
-//! MARS's way of merging (each host starts fetching the other cluster's whole tree) or
-//! splitting (every host's address deleted and re-created per group, the id kept) would have
-//! hosts trust, or stop trusting, each other's certificates halfway. docs/mars-compatibility.md
-//! says what to do instead.
+//! by hand). `merge-cluster` and `merge-cluster-check` are commands of `main.rs` (the daemon
+//! merges, `meta/cluster.rs`). `split-cluster` is no command here (`compat/tests.rs` lists it
+//! as a difference) but is answered with the reason, not taken for a view macro: here a
+//! cluster is a cluster id plus a CA every member's certificate comes from, and MARS's way of
+//! splitting (every host's address deleted and re-created per group, the id kept) would
+//! leave both groups trusting each other's certificates. docs/mars-compatibility.md says what
+//! to do instead.
 
 use anyhow::Result;
 use mars_api::{ErrorKind, Reply, Request};
@@ -16,21 +16,15 @@ use mars_api::{ErrorKind, Reply, Request};
 use crate::client::ClientError;
 use crate::Cli;
 
-/// Why `merge-cluster` and `merge-cluster-check` are refused.
-pub const MERGE_REFUSED: &str = "merging two clusters is not supported here: each has its own \
-    cluster id and CA, and a host of the other cluster can neither be reached nor trusted \
-    without them. Compare `marsadm merge-cluster-list` on both by hand; to move a host, \
-    leave its resources and its cluster (leave-resource, leave-cluster), then `join-cluster \
-    --token` it here and `join-resource` what it should hold (see docs/mars-compatibility.md, \
-    merge-cluster)";
-
 /// Why `split-cluster` is refused.
 pub const SPLIT_REFUSED: &str = "split-cluster (deprecated in MARS) is not supported here: \
     both groups would keep one cluster id and CA, so they would go on trusting each other's \
-    certificates, and each would keep the other's resources in its metadata. To separate \
-    hosts, make a new cluster (create-cluster) and move resources to it with join-resource \
-    and leave-resource; `lowlevel-delete-host` removes a host that has left (see \
-    docs/mars-compatibility.md, split-cluster)";
+    certificates, and each would keep the other's resources in its metadata; a split that \
+    gives every other group a new id and CA is designed (docs/security.md, \"Splitting a \
+    cluster\") but not built. To move a group of hosts to a cluster of its own: leave and \
+    delete its resources (the disks are kept), leave-cluster on its hosts, create-cluster and \
+    create-resource on the primary's disk there (its data is kept), join-cluster and join-resource on the \
+    others (docs/operations.md, \"Merging and splitting clusters\")";
 
 /// The names of the resources in `links` (`KEY VALUE` lines of `lowlevel-get-links
 /// resource-`): those with a size key, sorted.
@@ -89,10 +83,9 @@ pub fn list(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
-/// The refusal of MARS's `merge-cluster`, `merge-cluster-check` and `split-cluster`.
+/// The refusal of MARS's `split-cluster`.
 pub fn refusal(cmd: &str) -> Option<&'static str> {
     match cmd {
-        "merge-cluster" | "merge-cluster-check" => Some(MERGE_REFUSED),
         "split-cluster" => Some(SPLIT_REFUSED),
         _ => None,
     }

@@ -198,6 +198,26 @@ impl Identity {
         Ok((cert.to_vec(), ca.cert().to_vec()))
     }
 
+    /// Checks a join token presented for `merge-cluster` (`ID.SECRET`) and, with `redeem`,
+    /// uses it up (a wrong secret does not; see [`TokenBook::redeem`]). Returns this
+    /// cluster's CA (this host must hold its key).
+    pub fn merge_token(&self, presented: &str, redeem: bool) -> anyhow::Result<mars_tls::Ca> {
+        let ca = root::load_ca(&self.root)?
+            .ok_or_else(|| anyhow!("this host does not hold the cluster CA's key"))?;
+        let _g = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = root::tls_dir(&self.root)?;
+        let mut book: TokenBook = root::read_toml(&dir.join(TOKENS_FILE))?.unwrap_or_default();
+        let before = book.clone();
+        let result = book.redeem(presented, now_secs());
+        // A check alone leaves the book as it was (except that an expired token goes).
+        let expired_only = result.is_err();
+        if book != before && (redeem || expired_only) {
+            root::write_toml(&dir, TOKENS_FILE, &book)?;
+        }
+        result?;
+        Ok(ca)
+    }
+
     /// A new certificate for member `host` (authenticated by its current one) and `host_key`,
     /// from the next CA while this host rotates the CA.
     pub fn issue_certificate(
@@ -208,6 +228,15 @@ impl Identity {
         if let Some(next) = root::load_next_ca(&self.root)? {
             let cert = next.issue(host, host_key)?;
             return Ok((cert.to_vec(), next.cert().to_vec()));
+        }
+        if root::next_ca_elsewhere(&self.root) {
+            // A certificate of the CA about to be retired would be refused soon: the host
+            // holding the next CA's key issues (during a merge, the other cluster's).
+            bail!(
+                "{} does not issue certificates now: the cluster is moving to a CA whose key \
+                 another host holds (a CA rotation or a merge-cluster in progress)",
+                self.host
+            );
         }
         let ca = root::load_ca(&self.root)?.ok_or_else(|| {
             anyhow!(

@@ -352,6 +352,22 @@ impl peer::Handlers for PeerHandlers {
         })
     }
 
+    fn merge(
+        &self,
+        joiner: HostName,
+        request: mars_wire::Message,
+        from: SocketAddr,
+    ) -> peer::JoinFuture {
+        let h = self.host.clone();
+        Box::pin(async move {
+            let r = h.cluster.merge_serve(joiner.clone(), request).await;
+            if r.is_ok() {
+                tracing::info!("answered a merge request of {joiner} at {from}");
+            }
+            r
+        })
+    }
+
     fn revoked(
         &self,
         host: HostName,

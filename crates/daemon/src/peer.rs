@@ -933,6 +933,10 @@ pub trait Handlers: Send + Sync + 'static {
         host_key: Vec<u8>,
         from: SocketAddr,
     ) -> JoinFuture;
+    /// A host of another cluster without a certificate of ours asks to merge its cluster into
+    /// this one (`Message::MergeRequest`): the `MergeGrant` to send, or why not. With an empty
+    /// `proof` only the checks run (the token is not used up).
+    fn merge(&self, host: HostName, request: Message, from: SocketAddr) -> JoinFuture;
     fn serve(&self, kind: StreamKind, conn: Incoming) -> ServeFuture;
     /// Resolves once `host`'s certificate `fingerprint` is no longer its current one (it left,
     /// was deleted, or renewed): its open streams are closed then.
@@ -1116,9 +1120,14 @@ async fn accept_hello(
         );
     }
     if joiner {
+        let mut check_only = false;
         let grant = match frames.next_within(HELLO_TIMEOUT).await? {
             Message::JoinRequest { token, host_key } => {
                 h.join(peer.host.clone(), token, host_key, from).await
+            }
+            m @ Message::MergeRequest { .. } => {
+                check_only = matches!(&m, Message::MergeRequest { proof, .. } if proof.is_empty());
+                h.merge(peer.host.clone(), m, from).await
             }
             other => Err(format!(
                 "a host without a certificate must send a join request first, not {}",
@@ -1126,7 +1135,14 @@ async fn accept_hello(
             )),
         };
         match grant {
-            Ok(m) => send(&mut w, &m).await?,
+            Ok(m) => {
+                send(&mut w, &m).await?;
+                if check_only {
+                    w.flush().await?;
+                    let _ = w.shutdown().await;
+                    return Ok(());
+                }
+            }
             Err(reason) => {
                 refusal!("refused join of {} from {from}: {reason}", peer.host);
                 refuse(&mut w, RefuseKind::Hello, reason).await?;
@@ -1428,6 +1444,9 @@ mod tests {
             Box::pin(async { Ok(()) })
         }
         fn join(&self, _: HostName, _: String, _: Vec<u8>, _: SocketAddr) -> JoinFuture {
+            Box::pin(async { Err("no".into()) })
+        }
+        fn merge(&self, _: HostName, _: Message, _: SocketAddr) -> JoinFuture {
             Box::pin(async { Err("no".into()) })
         }
         fn revoked(&self, _: HostName, _: String) -> Pin<Box<dyn Future<Output = ()> + Send>> {

@@ -53,6 +53,10 @@ const CA_KEY: &str = "ca.key";
 /// like `ca.crt`; its key `ca-next.key` only on the host that started the rotation.
 const CA_NEXT_CERT: &str = "ca-next.crt";
 const CA_NEXT_KEY: &str = "ca-next.key";
+/// During a merge of another cluster into this one (`merge-cluster`), on this cluster's hosts:
+/// the merging cluster's CA, trusted like `ca.crt` until its hosts have certificates of ours
+/// and it is retired. Nothing is ever issued from it (its key is not here).
+const CA_MERGE_CERT: &str = "ca-merge.crt";
 /// This host's certificate, followed by the CA that issued it when that is not `ca.crt` (a
 /// certificate renewed during a CA rotation).
 const HOST_CERT: &str = "host.crt";
@@ -224,11 +228,13 @@ pub fn load_credentials(root: &Path) -> Result<Option<mars_tls::Credentials>> {
     Ok(Some(creds))
 }
 
-/// The CAs this host trusts: the cluster CA and, during a rotation, the next one.
+/// The CAs this host trusts: the cluster CA and, during a rotation, the next one (during a
+/// merge the surviving cluster's CA on the merging side, the merging cluster's CA on the
+/// surviving side).
 pub fn load_trust(root: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let dir = root.join(TLS_DIR);
     let mut out = Vec::new();
-    for name in [CA_CERT, CA_NEXT_CERT] {
+    for name in [CA_CERT, CA_NEXT_CERT, CA_MERGE_CERT] {
         if let Some(text) = read_opt(&dir.join(name))? {
             out.push(
                 CertificateDer::from_pem_slice(text.as_bytes())
@@ -246,6 +252,40 @@ pub fn save_next_ca(root: &Path, ca: &CertificateDer<'_>, key: Option<&str>) -> 
         write_private(&dir, CA_NEXT_KEY, key)?;
     }
     write_private(&dir, CA_NEXT_CERT, &mars_tls::pki::cert_pem(ca))
+}
+
+/// Whether this host trusts a next CA whose key it does not hold (a rotation started
+/// elsewhere, or a merge into another cluster): it must not issue certificates from its old
+/// one then.
+pub fn next_ca_elsewhere(root: &Path) -> bool {
+    let dir = root.join(TLS_DIR);
+    dir.join(CA_NEXT_CERT).exists() && !dir.join(CA_NEXT_KEY).exists()
+}
+
+/// Trusts `ca`, the CA of a cluster merging into this one (see [`CA_MERGE_CERT`]).
+pub fn save_merge_ca(root: &Path, ca: &CertificateDer<'_>) -> Result<()> {
+    let dir = tls_dir(root)?;
+    write_private(&dir, CA_MERGE_CERT, &mars_tls::pki::cert_pem(ca))
+}
+
+/// The CA of a cluster merging into this one, while it is trusted.
+pub fn load_merge_ca(root: &Path) -> Result<Option<CertificateDer<'static>>> {
+    let path = root.join(TLS_DIR).join(CA_MERGE_CERT);
+    read_opt(&path)?
+        .map(|text| {
+            CertificateDer::from_pem_slice(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        })
+        .transpose()
+}
+
+/// Stops trusting the merged cluster's CA (it was retired).
+pub fn remove_merge_ca(root: &Path) -> Result<()> {
+    match fs::remove_file(root.join(TLS_DIR).join(CA_MERGE_CERT)) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// The next CA with its key, on the host rotating the CA.

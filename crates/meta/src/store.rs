@@ -351,16 +351,14 @@ impl Store {
         } else {
             self.gc_horizon
         };
-        let clock_before = self.clock.clone();
-        self.clock.rebase(base);
-        let mut seq = self.seq;
-        let (mut restamped, mut dropped) = (0, 0);
-        let txn = self.db.begin_write()?;
-        let stored = (|| -> Result<()> {
-            let mut t = Tables::open(&txn)?;
+        let (seq, restamped, dropped) = self.local_transaction(|st, txn| {
+            st.clock.rebase(base);
+            let mut seq = st.seq;
+            let (mut restamped, mut dropped) = (0, 0);
+            let mut t = Tables::open(txn)?;
             for old in &future {
                 let old_seq = t.load(&old.key)?.map(|r| r.seq);
-                if old.origin != self.host {
+                if old.origin != st.host {
                     t.entries.remove(old.key.as_str())?;
                     if let Some(s) = old_seq {
                         t.seqs.remove(s)?;
@@ -368,31 +366,17 @@ impl Store {
                     dropped += 1;
                     continue;
                 }
-                let mut entry = Entry {
-                    stamp: self.clock.tick(),
-                    sig: None,
-                    ..old.clone()
-                };
-                if let Some(auth) = &self.authority {
-                    if writer_of(&entry.key, entry.is_tombstone(), &self.members).is_some() {
-                        entry.sig = Some(auth.sign(&entry.signed_message()));
-                    }
-                }
+                let entry = st.stamped(old.clone());
                 // A new seq: peers that skipped the refused entry pull it again.
                 seq += 1;
                 t.store(&entry, old_seq, seq)?;
                 restamped += 1;
             }
             t.meta.insert(META_SEQ, seq)?;
-            t.meta.insert(META_CLOCK, self.clock.last())?;
+            t.meta.insert(META_CLOCK, st.clock.last())?;
             t.meta.insert(META_GC_HORIZON, horizon)?;
-            Ok(())
-        })();
-        if let Err(e) = stored {
-            self.clock = clock_before;
-            return Err(e);
-        }
-        txn.commit()?;
+            Ok((seq, restamped, dropped))
+        })?;
         self.seq = seq;
         self.gc_horizon = horizon;
         Ok(Some(Rebased {
@@ -401,6 +385,40 @@ impl Store {
             restamped,
             dropped,
         }))
+    }
+
+    /// Runs `f` in one write transaction for changes this host makes (its own entries, its
+    /// clock): committed when `f` succeeds; when it fails nothing is stored and the clock is
+    /// put back, so a failed write leaves no stamp issued that no entry carries.
+    fn local_transaction<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &WriteTransaction) -> Result<R>,
+    ) -> Result<R> {
+        let clock_before = self.clock.clone();
+        let txn = self.db.begin_write()?;
+        match f(self, &txn) {
+            Ok(r) => {
+                txn.commit()?;
+                Ok(r)
+            }
+            Err(e) => {
+                self.clock = clock_before;
+                Err(e)
+            }
+        }
+    }
+
+    /// `entry` with a fresh stamp from this host's clock, signed when it is an owned key and
+    /// this store signs (any old signature is dropped: it covered the old stamp).
+    fn stamped(&mut self, mut entry: Entry) -> Entry {
+        entry.stamp = self.clock.tick();
+        entry.sig = None;
+        if let Some(auth) = &self.authority {
+            if writer_of(&entry.key, entry.is_tombstone(), &self.members).is_some() {
+                entry.sig = Some(auth.sign(&entry.signed_message()));
+            }
+        }
+        entry
     }
 
     /// This host.
@@ -511,25 +529,18 @@ impl Store {
                 }
             }
         }
-        let clock_before = self.clock.clone();
-        let mut entries = Vec::with_capacity(pairs.len());
-        let mut seq = self.seq;
-        let txn = self.db.begin_write()?;
-        let stored = (|| -> Result<()> {
-            let mut t = Tables::open(&txn)?;
+        let (seq, entries) = self.local_transaction(|st, txn| {
+            let mut entries = Vec::with_capacity(pairs.len());
+            let mut seq = st.seq;
+            let mut t = Tables::open(txn)?;
             for (key, value) in pairs {
-                let mut entry = Entry {
+                let entry = st.stamped(Entry {
                     key: (*key).to_owned(),
                     value: value.clone(),
-                    stamp: self.clock.tick(),
-                    origin: self.host.clone(),
+                    stamp: 0,
+                    origin: st.host.clone(),
                     sig: None,
-                };
-                if let Some(auth) = &self.authority {
-                    if writer_of(key, value.is_none(), &self.members).is_some() {
-                        entry.sig = Some(auth.sign(&entry.signed_message()));
-                    }
-                }
+                });
                 seq += 1;
                 let old = t.load(key)?;
                 // Every stored stamp has been seen by the clock, so a fresh tick always wins.
@@ -540,14 +551,9 @@ impl Store {
                 entries.push(entry);
             }
             t.meta.insert(META_SEQ, seq)?;
-            t.meta.insert(META_CLOCK, self.clock.last())?;
-            Ok(())
-        })();
-        if let Err(e) = stored {
-            self.clock = clock_before;
-            return Err(e);
-        }
-        txn.commit()?;
+            t.meta.insert(META_CLOCK, st.clock.last())?;
+            Ok((seq, entries))
+        })?;
         self.seq = seq;
         for e in &entries {
             note_membership(&mut self.members, &self.host, e);

@@ -1,7 +1,7 @@
 //! MARS's command lines against real `marsd` processes: the commands and argument forms
 //! `marsadm` takes from MARS (docs/mars-compatibility.md), with their effect checked.
 
-use mars_testkit::repl::{eventually, join, tmp, wait_uptodate};
+use mars_testkit::repl::{eventually, first_difference, join, tmp, wait_uptodate, write_random};
 use mars_testkit::Host;
 
 const SIZE: u64 = 8 << 20;
@@ -291,8 +291,8 @@ fn global_switch_commands_switch_every_member() {
     assert!(!a.marsadm(&["attach-global", "r1"]).status.success());
 }
 
-/// `merge-cluster-list` prints MARS's listing; merging and splitting clusters are refused
-/// with the reason (each cluster has its own id and CA), changing nothing.
+/// `merge-cluster-list` prints MARS's listing; a merge without a token and a split are
+/// refused with the reason (each cluster has its own id and CA), changing nothing.
 #[test]
 fn merge_cluster_list_and_the_refused_merge_and_split() {
     let t = tmp();
@@ -312,14 +312,105 @@ fn merge_cluster_list_and_the_refused_merge_and_split() {
     let j: serde_json::Value =
         serde_json::from_str(&a.ok(&["--json", "merge-cluster-list"])).expect("json");
     assert_eq!(j["resources"], serde_json::json!(["r1", "r2"]));
+    // merge-cluster and merge-cluster-check are commands now (MARS's `HOST [IP]`), but only
+    // with a join token of the other cluster: without one they are usage errors (exit 2).
     for args in [
         &["merge-cluster", "other", "127.0.0.9"][..],
         &["merge-cluster-check", "other"][..],
-        &["split-cluster"][..],
     ] {
         let msg = a.refused(args);
-        assert!(msg.contains("cluster id and CA"), "{args:?}: {msg}");
-        assert_eq!(exit_code(&a, args), 3, "{args:?}");
+        assert!(msg.contains("needs a join token"), "{args:?}: {msg}");
+        assert_eq!(exit_code(&a, args), 2, "{args:?}");
     }
+    // split-cluster stays refused, with the reason and the way to do it by hand.
+    let msg = a.refused(&["split-cluster"]);
+    assert!(msg.contains("cluster id and CA"), "{msg}");
+    assert!(msg.contains("leave-cluster"), "{msg}");
+    assert_eq!(exit_code(&a, &["split-cluster"]), 3);
     assert_eq!(a.ok(&["merge-cluster-list"]), want);
+}
+
+/// The names `merge-cluster-list` on `h` shows: members and resources.
+fn listed(h: &Host) -> (Vec<String>, Vec<String>) {
+    let out = h.ok(&["merge-cluster-list"]);
+    let hosts = out
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("ips/ip-")?
+                .split(' ')
+                .next()
+                .map(String::from)
+        })
+        .collect();
+    let res = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("resource-").map(String::from))
+        .collect();
+    (hosts, res)
+}
+
+/// `split-cluster` is refused; the way by hand that the refusal and docs/operations.md
+/// ("Merging and splitting clusters") give moves a group of hosts — a and b, sharing r1 —
+/// to a cluster of its own while c keeps r2 in the old one: r1's data is kept on its
+/// primary's disk and synced to b again.
+#[test]
+fn a_group_moves_to_a_cluster_of_its_own_by_hand() {
+    let t = tmp();
+    let a = Host::start_at(t.path(), "a", "127.0.0.1");
+    let b = Host::start_at(t.path(), "b", "127.0.0.2");
+    let c = Host::start_at(t.path(), "c", "127.0.0.3");
+    let disk_a = a.create_resource("r1", SIZE);
+    b.join(&a);
+    c.join(&a);
+    let disk_b = join(&b, "r1", SIZE);
+    c.create_resource("r2", SIZE);
+    write_random(&a, "r1", t.path(), 0, 1 << 20);
+    wait_uptodate(&b, "r1", 60);
+    let old_id = c.cluster_id();
+    let refused = a.refused(&["split-cluster"]);
+    assert!(refused.contains("leave-cluster"), "{refused}");
+
+    // The recipe: the secondary leaves, the primary deletes (disks untouched), both leave
+    // the cluster; a makes a new one on the same disk, b joins it and r1 again.
+    b.ok(&["down", "r1"]);
+    b.ok(&["leave-resource", "r1"]);
+    let kept = std::fs::read(&disk_a).expect("a's disk");
+    a.ok(&["down", "r1"]);
+    // Refused until b's departure reached a (a second or two).
+    eventually(20, "r1 deleted on a", || {
+        a.marsadm(&["delete-resource", "r1"]).status.success()
+    });
+    for h in [&b, &a] {
+        h.ok(&["leave-cluster"]);
+    }
+    a.ok(&["create-cluster"]);
+    a.ok(&["create-resource", "r1", disk_a.to_str().expect("utf8")]);
+    assert_eq!(
+        std::fs::read(&disk_a).expect("a's disk"),
+        kept,
+        "r1's data kept"
+    );
+    b.join(&a);
+    eventually(20, "r1 visible on b", || {
+        b.marsadm(&["join-resource", "r1", disk_b.to_str().expect("utf8")])
+            .status
+            .success()
+    });
+    write_random(&a, "r1", t.path(), 2 << 20, 1 << 20);
+    wait_uptodate(&b, "r1", 60);
+    assert_eq!(first_difference(&disk_a, &disk_b, SIZE), None);
+
+    // Two clusters: each lists its own members and resources only.
+    assert_ne!(a.cluster_id(), old_id);
+    assert_eq!(b.cluster_id(), a.cluster_id());
+    assert_eq!(c.cluster_id(), old_id);
+    let ab = (
+        vec!["a".to_string(), "b".to_string()],
+        vec!["r1".to_string()],
+    );
+    eventually(20, "a and b list their cluster only", || {
+        listed(&a) == ab && listed(&b) == ab
+    });
+    let want_c = (vec!["c".to_string()], vec!["r2".to_string()]);
+    eventually(20, "c lists its cluster only", || listed(&c) == want_c);
 }

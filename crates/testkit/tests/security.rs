@@ -584,3 +584,156 @@ fn nbd_over_tcp_with_tls_needs_a_certificate_of_the_cluster() {
         "a certificate of another CA was served"
     );
 }
+
+/// A cluster of `first` (with resource `res`, primary there) and `second` (replicating it, up
+/// to date).
+fn two_member_cluster(t: &tempfile::TempDir, hosts: [(&str, &str); 2], res: &str) -> (Host, Host) {
+    let a = Host::start_at(t.path(), hosts[0].0, hosts[0].1);
+    let b = Host::start_at(t.path(), hosts[1].0, hosts[1].1);
+    a.create_resource(res, SIZE);
+    b.join(&a);
+    join(&b, res, SIZE);
+    wait_uptodate(&b, res, 60);
+    (a, b)
+}
+
+/// `merge-cluster`: cluster A (a1, a2, resource ra) merges into cluster B (b1, b2, resource
+/// rb) while both resources are written. Refused first: a token of the wrong cluster, a host
+/// without the CA key, a member down, a resource name on both sides; then the merge: four
+/// members everywhere, one cluster id and one CA, both resources still replicating, a
+/// handover of ra, A's old certificates refused, the used token refused.
+#[test]
+fn two_clusters_merge_into_one() {
+    let t = tmp();
+    let (a1, a2) = two_member_cluster(&t, [("a1", "127.0.0.1"), ("a2", "127.0.0.2")], "ra");
+    let (b1, mut b2) = two_member_cluster(&t, [("b1", "127.0.0.3"), ("b2", "127.0.0.4")], "rb");
+    let (a_id, b_id) = (a1.cluster_id(), b1.cluster_id());
+    let old_a2 = a2.credentials();
+    let b_ca = b1.credentials().ca;
+    assert_ne!(a_id, b_id);
+
+    // Refusals, nothing changed by any.
+    let own = a1.join_token();
+    let err = a1.refused(&["merge-cluster", &b1.peer_addr, "--token", &own]);
+    assert!(
+        err.contains("not a member of the cluster the token is for"),
+        "{err}"
+    );
+    let tok = b1.join_token();
+    let err = a2.refused(&["merge-cluster", &b1.peer_addr, "--token", &tok]);
+    assert!(err.contains("holds this cluster's CA key"), "{err}");
+    let err = a1.refused(&["merge-cluster", "b2", &b1.peer_addr, "--token", &tok]);
+    assert!(err.contains("is b1, not b2"), "{err}");
+    b2.stop();
+    eventually(20, "b1 sees b2 gone", || {
+        let o = a1.marsadm(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
+        String::from_utf8_lossy(&o.stderr).contains("not every member of cluster")
+    });
+    let err = a1.refused(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
+    assert!(err.contains(": b2"), "{err}");
+    b2.start_again();
+    let c1 = Host::start_at(t.path(), "c1", "127.0.0.5");
+    c1.create_resource("rb", SIZE);
+    let err = c1.refused(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
+    assert!(err.contains("resource names in both clusters: rb"), "{err}");
+    // A check uses no token up.
+    eventually(30, "the check passes with every member back", || {
+        a1.marsadm(&["merge-cluster-check", "b1", &b1.peer_addr, "--token", &tok])
+            .status
+            .success()
+    });
+    let out = a1.ok(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
+    assert!(out.contains("can merge into cluster"), "{out}");
+    assert_eq!(a1.cluster_id(), a_id);
+    assert!(!b1.root.join("tls/ca-merge.crt").exists());
+
+    // The merge, under writes on both primaries.
+    let (da, db) = (t.path().join("wa"), t.path().join("wb"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let wa = mars_testkit::repl::Writer::start_with(
+        &a1,
+        "ra",
+        &da,
+        SIZE,
+        64 << 10,
+        Duration::from_millis(20),
+    );
+    let wb = mars_testkit::repl::Writer::start_with(
+        &b1,
+        "rb",
+        &db,
+        SIZE,
+        64 << 10,
+        Duration::from_millis(20),
+    );
+    wa.wait_more(3);
+    let out = a1.ok(&["merge-cluster", "b1", &b1.peer_addr, "--token", &tok]);
+    assert!(out.contains("merges into cluster"), "{out}");
+    let hosts = [&a1, &a2, &b1, &b2];
+    let merged = |h: &Host| {
+        let v = h.view_json();
+        let members = v["members"].as_array().map_or(0, |m| m.len());
+        members == 4
+            && h.cluster_id() == b_id
+            && !h.root.join("tls/ca-next.crt").exists()
+            && !h.root.join("tls/ca-merge.crt").exists()
+            && h.credentials().ca == b_ca
+    };
+    let start = std::time::Instant::now();
+    while !hosts.iter().all(|h| merged(h)) {
+        if start.elapsed() > Duration::from_secs(90) {
+            for h in hosts {
+                let tls: Vec<_> = std::fs::read_dir(h.root.join("tls"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                eprintln!(
+                    "--- {}: {tls:?}\n{}\n{}",
+                    h.name,
+                    h.ok(&["view", "all"]),
+                    tail(&h.log_text(), 40)
+                );
+            }
+            panic!("timed out: every host in one cluster with one CA");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let took = start.elapsed();
+    eprintln!("the merge completed everywhere after {took:?}");
+    assert!(
+        !a1.root.join("tls/ca.key").exists(),
+        "the retired CA's key is gone"
+    );
+    for h in hosts {
+        let list = h.ok(&["merge-cluster-list"]);
+        for want in ["resource-ra", "resource-rb", "ips/ip-a1", "ips/ip-b2"] {
+            assert!(list.contains(want), "{}: {list}", h.name);
+        }
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    wa.wait_more(3);
+    wb.wait_more(3);
+    assert!(wa.finish() > 0 && wb.finish() > 0);
+    wait_uptodate(&a2, "ra", 60);
+    wait_uptodate(&b2, "rb", 60);
+    // A handover of ra, and new data reaching a1 from a2.
+    a2.ok(&["--timeout", "60", "primary", "ra"]);
+    mars_testkit::repl::write_random(&a2, "ra", &da, 0, 1 << 20);
+    wait_uptodate(&a1, "ra", 60);
+    // A's old certificates are refused everywhere (even by a client that trusts B's CA).
+    let tls = mars_tls::PeerTls::trusting(&old_a2, &[b_ca]).unwrap();
+    for h in hosts {
+        assert!(
+            mars_testkit::impostor::handshake_refused(&h.peer_addr, tls.client.clone()),
+            "{} accepted a certificate of the retired CA",
+            h.name
+        );
+    }
+    // The token was used up.
+    let err = c1.refused(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
+    assert!(err.contains("unknown"), "{err}");
+    // split-cluster stays refused, with the reason.
+    let err = b1.refused(&["split-cluster"]);
+    assert!(err.contains("cluster id and CA"), "{err}");
+}

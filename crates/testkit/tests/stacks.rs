@@ -53,11 +53,17 @@ fn supported(tools: &[&str]) -> bool {
     tools.iter().all(|t| require(t))
 }
 
-fn loops() -> usize {
-    std::env::var("STACKS_LOOPS")
+/// Runs a scenario `STACKS_LOOPS` times (default once), each with its own step clock.
+fn each_loop(mut scenario: impl FnMut(&Clock)) {
+    let loops = std::env::var("STACKS_LOOPS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(1);
+    for i in 0..loops {
+        let clock = Clock(Instant::now());
+        clock.step(&format!("loop {}", i + 1));
+        scenario(&clock);
+    }
 }
 
 /// Seconds since the scenario started, for the step log.
@@ -830,12 +836,7 @@ fn postgres_on_ext4_through_handover_failover_and_return() {
         eprintln!("SKIPPED: PostgreSQL is not installed");
         return;
     };
-    for i in 0..loops() {
-        let clock = Clock(Instant::now());
-        clock.step(&format!("loop {}", i + 1));
-        let mut db = Db::new(bin.clone());
-        scenario(&mut db, Resolve::Invalidate, &clock);
-    }
+    each_loop(|clock| scenario(&mut Db::new(bin.clone()), Resolve::Invalidate, clock));
 }
 
 // ----- Stack 2: a systemd-nspawn container on ext4 ------------------------------------------
@@ -864,6 +865,13 @@ struct Container {
 }
 
 impl Container {
+    fn new() -> Self {
+        Container {
+            ack: PathBuf::new(),
+            started: false,
+        }
+    }
+
     fn read(path: &Path) -> Option<u64> {
         std::fs::read_to_string(path).ok()?.trim().parse().ok()
     }
@@ -965,15 +973,7 @@ fn container_on_ext4_through_handover_failover_and_return() {
     if !supported(&["mkfs.ext4", "e2fsck", "systemd-nspawn"]) {
         return;
     }
-    for i in 0..loops() {
-        let clock = Clock(Instant::now());
-        clock.step(&format!("loop {}", i + 1));
-        let mut ct = Container {
-            ack: PathBuf::new(),
-            started: false,
-        };
-        scenario(&mut ct, Resolve::LeaveJoin, &clock);
-    }
+    each_loop(|clock| scenario(&mut Container::new(), Resolve::LeaveJoin, clock));
 }
 
 /// The container stack with only marsd killed on its primary (not the machine), cleaned up by
@@ -983,13 +983,5 @@ fn container_after_marsd_killed_under_its_mounted_filesystem() {
     if !supported(&["mkfs.ext4", "e2fsck", "systemd-nspawn", "losetup"]) {
         return;
     }
-    for i in 0..loops() {
-        let clock = Clock(Instant::now());
-        clock.step(&format!("loop {}", i + 1));
-        let mut ct = Container {
-            ack: PathBuf::new(),
-            started: false,
-        };
-        marsd_killed_scenario(&mut ct, &clock);
-    }
+    each_loop(|clock| marsd_killed_scenario(&mut Container::new(), clock));
 }

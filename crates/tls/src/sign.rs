@@ -159,21 +159,34 @@ impl CertChecker {
     }
 }
 
-/// What a CA vouches for about another CA in a rotation: that it is the next one, or that it
-/// (the old one) is retired.
+/// What a CA vouches for about another CA: in a rotation, that it is the next one, or that it
+/// (the old one) is retired; in a merge of two clusters (`merge-cluster`), that it is a CA of
+/// the cluster with this id (the two CAs endorse each other, each into its own side's
+/// metadata).
+///
+/// ```text
+/// signed message  "mars CA endorsement v1\0next\0"    + subject CA's DER
+///                 "mars CA endorsement v1\0retired\0" + subject CA's DER
+///                 "mars CA endorsement v1\0merge\0" + cluster id (16 bytes) + subject CA's DER
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endorse {
     Next,
     Retired,
+    /// The subject is a CA of cluster `cluster` (the cluster the merge ends in).
+    Merge {
+        cluster: [u8; 16],
+    },
 }
 
 impl Endorse {
     fn message(self, subject: &CertificateDer<'_>) -> Vec<u8> {
-        let what: &[u8] = match self {
-            Endorse::Next => b"mars CA endorsement v1\0next\0",
-            Endorse::Retired => b"mars CA endorsement v1\0retired\0",
+        let (what, id): (&[u8], &[u8]) = match &self {
+            Endorse::Next => (b"mars CA endorsement v1\0next\0", &[]),
+            Endorse::Retired => (b"mars CA endorsement v1\0retired\0", &[]),
+            Endorse::Merge { cluster } => (b"mars CA endorsement v1\0merge\0", cluster),
         };
-        [what, subject.as_ref()].concat()
+        [what, id, subject.as_ref()].concat()
     }
 }
 
@@ -328,6 +341,12 @@ mod tests {
         for junk in ["", "x509:AAAA", "x509:AAAA AAAA", &text[..50]] {
             assert!(endorsed(junk, Endorse::Next, &trusted).is_err());
         }
+        // A merge endorsement names the cluster: another id, or another statement, fails.
+        let merge = Endorse::Merge { cluster: [7; 16] };
+        let text = old.endorse(merge, new.cert());
+        assert_eq!(&endorsed(&text, merge, &trusted).unwrap(), new.cert());
+        assert!(endorsed(&text, Endorse::Merge { cluster: [8; 16] }, &trusted).is_err());
+        assert!(endorsed(&text, Endorse::Next, &trusted).is_err());
         let a = creds(&new, "a");
         assert!(issued_by(&a.cert, new.cert()));
         assert!(!issued_by(&a.cert, old.cert()));

@@ -22,6 +22,8 @@
 //! | 30 | JoinRequest | token: str (`ID.SECRET`), host_key: bytes (DER SubjectPublicKeyInfo) |
 //! | 31 | JoinGrant | cluster: 16 bytes, cert: bytes (DER), ca: bytes (DER) |
 //! | 32 | Renew | host_key: bytes (DER SubjectPublicKeyInfo) |
+//! | 33 | MergeRequest | token: str (`ID.SECRET`), cluster: 16 bytes, ca: bytes (DER), names: str, proof: str |
+//! | 34 | MergeGrant | cluster: 16 bytes, ca: bytes (DER), names: str |
 //!
 //! str = length: u32, UTF-8 (at most 64 KiB)\
 //! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
@@ -33,7 +35,12 @@
 //! metadata stream of a joiner that has no certificate yet (TLS mode): its first frame is a
 //! `JoinRequest`, the member answers `JoinGrant` or `Refuse`, and the stream goes on as a
 //! metadata stream. A member renews its certificate with `Renew` on its own (authenticated)
-//! metadata stream; the answer is a `JoinGrant` too.
+//! metadata stream; the answer is a `JoinGrant` too. 33–34 open the metadata stream of a host
+//! that merges its cluster into the member's (`merge-cluster`, TLS mode, no certificate of this
+//! cluster): `MergeRequest` with an empty `proof` asks for the checks only and the stream ends
+//! after the answer; with the proof (its CA's endorsement of this cluster's CA) the member
+//! redeems the token, answers `MergeGrant`, and the stream goes on as a joiner's metadata
+//! stream. `names` is one `host NAME` or `resource NAME` line per member and resource.
 
 use crate::{WireError, MAX_DATA};
 
@@ -226,6 +233,24 @@ pub enum Message {
     Renew {
         host_key: Vec<u8>,
     },
+    /// 33, merging host → member of the other cluster: a join token of the member's cluster,
+    /// the merging cluster's id, CA, members and resources (`names`), and `proof`: the
+    /// merging CA's endorsement of the member's CA into the member's cluster
+    /// (`mars_tls::Endorse::Merge`) — empty to ask for the checks only.
+    MergeRequest {
+        token: String,
+        cluster: [u8; 16],
+        ca: Vec<u8>,
+        names: String,
+        proof: String,
+    },
+    /// 34, member → merging host: the checks passed (and, with a proof, the token is used
+    /// and this cluster trusts the merging CA): this cluster's id, CA, members and resources.
+    MergeGrant {
+        cluster: [u8; 16],
+        ca: Vec<u8>,
+        names: String,
+    },
 }
 
 /// Longest string in a message (keys and values are small; a reason is a line).
@@ -339,6 +364,8 @@ impl Message {
             Message::JoinRequest { .. } => 30,
             Message::JoinGrant { .. } => 31,
             Message::Renew { .. } => 32,
+            Message::MergeRequest { .. } => 33,
+            Message::MergeGrant { .. } => 34,
         }
     }
 
@@ -467,6 +494,26 @@ impl Message {
                 put_len(out, ca);
                 out.extend_from_slice(ca);
             }
+            Message::MergeRequest {
+                token,
+                cluster,
+                ca,
+                names,
+                proof,
+            } => {
+                put_str(out, token);
+                out.extend_from_slice(cluster);
+                put_len(out, ca);
+                out.extend_from_slice(ca);
+                put_str(out, names);
+                put_str(out, proof);
+            }
+            Message::MergeGrant { cluster, ca, names } => {
+                out.extend_from_slice(cluster);
+                put_len(out, ca);
+                out.extend_from_slice(ca);
+                put_str(out, names);
+            }
         }
         &[]
     }
@@ -494,6 +541,8 @@ impl Message {
             30 => "JoinRequest",
             31 => "JoinGrant",
             32 => "Renew",
+            33 => "MergeRequest",
+            34 => "MergeGrant",
             other => return Err(WireError::UnknownType(other)),
         };
         let mut r = Reader { buf: rest, what };
@@ -602,6 +651,18 @@ impl Message {
             },
             32 => Message::Renew {
                 host_key: r.bytes()?,
+            },
+            33 => Message::MergeRequest {
+                token: r.str()?,
+                cluster: r.array()?,
+                ca: r.bytes()?,
+                names: r.str()?,
+                proof: r.str()?,
+            },
+            34 => Message::MergeGrant {
+                cluster: r.array()?,
+                ca: r.bytes()?,
+                names: r.str()?,
             },
             // Not reached: the type was checked above.
             other => return Err(WireError::UnknownType(other)),

@@ -149,6 +149,22 @@ fn arb_message() -> impl Strategy<Value = Message> {
         (any::<[u8; 16]>(), arb_data(), arb_data())
             .prop_map(|(cluster, cert, ca)| Message::JoinGrant { cluster, cert, ca }),
         arb_data().prop_map(|host_key| Message::Renew { host_key }),
+        (
+            ".{0,40}",
+            any::<[u8; 16]>(),
+            arb_data(),
+            ".{0,80}",
+            ".{0,80}"
+        )
+            .prop_map(|(token, cluster, ca, names, proof)| Message::MergeRequest {
+                token,
+                cluster,
+                ca,
+                names,
+                proof
+            }),
+        (any::<[u8; 16]>(), arb_data(), ".{0,80}")
+            .prop_map(|(cluster, ca, names)| Message::MergeGrant { cluster, ca, names }),
     ]
 }
 

@@ -164,6 +164,22 @@ pub async fn rotate_ca(host: &Arc<Host>, finish: bool, dry: bool) -> Outcome {
     done(msg)
 }
 
+/// `merge-cluster [NAME] PEER --token T` and `merge-cluster-check` (`check`).
+pub async fn merge(
+    host: &Arc<Host>,
+    peer: &str,
+    name: Option<String>,
+    token: &str,
+    check: bool,
+) -> Outcome {
+    let name = name
+        .map(|v| HostName::new(&v).map_err(|e| invalid(e.to_string())))
+        .transpose()?;
+    let _g = host.admin.lock().await;
+    let msg = host.cluster.merge(name, peer, token, check).await?;
+    done(msg)
+}
+
 /// `join-token`: a one-time token for `join-cluster --token`.
 pub async fn join_token(host: &Arc<Host>, ttl: u64, dry: bool) -> Outcome {
     if host.ident.cluster_id().is_none() {

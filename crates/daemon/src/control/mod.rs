@@ -164,6 +164,12 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
         Request::JoinToken { ttl } => cluster::join_token(host, ttl, dry).await,
         Request::RenewCertificate { via } => cluster::renew(host, via, dry).await,
         Request::RotateCa { finish } => cluster::rotate_ca(host, finish, dry).await,
+        Request::MergeCluster {
+            peer,
+            name,
+            token,
+            check,
+        } => cluster::merge(host, &peer, name, &token, check || dry).await,
         Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout), dry).await,
         Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
             cluster::wait(host, secs(timeout)).await

@@ -93,11 +93,29 @@ impl mars_meta::Authority for PkiAuthority {
     }
 
     fn learn(&self, e: &mars_meta::Entry) {
-        let (super::cluster::TRUST_NEXT, Some(text)) = (e.key.as_str(), e.value.as_deref()) else {
+        use super::cluster::{TRUST_MERGE_ADMIT, TRUST_MERGE_INTO, TRUST_NEXT};
+        let Some(value) = e.value.as_deref() else {
             return;
         };
+        // A CA endorsed for a rotation, or by either side of a merge (the other side's
+        // members' certificates follow in the same batch).
+        let (text, what) = match e.key.as_str() {
+            TRUST_NEXT => (value, mars_tls::Endorse::Next),
+            TRUST_MERGE_INTO | TRUST_MERGE_ADMIT => {
+                match super::cluster::parse_merge_value(value) {
+                    Some(v) => (
+                        v.endorsement,
+                        mars_tls::Endorse::Merge {
+                            cluster: v.cluster.0,
+                        },
+                    ),
+                    None => return,
+                }
+            }
+            _ => return,
+        };
         let mut checker = self.checker.write().unwrap_or_else(|e| e.into_inner());
-        if let Ok(next) = mars_tls::endorsed(text, mars_tls::Endorse::Next, checker.cas()) {
+        if let Ok(next) = mars_tls::endorsed(text, what, checker.cas()) {
             if !checker.cas().contains(&next) {
                 checker.trust(next);
                 // Certificates of it found untrusted before count now.

@@ -21,6 +21,7 @@ use mars_config::HostName;
 use mars_wire::{ClusterId, Message, StreamKind};
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::CertificateDer;
 
 use super::store::MetaStore;
 use crate::identity::Identity;
@@ -205,6 +206,20 @@ pub const CERT_PREFIX: &str = "certs/cert-";
 /// vouch for themselves (`mars_tls::endorsed`).
 pub const TRUST_NEXT: &str = "trust/ca-next";
 pub const TRUST_RETIRED: &str = "trust/ca-retired";
+/// A merge of two clusters (`merge-cluster`), both shared keys with the value
+/// `CLUSTER ISSUER ENDORSEMENT` (`CLUSTER` the id of the cluster the merge ends in, `ISSUER`
+/// the host of that cluster that issues the certificates of the merging hosts, `ENDORSEMENT`
+/// `x509:<subject CA> <signature>` over [`mars_tls::Endorse::Merge`] with that id):
+/// `trust/merge-into` = the surviving CA endorsed by the merging CA (every host of the
+/// merging side trusts it, takes the cluster id and gets a certificate from `ISSUER`);
+/// `trust/merge-admit` = the merging CA endorsed by the surviving one (every host of the
+/// surviving side trusts it until it is retired by `trust/ca-retired`).
+pub const TRUST_MERGE_INTO: &str = "trust/merge-into";
+pub const TRUST_MERGE_ADMIT: &str = "trust/merge-admit";
+/// How long `merge-cluster` waits for the members of its side to fetch the announcement
+/// before it switches this host to the other cluster's id (after that they would not talk to
+/// it until they switched too).
+const MERGE_ANNOUNCE_WAIT: Duration = Duration::from_secs(30);
 /// Deletion markers are kept this long (MARS keeps `.deleted` links a week too): a member that
 /// is away longer than this must not bring deleted keys back, so it should rejoin.
 const TOMBSTONE_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -250,6 +265,11 @@ pub struct Cluster {
     tls_files: tokio::sync::Mutex<()>,
     /// When this host last heard each member's liveness stamp move, and its clock's skew.
     heard: Mutex<BTreeMap<HostName, Heard>>,
+    /// A renewal of this host's certificate from the other cluster's issuer runs (a merge).
+    merge_renewing: std::sync::atomic::AtomicBool,
+    /// `merge-cluster` runs here: it switches this host's cluster id itself, after the
+    /// members of its side fetched the announcement (the supervisor must not do it earlier).
+    merging: std::sync::atomic::AtomicBool,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -302,6 +322,8 @@ impl Cluster {
             warned_retired: std::sync::atomic::AtomicBool::new(false),
             tls_files: tokio::sync::Mutex::new(()),
             heard: Mutex::new(BTreeMap::new()),
+            merge_renewing: std::sync::atomic::AtomicBool::new(false),
+            merging: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -740,7 +762,7 @@ impl Cluster {
             };
             check_page(host, since, entries.len(), upto)?;
             if self.ident.cluster_id() != Some(cluster) {
-                bail!("this host left the cluster");
+                bail!("this host left the cluster, or merged into another (reconnecting)");
             }
             let full = entries.len() as u32 >= PAGE;
             if !entries.is_empty() {
@@ -815,8 +837,15 @@ impl Cluster {
         let mut global = self.store.watch_global();
         loop {
             self.refresh_certificates().await;
-            if let Err(e) = self.follow_trust().await {
-                tracing::warn!("following the cluster's CA rotation: {e:#}");
+            match self.follow_trust().await {
+                Ok(Some((issuer, ca))) => {
+                    use std::sync::atomic::Ordering;
+                    if !self.merge_renewing.swap(true, Ordering::SeqCst) {
+                        tokio::spawn(self.clone().renew_for_merge(issuer, ca));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("following the cluster's CA rotation or merge: {e:#}"),
             }
             if self.ident.cluster_id().is_some() {
                 if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
@@ -933,16 +962,34 @@ impl Cluster {
     /// Follows a CA rotation announced in the metadata (see [`TRUST_NEXT`]): trusts the next
     /// CA once the current one endorsed it; drops the old one once the new one retired it and
     /// this host's certificate is from the new one.
-    async fn follow_trust(&self) -> Result<()> {
+    ///
+    /// Follows a merge of two clusters too (see [`TRUST_MERGE_INTO`]): returns the issuer to
+    /// renew this host's certificate from and its CA when this host is on the merging side
+    /// and its certificate is not from that CA yet.
+    async fn follow_trust(&self) -> Result<Option<(HostName, CertificateDer<'static>)>> {
         if self.ident.insecure || self.ident.peer_tls().is_err() {
-            return Ok(());
+            return Ok(None);
         }
         let _files = self.tls_files.lock().await;
-        let (next, retired) = self
+        let (next, retired, into, admit) = self
             .store
-            .call(|s| (s.value(TRUST_NEXT), s.value(TRUST_RETIRED)))
+            .call(|s| {
+                (
+                    s.value(TRUST_NEXT),
+                    s.value(TRUST_RETIRED),
+                    s.value(TRUST_MERGE_INTO),
+                    s.value(TRUST_MERGE_ADMIT),
+                )
+            })
             .await?;
+        let (retired, into, admit) = (retired?, into?, admit?);
         let root = self.ident.root.clone();
+        let renew = self
+            .follow_merge(into.as_deref(), admit.as_deref(), retired.as_deref())
+            .await?;
+        if renew.is_none() {
+            self.merge_retire(admit.as_deref()).await?;
+        }
         let trust = root::load_trust(&root)?;
         if let Some(text) = next? {
             if let Ok(ca) = mars_tls::endorsed(&text, mars_tls::Endorse::Next, &trust) {
@@ -957,7 +1004,19 @@ impl Cluster {
             }
         }
         let trust = root::load_trust(&root)?;
-        if let (Some(text), [current, next]) = (retired?, trust.as_slice()) {
+        if let (Some(text), Some(merged)) = (&retired, root::load_merge_ca(&root)?) {
+            // The surviving side of a merge: the merged cluster's CA is retired once its hosts
+            // all have certificates of ours.
+            if mars_tls::endorsed(text, mars_tls::Endorse::Retired, &trust).ok() == Some(merged) {
+                root::remove_merge_ca(&root)?;
+                self.reload_credentials().await?;
+                tracing::info!(
+                    "the merge is complete here: the merged cluster's CA is no longer trusted"
+                );
+            }
+        }
+        let trust = root::load_trust(&root)?;
+        if let (Some(text), [current, next]) = (retired, trust.as_slice()) {
             if let Ok(old) = mars_tls::endorsed(&text, mars_tls::Endorse::Retired, &trust) {
                 let creds = root::load_credentials(&root)?
                     .ok_or_else(|| anyhow!("this host has no certificate"))?;
@@ -987,7 +1046,7 @@ impl Cluster {
                 }
             }
         }
-        Ok(())
+        Ok(renew)
     }
 
     /// `rotate-ca start`: on a host holding the CA key, makes the next CA, trusts it here and
@@ -1091,6 +1150,662 @@ impl Cluster {
              one as they learn of it. Copy the new tls/ca.key to the other hosts that issue \
              join tokens"
         ))
+    }
+
+    // ------------------------------------------------------------ merging clusters
+
+    /// Follows the merge keys (see [`TRUST_MERGE_INTO`]) under the `tls/` lock: trusts what a
+    /// trusted CA endorsed, takes the surviving cluster's id on the merging side, and says
+    /// whether this host's certificate must be renewed (from which issuer, of which CA).
+    async fn follow_merge(
+        &self,
+        into: Option<&str>,
+        admit: Option<&str>,
+        retired: Option<&str>,
+    ) -> Result<Option<(HostName, CertificateDer<'static>)>> {
+        let root = self.ident.root.clone();
+        let mut renew = None;
+        if let Some((cluster, issuer, _, ca)) = into
+            .filter(|_| !self.merging.load(std::sync::atomic::Ordering::SeqCst))
+            .and_then(|v| self.merge_endorsed(v))
+        {
+            let trust = root::load_trust(&root)?;
+            if !trust.contains(&ca) {
+                root::save_next_ca(&root, &ca, None)?;
+                tracing::info!(
+                    "trusting the CA of cluster {cluster} too (this cluster merges into it): \
+                     sha256:{}",
+                    mars_tls::fingerprint(&ca)
+                );
+                self.reload_credentials().await?;
+            }
+            if let Some(mut c) = self
+                .ident
+                .cluster()
+                .filter(|c| c.uuid != cluster.to_string())
+            {
+                let old = c.uuid.clone();
+                c.uuid = cluster.to_string();
+                self.ident.set_cluster(c)?;
+                tracing::info!("this host is in cluster {cluster} now (merged from {old})");
+                self.poke.notify_waiters();
+            }
+            let creds = root::load_credentials(&root)?
+                .ok_or_else(|| anyhow!("this host has no certificate"))?;
+            if !mars_tls::issued_by(&creds.cert, &ca) {
+                renew = Some((issuer, ca));
+            }
+        }
+        let retired_ca = retired.and_then(|t| {
+            mars_tls::endorsed(
+                t,
+                mars_tls::Endorse::Retired,
+                &root::load_trust(&root).ok()?,
+            )
+            .ok()
+        });
+        if let Some((cluster, _, _, ca)) = admit.and_then(|v| self.merge_endorsed(v)) {
+            let trust = root::load_trust(&root)?;
+            let ours = self.ident.cluster_id() == Some(cluster);
+            if ours && !trust.contains(&ca) && retired_ca.as_ref() != Some(&ca) {
+                root::save_merge_ca(&root, &ca)?;
+                tracing::info!(
+                    "trusting the CA of the cluster that merges into this one: sha256:{}",
+                    mars_tls::fingerprint(&ca)
+                );
+                self.reload_credentials().await?;
+            }
+        }
+        Ok(renew)
+    }
+
+    /// A merge key's value, if a CA this host trusts endorsed it: the cluster id, the issuer
+    /// and the endorsed CA.
+    fn merge_endorsed(
+        &self,
+        value: &str,
+    ) -> Option<(ClusterId, HostName, Vec<HostName>, CertificateDer<'static>)> {
+        let v = parse_merge_value(value)?;
+        let trust = root::load_trust(&self.ident.root).ok()?;
+        let ca = mars_tls::endorsed(
+            v.endorsement,
+            mars_tls::Endorse::Merge {
+                cluster: v.cluster.0,
+            },
+            &trust,
+        )
+        .ok()?;
+        Some((v.cluster, v.issuer, v.hosts, ca))
+    }
+
+    /// On a host of the surviving side holding its CA key: once every member's certificate
+    /// is from this CA, retires the merged cluster's CA (`trust/ca-retired`, as `rotate-ca
+    /// finish` does) and removes the merge keys.
+    async fn merge_retire(&self, admit: Option<&str>) -> Result<()> {
+        let root = self.ident.root.clone();
+        let (Some(admit), Some(merged), Some(ca)) =
+            (admit, root::load_merge_ca(&root)?, root::load_ca(&root)?)
+        else {
+            return Ok(());
+        };
+        let hosts = match self.merge_endorsed(admit) {
+            Some((cluster, _, hosts, c))
+                if c == merged && self.ident.cluster_id() == Some(cluster) =>
+            {
+                hosts
+            }
+            _ => return Ok(()),
+        };
+        let certs: BTreeMap<HostName, Option<String>> = self
+            .store
+            .call(|s| {
+                s.list_prefix(CERT_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|e| Some((mars_meta::cert_of_key(&e.key)?, e.value)))
+                    .collect()
+            })
+            .await?;
+        let members = self.members().await;
+        // Every host of the merged side must be a member here first (right after the merge
+        // only the issuer knows them) — or deleted (`lowlevel-delete-host` of one that was
+        // down: it cannot follow the merge).
+        let deleted: std::collections::BTreeSet<HostName> = self
+            .store
+            .call(|s| {
+                s.list_prefix_with_tombstones(MEMBER_PREFIX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|e| e.value.is_none())
+                    .filter_map(|e| mars_meta::member_of_key(&e.key))
+                    .collect()
+            })
+            .await?;
+        if !hosts
+            .iter()
+            .all(|h| members.contains_key(h) || deleted.contains(h))
+        {
+            return Ok(());
+        }
+        let all_ours = members.keys().all(|h| {
+            certs
+                .get(h)
+                .and_then(|v| v.as_deref())
+                .and_then(|v| mars_tls::cert_from_text(v).ok())
+                .is_some_and(|c| mars_tls::issued_by(&c, ca.cert()))
+        });
+        if !all_ours {
+            return Ok(());
+        }
+        let text = ca.endorse(mars_tls::Endorse::Retired, &merged);
+        self.store
+            .write(
+                vec![(TRUST_RETIRED.to_string(), text)],
+                vec![TRUST_MERGE_INTO.to_string(), TRUST_MERGE_ADMIT.to_string()],
+            )
+            .await
+            .map_err(|e| anyhow!(e))?;
+        tracing::info!(
+            "every member has a certificate of this cluster's CA: the merged cluster's CA \
+             (sha256:{}) is retired",
+            mars_tls::fingerprint(&merged)
+        );
+        Ok(())
+    }
+
+    /// The merging side: gets this host's certificate from the surviving cluster's issuer,
+    /// retrying until it has one of `ca` (the issuer may not know this host yet).
+    async fn renew_for_merge(self: Arc<Self>, issuer: HostName, ca: CertificateDer<'static>) {
+        let mut backoff = Duration::from_millis(500);
+        let mut tries = 0u32;
+        loop {
+            let done = root::load_credentials(&self.ident.root)
+                .ok()
+                .flatten()
+                .is_some_and(|c| mars_tls::issued_by(&c.cert, &ca));
+            if done {
+                break;
+            }
+            match self.renew(Some(issuer.clone()), false).await {
+                Ok(msg) => {
+                    tracing::info!("merge: {msg}");
+                    break;
+                }
+                Err(e) => {
+                    if tries.is_multiple_of(10) {
+                        tracing::info!(
+                            "merge: this host's certificate from {issuer}: {e} (trying again)"
+                        );
+                    }
+                }
+            }
+            tries += 1;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.merge_renewing
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// This side's members, resources and `defaults/*` settings, as a merge compares them.
+    async fn merge_names(&self) -> Result<MergeNames, String> {
+        self.store
+            .call(|s| -> Result<MergeNames, mars_meta::MetaError> {
+                let mut n = MergeNames::default();
+                for e in s.list_prefix(MEMBER_PREFIX)? {
+                    if let Some(h) = mars_meta::member_of_key(&e.key) {
+                        n.hosts.insert(h.to_string());
+                    }
+                }
+                for e in s.list_prefix("resource-")? {
+                    let Some(r) = e
+                        .key
+                        .strip_prefix("resource-")
+                        .and_then(|k| k.strip_suffix("/size"))
+                    else {
+                        continue;
+                    };
+                    if !r.contains('/') {
+                        n.resources.insert(r.to_string());
+                    }
+                }
+                for e in s.list_prefix("defaults/")? {
+                    if let Some(v) = e.value {
+                        n.defaults.insert(e.key, v);
+                    }
+                }
+                Ok(n)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Members of this cluster (other than this host) that did not answer within the last
+    /// few seconds, with their error.
+    fn unreachable_members(&self, members: &BTreeMap<HostName, String>) -> Vec<String> {
+        let connected = self.connected_peers();
+        let peers = lock(&self.peers);
+        members
+            .keys()
+            .filter(|h| **h != self.ident.host && !connected.contains(*h))
+            .map(|h| match peers.get(h).and_then(|p| p.error.clone()) {
+                Some(e) => format!("{h} ({e})"),
+                None => h.to_string(),
+            })
+            .collect()
+    }
+
+    /// The member side of `merge-cluster` (a [`Message::MergeRequest`] from `joiner`, a host
+    /// of another cluster that proved nothing but the token yet): the checks, and with a
+    /// proof the trust in the merging CA. Returns the `MergeGrant`.
+    pub async fn merge_serve(&self, joiner: HostName, request: Message) -> Result<Message, String> {
+        let Message::MergeRequest {
+            token,
+            cluster,
+            ca,
+            names,
+            proof,
+        } = request
+        else {
+            return Err("not a merge request".into());
+        };
+        let e = |e: anyhow::Error| format!("{e:#}");
+        let id = self
+            .ident
+            .cluster_id()
+            .ok_or("this host is not in a cluster")?;
+        // The token first: without a good one nothing about this cluster is said.
+        let ident = self.ident.clone();
+        let t = token.clone();
+        let ours_ca = tokio::task::spawn_blocking(move || ident.merge_token(&t, false))
+            .await
+            .map_err(|x| x.to_string())?
+            .map_err(e)?;
+        let _files = self.tls_files.lock().await;
+        if ClusterId(cluster) == id {
+            return Err(format!("{joiner} is in cluster {id} already"));
+        }
+        let theirs = MergeNames::decode(&names)?;
+        if !theirs.hosts.contains(joiner.as_str()) {
+            return Err(format!("{joiner} is not a member of the cluster it merges"));
+        }
+        if root::load_trust(&self.ident.root).map_err(e)?.len() > 1 {
+            return Err(format!(
+                "a CA rotation or a merge is in progress in cluster {id}: let it finish first"
+            ));
+        }
+        let ours = self.merge_names().await?;
+        let conflicts = ours.conflicts(&theirs);
+        if !conflicts.is_empty() {
+            return Err(format!(
+                "the clusters cannot be merged: {}",
+                conflicts.join("; ")
+            ));
+        }
+        let members = self.members().await;
+        let down = self.unreachable_members(&members);
+        if !down.is_empty() {
+            return Err(format!(
+                "not every member of cluster {id} is reachable from {}: {}",
+                self.ident.host,
+                down.join(", ")
+            ));
+        }
+        let grant = Message::MergeGrant {
+            cluster: id.0,
+            ca: ours_ca.cert().to_vec(),
+            names: ours.encode(),
+        };
+        if proof.is_empty() {
+            return Ok(grant);
+        }
+        // The merging host holds its CA's key: it endorsed our CA into our cluster.
+        let their_ca = CertificateDer::from(ca);
+        let endorsed = mars_tls::endorsed(
+            &proof,
+            mars_tls::Endorse::Merge { cluster: id.0 },
+            std::slice::from_ref(&their_ca),
+        )
+        .map_err(|x| format!("the merge request's proof: {x}"))?;
+        if endorsed != *ours_ca.cert() {
+            return Err("the merge request's proof endorses another CA than this cluster's".into());
+        }
+        let ident = self.ident.clone();
+        tokio::task::spawn_blocking(move || ident.merge_token(&token, true))
+            .await
+            .map_err(|x| x.to_string())?
+            .map_err(e)?;
+        root::save_merge_ca(&self.ident.root, &their_ca).map_err(e)?;
+        self.reload_credentials().await.map_err(e)?;
+        let me = self.ident.host.clone();
+        let admit = ours_ca.endorse(mars_tls::Endorse::Merge { cluster: id.0 }, &their_ca);
+        self.store
+            .write(
+                vec![
+                    (
+                        TRUST_MERGE_ADMIT.to_string(),
+                        merge_value(id, &me, &theirs.hosts, &admit),
+                    ),
+                    (
+                        TRUST_MERGE_INTO.to_string(),
+                        merge_value(id, &me, &theirs.hosts, &proof),
+                    ),
+                ],
+                Vec::new(),
+            )
+            .await?;
+        tracing::info!(
+            "cluster {} (hosts {}) merges into this cluster via {joiner}: its CA sha256:{} is \
+             trusted until its hosts have certificates of ours",
+            ClusterId(cluster),
+            theirs.hosts.iter().cloned().collect::<Vec<_>>().join(", "),
+            mars_tls::fingerprint(&their_ca)
+        );
+        Ok(grant)
+    }
+
+    /// One `MergeRequest` to the member at `addr` (authenticated by the token's pin): its
+    /// answer and the stream.
+    async fn merge_ask(
+        &self,
+        addr: &str,
+        token: &mars_tls::Token,
+        names: &MergeNames,
+        ca: &mars_tls::Ca,
+        proof: String,
+    ) -> Result<(
+        peer::Session,
+        ClusterId,
+        CertificateDer<'static>,
+        MergeNames,
+    )> {
+        let id = self
+            .ident
+            .cluster_id()
+            .ok_or_else(|| anyhow!("this host is not in a cluster"))?;
+        let mut s = peer::connect_join(addr, &self.ident.host, token.pin).await?;
+        send(
+            &mut s.w,
+            &Message::MergeRequest {
+                token: token.presented(),
+                cluster: id.0,
+                ca: ca.cert().to_vec(),
+                names: names.encode(),
+                proof,
+            },
+        )
+        .await?;
+        s.w.flush().await?;
+        match s.frames.next_within(ANSWER_TIMEOUT).await? {
+            Message::MergeGrant { cluster, ca, names } => {
+                let ca = CertificateDer::from(ca);
+                if mars_tls::spki_pin(&ca).ok() != Some(token.pin) {
+                    bail!("the CA {} sent is not the one the token pins", s.peer.host);
+                }
+                let names = MergeNames::decode(&names).map_err(|e| anyhow!("{e}"))?;
+                Ok((s, ClusterId(cluster), ca, names))
+            }
+            Message::Refuse { reason, .. } => bail!("{} refused: {reason}", s.peer.host),
+            other => bail!("unexpected answer: {}", peer::describe(&other)),
+        }
+    }
+
+    /// `merge-cluster [HOST] ADDR --token T` on a host holding this cluster's CA key: merges
+    /// this cluster into the one of the member at `addr` (see docs/security.md, "Merging
+    /// clusters"). With `dry` (`merge-cluster-check`, `--dry-run`): the checks of both sides
+    /// only (the token is not used up).
+    pub async fn merge(
+        &self,
+        name: Option<HostName>,
+        addr: &str,
+        token: &str,
+        dry: bool,
+    ) -> Result<String, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        let failed = |e: anyhow::Error| (ErrorKind::Failed, format!("merge-cluster {addr}: {e:#}"));
+        if self.ident.insecure {
+            return Err(invalid(
+                "merge-cluster needs TLS: this host runs --insecure".into(),
+            ));
+        }
+        let id = self
+            .ident
+            .cluster_id()
+            .ok_or_else(|| invalid("this host is not in a cluster".into()))?;
+        let token: mars_tls::Token = token.parse().map_err(|e| invalid(format!("{e}")))?;
+        let root = self.ident.root.clone();
+        let ca = root::load_ca(&root).map_err(failed)?.ok_or_else(|| {
+            invalid(
+                "merge-cluster runs on a host that holds this cluster's CA key \
+                     (tls/ca.key)"
+                    .into(),
+            )
+        })?;
+        if root::load_trust(&root).map_err(failed)?.len() > 1 {
+            return Err(invalid(format!(
+                "a CA rotation or a merge is in progress in cluster {id}: let it finish first"
+            )));
+        }
+        let members = self.members().await;
+        let down = self.unreachable_members(&members);
+        if !down.is_empty() {
+            return Err(invalid(format!(
+                "not every member of cluster {id} is reachable from {}: {}",
+                self.ident.host,
+                down.join(", ")
+            )));
+        }
+        let ours = self.merge_names().await.map_err(invalid)?;
+        let (s, other, other_ca, theirs) = self
+            .merge_ask(addr, &token, &ours, &ca, String::new())
+            .await
+            .map_err(failed)?;
+        let answered = s.peer.host.clone();
+        drop(s);
+        if let Some(n) = name.filter(|n| *n != answered) {
+            return Err(invalid(format!(
+                "the host at {addr} is {answered}, not {n}"
+            )));
+        }
+        if other == id {
+            return Err(invalid(format!(
+                "the host at {addr} is in this cluster ({id})"
+            )));
+        }
+        let conflicts = ours.conflicts(&theirs);
+        if !conflicts.is_empty() {
+            return Err(invalid(format!(
+                "the clusters cannot be merged: {}",
+                conflicts.join("; ")
+            )));
+        }
+        let list = |n: &MergeNames| {
+            format!(
+                "members {}; resources {}",
+                n.hosts.iter().cloned().collect::<Vec<_>>().join(", "),
+                if n.resources.is_empty() {
+                    "none".to_string()
+                } else {
+                    n.resources.iter().cloned().collect::<Vec<_>>().join(", ")
+                }
+            )
+        };
+        if dry {
+            return Ok(format!(
+                "cluster {id} ({}) can merge into cluster {other} ({}): names disjoint, \
+                 settings equal, every member reachable",
+                list(&ours),
+                list(&theirs)
+            ));
+        }
+        let proof = ca.endorse(mars_tls::Endorse::Merge { cluster: other.0 }, &other_ca);
+        let (s, again, again_ca, _) = self
+            .merge_ask(addr, &token, &ours, &ca, proof.clone())
+            .await
+            .map_err(failed)?;
+        if again != other || again_ca != other_ca {
+            return Err(failed(anyhow!(
+                "{addr} answered for another cluster the second time"
+            )));
+        }
+        let issuer = s.peer.host.clone();
+        self.merging
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let r = self
+            .merge_here(s, id, other, &other_ca, issuer, &members, &proof, &ours)
+            .await;
+        self.merging
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let issuer = r?;
+        Ok(format!(
+            "cluster {id} ({}) merges into cluster {other} ({}) via {issuer}: every member of \
+             both sides trusts both CAs now or within seconds; the members of this side take \
+             the id {other} and certificates issued by {issuer}, then the CA of {id} is \
+             retired (watch `marsadm view all`)",
+            list(&ours),
+            list(&theirs)
+        ))
+    }
+
+    /// The part of `merge` after the other side granted it: this side trusts the other CA and
+    /// announces the merge, takes the other side's metadata and id, and announces this host
+    /// to the issuer. Returns the issuer.
+    #[allow(clippy::too_many_arguments)]
+    async fn merge_here(
+        &self,
+        mut s: peer::Session,
+        id: ClusterId,
+        other: ClusterId,
+        other_ca: &CertificateDer<'static>,
+        issuer: HostName,
+        members: &BTreeMap<HostName, String>,
+        proof: &str,
+        ours: &MergeNames,
+    ) -> Result<HostName, (mars_api::ErrorKind, String)> {
+        use mars_api::ErrorKind;
+        let invalid = |m: String| (ErrorKind::Invalid, m);
+        let failed = |e: anyhow::Error| (ErrorKind::Failed, format!("merge-cluster: {e:#}"));
+        let root = self.ident.root.clone();
+        // This side: trust the other CA, then announce the merge and give the members of
+        // this side time to fetch it (they take the new cluster id from it).
+        {
+            let _files = self.tls_files.lock().await;
+            root::save_next_ca(&root, other_ca, None).map_err(failed)?;
+            self.reload_credentials().await.map_err(failed)?;
+        }
+        self.store
+            .write(
+                vec![(
+                    TRUST_MERGE_INTO.to_string(),
+                    merge_value(other, &issuer, &ours.hosts, proof),
+                )],
+                Vec::new(),
+            )
+            .await
+            .map_err(|e| failed(anyhow!(e)))?;
+        let seq = self
+            .store
+            .call(|s| s.local_seq())
+            .await
+            .map_err(|e| failed(e.into()))?;
+        let others: Vec<HostName> = members
+            .keys()
+            .filter(|h| **h != self.ident.host)
+            .cloned()
+            .collect();
+        let start = Instant::now();
+        loop {
+            let served = lock(&self.served).clone();
+            let pending: Vec<String> = others
+                .iter()
+                .filter(|h| served.get(*h).is_none_or(|&v| v < seq))
+                .map(ToString::to_string)
+                .collect();
+            if pending.is_empty() {
+                break;
+            }
+            if start.elapsed() >= MERGE_ANNOUNCE_WAIT {
+                tracing::warn!(
+                    "merge: {} did not fetch the announcement within {MERGE_ANNOUNCE_WAIT:?}; \
+                     they take it from any member that has it",
+                    pending.join(", ")
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // The other cluster's metadata, checked against its members' signatures (its CA is
+        // trusted here now).
+        let mut since = 0;
+        loop {
+            send(&mut s.w, &Message::ChangesSince { since, limit: PAGE })
+                .await
+                .map_err(failed)?;
+            s.w.flush().await.map_err(|e| failed(e.into()))?;
+            let (entries, upto) = loop {
+                match s.frames.next_within(ANSWER_TIMEOUT).await.map_err(failed)? {
+                    Message::Changes { upto, entries } => break (entries, upto),
+                    Message::Notify { .. } => continue,
+                    Message::Refuse { reason, .. } => {
+                        return Err(failed(anyhow!("{issuer} refused: {reason}")))
+                    }
+                    other => return Err(failed(anyhow!("unexpected answer: {other:?}"))),
+                }
+            };
+            check_page(&issuer, since, entries.len(), upto).map_err(failed)?;
+            let done = (entries.len() as u32) < PAGE;
+            if !entries.is_empty() {
+                self.apply(&issuer, entries).await.map_err(failed)?;
+            }
+            since = upto;
+            if done {
+                break;
+            }
+        }
+        lock(&self.peers).insert(
+            issuer.clone(),
+            PeerState {
+                seen: since,
+                last_ok: Some(Instant::now()),
+                ..PeerState::default()
+            },
+        );
+        // This host now belongs to the other cluster (the supervisor renews its certificate
+        // from the issuer, as every member of this side does).
+        let mut c = self
+            .ident
+            .cluster()
+            .ok_or_else(|| invalid("this host left the cluster".into()))?;
+        c.uuid = other.to_string();
+        self.ident.set_cluster(c).map_err(failed)?;
+        // Announce this host to the issuer: its address and certificate, as a joiner does;
+        // the issuer then fetches the rest of this side from here.
+        let me = self.ident.host.clone();
+        let own: Vec<mars_meta::Entry> = self
+            .store
+            .call(move |st| {
+                [format!("{CERT_PREFIX}{me}"), format!("{MEMBER_PREFIX}{me}")]
+                    .iter()
+                    .filter_map(|k| st.get(k).ok().flatten())
+                    .collect()
+            })
+            .await
+            .map_err(|e| failed(e.into()))?;
+        send(
+            &mut s.w,
+            &Message::Changes {
+                upto: 0,
+                entries: own.iter().map(to_wire).collect(),
+            },
+        )
+        .await
+        .map_err(failed)?;
+        let _ = s.w.shutdown().await;
+        self.poke.notify_waiters();
+        tracing::info!("merged cluster {id} into cluster {other} via {issuer}");
+        Ok(issuer)
     }
 
     // ------------------------------------------------------------ membership commands
@@ -1615,6 +2330,215 @@ impl Cluster {
         } else {
             format!("{me} left cluster {id}")
         })
+    }
+}
+
+/// What one side of a merge is made of, as the two sides compare it: members, resources and
+/// the cluster-wide settings `defaults/*`. On the wire ([`Message::MergeRequest`]'s `names`):
+/// one line each, `host NAME`, `resource NAME`, `default KEY VALUE`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MergeNames {
+    pub hosts: std::collections::BTreeSet<String>,
+    pub resources: std::collections::BTreeSet<String>,
+    pub defaults: BTreeMap<String, String>,
+}
+
+impl MergeNames {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        for h in &self.hosts {
+            out.push_str(&format!("host {h}\n"));
+        }
+        for r in &self.resources {
+            out.push_str(&format!("resource {r}\n"));
+        }
+        for (k, v) in &self.defaults {
+            // A value with a line break cannot be said on one line: it differs from any.
+            out.push_str(&format!("default {k} {}\n", v.replace('\n', " ")));
+        }
+        out
+    }
+
+    /// Parses what the other side sent (bounded by the wire's string limit): names are
+    /// checked as names, anything else is refused.
+    pub fn decode(text: &str) -> Result<MergeNames, String> {
+        let mut n = MergeNames::default();
+        for line in text.lines() {
+            let bad = || format!("a malformed line in the other side's names: {line:?}");
+            let (kind, rest) = line.split_once(' ').ok_or_else(bad)?;
+            match kind {
+                "host" => {
+                    HostName::new(rest).map_err(|e| format!("{}: {e}", bad()))?;
+                    n.hosts.insert(rest.to_string());
+                }
+                "resource" => {
+                    mars_config::ResourceName::new(rest).map_err(|e| format!("{}: {e}", bad()))?;
+                    n.resources.insert(rest.to_string());
+                }
+                "default" => {
+                    let (k, v) = rest.split_once(' ').unwrap_or((rest, ""));
+                    if !k.starts_with("defaults/") {
+                        return Err(bad());
+                    }
+                    n.defaults.insert(k.to_string(), v.to_string());
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Why the two sides cannot become one: a host name or a resource name on both sides
+    /// (MARS's check, for resources), or a cluster-wide setting that differs (refused rather
+    /// than resolved: last-writer-wins would change one side's behaviour silently).
+    pub fn conflicts(&self, other: &MergeNames) -> Vec<String> {
+        let mut out = Vec::new();
+        let both = |a: &std::collections::BTreeSet<String>,
+                    b: &std::collections::BTreeSet<String>| {
+            a.intersection(b).cloned().collect::<Vec<_>>()
+        };
+        let hosts = both(&self.hosts, &other.hosts);
+        if !hosts.is_empty() {
+            out.push(format!("host names in both clusters: {}", hosts.join(", ")));
+        }
+        let res = both(&self.resources, &other.resources);
+        if !res.is_empty() {
+            out.push(format!(
+                "resource names in both clusters: {}",
+                res.join(", ")
+            ));
+        }
+        let keys: std::collections::BTreeSet<&String> =
+            self.defaults.keys().chain(other.defaults.keys()).collect();
+        let differ: Vec<String> = keys
+            .into_iter()
+            .filter(|k| self.defaults.get(*k) != other.defaults.get(*k))
+            .map(|k| {
+                let say = |v: Option<&String>| v.map_or("unset".to_string(), |v| format!("{v:?}"));
+                format!(
+                    "{k} ({} here, {} there)",
+                    say(self.defaults.get(k)),
+                    say(other.defaults.get(k))
+                )
+            })
+            .collect();
+        if !differ.is_empty() {
+            out.push(format!(
+                "cluster-wide settings differ (make them equal on both sides first): {}",
+                differ.join(", ")
+            ));
+        }
+        out
+    }
+}
+
+/// The value of a merge key: `CLUSTER ISSUER HOSTS ENDORSEMENT` (`HOSTS` the members of the
+/// merging side, comma-separated: the surviving side retires the merged CA only once all of
+/// them are members with certificates of its CA).
+fn merge_value(
+    cluster: ClusterId,
+    issuer: &HostName,
+    hosts: &std::collections::BTreeSet<String>,
+    endorsement: &str,
+) -> String {
+    let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    format!("{cluster} {issuer} {} {endorsement}", hosts.join(","))
+}
+
+/// A merge key's value, parsed (not yet checked: see `Cluster::merge_endorsed`).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct MergeValue<'a> {
+    pub cluster: ClusterId,
+    pub issuer: HostName,
+    pub hosts: Vec<HostName>,
+    pub endorsement: &'a str,
+}
+
+pub(crate) fn parse_merge_value(value: &str) -> Option<MergeValue<'_>> {
+    let mut it = value.splitn(4, ' ');
+    let cluster = ClusterId::parse(it.next()?).ok()?;
+    let issuer = HostName::new(it.next()?).ok()?;
+    let hosts = it
+        .next()?
+        .split(',')
+        .map(HostName::new)
+        .collect::<Result<Vec<_>, _>>()
+        .ok()?;
+    Some(MergeValue {
+        cluster,
+        issuer,
+        hosts,
+        endorsement: it.next()?,
+    })
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+
+    fn names(hosts: &[&str], res: &[&str], defaults: &[(&str, &str)]) -> MergeNames {
+        MergeNames {
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            resources: res.iter().map(|s| s.to_string()).collect(),
+            defaults: defaults
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn names_travel_and_conflicts_are_named() {
+        let a = names(&["a1", "a2"], &["ra"], &[("defaults/sync-limit", "2")]);
+        assert_eq!(MergeNames::decode(&a.encode()).unwrap(), a);
+        let b = names(&["b1", "b2"], &["rb"], &[("defaults/sync-limit", "2")]);
+        assert!(a.conflicts(&b).is_empty());
+        let c = names(
+            &["b1", "a2"],
+            &["ra", "rc"],
+            &[("defaults/unreachable-limit", "5")],
+        );
+        let got = a.conflicts(&c).join("; ");
+        assert!(got.contains("host names in both clusters: a2"), "{got}");
+        assert!(got.contains("resource names in both clusters: ra"), "{got}");
+        assert!(
+            got.contains("defaults/sync-limit (\"2\" here, unset there)"),
+            "{got}"
+        );
+        assert!(
+            got.contains("defaults/unreachable-limit (unset here, \"5\" there)"),
+            "{got}"
+        );
+        for junk in [
+            "x",
+            "host",
+            "host a/b",
+            "resource ../x",
+            "default other 1",
+            "user a",
+        ] {
+            assert!(MergeNames::decode(junk).is_err(), "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn a_merge_value_parses_back() {
+        let id = ClusterId([3; 16]);
+        let h = HostName::new("b1").unwrap();
+        let hosts = ["a1".to_string(), "a2".to_string()].into_iter().collect();
+        let v = merge_value(id, &h, &hosts, "x509:AAAA c2ln");
+        assert_eq!(
+            parse_merge_value(&v),
+            Some(MergeValue {
+                cluster: id,
+                issuer: h,
+                hosts: vec![HostName::new("a1").unwrap(), HostName::new("a2").unwrap()],
+                endorsement: "x509:AAAA c2ln"
+            })
+        );
+        assert_eq!(parse_merge_value("x y z"), None);
+        assert_eq!(parse_merge_value("nonsense"), None);
+        assert_eq!(parse_merge_value(""), None);
     }
 }
 
