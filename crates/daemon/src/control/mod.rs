@@ -7,7 +7,7 @@
 mod cluster;
 mod global;
 mod resources;
-mod view;
+pub(crate) mod view;
 
 pub use view::view;
 

@@ -134,39 +134,16 @@ async fn resource_view(
     } else {
         None
     };
-    let mut sync = None;
-    let mut fetch = None;
-    let mut replay = None;
-    let mut stuck = None;
-    if !st.primary {
-        let r = &st.report;
-        stuck = r.stuck.clone().or(st.fetch_error.clone());
-        sync = r.sync.as_ref().map(|y| Progress {
-            done: y.done,
-            total: y.size,
-            rate: y.rate,
-            logs: None,
-        });
-        if let Some(applied) = st.applied {
-            let primary_end = meta.bytes_after(applied);
-            let fetched_rest = st.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
-            if let Some(total) = primary_end {
-                let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
-                fetch = Some(Progress {
-                    done: fetched,
-                    total,
-                    rate: r.fetch_rate,
-                    logs: Some(range(st.logs)),
-                });
-                replay = Some(Progress {
-                    done: 0,
-                    total,
-                    rate: r.replay_rate,
-                    logs: Some(range(st.logs)),
-                });
-            }
-        }
-    }
+    let stuck = if st.primary {
+        None
+    } else {
+        st.report.stuck.clone().or(st.fetch_error.clone())
+    };
+    let Jobs {
+        sync,
+        fetch,
+        replay,
+    } = jobs(&snap);
     // Every member's state, once (its line below and whether it is behind at all).
     let states: std::collections::BTreeMap<HostName, mars_engine::MemberState> = meta
         .members
@@ -326,6 +303,54 @@ async fn resource_view(
         }),
     };
     (view, space)
+}
+
+/// A replica's sync, fetch and replay as `view` shows them (and MARS's amount macros read
+/// them, in `marsadm view-…` and in templates): fetch and replay on one scale, from the
+/// applied position to the primary's log end. A primary has none.
+pub struct Jobs {
+    pub sync: Option<Progress>,
+    pub fetch: Option<Progress>,
+    pub replay: Option<Progress>,
+}
+
+pub fn jobs(snap: &crate::resource::Snapshot) -> Jobs {
+    let (st, meta) = (&snap.status, &snap.meta);
+    let mut out = Jobs {
+        sync: None,
+        fetch: None,
+        replay: None,
+    };
+    if st.primary {
+        return out;
+    }
+    let r = &st.report;
+    out.sync = r.sync.as_ref().map(|y| Progress {
+        done: y.done,
+        total: y.size,
+        rate: y.rate,
+        logs: None,
+    });
+    if let Some(applied) = st.applied {
+        let primary_end = meta.bytes_after(applied);
+        let fetched_rest = st.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
+        if let Some(total) = primary_end {
+            let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
+            out.fetch = Some(Progress {
+                done: fetched,
+                total,
+                rate: r.fetch_rate,
+                logs: Some(range(st.logs)),
+            });
+            out.replay = Some(Progress {
+                done: 0,
+                total,
+                rate: r.replay_rate,
+                logs: Some(range(st.logs)),
+            });
+        }
+    }
+    out
 }
 
 /// The engine's MARS disk-state text as the typed state; a text this version does not know
