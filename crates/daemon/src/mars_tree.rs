@@ -109,6 +109,9 @@ impl Applied {
 pub struct MarsTree {
     path: PathBuf,
     last: Option<TreeState>,
+    /// Trigger files taken by `systemd-trigger[-extern]` ([`MarsTree::consume`]): missing on
+    /// purpose until the next change (any other missing trigger file is written again).
+    consumed: std::collections::BTreeSet<PathBuf>,
 }
 
 impl MarsTree {
@@ -147,6 +150,7 @@ impl MarsTree {
         Ok(MarsTree {
             path: path.to_path_buf(),
             last: None,
+            consumed: Default::default(),
         })
     }
 
@@ -243,8 +247,9 @@ impl MarsTree {
                 None => true,
                 Some(o) => want_changed || o.primary != s.primary || o.units != s.units,
             };
-            if touched || !trigger.exists() {
+            if touched || (!trigger.exists() && !self.consumed.contains(&trigger)) {
                 touch_trigger(&trigger)?;
+                self.consumed.remove(&trigger);
                 done.triggers.push(trigger);
             }
         }
@@ -253,8 +258,9 @@ impl MarsTree {
         let global = userspace.join("systemd-trigger");
         let set_changed =
             first || last.resources.keys().ne(state.resources.keys()) || last.uuid != state.uuid;
-        if set_changed || !global.exists() {
+        if set_changed || (!global.exists() && !self.consumed.contains(&global)) {
             touch_trigger(&global)?;
+            self.consumed.remove(&global);
             done.triggers.push(global);
         }
         let emergency = userspace.join("emergency-trigger");
@@ -272,10 +278,26 @@ impl MarsTree {
 }
 
 impl MarsTree {
+    /// Removes the trigger file of `res` (`None`: the global one): `systemd-trigger[-extern]`
+    /// has taken the trigger, so a watcher's `PathExists=` on it stops being true (since
+    /// systemd 246 `PathExists=` starts the service again whenever it ends while the file
+    /// exists: MARS's own watchers would loop). The next change writes the file again, which
+    /// fires `PathExists=`, `PathChanged=` and `PathModified=` alike. Returns whether there
+    /// was one.
+    pub fn consume(&mut self, res: Option<&str>) -> Result<bool, TreeError> {
+        let p = match res {
+            Some(r) => self.res_dir(r).join("systemd-trigger"),
+            None => self.path.join("userspace/systemd-trigger"),
+        };
+        let removed = remove_file(&p)?;
+        self.consumed.insert(p);
+        Ok(removed)
+    }
+
     /// Writes every trigger file again (the global one and each resource's). systemd re-creates
     /// its path watches on a reload, and a write that came while it reloaded is not seen: after
     /// marsd reloaded systemd, the watchers get their event again.
-    pub fn retrigger(&self) -> Result<Vec<PathBuf>, TreeError> {
+    pub fn retrigger(&mut self) -> Result<Vec<PathBuf>, TreeError> {
         let Some(last) = &self.last else {
             return Ok(Vec::new());
         };
@@ -287,6 +309,7 @@ impl MarsTree {
         );
         for p in &done {
             touch_trigger(p)?;
+            self.consumed.remove(p);
         }
         Ok(done)
     }
@@ -462,6 +485,24 @@ mod tests {
 
         // Nothing changed: nothing written.
         assert!(t.apply(&s).unwrap().is_empty());
+
+        // `systemd-trigger-extern r1` takes its trigger (and then the global one): the files
+        // go; the next change writes the resource's again.
+        assert!(t.consume(Some("r1")).unwrap());
+        assert!(!trigger.exists() && global.exists());
+        assert!(!t.consume(Some("r1")).unwrap());
+        assert!(t.consume(None).unwrap());
+        assert!(!global.exists());
+        assert!(t.apply(&s).unwrap().is_empty());
+        s.resources.get_mut("r1").unwrap().want_stamp = 5;
+        s.resources.get_mut("r1").unwrap().primary = Some("b".into());
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![trigger.clone()]);
+        assert!(trigger.is_file());
+        s.resources.get_mut("r1").unwrap().primary = Some("a".into());
+        t.apply(&s).unwrap();
+        // A reload writes every trigger again, the consumed global one too.
+        t.retrigger().unwrap();
+        assert!(global.is_file());
 
         // The same want written again (new stamp): a new link with a later mtime, a trigger.
         let m1 = std::fs::symlink_metadata(&want).unwrap().mtime();

@@ -218,6 +218,18 @@ impl Systemd {
         }
     }
 
+    /// `systemd-trigger[-extern] [RES]` takes the trigger: its file in the MARS tree goes
+    /// ([`MarsTree::consume`]; nothing without a tree). Called before the regeneration and the
+    /// want operations, so a change after this point writes the file again.
+    pub fn consume_trigger(&self, res: Option<&str>) {
+        if let Some(tree) = lock(&self.tree).as_mut() {
+            match tree.consume(res) {
+                Ok(_) => {}
+                Err(e) => tracing::warn!("mars tree: {e}"),
+            }
+        }
+    }
+
     /// Where the list of local resources comes from.
     pub fn set_resources(&self, f: ResourceList) {
         let _ = self.resources.set(f);
@@ -489,7 +501,7 @@ impl Systemd {
                 }
             }
             // A trigger file written while systemd reloaded may have gone unseen.
-            if let Some(tree) = lock(&self.tree).as_ref() {
+            if let Some(tree) = lock(&self.tree).as_mut() {
                 if let Err(e) = tree.retrigger() {
                     tracing::warn!("mars tree: {e}");
                 }

@@ -1022,8 +1022,8 @@ const TESTING_MNT: &str = "/mnt/test/app-1";
 /// and the one documented change: a drop-in that turns `mars.service`'s `modprobe`/`rmmod`
 /// into nothing. `set-systemd-unit RES TESTING` (MARS's test stack: a mount of `/dev/mars/RES`
 /// on `/mnt/test/RES` and a load writing into it, `BindsTo`/`PartOf` the mount) runs on the
-/// primary; two planned handovers move it, the data written by the load on one host is there
-/// on the other.
+/// primary; two planned handovers move it, what was written on one host is there on the
+/// other, and MARS's watchers run `systemd-trigger-extern` without looping.
 #[test]
 fn mars_own_testing_templates_move_the_stack_on_handover() {
     if !supported(&["mkfs.ext4", "mountpoint"]) {
@@ -1058,7 +1058,8 @@ fn mars_own_testing_templates_move_the_stack_on_handover() {
         files.push((
             "/usr/bin/marsadm".into(),
             format!(
-                "#!/bin/sh\nexec {} --root {} \"$@\"\n",
+                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
+                t.join(format!("calls-{name}")).display(),
                 mars_testkit::bin("marsadm").display(),
                 t.join(name).join("root").display()
             )
@@ -1136,36 +1137,48 @@ fn mars_own_testing_templates_move_the_stack_on_handover() {
     };
     runs_on(&a, &b, "set-systemd-unit");
     clock.step("stack up on a");
-    // The load writes a MB a few times; then the primary is idle and b catches up.
-    std::thread::sleep(Duration::from_secs(3));
-    let written = a.sh(&format!("md5sum {TESTING_MNT}/dummy-testfile.zero"));
+    // A file of ours beside MARS's load (which rewrites its own file all the time): written
+    // on a, it must be on b's copy after the handover, and b's on a's after the return.
+    let mark = |n: &Node, text: &str| {
+        n.sh(&format!("echo {text} > {TESTING_MNT}/mark-{text} && sync"));
+    };
+    let has_mark =
+        |n: &Node, text: &str| n.sh(&format!("cat {TESTING_MNT}/mark-{text}")).trim() == text;
+    mark(&a, "from-a");
 
     handover(&b, &all);
     runs_on(&b, &a, "handover to b");
     clock.step("stack on b");
-    // What a's load wrote is on b's copy of the device (the load on b rewrites the file with
-    // the same zeros).
-    let there = b.sh(&format!("md5sum {TESTING_MNT}/dummy-testfile.zero"));
-    assert_eq!(
-        written.split_whitespace().next(),
-        there.split_whitespace().next()
-    );
-    std::thread::sleep(Duration::from_secs(3));
+    assert!(has_mark(&b, "from-a"));
+    mark(&b, "from-b");
     handover(&a, &all);
     runs_on(&a, &b, "handover back to a");
+    assert!(has_mark(&a, "from-a") && has_mark(&a, "from-b"));
     clock.step("stack back on a");
+    // MARS's watchers (with their `PathExists=`) ran `systemd-trigger-extern` on the changes
+    // and did not loop: marsd takes the trigger file (removes it) when it is called.
+    let calls = |n: &Node| {
+        std::fs::read_to_string(t.join(format!("calls-{}", n.host.name)))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == format!("systemd-trigger-extern {RES}"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(3));
     for n in all {
         assert!(active(n, "mars.service"), "{}", dump(&all));
-        eprintln!(
-            "{}: watchers {} {}",
-            n.host.name,
-            n.systemctl(&["show", "-p", "ActiveState,Result", "mars-trigger.path"]),
-            n.systemctl(&[
-                "show",
-                "-p",
-                "ActiveState,Result",
-                "mars-app\\x2d1-trigger.path"
-            ])
-        );
+        for w in ["mars-trigger.path", "mars-app\\x2d1-trigger.path"] {
+            assert_eq!(
+                n.systemctl(&["show", "-p", "ActiveState", "--value", w]),
+                "active",
+                "{} {w}: {}\n{}",
+                n.host.name,
+                n.systemctl(&["show", "-p", "Result", w]),
+                dump(&all)
+            );
+        }
+        let c = calls(n);
+        eprintln!("{}: {c} calls of systemd-trigger-extern {RES}", n.host.name);
+        assert!((1..100).contains(&c), "{}: {c} calls", n.host.name);
     }
 }
