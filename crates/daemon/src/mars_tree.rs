@@ -112,6 +112,11 @@ pub struct MarsTree {
     /// Trigger files taken by `systemd-trigger[-extern]` ([`MarsTree::consume`]): missing on
     /// purpose until the next change (any other missing trigger file is written again).
     consumed: std::collections::BTreeSet<PathBuf>,
+    /// Trigger files this tree created (they were missing) in its last [`MarsTree::apply`]:
+    /// written once more by the next one if still there. A `PathChanged=` watch on a missing
+    /// file sees its creation only as an event of the directory, after which systemd watches
+    /// the new file; the second write is the one such a watcher fires on.
+    retouch: std::collections::BTreeSet<PathBuf>,
 }
 
 impl MarsTree {
@@ -151,6 +156,7 @@ impl MarsTree {
             path: path.to_path_buf(),
             last: None,
             consumed: Default::default(),
+            retouch: Default::default(),
         })
     }
 
@@ -167,6 +173,13 @@ impl MarsTree {
     /// later calls change only what changed since the last one.
     pub fn apply(&mut self, state: &TreeState) -> Result<Applied, TreeError> {
         let mut done = Applied::default();
+        for p in std::mem::take(&mut self.retouch) {
+            // Taken meanwhile (the watcher saw the creation): nothing to repeat.
+            if p.is_file() {
+                touch_trigger(&p)?;
+                done.triggers.push(p);
+            }
+        }
         let first = self.last.is_none();
         let last = self.last.take().unwrap_or_default();
         let userspace = self.path.join("userspace");
@@ -248,8 +261,7 @@ impl MarsTree {
                 Some(o) => want_changed || o.primary != s.primary || o.units != s.units,
             };
             if touched || (!trigger.exists() && !self.consumed.contains(&trigger)) {
-                touch_trigger(&trigger)?;
-                self.consumed.remove(&trigger);
+                self.write_trigger(&trigger)?;
                 done.triggers.push(trigger);
             }
         }
@@ -259,8 +271,7 @@ impl MarsTree {
         let set_changed =
             first || last.resources.keys().ne(state.resources.keys()) || last.uuid != state.uuid;
         if set_changed || (!global.exists() && !self.consumed.contains(&global)) {
-            touch_trigger(&global)?;
-            self.consumed.remove(&global);
+            self.write_trigger(&global)?;
             done.triggers.push(global);
         }
         let emergency = userspace.join("emergency-trigger");
@@ -294,6 +305,18 @@ impl MarsTree {
         Ok(removed)
     }
 
+    /// Writes a trigger file; one that was missing is written again by the next apply (see
+    /// [`MarsTree::retouch`]).
+    fn write_trigger(&mut self, p: &Path) -> Result<(), TreeError> {
+        let created = !p.exists();
+        touch_trigger(p)?;
+        self.consumed.remove(p);
+        if created {
+            self.retouch.insert(p.to_path_buf());
+        }
+        Ok(())
+    }
+
     /// Writes every trigger file again (the global one and each resource's). systemd re-creates
     /// its path watches on a reload, and a write that came while it reloaded is not seen: after
     /// marsd reloaded systemd, the watchers get their event again.
@@ -308,8 +331,7 @@ impl MarsTree {
                 .map(|r| self.res_dir(r).join("systemd-trigger")),
         );
         for p in &done {
-            touch_trigger(p)?;
-            self.consumed.remove(p);
+            self.write_trigger(p)?;
         }
         Ok(done)
     }
@@ -483,7 +505,12 @@ mod tests {
         let stamp = trig(&trigger);
         assert!(stamp.ends_with('\n') && stamp.trim().split('.').nth(1).unwrap().len() == 9);
 
-        // Nothing changed: nothing written.
+        // The systemd trigger files just created are written once more by the next apply (for
+        // watchers that saw only their creation), then nothing changed: nothing written.
+        assert_eq!(
+            t.apply(&s).unwrap().triggers,
+            vec![trigger.clone(), global.clone()]
+        );
         assert!(t.apply(&s).unwrap().is_empty());
 
         // `systemd-trigger-extern r1` takes its trigger (and then the global one): the files
@@ -494,15 +521,20 @@ mod tests {
         assert!(t.consume(None).unwrap());
         assert!(!global.exists());
         assert!(t.apply(&s).unwrap().is_empty());
-        s.resources.get_mut("r1").unwrap().want_stamp = 5;
         s.resources.get_mut("r1").unwrap().primary = Some("b".into());
         assert_eq!(t.apply(&s).unwrap().triggers, vec![trigger.clone()]);
         assert!(trigger.is_file());
+        // Created again: written once more; the global one stays taken.
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![trigger.clone()]);
+        assert!(!global.exists());
         s.resources.get_mut("r1").unwrap().primary = Some("a".into());
         t.apply(&s).unwrap();
-        // A reload writes every trigger again, the consumed global one too.
+        // A reload writes every trigger again, the consumed global one too (and it once more
+        // by the next apply).
         t.retrigger().unwrap();
         assert!(global.is_file());
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![global.clone()]);
+        assert!(t.apply(&s).unwrap().is_empty());
 
         // The same want written again (new stamp): a new link with a later mtime, a trigger.
         let m1 = std::fs::symlink_metadata(&want).unwrap().mtime();
@@ -531,7 +563,14 @@ mod tests {
         assert!(!p.join("resource-r2/systemd-want").exists());
         s.resources.get_mut("r2").unwrap().emergency = true;
         let done = t.apply(&s).unwrap();
-        assert_eq!(done.triggers, vec![p.join("userspace/emergency-trigger")]);
+        // (r2's new trigger file once more, see above.)
+        assert_eq!(
+            done.triggers,
+            vec![
+                p.join("resource-r2/systemd-trigger"),
+                p.join("userspace/emergency-trigger")
+            ]
+        );
 
         // Left: the directory goes.
         s.resources.remove("r1");
