@@ -16,6 +16,10 @@
 //!                                        designated primary or the stack's units change
 //!                                        (mars-RES-trigger.path)
 //! TREE/resource-RES/userspace/           for the templates' scripts (their copy of the want)
+//!
+//! The systemd trigger files are taken (removed) by `systemd-trigger[-extern]`, which the
+//! watchers run ([`MarsTree::consume`]): MARS's `PathExists=` watchers would otherwise start
+//! their service again and again.
 //! ```
 //!
 //! When MARS touches what (its kernel module `touch_systemd_trigger`, its `marsadm`
