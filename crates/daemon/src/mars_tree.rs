@@ -16,11 +16,12 @@
 //!                                        designated primary or the stack's units change
 //!                                        (mars-RES-trigger.path)
 //! TREE/resource-RES/userspace/           for the templates' scripts (their copy of the want)
+//! ```
 //!
 //! The systemd trigger files are taken (removed) by `systemd-trigger[-extern]`, which the
 //! watchers run ([`MarsTree::consume`]): MARS's `PathExists=` watchers would otherwise start
-//! their service again and again.
-//! ```
+//! their service again and again. One the tree creates is written once more by the next
+//! apply (see `MarsTree::retouch`).
 //!
 //! When MARS touches what (its kernel module `touch_systemd_trigger`, its `marsadm`
 //! `finish_links`/`safe_touch`): a changed `primary` or `systemd-*` link of a resource writes
