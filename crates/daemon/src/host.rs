@@ -433,9 +433,9 @@ fn roles_of(
 }
 
 /// This host's sync, fetch and replay of a resource for the amount macros in templates:
-/// the progress `view` shows (`control::view::jobs`).
+/// the progress `view` shows (`resource::jobs`).
 fn amounts_of(snap: &crate::resource::Snapshot) -> mars_unitgen::Amounts {
-    let jobs = crate::control::view::jobs(snap);
+    let jobs = crate::resource::jobs(snap);
     let p = |p: mars_api::Progress| mars_unitgen::Progress {
         done: p.done,
         total: p.total,

@@ -7,7 +7,7 @@
 mod cluster;
 mod global;
 mod resources;
-pub(crate) mod view;
+mod view;
 
 pub use view::view;
 

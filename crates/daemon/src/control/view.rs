@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mars_api::{
-    ClusterInfo, ClusterView, DiskState, LogPin, LogPos, LogRange, LogView, Progress, ReplState,
-    ReplicaView, ResourceSpace, ResourceView, SpaceView, SplitBrainView, SplitSide, SystemdView,
+    ClusterInfo, ClusterView, DiskState, LogPin, LogPos, LogView, Progress, ReplState, ReplicaView,
+    ResourceSpace, ResourceView, SpaceView, SplitBrainView, SplitSide, SystemdView,
 };
 use mars_config::HostName;
 use mars_engine::Role;
@@ -139,11 +139,11 @@ async fn resource_view(
     } else {
         st.report.stuck.clone().or(st.fetch_error.clone())
     };
-    let Jobs {
+    let crate::resource::Jobs {
         sync,
         fetch,
         replay,
-    } = jobs(&snap);
+    } = crate::resource::jobs(&snap);
     // Every member's state, once (its line below and whether it is behind at all).
     let states: std::collections::BTreeMap<HostName, mars_engine::MemberState> = meta
         .members
@@ -305,54 +305,6 @@ async fn resource_view(
     (view, space)
 }
 
-/// A replica's sync, fetch and replay as `view` shows them (and MARS's amount macros read
-/// them, in `marsadm view-…` and in templates): fetch and replay on one scale, from the
-/// applied position to the primary's log end. A primary has none.
-pub struct Jobs {
-    pub sync: Option<Progress>,
-    pub fetch: Option<Progress>,
-    pub replay: Option<Progress>,
-}
-
-pub fn jobs(snap: &crate::resource::Snapshot) -> Jobs {
-    let (st, meta) = (&snap.status, &snap.meta);
-    let mut out = Jobs {
-        sync: None,
-        fetch: None,
-        replay: None,
-    };
-    if st.primary {
-        return out;
-    }
-    let r = &st.report;
-    out.sync = r.sync.as_ref().map(|y| Progress {
-        done: y.done,
-        total: y.size,
-        rate: y.rate,
-        logs: None,
-    });
-    if let Some(applied) = st.applied {
-        let primary_end = meta.bytes_after(applied);
-        let fetched_rest = st.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
-        if let Some(total) = primary_end {
-            let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
-            out.fetch = Some(Progress {
-                done: fetched,
-                total,
-                rate: r.fetch_rate,
-                logs: Some(range(st.logs)),
-            });
-            out.replay = Some(Progress {
-                done: 0,
-                total,
-                rate: r.replay_rate,
-                logs: Some(range(st.logs)),
-            });
-        }
-    }
-    out
-}
-
 /// The engine's MARS disk-state text as the typed state; a text this version does not know
 /// (never, by the test below) reads as `NotPresent` rather than failing the view.
 fn disk(text: &str) -> DiskState {
@@ -373,10 +325,6 @@ fn pos(p: mars_txlog::LogPos) -> LogPos {
         logfile: p.file,
         offset: p.offset,
     }
-}
-
-fn range((first, last): (u64, u64)) -> LogRange {
-    LogRange { first, last }
 }
 
 fn api_role(r: Role) -> mars_api::Role {
