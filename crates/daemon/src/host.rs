@@ -110,6 +110,8 @@ impl Host {
                             systemd: snap.meta.systemd.clone(),
                             primary: snap.meta.primary.as_ref().map(|p| p.to_string()),
                             emergency: snap.status.report.emergency,
+                            roles: roles_of(&snap, &h.ident.host, &h.liveness()),
+                            amounts: amounts_of(&snap),
                         }
                     })
                     .collect()
@@ -399,4 +401,50 @@ pub fn statvfs(path: &Path) -> Option<(u64, u64)> {
         return None;
     }
     Some((st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize))
+}
+
+/// Who acts as primary of a resource, for `%is-primary{}` in templates: this host when its
+/// device is open, another member when its last report says so and it is reachable (as
+/// `view` shows no role of a member that is not alive).
+fn roles_of(
+    snap: &crate::resource::Snapshot,
+    me: &HostName,
+    live: &mars_engine::resource::Liveness,
+) -> mars_unitgen::Roles {
+    let mut roles = mars_unitgen::Roles::default();
+    for (hn, m) in &snap.meta.members {
+        let acting = if hn == me {
+            snap.status.primary
+        } else {
+            live.reachable.contains(hn)
+                && m.report
+                    .as_ref()
+                    .is_some_and(|r| r.role == mars_engine::Role::Primary)
+        };
+        if acting {
+            roles.acting.insert(hn.to_string());
+        }
+        roles.members.push(hn.to_string());
+    }
+    if snap.status.primary {
+        roles.acting.insert(me.to_string());
+    }
+    roles
+}
+
+/// This host's sync, fetch and replay of a resource for the amount macros in templates:
+/// the progress `view` shows (`resource::jobs`).
+fn amounts_of(snap: &crate::resource::Snapshot) -> mars_unitgen::Amounts {
+    let jobs = crate::resource::jobs(snap);
+    let p = |p: mars_api::Progress| mars_unitgen::Progress {
+        done: p.done,
+        total: p.total,
+        rate: p.rate,
+    };
+    mars_unitgen::Amounts {
+        size: snap.status.size,
+        sync: jobs.sync.map(p),
+        fetch: jobs.fetch.map(p),
+        replay: jobs.replay.map(p),
+    }
 }

@@ -18,6 +18,11 @@
 //! TREE/resource-RES/userspace/           for the templates' scripts (their copy of the want)
 //! ```
 //!
+//! The systemd trigger files are taken (removed) by `systemd-trigger[-extern]`, which the
+//! watchers run ([`MarsTree::consume`]): MARS's `PathExists=` watchers would otherwise start
+//! their service again and again. One the tree creates is written once more by the next
+//! apply (see `MarsTree::retouch`).
+//!
 //! When MARS touches what (its kernel module `touch_systemd_trigger`, its `marsadm`
 //! `finish_links`/`safe_touch`): a changed `primary` or `systemd-*` link of a resource writes
 //! that resource's trigger; a global change writes the global one. A resource this host no
@@ -109,6 +114,14 @@ impl Applied {
 pub struct MarsTree {
     path: PathBuf,
     last: Option<TreeState>,
+    /// Trigger files taken by `systemd-trigger[-extern]` ([`MarsTree::consume`]): missing on
+    /// purpose until the next change (any other missing trigger file is written again).
+    consumed: std::collections::BTreeSet<PathBuf>,
+    /// Trigger files this tree created (they were missing) in its last [`MarsTree::apply`]:
+    /// written once more by the next one if still there. A `PathChanged=` watch on a missing
+    /// file sees its creation only as an event of the directory, after which systemd watches
+    /// the new file; the second write is the one such a watcher fires on.
+    retouch: std::collections::BTreeSet<PathBuf>,
 }
 
 impl MarsTree {
@@ -147,6 +160,8 @@ impl MarsTree {
         Ok(MarsTree {
             path: path.to_path_buf(),
             last: None,
+            consumed: Default::default(),
+            retouch: Default::default(),
         })
     }
 
@@ -163,6 +178,13 @@ impl MarsTree {
     /// later calls change only what changed since the last one.
     pub fn apply(&mut self, state: &TreeState) -> Result<Applied, TreeError> {
         let mut done = Applied::default();
+        for p in std::mem::take(&mut self.retouch) {
+            // Taken meanwhile (the watcher saw the creation): nothing to repeat.
+            if p.is_file() {
+                touch_trigger(&p)?;
+                done.triggers.push(p);
+            }
+        }
         let first = self.last.is_none();
         let last = self.last.take().unwrap_or_default();
         let userspace = self.path.join("userspace");
@@ -243,8 +265,8 @@ impl MarsTree {
                 None => true,
                 Some(o) => want_changed || o.primary != s.primary || o.units != s.units,
             };
-            if touched || !trigger.exists() {
-                touch_trigger(&trigger)?;
+            if touched || (!trigger.exists() && !self.consumed.contains(&trigger)) {
+                self.write_trigger(&trigger)?;
                 done.triggers.push(trigger);
             }
         }
@@ -253,8 +275,8 @@ impl MarsTree {
         let global = userspace.join("systemd-trigger");
         let set_changed =
             first || last.resources.keys().ne(state.resources.keys()) || last.uuid != state.uuid;
-        if set_changed || !global.exists() {
-            touch_trigger(&global)?;
+        if set_changed || (!global.exists() && !self.consumed.contains(&global)) {
+            self.write_trigger(&global)?;
             done.triggers.push(global);
         }
         let emergency = userspace.join("emergency-trigger");
@@ -272,10 +294,38 @@ impl MarsTree {
 }
 
 impl MarsTree {
+    /// Removes the trigger file of `res` (`None`: the global one): `systemd-trigger[-extern]`
+    /// has taken the trigger, so a watcher's `PathExists=` on it stops being true (since
+    /// systemd 246 `PathExists=` starts the service again whenever it ends while the file
+    /// exists: MARS's own watchers would loop). The next change writes the file again, which
+    /// fires `PathExists=`, `PathChanged=` and `PathModified=` alike. Returns whether there
+    /// was one.
+    pub fn consume(&mut self, res: Option<&str>) -> Result<bool, TreeError> {
+        let p = match res {
+            Some(r) => self.res_dir(r).join("systemd-trigger"),
+            None => self.path.join("userspace/systemd-trigger"),
+        };
+        let removed = remove_file(&p)?;
+        self.consumed.insert(p);
+        Ok(removed)
+    }
+
+    /// Writes a trigger file; one that was missing is written again by the next apply (see
+    /// [`MarsTree::retouch`]).
+    fn write_trigger(&mut self, p: &Path) -> Result<(), TreeError> {
+        let created = !p.exists();
+        touch_trigger(p)?;
+        self.consumed.remove(p);
+        if created {
+            self.retouch.insert(p.to_path_buf());
+        }
+        Ok(())
+    }
+
     /// Writes every trigger file again (the global one and each resource's). systemd re-creates
     /// its path watches on a reload, and a write that came while it reloaded is not seen: after
     /// marsd reloaded systemd, the watchers get their event again.
-    pub fn retrigger(&self) -> Result<Vec<PathBuf>, TreeError> {
+    pub fn retrigger(&mut self) -> Result<Vec<PathBuf>, TreeError> {
         let Some(last) = &self.last else {
             return Ok(Vec::new());
         };
@@ -286,7 +336,7 @@ impl MarsTree {
                 .map(|r| self.res_dir(r).join("systemd-trigger")),
         );
         for p in &done {
-            touch_trigger(p)?;
+            self.write_trigger(p)?;
         }
         Ok(done)
     }
@@ -460,7 +510,35 @@ mod tests {
         let stamp = trig(&trigger);
         assert!(stamp.ends_with('\n') && stamp.trim().split('.').nth(1).unwrap().len() == 9);
 
-        // Nothing changed: nothing written.
+        // The systemd trigger files just created are written once more by the next apply (for
+        // watchers that saw only their creation), then nothing changed: nothing written.
+        assert_eq!(
+            t.apply(&s).unwrap().triggers,
+            vec![trigger.clone(), global.clone()]
+        );
+        assert!(t.apply(&s).unwrap().is_empty());
+
+        // `systemd-trigger-extern r1` takes its trigger (and then the global one): the files
+        // go; the next change writes the resource's again.
+        assert!(t.consume(Some("r1")).unwrap());
+        assert!(!trigger.exists() && global.exists());
+        assert!(!t.consume(Some("r1")).unwrap());
+        assert!(t.consume(None).unwrap());
+        assert!(!global.exists());
+        assert!(t.apply(&s).unwrap().is_empty());
+        s.resources.get_mut("r1").unwrap().primary = Some("b".into());
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![trigger.clone()]);
+        assert!(trigger.is_file());
+        // Created again: written once more; the global one stays taken.
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![trigger.clone()]);
+        assert!(!global.exists());
+        s.resources.get_mut("r1").unwrap().primary = Some("a".into());
+        t.apply(&s).unwrap();
+        // A reload writes every trigger again, the consumed global one too (and it once more
+        // by the next apply).
+        t.retrigger().unwrap();
+        assert!(global.is_file());
+        assert_eq!(t.apply(&s).unwrap().triggers, vec![global.clone()]);
         assert!(t.apply(&s).unwrap().is_empty());
 
         // The same want written again (new stamp): a new link with a later mtime, a trigger.
@@ -490,7 +568,14 @@ mod tests {
         assert!(!p.join("resource-r2/systemd-want").exists());
         s.resources.get_mut("r2").unwrap().emergency = true;
         let done = t.apply(&s).unwrap();
-        assert_eq!(done.triggers, vec![p.join("userspace/emergency-trigger")]);
+        // (r2's new trigger file once more, see above.)
+        assert_eq!(
+            done.triggers,
+            vec![
+                p.join("resource-r2/systemd-trigger"),
+                p.join("userspace/emergency-trigger")
+            ]
+        );
 
         // Left: the directory goes.
         s.resources.remove("r1");

@@ -4,13 +4,14 @@
 //!
 //! A job first regenerates the units of every local resource (written only when the content
 //! changed; `daemon-reload` only then; generated files nobody produces any more are stopped
-//! unless `KEEP_RUNNING`, and removed), then runs `systemctl` as MARS does: `reset-failed`, then
-//! `start`/`stop` with `--job-mode=fail` up to [`JOB_MODE_FAIL_TRIES`] times with linear
-//! backoff, then once in the normal job mode (not for a unit systemd does not know, exit 5:
-//! MARS checks that with `systemctl cat` first and reports 0; we report the failure, which the
-//! engine does not retry by itself). A `.script` pseudo-unit is run as `SCRIPT start`
-//! or `SCRIPT stop`. The result is published by the engine as `systemd-status-HOST`, which a
-//! planned handover on another host waits for.
+//! unless `KEEP_RUNNING`, and removed), then makes one try of the operation as MARS does:
+//! `reset-failed`, then `start`/`stop`, with `--job-mode=fail` for the first
+//! [`JOB_MODE_FAIL_TRIES`] tries and in the normal job mode for the last. The engine counts the
+//! tries, waits between them and gives up after [`mars_engine::systemd::UNIT_TRIES`] (MARS's
+//! numbers; a unit systemd does not know, exit 5, at once: MARS checks that with
+//! `systemctl cat` first and reports 0; we report the failure). A `.script` pseudo-unit is run
+//! once as `SCRIPT start` or `SCRIPT stop`. The result is published by the engine as
+//! `systemd-status-HOST`, which a planned handover on another host waits for.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -26,10 +27,10 @@ use mars_unitgen::{fs as ufs, Config as GenConfig, Generator, Vars, WantedUnit};
 use crate::identity::Identity;
 use crate::mars_tree::{MarsTree, ResourceState, TreeState};
 
-/// MARS: `start`/`stop` with `--job-mode=fail` five times before the normal job mode, so that a
-/// job already queued for the unit is not replaced by ours.
-const JOB_MODE_FAIL_TRIES: u32 = 5;
-const JOB_MODE_FAIL_STEP: Duration = Duration::from_millis(200);
+use mars_engine::systemd::JOB_MODE_FAIL_TRIES;
+/// Between the tries of a start or stop made inside a regeneration (new `ALWAYS_START` units,
+/// removed units), which blocks the resource's job: shorter than MARS's 1 s steps.
+const INLINE_STEP: Duration = Duration::from_millis(200);
 /// `systemctl` says "Unit … not found" with this exit status (LSB "program is not installed":
 /// systemd's `BUS_ERROR_NO_SUCH_UNIT`; a unit file that fails to load is 6).
 const NOT_LOADED: i32 = 5;
@@ -103,6 +104,10 @@ pub struct LocalStack {
     pub primary: Option<String>,
     /// This host's primary of it is in emergency mode.
     pub emergency: bool,
+    /// Who acts as primary (`%is-primary{}` in templates).
+    pub roles: mars_unitgen::Roles,
+    /// This host's sync, fetch and replay (the amount macros in templates).
+    pub amounts: mars_unitgen::Amounts,
 }
 
 /// Lists the local resources and their stacks.
@@ -213,6 +218,18 @@ impl Systemd {
         }
     }
 
+    /// `systemd-trigger[-extern] [RES]` takes the trigger: its file in the MARS tree goes
+    /// ([`MarsTree::consume`]; nothing without a tree). Called before the regeneration and the
+    /// want operations, so a change after this point writes the file again.
+    pub fn consume_trigger(&self, res: Option<&str>) {
+        if let Some(tree) = lock(&self.tree).as_mut() {
+            match tree.consume(res) {
+                Ok(_) => {}
+                Err(e) => tracing::warn!("mars tree: {e}"),
+            }
+        }
+    }
+
     /// Where the list of local resources comes from.
     pub fn set_resources(&self, f: ResourceList) {
         let _ = self.resources.set(f);
@@ -221,7 +238,8 @@ impl Systemd {
     /// Runs one job of `res` (blocking): regenerate if asked, then the operation. Returns the
     /// operation's result.
     pub fn run_job(&self, res: &str, job: &UnitJob) -> Option<UnitStatus> {
-        if job.regenerate || job.op.is_some() {
+        // A retry does not regenerate again (the first try of the operation did).
+        if job.regenerate || (job.op.is_some() && job.attempt <= 1) {
             if let Err(e) = self.regenerate() {
                 // The units from the last good generation (or real unit files) may still do.
                 tracing::error!("systemd: cannot generate units: {e}");
@@ -229,12 +247,14 @@ impl Systemd {
         }
         let key = job.op.as_ref()?;
         tracing::info!(
-            "{res}: systemd {} {} (want {})",
+            "{res}: systemd {} {} (want {}, try {})",
             key.op.as_str(),
             key.unit,
-            key.want.as_deref().unwrap_or("unset")
+            key.want.as_deref().unwrap_or("unset"),
+            job.attempt
         );
-        let (code, error) = match perform(&self.settings, key.op, &key.unit) {
+        let fail_mode = job.attempt <= JOB_MODE_FAIL_TRIES;
+        let (code, error) = match perform_once(&self.settings, key.op, &key.unit, fail_mode) {
             Ok(c) => (Some(c), None),
             Err(e) => (None, Some(e.to_string())),
         };
@@ -260,6 +280,9 @@ impl Systemd {
             want_stamp: key.want_stamp,
             error,
             unknown_unit,
+            // The engine fills in which try it was and whether it gives up.
+            tries: 0,
+            gave_up: false,
         };
         if status.ok() {
             tracing::info!("{res}: systemd {}", status.summary());
@@ -283,7 +306,8 @@ impl Systemd {
     }
 
     /// What MARS's view primitives in templates (`%get-primary{}`, `%todo-primary{}`,
-    /// `%is-member{}`, `%uuid{}`, …) see: this host's resources as the engine holds them.
+    /// `%is-member{}`, `%uuid{}`, `%is-primary{}`, the amounts and rates …) see: this host's
+    /// resources as the engine holds them, at generation time.
     pub fn state_view(&self) -> mars_unitgen::StateView {
         let mut view = mars_unitgen::StateView {
             host: self.ident.host.as_str().to_string(),
@@ -303,6 +327,8 @@ impl Systemd {
                     primary: r.primary,
                     emergency: r.emergency,
                     units,
+                    roles: Some(r.roles),
+                    amounts: Some(r.amounts),
                 },
             );
         }
@@ -475,7 +501,7 @@ impl Systemd {
                 }
             }
             // A trigger file written while systemd reloaded may have gone unseen.
-            if let Some(tree) = lock(&self.tree).as_ref() {
+            if let Some(tree) = lock(&self.tree).as_mut() {
                 if let Err(e) = tree.retrigger() {
                     tracing::warn!("mars tree: {e}");
                 }
@@ -521,8 +547,14 @@ fn install_op(s: &Settings, op: &str, unit: &str) {
     }
 }
 
-/// Runs one start or stop (see the module docs); `Ok(exit status)`.
-fn perform(s: &Settings, op: UnitOp, unit: &str) -> Result<i32, SystemdError> {
+/// One try of a start or stop (see the module docs): `--job-mode=fail` when `fail_mode`;
+/// `Ok(exit status)`.
+fn perform_once(
+    s: &Settings,
+    op: UnitOp,
+    unit: &str,
+    fail_mode: bool,
+) -> Result<i32, SystemdError> {
     // No `/`, no leading `.` or `-`: a script is one of the scripts directory, and a unit
     // name cannot be read as an option of systemctl.
     mars_unitgen::check_unit_name(unit)?;
@@ -530,27 +562,36 @@ fn perform(s: &Settings, op: UnitOp, unit: &str) -> Result<i32, SystemdError> {
         let path = s.scripts_dir.join(unit);
         return run(Command::new(&path).arg(op.as_str()), s.timeout);
     }
-    // A unit left failed by an earlier attempt refuses to start until reset.
+    // A unit left failed by an earlier try refuses to start until reset (this also resets
+    // systemd's start rate limit, which seven tries in 28 s could otherwise hit).
     let _ = run(
         Command::new(&s.systemctl).args(["reset-failed", unit]),
         s.timeout,
     );
-    for attempt in 1..=JOB_MODE_FAIL_TRIES {
-        let code = run(
-            Command::new(&s.systemctl).args(["--job-mode=fail", op.as_str(), unit]),
-            s.timeout,
-        )?;
-        // Done, or systemd does not know the unit: trying again cannot change that (a unit
-        // file appears only with a daemon-reload, which is a new job's business).
-        if code == 0 || code == NOT_LOADED {
-            return Ok(code);
-        }
-        std::thread::sleep(JOB_MODE_FAIL_STEP * attempt);
+    let mut cmd = Command::new(&s.systemctl);
+    if fail_mode {
+        cmd.arg("--job-mode=fail");
     }
-    run(
-        Command::new(&s.systemctl).args([op.as_str(), unit]),
-        s.timeout,
-    )
+    run(cmd.args([op.as_str(), unit]), s.timeout)
+}
+
+/// All tries of a start or stop at once, for the ones a regeneration makes itself (new
+/// `ALWAYS_START` units, removed units): MARS's tries with shorter waits.
+fn perform(s: &Settings, op: UnitOp, unit: &str) -> Result<i32, SystemdError> {
+    let tries = mars_engine::systemd::unit_tries(unit);
+    let mut code = 0;
+    for attempt in 1..=tries {
+        code = perform_once(s, op, unit, attempt <= JOB_MODE_FAIL_TRIES)?;
+        // Done, or systemd does not know the unit: trying again cannot change that (a unit
+        // file appears only with a daemon-reload).
+        if code == 0 || code == NOT_LOADED {
+            break;
+        }
+        if attempt < tries {
+            std::thread::sleep(INLINE_STEP * attempt);
+        }
+    }
+    Ok(code)
 }
 
 /// Runs `cmd` in a process group of its own, killing the group after `timeout`. Output goes to

@@ -38,9 +38,9 @@ pub struct Timing {
     /// Backoff of a failed sync session.
     pub sync_backoff_min: u64,
     pub sync_backoff_max: u64,
-    /// Backoff of a failed systemd operation.
-    pub unit_backoff_min: u64,
-    pub unit_backoff_max: u64,
+    /// A failed systemd operation is tried again after `n * unit_retry_step` following its
+    /// n-th failure (MARS: linear, 1 s steps), up to `systemd::UNIT_TRIES` tries.
+    pub unit_retry_step: u64,
     /// How often an engine with moving parts (a primary being written to, a replica fetching,
     /// replaying or syncing) wants fresh local statistics. Idle engines want none.
     pub busy_tick: u64,
@@ -69,8 +69,7 @@ impl Timing {
             fetch_backoff_max: 3_000,
             sync_backoff_min: 200,
             sync_backoff_max: 3_000,
-            unit_backoff_min: 1_000,
-            unit_backoff_max: 60_000,
+            unit_retry_step: 1_000,
             busy_tick: 250,
             setup_wait: 5_000,
             attach_retry: 1_000,

@@ -54,6 +54,26 @@ impl SystemdMeta {
     }
 }
 
+/// How often one start or stop is tried before it is given up, as MARS's `systemctl` helper
+/// (marsadm, `sub systemctl`): `start`/`stop` with `--job-mode=fail` ([`JOB_MODE_FAIL_TRIES`]
+/// times, so that a job already queued for the unit is not replaced by ours), then once in
+/// the normal job mode; after the n-th failure it waits n seconds. Then MARS reports the
+/// status (`systemd-status-…`) and tries again only on the next trigger: a new want, or
+/// `marsadm systemd-trigger`. A `.script` is run once (MARS runs scripts directly, without
+/// retries).
+pub const UNIT_TRIES: u32 = 7;
+/// Of [`UNIT_TRIES`], the ones with `--job-mode=fail`.
+pub const JOB_MODE_FAIL_TRIES: u32 = 6;
+
+/// How many tries an operation on `unit` gets ([`UNIT_TRIES`]; a script one).
+pub fn unit_tries(unit: &str) -> u32 {
+    if unit.ends_with(".script") {
+        1
+    } else {
+        UNIT_TRIES
+    }
+}
+
 /// Start or stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -96,6 +116,19 @@ pub struct UnitStatus {
     /// failure and wait for the want to change or for `systemd-trigger`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub unknown_unit: bool,
+    /// Which try of the operation this was (1-based; 0 from an older marsd). Set by the
+    /// engine, which counts the tries.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tries: u32,
+    /// The operation failed [`UNIT_TRIES`] times in a row and is not tried again until the
+    /// want changes or `marsadm systemd-trigger` asks (MARS gives up likewise). Set by the
+    /// engine.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gave_up: bool,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl UnitStatus {
@@ -124,7 +157,18 @@ impl UnitStatus {
             (None, Some(e)) => e.clone(),
             (None, None) => "failed".to_string(),
         };
-        format!("{} {}: {result}", self.op.as_str(), self.unit)
+        let tries = if self.ok() || self.unknown_unit || self.tries == 0 {
+            String::new()
+        } else if self.gave_up {
+            format!(
+                " (gave up after {} tries, as MARS; a new want or `marsadm systemd-trigger` \
+                 tries again)",
+                self.tries
+            )
+        } else {
+            format!(" (try {}, trying again)", self.tries)
+        };
+        format!("{} {}: {result}{tries}", self.op.as_str(), self.unit)
     }
 }
 
@@ -142,8 +186,8 @@ impl UnitStatus {
 /// the designated primary for that would turn every daemon restart into an outage.
 ///
 /// `None` when no stack is configured. Idempotent: the daemon runs the op again only when
-/// its inputs (op, unit, want entry) change, after a failure (with backoff), or on
-/// `systemd-trigger`.
+/// its inputs (op, unit, want entry) change, after a failure (up to [`UNIT_TRIES`] tries), or
+/// on `systemd-trigger`.
 pub fn want_op(
     sd: &SystemdMeta,
     me: &HostName,
@@ -229,6 +273,8 @@ mod tests {
             want_stamp: 7,
             error: None,
             unknown_unit: false,
+            tries: 0,
+            gave_up: false,
         };
         assert_eq!(UnitStatus::from_json(&st.to_json()), Some(st.clone()));
         assert_eq!(st.summary(), "stop mnt.mount: exit 1");

@@ -26,6 +26,13 @@ pub struct NodeOptions {
     pub device: bool,
     /// `--systemd-timeout`: seconds a start or stop of the stack may take.
     pub systemd_timeout: u32,
+    /// A MARS-compatible tree at `/mars` (`--mars-tree /mars`), on a tmpfs of the box's own,
+    /// as MARS keeps `/mars` on a filesystem of its own (MARS's `mars.service` binds to
+    /// `mars.mount`).
+    pub mars_tree: bool,
+    /// Files written into the box at every boot before marsd starts: (path inside, content,
+    /// mode).
+    pub files: Vec<(String, Vec<u8>, u32)>,
 }
 
 impl Default for NodeOptions {
@@ -33,6 +40,8 @@ impl Default for NodeOptions {
         NodeOptions {
             device: false,
             systemd_timeout: 20,
+            mars_tree: false,
+            files: Vec::new(),
         }
     }
 }
@@ -44,6 +53,8 @@ pub struct Node {
     /// The test's directory, shared into the box (with the binaries).
     shared: PathBuf,
     device: bool,
+    mars_tree: bool,
+    files: Vec<(String, Vec<u8>, u32)>,
     unit: String,
 }
 
@@ -90,9 +101,14 @@ impl Node {
         } else {
             format!("--device none --device-dir {}", base.join("dev").display())
         };
+        let tree = if opt.mars_tree {
+            " --mars-tree /mars"
+        } else {
+            ""
+        };
         let exec = format!(
             "{} --root {} --host {name} --listen {peer} --nbd-listen 127.0.0.1:{nbd_port} \
-             --systemd-templates {} --systemd-timeout {} {device}",
+             --systemd-templates {} --systemd-timeout {} {device}{tree}",
             bins.join("marsd").display(),
             root.display(),
             templates.display(),
@@ -103,6 +119,8 @@ impl Node {
             sdbox: None,
             shared: t.to_path_buf(),
             device: opt.device,
+            mars_tree: opt.mars_tree,
+            files: opt.files.clone(),
             unit: marsd_unit(&exec, &log),
         };
         n.boot();
@@ -133,6 +151,25 @@ impl Node {
                 "/dev/mars in the box: {}",
                 String::from_utf8_lossy(&o.stderr)
             );
+        }
+        if self.mars_tree {
+            let o = b.exec(&[
+                "sh",
+                "-c",
+                "mkdir -p /mars && mount -t tmpfs -o mode=0755 mars /mars",
+            ]);
+            assert!(
+                o.status.success(),
+                "/mars in the box: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        for (path, content, mode) in &self.files {
+            use std::os::unix::fs::PermissionsExt;
+            let p = b.path(path);
+            std::fs::create_dir_all(p.parent().expect("a file in a directory")).expect("dir");
+            std::fs::write(&p, content).expect("a file in the box");
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).expect("mode");
         }
         std::fs::write(b.path("/etc/systemd/system/marsd.service"), &self.unit)
             .expect("marsd.service");

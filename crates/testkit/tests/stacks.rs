@@ -263,6 +263,7 @@ fn stack_up(t: &Path, app: &mut dyn App, clock: &Clock) -> (Node, Node, PathBuf)
     let opt = NodeOptions {
         device: true,
         systemd_timeout: 90,
+        ..NodeOptions::default()
     };
     let a = Node::start(t, "a", "127.0.0.1", &tpl, &opt);
     let b = Node::start(t, "b", "127.0.0.2", &tpl, &opt);
@@ -984,4 +985,192 @@ fn container_after_marsd_killed_under_its_mounted_filesystem() {
         return;
     }
     each_loop(|clock| marsd_killed_scenario(&mut Container::new(), clock));
+}
+
+// ---------------------------------------------------------------- MARS's own templates
+
+/// The drop-in that stands in for MARS's kernel module (docs/mars-compatibility.md, "MARS's
+/// own templates"): MARS's `mars.service` runs `modprobe mars` / `rmmod mars`; with marsd the
+/// module's work is `marsd.service`'s, so the unit stays what it is for the others — a
+/// oneshot marking "MARS is up" — without loading anything.
+const MARS_SERVICE_DROPIN: &str = "\
+# marsd instead of the kernel module: mars.service only marks that MARS is up.
+[Service]
+ExecStart=
+ExecStart=/bin/true
+ExecStop=
+ExecStop=/bin/true
+";
+
+const TESTING_MOUNT: &str = "mnt-test-app\\x2d1.mount";
+const TESTING_LOAD: &str = "mnt-test-app\\x2d1-testload.service";
+const TESTING_MNT: &str = "/mnt/test/app-1";
+
+/// MARS's own template set at run time (issue 17 item 3): `tests/data/mars-systemd-testing/`
+/// is MARS's `systemd-testing/` (mars0.1astable177) unedited, installed where MARS installs
+/// templates (`/etc/marsadm/systemd-templates/`, its scripts call the load scripts there), in
+/// two boxes whose marsd keeps the MARS tree on `/mars` (a tmpfs of its own: MARS's
+/// `mars.service` binds to `mars.mount`), with `/usr/bin/marsadm` (which the watchers run)
+/// and the one documented change: a drop-in that turns `mars.service`'s `modprobe`/`rmmod`
+/// into nothing. `set-systemd-unit RES TESTING` (MARS's test stack: a mount of `/dev/mars/RES`
+/// on `/mnt/test/RES` and a load writing into it, `BindsTo`/`PartOf` the mount) runs on the
+/// primary; two planned handovers move it, what was written on one host is there on the
+/// other, and MARS's watchers run `systemd-trigger-extern` without looping.
+#[test]
+fn mars_own_testing_templates_move_the_stack_on_handover() {
+    if !supported(&["mkfs.ext4", "mountpoint"]) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let clock = Clock(Instant::now());
+    let dir = Dir::new();
+    let t = dir.path();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/mars-systemd-testing");
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(&data).unwrap().flatten() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+        files.push((
+            format!(
+                "/etc/marsadm/systemd-templates/{}",
+                e.file_name().to_string_lossy()
+            ),
+            std::fs::read(e.path()).unwrap(),
+            mode,
+        ));
+    }
+    assert!(files.len() >= 16, "{files:?}");
+    files.push((
+        "/etc/systemd/system/mars.service.d/marsd.conf".into(),
+        MARS_SERVICE_DROPIN.into(),
+        0o644,
+    ));
+    let opt = |name: &str| {
+        let mut files = files.clone();
+        files.push((
+            "/usr/bin/marsadm".into(),
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
+                t.join(format!("calls-{name}")).display(),
+                mars_testkit::bin("marsadm").display(),
+                t.join(name).join("root").display()
+            )
+            .into_bytes(),
+            0o755,
+        ));
+        NodeOptions {
+            device: true,
+            systemd_timeout: 90,
+            mars_tree: true,
+            files,
+        }
+    };
+    let tpl = Path::new("/etc/marsadm");
+    let a = Node::start(t, "a", "127.0.0.1", tpl, &opt("a"));
+    let b = Node::start(t, "b", "127.0.0.2", tpl, &opt("b"));
+    let all = [&a, &b];
+    a.host.create_resource(RES, SIZE);
+    b.host.join(&a.host);
+    for n in all {
+        n.host.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    join(&b.host, RES, SIZE);
+    uptodate(&b, &all, 120);
+    wait(&all, 30, "a's device", || {
+        a.host
+            .device(RES)
+            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
+    });
+    a.sh(&format!("mkfs.ext4 -q -F /dev/mars/{RES}"));
+    clock.step("pair up, filesystem made");
+
+    // MARS's global units, generated and started as MARS's global trigger does.
+    for n in all {
+        wait(&all, 60, "mars.service and its watchers run", || {
+            active(n, "mars.service") && active(n, "mars.path")
+        });
+    }
+    let out = a.host.ok(&["set-systemd-unit", RES, "TESTING"]);
+    assert!(
+        out.contains(TESTING_LOAD) && out.contains(TESTING_MOUNT),
+        "{out}"
+    );
+    let runs_on = |on: &Node, off: &Node, what: &str| {
+        wait(
+            &all,
+            120,
+            &format!("{what}: the stack runs on {}", on.host.name),
+            || {
+                active(on, TESTING_MOUNT)
+                    && on
+                        .sdbox()
+                        .exec(&["mountpoint", "-q", TESTING_MNT])
+                        .status
+                        .success()
+            },
+        );
+        wait(
+            &all,
+            60,
+            &format!("{what}: stopped on {}", off.host.name),
+            || !active(off, TESTING_MOUNT) && !active(off, TESTING_LOAD),
+        );
+        // MARS's load ran there: its file is on the mounted device.
+        wait(
+            &all,
+            60,
+            &format!("{what}: the load wrote on {}", on.host.name),
+            || {
+                on.sdbox()
+                    .path(&format!("{TESTING_MNT}/dummy-testfile.zero"))
+                    .exists()
+            },
+        );
+    };
+    runs_on(&a, &b, "set-systemd-unit");
+    clock.step("stack up on a");
+    // A file of ours beside MARS's load (which rewrites its own file all the time): written
+    // on a, it must be on b's copy after the handover, and b's on a's after the return.
+    let mark = |n: &Node, text: &str| {
+        n.sh(&format!("echo {text} > {TESTING_MNT}/mark-{text} && sync"));
+    };
+    let has_mark =
+        |n: &Node, text: &str| n.sh(&format!("cat {TESTING_MNT}/mark-{text}")).trim() == text;
+    mark(&a, "from-a");
+
+    handover(&b, &all);
+    runs_on(&b, &a, "handover to b");
+    clock.step("stack on b");
+    assert!(has_mark(&b, "from-a"));
+    mark(&b, "from-b");
+    handover(&a, &all);
+    runs_on(&a, &b, "handover back to a");
+    assert!(has_mark(&a, "from-a") && has_mark(&a, "from-b"));
+    clock.step("stack back on a");
+    // MARS's watchers (with their `PathExists=`) ran `systemd-trigger-extern` on the changes
+    // and did not loop: marsd takes the trigger file (removes it) when it is called.
+    let calls = |n: &Node| {
+        std::fs::read_to_string(t.join(format!("calls-{}", n.host.name)))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == format!("systemd-trigger-extern {RES}"))
+            .count()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    for n in all {
+        assert!(active(n, "mars.service"), "{}", dump(&all));
+        for w in ["mars-trigger.path", "mars-app\\x2d1-trigger.path"] {
+            assert_eq!(
+                n.systemctl(&["show", "-p", "ActiveState", "--value", w]),
+                "active",
+                "{} {w}: {}\n{}",
+                n.host.name,
+                n.systemctl(&["show", "-p", "Result", w]),
+                dump(&all)
+            );
+        }
+        let c = calls(n);
+        eprintln!("{}: {c} calls of systemd-trigger-extern {RES}", n.host.name);
+        assert!((1..100).contains(&c), "{}: {c} calls", n.host.name);
+    }
 }

@@ -1292,6 +1292,83 @@ mod tests {
         );
     }
 
+    /// A template asks MARS's role and amount primitives (as a MARS template may, to start
+    /// an application only on the acting primary, or to hold it while replay is behind): the
+    /// generator answers them from the caller's view, with the values `marsadm view-…` gives.
+    #[test]
+    fn role_and_amount_primitives_in_a_template() {
+        use crate::amount::{Amounts, Progress, Roles};
+        use crate::view::{ResourceView, StateView};
+        let t = set(&[(
+            "app-@escvar{res}.service",
+            "[Service]\n\
+             Environment=ROLE=@eval{%if{%is-primary{}}{primary}{secondary}}\n\
+             Environment=PRIMARIES=@eval{%nr-primary{}}\n\
+             Environment=BEHIND=@eval{%work-rest{}}:@eval{%replay-vector{/}}\n\
+             Environment=READY=@eval{%work-threshold-reached{}}:@eval{%fetch-percent{}}\n\
+             Environment=RATE=@eval{%fetch-rate{}}:@eval{%fetch-remain{}}:@eval{%sync-reached{}}\n",
+        )]);
+        let config = Config::default();
+        let amounts = Amounts {
+            size: 1 << 30,
+            sync: None,
+            fetch: Some(Progress {
+                done: 20 << 20,
+                total: 40 << 20,
+                rate: 4 << 20,
+            }),
+            replay: Some(Progress {
+                done: 10 << 20,
+                total: 40 << 20,
+                rate: 0,
+            }),
+        };
+        let view = |acting: &str| StateView {
+            host: "node1".into(),
+            uuid: None,
+            resources: [(
+                "r1".to_string(),
+                ResourceView {
+                    primary: Some(acting.into()),
+                    roles: Some(Roles {
+                        acting: [acting.to_string()].into(),
+                        members: vec!["node1".into(), "node2".into()],
+                    }),
+                    amounts: Some(amounts),
+                    ..Default::default()
+                },
+            )]
+            .into(),
+        };
+        let mut vars = host();
+        vars.insert("threshold".into(), "10485760".into());
+        let wanted = [WantedUnit {
+            res: "r1".into(),
+            unit: "app-r1.service".into(),
+        }];
+        let secondary = Generator::new(&t, &config, vars.clone(), vec!["r1".into()])
+            .with_view(std::sync::Arc::new(view("node2")))
+            .generate(&wanted)
+            .unwrap();
+        assert!(secondary.errors.is_empty(), "{:?}", secondary.errors);
+        assert!(
+            secondary.files[0].content.ends_with(
+                "Environment=ROLE=secondary\nEnvironment=PRIMARIES=1\n\
+                 Environment=BEHIND=31457280:10485760/20971520\n\
+                 Environment=READY=0:50.25\nEnvironment=RATE=4194304:5:1\n"
+            ),
+            "{}",
+            secondary.files[0].content
+        );
+        let primary = Generator::new(&t, &config, vars, vec!["r1".into()])
+            .with_view(std::sync::Arc::new(view("node1")))
+            .generate(&wanted)
+            .unwrap();
+        assert!(primary.files[0]
+            .content
+            .contains("Environment=ROLE=primary\n"));
+    }
+
     #[test]
     fn duplicate_template_names() {
         let e = TemplateSet::new(vec![

@@ -53,6 +53,7 @@
 //! assert!(generation.files[0].content.ends_with("What=/dev/mars/my-res\nWhere=/mnt/my-res\n"));
 //! ```
 
+pub mod amount;
 pub mod error;
 pub mod escape;
 pub mod expand;
@@ -65,6 +66,7 @@ pub mod num;
 pub mod sprintf;
 pub mod view;
 
+pub use amount::{Amounts, Job, Progress, Roles};
 pub use error::{Error, EscapeError, ExpandError, Location, MacroError, TemplateError};
 pub use escape::{escape, escape_path};
 pub use expand::Expander;

@@ -1110,7 +1110,15 @@ impl<'a> Machine<'a> {
                     values.push(self.arg(args, i)?);
                 }
                 match ctx_view(self.ctx).and_then(|v| v.primitive(c, self.vars, &values)) {
-                    Some(v) => Ok(v),
+                    Some(Ok(v)) => Ok(v),
+                    Some(Err(message)) => Err(self.err(
+                        s,
+                        pos,
+                        MacroError::BadArgument {
+                            name: name.to_string(),
+                            message,
+                        },
+                    )),
                     None => Err(unavailable(
                         self,
                         "it needs resource state the generator is not given \

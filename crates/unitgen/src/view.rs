@@ -10,7 +10,9 @@
 //! "unknown macro":
 //!
 //! * the complex macros ([`COMPLEX_MACROS`]): they print status pages, nothing a unit needs;
-//! * the primitives that need state a [`View`] does not offer (amounts, rates, messages);
+//! * the primitives that need state a [`View`] does not offer (messages, times, space …;
+//!   [`StateView`] answers the roles, amounts and rates through [`crate::amount`], the
+//!   computation `marsadm view-…` uses too);
 //! * `%setlink{}` (would change state), `%sleep{}`, `%timeout{}`, `%wait-…{}` (would block).
 //!
 //! MARS spells the separators of most names optionally (`%is-primary`, `%is_primary`,
@@ -19,14 +21,18 @@
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 
+use crate::amount::{Amounts, Roles, THRESHOLD};
 use crate::macros::Vars;
+use crate::num::Num;
 
 /// Answers MARS's view primitives for the generator.
 pub trait View: Debug + Send + Sync {
     /// The value of primitive `name` (canonical, see [`canonical`]) for the resource in
     /// `vars["res"]` as seen from `vars["host"]`, with the evaluated arguments `args`.
-    /// `None`: not offered (the generator reports [`crate::MacroError::Unavailable`]).
-    fn primitive(&self, name: &str, vars: &Vars, args: &[String]) -> Option<String>;
+    /// `None`: not offered (the generator reports [`crate::MacroError::Unavailable`]);
+    /// `Some(Err(why))`: a bad argument (MARS dies; the template is left out with `why`).
+    fn primitive(&self, name: &str, vars: &Vars, args: &[String])
+        -> Option<Result<String, String>>;
 }
 
 /// MARS's complex view macros (`%complex_macros` of its marsadm, mars0.1astable177).
@@ -342,13 +348,22 @@ pub struct ResourceView {
     pub emergency: bool,
     /// The stack's start and stop unit (`set-systemd-unit`).
     pub units: Option<(String, String)>,
+    /// Who acts as primary (`None`: not known to the caller, the role macros are not
+    /// offered).
+    pub roles: Option<Roles>,
+    /// This host's sync, fetch and replay (`None`: not known, the amount macros are not
+    /// offered).
+    pub amounts: Option<Amounts>,
 }
 
 /// The state the generator's caller knows: this host, the cluster's id and the local
 /// resources. Answers `%get-primary`, `%todo-primary`, `%todo-secondary`, `%is-emergency`,
 /// `%is-member`, `%systemd-unit`, `%uuid`, `%my-resources`, `%count-my-resources` (MARS's
 /// `%my-members`, `%my-guests` and their counts likewise) as MARS's marsadm computes them from
-/// `/mars`; everything else is not offered.
+/// `/mars`; with [`ResourceView::roles`] also `%is-primary`, `%is-secondary`, `%nr-primary`,
+/// `%nr-secondary`, with [`ResourceView::amounts`] the amounts, rates and remaining times of
+/// sync, fetch, replay and work (this host's only, as MARS's `%{host}`); everything else is
+/// not offered.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateView {
     /// This host.
@@ -364,14 +379,37 @@ fn flag(b: bool) -> String {
 }
 
 impl View for StateView {
-    fn primitive(&self, name: &str, vars: &Vars, args: &[String]) -> Option<String> {
+    fn primitive(
+        &self,
+        name: &str,
+        vars: &Vars,
+        args: &[String],
+    ) -> Option<Result<String, String>> {
         let res = vars.get("res").map(String::as_str).unwrap_or("");
         let host = vars.get("host").map(String::as_str).unwrap_or(&self.host);
         let arg = |i: usize| args.get(i).filter(|a| !a.is_empty());
         let r = self.resources.get(res);
         let primary = r.and_then(|r| r.primary.clone()).unwrap_or_default();
         let list = || -> String { self.resources.keys().map(|k| format!("{k}\n")).collect() };
-        Some(match name {
+        if let Some(roles) = r.and_then(|r| r.roles.as_ref()) {
+            if let Some(v) = roles.macro_value(name, arg(0).map(String::as_str), host) {
+                return Some(Ok(v));
+            }
+        }
+        if let Some(amounts) = r.and_then(|r| r.amounts.as_ref()) {
+            // MARS's `--threshold` reaches templates as the variable.
+            let threshold = vars
+                .get("threshold")
+                .map_or(THRESHOLD, |t| Num::parse(t).as_u64());
+            let a = args.first().map(String::as_str);
+            match amounts.macro_value(name, a, threshold) {
+                // Another host's amounts are not known here.
+                Some(_) if host != self.host => return None,
+                Some(v) => return Some(v),
+                None => {}
+            }
+        }
+        Some(Ok(match name {
             // MARS: "" for (none).
             "get-primary" => primary,
             // MARS compares with `host`: "1" or "" (Perl's false).
@@ -421,7 +459,7 @@ impl View for StateView {
             "my-guests" => String::new(),
             "count-my-guests" => "0".into(),
             _ => return None,
-        })
+        }))
     }
 }
 
@@ -451,6 +489,7 @@ mod tests {
                         primary: Some("a".into()),
                         emergency: true,
                         units: Some(("x.service".into(), "y.service".into())),
+                        ..Default::default()
                     },
                 ),
                 ("r2".to_string(), ResourceView::default()),
@@ -462,7 +501,7 @@ mod tests {
         ]);
         let p = |n: &str, args: &[&str]| {
             let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-            v.primitive(n, &vars, &args)
+            v.primitive(n, &vars, &args).map(Result::unwrap)
         };
         assert_eq!(p("get-primary", &[]).as_deref(), Some("a"));
         assert_eq!(p("todo-primary", &[]).as_deref(), Some("1"));
@@ -478,5 +517,86 @@ mod tests {
         assert_eq!(p("my-resources", &[]).as_deref(), Some("r1\nr2\n"));
         assert_eq!(p("count-my-resources", &[]).as_deref(), Some("2"));
         assert_eq!(p("is-primary", &[]), None);
+        assert_eq!(p("fetch-rest", &[]), None);
+    }
+
+    /// With roles and amounts the generator answers MARS's role and amount primitives from
+    /// them, by the computation `marsadm view-…` uses (`crate::amount`).
+    #[test]
+    fn roles_and_amounts() {
+        use crate::amount::Progress;
+        let v = StateView {
+            host: "b".into(),
+            uuid: None,
+            resources: BTreeMap::from([(
+                "r1".to_string(),
+                ResourceView {
+                    primary: Some("a".into()),
+                    roles: Some(Roles {
+                        acting: ["a".to_string()].into(),
+                        members: vec!["a".into(), "b".into()],
+                    }),
+                    amounts: Some(Amounts {
+                        size: 1 << 30,
+                        sync: None,
+                        fetch: Some(Progress {
+                            done: 4 << 20,
+                            total: 40 << 20,
+                            rate: 2 << 20,
+                        }),
+                        replay: Some(Progress {
+                            done: 2 << 20,
+                            total: 40 << 20,
+                            rate: 1 << 20,
+                        }),
+                    }),
+                    ..Default::default()
+                },
+            )]),
+        };
+        let mut vars = Vars::from([
+            ("res".to_string(), "r1".to_string()),
+            ("host".to_string(), "b".to_string()),
+            ("threshold".to_string(), "10485760".to_string()),
+        ]);
+        let p = |vars: &Vars, n: &str, args: &[&str]| {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            v.primitive(n, vars, &args)
+        };
+        let ok = |x: Option<Result<String, String>>| x.map(Result::unwrap);
+        assert_eq!(ok(p(&vars, "is-primary", &[])).as_deref(), Some("0"));
+        assert_eq!(ok(p(&vars, "is-primary", &["a"])).as_deref(), Some("1"));
+        assert_eq!(ok(p(&vars, "is-secondary", &[])).as_deref(), Some("1"));
+        assert_eq!(ok(p(&vars, "nr-primary", &[])).as_deref(), Some("1"));
+        assert_eq!(ok(p(&vars, "fetch-rest", &[])).as_deref(), Some("37748736"));
+        assert_eq!(ok(p(&vars, "work-percent", &[])).as_deref(), Some("5.025"));
+        assert_eq!(
+            ok(p(&vars, "replay-vector", &["/"])).as_deref(),
+            Some("2097152/4194304")
+        );
+        assert_eq!(ok(p(&vars, "fetch-remain", &[])).as_deref(), Some("18"));
+        assert_eq!(ok(p(&vars, "sync-reached", &[])).as_deref(), Some("1"));
+        // 36 MiB left: not within the variable's 10 MiB, within 40M given.
+        assert_eq!(
+            ok(p(&vars, "fetch-threshold-reached", &[])).as_deref(),
+            Some("0")
+        );
+        assert_eq!(
+            ok(p(&vars, "fetch-threshold-reached", &["40M"])).as_deref(),
+            Some("1")
+        );
+        assert!(matches!(
+            p(&vars, "fetch-threshold-reached", &["x"]),
+            Some(Err(_))
+        ));
+        vars.insert("threshold".into(), "104857600".into());
+        assert_eq!(
+            ok(p(&vars, "fetch-threshold-reached", &[])).as_deref(),
+            Some("1")
+        );
+        // Another host's amounts are not known here.
+        vars.insert("host".into(), "a".into());
+        assert_eq!(p(&vars, "fetch-rest", &[]), None);
+        assert_eq!(ok(p(&vars, "is-primary", &[])).as_deref(), Some("1"));
     }
 }

@@ -66,6 +66,8 @@ pub struct Ctx<'a> {
     /// `--stuck-seconds`: a fetch silent this long while there is something to fetch is
     /// warned about (MARS's `fetch-line`).
     pub stuck_seconds: u64,
+    /// `--threshold`: the default of the `*-threshold-reached` macros (MARS's too).
+    pub threshold: u64,
     /// MARS's `%warn{…}`: lines for stderr (`WARNING: …`), printed by the caller after the
     /// value, so that evaluating stays free of output.
     pub warnings: std::cell::RefCell<Vec<String>>,
@@ -599,10 +601,7 @@ fn amount_macros(t: &mut Table) {
             P,
             T,
             format!("{n}'s POS:SIZE (or with DELIM)"),
-            move |c| {
-                let (size, pos) = prim::amount(c, w)?;
-                Ok(format!("{pos}{}{size}", c.arg.unwrap_or(":")))
-            },
+            move |c| Ok(prim::amounts(c)?.vector(w, c.arg)),
         )
         .arg("DELIM");
         if w != Job::Work {
@@ -634,12 +633,7 @@ fn amount_macros(t: &mut Table) {
         P,
         T,
         "REPLAY-POS:FETCH-POS:FETCH-SIZE (or with DELIM)",
-        |c| {
-            let d = c.arg.unwrap_or(":");
-            let (fs, fp) = prim::amount(c, Job::Fetch)?;
-            let (_, rp) = prim::amount(c, Job::Replay)?;
-            Ok(format!("{rp}{d}{fp}{d}{fs}"))
-        },
+        |c| Ok(prim::amounts(c)?.summary_vector(c.arg)),
     )
     .arg("DELIM");
     t.add(
@@ -1660,6 +1654,7 @@ pub fn test_value(r: &ResourceView, name: &str) -> Result<String> {
         now: 0.0,
         src: &NoSource,
         stuck_seconds: 3600,
+        threshold: prim::THRESHOLD,
         warnings: Default::default(),
     };
     value(name, &c)

@@ -31,12 +31,30 @@ pub fn todo_primary(c: &Ctx) -> Result<bool> {
     Ok(designated(c)? == Some(c.host))
 }
 
+/// Who acts as primary: this host when its device is open, another member when the view
+/// says so (it shows no role of a member that is not alive). The same `mars_unitgen::Roles`
+/// answers `%is-primary{}` in templates, filled by marsd from its engine's state.
+pub fn roles(c: &Ctx) -> Result<mars_unitgen::Roles> {
+    let r = c.r()?;
+    let mut roles = mars_unitgen::Roles::default();
+    if r.role == Role::Primary {
+        roles.acting.insert(c.host.to_string());
+    }
+    for m in &r.members {
+        if m.host != c.host && m.role == Some(Role::Primary) {
+            roles.acting.insert(m.host.clone());
+        }
+        roles.members.push(m.host.clone());
+    }
+    if roles.members.is_empty() {
+        roles.members.push(c.host.to_string());
+    }
+    Ok(roles)
+}
+
 /// `is-primary` [HOST]: the host acts as primary (its device is open).
 pub fn is_primary(c: &Ctx, host: &str) -> Result<bool> {
-    if host == c.host {
-        return Ok(c.r()?.role == Role::Primary);
-    }
-    Ok(member(c, host)?.is_some_and(|m| m.role == Some(Role::Primary)))
+    Ok(roles(c)?.is_primary(host))
 }
 
 /// The member `host` of the resource, if it is one.
@@ -84,14 +102,14 @@ pub fn nr(c: &Ctx, what: &str) -> Result<usize> {
     } else {
         r.members.iter().map(|m| m.host.as_str()).collect()
     };
+    match what {
+        "primary" => return Ok(roles(c)?.nr_primary()),
+        "secondary" => return Ok(roles(c)?.nr_secondary()),
+        _ => {}
+    }
     let mut n = 0;
     for h in hosts {
-        let yes = match what {
-            "primary" => is_primary(c, h)?,
-            "secondary" => !is_primary(c, h)?,
-            w => is_switch(c, switch(w)?, h)?,
-        };
-        n += usize::from(yes);
+        n += usize::from(is_switch(c, switch(what)?, h)?);
     }
     Ok(n)
 }
@@ -137,133 +155,70 @@ pub fn is_emergency(c: &Ctx, host: &str) -> Result<bool> {
 
 // ---- amounts ----
 
-/// What an amount macro measures: MARS's `sync`, `fetch`, `replay` and `work` (fetch and
-/// replay together).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Job {
-    Sync,
-    Fetch,
-    Replay,
-    Work,
-}
+pub use mars_unitgen::amount::{Job, THRESHOLD};
 
-impl Job {
-    pub const ALL: [Job; 4] = [Job::Sync, Job::Fetch, Job::Replay, Job::Work];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Job::Sync => "sync",
-            Job::Fetch => "fetch",
-            Job::Replay => "replay",
-            Job::Work => "work",
-        }
-    }
-}
-
-/// `(size, pos)` of MARS's `WHAT-size` and `WHAT-pos`, on one scale for fetch, replay and
-/// work: the bytes of the primary's log from this replica's applied position on (our view's
-/// fetch and replay progress share that total). As in MARS, `replay-size` is `fetch-pos`,
-/// `work-size` is `fetch-size` and `work-pos` is `replay-pos`; without a sync running
-/// `sync-pos` is the size. A primary has nothing to fetch or replay: all reached.
-pub fn amount(c: &Ctx, w: Job) -> Result<(u64, u64)> {
+/// The amounts of the resource on this host, for MARS's formulas in `mars_unitgen::amount`
+/// (the same computation answers `%fetch-rest{}` … in templates, from marsd's state).
+pub fn amounts(c: &Ctx) -> Result<mars_unitgen::Amounts> {
     let r = c.r()?;
-    let fetch_size = r
-        .fetch
-        .as_ref()
-        .or(r.replay.as_ref())
-        .map_or(0, |p| p.total);
-    let fetch_pos = r.fetch.as_ref().map_or(fetch_size, |p| p.done);
-    let replay_pos = r.replay.as_ref().map_or(fetch_pos, |p| p.done);
-    Ok(match w {
-        Job::Sync => match &r.sync {
-            Some(p) => (p.total, p.done),
-            None => (r.size, r.size),
-        },
-        Job::Fetch => (fetch_size, fetch_pos),
-        Job::Replay => (fetch_pos, replay_pos),
-        Job::Work => (fetch_size, replay_pos),
+    let p = |p: &Progress| mars_unitgen::Progress {
+        done: p.done,
+        total: p.total,
+        rate: p.rate,
+    };
+    Ok(mars_unitgen::Amounts {
+        size: r.size,
+        sync: r.sync.as_ref().map(p),
+        fetch: r.fetch.as_ref().map(p),
+        replay: r.replay.as_ref().map(p),
     })
+}
+
+/// `(size, pos)` of MARS's `WHAT-size` and `WHAT-pos` (`mars_unitgen::Amounts::amount`).
+pub fn amount(c: &Ctx, w: Job) -> Result<(u64, u64)> {
+    Ok(amounts(c)?.amount(w))
 }
 
 /// `WHAT-rest`: size minus position, never negative.
 pub fn rest(c: &Ctx, w: Job) -> Result<u64> {
-    let (size, pos) = amount(c, w)?;
-    Ok(size.saturating_sub(pos))
+    Ok(amounts(c)?.rest(w))
 }
 
 /// `WHAT-reached`.
 pub fn reached(c: &Ctx, w: Job) -> Result<bool> {
-    let (size, pos) = amount(c, w)?;
-    Ok(pos >= size)
+    Ok(amounts(c)?.reached(w))
 }
 
 /// `WHAT-almost-reached` [LIMIT]: MARS's formula, `int(pos / limit) >= int(size / 1000)`
 /// with the limit 990 by default.
 pub fn almost_reached(c: &Ctx, w: Job, limit: Option<&str>) -> Result<bool> {
-    let (size, pos) = amount(c, w)?;
-    let limit = limit
-        .and_then(|l| l.parse::<f64>().ok())
-        .filter(|l| *l > 0.0)
-        .unwrap_or(990.0);
-    Ok((pos as f64 / limit).trunc() >= (size as f64 / 1000.0).trunc())
+    Ok(amounts(c)?.almost_reached(w, limit))
 }
-
-/// MARS's default `--threshold`: 10 MiB.
-pub const THRESHOLD: u64 = 10 << 20;
 
 /// `WHAT-threshold-reached` [SIZE]: within the threshold of the end.
 pub fn threshold_reached(c: &Ctx, w: Job, threshold: Option<&str>) -> Result<bool> {
-    let (size, pos) = amount(c, w)?;
     let t = match threshold {
         Some(t) => mars_config::parse_size(t)?,
-        None => THRESHOLD,
+        None => c.threshold,
     };
-    Ok(pos.saturating_add(t) >= size)
+    Ok(amounts(c)?.threshold_reached(w, t))
 }
 
 /// `WHAT-percent` / `-permille`: MARS's `100.5 * pos / size`, capped; an empty amount is
 /// complete.
 pub fn fraction(c: &Ctx, w: Job, full: f64) -> Result<f64> {
-    let (size, pos) = amount(c, w)?;
-    if size == 0 {
-        return Ok(full);
-    }
-    let v = (full + 0.5) * pos as f64 / size as f64;
-    Ok(if v >= full { full } else { v })
-}
-
-fn progress<'a>(c: &Ctx<'a>, w: Job) -> Result<Option<&'a Progress>> {
-    let r = c.r()?;
-    Ok(match w {
-        Job::Sync => r.sync.as_ref(),
-        Job::Fetch => r.fetch.as_ref(),
-        Job::Replay => r.replay.as_ref(),
-        Job::Work => None,
-    })
+    Ok(amounts(c)?.fraction(w, full))
 }
 
 /// `WHAT-rate` (bytes per second); `work-rate` is the larger of fetch's and replay's.
 pub fn rate(c: &Ctx, w: Job) -> Result<u64> {
-    if w == Job::Work {
-        return Ok(rate(c, Job::Fetch)?.max(rate(c, Job::Replay)?));
-    }
-    Ok(progress(c, w)?.map_or(0, |p| p.rate))
+    Ok(amounts(c)?.rate(w))
 }
 
 /// `WHAT-remain`: seconds until done at the current rate; 0 when done, -1 when not moving;
 /// `work-remain` is the sum of fetch's and replay's (as MARS adds them, -1s included).
 pub fn remain(c: &Ctx, w: Job) -> Result<f64> {
-    if w == Job::Work {
-        return Ok(remain(c, Job::Fetch)? + remain(c, Job::Replay)?);
-    }
-    let rest = rest(c, w)?;
-    let rate = rate(c, w)?;
-    Ok(if rest == 0 {
-        0.0
-    } else if rate == 0 {
-        -1.0
-    } else {
-        rest as f64 / rate as f64
-    })
+    Ok(amounts(c)?.remain(w))
 }
 
 // ---- logfile numbers ----

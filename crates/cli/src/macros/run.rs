@@ -110,6 +110,7 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
         now: now(),
         src: &src,
         stuck_seconds: cli.stuck_seconds,
+        threshold: cli.threshold,
         warnings: Default::default(),
     };
     if !many {
@@ -216,6 +217,7 @@ fn wait(cli: &Cli, res: &str, target: &str, on: bool) -> Result<()> {
             now: now(),
             src: &src,
             stuck_seconds: cli.stuck_seconds,
+            threshold: cli.threshold,
             warnings: Default::default(),
         };
         if super::eval(t, &c)? == want {

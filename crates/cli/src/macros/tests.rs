@@ -124,6 +124,7 @@ fn ctx<'a>(v: &'a ClusterView, name: &'a str, arg: Option<&'a str>) -> Ctx<'a> {
         now: NOW,
         src: &Fake,
         stuck_seconds: 3600,
+        threshold: prim::THRESHOLD,
         warnings: Default::default(),
     }
 }
@@ -286,6 +287,7 @@ fn a_fetch_silent_beyond_stuck_seconds_is_warned_about() {
     for stuck in [5000, 86_400] {
         let c = Ctx {
             stuck_seconds: stuck,
+            threshold: prim::THRESHOLD,
             ..ctx(&v, "fetch-line", None)
         };
         assert_eq!(value("fetch-line", &c).unwrap(), line);

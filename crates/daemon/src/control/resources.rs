@@ -700,6 +700,9 @@ async fn systemd_trigger(host: &Arc<Host>, res: Option<&ResourceName>, dry: bool
             }
         ));
     }
+    // The watcher that ran us has its trigger: the file goes first, so that MARS's
+    // `PathExists=` watchers do not start us again at once (see `MarsTree::consume`).
+    sd.consume_trigger(res.map(ResourceName::as_str));
     let g = tokio::task::spawn_blocking(move || sd.regenerate_as("systemd-trigger"))
         .await
         .map_err(|e| failed(e.to_string()))?

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use mars_api::{
-    ClusterInfo, ClusterView, DiskState, LogPin, LogPos, LogRange, LogView, Progress, ReplState,
-    ReplicaView, ResourceSpace, ResourceView, SpaceView, SplitBrainView, SplitSide, SystemdView,
+    ClusterInfo, ClusterView, DiskState, LogPin, LogPos, LogView, Progress, ReplState, ReplicaView,
+    ResourceSpace, ResourceView, SpaceView, SplitBrainView, SplitSide, SystemdView,
 };
 use mars_config::HostName;
 use mars_engine::Role;
@@ -134,39 +134,16 @@ async fn resource_view(
     } else {
         None
     };
-    let mut sync = None;
-    let mut fetch = None;
-    let mut replay = None;
-    let mut stuck = None;
-    if !st.primary {
-        let r = &st.report;
-        stuck = r.stuck.clone().or(st.fetch_error.clone());
-        sync = r.sync.as_ref().map(|y| Progress {
-            done: y.done,
-            total: y.size,
-            rate: y.rate,
-            logs: None,
-        });
-        if let Some(applied) = st.applied {
-            let primary_end = meta.bytes_after(applied);
-            let fetched_rest = st.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
-            if let Some(total) = primary_end {
-                let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
-                fetch = Some(Progress {
-                    done: fetched,
-                    total,
-                    rate: r.fetch_rate,
-                    logs: Some(range(st.logs)),
-                });
-                replay = Some(Progress {
-                    done: 0,
-                    total,
-                    rate: r.replay_rate,
-                    logs: Some(range(st.logs)),
-                });
-            }
-        }
-    }
+    let stuck = if st.primary {
+        None
+    } else {
+        st.report.stuck.clone().or(st.fetch_error.clone())
+    };
+    let crate::resource::Jobs {
+        sync,
+        fetch,
+        replay,
+    } = crate::resource::jobs(&snap);
     // Every member's state, once (its line below and whether it is behind at all).
     let states: std::collections::BTreeMap<HostName, mars_engine::MemberState> = meta
         .members
@@ -348,10 +325,6 @@ fn pos(p: mars_txlog::LogPos) -> LogPos {
         logfile: p.file,
         offset: p.offset,
     }
-}
-
-fn range((first, last): (u64, u64)) -> LogRange {
-    LogRange { first, last }
 }
 
 fn api_role(r: Role) -> mars_api::Role {

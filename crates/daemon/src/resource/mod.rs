@@ -96,6 +96,60 @@ pub struct Snapshot {
     pub open_count: u64,
 }
 
+/// A replica's sync, fetch and replay as `view` shows them (and MARS's amount macros read
+/// them, in `marsadm view-…` and in templates): fetch and replay on one scale, from the
+/// applied position to the primary's log end. A primary has none.
+pub struct Jobs {
+    pub sync: Option<mars_api::Progress>,
+    pub fetch: Option<mars_api::Progress>,
+    pub replay: Option<mars_api::Progress>,
+}
+
+pub fn jobs(snap: &Snapshot) -> Jobs {
+    let (st, meta) = (&snap.status, &snap.meta);
+    let mut out = Jobs {
+        sync: None,
+        fetch: None,
+        replay: None,
+    };
+    if st.primary {
+        return out;
+    }
+    let r = &st.report;
+    out.sync = r.sync.as_ref().map(|y| mars_api::Progress {
+        done: y.done,
+        total: y.size,
+        rate: y.rate,
+        logs: None,
+    });
+    if let Some(applied) = st.applied {
+        let primary_end = meta.bytes_after(applied);
+        let fetched_rest = st.fetched.and_then(|f| meta.bytes_after(f)).or(primary_end);
+        if let Some(total) = primary_end {
+            let fetched = total.saturating_sub(fetched_rest.unwrap_or(total));
+            out.fetch = Some(mars_api::Progress {
+                done: fetched,
+                total,
+                rate: r.fetch_rate,
+                logs: Some(mars_api::LogRange {
+                    first: st.logs.0,
+                    last: st.logs.1,
+                }),
+            });
+            out.replay = Some(mars_api::Progress {
+                done: 0,
+                total,
+                rate: r.replay_rate,
+                logs: Some(mars_api::LogRange {
+                    first: st.logs.0,
+                    last: st.logs.1,
+                }),
+            });
+        }
+    }
+    out
+}
+
 /// A resource as the rest of the daemon holds it.
 #[derive(Clone)]
 pub struct Handle {

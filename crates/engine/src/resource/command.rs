@@ -97,11 +97,16 @@ pub struct OpKey {
     pub want_stamp: u64,
 }
 
-/// A systemd job: regenerate the units of every resource (if asked), then run the operation.
+/// A systemd job: regenerate the units of every resource (if asked), then run the operation
+/// once: try `attempt` of [`crate::systemd::UNIT_TRIES`] (up to
+/// [`crate::systemd::JOB_MODE_FAIL_TRIES`] with `systemctl --job-mode=fail`, then in the
+/// normal job mode). The engine schedules the next try.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnitJob {
     pub op: Option<OpKey>,
     pub regenerate: bool,
+    /// 1-based try of `op` (1 without an op).
+    pub attempt: u32,
 }
 
 /// What the fetch executor does with a logfile the source names.

@@ -797,10 +797,8 @@ impl ResourceEngine {
                     .cloned();
                 let note = match found {
                     Some(st) if st.ok() => format!("; stack started ({})", st.unit),
-                    Some(st) if st.unknown_unit => {
-                        format!("; starting the stack FAILED ({})", st.summary())
-                    }
-                    Some(st) => format!("; starting the stack FAILED ({}), retrying", st.summary()),
+                    // The summary says whether it is tried again.
+                    Some(st) => format!("; starting the stack FAILED ({})", st.summary()),
                     None if !late => return Step::Wait(s),
                     None => "; the stack has not started yet".to_string(),
                 };

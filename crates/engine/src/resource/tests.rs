@@ -2203,8 +2203,144 @@ fn unit_status(job: &UnitJob, code: i32, unknown_unit: bool) -> Event {
             want_stamp: key.want_stamp,
             error: None,
             unknown_unit,
+            tries: 0,
+            gave_up: false,
         }),
     })
+}
+
+/// Runs jobs without an operation (regenerations) until the start of the stack comes.
+fn first_start(w: &mut World, mut c: Vec<Command>) -> UnitJob {
+    for _ in 0..4 {
+        let jobs = unit_jobs(&c);
+        if let Some(j) = jobs
+            .iter()
+            .find(|j| j.op.as_ref().is_some_and(|k| k.op == UnitOp::Start))
+        {
+            return j.clone();
+        }
+        c = Vec::new();
+        for job in jobs {
+            c.extend(w.ev(Event::Done(Done::Unit { job, status: None })));
+        }
+        c.extend(w.sync());
+    }
+    panic!("no start: {c:?}");
+}
+
+fn published_status(c: &[Command], res: &ResourceName) -> UnitStatus {
+    published(c)
+        .into_iter()
+        .find(|(k, _)| *k == keys::systemd_status(res, &h("a")))
+        .map(|(_, v)| UnitStatus::from_json(&v).unwrap())
+        .expect("the status published")
+}
+
+/// A start that keeps failing is tried as MARS's `systemctl` helper tries it: seven tries,
+/// the first six in `--job-mode=fail`, n seconds after the n-th failure; then it is given up
+/// (the published status says so) until the want is written again or `systemd-trigger` asks,
+/// each of which starts a new series of seven.
+#[test]
+fn a_failing_start_is_given_up_after_mars_tries() {
+    use crate::systemd::{JOB_MODE_FAIL_TRIES, UNIT_TRIES};
+    assert_eq!((UNIT_TRIES, JOB_MODE_FAIL_TRIES), (7, 6));
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    let res = w.res.clone();
+    w.set(&keys::systemd_start_unit(&res), "app.service");
+    w.set(&keys::systemd_want(&res), "a");
+    let mut c = w.start(false);
+    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
+    let mut job = first_start(&mut w, c);
+    assert_eq!(job.attempt, 1);
+    for n in 1..UNIT_TRIES {
+        let c = w.ev(unit_status(&job, 1, false));
+        let st = published_status(&c, &res);
+        assert_eq!((st.tries, st.gave_up), (n, false), "{st:?}");
+        assert!(
+            st.summary()
+                .ends_with(&format!("exit 1 (try {n}, trying again)")),
+            "{}",
+            st.summary()
+        );
+        // Not before n seconds.
+        w.at(u64::from(n) * 1_000 - 1);
+        assert!(unit_jobs(&w.ev(Event::Wake)).is_empty(), "early, try {n}");
+        w.at(1);
+        let jobs = unit_jobs(&w.ev(Event::Wake));
+        assert_eq!(jobs.len(), 1, "try {} after {n} s", n + 1);
+        assert_eq!(
+            (jobs[0].op.as_ref(), jobs[0].attempt),
+            (job.op.as_ref(), n + 1)
+        );
+        // A retry does not ask for a regeneration.
+        assert!(!jobs[0].regenerate);
+        job = jobs[0].clone();
+    }
+    // The seventh failure: given up.
+    let c = w.ev(unit_status(&job, 1, false));
+    let st = published_status(&c, &res);
+    assert!(st.gave_up && st.tries == UNIT_TRIES && !st.ok(), "{st:?}");
+    assert!(
+        st.summary().contains("gave up after 7 tries"),
+        "{}",
+        st.summary()
+    );
+    for _ in 0..5 {
+        w.at(60_000);
+        let c = w.ev(Event::Wake);
+        assert!(unit_jobs(&c).is_empty(), "tried again: {c:?}");
+    }
+    assert!(unit_jobs(&w.sync()).is_empty());
+    // `systemd-trigger`: a new series from try 1.
+    let c = w.ev(Event::Op {
+        id: 4,
+        op: Op::SystemdTrigger,
+    });
+    let jobs = unit_jobs(&c);
+    assert_eq!(jobs.len(), 1, "{c:?}");
+    assert_eq!((jobs[0].op.as_ref(), jobs[0].attempt), (job.op.as_ref(), 1));
+    // It succeeds: the status says ok, with no tries in the text.
+    let c = w.ev(unit_status(&jobs[0], 0, false));
+    let st = published_status(&c, &res);
+    assert_eq!(st.summary(), "start app.service: ok");
+    // Given up again, then the want written again (the same value, a new entry): a new
+    // series too.
+    let c = w.ev(Event::Op {
+        id: 5,
+        op: Op::SystemdTrigger,
+    });
+    let mut job = unit_jobs(&c).remove(0);
+    for n in 1..=UNIT_TRIES {
+        assert_eq!(job.attempt, n);
+        w.ev(unit_status(&job, 1, false));
+        w.at(u64::from(n) * 1_000);
+        match unit_jobs(&w.ev(Event::Wake)).pop() {
+            Some(j) => job = j,
+            None => assert_eq!(n, UNIT_TRIES),
+        }
+    }
+    w.set(&keys::systemd_want(&res), "a");
+    let jobs = unit_jobs(&w.sync());
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].attempt, 1);
+    assert_ne!(jobs[0].op, job.op, "a new want entry: another operation");
+}
+
+/// A `.script` is run once: MARS runs scripts directly, without tries.
+#[test]
+fn a_failing_script_is_given_up_at_once() {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    let res = w.res.clone();
+    w.set(&keys::systemd_start_unit(&res), "app.script");
+    w.set(&keys::systemd_want(&res), "a");
+    let mut c = w.start(false);
+    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
+    let job = first_start(&mut w, c);
+    let c = w.ev(unit_status(&job, 2, false));
+    let st = published_status(&c, &res);
+    assert!(st.gave_up && st.tries == 1, "{st:?}");
+    w.at(60_000);
+    assert!(unit_jobs(&w.ev(Event::Wake)).is_empty());
 }
 
 /// A failed start is retried with backoff; a start of a unit systemd does not know is
@@ -2218,29 +2354,13 @@ fn a_start_of_an_unknown_unit_is_reported_not_retried() {
     let mut c = w.start(false);
     c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
     // A regeneration first (the units appeared), then the start once the device is there.
-    let mut start = None;
-    for _ in 0..4 {
-        let jobs = unit_jobs(&c);
-        if let Some(j) = jobs
-            .iter()
-            .find(|j| j.op.as_ref().is_some_and(|k| k.op == UnitOp::Start))
-        {
-            start = Some(j.clone());
-            break;
-        }
-        c = Vec::new();
-        for job in jobs {
-            c.extend(w.ev(Event::Done(Done::Unit { job, status: None })));
-        }
-        c.extend(w.sync());
-    }
-    let job = start.expect("a start");
-    // An ordinary failure: tried again after the backoff.
+    let job = first_start(&mut w, c);
+    // An ordinary failure: tried again after 1 s.
     w.ev(unit_status(&job, 1, false));
     w.at(1_000);
     let again = unit_jobs(&w.ev(Event::Wake));
     assert_eq!(again.len(), 1, "retried after 1 s");
-    assert_eq!(again[0].op, job.op);
+    assert_eq!((&again[0].op, again[0].attempt), (&job.op, 2));
     // systemd does not know the unit: the status says so, and nothing runs any more.
     let c = w.ev(unit_status(&again[0], 5, true));
     let status = published(&c)

@@ -5,15 +5,18 @@
 //! - **idempotent**: an operation runs again only when its inputs change — the op, the unit,
 //!   or the Lamport stamp of the `systemd-want` entry (so every write of the want, even of the
 //!   same value, re-runs it, as a MARS trigger does) — or on `systemd-trigger`;
-//! - **retried**: a failed operation is repeated with exponential backoff while it is still
-//!   wanted — except a start of a unit systemd does not know ([`UnitStatus::unknown_unit`]):
-//!   that is reported once and repeated only when its inputs change or on `systemd-trigger`
-//!   (MARS reports such a start as done; looping on it would only fill the log).
+//! - **tried as MARS tries**: a failed operation is tried again while it is still wanted,
+//!   after n seconds following its n-th failure, [`crate::systemd::UNIT_TRIES`] times in all
+//!   (a `.script` once); then it is given up ([`UnitStatus::gave_up`], published with the
+//!   status) until its inputs change or `systemd-trigger` asks, as MARS's `systemctl` helper
+//!   tries and its next trigger repeats. A start of a unit systemd does not know
+//!   ([`UnitStatus::unknown_unit`]) is given up at once (MARS reports such a start as done;
+//!   trying again cannot make the unit known).
 
 use super::command::{OpKey, UnitJob};
 use super::{Command, Local, ResourceEngine};
 use crate::keys;
-use crate::systemd::UnitStatus;
+use crate::systemd::{unit_tries, UnitStatus};
 
 #[derive(Debug, Default, Clone)]
 pub(super) struct Units {
@@ -23,6 +26,8 @@ pub(super) struct Units {
     done: Option<OpKey>,
     /// The last failed operation, how often it failed in a row, and when to try again.
     failed: Option<(OpKey, u32, u64)>,
+    /// The try the running job makes.
+    attempt: u32,
     /// `systemd-trigger`: run the wanted operation again even if it was done.
     forced: bool,
     /// The (start, stop) units the last regeneration saw; a change regenerates.
@@ -80,42 +85,48 @@ impl ResourceEngine {
         }
         u.forced = false;
         u.busy = true;
-        self.emit(Command::RunUnit(UnitJob { op, regenerate }));
+        // The next try of a series that failed; a new operation (or one given up and asked
+        // for again) starts at 1.
+        let attempt = match (&op, &u.failed) {
+            (Some(k), Some((f, n, _))) if f == k => n + 1,
+            _ => 1,
+        };
+        u.attempt = attempt;
+        self.emit(Command::RunUnit(UnitJob {
+            op,
+            regenerate,
+            attempt,
+        }));
     }
 
     pub(super) fn on_unit(&mut self, job: UnitJob, status: Option<UnitStatus>) {
         self.units.busy = false;
-        let (Some(key), Some(status)) = (job.op, status) else {
+        let (Some(key), Some(mut status)) = (job.op, status) else {
             return;
         };
+        let n = job.attempt.max(1);
+        let gave_up = !status.ok() && (status.unknown_unit || n >= unit_tries(&key.unit));
+        status.tries = n;
+        status.gave_up = gave_up && !status.unknown_unit;
         let res = self.res.clone();
         let me = self.me.clone();
         self.publish(
             vec![(keys::systemd_status(&res, &me), status.to_json())],
             Vec::new(),
         );
-        let (min, max) = (
-            self.cfg.timing.unit_backoff_min,
-            self.cfg.timing.unit_backoff_max,
-        );
+        let step = self.cfg.timing.unit_retry_step;
         let now = self.now.ms;
         let u = &mut self.units;
-        if status.ok() {
-            u.done = Some(key);
-            u.failed = None;
-        } else if status.unknown_unit {
-            // Settled as far as retrying goes: the published status says it failed and why.
+        if status.ok() || gave_up {
+            // Settled as far as trying goes: a failure's published status says why.
             u.done = Some(key);
             u.failed = None;
         } else {
+            // MARS's linear backoff: n seconds after the n-th failure.
+            let at = now + step.saturating_mul(u64::from(n));
             u.done = None;
-            let n = match &u.failed {
-                Some((k, n, _)) if *k == key => n + 1,
-                _ => 1,
-            };
-            let backoff = min.saturating_mul(1 << (n - 1).min(10)).min(max);
-            u.failed = Some((key, n, now + backoff));
-            self.wake_at(now + backoff);
+            u.failed = Some((key, n, at));
+            self.wake_at(at);
         }
     }
 }
