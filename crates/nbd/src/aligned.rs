@@ -3,6 +3,8 @@
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
 
+use bytes::Bytes;
+
 /// Alignment of payload buffers: the page size, which satisfies O_DIRECT on every device.
 pub const ALIGN: usize = 4096;
 
@@ -17,31 +19,63 @@ pub struct AlignedBuf {
     layout: Layout,
 }
 
-/// Payload buffers kept for reuse, per size class (a power of two from
-/// [`MIN_ALIGNED_PAYLOAD`] on), by every connection of the process together, at most
-/// [`POOL_BYTES`] of them. A sequential writer's payloads live until writeback wrote them
-/// (hundreds of MiB); without reuse every one was a fresh allocation that the kernel faults in
-/// and zeroes page by page, and that the allocator zeroed again.
-static POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+/// Size classes the pool keeps: capacities `MIN_ALIGNED_PAYLOAD << k` for `k < CLASSES`
+/// (64 KiB .. 1 GiB); larger buffers are never pooled.
+const CLASSES: usize = 15;
+const MIN_CLASS_SHIFT: u32 = MIN_ALIGNED_PAYLOAD.trailing_zeros();
+
+/// Payload buffers kept for reuse, per size class, by every connection and device of the
+/// process together, at most [`POOL_BYTES`] of them. A sequential writer's payloads live until
+/// writeback wrote them (hundreds of MiB); without reuse every one was a fresh allocation that
+/// the kernel faults in and zeroes page by page, and that the allocator zeroed again. Taking
+/// and returning a buffer are O(1) under the lock (a free list per class and a running total):
+/// the lock is taken twice per large write by every writer thread.
+static POOL: std::sync::Mutex<Pool> = std::sync::Mutex::new(Pool {
+    free: [const { Vec::new() }; CLASSES],
+    held: 0,
+});
+
+struct Pool {
+    /// Free buffers per size class (index: log2(capacity / MIN_ALIGNED_PAYLOAD)).
+    free: [Vec<AlignedBuf>; CLASSES],
+    /// Bytes of all buffers in `free`.
+    held: usize,
+}
+
+/// The size class of a capacity (a power of two), if it is pooled.
+fn class_of(cap: usize) -> Option<usize> {
+    let k = cap.trailing_zeros().checked_sub(MIN_CLASS_SHIFT)? as usize;
+    (k < CLASSES).then_some(k)
+}
 
 /// Bytes the pool holds at most.
 pub const POOL_BYTES: usize = 64 << 20;
 
 /// A payload buffer of `len` bytes from the pool (its capacity is `len` rounded up to a power
-/// of two): reused, so its bytes are whatever the last user left; the caller overwrites them
-/// all. It goes back to the pool when the last [`bytes::Bytes`] made of it is dropped.
+/// of two, at least [`MIN_ALIGNED_PAYLOAD`]): reused, so its bytes are whatever the last user
+/// left; the caller overwrites them all. It goes back to the pool when the last
+/// [`bytes::Bytes`] made of it is dropped.
 pub fn pooled(len: usize) -> Pooled {
-    let cap = len.max(1).next_power_of_two();
-    let reused = {
+    let cap = len.max(MIN_ALIGNED_PAYLOAD).next_power_of_two();
+    let reused = class_of(cap).and_then(|k| {
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        pool.iter()
-            .position(|b| b.len == cap)
-            .map(|i| pool.swap_remove(i))
-    };
+        let b = pool.free[k].pop()?;
+        pool.held -= b.len;
+        Some(b)
+    });
     Pooled {
         buf: Some(reused.unwrap_or_else(|| AlignedBuf::zeroed(cap))),
         len,
     }
+}
+
+/// `data` copied into a page-aligned buffer from the pool, as [`Bytes`] (one copy, the same as
+/// `Bytes::copy_from_slice`): a writer whose payload arrives in someone else's buffer (a FUSE
+/// request) gets what the NBD server reads into, a payload the disk can take with O_DIRECT.
+pub fn copy_aligned(data: &[u8]) -> Bytes {
+    let mut buf = pooled(data.len());
+    buf.as_mut().copy_from_slice(data);
+    Bytes::from_owner(buf)
 }
 
 /// A buffer from [`pooled`]; see there.
@@ -66,11 +100,13 @@ impl AsMut<[u8]> for Pooled {
 impl Drop for Pooled {
     fn drop(&mut self) {
         let Some(buf) = self.buf.take() else { return };
+        let Some(k) = class_of(buf.len) else { return };
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
-        let held: usize = pool.iter().map(|b| b.len).sum();
-        if held + buf.len <= POOL_BYTES {
-            pool.push(buf);
+        if pool.held + buf.len <= POOL_BYTES {
+            pool.held += buf.len;
+            pool.free[k].push(buf);
         }
+        // Otherwise `buf` is freed here, after the lock is released (dropped last).
     }
 }
 
@@ -129,6 +165,46 @@ mod tests {
         let b = pooled(70_000);
         assert_eq!(b.as_ref().len(), 70_000);
         assert_eq!(b.as_ref().as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn size_classes() {
+        assert_eq!(class_of(MIN_ALIGNED_PAYLOAD), Some(0));
+        assert_eq!(class_of(MIN_ALIGNED_PAYLOAD * 2), Some(1));
+        assert_eq!(
+            class_of(MIN_ALIGNED_PAYLOAD << (CLASSES - 1)),
+            Some(CLASSES - 1)
+        );
+        assert_eq!(class_of(MIN_ALIGNED_PAYLOAD << CLASSES), None);
+        assert_eq!(class_of(4096), None);
+        // Small requests share the smallest class instead of a pool of tiny buffers.
+        let small = pooled(5);
+        assert_eq!(small.buf.as_ref().map(|b| b.len), Some(MIN_ALIGNED_PAYLOAD));
+        assert_eq!(small.as_ref().len(), 5);
+    }
+
+    #[test]
+    fn copy_aligned_copies_exactly() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let b = copy_aligned(&data);
+        assert_eq!(&b[..], &data[..]);
+        assert_eq!(b.as_ptr() as usize % ALIGN, 0);
+    }
+
+    #[test]
+    fn pool_stays_within_its_budget() {
+        // Returning more than the budget keeps at most POOL_BYTES (other tests share the pool,
+        // so only the bound is certain).
+        let bufs: Vec<Pooled> = (0..(POOL_BYTES / (1 << 20)) + 8)
+            .map(|_| pooled(1 << 20))
+            .collect();
+        drop(bufs);
+        let pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
+        assert!(pool.held <= POOL_BYTES, "{}", pool.held);
+        let counted: usize = pool.free.iter().flatten().map(|b| b.len).sum();
+        let held = pool.held;
+        drop(pool);
+        assert_eq!(counted, held);
     }
 
     #[test]

@@ -171,6 +171,65 @@ pub fn open_disk(path: &Path) -> io::Result<Arc<RealFile>> {
     Ok(Arc::new(rf))
 }
 
+/// Most iovecs one `pwritev` takes (`IOV_MAX` on Linux).
+const IOV_MAX: usize = 1024;
+
+/// Writes all of `bufs`, concatenated, at `off` with `pwritev`, continuing after short writes
+/// and `EINTR`.
+fn pwritev_all(f: &fs::File, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+    let mut i = 0; // first buffer not completely written
+    let mut skip = 0; // bytes of bufs[i] already written
+    let mut at = off;
+    while i < bufs.len() {
+        if bufs[i].len() == skip {
+            i += 1;
+            skip = 0;
+            continue;
+        }
+        let iov: Vec<libc::iovec> = bufs[i..]
+            .iter()
+            .take(IOV_MAX)
+            .enumerate()
+            .map(|(k, b)| {
+                let b = if k == 0 { &b[skip..] } else { b };
+                libc::iovec {
+                    iov_base: b.as_ptr() as *mut libc::c_void,
+                    iov_len: b.len(),
+                }
+            })
+            .collect();
+        let pos = libc::off_t::try_from(at)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset too large"))?;
+        // SAFETY: every iovec points into a live slice of `bufs` for the call's duration; the
+        // kernel only reads them.
+        let n = unsafe { libc::pwritev(f.as_raw_fd(), iov.as_ptr(), iov.len() as i32, pos) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let mut n = n as usize;
+        at += n as u64;
+        while n > 0 {
+            let left = bufs[i].len() - skip;
+            if n < left {
+                skip += n;
+                n = 0;
+            } else {
+                n -= left;
+                i += 1;
+                skip = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
 // <linux/fs.h>: _IO(0x12, 127) = BLKZEROOUT takes u64[2] = {start, len}.
 const BLKZEROOUT: libc::c_ulong = 0x127f;
 
@@ -203,6 +262,27 @@ impl File for RealFile {
                 r => r,
             },
             _ => self.write_at(buf, off),
+        }
+    }
+
+    fn write_vectored_at_direct(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        // The direct way only when every piece is aligned in address and length (O_DIRECT
+        // checks each iovec), the same rule as for a single buffer.
+        let aligned = total >= DIRECT_MIN
+            && off.is_multiple_of(DIRECT_ALIGN as u64)
+            && bufs.iter().all(|b| {
+                (b.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN)
+                    && b.len().is_multiple_of(DIRECT_ALIGN)
+            });
+        match &self.direct {
+            Some(d) if aligned => match pwritev_all(d, bufs, off) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    pwritev_all(&self.file, bufs, off)
+                }
+                r => r,
+            },
+            _ => pwritev_all(&self.file, bufs, off),
         }
     }
 
