@@ -529,7 +529,7 @@ struct AlignedPayload {
 // SAFETY: uniquely owned plain memory.
 unsafe impl Send for AlignedPayload {}
 impl AlignedPayload {
-    fn new(fill: impl Fn(usize) -> u8, len: usize) -> Bytes {
+    fn bytes(fill: impl Fn(usize) -> u8, len: usize) -> Bytes {
         let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
         // SAFETY: non-zero layout; freed in drop with the same layout.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
@@ -584,13 +584,13 @@ fn adjacent_pieces_written_back_together_land_exactly() {
     };
     // Sixteen adjacent aligned 256 KiB pieces (4 MiB: one run, direct).
     for i in 0..16u64 {
-        let b = AlignedPayload::new(|k| (k as u64 * 7 + i) as u8, 256 << 10);
+        let b = AlignedPayload::bytes(|k| (k as u64 * 7 + i) as u8, 256 << 10);
         write(i * (256 << 10), b, &mut model);
     }
     // An overwrite in the middle of that run, aligned but small (the run is cut there).
     write(
         1 << 20,
-        AlignedPayload::new(|k| (k % 13) as u8 + 100, 64 << 10),
+        AlignedPayload::bytes(|k| (k % 13) as u8 + 100, 64 << 10),
         &mut model,
     );
     // Adjacent unaligned small pieces at an odd offset (one buffered run), more than one
