@@ -175,9 +175,9 @@ struct Actor {
     stats_due: Option<Instant>,
     last_stats: Option<Instant>,
     /// The device's open count as last counted, and when. Counting walks every process's
-    /// descriptors in `/proc` (milliseconds on a busy host, 4 % of the daemon's CPU during a
+    /// descriptors in `/proc` (milliseconds on a busy host, 2-4 % of the daemon's CPU during a
     /// write benchmark when it was done on every event): `view`'s snapshot and the stats of
-    /// pokes reuse it, see [`OPEN_RECOUNT`].
+    /// pokes reuse it while it is younger than [`OPEN_RECOUNT`].
     open: Option<(Instant, u64)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     serve_view: watch::Sender<Arc<ServeView>>,
@@ -467,13 +467,14 @@ impl Actor {
             copies,
             replica_gen: self.exec.replica_gen,
         }));
-        // The last count (at most a poke interval or an engine timer old), not a new walk of
-        // `/proc` per event.
+        // The last count while it is younger than OPEN_RECOUNT, not a new walk of `/proc` per
+        // event; an older one is counted again (`wait-umount` polls `view` for the count).
+        let now = Instant::now();
         let open_count = match self.open {
-            Some((_, n)) => n,
-            None => {
+            Some((at, n)) if now.duration_since(at) < OPEN_RECOUNT => n,
+            _ => {
                 let n = shared.open_count();
-                self.open = Some((Instant::now(), n));
+                self.open = Some((now, n));
                 n
             }
         };
