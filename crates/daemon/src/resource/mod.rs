@@ -176,8 +176,8 @@ struct Actor {
     last_stats: Option<Instant>,
     /// The device's open count as last counted, and when. Counting walks every process's
     /// descriptors in `/proc` (milliseconds on a busy host, 2-4 % of the daemon's CPU during a
-    /// write benchmark when it was done on every event): `view`'s snapshot and the stats of
-    /// pokes reuse it while it is younger than [`OPEN_RECOUNT`].
+    /// write benchmark when it was done on every event): the stats of pokes reuse it while it
+    /// is younger than [`OPEN_RECOUNT`], the snapshot shows it.
     open: Option<(Instant, u64)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     serve_view: watch::Sender<Arc<ServeView>>,
@@ -467,17 +467,9 @@ impl Actor {
             copies,
             replica_gen: self.exec.replica_gen,
         }));
-        // The last count while it is younger than OPEN_RECOUNT, not a new walk of `/proc` per
-        // event; an older one is counted again (`wait-umount` polls `view` for the count).
-        let now = Instant::now();
-        let open_count = match self.open {
-            Some((at, n)) if now.duration_since(at) < OPEN_RECOUNT => n,
-            _ => {
-                let n = shared.open_count();
-                self.open = Some((now, n));
-                n
-            }
-        };
+        // The last measured count, not a new walk of `/proc` per event: `view` (and with it
+        // the metrics) counts afresh when asked and uses this only if it cannot.
+        let open_count = self.open.map_or(0, |(_, n)| n);
         self.snapshot.send_replace(Arc::new(Snapshot {
             open_count,
             device: shared.device_path(),
