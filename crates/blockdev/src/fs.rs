@@ -14,7 +14,7 @@ use fuser::{
     KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
-use mars_nbd::Export;
+use mars_nbd::{aligned, Export};
 
 /// Inode of the single file (the root directory is [`INodeNo::ROOT`] = 1).
 pub(crate) const FILE_INO: INodeNo = INodeNo(2);
@@ -264,12 +264,18 @@ impl Filesystem for BlockFs {
         if let Err(e) = self.check_range(offset, data.len() as u64, true) {
             return reply.error(e);
         }
+        // The request's bytes live in fuser's buffer, reused for the next request: one copy
+        // is needed. Large ones go into a page-aligned pooled buffer (as NBD payloads do), so
+        // writeback can write them with O_DIRECT; from an ordinary allocation (not aligned)
+        // it went through the page cache, a second copy of every byte in the kernel.
+        let payload = if data.len() >= aligned::MIN_ALIGNED_PAYLOAD {
+            aligned::copy_aligned(data)
+        } else {
+            Bytes::copy_from_slice(data)
+        };
         // FUA is not needed: the loop driver does not pass REQ_FUA down, the block layer
         // turns it into a write followed by a FLUSH, which arrives as fsync.
-        match self
-            .export
-            .write(offset, Bytes::copy_from_slice(data), false)
-        {
+        match self.export.write(offset, payload, false) {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => {
                 tracing::warn!(offset, len = data.len(), error = %e, "export write failed");

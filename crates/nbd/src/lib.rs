@@ -41,7 +41,7 @@
 //! }
 //! ```
 
-mod aligned;
+pub mod aligned;
 mod error;
 mod export;
 mod handshake;

@@ -98,6 +98,18 @@ pub trait File: Send + Sync {
     fn write_at_direct(&self, buf: &[u8], off: u64) -> io::Result<()> {
         self.write_at(buf, off)
     }
+    /// Writes `bufs` one after the other from `off`, like [`File::write_at_direct`] on their
+    /// concatenation: adjacent pieces of a writeback batch go to the disk in one request instead
+    /// of one each (fewer syscalls and device notifications). The default writes them one by
+    /// one.
+    fn write_vectored_at_direct(&self, bufs: &[&[u8]], off: u64) -> io::Result<()> {
+        let mut at = off;
+        for b in bufs {
+            self.write_at_direct(b, at)?;
+            at += b.len() as u64;
+        }
+        Ok(())
+    }
     /// Truncates or extends (with zeros). Block devices refuse.
     fn set_len(&self, len: u64) -> io::Result<()>;
     /// Reserves space for `[0, len)` without changing the file's length, so that appending later

@@ -109,6 +109,15 @@ async fn resource_view(
         disk_state = disk(state);
     }
     let name = h.name.to_string();
+    // Counted now: the snapshot's count may be up to a second older than the last event
+    // (counting walks `/proc`, see the actor's `open`), and `wait-umount` and scripts poll
+    // this after closing the device.
+    let open_count = {
+        let sh = h.shared.clone();
+        tokio::task::spawn_blocking(move || sh.open_count())
+            .await
+            .unwrap_or(snap.open_count)
+    };
     let log = if st.primary {
         let sh = h.shared.clone();
         let dir = h.dir.clone();
@@ -271,7 +280,7 @@ async fn resource_view(
         nbd_unix_uri: st.primary.then(|| host.ident.nbd_unix_uri(&name)),
         nbd_tcp_uri: host.ident.nbd_tcp_uri(&name).filter(|_| st.primary),
         nbd_tcp: host.ident.nbd_tcp_uri(&name).is_some(),
-        open_count: snap.open_count,
+        open_count,
         error: st.error.as_ref().map(|(_, m)| m.clone()),
         consistent: st.consistent,
         sync,

@@ -668,8 +668,9 @@ impl Executor {
     }
 
     /// Local measurements for the engine (`primary`: the engine acts as primary;
-    /// `log_bytes`: the logfiles' size is wanted, for an emergency limit).
-    pub(super) async fn stats(&self, primary: bool, log_bytes: bool) -> Stats {
+    /// `log_bytes`: the logfiles' size is wanted, for an emergency limit; `open`: a recent
+    /// open count to use instead of counting again).
+    pub(super) async fn stats(&self, primary: bool, log_bytes: bool, open: Option<u64>) -> Stats {
         let space = *self.env.space.borrow();
         let shared = self.shared.clone();
         let dir = self.dir.clone();
@@ -686,7 +687,12 @@ impl Executor {
                 0
             };
             let disk_size = super::disk_len(&disk).unwrap_or(0);
-            (volume, bytes, disk_size, shared.open_count())
+            (
+                volume,
+                bytes,
+                disk_size,
+                open.unwrap_or_else(|| shared.open_count()),
+            )
         })
         .await;
         Stats {

@@ -228,6 +228,11 @@ struct Actor {
     wake: Option<Instant>,
     stats_due: Option<Instant>,
     last_stats: Option<Instant>,
+    /// The device's open count as last counted, and when. Counting walks every process's
+    /// descriptors in `/proc` (milliseconds on a busy host, 2-4 % of the daemon's CPU during a
+    /// write benchmark when it was done on every event): the stats of pokes reuse it while it
+    /// is younger than [`OPEN_RECOUNT`], the snapshot shows it.
+    open: Option<(Instant, u64)>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     serve_view: watch::Sender<Arc<ServeView>>,
 }
@@ -276,6 +281,7 @@ pub fn spawn(
         wake: None,
         stats_due: None,
         last_stats: None,
+        open: None,
         snapshot: snap_tx,
         serve_view: serve_tx,
     };
@@ -300,6 +306,12 @@ pub fn spawn(
 
 /// Stats are measured at most this often on pokes (each durable advance of the log pokes).
 const POKE_EVERY: Duration = Duration::from_millis(200);
+/// Stats measured because the log advanced (pokes, up to five a second while writes arrive)
+/// count the device's users again only this long after the last count; stats the engine asks
+/// for (its timers, an NBD open or close, a change of free space) always count. Writes that
+/// poke are made by a user of the device, so a count during them has nothing to decide: the
+/// engine acts on a count of 0 only, which it gets from its own timers.
+const OPEN_RECOUNT: Duration = Duration::from_secs(1);
 
 impl Actor {
     async fn run(
@@ -372,17 +384,19 @@ impl Actor {
                             continue;
                         }
                         space_rx.borrow_and_update();
-                        Event::Stats(self.stats().await)
+                        Event::Stats(self.stats(true).await)
                     }
-                    _ = opened.notified() => Event::Stats(self.stats().await),
+                    _ = opened.notified() => Event::Stats(self.stats(true).await),
                     _ = poke.notified() => {
                         let at = self.last_stats.map_or(Instant::now(), |t| t + POKE_EVERY);
                         self.stats_due = Some(self.stats_due.map_or(at, |d| d.min(at)));
                         continue;
                     }
                     _ = sleep_until(due), if due.is_some() => {
+                        // A poke's measurement (`stats_due`) or the engine's timer (`wake`).
+                        let engine_asked = self.wake.is_some_and(|w| w <= Instant::now());
                         self.stats_due = None;
-                        Event::Stats(self.stats().await)
+                        Event::Stats(self.stats(engine_asked).await)
                     }
                 }
             };
@@ -452,15 +466,29 @@ impl Actor {
         }
     }
 
-    async fn stats(&mut self) -> Stats {
-        self.last_stats = Some(Instant::now());
+    /// Measures for the engine; `count_open`: count the device's users even if they were
+    /// counted less than [`OPEN_RECOUNT`] ago.
+    async fn stats(&mut self, count_open: bool) -> Stats {
+        let now = Instant::now();
+        self.last_stats = Some(now);
+        let reuse = self
+            .open
+            .filter(|(at, _)| !count_open && now.duration_since(*at) < OPEN_RECOUNT)
+            .map(|(_, n)| n);
         let limit_set = self
             .engine
             .meta()
             .members
             .get(self.engine.host())
             .is_some_and(|m| m.emergency_limit.is_some());
-        self.exec.stats(self.engine.is_primary(), limit_set).await
+        let stats = self
+            .exec
+            .stats(self.engine.is_primary(), limit_set, reuse)
+            .await;
+        if reuse.is_none() {
+            self.open = Some((now, stats.open_count));
+        }
+        stats
     }
 
     /// Publishes what `view` and the servers read.
@@ -493,8 +521,11 @@ impl Actor {
             copies,
             replica_gen: self.exec.replica_gen,
         }));
+        // The last measured count, not a new walk of `/proc` per event: `view` (and with it
+        // the metrics) counts afresh when asked and uses this only if it cannot.
+        let open_count = self.open.map_or(0, |(_, n)| n);
         self.snapshot.send_replace(Arc::new(Snapshot {
-            open_count: shared.open_count(),
+            open_count,
             device: shared.device_path(),
             status,
             meta,
