@@ -93,8 +93,9 @@ fn replicate(setting: Option<&str>) -> (tempfile::TempDir, Host, Host) {
     if let Some(s) = setting {
         a.ok(&["set-global-enabled-net-compressions", s]);
         eventually(20, "the setting reached b", || {
-            b.ok(&["get-link", "defaults/enabled-net-compressions"])
-                .starts_with(s)
+            // Not there yet is an error ("no metadata key"): try again.
+            let o = b.marsadm(&["get-link", "defaults/enabled-net-compressions"]);
+            o.status.success() && String::from_utf8_lossy(&o.stdout).starts_with(s)
         });
         // Each host reads the setting with its measurement, once a second.
         std::thread::sleep(std::time::Duration::from_secs(2));
