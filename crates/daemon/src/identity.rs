@@ -181,27 +181,15 @@ impl Identity {
         host: &HostName,
         host_key: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
-        let ca = root::load_ca(&self.root)?
-            .ok_or_else(|| anyhow!("this host does not hold the cluster CA's key"))?;
-        {
-            let _g = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-            let dir = root::tls_dir(&self.root)?;
-            let mut book: TokenBook = root::read_toml(&dir.join(TOKENS_FILE))?.unwrap_or_default();
-            let before = book.clone();
-            let result = book.redeem(presented, now_secs());
-            if book != before {
-                root::write_toml(&dir, TOKENS_FILE, &book)?;
-            }
-            result?;
-        }
+        let ca = self.check_token(presented, true)?;
         let cert = ca.issue(host, host_key)?;
         Ok((cert.to_vec(), ca.cert().to_vec()))
     }
 
-    /// Checks a join token presented for `merge-cluster` (`ID.SECRET`) and, with `redeem`,
-    /// uses it up (a wrong secret does not; see [`TokenBook::redeem`]). Returns this
+    /// Checks a join token presented for `merge-cluster` or a join (`ID.SECRET`) and, with
+    /// `redeem`, uses it up (a wrong secret does not; see [`TokenBook::redeem`]). Returns this
     /// cluster's CA (this host must hold its key).
-    pub fn merge_token(&self, presented: &str, redeem: bool) -> anyhow::Result<mars_tls::Ca> {
+    pub fn check_token(&self, presented: &str, redeem: bool) -> anyhow::Result<mars_tls::Ca> {
         let ca = root::load_ca(&self.root)?
             .ok_or_else(|| anyhow!("this host does not hold the cluster CA's key"))?;
         let _g = self.tokens.lock().unwrap_or_else(|e| e.into_inner());

@@ -329,7 +329,7 @@ pub mod crc {
     const POLY: u32 = 0x82F6_3B78;
 
     /// `a · b mod P` over GF(2), reflected bit order (x⁰ is the top bit).
-    fn mul(a: u32, mut b: u32) -> u32 {
+    const fn mul(a: u32, mut b: u32) -> u32 {
         let mut m = 1u32 << 31;
         let mut p = 0u32;
         while m != 0 {
@@ -349,19 +349,7 @@ pub mod crc {
         t[0] = 1 << 30;
         let mut k = 1;
         while k < 64 {
-            // Squaring, written out for a const fn.
-            let a = t[k - 1];
-            let mut b = a;
-            let mut m = 1u32 << 31;
-            let mut p = 0u32;
-            while m != 0 {
-                if a & m != 0 {
-                    p ^= b;
-                }
-                m >>= 1;
-                b = if b & 1 != 0 { (b >> 1) ^ POLY } else { b >> 1 };
-            }
-            t[k] = p;
+            t[k] = mul(t[k - 1], t[k - 1]);
             k += 1;
         }
         t

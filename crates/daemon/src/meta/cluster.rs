@@ -1418,7 +1418,7 @@ impl Cluster {
         // The token first: without a good one nothing about this cluster is said.
         let ident = self.ident.clone();
         let t = token.clone();
-        let ours_ca = tokio::task::spawn_blocking(move || ident.merge_token(&t, false))
+        let ours_ca = tokio::task::spawn_blocking(move || ident.check_token(&t, false))
             .await
             .map_err(|x| x.to_string())?
             .map_err(e)?;
@@ -1472,7 +1472,7 @@ impl Cluster {
             return Err("the merge request's proof endorses another CA than this cluster's".into());
         }
         let ident = self.ident.clone();
-        tokio::task::spawn_blocking(move || ident.merge_token(&token, true))
+        tokio::task::spawn_blocking(move || ident.check_token(&token, true))
             .await
             .map_err(|x| x.to_string())?
             .map_err(e)?;
