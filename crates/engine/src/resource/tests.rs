@@ -2228,6 +2228,19 @@ fn first_start(w: &mut World, mut c: Vec<Command>) -> UnitJob {
     panic!("no start: {c:?}");
 }
 
+/// A one-host cluster whose primary `a` wants its stack, with `unit` as the start unit, up to
+/// the first start job of the stack.
+fn stack_starting(unit: &str) -> (World, ResourceName, UnitJob) {
+    let mut w = World::cluster("a", &["a"], Some("a"));
+    let res = w.res.clone();
+    w.set(&keys::systemd_start_unit(&res), unit);
+    w.set(&keys::systemd_want(&res), "a");
+    let mut c = w.start(false);
+    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
+    let job = first_start(&mut w, c);
+    (w, res, job)
+}
+
 fn published_status(c: &[Command], res: &ResourceName) -> UnitStatus {
     published(c)
         .into_iter()
@@ -2244,13 +2257,7 @@ fn published_status(c: &[Command], res: &ResourceName) -> UnitStatus {
 fn a_failing_start_is_given_up_after_mars_tries() {
     use crate::systemd::{JOB_MODE_FAIL_TRIES, UNIT_TRIES};
     assert_eq!((UNIT_TRIES, JOB_MODE_FAIL_TRIES), (7, 6));
-    let mut w = World::cluster("a", &["a"], Some("a"));
-    let res = w.res.clone();
-    w.set(&keys::systemd_start_unit(&res), "app.service");
-    w.set(&keys::systemd_want(&res), "a");
-    let mut c = w.start(false);
-    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
-    let mut job = first_start(&mut w, c);
+    let (mut w, res, mut job) = stack_starting("app.service");
     assert_eq!(job.attempt, 1);
     for n in 1..UNIT_TRIES {
         let c = w.ev(unit_status(&job, 1, false));
@@ -2329,13 +2336,7 @@ fn a_failing_start_is_given_up_after_mars_tries() {
 /// A `.script` is run once: MARS runs scripts directly, without tries.
 #[test]
 fn a_failing_script_is_given_up_at_once() {
-    let mut w = World::cluster("a", &["a"], Some("a"));
-    let res = w.res.clone();
-    w.set(&keys::systemd_start_unit(&res), "app.script");
-    w.set(&keys::systemd_want(&res), "a");
-    let mut c = w.start(false);
-    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
-    let job = first_start(&mut w, c);
+    let (mut w, res, job) = stack_starting("app.script");
     let c = w.ev(unit_status(&job, 2, false));
     let st = published_status(&c, &res);
     assert!(st.gave_up && st.tries == 1, "{st:?}");
@@ -2347,14 +2348,8 @@ fn a_failing_script_is_given_up_at_once() {
 /// reported once and not retried, until `systemd-trigger` (or a new want) asks again.
 #[test]
 fn a_start_of_an_unknown_unit_is_reported_not_retried() {
-    let mut w = World::cluster("a", &["a"], Some("a"));
-    let res = w.res.clone();
-    w.set(&keys::systemd_start_unit(&res), "app.service");
-    w.set(&keys::systemd_want(&res), "a");
-    let mut c = w.start(false);
-    c.extend(w.ev(opened(LogPos::new(1, 0), &[(1, "a", 0)])));
     // A regeneration first (the units appeared), then the start once the device is there.
-    let job = first_start(&mut w, c);
+    let (mut w, res, job) = stack_starting("app.service");
     // An ordinary failure: tried again after 1 s.
     w.ev(unit_status(&job, 1, false));
     w.at(1_000);
@@ -2363,11 +2358,7 @@ fn a_start_of_an_unknown_unit_is_reported_not_retried() {
     assert_eq!((&again[0].op, again[0].attempt), (&job.op, 2));
     // systemd does not know the unit: the status says so, and nothing runs any more.
     let c = w.ev(unit_status(&again[0], 5, true));
-    let status = published(&c)
-        .into_iter()
-        .find(|(k, _)| *k == keys::systemd_status(&res, &h("a")))
-        .map(|(_, v)| UnitStatus::from_json(&v).unwrap())
-        .expect("the status published");
+    let status = published_status(&c, &res);
     assert!(status.unknown_unit && !status.ok(), "{status:?}");
     for _ in 0..5 {
         w.at(60_000);
