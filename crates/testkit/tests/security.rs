@@ -760,8 +760,7 @@ fn a_merged_cluster_shows_the_groups_it_would_split_into() {
     let t = tmp();
     let (a1, a2, b1, mut b2) = two_clusters(&t);
     let tok = b1.join_token();
-    let hosts = [&a1, &a2, &b1, &b2];
-    merge_and_wait(&a1, &b1, &tok, &hosts);
+    merge_and_wait(&a1, &b1, &tok, &[&a1, &a2, &b1, &b2]);
     let id = b1.cluster_id();
 
     eventually(30, "every member reachable from b1", || {
@@ -801,7 +800,7 @@ fn a_merged_cluster_shows_the_groups_it_would_split_into() {
     assert!(out.contains("nothing to split"), "{out}");
 
     // Nothing changed: one cluster, four members, both resources, both replicating.
-    for h in hosts {
+    for h in [&a1, &a2, &b1, &b2] {
         assert_eq!(h.cluster_id(), id, "{}", h.name);
         let list = h.ok(&["merge-cluster-list"]);
         for want in [
