@@ -83,6 +83,10 @@ pub enum Request {
         #[serde(default)]
         check: bool,
     },
+    /// MARS's `split-cluster`: the groups this cluster would split into and the checks (on a
+    /// host holding the CA key); with `--dry-run` the plan. The split itself is not built: a
+    /// plan that passes the checks is refused without `--dry-run`.
+    SplitCluster,
     /// Starts (`finish: false`) or finishes a rotation of the cluster CA (on a host holding
     /// its key).
     RotateCa { finish: bool },

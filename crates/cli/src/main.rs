@@ -196,6 +196,12 @@ enum Cmd {
         #[arg(long, env = "MARS_JOIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// MARS: split this cluster into its groups (hosts connected by shared resources). Run on
+    /// a host holding the CA key. With --dry-run: the groups, which one keeps the cluster id,
+    /// and the checks (every member reachable, no CA rotation or merge in progress). One group
+    /// only: nothing to split (exit 0). The split itself is not built in this version: without
+    /// --dry-run a cluster that would split is refused, with the way to do it by hand.
+    SplitCluster,
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.
     LowlevelDeleteHost { host: String },
@@ -974,6 +980,10 @@ impl Cli {
                 })?;
                 self.print_done(r)
             }
+            Cmd::SplitCluster => {
+                let r = self.change(Request::SplitCluster)?;
+                self.print_done(r)
+            }
             Cmd::LowlevelLsHostIps => {
                 let v = self.host_view()?;
                 if self.json {
@@ -1103,10 +1113,6 @@ impl Cli {
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => match args.first() {
-                // MARS commands refused with their reason (not taken for view macros).
-                Some(name) if merge::refusal(name).is_some() => {
-                    merge::refuse(merge::refusal(name).unwrap_or_default())
-                }
                 Some(_) => macros::run::view_macro(self, args),
                 None => usage!("no command given; see `marsadm --help`"),
             },

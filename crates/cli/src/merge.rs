@@ -2,29 +2,15 @@
 //!
 //! `merge-cluster-list` prints what MARS prints: the cluster's id, its members with their
 //! addresses and every resource the metadata knows (to compare two clusters' resource names
-//! by hand). `merge-cluster` and `merge-cluster-check` are commands of `main.rs` (the daemon
-//! merges, `meta/cluster.rs`). `split-cluster` is no command here (`compat/tests.rs` lists it
-//! as a difference) but is answered with the reason, not taken for a view macro: here a
-//! cluster is a cluster id plus a CA every member's certificate comes from, and MARS's way of
-//! splitting (every host's address deleted and re-created per group, the id kept) would
-//! leave both groups trusting each other's certificates. docs/mars-compatibility.md says what
-//! to do instead.
+//! by hand). `merge-cluster`, `merge-cluster-check` and `split-cluster` are commands of
+//! `main.rs` (the daemon merges, `meta/cluster.rs`, and computes a split's groups and checks,
+//! `meta/split.rs`).
 
 use anyhow::Result;
 use mars_api::{ErrorKind, Reply, Request};
 
 use crate::client::ClientError;
 use crate::Cli;
-
-/// Why `split-cluster` is refused.
-pub const SPLIT_REFUSED: &str = "split-cluster (deprecated in MARS) is not supported here: \
-    both groups would keep one cluster id and CA, so they would go on trusting each other's \
-    certificates, and each would keep the other's resources in its metadata; a split that \
-    gives every other group a new id and CA is designed (docs/security.md, \"Splitting a \
-    cluster\") but not built. To move a group of hosts to a cluster of its own: leave and \
-    delete its resources (the disks are kept), leave-cluster on its hosts, create-cluster and \
-    create-resource on the primary's disk there (its data is kept), join-cluster and join-resource on the \
-    others (docs/operations.md, \"Merging and splitting clusters\")";
 
 /// The names of the resources in `links` (`KEY VALUE` lines of `lowlevel-get-links
 /// resource-`): those with a size key, sorted.
@@ -81,23 +67,6 @@ pub fn list(cli: &Cli) -> Result<()> {
         println!("resource-{r}");
     }
     Ok(())
-}
-
-/// The refusal of MARS's `split-cluster`.
-pub fn refusal(cmd: &str) -> Option<&'static str> {
-    match cmd {
-        "split-cluster" => Some(SPLIT_REFUSED),
-        _ => None,
-    }
-}
-
-/// The refusal of a command that is not supported, as the daemon's refusals look (exit 3).
-pub fn refuse(message: &str) -> Result<()> {
-    Err(ClientError::Refused {
-        kind: ErrorKind::Invalid,
-        message: message.to_string(),
-    }
-    .into())
 }
 
 #[cfg(test)]

@@ -53,6 +53,13 @@
 //!   yet received is lost on stores that collected. The caller must pick a horizon that every
 //!   member has acknowledged (all members have fetched past the seqs written before it); a member
 //!   partitioned for longer than the retention window has to be re-joined.
+//! * **Forgetting** ([`Store::forget`]): at the end of a cluster split a host removes the
+//!   other side's hosts and resources from its store *without writing deletions* (a deletion
+//!   relayed to a host that has not forgotten yet would delete the other side's live keys), and
+//!   keeps a guard ([`Forgotten`]: each name with the stamp it was forgotten at) that refuses
+//!   entries naming them with a stamp not above that, whoever relays them
+//!   ([`MetaError::Forgotten`]). Guard rows older than the tombstone horizon are dropped by
+//!   [`Store::gc_tombstones`]: the horizon refuses those old entries from then on.
 //! * **Crash consistency.** Every local change, every batch of remote updates and every GC is one
 //!   redb write transaction (entries, seq index, seq counter and clock together).
 
@@ -64,7 +71,7 @@ mod store;
 pub use auth::{writer_of, Authority};
 pub use clock::{system_time_ns, Clock, Stamp, TimeSource, DEFAULT_MAX_FUTURE_NS};
 pub use key::{cert_of_key, member_of_key, owner_of, validate_key, MAX_KEY_LEN, MAX_VALUE_LEN};
-pub use store::{ApplyReport, Changes, Entry, Rebased, Store};
+pub use store::{ApplyReport, Changes, Entry, ForgetReport, Forgotten, Rebased, Store};
 
 use mars_config::HostName;
 
@@ -105,6 +112,20 @@ pub enum MetaError {
         now: u64,
         max_future_ns: u64,
     },
+    /// The entry names a host or resource this store forgot when its cluster split
+    /// ([`Store::forget`]) and is not newer than that.
+    #[error(
+        "metadata key {key:?} names a host or resource forgotten at stamp {guard} (when the \
+         cluster split); this entry (stamp {stamp}) is not newer"
+    )]
+    Forgotten {
+        key: String,
+        stamp: Stamp,
+        guard: Stamp,
+    },
+    /// A host cannot forget itself.
+    #[error("host {host} cannot forget itself")]
+    ForgetSelf { host: HostName },
     /// A stored record could not be decoded.
     #[error("corrupt metadata record for key {key:?}: {reason}")]
     Corrupt { key: String, reason: String },

@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use mars_config::HostName;
+use mars_config::{HostName, ResourceName};
 use redb::{Database, ReadableTable, Table, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +19,12 @@ const ENTRIES: TableDefinition<&str, &[u8]> = TableDefinition::new("entries");
 const SEQS: TableDefinition<u64, &str> = TableDefinition::new("seq_index");
 /// Small counters, see the `META_*` keys.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// The guard of [`Store::forget`] (`split-forgotten`): `host/NAME` or `resource/NAME` → the
+/// stamp it was forgotten at. An entry naming it with a stamp not above that is refused.
+const FORGOTTEN: TableDefinition<&str, u64> = TableDefinition::new("forgotten");
+/// Guard rows are `host/` + host name or `resource/` + resource name.
+const GUARD_HOST: &str = "host/";
+const GUARD_RESOURCE: &str = "resource/";
 
 /// The last local seq handed out.
 const META_SEQ: &str = "seq";
@@ -135,6 +141,73 @@ pub struct Store {
     members: BTreeSet<HostName>,
     /// Signs what this host owns and checks what others own (`None`: origins are trusted).
     authority: Option<Arc<dyn Authority>>,
+    /// The guard of [`Store::forget`]: what was forgotten and the stamp it was forgotten at.
+    forgotten: Forgotten,
+}
+
+/// The guard of [`Store::forget`]: hosts and resources this store forgot (when its cluster
+/// split), each with the stamp it was forgotten at. An entry that names one of them with a
+/// stamp not above that stamp is refused, whoever relays it, so a host of the same side that
+/// forgot later cannot bring it back; a host or resource of that name made later (with a
+/// newer stamp) is accepted.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub hosts: std::collections::BTreeMap<HostName, Stamp>,
+    pub resources: std::collections::BTreeMap<ResourceName, Stamp>,
+}
+
+impl Forgotten {
+    /// The stamp `key` was forgotten at, if it names a forgotten host — its membership
+    /// (`ips/ip-HOST`), its certificate (`certs/cert-HOST`) or a key it owns among `members`
+    /// and the forgotten hosts (so a kept member `a-b` keeps `data-a-b` when `b` is forgotten)
+    /// — or a forgotten resource (a key under `resource-NAME/`). Who wrote an entry does not
+    /// count: a shared key of a kept resource stays whoever wrote it last.
+    pub fn names(&self, key: &str, members: &BTreeSet<HostName>) -> Option<Stamp> {
+        let mut guard: Option<Stamp> = None;
+        let mut note = |stamp: Stamp| guard = Some(guard.map_or(stamp, |g| g.max(stamp)));
+        if self.is_empty() {
+            return None;
+        }
+        let named = member_of_key(key).or_else(|| cert_of_key(key));
+        if let Some(&s) = named.as_ref().and_then(|h| self.hosts.get(h)) {
+            note(s);
+        }
+        if !self.hosts.is_empty() {
+            let mut all = members.clone();
+            all.extend(self.hosts.keys().cloned());
+            if let Some(&s) = owner_of(key, &all).and_then(|h| self.hosts.get(&h)) {
+                note(s);
+            }
+        }
+        let res = key
+            .strip_prefix("resource-")
+            .and_then(|k| k.split('/').next());
+        if let Some(&s) = res
+            .and_then(|r| ResourceName::new(r).ok())
+            .and_then(|r| self.resources.get(&r))
+        {
+            note(s);
+        }
+        guard
+    }
+
+    /// The guard stamp that refuses `e`: it names something forgotten ([`Forgotten::names`])
+    /// and is not newer than the moment that was forgotten.
+    pub fn refuses(&self, e: &Entry, members: &BTreeSet<HostName>) -> Option<Stamp> {
+        self.names(&e.key, members).filter(|&g| e.stamp <= g)
+    }
+
+    /// Whether nothing is forgotten.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.resources.is_empty()
+    }
+}
+
+/// What [`Store::forget`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForgetReport {
+    /// Entries removed (tombstones included), without writing deletions.
+    pub removed: usize,
 }
 
 impl std::fmt::Debug for Store {
@@ -254,6 +327,7 @@ impl Store {
             clock.restore(t.meta(META_CLOCK)?);
             (t.meta(META_SEQ)?, t.meta(META_GC_HORIZON)?)
         };
+        let forgotten = load_forgotten(&txn)?;
         txn.commit()?;
         let mut store = Store {
             db,
@@ -263,6 +337,7 @@ impl Store {
             gc_horizon,
             members: BTreeSet::new(),
             authority: None,
+            forgotten,
         };
         store.members = store
             .list_prefix("ips/ip-")?
@@ -637,6 +712,13 @@ impl Store {
         validate_key(&e.key)?;
         check_value(&e.key, e.value.as_deref())?;
         self.clock.check(e.stamp)?;
+        if let Some(guard) = self.forgotten.refuses(e, members) {
+            return Err(MetaError::Forgotten {
+                key: e.key.clone(),
+                stamp: e.stamp,
+                guard,
+            });
+        }
         match writer_of(&e.key, e.is_tombstone(), members) {
             Some(writer) => self.authenticate(e, writer, t),
             None => Ok(()),
@@ -746,6 +828,81 @@ impl Store {
         })
     }
 
+    /// What this store forgot ([`Store::forget`]), with the stamps.
+    pub fn forgotten(&self) -> &Forgotten {
+        &self.forgotten
+    }
+
+    /// Forgets `hosts` and `resources` locally, as a host does at the end of a cluster split
+    /// for the other side: removes every entry that names them ([`Forgotten::names`]),
+    /// tombstones included, **without writing deletions** (a deletion replicated to a host
+    /// that has not forgotten yet would delete the other side's live keys there), and keeps
+    /// the guard (`stamp`: the stamp of the record that ended the split) so that a relay of
+    /// those entries, not newer than `stamp`, is refused from now on. Forgetting again with a
+    /// newer stamp raises the guard. One transaction: all or nothing.
+    ///
+    /// Refused: this host among `hosts` ([`MetaError::ForgetSelf`]); a stamp too far ahead.
+    pub fn forget(
+        &mut self,
+        hosts: &BTreeSet<HostName>,
+        resources: &BTreeSet<ResourceName>,
+        stamp: Stamp,
+    ) -> Result<ForgetReport> {
+        if hosts.contains(&self.host) {
+            return Err(MetaError::ForgetSelf {
+                host: self.host.clone(),
+            });
+        }
+        self.clock.check(stamp)?;
+        let mut guard = self.forgotten.clone();
+        for h in hosts {
+            let s = guard.hosts.entry(h.clone()).or_insert(stamp);
+            *s = (*s).max(stamp);
+        }
+        for r in resources {
+            let s = guard.resources.entry(r.clone()).or_insert(stamp);
+            *s = (*s).max(stamp);
+        }
+        // Only what this call names goes (what an earlier call forgot is gone already).
+        let now = Forgotten {
+            hosts: hosts.iter().map(|h| (h.clone(), stamp)).collect(),
+            resources: resources.iter().map(|r| (r.clone(), stamp)).collect(),
+        };
+        let members = self.members.clone();
+        self.clock.observe(stamp)?;
+        let txn = self.db.begin_write()?;
+        let removed = {
+            let mut t = Tables::open(&txn)?;
+            let mut doomed = Vec::new();
+            for item in t.entries.iter()? {
+                let (k, v) = item?;
+                if now.names(k.value(), &members).is_some() {
+                    let r = decode(k.value(), v.value())?;
+                    doomed.push((k.value().to_owned(), r.seq));
+                }
+            }
+            for (key, seq) in &doomed {
+                t.entries.remove(key.as_str())?;
+                t.seqs.remove(*seq)?;
+            }
+            let mut rows = txn.open_table(FORGOTTEN)?;
+            for (h, s) in &guard.hosts {
+                rows.insert(format!("{GUARD_HOST}{h}").as_str(), *s)?;
+            }
+            for (r, s) in &guard.resources {
+                rows.insert(format!("{GUARD_RESOURCE}{r}").as_str(), *s)?;
+            }
+            t.meta.insert(META_CLOCK, self.clock.last())?;
+            doomed.len()
+        };
+        txn.commit()?;
+        for h in hosts {
+            self.members.remove(h);
+        }
+        self.forgotten = guard;
+        Ok(ForgetReport { removed })
+    }
+
     /// Removes tombstones stamped before `horizon` and remembers the horizon, so that remote
     /// updates older than it for keys the store does not hold are ignored from now on (no
     /// resurrection; see the crate documentation for the trade-off). The clock observes the
@@ -771,12 +928,49 @@ impl Store {
             t.meta
                 .insert(META_GC_HORIZON, self.gc_horizon.max(horizon))?;
             t.meta.insert(META_CLOCK, self.clock.last())?;
+            // A guard row older than the horizon is not needed any more: the horizon itself
+            // now refuses those old entries for keys this store does not hold.
+            let mut rows = txn.open_table(FORGOTTEN)?;
+            let old: Vec<String> = rows
+                .iter()?
+                .filter_map(|item| item.ok())
+                .filter(|(_, s)| s.value() < horizon)
+                .map(|(k, _)| k.value().to_owned())
+                .collect();
+            for k in &old {
+                rows.remove(k.as_str())?;
+            }
             doomed.len()
         };
         txn.commit()?;
         self.gc_horizon = self.gc_horizon.max(horizon);
+        self.forgotten.hosts.retain(|_, s| *s >= horizon);
+        self.forgotten.resources.retain(|_, s| *s >= horizon);
         Ok(removed)
     }
+}
+
+/// The guard rows of [`Store::forget`]; a row whose name no longer parses is skipped (names
+/// were checked when written).
+fn load_forgotten(txn: &WriteTransaction) -> Result<Forgotten> {
+    let rows = txn.open_table(FORGOTTEN)?;
+    let mut f = Forgotten::default();
+    for item in rows.iter()? {
+        let (k, v) = item?;
+        let (k, stamp) = (k.value(), v.value());
+        if let Some(h) = k
+            .strip_prefix(GUARD_HOST)
+            .and_then(|h| HostName::new(h).ok())
+        {
+            f.hosts.insert(h, stamp);
+        } else if let Some(r) = k
+            .strip_prefix(GUARD_RESOURCE)
+            .and_then(|r| ResourceName::new(r).ok())
+        {
+            f.resources.insert(r, stamp);
+        }
+    }
+    Ok(f)
 }
 
 /// Follows membership keys; returns a host that became a member.

@@ -698,3 +698,85 @@ fn full_sync_whose_source_fails_over_to_another_history_starts_over() {
         });
     }
 }
+
+/// `merge-cluster` and `split-cluster --dry-run` over the lab's network: cluster {a, b}
+/// (resource r1) merges into cluster {c, d} (resource r2); every host shows four members and
+/// both resources, both replicate. Then `split-cluster --dry-run` on c shows the two groups;
+/// with b cut off the network it is refused naming b, and passes again once b is back. The
+/// split itself is not built: refused without `--dry-run`, the merged cluster intact.
+#[test]
+fn two_clusters_merge_and_show_their_split_groups_over_the_network() {
+    let Some(lab) = lab(4) else { return };
+    let size = 16 * MIB;
+    let [a, b, c, d] = [0, 1, 2, 3].map(|i| &lab.hosts[i]);
+    for (p, s, res) in [(a, b, "r1"), (c, d, "r2")] {
+        p.create_resource(res, size);
+        s.join(p);
+        mars_testkit::repl::join(s, res, size);
+        write_random(p, res, lab.path(), 0, MIB as usize);
+        wait_uptodate(s, res, 60);
+    }
+    let (ab, cd) = (a.cluster_id(), c.cluster_id());
+    assert_ne!(ab, cd);
+    let tok = c.join_token();
+    let out = a.ok(&["merge-cluster", "c", &c.peer_addr, "--token", &tok]);
+    assert!(out.contains("merges into cluster"), "{out}");
+    let start = Instant::now();
+    let merged = |h: &Host| {
+        h.view_json()["members"].as_array().map_or(0, |m| m.len()) == 4
+            && h.cluster_id() == cd
+            && !h.root.join("tls/ca-next.crt").exists()
+            && !h.root.join("tls/ca-merge.crt").exists()
+    };
+    eventually(
+        a,
+        c,
+        90,
+        "every host in c's cluster with its CA only",
+        || [a, b, c, d].iter().all(|h| merged(h)),
+    );
+    println!("merged over the lab network in {:?}", start.elapsed());
+    for h in [a, b, c, d] {
+        let list = h.ok(&["merge-cluster-list"]);
+        for want in ["resource-r1", "resource-r2", "ips/ip-a", "ips/ip-d"] {
+            assert!(list.contains(want), "{}: {list}", h.name);
+        }
+    }
+    write_random(a, "r1", lab.path(), MIB, MIB as usize);
+    write_random(c, "r2", lab.path(), MIB, MIB as usize);
+    wait_uptodate(b, "r1", 60);
+    wait_uptodate(d, "r2", 60);
+
+    eventually(a, c, 30, "every member reachable from c", || {
+        c.marsadm(&["--dry-run", "split-cluster"]).status.success()
+    });
+    let plan = c.ok(&["--dry-run", "split-cluster"]);
+    assert!(
+        plan.contains(&format!(
+            "#1: c,d resources r2 (keeps cluster {cd} and its CA)"
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("#2: a,b resources r1 (a new cluster, certificates issued by a)"),
+        "{plan}"
+    );
+    lab.cut(1);
+    eventually(a, c, 20, "c refuses with b cut off", || {
+        let o = c.marsadm(&["--dry-run", "split-cluster"]);
+        String::from_utf8_lossy(&o.stderr).contains("not every member")
+    });
+    let err = c.refused(&["--dry-run", "split-cluster"]);
+    assert!(err.contains(": b"), "{err}");
+    lab.restore(1);
+    eventually(a, c, 30, "the check passes with b back", || {
+        c.marsadm(&["--dry-run", "split-cluster"]).status.success()
+    });
+    let err = c.refused(&["split-cluster"]);
+    assert!(err.contains("not built"), "{err}");
+    for h in [a, b, c, d] {
+        assert_eq!(h.cluster_id(), cd, "{}", h.name);
+    }
+    write_random(a, "r1", lab.path(), 2 * MIB, MIB as usize);
+    wait_uptodate(b, "r1", 60);
+}

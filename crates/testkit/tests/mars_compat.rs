@@ -291,10 +291,10 @@ fn global_switch_commands_switch_every_member() {
     assert!(!a.marsadm(&["attach-global", "r1"]).status.success());
 }
 
-/// `merge-cluster-list` prints MARS's listing; a merge without a token and a split are
-/// refused with the reason (each cluster has its own id and CA), changing nothing.
+/// `merge-cluster-list` prints MARS's listing; a merge without a token is refused (a usage
+/// error), and a split of a one-host cluster has nothing to do; nothing changes.
 #[test]
-fn merge_cluster_list_and_the_refused_merge_and_split() {
+fn merge_cluster_list_the_refused_merge_and_nothing_to_split() {
     let t = tmp();
     let a = Host::start_at(t.path(), "a", "127.0.0.1");
     a.create_resource("r1", SIZE);
@@ -322,11 +322,14 @@ fn merge_cluster_list_and_the_refused_merge_and_split() {
         assert!(msg.contains("needs a join token"), "{args:?}: {msg}");
         assert_eq!(exit_code(&a, args), 2, "{args:?}");
     }
-    // split-cluster stays refused, with the reason and the way to do it by hand.
-    let msg = a.refused(&["split-cluster"]);
-    assert!(msg.contains("cluster id and CA"), "{msg}");
-    assert!(msg.contains("leave-cluster"), "{msg}");
-    assert_eq!(exit_code(&a, &["split-cluster"]), 3);
+    // split-cluster: one host, one group — nothing to split (exit 0, as MARS's "Nothing to
+    // do"), with and without --dry-run. (Was a refusal before split-cluster computed groups;
+    // the assertion changed because the behaviour did.)
+    for args in [&["split-cluster"][..], &["--dry-run", "split-cluster"][..]] {
+        let out = a.ok(args);
+        assert!(out.contains("nothing to split"), "{args:?}: {out}");
+        assert!(out.contains("#1: a resources r1,r2"), "{args:?}: {out}");
+    }
     assert_eq!(a.ok(&["merge-cluster-list"]), want);
 }
 
@@ -349,7 +352,8 @@ fn listed(h: &Host) -> (Vec<String>, Vec<String>) {
     (hosts, res)
 }
 
-/// `split-cluster` is refused; the way by hand that the refusal and docs/operations.md
+/// `split-cluster --dry-run` shows the two groups; the split itself is refused (not built),
+/// naming the way by hand. That way, which the refusal and docs/operations.md
 /// ("Merging and splitting clusters") give moves a group of hosts — a and b, sharing r1 —
 /// to a cluster of its own while c keeps r2 in the old one: r1's data is kept on its
 /// primary's disk and synced to b again.
@@ -367,8 +371,28 @@ fn a_group_moves_to_a_cluster_of_its_own_by_hand() {
     write_random(&a, "r1", t.path(), 0, 1 << 20);
     wait_uptodate(&b, "r1", 60);
     let old_id = c.cluster_id();
+    // The groups, once a heard from every member (a holds the CA key: it made the cluster).
+    eventually(20, "every member reachable from a", || {
+        a.marsadm(&["--dry-run", "split-cluster"]).status.success()
+    });
+    let plan = a.ok(&["--dry-run", "split-cluster"]);
+    assert!(
+        plan.contains(&format!("#1: a,b resources r1 (keeps cluster {old_id}")),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("#2: c resources r2 (a new cluster, certificates issued by c)"),
+        "{plan}"
+    );
+    // b holds no CA key; without --dry-run the split is refused (not built), with the way
+    // by hand.
+    let refused = b.refused(&["split-cluster"]);
+    assert!(refused.contains("holds this cluster's CA key"), "{refused}");
     let refused = a.refused(&["split-cluster"]);
+    assert!(refused.contains("not built"), "{refused}");
     assert!(refused.contains("leave-cluster"), "{refused}");
+    assert!(refused.contains("#2: c resources r2"), "{refused}");
+    assert_eq!(exit_code(&a, &["split-cluster"]), 3);
 
     // The recipe: the secondary leaves, the primary deletes (disks untouched), both leave
     // the cluster; a makes a new one on the same disk, b joins it and r1 again.

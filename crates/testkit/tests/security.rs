@@ -597,6 +597,14 @@ fn two_member_cluster(t: &tempfile::TempDir, hosts: [(&str, &str); 2], res: &str
     (a, b)
 }
 
+/// Cluster A (a1, a2 sharing resource ra, primary a1) and cluster B (b1, b2 sharing rb,
+/// primary b1), each secondary up to date.
+fn two_clusters(t: &tempfile::TempDir) -> (Host, Host, Host, Host) {
+    let (a1, a2) = two_member_cluster(t, [("a1", "127.0.0.1"), ("a2", "127.0.0.2")], "ra");
+    let (b1, b2) = two_member_cluster(t, [("b1", "127.0.0.3"), ("b2", "127.0.0.4")], "rb");
+    (a1, a2, b1, b2)
+}
+
 /// `merge-cluster`: cluster A (a1, a2, resource ra) merges into cluster B (b1, b2, resource
 /// rb) while both resources are written. Refused first: a token of the wrong cluster, a host
 /// without the CA key, a member down, a resource name on both sides; then the merge: four
@@ -605,8 +613,7 @@ fn two_member_cluster(t: &tempfile::TempDir, hosts: [(&str, &str); 2], res: &str
 #[test]
 fn two_clusters_merge_into_one() {
     let t = tmp();
-    let (a1, a2) = two_member_cluster(&t, [("a1", "127.0.0.1"), ("a2", "127.0.0.2")], "ra");
-    let (b1, mut b2) = two_member_cluster(&t, [("b1", "127.0.0.3"), ("b2", "127.0.0.4")], "rb");
+    let (a1, a2, b1, mut b2) = two_clusters(&t);
     let (a_id, b_id) = (a1.cluster_id(), b1.cluster_id());
     let old_a2 = a2.credentials();
     let b_ca = b1.credentials().ca;
@@ -668,38 +675,8 @@ fn two_clusters_merge_into_one() {
         Duration::from_millis(20),
     );
     wa.wait_more(3);
-    let out = a1.ok(&["merge-cluster", "b1", &b1.peer_addr, "--token", &tok]);
-    assert!(out.contains("merges into cluster"), "{out}");
     let hosts = [&a1, &a2, &b1, &b2];
-    let merged = |h: &Host| {
-        let v = h.view_json();
-        let members = v["members"].as_array().map_or(0, |m| m.len());
-        members == 4
-            && h.cluster_id() == b_id
-            && !h.root.join("tls/ca-next.crt").exists()
-            && !h.root.join("tls/ca-merge.crt").exists()
-            && h.credentials().ca == b_ca
-    };
-    let start = std::time::Instant::now();
-    while !hosts.iter().all(|h| merged(h)) {
-        if start.elapsed() > Duration::from_secs(90) {
-            for h in hosts {
-                let tls: Vec<_> = std::fs::read_dir(h.root.join("tls"))
-                    .unwrap()
-                    .map(|e| e.unwrap().file_name())
-                    .collect();
-                eprintln!(
-                    "--- {}: {tls:?}\n{}\n{}",
-                    h.name,
-                    h.ok(&["view", "all"]),
-                    tail(&h.log_text(), 40)
-                );
-            }
-            panic!("timed out: every host in one cluster with one CA");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let took = start.elapsed();
+    let took = merge_and_wait(&a1, &b1, &tok, &hosts);
     eprintln!("the merge completed everywhere after {took:?}");
     assert!(
         !a1.root.join("tls/ca.key").exists(),
@@ -733,7 +710,114 @@ fn two_clusters_merge_into_one() {
     // The token was used up.
     let err = c1.refused(&["merge-cluster-check", &b1.peer_addr, "--token", &tok]);
     assert!(err.contains("unknown"), "{err}");
-    // split-cluster stays refused, with the reason.
+}
+
+/// `merge-cluster` of `a1`'s cluster into `b1`'s with the join token `tok` (of b1's
+/// cluster), then waits until every one of `hosts` is in b1's cluster with b1's CA only.
+/// Returns how long that took after the command.
+fn merge_and_wait(a1: &Host, b1: &Host, tok: &str, hosts: &[&Host]) -> Duration {
+    let (b_id, b_ca) = (b1.cluster_id(), b1.credentials().ca);
+    let out = a1.ok(&["merge-cluster", "b1", &b1.peer_addr, "--token", tok]);
+    assert!(out.contains("merges into cluster"), "{out}");
+    let merged = |h: &Host| {
+        let v = h.view_json();
+        let members = v["members"].as_array().map_or(0, |m| m.len());
+        members == 4
+            && h.cluster_id() == b_id
+            && !h.root.join("tls/ca-next.crt").exists()
+            && !h.root.join("tls/ca-merge.crt").exists()
+            && h.credentials().ca == b_ca
+    };
+    let start = std::time::Instant::now();
+    while !hosts.iter().all(|h| merged(h)) {
+        if start.elapsed() > Duration::from_secs(90) {
+            for h in hosts.iter() {
+                let tls: Vec<_> = std::fs::read_dir(h.root.join("tls"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                eprintln!(
+                    "--- {}: {tls:?}\n{}\n{}",
+                    h.name,
+                    h.ok(&["view", "all"]),
+                    tail(&h.log_text(), 40)
+                );
+            }
+            panic!("timed out: every host in one cluster with one CA");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    start.elapsed()
+}
+
+/// `split-cluster` on the merged cluster of `two_clusters_merge_into_one`: `--dry-run` shows
+/// the two groups (b1's keeps the id; a1 would issue the other's certificates); refused
+/// without changing anything: the split itself (not built), a host without the CA key, a
+/// member down; a cluster of one group has nothing to split (exit 0). Afterwards the merged
+/// cluster is intact: four members and both resources everywhere, both replicating.
+#[test]
+fn a_merged_cluster_shows_the_groups_it_would_split_into() {
+    let t = tmp();
+    let (a1, a2, b1, mut b2) = two_clusters(&t);
+    let tok = b1.join_token();
+    merge_and_wait(&a1, &b1, &tok, &[&a1, &a2, &b1, &b2]);
+    let id = b1.cluster_id();
+
+    eventually(30, "every member reachable from b1", || {
+        b1.marsadm(&["--dry-run", "split-cluster"]).status.success()
+    });
+    let plan = b1.ok(&["--dry-run", "split-cluster"]);
+    assert!(
+        plan.contains(&format!(
+            "#1: b1,b2 resources rb (keeps cluster {id} and its CA)"
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("#2: a1,a2 resources ra (a new cluster, certificates issued by a1)"),
+        "{plan}"
+    );
+    // Seen from a host of the other group, its own group comes first (the same groups).
+    let err = a1.refused(&["--dry-run", "split-cluster"]);
+    assert!(err.contains("holds this cluster's CA key"), "{err}");
+    assert!(err.contains("#1: a1,a2 resources ra"), "{err}");
+    assert!(err.contains("#2: b1,b2 resources rb"), "{err}");
     let err = b1.refused(&["split-cluster"]);
-    assert!(err.contains("cluster id and CA"), "{err}");
+    assert!(err.contains("not built"), "{err}");
+    assert!(err.contains("leave-cluster"), "{err}");
+    b2.stop();
+    eventually(20, "b1 sees b2 gone", || {
+        let o = b1.marsadm(&["--dry-run", "split-cluster"]);
+        String::from_utf8_lossy(&o.stderr).contains("not every member")
+    });
+    let err = b1.refused(&["--dry-run", "split-cluster"]);
+    assert!(err.contains(": b2"), "{err}");
+    b2.start_again();
+    // One group: nothing to split.
+    let c1 = Host::start_at(t.path(), "c1", "127.0.0.5");
+    c1.create_resource("rc", SIZE);
+    let out = c1.ok(&["split-cluster"]);
+    assert!(out.contains("nothing to split"), "{out}");
+
+    // Nothing changed: one cluster, four members, both resources, both replicating.
+    for h in [&a1, &a2, &b1, &b2] {
+        assert_eq!(h.cluster_id(), id, "{}", h.name);
+        let list = h.ok(&["merge-cluster-list"]);
+        for want in [
+            "resource-ra",
+            "resource-rb",
+            "ips/ip-a1",
+            "ips/ip-a2",
+            "ips/ip-b1",
+            "ips/ip-b2",
+        ] {
+            assert!(list.contains(want), "{}: {list}", h.name);
+        }
+    }
+    let d = t.path().join("w");
+    std::fs::create_dir_all(&d).unwrap();
+    mars_testkit::repl::write_random(&a1, "ra", &d, 0, 1 << 20);
+    mars_testkit::repl::write_random(&b1, "rb", &d, 0, 1 << 20);
+    wait_uptodate(&a2, "ra", 60);
+    wait_uptodate(&b2, "rb", 60);
 }

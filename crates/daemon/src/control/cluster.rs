@@ -180,6 +180,18 @@ pub async fn merge(
     done(msg)
 }
 
+/// `split-cluster [--dry-run]` (see `meta/split.rs`).
+pub async fn split(host: &Arc<Host>, dry: bool) -> Outcome {
+    let _g = host.admin.lock().await;
+    let msg = crate::meta::split::split_cluster(&host.cluster, &host.ident, dry)
+        .await
+        .map_err(|e| match e {
+            crate::meta::split::SplitRefusal::Meta(_) => failed(e.to_string()),
+            _ => invalid(e.to_string()),
+        })?;
+    done(msg)
+}
+
 /// `join-token`: a one-time token for `join-cluster --token`.
 pub async fn join_token(host: &Arc<Host>, ttl: u64, dry: bool) -> Outcome {
     if host.ident.cluster_id().is_none() {

@@ -170,6 +170,7 @@ async fn run(host: &Arc<Host>, req: Request, dry: bool) -> Outcome {
             token,
             check,
         } => cluster::merge(host, &peer, name, &token, check || dry).await,
+        Request::SplitCluster => cluster::split(host, dry).await,
         Request::LeaveCluster { timeout } => cluster::leave(host, secs(timeout), dry).await,
         Request::WaitCluster { timeout } | Request::UpdateCluster { timeout } => {
             cluster::wait(host, secs(timeout)).await

@@ -1383,7 +1383,7 @@ impl Cluster {
 
     /// Members of this cluster (other than this host) that did not answer within the last
     /// few seconds, with their error.
-    fn unreachable_members(&self, members: &BTreeMap<HostName, String>) -> Vec<String> {
+    pub fn unreachable_members(&self, members: &BTreeMap<HostName, String>) -> Vec<String> {
         let connected = self.connected_peers();
         let peers = lock(&self.peers);
         members
