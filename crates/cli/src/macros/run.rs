@@ -162,6 +162,48 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// For a command that takes `all` or a comma list in MARS and prints per resource (as MARS's
+/// `do_all_res`): each chosen resource's name and its `--------- resource …` line's text (the
+/// `default-resource` macro, `RES SIZE [N/M]`), in the view's order.
+pub fn resource_heads(cli: &Cli, res: &str) -> Result<Vec<(String, String)>> {
+    let v = view(cli, None)?;
+    let names: Vec<String> = if res == "all" {
+        Vec::new()
+    } else {
+        res.split(',')
+            .map(|r| Ok(resource(r.trim())?.to_string()))
+            .collect::<Result<_>>()?
+    };
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !v.resources.iter().any(|r| &r.name == *n))
+    {
+        bail!("resource {missing} not found");
+    }
+    let src = Daemon(cli);
+    let head = super::find("default-resource").expect("in the table");
+    v.resources
+        .iter()
+        .filter(|r| names.is_empty() || names.contains(&r.name))
+        .map(|r| {
+            let c = Ctx {
+                view: &v,
+                res: Some(r),
+                host: &v.host,
+                name: &head.name,
+                arg: None,
+                window: cli.window,
+                now: now(),
+                src: &src,
+                stuck_seconds: cli.stuck_seconds,
+                threshold: cli.threshold,
+                warnings: Default::default(),
+            };
+            Ok((r.name.clone(), eval(head, &c)?))
+        })
+        .collect()
+}
+
 /// Evaluates `m`, then prints its warnings (MARS's `%warn{…}`) on stderr as MARS does.
 fn eval(m: &Macro, c: &Ctx) -> Result<String> {
     let value = super::eval(m, c)?;
