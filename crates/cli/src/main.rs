@@ -1099,7 +1099,7 @@ impl Cli {
             },
             // MARS's `all` and comma lists: each resource under its `--------- resource` line,
             // as MARS's `do_all_res` prints (MARS's modprobe-mars.sh of systemd-icpu/ greps
-            // `get-systemd-unit all`); `--json`: one array.
+            // `get-systemd-unit all`); `--json`: one document, `values` an entry each.
             Cmd::GetSystemdUnit { res } | Cmd::GetSystemdWant { res }
                 if res == "all" || res.contains(',') =>
             {
@@ -1120,7 +1120,7 @@ impl Cli {
                     }
                 }
                 if self.json {
-                    return self.emit(&serde_json::Value::Array(json));
+                    return self.emit(&serde_json::json!({ "values": json }));
                 }
                 Ok(())
             }

@@ -435,6 +435,13 @@ fn exit_codes_errors_and_json_on_one_host() {
     let v = json(&a, &["get-systemd-unit", "r"], 0, "systemd-unit");
     assert_eq!(v["start_unit"], Value::Null);
     json(&a, &["get-systemd-want", "r"], 0, "systemd-want");
+    // MARS's `all` and lists: an entry per resource (MARS's modprobe-mars.sh reads the text).
+    let v = json(&a, &["get-systemd-unit", "all"], 0, "systemd-unit");
+    assert_eq!(v["values"][0]["resource"], "r", "{v}");
+    let v = json(&a, &["get-systemd-want", "r"], 0, "systemd-want");
+    assert_eq!(v["resource"], "r", "{v}");
+    let listed = a.ok(&["get-systemd-unit", "all"]);
+    assert!(listed.starts_with("--------- resource r "), "{listed}");
     let v = json(&a, &["wait-resource", "r", "attach"], 0, "wait");
     assert_eq!(v["condition"], "attach-on");
     json(&a, &["wait-cluster"], 0, "action");

@@ -1382,6 +1382,16 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
                 dump(&[n])
             );
         }
+        // Their services (`systemd-trigger-extern` without and with RES) succeeded.
+        for w in ["mars-trigger.service", "mars-app\\x2d1-trigger.service"] {
+            assert_eq!(
+                n.systemctl(&["show", "-p", "Result", "--value", w]),
+                "success",
+                "{} {w}\n{}",
+                n.host.name,
+                dump(&[n])
+            );
+        }
         let calls = std::fs::read_to_string(t.join(format!("calls-{}", n.host.name)))
             .unwrap_or_default()
             .lines()
@@ -1457,5 +1467,40 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(calls(&b), (2, 2, 2), "{}", logs());
     watchers_sane(&b);
+
+    // a's machine returns: its fresh `/mars` has no copy of the want, so the script acts on
+    // the first trigger — and stops (the want is b), never starting the stack there. A split
+    // brain (a's last writes b never saw) is resolved with `invalidate`; then the stack goes
+    // back to a.
+    let started_on_a = calls(&a).0;
+    a.boot();
+    let nodes = [&a, &b];
+    wait(&nodes, 60, "a knows b is primary", || {
+        a.host.view("get-primary", RES) == "b"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !active(&a, ICPU_VM),
+        "the stack must not run on a\n{}",
+        logs()
+    );
+    assert_eq!(calls(&a).0, started_on_a, "{}", logs());
+    clock.step("a back");
+    if a.host.view("is-split-brain", RES) == "1" {
+        a.host.ok(&["invalidate", RES]);
+    }
+    uptodate(&a, &nodes, 120);
+    clock.step("a up to date");
+    handover(&a, &nodes);
+    runs_on(&a, Some(&b), "handover back to a after its return");
+    app.check(&a, app.acked(), &nodes);
+    assert!(has_mark(&a, "from-a") && has_mark(&a, "from-b"));
+    clock.step("stack back on a");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls(&a).0, started_on_a + 1, "{}", logs());
+    assert_eq!(calls(&b), (2, 2, 3), "{}", logs());
+    for n in nodes {
+        watchers_sane(n);
+    }
     app.finish();
 }
