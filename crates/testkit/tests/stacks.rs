@@ -1191,8 +1191,11 @@ const ICPU_VM: &str = "nodeagent-vm-app-1.service";
 /// finds the resource in `get-systemd-unit all` and stops it where it does not run; two
 /// handovers move it (the counter and a file written on each host are on the other); after a
 /// crash of the primary's machine `primary --force` starts it on the survivor with every count
-/// the survivor had replayed; nodeagent is called once per move, not once per trigger; and
-/// MARS's watchers stay active without looping.
+/// the survivor had replayed; the crashed host returns with a split brain (shown, resolved
+/// with `invalidate`) without starting the stack, and takes it back by a handover; nodeagent
+/// is called once per move, not once per trigger (the stop of the old primary found the device
+/// opened through `view-device-opened`); and MARS's watchers stay active, their services
+/// (`systemd-trigger-extern` without and with RES) succeeding, without looping.
 #[test]
 fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     if !supported(&[
@@ -1427,14 +1430,19 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     }
 
     // a's machine crashes with the stack running; b takes over with `primary --force`.
-    app.pause(true);
+    // Everything b had replayed must survive; what a counted after b stopped fetching is a's
+    // alone (the split brain on its return).
     let floor = app.acked();
     let at = durable(&a);
-    wait(&[&a, &b], 60, "b replayed every count", || {
+    wait(&[&a, &b], 60, "b replayed what a had acknowledged", || {
         applied(&b).is_some_and(|p| p >= at)
     });
     // A forced switch takes what the replica has: fetching stops first.
     b.host.ok(&["pause-fetch", RES]);
+    let more = app.acked() + 10;
+    wait(&[&a, &b], 60, "a counts what b will never see", || {
+        app.acked() >= more
+    });
     a.crash();
     clock.step(&format!("a crashed, floor {floor}"));
     wait(&[&b], 60, "b sees a dead", || {
@@ -1459,7 +1467,6 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    app.pause(false);
     runs_on(&b, None, "primary --force on b");
     app.check(&b, floor, &[&b]);
     assert!(has_mark(&b, "from-a") && has_mark(&b, "from-b"));
@@ -1468,29 +1475,33 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     assert_eq!(calls(&b), (2, 2, 2), "{}", logs());
     watchers_sane(&b);
 
-    // a's machine returns: its fresh `/mars` has no copy of the want, so the script acts on
-    // the first trigger — and stops (the want is b), never starting the stack there. A split
-    // brain (a's last writes b never saw) is resolved with `invalidate`; then the stack goes
-    // back to a.
+    // a's machine returns with the split brain: its fresh `/mars` has no copy of the want, so
+    // the script acts on its first run there — a `stop` (the want is b), never a start. The
+    // split brain is shown and resolved with `invalidate` (b idle meanwhile); then the stack
+    // goes back to a.
     let started_on_a = calls(&a).0;
     a.boot();
     let nodes = [&a, &b];
-    wait(&nodes, 60, "a knows b is primary", || {
-        a.host.view("get-primary", RES) == "b"
+    wait(&nodes, 60, "a sees the split brain", || {
+        a.host.view("is-split-brain", RES) == "1"
     });
-    std::thread::sleep(Duration::from_secs(2));
+    let view = a.host.ok(&["view", RES]);
+    assert!(view.to_lowercase().contains("split brain"), "{view}");
+    assert_eq!(a.host.view("get-primary", RES), "b");
     assert!(
         !active(&a, ICPU_VM),
         "the stack must not run on a\n{}",
         logs()
     );
     assert_eq!(calls(&a).0, started_on_a, "{}", logs());
-    clock.step("a back");
-    if a.host.view("is-split-brain", RES) == "1" {
-        a.host.ok(&["invalidate", RES]);
-    }
+    clock.step("a back, split brain");
+    app.pause(true);
+    a.host.ok(&["invalidate", RES]);
     uptodate(&a, &nodes, 120);
-    clock.step("a up to date");
+    assert_eq!(a.host.view("is-split-brain", RES), "0", "{}", dump(&nodes));
+    clock.step("a resolved and up to date");
+    app.pause(false);
+    app.check(&b, app.acked(), &nodes);
     handover(&a, &nodes);
     runs_on(&a, Some(&b), "handover back to a after its return");
     app.check(&a, app.acked(), &nodes);
