@@ -404,7 +404,8 @@ enum Cmd {
     #[command(alias = "systemd-trigger-extern")]
     SystemdTrigger { res: Option<String> },
     /// Generate the units of RES from templates into a directory and print what was written;
-    /// no daemon, no systemctl (for checking templates).
+    /// no systemctl (for checking templates). MARS's view primitives in templates read the
+    /// running marsd's state; without a daemon a template using one is left out, saying so.
     SystemdGenerate(systemd::GenerateArgs),
     /// Start a throw-away local mars host, write through NBD and show how to use it.
     Demo(demo::DemoArgs),
@@ -1140,7 +1141,7 @@ impl Cli {
                 print!("{text}");
                 Ok(())
             }
-            Cmd::SystemdGenerate(args) => systemd::generate(&self.root, args, self.json),
+            Cmd::SystemdGenerate(args) => systemd::generate(self, args, self.json),
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => match args.first() {
