@@ -1194,7 +1194,8 @@ const ICPU_VM: &str = "nodeagent-vm-app-1.service";
 /// the survivor had replayed; the crashed host returns with a split brain (shown, resolved
 /// with `invalidate`) without starting the stack, and takes it back by a handover; nodeagent
 /// is called once per move, not once per trigger (the stop of the old primary found the device
-/// opened through `view-device-opened`); and MARS's watchers stay active, their services
+/// opened through `view-device-opened`); `set-systemd-want RES (none)` stops it and wanting it
+/// on the same host again starts it again; and MARS's watchers stay active, their services
 /// (`systemd-trigger-extern` without and with RES) succeeding, without looping.
 #[test]
 fn mars_own_icpu_templates_move_the_nodeagent_stack() {
@@ -1513,5 +1514,20 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     for n in nodes {
         watchers_sane(n);
     }
+
+    // MARS's `set-systemd-want RES (none)` stops the stack everywhere (e.g. for an fsck);
+    // wanting it on a again — the value it had before — starts it again: every write of the
+    // want is a new mtime for the script.
+    let (_, _, stops_on_a) = calls(&a);
+    a.host.ok(&["set-systemd-want", RES, "(none)"]);
+    wait(&nodes, 60, "(none): the stack stops on a", || {
+        !active(&a, ICPU_VM) && !a.sdbox().exec(&["mountpoint", "-q", VOL]).status.success()
+    });
+    assert_eq!(calls(&a).2, stops_on_a + 1, "{}", logs());
+    a.host.ok(&["set-systemd-want", RES, "a"]);
+    runs_on(&a, Some(&b), "wanted on a again");
+    app.check(&a, app.acked(), &nodes);
+    assert_eq!(calls(&a).0, started_on_a + 2, "{}", logs());
+    clock.step("(none) and back");
     app.finish();
 }
