@@ -814,4 +814,87 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// While a start or stop runs, the tree's want link shows the want it runs for (MARS's
+    /// icpu script reads the link's mtime then and copies the link after its success); once it
+    /// is over, the link follows the engine's want again.
+    #[test]
+    fn the_want_link_shows_the_want_an_operation_runs_for() {
+        let dir = std::env::temp_dir().join(format!("mars-sd-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tree = dir.join("mars");
+        let scripts = dir.join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        let seen = dir.join("seen");
+        let probe = scripts.join("probe.script");
+        std::fs::write(
+            &probe,
+            format!(
+                "#!/bin/sh\nreadlink {}/resource-r/systemd-want >> {}\n",
+                tree.display(),
+                seen.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Settings {
+            search_path: Vec::new(),
+            unit_dir: dir.join("units"),
+            scripts_dir: scripts,
+            systemctl: "/bin/false".into(),
+            system_unit_dirs: Vec::new(),
+            timeout: Duration::from_secs(10),
+            mars_tree: Some(tree.clone()),
+        };
+        let ident = Arc::new(Identity::new(
+            dir.join("root"),
+            mars_config::HostName::new("a").unwrap(),
+            "127.0.0.1:1".into(),
+            None,
+            None,
+            None,
+            true,
+        ));
+        let sd = Systemd::new(s, ident);
+        sd.open_tree().unwrap();
+        // The engine's state: the want is b (its third write).
+        sd.set_resources(Box::new(|| {
+            vec![LocalStack {
+                name: "r".into(),
+                systemd: SystemdMeta {
+                    start_unit: Some("probe.script".into()),
+                    want: Some(mars_config::HostName::new("b").unwrap()),
+                    want_raw: Some("b".into()),
+                    want_stamp: 3,
+                    ..Default::default()
+                },
+                primary: Some("b".into()),
+                emergency: false,
+                roles: Default::default(),
+                amounts: Default::default(),
+            }]
+        }));
+        let link = tree.join("resource-r/systemd-want");
+        sd.sync_tree();
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("b"));
+        // A job for an older write of the want (queued before b arrived): the script sees
+        // the want it runs for.
+        let job = UnitJob {
+            op: Some(mars_engine::resource::OpKey {
+                op: UnitOp::Stop,
+                unit: "probe.script".into(),
+                want: Some("a".into()),
+                want_stamp: 2,
+            }),
+            regenerate: false,
+            attempt: 2,
+        };
+        let status = sd.run_job("r", &job).unwrap();
+        assert!(status.ok(), "{status:?}");
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "a\n");
+        // Over: the link is the engine's want again (a new write: a later mtime).
+        sd.sync_tree();
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("b"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
