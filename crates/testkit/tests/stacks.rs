@@ -1386,8 +1386,14 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
                 dump(&[n])
             );
         }
-        // Their services (`systemd-trigger-extern` without and with RES) succeeded.
-        for w in ["mars-trigger.service", "mars-app\\x2d1-trigger.service"] {
+        // Neither watcher ran into its service's start limit (`unit-start-limit-hit`), and
+        // their services (`systemd-trigger-extern` without and with RES) succeeded.
+        for w in [
+            "mars-trigger.path",
+            "mars-app\\x2d1-trigger.path",
+            "mars-trigger.service",
+            "mars-app\\x2d1-trigger.service",
+        ] {
             assert_eq!(
                 n.systemctl(&["show", "-p", "Result", "--value", w]),
                 "success",
