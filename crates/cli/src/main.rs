@@ -410,7 +410,8 @@ enum Cmd {
     #[command(alias = "systemd-trigger-extern")]
     SystemdTrigger { res: Option<String> },
     /// Generate the units of RES from templates into a directory and print what was written;
-    /// no daemon, no systemctl (for checking templates).
+    /// no systemctl (for checking templates). MARS's view primitives in templates read the
+    /// running marsd's state; without a daemon a template using one is left out, saying so.
     SystemdGenerate(systemd::GenerateArgs),
     /// Start a throw-away local mars host, write through NBD and show how to use it.
     Demo(demo::DemoArgs),
@@ -790,6 +791,33 @@ impl Cli {
         }
     }
 
+    /// `get-systemd-unit RES`: the JSON document and MARS's line (`START STOP`, or nothing
+    /// when no stack is set).
+    fn systemd_unit(&self, res: &ResourceName) -> Result<(serde_json::Value, String)> {
+        let start = self.get_link(&systemd::key(res, "systemd-start-unit"))?;
+        let stop = self.get_link(&systemd::key(res, "systemd-stop-unit"))?;
+        let start = start.filter(|s| !s.is_empty());
+        let stop = stop.filter(|s| !s.is_empty()).or(start.clone());
+        let text = match (&start, &stop) {
+            (Some(start), Some(stop)) => format!("{start} {stop}\n"),
+            _ => String::new(),
+        };
+        let value = serde_json::json!({
+            "resource": res,
+            "start_unit": start,
+            "stop_unit": stop.filter(|_| start.is_some()),
+        });
+        Ok((value, text))
+    }
+
+    /// `get-systemd-want RES`: the JSON document and MARS's line (the host, `(none)`, or
+    /// nothing when unset).
+    fn systemd_want(&self, res: &ResourceName) -> Result<(serde_json::Value, String)> {
+        let want = self.get_link(&systemd::key(res, "systemd-want"))?;
+        let text = want.as_ref().map(|w| format!("{w}\n")).unwrap_or_default();
+        Ok((serde_json::json!({ "resource": res, "want": want }), text))
+    }
+
     fn run(&self) -> Result<()> {
         self.check_mars_options()?;
         match &self.cmd {
@@ -1080,36 +1108,50 @@ impl Cli {
                 Some(secs) => self.watch(res.as_deref(), *secs, *count),
                 None => self.view(res.as_deref()),
             },
-            Cmd::GetSystemdUnit { res } => {
-                let res = resource(res)?;
-                let start = self.get_link(&systemd::key(&res, "systemd-start-unit"))?;
-                let stop = self.get_link(&systemd::key(&res, "systemd-stop-unit"))?;
-                let start = start.filter(|s| !s.is_empty());
-                let stop = stop.filter(|s| !s.is_empty()).or(start.clone());
+            // MARS's `all` and comma lists: each resource under its `--------- resource` line,
+            // as MARS's `do_all_res` prints (MARS's modprobe-mars.sh of systemd-icpu/ greps
+            // `get-systemd-unit all`); `--json`: one document, `values` an entry each.
+            Cmd::GetSystemdUnit { res } | Cmd::GetSystemdWant { res }
+                if res == "all" || res.contains(',') =>
+            {
+                let unit = matches!(self.cmd, Cmd::GetSystemdUnit { .. });
+                let mut json = Vec::new();
+                for (name, head) in macros::run::resource_heads(self, res)? {
+                    let name = resource(&name)?;
+                    let (value, text) = if unit {
+                        self.systemd_unit(&name)?
+                    } else {
+                        self.systemd_want(&name)?
+                    };
+                    if self.json {
+                        json.push(value);
+                    } else {
+                        println!("--------- resource {head}");
+                        print!("{text}");
+                    }
+                }
                 if self.json {
-                    return self.emit(&serde_json::json!({
-                        "resource": res,
-                        "start_unit": start,
-                        "stop_unit": stop.filter(|_| start.is_some()),
-                    }));
+                    return self.emit(&serde_json::json!({ "values": json }));
                 }
-                if let (Some(start), Some(stop)) = (start, stop) {
-                    println!("{start} {stop}");
+                Ok(())
+            }
+            Cmd::GetSystemdUnit { res } => {
+                let (value, text) = self.systemd_unit(&resource(res)?)?;
+                if self.json {
+                    return self.emit(&value);
                 }
+                print!("{text}");
                 Ok(())
             }
             Cmd::GetSystemdWant { res } => {
-                let res = resource(res)?;
-                let want = self.get_link(&systemd::key(&res, "systemd-want"))?;
+                let (value, text) = self.systemd_want(&resource(res)?)?;
                 if self.json {
-                    return self.emit(&serde_json::json!({ "resource": res, "want": want }));
+                    return self.emit(&value);
                 }
-                if let Some(w) = want {
-                    println!("{w}");
-                }
+                print!("{text}");
                 Ok(())
             }
-            Cmd::SystemdGenerate(args) => systemd::generate(&self.root, args, self.json),
+            Cmd::SystemdGenerate(args) => systemd::generate(self, args, self.json),
             Cmd::Demo(args) => demo::run(self, args),
             Cmd::Generate { what, dir } => generate::run(*what, dir),
             Cmd::Other(args) => match args.first() {

@@ -1,6 +1,9 @@
-//! `marsadm systemd-generate`: the template generator alone, without a daemon or systemctl.
-//! It writes what `marsd` would write for the given units (same variables, same choice of
-//! units, same headers), so templates can be checked before a resource uses them.
+//! `marsadm systemd-generate`: the template generator alone, without systemctl. It writes
+//! what `marsd` would write for the given units (same variables, same choice of units, same
+//! headers), so templates can be checked before a resource uses them. MARS's view primitives
+//! in templates (`%get-primary{}`, `%is-primary{}`, the amounts …) are answered from the
+//! running marsd's view at `--root` when one answers; without one, each says so (a template
+//! using one is left out with that reason, the others are generated).
 
 use std::path::{Path, PathBuf};
 
@@ -52,7 +55,29 @@ fn absolute(p: &Path) -> Result<PathBuf> {
     })
 }
 
-pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
+/// The view primitives' answer when no marsd answers: not offered, with the reason.
+#[derive(Debug)]
+struct NoDaemon {
+    why: String,
+}
+
+impl mars_unitgen::View for NoDaemon {
+    fn primitive(
+        &self,
+        _name: &str,
+        _vars: &mars_unitgen::Vars,
+        _args: &[String],
+    ) -> Option<std::result::Result<String, String>> {
+        None
+    }
+
+    fn why_not_offered(&self) -> Option<String> {
+        Some(self.why.clone())
+    }
+}
+
+pub fn generate(cli: &crate::Cli, args: &GenerateArgs, json: bool) -> Result<()> {
+    let root = cli.root.as_path();
     let res = ResourceName::new(&args.res)?;
     let host = args.host.clone().unwrap_or_else(short_hostname);
     let output = absolute(&args.output)?;
@@ -79,7 +104,20 @@ pub fn generate(root: &Path, args: &GenerateArgs, json: bool) -> Result<()> {
         ..Default::default()
     };
     let vars = mars_unitgen::host_vars_with(&host, &root.display().to_string(), &args.ip, &opts);
-    let generator = Generator::new(&templates, &config, vars, vec![res.to_string()]);
+    // The resource state the view primitives read: the running marsd's, else none (each
+    // primitive a template uses then says why).
+    let state: std::sync::Arc<dyn mars_unitgen::View> = match crate::macros::run::state_view(cli) {
+        Ok(state) => std::sync::Arc::new(state),
+        Err(e) => std::sync::Arc::new(NoDaemon {
+            why: format!(
+                "it reads the resource's state from marsd, and none answers at {} ({e}); \
+                     start marsd, or generate with `marsadm systemd-trigger`",
+                root.display()
+            ),
+        }),
+    };
+    let generator =
+        Generator::new(&templates, &config, vars, vec![res.to_string()]).with_view(state);
     let mut wanted = Vec::new();
     for u in &args.units {
         let choice = generator.choose_units(res.as_str(), u, None)?;

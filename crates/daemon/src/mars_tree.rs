@@ -11,7 +11,9 @@
 //!                                        mode (mars-emergency.path)
 //! TREE/resource-RES/systemd-want -> HOST symlink (or "(none)"), replaced by rename on every
 //!                                        write of the want (its mtime grows each time: the
-//!                                        icpu nodeagent script compares it with its copy)
+//!                                        icpu nodeagent script compares it with its copy);
+//!                                        while a start or stop of RES runs, it shows the
+//!                                        want that runs for (`Systemd::run_job`)
 //! TREE/resource-RES/systemd-trigger      "SECS.NANOS\n", rewritten when the want, the
 //!                                        designated primary or the stack's units change
 //!                                        (mars-RES-trigger.path)

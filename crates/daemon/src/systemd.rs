@@ -13,7 +13,7 @@
 //! once as `SCRIPT start` or `SCRIPT stop`. The result is published by the engine as
 //! `systemd-status-HOST`, which a planned handover on another host waits for.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -127,6 +127,22 @@ pub struct Systemd {
     resources: OnceLock<ResourceList>,
     /// The MARS-compatible tree, once [`Self::open_tree`] took its directory.
     tree: Mutex<Option<MarsTree>>,
+    /// Per resource with a start or stop running: the want (raw value, Lamport stamp) that
+    /// operation runs for. The tree's want link shows it until the operation ends (see
+    /// [`Self::run_job`]).
+    pinned: Mutex<BTreeMap<String, (Option<String>, u64)>>,
+}
+
+/// Unpins a resource's want link when its operation ends, however it ends.
+struct Pin<'a> {
+    sd: &'a Systemd,
+    res: &'a str,
+}
+
+impl Drop for Pin<'_> {
+    fn drop(&mut self) {
+        lock(&self.sd.pinned).remove(self.res);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -141,6 +157,7 @@ impl Systemd {
             generating: Mutex::new(()),
             resources: OnceLock::new(),
             tree: Mutex::new(None),
+            pinned: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -163,12 +180,17 @@ impl Systemd {
             uuid: self.ident.cluster().map(|c| c.uuid),
             ..TreeState::default()
         };
+        let pinned = lock(&self.pinned).clone();
         for r in self.resources.get().map(|f| f()).unwrap_or_default() {
+            let (want, want_stamp) = pinned
+                .get(&r.name)
+                .cloned()
+                .unwrap_or((r.systemd.want_raw.clone(), r.systemd.want_stamp));
             state.resources.insert(
                 r.name,
                 ResourceState {
-                    want: r.systemd.want_raw.clone(),
-                    want_stamp: r.systemd.want_stamp,
+                    want,
+                    want_stamp,
                     primary: r.primary,
                     units: (r.systemd.start_unit.clone(), r.systemd.stop_unit.clone()),
                     emergency: r.emergency,
@@ -237,7 +259,21 @@ impl Systemd {
 
     /// Runs one job of `res` (blocking): regenerate if asked, then the operation. Returns the
     /// operation's result.
+    ///
+    /// With a MARS tree, the resource's want link shows the want the operation runs for from
+    /// before it starts until it ends: MARS's icpu `nodeagent-RES.script` compares the link's
+    /// mtime with the copy it made after its last success and copies the link again after this
+    /// one, so the link must not be behind the operation (the script would take it for done:
+    /// "Unmodified timestamp") nor move during it (the copy would record a want this run did
+    /// not act on, and the operation for that want would be skipped). A want that changes
+    /// meanwhile reaches the link, with its trigger, when the operation is over; the engine's
+    /// next operation runs for it.
     pub fn run_job(&self, res: &str, job: &UnitJob) -> Option<UnitStatus> {
+        let _pin = job.op.as_ref().map(|key| {
+            lock(&self.pinned).insert(res.to_string(), (key.want.clone(), key.want_stamp));
+            self.sync_tree();
+            Pin { sd: self, res }
+        });
         // A retry does not regenerate again (the first try of the operation did).
         if job.regenerate || (job.op.is_some() && job.attempt <= 1) {
             if let Err(e) = self.regenerate() {
@@ -776,6 +812,89 @@ mod tests {
             ],
             "{log}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// While a start or stop runs, the tree's want link shows the want it runs for (MARS's
+    /// icpu script reads the link's mtime then and copies the link after its success); once it
+    /// is over, the link follows the engine's want again.
+    #[test]
+    fn the_want_link_shows_the_want_an_operation_runs_for() {
+        let dir = std::env::temp_dir().join(format!("mars-sd-pin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tree = dir.join("mars");
+        let scripts = dir.join("scripts");
+        std::fs::create_dir_all(&scripts).unwrap();
+        let seen = dir.join("seen");
+        let probe = scripts.join("probe.script");
+        std::fs::write(
+            &probe,
+            format!(
+                "#!/bin/sh\nreadlink {}/resource-r/systemd-want >> {}\n",
+                tree.display(),
+                seen.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&probe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let s = Settings {
+            search_path: Vec::new(),
+            unit_dir: dir.join("units"),
+            scripts_dir: scripts,
+            systemctl: "/bin/false".into(),
+            system_unit_dirs: Vec::new(),
+            timeout: Duration::from_secs(10),
+            mars_tree: Some(tree.clone()),
+        };
+        let ident = Arc::new(Identity::new(
+            dir.join("root"),
+            mars_config::HostName::new("a").unwrap(),
+            "127.0.0.1:1".into(),
+            None,
+            None,
+            None,
+            true,
+        ));
+        let sd = Systemd::new(s, ident);
+        sd.open_tree().unwrap();
+        // The engine's state: the want is b (its third write).
+        sd.set_resources(Box::new(|| {
+            vec![LocalStack {
+                name: "r".into(),
+                systemd: SystemdMeta {
+                    start_unit: Some("probe.script".into()),
+                    want: Some(mars_config::HostName::new("b").unwrap()),
+                    want_raw: Some("b".into()),
+                    want_stamp: 3,
+                    ..Default::default()
+                },
+                primary: Some("b".into()),
+                emergency: false,
+                roles: Default::default(),
+                amounts: Default::default(),
+            }]
+        }));
+        let link = tree.join("resource-r/systemd-want");
+        sd.sync_tree();
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("b"));
+        // A job for an older write of the want (queued before b arrived): the script sees
+        // the want it runs for.
+        let job = UnitJob {
+            op: Some(mars_engine::resource::OpKey {
+                op: UnitOp::Stop,
+                unit: "probe.script".into(),
+                want: Some("a".into()),
+                want_stamp: 2,
+            }),
+            regenerate: false,
+            attempt: 2,
+        };
+        let status = sd.run_job("r", &job).unwrap();
+        assert!(status.ok(), "{status:?}");
+        assert_eq!(std::fs::read_to_string(&seen).unwrap(), "a\n");
+        // Over: the link is the engine's want again (a new write: a later mtime).
+        sd.sync_tree();
+        assert_eq!(std::fs::read_link(&link).unwrap(), Path::new("b"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -275,6 +275,41 @@ fn exit_codes_errors_and_json_on_one_host() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     check("systemd-generate", &v);
     assert!(!v["files"].as_array().unwrap().is_empty(), "{v}");
+    // MARS's view primitives read marsd's state: without a daemon, a template using one is
+    // left out with that reason (the others are generated); with one, see below.
+    let tpl = t.path().join("tpl");
+    std::fs::create_dir_all(&tpl).unwrap();
+    std::fs::write(
+        tpl.join("app-@escvar{res}.service"),
+        "# DEFAULT_START\n[Unit]\nDescription=@eval{primary %is-primary{} of %nr-primary{} \
+         designated %get-primary{} member %is-member{} rest %fetch-rest{}}\n\
+         [Service]\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    let generate = |root: &Path| {
+        marsadm_at(
+            root,
+            &[
+                "systemd-generate",
+                "r",
+                "DEFAULT",
+                "--templates",
+                tpl.to_str().unwrap(),
+                "--output",
+                t.path().join("units-tpl").to_str().unwrap(),
+                "--host",
+                "a",
+            ],
+        )
+    };
+    let o = generate(&nowhere);
+    assert!(
+        text(&o.stderr).contains("%is-primary{…}: MARS's view macro is not available")
+            && text(&o.stderr).contains("none answers at"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!t.path().join("units-tpl/app-r.service").exists());
 
     // `check` without a daemon: UNKNOWN (3), as a Nagios plugin, in its own schema.
     let o = marsadm_at(&nowhere, &["--json", "check"]);
@@ -286,6 +321,14 @@ fn exit_codes_errors_and_json_on_one_host() {
 
     let a = Host::start(t.path(), "a");
     let disk = a.create_resource("r", SIZE);
+    // With marsd running, the primitives are answered from its view.
+    let o = generate(&a.root);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let unit = std::fs::read_to_string(t.path().join("units-tpl/app-r.service")).unwrap();
+    assert!(
+        unit.contains("Description=primary 1 of 1 designated a member 1 rest 0\n"),
+        "{unit}"
+    );
     // A healthy resource: OK (0). The space limits are lifted because the test's root shares
     // the machine's filesystem, whose usage is not this test's business.
     let v = json(
@@ -435,6 +478,13 @@ fn exit_codes_errors_and_json_on_one_host() {
     let v = json(&a, &["get-systemd-unit", "r"], 0, "systemd-unit");
     assert_eq!(v["start_unit"], Value::Null);
     json(&a, &["get-systemd-want", "r"], 0, "systemd-want");
+    // MARS's `all` and lists: an entry per resource (MARS's modprobe-mars.sh reads the text).
+    let v = json(&a, &["get-systemd-unit", "all"], 0, "systemd-unit");
+    assert_eq!(v["values"][0]["resource"], "r", "{v}");
+    let v = json(&a, &["get-systemd-want", "r"], 0, "systemd-want");
+    assert_eq!(v["resource"], "r", "{v}");
+    let listed = a.ok(&["get-systemd-unit", "all"]);
+    assert!(listed.starts_with("--------- resource r "), "{listed}");
     let v = json(&a, &["wait-resource", "r", "attach"], 0, "wait");
     assert_eq!(v["condition"], "attach-on");
     json(&a, &["wait-cluster"], 0, "action");

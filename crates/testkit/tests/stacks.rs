@@ -1174,3 +1174,366 @@ fn mars_own_testing_templates_move_the_stack_on_handover() {
         assert!((1..100).contains(&c), "{}: {c} calls", n.host.name);
     }
 }
+
+const ICPU_SCRIPT: &str = "nodeagent-app\\x2d1.script";
+/// The stand-in's container unit (`tests/data/nodeagent-stand-in`).
+const ICPU_VM: &str = "nodeagent-vm-app-1.service";
+
+/// MARS's `systemd-icpu/` set at run time (issue 17 item 3): `tests/data/mars-systemd-icpu/`
+/// is MARS's folder (mars0.1astable177) unedited, installed as the testing set above (the same
+/// `/mars` tmpfs, `/usr/bin/marsadm` and `mars.service` drop-in), with a stand-in for 1&1's
+/// `/usr/sbin/nodeagent` (`tests/data/nodeagent-stand-in`: mounts `/dev/mars/RES` on
+/// `/vol/RES` and runs a counting `systemd-nspawn` container on it as a transient unit).
+/// `set-systemd-unit RES DEFAULT` picks MARS's `nodeagent-RES.script` (its `DEFAULT_START`/
+/// `DEFAULT_STOP` markers), which marsd runs directly as MARS does; the script acts only when
+/// the want link's mtime differs from its copy in `userspace/`, so every trigger after the
+/// first is a no-op. Checked: the stack starts on the primary; MARS's `modprobe-mars.sh`
+/// finds the resource in `get-systemd-unit all` and stops it where it does not run; two
+/// handovers move it (the counter and a file written on each host are on the other); after a
+/// crash of the primary's machine `primary --force` starts it on the survivor with every count
+/// the survivor had replayed; the crashed host returns with a split brain (shown, resolved
+/// with `invalidate`) without starting the stack, and takes it back by a handover; nodeagent
+/// is called once per move, not once per trigger (the stop of the old primary found the device
+/// opened through `view-device-opened`); `set-systemd-want RES (none)` stops it and wanting it
+/// on the same host again starts it again; and MARS's watchers stay active, their services
+/// (`systemd-trigger-extern` without and with RES) succeeding, without looping.
+#[test]
+fn mars_own_icpu_templates_move_the_nodeagent_stack() {
+    if !supported(&[
+        "mkfs.ext4",
+        "mountpoint",
+        "systemd-nspawn",
+        "systemd-run",
+        "rsync",
+    ]) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let clock = Clock(Instant::now());
+    let dir = Dir::new();
+    let t = dir.path();
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(data.join("mars-systemd-icpu"))
+        .unwrap()
+        .flatten()
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+        files.push((
+            format!(
+                "/etc/marsadm/systemd-templates/{}",
+                e.file_name().to_string_lossy()
+            ),
+            std::fs::read(e.path()).unwrap(),
+            mode,
+        ));
+    }
+    assert_eq!(files.len(), 9, "MARS's systemd-icpu/ has nine files");
+    files.push((
+        "/etc/systemd/system/mars.service.d/marsd.conf".into(),
+        MARS_SERVICE_DROPIN.into(),
+        0o644,
+    ));
+    files.push((
+        "/usr/sbin/nodeagent".into(),
+        std::fs::read(data.join("nodeagent-stand-in")).unwrap(),
+        0o755,
+    ));
+    let mut app = Container::new();
+    app.ack = t.join("ack");
+    std::fs::create_dir_all(&app.ack).unwrap();
+    let log = |name: &str| t.join(format!("nodeagent-{name}"));
+    let opt = |name: &str| {
+        let mut files = files.clone();
+        files.push((
+            "/usr/bin/marsadm".into(),
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
+                t.join(format!("calls-{name}")).display(),
+                mars_testkit::bin("marsadm").display(),
+                t.join(name).join("root").display()
+            )
+            .into_bytes(),
+            0o755,
+        ));
+        files.push((
+            "/etc/nodeagent-stand-in.conf".into(),
+            format!("ACK={}\nLOG={}\n", app.ack.display(), log(name).display()).into_bytes(),
+            0o644,
+        ));
+        NodeOptions {
+            device: true,
+            systemd_timeout: 90,
+            mars_tree: true,
+            files,
+        }
+    };
+    let tpl = Path::new("/etc/marsadm");
+    let mut a = Node::start(t, "a", "127.0.0.1", tpl, &opt("a"));
+    let b = Node::start(t, "b", "127.0.0.2", tpl, &opt("b"));
+    a.host.create_resource(RES, SIZE);
+    b.host.join(&a.host);
+    for n in [&a, &b] {
+        n.host.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    join(&b.host, RES, SIZE);
+    uptodate(&b, &[&a, &b], 120);
+    wait(&[&a, &b], 30, "a's device", || {
+        a.host
+            .device(RES)
+            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
+    });
+    // The container's tree on the volume, made once by hand (as 1&1 provisions a container).
+    a.sh(&format!(
+        "mkfs.ext4 -q -F /dev/mars/{RES} && mkdir -p /mnt/prep && mount /dev/mars/{RES} /mnt/prep"
+    ));
+    app.prepare(&a, "/mnt/prep");
+    a.sh("umount /mnt/prep");
+    clock.step("pair up, container made");
+    for n in [&a, &b] {
+        wait(&[&a, &b], 60, "mars.service and its watchers run", || {
+            active(n, "mars.service") && active(n, "mars.path")
+        });
+    }
+
+    let out = a.host.ok(&["set-systemd-unit", RES, "DEFAULT"]);
+    assert!(out.contains(ICPU_SCRIPT), "{out}");
+    let nodeagent = |n: &Node, op: &str| {
+        std::fs::read_to_string(log(n.host.name.as_str()))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == format!("{op} {RES}"))
+            .count()
+    };
+    // The stack runs on `on` (the container and its mount), not on `off`.
+    let runs_on = |on: &Node, off: Option<&Node>, what: &str| {
+        let all: Vec<&Node> = [Some(on), off].into_iter().flatten().collect();
+        wait(
+            &all,
+            120,
+            &format!("{what}: the stack runs on {}", on.host.name),
+            || active(on, ICPU_VM) && on.sdbox().exec(&["mountpoint", "-q", VOL]).status.success(),
+        );
+        if let Some(off) = off {
+            wait(
+                &all,
+                60,
+                &format!("{what}: stopped on {}", off.host.name),
+                || {
+                    !active(off, ICPU_VM)
+                        && !off
+                            .sdbox()
+                            .exec(&["mountpoint", "-q", VOL])
+                            .status
+                            .success()
+                },
+            );
+        }
+    };
+    runs_on(&a, Some(&b), "set-systemd-unit");
+    app.start_load();
+    app.check(&a, 0, &[&a, &b]);
+    clock.step("stack up on a");
+
+    // MARS's modprobe-mars.sh (what 1&1 runs when MARS starts): every resource whose stack is
+    // a nodeagent script, from `get-systemd-unit all`, gets `nodeagent stop` — on b, where the
+    // stack does not run. Its `modprobe mars` has no module to load here; its exit status is
+    // that of modprobe, so only what it did is checked.
+    let before = nodeagent(&b, "stop");
+    let o = b
+        .sdbox()
+        .exec(&["/etc/marsadm/systemd-templates/modprobe-mars.sh"]);
+    assert_eq!(
+        nodeagent(&b, "stop"),
+        before + 1,
+        "modprobe-mars.sh: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    runs_on(&a, Some(&b), "modprobe-mars.sh on b");
+
+    let mark = |n: &Node, text: &str| {
+        n.sh(&format!("echo {text} > {VOL}/mark-{text} && sync"));
+    };
+    let has_mark = |n: &Node, text: &str| n.sh(&format!("cat {VOL}/mark-{text}")).trim() == text;
+    mark(&a, "from-a");
+    handover(&b, &[&a, &b]);
+    runs_on(&b, Some(&a), "handover to b");
+    app.check(&b, app.acked(), &[&a, &b]);
+    assert!(has_mark(&b, "from-a"));
+    mark(&b, "from-b");
+    clock.step("stack on b");
+    uptodate(&a, &[&a, &b], 60);
+    handover(&a, &[&a, &b]);
+    runs_on(&a, Some(&b), "handover back to a");
+    app.check(&a, app.acked(), &[&a, &b]);
+    assert!(has_mark(&a, "from-a") && has_mark(&a, "from-b"));
+    clock.step("stack back on a");
+
+    // The script's own idempotence (the want link's mtime against its copy in `userspace/`):
+    // nodeagent ran once per move on each host, however often marsd and MARS's watchers ran
+    // the script meanwhile.
+    let watchers_sane = |n: &Node| {
+        assert!(active(n, "mars.service"), "{}", dump(&[n]));
+        for w in ["mars-trigger.path", "mars-app\\x2d1-trigger.path"] {
+            assert_eq!(
+                n.systemctl(&["show", "-p", "ActiveState", "--value", w]),
+                "active",
+                "{} {w}: {}\n{}",
+                n.host.name,
+                n.systemctl(&["show", "-p", "Result", w]),
+                dump(&[n])
+            );
+        }
+        // Neither watcher ran into its service's start limit (`unit-start-limit-hit`), and
+        // their services (`systemd-trigger-extern` without and with RES) succeeded.
+        for w in [
+            "mars-trigger.path",
+            "mars-app\\x2d1-trigger.path",
+            "mars-trigger.service",
+            "mars-app\\x2d1-trigger.service",
+        ] {
+            assert_eq!(
+                n.systemctl(&["show", "-p", "Result", "--value", w]),
+                "success",
+                "{} {w}\n{}",
+                n.host.name,
+                dump(&[n])
+            );
+        }
+        let calls = std::fs::read_to_string(t.join(format!("calls-{}", n.host.name)))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == format!("systemd-trigger-extern {RES}"))
+            .count();
+        eprintln!(
+            "{}: {calls} calls of systemd-trigger-extern {RES}",
+            n.host.name
+        );
+        assert!((1..100).contains(&calls), "{}: {calls} calls", n.host.name);
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    let calls = |n: &Node| {
+        (
+            nodeagent(n, "start"),
+            nodeagent(n, "vmstart"),
+            nodeagent(n, "stop"),
+        )
+    };
+    let logs = || {
+        format!(
+            "a: {}\nb: {}",
+            std::fs::read_to_string(log("a")).unwrap_or_default(),
+            std::fs::read_to_string(log("b")).unwrap_or_default()
+        )
+    };
+    // a: started twice (each start mounts, then vmstart); stopped once, for the handover.
+    assert_eq!(calls(&a), (2, 2, 1), "{}", logs());
+    // b: started once; stopped by modprobe-mars.sh and for the handover back.
+    assert_eq!(calls(&b), (1, 1, 2), "{}", logs());
+    for n in [&a, &b] {
+        watchers_sane(n);
+    }
+
+    // a's machine crashes with the stack running; b takes over with `primary --force`.
+    // Everything b had replayed must survive; what a counted after b stopped fetching is a's
+    // alone (the split brain on its return).
+    let floor = app.acked();
+    let at = durable(&a);
+    wait(&[&a, &b], 60, "b replayed what a had acknowledged", || {
+        applied(&b).is_some_and(|p| p >= at)
+    });
+    // A forced switch takes what the replica has: fetching stops first.
+    b.host.ok(&["pause-fetch", RES]);
+    let more = app.acked() + 10;
+    wait(&[&a, &b], 60, "a counts what b will never see", || {
+        app.acked() >= more
+    });
+    a.crash();
+    clock.step(&format!("a crashed, floor {floor}"));
+    wait(&[&b], 60, "b sees a dead", || {
+        b.host.view_json()["members"]
+            .as_array()
+            .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
+    });
+    let start = Instant::now();
+    loop {
+        let o = b
+            .host
+            .marsadm(&["--timeout", "60", "primary", "--force", RES]);
+        if o.status.success() {
+            break;
+        }
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            err.contains("a is reachable") && start.elapsed() < Duration::from_secs(30),
+            "failover: {}{err}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            dump(&[&b])
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    runs_on(&b, None, "primary --force on b");
+    app.check(&b, floor, &[&b]);
+    assert!(has_mark(&b, "from-a") && has_mark(&b, "from-b"));
+    clock.step("failed over to b");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls(&b), (2, 2, 2), "{}", logs());
+    watchers_sane(&b);
+
+    // a's machine returns with the split brain: its fresh `/mars` has no copy of the want, so
+    // the script acts on its first run there — a `stop` (the want is b), never a start. The
+    // split brain is shown and resolved with `invalidate` (b idle meanwhile); then the stack
+    // goes back to a.
+    let started_on_a = calls(&a).0;
+    a.boot();
+    let nodes = [&a, &b];
+    wait(&nodes, 60, "a sees the split brain", || {
+        a.host.view("is-split-brain", RES) == "1"
+    });
+    let view = a.host.ok(&["view", RES]);
+    assert!(view.to_lowercase().contains("split brain"), "{view}");
+    assert_eq!(a.host.view("get-primary", RES), "b");
+    assert!(
+        !active(&a, ICPU_VM),
+        "the stack must not run on a\n{}",
+        logs()
+    );
+    assert_eq!(calls(&a).0, started_on_a, "{}", logs());
+    clock.step("a back, split brain");
+    app.pause(true);
+    a.host.ok(&["invalidate", RES]);
+    uptodate(&a, &nodes, 120);
+    assert_eq!(a.host.view("is-split-brain", RES), "0", "{}", dump(&nodes));
+    clock.step("a resolved and up to date");
+    app.pause(false);
+    app.check(&b, app.acked(), &nodes);
+    handover(&a, &nodes);
+    runs_on(&a, Some(&b), "handover back to a after its return");
+    app.check(&a, app.acked(), &nodes);
+    assert!(has_mark(&a, "from-a") && has_mark(&a, "from-b"));
+    clock.step("stack back on a");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(calls(&a).0, started_on_a + 1, "{}", logs());
+    assert_eq!(calls(&b), (2, 2, 3), "{}", logs());
+    for n in nodes {
+        watchers_sane(n);
+    }
+
+    // MARS's `set-systemd-want RES (none)` stops the stack everywhere (e.g. for an fsck);
+    // wanting it on a again — the value it had before — starts it again: every write of the
+    // want is a new mtime for the script.
+    let (_, _, stops_on_a) = calls(&a);
+    a.host.ok(&["set-systemd-want", RES, "(none)"]);
+    wait(&nodes, 60, "(none): the stack stops on a", || {
+        !active(&a, ICPU_VM) && !a.sdbox().exec(&["mountpoint", "-q", VOL]).status.success()
+    });
+    assert_eq!(calls(&a).2, stops_on_a + 1, "{}", logs());
+    a.host.ok(&["set-systemd-want", RES, "a"]);
+    runs_on(&a, Some(&b), "wanted on a again");
+    app.check(&a, app.acked(), &nodes);
+    assert_eq!(calls(&a).0, started_on_a + 2, "{}", logs());
+    clock.step("(none) and back");
+    app.finish();
+}

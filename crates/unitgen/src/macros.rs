@@ -1119,11 +1119,16 @@ impl<'a> Machine<'a> {
                             message,
                         },
                     )),
-                    None => Err(unavailable(
-                        self,
-                        "it needs resource state the generator is not given \
-                         (see docs/mars-compatibility.md for the ones answered)",
-                    )),
+                    None => {
+                        let why = ctx_view(self.ctx)
+                            .and_then(|v| v.why_not_offered())
+                            .unwrap_or_else(|| {
+                                "it needs resource state the generator is not given \
+                                 (see docs/mars-compatibility.md for the ones answered)"
+                                    .to_string()
+                            });
+                        Err(unavailable(self, &why))
+                    }
                 }
             }
         }

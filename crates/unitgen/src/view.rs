@@ -33,6 +33,13 @@ pub trait View: Debug + Send + Sync {
     /// `Some(Err(why))`: a bad argument (MARS dies; the template is left out with `why`).
     fn primitive(&self, name: &str, vars: &Vars, args: &[String])
         -> Option<Result<String, String>>;
+
+    /// Why a primitive this view does not offer is missing, for the
+    /// [`crate::MacroError::Unavailable`] message (`None`: the generic reason). A caller
+    /// without any state (`marsadm systemd-generate` with no daemon running) says so here.
+    fn why_not_offered(&self) -> Option<String> {
+        None
+    }
 }
 
 /// MARS's complex view macros (`%complex_macros` of its marsadm, mars0.1astable177).

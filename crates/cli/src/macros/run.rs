@@ -162,6 +162,91 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// What the templates' view primitives see when `marsadm systemd-generate` runs beside a
+/// running marsd: every local resource from marsd's view, with the roles, amounts and
+/// emergency state computed as `view-…` computes them (the same values marsd's own
+/// generation would use, up to what changed in between).
+pub fn state_view(cli: &Cli) -> Result<mars_unitgen::StateView> {
+    let v = view(cli, None)?;
+    let src = Daemon(cli);
+    let mut state = mars_unitgen::StateView {
+        host: v.host.clone(),
+        uuid: v.cluster.as_ref().map(|c| c.uuid.clone()),
+        ..Default::default()
+    };
+    for r in &v.resources {
+        let c = Ctx {
+            view: &v,
+            res: Some(r),
+            host: &v.host,
+            name: "",
+            arg: None,
+            window: cli.window,
+            now: now(),
+            src: &src,
+            stuck_seconds: cli.stuck_seconds,
+            threshold: cli.threshold,
+            warnings: Default::default(),
+        };
+        state.resources.insert(
+            r.name.clone(),
+            mars_unitgen::ResourceView {
+                primary: super::prim::designated(&c)?.map(str::to_string),
+                emergency: super::prim::is_emergency(&c, &v.host)?,
+                units: r
+                    .systemd
+                    .as_ref()
+                    .map(|sd| (sd.start_unit.clone(), sd.stop_unit.clone())),
+                roles: Some(super::prim::roles(&c)?),
+                amounts: Some(super::prim::amounts(&c)?),
+            },
+        );
+    }
+    Ok(state)
+}
+
+/// For a command that takes `all` or a comma list in MARS and prints per resource (as MARS's
+/// `do_all_res`): each chosen resource's name and its `--------- resource …` line's text (the
+/// `default-resource` macro, `RES SIZE [N/M]`), in the view's order.
+pub fn resource_heads(cli: &Cli, res: &str) -> Result<Vec<(String, String)>> {
+    let v = view(cli, None)?;
+    let names: Vec<String> = if res == "all" {
+        Vec::new()
+    } else {
+        res.split(',')
+            .map(|r| Ok(resource(r.trim())?.to_string()))
+            .collect::<Result<_>>()?
+    };
+    if let Some(missing) = names
+        .iter()
+        .find(|n| !v.resources.iter().any(|r| &r.name == *n))
+    {
+        bail!("resource {missing} not found");
+    }
+    let src = Daemon(cli);
+    let head = super::find("default-resource").expect("in the table");
+    v.resources
+        .iter()
+        .filter(|r| names.is_empty() || names.contains(&r.name))
+        .map(|r| {
+            let c = Ctx {
+                view: &v,
+                res: Some(r),
+                host: &v.host,
+                name: &head.name,
+                arg: None,
+                window: cli.window,
+                now: now(),
+                src: &src,
+                stuck_seconds: cli.stuck_seconds,
+                threshold: cli.threshold,
+                warnings: Default::default(),
+            };
+            Ok((r.name.clone(), eval(head, &c)?))
+        })
+        .collect()
+}
+
 /// Evaluates `m`, then prints its warnings (MARS's `%warn{…}`) on stderr as MARS does.
 fn eval(m: &Macro, c: &Ctx) -> Result<String> {
     let value = super::eval(m, c)?;
