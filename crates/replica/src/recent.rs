@@ -3,8 +3,11 @@
 //! the copy back from the file, so the copy is written once and never read (and can be
 //! written past the page cache: `copies.rs`).
 //!
-//! A window over one copy: the verified chunks appended most recently, contiguous, at most
-//! [`RECENT_CAP`] bytes (the oldest go first). Only bytes that are in the copy are in the
+//! A window over the copies: the verified chunks appended most recently, contiguous, at most
+//! [`RECENT_CAP`] bytes (the oldest go first). Contiguous means: each chunk continues the one
+//! before it in the same copy, or starts a later copy at offset 0 — the fetch moving on to the
+//! next logfile keeps the previous copy's tail in the window, which replay is still behind on
+//! (without that, replay read the last 100 MiB or so of every logfile back from the disk). Only bytes that are in the copy are in the
 //! window: the appender adds a chunk after writing it, and every cut or removal of copies
 //! empties it ([`crate::Copies`]). Replay only asks for bytes below the copy's durable length,
 //! so what it finds here is exactly what the file holds. After a restart, or when replay lags
@@ -35,10 +38,8 @@ pub struct Recent {
 struct Inner {
     /// A fetch session fills the window ([`Recent::open`]).
     open: bool,
-    /// The copy the chunks belong to.
-    file: u64,
-    /// `(offset in the copy, bytes)`, contiguous and ascending.
-    chunks: VecDeque<(u64, Bytes)>,
+    /// `(copy, offset in the copy, bytes)`, contiguous (see the module docs) and ascending.
+    chunks: VecDeque<(u64, u64, Bytes)>,
     bytes: usize,
 }
 
@@ -62,7 +63,7 @@ impl Recent {
     }
 
     /// `data` was written at `offset` of copy `file`. A chunk that does not continue the
-    /// window (another copy, a gap) starts it anew.
+    /// window (a gap, an earlier copy, a later copy not at its start) starts it anew.
     pub fn push(&self, file: u64, offset: u64, data: Bytes) {
         if data.is_empty() {
             return;
@@ -71,19 +72,17 @@ impl Recent {
         if !w.open {
             return;
         }
-        let continues = w.file == file
-            && w.chunks
-                .back()
-                .is_some_and(|(o, b)| o + b.len() as u64 == offset);
+        let continues = w.chunks.back().is_some_and(|(f, o, b)| {
+            (*f == file && o + b.len() as u64 == offset) || (file > *f && offset == 0)
+        });
         if !continues {
             w.chunks.clear();
             w.bytes = 0;
-            w.file = file;
         }
         w.bytes += data.len();
-        w.chunks.push_back((offset, data));
+        w.chunks.push_back((file, offset, data));
         while w.bytes > self.cap {
-            let Some((_, b)) = w.chunks.pop_front() else {
+            let Some((_, _, b)) = w.chunks.pop_front() else {
                 break;
             };
             w.bytes -= b.len();
@@ -94,23 +93,23 @@ impl Recent {
     /// window has them.
     pub fn get(&self, file: u64, offset: u64) -> Option<Bytes> {
         let w = self.lock();
-        if w.file != file {
+        let i = w
+            .chunks
+            .partition_point(|(f, o, _)| (*f, *o) <= (file, offset));
+        let (f, o, b) = w.chunks.get(i.checked_sub(1)?)?;
+        if *f != file {
             return None;
         }
-        let i = w.chunks.partition_point(|(o, _)| *o <= offset);
-        let (o, b) = w.chunks.get(i.checked_sub(1)?)?;
         let at = (offset - o) as usize;
         (at < b.len()).then(|| b.slice(at..))
     }
 
-    /// Replay is done with copy `file` before `offset`: the chunks that end there go.
+    /// Replay is done with copy `file` before `offset` (and so with every earlier copy): the
+    /// chunks that end there go.
     pub fn release(&self, file: u64, offset: u64) {
         let mut w = self.lock();
-        if w.file != file {
-            return;
-        }
-        while let Some((o, b)) = w.chunks.front() {
-            if o + b.len() as u64 > offset {
+        while let Some((f, o, b)) = w.chunks.front() {
+            if *f > file || (*f == file && o + b.len() as u64 > offset) {
                 break;
             }
             let n = b.len();
@@ -174,17 +173,32 @@ mod tests {
         r.push(1, 200, Bytes::from(vec![4; 10]));
         assert_eq!(r.get(1, 50), None);
         assert_eq!(r.bytes(), 10);
-        // Another copy too.
+        // The next copy from its start continues the window: the previous copy's tail stays
+        // for replay, which is behind.
         r.push(2, 0, Bytes::from(vec![5; 10]));
-        assert_eq!(r.get(1, 200), None);
+        assert_eq!(r.get(1, 205).unwrap().len(), 5);
+        assert_eq!(r.get(2, 3).unwrap()[..], [5; 7]);
+        assert_eq!(r.get(1, 210), None);
         r.push(2, 10, Bytes::from(vec![6; 10]));
+        // Done with copy 2 before 15: copy 1 goes as well.
         r.release(2, 15);
+        assert_eq!(r.get(1, 205), None);
         assert_eq!(r.get(2, 5), None);
         assert_eq!(r.get(2, 15).unwrap().len(), 5);
         r.clear();
         assert_eq!(r.get(2, 15), None);
         r.push(2, 20, Bytes::from(vec![7; 10]));
         assert_eq!(r.bytes(), 10);
+        // Not at its start, an earlier copy, or the same offset again: anew.
+        r.push(3, 5, Bytes::from(vec![9; 10]));
+        assert_eq!(r.get(2, 20), None);
+        assert_eq!(r.bytes(), 10);
+        r.push(1, 0, Bytes::from(vec![9; 10]));
+        assert_eq!(r.get(3, 5), None);
+        assert_eq!(r.bytes(), 10);
+        r.push(1, 0, Bytes::from(vec![8; 10]));
+        assert_eq!(r.bytes(), 10);
+        assert_eq!(r.get(1, 0).unwrap()[0], 8);
         r.close();
         r.push(2, 30, Bytes::from(vec![8; 10]));
         assert_eq!(r.bytes(), 0);

@@ -99,7 +99,7 @@ impl<'a> Replay<'a> {
         };
         let mut batch = Batch {
             index: Index::default(),
-            buf: None,
+            bufs: Vec::new(),
             disk: self.disk,
         };
         let mut pos = from;
@@ -287,12 +287,38 @@ impl Source<'_> {
 /// One batch of records, coalesced by device offset.
 struct Batch<'a> {
     index: Index,
-    buf: Option<PooledBuf>,
+    /// The merge buffers, kept for the run's next batches (from the pool).
+    bufs: Vec<PooledBuf>,
     disk: &'a dyn File,
 }
 
+/// A merged run of adjacent pieces: `buf[from..at]` goes to the disk at `base + from`
+/// (`base` aligned, so that the whole blocks in it are written past the page cache).
+struct Merged {
+    buf: PooledBuf,
+    base: u64,
+    from: usize,
+    at: usize,
+}
+
+impl Merged {
+    fn write(&self, disk: &dyn File) -> Result<()> {
+        mars_storage::write_split(disk, self.buf.as_slice(), self.base, self.from, self.at).map_err(
+            |source| Error::Disk {
+                op: "write",
+                offset: self.base + self.from as u64,
+                source,
+            },
+        )
+    }
+}
+
 impl Batch<'_> {
-    /// Writes the batch's pieces sorted by offset, adjacent ones merged (not synced).
+    /// Writes the batch's pieces sorted by offset, adjacent ones merged (not synced). A batch
+    /// of more than one merge buffer is written by a second thread while the next buffer is
+    /// merged: the copy into the buffer (CPU) and the disk's write of the one before overlap,
+    /// instead of taking turns. The pieces do not overlap and the disk is synced only after
+    /// all of them are written, so the order in which they reach the disk does not matter.
     fn write(&mut self) -> Result<()> {
         if self.index.is_empty() {
             return Ok(());
@@ -300,63 +326,143 @@ impl Batch<'_> {
         let c = self
             .index
             .collect(LogPos::new(u64::MAX, u64::MAX), usize::MAX);
+        let data: u64 = c
+            .pieces
+            .iter()
+            .filter(|p| matches!(p.data, Data::Bytes(_)))
+            .map(|p| p.end - p.start)
+            .sum();
         // From the pool: replay runs are short while following a fetch (one per sync of the
         // fetch), and a fresh 8 MiB each time cost page faults and zeroing per run.
-        let buf = self
-            .buf
-            .get_or_insert_with(|| mars_storage::pooled(MERGE_BUF));
+        let wanted = if data > MERGE_BUF as u64 { 2 } else { 1 };
+        while self.bufs.len() < wanted {
+            self.bufs.push(mars_storage::pooled(MERGE_BUF));
+        }
         let disk = self.disk;
-        let err = |offset: u64| {
-            move |source| Error::Disk {
-                op: "write",
-                offset,
-                source,
-            }
-        };
-        let mut i = 0;
-        while i < c.pieces.len() {
-            let p = &c.pieces[i];
-            let Data::Bytes(_) = &p.data else {
-                if let Data::Zero { punch } = p.data {
-                    disk.write_zeroes(p.start, p.end - p.start, punch)
-                        .map_err(err(p.start))?;
-                }
-                i += 1;
-                continue;
-            };
-            // A run of adjacent pieces with data, merged in `buf`: `buf[0]` is the aligned
-            // offset `base`, the run starts at `buf[lead]`.
-            let mut base = mars_storage::align_down(p.start);
-            let mut from = (p.start - base) as usize;
-            let mut at = from;
-            let mut end = p.start;
-            while let Some(q) = c.pieces.get(i) {
-                let Data::Bytes(b) = &q.data else { break };
-                if q.start != end {
-                    break;
-                }
-                let mut rest = &b[..];
-                while !rest.is_empty() {
-                    let room = buf.len() - at;
-                    let n = room.min(rest.len());
-                    buf.as_mut_slice()[at..at + n].copy_from_slice(&rest[..n]);
-                    at += n;
-                    rest = &rest[n..];
-                    if at == buf.len() {
-                        mars_storage::write_split(disk, buf.as_slice(), base, from, at)
-                            .map_err(err(base + from as u64))?;
-                        base += at as u64;
-                        from = 0;
-                        at = 0;
+        if wanted == 1 {
+            let buf = self.bufs.pop().expect("one buffer");
+            let buf = merge(&c.pieces, disk, buf, &mut |m| {
+                m.write(disk)?;
+                Ok(m.buf)
+            })?;
+            self.bufs.push(buf);
+        } else {
+            let mut spare = self.bufs.split_off(1);
+            let first = self.bufs.pop().expect("two buffers");
+            let r = std::thread::scope(|s| -> Result<()> {
+                // At most one merged buffer waits while another is written: two in flight.
+                let (todo, work) = std::sync::mpsc::sync_channel::<Merged>(1);
+                let (back, done) = std::sync::mpsc::channel::<PooledBuf>();
+                let writer = s.spawn(move || -> Result<()> {
+                    for m in work {
+                        m.write(disk)?;
+                        // The merging side may have stopped on an error: nobody waits.
+                        let _ = back.send(m.buf);
                     }
-                }
-                end = q.end;
-                i += 1;
-            }
-            mars_storage::write_split(disk, buf.as_slice(), base, from, at)
-                .map_err(err(base + from as u64))?;
+                    Ok(())
+                });
+                let merged = merge(&c.pieces, disk, first, &mut |m| {
+                    if todo.send(m).is_err() {
+                        // The writer stopped on an error; its result says which.
+                        return Err(Error::Disk {
+                            op: "write",
+                            offset: 0,
+                            source: std::io::Error::other("replay's writer stopped"),
+                        });
+                    }
+                    match spare.pop() {
+                        Some(b) => Ok(b),
+                        None => done.recv().map_err(|_| Error::Disk {
+                            op: "write",
+                            offset: 0,
+                            source: std::io::Error::other("replay's writer stopped"),
+                        }),
+                    }
+                });
+                drop(todo);
+                let written = writer
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p));
+                // The writer's error is the cause of a merging error about it.
+                written?;
+                let last = merged?;
+                spare.push(last);
+                spare.extend(done.try_iter());
+                Ok(())
+            });
+            self.bufs.append(&mut spare);
+            r?;
         }
         self.index.release(&c);
         Ok(())
     }
+}
+
+/// Merges runs of adjacent pieces into `buf` and hands each full buffer or finished run to
+/// `emit`, which writes it (or has it written) and gives back a buffer to merge into next;
+/// zeroed and discarded ranges are written directly. Returns the buffer in hand at the end.
+fn merge(
+    pieces: &[mars_volume::Piece],
+    disk: &dyn File,
+    mut buf: PooledBuf,
+    emit: &mut dyn FnMut(Merged) -> Result<PooledBuf>,
+) -> Result<PooledBuf> {
+    let mut i = 0;
+    while i < pieces.len() {
+        let p = &pieces[i];
+        let Data::Bytes(_) = &p.data else {
+            if let Data::Zero { punch } = p.data {
+                disk.write_zeroes(p.start, p.end - p.start, punch)
+                    .map_err(|source| Error::Disk {
+                        op: "write",
+                        offset: p.start,
+                        source,
+                    })?;
+            }
+            i += 1;
+            continue;
+        };
+        // A run of adjacent pieces with data, merged in `buf`: `buf[0]` is the aligned
+        // offset `base`, the run starts at `buf[from]`.
+        let mut base = mars_storage::align_down(p.start);
+        let mut from = (p.start - base) as usize;
+        let mut at = from;
+        let mut end = p.start;
+        while let Some(q) = pieces.get(i) {
+            let Data::Bytes(b) = &q.data else { break };
+            if q.start != end {
+                break;
+            }
+            let mut rest = &b[..];
+            while !rest.is_empty() {
+                let room = buf.len() - at;
+                let n = room.min(rest.len());
+                buf.as_mut_slice()[at..at + n].copy_from_slice(&rest[..n]);
+                at += n;
+                rest = &rest[n..];
+                if at == buf.len() {
+                    buf = emit(Merged {
+                        buf,
+                        base,
+                        from,
+                        at,
+                    })?;
+                    base += at as u64;
+                    from = 0;
+                    at = 0;
+                }
+            }
+            end = q.end;
+            i += 1;
+        }
+        if from < at {
+            buf = emit(Merged {
+                buf,
+                base,
+                from,
+                at,
+            })?;
+        }
+    }
+    Ok(buf)
 }
