@@ -109,7 +109,8 @@ impl Recent {
         };
         let mut at = off;
         for e in self.entries.iter().skip(i) {
-            if e.file != file || e.start != at || e.end() > limit {
+            // The first entry holds `at`; each following one must start where it ended.
+            if e.file != file || !(e.start <= at && at < e.end()) || e.end() > limit {
                 break;
             }
             let from = (at - e.start) as usize;
