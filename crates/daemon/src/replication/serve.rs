@@ -9,6 +9,9 @@
 //! while idle, and at once when the replica asks with a `Ping`), `LogCaughtUp` with the
 //! current end and this host's clock says so. Throughput is
 //! bounded by TCP flow control, not by round trips: the next chunk is read while one travels.
+//! A primary's chunks come from its log's window of the newest group commits where that still
+//! holds them (no `pread`, no disk read for a replica that follows closely), else from the
+//! logfile.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and
 //! answers `SyncInfo` with the device size, the start of the new logfile and our link of the
