@@ -9,11 +9,13 @@
 //! * [`name`]: logfile names and log positions;
 //! * [`writer`]: the group-commit [`Appender`] with rotation;
 //! * [`reader`]: the verifying [`LogReader`] and the whole-file check;
+//! * `recent`: the newest group commits' records in memory, for fetch streams that follow;
 //! * [`recover`]: what happens when a resource is opened after a stop or a crash.
 
 pub mod format;
 pub mod name;
 pub mod reader;
+mod recent;
 mod segment;
 pub mod workers;
 pub mod writer;
@@ -28,6 +30,7 @@ pub use error::LogError;
 pub use format::{DecodeError, Header, Kind};
 pub use name::{LogName, LogPos, MAX_LOG_NO};
 pub use reader::{check_file, FileCheck, LogReader, Record, RecordRef};
+pub use recent::{RECENT_CAP, WANTED_FOR};
 pub use writer::{system_clock, Appended, Appender, AppenderConfig, Clock};
 
 /// The logfiles in `dir`, sorted, without checking the sequence (for cleaning up around a

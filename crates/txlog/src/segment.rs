@@ -52,6 +52,8 @@ pub(crate) struct Segment {
     pub file: u64,
     /// Where the segment's first byte goes in the logfile (a block boundary).
     pub offset: u64,
+    /// Where the segment's first record starts (after the tail it began with).
+    pub start: u64,
     len: usize,
     chunks: Vec<AlignedBuf>,
 }
@@ -65,6 +67,7 @@ impl Segment {
         let mut s = Segment {
             file,
             offset,
+            start: at,
             len: 0,
             chunks: Vec::new(),
         };
@@ -106,6 +109,21 @@ impl Segment {
         };
         let base = (self.chunks.len() - 1) * CHUNK;
         &last.as_slice()[from - base..self.len - base]
+    }
+
+    /// Appends the segment's records (its bytes from [`Segment::start`] on, without the tail
+    /// it began with) to `out`.
+    pub fn records_into(&self, out: &mut Vec<u8>) {
+        let mut from = (self.start - self.offset) as usize;
+        out.reserve(self.len.saturating_sub(from));
+        for (i, c) in self.chunks.iter().enumerate() {
+            let base = i * CHUNK;
+            let n = (self.len - base).min(CHUNK);
+            if from < base + n {
+                out.extend_from_slice(&c.as_slice()[from.max(base) - base..n]);
+                from = base + n;
+            }
+        }
     }
 
     /// Writes the segment to `file`: whole blocks direct, a partial last block buffered.
@@ -150,6 +168,9 @@ mod tests {
         s.push(&second[..10]);
         s.push(&second[10..]);
         assert_eq!(s.end(), 5000 + second.len() as u64);
+        let mut recs = Vec::new();
+        s.records_into(&mut recs);
+        assert_eq!(recs, second);
         s.write(&*f).unwrap();
         let mut back = vec![0u8; 5000 + second.len()];
         f.read_exact_at(&mut back, 0).unwrap();

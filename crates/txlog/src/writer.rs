@@ -27,6 +27,7 @@ use mars_storage::{Dir, File, OpenMode};
 
 use crate::format::{encode_header, Header, Kind};
 use crate::name::MAX_LOG_NO;
+use crate::recent::Recent;
 use crate::segment::Segment;
 use crate::{LogError, LogName, LogPos};
 
@@ -117,6 +118,8 @@ struct Shared {
     io: Mutex<Io>,
     /// This log's job on the shared threads ([`crate::workers`]).
     job: OnceLock<JobHandle>,
+    /// The newest groups' records, for fetch streams that follow the log (`recent.rs`).
+    recent: Mutex<Recent>,
 }
 
 struct Io {
@@ -203,6 +206,7 @@ impl Appender {
                 file_no: start.file,
             }),
             job: OnceLock::new(),
+            recent: Mutex::new(Recent::default()),
         });
         let weak = Arc::downgrade(&shared) as Weak<dyn Job>;
         let _ = shared.job.set(Workers::global().register(weak));
@@ -384,6 +388,26 @@ impl Appender {
         lock(&self.shared.state).durable
     }
 
+    /// Copies durable records of logfile `file` from `off` (a record boundary) out of the
+    /// window of the newest group commits into `out` (whole groups, at most `max` bytes, not
+    /// beyond `limit`); `false` when the window does not hold them, and then the caller reads
+    /// the logfile. Asking keeps the window filled for a while (`recent.rs`): only a log that
+    /// is being followed keeps one.
+    pub fn read_recent(
+        &self,
+        file: u64,
+        off: u64,
+        limit: u64,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        self.shared
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(Instant::now(), file, off, limit, max, out)
+    }
+
     /// Waits until the durable position passes `seen` or `timeout` elapses; returns it.
     pub fn wait_durable_beyond(&self, seen: LogPos, timeout: Duration) -> Result<LogPos, LogError> {
         let deadline = Instant::now() + timeout;
@@ -490,6 +514,9 @@ impl Job for Shared {
                 cfg.max_file_size,
             )
         };
+        if result.is_ok() {
+            self.keep_recent(&segments);
+        }
         let mut st = lock(&self.state);
         let ok = result.is_ok();
         match result {
@@ -529,6 +556,22 @@ impl Job for Shared {
         }
         // More arrived meanwhile: look again at once (the next call decides when it is due).
         more.then(Instant::now)
+    }
+}
+
+impl Shared {
+    /// Copies a committed group's records into the window of recent bytes, if a reader wants
+    /// them (before the durable end is published, so a reader that sees it finds them).
+    fn keep_recent(&self, segments: &[Segment]) {
+        let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if !r.wanted(Instant::now()) {
+            return;
+        }
+        for seg in segments.iter().filter(|s| !s.is_empty()) {
+            let mut data = Vec::new();
+            seg.records_into(&mut data);
+            r.push(seg.file, seg.start, data);
+        }
     }
 }
 

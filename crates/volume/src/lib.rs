@@ -686,6 +686,20 @@ impl Volume {
         Ok(self.shared.log.wait_durable_beyond(seen, timeout)?)
     }
 
+    /// Copies durable records of logfile `file` from `off` out of the log's window of its
+    /// newest group commits (see [`mars_txlog::Appender::read_recent`]); `false` when the
+    /// window does not hold them. The log shipping server tries this before reading the file.
+    pub fn read_recent_log(
+        &self,
+        file: u64,
+        off: u64,
+        limit: u64,
+        max: usize,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        self.shared.log.read_recent(file, off, limit, max, out)
+    }
+
     /// Calls `hook` with the new durable end after every group commit of the log (on the log's
     /// thread; it must not block).
     pub fn on_durable(&self, hook: mars_txlog::writer::DurableHook) {

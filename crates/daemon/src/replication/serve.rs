@@ -9,6 +9,9 @@
 //! while idle, and at once when the replica asks with a `Ping`), `LogCaughtUp` with the
 //! current end and this host's clock says so. Throughput is
 //! bounded by TCP flow control, not by round trips: the next chunk is read while one travels.
+//! A primary's chunks come from its log's window of the newest group commits where that still
+//! holds them (no `pread`, no disk read for a replica that follows closely), else from the
+//! logfile.
 //!
 //! **Sync stream.** `SyncStart` rotates the log (unless the current logfile is empty) and
 //! answers `SyncInfo` with the device size, the start of the new logfile and our link of the
@@ -311,6 +314,14 @@ impl Ship {
         Ok(())
     }
 
+    /// The primary's volume, whose log keeps its newest group commits in memory.
+    fn volume(&self) -> Option<Arc<Volume>> {
+        match &self.src {
+            Source::Volume(v) => v.upgrade(),
+            Source::Replica(_) => None,
+        }
+    }
+
     /// How much of logfile `no` may be shipped now, and whether that is all of it.
     fn limit(&mut self, no: u64, f: &dyn File) -> Result<(u64, bool)> {
         Ok(match &self.src {
@@ -410,9 +421,10 @@ impl Ship {
                 }
             }
             if off < limit {
+                let vol = self.volume();
                 let (data, n) = match ahead.take() {
                     Some((at, task)) if at == off => task.await??,
-                    _ => read_ahead(&f, off, limit, spare.pop()).await??,
+                    _ => read_ahead(&f, vol.clone(), name.no, off, limit, spare.pop()).await??,
                 };
                 if n == 0 {
                     bail!("{name}: no whole record at offset {off}");
@@ -420,7 +432,7 @@ impl Ship {
                 // Read the next chunk while this one travels: disk and link work at once.
                 let next = off + n as u64;
                 if next < limit {
-                    ahead = Some((next, read_ahead(&f, next, limit, spare.pop())));
+                    ahead = Some((next, read_ahead(&f, vol, name.no, next, limit, spare.pop())));
                 }
                 let msg = Message::LogData {
                     file: name.no,
@@ -466,12 +478,34 @@ impl Ship {
 
 type ReadTask = tokio::task::JoinHandle<Result<(Vec<u8>, usize)>>;
 
-/// Starts reading the chunk at `off` on a blocking thread, into `buf` if one is given.
-fn read_ahead(f: &Arc<dyn File>, off: u64, limit: u64, buf: Option<Vec<u8>>) -> ReadTask {
+/// Starts reading the chunk at `off` of logfile `no` on a blocking thread, into `buf` if one is
+/// given: from the log's window of its newest group commits where `vol` (the primary's
+/// volume) still holds them, else from the file.
+fn read_ahead(
+    f: &Arc<dyn File>,
+    vol: Option<Arc<Volume>>,
+    no: u64,
+    off: u64,
+    limit: u64,
+    buf: Option<Vec<u8>>,
+) -> ReadTask {
     let f = f.clone();
     let want = ((limit - off) as usize).min(CHUNK);
     tokio::task::spawn_blocking(move || {
-        read_records(&*f, off, want, limit, buf.unwrap_or_default())
+        let mut buf = buf.unwrap_or_default();
+        if let Some(v) = vol {
+            if v.read_recent_log(no, off, limit, want, &mut buf) {
+                // The window holds whole groups of records as they were written and synced;
+                // the headers are checked as for bytes read from the file.
+                let s = mars_txlog::format::scan(&buf, None, false).map_err(|(_, e)| anyhow!(e))?;
+                if s.len != buf.len() {
+                    bail!("log {no}: the window's bytes at {off} end inside a record");
+                }
+                let n = buf.len();
+                return Ok((buf, n));
+            }
+        }
+        read_records(&*f, off, want, limit, buf)
     })
 }
 
