@@ -410,6 +410,18 @@ pub fn finish_split(root: &Path, issuer: &HostName) -> Result<bool> {
     Ok(held_old && !dir.join(CA_KEY).exists())
 }
 
+/// The cluster CA's certificate (`ca.crt`) alone: what may start or end a split (a CA trusted
+/// only during a rotation, merge or split may not).
+pub fn load_cluster_ca(root: &Path) -> Result<Option<CertificateDer<'static>>> {
+    let path = root.join(TLS_DIR).join(CA_CERT);
+    read_opt(&path)?
+        .map(|text| {
+            CertificateDer::from_pem_slice(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        })
+        .transpose()
+}
+
 /// Trusts `ca` as the next cluster CA; with its key on the host that starts the rotation.
 pub fn save_next_ca(root: &Path, ca: &CertificateDer<'_>, key: Option<&str>) -> Result<()> {
     let dir = tls_dir(root)?;

@@ -360,7 +360,9 @@ struct Split {
     done: Option<u64>,
 }
 
-/// The splits recorded in `store` whose records a CA in `trust` endorsed.
+/// The splits recorded in `store` whose records a CA in `trust` endorsed — the cluster CA
+/// only ([`cluster_ca`]): a split CA is trusted during its split, but its holder (the group's
+/// issuer) must not be able to start or end another.
 fn splits(store: &Store, trust: &[CertificateDer<'static>]) -> Result<Vec<Split>, MetaError> {
     let entries = store.list_prefix(SPLIT_PREFIX)?;
     let by_key: BTreeMap<&str, &mars_meta::Entry> =
@@ -411,6 +413,11 @@ fn splits(store: &Store, trust: &[CertificateDer<'static>]) -> Result<Vec<Split>
         });
     }
     Ok(out)
+}
+
+/// The CAs a split record must be endorsed by: `ca.crt` only.
+fn cluster_ca(root: &std::path::Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    Ok(root::load_cluster_ca(root)?.into_iter().collect())
 }
 
 /// What the split runs on this host besides the command.
@@ -489,7 +496,7 @@ pub async fn split_cluster(
     let root = &ident.root;
     let meta = |e: anyhow::Error| SplitRefusal::Meta(format!("{e:#}"));
     let trust = root::load_trust(root).map_err(meta)?;
-    let t = trust.clone();
+    let t = cluster_ca(root).map_err(meta)?;
     let (plan, merge_keys, splitting) = cluster
         .store
         .call(move |s| -> Result<_, MetaError> {
@@ -734,7 +741,7 @@ async fn grant(
         hosts: hosts.into_iter().collect(),
         resources: resources.into_iter().collect(),
     };
-    let trust = root::load_trust(&ident.root).map_err(e)?;
+    let trust = cluster_ca(&ident.root).map_err(e)?;
     let a = asker.clone();
     let (plan, splitting) = cluster
         .store
@@ -810,7 +817,7 @@ pub async fn follow(cluster: &Arc<Cluster>) -> anyhow::Result<()> {
     let root = ident.root.clone();
     let _files = cluster.tls_files.lock().await;
     let trust = root::load_trust(&root)?;
-    let t = trust.clone();
+    let t = cluster_ca(&root)?;
     let found = cluster.store.call(move |s| splits(s, &t)).await??;
     drop_unannounced(cluster, &found).await?;
     for split in found {
@@ -1189,6 +1196,60 @@ mod tests {
         let p = plan("a", &["a"], &[], &[]);
         assert_eq!(names(&p.groups[0]), (vec!["a"], vec![]));
         assert!(!p.splits());
+    }
+
+    #[test]
+    fn a_record_travels_and_binds_its_group() {
+        let g = Group {
+            hosts: [h("a1"), h("a2")].into(),
+            resources: [r("ra")].into(),
+        };
+        let rec = SplitRecord {
+            issuer: h("a1"),
+            group: g.clone(),
+            endorsement: "x509:AAAA c2ln".into(),
+        };
+        assert_eq!(rec.encode(), "a1 a1,a2 ra x509:AAAA c2ln");
+        assert_eq!(SplitRecord::decode(&rec.encode()), Some(rec.clone()));
+        let empty = SplitRecord {
+            group: Group {
+                hosts: g.hosts.clone(),
+                resources: BTreeSet::new(),
+            },
+            ..rec.clone()
+        };
+        assert_eq!(empty.encode(), "a1 a1,a2 - x509:AAAA c2ln");
+        assert_eq!(SplitRecord::decode(&empty.encode()), Some(empty.clone()));
+        // The issuer must be the group's first host; names must be names.
+        for bad in [
+            "a2 a1,a2 ra x509:AAAA c2ln",
+            "a1 a1,../x ra x509:AAAA c2ln",
+            "a1 a1,a2 r/x x509:AAAA c2ln",
+            "a1 a1,a2 ra",
+            "",
+        ] {
+            assert_eq!(SplitRecord::decode(bad), None, "{bad}");
+        }
+        // The digest changes with any host or resource, and with a name moved between them.
+        let d = group_digest(&g);
+        assert_eq!(d, group_digest(&g.clone()));
+        assert_ne!(d, group_digest(&empty.group));
+        let mut more = g.clone();
+        more.hosts.insert(h("b1"));
+        assert_ne!(d, group_digest(&more));
+        let moved = Group {
+            hosts: [h("a1")].into(),
+            resources: [r("a2"), r("ra")].into(),
+        };
+        assert_ne!(d, group_digest(&moved));
+        assert_eq!(
+            split_key(ClusterId([0xab; 16])),
+            format!("trust/split/{}", "ab".repeat(16))
+        );
+        assert_eq!(
+            done_key(ClusterId([1; 16])),
+            format!("trust/split/{}/done", "01".repeat(16))
+        );
     }
 
     #[test]
