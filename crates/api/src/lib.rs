@@ -84,8 +84,8 @@ pub enum Request {
         check: bool,
     },
     /// MARS's `split-cluster`: the groups this cluster would split into and the checks (on a
-    /// host holding the CA key); with `--dry-run` the plan. The split itself is not built: a
-    /// plan that passes the checks is refused without `--dry-run`.
+    /// host holding the CA key); with `--dry-run` the plan only. Without it the split: every
+    /// other group becomes a cluster of its own (docs/security.md, "Splitting a cluster").
     SplitCluster,
     /// Starts (`finish: false`) or finishes a rotation of the cluster CA (on a host holding
     /// its key).

@@ -197,10 +197,11 @@ enum Cmd {
         token: Option<String>,
     },
     /// MARS: split this cluster into its groups (hosts connected by shared resources). Run on
-    /// a host holding the CA key. With --dry-run: the groups, which one keeps the cluster id,
-    /// and the checks (every member reachable, no CA rotation or merge in progress). One group
-    /// only: nothing to split (exit 0). The split itself is not built in this version: without
-    /// --dry-run a cluster that would split is refused, with the way to do it by hand.
+    /// a host holding the CA key. The checks first (every member reachable, no CA rotation,
+    /// merge or split in progress); with --dry-run then only the groups and which one keeps
+    /// the cluster id. One group only: nothing to split (exit 0). Without --dry-run every
+    /// other group becomes a cluster of its own (a new id and CA, issued by its first host);
+    /// each side forgets the other's hosts and resources.
     SplitCluster,
     /// Remove a dead member from the cluster; a live one (alive in `view` with the same
     /// --window, or connected) only with --force.

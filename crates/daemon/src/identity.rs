@@ -213,6 +213,14 @@ impl Identity {
         host: &HostName,
         host_key: &[u8],
     ) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+        // During a split, this host issues its group's hosts (and nobody else) certificates
+        // of the group's new CA (docs/security.md, "Splitting a cluster").
+        if let Some((split, group)) = root::load_split_issuer(&self.root, &self.host)? {
+            if group.hosts.contains(host) {
+                let cert = split.issue(host, host_key)?;
+                return Ok((cert.to_vec(), split.cert().to_vec()));
+            }
+        }
         if let Some(next) = root::load_next_ca(&self.root)? {
             let cert = next.issue(host, host_key)?;
             return Ok((cert.to_vec(), next.cert().to_vec()));

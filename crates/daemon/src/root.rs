@@ -13,6 +13,12 @@
 //!                             (the one that ran create-cluster, and those it was copied to)
 //!     ca-next.crt             during a CA rotation: the next CA (trusted too)
 //!     ca-next.key             its key, on the host that started the rotation
+//!     ca-merge.crt            during a merge into this cluster: the merging cluster's CA
+//!     ca-split-ISSUER.crt     during a split (split-cluster): the CA of the new cluster whose
+//!                             certificates ISSUER issues (trusted too, on every host)
+//!     ca-split-ISSUER.key     its key, on ISSUER only
+//!     split.toml              on ISSUER: the group it issues for (cluster id, hosts,
+//!                             resources, when the CA was made)
 //!     host.crt  host.key      this host's certificate (+ its issuing CA when that is the next
 //!                             one) and private key (0600)
 //!     tokens.toml             join tokens this host issued and nobody redeemed yet (hashes)
@@ -57,6 +63,12 @@ const CA_NEXT_KEY: &str = "ca-next.key";
 /// the merging cluster's CA, trusted like `ca.crt` until its hosts have certificates of ours
 /// and it is retired. Nothing is ever issued from it (its key is not here).
 const CA_MERGE_CERT: &str = "ca-merge.crt";
+/// During a split (`split-cluster`), on every host: `ca-split-ISSUER.crt`, the CA of the new
+/// cluster of ISSUER's group, trusted like `ca.crt` until the split ends; its key
+/// `ca-split-ISSUER.key` on ISSUER only (it never leaves that host).
+const CA_SPLIT_PREFIX: &str = "ca-split-";
+/// On the issuer of a split-off group: which group it issues the new CA's certificates for.
+const SPLIT_FILE: &str = "split.toml";
 /// This host's certificate, followed by the CA that issued it when that is not `ca.crt` (a
 /// certificate renewed during a CA rotation).
 const HOST_CERT: &str = "host.crt";
@@ -234,7 +246,16 @@ pub fn load_credentials(root: &Path) -> Result<Option<mars_tls::Credentials>> {
 pub fn load_trust(root: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let dir = root.join(TLS_DIR);
     let mut out = Vec::new();
-    for name in [CA_CERT, CA_NEXT_CERT, CA_MERGE_CERT] {
+    let mut names: Vec<String> = [CA_CERT, CA_NEXT_CERT, CA_MERGE_CERT]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    names.extend(
+        load_split_cas(root)?
+            .into_keys()
+            .map(|i| split_cert_name(&i)),
+    );
+    for name in &names {
         if let Some(text) = read_opt(&dir.join(name))? {
             out.push(
                 CertificateDer::from_pem_slice(text.as_bytes())
@@ -243,6 +264,162 @@ pub fn load_trust(root: &Path) -> Result<Vec<CertificateDer<'static>>> {
         }
     }
     Ok(out)
+}
+
+fn split_cert_name(issuer: &HostName) -> String {
+    format!("{CA_SPLIT_PREFIX}{issuer}.crt")
+}
+
+fn split_key_name(issuer: &HostName) -> String {
+    format!("{CA_SPLIT_PREFIX}{issuer}.key")
+}
+
+/// The group a split-off group's issuer issues the new CA's certificates for ([`SPLIT_FILE`]).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SplitFile {
+    /// The new cluster's id.
+    pub cluster: String,
+    pub hosts: Vec<HostName>,
+    pub resources: Vec<ResourceName>,
+    /// When the new CA was made (seconds since the epoch): files of a split that was never
+    /// announced are removed after a while.
+    pub made: u64,
+}
+
+/// Trusts `ca`, the new CA of `issuer`'s group in a split; with its key (and the group) on
+/// the issuer itself.
+pub fn save_split_ca(
+    root: &Path,
+    issuer: &HostName,
+    ca: &CertificateDer<'_>,
+    key: Option<(&str, &SplitFile)>,
+) -> Result<()> {
+    let dir = tls_dir(root)?;
+    if let Some((key, group)) = key {
+        write_private(&dir, &split_key_name(issuer), key)?;
+        let text = toml::to_string(group).context("encoding the split group")?;
+        write_private(&dir, SPLIT_FILE, &text)?;
+    }
+    write_private(&dir, &split_cert_name(issuer), &mars_tls::pki::cert_pem(ca))
+}
+
+/// The split CAs this host trusts, by issuer.
+pub fn load_split_cas(
+    root: &Path,
+) -> Result<std::collections::BTreeMap<HostName, CertificateDer<'static>>> {
+    let dir = root.join(TLS_DIR);
+    let mut out = std::collections::BTreeMap::new();
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        let Some(issuer) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(CA_SPLIT_PREFIX))
+            .and_then(|n| n.strip_suffix(".crt"))
+            .and_then(|n| HostName::new(n).ok())
+        else {
+            continue;
+        };
+        let path = dir.join(&name);
+        if let Some(text) = read_opt(&path)? {
+            let ca = CertificateDer::from_pem_slice(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            out.insert(issuer, ca);
+        }
+    }
+    Ok(out)
+}
+
+/// On the issuer of a split-off group: the new CA with its key and the group it issues for.
+pub fn load_split_issuer(
+    root: &Path,
+    issuer: &HostName,
+) -> Result<Option<(mars_tls::Ca, SplitFile)>> {
+    let path = root.join(TLS_DIR).join(SPLIT_FILE);
+    let Some(text) = read_opt(&path)? else {
+        return Ok(None);
+    };
+    let group: SplitFile =
+        toml::from_str(&text).with_context(|| format!("{} is broken", path.display()))?;
+    Ok(
+        load_ca_files(root, &split_cert_name(issuer), &split_key_name(issuer))?
+            .map(|ca| (ca, group)),
+    )
+}
+
+/// Stops trusting the split CA of `issuer` (and removes its key and the group, on the issuer
+/// of a split that was never announced).
+pub fn remove_split_ca(root: &Path, issuer: &HostName, with_key: bool) -> Result<()> {
+    let dir = root.join(TLS_DIR);
+    let mut names = vec![split_cert_name(issuer)];
+    if with_key {
+        names.push(split_key_name(issuer));
+        names.push(SPLIT_FILE.to_string());
+    }
+    for name in names {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The end of a split on a host of the group that left: the split CA of `issuer` becomes
+/// the cluster CA (with its key on the issuer); every other CA file (the old cluster CA and
+/// a copy of its key, a next, merged or other split CA) and the join tokens issued from the
+/// old CA are removed. Returns whether a copy of the old CA's key was removed.
+pub fn finish_split(root: &Path, issuer: &HostName) -> Result<bool> {
+    let dir = tls_dir(root)?;
+    let cert = read_opt(&dir.join(split_cert_name(issuer)))?
+        .ok_or_else(|| anyhow::anyhow!("no split CA of {issuer} here"))?;
+    let held_old = dir.join(CA_KEY).exists();
+    match read_opt(&dir.join(split_key_name(issuer)))? {
+        Some(key) => write_private(&dir, CA_KEY, &key)?,
+        None if held_old => fs::remove_file(dir.join(CA_KEY))?,
+        None => {}
+    }
+    write_private(&dir, CA_CERT, &cert)?;
+    let mut doomed: Vec<String> = vec![
+        CA_NEXT_CERT.into(),
+        CA_NEXT_KEY.into(),
+        CA_MERGE_CERT.into(),
+        SPLIT_FILE.into(),
+        TOKENS_FILE.into(),
+    ];
+    for entry in fs::read_dir(&dir)? {
+        if let Some(n) = entry?.file_name().to_str() {
+            if n.starts_with(CA_SPLIT_PREFIX) {
+                doomed.push(n.to_string());
+            }
+        }
+    }
+    for name in doomed {
+        match fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(held_old && !dir.join(CA_KEY).exists())
+}
+
+/// The cluster CA's certificate (`ca.crt`) alone: what may start or end a split (a CA trusted
+/// only during a rotation, merge or split may not).
+pub fn load_cluster_ca(root: &Path) -> Result<Option<CertificateDer<'static>>> {
+    let path = root.join(TLS_DIR).join(CA_CERT);
+    read_opt(&path)?
+        .map(|text| {
+            CertificateDer::from_pem_slice(text.as_bytes())
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        })
+        .transpose()
 }
 
 /// Trusts `ca` as the next cluster CA; with its key on the host that starts the rotation.

@@ -752,7 +752,7 @@ fn merge_and_wait(a1: &Host, b1: &Host, tok: &str, hosts: &[&Host]) -> Duration 
 
 /// `split-cluster` on the merged cluster of `two_clusters_merge_into_one`: `--dry-run` shows
 /// the two groups (b1's keeps the id; a1 would issue the other's certificates); refused
-/// without changing anything: the split itself (not built), a host without the CA key, a
+/// without changing anything: a host without the CA key (with and without `--dry-run`), a
 /// member down; a cluster of one group has nothing to split (exit 0). Afterwards the merged
 /// cluster is intact: four members and both resources everywhere, both replicating.
 #[test]
@@ -782,9 +782,8 @@ fn a_merged_cluster_shows_the_groups_it_would_split_into() {
     assert!(err.contains("holds this cluster's CA key"), "{err}");
     assert!(err.contains("#1: a1,a2 resources ra"), "{err}");
     assert!(err.contains("#2: b1,b2 resources rb"), "{err}");
-    let err = b1.refused(&["split-cluster"]);
-    assert!(err.contains("not built"), "{err}");
-    assert!(err.contains("leave-cluster"), "{err}");
+    let err = a1.refused(&["split-cluster"]);
+    assert!(err.contains("holds this cluster's CA key"), "{err}");
     b2.stop();
     eventually(20, "b1 sees b2 gone", || {
         let o = b1.marsadm(&["--dry-run", "split-cluster"]);
@@ -820,4 +819,170 @@ fn a_merged_cluster_shows_the_groups_it_would_split_into() {
     mars_testkit::repl::write_random(&b1, "rb", &d, 0, 1 << 20);
     wait_uptodate(&a2, "ra", 60);
     wait_uptodate(&b2, "rb", 60);
+}
+
+/// Waits up to `secs` for `cond`; on a timeout shows each host's `tls/` files, `view all`
+/// and the end of its log, then fails.
+fn wait_or_dump(secs: u64, what: &str, hosts: &[&Host], mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        if start.elapsed() > Duration::from_secs(secs) {
+            for h in hosts {
+                let tls: Vec<_> = std::fs::read_dir(h.root.join("tls"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                eprintln!(
+                    "--- {}: {tls:?}\n{}\n{}",
+                    h.name,
+                    h.ok(&["view", "all"]),
+                    tail(&h.log_text(), 60)
+                );
+            }
+            panic!("timed out: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The hosts this host knows as members (`lowlevel-ls-host-ips`).
+fn member_names(h: &Host) -> Vec<String> {
+    h.ok(&["lowlevel-ls-host-ips"])
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// `split-cluster` splits the merged cluster of `two_clusters_merge_into_one` back into two:
+/// b1's group (b1, b2, rb) keeps the id and CA, a1's (a1, a2, ra) becomes a cluster of its own
+/// with a new id and a CA whose key only a1 holds. Afterwards each side shows only its own
+/// members and resources (`lowlevel-ls-host-ips`, `merge-cluster-list`, `view`), refuses the
+/// other side's certificates in the handshake, and replicates: writes reach the secondaries
+/// and a handover works on both sides. A second split has nothing to split.
+#[test]
+fn a_merged_cluster_splits_back_into_two() {
+    let t = tmp();
+    let (a1, a2, b1, b2) = two_clusters(&t);
+    let tok = b1.join_token();
+    merge_and_wait(&a1, &b1, &tok, &[&a1, &a2, &b1, &b2]);
+    let id = b1.cluster_id();
+    let b_ca = b1.credentials().ca;
+    eventually(30, "every member reachable from b1", || {
+        b1.marsadm(&["--dry-run", "split-cluster"]).status.success()
+    });
+    let start = std::time::Instant::now();
+    let out = b1.ok(&["split-cluster"]);
+    let took = start.elapsed();
+    assert!(
+        out.contains(&format!(
+            "cluster {id} split: b1,b2 resources rb (keeps cluster {id} and its CA)"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("a1,a2 resources ra is cluster "), "{out}");
+    eprintln!("split-cluster took {took:?}");
+
+    let no_split_files = |h: &Host| {
+        std::fs::read_dir(h.root.join("tls"))
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .all(|e| {
+                let n = e.file_name().to_string_lossy().to_string();
+                !n.starts_with("ca-split") && n != "split.toml"
+            })
+    };
+    wait_or_dump(
+        60,
+        "a1 and a2 in a cluster of their own",
+        &[&a1, &a2, &b1, &b2],
+        || {
+            let a = a1.cluster_id();
+            a != id
+                && a2.cluster_id() == a
+                && a1.credentials().ca != b_ca
+                && a2.credentials().ca == a1.credentials().ca
+                && no_split_files(&a1)
+                && no_split_files(&a2)
+        },
+    );
+    let a_id = a1.cluster_id();
+    let a_ca = a1.credentials().ca;
+    // The new CA's key is on its issuer only; the old CA's key on b1 only.
+    assert!(a1.root.join("tls/ca.key").exists());
+    assert!(!a2.root.join("tls/ca.key").exists());
+    assert!(b1.root.join("tls/ca.key").exists());
+    eventually(30, "b1 and b2 forgot a1 and a2", || {
+        [&b1, &b2]
+            .iter()
+            .all(|h| member_names(h) == ["b1", "b2"] && no_split_files(h))
+    });
+    eventually(30, "a1 and a2 forgot b1 and b2", || {
+        [&a1, &a2].iter().all(|h| member_names(h) == ["a1", "a2"])
+    });
+    for (h, own, other, cid, ca) in [
+        (&a1, "ra", "rb", a_id, &a_ca),
+        (&a2, "ra", "rb", a_id, &a_ca),
+        (&b1, "rb", "ra", id, &b_ca),
+        (&b2, "rb", "ra", id, &b_ca),
+    ] {
+        assert_eq!(h.cluster_id(), cid, "{}", h.name);
+        assert_eq!(&h.credentials().ca, ca, "{}", h.name);
+        let list = h.ok(&["merge-cluster-list"]);
+        assert!(
+            list.contains(&format!("resource-{own}")),
+            "{}: {list}",
+            h.name
+        );
+        assert!(
+            !list.contains(&format!("resource-{other}")),
+            "{}: {list}",
+            h.name
+        );
+        let v = h.view_json();
+        let names: Vec<&str> = v["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["name"].as_str())
+            .collect();
+        assert!(!names.contains(&other), "{}: {names:?}", h.name);
+        let text = h.ok(&["view", "all"]);
+        assert!(
+            !text.contains(&format!("resource {other}")),
+            "{}: {text}",
+            h.name
+        );
+        h.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    // Each side refuses the other's certificates, even from a client that trusts both CAs.
+    for (from, to) in [(&a1, [&b1, &b2]), (&b1, [&a1, &a2])] {
+        let tls = mars_tls::PeerTls::trusting(&from.credentials(), &[a_ca.clone(), b_ca.clone()])
+            .unwrap();
+        for h in to {
+            assert!(
+                mars_testkit::impostor::handshake_refused(&h.peer_addr, tls.client.clone()),
+                "{} accepted the certificate of {}",
+                h.name,
+                from.name
+            );
+        }
+    }
+    // Both sides replicate, and a handover works on both.
+    let d = t.path().join("w");
+    std::fs::create_dir_all(&d).unwrap();
+    mars_testkit::repl::write_random(&a1, "ra", &d, 0, 1 << 20);
+    mars_testkit::repl::write_random(&b1, "rb", &d, 0, 1 << 20);
+    wait_uptodate(&a2, "ra", 60);
+    wait_uptodate(&b2, "rb", 60);
+    a2.ok(&["--timeout", "60", "primary", "ra"]);
+    b2.ok(&["--timeout", "60", "primary", "rb"]);
+    mars_testkit::repl::write_random(&a2, "ra", &d, 1 << 20, 1 << 20);
+    mars_testkit::repl::write_random(&b2, "rb", &d, 1 << 20, 1 << 20);
+    wait_uptodate(&a1, "ra", 60);
+    wait_uptodate(&b1, "rb", 60);
+    // Each side is one group now.
+    for h in [&a1, &b1] {
+        let out = h.ok(&["split-cluster"]);
+        assert!(out.contains("nothing to split"), "{}: {out}", h.name);
+    }
 }

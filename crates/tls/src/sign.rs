@@ -162,13 +162,23 @@ impl CertChecker {
 /// What a CA vouches for about another CA: in a rotation, that it is the next one, or that it
 /// (the old one) is retired; in a merge of two clusters (`merge-cluster`), that it is a CA of
 /// the cluster with this id (the two CAs endorse each other, each into its own side's
-/// metadata).
+/// metadata); in a split (`split-cluster`), that it is the CA of the new cluster with this id
+/// made of exactly this group of hosts and resources, and at the end of the split that the
+/// group has left (signed off: each side forgets the other).
 ///
 /// ```text
 /// signed message  "mars CA endorsement v1\0next\0"    + subject CA's DER
 ///                 "mars CA endorsement v1\0retired\0" + subject CA's DER
 ///                 "mars CA endorsement v1\0merge\0" + cluster id (16 bytes) + subject CA's DER
+///                 "mars CA endorsement v1\0split\0" + cluster id (16 bytes)
+///                     + group digest (32 bytes) + subject CA's DER
+///                 "mars CA endorsement v1\0split-done\0" + cluster id (16 bytes)
+///                     + group digest (32 bytes) + subject CA's DER
 /// ```
+///
+/// The group digest is SHA-256 over the group's sorted host and resource names (its layout
+/// is the daemon's, `meta/split.rs`): an endorsement for one group cannot be replayed for
+/// another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endorse {
     Next,
@@ -177,16 +187,33 @@ pub enum Endorse {
     Merge {
         cluster: [u8; 16],
     },
+    /// The subject is the CA of the new cluster `cluster` that the group with digest `group`
+    /// splits off into.
+    Split {
+        cluster: [u8; 16],
+        group: [u8; 32],
+    },
+    /// The split of that group into cluster `cluster` with the subject as its CA is over.
+    SplitDone {
+        cluster: [u8; 16],
+        group: [u8; 32],
+    },
 }
 
 impl Endorse {
     fn message(self, subject: &CertificateDer<'_>) -> Vec<u8> {
-        let (what, id): (&[u8], &[u8]) = match &self {
-            Endorse::Next => (b"mars CA endorsement v1\0next\0", &[]),
-            Endorse::Retired => (b"mars CA endorsement v1\0retired\0", &[]),
-            Endorse::Merge { cluster } => (b"mars CA endorsement v1\0merge\0", cluster),
+        let (what, id, group): (&[u8], &[u8], &[u8]) = match &self {
+            Endorse::Next => (b"mars CA endorsement v1\0next\0", &[], &[]),
+            Endorse::Retired => (b"mars CA endorsement v1\0retired\0", &[], &[]),
+            Endorse::Merge { cluster } => (b"mars CA endorsement v1\0merge\0", cluster, &[]),
+            Endorse::Split { cluster, group } => {
+                (b"mars CA endorsement v1\0split\0", cluster, group)
+            }
+            Endorse::SplitDone { cluster, group } => {
+                (b"mars CA endorsement v1\0split-done\0", cluster, group)
+            }
         };
-        [what, id, subject.as_ref()].concat()
+        [what, id, group, subject.as_ref()].concat()
     }
 }
 
@@ -347,6 +374,39 @@ mod tests {
         assert_eq!(&endorsed(&text, merge, &trusted).unwrap(), new.cert());
         assert!(endorsed(&text, Endorse::Merge { cluster: [8; 16] }, &trusted).is_err());
         assert!(endorsed(&text, Endorse::Next, &trusted).is_err());
+        // A split endorsement names the new cluster and the group: another id, another group,
+        // or the end of the split instead of its start, fails.
+        let split = Endorse::Split {
+            cluster: [7; 16],
+            group: [1; 32],
+        };
+        let text = old.endorse(split, new.cert());
+        assert_eq!(&endorsed(&text, split, &trusted).unwrap(), new.cert());
+        for other in [
+            Endorse::Split {
+                cluster: [8; 16],
+                group: [1; 32],
+            },
+            Endorse::Split {
+                cluster: [7; 16],
+                group: [2; 32],
+            },
+            Endorse::SplitDone {
+                cluster: [7; 16],
+                group: [1; 32],
+            },
+            Endorse::Merge { cluster: [7; 16] },
+        ] {
+            assert!(endorsed(&text, other, &trusted).is_err(), "{other:?}");
+        }
+        let done = Endorse::SplitDone {
+            cluster: [7; 16],
+            group: [1; 32],
+        };
+        let text = old.endorse(done, new.cert());
+        assert_eq!(&endorsed(&text, done, &trusted).unwrap(), new.cert());
+        assert!(endorsed(&text, split, &trusted).is_err());
+        assert!(endorsed(&text, done, &[rogue.cert().clone()]).is_err());
         let a = creds(&new, "a");
         assert!(issued_by(&a.cert, new.cert()));
         assert!(!issued_by(&a.cert, old.cert()));

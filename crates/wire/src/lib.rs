@@ -55,7 +55,7 @@ pub use compress::{
     Method, Methods, PackError, Packed, Packer, Unpacker, MIN_PACK, PACKED_HEAD, PACKED_TYPE,
     PACK_PAYS, SAMPLES, SAMPLE_LEN, SAMPLE_PAYS, ZSTD_LEVEL, ZSTD_WINDOW_LOG_MAX,
 };
-pub use message::{Entry, Message, RefuseKind, TAIL_LEN};
+pub use message::{Entry, Message, RefuseKind, MAX_SPLIT_NAMES, TAIL_LEN};
 
 use mars_config::HostName;
 

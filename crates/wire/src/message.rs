@@ -24,6 +24,8 @@
 //! | 32 | Renew | host_key: bytes (DER SubjectPublicKeyInfo) |
 //! | 33 | MergeRequest | token: str (`ID.SECRET`), cluster: 16 bytes, ca: bytes (DER), names: str, proof: str |
 //! | 34 | MergeGrant | cluster: 16 bytes, ca: bytes (DER), names: str |
+//! | 35 | SplitRequest | hosts: u32 count (1..=[`MAX_SPLIT_NAMES`]) × str (a host name), resources: u32 count (0..=[`MAX_SPLIT_NAMES`]) × str (a resource name) |
+//! | 36 | SplitGrant | cluster: 16 bytes, ca: bytes (DER) |
 //!
 //! str = length: u32, UTF-8 (at most 64 KiB)\
 //! bytes = length: u32, raw bytes (at most [`MAX_DATA`], may be empty)\
@@ -41,8 +43,18 @@
 //! after the answer; with the proof (its CA's endorsement of this cluster's CA) the member
 //! redeems the token, answers `MergeGrant`, and the stream goes on as a joiner's metadata
 //! stream. `names` is one `host NAME` or `resource NAME` line per member and resource.
+//! 35–36 travel on a member's authenticated metadata stream like `Renew`: the host that runs
+//! `split-cluster` asks the issuer of a group that splits off (`SplitRequest`: the group's
+//! hosts and resources, every name checked as a host or resource name on decoding) and the
+//! issuer answers with the new cluster's id and CA (`SplitGrant`) or `Refuse`.
+
+use mars_config::{HostName, ResourceName};
 
 use crate::{WireError, MAX_DATA};
+
+/// Most hosts, and most resources, a [`Message::SplitRequest`] names (each list): a group
+/// cannot hold more members than a host keeps connections for.
+pub const MAX_SPLIT_NAMES: u32 = 16_384;
 
 /// How many bytes before a fetch's start position [`Message::FetchFrom`]'s `tail` digest covers.
 pub const TAIL_LEN: u64 = 4096;
@@ -251,6 +263,19 @@ pub enum Message {
         ca: Vec<u8>,
         names: String,
     },
+    /// 35, host running `split-cluster` → the issuer of a group that splits off, on the
+    /// asker's authenticated metadata stream: the group's hosts and resources as the asker
+    /// computed them (sorted, at least one host).
+    SplitRequest {
+        hosts: Vec<HostName>,
+        resources: Vec<ResourceName>,
+    },
+    /// 36, issuer → asker: the group is the same here; the new cluster's id and CA (its key
+    /// stays on the issuer).
+    SplitGrant {
+        cluster: [u8; 16],
+        ca: Vec<u8>,
+    },
 }
 
 /// Longest string in a message (keys and values are small; a reason is a line).
@@ -329,6 +354,29 @@ impl<'a> Reader<'a> {
         }
         Ok(self.take(n as usize)?.to_vec())
     }
+    /// A list of names (a `u32` count, then each as a `str`), each checked by `check`; the
+    /// count is bounded by `max` and by what the rest of the frame can hold (a name takes at
+    /// least 5 bytes) before anything is allocated.
+    fn names<T>(
+        &mut self,
+        min: u32,
+        max: u32,
+        check: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<Vec<T>, WireError> {
+        let n = self.u32()?;
+        if n < min || n > max {
+            return Err(self.err(format!("{n} names (allowed {min}..={max})")));
+        }
+        if n as usize > self.buf.len() / 5 {
+            return Err(self.err(format!("{n} names cannot fit the frame")));
+        }
+        let mut out = Vec::with_capacity(n as usize);
+        for _ in 0..n {
+            let s = self.str()?;
+            out.push(check(&s).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
     fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
         Ok(self.take(N)?.try_into().expect("N bytes"))
     }
@@ -366,6 +414,8 @@ impl Message {
             Message::Renew { .. } => 32,
             Message::MergeRequest { .. } => 33,
             Message::MergeGrant { .. } => 34,
+            Message::SplitRequest { .. } => 35,
+            Message::SplitGrant { .. } => 36,
         }
     }
 
@@ -514,6 +564,21 @@ impl Message {
                 out.extend_from_slice(ca);
                 put_str(out, names);
             }
+            Message::SplitRequest { hosts, resources } => {
+                out.extend_from_slice(&(hosts.len() as u32).to_le_bytes());
+                for h in hosts {
+                    put_str(out, h.as_str());
+                }
+                out.extend_from_slice(&(resources.len() as u32).to_le_bytes());
+                for r in resources {
+                    put_str(out, r.as_str());
+                }
+            }
+            Message::SplitGrant { cluster, ca } => {
+                out.extend_from_slice(cluster);
+                put_len(out, ca);
+                out.extend_from_slice(ca);
+            }
         }
         &[]
     }
@@ -543,6 +608,8 @@ impl Message {
             32 => "Renew",
             33 => "MergeRequest",
             34 => "MergeGrant",
+            35 => "SplitRequest",
+            36 => "SplitGrant",
             other => return Err(WireError::UnknownType(other)),
         };
         let mut r = Reader { buf: rest, what };
@@ -663,6 +730,18 @@ impl Message {
                 cluster: r.array()?,
                 ca: r.bytes()?,
                 names: r.str()?,
+            },
+            35 => Message::SplitRequest {
+                hosts: r.names(1, MAX_SPLIT_NAMES, |s| {
+                    HostName::new(s).map_err(|e| e.to_string())
+                })?,
+                resources: r.names(0, MAX_SPLIT_NAMES, |s| {
+                    ResourceName::new(s).map_err(|e| e.to_string())
+                })?,
+            },
+            36 => Message::SplitGrant {
+                cluster: r.array()?,
+                ca: r.bytes()?,
             },
             // Not reached: the type was checked above.
             other => return Err(WireError::UnknownType(other)),

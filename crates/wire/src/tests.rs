@@ -1,6 +1,7 @@
 use proptest::prelude::*;
 
 use super::*;
+use mars_config::ResourceName;
 
 fn host(s: &str) -> HostName {
     HostName::new(s).unwrap()
@@ -165,6 +166,19 @@ fn arb_message() -> impl Strategy<Value = Message> {
             }),
         (any::<[u8; 16]>(), arb_data(), ".{0,80}")
             .prop_map(|(cluster, ca, names)| Message::MergeGrant { cluster, ca, names }),
+        (
+            proptest::collection::vec("[a-z][a-z0-9-]{0,20}", 1..8),
+            proptest::collection::vec("[a-z][a-z0-9_-]{0,20}", 0..8)
+        )
+            .prop_map(|(hosts, resources)| Message::SplitRequest {
+                hosts: hosts.iter().map(|h| host(h)).collect(),
+                resources: resources
+                    .iter()
+                    .map(|r| ResourceName::new(r).unwrap())
+                    .collect(),
+            }),
+        (any::<[u8; 16]>(), arb_data())
+            .prop_map(|(cluster, ca)| Message::SplitGrant { cluster, ca }),
     ]
 }
 
@@ -902,4 +916,64 @@ fn log_data_head_refuses_inconsistent_lengths_and_ignores_other_frames() {
         log_data_head(&bad),
         Err(WireError::FrameTooLarge(_))
     ));
+}
+
+#[test]
+fn split_messages_have_their_layout_and_refuse_bad_names_and_counts() {
+    let req = Message::SplitRequest {
+        hosts: vec![host("b1"), host("b2")],
+        resources: vec![ResourceName::new("rb").unwrap()],
+    };
+    let b = body_of(&req);
+    let mut want = vec![35];
+    want.extend_from_slice(&2u32.to_le_bytes());
+    for n in ["b1", "b2"] {
+        want.extend_from_slice(&2u32.to_le_bytes());
+        want.extend_from_slice(n.as_bytes());
+    }
+    want.extend_from_slice(&1u32.to_le_bytes());
+    want.extend_from_slice(&2u32.to_le_bytes());
+    want.extend_from_slice(b"rb");
+    assert_eq!(b, want);
+    assert_eq!(Message::decode(&b).unwrap(), req);
+    let grant = Message::SplitGrant {
+        cluster: [3; 16],
+        ca: vec![1, 2],
+    };
+    let b = body_of(&grant);
+    assert_eq!(b[0], 36);
+    assert_eq!(Message::decode(&b).unwrap(), grant);
+
+    // A name that is no host name (a path, empty), or no resource name, is malformed.
+    let body = |hosts: &[&str], res: &[&str]| {
+        let mut b = vec![35];
+        for list in [hosts, res] {
+            b.extend_from_slice(&(list.len() as u32).to_le_bytes());
+            for n in list {
+                b.extend_from_slice(&(n.len() as u32).to_le_bytes());
+                b.extend_from_slice(n.as_bytes());
+            }
+        }
+        b
+    };
+    assert!(Message::decode(&body(&["a"], &["r"])).is_ok());
+    for (hosts, res) in [
+        (&["../x"][..], &["r"][..]),
+        (&[""][..], &[][..]),
+        (&["a"][..], &["r/size"][..]),
+        (&[][..], &["r"][..]),
+        (&["a", "b c"][..], &[][..]),
+    ] {
+        assert!(
+            is_malformed(Message::decode(&body(hosts, res))),
+            "{hosts:?} {res:?}"
+        );
+    }
+    // Counts beyond the cap, or beyond what the frame holds, are refused before allocating.
+    for n in [MAX_SPLIT_NAMES + 1, u32::MAX, 1000] {
+        let mut b = vec![35];
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&[0; 40]);
+        assert!(is_malformed(Message::decode(&b)), "{n}");
+    }
 }

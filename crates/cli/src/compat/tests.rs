@@ -171,8 +171,7 @@ fn differences_are_mars_commands_and_documented() {
 #[test]
 fn merge_and_split_cluster_are_commands() {
     // merge-cluster and merge-cluster-check are commands (MARS's `HOST [IP]`, plus a token),
-    // and split-cluster (MARS: no arguments; the daemon answers with the groups and refuses
-    // the split itself, which is not built).
+    // and split-cluster (MARS: no arguments; `--dry-run` shows the groups).
     for name in [
         "merge-cluster-list",
         "merge-cluster",

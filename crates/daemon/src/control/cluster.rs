@@ -186,7 +186,8 @@ pub async fn split(host: &Arc<Host>, dry: bool) -> Outcome {
     let msg = crate::meta::split::split_cluster(&host.cluster, &host.ident, dry)
         .await
         .map_err(|e| match e {
-            crate::meta::split::SplitRefusal::Meta(_) => failed(e.to_string()),
+            crate::meta::split::SplitRefusal::Meta(_)
+            | crate::meta::split::SplitRefusal::IssuerRefused { .. } => failed(e.to_string()),
             _ => invalid(e.to_string()),
         })?;
     done(msg)

@@ -243,7 +243,7 @@ struct PeerState {
 /// The cluster side of the daemon.
 pub struct Cluster {
     pub store: MetaStore,
-    ident: Arc<Identity>,
+    pub(super) ident: Arc<Identity>,
     peers: Mutex<BTreeMap<HostName, PeerState>>,
     /// Highest change number sent to each member (what it has received of ours).
     served: Mutex<BTreeMap<HostName, u64>>,
@@ -262,7 +262,7 @@ pub struct Cluster {
     /// the retirement, the supervisor followed it at once and finished the rotation here first,
     /// and the command then failed with "no CA rotation in progress" (seen in CI under load);
     /// a renewal's new certificate could be replaced by the old one a concurrent reload read.
-    tls_files: tokio::sync::Mutex<()>,
+    pub(super) tls_files: tokio::sync::Mutex<()>,
     /// When this host last heard each member's liveness stamp move, and its clock's skew.
     heard: Mutex<BTreeMap<HostName, Heard>>,
     /// A renewal of this host's certificate from the other cluster's issuer runs (a merge).
@@ -270,6 +270,8 @@ pub struct Cluster {
     /// `merge-cluster` runs here: it switches this host's cluster id itself, after the
     /// members of its side fetched the announcement (the supervisor must not do it earlier).
     merging: std::sync::atomic::AtomicBool,
+    /// What the split of this cluster (`split-cluster`) runs here (see `meta/split.rs`).
+    pub(super) split: super::split::SplitState,
 }
 
 /// Host → SHA-256 fingerprint of its current certificate.
@@ -324,6 +326,7 @@ impl Cluster {
             heard: Mutex::new(BTreeMap::new()),
             merge_renewing: std::sync::atomic::AtomicBool::new(false),
             merging: std::sync::atomic::AtomicBool::new(false),
+            split: super::split::SplitState::default(),
         }
     }
 
@@ -681,6 +684,13 @@ impl Cluster {
                     send(&mut w, &reply).await?;
                     w.flush().await?;
                 }
+                Message::SplitRequest { hosts, resources } if !joining && !self.ident.insecure => {
+                    // The stream is authenticated: the asker is a member.
+                    let reply =
+                        super::split::serve_request(&self, &peer.host, hosts, resources).await;
+                    send(&mut w, &reply).await?;
+                    w.flush().await?;
+                }
                 Message::Ping { stamp } => {
                     let now = self.store.call(move |s| s.clock().now().max(stamp)).await?;
                     send(&mut w, &Message::Pong { stamp: now }).await?;
@@ -720,7 +730,7 @@ impl Cluster {
     }
 
     /// A metadata stream to member `host` at `addr`, which must answer as that host.
-    async fn connect_member(
+    pub(super) async fn connect_member(
         &self,
         host: &HostName,
         addr: &str,
@@ -847,6 +857,9 @@ impl Cluster {
                 Ok(None) => {}
                 Err(e) => tracing::warn!("following the cluster's CA rotation or merge: {e:#}"),
             }
+            if let Err(e) = super::split::follow(&self).await {
+                tracing::warn!("following the split of the cluster: {e:#}");
+            }
             if self.ident.cluster_id().is_some() {
                 if last_gc.is_none_or(|t| t.elapsed() >= GC_EVERY) {
                     let horizon = mars_meta::system_time_ns()
@@ -945,7 +958,7 @@ impl Cluster {
 
     /// Uses the credentials and trusted CAs in `tls/` for new streams and for the metadata's
     /// signatures (after the trusted CAs changed).
-    async fn reload_credentials(&self) -> Result<()> {
+    pub(super) async fn reload_credentials(&self) -> Result<()> {
         let root = self.ident.root.clone();
         let Some(creds) = root::load_credentials(&root)? else {
             return Ok(());
@@ -1379,6 +1392,12 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
+    }
+
+    /// The highest change number this host delivered to `host`'s socket (what it has
+    /// received of ours).
+    pub(super) fn served_to(&self, host: &HostName) -> u64 {
+        lock(&self.served).get(host).copied().unwrap_or(0)
     }
 
     /// Members of this cluster (other than this host) that did not answer within the last
@@ -2113,7 +2132,9 @@ impl Cluster {
         // here is issued under it too (the CA files may change), one asked from another member
         // is not (the supervisor follows rotations under this lock and must not wait for the
         // network).
-        let local = via.is_none() && holds_ca;
+        // `--via` this host itself: issued here (the issuer of a split-off group renews its
+        // own certificate from the group's new CA).
+        let local = (via.is_none() && holds_ca) || via.as_ref() == Some(&me);
         let early = if local {
             Some(self.tls_files.lock().await)
         } else {
