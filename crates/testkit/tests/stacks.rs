@@ -296,39 +296,26 @@ fn stack_up(t: &Path, app: &mut dyn App, clock: &Clock) -> (Node, Node, PathBuf)
     (a, b, disk_b)
 }
 
-fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = Dir::new();
-    let t = dir.path();
-    let (mut a, b, disk_b) = stack_up(t, app, clock);
-
-    // Planned handover a→b and back, writing all the time.
-    handover(&b, &[&a, &b]);
-    runs_on(&b, &[&a], app, &[&a, &b]);
-    app.check(&b, app.acked(), &[&a, &b]);
-    clock.step("handed over to b");
-    uptodate(&a, &[&a, &b], 60);
-    handover(&a, &[&a, &b]);
-    runs_on(&a, &[&b], app, &[&a, &b]);
-    app.check(&a, app.acked(), &[&a, &b]);
-    clock.step("handed back to a");
-
-    // A's machine crashes. Everything b had replayed by then must survive; what a wrote after
-    // b stopped fetching is a's alone (the split brain on its return).
+/// a's machine crashes with the stack running, and b takes over with `primary --force`.
+/// Everything b had replayed by then must survive; what a acknowledged after b stopped
+/// fetching is a's alone (its side of the split brain on its return). Returns the floor: what
+/// a had acknowledged before b stopped fetching.
+fn crash_a_then_force_b(a: &mut Node, b: &Node, app: &dyn App, clock: &Clock) -> u64 {
     let floor = app.acked();
-    let at = durable(&a);
-    wait(&[&a, &b], 60, "b replayed what a had acknowledged", || {
-        applied(&b).is_some_and(|p| p >= at)
+    let at = durable(a);
+    wait(&[a, b], 60, "b replayed what a had acknowledged", || {
+        applied(b).is_some_and(|p| p >= at)
     });
+    // A forced switch takes what the replica has: fetching stops first.
     b.host.ok(&["pause-fetch", RES]);
     let more = app.acked() + 10;
-    wait(&[&a, &b], 60, "a writes what b will never see", || {
+    wait(&[a, b], 60, "a acknowledges what b will never see", || {
         app.acked() >= more
     });
     a.crash();
     clock.step(&format!("a crashed, floor {floor}"));
     // As an operator makes sure: b no longer hears of a (NOT ALIVE after some seconds).
-    wait(&[&b], 60, "b sees a dead", || {
+    wait(&[b], 60, "b sees a dead", || {
         b.host.view_json()["members"]
             .as_array()
             .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
@@ -350,7 +337,7 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
             err.contains("a is reachable") && start.elapsed() < Duration::from_secs(30),
             "failover: {}{err}\n{}",
             String::from_utf8_lossy(&o.stdout),
-            dump(&[&b])
+            dump(&[b])
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -358,6 +345,27 @@ fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
         "forced switch accepted {:.1}s after NOT ALIVE",
         start.elapsed().as_secs_f64()
     ));
+    floor
+}
+
+fn scenario(app: &mut dyn App, resolve: Resolve, clock: &Clock) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Dir::new();
+    let t = dir.path();
+    let (mut a, b, disk_b) = stack_up(t, app, clock);
+
+    // Planned handover a→b and back, writing all the time.
+    handover(&b, &[&a, &b]);
+    runs_on(&b, &[&a], app, &[&a, &b]);
+    app.check(&b, app.acked(), &[&a, &b]);
+    clock.step("handed over to b");
+    uptodate(&a, &[&a, &b], 60);
+    handover(&a, &[&a, &b]);
+    runs_on(&a, &[&b], app, &[&a, &b]);
+    app.check(&a, app.acked(), &[&a, &b]);
+    clock.step("handed back to a");
+
+    let floor = crash_a_then_force_b(&mut a, &b, app, clock);
     runs_on(&b, &[], app, &[&b]);
     app.check(&b, floor, &[&b]);
     clock.step("failed over to b");
@@ -1437,43 +1445,7 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     }
 
     // a's machine crashes with the stack running; b takes over with `primary --force`.
-    // Everything b had replayed must survive; what a counted after b stopped fetching is a's
-    // alone (the split brain on its return).
-    let floor = app.acked();
-    let at = durable(&a);
-    wait(&[&a, &b], 60, "b replayed what a had acknowledged", || {
-        applied(&b).is_some_and(|p| p >= at)
-    });
-    // A forced switch takes what the replica has: fetching stops first.
-    b.host.ok(&["pause-fetch", RES]);
-    let more = app.acked() + 10;
-    wait(&[&a, &b], 60, "a counts what b will never see", || {
-        app.acked() >= more
-    });
-    a.crash();
-    clock.step(&format!("a crashed, floor {floor}"));
-    wait(&[&b], 60, "b sees a dead", || {
-        b.host.view_json()["members"]
-            .as_array()
-            .is_some_and(|ms| ms.iter().any(|m| m["host"] == "a" && m["alive"] == false))
-    });
-    let start = Instant::now();
-    loop {
-        let o = b
-            .host
-            .marsadm(&["--timeout", "60", "primary", "--force", RES]);
-        if o.status.success() {
-            break;
-        }
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert!(
-            err.contains("a is reachable") && start.elapsed() < Duration::from_secs(30),
-            "failover: {}{err}\n{}",
-            String::from_utf8_lossy(&o.stdout),
-            dump(&[&b])
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let floor = crash_a_then_force_b(&mut a, &b, &app, &clock);
     runs_on(&b, None, "primary --force on b");
     app.check(&b, floor, &[&b]);
     assert!(has_mark(&b, "from-a") && has_mark(&b, "from-b"));
