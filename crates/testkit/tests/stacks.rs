@@ -1024,6 +1024,54 @@ const TESTING_MNT: &str = "/mnt/test/app-1";
 /// on `/mnt/test/RES` and a load writing into it, `BindsTo`/`PartOf` the mount) runs on the
 /// primary; two planned handovers move it, what was written on one host is there on the
 /// other, and MARS's watchers run `systemd-trigger-extern` without looping.
+/// Two hosts as systemd boxes with MARS's `/mars` tree, MARS's templates among `files` and a
+/// `/usr/bin/marsadm` that logs its calls to `calls-HOST` (plus `more(HOST)` files each), joined
+/// into a cluster with the resource up to date on b and the device there on a.
+fn mars_tree_pair(
+    t: &Path,
+    files: &[(String, Vec<u8>, u32)],
+    more: impl Fn(&str) -> Vec<(String, Vec<u8>, u32)>,
+) -> (Node, Node) {
+    let opt = |name: &str| {
+        let mut files = files.to_vec();
+        files.push((
+            "/usr/bin/marsadm".into(),
+            format!(
+                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
+                t.join(format!("calls-{name}")).display(),
+                mars_testkit::bin("marsadm").display(),
+                t.join(name).join("root").display()
+            )
+            .into_bytes(),
+            0o755,
+        ));
+        files.extend(more(name));
+        NodeOptions {
+            device: true,
+            systemd_timeout: 90,
+            mars_tree: true,
+            files,
+        }
+    };
+    let tpl = Path::new("/etc/marsadm");
+    let a = Node::start(t, "a", "127.0.0.1", tpl, &opt("a"));
+    let b = Node::start(t, "b", "127.0.0.2", tpl, &opt("b"));
+    let all = [&a, &b];
+    a.host.create_resource(RES, SIZE);
+    b.host.join(&a.host);
+    for n in all {
+        n.host.ok(&["--timeout", "30", "wait-cluster"]);
+    }
+    join(&b.host, RES, SIZE);
+    uptodate(&b, &all, 120);
+    wait(&all, 30, "a's device", || {
+        a.host
+            .device(RES)
+            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
+    });
+    (a, b)
+}
+
 #[test]
 fn mars_own_testing_templates_move_the_stack_on_handover() {
     if !supported(&["mkfs.ext4", "mountpoint"]) {
@@ -1053,42 +1101,8 @@ fn mars_own_testing_templates_move_the_stack_on_handover() {
         MARS_SERVICE_DROPIN.into(),
         0o644,
     ));
-    let opt = |name: &str| {
-        let mut files = files.clone();
-        files.push((
-            "/usr/bin/marsadm".into(),
-            format!(
-                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
-                t.join(format!("calls-{name}")).display(),
-                mars_testkit::bin("marsadm").display(),
-                t.join(name).join("root").display()
-            )
-            .into_bytes(),
-            0o755,
-        ));
-        NodeOptions {
-            device: true,
-            systemd_timeout: 90,
-            mars_tree: true,
-            files,
-        }
-    };
-    let tpl = Path::new("/etc/marsadm");
-    let a = Node::start(t, "a", "127.0.0.1", tpl, &opt("a"));
-    let b = Node::start(t, "b", "127.0.0.2", tpl, &opt("b"));
+    let (a, b) = mars_tree_pair(t, &files, |_| Vec::new());
     let all = [&a, &b];
-    a.host.create_resource(RES, SIZE);
-    b.host.join(&a.host);
-    for n in all {
-        n.host.ok(&["--timeout", "30", "wait-cluster"]);
-    }
-    join(&b.host, RES, SIZE);
-    uptodate(&b, &all, 120);
-    wait(&all, 30, "a's device", || {
-        a.host
-            .device(RES)
-            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
-    });
     a.sh(&format!("mkfs.ext4 -q -F /dev/mars/{RES}"));
     clock.step("pair up, filesystem made");
 
@@ -1252,45 +1266,12 @@ fn mars_own_icpu_templates_move_the_nodeagent_stack() {
     app.ack = t.join("ack");
     std::fs::create_dir_all(&app.ack).unwrap();
     let log = |name: &str| t.join(format!("nodeagent-{name}"));
-    let opt = |name: &str| {
-        let mut files = files.clone();
-        files.push((
-            "/usr/bin/marsadm".into(),
-            format!(
-                "#!/bin/sh\necho \"$*\" >> {}\nexec {} --root {} \"$@\"\n",
-                t.join(format!("calls-{name}")).display(),
-                mars_testkit::bin("marsadm").display(),
-                t.join(name).join("root").display()
-            )
-            .into_bytes(),
-            0o755,
-        ));
-        files.push((
+    let (mut a, b) = mars_tree_pair(t, &files, |name| {
+        vec![(
             "/etc/nodeagent-stand-in.conf".into(),
             format!("ACK={}\nLOG={}\n", app.ack.display(), log(name).display()).into_bytes(),
             0o644,
-        ));
-        NodeOptions {
-            device: true,
-            systemd_timeout: 90,
-            mars_tree: true,
-            files,
-        }
-    };
-    let tpl = Path::new("/etc/marsadm");
-    let mut a = Node::start(t, "a", "127.0.0.1", tpl, &opt("a"));
-    let b = Node::start(t, "b", "127.0.0.2", tpl, &opt("b"));
-    a.host.create_resource(RES, SIZE);
-    b.host.join(&a.host);
-    for n in [&a, &b] {
-        n.host.ok(&["--timeout", "30", "wait-cluster"]);
-    }
-    join(&b.host, RES, SIZE);
-    uptodate(&b, &[&a, &b], 120);
-    wait(&[&a, &b], 30, "a's device", || {
-        a.host
-            .device(RES)
-            .is_some_and(|d| a.sdbox().path(&d.to_string_lossy()).exists())
+        )]
     });
     // The container's tree on the volume, made once by hand (as 1&1 provisions a container).
     a.sh(&format!(
