@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use mars_api::{ClusterView, Reply, Request};
+use mars_api::{ClusterView, Reply, Request, ResourceView};
 
 use super::{Ctx, Eval, Macro, Source};
 use crate::error::{usage, TimedOut};
@@ -48,6 +48,31 @@ pub fn mount_of(device: &str, mounts: &str) -> Option<(String, String, String)> 
         // /proc/self/mounts escapes blanks in paths as \040.
         same.then(|| (mp.replace("\\040", " "), fs.to_string(), opts.to_string()))
     })
+}
+
+/// The context of macro `name` (with its argument) on resource `res` of the view `v`, with the
+/// command line's `--window`, `--stuck-seconds` and `--threshold`.
+fn context<'a>(
+    cli: &Cli,
+    v: &'a ClusterView,
+    res: Option<&'a ResourceView>,
+    name: &'a str,
+    arg: Option<&'a str>,
+    src: &'a Daemon<'a>,
+) -> Ctx<'a> {
+    Ctx {
+        view: v,
+        res,
+        host: &v.host,
+        name,
+        arg,
+        window: cli.window,
+        now: now(),
+        src,
+        stuck_seconds: cli.stuck_seconds,
+        threshold: cli.threshold,
+        warnings: Default::default(),
+    }
 }
 
 fn now() -> f64 {
@@ -100,19 +125,7 @@ pub fn view_macro(cli: &Cli, args: &[String]) -> Result<()> {
     let one = (!many && !m.all_resources).then(|| names[0].clone());
     let v = view(cli, one.as_deref())?;
     let src = Daemon(cli);
-    let ctx = |r, name| Ctx {
-        view: &v,
-        res: r,
-        host: &v.host,
-        name,
-        arg,
-        window: cli.window,
-        now: now(),
-        src: &src,
-        stuck_seconds: cli.stuck_seconds,
-        threshold: cli.threshold,
-        warnings: Default::default(),
-    };
+    let ctx = |r, name| context(cli, &v, r, name, arg, &src);
     if !many {
         let r = v
             .resources
@@ -175,19 +188,7 @@ pub fn state_view(cli: &Cli) -> Result<mars_unitgen::StateView> {
         ..Default::default()
     };
     for r in &v.resources {
-        let c = Ctx {
-            view: &v,
-            res: Some(r),
-            host: &v.host,
-            name: "",
-            arg: None,
-            window: cli.window,
-            now: now(),
-            src: &src,
-            stuck_seconds: cli.stuck_seconds,
-            threshold: cli.threshold,
-            warnings: Default::default(),
-        };
+        let c = context(cli, &v, Some(r), "", None, &src);
         state.resources.insert(
             r.name.clone(),
             mars_unitgen::ResourceView {
@@ -229,19 +230,7 @@ pub fn resource_heads(cli: &Cli, res: &str) -> Result<Vec<(String, String)>> {
         .iter()
         .filter(|r| names.is_empty() || names.contains(&r.name))
         .map(|r| {
-            let c = Ctx {
-                view: &v,
-                res: Some(r),
-                host: &v.host,
-                name: &head.name,
-                arg: None,
-                window: cli.window,
-                now: now(),
-                src: &src,
-                stuck_seconds: cli.stuck_seconds,
-                threshold: cli.threshold,
-                warnings: Default::default(),
-            };
+            let c = context(cli, &v, Some(r), &head.name, None, &src);
             Ok((r.name.clone(), eval(head, &c)?))
         })
         .collect()
@@ -292,19 +281,7 @@ fn wait(cli: &Cli, res: &str, target: &str, on: bool) -> Result<()> {
     loop {
         let v = view(cli, Some(res))?;
         let r = v.resources.first().context("daemon returned no resource")?;
-        let c = Ctx {
-            view: &v,
-            res: Some(r),
-            host: &v.host,
-            name: target,
-            arg: None,
-            window: cli.window,
-            now: now(),
-            src: &src,
-            stuck_seconds: cli.stuck_seconds,
-            threshold: cli.threshold,
-            warnings: Default::default(),
-        };
+        let c = context(cli, &v, Some(r), target, None, &src);
         if super::eval(t, &c)? == want {
             return Ok(());
         }
